@@ -30,3 +30,69 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"{SHARED_DATA} is missing: clone the repo with ../shared beside it")
     return SHARED_DATA
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random tiny Hugging Face models, built with transformers and saved with save_pretrained.
+
+TINY_MODELS = {
+    # name: (family, overrides)
+    "qwen3-untied": ("qwen3", dict(tie_word_embeddings=False)),
+    "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True)),
+    "qwen3-headdim": ("qwen3", dict(head_dim=40, num_attention_heads=4, num_key_value_heads=2)),
+    "qwen3-mha": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama": ("llama", dict(tie_word_embeddings=True)),
+}
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A random transformers model (eval mode, float32) with non-trivial norm weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    kwargs = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, initializer_range=0.08,
+                  max_position_embeddings=256, eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**kwargs))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """``tiny_hf(name) -> (torch model, folder)`` for the models in TINY_MODELS (built once per session)."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            family, overrides = TINY_MODELS[name]
+            model = make_hf_model(family, **overrides)
+            folder = tmp_path_factory.mktemp(name)
+            model.save_pretrained(folder)
+            cache[name] = (model, folder)
+        return cache[name]
+
+    return get
+
+
+def torch_logits(model, ids, mask=None):
+    """Reference logits from a transformers model, with positions counted over real tokens only."""
+    import numpy as np
+    import torch
+
+    ids_t = torch.tensor(np.asarray(ids), dtype=torch.long)
+    if mask is None:
+        mask_t = torch.ones_like(ids_t)
+    else:
+        mask_t = torch.tensor(np.asarray(mask), dtype=torch.long)
+    positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=ids_t, attention_mask=mask_t, position_ids=positions).logits.float().numpy()

@@ -1,0 +1,122 @@
+"""The decoder against Hugging Face transformers on PyTorch (float32, random tiny models)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY_MODELS, make_hf_model, torch_logits
+from flax import nnx
+
+import seal_jax as sj
+from seal_jax.lm.config import preset
+from seal_jax.lm.model import Decoder, apply_rope, attention, rms_norm, rope_tables
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_logits_match_transformers(tiny_hf, name):
+    model, folder = tiny_hf(name)
+    lm = sj.load(folder, progress=False)
+    ids = np.random.default_rng(0).integers(0, lm.config.vocab_size, (3, 21))
+    ours = lm.logits(ids)
+    ref = torch_logits(model, ids)
+    assert ours.shape == ref.shape == (3, 21, lm.config.vocab_size)
+    assert np.abs(ref).max() > 0.1, "reference logits are too small for the comparison to mean anything"
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen3-untied", "llama"])
+def test_left_padded_batch_equals_rows_alone(tiny_hf, name):
+    model, folder = tiny_hf(name)
+    lm = sj.load(folder, progress=False)
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(3, lm.config.vocab_size, n).tolist() for n in (17, 5, 11)]
+    ids, mask = sj.lm.tokenizer.pad_left(rows, pad_id=0)
+    batch = lm.logits(ids, mask)
+    ref = torch_logits(model, ids, mask)
+    for i, row in enumerate(rows):
+        alone = lm.logits(np.array([row]))[0]
+        got = batch[i, ids.shape[1] - len(row):]
+        np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got, ref[i, ids.shape[1] - len(row):], atol=1e-4, rtol=0)
+
+
+def test_bfloat16_is_close_to_float32(tiny_hf):
+    model, folder = tiny_hf("qwen3-untied")
+    ids = np.random.default_rng(2).integers(0, 160, (2, 16))
+    f32 = sj.load(folder, progress=False).logits(ids)
+    lm16 = sj.load(folder, dtype="bfloat16", progress=False)
+    assert lm16.state["layers"]["q_proj"][...].dtype == jnp.bfloat16
+    b16 = lm16.logits(ids)
+    assert b16.dtype == np.float32
+    assert np.abs(b16 - f32).max() < 0.1 * np.abs(f32).max()
+    assert np.abs(b16 - f32).max() > 0, "bfloat16 weights should change the logits a little"
+
+
+def test_compiled_program_does_not_grow_with_depth():
+    def program_size(layers: int) -> int:
+        cfg = preset("tiny").replace(num_layers=layers)
+        model = Decoder(cfg, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        ids = jnp.zeros((1, 8), jnp.int32)
+        text = jax.jit(lambda s: nnx.merge(graphdef, s)(ids)[0]).lower(state).as_text()
+        return len(text.splitlines())
+
+    assert program_size(2) == program_size(12)
+
+
+def test_remat_gives_the_same_gradients():
+    cfg = preset("tiny")
+    ids = jnp.arange(12, dtype=jnp.int32)[None] % cfg.vocab_size
+
+    def grads(remat: bool):
+        model = Decoder(cfg, rngs=nnx.Rngs(3), remat=remat)
+
+        def loss(m):
+            logits, _ = m(ids)
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[..., None], -1)[..., 0])
+
+        return nnx.grad(loss)(model)
+
+    g0, g1 = grads(False), grads(True)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g0))
+
+
+def test_building_blocks_against_torch():
+    import torch
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 5, 3, 16)).astype(np.float32)
+    w = rng.normal(size=(16,)).astype(np.float32)
+    norm = Qwen3RMSNorm(16, eps=1e-6)
+    norm.weight.data = torch.tensor(w)
+    np.testing.assert_allclose(np.asarray(rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-6)),
+                               norm(torch.tensor(x)).detach().numpy(), atol=1e-6)
+
+    positions = jnp.asarray(rng.integers(0, 50, (2, 5)))
+    cos, sin = rope_tables(positions, 16, 10000.0, jnp.float32)
+    q_ref, _ = apply_rotary_pos_emb(torch.tensor(x).transpose(1, 2), torch.tensor(x).transpose(1, 2),
+                                    torch.tensor(np.asarray(cos)), torch.tensor(np.asarray(sin)))
+    np.testing.assert_allclose(np.asarray(apply_rope(jnp.asarray(x), cos, sin)),
+                               q_ref.transpose(1, 2).numpy(), atol=1e-5)
+
+
+def test_attention_rows_without_keys_stay_finite():
+    q = jnp.ones((1, 3, 2, 4))
+    k = v = jnp.ones((1, 3, 1, 4))
+    allowed = jnp.zeros((1, 3, 3), bool)
+    assert bool(jnp.isfinite(attention(q, k, v, allowed)).all())
+
+
+def test_llama_with_more_layers_matches(tmp_path):
+    model = make_hf_model("llama", seed=5, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                          hidden_size=64, head_dim=8, rope_theta=500.0)
+    model.save_pretrained(tmp_path)
+    lm = sj.load(tmp_path, progress=False)
+    assert lm.config.num_layers == 4 and lm.config.rope_theta == 500.0
+    ids = np.random.default_rng(6).integers(0, 160, (2, 33))
+    np.testing.assert_allclose(lm.logits(ids), torch_logits(model, ids), atol=1e-4, rtol=0)

@@ -1,0 +1,130 @@
+"""Safetensors loading (single file, sharded index), checks with named errors, export round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_hf_model, torch_logits
+from safetensors.numpy import load_file, save_file
+
+import seal_jax as sj
+from seal_jax.lm.config import from_hf
+from seal_jax.lm.weights import WeightsError, hf_names, hf_target, load_params, resolve_checkpoint
+
+
+def _copy(folder, tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(folder, out)
+    return out
+
+
+def test_name_table_covers_every_transformers_tensor(tiny_hf):
+    for name in ("qwen3-untied", "llama"):
+        model, folder = tiny_hf(name)
+        expected = set(hf_names(from_hf(folder)))
+        assert expected == set(model.state_dict()) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    assert hf_target("model.layers.7.mlp.down_proj.weight").layer == 7
+    assert hf_target("model.layers.7.mlp.down_proj.weight").transposed
+    assert hf_target("something.else") is None
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    model = make_hf_model("qwen3", seed=1)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    lm = sj.load(tmp_path, progress=False)
+    ids = np.arange(24).reshape(2, 12) % 160
+    np.testing.assert_allclose(lm.logits(ids), torch_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_missing_tensor_is_named(tiny_hf, tmp_path):
+    folder = _copy(tiny_hf("qwen3-untied")[1], tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"missing tensors: \['model.layers.1.self_attn.k_norm.weight'\]"):
+        sj.load(folder, progress=False)
+
+
+def test_wrong_shape_names_both_shapes(tiny_hf, tmp_path):
+    folder = _copy(tiny_hf("qwen3-untied")[1], tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = np.zeros((95, 64), np.float32)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"model.layers.0.mlp.up_proj.weight has shape \[95, 64\], the config needs \[96, 64\]"):
+        sj.load(folder, progress=False)
+
+
+def test_unexpected_tensor_is_named(tiny_hf, tmp_path):
+    folder = _copy(tiny_hf("llama")[1], tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros((64,), np.float32)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"unexpected tensors: \['model.layers.0.self_attn.q_proj.bias'\]"):
+        sj.load(folder, progress=False)
+
+
+def test_index_pointing_to_missing_shard(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path, max_shard_size="40KB")
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(WeightsError, match="model-00002-.*missing"):
+        sj.load(tmp_path, progress=False)
+
+
+def test_folder_without_weights(tmp_path, tiny_hf):
+    shutil.copy(tiny_hf("llama")[1] / "config.json", tmp_path / "config.json")
+    with pytest.raises(WeightsError, match="no model.safetensors"):
+        sj.load(tmp_path, progress=False)
+
+
+def test_path_that_does_not_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*seal-jax fetch"):
+        sj.load(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint("./relative/missing")
+
+
+def test_hub_id_offline_says_to_pass_a_folder(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"could not get 'Qwen/Qwen3-0.6B'.*offline.*pass its path"):
+        resolve_checkpoint("Qwen/Qwen3-0.6B")
+
+
+@pytest.mark.parametrize("name", ["qwen3-untied", "llama"])
+def test_export_round_trip_through_transformers(tiny_hf, tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    model, folder = tiny_hf(name)
+    lm = sj.load(folder, progress=False)
+    out = lm.export(tmp_path / "export")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = np.random.default_rng(3).integers(0, 160, (2, 9))
+    np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(model, ids), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(sj.load(out, progress=False).logits(ids), lm.logits(ids), atol=1e-6, rtol=0)
+
+
+def test_export_in_shards(tiny_hf, tmp_path):
+    from seal_jax.lm.weights import export_hf
+
+    _, folder = tiny_hf("qwen3-tied")
+    lm = sj.load(folder, progress=False)
+    out = export_hf(lm.params(), lm.config, tmp_path / "sharded", max_shard_bytes=30_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert not (out / "model.safetensors").exists()
+    ids = np.arange(10)[None]
+    np.testing.assert_allclose(sj.load(out, progress=False).logits(ids), lm.logits(ids), atol=0)
+
+
+def test_load_params_places_shards_on_a_mesh(tiny_hf):
+    from seal_jax.lm.sharding import make_mesh
+
+    _, folder = tiny_hf("qwen3-untied")
+    params = load_params(folder, from_hf(folder), mesh=make_mesh("fsdp=4,tensor=2"), progress=False)
+    q = params["layers.q_proj"]
+    assert tuple(q.sharding.spec) == (None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (2, 16, 32)
