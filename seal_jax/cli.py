@@ -1,0 +1,119 @@
+"""The ``seal-jax`` command.
+
+Subcommands: ``fetch`` (the bundled CPU model), ``demo`` (the main job on the bundled model), ``bench``
+(benchmarks against transformers). More arrive with the research loop (``run``, ``report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+CHECKPOINTS = Path("checkpoints")
+
+DEMO_PROMPTS = (
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three primary colors.",
+    "What is 12 plus 30?",
+)
+
+
+def _model_dir(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    return CHECKPOINTS / name_or_path
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Download and convert a bundled model into ``checkpoints/NAME``."""
+    from seal_jax.assets import fetch_model
+
+    out = fetch_model(args.name, root=Path(args.root), force=args.force)
+    print(f"{args.name}: {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Smoke run: load the bundled model and answer a few chat prompts greedily."""
+    import seal_jax as sj
+
+    folder = _model_dir(args.model)
+    if not (folder / "config.json").is_file():
+        print(
+            f"no model at {folder}; run `seal-jax fetch {DEFAULT_MODEL}` first (or `make demo`)",
+            file=sys.stderr,
+        )
+        return 2
+    t0 = time.perf_counter()
+    lm = sj.load(folder, dtype=args.dtype)
+    print(
+        f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:.0f}M parameters) "
+        f"in {time.perf_counter() - t0:.1f}s on {len(__import__('jax').devices())} device(s)"
+    )
+    params = sj.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    t0 = time.perf_counter()
+    answers = lm.generate(list(DEMO_PROMPTS), params, chat=True)
+    dt = time.perf_counter() - t0
+    for prompt, answer in zip(DEMO_PROMPTS, answers, strict=True):
+        print(f"\n> {prompt}\n{answer.strip()}")
+    print(
+        f"\n{len(DEMO_PROMPTS)} prompts, greedy, up to {args.max_new_tokens} new tokens: {dt:.1f}s "
+        "(including compilation)"
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmarks (see :mod:`seal_jax.bench`)."""
+    from seal_jax import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``seal-jax`` command."""
+    parser = argparse.ArgumentParser(prog="seal-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="download and convert a bundled model into checkpoints/")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--root", default=str(CHECKPOINTS), help="where converted models go (default checkpoints/)"
+    )
+    p.add_argument("--force", action="store_true", help="download and convert again")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("demo", help="smoke run of the bundled model on a few chat prompts")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or name under checkpoints/")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks against transformers on PyTorch, same process and threads")
+    from seal_jax.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``seal-jax`` console script; returns the exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"seal-jax {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
