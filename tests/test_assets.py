@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from fixtures_bundled import BUNDLED_NAME, CHECKPOINTS, write_tiny_llama_gguf
+from fixtures_bundled import BUNDLED_NAME, CHECKPOINTS, Bundled, bundled_model, write_tiny_llama_gguf
 
 from seal_jax.assets import (
     MODELS,
@@ -20,7 +20,10 @@ from seal_jax.assets import (
     qwen3_tokenizer_dir,
 )
 
-pytest_plugins = ["fixtures_bundled"]
+
+@pytest.fixture(scope="session")
+def bundled() -> Bundled:
+    return bundled_model()
 
 
 def _snapshot(folder: Path) -> dict[str, int]:

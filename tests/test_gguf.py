@@ -8,16 +8,37 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_bundled import TINY, TINY_CHAT_TEMPLATE, llama_cpp_permute, write_tiny_llama_gguf
+from fixtures_bundled import (
+    TINY,
+    TINY_CHAT_TEMPLATE,
+    Bundled,
+    bundled_model,
+    gguf_reference_model,
+    llama_cpp_permute,
+    write_tiny_llama_gguf,
+)
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.numpy import load_file
 
 from seal_jax.lm.gguf import GGUFError, convert_gguf_to_hf, read_llama_spec, undo_rotary_permutation
 
-pytest_plugins = ["fixtures_bundled"]
-
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@pytest.fixture(scope="session")
+def bundled() -> Bundled:
+    return bundled_model()
+
+
+@pytest.fixture(scope="session")
+def gguf_reference(bundled):
+    return gguf_reference_model()
+
+
+@pytest.fixture(scope="module")
+def gguf_reader(bundled) -> GGUFReader:
+    return GGUFReader(bundled.gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +86,8 @@ def test_weights_equal_transformers_gguf_load(bundled, gguf_reference, converted
         np.testing.assert_allclose(ours, reference[name], rtol=0, atol=1e-7, err_msg=name)
 
 
-def test_rotary_rows_are_put_back_in_hf_order(bundled, converted_weights):
-    reader = GGUFReader(bundled.gguf_path)
+def test_rotary_rows_are_put_back_in_hf_order(gguf_reader, converted_weights):
+    reader = gguf_reader
     raw = {
         t.name: dequantize(t.data, t.tensor_type) for t in reader.tensors if t.name.startswith("blk.7.attn_")
     }
@@ -108,11 +129,11 @@ def test_converted_folder_loads_in_transformers_with_equal_logits(bundled, gguf_
     assert tokenizer.decode(int(ours[0, -1].argmax())) == " Paris"
 
 
-def test_tokenizer_matches_gguf_vocabulary_and_has_chat_template(bundled):
+def test_tokenizer_matches_gguf_vocabulary_and_has_chat_template(bundled, gguf_reader):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundled.model_dir))
-    reader = GGUFReader(bundled.gguf_path)
+    reader = gguf_reader
     vocab = reader.get_field("tokenizer.ggml.tokens").contents()
     assert tokenizer.convert_ids_to_tokens(list(range(len(vocab)))) == vocab
     merges = json.loads((bundled.model_dir / "tokenizer.json").read_text())["model"]["merges"]

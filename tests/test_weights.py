@@ -128,3 +128,20 @@ def test_load_params_places_shards_on_a_mesh(tiny_hf):
     q = params["layers.q_proj"]
     assert tuple(q.sharding.spec) == (None, "fsdp", "tensor")
     assert q.addressable_shards[0].data.shape == (2, 16, 32)
+
+
+def test_loading_holds_about_one_tensor_in_host_memory(tmp_path):
+    import tracemalloc
+
+    model = make_hf_model("llama", num_hidden_layers=8, hidden_size=128, intermediate_size=256,
+                          num_attention_heads=4, num_key_value_heads=4, head_dim=32, vocab_size=512)
+    model.save_pretrained(tmp_path)
+    sizes = [p.numel() * 4 for p in model.state_dict().values()]
+    cfg = from_hf(tmp_path)
+    load_params(tmp_path, cfg, progress=False)  # compile the placement programs first
+    tracemalloc.start()
+    load_params(tmp_path, cfg, progress=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert sum(sizes) > 20 * max(sizes)
+    assert peak < 4 * max(sizes), f"peak host memory {peak} bytes for tensors of at most {max(sizes)} bytes"

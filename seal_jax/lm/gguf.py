@@ -405,7 +405,6 @@ def _save_tokenizer(gguf_path: Path, spec: GGUFLlamaSpec, out_dir: Path) -> None
         config.pop(key, None)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config["model_max_length"] = spec.max_position_embeddings
-    config.setdefault("add_bos_token", False)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     if (
@@ -479,12 +478,11 @@ def convert_gguf_to_hf(
         _save_tokenizer(gguf_path, spec, tmp)
 
         shapes = spec.hf_shapes()
-        bias_names = []
         for t in reader.tensors:
             name, _ = _hf_name(t.name)
-            if name.endswith(".bias"):
-                bias_names.append(name)
-                shapes[name] = shapes[name[: -len("bias")] + "weight"][:1]
+            weight_shape = shapes.get(name[: -len("bias")] + "weight")
+            if name.endswith(".bias") and weight_shape is not None:
+                shapes[name] = weight_shape[:1]
         writer = _SafetensorsStreamWriter(tmp / "model.safetensors", shapes, dtype)
         try:
             tensors = _iter_hf_tensors(reader, spec, gguf_path)
