@@ -180,3 +180,12 @@ def initialize_distributed(
     )
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """A numpy copy of ``array`` on this host, gathering shards from other processes when needed."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -244,7 +244,7 @@ def iter_hf_tensors(params: dict[str, jax.Array], config: ModelConfig,
         value = params[target.path]
         if target.layer is not None:
             value = value[target.layer]
-        array = np.asarray(jax.device_get(value))
+        array = shd.to_host(value)
         if target.transposed:
             array = np.ascontiguousarray(array.T)
         if dtype is not None:
