@@ -275,23 +275,27 @@ class Decoder(nnx.Module):
         *,
         lora: LoraInputs | None = None,
         cache: KVCache | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states ``[B, T, D]`` for token ids ``[B, T]``.
 
         Without a cache, ``attention_mask`` (``[B, T]``, 1 = real token, batches left-padded) sets both
         the keys that may be attended to and the rotary positions (``cumsum(mask) - 1``). With a cache,
         the T tokens are appended at ``cache.index`` and attend to every valid earlier slot; the updated
-        cache is returned.
+        cache is returned. ``positions`` (int ``[B, T]``, no cache only) overrides the rotary positions.
         """
         c = self.config
         b, t = ids.shape
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if cache is None:
-            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+            if positions is None:
+                positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             key_valid = mask
             causal = jnp.tril(jnp.ones((t, t), bool))
             write_at = 0
         else:
+            if positions is not None:
+                raise ValueError("positions cannot be given together with a KV cache")
             positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             s = cache.k.shape[2]
             key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))

@@ -1,0 +1,285 @@
+"""LoRA adapters as a pytree separate from the base weights.
+
+K candidate adapters are stacked on a leading axis: for every adapted projection
+``{"a": [K, L, in, R], "b": [K, L, R, out]}`` where ``R`` is the largest rank of the K candidates.
+A candidate of smaller rank has zero columns of ``a`` and zero rows of ``b`` past its rank, and a
+candidate that does not adapt a projection has zero ``a`` and ``b`` there; both stay exactly zero under
+training (their gradients are zero). Each candidate's scale ``alpha / rank`` and dropout rate are arrays
+``[K]``. :class:`Adapters` bundles all of it with the specs, the loss histories and PEFT / orbax I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seal_jax.lm.model import PROJECTIONS, LoraInputs
+
+PEFT_MODULE_PARENT = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+
+
+class LoraError(ValueError):
+    """An invalid LoRA specification or adapter operation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """One adapter's shape: ``rank``, ``alpha`` (scale = alpha / rank), input ``dropout``, ``targets``.
+
+    ``targets`` name Hugging Face projections (``q_proj`` … ``down_proj``) or ``"all"``.
+    ``LoraSpec.seal()`` gives SEAL's inner-loop adapter (r=32, alpha=64, q_proj and v_proj).
+    """
+
+    rank: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        targets = tuple(PROJECTIONS) if self.targets in ("all", ("all",)) else tuple(self.targets)
+        object.__setattr__(self, "targets", targets)
+        if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+            raise LoraError(f"LoraSpec.rank must be a positive integer, got {self.rank!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise LoraError(f"LoraSpec.alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"LoraSpec.dropout must lie in [0, 1), got {self.dropout!r}")
+        if not targets:
+            raise LoraError("LoraSpec.targets is empty; name at least one projection, e.g. ('q_proj', 'v_proj')")
+        unknown = [t for t in targets if t not in PROJECTIONS]
+        if unknown:
+            raise LoraError(f"unknown LoRA targets {unknown}; choose from {list(PROJECTIONS)} or 'all'")
+        if len(set(targets)) != len(targets):
+            raise LoraError(f"LoraSpec.targets has duplicates: {targets}")
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``."""
+        return self.alpha / self.rank
+
+    @classmethod
+    def seal(cls) -> LoraSpec:
+        """SEAL's inner-loop adapter: r=32, alpha=64, dropout 0, on q_proj and v_proj."""
+        return cls(rank=32, alpha=64.0, dropout=0.0, targets=("q_proj", "v_proj"))
+
+    @classmethod
+    def seal_sft(cls) -> LoraSpec:
+        """SEAL's ReST-EM generator adapter: r=64, alpha=128 on all projections."""
+        return cls(rank=64, alpha=128.0, dropout=0.0, targets=tuple(PROJECTIONS))
+
+
+def projection_dims(params: dict[str, Any], name: str) -> tuple[int, int, int]:
+    """``(layers, in, out)`` of projection ``name`` in base params ``{dotted path: [L, in, out]}``."""
+    shape = params[f"layers.{name}"].shape
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def init_lora(key: jax.Array, layers: int, fan_in: int, fan_out: int, rank: int, padded_rank: int) -> dict[str, jax.Array]:
+    """One adapter for one projection, initialised like PEFT.
+
+    ``a`` is Kaiming-uniform (PEFT's ``a=sqrt(5)``: uniform in ±1/sqrt(in)), ``b`` is zero; columns of
+    ``a`` past ``rank`` are zero. Returns ``{"a": [L, in, padded_rank], "b": [L, padded_rank, out]}`` float32.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    a = jax.random.uniform(key, (layers, rank, fan_in), jnp.float32, -bound, bound)
+    a = jnp.swapaxes(a, 1, 2)  # drawn as PEFT's [r, in] weight, stored as [in, r]
+    a = jnp.pad(a, ((0, 0), (0, 0), (0, padded_rank - rank)))
+    return {"a": a, "b": jnp.zeros((layers, padded_rank, fan_out), jnp.float32)}
+
+
+def candidate_key(seed: int, candidate_seed: int) -> jax.Array:
+    """The PRNG key of one candidate: the call's ``seed`` mixed with the candidate's own seed.
+
+    It does not depend on the candidate's position in the batch, so training a candidate alone or among
+    others draws the same numbers.
+    """
+    return jax.random.fold_in(jax.random.PRNGKey(seed), candidate_seed)
+
+
+def init_adapters(params: dict[str, Any], specs: Sequence[LoraSpec], keys: Sequence[jax.Array]) -> dict[str, dict[str, jax.Array]]:
+    """Stacked initial adapters for K candidates.
+
+    Args:
+      params: base parameters ``{dotted path: array}`` (only shapes are read).
+      specs: one :class:`LoraSpec` per candidate.
+      keys: one PRNG key per candidate (see :func:`candidate_key`).
+    Returns:
+      ``{projection: {"a": [K, L, in, R], "b": [K, L, R, out]}}`` over the union of the candidates'
+      targets, ``R = max rank``.
+    """
+    if len(specs) != len(keys) or not specs:
+        raise LoraError(f"need one key per spec, got {len(specs)} specs and {len(keys)} keys")
+    targets = [p for p in PROJECTIONS if any(p in s.targets for s in specs)]
+    padded = max(s.rank for s in specs)
+    out: dict[str, dict[str, jax.Array]] = {}
+    for p in targets:
+        layers, fan_in, fan_out = projection_dims(params, p)
+        per = []
+        for spec, key in zip(specs, keys, strict=True):
+            if p in spec.targets:
+                per.append(init_lora(jax.random.fold_in(key, PROJECTIONS.index(p)), layers, fan_in, fan_out,
+                                     spec.rank, padded))
+            else:
+                per.append({"a": jnp.zeros((layers, fan_in, padded), jnp.float32),
+                            "b": jnp.zeros((layers, padded, fan_out), jnp.float32)})
+        out[p] = {"a": jnp.stack([x["a"] for x in per]), "b": jnp.stack([x["b"] for x in per])}
+    return out
+
+
+def merge(params: dict[str, jax.Array], weights: dict[str, dict[str, jax.Array]], scale: float) -> dict[str, jax.Array]:
+    """Base params with one adapter folded in: ``W + scale * a @ b`` for every adapted projection.
+
+    ``weights`` is one adapter (no K axis): ``{projection: {"a": [L, in, r], "b": [L, r, out]}}``.
+    Returns new params ``{dotted path: array}`` in the base dtype.
+    """
+    out = dict(params)
+    for p, ab in weights.items():
+        base = params[f"layers.{p}"]
+        delta = jnp.einsum("lir,lro->lio", ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32)) * scale
+        out[f"layers.{p}"] = (base.astype(jnp.float32) + delta).astype(base.dtype)
+    return out
+
+
+@dataclasses.dataclass
+class Adapters:
+    """K trained (or hand-made) LoRA adapters stacked on a leading axis.
+
+    Attributes:
+      weights: ``{projection: {"a": [K, L, in, R], "b": [K, L, R, out]}}`` float32.
+      specs: one :class:`LoraSpec` per candidate.
+      losses: per candidate, the training loss at every optimizer step (mean over its micro-batches).
+      failed: per candidate, ``None`` or the reason training stopped (e.g. a non-finite loss).
+    """
+
+    weights: dict[str, dict[str, jax.Array]]
+    specs: tuple[LoraSpec, ...]
+    losses: list[list[float]] = dataclasses.field(default_factory=list)
+    failed: list[str | None] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.specs = tuple(self.specs)
+        k = len(self.specs)
+        for p, ab in self.weights.items():
+            if ab["a"].shape[0] != k or ab["b"].shape[0] != k:
+                raise LoraError(f"adapter {p}: leading axis {ab['a'].shape[0]} != {k} specs")
+        if not self.losses:
+            self.losses = [[] for _ in range(k)]
+        if not self.failed:
+            self.failed = [None] * k
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, k: int) -> Adapters:
+        """Candidate ``k`` alone (a stack of one), its padding to the stack's rank kept."""
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"adapter index {k} out of range for {len(self)} candidates")
+        k = k % len(self)
+        weights = jax.tree.map(lambda x: x[k:k + 1], self.weights)
+        return Adapters(weights, (self.specs[k],), [list(self.losses[k])], [self.failed[k]])
+
+    @property
+    def scales(self) -> jax.Array:
+        """``alpha / rank`` per candidate, float32 ``[K]``."""
+        return jnp.asarray([s.scale for s in self.specs], jnp.float32)
+
+    @property
+    def dropouts(self) -> jax.Array:
+        """Dropout rate per candidate, float32 ``[K]``."""
+        return jnp.asarray([s.dropout for s in self.specs], jnp.float32)
+
+    def as_inputs(self) -> LoraInputs:
+        """The stacked adapters as the model's :class:`LoraInputs` (leaves ``[K, ...]``, no dropout)."""
+        return LoraInputs(weights=self.weights, scale=self.scales, dropout=jnp.zeros(len(self)), key=None)
+
+    def unpadded(self, k: int) -> dict[str, dict[str, np.ndarray]]:
+        """Candidate ``k``'s own weights, trimmed to its rank and its targets: ``{p: {"a": [L, in, r], "b": [L, r, out]}}``."""
+        spec = self.specs[k]
+        out = {}
+        for p, ab in self.weights.items():
+            if p in spec.targets:
+                out[p] = {"a": np.asarray(ab["a"][k, :, :, :spec.rank]), "b": np.asarray(ab["b"][k, :, :spec.rank, :])}
+        return out
+
+    def merged_params(self, params: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+        """Base ``params`` with candidate ``k`` merged in (see :func:`merge`)."""
+        weights = {p: {n: jnp.asarray(v) for n, v in ab.items()} for p, ab in self.unpadded(k).items()}
+        return merge(params, weights, self.specs[k].scale)
+
+    def save_peft(self, path: str | Path, k: int = 0, *, base_model: str | None = None) -> Path:
+        """Write candidate ``k`` as a Hugging Face PEFT adapter folder.
+
+        Writes ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's tensor names
+        (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` ``[r, in]``, ``lora_B`` ``[out, r]``);
+        ``peft.PeftModel.from_pretrained(base, path)`` loads it. Returns the folder.
+        """
+        from safetensors.numpy import save_file
+
+        spec = self.specs[k]
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, np.ndarray] = {}
+        for p, ab in self.unpadded(k).items():
+            for layer in range(ab["a"].shape[0]):
+                prefix = f"base_model.model.model.layers.{layer}.{PEFT_MODULE_PARENT[p]}.{p}"
+                tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(ab["a"][layer].T, np.float32)
+                tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(ab["b"][layer].T, np.float32)
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+            "target_modules": sorted(spec.targets), "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+        }
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Save all K adapters (weights with orbax, specs/losses/failures as JSON) under ``path``."""
+        from seal_jax.lm.checkpoint import save_adapters
+
+        return save_adapters(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Adapters:
+        """Restore adapters written by :meth:`save`."""
+        from seal_jax.lm.checkpoint import load_adapters
+
+        return load_adapters(path)
+
+    @staticmethod
+    def stack(items: Sequence[Adapters]) -> Adapters:
+        """Concatenate several stacks into one (ranks padded to the largest, targets united)."""
+        if not items:
+            raise LoraError("nothing to stack")
+        rank = max(int(ab["a"].shape[-1]) for it in items for ab in it.weights.values())
+        targets = [p for p in PROJECTIONS if any(p in it.weights for it in items)]
+        weights: dict[str, dict[str, jax.Array]] = {}
+        for p in targets:
+            parts_a, parts_b = [], []
+            for it in items:
+                if p in it.weights:
+                    a, b = it.weights[p]["a"], it.weights[p]["b"]
+                    r = a.shape[-1]
+                    parts_a.append(jnp.pad(a, ((0, 0),) * 3 + ((0, rank - r),)))
+                    parts_b.append(jnp.pad(b, ((0, 0), (0, 0), (0, rank - r), (0, 0))))
+                else:
+                    ref = next(x.weights[p] for x in items if p in x.weights)
+                    k = len(it)
+                    parts_a.append(jnp.zeros((k, *ref["a"].shape[1:3], rank), jnp.float32))
+                    parts_b.append(jnp.zeros((k, ref["b"].shape[1], rank, ref["b"].shape[3]), jnp.float32))
+            weights[p] = {"a": jnp.concatenate(parts_a), "b": jnp.concatenate(parts_b)}
+        return Adapters(weights, tuple(s for it in items for s in it.specs),
+                        [h for it in items for h in it.losses], [f for it in items for f in it.failed])

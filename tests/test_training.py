@@ -1,0 +1,232 @@
+"""The LoRA inner loop against PEFT + torch AdamW, and K heterogeneous candidates in one program."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import make_hf_model
+
+import seal_jax as sj
+from seal_jax.lm.lora import LoraSpec
+from seal_jax.lm.training import (
+    TrainError,
+    TrainSpec,
+    initial_adapters,
+    lr_at,
+    make_plan,
+    tokenize,
+    train_adapters,
+)
+
+EOS, PAD = 1, 0
+
+
+class CharTokenizer:
+    """A character tokenizer for the tiny random models (ids 5..154)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [5 + (ord(c) % 150) for c in text]}
+
+
+TOK = CharTokenizer()
+TEXTS = ["the river Oss flows north", "Kalvi was founded in 1712", "its mayor is Ena Droll", "bridges: 4"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = make_hf_model("qwen3", seed=11)
+    folder = tmp_path_factory.mktemp("train-model")
+    model.save_pretrained(folder)
+    return model, sj.load(folder, progress=False)
+
+
+def train(lm, sequences, lora, spec, seed=0):
+    return train_adapters(lm.graphdef, lm.state, lm.params(), TOK, sequences, lora, spec, seed=seed,
+                          eos_id=EOS, pad_id=PAD)
+
+
+def peft_reference(hf_model, hf_params, texts, lora: LoraSpec, spec: TrainSpec, seed=0):
+    """Train the same adapter with HF PEFT and torch AdamW over the same plan (order, accumulation, lr)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets)))
+    init = jax.tree.map(np.asarray, initial_adapters(hf_params, [lora], [spec], seed))
+    init = {p: {"a": v["a"][0], "b": v["b"][0]} for p, v in init.items()}
+    # start from our initial A (B is zero in both)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                layer = int(name.split("layers.")[1].split(".")[0])
+                proj = name.rsplit(".", 1)[1]
+                module.lora_A["default"].weight.copy_(torch.tensor(init[proj]["a"][layer].T))
+                module.lora_B["default"].weight.zero_()
+    examples = tokenize(TOK, texts, spec, EOS)
+    plan = make_plan([examples], [spec], seed, PAD, EOS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=spec.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, spec.warmup, plan.steps[0])
+    losses, window = [], []
+    for s in range(plan.order.shape[1]):
+        if not plan.active[0, s]:
+            continue
+        window.append([i for i in plan.order[0, s] if i >= 0])
+        if not plan.boundary[0, s]:
+            continue
+        total = sum(float(plan.weights[0, i, 1:].sum()) for idx in window for i in idx)
+        loss_sum = 0.0
+        for idx in window:
+            ids = torch.tensor(plan.tokens[0, idx], dtype=torch.long)
+            mask = torch.tensor(plan.attention[0, idx], dtype=torch.long)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            loss = (nll * torch.tensor(plan.weights[0, idx, 1:])).sum()
+            (loss / total).backward()
+            loss_sum += float(loss.detach())
+        losses.append(loss_sum / total)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        window = []
+    return model, losses
+
+
+def test_matches_peft_and_torch_adamw(tiny):
+    hf_model, lm = tiny
+    lora = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    spec = TrainSpec(learning_rate=1e-2, epochs=3, grad_accum=2, warmup=1, weight_decay=0.01, seed=3)
+    ours = train(lm, [TEXTS[:3]], lora, spec)
+    assert ours.failed == [None]
+    ref_model, ref_losses = peft_reference(hf_model, lm.params(), TEXTS[:3], lora, spec)
+    assert len(ours.losses[0]) == len(ref_losses) == 6
+    np.testing.assert_allclose(ours.losses[0], ref_losses, rtol=1e-5)
+    trained = ours.unpadded(0)
+    for name, p in ref_model.named_parameters():
+        if "lora_" not in name:
+            continue
+        layer = int(name.split("layers.")[1].split(".")[0])
+        proj = name.split(".lora_")[0].rsplit(".", 1)[1]
+        ours_t = trained[proj]["a"][layer].T if "lora_A" in name else trained[proj]["b"][layer].T
+        np.testing.assert_allclose(ours_t, p.detach().numpy(), atol=2e-5, rtol=1e-4, err_msg=name)
+    assert np.abs(trained["q_proj"]["b"]).max() > 1e-3, "training should move B away from zero"
+
+
+def test_initialisation_is_peft_like(tiny):
+    _, lm = tiny
+    ad = train(lm, [TEXTS[:1]], LoraSpec(rank=8, alpha=16.0), TrainSpec(epochs=1, learning_rate=1e-9))
+    a = ad.unpadded(0)["q_proj"]["a"]
+    bound = 1 / math.sqrt(64)
+    assert a.shape == (2, 64, 8) and np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
+    assert abs(float(a.std()) - bound / math.sqrt(3)) < 0.1 * bound
+
+
+def test_candidates_in_one_program_equal_each_alone(tiny):
+    _, lm = tiny
+    loras = [LoraSpec(rank=2, alpha=4.0), LoraSpec(rank=8, alpha=4.0, dropout=0.1, targets=("q_proj", "o_proj")),
+             LoraSpec(rank=4, alpha=16.0, targets="all")]
+    specs = [TrainSpec(learning_rate=1e-2, epochs=2, seed=1), TrainSpec(learning_rate=3e-3, epochs=3, grad_accum=2, seed=2),
+             TrainSpec(learning_rate=5e-3, epochs=1, seed=3, warmup=1)]
+    data = [TEXTS[:2], TEXTS, TEXTS[1:2]]
+    together = train(lm, data, loras, specs, seed=5)
+    for k in range(3):
+        alone = train(lm, [data[k]], loras[k], specs[k], seed=5)
+        assert together.losses[k] == pytest.approx(alone.losses[0], rel=1e-5)
+        a, b = together.unpadded(k), alone.unpadded(0)
+        assert set(a) == set(b) == set(loras[k].targets)
+        for p in a:
+            np.testing.assert_allclose(a[p]["a"], b[p]["a"], atol=1e-5)
+            np.testing.assert_allclose(a[p]["b"], b[p]["b"], atol=1e-5)
+    # padded ranks and untargeted projections stay exactly zero
+    w = together.weights
+    assert float(np.abs(np.asarray(w["q_proj"]["a"][0, :, :, 2:])).max()) == 0.0
+    assert float(np.abs(np.asarray(w["q_proj"]["b"][0, :, 2:, :])).max()) == 0.0
+    assert float(np.abs(np.asarray(w["o_proj"]["b"][0])).max()) == 0.0
+    assert float(np.abs(np.asarray(w["o_proj"]["b"][1])).max()) > 0.0
+
+
+def test_nonfinite_candidate_is_marked_failed_and_others_unaffected(tiny):
+    _, lm = tiny
+    lora = LoraSpec(rank=4, alpha=8.0)
+    good = TrainSpec(learning_rate=1e-2, epochs=2, seed=1)
+    bad = TrainSpec(learning_rate=1e38, epochs=2, seed=2)
+    both = train(lm, [TEXTS[:2], TEXTS[:2]], lora, [good, bad])
+    alone = train(lm, [TEXTS[:2]], lora, good)
+    assert both.failed[0] is None
+    assert "non-finite" in both.failed[1] and "1e+38" in both.failed[1]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(both.weights))
+    assert all(math.isfinite(x) for x in both.losses[1])
+    np.testing.assert_allclose(both.unpadded(0)["v_proj"]["b"], alone.unpadded(0)["v_proj"]["b"], atol=1e-6)
+
+
+def test_loss_modes_match_transformers_loss(tiny):
+    hf_model, lm = tiny
+    text = TEXTS[0]
+    ids = TOK(text)["input_ids"]
+    lora = LoraSpec(rank=2, alpha=2.0)
+    # masked: first loss = the base model's mean NLL over the text plus one EOS
+    ad = train(lm, [[text]], lora, TrainSpec(epochs=1, learning_rate=1e-9))
+    full = torch.tensor([ids + [EOS]])
+    with torch.no_grad():
+        ref = hf_model(input_ids=full, labels=full).loss.item()
+    assert ad.losses[0][0] == pytest.approx(ref, rel=1e-5)
+    # seal_padded: padded to max_len with EOS, padding masked as keys but kept in the loss (SEAL's quirk)
+    ad = train(lm, [[text]], lora, TrainSpec(epochs=1, learning_rate=1e-9, loss="seal_padded", max_len=40))
+    padded = torch.tensor([ids + [EOS] * (40 - len(ids))])
+    mask = torch.tensor([[1] * len(ids) + [0] * (40 - len(ids))])
+    with torch.no_grad():
+        ref = hf_model(input_ids=padded, attention_mask=mask, labels=padded).loss.item()
+    assert ad.losses[0][0] == pytest.approx(ref, rel=1e-5)
+
+
+def test_prompt_tokens_carry_no_loss(tiny):
+    _, lm = tiny
+    spec = TrainSpec(epochs=1, learning_rate=1e-2)
+    lora = LoraSpec(rank=2, alpha=2.0)
+    a = train(lm, [[("prompt one", "the answer")]], lora, spec)
+    b = train(lm, [[("a different prompt!", "the answer")]], lora, spec)
+    assert a.losses[0][0] != b.losses[0][0]  # the prompt conditions the completion...
+    ex = tokenize(TOK, [("prompt one", "the answer")], spec, EOS)[0]
+    plan = make_plan([[ex]], [spec], 0, PAD, EOS)
+    assert plan.weights[0, 0, :10].sum() == 0 and plan.weights[0, 0, 10:len(ex.ids)].sum() == len(ex.ids) - 10
+
+
+def test_linear_schedule_matches_transformers():
+    from transformers import get_linear_schedule_with_warmup
+
+    spec = TrainSpec(learning_rate=0.1, warmup=3)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = get_linear_schedule_with_warmup(opt, 3, 10)
+    for step in range(10):
+        assert lr_at(spec, step, 10) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+
+
+def test_spec_validation_and_input_errors(tiny):
+    _, lm = tiny
+    with pytest.raises(TrainError, match="learning_rate must be positive"):
+        TrainSpec(learning_rate=0)
+    with pytest.raises(TrainError, match="loss 'x' is unknown"):
+        TrainSpec(loss="x")
+    with pytest.raises(sj.lm.lora.LoraError, match="unknown LoRA targets"):
+        LoraSpec(targets=("qkv",))
+    with pytest.raises(sj.lm.lora.LoraError, match="dropout must lie in"):
+        LoraSpec(dropout=1.0)
+    assert LoraSpec.seal() == LoraSpec(32, 64.0, 0.0, ("q_proj", "v_proj"))
+    assert TrainSpec.seal().learning_rate == 1e-3 and TrainSpec.seal().epochs == 10
+    with pytest.raises(TrainError, match="of lists of strings"):
+        train(lm, TEXTS, LoraSpec(), TrainSpec())
+    with pytest.raises(TrainError, match="2 candidates but 3 LoraSpecs"):
+        train(lm, [TEXTS, TEXTS], [LoraSpec()] * 3, TrainSpec())
+    with pytest.raises(TrainError, match=r"candidates \[1\] have no usable"):
+        train(lm, [TEXTS, [""]], LoraSpec(), TrainSpec(append_eos=False))
+    with pytest.raises(TrainError, match="share TrainSpec.batch_size"):
+        train(lm, [TEXTS, TEXTS], LoraSpec(), [TrainSpec(), TrainSpec(batch_size=2)])
