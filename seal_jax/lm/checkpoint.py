@@ -11,10 +11,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def save_pytree(path: str | Path, tree: Any, step: int = 0) -> Path:
-    """Save a pytree of arrays under ``path`` with an orbax ``CheckpointManager`` (one step); returns ``path``."""
+def save_pytree(path: str | Path, tree: Any, step: int | None = None) -> Path:
+    """Save a pytree of arrays under ``path`` with an orbax ``CheckpointManager``; returns ``path``.
+
+    ``step`` defaults to one past the latest saved step; only the newest step is kept, so saving again
+    replaces the previous contents.
+    """
     path = Path(path).absolute()
     with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)) as mgr:
+        if step is None:
+            latest = mgr.latest_step()
+            step = 0 if latest is None else latest + 1
         mgr.save(step, args=ocp.args.StandardSave(tree), force=True)
         mgr.wait_until_finished()
     return path

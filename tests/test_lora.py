@@ -1,0 +1,118 @@
+"""Adapters: forward with LoRA = merged weights = HF PEFT loading our export; stacking and slicing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_hf_model, torch_logits
+from flax import nnx
+
+import seal_jax as sj
+from seal_jax.lm.api import LM, build_model
+from seal_jax.lm.lora import Adapters, LoraError, LoraSpec, init_adapters, merge
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    model = make_hf_model("llama", seed=21)
+    folder = tmp_path_factory.mktemp("lora-base")
+    model.save_pretrained(folder)
+    return model, folder, sj.load(folder, progress=False)
+
+
+def random_adapters(lm, specs, seed=0):
+    """Hand-made adapters with non-zero B (as if trained)."""
+    keys = [jax.random.PRNGKey(seed + i) for i in range(len(specs))]
+    weights = init_adapters(lm.params(), specs, keys)
+    for p, ab in weights.items():
+        mask = (jnp.abs(ab["a"]).sum(axis=(2,), keepdims=True) > 0).swapaxes(-1, -2)  # rank rows in use
+        noise = 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 99), ab["b"].shape)
+        has = jnp.asarray([[p in s.targets] for s in specs]).reshape(-1, 1, 1, 1)
+        ab["b"] = jnp.where(has & mask, noise, 0.0)
+    return Adapters(weights, tuple(specs))
+
+
+def forward_with(lm, adapter_weights, scale, ids):
+    model = nnx.merge(lm.graphdef, lm.state)
+    lora = sj.lm.model.LoraInputs(weights=adapter_weights, scale=scale)
+    return np.asarray(model(jnp.asarray(ids), lora=lora)[0])
+
+
+def test_adapter_forward_equals_merged_weights(base):
+    _, _, lm = base
+    ads = random_adapters(lm, [LoraSpec(rank=4, alpha=8.0, targets="all")])
+    ids = np.arange(1, 13)[None]
+    single = jax.tree.map(lambda x: x[0], ads.weights)
+    with_lora = forward_with(lm, single, 2.0, ids)
+    merged = LM(build_model(lm.config, ads.merged_params(lm.params(), 0)), None).logits(ids)
+    np.testing.assert_allclose(with_lora, merged, atol=1e-5)
+    assert np.abs(with_lora - lm.logits(ids)).max() > 1e-3, "the adapter should change the logits"
+
+
+def test_peft_export_loads_in_peft_with_same_logits(base, tmp_path):
+    from peft import PeftModel
+
+    hf_model, folder, lm = base
+    specs = [LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj")),
+             LoraSpec(rank=8, alpha=4.0, dropout=0.05, targets=("q_proj", "down_proj", "o_proj"))]
+    ads = random_adapters(lm, specs, seed=3)
+    ids = np.random.default_rng(0).integers(2, 160, (2, 10))
+    for k in range(2):
+        out = ads.save_peft(tmp_path / f"peft{k}", k, base_model=str(folder))
+        peft_model = PeftModel.from_pretrained(make_hf_model("llama", seed=21), out).eval()
+        assert peft_model.peft_config["default"].r == specs[k].rank
+        ref = torch_logits(peft_model, ids)
+        ours = LM(build_model(lm.config, ads.merged_params(lm.params(), k)), None).logits(ids)
+        np.testing.assert_allclose(ours, ref, atol=1e-4)
+        assert np.abs(ref - torch_logits(hf_model, ids)).max() > 1e-3
+
+
+def test_merge_function_matches_manual_sum(base):
+    _, _, lm = base
+    params = lm.params()
+    a = jnp.ones((2, 64, 3)) * 0.1
+    b = jnp.ones((2, 3, 64)) * 0.2
+    out = merge(params, {"q_proj": {"a": a, "b": b}}, 0.5)
+    np.testing.assert_allclose(np.asarray(out["layers.q_proj"]), np.asarray(params["layers.q_proj"]) + 0.5 * 0.1 * 0.2 * 3,
+                               atol=1e-6)
+    assert out["layers.v_proj"] is params["layers.v_proj"]
+
+
+def test_slice_and_stack(base):
+    _, _, lm = base
+    a = random_adapters(lm, [LoraSpec(rank=2, alpha=2.0)], seed=1)
+    b = random_adapters(lm, [LoraSpec(rank=6, alpha=2.0, targets=("o_proj",)), LoraSpec(rank=3, alpha=1.0)], seed=2)
+    both = Adapters.stack([a, b])
+    assert len(both) == 3 and both.weights["q_proj"]["a"].shape == (3, 2, 64, 6)
+    assert set(both.weights) == {"q_proj", "v_proj", "o_proj"}
+    np.testing.assert_array_equal(both.unpadded(0)["q_proj"]["a"], a.unpadded(0)["q_proj"]["a"])
+    np.testing.assert_array_equal(both.unpadded(2)["v_proj"]["b"], b.unpadded(1)["v_proj"]["b"])
+    assert float(jnp.abs(both.weights["o_proj"]["b"][0]).max()) == 0.0
+    assert both[1].specs == (b.specs[0],) and len(both[-1]) == 1
+    with pytest.raises(IndexError, match="out of range for 3"):
+        both[3]
+    np.testing.assert_allclose(np.asarray(both.scales), [1.0, 1 / 3, 1 / 3])
+
+
+def test_adapters_validate_stack_shape(base):
+    _, _, lm = base
+    ads = random_adapters(lm, [LoraSpec(rank=2, alpha=2.0)])
+    with pytest.raises(LoraError, match="leading axis 1 != 2 specs"):
+        Adapters(ads.weights, ads.specs * 2)
+
+
+def test_peft_names_match_peft_itself(base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    hf_model, _, lm = base
+    spec = LoraSpec(rank=2, alpha=2.0, targets=("q_proj", "up_proj"))
+    ours = random_adapters(lm, [spec]).save_peft(tmp_path / "names")
+    from safetensors.numpy import load_file
+
+    peft_model = get_peft_model(make_hf_model("llama", seed=21), LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "up_proj"]))
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    got = {k: v.shape for k, v in load_file(ours / "adapter_model.safetensors").items()}
+    assert got == want
