@@ -7,6 +7,7 @@ through this class.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from seal_jax.lm import sampling, weights
+from seal_jax.lm import sampling, training, weights
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf
-from seal_jax.lm.model import Decoder
+from seal_jax.lm.lora import Adapters, LoraSpec
+from seal_jax.lm.model import Decoder, LoraInputs
+from seal_jax.lm.training import TrainSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -143,12 +146,22 @@ class LM:
 
         return jax.jit(run)
 
+    @functools.cached_property
+    def _adapter_logits_fn(self) -> Any:
+        graphdef = self.graphdef
+
+        def one(state: Any, ids: jax.Array, mask: jax.Array, weights: Any, scale: jax.Array) -> jax.Array:
+            model = nnx.merge(graphdef, state)
+            return model(ids, mask, lora=LoraInputs(weights=weights, scale=scale))[0]
+
+        return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0, 0)))
+
     def _put_batch(self, array: np.ndarray) -> jax.Array:
         if self.mesh is None:
             return jnp.asarray(array)
         return jax.device_put(array, shd.batch_sharding(self.mesh, array.shape))
 
-    def forward(self, ids: Any, attention_mask: Any = None) -> jax.Array:
+    def forward(self, ids: Any, attention_mask: Any = None, adapter: Adapters | None = None) -> jax.Array:
         """Like :meth:`logits` but returns the device array (padded length trimmed), without a host copy."""
         ids = np.asarray(ids)
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
@@ -166,22 +179,67 @@ class LM:
         ids_p = np.zeros((b, tb), np.int32)
         mask_p = np.zeros((b, tb), np.int32)
         ids_p[:, :t], mask_p[:, :t] = ids, mask
-        out = self._logits_fn(self.state, self._put_batch(ids_p), self._put_batch(mask_p))
-        return out if tb == t else out[:, :t]
+        ids_d, mask_d = self._put_batch(ids_p), self._put_batch(mask_p)
+        if adapter is None:
+            out = self._logits_fn(self.state, ids_d, mask_d)
+        else:
+            if not isinstance(adapter, Adapters):
+                raise TypeError(f"adapter must be seal_jax.Adapters (from train_adapters), got {type(adapter).__name__}")
+            out = self._adapter_logits_fn(self.state, ids_d, mask_d, adapter.weights, adapter.scales)
+            if len(adapter) == 1:
+                out = out[0]
+        return out if tb == t else out[..., :t, :]
 
-    def logits(self, ids: Any, attention_mask: Any = None, adapter: Any = None) -> np.ndarray:
+    def logits(self, ids: Any, attention_mask: Any = None, adapter: Adapters | None = None) -> np.ndarray:
         """Next-token logits for a batch of token ids.
 
         Args:
           ids: int ``[B, T]`` (left-padded when rows differ in length).
           attention_mask: ``[B, T]``, 1 on real tokens (default: all ones). Rotary positions count real
             tokens only, so a left-padded row gives the same logits as the row alone.
+          adapter: LoRA :class:`~seal_jax.lm.lora.Adapters`; one candidate (``adapters[k]``) gives
+            ``[B, T, V]``, a stack of K gives ``[K, B, T, V]``.
         Returns:
-          float32 numpy ``[B, T, V]``.
+          float32 numpy ``[B, T, V]`` (or ``[K, B, T, V]``).
         """
-        if adapter is not None:
-            raise NotImplementedError("adapters arrive with the LoRA inner loop (lm/lora.py)")
-        return np.asarray(jax.device_get(self.forward(ids, attention_mask)))
+        return shd.to_host(self.forward(ids, attention_mask, adapter))
+
+    def train_adapters(
+        self,
+        sequences: Sequence[Sequence[Any]],
+        lora: LoraSpec | Sequence[LoraSpec] | None = None,
+        train: TrainSpec | Sequence[TrainSpec] | None = None,
+        seed: int = 0,
+    ) -> Adapters:
+        """Train K LoRA adapters by next-token prediction, all in one compiled program.
+
+        Args:
+          sequences: a list (K candidates) of lists of training strings (or ``(prompt, completion)``
+            pairs: loss on the completion only).
+          lora, train: one :class:`LoraSpec` / :class:`TrainSpec` for all candidates or one per candidate
+            (default: SEAL's inner loop, ``LoraSpec.seal()`` and ``TrainSpec.seal()``).
+          seed: mixed with each candidate's ``TrainSpec.seed`` (init, dropout, data order).
+        Returns:
+          :class:`Adapters` (K stacked; ``adapters[k]``, ``adapters.losses``, ``adapters.failed``).
+        """
+        return training.train_adapters(
+            self.graphdef, self.state, self.params(), self.tokenizer, sequences,
+            LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
+            seed=seed, eos_id=self._train_eos_id(), pad_id=self._pad_id(), mesh=self.mesh,
+            programs=self._train_programs,
+        )
+
+    @functools.cached_property
+    def _train_programs(self) -> dict[bool, Any]:
+        return {}
+
+    def _train_eos_id(self) -> int:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            if not self.config.eos_token_ids:
+                raise ValueError("neither the tokenizer nor config.json names an EOS token; set eos_token_id")
+            eos = self.config.eos_token_ids[0]
+        return int(eos)
 
     # ------------------------------------------------------------------------------------------------
     # Generation (see seal_jax.lm.sampling for the programs)

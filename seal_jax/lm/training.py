@@ -244,12 +244,13 @@ def _where_tree(cond: jax.Array, new: Any, old: Any) -> Any:
 def train_candidate(graphdef: Any, state: Any, lora_w: Any, scale: jax.Array, dropout: jax.Array,
                     weight_decay: jax.Array, key: jax.Array, tokens: jax.Array, attention: jax.Array,
                     positions: jax.Array, weights: jax.Array, order: jax.Array, active: jax.Array,
-                    boundary: jax.Array, lr: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
+                    boundary: jax.Array, lr: jax.Array) -> tuple[Any, jax.Array, jax.Array, Any]:
     """Train one candidate's adapter over its micro-step schedule (``vmap`` this over candidates).
 
     Shapes (one candidate): lora_w ``{p: {"a": [L, in, R], "b": [L, R, out]}}``; tokens/attention/
     positions/weights ``[N, T]``; order ``[S, B]``; active/boundary/lr ``[S]``.
-    Returns ``(trained lora_w, loss per micro-step [S] (NaN where no update), failed step or -1)``.
+    Returns ``(trained lora_w, loss per micro-step [S] (NaN where no update), failed micro-step or -1,
+    final optimiser state)``.
     """
     model = nnx.merge(graphdef, state)
     tx = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.add_decayed_weights(weight_decay))
@@ -293,8 +294,8 @@ def train_candidate(graphdef: Any, state: Any, lora_w: Any, scale: jax.Array, dr
 
     steps = jnp.arange(order.shape[0])
     init = (lora_w, opt, zeros, jnp.float32(0), jnp.float32(0), jnp.int32(-1))
-    (w, _, _, _, _, failed_at), losses = jax.lax.scan(micro, init, (order, active, boundary, lr, steps))
-    return w, losses, failed_at
+    (w, opt, _, _, _, failed_at), losses = jax.lax.scan(micro, init, (order, active, boundary, lr, steps))
+    return w, losses, failed_at, opt
 
 
 def make_train_program(graphdef: Any, use_dropout: bool) -> Any:
@@ -391,7 +392,7 @@ def train_adapters(
         programs = {}
     if use_dropout not in programs:
         programs[use_dropout] = make_train_program(graphdef, use_dropout)
-    trained, losses, failed_at = programs[use_dropout](state, *args)
+    trained, losses, failed_at, _ = programs[use_dropout](state, *args)
     losses = np.asarray(shd.to_host(losses))
     failed_at = np.asarray(shd.to_host(failed_at))
     histories = [[float(x) for x in row[plan.boundary[i]]] for i, row in enumerate(losses)]
