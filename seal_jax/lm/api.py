@@ -260,35 +260,6 @@ class LM:
             return tok.pad_id_of(self.tokenizer, fallback=self.config.pad_token_id or 0)
         return int(self.config.pad_token_id or 0)
 
-    def _check_generation(self, prompt_ids: Any, params: Any) -> list[list[int]]:
-        if not isinstance(params, sampling.SamplingParams):
-            raise TypeError(f"params must be a seal_jax.SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt_ids, np.ndarray):
-            prompt_ids = prompt_ids.tolist()
-        if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
-            raise sampling.SamplingError("prompt_ids must be a non-empty list of token-id lists")
-        rows: list[list[int]] = []
-        v, context = self.config.vocab_size, self.config.max_position_embeddings
-        for i, row in enumerate(prompt_ids):
-            if isinstance(row, np.ndarray):
-                row = row.tolist()
-            if not isinstance(row, (list, tuple)) or not all(sampling._is_int(t) for t in row):
-                raise sampling.SamplingError(f"prompt_ids[{i}] must be a list of ints, got {type(row).__name__}")
-            if len(row) == 0:
-                raise sampling.SamplingError(f"prompt {i} is empty; every prompt needs at least one token")
-            if min(row) < 0 or max(row) >= v:
-                raise sampling.SamplingError(
-                    f"prompt {i} has token ids outside [0, {v}): [{min(row)}, {max(row)}]")
-            if len(row) + params.max_new_tokens > context:
-                raise sampling.SamplingError(
-                    f"prompt {i} has {len(row)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds "
-                    f"the model's context of {context} tokens: shorten the prompt or lower max_new_tokens")
-            rows.append([int(t) for t in row])
-        bad_stops = [s for s in params.stop_token_ids if s >= v]
-        if bad_stops:
-            raise sampling.SamplingError(f"stop_token_ids {bad_stops} lie outside the vocabulary [0, {v})")
-        return rows
-
     def generate_ids(self, prompt_ids: list[list[int]], params: sampling.SamplingParams | None = None,
                      adapters: Any = None) -> list[list[int]] | list[list[list[int]]]:
         """Generate token ids after each prompt.
@@ -296,9 +267,10 @@ class LM:
         Args:
           prompt_ids: B non-empty lists of token ids (no padding; rows may differ in length).
           params: a :class:`~seal_jax.lm.sampling.SamplingParams` (default: greedy, 64 new tokens).
-          adapters: ``None``; one LoRA adapter (``.weights`` leaves ``a [L, in, r]``, ``b [L, r, out]``,
-            scalar ``.scale``, e.g. :class:`~seal_jax.lm.model.LoraInputs`); or K stacked adapters (leaves
-            with a leading K axis, ``.scale`` ``[K]``), run together under ``vmap``.
+          adapters: ``None``; :class:`~seal_jax.lm.lora.Adapters` (K candidates, always treated as a stack,
+            so ``adapters[k]`` gives a list of one); one raw adapter (``.weights`` leaves ``a [L, in, r]``,
+            ``b [L, r, out]``, scalar ``.scale``, e.g. :class:`~seal_jax.lm.model.LoraInputs`); or K raw
+            stacked adapters (leaves with a leading K axis, ``.scale`` ``[K]``). Stacks run under ``vmap``.
         Returns:
           B lists of generated ids, each ending before its stop token (EOS ids of the config and tokenizer,
           unless ``ignore_eos``, plus ``stop_token_ids``); with K stacked adapters, K such lists.
@@ -307,7 +279,7 @@ class LM:
             model's context, or malformed adapters (all checked before anything runs).
         """
         params = sampling.SamplingParams() if params is None else params
-        rows = self._check_generation(prompt_ids, params)
+        rows = sampling.check_prompt_ids(prompt_ids, params, self.config)
         sampling.as_lora(adapters, self.config)  # validate before compiling anything
         return self._sampler.generate(self.state, self.config, rows, params, eos_ids=self._eos_ids(),
                                       pad_id=self._pad_id(), adapters=adapters)

@@ -31,8 +31,9 @@ Stop ids: the model config's ``eos_token_ids`` plus the tokenizer's EOS id, plus
 Adapters: a LoRA adapter is any object with ``weights`` (``{projection: {"a", "b"}}``) and ``scale``
 attributes, such as :class:`~seal_jax.lm.model.LoraInputs`. One adapter has leaves ``a: [L, in, r]``,
 ``b: [L, r, out]`` and a scalar scale; K stacked adapters have a leading ``K`` axis on every leaf and a
-scale ``[K]``. Stacked adapters run under ``jax.vmap`` over K with the base weights broadcast
-(``in_axes=None``); both prefill and decode are vmapped, and the result has a leading K axis.
+scale ``[K]``. :class:`~seal_jax.lm.lora.Adapters` (from ``LM.train_adapters``) is always a stack, even
+of one. Stacked adapters run under ``jax.vmap`` over K with the base weights broadcast (``in_axes=None``);
+both prefill and decode are vmapped, and the result has a leading K axis.
 """
 
 from __future__ import annotations
@@ -198,6 +199,15 @@ def filter_logits(logits: jax.Array, temperature: Any, top_k: Any = 0, top_p: An
     return jnp.where(keep, -dist, -jnp.inf)
 
 
+def _first_true(mask: jax.Array) -> jax.Array:
+    """Index of the first true entry of each row of bool ``[B, V]`` (``V`` if none), int32 ``[B]``.
+
+    A min-reduction over indices: on CPU several times faster than ``argmax``'s variadic reduction.
+    """
+    v = mask.shape[-1]
+    return jnp.min(jnp.where(mask, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def sample_step(logits: jax.Array, key: jax.Array, temperature: Any, top_k: Any = 0, top_p: Any = 1.0,
                 min_p: Any = 0.0) -> jax.Array:
     """Draw one token per row.
@@ -215,18 +225,60 @@ def sample_step(logits: jax.Array, key: jax.Array, temperature: Any, top_k: Any 
     """
     logits = logits.astype(jnp.float32)
     b = logits.shape[0]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = _first_true(logits == jnp.max(logits, axis=-1, keepdims=True))
 
     def sampled() -> jax.Array:
         probs = jnp.exp(filter_logits(logits, temperature, top_k, top_p, min_p))
         cdf = jnp.cumsum(probs, axis=-1)
         row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(b))
         u = jax.vmap(jax.random.uniform)(row_keys) * cdf[:, -1]
-        above = cdf > u[:, None]
         # the first index whose cumulative mass exceeds u is a kept token (removed ones add no mass)
-        return jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), greedy).astype(jnp.int32)
+        first = _first_true(cdf > u[:, None])
+        return jnp.where(first < logits.shape[1], first, greedy)
 
     return jax.lax.cond(jnp.asarray(temperature) > 0, sampled, lambda: greedy)
+
+
+def check_prompt_ids(prompt_ids: Any, params: SamplingParams, config: ModelConfig) -> list[list[int]]:
+    """Validate a batch of prompts before anything is compiled or run.
+
+    Args:
+      prompt_ids: B non-empty lists (or 1-D arrays) of token ids.
+      params: the sampling parameters (its ``max_new_tokens`` and ``stop_token_ids`` are checked too).
+      config: the model's config (vocabulary size and context length).
+    Returns:
+      the prompts as plain lists of ints.
+    Raises:
+      TypeError: ``params`` is not a :class:`SamplingParams`.
+      SamplingError: an empty batch or prompt, ids outside the vocabulary, or a prompt that with
+        ``max_new_tokens`` would not fit the model's context (``config.max_position_embeddings``).
+    """
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a seal_jax.SamplingParams, got {type(params).__name__}")
+    if isinstance(prompt_ids, np.ndarray):
+        prompt_ids = list(prompt_ids)
+    if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
+        raise SamplingError("prompt_ids must be a non-empty list of token-id lists")
+    rows: list[list[int]] = []
+    v, context = config.vocab_size, config.max_position_embeddings
+    for i, row in enumerate(prompt_ids):
+        if isinstance(row, np.ndarray) and row.ndim == 1:
+            row = row.tolist()
+        if not isinstance(row, (list, tuple)) or not all(_is_int(t) for t in row):
+            raise SamplingError(f"prompt_ids[{i}] must be a list of ints, got {type(row).__name__}")
+        if len(row) == 0:
+            raise SamplingError(f"prompt {i} is empty; every prompt needs at least one token")
+        if min(row) < 0 or max(row) >= v:
+            raise SamplingError(f"prompt {i} has token ids outside the vocabulary [0, {v}): [{min(row)}, {max(row)}]")
+        if len(row) + params.max_new_tokens > context:
+            raise SamplingError(
+                f"prompt {i} has {len(row)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds the "
+                f"model's context of {context} tokens: shorten the prompt or lower max_new_tokens")
+        rows.append([int(t) for t in row])
+    bad_stops = [s for s in params.stop_token_ids if s >= v]
+    if bad_stops:
+        raise SamplingError(f"stop_token_ids {bad_stops} lie outside the vocabulary [0, {v})")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,11 +301,19 @@ class _Lora:
 def as_lora(adapters: Any, config: ModelConfig) -> _Lora | None:
     """Check and normalise ``adapters`` (``None``, one adapter, or K stacked; see the module docstring).
 
+    :class:`~seal_jax.lm.lora.Adapters` (anything with ``as_inputs()``) is always treated as a stack, so
+    ``adapters[k]`` (a stack of one) gives a list of one answer list. A plain ``weights``/``scale`` object
+    is stacked when its leaves have the extra leading K axis.
+
     Raises:
       SamplingError: missing attributes, unknown projections, or shapes that do not fit ``config``.
     """
     if adapters is None:
         return None
+    if hasattr(adapters, "as_inputs"):  # seal_jax.lm.lora.Adapters: always a stack, even of one
+        adapters = adapters.as_inputs()
+        if jnp.ndim(adapters.scale) != 1:
+            raise SamplingError(f"adapters.as_inputs() must give a scale [K], got shape {jnp.shape(adapters.scale)}")
     if not hasattr(adapters, "weights") or not hasattr(adapters, "scale"):
         raise SamplingError(
             f"adapters must have .weights ({{projection: {{'a', 'b'}}}}) and .scale (like "
@@ -486,7 +546,7 @@ class Sampler:
         tokens, lengths, _ = self.decode(state, cache, logits, lw, ls, self.put_replicated(knobs),
                                          self.put_replicated(jnp.asarray(stop_ids)),
                                          self.put_batch(done), out_len=out_len)
-        tokens, lengths = np.asarray(jax.device_get(tokens)), np.asarray(jax.device_get(lengths))
+        tokens, lengths = shd.to_host(tokens), shd.to_host(lengths)
 
         def rows_of(tk: np.ndarray, ln: np.ndarray) -> list[list[int]]:
             return [tk[i, :ln[i]].tolist() for i in range(n)]

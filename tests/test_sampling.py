@@ -1,0 +1,473 @@
+"""Sampling: HF greedy parity, the per-step sampler's support and frequencies, stop ids, adapters under
+vmap, a sharded mesh, compile counts and input errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import seal_jax as sj
+from seal_jax.lm.api import LM, build_model
+from seal_jax.lm.model import LoraInputs
+from seal_jax.lm.sampling import SamplingError, SamplingParams, check_prompt_ids, filter_logits, sample_step
+from seal_jax.lm.tokenizer import TokenizerError, format_chat, pad_left
+
+RNG_PROMPTS = [(7, 0), (3, 1), (12, 2)]  # (length, seed) of the tiny models' prompts
+
+
+def tiny_prompts(lengths_seeds=RNG_PROMPTS, vocab: int = 160) -> list[list[int]]:
+    """Random prompts avoiding the special ids 0-2 of the tiny models."""
+    return [np.random.default_rng(s).integers(3, vocab, n).tolist() for n, s in lengths_seeds]
+
+
+def cut_at(row: list[int], stops) -> list[int]:
+    """``row`` up to (not including) its first id in ``stops``."""
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[:i]
+    return row
+
+
+def hf_greedy(model, rows: list[list[int]], max_new: int, pad_id: int, eos_ids) -> list[list[int]]:
+    """transformers' greedy `generate` on the left-padded rows; new ids up to the first EOS."""
+    import torch
+
+    ids, mask = pad_left(rows, pad_id)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                             attention_mask=torch.tensor(mask, dtype=torch.long), do_sample=False,
+                             max_new_tokens=max_new, pad_token_id=pad_id, eos_token_id=list(eos_ids))
+    return [cut_at(r, set(eos_ids)) for r in out[:, ids.shape[1]:].tolist()]
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_hf):
+    """The tiny untied Qwen3 (torch model, LM), shared by the tests of this module."""
+    model, folder = tiny_hf("qwen3-untied")
+    return model, sj.load(folder, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SamplingParams
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(max_new_tokens=2.0), "max_new_tokens"), (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(min_p=1.0), "min_p"),
+    (dict(min_p=-0.1), "min_p"), (dict(seed=-1), "seed"), (dict(seed=2**32), "seed"),
+    (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop_token_ids=[1, -2]), "stop_token_ids"),
+    (dict(stop_token_ids="abc"), "stop_token_ids"), (dict(ignore_eos="yes"), "ignore_eos"),
+])
+def test_sampling_params_reject_bad_values(kwargs, field):
+    with pytest.raises(SamplingError, match=f"SamplingParams.{field}"):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_defaults_and_normalisation():
+    p = SamplingParams(stop_token_ids=[5, 7])
+    assert p.stop_token_ids == (5, 7) and hash(p) == hash(SamplingParams(stop_token_ids=(5, 7)))
+    assert (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.min_p, p.seed, p.ignore_eos) == (
+        64, 0.0, 0, 1.0, 0.0, 0, False)
+    assert sj.SamplingParams is SamplingParams and sj.lm.SamplingParams is SamplingParams
+    with pytest.raises(SamplingError, match="top_p"):
+        p.replace(top_p=2.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The per-step sampler on a tiny vocabulary with fixed logits
+
+PROBS = np.array([0.35, 0.25, 0.15, 0.1, 0.07, 0.05, 0.02, 0.01])
+N_DRAWS = 4000
+
+
+@jax.jit
+def _draw(key, temperature, top_k, top_p, min_p):
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(PROBS, jnp.float32)) + 1.5, (N_DRAWS, PROBS.size))
+    return sample_step(logits, key, temperature, top_k, top_p, min_p)
+
+
+def draws(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0) -> np.ndarray:
+    return np.asarray(_draw(jax.random.key(seed), temperature, top_k, top_p, min_p))
+
+
+def reference(temperature, top_k=0, top_p=1.0, min_p=0.0, logits=None) -> np.ndarray:
+    """The filtered distribution (float64), written the way Hugging Face's warpers do it: a sort for top-k,
+    an ascending cumulative sum for top-p, min-p on the renormalised probabilities."""
+    logits = np.log(PROBS) if logits is None else np.asarray(logits, np.float64)
+    z = logits / temperature
+    q = np.exp(z - z.max())
+    q /= q.sum()
+    keep = np.ones(q.size, bool)
+    if 0 < top_k < q.size:
+        keep &= q >= np.sort(q)[-top_k]
+    q1 = np.where(keep, q, 0) / q[keep].sum()
+    asc = np.argsort(q1, kind="stable")
+    remove = np.cumsum(q1[asc]) <= 1 - top_p
+    remove[-1] = False
+    keep[asc[remove]] = False
+    q2 = np.where(keep, q, 0) / q[keep].sum()
+    keep &= q2 >= min_p * q2.max()
+    return np.where(keep, q, 0) / q[keep].sum()
+
+
+@pytest.mark.parametrize("knobs, support", [
+    (dict(temperature=1.0), range(8)),
+    (dict(temperature=0.5), None),
+    (dict(temperature=2.0), range(8)),
+    (dict(temperature=1.0, top_k=3), {0, 1, 2}),
+    (dict(temperature=1.0, top_k=1), {0}),
+    (dict(temperature=1.0, top_p=0.55), {0, 1}),
+    (dict(temperature=1.0, top_p=0.7), {0, 1, 2}),
+    (dict(temperature=1.0, top_p=0.01), {0}),
+    (dict(temperature=1.0, min_p=0.3), {0, 1, 2}),
+    (dict(temperature=1.0, min_p=0.5), {0, 1}),
+    (dict(temperature=1.5, top_k=6, top_p=0.9, min_p=0.1), None),
+])
+def test_sampler_support_and_frequencies(knobs, support):
+    expected = reference(**knobs)
+    if support is not None:
+        assert set(np.flatnonzero(expected)) == set(support), "the reference itself disagrees with the test table"
+    got = draws(**knobs)
+    counts = np.bincount(got, minlength=PROBS.size)
+    allowed = expected > 0
+    assert counts[~allowed].sum() == 0, f"drew tokens outside the support: {counts}"
+    exp_counts = expected * N_DRAWS
+    assert (counts[exp_counts >= 20] > 0).all(), f"a likely token never appeared: {counts} vs {exp_counts}"
+    # chi-square over cells with >= 5 expected draws, the rare ones pooled into one cell
+    big = exp_counts >= 5
+    obs = list(counts[big]) + ([counts[allowed & ~big].sum()] if (allowed & ~big).any() else [])
+    exp = list(exp_counts[big]) + ([exp_counts[allowed & ~big].sum()] if (allowed & ~big).any() else [])
+    if len(obs) > 1:
+        assert stats.chisquare(obs, exp).pvalue > 1e-4, f"frequencies {counts} do not fit {exp_counts}"
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(temperature=1.0, top_k=1), dict(temperature=1.0, top_k=37), dict(temperature=0.7, top_p=0.9),
+    dict(temperature=1.3, top_p=0.3), dict(temperature=1.0, min_p=0.05), dict(temperature=2.0, min_p=0.5),
+    dict(temperature=0.6, top_k=50, top_p=0.95, min_p=0.1), dict(temperature=1.3, top_k=200, top_p=0.95),
+    dict(temperature=1e-3, top_p=0.99), dict(temperature=1.0, top_k=5000),
+])
+def test_filters_keep_exactly_the_reference_set(knobs):
+    logits = np.random.default_rng(0).normal(0, 3, (6, 1000)).astype(np.float32)
+    logits[5, 10:20] = -np.inf  # masked vocabulary entries stay out
+    kept = np.isfinite(np.asarray(jax.jit(filter_logits)(jnp.asarray(logits), **knobs)))
+    for row in range(logits.shape[0]):
+        ref = reference(logits=logits[row], **knobs) > 0
+        np.testing.assert_array_equal(kept[row], ref, err_msg=f"row {row}")
+        assert kept[row, np.argmax(logits[row])]
+
+
+def test_sampler_greedy_seeds_and_rows():
+    # temperature 0 is argmax whatever the other knobs; a tiny temperature behaves like it (no NaN)
+    assert (draws(temperature=0.0, top_k=5, top_p=0.3, min_p=0.2) == 0).all()
+    assert (draws(temperature=1e-30) == 0).all()
+    a, b, c = draws(seed=1), draws(seed=1), draws(seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).mean() > 0.3
+    # a row's draw depends on its index, not on the batch size (padding rows does not change draws)
+    logits = jnp.log(jnp.asarray(np.tile(PROBS, (5, 1)), jnp.float32))
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(sample_step(logits[:3], key, 1.0), sample_step(logits, key, 1.0)[:3])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Greedy parity with transformers
+
+
+@pytest.mark.parametrize("name", ["qwen3-untied", "llama"])
+def test_greedy_matches_transformers_and_rows_alone(tiny_hf, name):
+    model, folder = tiny_hf(name)
+    lm = sj.load(folder, progress=False)
+    rows = tiny_prompts()
+    params = SamplingParams(max_new_tokens=20)
+    ours = lm.generate_ids(rows, params)
+    ref = hf_greedy(model, rows, 20, pad_id=0, eos_ids=[1])
+    assert ours == ref
+    assert max(len(r) for r in ours) == 20
+    for row, out in zip(rows, ours, strict=True):
+        assert lm.generate_ids([row], params) == [out]
+
+
+def test_bundled_chat_greedy_matches_transformers(bundled_lm, bundled_hf):
+    lm = bundled_lm
+    prompts = ["What is the capital of France?",
+               "Write two sentences about the sea at night, with the moon and a small boat in them.", "Hi!"]
+    rows = [lm.tokenizer(format_chat(lm.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    assert len({len(r) for r in rows}) == 3
+    params = SamplingParams(max_new_tokens=24)
+    ref = hf_greedy(bundled_hf, rows, 24, pad_id=lm.tokenizer.pad_token_id, eos_ids=lm._eos_ids())
+    assert lm.generate_ids(rows, params) == ref
+    texts = lm.generate(prompts, params, chat=True)
+    assert texts == [lm.tokenizer.decode(r, skip_special_tokens=True) for r in ref]
+    assert all(t.strip() for t in texts)
+
+
+def test_chat_formatting_and_thinking_switch(tiny_hf, monkeypatch):
+    from seal_jax.assets import qwen3_tokenizer_dir
+
+    _, folder = tiny_hf("qwen3-tied")
+    lm = sj.load(folder, tokenizer=qwen3_tokenizer_dir(), progress=False)
+    seen = []
+    answer = lm.tokenizer("<|im_start|>Paris<|im_end|>", add_special_tokens=False)["input_ids"]
+
+    def spy(ids, params=None, adapters=None):
+        seen.append(ids)
+        return [answer for _ in ids]
+
+    monkeypatch.setattr(lm, "generate_ids", spy)
+    assert lm.generate(["Capital of France?"], chat=True) == ["Paris"]  # special tokens skipped
+    lm.generate(["Capital of France?"], chat=True, enable_thinking=True)
+    lm.generate(["Capital of France?"])
+    off, on, plain = (lm.tokenizer.decode(s[0]) for s in seen)
+    assert off == format_chat(lm.tokenizer, "Capital of France?") and "<think>\n\n</think>" in off
+    assert on == format_chat(lm.tokenizer, "Capital of France?", enable_thinking=True) and "<think>" not in on
+    assert plain == "Capital of France?"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stop ids, EOS, max_new_tokens
+
+
+def with_eos(lm: LM, eos: tuple[int, ...]) -> LM:
+    """The same weights with other EOS ids in the config (and no tokenizer)."""
+    return LM(build_model(lm.config.replace(eos_token_ids=eos), lm.params()), None)
+
+
+def test_stop_ids_eos_and_max_new_tokens(qwen):
+    _, lm = qwen
+    rows = tiny_prompts()
+    full = lm.generate_ids(rows, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    g = full[0]
+    j = next(i for i in range(3, len(g)) if g[i] not in g[:i])  # a token that first appears at position j
+    stop = g[j]
+
+    # an explicit stop id truncates before its first occurrence; other rows are cut at theirs (or not at all)
+    got = lm.generate_ids(rows, SamplingParams(max_new_tokens=16, stop_token_ids=(stop,), ignore_eos=True))
+    assert got == [cut_at(r, {stop}) for r in full] and got[0] == g[:j]
+    # max_new_tokens counts generated tokens
+    assert lm.generate_ids(rows, SamplingParams(max_new_tokens=5, ignore_eos=True)) == [r[:5] for r in full]
+    assert lm.generate_ids(rows, SamplingParams(max_new_tokens=1, ignore_eos=True)) == [r[:1] for r in full]
+    # a stop id on the very first token gives an empty answer
+    assert lm.generate_ids(rows[:1], SamplingParams(max_new_tokens=16, stop_token_ids=(g[0],)))[0] == []
+
+    # EOS from the config stops too, unless ignore_eos; an explicit stop id still stops under ignore_eos
+    eos_lm = with_eos(lm, (stop,))
+    assert eos_lm.generate_ids(rows, SamplingParams(max_new_tokens=16))[0] == g[:j]
+    assert eos_lm.generate_ids(rows, SamplingParams(max_new_tokens=16, ignore_eos=True)) == full
+    assert eos_lm.generate_ids(rows, SamplingParams(max_new_tokens=16, ignore_eos=True,
+                                                    stop_token_ids=(stop,)))[0] == g[:j]
+
+
+def test_sampled_generation_is_reproducible(qwen):
+    _, lm = qwen
+    rows = tiny_prompts()
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+    a, b = lm.generate_ids(rows, p), lm.generate_ids(rows, p)
+    c = lm.generate_ids(rows, p.replace(seed=8))
+    assert a == b and a != c
+    assert a != lm.generate_ids(rows, SamplingParams(max_new_tokens=12, ignore_eos=True))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compilation
+
+
+def test_many_calls_compile_once(tiny_hf):
+    _, folder = tiny_hf("qwen3-untied")
+    lm = sj.load(folder, progress=False)
+    rng = np.random.default_rng(0)
+    knobs = [dict(), dict(temperature=0.7, top_k=5), dict(temperature=1.2, top_p=0.8, min_p=0.05, seed=3),
+             dict(temperature=1.0, stop_token_ids=(5, 9, 11), ignore_eos=True), dict(max_new_tokens=9)]
+    for i, k in enumerate(knobs):
+        rows = [rng.integers(3, 160, n).tolist() for n in rng.integers(1, 17, 3 + i % 2)]  # 3 or 4 rows
+        lm.generate_ids(rows, SamplingParams(**{"max_new_tokens": 16, **k}))
+    sampler = lm._sampler
+    assert dict(sampler.traces) == {"prefill": 1, "decode": 1}
+    assert sampler.prefill._cache_size() == 1 and sampler.decode._cache_size() == 1
+    # a longer prompt bucket compiles one more prefill and decode
+    lm.generate_ids([list(range(3, 40))], SamplingParams(max_new_tokens=16))
+    assert dict(sampler.traces) == {"prefill": 2, "decode": 2}
+
+    # the decode program takes the prefill's cache over (donated: the input buffers are gone afterwards)
+    ids, mask = pad_left(tiny_prompts() + [[3]], 0, 16)
+    logits, cache = sampler.prefill(lm.state, jnp.asarray(ids), jnp.asarray(mask), None, None, cache_len=32)
+    knobs = dict(temperature=np.float32(0), top_k=np.int32(0), top_p=np.float32(1), min_p=np.float32(0),
+                 seed=np.uint32(0), max_new_tokens=np.int32(16), pad_id=np.int32(0))
+    tokens, lengths, _ = sampler.decode(lm.state, cache, logits, None, None, knobs, jnp.full((8,), -1, jnp.int32),
+                                        jnp.asarray([False, False, False, True]), out_len=16)
+    assert cache.k.is_deleted() and cache.v.is_deleted()
+    assert dict(sampler.traces) == {"prefill": 2, "decode": 2}
+    assert np.asarray(lengths).tolist() == [16, 16, 16, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adapters (hand-made; K stacked candidates under vmap)
+
+TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+def make_adapters(lm: LM, rank: int = 4, seed: int = 0) -> LoraInputs:
+    """K=2 stacked adapters: candidate 0 has b = 0 (a no-op), candidate 1 is random."""
+    from seal_jax.lm.model import projection_shape
+
+    rng = np.random.default_rng(seed)
+    L = lm.config.num_layers
+    weights = {}
+    for name in TARGETS:
+        din, dout = projection_shape(lm.config, name)
+        a = rng.normal(0, 0.3, (2, L, din, rank)).astype(np.float32)
+        b = rng.normal(0, 0.3, (2, L, rank, dout)).astype(np.float32)
+        b[0] = 0
+        weights[name] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
+    return LoraInputs(weights=weights, scale=jnp.asarray([2.0, 2.0], jnp.float32))
+
+
+def pick(adapters: LoraInputs, k: int, stacked: bool) -> LoraInputs:
+    sl = slice(k, k + 1) if stacked else k
+    return LoraInputs(weights=jax.tree.map(lambda x: x[sl], adapters.weights), scale=adapters.scale[sl])
+
+
+def merged_lm(lm: LM, adapter: LoraInputs) -> LM:
+    """A model whose kernels are ``W + scale * a @ b`` (one unstacked adapter)."""
+    params = dict(lm.params())
+    for name, piece in adapter.weights.items():
+        params[f"layers.{name}"] = params[f"layers.{name}"] + adapter.scale * jnp.einsum(
+            "lir,lro->lio", piece["a"], piece["b"])
+    return LM(build_model(lm.config, params), None)
+
+
+def test_stacked_adapters_equal_single_and_merged(qwen):
+    _, lm = qwen
+    rows = tiny_prompts()
+    adapters = make_adapters(lm)
+    greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    base = lm.generate_ids(rows, greedy)
+    both = lm.generate_ids(rows, greedy, adapters=adapters)
+    assert len(both) == 2 and both[0] == base and both[1] != base
+    for k in range(2):
+        assert lm.generate_ids(rows, greedy, adapters=pick(adapters, k, stacked=True)) == [both[k]]
+        assert lm.generate_ids(rows, greedy, adapters=pick(adapters, k, stacked=False)) == both[k]
+
+    one = pick(adapters, 1, stacked=False)
+    merged = merged_lm(lm, one)
+    assert merged.generate_ids(rows, greedy) == both[1]
+    # the adapter's prefill logits equal the merged model's last-position logits
+    ids, mask = pad_left(rows, 0, 16)
+    logits, _ = lm._sampler.prefill(lm.state, jnp.asarray(ids), jnp.asarray(mask), one.weights,
+                                    jnp.float32(one.scale), cache_len=32)
+    np.testing.assert_allclose(np.asarray(logits), merged.logits(ids, mask)[:, -1], atol=1e-4, rtol=0)
+
+    # sampling: every candidate sees the same random numbers, so the no-op adapter reproduces the base
+    hot = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    sampled = lm.generate_ids(rows, hot, adapters=adapters)
+    assert sampled[0] == lm.generate_ids(rows, hot) and sampled[1] != sampled[0]
+
+
+def test_lora_adapters_class_is_a_stack(qwen):
+    _, lm = qwen
+    rows = tiny_prompts()
+    hand = make_adapters(lm)
+    adapters = sj.Adapters(hand.weights, (sj.LoraSpec(rank=4, alpha=8.0, targets=TARGETS),) * 2)
+    greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    both = lm.generate_ids(rows, greedy, adapters=adapters)
+    assert both == lm.generate_ids(rows, greedy, adapters=hand)
+    assert lm.generate_ids(rows, greedy, adapters=adapters[1]) == [both[1]]  # a stack of one stays a stack
+    # the facade's adapter logits agree with the sampler's prefill under the same adapter
+    ids, mask = pad_left(rows, 0, 16)
+    one = pick(hand, 1, stacked=False)
+    logits, _ = lm._sampler.prefill(lm.state, jnp.asarray(ids), jnp.asarray(mask), one.weights,
+                                    jnp.float32(one.scale), cache_len=32)
+    np.testing.assert_allclose(np.asarray(logits), lm.logits(ids, mask, adapter=adapters[1])[:, -1], atol=1e-4)
+
+
+def test_generate_text_with_stacked_adapters_returns_k_lists(bundled_lm):
+    lm = bundled_lm
+    from seal_jax.lm.model import projection_shape
+
+    din, dout = projection_shape(lm.config, "v_proj")
+    L = lm.config.num_layers
+    adapters = LoraInputs(weights={"v_proj": {"a": jnp.zeros((3, L, din, 2)), "b": jnp.zeros((3, L, 2, dout))}},
+                          scale=jnp.ones((3,)))
+    params = SamplingParams(max_new_tokens=4)
+    out = lm.generate(["Hello", "Name a colour."], params, adapters=adapters, chat=True)
+    assert len(out) == 3 and all(o == out[0] for o in out) and len(out[0]) == 2
+    assert out[0] == lm.generate(["Hello", "Name a colour."], params, chat=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mesh
+
+
+def test_sharded_sampling_equals_unsharded(tiny_hf, qwen):
+    _, lm = qwen
+    _, folder = tiny_hf("qwen3-untied")
+    sharded = sj.load(folder, mesh="data=2,fsdp=2,tensor=2", progress=False)
+    rows = tiny_prompts()
+    greedy = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    assert sharded.generate_ids(rows, greedy) == lm.generate_ids(rows, greedy)
+    adapters = make_adapters(lm)
+    assert sharded.generate_ids(rows, greedy, adapters=adapters) == lm.generate_ids(rows, greedy, adapters=adapters)
+
+    # the prefill places the batch and the cache's batch axis over `data`, KV heads over `tensor`
+    s = sharded._sampler
+    ids, mask = pad_left(rows + [[3]], 0, 16)
+    _, cache = s.prefill(sharded.state, s.put_batch(ids), s.put_batch(mask), None, None, cache_len=32)
+    spec = tuple(cache.k.sharding.spec)
+    assert spec + (None,) * (5 - len(spec)) == (None, "data", None, "tensor", None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_inputs_fail_before_compute(qwen, tiny_hf):
+    _, lm = qwen
+    before = dict(lm._sampler.traces)
+    p = SamplingParams(max_new_tokens=8)
+    context = lm.config.max_position_embeddings
+    cases = [
+        ([], "non-empty"),
+        ([[5, 6], []], "prompt 1 is empty"),
+        ([[5, 6], [3, 160]], "outside"),
+        ([[5, 6], [3, -1]], "outside"),
+        ([[5] * (context - 7)], "context"),
+        ([[5, 6], "abc"], "list of ints"),
+    ]
+    for ids, message in cases:
+        with pytest.raises(SamplingError, match=message):
+            lm.generate_ids(ids, p)
+    assert check_prompt_ids([[5] * (context - 8)], p, lm.config)  # exactly fills the context: allowed
+    with pytest.raises(SamplingError, match="stop_token_ids"):
+        lm.generate_ids([[5]], SamplingParams(stop_token_ids=(999,)))
+    with pytest.raises(TypeError, match="SamplingParams"):
+        lm.generate_ids([[5]], {"max_new_tokens": 3})
+    with pytest.raises(SamplingError, match="max_new_tokens"):
+        lm.generate_ids([[5]], SamplingParams(max_new_tokens=0))
+    bad = make_adapters(lm)
+    with pytest.raises(SamplingError, match="q_proj"):
+        lm.generate_ids([[5]], p, adapters=LoraInputs(weights={"q_proj": {"a": bad.weights["q_proj"]["a"][:, :, :5],
+                                                                          "b": bad.weights["q_proj"]["b"]}}))
+    with pytest.raises(SamplingError, match="unknown projections"):
+        lm.generate_ids([[5]], p, adapters=LoraInputs(weights={"w_proj": bad.weights["q_proj"]}))
+    with pytest.raises(SamplingError, match="scale"):
+        lm.generate_ids([[5]], p, adapters=LoraInputs(weights=bad.weights, scale=jnp.ones(3)))
+    # without a tokenizer, text generation explains what to do
+    assert lm.tokenizer is None
+    with pytest.raises(TokenizerError, match="generate_ids"):
+        lm.generate(["hello"], p)
+    assert dict(lm._sampler.traces) == before, "a bad input started a compile"
+
+
+def test_bad_text_inputs(bundled_lm):
+    lm = bundled_lm
+    for prompts, message in [([], "non-empty"), (["ok", ""], "prompt 1 is empty"), ("hello", "single string"),
+                             (["ok", 3], "must be a str")]:
+        with pytest.raises(SamplingError, match=message):
+            lm.generate(prompts, SamplingParams(max_new_tokens=4))
+    with pytest.raises(SamplingError, match="context of 8192"):
+        lm.generate(["word " * 8190], SamplingParams(max_new_tokens=8))
