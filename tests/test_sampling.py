@@ -368,7 +368,7 @@ def test_stacked_adapters_equal_single_and_merged(qwen):
     assert sampled[0] == lm.generate_ids(rows, hot) and sampled[1] != sampled[0]
 
 
-def test_lora_adapters_class_is_a_stack(qwen):
+def test_lora_adapters_class_stack_and_single(qwen):
     _, lm = qwen
     rows = tiny_prompts()
     hand = make_adapters(lm)
@@ -376,7 +376,8 @@ def test_lora_adapters_class_is_a_stack(qwen):
     greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
     both = lm.generate_ids(rows, greedy, adapters=adapters)
     assert both == lm.generate_ids(rows, greedy, adapters=hand)
-    assert lm.generate_ids(rows, greedy, adapters=adapters[1]) == [both[1]]  # a stack of one stays a stack
+    assert lm.generate_ids(rows, greedy, adapters=adapters[1]) == both[1]  # adapters[k] is one adapter
+    assert lm.generate_ids(rows, greedy, adapters=sj.Adapters.stack([adapters[1]])) == [both[1]]  # a stack of one
     # the facade's adapter logits agree with the sampler's prefill under the same adapter
     ids, mask = pad_left(rows, 0, 16)
     one = pick(hand, 1, stacked=False)

@@ -186,7 +186,7 @@ class LM:
             if not isinstance(adapter, Adapters):
                 raise TypeError(f"adapter must be seal_jax.Adapters (from train_adapters), got {type(adapter).__name__}")
             out = self._adapter_logits_fn(self.state, ids_d, mask_d, adapter.weights, adapter.scales)
-            if len(adapter) == 1:
+            if adapter.single:
                 out = out[0]
         return out if tb == t else out[..., :t, :]
 
@@ -197,8 +197,8 @@ class LM:
           ids: int ``[B, T]`` (left-padded when rows differ in length).
           attention_mask: ``[B, T]``, 1 on real tokens (default: all ones). Rotary positions count real
             tokens only, so a left-padded row gives the same logits as the row alone.
-          adapter: LoRA :class:`~seal_jax.lm.lora.Adapters`; one candidate (``adapters[k]``) gives
-            ``[B, T, V]``, a stack of K gives ``[K, B, T, V]``.
+          adapter: LoRA :class:`~seal_jax.lm.lora.Adapters`; one adapter (``adapters[k]``) gives
+            ``[B, T, V]``, a stack of K (even K = 1) gives ``[K, B, T, V]``.
         Returns:
           float32 numpy ``[B, T, V]`` (or ``[K, B, T, V]``).
         """

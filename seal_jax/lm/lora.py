@@ -160,12 +160,15 @@ class Adapters:
       specs: one :class:`LoraSpec` per candidate.
       losses: per candidate, the training loss at every optimizer step (mean over its micro-batches).
       failed: per candidate, ``None`` or the reason training stopped (e.g. a non-finite loss).
+      single: ``True`` for one adapter taken out of a stack (``adapters[k]``): ``LM.generate`` and
+        ``LM.logits`` then answer without the K axis. The arrays keep a leading axis of 1 either way.
     """
 
     weights: dict[str, dict[str, jax.Array]]
     specs: tuple[LoraSpec, ...]
     losses: list[list[float]] = dataclasses.field(default_factory=list)
     failed: list[str | None] = dataclasses.field(default_factory=list)
+    single: bool = False
 
     def __post_init__(self) -> None:
         self.specs = tuple(self.specs)
@@ -182,12 +185,12 @@ class Adapters:
         return len(self.specs)
 
     def __getitem__(self, k: int) -> Adapters:
-        """Candidate ``k`` alone (a stack of one), its padding to the stack's rank kept."""
+        """Candidate ``k`` as one adapter (``single=True``; arrays keep a leading axis of 1 and the stack's rank)."""
         if not -len(self) <= k < len(self):
             raise IndexError(f"adapter index {k} out of range for {len(self)} candidates")
         k = k % len(self)
         weights = jax.tree.map(lambda x: x[k:k + 1], self.weights)
-        return Adapters(weights, (self.specs[k],), [list(self.losses[k])], [self.failed[k]])
+        return Adapters(weights, (self.specs[k],), [list(self.losses[k])], [self.failed[k]], single=True)
 
     @property
     def scales(self) -> jax.Array:
@@ -200,8 +203,11 @@ class Adapters:
         return jnp.asarray([s.dropout for s in self.specs], jnp.float32)
 
     def as_inputs(self) -> LoraInputs:
-        """The stacked adapters as the model's :class:`LoraInputs` (leaves ``[K, ...]``, no dropout)."""
-        return LoraInputs(weights=self.weights, scale=self.scales, dropout=jnp.zeros(len(self)), key=None)
+        """The adapters as the model's :class:`LoraInputs`, no dropout: leaves ``[K, ...]`` and scale ``[K]``
+        for a stack; leaves without the K axis and a scalar scale when :attr:`single`."""
+        if self.single:
+            return LoraInputs(weights=jax.tree.map(lambda x: x[0], self.weights), scale=self.scales[0])
+        return LoraInputs(weights=self.weights, scale=self.scales)
 
     def unpadded(self, k: int) -> dict[str, dict[str, np.ndarray]]:
         """Candidate ``k``'s own weights, trimmed to its rank and its targets: ``{p: {"a": [L, in, r], "b": [L, r, out]}}``."""

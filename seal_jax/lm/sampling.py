@@ -301,19 +301,17 @@ class _Lora:
 def as_lora(adapters: Any, config: ModelConfig) -> _Lora | None:
     """Check and normalise ``adapters`` (``None``, one adapter, or K stacked; see the module docstring).
 
-    :class:`~seal_jax.lm.lora.Adapters` (anything with ``as_inputs()``) is always treated as a stack, so
-    ``adapters[k]`` (a stack of one) gives a list of one answer list. A plain ``weights``/``scale`` object
-    is stacked when its leaves have the extra leading K axis.
+    :class:`~seal_jax.lm.lora.Adapters` (anything with ``as_inputs()``) is a stack, except one taken out
+    of a stack with ``adapters[k]``, which is one adapter. A plain ``weights``/``scale`` object is stacked
+    when its leaves have the extra leading K axis.
 
     Raises:
       SamplingError: missing attributes, unknown projections, or shapes that do not fit ``config``.
     """
     if adapters is None:
         return None
-    if hasattr(adapters, "as_inputs"):  # seal_jax.lm.lora.Adapters: always a stack, even of one
+    if hasattr(adapters, "as_inputs"):  # seal_jax.lm.lora.Adapters
         adapters = adapters.as_inputs()
-        if jnp.ndim(adapters.scale) != 1:
-            raise SamplingError(f"adapters.as_inputs() must give a scale [K], got shape {jnp.shape(adapters.scale)}")
     if not hasattr(adapters, "weights") or not hasattr(adapters, "scale"):
         raise SamplingError(
             f"adapters must have .weights ({{projection: {{'a', 'b'}}}}) and .scale (like "
