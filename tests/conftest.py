@@ -121,3 +121,42 @@ def bundled_hf(bundled_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on the demo passages, with a chat template (no download)."""
+    import json as _json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [p["title"] + "\n" + p["context"] for p in _json.loads(
+        (REPO / "seal_jax" / "selfedit" / "demo_passages.json").read_text())]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<|im_end|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<|im_end|>",
+                                  bos_token="<|im_start|>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory):
+    """A random tiny Qwen3 model with a real (tiny) tokenizer and chat template, saved as an HF folder."""
+    tok = make_tiny_tokenizer()
+    model = make_hf_model("qwen3", seed=7, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, max_position_embeddings=1024)
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,0 +1,62 @@
+"""Tables and plots of finished (or running) runs: ``seal-jax report RUN_DIR``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The run's summary, recomputed from ``results.jsonl`` (so a run still in progress reports too)."""
+    from seal_jax.selfedit.knowledge import read_rows, summarize
+
+    run = Path(run_dir)
+    results = run / "results.jsonl"
+    if not results.is_file():
+        raise FileNotFoundError(f"{run} holds no results.jsonl; pass a run folder written by `seal-jax run`")
+    config = json.loads((run / "run_config.json").read_text()) if (run / "run_config.json").is_file() else {}
+    rows = read_rows(results)
+    if not rows:
+        raise ValueError(f"{results} is empty: the run has not finished a passage yet")
+    return summarize(rows, config.get("model", "?"))
+
+
+def plot_accuracy(summary: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Bar chart of accuracy per condition with error bars (std over passages); writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["conditions"])
+    acc = np.array([100 * summary["conditions"][n]["accuracy"] for n in names])
+    err = np.array([100 * summary["conditions"][n]["accuracy_std"] for n in names])
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 1), 3.6), dpi=120)
+    bars = ax.bar(names, acc, yerr=err, capsize=4, color="#4c72b0", edgecolor="black", linewidth=0.6)
+    for bar, value in zip(bars, acc, strict=True):
+        ax.text(bar.get_x() + bar.get_width() / 2, value + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, min(100, max(acc + err, default=0) + 15))
+    ax.set_title(title or f"{summary['model']}", fontsize=9)
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report(run_dir: str | Path) -> tuple[str, Path]:
+    """Write ``report.md`` and ``accuracy.png`` into ``run_dir``; return the Markdown and the PNG path."""
+    from seal_jax.selfedit.knowledge import summary_markdown
+
+    run = Path(run_dir)
+    summary = load_summary(run)
+    markdown = summary_markdown(summary)
+    png = plot_accuracy(summary, run / "accuracy.png", title=run.name)
+    (run / "report.md").write_text(markdown + f"\n![accuracy per condition]({png.name})\n")
+    return markdown, png

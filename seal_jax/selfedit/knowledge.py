@@ -1,0 +1,366 @@
+"""One knowledge-incorporation run: passages × conditions → accuracies, rewards, results rows, resume.
+
+For every passage: the base model answers the passage's questions once (``accuracy_before``); every
+training condition gets its K self-edits (generated in one batch, replayed, or the passage alone), all
+candidates of the passage train together in one program (``LM.train_adapters``), all adapters answer
+the questions at once (K stacked), and a grader scores the answers. Rows are appended to
+``results.jsonl`` passage by passage (all rows of a passage in one write), so a killed run resumes after
+its last finished passage with nothing lost or duplicated. Randomness is derived from (seed, passage id,
+condition), never from the order of work, so a resumed run gives the same rows as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from seal_jax.selfedit import grading
+from seal_jax.selfedit.data import Passage, load_passages, load_seal_selfedits
+from seal_jax.selfedit.strategies import (
+    completions_for,
+    get_strategy,
+    question_prompt,
+    self_edit_prompt,
+    training_sequences,
+)
+
+ROW_FIELDS = ("passage_id", "title", "condition", "candidate", "self_edit", "n_sequences", "accuracy_before",
+              "accuracy_after", "reward", "answers", "failure")
+
+
+class RunConfigError(ValueError):
+    """A run configuration that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A knowledge-incorporation run (one TOML file in ``experiments/``; see its README for every key).
+
+    Attributes:
+      name: run name (the default output folder is ``checkpoints/runs/NAME``).
+      model: HF-format model folder (or hub id when online); ``tokenizer`` optionally another folder.
+      dtype, mesh: engine settings (``mesh`` like ``"data=2,fsdp=4"``; empty for one device).
+      chat: format prompts with the tokenizer's chat template (instruct models).
+      data: ``{"source", "n", "start", "shuffle", "seed", "selfedits"}`` for :func:`load_passages`.
+      conditions: strategy names (``base`` is always evaluated: it gives ``accuracy_before``).
+      k: self-edits per passage and condition; repeats: adapters trained per self-edit.
+      selfedit_sampling: ``{"max_new_tokens", "temperature", "top_p", "top_k", "min_p"}``.
+      include_passage: append the passage to every self-edit's training sequences.
+      lora, train: :class:`~seal_jax.LoraSpec` / :class:`~seal_jax.TrainSpec` fields.
+      eval_max_new_tokens: answer length; grader: a name from :data:`grading.GRADERS` or ``"judge"``.
+      seed: the run's seed.
+    """
+
+    name: str
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    mesh: str | None = None
+    chat: bool = True
+    data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"source": "demo"})
+    conditions: tuple[str, ...] = ("base", "passage", "implications")
+    k: int = 1
+    repeats: int = 1
+    selfedit_sampling: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95})
+    include_passage: bool = True
+    lora: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval_max_new_tokens: int = 64
+    grader: str = "offline"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for c in self.conditions:
+            get_strategy(c)
+        if self.k < 1 or self.repeats < 1:
+            raise RunConfigError(f"k and repeats must be >= 1, got k={self.k}, repeats={self.repeats}")
+        if self.grader != "judge":
+            grading.get_grader(self.grader)
+        self.lora_spec()
+        self.train_spec()
+
+    def lora_spec(self) -> Any:
+        """The run's :class:`~seal_jax.LoraSpec` (SEAL's defaults for missing fields)."""
+        from seal_jax.lm.lora import LoraSpec
+
+        fields = dict(self.lora)
+        if "targets" in fields and isinstance(fields["targets"], list):
+            fields["targets"] = tuple(fields["targets"])
+        return LoraSpec(**{**dataclasses.asdict(LoraSpec.seal()), **fields})
+
+    def train_spec(self, seed: int = 0) -> Any:
+        """The run's :class:`~seal_jax.TrainSpec` with ``seed`` (SEAL's defaults for missing fields)."""
+        from seal_jax.lm.training import TrainSpec
+
+        return TrainSpec(**{**dataclasses.asdict(TrainSpec.seal()), **self.train, "seed": seed})
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
+        """Build from a parsed TOML/JSON table; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RunConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
+        raw = dict(raw)
+        if "conditions" in raw:
+            raw["conditions"] = tuple(raw["conditions"])
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise RunConfigError(f"{where}: {e}") from None
+        except ValueError as e:
+            raise RunConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        """Read a run config TOML file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no run config at {path}; see experiments/README.md")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise RunConfigError(f"{path}: {e}") from None
+        return cls.from_dict(raw, where=str(path))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict (``conditions`` as a list)."""
+        out = dataclasses.asdict(self)
+        out["conditions"] = list(self.conditions)
+        return out
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results I/O
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a ``results.jsonl``; a torn last line (killed mid-write) is dropped from the file."""
+    if not path.is_file():
+        return []
+    rows, good_bytes = [], 0
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+                good_bytes += len(line)
+            except json.JSONDecodeError:
+                break
+    if good_bytes != path.stat().st_size:
+        with path.open("r+b") as f:
+            f.truncate(good_bytes)
+    return rows
+
+
+def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Append rows to a JSONL file in one write, flushed to disk."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def summarize(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
+    """``{"model", "conditions": {name: {accuracy, accuracy_std, n_questions, n_passages, mean_gain}}}``.
+
+    ``accuracy`` is correct answers over all answered questions of the condition (every candidate and
+    repeat counts); ``accuracy_std`` is the standard deviation over passages of the per-passage accuracy;
+    ``mean_gain`` is the mean of ``accuracy_after - accuracy_before`` over rows.
+    """
+    conditions: dict[str, Any] = {}
+    for name in dict.fromkeys(r["condition"] for r in rows):
+        sel = [r for r in rows if r["condition"] == name]
+        n_q = sum(len(r["answers"]) for r in sel)
+        correct = sum(sum(a["correct"] for a in r["answers"]) for r in sel)
+        per_passage: dict[str, list[float]] = {}
+        for r in sel:
+            per_passage.setdefault(r["passage_id"], []).append(r["accuracy_after"])
+        means = [float(np.mean(v)) for v in per_passage.values()]
+        conditions[name] = {
+            "accuracy": correct / n_q if n_q else float("nan"),
+            "accuracy_std": float(np.std(means)) if means else float("nan"),
+            "n_questions": n_q,
+            "n_passages": len(per_passage),
+            "mean_gain": float(np.mean([r["accuracy_after"] - r["accuracy_before"] for r in sel])),
+            "failures": sum(1 for r in sel if r.get("failure")),
+        }
+    return {"model": model, "conditions": conditions}
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary as a Markdown table."""
+    lines = [f"Model: `{summary['model']}`", "",
+             "| condition | accuracy | std over passages | questions | passages | mean gain | failures |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, c in summary["conditions"].items():
+        lines.append(f"| {name} | {100 * c['accuracy']:.1f}% | {100 * c['accuracy_std']:.1f} | {c['n_questions']} | "
+                     f"{c['n_passages']} | {100 * c['mean_gain']:+.1f} | {c.get('failures', 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def make_grader(config: RunConfig, lm: Any) -> Callable[[Sequence[tuple[str, str, str]]], list[bool]]:
+    """A batch grader ``[(question, gold, prediction)] -> [bool]`` for the run's ``grader`` setting."""
+    if config.grader == "judge":
+        judge = grading.JudgeGrader(lm)
+        return judge.grade_batch
+    fn = grading.get_grader(config.grader)
+    return lambda items: [bool(fn(q, g, p)) for q, g, p in items]
+
+
+def answer_questions(lm: Any, passage: Passage, config: RunConfig, adapters: Any = None) -> Any:
+    """Greedy answers to every question of ``passage`` (no passage in context): a list of B strings, or
+    K lists with K stacked adapters."""
+    from seal_jax.lm.sampling import SamplingParams
+
+    prompts = [question_prompt(passage.title, q.question) for q in passage.questions]
+    params = SamplingParams(max_new_tokens=config.eval_max_new_tokens, temperature=0.0)
+    return lm.generate(prompts, params, adapters=adapters, chat=config.chat)
+
+
+def scored_answers(passage: Passage, answers: Sequence[str], grader: Callable[..., list[bool]]) -> list[dict[str, Any]]:
+    """``[{question, gold, prediction, correct}]`` for one candidate's answers."""
+    verdicts = grader([(q.question, q.answer, a) for q, a in zip(passage.questions, answers, strict=True)])
+    return [{"question": q.question, "gold": q.answer, "prediction": a.strip(), "correct": bool(v)}
+            for q, a, v in zip(passage.questions, answers, verdicts, strict=True)]
+
+
+def generate_self_edits(lm: Any, passage: Passage, config: RunConfig) -> dict[str, list[str]]:
+    """K sampled self-edits for every generating condition of the run, in one batch per condition."""
+    from seal_jax.lm.sampling import SamplingParams
+
+    out: dict[str, list[str]] = {}
+    for name in config.conditions:
+        strategy = get_strategy(name)
+        if strategy.source != "generate":
+            continue
+        prompt = self_edit_prompt(strategy, passage, chat=config.chat)
+        params = SamplingParams(**{"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95,
+                                   **config.selfedit_sampling, "seed": derived_seed(config.seed, passage.id, name)})
+        out[name] = lm.generate([prompt] * config.k, params, chat=config.chat)
+    return out
+
+
+def passage_rows(lm: Any, passage: Passage, config: RunConfig, grader: Callable[..., list[bool]],
+                 replay: dict[str, list[str]] | None) -> list[dict[str, Any]]:
+    """All result rows of one passage (base, then every training condition's candidates)."""
+    base_scored = scored_answers(passage, answer_questions(lm, passage, config), grader)
+    before = sum(a["correct"] for a in base_scored) / len(base_scored)
+    rows = []
+    if "base" in config.conditions:
+        rows.append(_row(passage, "base", 0, None, 0, before, before, base_scored, None, repeat=0))
+    generated = generate_self_edits(lm, passage, config)
+    jobs: list[tuple[str, int, int, str | None, list[str]]] = []  # condition, candidate, repeat, edit, seqs
+    for name in config.conditions:
+        strategy = get_strategy(name)
+        if not strategy.trains:
+            continue
+        k = 1 if strategy.source == "passage" else config.k
+        edits = completions_for(strategy, passage, generated.get(name), replay, k)
+        for c, edit in enumerate(edits):
+            seqs = training_sequences(passage, edit, include_passage=config.include_passage or edit is None)
+            for r in range(config.repeats):
+                jobs.append((name, c, r, edit, seqs))
+    if not jobs:
+        return rows
+    usable = [j for j in jobs if j[4]]
+    for name, c, r, edit, _ in (j for j in jobs if not j[4]):
+        rows.append(_row(passage, name, c, edit, 0, before, before, [], "self-edit produced no training sequence",
+                         repeat=r))
+    if not usable:
+        return rows
+    trains = [config.train_spec(seed=derived_seed(config.seed, passage.id, name, c, r)) for name, c, r, _, _ in usable]
+    adapters = lm.train_adapters([j[4] for j in usable], config.lora_spec(), trains, seed=config.seed)
+    answers = answer_questions(lm, passage, config, adapters=adapters)
+    for i, (name, c, r, edit, seqs) in enumerate(usable):
+        scored = scored_answers(passage, answers[i], grader)
+        after = sum(a["correct"] for a in scored) / len(scored)
+        losses = adapters.losses[i]
+        rows.append(_row(passage, name, c, edit, len(seqs), before, after, scored, adapters.failed[i], repeat=r,
+                         train_loss=[losses[0], losses[-1]] if losses else None))
+    return rows
+
+
+def _row(passage: Passage, condition: str, candidate: int, edit: str | None, n_sequences: int, before: float,
+         after: float, answers: list[dict[str, Any]], failure: str | None, **extra: Any) -> dict[str, Any]:
+    gain = (after - before) / (1 - before) if before < 1 else 0.0
+    return {"passage_id": passage.id, "title": passage.title, "condition": condition, "candidate": candidate,
+            "self_edit": edit, "n_sequences": n_sequences, "accuracy_before": before, "accuracy_after": after,
+            "reward": after, "normalized_gain": gain, "answers": answers, "failure": failure, **extra}
+
+
+def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
+                  progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) a knowledge-incorporation experiment into ``out_dir``.
+
+    Writes ``run_config.json``, ``results.jsonl`` (appended passage by passage), ``summary.json`` and
+    ``summary.md``. ``resume=True`` continues an existing folder after its last finished passage (the
+    config must match); without it an existing non-empty ``results.jsonl`` is an error. ``lm`` reuses a
+    loaded model; ``stop_after`` ends after that many new passages (for tests of resumption).
+    Returns the summary.
+    """
+    import seal_jax as sj
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    config_file = out / "run_config.json"
+    if results.exists() and results.stat().st_size and not resume:
+        raise FileExistsError(f"{results} already holds results; pass --resume to continue it or choose another --out")
+    if resume and config_file.is_file():
+        previous = json.loads(config_file.read_text())
+        if previous != config.to_json():
+            changed = sorted(k for k in set(previous) | set(config.to_json())
+                             if previous.get(k) != config.to_json().get(k))
+            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
+    config_file.write_text(json.dumps(config.to_json(), indent=2))
+    rows = read_rows(results)
+    done = {r["passage_id"] for r in rows}
+    d = config.data
+    passages = load_passages(d.get("source", "demo"), n=d.get("n"), start=d.get("start", 0),
+                             shuffle=d.get("shuffle", False), seed=d.get("seed", 0))
+    replay = None
+    if "replay" in config.conditions:
+        if not d.get("selfedits"):
+            raise RunConfigError("condition 'replay' needs data.selfedits (SEAL's seal_base_selfedits_val.json)")
+        replay = load_seal_selfedits(d["selfedits"])
+    if lm is None:
+        lm = sj.load(config.model, dtype=config.dtype, mesh=config.mesh or None, tokenizer=config.tokenizer)
+    grader = make_grader(config, lm)
+    todo = [p for p in passages if p.id not in done]
+    bar = tqdm(todo, desc=f"{config.name}", unit="passage", disable=not progress, initial=len(passages) - len(todo),
+               total=len(passages))
+    for count, passage in enumerate(bar):
+        t0 = time.perf_counter()
+        new = passage_rows(lm, passage, config, grader, replay)
+        for r in new:
+            r["seconds"] = round(time.perf_counter() - t0, 2)
+        append_rows(results, new)
+        rows.extend(new)
+        if stop_after is not None and count + 1 >= stop_after:
+            break
+    summary = summarize(rows, config.model)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(summary_markdown(summary))
+    return summary
