@@ -230,7 +230,7 @@ class LM:
         )
 
     @functools.cached_property
-    def _train_programs(self) -> dict[bool, Any]:
+    def _train_programs(self) -> dict[Any, Any]:
         return {}
 
     def _train_eos_id(self) -> int:

@@ -18,6 +18,7 @@ micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -241,85 +242,243 @@ def _where_tree(cond: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def micro_step(model: Decoder, w: Any, opt: Any, acc: Any, acc_loss: jax.Array, acc_tok: jax.Array,
+               failed_at: jax.Array, *, scale: Any, dropout: Any, weight_decay: Any, key: jax.Array | None,
+               tokens: jax.Array, attention: jax.Array, positions: jax.Array, weights: jax.Array,
+               idx: jax.Array, act: jax.Array, end: jax.Array, rate: jax.Array, step: jax.Array,
+               length: int | None = None) -> tuple[tuple[Any, ...], jax.Array]:
+    """One micro-step of one candidate: gradient on a micro-batch, accumulation, and (at a window's end)
+    the AdamW update, skipped if anything is non-finite.
+
+    tokens/attention/positions/weights: the candidate's data ``[N, T]``; idx ``[B]`` rows (-1 = none);
+    act/end: whether the step is real and whether it closes an accumulation window; rate: the learning
+    rate of that update; step: the candidate's own micro-step number (its dropout key); length: compute
+    on the first ``length`` tokens only (a static bucket that covers the micro-batch).
+    Returns ``((w, opt, acc, acc_loss, acc_tok, failed_at), loss of the update or NaN)``.
+    """
+    tx = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.add_decayed_weights(weight_decay))
+    safe = jnp.maximum(idx, 0)
+    valid = (idx >= 0)[:, None]
+    t = tokens.shape[-1] if length is None else length
+    batch = [x[safe][:, :t] for x in (tokens, attention, positions, weights)]
+    batch[3] = batch[3] * valid
+    step_key = jax.random.fold_in(key, step) if key is not None else None
+
+    def loss_fn(w: Any) -> tuple[jax.Array, jax.Array]:
+        lora = LoraInputs(weights=w, scale=scale, dropout=dropout, key=step_key)
+        return token_loss_sum(model, lora, *batch)
+
+    (loss_sum, count), g = jax.value_and_grad(loss_fn, has_aux=True)(w)
+    act = act & (failed_at < 0)
+    acc = _where_tree(act, jax.tree.map(jnp.add, acc, g), acc)
+    acc_loss = jnp.where(act, acc_loss + loss_sum, acc_loss)
+    acc_tok = jnp.where(act, acc_tok + count, acc_tok)
+    update_now = act & end
+    denom = jnp.maximum(acc_tok, 1.0)
+    grads = jax.tree.map(lambda x: x / denom, acc)
+    updates, new_opt = tx.update(grads, opt, w)
+    new_w = jax.tree.map(lambda p, u: p - rate * u, w, updates)
+    finite = jnp.isfinite(acc_loss) & _all_finite(grads) & _all_finite(new_w)
+    apply = update_now & finite
+    w = _where_tree(apply, new_w, w)
+    opt = _where_tree(apply, new_opt, opt)
+    failed_at = jnp.where(update_now & ~finite & (failed_at < 0), step, failed_at)
+    step_loss = jnp.where(update_now, acc_loss / denom, jnp.nan)
+    acc = _where_tree(update_now, jax.tree.map(jnp.zeros_like, acc), acc)
+    acc_loss = jnp.where(update_now, 0.0, acc_loss)
+    acc_tok = jnp.where(update_now, 0.0, acc_tok)
+    return (w, opt, acc, acc_loss, acc_tok, failed_at), step_loss
+
+
+def init_opt_state(w: Any) -> Any:
+    """AdamW state for one adapter (the moments start at zero)."""
+    return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(0.0)).init(w)
+
+
 def train_candidate(graphdef: Any, state: Any, lora_w: Any, scale: jax.Array, dropout: jax.Array,
-                    weight_decay: jax.Array, key: jax.Array, tokens: jax.Array, attention: jax.Array,
+                    weight_decay: jax.Array, key: jax.Array | None, tokens: jax.Array, attention: jax.Array,
                     positions: jax.Array, weights: jax.Array, order: jax.Array, active: jax.Array,
                     boundary: jax.Array, lr: jax.Array) -> tuple[Any, jax.Array, jax.Array, Any]:
-    """Train one candidate's adapter over its micro-step schedule (``vmap`` this over candidates).
+    """Train one candidate's adapter over its own micro-step schedule (the reference layout).
 
-    Shapes (one candidate): lora_w ``{p: {"a": [L, in, R], "b": [L, R, out]}}``; tokens/attention/
-    positions/weights ``[N, T]``; order ``[S, B]``; active/boundary/lr ``[S]``.
+    Shapes: lora_w ``{p: {"a": [L, in, R], "b": [L, R, out]}}``; tokens/attention/positions/weights
+    ``[N, T]``; order ``[S, B]``; active/boundary/lr ``[S]``.
     Returns ``(trained lora_w, loss per micro-step [S] (NaN where no update), failed micro-step or -1,
     final optimiser state)``.
     """
     model = nnx.merge(graphdef, state)
-    tx = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.add_decayed_weights(weight_decay))
-    opt = tx.init(lora_w)
+    data = dict(scale=scale, dropout=dropout, weight_decay=weight_decay, key=key, tokens=tokens,
+                attention=attention, positions=positions, weights=weights)
+
+    def body(carry: Any, xs: Any) -> tuple[Any, jax.Array]:
+        idx, act, end, rate, step = xs
+        return micro_step(model, *carry, **data, idx=idx, act=act, end=end, rate=rate, step=step)
+
     zeros = jax.tree.map(jnp.zeros_like, lora_w)
-
-    def loss_fn(w: Any, idx: jax.Array, step_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        safe = jnp.maximum(idx, 0)
-        valid = (idx >= 0)[:, None]
-        lora = LoraInputs(weights=w, scale=scale, dropout=dropout, key=step_key if key is not None else None)
-        return token_loss_sum(model, lora, tokens[safe], attention[safe], positions[safe],
-                              weights[safe] * valid)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def micro(carry: Any, xs: Any) -> tuple[Any, jax.Array]:
-        w, opt, acc, acc_loss, acc_tok, failed_at = carry
-        idx, act, end, rate, s = xs
-        step_key = jax.random.fold_in(key, s) if key is not None else None
-        (loss_sum, count), g = grad_fn(w, idx, step_key)
-        act = act & (failed_at < 0)
-        acc = _where_tree(act, jax.tree.map(jnp.add, acc, g), acc)
-        acc_loss = jnp.where(act, acc_loss + loss_sum, acc_loss)
-        acc_tok = jnp.where(act, acc_tok + count, acc_tok)
-        update_now = act & end
-        denom = jnp.maximum(acc_tok, 1.0)
-        grads = jax.tree.map(lambda x: x / denom, acc)
-        finite = jnp.isfinite(acc_loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(grads)]))
-        updates, new_opt = tx.update(grads, opt, w)
-        new_w = jax.tree.map(lambda p, u: p - rate * u, w, updates)
-        finite = finite & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_w)]))
-        apply = update_now & finite
-        w = _where_tree(apply, new_w, w)
-        opt = _where_tree(apply, new_opt, opt)
-        failed_at = jnp.where(update_now & ~finite & (failed_at < 0), s, failed_at)
-        step_loss = jnp.where(update_now, acc_loss / denom, jnp.nan)
-        acc = _where_tree(update_now, zeros, acc)
-        acc_loss = jnp.where(update_now, 0.0, acc_loss)
-        acc_tok = jnp.where(update_now, 0.0, acc_tok)
-        return (w, opt, acc, acc_loss, acc_tok, failed_at), step_loss
-
+    init = (lora_w, init_opt_state(lora_w), zeros, jnp.float32(0), jnp.float32(0), jnp.int32(-1))
     steps = jnp.arange(order.shape[0])
-    init = (lora_w, opt, zeros, jnp.float32(0), jnp.float32(0), jnp.int32(-1))
-    (w, opt, _, _, _, failed_at), losses = jax.lax.scan(micro, init, (order, active, boundary, lr, steps))
+    (w, opt, _, _, _, failed_at), losses = jax.lax.scan(body, init, (order, active, boundary, lr, steps))
     return w, losses, failed_at, opt
 
 
-def make_train_program(graphdef: Any, use_dropout: bool) -> Any:
-    """The jitted K-candidate trainer: ``run(state, *per-candidate args)`` -> ``(lora_w, losses, failed_at)``.
+# ----------------------------------------------------------------------------------------------------
+# Lanes: K candidates packed onto M <= K parallel lanes, each lane running its candidates one after another.
 
-    ``use_dropout=False`` compiles the adapters without dropout masks (all candidates have rate 0).
+
+@dataclasses.dataclass
+class LanePlan:
+    """A :class:`Plan`'s schedules packed onto lanes (all ``[S, M]`` unless noted; candidate K is a dummy).
+
+    cand: which candidate a lane works on; idx ``[S, M, B]``; active/boundary/lr as in :class:`Plan`;
+    step: the candidate's own micro-step number; length_bucket ``[S]`` indexes ``lengths`` (the static
+    token lengths compiled, one branch each).
     """
 
-    def one(*args: Any) -> Any:
-        args = list(args)
-        if not use_dropout:
-            args[5] = None  # the key slot: no dropout masks at all
-        return train_candidate(graphdef, *args)
+    cand: np.ndarray
+    idx: np.ndarray
+    active: np.ndarray
+    boundary: np.ndarray
+    lr: np.ndarray
+    step: np.ndarray
+    length_bucket: np.ndarray
+    lengths: tuple[int, ...]
 
-    vmapped = jax.vmap(one, in_axes=(None,) + (0,) * 13)
-    return jax.jit(vmapped, donate_argnums=(1,))
+
+def assign_lanes(steps: Sequence[int], lanes: int | None = None) -> list[list[int]]:
+    """Pack candidates with ``steps`` micro-steps each onto lanes (longest first onto the emptiest lane).
+
+    ``lanes=None`` picks ``ceil(sum / max)`` lanes, so that no lane is much longer than the longest
+    candidate; ``lanes=K`` gives every candidate its own lane.
+    """
+    k = len(steps)
+    m = max(1, math.ceil(sum(steps) / max(steps))) if lanes is None else lanes
+    m = min(max(1, m), k)
+    loads = [0] * m
+    out: list[list[int]] = [[] for _ in range(m)]
+    for c in sorted(range(k), key=lambda i: (-steps[i], i)):
+        lane = min(range(m), key=lambda j: (loads[j], j))
+        out[lane].append(c)
+        loads[lane] += steps[c]
+    return [lane for lane in out if lane]
+
+
+def length_buckets(needed: np.ndarray, full: int, max_buckets: int = 3) -> tuple[int, ...]:
+    """At most ``max_buckets`` token lengths (the last is ``full``) covering the ``needed`` lengths."""
+    sizes = sorted({min(full, bucket(int(n))) for n in needed if n > 0} | {full})
+    while len(sizes) > max_buckets:
+        # drop the bucket whose removal wastes least (its steps move up to the next size)
+        costs = [(np.sum((needed > (sizes[i - 1] if i else 0)) & (needed <= sizes[i])) * (sizes[i + 1] - sizes[i]), i)
+                 for i in range(len(sizes) - 1)]
+        sizes.pop(min(costs)[1])
+    return tuple(sizes)
+
+
+def make_lane_plan(plan: Plan, lanes: int | None = None, max_buckets: int = 3) -> LanePlan:
+    """Pack ``plan``'s K schedules onto lanes (see :func:`assign_lanes`) and bucket each step's length."""
+    k, _, batch = plan.order.shape
+    steps = [int(plan.active[c].sum()) for c in range(k)]
+    groups = assign_lanes(steps, lanes)
+    m = len(groups)
+    s = max(sum(steps[c] for c in g) for g in groups)
+    s = -(-s // 8) * 8
+    cand = np.full((s, m), k, np.int32)
+    idx = np.full((s, m, batch), -1, np.int32)
+    active = np.zeros((s, m), bool)
+    boundary = np.zeros((s, m), bool)
+    lr = np.zeros((s, m), np.float32)
+    step = np.zeros((s, m), np.int32)
+    for lane, group in enumerate(groups):
+        t = 0
+        for c in group:
+            n = steps[c]
+            cand[t:t + n, lane] = c
+            idx[t:t + n, lane] = plan.order[c, :n]
+            active[t:t + n, lane] = True
+            boundary[t:t + n, lane] = plan.boundary[c, :n]
+            lr[t:t + n, lane] = plan.lr[c, :n]
+            step[t:t + n, lane] = np.arange(n)
+            t += n
+    seq_len = plan.attention.sum(-1)  # [K, N]
+    seal_padded = plan.weights.sum(-1) > plan.attention.sum(-1) - 1  # loss beyond the text: needs all of T
+    need_row = np.where(seal_padded, plan.tokens.shape[-1], seq_len)
+    need = np.zeros(s, np.int64)
+    for t in range(s):
+        for lane in range(m):
+            if active[t, lane]:
+                rows = [r for r in idx[t, lane] if r >= 0]
+                need[t] = max([need[t]] + [int(need_row[cand[t, lane], r]) for r in rows])
+    lengths = length_buckets(need, plan.tokens.shape[-1], max_buckets)
+    length_bucket = np.searchsorted(np.asarray(lengths), need).astype(np.int32)
+    return LanePlan(cand, idx, active, boundary, lr, step, length_bucket, lengths)
+
+
+def train_lanes(graphdef: Any, lengths: tuple[int, ...], use_dropout: bool, state: Any, lora_w: Any, scale: jax.Array,
+                dropout: jax.Array, weight_decay: jax.Array, keys: jax.Array, tokens: jax.Array,
+                attention: jax.Array, positions: jax.Array, weights: jax.Array, cand: jax.Array, idx: jax.Array,
+                active: jax.Array, boundary: jax.Array, lr: jax.Array, step: jax.Array,
+                length_bucket: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
+    """Train K+1 candidates (the last a dummy) on M lanes: a scan over steps; at each step every lane
+    gathers its candidate's adapter and optimiser state, runs :func:`micro_step` (``vmap`` over lanes,
+    at the step's token length) and scatters them back.
+
+    Per-candidate arrays have a leading ``K+1`` axis (lora_w, scale, dropout, weight_decay, keys,
+    tokens ``[K+1, N, T]`` …); lane arrays are ``[S, M, ...]``; length_bucket ``[S]``.
+    Returns ``(lora_w [K+1, ...], loss per step and lane [S, M], failed micro-step per candidate [K+1])``.
+    """
+    model = nnx.merge(graphdef, state)
+    opt = jax.vmap(init_opt_state)(lora_w)
+    m = cand.shape[1]
+    acc0 = jax.tree.map(lambda x: jnp.zeros((m, *x.shape[1:]), x.dtype), lora_w)
+    failed0 = jnp.full((scale.shape[0],), -1, jnp.int32)
+
+    def lane_step(length: int, w: Any, o: Any, acc: Any, acc_loss: Any, acc_tok: Any, failed: Any, c: Any,
+                  i: Any, a: Any, e: Any, r: Any, st: Any) -> Any:
+        return micro_step(model, w, o, acc, acc_loss, acc_tok, failed, scale=scale[c], dropout=dropout[c],
+                          weight_decay=weight_decay[c], key=keys[c] if use_dropout else None, tokens=tokens[c],
+                          attention=attention[c], positions=positions[c], weights=weights[c], idx=i, act=a,
+                          end=e, rate=r, step=st, length=length)
+
+    branches = [functools.partial(jax.vmap(functools.partial(lane_step, n))) for n in lengths]
+
+    def body(carry: Any, xs: Any) -> tuple[Any, jax.Array]:
+        w_all, o_all, acc, acc_loss, acc_tok, failed_all = carry
+        c, i, a, e, r, st, lb = xs
+        w = jax.tree.map(lambda x: x[c], w_all)
+        o = jax.tree.map(lambda x: x[c], o_all)
+        operands = (w, o, acc, acc_loss, acc_tok, failed_all[c], c, i, a, e, r, st)
+        (w, o, acc, acc_loss, acc_tok, failed), loss = jax.lax.switch(lb, branches, *operands)
+        w_all = jax.tree.map(lambda big, x: big.at[c].set(x), w_all, w)
+        o_all = jax.tree.map(lambda big, x: big.at[c].set(x), o_all, o)
+        failed_all = failed_all.at[c].set(failed)
+        return (w_all, o_all, acc, acc_loss, acc_tok, failed_all), loss
+
+    zeros_m = jnp.zeros((m,), jnp.float32)
+    init = (lora_w, opt, acc0, zeros_m, zeros_m, failed0)
+    (w, _, _, _, _, failed), losses = jax.lax.scan(body, init, (cand, idx, active, boundary, lr, step, length_bucket))
+    return w, losses, failed
+
+
+def make_train_program(graphdef: Any, lengths: tuple[int, ...], use_dropout: bool) -> Any:
+    """The jitted lane trainer for one set of static token ``lengths`` (see :func:`train_lanes`)."""
+    return jax.jit(functools.partial(train_lanes, graphdef, lengths, use_dropout), donate_argnums=(1,))
 
 
 def _put_candidates(mesh: Any, tree: Any) -> Any:
     if mesh is None:
         return jax.tree.map(jnp.asarray, tree)
+    return jax.tree.map(lambda x: jax.device_put(x, shd.replicated(mesh)), tree)
+
+
+def _put_lanes(mesh: Any, tree: Any) -> Any:
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
     return jax.tree.map(
         lambda x: jax.device_put(x, jax.sharding.NamedSharding(
-            mesh, shd.spec_for(mesh, ("candidates",) + (None,) * (np.ndim(x) - 1), np.shape(x)))), tree)
+            mesh, shd.spec_for(mesh, (None, "candidates") + (None,) * (np.ndim(x) - 2), np.shape(x)))), tree)
 
 
 def initial_adapters(params: dict[str, jax.Array], loras: Sequence[LoraSpec], trains: Sequence[TrainSpec],
@@ -342,7 +501,8 @@ def train_adapters(
     eos_id: int,
     pad_id: int,
     mesh: Any = None,
-    programs: dict[bool, Any] | None = None,
+    programs: dict[Any, Any] | None = None,
+    lanes: int | None = None,
 ) -> Adapters:
     """Train K LoRA adapters (one per list of sequences) in one compiled program.
 
@@ -354,6 +514,8 @@ def train_adapters(
       seed: the call's seed, mixed with every candidate's ``TrainSpec.seed``.
       mesh: if given, the candidate axis is sharded over the mesh's ``data`` axis.
       programs: a cache of compiled programs to reuse across calls (the LM facade keeps one).
+      lanes: how many candidates train side by side (default: as few lanes as keep the run as short as
+        its longest candidate; ``lanes=K`` runs every candidate in its own lane).
     Returns:
       :class:`Adapters` with K candidates, their loss histories and failure reasons.
     """
@@ -375,27 +537,38 @@ def train_adapters(
     if empty:
         raise TrainError(f"candidates {empty} have no usable training sequence (empty texts?)")
     plan = make_plan(examples, specs_t, seed, pad_id, eos_id)
+    lanes_plan = make_lane_plan(plan, lanes)
     keys = [candidate_key(seed, s.seed) for s in specs_t]
-    dropout_keys = jnp.stack([jax.random.fold_in(key, 1) for key in keys])
     weights = initial_adapters(params, specs_l, specs_t, seed)
-    args = (
-        weights,
-        jnp.asarray([s.scale for s in specs_l], jnp.float32),
-        jnp.asarray([s.dropout for s in specs_l], jnp.float32),
-        jnp.asarray([s.weight_decay for s in specs_t], jnp.float32),
-        dropout_keys, plan.tokens, plan.attention, plan.positions, plan.weights, plan.order,
-        plan.active, plan.boundary, plan.lr,
+
+    def with_dummy(x: Any) -> Any:  # one more candidate slot for idle lane steps
+        x = jnp.asarray(x)
+        return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
+
+    per_candidate = (
+        jax.tree.map(with_dummy, weights),
+        with_dummy(jnp.asarray([s.scale for s in specs_l], jnp.float32)),
+        with_dummy(jnp.asarray([s.dropout for s in specs_l], jnp.float32)),
+        with_dummy(jnp.asarray([s.weight_decay for s in specs_t], jnp.float32)),
+        with_dummy(jnp.stack([jax.random.fold_in(key, 1) for key in keys])),
+        *(with_dummy(x) for x in (plan.tokens, plan.attention, plan.positions, plan.weights)),
     )
-    args = _put_candidates(mesh, args)
+    lp = lanes_plan
+    lane_args = (lp.cand, lp.idx, lp.active, lp.boundary, lp.lr, lp.step)
     use_dropout = any(s.dropout > 0 for s in specs_l)
     if programs is None:
         programs = {}
-    if use_dropout not in programs:
-        programs[use_dropout] = make_train_program(graphdef, use_dropout)
-    trained, losses, failed_at, _ = programs[use_dropout](state, *args)
+    program_key = (lp.lengths, use_dropout)
+    if program_key not in programs:
+        programs[program_key] = make_train_program(graphdef, lp.lengths, use_dropout)
+    trained, losses, failed_at = programs[program_key](
+        state, *_put_candidates(mesh, per_candidate), *_put_lanes(mesh, lane_args), jnp.asarray(lp.length_bucket))
+    trained = jax.tree.map(lambda x: x[:k], trained)
     losses = np.asarray(shd.to_host(losses))
     failed_at = np.asarray(shd.to_host(failed_at))
-    histories = [[float(x) for x in row[plan.boundary[i]]] for i, row in enumerate(losses)]
+    histories: list[list[float]] = [[] for _ in range(k)]
+    for t, lane in zip(*np.nonzero(lp.active & lp.boundary), strict=True):
+        histories[lp.cand[t, lane]].append(float(losses[t, lane]))
     failed: list[str | None] = []
     for i in range(k):
         if failed_at[i] >= 0:
