@@ -297,7 +297,7 @@ def test_lane_packing():
     assert len(lanes) == 3 and max(sum(steps[c] for c in lane) for lane in lanes) == 48
     assert assign_lanes([5, 5, 5], lanes=3) == [[0], [1], [2]]
     assert assign_lanes([5, 5, 5], lanes=1) == [[0, 1, 2]]
-    assert length_buckets(np.array([10, 20, 40, 300, 0]), 320) == (16, 64, 320)
+    assert length_buckets(np.array([10, 20, 40, 300, 0]), 320) == (32, 64, 320)
     assert length_buckets(np.array([10, 20, 40, 300]), 320, max_buckets=2)[-1] == 320
 
 
