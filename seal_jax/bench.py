@@ -111,6 +111,129 @@ def bench_prefill(lm: Any, hf_model: Any, *, batch: int, length: int, repeats: i
     )
 
 
+def _hf_generate(hf_model: Any, rows: list[list[int]], new_tokens: int, pad_id: int) -> None:
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.inference_mode():
+        hf_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, pad_token_id=pad_id)
+
+
+def bench_decode(lm: Any, hf_model: Any, *, batch: int, new_tokens: int, repeats: int, bandwidth: float) -> BenchRow:
+    """Greedy tokens/s at ``batch`` rows × ``new_tokens`` (``ignore_eos``), ours vs transformers' generate.
+
+    The limit is memory bandwidth: a decode step must read every weight once, so at most
+    ``bandwidth / weight_bytes`` steps per second.
+    """
+    import seal_jax as sj
+
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(100, lm.config.vocab_size, 12 + 3 * (i % 4)).tolist() for i in range(batch)]
+    params = sj.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    ours_t = best_time(lambda: lm.generate_ids(rows, params), repeats)
+    ref_t = best_time(lambda: _hf_generate(hf_model, rows, new_tokens, lm._pad_id()), max(1, repeats - 1))
+    weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in lm.params().values())
+    steps_limit = bandwidth / weight_bytes
+    return BenchRow(
+        name=f"decode_b{batch}", ours=batch * new_tokens / ours_t, reference=batch * new_tokens / ref_t,
+        unit="tok/s", ratio=ref_t / ours_t, fraction_of_limit=(new_tokens / ours_t) / steps_limit,
+        detail={"batch": batch, "new_tokens": new_tokens, "ours_s": ours_t, "reference_s": ref_t,
+                "limit": "memory read bandwidth / weight bytes per step", "weight_bytes": weight_bytes},
+    )
+
+
+def _chunks(lm: Any, count: int, length: int) -> list[str]:
+    """``count`` strings of about ``length`` tokens cut from the built-in demo passages."""
+    from seal_jax.selfedit.data import load_passages
+
+    ids: list[int] = []
+    for p in load_passages("demo"):
+        ids += lm.tokenizer(p.text + "\n\n", add_special_tokens=False)["input_ids"]
+    while len(ids) < count * length:
+        ids = ids + ids
+    return [lm.tokenizer.decode(ids[i * length:(i + 1) * length - 1]) for i in range(count)]
+
+
+def _train_flops(config: Any, tokens: int) -> float:
+    """Matmul FLOPs of LoRA training: forward (2N) plus activation gradients (2N) per token."""
+    c = config
+    dense = c.num_parameters() - c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return 4 * (dense + c.vocab_size * c.hidden_size) * tokens
+
+
+def _peft_train(hf_model: Any, tokenizer: Any, texts: list[str], batch: int, rank: int, alpha: float) -> float:
+    """Seconds for one epoch of PEFT LoRA (q/v) + torch AdamW over ``texts`` in batches of ``batch``."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+
+    def epoch() -> None:
+        for i in range(0, len(enc), batch):
+            rows = enc[i:i + batch]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    return best_time(epoch, 1, warmup=1)
+
+
+def bench_lora_train(lm: Any, hf_model: Any, *, batch: int, length: int, steps: int, peak: float) -> BenchRow:
+    """Training tokens/s of one candidate (q/v rank 32, batch × length), ours vs HF + PEFT + torch AdamW."""
+    import seal_jax as sj
+
+    texts = _chunks(lm, batch * steps, length)
+    tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    lora = sj.LoraSpec(rank=32, alpha=64.0)
+    spec = sj.TrainSpec(learning_rate=1e-3, epochs=1, batch_size=batch, max_len=length + 8, shuffle=False)
+    ours_t = best_time(lambda: lm.train_adapters([texts], lora, spec), 1, warmup=1)
+    ref_t = _peft_train(hf_model, lm.tokenizer, texts, batch, 32, 64.0)
+    return BenchRow(
+        name="lora_train", ours=tokens / ours_t, reference=tokens / ref_t, unit="tok/s", ratio=ref_t / ours_t,
+        fraction_of_limit=_train_flops(lm.config, tokens) / ours_t / peak,
+        detail={"batch": batch, "length": length, "steps": steps, "tokens": tokens, "ours_s": ours_t,
+                "reference_s": ref_t, "limit": "float32 matmul FLOP/s"},
+    )
+
+
+def bench_candidates(lm: Any, *, k: int, sequences: int, length: int, epochs: int, peak: float) -> BenchRow:
+    """K candidates with SEAL-like data (batch 1) in one program vs the same K trained one after another."""
+    import seal_jax as sj
+
+    texts = _chunks(lm, k * sequences, length)
+    data = [texts[i * sequences:(i + 1) * sequences] for i in range(k)]
+    tokens = epochs * sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    lora = sj.LoraSpec(rank=32, alpha=64.0)
+    specs = [sj.TrainSpec(learning_rate=1e-3, epochs=epochs, max_len=length + 8, seed=i) for i in range(k)]
+    together = best_time(lambda: lm.train_adapters(data, lora, specs), 1, warmup=1)
+
+    def one_by_one() -> None:
+        for i in range(k):
+            lm.train_adapters([data[i]], lora, specs[i])
+
+    alone = best_time(one_by_one, 1, warmup=1)
+    return BenchRow(
+        name=f"candidates_k{k}", ours=tokens / together, reference=tokens / alone, unit="tok/s",
+        ratio=alone / together, fraction_of_limit=_train_flops(lm.config, tokens) / together / peak,
+        detail={"k": k, "sequences": sequences, "length": length, "epochs": epochs, "together_s": together,
+                "one_after_another_s": alone, "reference": "the same K trained one after another by seal-jax",
+                "limit": "float32 matmul FLOP/s"},
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``seal-jax bench`` options to ``parser``."""
     parser.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-format model folder")
@@ -164,13 +287,24 @@ def main(args: argparse.Namespace) -> int:
     lm = sj.load(folder, dtype="float32")
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     rows: list[BenchRow] = []
-    if only is None or "prefill" in only:
+    peak, bandwidth = machine["matmul_flops"], machine["read_bandwidth"]
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    if want("prefill"):
         batch, length = (8, 256) if not args.quick else (8, 128)
-        rows.append(
-            bench_prefill(
-                lm, hf_model, batch=batch, length=length, repeats=repeats, peak=machine["matmul_flops"]
-            )
-        )
+        rows.append(bench_prefill(lm, hf_model, batch=batch, length=length, repeats=repeats, peak=peak))
+    for batch in (1, 8, 32):
+        if want(f"decode_b{batch}"):
+            rows.append(bench_decode(lm, hf_model, batch=batch, new_tokens=32 if args.quick else 128,
+                                     repeats=repeats, bandwidth=bandwidth))
+    if want("lora_train"):
+        rows.append(bench_lora_train(lm, hf_model, batch=4, length=256 if not args.quick else 128,
+                                     steps=2 if args.quick else 4, peak=peak))
+    if want("candidates_k8"):
+        rows.append(bench_candidates(lm, k=8, sequences=4 if args.quick else 8, length=64,
+                                     epochs=1 if args.quick else 2, peak=peak))
     print_table(rows, machine)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

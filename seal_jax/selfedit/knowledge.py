@@ -338,13 +338,19 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
     rows = read_rows(results)
     done = {r["passage_id"] for r in rows}
     d = config.data
-    passages = load_passages(d.get("source", "demo"), n=d.get("n"), start=d.get("start", 0),
-                             shuffle=d.get("shuffle", False), seed=d.get("seed", 0))
-    replay = None
-    if "replay" in config.conditions:
-        if not d.get("selfedits"):
-            raise RunConfigError("condition 'replay' needs data.selfedits (SEAL's seal_base_selfedits_val.json)")
-        replay = load_seal_selfedits(d["selfedits"])
+    replay = load_seal_selfedits(d["selfedits"]) if d.get("selfedits") else None
+    if "replay" in config.conditions and replay is None:
+        raise RunConfigError("condition 'replay' needs data.selfedits (SEAL's seal_base_selfedits_val.json)")
+    if d.get("subset") == "selfedits":  # SEAL's 200 evaluation passages, in the self-edits file's order
+        if replay is None:
+            raise RunConfigError("data.subset = 'selfedits' needs data.selfedits")
+        by_id = {p.id: p for p in load_passages(d.get("source", "demo"))}
+        passages = [by_id[i] for i in replay][d.get("start", 0):][: d.get("n")]
+    elif d.get("subset"):
+        raise RunConfigError(f"unknown data.subset {d['subset']!r}; the only subset is 'selfedits'")
+    else:
+        passages = load_passages(d.get("source", "demo"), n=d.get("n"), start=d.get("start", 0),
+                                 shuffle=d.get("shuffle", False), seed=d.get("seed", 0))
     if lm is None:
         lm = sj.load(config.model, dtype=config.dtype, mesh=config.mesh or None, tokenizer=config.tokenizer)
     grader = make_grader(config, lm)

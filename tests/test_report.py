@@ -1,0 +1,42 @@
+"""`seal-jax report`: the table and the bar chart of a run folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from seal_jax.cli import main
+from seal_jax.report import report
+
+
+def write_run(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run_config.json").write_text(json.dumps({"model": "m"}))
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def row(pid, condition, before, after, n=2):
+    answers = [{"question": "q", "gold": "g", "prediction": "p", "correct": i < round(after * n)} for i in range(n)]
+    return {"passage_id": pid, "title": "t", "condition": condition, "candidate": 0, "self_edit": None,
+            "n_sequences": 1, "accuracy_before": before, "accuracy_after": after, "reward": after,
+            "answers": answers, "failure": None}
+
+
+def test_report_table_and_chart(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_run(run, [row("a", "base", 0.0, 0.0), row("a", "rewrite", 0.0, 1.0), row("b", "base", 0.5, 0.5),
+                    row("b", "rewrite", 0.5, 0.5)])
+    markdown, png = report(run)
+    assert "| base | 25.0% |" in markdown and "| rewrite | 75.0% |" in markdown
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert main(["report", str(run)]) == 0
+    assert "rewrite" in capsys.readouterr().out
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results.jsonl"):
+        report(tmp_path)
+    write_run(tmp_path / "empty", [])
+    with pytest.raises(ValueError, match="is empty"):
+        report(tmp_path / "empty")
