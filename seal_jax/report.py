@@ -38,7 +38,7 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path, title: str = "") ->
     bars = ax.bar(names, acc, yerr=err, capsize=4, color="#4c72b0", edgecolor="black", linewidth=0.6)
     for bar, value in zip(bars, acc, strict=True):
         ax.text(bar.get_x() + bar.get_width() / 2, value + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%), bars: std over passages")
     ax.set_ylim(0, min(100, max(acc + err, default=0) + 15))
     ax.set_title(title or f"{summary['model']}", fontsize=9)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
