@@ -37,3 +37,21 @@ def test_missing_checkpoint(tmp_path):
         restore_pytree(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="not a saved adapter stack"):
         Adapters.load(tmp_path)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    from seal_jax.lm.checkpoint import CheckpointError
+
+    weights = {"q_proj": {"a": jnp.ones((1, 2, 4, 2)), "b": jnp.ones((1, 2, 2, 4))}}
+    Adapters(weights, (LoraSpec(rank=2, alpha=2.0),)).save(tmp_path / "ads")
+    damaged = 0
+    for f in (tmp_path / "ads" / "weights").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\x00garbage" * 4)
+            damaged += 1
+    assert damaged
+    with pytest.raises(CheckpointError, match="corrupt or unreadable.*delete it and save again"):
+        Adapters.load(tmp_path / "ads")
+    (tmp_path / "ads" / "adapters.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="adapters.json is corrupt"):
+        Adapters.load(tmp_path / "ads")

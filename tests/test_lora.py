@@ -116,3 +116,20 @@ def test_peft_names_match_peft_itself(base, tmp_path):
     want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
     got = {k: v.shape for k, v in load_file(ours / "adapter_model.safetensors").items()}
     assert got == want
+
+
+def test_peft_export_on_the_bundled_model(bundled_lm, bundled_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lm = bundled_lm
+    ads = random_adapters(lm, [LoraSpec(rank=8, alpha=16.0, targets=("q_proj", "v_proj", "down_proj"))], seed=5)
+    out = ads.save_peft(tmp_path / "peft", 0, base_model=str(bundled_dir))
+    base = AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    ids = np.array([lm.tokenizer("The lighthouse keeper kept a logbook of every ship.")["input_ids"]])
+    ref = torch_logits(peft_model, ids)
+    ours = lm.logits(ids, adapter=ads[0])
+    assert np.abs(ours - ref).max() <= 1e-3
+    assert np.abs(ours - lm.logits(ids)).max() > 0.05

@@ -11,6 +11,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be read."""
+
+
 def save_pytree(path: str | Path, tree: Any, step: int | None = None) -> Path:
     """Save a pytree of arrays under ``path`` with an orbax ``CheckpointManager``; returns ``path``.
 
@@ -37,7 +41,12 @@ def restore_pytree(path: str | Path, like: Any | None = None) -> Any:
         if step is None:
             raise FileNotFoundError(f"{path} holds no orbax checkpoint step")
         args = ocp.args.StandardRestore(like) if like is not None else ocp.args.StandardRestore()
-        return mgr.restore(step, args=args)
+        try:
+            return mgr.restore(step, args=args)
+        except Exception as e:  # orbax raises many types for damaged files
+            raise CheckpointError(
+                f"checkpoint {path} (step {step}) is corrupt or unreadable ({type(e).__name__}: {str(e)[:300]}); "
+                "delete it and save again") from None
 
 
 def save_adapters(adapters: Any, path: str | Path) -> Path:
@@ -64,7 +73,10 @@ def load_adapters(path: str | Path) -> Any:
     meta_file = path / "adapters.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a saved adapter stack (no adapters.json)")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_file} is corrupt ({e}); delete the folder and save again") from None
     weights = restore_pytree(path / "weights")
     weights = jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), weights)
     specs = tuple(LoraSpec(**{**s, "targets": tuple(s["targets"])}) for s in meta["specs"])
