@@ -335,7 +335,7 @@ class LanePlan:
 
     cand: which candidate a lane works on; idx ``[S, M, B]``; active/boundary/lr as in :class:`Plan`;
     step: the candidate's own micro-step number; length_bucket ``[S]`` indexes ``lengths`` (the static
-    token lengths compiled, one branch each).
+    token lengths compiled, one branch each); ``len(lengths)`` marks a step where no lane works (skipped).
     """
 
     cand: np.ndarray
@@ -413,6 +413,7 @@ def make_lane_plan(plan: Plan, lanes: int | None = None, max_buckets: int = 3) -
                 need[t] = max([need[t]] + [int(need_row[cand[t, lane], r]) for r in rows])
     lengths = length_buckets(need, plan.tokens.shape[-1], max_buckets)
     length_bucket = np.searchsorted(np.asarray(lengths), need).astype(np.int32)
+    length_bucket[~active.any(axis=1)] = len(lengths)  # padding steps: the idle branch, no compute
     return LanePlan(cand, idx, active, boundary, lr, step, length_bucket, lengths)
 
 
@@ -442,7 +443,10 @@ def train_lanes(graphdef: Any, lengths: tuple[int, ...], use_dropout: bool, stat
                           attention=attention[c], positions=positions[c], weights=weights[c], idx=i, act=a,
                           end=e, rate=r, step=st, length=length)
 
-    branches = [functools.partial(jax.vmap(functools.partial(lane_step, n))) for n in lengths]
+    def idle(w: Any, o: Any, acc: Any, acc_loss: Any, acc_tok: Any, failed: Any, *_: Any) -> Any:
+        return (w, o, acc, acc_loss, acc_tok, failed), jnp.full((m,), jnp.nan, jnp.float32)
+
+    branches = [jax.vmap(functools.partial(lane_step, n)) for n in lengths] + [idle]
 
     def body(carry: Any, xs: Any) -> tuple[Any, jax.Array]:
         w_all, o_all, acc, acc_loss, acc_tok, failed_all = carry
