@@ -159,8 +159,8 @@ def decoder_layer(
     x: ``[B, T, D]``; w: this layer's weights (no layer axis); lora: this layer's adapter slices or
     ``None``; cos/sin: ``[B, T, Dh]``; keys_values: this layer's cache ``([B, S, KVH, Dh], same)`` or
     ``None`` (keys are the T tokens themselves); allowed: bool ``[B, T, S]``; write_kv: cache slot of the
-    first token. Returns the block output ``[B, T, D]`` and the T new keys and values
-    (``[B, T, KVH, Dh]`` each, rotated), for the caller to write into its cache.
+    first token. Returns the block output ``[B, T, D]`` and the layer's updated ``(k, v)`` cache (or the
+    fresh keys/values when there is no cache).
     """
     b, t, _ = x.shape
     c = config
@@ -190,7 +190,7 @@ def decoder_layer(
     h = rms_norm(x, w["post_attention_norm"], c.rms_norm_eps)
     gated = jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)
     x = x + proj("down_proj", gated)
-    return x, (k, v)
+    return x, (all_k, all_v)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,10 +320,8 @@ class Decoder(nnx.Module):
                 lkey, c, cos, sin, layer_kv, allowed, write_at)
             if kv is None:
                 return (h, None), None
-            # write only the T new positions, in place
-            at = (idx, 0, write_at, 0, 0)
-            kv = (jax.lax.dynamic_update_slice(kv[0], k_new[None].astype(kv[0].dtype), at),
-                  jax.lax.dynamic_update_slice(kv[1], v_new[None].astype(kv[1].dtype), at))
+            kv = (jax.lax.dynamic_update_index_in_dim(kv[0], k_new, idx, 0),
+                  jax.lax.dynamic_update_index_in_dim(kv[1], v_new, idx, 0))
             return (h, kv), None
 
         if self.remat:
