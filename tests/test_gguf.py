@@ -280,3 +280,30 @@ def test_read_llama_spec_of_bundled_model(bundled):
     )
     assert spec.chat_template.startswith("{% for message in messages %}")
     assert Path(bundled.gguf_path).stat().st_size == 98362432
+
+
+def test_tokenizer_json_equals_transformers_own_gguf_conversion(bundled, tmp_path):
+    """Our torch-free tokenizer builder gives exactly the tokenizer.json transformers' GGUF reader builds."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(bundled.gguf_path.parent), gguf_file=bundled.gguf_path.name)
+    reference.save_pretrained(tmp_path)
+    ours = json.loads((bundled.model_dir / "tokenizer.json").read_text())
+    assert ours == json.loads((tmp_path / "tokenizer.json").read_text())
+
+
+def test_conversion_needs_no_torch(bundled, tmp_path):
+    """The demo installs no torch: converting the bundled GGUF must work with torch unimportable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from pathlib import Path\n"
+        "from seal_jax.lm.gguf import convert_gguf_to_hf\n"
+        f"convert_gguf_to_hf(Path({str(bundled.gguf_path)!r}), Path({str(tmp_path / 'out')!r}), progress=False)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "tokenizer.json").read_text()) == json.loads(
+        (bundled.model_dir / "tokenizer.json").read_text())

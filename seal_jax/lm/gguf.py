@@ -381,43 +381,65 @@ class _SafetensorsStreamWriter:
             )
 
 
+GGUF_CONTROL_TOKEN_TYPES = (3, 4)  # llama.cpp: 3 = control, 4 = user-defined; both become added special tokens
+
+
+def tokenizer_json_from_gguf(reader: Any, gguf_path: Path) -> dict[str, Any]:
+    """The Hugging Face ``tokenizer.json`` of a GGUF's byte-level BPE (``tokenizer.ggml.model == "gpt2"``).
+
+    Built from ``tokenizer.ggml.tokens`` / ``token_type`` / ``merges`` without transformers (whose GGUF
+    reader needs PyTorch): vocabulary and merges as stored, byte-level pre-tokenizer and decoder, control
+    tokens as added special tokens.
+    """
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFError(f"{gguf_path}: tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens or [])
+    if not tokens or not merges:
+        raise GGUFError(f"{gguf_path}: tokenizer.ggml.tokens / tokenizer.ggml.merges are missing")
+    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    added = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for i, (t, kind) in enumerate(zip(tokens, types, strict=True)) if kind in GGUF_CONTROL_TOKEN_TYPES
+    ]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **byte_level},
+        "post_processor": {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {}},
+        "decoder": {"type": "ByteLevel", **byte_level, "add_prefix_space": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": [m.split(" ", 1) for m in merges]},
+    }
+
+
 def _save_tokenizer(gguf_path: Path, spec: GGUFLlamaSpec, out_dir: Path) -> None:
-    """Build the HF tokenizer from the GGUF's vocabulary (transformers' converter) and save it to out_dir."""
-    from transformers import AutoTokenizer
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja`` from the GGUF."""
+    reader = _open_reader(gguf_path)
+    tokenizer = tokenizer_json_from_gguf(reader, gguf_path)
+    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False) + "\n")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
-        )
-    except Exception as exc:
-        raise GGUFError(
-            f"transformers could not build a tokenizer from {gguf_path} ({type(exc).__name__}: {exc}); "
-            "the GGUF needs tokenizer.ggml.* metadata"
-        ) from exc
-    if spec.chat_template and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = spec.chat_template
-    tokenizer.save_pretrained(str(out_dir))
+    def name(key: str) -> str | None:
+        i = _field(reader, f"tokenizer.ggml.{key}")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    # Make the saved config portable (transformers 4 and 5) and drop loader-only keys.
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    for key in ("is_local", "local_files_only", "name_or_path", "_commit_hash"):
-        config.pop(key, None)
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config: dict[str, Any] = {"backend": "tokenizers"}
+    for field, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                       ("pad_token", "padding_token_id"), ("unk_token", "unknown_token_id")):
+        if name(key) is not None:
+            config[field] = name(key)
     config["model_max_length"] = spec.max_position_embeddings
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
-    if (
-        spec.chat_template
-        and not (out_dir / "chat_template.jinja").exists()
-        and "chat_template" not in config
-    ):
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["add_bos_token"] = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    if spec.chat_template:
         (out_dir / "chat_template.jinja").write_text(spec.chat_template)
-    if spec.eos_token_id is not None and tokenizer.eos_token_id != spec.eos_token_id:
-        raise GGUFError(
-            f"{gguf_path}: the converted tokenizer's eos id {tokenizer.eos_token_id} differs from "
-            f"tokenizer.ggml.eos_token_id {spec.eos_token_id}"
-        )
 
 
 def _remove_stale_temp_dirs(out_dir: Path) -> None:
