@@ -123,16 +123,11 @@ def bundled_hf(bundled_dir):
     return AutoModelForCausalLM.from_pretrained(bundled_dir, dtype=torch.float32).eval()
 
 
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def make_tiny_tokenizer(vocab_size: int = 320):
     """A byte-level BPE tokenizer trained on the demo passages, with a chat template (no download)."""
     import json as _json
 
+    from fixtures_bundled import TINY_CHAT_TEMPLATE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
