@@ -65,3 +65,30 @@ def test_forward_returns_device_array_without_padding(tiny_hf):
     out = lm.forward(np.ones((2, 5), int))
     assert out.shape == (2, 5, 160)
     np.testing.assert_array_equal(np.asarray(out), lm.logits(np.ones((2, 5), int)))
+
+
+def test_merge_adapter_and_shared_programs(tiny_hf):
+    """A merged model gives the adapter's forward and reuses the compiled programs of its source model."""
+    import jax
+    import jax.numpy as jnp
+
+    from seal_jax.lm.lora import init_adapters
+
+    _, folder = tiny_hf("qwen3-untied")
+    lm = sj.load(folder, progress=False)
+    ids = np.array([[5, 9, 14, 3, 77, 21]])
+    lora = sj.LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    weights = init_adapters(lm.params(), [lora, lora], list(jax.random.split(jax.random.key(1), 2)))
+    weights = {p: {"a": ab["a"], "b": jnp.full(ab["b"].shape, 0.05, jnp.float32)} for p, ab in weights.items()}
+    adapters = sj.Adapters(weights=weights, specs=(lora, lora))
+    merged = lm.merge_adapter(adapters, 1)
+    want = lm.logits(ids, adapter=adapters[1])
+    got = merged.logits(ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(got - lm.logits(ids)).max() > 1e-2  # the adapter does something
+    assert merged._logits_fn is lm._logits_fn and merged._sampler is lm._sampler
+    with pytest.raises(IndexError, match="out of range"):
+        lm.merge_adapter(adapters, 2)
+    adapters.failed = [None, "non-finite loss at step 3"]
+    with pytest.raises(ValueError, match="failed in training"):
+        lm.merge_adapter(adapters, 1)

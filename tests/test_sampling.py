@@ -277,7 +277,10 @@ def test_sampled_generation_is_reproducible(qwen):
 # Compilation
 
 
-def test_many_calls_compile_once(tiny_hf):
+def test_many_calls_compile_once(tiny_hf, monkeypatch):
+    from seal_jax.lm import api
+
+    monkeypatch.setattr(api, "_PROGRAMS", {})  # start from no compiled program
     _, folder = tiny_hf("qwen3-untied")
     lm = sj.load(folder, progress=False)
     rng = np.random.default_rng(0)

@@ -6,7 +6,6 @@ through this class.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,9 @@ def build_model(config: ModelConfig, params: dict[str, jax.Array], *, dtype: Any
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, nest(params))
     return nnx.merge(graphdef, state)
+
+
+_PROGRAMS: dict[tuple[Any, Any], dict[str, Any]] = {}  # (graphdef, mesh) -> compiled programs, see LM._shared
 
 
 class LM:
@@ -134,10 +136,42 @@ class LM:
         """Write this model (weights, config, tokenizer) as a Hugging Face folder; returns the folder."""
         return weights.export_hf(self.params(), self.config, out_dir, dtype=dtype, tokenizer=self.tokenizer)
 
+    def merge_adapter(self, adapters: Adapters, k: int = 0) -> LM:
+        """A new :class:`LM` whose base weights have adapter ``k`` of ``adapters`` folded in
+        (``W + alpha/rank · A @ B`` on every adapted projection; same tokenizer, mesh and dtype).
+
+        The merged model's forward equals this model's forward with that adapter applied. This model is
+        left unchanged; export the result with :meth:`export`.
+        """
+        if not isinstance(adapters, Adapters):
+            raise TypeError(f"merge_adapter takes seal_jax.Adapters, got {type(adapters).__name__}")
+        if not 0 <= k < len(adapters.specs):
+            raise IndexError(f"adapter index {k} is out of range for {len(adapters.specs)} adapter(s)")
+        if adapters.failed and adapters.failed[k]:
+            raise ValueError(f"adapter {k} failed in training ({adapters.failed[k]}); refusing to merge it")
+        merged = adapters.merged_params(self.params(), k)
+        model = build_model(self.config, merged, dtype=self.dtype, remat=self.model.remat)
+        return LM(model, self.tokenizer, mesh=self.mesh, path=None)
+
     # ------------------------------------------------------------------------------------------------
 
-    @functools.cached_property
+    def _shared(self, name: str, make: Any) -> Any:
+        """A compiled-program holder shared by every LM with the same structure (graphdef) and mesh.
+
+        The programs take the weights as arguments, so a model with new weights of the same shapes (a
+        merged generator, a reloaded checkpoint) reuses the programs already compiled instead of
+        compiling them again.
+        """
+        programs = _PROGRAMS.setdefault((self.graphdef, self.mesh), {})
+        if name not in programs:
+            programs[name] = make()
+        return programs[name]
+
+    @property
     def _logits_fn(self) -> Any:
+        return self._shared("logits", self._make_logits_fn)
+
+    def _make_logits_fn(self) -> Any:
         graphdef = self.graphdef
 
         def run(state: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -146,8 +180,11 @@ class LM:
 
         return jax.jit(run)
 
-    @functools.cached_property
+    @property
     def _adapter_logits_fn(self) -> Any:
+        return self._shared("adapter_logits", self._make_adapter_logits_fn)
+
+    def _make_adapter_logits_fn(self) -> Any:
         graphdef = self.graphdef
 
         def one(state: Any, ids: jax.Array, mask: jax.Array, weights: Any, scale: jax.Array) -> jax.Array:
@@ -229,9 +266,9 @@ class LM:
             programs=self._train_programs,
         )
 
-    @functools.cached_property
+    @property
     def _train_programs(self) -> dict[Any, Any]:
-        return {}
+        return self._shared("train", dict)
 
     def _train_eos_id(self) -> int:
         eos = getattr(self.tokenizer, "eos_token_id", None)
@@ -244,9 +281,9 @@ class LM:
     # ------------------------------------------------------------------------------------------------
     # Generation (see seal_jax.lm.sampling for the programs)
 
-    @functools.cached_property
+    @property
     def _sampler(self) -> sampling.Sampler:
-        return sampling.Sampler(self.graphdef, self.mesh)
+        return self._shared("sampler", lambda: sampling.Sampler(self.graphdef, self.mesh))
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.config.eos_token_ids)

@@ -1,0 +1,447 @@
+"""ReST-EM: train the self-edit generator on its own best self-edits, round after round.
+
+A round (SEAL's outer loop, arXiv 2506.10943 §3):
+
+1. **E-step.** The current generator writes K self-edits with the run's strategy for each of the round's
+   training passages; each self-edit is scored ``repeats`` times by the inner loop (a LoRA adapter trained
+   on it, the passage's questions answered without the passage). This is an ordinary knowledge run
+   (:func:`~seal_jax.selfedit.knowledge.run_knowledge`) into ``round-N/results.jsonl``, with the same row
+   schema and the same resume.
+2. **Selection.** Per passage, the self-edit with the highest mean reward over its repeats is kept
+   (:func:`select_best`); optionally only if it beats the generator's accuracy before the update.
+   ``round-N/sft_rows.jsonl`` holds ``{passage_id, prompt, completion, reward}``; ``prompt`` is the text
+   the generator saw (chat template applied), so the SFT step trains exactly that mapping.
+3. **M-step.** Supervised fine-tuning of the generator with LoRA (SEAL: r=64, alpha=128 on all
+   projections, lr 3e-4, 2 epochs, loss on the completion only) through the engine's train step, merged
+   into the base weights and exported in Hugging Face format to ``round-N/generator/``.
+4. **Evaluation.** The new generator runs the knowledge experiment on held-out passages
+   (``round-N/eval/``); ``round-0/eval/`` is the starting model, so the summary shows accuracy per round.
+
+Round N+1 uses the round-N generator both to write self-edits and as the model they update (the model
+adapts itself), on fresh passages: round N takes training passages ``[start + (N-1)·P, start + N·P)`` of
+the selection. A killed run resumes inside a round: the E-step resumes after its last finished passage, the
+selection is recomputed from the rows, and a finished generator (marked by ``round-N/round.json``, written
+last) is not trained again. Seeds derive from the run's seed, never from the order of work, so a resumed
+run gives the same rows and the same generator as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seal_jax.selfedit.data import Passage, load_passages
+from seal_jax.selfedit.knowledge import (
+    RunConfig,
+    RunConfigError,
+    append_rows,
+    read_rows,
+    run_knowledge,
+)
+from seal_jax.selfedit.strategies import get_strategy, self_edit_prompt
+
+SFT_ROW_FIELDS = ("passage_id", "prompt", "completion", "reward")
+ROUND_FILE = "round.json"
+
+
+class RestemError(RuntimeError):
+    """A ReST-EM round that cannot go on (e.g. the generator's SFT diverged)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RestemConfig:
+    """A ReST-EM run: a knowledge-run config (the inner loop) plus a ``[restem]`` table.
+
+    Attributes:
+      knowledge: the inner loop's :class:`~seal_jax.selfedit.knowledge.RunConfig`; its ``data`` is the pool
+        of training passages and its conditions are ``("base", strategy)``.
+      strategy: the self-edit strategy whose prompt the generator learns to answer (e.g. ``implications``).
+      rounds: outer-loop rounds; passages_per_round: fresh training passages per round.
+      positive_gain_only: keep a passage's best self-edit only if its reward beats the accuracy before.
+      eval_data: held-out passages (``{source, n, start, shuffle, seed}``) each round's generator is
+        evaluated on, or ``None`` for no evaluation; they may not overlap the training passages.
+      sft_lora, sft_train: the generator's SFT (:class:`~seal_jax.LoraSpec`/:class:`~seal_jax.TrainSpec`
+        fields over SEAL's defaults: r=64, alpha=128, all projections, lr 3e-4, 2 epochs, batch 1).
+    """
+
+    knowledge: RunConfig
+    strategy: str = "implications"
+    rounds: int = 2
+    passages_per_round: int = 50
+    positive_gain_only: bool = False
+    eval_data: dict[str, Any] | None = None
+    sft_lora: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sft_train: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        strategy = get_strategy(self.strategy)
+        if strategy.source != "generate":
+            raise RunConfigError(f"restem.strategy {self.strategy!r} does not generate self-edits; choose one of "
+                                 "implications, implications_long, implications_very_long, rewrite, self_qa")
+        if self.rounds < 1 or self.passages_per_round < 1:
+            raise RunConfigError(f"restem.rounds and restem.passages_per_round must be >= 1, got "
+                                 f"{self.rounds} and {self.passages_per_round}")
+        self.sft_lora_spec()
+        self.sft_train_spec()
+
+    @property
+    def name(self) -> str:
+        """The run's name (the default output folder is ``checkpoints/runs/NAME``)."""
+        return self.knowledge.name
+
+    def sft_lora_spec(self) -> Any:
+        """The generator's SFT :class:`~seal_jax.LoraSpec` (SEAL: r=64, alpha=128, all projections)."""
+        from seal_jax.lm.lora import LoraSpec
+
+        fields = dict(self.sft_lora)
+        if isinstance(fields.get("targets"), list):
+            fields["targets"] = tuple(fields["targets"])
+        return LoraSpec(**{**dataclasses.asdict(LoraSpec.seal_sft()), **fields})
+
+    def sft_train_spec(self) -> Any:
+        """The generator's SFT :class:`~seal_jax.TrainSpec` (SEAL: lr 3e-4, 2 epochs, batch 1)."""
+        from seal_jax.lm.training import TrainSpec
+
+        defaults = dataclasses.asdict(TrainSpec(learning_rate=3e-4, epochs=2, batch_size=1, grad_accum=1))
+        return TrainSpec(**{**defaults, **self.sft_train})
+
+    def round_config(self, model: str, passages_start: int, n: int, *, data: dict[str, Any] | None = None,
+                     name: str | None = None) -> RunConfig:
+        """The knowledge config of one E-step or evaluation: ``model`` as the generator, the selection
+        ``data`` (default: the training pool from ``passages_start``, ``n`` passages)."""
+        selection = dict(data) if data is not None else {**self.knowledge.data, "start": passages_start, "n": n}
+        return dataclasses.replace(self.knowledge, model=model, data=selection, conditions=("base", self.strategy),
+                                   name=name or self.knowledge.name)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RestemConfig:
+        """Build from a parsed TOML table: knowledge keys at the top level plus a ``[restem]`` table."""
+        raw = dict(raw)
+        table = raw.pop("restem", None)
+        if not isinstance(table, dict):
+            raise RunConfigError(f"{where}: a ReST-EM config needs a [restem] table (see experiments/README.md)")
+        if "conditions" in raw:
+            raise RunConfigError(f"{where}: a ReST-EM config sets restem.strategy, not conditions "
+                                 "(its conditions are always base and the strategy)")
+        known = {f.name for f in dataclasses.fields(cls)} - {"knowledge"}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise RunConfigError(f"{where}: unknown keys in [restem]: {unknown}; known keys: {sorted(known)}")
+        strategy = table.get("strategy", "implications")
+        knowledge = RunConfig.from_dict({**raw, "conditions": ["base", strategy]}, where=where)
+        data = knowledge.data
+        if data.get("n") is not None or data.get("subset"):
+            raise RunConfigError(f"{where}: [data] is the training pool; set restem.passages_per_round instead of "
+                                 "data.n (round N takes the N-th block of passages from data.start)")
+        try:
+            return cls(knowledge=knowledge, **table)
+        except TypeError as e:
+            raise RunConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RestemConfig:
+        """Read a ReST-EM config TOML file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no run config at {path}; see experiments/README.md")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise RunConfigError(f"{path}: {e}") from None
+        return cls.from_dict(raw, where=str(path))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict: the knowledge config's keys plus ``restem`` (the form :meth:`from_dict` reads)."""
+        out = self.knowledge.to_json()
+        out.pop("conditions")
+        table = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "knowledge"}
+        return {**out, "restem": table}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selection
+
+
+def select_best(rows: Sequence[dict[str, Any]], strategy: str, *, positive_gain_only: bool = False
+                ) -> list[dict[str, Any]]:
+    """The best self-edit of every passage among knowledge-run ``rows``.
+
+    A candidate's reward is the mean ``accuracy_after`` over its repeats; candidates with a failed
+    repeat or no self-edit text are skipped. The highest reward wins; ties go to the lowest candidate
+    index. With ``positive_gain_only`` a passage is dropped unless its winner's reward is above the
+    accuracy before the update.
+
+    Returns one dict per kept passage, in order of first appearance:
+    ``{passage_id, candidate, self_edit, reward, accuracy_before}``.
+    """
+    per_candidate: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for r in rows:
+        if r["condition"] == strategy:
+            per_candidate.setdefault(r["passage_id"], {}).setdefault(r["candidate"], []).append(r)
+    best = []
+    for passage_id, candidates in per_candidate.items():
+        scored = []
+        for c, reps in sorted(candidates.items()):
+            if any(x.get("failure") for x in reps) or not reps[0].get("self_edit"):
+                continue
+            scored.append((float(np.mean([x["reward"] for x in reps])), c, reps[0]))
+        if not scored:
+            continue
+        reward, c, row = max(scored, key=lambda t: (t[0], -t[1]))
+        before = float(row["accuracy_before"])
+        if positive_gain_only and not reward > before:
+            continue
+        best.append({"passage_id": passage_id, "candidate": c, "self_edit": row["self_edit"], "reward": reward,
+                     "accuracy_before": before})
+    return best
+
+
+def sft_rows(best: Sequence[dict[str, Any]], passages: dict[str, Passage], strategy: str, *, chat: bool,
+             tokenizer: Any = None, enable_thinking: bool = False) -> list[dict[str, Any]]:
+    """``{passage_id, prompt, completion, reward}`` rows for the generator's SFT.
+
+    ``prompt`` is the exact text the generator was given: the strategy's prompt for the passage, wrapped in
+    the tokenizer's chat template with the generation prompt when ``chat`` (``tokenizer`` is then needed).
+    """
+    from seal_jax.lm.tokenizer import format_chat
+
+    strat = get_strategy(strategy)
+    out = []
+    for b in best:
+        prompt = self_edit_prompt(strat, passages[b["passage_id"]], chat=chat)
+        if chat:
+            prompt = format_chat(tokenizer, prompt, enable_thinking=enable_thinking)
+        out.append({"passage_id": b["passage_id"], "prompt": prompt, "completion": b["self_edit"],
+                    "reward": b["reward"]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def round_passages(config: RestemConfig) -> list[list[Passage]]:
+    """The training passages of every round (``rounds`` blocks of ``passages_per_round``)."""
+    d = config.knowledge.data
+    pool = load_passages(d.get("source", "demo"), n=config.rounds * config.passages_per_round,
+                         start=d.get("start", 0), shuffle=d.get("shuffle", False), seed=d.get("seed", 0))
+    p = config.passages_per_round
+    blocks = [pool[i * p:(i + 1) * p] for i in range(config.rounds)]
+    if any(len(b) < p for b in blocks):
+        raise RunConfigError(f"the training pool has {len(pool)} passages from data.start={d.get('start', 0)}; "
+                             f"{config.rounds} rounds x {p} passages need {config.rounds * p}")
+    return blocks
+
+
+def eval_passages(config: RestemConfig, training: Sequence[Sequence[Passage]]) -> list[Passage]:
+    """The held-out evaluation passages; an error if any is also a training passage."""
+    if config.eval_data is None:
+        return []
+    e = config.eval_data
+    held_out = load_passages(e.get("source", "demo"), n=e.get("n"), start=e.get("start", 0),
+                             shuffle=e.get("shuffle", False), seed=e.get("seed", 0))
+    train_ids = {p.id for block in training for p in block}
+    overlap = sorted(p.id for p in held_out if p.id in train_ids)
+    if overlap:
+        raise RunConfigError(f"restem.eval_data overlaps the training passages ({overlap[:5]}...); choose "
+                             "another restem.eval_data.start or data.start")
+    return held_out
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    append_rows(tmp, rows)
+    tmp.replace(path)
+
+
+def _finished(folder: Path, passages: Sequence[Passage]) -> bool:
+    done = {r["passage_id"] for r in read_rows(folder / "results.jsonl")}
+    return all(p.id in done for p in passages)
+
+
+def _summary_of(folder: Path) -> dict[str, Any] | None:
+    path = folder / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_generator(lm: Any, rows: Sequence[dict[str, Any]], config: RestemConfig) -> tuple[Any, Any]:
+    """SFT of ``lm`` on ``(prompt, completion)`` rows (loss on the completion only), merged into the base.
+
+    Returns ``(merged LM, adapters)``; raises :class:`RestemError` if the SFT loss turned non-finite.
+    """
+    from seal_jax.lm.training import TrainError
+
+    pairs = [(r["prompt"], r["completion"]) for r in rows]
+    spec = config.sft_train_spec()
+    try:
+        adapters = lm.train_adapters([pairs], config.sft_lora_spec(), spec, seed=config.knowledge.seed)
+    except TrainError as e:
+        longest = max(len(lm.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows)
+        raise RestemError(f"the generator's SFT cannot start: {e}. The longest prompt has {longest} tokens and "
+                          f"restem.sft_train.max_len is {spec.max_len}; raise max_len above the prompt length") from e
+    if adapters.failed[0]:
+        raise RestemError(f"the generator's SFT failed: {adapters.failed[0]}; lower restem.sft_train.learning_rate "
+                          f"(now {config.sft_train_spec().learning_rate})")
+    return lm.merge_adapter(adapters, 0), adapters
+
+
+def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
+               progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) ReST-EM into ``out_dir``; returns the summary (see the module docstring).
+
+    ``lm`` is the loaded starting model (reused for round 1 and the round-0 evaluation); later rounds load
+    their generator from ``round-N/generator/``. ``stop_after`` stops after that many newly finished
+    E-step passages (to test resumption). Writes ``run_config.json``, ``round-N/…``, ``summary.json`` and
+    ``summary.md``.
+    """
+    import seal_jax as sj
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "run_config.json"
+    if config_file.is_file():
+        previous = json.loads(config_file.read_text())
+        if not resume and any(out.glob("round-*")):
+            raise FileExistsError(f"{out} already holds a ReST-EM run; pass --resume to continue it or choose "
+                                  "another --out")
+        if resume and previous != config.to_json():
+            changed = sorted(k for k in set(previous) | set(config.to_json())
+                             if previous.get(k) != config.to_json().get(k))
+            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
+    config_file.write_text(json.dumps(config.to_json(), indent=2))
+    training = round_passages(config)
+    held_out = eval_passages(config, training)
+    k = config.knowledge
+    generator = k.model
+
+    def load(model: str) -> Any:
+        return sj.load(model, dtype=k.dtype, mesh=k.mesh or None, tokenizer=k.tokenizer, progress=progress)
+
+    current = lm
+    budget = [stop_after]
+
+    def knowledge(cfg: RunConfig, folder: Path, passages: Sequence[Passage]) -> bool:
+        nonlocal current
+        if _finished(folder, passages):
+            return True
+        if budget[0] is not None and budget[0] <= 0:
+            return False
+        if current is None:
+            current = load(cfg.model)
+        before = len({r["passage_id"] for r in read_rows(folder / "results.jsonl")})
+        run_knowledge(cfg, folder, resume=True, lm=current, progress=progress, stop_after=budget[0])
+        if budget[0] is not None:
+            budget[0] -= len({r["passage_id"] for r in read_rows(folder / "results.jsonl")}) - before
+        return _finished(folder, passages)
+
+    def evaluate(r: int, model: str) -> bool:
+        if not held_out:
+            return True
+        e = config.eval_data or {}
+        cfg = config.round_config(model, 0, 0, data=e, name=f"{k.name}-eval-{r}")
+        return knowledge(cfg, out / f"round-{r}" / "eval", held_out)
+
+    if not evaluate(0, generator):
+        return _write_summary(config, out)
+    for r in range(1, config.rounds + 1):
+        folder = out / f"round-{r}"
+        marker = folder / ROUND_FILE
+        if not marker.is_file():
+            start = k.data.get("start", 0) + (r - 1) * config.passages_per_round
+            cfg = config.round_config(generator, start, config.passages_per_round, name=f"{k.name}-round-{r}")
+            if not knowledge(cfg, folder, training[r - 1]):
+                return _write_summary(config, out)
+            if current is None:
+                current = load(generator)
+            best = select_best(read_rows(folder / "results.jsonl"), config.strategy,
+                               positive_gain_only=config.positive_gain_only)
+            by_id = {p.id: p for p in training[r - 1]}
+            rows = sft_rows(best, by_id, config.strategy, chat=k.chat, tokenizer=current.tokenizer)
+            _write_jsonl(folder / "sft_rows.jsonl", rows)
+            info: dict[str, Any] = {"round": r, "trained_from": generator, "sft_rows": len(rows),
+                                    "mean_sft_reward": float(np.mean([x["reward"] for x in rows])) if rows else None}
+            if rows:
+                merged, adapters = train_generator(current, rows, config)
+                target, tmp = folder / "generator", folder / "generator.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                merged.export(tmp)
+                shutil.rmtree(target, ignore_errors=True)
+                tmp.rename(target)
+                losses = adapters.losses[0]
+                info.update(generator=str(target), sft_loss=[losses[0], losses[-1]] if losses else None)
+            else:  # nothing to learn from: the generator carries over unchanged
+                info.update(generator=generator, sft_loss=None,
+                            note="no self-edit was kept; the generator is unchanged")
+            marker.write_text(json.dumps(info, indent=2))
+        info = json.loads(marker.read_text())
+        if info["generator"] != generator:
+            generator, current = info["generator"], None
+        if not evaluate(r, generator):
+            return _write_summary(config, out)
+    return _write_summary(config, out)
+
+
+def _write_summary(config: RestemConfig, out: Path) -> dict[str, Any]:
+    summary = summarize_restem(out, config.knowledge.model, config.strategy, config.rounds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(restem_markdown(summary))
+    return summary
+
+
+def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int) -> dict[str, Any]:
+    """Accuracy per round from a run folder (finished parts only).
+
+    Returns ``{"model", "strategy", "rounds": [{"round", "generator", "train": {...} | None,
+    "sft_rows", "mean_sft_reward", "sft_loss", "eval": {condition: accuracy} | None}]}``; round 0 is the
+    starting model (evaluation only).
+    """
+    from seal_jax.selfedit.knowledge import summarize
+
+    out = Path(out)
+    table = []
+    for r in range(rounds + 1):
+        folder = out / f"round-{r}"
+        entry: dict[str, Any] = {"round": r, "generator": model if r == 0 else None, "train": None,
+                                 "sft_rows": None, "mean_sft_reward": None, "sft_loss": None, "eval": None}
+        if r > 0:
+            rows = read_rows(folder / "results.jsonl")
+            if rows:
+                conditions = summarize(rows, model)["conditions"]
+                entry["train"] = {name: c["accuracy"] for name, c in conditions.items()}
+                entry["train"]["passages"] = conditions.get("base", {}).get("n_passages", 0)
+            if (folder / ROUND_FILE).is_file():
+                info = json.loads((folder / ROUND_FILE).read_text())
+                entry.update(generator=info["generator"], sft_rows=info["sft_rows"],
+                             mean_sft_reward=info["mean_sft_reward"], sft_loss=info.get("sft_loss"))
+        evaluation = _summary_of(folder / "eval")
+        if evaluation is not None:
+            entry["eval"] = {name: c["accuracy"] for name, c in evaluation["conditions"].items()}
+            entry["eval"]["passages"] = evaluation["conditions"].get("base", {}).get("n_passages", 0)
+        table.append(entry)
+    return {"model": model, "strategy": strategy, "rounds": table}
+
+
+def restem_markdown(summary: dict[str, Any]) -> str:
+    """The ReST-EM summary as a Markdown table (accuracy per round; ``–`` where a part has not run)."""
+    s = summary["strategy"]
+
+    def pct(part: dict[str, Any] | None, key: str) -> str:
+        return f"{100 * part[key]:.1f}%" if part and part.get(key) is not None else "–"
+
+    lines = [f"Model: `{summary['model']}` · strategy `{s}`", "",
+             f"| round | held-out base | held-out {s} | train base | train {s} | SFT rows | mean SFT reward |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in summary["rounds"]:
+        reward = f"{100 * e['mean_sft_reward']:.1f}%" if e.get("mean_sft_reward") is not None else "–"
+        rows = e["sft_rows"] if e.get("sft_rows") is not None else "–"
+        lines.append(f"| {e['round']} | {pct(e['eval'], 'base')} | {pct(e['eval'], s)} | {pct(e['train'], 'base')} | "
+                     f"{pct(e['train'], s)} | {rows} | {reward} |")
+    return "\n".join(lines) + "\n"

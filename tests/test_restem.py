@@ -1,0 +1,180 @@
+"""ReST-EM: best-row selection, SFT rows and loss masking, the merged generator, a resumed run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import seal_jax as sj
+from seal_jax.selfedit.data import load_passages
+from seal_jax.selfedit.knowledge import RunConfigError, read_rows
+from seal_jax.selfedit.restem import (
+    RestemConfig,
+    restem_markdown,
+    run_restem,
+    select_best,
+    sft_rows,
+)
+
+
+def row(pid, cand, reward, before=0.25, edit="an edit", failure=None, condition="implications", repeat=0):
+    return {"passage_id": pid, "condition": condition, "candidate": cand, "reward": reward, "accuracy_after": reward,
+            "accuracy_before": before, "self_edit": edit, "failure": failure, "repeat": repeat}
+
+
+def test_select_best_takes_the_highest_mean_over_repeats():
+    rows = [row("p", 0, 0.5, repeat=0), row("p", 0, 0.5, repeat=1),
+            row("p", 1, 1.0, repeat=0), row("p", 1, 0.0, repeat=1),  # mean 0.5: a tie with candidate 0
+            row("p", 2, 0.75, repeat=0), row("p", 2, 0.5, repeat=1),  # mean 0.625: the best
+            row("p", 0, 0.25, condition="base", edit=None)]
+    (best,) = select_best(rows, "implications")
+    assert best["candidate"] == 2 and best["reward"] == pytest.approx(0.625)
+
+
+def test_select_best_ties_failures_and_gains():
+    rows = [row("a", 0, 0.5, edit="first"), row("a", 1, 0.5, edit="second"),  # tie -> lower index
+            row("b", 0, 1.0, failure="non-finite loss"), row("b", 1, 0.0),  # the failed one is skipped
+            row("c", 0, 0.0, before=0.5), row("c", 1, 0.25, before=0.5),  # all below the base
+            row("d", 0, 1.0, edit=None)]  # no self-edit text: nothing to learn
+    best = {b["passage_id"]: b for b in select_best(rows, "implications")}
+    assert best["a"]["self_edit"] == "first"
+    assert best["b"]["candidate"] == 1 and best["b"]["reward"] == 0.0
+    assert best["c"]["candidate"] == 1
+    assert "d" not in best
+    kept = select_best(rows, "implications", positive_gain_only=True)
+    assert [b["passage_id"] for b in kept] == ["a"]  # 0.5 > 0.25; b: 0.0 = 0.25? no; c: 0.25 < 0.5
+    assert select_best(rows, "rewrite") == []
+
+
+def test_sft_rows_carry_the_prompt_the_generator_saw(tiny_chat_dir):
+    from seal_jax.lm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_chat_dir)
+    passages = {p.id: p for p in load_passages("demo", n=2)}
+    best = [{"passage_id": "demo-1", "candidate": 0, "self_edit": "1. A fact.", "reward": 0.5, "accuracy_before": 0}]
+    (chat,) = sft_rows(best, passages, "implications", chat=True, tokenizer=tok)
+    assert set(chat) == {"passage_id", "prompt", "completion", "reward"}
+    assert chat["completion"] == "1. A fact." and passages["demo-1"].context in chat["prompt"]
+    assert chat["prompt"] == tok.apply_chat_template(
+        [{"role": "user", "content": chat["prompt"].split("<|im_start|>user\n")[1].split("<|im_end|>")[0]}],
+        tokenize=False, add_generation_prompt=True)
+    (raw,) = sft_rows(best, passages, "implications", chat=False)
+    assert raw["prompt"].startswith(passages["demo-1"].text) and "<|im_start|>" not in raw["prompt"]
+
+
+def test_sft_loss_is_the_completion_cross_entropy_only(tiny_chat_dir):
+    """Step 0 (B = 0, so the adapter is the base model) reports the mean cross-entropy of the completion
+    tokens alone, computed here from the base model's logits: prompt positions contribute nothing."""
+    lm = sj.load(tiny_chat_dir, progress=False)
+    prompt, completion = "Tell me about the harbour of Velmora.", " It opened in 1842 and still runs ferries."
+    spec = sj.TrainSpec(learning_rate=1e-4, epochs=1, batch_size=1, max_len=256, shuffle=False)
+    adapters = lm.train_adapters([[(prompt, completion)]], sj.LoraSpec(rank=4, alpha=8.0), spec)
+    p_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = lm.tokenizer(completion, add_special_tokens=False)["input_ids"] + [lm.tokenizer.eos_token_id]
+    ids = np.array([p_ids + c_ids])
+    logp = lm.logits(ids)[0].astype(np.float64)
+    logp = logp - np.log(np.exp(logp - logp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logp.max(-1, keepdims=True)
+    targets = ids[0, 1:]
+    nll = -logp[np.arange(len(targets)), targets]
+    completion_only = nll[len(p_ids) - 1:].mean()
+    assert adapters.losses[0][0] == pytest.approx(completion_only, rel=1e-4)
+    assert abs(nll.mean() - completion_only) > 1e-3  # the check can tell the two apart
+
+
+def test_merged_generator_equals_adapter_forward_and_loads_in_transformers(tiny_chat_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    lm = sj.load(tiny_chat_dir, progress=False)
+    config = RestemConfig.from_dict(restem_raw(tiny_chat_dir, sft_train={"learning_rate": 5e-3, "epochs": 2, "max_len": 1024}))
+    rows = [{"prompt": "Write about Velmora.", "completion": " Velmora is a harbour town with ferries."},
+            {"prompt": "Write about Ostrel.", "completion": " Ostrel makes glass."}]
+    from seal_jax.selfedit.restem import train_generator
+
+    merged, adapters = train_generator(lm, rows, config)
+    ids = np.array([lm.tokenizer("Velmora is a harbour town", add_special_tokens=False)["input_ids"]])
+    with_adapter = lm.logits(ids, adapter=adapters[0])
+    ours = merged.logits(ids)
+    assert np.abs(ours - with_adapter).max() <= 1e-4 * max(1.0, np.abs(with_adapter).max())
+    assert np.abs(ours - lm.logits(ids)).max() > 1e-3  # the SFT changed the model
+    folder = merged.export(tmp_path / "generator")
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(theirs - ours).max() <= 1e-4
+    reloaded = sj.load(folder, progress=False)
+    assert np.array_equal(reloaded.logits(ids), ours)
+
+
+def restem_raw(model_dir, **restem):
+    table = {"strategy": "implications", "rounds": 2, "passages_per_round": 2,
+             "eval_data": {"source": "demo", "start": 8, "n": 1},
+             "sft_lora": {"rank": 4, "alpha": 8.0}, "sft_train": {"learning_rate": 1e-3, "epochs": 1, "max_len": 1024}}
+    table.update(restem)
+    return dict(name="tiny-restem", model=str(model_dir), chat=True, k=2, data={"source": "demo", "start": 0},
+                selfedit_sampling={"max_new_tokens": 24, "temperature": 1.0, "top_p": 0.95},
+                lora={"rank": 4, "alpha": 8.0}, train={"epochs": 1, "learning_rate": 1e-2, "max_len": 128},
+                eval_max_new_tokens=8, restem=table)
+
+
+def test_restem_run_layout_and_resume(tiny_chat_dir, tmp_path):
+    from transformers import AutoConfig
+
+    config = RestemConfig.from_dict(restem_raw(tiny_chat_dir))
+    lm = sj.load(tiny_chat_dir, progress=False)
+    full = tmp_path / "full"
+    summary = run_restem(config, full, lm=lm, progress=False)
+    assert json.loads((full / "run_config.json").read_text())["model"] == str(tiny_chat_dir)
+    for r in (1, 2):
+        rows = read_rows(full / f"round-{r}" / "results.jsonl")
+        assert len(rows) == 2 * (1 + 2)  # 2 passages x (base + 2 candidates)
+        sft = read_rows(full / f"round-{r}" / "sft_rows.jsonl")
+        assert all(set(s) == {"passage_id", "prompt", "completion", "reward"} for s in sft)
+        assert 1 <= len(sft) <= 2
+        assert (full / f"round-{r}" / "eval" / "summary.json").is_file()
+        AutoConfig.from_pretrained(full / f"round-{r}" / "generator")  # an HF folder
+    # round 2 uses round 1's generator on fresh passages
+    ids1 = {r["passage_id"] for r in read_rows(full / "round-1" / "results.jsonl")}
+    ids2 = {r["passage_id"] for r in read_rows(full / "round-2" / "results.jsonl")}
+    assert ids1 == {"demo-0", "demo-1"} and ids2 == {"demo-2", "demo-3"}
+    info = json.loads((full / "round-2" / "round.json").read_text())
+    assert info["trained_from"] == str(full / "round-1" / "generator")
+    assert [e["round"] for e in summary["rounds"]] == [0, 1, 2]
+    assert all(e["eval"] is not None and 0 <= e["eval"]["implications"] <= 1 for e in summary["rounds"])
+    assert "| 2 |" in restem_markdown(summary)
+    # killed in the middle of round 1 (after the round-0 eval and one training passage), then resumed
+    part = tmp_path / "part"
+    run_restem(config, part, lm=lm, progress=False, stop_after=2)
+    assert len({r["passage_id"] for r in read_rows(part / "round-1" / "results.jsonl")}) == 1
+    assert not (part / "round-1" / "generator").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_restem(config, part, lm=lm, progress=False)
+    run_restem(config, part, lm=lm, progress=False, resume=True)
+    for r in (1, 2):
+        strip = lambda rows: [{k: v for k, v in x.items() if k != "seconds"} for x in rows]  # noqa: E731
+        assert strip(read_rows(part / f"round-{r}" / "results.jsonl")) == strip(
+            read_rows(full / f"round-{r}" / "results.jsonl"))
+        assert read_rows(part / f"round-{r}" / "sft_rows.jsonl") == read_rows(full / f"round-{r}" / "sft_rows.jsonl")
+        a = (part / f"round-{r}" / "generator" / "model.safetensors").read_bytes()
+        b = (full / f"round-{r}" / "generator" / "model.safetensors").read_bytes()
+        assert a == b
+
+
+def test_restem_config_errors(tiny_chat_dir, tmp_path):
+    raw = restem_raw(tiny_chat_dir)
+    with pytest.raises(RunConfigError, match="restem"):
+        RestemConfig.from_dict({k: v for k, v in raw.items() if k != "restem"})
+    with pytest.raises(RunConfigError, match="unknown keys in \\[restem\\]"):
+        RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "round": 3}})
+    with pytest.raises(RunConfigError, match="does not generate"):
+        RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "strategy": "passage"}})
+    with pytest.raises(RunConfigError, match="passages_per_round"):
+        RestemConfig.from_dict({**raw, "data": {"source": "demo", "n": 4}})
+    overlap = RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "eval_data": {"source": "demo", "n": 2}}})
+    with pytest.raises(RunConfigError, match="overlaps"):
+        run_restem(overlap, tmp_path / "x", progress=False)
+    too_many = RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "passages_per_round": 20}})
+    with pytest.raises(RunConfigError, match="need 40"):
+        run_restem(too_many, tmp_path / "y", progress=False)
