@@ -64,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -597,9 +598,11 @@ def _model_embeddings(texts: Sequence[str]) -> np.ndarray | None:
     except ImportError:
         return None
     try:
-        return np.asarray(embed(list(texts)), dtype=np.float32)
+        vectors = np.asarray(embed(list(texts)), dtype=np.float32).reshape(len(texts), -1)
     except EmbeddingsUnavailable:
         return None
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)   # promised already; cheap to make sure
+    return vectors / np.where(norms > 0, norms, 1.0)
 
 
 BACKENDS = ("auto", "embeddings", "tfidf")
@@ -995,7 +998,7 @@ def _failed(row: Mapping[str, Any]) -> bool:
     accuracy = row.get("accuracy")
     if row.get("error") or accuracy is None or isinstance(accuracy, bool):
         return True
-    if not isinstance(accuracy, (int, float)) or not math.isfinite(accuracy):
+    if not isinstance(accuracy, numbers.Real) or not math.isfinite(accuracy):
         return True
     return not (isinstance(row.get("fill_text"), str) and row["fill_text"].strip())
 
@@ -1019,6 +1022,8 @@ def select_top(rows: Iterable[Mapping[str, Any]], k: int = 2) -> list[dict[str, 
         missing = [key for key in SELECT_KEYS if key not in row]
         if missing:
             raise TemplateError(f"select_top row is missing {missing}; rows need {list(SELECT_KEYS)}")
+        if isinstance(row["fill_index"], bool) or not isinstance(row["fill_index"], numbers.Integral):
+            raise TemplateError(f"select_top row has fill_index {row['fill_index']!r}; it must be an int")
         if _failed(row):
             continue
         key = (str(row["passage_id"]), str(row["template_id"]))
