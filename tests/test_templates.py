@@ -163,6 +163,7 @@ def test_first_valid_object_wins_and_reason_of_first_template_like_object():
     ("", "no JSON object"), ("I cannot do that.", "no JSON object"), ("<think>still thinking", "unfinished"),
     ("{" * 200_000, "no JSON object"), ('{"a":' + "[" * 200_000, "no JSON object"),
     ("x" * 1_000_001, "characters"), (None, "str"), (b'{"a": 1}', "str"),
+    (json.dumps(GOOD)[:60], "cut off"),
 ])
 def test_unusable_output_raises_template_error(text, reason):
     with pytest.raises(TemplateError, match=reason):
@@ -273,7 +274,8 @@ def test_truncated_fill_keeps_complete_strings():
 @pytest.mark.parametrize("text,reason", [
     ('{"training_sequences": []}', "no non-empty"), ('{"training_sequences": ["  ", 3]}', "no non-empty"),
     ('{"training_sequences": "one text"}', "list"), ('{"sequences": ["a"]}', "no"), ("plain text answer", "no"),
-    ("<think>unfinished", "unfinished"), (None, "str"), ('{"training_sequences": [' + "[" * 100_000, "no"),
+    ("<think>unfinished", "unfinished"), (None, "str"), ('{"training_sequences": [' + "[" * 100_000, "cut off"),
+    ('{"training_sequences": ["never closed', "cut off"),
 ])
 def test_unusable_fill_raises(text, reason):
     with pytest.raises(TemplateError, match=reason):

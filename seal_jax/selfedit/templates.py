@@ -445,6 +445,9 @@ def parse_template(text: str) -> Template:
         raise TemplateError(first_reason)
     if seen:
         raise TemplateError(f"found {seen} JSON object(s) but none has the template fields {list(FIELDS)}")
+    if "{" in body and any(f'"{name}"' in body for name in FIELDS):
+        raise TemplateError("the output starts a template but holds no complete JSON object: it was cut off "
+                            "(raise max_new_tokens) or is malformed")
     raise TemplateError("no JSON object found in the output; the answer must be one JSON object with the "
                         f"fields {list(FIELDS)}")
 
@@ -501,6 +504,9 @@ def parse_fill(text: str, *, allow_truncated: bool = True) -> list[str]:
         sequences = _salvage_truncated(body)
         if sequences:
             return sequences
+    if reason is None and _SEQUENCES_KEY.search(body):
+        reason = ("the output starts a training_sequences list but holds no complete string in it: it was cut "
+                  "off (raise max_new_tokens) or is malformed")
     raise TemplateError(reason or 'no {"training_sequences": [...]} object found in the fill output')
 
 
