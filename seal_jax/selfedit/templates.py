@@ -427,7 +427,8 @@ def parse_template(text: str) -> Template:
     """The first JSON object in a model's answer that validates as a :class:`Template`.
 
     Accepts plain JSON, fenced ```json blocks, JSON after a ``<think>…</think>`` block, prose around it,
-    trailing commas, numbers written as strings. Never evaluates anything. Raises :class:`TemplateError`
+    trailing commas, numbers written as strings. Only the first 64 ``{`` positions are tried and outputs
+    over 1,000,000 characters are refused. Never evaluates anything. Raises :class:`TemplateError`
     (and nothing else) with the reason when no object validates: the reason given is that of the first
     object that looked like a template (had one of the template's fields).
     """
