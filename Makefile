@@ -1,6 +1,5 @@
 # seal-jax: the two commands of the README.
-#   make demo   creates .venv, installs, fetches and converts the bundled CPU model (and the grader's
-#               sentence encoder), runs the main job
+#   make demo   creates .venv, installs, fetches and converts the bundled CPU model, runs the main job
 #   make test   creates .venv (with the test extra) if needed and runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,7 +27,6 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 fetch: $(VENV)/.installed
 	$(VENV)/bin/seal-jax fetch smollm2-135m-instruct
-	$(VENV)/bin/seal-jax fetch all-minilm-l6-v2
 
 demo: fetch
 	$(VENV)/bin/seal-jax demo

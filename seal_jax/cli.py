@@ -34,7 +34,7 @@ def _model_dir(name_or_path: str) -> Path:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    """Download and convert a bundled model (or the grader's sentence encoder) into ``checkpoints/NAME``."""
+    """Download and convert a bundled model (or the sentence encoder) into ``checkpoints/NAME``."""
     from seal_jax.assets import fetch_model
     from seal_jax.selfedit import embeddings
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="download and convert a bundled model into checkpoints/")
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL}; "
-                   "all-minilm-l6-v2 is the offline grader's sentence encoder)")
+                   "all-minilm-l6-v2 is the sentence encoder of seal_jax.selfedit.embeddings)")
     p.add_argument(
         "--root", default=str(CHECKPOINTS), help="where converted models go (default checkpoints/)"
     )

