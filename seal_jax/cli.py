@@ -1,7 +1,7 @@
 """The ``seal-jax`` command.
 
 Subcommands: ``fetch`` (the bundled CPU model), ``demo`` (the main job on the bundled model), ``run``
-(a knowledge-incorporation experiment from a TOML config), ``report`` (table and chart of a run),
+(a knowledge-incorporation or ReST-EM experiment from a TOML config), ``report`` (table and chart of a run),
 ``bench`` (benchmarks against transformers), ``smoke`` (a quick generation check of a model).
 """
 
@@ -72,20 +72,20 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def _run_config(path: str, out: str | None) -> tuple[object, Path]:
-    from seal_jax.selfedit.knowledge import RunConfig
+    from seal_jax.selfedit.runs import load_config
 
-    config = RunConfig.from_toml(path)
+    config = load_config(path)
     return config, Path(out) if out else CHECKPOINTS / "runs" / config.name
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run (or resume) a knowledge-incorporation experiment from a TOML config."""
-    from seal_jax.selfedit.knowledge import run_knowledge, summary_markdown
+    """Run (or resume) an experiment from a TOML config (knowledge incorporation or ReST-EM)."""
+    from seal_jax.selfedit import runs
 
     config, out = _run_config(args.config, args.out)
     t0 = time.perf_counter()
-    summary = run_knowledge(config, out, resume=args.resume)
-    print(summary_markdown(summary))
+    summary = runs.run(config, out, resume=args.resume)
+    print(runs.markdown(summary))
     print(f"results in {out}/ ({time.perf_counter() - t0:.0f}s)")
     return 0
 
@@ -95,13 +95,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import shutil
 
     from seal_jax.report import report
-    from seal_jax.selfedit.knowledge import run_knowledge
+    from seal_jax.selfedit import runs
 
     config, out = _run_config(args.config, args.out)
     if not args.resume and out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    run_knowledge(config, out, resume=args.resume)
+    runs.run(config, out, resume=args.resume)
     markdown, png = report(out)
     print("\n" + markdown)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s; results, summary and {png.name} in {out}/")
@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo instead of starting over")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", help="run a knowledge-incorporation experiment from a TOML config")
-    p.add_argument("config", help="a TOML file, e.g. experiments/demo.toml")
+    p = sub.add_parser("run", help="run an experiment from a TOML config (knowledge incorporation or ReST-EM)")
+    p.add_argument("config", help="a TOML file, e.g. experiments/demo.toml or experiments/restem-demo.toml")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue after the last finished passage")
     p.set_defaults(func=cmd_run)

@@ -50,11 +50,58 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path, title: str = "") ->
     return path
 
 
-def report(run_dir: str | Path) -> tuple[str, Path]:
-    """Write ``report.md`` and ``accuracy.png`` into ``run_dir``; return the Markdown and the PNG path."""
-    from seal_jax.selfedit.knowledge import summary_markdown
+def plot_rounds(summary: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Line chart of a ReST-EM run: held-out (and training-passage) accuracy per round; writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summary["strategy"]
+    fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=120)
+    for part, key, style in (("eval", s, "-o"), ("eval", "base", "--o"), ("train", s, ":s")):
+        points = [(e["round"], 100 * e[part][key]) for e in summary["rounds"] if e.get(part) and key in e[part]]
+        if points:
+            label = f"{'held-out' if part == 'eval' else 'training passages'}: {key}"
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set_xlabel("round (0 = starting model)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks([e["round"] for e in summary["rounds"]])
+    ax.legend(fontsize=7)
+    ax.set_title(title or summary["model"], fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report_restem(run_dir: str | Path) -> tuple[str, Path]:
+    """``report.md`` and ``rounds.png`` of a ReST-EM run folder (recomputed from its rounds)."""
+    from seal_jax.selfedit.restem import restem_markdown, summarize_restem
 
     run = Path(run_dir)
+    config = json.loads((run / "run_config.json").read_text())
+    summary = summarize_restem(run, config["model"], config["restem"]["strategy"], config["restem"]["rounds"])
+    markdown = restem_markdown(summary)
+    png = plot_rounds(summary, run / "rounds.png", title=run.name)
+    (run / "report.md").write_text(markdown + f"\n![accuracy per round]({png.name})\n")
+    return markdown, png
+
+
+def report(run_dir: str | Path) -> tuple[str, Path]:
+    """Write ``report.md`` and a chart into ``run_dir``; return the Markdown and the PNG path.
+
+    A knowledge run gets ``accuracy.png`` (accuracy per condition); a ReST-EM run ``rounds.png``
+    (accuracy per round).
+    """
+    from seal_jax.selfedit.knowledge import summary_markdown
+    from seal_jax.selfedit.runs import run_kind
+
+    run = Path(run_dir)
+    if (run / "run_config.json").is_file() and run_kind(run) == "restem":
+        return report_restem(run)
     summary = load_summary(run)
     markdown = summary_markdown(summary)
     png = plot_accuracy(summary, run / "accuracy.png", title=run.name)

@@ -92,5 +92,7 @@ def test_experiment_configs_parse():
 
     configs = sorted((Path(__file__).parents[1] / "experiments").glob("*.toml"))
     assert configs, "experiments/ should hold run configs"
-    for path in configs:
-        RunConfig.from_toml(path)
+    from seal_jax.selfedit.runs import load_config
+
+    kinds = {path.name: type(load_config(path)).__name__ for path in configs}
+    assert kinds["demo.toml"] == "RunConfig" and kinds["restem-demo.toml"] == "RestemConfig"

@@ -40,3 +40,26 @@ def test_report_errors(tmp_path):
     write_run(tmp_path / "empty", [])
     with pytest.raises(ValueError, match="is empty"):
         report(tmp_path / "empty")
+
+
+def test_report_restem_rounds(tmp_path, capsys):
+    run = tmp_path / "restem"
+    restem = {"strategy": "rewrite", "rounds": 2}
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"model": "m", "restem": restem}))
+    write_run(run / "round-0" / "eval", [row("e", "base", 0.5, 0.5), row("e", "rewrite", 0.5, 0.5)])
+    write_run(run / "round-1", [row("a", "base", 0.0, 0.0), row("a", "rewrite", 0.0, 1.0)])
+    (run / "round-1" / "round.json").write_text(json.dumps(
+        {"generator": "g1", "sft_rows": 1, "mean_sft_reward": 1.0, "sft_loss": [2.0, 1.0]}))
+    write_run(run / "round-1" / "eval", [row("e", "base", 0.5, 0.5), row("e", "rewrite", 0.5, 1.0)])
+    for folder in (run / "round-0" / "eval", run / "round-1" / "eval"):  # eval folders carry their summary
+        from seal_jax.selfedit.knowledge import read_rows, summarize
+
+        (folder / "summary.json").write_text(json.dumps(summarize(read_rows(folder / "results.jsonl"), "m")))
+    markdown, png = report(run)
+    lines = markdown.splitlines()
+    assert "| 0 | 50.0% | 50.0% | – | – | – | – |" in lines
+    assert "| 1 | 50.0% | 100.0% | 0.0% | 100.0% | 1 | 100.0% |" in lines
+    assert "| 2 | – | – | – | – | – | – |" in lines  # not run yet
+    assert png.name == "rounds.png" and png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["report", str(run)]) == 0 and "held-out rewrite" in capsys.readouterr().out

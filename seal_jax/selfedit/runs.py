@@ -1,0 +1,62 @@
+"""Every kind of run behind one door: read a TOML config, tell its kind, run it, summarise it.
+
+A config's kind is given by its tables: a ``[restem]`` table makes a ReST-EM run
+(:mod:`seal_jax.selfedit.restem`), none makes a knowledge-incorporation run
+(:mod:`seal_jax.selfedit.knowledge`). ``seal-jax run``, ``seal-jax report`` and the tests of
+``experiments/`` all go through :func:`load_config` and :func:`run`.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from seal_jax.selfedit.knowledge import RunConfig, RunConfigError, run_knowledge, summary_markdown
+from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
+
+KINDS = ("knowledge", "restem")
+
+
+def kind_of(raw: dict[str, Any]) -> str:
+    """The kind of run a parsed config (or a run folder's ``run_config.json``) describes."""
+    return "restem" if "restem" in raw else "knowledge"
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig | RestemConfig:
+    """A config object of the right kind from a parsed TOML/JSON table."""
+    return RestemConfig.from_dict(raw, where) if kind_of(raw) == "restem" else RunConfig.from_dict(raw, where)
+
+
+def load_config(path: str | Path) -> RunConfig | RestemConfig:
+    """Read a run config TOML file of any kind; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no run config at {path}; see experiments/README.md")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RunConfigError(f"{path}: {e}") from None
+    return config_from_dict(raw, where=str(path))
+
+
+def run(config: RunConfig | RestemConfig, out_dir: str | Path, *, resume: bool = False, **kwargs: Any
+        ) -> dict[str, Any]:
+    """Run (or resume) ``config`` into ``out_dir``; returns its summary."""
+    if isinstance(config, RestemConfig):
+        return run_restem(config, out_dir, resume=resume, **kwargs)
+    return run_knowledge(config, out_dir, resume=resume, **kwargs)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary of any kind of run as a Markdown table."""
+    return restem_markdown(summary) if "rounds" in summary else summary_markdown(summary)
+
+
+def run_kind(run_dir: str | Path) -> str:
+    """The kind of run a folder holds (from its ``run_config.json``)."""
+    path = Path(run_dir) / "run_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no run_config.json; pass a folder written by `seal-jax run`")
+    return kind_of(json.loads(path.read_text()))
