@@ -125,20 +125,35 @@ class RunConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
         """Read a run config TOML file."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no run config at {path}; see experiments/README.md")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise RunConfigError(f"{path}: {e}") from None
-        return cls.from_dict(raw, where=str(path))
+        return cls.from_dict(read_toml(path), where=str(path))
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict (``conditions`` as a list)."""
         out = dataclasses.asdict(self)
         out["conditions"] = list(self.conditions)
         return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A run config file parsed; a missing file or bad TOML is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no run config at {path}; see experiments/README.md")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RunConfigError(f"{path}: {e}") from None
+
+
+def save_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
+    """Write ``out/run_config.json``; when resuming, first check it equals the folder's previous config."""
+    config_file = out / "run_config.json"
+    if resume and config_file.is_file():
+        previous = json.loads(config_file.read_text())
+        if previous != config_json:
+            changed = sorted(k for k in set(previous) | set(config_json) if previous.get(k) != config_json.get(k))
+            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
+    config_file.write_text(json.dumps(config_json, indent=2))
 
 
 def derived_seed(*parts: Any) -> int:
@@ -325,16 +340,9 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    config_file = out / "run_config.json"
     if results.exists() and results.stat().st_size and not resume:
         raise FileExistsError(f"{results} already holds results; pass --resume to continue it or choose another --out")
-    if resume and config_file.is_file():
-        previous = json.loads(config_file.read_text())
-        if previous != config.to_json():
-            changed = sorted(k for k in set(previous) | set(config.to_json())
-                             if previous.get(k) != config.to_json().get(k))
-            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
-    config_file.write_text(json.dumps(config.to_json(), indent=2))
+    save_run_config(out, config.to_json(), resume=resume)
     rows = read_rows(results)
     done = {r["passage_id"] for r in rows}
     d = config.data

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,9 @@ from seal_jax.selfedit.knowledge import (
     RunConfigError,
     append_rows,
     read_rows,
+    read_toml,
     run_knowledge,
+    save_run_config,
 )
 from seal_jax.selfedit.strategies import get_strategy, self_edit_prompt
 
@@ -148,14 +149,7 @@ class RestemConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> RestemConfig:
         """Read a ReST-EM config TOML file."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no run config at {path}; see experiments/README.md")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise RunConfigError(f"{path}: {e}") from None
-        return cls.from_dict(raw, where=str(path))
+        return cls.from_dict(read_toml(path), where=str(path))
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict: the knowledge config's keys plus ``restem`` (the form :meth:`from_dict` reads)."""
@@ -306,17 +300,9 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config_file = out / "run_config.json"
-    if config_file.is_file():
-        previous = json.loads(config_file.read_text())
-        if not resume and any(out.glob("round-*")):
-            raise FileExistsError(f"{out} already holds a ReST-EM run; pass --resume to continue it or choose "
-                                  "another --out")
-        if resume and previous != config.to_json():
-            changed = sorted(k for k in set(previous) | set(config.to_json())
-                             if previous.get(k) != config.to_json().get(k))
-            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
-    config_file.write_text(json.dumps(config.to_json(), indent=2))
+    if not resume and any(out.glob("round-*")):
+        raise FileExistsError(f"{out} already holds a ReST-EM run; pass --resume to continue it or choose another --out")
+    save_run_config(out, config.to_json(), resume=resume)
     training = round_passages(config)
     held_out = eval_passages(config, training)
     k = config.knowledge

@@ -9,11 +9,10 @@ A config's kind is given by its tables: a ``[restem]`` table makes a ReST-EM run
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from seal_jax.selfedit.knowledge import RunConfig, RunConfigError, run_knowledge, summary_markdown
+from seal_jax.selfedit.knowledge import RunConfig, read_toml, run_knowledge, summary_markdown
 from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
 
 KINDS = ("knowledge", "restem")
@@ -31,14 +30,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig | 
 
 def load_config(path: str | Path) -> RunConfig | RestemConfig:
     """Read a run config TOML file of any kind; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no run config at {path}; see experiments/README.md")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise RunConfigError(f"{path}: {e}") from None
-    return config_from_dict(raw, where=str(path))
+    return config_from_dict(read_toml(path), where=str(path))
 
 
 def run(config: RunConfig | RestemConfig, out_dir: str | Path, *, resume: bool = False, **kwargs: Any
