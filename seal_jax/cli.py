@@ -76,8 +76,10 @@ def _run_config(path: str, out: str | None) -> tuple[object, Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) a knowledge-incorporation experiment from a TOML config."""
+    from seal_jax.lm.sharding import initialize_distributed
     from seal_jax.selfedit.knowledge import run_knowledge, summary_markdown
 
+    initialize_distributed()  # multi-host: from SEAL_JAX_* / JAX_* / srun / TPU slice; no-op for one process
     config, out = _run_config(args.config, args.out)
     t0 = time.perf_counter()
     summary = run_knowledge(config, out, resume=args.resume)
