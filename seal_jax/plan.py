@@ -99,13 +99,14 @@ class Workload:
 
     Attributes:
       candidates: K LoRA candidates trained together (the lanes of the trainer; on ``data``).
-      seq_len: T, the padded training sequence length and the sampling KV-cache length.
+      seq_len: T, the padded training sequence length.
       batch: training micro-batch per candidate (SEAL: 1).
       sample_batch: prompts per candidate when sampling with K stacked adapters (e.g. a passage's questions).
       dtype: weights and activations (``bfloat16`` on accelerators).
       lora_rank: adapter rank (padded rank of all candidates).
       lora_targets: adapted projections.
       remat: rematerialise each layer in the backward pass (``LM.load(remat=True)``).
+      cache_len: S, KV-cache slots when sampling (prompt + new tokens; default ``seq_len``).
     """
 
     candidates: int = 5
@@ -116,8 +117,16 @@ class Workload:
     lora_rank: int = 32
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     remat: bool = False
+    cache_len: int | None = None
+
+    @property
+    def cache_slots(self) -> int:
+        """S: ``cache_len`` or, if unset, ``seq_len``."""
+        return self.seq_len if self.cache_len is None else self.cache_len
 
     def __post_init__(self) -> None:
+        if self.cache_len is not None and self.cache_len < 1:
+            raise PlanError(f"cache_len must be a positive integer, got {self.cache_len!r}")
         for name in ("candidates", "seq_len", "batch", "sample_batch", "lora_rank"):
             if int(getattr(self, name)) < 1:
                 raise PlanError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -253,9 +262,10 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
 
     b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
     kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
-    kv_cache = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * t * kv_heads * config.head_dim * act
+    s = w.cache_slots
+    kv_cache = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * s * kv_heads * config.head_dim * act
     heads = config.num_heads // tensor if config.num_heads % tensor == 0 else config.num_heads
-    prefill_scores = w.candidates * (b_pad // mesh["data"]) * heads * t * t * (4 + act)
+    prefill_scores = w.candidates * (b_pad // mesh["data"]) * heads * s * s * (4 + act)
     sample = weights + w.candidates * p * LORA_BYTES + kv_cache + prefill_scores
     return MemoryPlan(weights, lora_params, lora_state, accumulators, activations, logits, kv_cache,
                       prefill_scores, lanes, train, sample)
@@ -309,7 +319,9 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
 
     b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
     srows = w.candidates * b_pad // mesh["data"]
-    prefill = StepTime(srows * (2 * n_mm * t + attn_fwd) / (f * tp) / hw.bf16_flops,
+    s = w.cache_slots
+    prefill_attn = 4 * s * s * config.q_dim * config.num_layers
+    prefill = StepTime(srows * (2 * n_mm * s + prefill_attn) / (f * tp) / hw.bf16_flops,
                        gathered / hw.hbm_bandwidth, gather_comm)
     mem = memory_plan(config, mesh, w)
     reduce_width = config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size
@@ -441,7 +453,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"## {plan.model}: {c.num_parameters():,} parameters, mesh {mesh_s} ({devices} devices), {w.dtype}",
         f"K={w.candidates} candidates (lanes per device: {mem.lanes}), seq_len={w.seq_len}, batch={w.batch}, "
-        f"sample_batch={w.sample_batch}, LoRA r={w.lora_rank} on {'/'.join(w.lora_targets)}, "
+        f"sample_batch={w.sample_batch}, cache_len={w.cache_slots}, LoRA r={w.lora_rank} on {'/'.join(w.lora_targets)}, "
         f"remat={'on' if w.remat else 'off'}",
         "",
         "| per device | bytes |",
@@ -453,11 +465,11 @@ def format_plan(plan: Plan) -> str:
         f"| training activations ({'remat' if w.remat else 'no remat'}, estimate) | {_gb(mem.activations)} |",
         f"| training logits + log-softmax (float32) | {_gb(mem.logits)} |",
         f"| **training total** | **{_gb(mem.train)}** |",
-        f"| sampling KV cache (K adapters x {w.sample_batch} rows x {w.seq_len}) | {_gb(mem.kv_cache)} |",
+        f"| sampling KV cache (K adapters x {w.sample_batch} rows x {w.cache_slots} slots) | {_gb(mem.kv_cache)} |",
         f"| prefill attention scores (estimate) | {_gb(mem.prefill_scores)} |",
         f"| **sampling total** | **{_gb(mem.sample)}** |",
         "",
-        "| hardware | HBM | fits? | train micro-step | prefill (K x rows x T) | decode / token |",
+        "| hardware | HBM | fits? | train micro-step | prefill (K x rows x S) | decode / token |",
         "|---|---:|---|---:|---:|---:|",
     ]
     for name, v in plan.verdicts.items():
@@ -484,7 +496,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="qwen3-8b", help="a preset (e.g. qwen3-8b) or an HF model folder")
     parser.add_argument("--mesh", default="data=2,fsdp=4,tensor=1", help="mesh sizes, e.g. data=2,fsdp=4,tensor=1")
     parser.add_argument("--candidates", "-k", type=int, default=4, help="K LoRA candidates trained together")
-    parser.add_argument("--seq-len", type=int, default=2048, help="training length and KV-cache length T")
+    parser.add_argument("--seq-len", type=int, default=2048, help="padded training sequence length T")
+    parser.add_argument("--cache-len", type=int, default=None,
+                        help="KV-cache slots S when sampling (prompt + new tokens; default: --seq-len)")
     parser.add_argument("--batch", type=int, default=1, help="training micro-batch per candidate (SEAL: 1)")
     parser.add_argument("--sample-batch", type=int, default=8, help="prompts per candidate when sampling")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="weights and activations")
@@ -501,7 +515,7 @@ def main(args: argparse.Namespace) -> int:
     workload = Workload(candidates=args.candidates, seq_len=args.seq_len, batch=args.batch,
                         sample_batch=args.sample_batch, dtype=dtype, lora_rank=args.lora_rank,
                         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-                        remat=args.remat)
+                        remat=args.remat, cache_len=args.cache_len)
     plan = make_plan(args.model, args.mesh, workload, args.hardware)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0 if all(v.fits for v in plan.verdicts.values()) else 3

@@ -78,6 +78,8 @@ def test_kv_cache_bytes_by_hand_and_against_the_model_cache():
     one = pl.memory_plan(tiny, {"data": 1, "fsdp": 1, "tensor": 1},
                          pl.Workload(candidates=1, seq_len=128, sample_batch=8, dtype="float32"))
     assert one.kv_cache == cache.k.size * 4 + cache.v.size * 4
+    longer = pl.memory_plan(cfg, {"data": 2, "fsdp": 4, "tensor": 1}, dataclasses.replace(w, cache_len=4096))
+    assert longer.kv_cache == 2 * mem.kv_cache and longer.train == mem.train
 
 
 def test_remat_keeps_only_layer_inputs_plus_one_layer():
