@@ -301,8 +301,8 @@ def bench_e2e(lm: Any, config: Any, *, warmup: bool = True) -> BenchRow:
                 "seconds_per_passage": seconds / passages, "adapters_trained": adapters,
                 "seconds_per_adapter": seconds / max(1, adapters), "warmup": warmup,
                 "epochs": config.train.get("epochs"), "selfedit_max_new_tokens":
-                config.selfedit_sampling.get("max_new_tokens"), "accuracy": summary.get("conditions", summary)
-                if isinstance(summary, dict) else None},
+                config.selfedit_sampling.get("max_new_tokens"),
+                "accuracy": {name: c["accuracy"] for name, c in summary["conditions"].items()}},
     )
 
 
