@@ -160,9 +160,9 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([x["k"] for x in r], [x["seconds"] for x in r], "o-", label="train (after compile)")
         ax.plot([x["k"] for x in r], [x["compile_seconds"] for x in r], "s--", label="compile")
-        ax.set(xscale="log", xlabel="candidates K", ylabel="seconds",
+        ax.set(xlabel="candidates K", ylabel="seconds",
                title=f"train_adapters, {r[0]['sequences']} × {r[0]['seq_len']} tokens per candidate")
-        ax.set_xticks([x["k"] for x in r], [str(x["k"]) for x in r])
+        _log2_ticks(ax, [x["k"] for x in r])
         ax.legend()
         written.append(_save(fig, out_dir / "scaling_candidates.png"))
     if by["seq_len"]:
@@ -170,9 +170,9 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([x["seq_len"] for x in r], [x["seconds"] for x in r], "o-", label="train (after compile)")
         ax.plot([x["seq_len"] for x in r], [x["compile_seconds"] for x in r], "s--", label="compile")
-        ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="seconds",
+        ax.set(xlabel="sequence length T", ylabel="seconds", ylim=(0, None),
                title=f"train_adapters, 1 candidate, {r[0]['sequences']} sequences")
-        ax.set_xticks([x["seq_len"] for x in r], [str(x["seq_len"]) for x in r])
+        _log2_ticks(ax, [x["seq_len"] for x in r])
         ax.legend()
         written.append(_save(fig, out_dir / "scaling_seq_len.png"))
     if by["depth"]:
@@ -180,12 +180,21 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([x["layers"] for x in r], [x["forward_compile_seconds"] for x in r], "o-", label="forward")
         ax.plot([x["layers"] for x in r], [x["train_compile_seconds"] for x in r], "s-", label="K=2 training")
-        ax.set(xscale="log", xlabel="layers L", ylabel="compile seconds", ylim=(0, None),
+        ax.set(xlabel="layers L", ylabel="compile seconds", ylim=(0, None),
                title="compile time vs depth (scanned layers)")
-        ax.set_xticks([x["layers"] for x in r], [str(x["layers"]) for x in r])
+        _log2_ticks(ax, [x["layers"] for x in r])
         ax.legend()
         written.append(_save(fig, out_dir / "scaling_depth.png"))
     return written
+
+
+def _log2_ticks(ax: Any, values: Sequence[int]) -> None:
+    """A base-2 log x axis labelled exactly at ``values`` (no minor ticks)."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(values), [str(v) for v in values])
+    ax.xaxis.set_minor_locator(NullLocator())
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -197,19 +206,23 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _compile(seconds: float) -> str:
+    return "reused" if seconds < 0.05 else f"{seconds:.1f}"
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The sweeps as Markdown tables (for BENCHMARKS.md)."""
     out = []
     r = [x for x in rows if x["sweep"] == "candidates"]
     if r:
         out += ["| K | train s | compile s | s per candidate | tok/s |", "|---:|---:|---:|---:|---:|"]
-        out += [f"| {x['k']} | {x['seconds']:.2f} | {x['compile_seconds']:.1f} | {x['seconds_per_candidate']:.2f} | "
+        out += [f"| {x['k']} | {x['seconds']:.2f} | {_compile(x['compile_seconds'])} | {x['seconds_per_candidate']:.2f} | "
                 f"{x['tokens_per_s']:.0f} |" for x in r]
         out.append("")
     r = [x for x in rows if x["sweep"] == "seq_len"]
     if r:
         out += ["| T | train s | compile s | tok/s |", "|---:|---:|---:|---:|"]
-        out += [f"| {x['seq_len']} | {x['seconds']:.2f} | {x['compile_seconds']:.1f} | {x['tokens_per_s']:.0f} |"
+        out += [f"| {x['seq_len']} | {x['seconds']:.2f} | {_compile(x['compile_seconds'])} | {x['tokens_per_s']:.0f} |"
                 for x in r]
         out.append("")
     r = [x for x in rows if x["sweep"] == "depth"]
