@@ -188,7 +188,8 @@ def lora_parameters(config: ModelConfig, rank: int, targets: Sequence[str]) -> i
 
 def lanes_per_device(candidates: int, mesh: Mapping[str, int]) -> int:
     """Candidate lanes each device computes: K / data when K divides by ``data``, else all K (the lane
-    axis is then replicated, see :func:`~seal_jax.lm.sharding.spec_for`)."""
+    axis is then replicated, see :func:`~seal_jax.lm.sharding.spec_for`). Candidates of equal length get
+    one lane each (``training.assign_lanes``); unequal ones may share lanes, so K lanes is the upper bound."""
     return candidates // mesh["data"] if candidates % mesh["data"] == 0 else candidates
 
 
