@@ -1,8 +1,11 @@
 """Benchmarks: seal-jax against Hugging Face transformers on PyTorch, in one process, same threads.
 
 Every entry is a JSON row ``{name, ours, reference, unit, ratio, fraction_of_limit, detail}``; the
-machine's limits (float32 matmul FLOP/s, memory read bandwidth) are measured in the same run, so each
-entry can say what fraction of the machine it uses. ``seal-jax bench --help`` lists the options.
+machine's limits (float32 and bfloat16 matmul FLOP/s, memory read bandwidth) are measured in the same run,
+so each entry can say what fraction of the machine it uses. ``e2e_demo`` times the whole
+knowledge-incorporation loop of ``experiments/demo.toml`` (no reference exists, so its reference, ratio
+and fraction are null). ``seal-jax bench --help`` lists the options; ``--smoke`` (tiny shapes, one
+repeat) and ``--no-reference`` (no transformers/PEFT) exist for schema tests and machines without torch.
 """
 
 from __future__ import annotations
@@ -79,27 +82,37 @@ def forward_flops(config: Any, batch: int, length: int) -> float:
     return per_token * batch * length + attention
 
 
-def bench_prefill(lm: Any, hf_model: Any, *, batch: int, length: int, repeats: int, peak: float) -> BenchRow:
-    """Forward tokens/s at ``[batch, length]`` (full logits), ours vs transformers' forward."""
-    import torch
+def _rate(amount: float, seconds: float | None) -> float | None:
+    return None if seconds is None else amount / seconds
 
+
+def _ratio(reference_s: float | None, ours_s: float) -> float | None:
+    return None if reference_s is None else reference_s / ours_s
+
+
+def bench_prefill(lm: Any, hf_model: Any, *, batch: int, length: int, repeats: int, peak: float) -> BenchRow:
+    """Forward tokens/s at ``[batch, length]`` (full logits), ours vs transformers' forward (if given)."""
     rng = np.random.default_rng(0)
     ids = rng.integers(0, lm.config.vocab_size, (batch, length))
     ours_t = best_time(lambda: lm.forward(ids).block_until_ready(), repeats)
-    ids_t = torch.tensor(ids)
+    ref_t = None
+    if hf_model is not None:
+        import torch
 
-    def reference() -> None:
-        with torch.inference_mode():
-            hf_model(input_ids=ids_t)
+        ids_t = torch.tensor(ids)
 
-    ref_t = best_time(reference, repeats)
+        def reference() -> None:
+            with torch.inference_mode():
+                hf_model(input_ids=ids_t)
+
+        ref_t = best_time(reference, repeats)
     tokens = batch * length
     return BenchRow(
         name="prefill",
         ours=tokens / ours_t,
-        reference=tokens / ref_t,
+        reference=_rate(tokens, ref_t),
         unit="tok/s",
-        ratio=ref_t / ours_t,
+        ratio=_ratio(ref_t, ours_t),
         fraction_of_limit=forward_flops(lm.config, batch, length) / ours_t / peak,
         detail={
             "batch": batch,
@@ -122,7 +135,8 @@ def _hf_generate(hf_model: Any, rows: list[list[int]], new_tokens: int, pad_id: 
                           min_new_tokens=new_tokens, pad_token_id=pad_id)
 
 
-def bench_decode(lm: Any, hf_model: Any, *, batch: int, new_tokens: int, repeats: int, bandwidth: float) -> BenchRow:
+def bench_decode(lm: Any, hf_model: Any, *, batch: int, new_tokens: int, repeats: int, bandwidth: float,
+                 warmup: int = 1) -> BenchRow:
     """Greedy tokens/s at ``batch`` rows × ``new_tokens`` (``ignore_eos``), ours vs transformers' generate.
 
     The limit is memory bandwidth: a decode step must read every weight once, so at most
@@ -133,13 +147,15 @@ def bench_decode(lm: Any, hf_model: Any, *, batch: int, new_tokens: int, repeats
     rng = np.random.default_rng(1)
     rows = [rng.integers(100, lm.config.vocab_size, 12 + 3 * (i % 4)).tolist() for i in range(batch)]
     params = sj.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    ours_t = best_time(lambda: lm.generate_ids(rows, params), repeats)
-    ref_t = best_time(lambda: _hf_generate(hf_model, rows, new_tokens, lm._pad_id()), max(1, repeats - 1))
+    ours_t = best_time(lambda: lm.generate_ids(rows, params), repeats, warmup)
+    ref_t = None
+    if hf_model is not None:
+        ref_t = best_time(lambda: _hf_generate(hf_model, rows, new_tokens, lm._pad_id()), max(1, repeats - 1))
     weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in lm.params().values())
     steps_limit = bandwidth / weight_bytes
     return BenchRow(
-        name=f"decode_b{batch}", ours=batch * new_tokens / ours_t, reference=batch * new_tokens / ref_t,
-        unit="tok/s", ratio=ref_t / ours_t, fraction_of_limit=(new_tokens / ours_t) / steps_limit,
+        name=f"decode_b{batch}", ours=batch * new_tokens / ours_t, reference=_rate(batch * new_tokens, ref_t),
+        unit="tok/s", ratio=_ratio(ref_t, ours_t), fraction_of_limit=(new_tokens / ours_t) / steps_limit,
         detail={"batch": batch, "new_tokens": new_tokens, "ours_s": ours_t, "reference_s": ref_t,
                 "limit": "memory read bandwidth / weight bytes per step", "weight_bytes": weight_bytes},
     )
@@ -191,7 +207,8 @@ def _peft_train(hf_model: Any, tokenizer: Any, texts: list[str], batch: int, ran
     return best_time(epoch, 1, warmup=1)
 
 
-def bench_lora_train(lm: Any, hf_model: Any, *, batch: int, length: int, steps: int, peak: float) -> BenchRow:
+def bench_lora_train(lm: Any, hf_model: Any, *, batch: int, length: int, steps: int, peak: float,
+                     warmup: int = 1) -> BenchRow:
     """Training tokens/s of one candidate (q/v rank 32, batch × length), ours vs HF + PEFT + torch AdamW."""
     import seal_jax as sj
 
@@ -199,17 +216,19 @@ def bench_lora_train(lm: Any, hf_model: Any, *, batch: int, length: int, steps: 
     tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
     lora = sj.LoraSpec(rank=32, alpha=64.0)
     spec = sj.TrainSpec(learning_rate=1e-3, epochs=1, batch_size=batch, max_len=length + 8, shuffle=False)
-    ours_t = best_time(lambda: lm.train_adapters([texts], lora, spec), 1, warmup=1)
-    ref_t = _peft_train(hf_model, lm.tokenizer, texts, batch, 32, 64.0)
+    ours_t = best_time(lambda: lm.train_adapters([texts], lora, spec), 1, warmup=warmup)
+    ref_t = None if hf_model is None else _peft_train(hf_model, lm.tokenizer, texts, batch, 32, 64.0)
     return BenchRow(
-        name="lora_train", ours=tokens / ours_t, reference=tokens / ref_t, unit="tok/s", ratio=ref_t / ours_t,
+        name="lora_train", ours=tokens / ours_t, reference=_rate(tokens, ref_t), unit="tok/s",
+        ratio=_ratio(ref_t, ours_t),
         fraction_of_limit=_train_flops(lm.config, tokens) / ours_t / peak,
         detail={"batch": batch, "length": length, "steps": steps, "tokens": tokens, "ours_s": ours_t,
                 "reference_s": ref_t, "limit": "float32 matmul FLOP/s"},
     )
 
 
-def bench_candidates(lm: Any, *, k: int, sequences: int, length: int, epochs: int, peak: float) -> BenchRow:
+def bench_candidates(lm: Any, *, k: int, sequences: int, length: int, epochs: int, peak: float,
+                     warmup: int = 1) -> BenchRow:
     """K candidates with SEAL-like data (batch 1) in one program vs the same K trained one after another."""
     import seal_jax as sj
 
@@ -218,13 +237,13 @@ def bench_candidates(lm: Any, *, k: int, sequences: int, length: int, epochs: in
     tokens = epochs * sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
     lora = sj.LoraSpec(rank=32, alpha=64.0)
     specs = [sj.TrainSpec(learning_rate=1e-3, epochs=epochs, max_len=length + 8, seed=i) for i in range(k)]
-    together = best_time(lambda: lm.train_adapters(data, lora, specs), 1, warmup=1)
+    together = best_time(lambda: lm.train_adapters(data, lora, specs), 1, warmup=warmup)
 
     def one_by_one() -> None:
         for i in range(k):
             lm.train_adapters([data[i]], lora, specs[i])
 
-    alone = best_time(one_by_one, 1, warmup=1)
+    alone = best_time(one_by_one, 1, warmup=warmup)
     return BenchRow(
         name=f"candidates_k{k}", ours=tokens / together, reference=tokens / alone, unit="tok/s",
         ratio=alone / together, fraction_of_limit=_train_flops(lm.config, tokens) / together / peak,
@@ -234,12 +253,74 @@ def bench_candidates(lm: Any, *, k: int, sequences: int, length: int, epochs: in
     )
 
 
+def demo_bench_config(config_path: str | Path, model: str | Path, *, passages: int, k: int, smoke: bool = False) -> Any:
+    """The run config of ``config_path`` (the demo) on ``model`` with ``passages`` passages and ``k`` self-edits.
+
+    ``smoke`` shortens every generation and trains one epoch (schema tests on tiny random models); the
+    conditions, strategies, LoRA and grader stay those of the file.
+    """
+    from seal_jax.selfedit.knowledge import RunConfig
+
+    config = RunConfig.from_toml(config_path)
+    changes: dict[str, Any] = {"model": str(model), "k": k, "data": {**config.data, "n": passages}}
+    if smoke:
+        changes["selfedit_sampling"] = {**config.selfedit_sampling, "max_new_tokens": 16}
+        changes["eval_max_new_tokens"] = 8
+        changes["train"] = {**config.train, "epochs": 1, "max_len": 64}
+    return dataclasses.replace(config, **changes)
+
+
+def bench_e2e(lm: Any, config: Any, *, warmup: bool = True) -> BenchRow:
+    """Wall seconds per passage per candidate of a whole knowledge-incorporation run (``run_knowledge``).
+
+    The run (self-edit sampling for every condition, K-candidate LoRA training, answering under the K
+    adapters, grading) goes once as a warm-up (compilation) and is then timed on the same passages in a
+    fresh folder. No reference implementation exists, so reference, ratio and fraction are ``None``.
+    """
+    import shutil
+    import tempfile
+
+    from seal_jax.selfedit.knowledge import run_knowledge
+
+    root = Path(tempfile.mkdtemp(prefix="seal-jax-bench-"))
+    try:
+        if warmup:
+            run_knowledge(config, root / "warmup", lm=lm, progress=False)
+        t0 = time.perf_counter()
+        summary = run_knowledge(config, root / "timed", lm=lm, progress=False)
+        seconds = time.perf_counter() - t0
+        rows = [json.loads(line) for line in (root / "timed" / "results.jsonl").read_text().splitlines() if line]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    passages = len({r["passage_id"] for r in rows})
+    adapters = sum(1 for r in rows if r["condition"] != "base")
+    return BenchRow(
+        name="e2e_demo", ours=seconds / (passages * config.k), reference=None, unit="s/passage/candidate",
+        ratio=None, fraction_of_limit=None,
+        detail={"passages": passages, "k": config.k, "conditions": list(config.conditions), "seconds": seconds,
+                "seconds_per_passage": seconds / passages, "adapters_trained": adapters,
+                "seconds_per_adapter": seconds / max(1, adapters), "warmup": warmup,
+                "epochs": config.train.get("epochs"), "selfedit_max_new_tokens":
+                config.selfedit_sampling.get("max_new_tokens"),
+                "accuracy": {name: c["accuracy"] for name, c in summary["conditions"].items()}},
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``seal-jax bench`` options to ``parser``."""
     parser.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-format model folder")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller shapes (< 5 minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and smaller shapes; skips e2e_demo unless --only names it")
     parser.add_argument("--out", default=None, help="write the JSON rows to this file")
     parser.add_argument("--only", default=None, help="comma-separated benchmark names to run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, one repeat, no warm-up: checks that every entry runs (tests), not speed")
+    parser.add_argument("--no-reference", action="store_true", help="skip transformers / PEFT (reference = null)")
+    parser.add_argument("--scaling", default=None, metavar="DIR",
+                        help="run the scaling sweeps instead (cost vs K and sequence length, compile time vs "
+                             "depth; --only candidates,seq_len,depth): JSONL rows, PNGs and scaling.md into DIR")
+    parser.add_argument("--demo-config", default="experiments/demo.toml",
+                        help="run config timed by e2e_demo (its model is replaced by --model)")
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
     )
@@ -248,8 +329,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def print_table(rows: list[BenchRow], machine: dict[str, Any]) -> None:
     """Print the rows as a Markdown table."""
     print(
-        f"\nmachine: {machine['cpu']}, {machine['cores']} cores; float32 matmul "
-        f"{machine['matmul_flops'] / 1e9:.1f} GFLOP/s; read bandwidth {machine['read_bandwidth'] / 1e9:.1f} GB/s"
+        f"\nmachine: {machine['cpu']}, {machine['cores']} cores; matmul float32 "
+        f"{machine['matmul_flops'] / 1e9:.1f} GFLOP/s, bfloat16 {machine['matmul_flops_bf16'] / 1e9:.1f} GFLOP/s; "
+        f"read bandwidth {machine['read_bandwidth'] / 1e9:.1f} GB/s"
     )
     print("| benchmark | seal-jax | reference | unit | ratio | fraction of limit |")
     print("|---|---:|---:|---|---:|---:|")
@@ -257,35 +339,50 @@ def print_table(rows: list[BenchRow], machine: dict[str, Any]) -> None:
         ref = "" if r.reference is None else f"{r.reference:.1f}"
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}×"
         frac = "" if r.fraction_of_limit is None else f"{100 * r.fraction_of_limit:.0f}%"
-        print(f"| {r.name} | {r.ours:.1f} | {ref} | {r.unit} | {ratio} | {frac} |")
+        ours = f"{r.ours:.3g}" if r.ours < 10 else f"{r.ours:.1f}"
+        print(f"| {r.name} | {ours} | {ref} | {r.unit} | {ratio} | {frac} |")
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the selected benchmarks; print a table; write JSON to ``args.out`` if given."""
+    """Run the selected benchmarks; print a table; write JSON to ``args.out`` if given.
+
+    With ``args.scaling`` run :mod:`seal_jax.scaling`'s sweeps instead.
+    """
+    if getattr(args, "scaling", None):
+        from seal_jax import scaling
+
+        return scaling.main(args)
     import jax
-    import torch
-    from transformers import AutoModelForCausalLM
 
     import seal_jax as sj
 
-    torch.set_num_threads(args.threads)
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no model at {folder}; run `seal-jax fetch smollm2-135m-instruct` first")
     only = set(args.only.split(",")) if args.only else None
-    repeats = 2 if args.quick else 5
-    machine = {
+    smoke = getattr(args, "smoke", False)
+    with_reference = not getattr(args, "no_reference", False)
+    repeats = 1 if smoke else 2 if args.quick else 5
+    warmup = 0 if smoke else 1
+    machine: dict[str, Any] = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "jax_devices": len(jax.devices()),
         "jax": jax.__version__,
-        "torch": torch.__version__,
     }
-    machine["matmul_flops"] = matmul_flops(repeats=repeats + 2)
-    machine["read_bandwidth"] = read_bandwidth(repeats=repeats + 2)
+    sizes = (256, 512) if smoke else (1024, 2048)
+    machine["matmul_flops"] = matmul_flops("float32", sizes, repeats=repeats + 2)
+    machine["matmul_flops_bf16"] = matmul_flops("bfloat16", sizes, repeats=repeats + 2)
+    machine["read_bandwidth"] = read_bandwidth(32 if smoke else 512, repeats=repeats + 2)
     lm = sj.load(folder, dtype="float32")
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf_model = None
+    if with_reference:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(args.threads)
+        machine.update(torch_threads=torch.get_num_threads(), torch=torch.__version__)
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     rows: list[BenchRow] = []
     peak, bandwidth = machine["matmul_flops"], machine["read_bandwidth"]
 
@@ -293,18 +390,24 @@ def main(args: argparse.Namespace) -> int:
         return only is None or name in only
 
     if want("prefill"):
-        batch, length = (8, 256) if not args.quick else (8, 128)
+        batch, length = (2, 32) if smoke else (8, 128) if args.quick else (8, 256)
         rows.append(bench_prefill(lm, hf_model, batch=batch, length=length, repeats=repeats, peak=peak))
     for batch in (1, 8, 32):
         if want(f"decode_b{batch}"):
-            rows.append(bench_decode(lm, hf_model, batch=batch, new_tokens=32 if args.quick else 128,
-                                     repeats=repeats, bandwidth=bandwidth))
+            rows.append(bench_decode(lm, hf_model, batch=batch, new_tokens=8 if smoke else 32 if args.quick else 128,
+                                     repeats=repeats, bandwidth=bandwidth, warmup=warmup))
     if want("lora_train"):
-        rows.append(bench_lora_train(lm, hf_model, batch=4, length=256 if not args.quick else 128,
-                                     steps=2 if args.quick else 4, peak=peak))
+        batch, length, steps = (1, 32, 2) if smoke else (4, 128, 2) if args.quick else (4, 256, 4)
+        rows.append(bench_lora_train(lm, hf_model, batch=batch, length=length, steps=steps, peak=peak, warmup=warmup))
     if want("candidates_k8"):
-        rows.append(bench_candidates(lm, k=8, sequences=4 if args.quick else 8, length=64,
-                                     epochs=1 if args.quick else 2, peak=peak))
+        sequences, length, epochs = (2, 32, 1) if smoke else (4, 64, 1) if args.quick else (8, 64, 2)
+        rows.append(bench_candidates(lm, k=8, sequences=sequences, length=length, epochs=epochs, peak=peak,
+                                     warmup=warmup))
+    # e2e_demo alone takes two demo passages' time (warm-up + timed), too long for --quick's 5 minutes
+    if want("e2e_demo") and (not args.quick or (only is not None and "e2e_demo" in only)):
+        config = demo_bench_config(args.demo_config, folder, passages=1 if smoke or args.quick else 2, k=2,
+                                   smoke=smoke)
+        rows.append(bench_e2e(lm, config, warmup=not smoke))
     print_table(rows, machine)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 Subcommands: ``fetch`` (the bundled CPU model), ``demo`` (the main job on the bundled model), ``run``
 (a knowledge-incorporation or ReST-EM experiment from a TOML config), ``report`` (table and chart of a run),
-``bench`` (benchmarks against transformers), ``smoke`` (a quick generation check of a model).
+``bench`` (benchmarks against transformers), ``plan`` (memory and time per accelerator), ``smoke`` (a quick
+generation check of a model).
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ def _run_config(path: str, out: str | None) -> tuple[object, Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) an experiment from a TOML config (knowledge incorporation or ReST-EM)."""
+    from seal_jax.lm.sharding import initialize_distributed
     from seal_jax.selfedit import runs
 
+    initialize_distributed()  # multi-host: from SEAL_JAX_* / JAX_* / srun / TPU slice; no-op for one process
     config, out = _run_config(args.config, args.out)
     t0 = time.perf_counter()
     summary = runs.run(config, out, resume=args.resume)
@@ -125,6 +128,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Memory and step-time plan of a model, mesh and workload per accelerator (see :mod:`seal_jax.plan`)."""
+    from seal_jax import plan
+
+    return plan.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``seal-jax`` command."""
     parser = argparse.ArgumentParser(prog="seal-jax", description=__doc__.splitlines()[0])
@@ -166,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="bytes per device, step times and a fits/does-not-fit verdict per accelerator")
+    from seal_jax.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -1,6 +1,7 @@
 """One process of the two-process `jax.distributed` test (run by tests/test_distributed.py).
 
-Usage: python distributed_worker.py PROCESS_ID PORT MODEL_DIR OUT_DIR
+Usage: python distributed_worker.py PROCESS_ID PORT MODEL_DIR OUT_DIR [env]
+With ``env`` the worker starts from the environment (SEAL_JAX_* set by the test) instead of arguments.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from seal_jax.lm.sharding import initialize_distributed  # noqa: E402
 
 def main() -> None:
     process_id, port, model_dir, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    started = initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                                     cpu_collectives="gloo")
+    if sys.argv[5:] == ["env"]:
+        started = initialize_distributed()
+    else:
+        started = initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                                         cpu_collectives="gloo")
     assert started and jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np

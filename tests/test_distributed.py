@@ -25,9 +25,12 @@ def test_distributed_two_processes_match_single_process(tiny_hf, tmp_path):
     _, folder = tiny_hf("qwen3-untied")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # process 0 starts from arguments, process 1 from the environment (SEAL_JAX_*)
+    env1 = {**env, "SEAL_JAX_COORDINATOR": f"127.0.0.1:{port}", "SEAL_JAX_NUM_PROCESSES": "2",
+            "SEAL_JAX_PROCESS_ID": "1", "SEAL_JAX_CPU_COLLECTIVES": "gloo"}
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(i), str(port), str(folder), str(tmp_path)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen([sys.executable, str(WORKER), str(i), str(port), str(folder), str(tmp_path)] + (["env"] if i else []),
+                         env=env1 if i else env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
     outputs = []

@@ -10,7 +10,9 @@ import seal_jax as sj
 from seal_jax.lm.sharding import (
     MESH_AXES,
     PARAM_AXES,
+    Launch,
     MeshError,
+    detect_launch,
     initialize_distributed,
     make_mesh,
     parse_mesh_spec,
@@ -74,6 +76,54 @@ def test_sharded_forward_equals_unsharded(tiny_hf, spec):
 
 def test_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
     for var in ("SEAL_JAX_COORDINATOR", "SEAL_JAX_NUM_PROCESSES", "SEAL_JAX_PROCESS_ID", "SLURM_JOB_ID",
-                "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
+                "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "SEAL_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS",
+                "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "MEGASCALE_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
     assert initialize_distributed() is False
+
+
+SRUN_2 = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-002]", "SLURM_NTASKS": "2",
+          "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+
+
+def test_detect_launch_single_process_cases():
+    assert detect_launch({}) == Launch("single")
+    # an salloc shell: a job but no srun step -> one process (jax's SLURM detection would fail here)
+    assert not detect_launch({"SLURM_JOB_ID": "4242"}).distributed
+    assert not detect_launch({**SRUN_2, "SLURM_NTASKS": "1"}).distributed
+    assert not detect_launch({"TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}).distributed
+    assert not detect_launch({"OMPI_COMM_WORLD_SIZE": "1"}).distributed
+    assert not detect_launch({**SRUN_2, "SEAL_JAX_DISTRIBUTED": "off"}).distributed
+    assert not detect_launch({"SEAL_JAX_NUM_PROCESSES": "1", "SEAL_JAX_PROCESS_ID": "0"}).distributed
+
+
+def test_detect_launch_clusters_leave_the_values_to_jax():
+    assert detect_launch(SRUN_2) == Launch("slurm", None, None, None, 2, 1)
+    tpu = {"TPU_WORKER_HOSTNAMES": "t1k-0,t1k-1,t1k-2,t1k-3", "TPU_WORKER_ID": "2"}
+    assert detect_launch(tpu) == Launch("tpu", None, None, None, 4, 2)
+    assert detect_launch({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"}).source == "tpu"
+    assert detect_launch({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3"}) == Launch("ompi", None, None,
+                                                                                                None, 4, 3)
+    assert detect_launch({"SEAL_JAX_DISTRIBUTED": "auto"}) == Launch("auto")
+
+
+def test_detect_launch_explicit_values_and_precedence():
+    env = {"SEAL_JAX_COORDINATOR": "10.0.0.1:1234", "SEAL_JAX_NUM_PROCESSES": "4", "SEAL_JAX_PROCESS_ID": "3"}
+    assert detect_launch(env) == Launch("environment", "10.0.0.1:1234", 4, 3, 4, 3)
+    jax_env = {"JAX_COORDINATOR_ADDRESS": "h0:99", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}
+    assert detect_launch(jax_env) == Launch("environment", "h0:99", 2, 0, 2, 0)
+    # arguments win over SEAL_JAX_*, which win over JAX_*
+    got = detect_launch({**env, **jax_env}, process_id=1)
+    assert (got.source, got.coordinator_address, got.num_processes, got.process_id) == ("arguments", "10.0.0.1:1234", 4, 1)
+    # a coordinator port under srun: the rest comes from SLURM
+    got = detect_launch({**SRUN_2, "SEAL_JAX_COORDINATOR": "gpu001:5555"})
+    assert (got.coordinator_address, got.num_processes, got.detected_processes) == ("gpu001:5555", None, 2)
+
+
+def test_detect_launch_errors_name_what_is_missing():
+    with pytest.raises(ValueError, match="missing the number of processes, process id"):
+        detect_launch({"SEAL_JAX_COORDINATOR": "10.0.0.1:1234"})
+    with pytest.raises(ValueError, match="SEAL_JAX_NUM_PROCESSES='two' must be an integer"):
+        detect_launch({"SEAL_JAX_NUM_PROCESSES": "two"})
+    with pytest.raises(ValueError, match="SEAL_JAX_DISTRIBUTED='yes'"):
+        detect_launch({"SEAL_JAX_DISTRIBUTED": "yes"})

@@ -8,6 +8,7 @@ not divide evenly by its mesh axis is replicated instead (see :func:`spec_for`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -146,6 +147,110 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process joins a multi-process run, as read from arguments or the environment.
+
+    Attributes:
+      source: ``"single"`` (nothing to join), ``"arguments"``, ``"environment"`` (``SEAL_JAX_*`` or JAX's
+        own ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``), ``"slurm"``
+        (inside ``srun``), ``"tpu"`` (a multi-host Cloud TPU slice), ``"ompi"`` (``mpirun``) or ``"auto"``
+        (``SEAL_JAX_DISTRIBUTED=auto``: JAX asks the cluster, e.g. the TPU metadata server).
+      coordinator_address, num_processes, process_id: the values passed to ``jax.distributed.initialize``
+        (``None`` = JAX detects it from the cluster environment).
+      detected_processes, detected_process_id: what the cluster variables say (for logs and checks).
+    """
+
+    source: str
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    detected_processes: int | None = None
+    detected_process_id: int | None = None
+
+    @property
+    def distributed(self) -> bool:
+        """Whether ``jax.distributed.initialize`` should be called."""
+        return self.source != "single"
+
+
+def _int_var(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+SLURM_STEP_VARS = ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def detect_launch(env: Mapping[str, str], coordinator_address: str | None = None, num_processes: int | None = None,
+                  process_id: int | None = None) -> Launch:
+    """Decide from arguments and environment ``env`` whether and how to start multi-process JAX.
+
+    Precedence: arguments, then ``SEAL_JAX_COORDINATOR`` / ``SEAL_JAX_NUM_PROCESSES`` /
+    ``SEAL_JAX_PROCESS_ID``, then ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
+    (any missing value is left to JAX's cluster detection when a cluster is present). Without explicit
+    values: ``SEAL_JAX_DISTRIBUTED=off`` never starts, ``=auto`` always lets JAX detect; SLURM starts
+    only inside an ``srun`` step of more than one task (an ``salloc`` shell has ``SLURM_JOB_ID`` but no
+    step); a Cloud TPU slice only when ``TPU_WORKER_HOSTNAMES`` names more than one host (or
+    ``MEGASCALE_COORDINATOR_ADDRESS`` marks a multislice run); Open MPI when ``OMPI_COMM_WORLD_SIZE > 1``.
+    Returns a :class:`Launch`; raises ValueError for an incomplete explicit set-up outside a cluster.
+    """
+    mode = env.get("SEAL_JAX_DISTRIBUTED", "").strip().lower()
+    if mode not in ("", "auto", "off"):
+        raise ValueError(f"SEAL_JAX_DISTRIBUTED={mode!r}: use 'auto' (let JAX detect the cluster) or 'off'")
+    explicit = (coordinator_address, num_processes, process_id)
+    source = "arguments" if any(v is not None for v in explicit) else "environment"
+    for prefix, coord_var in (("SEAL_JAX_", "SEAL_JAX_COORDINATOR"), ("JAX_", "JAX_COORDINATOR_ADDRESS")):
+        coordinator_address = coordinator_address or env.get(coord_var) or None
+        if num_processes is None:
+            num_processes = _int_var(env, f"{prefix}NUM_PROCESSES")
+        if process_id is None:
+            process_id = _int_var(env, f"{prefix}PROCESS_ID")
+
+    cluster = _detect_cluster(env)
+    given = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in given):
+        if num_processes == 1:
+            return Launch("single")
+        if None in given and cluster is None and mode != "auto":
+            missing = [n for n, v in zip(("coordinator address", "number of processes", "process id"), given,
+                                         strict=True) if v is None]
+            raise ValueError(
+                f"multi-process start-up is missing the {', '.join(missing)}: set SEAL_JAX_COORDINATOR "
+                "(host:port of process 0), SEAL_JAX_NUM_PROCESSES and SEAL_JAX_PROCESS_ID on every process, "
+                "or run under srun / a Cloud TPU slice where JAX detects them")
+        return Launch(source, coordinator_address, num_processes, process_id,
+                      *(cluster[1:] if cluster else (num_processes, process_id)))
+    if mode == "off":
+        return Launch("single")
+    if cluster is not None:
+        name, count, pid = cluster
+        return Launch(name, None, None, None, count, pid)
+    if mode == "auto":
+        return Launch("auto")
+    return Launch("single")
+
+
+def _detect_cluster(env: Mapping[str, str]) -> tuple[str, int | None, int | None] | None:
+    """``(name, process count, process id)`` of a multi-process cluster launch in ``env``, or ``None``."""
+    if "SLURM_JOB_ID" in env and all(v in env for v in SLURM_STEP_VARS):
+        count = _int_var(env, "SLURM_NTASKS")
+        if count is not None and count > 1:
+            return "slurm", count, _int_var(env, "SLURM_PROCID")
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu", (len(hosts) or None), _int_var(env, "TPU_WORKER_ID")
+    count = _int_var(env, "OMPI_COMM_WORLD_SIZE")
+    if count is not None and count > 1:
+        return "ompi", count, _int_var(env, "OMPI_COMM_WORLD_RANK")
+    return None
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -156,29 +261,24 @@ def initialize_distributed(
 ) -> bool:
     """Start multi-host JAX (``jax.distributed.initialize``) from arguments or the environment.
 
-    Arguments left as ``None`` are read from ``SEAL_JAX_COORDINATOR``, ``SEAL_JAX_NUM_PROCESSES`` and
-    ``SEAL_JAX_PROCESS_ID``; if none of those is set either, JAX's own auto-detection runs (TPU pods,
-    SLURM, Open MPI). On CPU pass ``cpu_collectives="gloo"``. Returns ``True`` if this call initialised
-    the distributed runtime, ``False`` if it already was or there is nothing to join (one process).
+    See :func:`detect_launch` for what is read (``SEAL_JAX_*``, ``JAX_*``, SLURM, Cloud TPU, Open MPI,
+    ``SEAL_JAX_DISTRIBUTED=auto|off``). On CPU pass ``cpu_collectives="gloo"`` (or set
+    ``SEAL_JAX_CPU_COLLECTIVES=gloo``). Returns ``True`` if this call initialised the distributed runtime,
+    ``False`` if it already was or there is nothing to join (one process).
     """
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("SEAL_JAX_COORDINATOR")
-    if num_processes is None and env.get("SEAL_JAX_NUM_PROCESSES"):
-        num_processes = int(env["SEAL_JAX_NUM_PROCESSES"])
-    if process_id is None and env.get("SEAL_JAX_PROCESS_ID"):
-        process_id = int(env["SEAL_JAX_PROCESS_ID"])
     if jax.distributed.is_initialized():
         return False
-    auto = any(k in env for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"))
-    if coordinator_address is None and num_processes is None and not auto:
+    launch = detect_launch(os.environ, coordinator_address, num_processes, process_id)
+    if not launch.distributed:
         return False
+    cpu_collectives = cpu_collectives or os.environ.get("SEAL_JAX_CPU_COLLECTIVES")
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
-        local_device_ids=local_device_ids,
+        coordinator_address=launch.coordinator_address, num_processes=launch.num_processes,
+        process_id=launch.process_id, local_device_ids=local_device_ids,
     )
-    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    log.info("jax.distributed (%s): process %d of %d", launch.source, jax.process_index(), jax.process_count())
     return True
 
 

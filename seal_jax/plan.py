@@ -1,0 +1,522 @@
+"""Capacity planner: will a model, mesh and self-edit workload fit on an accelerator, and how fast will it run?
+
+``seal-jax plan --model qwen3-8b --mesh data=2,fsdp=4,tensor=1 --candidates 4 --seq-len 2048`` prints, per
+device and for each hardware in :data:`HARDWARE`:
+
+* **bytes** — base weights (sharded exactly as :mod:`seal_jax.lm.sharding` places them: the real
+  :data:`~seal_jax.lm.sharding.PARAM_AXES` and :data:`~seal_jax.lm.sharding.RULES` through
+  :func:`~seal_jax.lm.sharding.spec_for`), LoRA adapters and AdamW state (float32, K+1 candidate slots —
+  the trainer adds one idle slot — replicated on every device as the trainer places them), per-lane
+  gradient accumulators, training activations (with or without per-layer rematerialisation, as
+  ``Decoder(remat=...)`` does it: only each layer's input ``[B, T, D]`` is kept, one layer is recomputed
+  at a time) and the sampling KV cache ``[K, L, B, S, KVH, Dh]`` (batch over ``data``, KV heads over
+  ``tensor``);
+* **time** — a roofline estimate of one training micro-step (all candidate lanes), one prefill and one
+  decode step: the largest of compute (FLOPs / peak bf16 FLOP/s), memory (bytes / HBM bandwidth) and
+  communication (bytes / interconnect bandwidth); latency, kernel efficiency and overlap are ignored, so
+  real steps are slower;
+* **verdict** — whether the peak of training and sampling fits in :data:`USABLE_FRACTION` of HBM.
+
+Activation bytes are an estimate of what XLA keeps (attention scores are materialised: the model has no
+flash attention), not a measurement; the weights, LoRA and KV-cache bytes are exact for the arrays the code
+allocates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from seal_jax.lm.config import PRESETS, ModelConfig, preset
+from seal_jax.lm.sharding import MESH_AXES, PARAM_AXES, MeshError, parse_mesh_spec, spec_for
+
+DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float32": 4, "fp32": 4}
+LORA_BYTES = 4  # adapters, gradients and AdamW moments are float32 (seal_jax.lm.lora / training)
+USABLE_FRACTION = 0.9  # of HBM: the rest is left to the runtime, XLA's scratch buffers and fragmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """Published peak figures of one accelerator chip (per chip, dense, no sparsity).
+
+    Attributes:
+      name: the key in :data:`HARDWARE`.
+      bf16_flops: peak dense bf16 matmul FLOP/s.
+      hbm_bytes: HBM capacity in bytes.
+      hbm_bandwidth: HBM bandwidth in bytes/s.
+      link_bandwidth: chip-to-chip bandwidth in bytes/s, bidirectional, as published (NVLink / ICI);
+        collectives are estimated at half of it (one direction).
+      link: the interconnect's name.
+      chips_per_host: accelerators per host (for the number of processes to launch).
+      source: where the figures come from.
+    """
+
+    name: str
+    bf16_flops: float
+    hbm_bytes: float
+    hbm_bandwidth: float
+    link_bandwidth: float
+    link: str
+    chips_per_host: int
+    source: str
+
+
+HARDWARE: dict[str, Hardware] = {
+    "h100": Hardware(
+        "h100", bf16_flops=989e12, hbm_bytes=80e9, hbm_bandwidth=3.35e12, link_bandwidth=900e9,
+        link="NVLink 4", chips_per_host=8,
+        source="NVIDIA H100 Tensor Core GPU datasheet, SXM5: BF16 1,979 TFLOPS with sparsity (989 dense), "
+               "80 GB HBM3, 3.35 TB/s, NVLink 900 GB/s"),
+    "h200": Hardware(
+        "h200", bf16_flops=989e12, hbm_bytes=141e9, hbm_bandwidth=4.8e12, link_bandwidth=900e9,
+        link="NVLink 4", chips_per_host=8,
+        source="NVIDIA H200 Tensor Core GPU datasheet, SXM: BF16 1,979 TFLOPS with sparsity (989 dense), "
+               "141 GB HBM3e, 4.8 TB/s, NVLink 900 GB/s"),
+    "tpu-v5e": Hardware(
+        "tpu-v5e", bf16_flops=197e12, hbm_bytes=16e9, hbm_bandwidth=819e9, link_bandwidth=400e9,
+        link="ICI", chips_per_host=8,
+        source="Google Cloud TPU v5e documentation (cloud.google.com/tpu/docs/v5e): 197 TFLOPS bf16, "
+               "16 GB HBM2 at 819 GBps, bidirectional ICI 400 GBps (1,600 Gbps) per chip; 8 chips per host"),
+    "tpu-v5p": Hardware(
+        "tpu-v5p", bf16_flops=459e12, hbm_bytes=95e9, hbm_bandwidth=2765e9, link_bandwidth=1200e9,
+        link="ICI", chips_per_host=4,
+        source="Google Cloud TPU v5p documentation (cloud.google.com/tpu/docs/v5p): 459 TFLOPS bf16, "
+               "95 GB HBM2e at 2,765 GBps, bidirectional ICI 1,200 GBps (4,800 Gbps) per chip; 4 chips per host"),
+}
+
+
+class PlanError(ValueError):
+    """A planning request that cannot be evaluated (unknown model or hardware, bad mesh or sizes)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What runs on the mesh.
+
+    Attributes:
+      candidates: K LoRA candidates trained together (the lanes of the trainer; on ``data``).
+      seq_len: T, the padded training sequence length.
+      batch: training micro-batch per candidate (SEAL: 1).
+      sample_batch: prompts per candidate when sampling with K stacked adapters (e.g. a passage's questions).
+      dtype: weights and activations (``bfloat16`` on accelerators).
+      lora_rank: adapter rank (padded rank of all candidates).
+      lora_targets: adapted projections.
+      remat: rematerialise each layer in the backward pass (``LM.load(remat=True)``).
+      cache_len: S, KV-cache slots when sampling (prompt + new tokens; default ``seq_len``).
+    """
+
+    candidates: int = 5
+    seq_len: int = 2048
+    batch: int = 1
+    sample_batch: int = 8
+    dtype: str = "bfloat16"
+    lora_rank: int = 32
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    remat: bool = False
+    cache_len: int | None = None
+
+    @property
+    def cache_slots(self) -> int:
+        """S: ``cache_len`` or, if unset, ``seq_len``."""
+        return self.seq_len if self.cache_len is None else self.cache_len
+
+    def __post_init__(self) -> None:
+        if self.cache_len is not None and self.cache_len < 1:
+            raise PlanError(f"cache_len must be a positive integer, got {self.cache_len!r}")
+        for name in ("candidates", "seq_len", "batch", "sample_batch", "lora_rank"):
+            if int(getattr(self, name)) < 1:
+                raise PlanError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise PlanError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPE_BYTES)}")
+        from seal_jax.lm.model import PROJECTIONS
+
+        unknown = [t for t in self.lora_targets if t not in PROJECTIONS]
+        if unknown or not self.lora_targets:
+            raise PlanError(f"unknown LoRA targets {unknown or '(none)'}; choose from {list(PROJECTIONS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _MeshShape:
+    """Stands in for a :class:`jax.sharding.Mesh` in :func:`spec_for` (only ``.shape`` is read)."""
+
+    shape: Mapping[str, int]
+
+
+def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
+    """``"data=2,fsdp=4,tensor=1"`` -> ``{"data": 2, "fsdp": 4, "tensor": 1}`` (missing axes are 1).
+
+    Unlike :func:`seal_jax.lm.sharding.make_mesh` there are no devices to fill a ``-1`` axis, so every
+    size must be given. Raises :class:`PlanError` naming the problem.
+    """
+    try:
+        sizes = parse_mesh_spec(spec)
+    except MeshError as e:
+        raise PlanError(str(e)) from None
+    if any(v == -1 for v in sizes.values()):
+        raise PlanError(f"mesh {spec!r}: the planner has no devices to fill a -1 axis; give every size, "
+                        "e.g. 'data=2,fsdp=4,tensor=1'")
+    return sizes
+
+
+def shard_shape(shape: Sequence[int], logical: Sequence[str | None], mesh: Mapping[str, int]) -> tuple[int, ...]:
+    """Per-device shape of an array with ``logical`` axis names on a mesh of ``mesh`` sizes (real rules)."""
+    spec = spec_for(_MeshShape(mesh), logical, shape)  # type: ignore[arg-type]
+    return tuple(n // (mesh[a] if a is not None else 1) for n, a in zip(shape, tuple(spec), strict=True))
+
+
+def weight_bytes_per_device(config: ModelConfig, mesh: Mapping[str, int], dtype: str) -> int:
+    """Bytes of base weights on one device: every parameter of ``param_shapes(config)`` sharded by
+    :data:`PARAM_AXES` and :data:`RULES` (a dimension that does not divide is replicated)."""
+    from seal_jax.lm.model import param_shapes
+
+    total = 0
+    for path, shape in param_shapes(config).items():
+        total += math.prod(shard_shape(shape, PARAM_AXES[path], mesh))
+    return total * DTYPE_BYTES[dtype]
+
+
+def lora_parameters(config: ModelConfig, rank: int, targets: Sequence[str]) -> int:
+    """Parameters of one adapter: ``L * rank * (in + out)`` summed over the adapted projections."""
+    from seal_jax.lm.model import projection_shape
+
+    return sum(config.num_layers * rank * sum(projection_shape(config, t)) for t in targets)
+
+
+def lanes_per_device(candidates: int, mesh: Mapping[str, int]) -> int:
+    """Candidate lanes each device computes: K / data when K divides by ``data``, else all K (the lane
+    axis is then replicated, see :func:`~seal_jax.lm.sharding.spec_for`). Candidates of equal length get
+    one lane each (``training.assign_lanes``); unequal ones may share lanes, so K lanes is the upper bound."""
+    return candidates // mesh["data"] if candidates % mesh["data"] == 0 else candidates
+
+
+def matmul_parameters(config: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: every projection plus the output head."""
+    from seal_jax.lm.model import PROJECTIONS, projection_shape
+
+    per_layer = sum(math.prod(projection_shape(config, p)) for p in PROJECTIONS)
+    return config.num_layers * per_layer + config.vocab_size * config.hidden_size
+
+
+def layer_activation_bytes(config: ModelConfig, rows: int, length: int, act: int, tensor: int) -> int:
+    """Estimated bytes one decoder layer keeps for its backward pass (``rows`` sequences of ``length``).
+
+    Per token: the layer input, two norm outputs and the residual (``4 D``), q/k/v before and after
+    norm+RoPE and the attention output (``3 q_dim + 4 kv_dim``), gate, up, silu and product (``4 F``) in the
+    activation dtype; and the attention scores (float32) and probabilities (activation dtype), ``H * T``
+    each. Head, KV-head and MLP widths are divided by ``tensor`` (they are sharded there).
+    """
+    c = config
+    per_token = act * 4 * c.hidden_size
+    per_token += act * (3 * c.q_dim + 4 * c.kv_dim + 4 * c.intermediate_size) // tensor
+    per_token += (4 + act) * c.num_heads * length // tensor
+    return rows * length * per_token
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device; ``train`` and ``sample`` are the two phases' totals (weights included)."""
+
+    weights: int
+    lora_params: int
+    lora_state: int
+    accumulators: int
+    activations: int
+    logits: int
+    kv_cache: int
+    prefill_scores: int
+    lanes: int
+    train: int
+    sample: int
+
+    @property
+    def peak(self) -> int:
+        """The larger of the training and sampling totals."""
+        return max(self.train, self.sample)
+
+
+def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> MemoryPlan:
+    """Bytes per device of the base weights, the K-candidate LoRA trainer and the K-adapter sampler."""
+    act = DTYPE_BYTES[w.dtype]
+    tensor = mesh["tensor"]
+    weights = weight_bytes_per_device(config, mesh, w.dtype)
+    p = lora_parameters(config, w.lora_rank, w.lora_targets)
+    slots = w.candidates + 1  # the lane trainer's idle candidate slot
+    lora_params = slots * p * LORA_BYTES
+    lora_state = 2 * slots * p * LORA_BYTES  # AdamW first and second moments
+    lanes = lanes_per_device(w.candidates, mesh)
+    accumulators = 2 * lanes * p * LORA_BYTES  # gradient accumulator + the fresh gradient, per lane
+    rows = lanes * w.batch
+    t = w.seq_len
+    one_layer = layer_activation_bytes(config, rows, t, act, tensor)
+    if w.remat:  # layer inputs for every layer, one layer's intermediates recomputed at a time
+        activations = config.num_layers * rows * t * config.hidden_size * act + one_layer
+    else:
+        activations = config.num_layers * one_layer
+    vocab = config.vocab_size // tensor if config.vocab_size % tensor == 0 else config.vocab_size
+    logits = 2 * rows * t * vocab * 4  # float32 logits and log-softmax over the sequence
+    train = weights + lora_params + lora_state + accumulators + activations + logits
+    from seal_jax.lm.sampling import batch_bucket
+
+    b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
+    kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
+    s = w.cache_slots
+    kv_cache = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * s * kv_heads * config.head_dim * act
+    heads = config.num_heads // tensor if config.num_heads % tensor == 0 else config.num_heads
+    prefill_scores = w.candidates * (b_pad // mesh["data"]) * heads * s * s * (4 + act)
+    sample = weights + w.candidates * p * LORA_BYTES + kv_cache + prefill_scores
+    return MemoryPlan(weights, lora_params, lora_state, accumulators, activations, logits, kv_cache,
+                      prefill_scores, lanes, train, sample)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    """Roofline estimate of one step in seconds: ``max(compute, memory, comm)``."""
+
+    compute: float
+    memory: float
+    comm: float
+
+    @property
+    def seconds(self) -> float:
+        """The bound: the largest of the three."""
+        return max(self.compute, self.memory, self.comm)
+
+    @property
+    def bound(self) -> str:
+        """Which of compute / memory / comm sets :attr:`seconds`."""
+        return max(("compute", self.compute), ("memory", self.memory), ("comm", self.comm), key=lambda x: x[1])[0]
+
+
+def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Hardware) -> dict[str, StepTime]:
+    """Roofline times of a training micro-step (every lane once), a prefill and a decode step.
+
+    Compute is split evenly over ``fsdp × tensor`` devices for each device's lanes (rows). Training reads
+    the gathered weights once per forward, backward and (with remat) recomputation, and all-gathers the
+    ``fsdp`` shards as often; decode reads this device's weights and KV cache once per token and
+    all-reduces the partial sums of the projections that contract over the ``fsdp``-sharded width.
+    """
+    act = DTYPE_BYTES[w.dtype]
+    f, tp = mesh["fsdp"], mesh["tensor"]
+    n_mm = matmul_parameters(config)
+    t = w.seq_len
+    attn_fwd = 4 * t * t * config.q_dim * config.num_layers  # scores and weighted sum, per sequence
+    link = hw.link_bandwidth / 2
+    gathered = weight_bytes_per_device(config, {"data": 1, "fsdp": 1, "tensor": tp}, w.dtype)
+    gather_comm = gathered * (f - 1) / f / link if f > 1 else 0.0
+
+    lanes = lanes_per_device(w.candidates, mesh)
+    passes = 4 if w.remat else 3  # forward, backward (2x), recomputed forward
+    rows = lanes * w.batch
+    train_flops = rows * passes * (2 * n_mm * t + attn_fwd)
+    train = StepTime(train_flops / (f * tp) / hw.bf16_flops,
+                     (passes - 1) * gathered / hw.hbm_bandwidth,
+                     (passes - 1) * gather_comm)
+
+    from seal_jax.lm.sampling import batch_bucket
+
+    b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
+    srows = w.candidates * b_pad // mesh["data"]
+    s = w.cache_slots
+    prefill_attn = 4 * s * s * config.q_dim * config.num_layers
+    prefill = StepTime(srows * (2 * n_mm * s + prefill_attn) / (f * tp) / hw.bf16_flops,
+                       gathered / hw.hbm_bandwidth, gather_comm)
+    mem = memory_plan(config, mesh, w)
+    reduce_width = config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size
+    reduce_bytes = 2 * srows * config.num_layers * reduce_width * act * (f - 1) / f if f > 1 else 0.0
+    decode = StepTime(srows * 2 * n_mm / (f * tp) / hw.bf16_flops,
+                      (mem.weights + mem.kv_cache) / hw.hbm_bandwidth,
+                      reduce_bytes / link)
+    return {"train_step": train, "prefill": prefill, "decode_token": decode}
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Whether the plan fits one device of ``hardware``, with a message that says what to change."""
+
+    hardware: str
+    fits: bool
+    peak_bytes: int
+    usable_bytes: float
+    message: str
+
+
+def verdict(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Hardware) -> Verdict:
+    """Fit check of :func:`memory_plan`'s peak against ``USABLE_FRACTION`` of ``hw``'s HBM."""
+    mem = memory_plan(config, mesh, w)
+    usable = USABLE_FRACTION * hw.hbm_bytes
+    gb = 1e9
+    if mem.peak <= usable:
+        return Verdict(hw.name, True, mem.peak, usable,
+                       f"fits: {mem.peak / gb:.1f} GB of {usable / gb:.1f} GB usable per {hw.name} "
+                       f"({100 * mem.peak / hw.hbm_bytes:.0f}% of HBM)")
+    phase = "training" if mem.train >= mem.sample else "sampling"
+    hints = []
+    if mem.weights > 0.5 * usable:
+        hints.append("shard the weights over more devices (raise fsdp or tensor)")
+    if phase == "training" and not w.remat:
+        hints.append("turn on per-layer rematerialisation (--remat; LM.load(remat=True))")
+    if mem.lanes > 1:
+        hints.append("fewer candidates per device (raise data, or lower --candidates)")
+    hints.append("a shorter --seq-len")
+    return Verdict(hw.name, False, mem.peak, usable,
+                   f"does NOT fit: {phase} needs {mem.peak / gb:.1f} GB per device but a {hw.name} has "
+                   f"{usable / gb:.1f} GB usable; try: " + "; ".join(hints))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything :func:`make_plan` computes, JSON-able through :meth:`to_json`."""
+
+    model: str
+    config: ModelConfig
+    mesh: dict[str, int]
+    workload: Workload
+    memory: MemoryPlan
+    times: dict[str, dict[str, StepTime]]
+    verdicts: dict[str, Verdict]
+    warnings: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (bytes as ints, seconds as floats)."""
+        return {
+            "model": self.model, "parameters": self.config.num_parameters(), "mesh": self.mesh,
+            "devices": math.prod(self.mesh.values()), "workload": dataclasses.asdict(self.workload),
+            "memory_bytes_per_device": {**dataclasses.asdict(self.memory), "peak": self.memory.peak},
+            "step_seconds": {h: {k: {**dataclasses.asdict(s), "seconds": s.seconds, "bound": s.bound}
+                                 for k, s in times.items()} for h, times in self.times.items()},
+            "verdicts": {h: dataclasses.asdict(v) for h, v in self.verdicts.items()},
+            "hardware": {h: dataclasses.asdict(HARDWARE[h]) for h in self.verdicts},
+            "warnings": list(self.warnings),
+        }
+
+
+def resolve_model(name: str) -> ModelConfig:
+    """A preset name (see :data:`seal_jax.lm.config.PRESETS`) or an HF model folder / ``config.json``."""
+    if name in PRESETS:
+        return preset(name)
+    from pathlib import Path
+
+    from seal_jax.lm.config import from_hf
+
+    if Path(name).exists():
+        return from_hf(name)
+    raise PlanError(f"unknown model {name!r}: give a preset ({', '.join(sorted(PRESETS))}) or an HF model folder")
+
+
+def resolve_hardware(name: str) -> list[Hardware]:
+    """``"all"`` or one key of :data:`HARDWARE` -> the hardware to plan for."""
+    if name == "all":
+        return list(HARDWARE.values())
+    if name not in HARDWARE:
+        raise PlanError(f"unknown hardware {name!r}; choose from {sorted(HARDWARE)} or 'all'")
+    return [HARDWARE[name]]
+
+
+def make_plan(model: str, mesh: str | Mapping[str, int], workload: Workload, hardware: str = "all") -> Plan:
+    """Plan ``workload`` for ``model`` (preset or HF folder) on ``mesh`` for ``hardware`` (a name or "all")."""
+    config = resolve_model(model)
+    sizes = parse_mesh(mesh)
+    hws = resolve_hardware(hardware)
+    warnings = []
+    if workload.candidates % sizes["data"]:
+        warnings.append(
+            f"{workload.candidates} candidates do not divide by data={sizes['data']}: the candidate lanes are "
+            f"then replicated and every device trains all {workload.candidates} (choose K a multiple of data)")
+    for axis, dim in (("tensor", config.num_kv_heads), ("tensor", config.num_heads),
+                      ("tensor", config.intermediate_size), ("fsdp", config.hidden_size)):
+        if sizes[axis] > 1 and dim % sizes[axis]:
+            warnings.append(f"{axis}={sizes[axis]} does not divide a width of {dim}: those weights are replicated")
+    if workload.seq_len > config.max_position_embeddings:
+        warnings.append(f"seq_len {workload.seq_len} exceeds the model's context {config.max_position_embeddings}")
+    mem = memory_plan(config, sizes, workload)
+    times = {hw.name: step_times(config, sizes, workload, hw) for hw in hws}
+    verdicts = {hw.name: verdict(config, sizes, workload, hw) for hw in hws}
+    return Plan(model, config, sizes, workload, mem, times, verdicts, tuple(dict.fromkeys(warnings)))
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.2f} GB"
+
+
+def _secs(x: float) -> str:
+    return f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as Markdown: memory per device, step times and verdict per hardware, warnings, sources."""
+    c, m, w, mem = plan.config, plan.mesh, plan.workload, plan.memory
+    devices = math.prod(m.values())
+    mesh_s = ",".join(f"{a}={m[a]}" for a in MESH_AXES)
+    lines = [
+        f"## {plan.model}: {c.num_parameters():,} parameters, mesh {mesh_s} ({devices} devices), {w.dtype}",
+        f"K={w.candidates} candidates (lanes per device: {mem.lanes}), seq_len={w.seq_len}, batch={w.batch}, "
+        f"sample_batch={w.sample_batch}, cache_len={w.cache_slots}, LoRA r={w.lora_rank} on {'/'.join(w.lora_targets)}, "
+        f"remat={'on' if w.remat else 'off'}",
+        "",
+        "| per device | bytes |",
+        "|---|---:|",
+        f"| base weights ({w.dtype}, sharded) | {_gb(mem.weights)} |",
+        f"| LoRA adapters (float32, K+1 slots, replicated) | {_gb(mem.lora_params)} |",
+        f"| AdamW moments (float32) | {_gb(mem.lora_state)} |",
+        f"| gradient accumulators (per lane) | {_gb(mem.accumulators)} |",
+        f"| training activations ({'remat' if w.remat else 'no remat'}, estimate) | {_gb(mem.activations)} |",
+        f"| training logits + log-softmax (float32) | {_gb(mem.logits)} |",
+        f"| **training total** | **{_gb(mem.train)}** |",
+        f"| sampling KV cache (K adapters x {w.sample_batch} rows x {w.cache_slots} slots) | {_gb(mem.kv_cache)} |",
+        f"| prefill attention scores (estimate) | {_gb(mem.prefill_scores)} |",
+        f"| **sampling total** | **{_gb(mem.sample)}** |",
+        "",
+        "| hardware | HBM | fits? | train micro-step | prefill (K x rows x S) | decode / token |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for name, v in plan.verdicts.items():
+        hw = HARDWARE[name]
+        t = plan.times[name]
+        cells = [f"{_secs(t[k].seconds)} ({t[k].bound})" for k in ("train_step", "prefill", "decode_token")]
+        lines.append(f"| {name} | {hw.hbm_bytes / 1e9:.0f} GB | {'yes' if v.fits else '**no**'} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for v in plan.verdicts.values():
+        hw = HARDWARE[v.hardware]
+        hosts = max(1, math.ceil(devices / hw.chips_per_host))
+        lines.append(f"- {v.hardware}: {v.message}; {devices} chips = {hosts} host(s) of {hw.chips_per_host}")
+    for warning in plan.warnings:
+        lines.append(f"- warning: {warning}")
+    lines += ["", "Times are roofline bounds (max of compute, HBM and interconnect time; no latency, no kernel "
+              "inefficiency). Peak figures:"]
+    for name in plan.verdicts:
+        lines.append(f"- {name}: {HARDWARE[name].source}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``seal-jax plan`` options to ``parser``."""
+    parser.add_argument("--model", default="qwen3-8b", help="a preset (e.g. qwen3-8b) or an HF model folder")
+    parser.add_argument("--mesh", default="data=2,fsdp=4,tensor=1", help="mesh sizes, e.g. data=2,fsdp=4,tensor=1")
+    parser.add_argument("--candidates", "-k", type=int, default=4, help="K LoRA candidates trained together")
+    parser.add_argument("--seq-len", type=int, default=2048, help="padded training sequence length T")
+    parser.add_argument("--cache-len", type=int, default=None,
+                        help="KV-cache slots S when sampling (prompt + new tokens; default: --seq-len)")
+    parser.add_argument("--batch", type=int, default=1, help="training micro-batch per candidate (SEAL: 1)")
+    parser.add_argument("--sample-batch", type=int, default=8, help="prompts per candidate when sampling")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="weights and activations")
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projections")
+    parser.add_argument("--remat", action="store_true", help="per-layer rematerialisation in training")
+    parser.add_argument("--hardware", default="all", help=f"one of {', '.join(HARDWARE)} or all")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the plan; return 0 if it fits every requested hardware, 3 if it does not fit some."""
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
+    workload = Workload(candidates=args.candidates, seq_len=args.seq_len, batch=args.batch,
+                        sample_batch=args.sample_batch, dtype=dtype, lora_rank=args.lora_rank,
+                        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+                        remat=args.remat, cache_len=args.cache_len)
+    plan = make_plan(args.model, args.mesh, workload, args.hardware)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return 0 if all(v.fits for v in plan.verdicts.values()) else 3

@@ -1,0 +1,173 @@
+"""The capacity planner: byte counts against real configs, arrays and shardings; mesh errors; verdicts; CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seal_jax import plan as pl
+from seal_jax.cli import main as cli_main
+from seal_jax.lm.config import preset
+from seal_jax.lm.model import KVCache, param_shapes
+from seal_jax.lm.sharding import make_mesh, param_sharding
+
+QWEN3_8B_PARAMS = 8_190_735_360  # Qwen3-8B's published parameter count (model card / safetensors index)
+
+
+def test_qwen3_8b_preset_has_the_real_parameter_count():
+    cfg = preset("qwen3-8b")
+    assert cfg.num_parameters() == QWEN3_8B_PARAMS
+    assert sum(math.prod(s) for s in param_shapes(cfg).values()) == QWEN3_8B_PARAMS
+
+
+def test_weight_bytes_are_params_times_dtype_over_shards():
+    cfg = preset("qwen3-8b")
+    # norms are (layers, None) / (None,): replicated; every matrix divides by fsdp=4 and tensor=2
+    norms = cfg.num_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim) + cfg.hidden_size
+    mesh = {"data": 2, "fsdp": 4, "tensor": 2}
+    assert pl.weight_bytes_per_device(cfg, mesh, "bfloat16") == (QWEN3_8B_PARAMS - norms) * 2 // 8 + norms * 2
+    assert pl.weight_bytes_per_device(cfg, {"data": 8, "fsdp": 1, "tensor": 1}, "float32") == QWEN3_8B_PARAMS * 4
+
+
+def test_weight_bytes_match_jax_shard_shapes_on_a_real_mesh():
+    # a vocabulary that does not divide by tensor=4: the embedding and head must be replicated on that axis
+    cfg = preset("tiny").replace(vocab_size=250)
+    mesh = make_mesh("data=1,fsdp=2,tensor=4")
+    expected = 0
+    for path, shape in param_shapes(cfg).items():
+        expected += math.prod(param_sharding(mesh, path, shape).shard_shape(shape)) * 4
+    assert pl.weight_bytes_per_device(cfg, {"data": 1, "fsdp": 2, "tensor": 4}, "float32") == expected
+    assert pl.shard_shape((250, 64), ("vocab", "embed"), dict(mesh.shape)) == (250, 32)
+
+
+def test_lora_bytes_by_hand_and_against_real_adapters():
+    cfg = preset("qwen3-8b")
+    # q_proj 4096 -> 4096, v_proj 4096 -> 1024, rank 32, 36 layers
+    per_adapter = 36 * 32 * ((4096 + 4096) + (4096 + 1024))
+    assert per_adapter == 15_335_424
+    assert pl.lora_parameters(cfg, 32, ("q_proj", "v_proj")) == per_adapter
+    w = pl.Workload(candidates=4, seq_len=256, dtype="bfloat16")
+    mem = pl.memory_plan(cfg, {"data": 2, "fsdp": 4, "tensor": 1}, w)
+    assert mem.lora_params == 5 * per_adapter * 4  # K + 1 slots, float32
+    assert mem.lora_state == 2 * mem.lora_params  # AdamW mu and nu
+    assert mem.lanes == 2 and mem.accumulators == 2 * 2 * per_adapter * 4
+
+    from seal_jax.lm.lora import LoraSpec, init_adapters
+
+    tiny = preset("tiny")
+    params = {k: np.zeros(s, np.float32) for k, s in param_shapes(tiny).items()}
+    spec = LoraSpec(rank=8, alpha=16.0, targets=("q_proj", "v_proj", "down_proj"))
+    real = init_adapters(params, [spec], [jax.random.PRNGKey(0)])
+    assert sum(x.size for x in jax.tree.leaves(real)) == pl.lora_parameters(tiny, 8, spec.targets)
+
+
+def test_kv_cache_bytes_by_hand_and_against_the_model_cache():
+    cfg = preset("qwen3-8b")
+    w = pl.Workload(candidates=4, seq_len=2048, sample_batch=8, dtype="bfloat16")
+    mem = pl.memory_plan(cfg, {"data": 2, "fsdp": 4, "tensor": 1}, w)
+    # k and v, 36 layers, 4 adapters, 8 rows over data=2, 2048 slots, 8 KV heads of 128, 2 bytes
+    assert mem.kv_cache == 2 * 36 * 4 * 4 * 2048 * 8 * 128 * 2
+    tiny = preset("tiny")
+    cache = jax.eval_shape(lambda: KVCache.create(tiny, 8, 128, jnp.float32))
+    one = pl.memory_plan(tiny, {"data": 1, "fsdp": 1, "tensor": 1},
+                         pl.Workload(candidates=1, seq_len=128, sample_batch=8, dtype="float32"))
+    assert one.kv_cache == cache.k.size * 4 + cache.v.size * 4
+    longer = pl.memory_plan(cfg, {"data": 2, "fsdp": 4, "tensor": 1}, dataclasses.replace(w, cache_len=4096))
+    assert longer.kv_cache == 2 * mem.kv_cache and longer.train == mem.train
+
+
+def test_remat_keeps_only_layer_inputs_plus_one_layer():
+    cfg = preset("qwen3-8b")
+    mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+    w = pl.Workload(candidates=1, seq_len=1024, dtype="bfloat16")
+    full = pl.memory_plan(cfg, mesh, w)
+    remat = pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat=True))
+    one_layer = pl.layer_activation_bytes(cfg, 1, 1024, 2, 1)
+    assert full.activations == 36 * one_layer
+    assert remat.activations == 36 * 1024 * 4096 * 2 + one_layer
+    assert remat.train < full.train and remat.sample == full.sample
+
+
+def test_mesh_spec_errors_name_the_problem():
+    assert pl.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(pl.PlanError, match="no devices to fill a -1"):
+        pl.parse_mesh("data=-1,fsdp=4")
+    with pytest.raises(pl.PlanError, match="unknown mesh axes.*'model'"):
+        pl.parse_mesh("model=2")
+    with pytest.raises(pl.PlanError, match="bad mesh spec part"):
+        pl.parse_mesh("data:2")
+    with pytest.raises(pl.PlanError, match="positive"):
+        pl.parse_mesh("data=0")
+    with pytest.raises(pl.PlanError, match="unknown hardware 'a100'"):
+        pl.make_plan("qwen3-8b", "data=1", pl.Workload(), "a100")
+    with pytest.raises(pl.PlanError, match="unknown model 'qwen9'"):
+        pl.make_plan("qwen9", "data=1", pl.Workload())
+    with pytest.raises(pl.PlanError, match="candidates must be a positive"):
+        pl.Workload(candidates=0)
+
+
+def test_fits_verdict_and_threshold():
+    cfg = preset("qwen3-8b")
+    w = pl.Workload(candidates=4, seq_len=2048, dtype="bfloat16", remat=True)
+    one_chip = {"data": 1, "fsdp": 1, "tensor": 1}
+    v = pl.verdict(cfg, one_chip, w, pl.HARDWARE["tpu-v5e"])  # 16.4 GB of weights on a 16 GB chip
+    assert not v.fits and "does NOT fit" in v.message and "raise fsdp or tensor" in v.message
+    host = {"data": 2, "fsdp": 4, "tensor": 1}
+    assert pl.verdict(cfg, host, w, pl.HARDWARE["h100"]).fits
+    peak = pl.memory_plan(cfg, host, w).peak
+    exact = dataclasses.replace(pl.HARDWARE["h100"], hbm_bytes=peak / pl.USABLE_FRACTION * (1 + 1e-9))
+    short = dataclasses.replace(pl.HARDWARE["h100"], hbm_bytes=peak / pl.USABLE_FRACTION * (1 - 1e-6))
+    assert pl.verdict(cfg, host, w, exact).fits
+    assert not pl.verdict(cfg, host, w, short).fits
+    no_remat = pl.verdict(cfg, host, dataclasses.replace(w, remat=False), pl.HARDWARE["h100"])
+    assert not no_remat.fits and "--remat" in no_remat.message
+
+
+def test_candidates_not_dividing_data_are_replicated_and_warned():
+    w = pl.Workload(candidates=5, seq_len=512)
+    plan = pl.make_plan("qwen3-8b", "data=2,fsdp=4", w, "h100")
+    assert plan.memory.lanes == 5
+    assert any("do not divide by data=2" in x for x in plan.warnings)
+    assert pl.make_plan("qwen3-8b", "data=2,fsdp=4", dataclasses.replace(w, candidates=6), "h100").memory.lanes == 3
+
+
+def test_step_times_by_hand():
+    cfg = preset("qwen3-8b")
+    # matmul parameters: everything but the norms and the (looked-up, untied) embedding
+    norms = cfg.num_layers * (2 * cfg.hidden_size + 2 * cfg.head_dim) + cfg.hidden_size
+    assert pl.matmul_parameters(cfg) == QWEN3_8B_PARAMS - norms - cfg.vocab_size * cfg.hidden_size
+    mesh = {"data": 2, "fsdp": 4, "tensor": 1}
+    w = pl.Workload(candidates=4, seq_len=1024, sample_batch=8, dtype="bfloat16")
+    hw = pl.HARDWARE["h100"]
+    t = pl.step_times(cfg, mesh, w, hw)
+    rows = 4 * 8 // 2
+    flops = rows * (2 * pl.matmul_parameters(cfg) * 1024 + 4 * 1024**2 * cfg.q_dim * 36)
+    assert t["prefill"].compute == pytest.approx(flops / 4 / 989e12)
+    mem = pl.memory_plan(cfg, mesh, w)
+    assert t["decode_token"].memory == pytest.approx((mem.weights + mem.kv_cache) / 3.35e12)
+    assert t["decode_token"].bound == "memory"
+    gathered = QWEN3_8B_PARAMS * 2
+    assert t["train_step"].comm == pytest.approx(2 * gathered * 3 / 4 / 450e9)
+
+
+def test_cli_plan_exit_codes_and_json(capsys):
+    args = ["plan", "--model", "qwen3-8b", "--mesh", "data=2,fsdp=4,tensor=1", "--candidates", "4",
+            "--seq-len", "2048", "--remat"]
+    assert cli_main(args + ["--hardware", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "8,190,735,360 parameters" in out and "| h100 | 80 GB | yes |" in out
+    assert cli_main(args + ["--hardware", "tpu-v5e"]) == 3
+    assert "does NOT fit" in capsys.readouterr().out
+    assert cli_main(args + ["--hardware", "all", "--json"]) == 3
+    data = json.loads(capsys.readouterr().out)
+    assert data["parameters"] == QWEN3_8B_PARAMS and data["devices"] == 8
+    assert set(data["verdicts"]) == set(pl.HARDWARE)
+    assert data["verdicts"]["h200"]["fits"] and not data["verdicts"]["tpu-v5e"]["fits"]
+    assert cli_main(["plan", "--mesh", "data=-1"]) == 1
+    assert "no devices to fill a -1" in capsys.readouterr().err
