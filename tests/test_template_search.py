@@ -25,7 +25,7 @@ from seal_jax.selfedit.template_search import (
 from seal_jax.selfedit.templates import Archive, ArchiveEntry, Template
 
 TEMPLATE_A = {"data_creation_instruction": "List every fact of the passage as short separate sentences.",
-              "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 0.01, "num_epochs": 2,
+              "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 0.005, "num_epochs": 2,
               "gradient_accumulation_steps": 1}
 TEMPLATE_B = {"data_creation_instruction": "Write questions and answers that cover the passage in full detail.",
               "lora_rank": 8, "lora_alpha": 4, "lora_dropout": 0.1, "learning_rate": 0.003, "num_epochs": 1,
@@ -142,7 +142,7 @@ def test_rows_scores_and_heterogeneous_candidates(archive_run):
     lora, train = first.train_calls[0]
     assert [s.rank for s in lora] == [4, 4, 8, 8] and [s.alpha for s in lora] == [8.0, 8.0, 4.0, 4.0]
     assert [s.dropout for s in lora] == [0.0, 0.0, 0.1, 0.1]
-    assert [t.learning_rate for t in train] == [0.01, 0.01, 0.003, 0.003]
+    assert [t.learning_rate for t in train] == [0.005, 0.005, 0.003, 0.003]
     assert [t.epochs for t in train] == [2, 2, 1, 1] and [t.grad_accum for t in train] == [1, 1, 2, 2]
     assert all(t.max_len == 128 and t.batch_size == 1 for t in train)
     assert len({t.seed for t in train}) == 4  # every candidate has its own seed
@@ -240,8 +240,22 @@ def test_noarchive_and_novelty_variants(tiny_chat_dir, tiny_lm, tmp_path):
         assert f"score {entry.score:.3f}, novelty {entry.novelty:.3f}" in meta2
 
 
-def test_all_invalid_proposals_and_fills_are_recorded(tiny_chat_dir, tiny_lm, tmp_path):
+@pytest.fixture(scope="module")
+def long_tiny_lm(tiny_chat_dir, tmp_path_factory):
+    """The tiny model with a 4,096-token context (RoPE has no position table), so the meta-prompt (2,000+
+    tokens with the tiny tokenizer) fits."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-long")
+    shutil.copytree(tiny_chat_dir, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    return sj.load(folder, progress=False)
+
+
+def test_all_invalid_proposals_and_fills_are_recorded(tiny_chat_dir, long_tiny_lm, tmp_path):
     """The real random model: every proposal is invalid; no template, only base rows, no crash."""
+    tiny_lm = long_tiny_lm
     config = TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, iterations=1, passages=1))
     summary = run_template_search(config, tmp_path / "invalid", lm=tiny_lm, progress=False)
     proposals = read_rows(tmp_path / "invalid" / "iteration-1" / "proposals.jsonl")
@@ -310,7 +324,8 @@ def test_config_parsing_and_errors(tiny_chat_dir):
     with pytest.raises(RunConfigError, match="fill_fallback"):
         TemplateSearchConfig.from_dict({**raw, "templates": {**raw["templates"], "fill_fallback": "words"}})
     with pytest.raises(RunConfigError, match="novelty"):
-        TemplateSearchConfig.from_dict({**raw, "templates": {**raw["templates"], "novelty": {"lam": -1.0}}})
+        TemplateSearchConfig.from_dict({**raw, "templates": {**raw["templates"], "variant": "novelty",
+                                                             "novelty": {"lam": -1.0}}})
     with pytest.raises(RunConfigError, match="templates.passages"):
         TemplateSearchConfig.from_dict({**raw, "data": {"source": "demo", "n": 3}})
     with pytest.raises(RunConfigError, match="no conditions"):

@@ -193,7 +193,7 @@ class TemplateSearchConfig:
             for entry in entries or ():
                 archive.add(entry)
         except TemplateError as e:
-            raise RunConfigError(f"templates: {e}") from None
+            raise RunConfigError(f"templates.novelty or templates.similarity_backend: {e}") from None
         return archive
 
     def sft_lora_spec(self) -> Any:
