@@ -85,8 +85,15 @@ def test_fill_pieces_json_and_the_lines_fallback():
     with pytest.raises(TemplateError, match="training_sequences"):
         fill_pieces(raw)
     assert fill_pieces(raw, "lines") == (["1. Velmora has a harbour.", "2. Ferries leave at dawn."], True)
-    with pytest.raises(TemplateError, match="no non-empty line"):
+    with pytest.raises(TemplateError, match="no usable line"):
         fill_pieces(" \n---\n ", "lines")
+    copied = '{"training_sequences": ["first training text", "second training text"]}'
+    with pytest.raises(TemplateError, match="copies the example answer"):
+        fill_pieces(copied)
+    with pytest.raises(TemplateError, match="copies the example answer.*no usable line"):
+        fill_pieces(copied + "\n", "lines")
+    assert fill_pieces('{"training_sequences": ["first training text", "Velmora exports salt."]}') == (
+        ["Velmora exports salt."], False)
     with pytest.raises(Exception, match="unknown fill_fallback"):
         fill_pieces(good, "words")
     passage = P

@@ -280,7 +280,7 @@ def test_all_invalid_proposals_and_fills_are_recorded(tiny_chat_dir, long_tiny_l
             elif r["n_sequences"]:
                 assert r["fill_fallback"] and r["fill_sequences"]
             else:
-                assert "fallback found no non-empty line" in r["failure"]
+                assert "fallback found no usable line" in r["failure"]
 
 
 def test_killed_search_resumes_to_the_same_results(tiny_chat_dir, tiny_lm, tmp_path, archive_run):
@@ -351,3 +351,30 @@ def test_held_out_evaluation_of_the_best_template(tiny_chat_dir, tiny_lm, tmp_pa
     assert [r["template_id"] for r in rows if r["template_id"]] == [info["best"]]
     assert summary["iterations"][0]["eval"]["template"] == info["best"]
     assert all(t.epochs == 1 for _, train in lm.train_calls for t in train)  # max_epochs caps TEMPLATE_A's 2
+
+
+def test_sft_pairs_selection_without_a_model():
+    from seal_jax.selfedit.data import load_passages
+    from seal_jax.selfedit.template_search import sft_pairs
+    from seal_jax.selfedit.templates import fill_prompt
+
+    passages = {p.id: p for p in load_passages("demo", n=2)}
+    templates = {"it1-t0": Template.from_dict(TEMPLATE_A), "it1-t1": Template.from_dict(TEMPLATE_B)}
+
+    def row(pid, tid, f, before, after, seqs=("a fact",)):
+        return {"passage_id": pid, "template_id": tid, "fill_index": f, "accuracy_before": before,
+                "accuracy_after": after, "failure": None, "fill_sequences": list(seqs) if seqs else None}
+
+    rows = [{"passage_id": "demo-0", "template_id": None, "accuracy_before": 0.5, "accuracy_after": 0.5},
+            row("demo-0", "it1-t0", 0, 0.5, 0.5), row("demo-0", "it1-t0", 1, 0.5, 0.75, ("best fill",)),
+            row("demo-0", "it1-t1", 0, 0.5, 0.25), row("demo-1", "it1-t1", 0, 0.0, 1.0, None),  # no training data
+            row("demo-1", "it1-t0", 0, 0.0, 0.0)]
+    pairs = sft_pairs(rows, passages, templates, "META", k=1, chat=False)
+    assert [(p["passage_id"], p["template_id"], p["kind"]) for p in pairs] == [
+        ("demo-0", "it1-t0", "template"), ("demo-0", "it1-t0", "fill"),
+        ("demo-1", "it1-t0", "template"), ("demo-1", "it1-t0", "fill")]
+    assert pairs[0]["prompt"] == "META" and json.loads(pairs[0]["completion"]) == templates["it1-t0"].to_dict()
+    assert pairs[1]["prompt"] == fill_prompt(templates["it1-t0"], passages["demo-0"].title, passages["demo-0"].context)
+    assert json.loads(pairs[1]["completion"]) == {"training_sequences": ["best fill"]} and pairs[1]["fill_index"] == 1
+    kept = sft_pairs(rows, passages, templates, "META", k=2, chat=False, positive_gain_only=True)
+    assert [(p["passage_id"], p["template_id"]) for p in kept] == [("demo-0", "it1-t0")] * 2

@@ -136,6 +136,13 @@ def training_sequences(passage: Passage, completion: str | None, *, include_pass
 
 
 FILL_FALLBACKS = ("none", "lines")
+# The example answer of seal_jax.selfedit.templates.fill_prompt; small models copy it verbatim.
+FILL_PLACEHOLDERS = ("first training text", "second training text")
+
+
+def _not_placeholder(piece: str) -> bool:
+    lowered = piece.lower()
+    return not any(p in lowered for p in FILL_PLACEHOLDERS)
 
 
 def fill_pieces(text: str, fallback: str = "none") -> tuple[list[str], bool]:
@@ -144,21 +151,27 @@ def fill_pieces(text: str, fallback: str = "none") -> tuple[list[str], bool]:
     ``text`` should hold ``{"training_sequences": [...]}`` (parsed by
     :func:`seal_jax.selfedit.templates.parse_fill`). When it does not and ``fallback == "lines"``, the raw
     text is split by SEAL's rules (:func:`split_completion`) instead — for small models that rarely write
-    valid JSON. Returns ``(pieces, used_fallback)``; raises
-    :class:`~seal_jax.selfedit.templates.TemplateError` when neither gives a non-empty piece.
+    valid JSON. Pieces that copy the fill prompt's example answer ("first training text", "second
+    training text") are dropped either way. Returns ``(pieces, used_fallback)``; raises
+    :class:`~seal_jax.selfedit.templates.TemplateError` when no usable piece is left.
     """
     from seal_jax.selfedit.templates import TemplateError, parse_fill
 
     if fallback not in FILL_FALLBACKS:
         raise StrategyError(f"unknown fill_fallback {fallback!r}; choose from {FILL_FALLBACKS}")
     try:
-        return parse_fill(text), False
+        parsed = parse_fill(text)
+        pieces = [p for p in parsed if _not_placeholder(p)]
+        if not pieces:
+            raise TemplateError("the fill copies the example answer of the fill prompt "
+                                f"({list(FILL_PLACEHOLDERS)}) instead of writing training texts")
+        return pieces, False
     except TemplateError as error:
         if fallback != "lines":
             raise
-        pieces = split_completion(text)
+        pieces = [p for p in split_completion(text) if _not_placeholder(p)]
         if not pieces:
-            raise TemplateError(f"{error}; the 'lines' fallback found no non-empty line either") from None
+            raise TemplateError(f"{error}; the 'lines' fallback found no usable line either") from None
         return pieces, True
 
 

@@ -31,7 +31,8 @@ An **iteration** (folder ``iteration-N/``):
    (``sft_rows.jsonl``, prompts with the chat template applied, completions canonical JSON so the model
    learns the format); the generator is fine-tuned on them (loss on the completion only; SEAL's r=64,
    alpha=128, all projections, lr 3e-4, 2 epochs by default), merged and exported to
-   ``iteration-N/generator/``, which proposes and fills in iteration N+1.
+   ``iteration-N/generator/``, which proposes and fills in iteration N+1 (``sft_positive_gain_only`` keeps
+   only fills that beat the accuracy before; with no pair left the generator carries over unchanged).
 
 **Which model adapts.** With ``inner_model = "generator"`` (the default) the LoRA updates of the inner
 loop are applied to the current generator, as in SEAL's self-adaptation (and our ReST-EM): the model that
@@ -126,6 +127,7 @@ class TemplateSearchConfig:
         when fetched, else TF-IDF), ``embeddings`` or ``tfidf``.
       inner_model: ``generator`` (the evolving model takes the LoRA updates) or ``base``.
       sft: ReST-EM SFT of the generator between iterations; sft_top_k: templates kept per passage;
+        sft_positive_gain_only: keep only fills whose accuracy beat the accuracy before;
         sft_lora, sft_train: :class:`~seal_jax.LoraSpec`/:class:`~seal_jax.TrainSpec` fields over SEAL's
         r=64, alpha=128, all projections, lr 3e-4, 2 epochs, batch 1.
       eval_data: held-out passages (``{source, n, start, shuffle, seed}``) for each iteration's best
@@ -148,6 +150,7 @@ class TemplateSearchConfig:
     inner_model: str = "generator"
     sft: bool = True
     sft_top_k: int = 2
+    sft_positive_gain_only: bool = False
     sft_lora: dict[str, Any] = dataclasses.field(default_factory=dict)
     sft_train: dict[str, Any] = dataclasses.field(default_factory=dict)
     eval_data: dict[str, Any] | None = None
@@ -384,9 +387,11 @@ def diversity(templates: Sequence[Template], fills: Sequence[Sequence[str]], bac
 
 
 def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], templates: dict[str, Template],
-              meta: str, *, k: int, chat: bool, tokenizer: Any = None) -> list[dict[str, Any]]:
+              meta: str, *, k: int, chat: bool, tokenizer: Any = None, positive_gain_only: bool = False
+              ) -> list[dict[str, Any]]:
     """The SFT rows of one iteration: :func:`~seal_jax.selfedit.templates.select_top` over its template
-    rows (top ``k`` templates per passage, each with its best fill).
+    rows (top ``k`` templates per passage, each with its best fill); with ``positive_gain_only`` only fills
+    whose accuracy beat the accuracy before compete.
 
     Prompts are the exact texts the generator saw (chat template applied when ``chat``); completions are
     the template's canonical JSON and the fill's training texts as ``{"training_sequences": [...]}``.
@@ -400,6 +405,8 @@ def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], temp
     candidates = []
     for r in rows:
         if not r.get("template_id") or not r.get("fill_sequences"):
+            continue
+        if positive_gain_only and not r["accuracy_after"] > r["accuracy_before"]:
             continue
         template, passage = templates[r["template_id"]], passages[r["passage_id"]]
         candidates.append({
@@ -575,7 +582,7 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
                                 "sft_rows": None, "sft_loss": None}
         if config.sft and it < config.iterations:
             pairs = sft_pairs(rows, by_id, dict(templates), meta, k=config.sft_top_k, chat=k.chat,
-                              tokenizer=model(generator).tokenizer)
+                              tokenizer=model(generator).tokenizer, positive_gain_only=config.sft_positive_gain_only)
             _write_jsonl(folder / "sft_rows.jsonl", pairs)
             info["sft_rows"] = len(pairs)
             if pairs:
@@ -589,7 +596,7 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
                 losses = adapters.losses[0]
                 info.update(next_generator=str(target), sft_loss=[losses[0], losses[-1]] if losses else None)
             else:
-                info["note"] = "no fill gave training data; the generator is unchanged"
+                info["note"] = "no fill was selected for SFT; the generator is unchanged"
         marker.write_text(json.dumps(info, indent=2, ensure_ascii=False))
         entries.extend(new_entries)
         config.make_archive(entries).to_jsonl(out / "archive.jsonl")
