@@ -154,7 +154,12 @@ def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, t
     assert again.meta == 0
     # no valid template: failure rows with the reason, the other conditions unaffected
     bad = CannedTemplateLM(tiny_lm, valid=False)
-    run_knowledge(config, tmp_path / "bad", lm=bad, progress=False)
+    bad_config = tiny_config(tiny_chat_dir, conditions=["base", "passage", "template"],
+                             template_condition={"max_retries": 1, "candidates": 2})
+    run_knowledge(bad_config, tmp_path / "bad", lm=bad, progress=False)
+    proposals = json.loads((tmp_path / "bad" / "template.json").read_text())["proposals"]
+    assert [(p["attempt"], p["valid"]) for p in proposals] == [(0, False), (0, False), (1, False), (1, False)]
+    assert bad.meta == 2  # one batched generate per attempt
     rows = read_rows(tmp_path / "bad" / "results.jsonl")
     failed = [r for r in rows if r["condition"] == "template"]
     assert len(failed) == 4 and all(r["failure"].startswith("no valid template: no JSON object") for r in failed)

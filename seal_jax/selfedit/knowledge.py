@@ -9,7 +9,8 @@ its last finished passage with nothing lost or duplicated. Randomness is derived
 condition), never from the order of work, so a resumed run gives the same rows as an uninterrupted one.
 
 The ``template`` condition (template search, arXiv 2601.14532, inside an ordinary knowledge run): the model
-proposes **one template per run** (the meta-prompt of :func:`~seal_jax.selfedit.templates.meta_prompt`,
+proposes **one template per run** (``candidates`` proposals sampled together per attempt, the first
+valid one kept; the meta-prompt of :func:`~seal_jax.selfedit.templates.meta_prompt`,
 showing the seeded archive's human strategies unless ``template_condition.archive = false``; exploit
 sampling; seeded by the run's seed; invalid answers retried), stored in ``template.json`` and reused on
 resume. For each passage it is filled K times (one batched ``generate``), each fill is parsed as
@@ -58,7 +59,7 @@ class RunConfigError(ValueError):
 
 
 TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
-    "archive": True, "proposal_max_new_tokens": 512, "max_retries": 2, "fill_max_new_tokens": None,
+    "archive": True, "proposal_max_new_tokens": 512, "max_retries": 2, "candidates": 1, "fill_max_new_tokens": None,
     "fill_fallback": "none", "max_epochs": None,
 }
 
@@ -82,7 +83,8 @@ class RunConfig:
       seed: the run's seed.
       template_condition: options of the ``template`` condition (see :data:`TEMPLATE_CONDITION_DEFAULTS`):
         ``archive`` (show the seeded archive in the meta-prompt), ``proposal_max_new_tokens``,
-        ``max_retries``, ``fill_max_new_tokens`` (default: ``selfedit_sampling.max_new_tokens``),
+        ``max_retries``, ``candidates`` (proposals sampled together per attempt; the first valid one is
+        used), ``fill_max_new_tokens`` (default: ``selfedit_sampling.max_new_tokens``),
         ``fill_fallback`` (``"none"`` or ``"lines"``), ``max_epochs`` (cap on the template's epochs, or
         ``None``).
     """
@@ -118,6 +120,8 @@ class RunConfig:
         if options["fill_fallback"] not in FILL_FALLBACKS:
             raise RunConfigError(f"template_condition.fill_fallback must be one of {FILL_FALLBACKS}, got "
                                  f"{options['fill_fallback']!r}")
+        if not isinstance(options["candidates"], int) or options["candidates"] < 1:
+            raise RunConfigError(f"template_condition.candidates must be a positive integer, got {options['candidates']}")
         if options["max_epochs"] is not None and options["max_epochs"] < 1:
             raise RunConfigError(f"template_condition.max_epochs must be >= 1 or absent, got {options['max_epochs']}")
         if "template" in self.conditions and self.train.get("batch_size", 1) != 1:
@@ -422,10 +426,15 @@ def propose_run_template(lm: Any, config: RunConfig, out: Path) -> tuple[Any, st
         return template, saved.get("failure")
     options = config.template_options()
     prompt = meta_prompt(Archive.seeded().shown() if options["archive"] else None)
-    records = propose(lm, prompt, ["exploit"], max_new_tokens=int(options["proposal_max_new_tokens"]),
-                      max_retries=int(options["max_retries"]), seed=derived_seed(config.seed, "template-condition"),
-                      chat=config.chat)
-    template = chosen(records).get(0)
+    records: list[Proposal] = []
+    for attempt in range(int(options["max_retries"]) + 1):  # ``candidates`` proposals per attempt, in one batch
+        batch = propose(lm, prompt, ["exploit"] * int(options["candidates"]),
+                        max_new_tokens=int(options["proposal_max_new_tokens"]), max_retries=0,
+                        seed=derived_seed(config.seed, "template-condition", attempt), chat=config.chat)
+        records += [dataclasses.replace(r, attempt=attempt) for r in batch]
+        if chosen(batch):
+            break
+    template = next((r.template for r in records if r.template is not None), None)
     failure = None if template is not None else (records[-1].reason if records else "no proposal was made")
     saved = {"meta_prompt": prompt, "template": template.to_dict() if template else None, "failure": failure,
              "proposals": [Proposal.to_dict(r) for r in records]}
