@@ -669,7 +669,7 @@ def template_markdown(summary: dict[str, Any]) -> str:
         return "–" if x is None else f"{x:.3f}"
 
     lines = [f"Model: `{summary['model']}` · variant `{summary['variant']}`", "",
-             "| iteration | valid templates | valid fills | base | best score | mean score | best gain | "
+             "| iteration | valid templates / attempts | valid fills | base | best score | mean score | best gain | "
              "hyperparam sim | instruction sim | mean chars/fill | held-out best (base) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in summary["iterations"]:
