@@ -1,9 +1,9 @@
 """The ``seal-jax`` command.
 
 Subcommands: ``fetch`` (the bundled CPU model), ``demo`` (the main job on the bundled model), ``run``
-(a knowledge-incorporation or ReST-EM experiment from a TOML config), ``report`` (table and chart of a run),
-``bench`` (benchmarks against transformers), ``plan`` (memory and time per accelerator), ``smoke`` (a quick
-generation check of a model).
+(a knowledge-incorporation, ReST-EM or template-search experiment from a TOML config), ``report`` (table and
+chart of a run), ``bench`` (benchmarks against transformers), ``plan`` (memory and time per accelerator),
+``smoke`` (a quick generation check of a model).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _run_config(path: str, out: str | None) -> tuple[object, Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run (or resume) an experiment from a TOML config (knowledge incorporation or ReST-EM)."""
+    """Run (or resume) an experiment from a TOML config (knowledge incorporation, ReST-EM or template search)."""
     from seal_jax.lm.sharding import initialize_distributed
     from seal_jax.selfedit import runs
 
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo instead of starting over")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", help="run an experiment from a TOML config (knowledge incorporation or ReST-EM)")
+    p = sub.add_parser("run", help="run an experiment from a TOML config (knowledge incorporation, ReST-EM or template search)")
     p.add_argument("config", help="a TOML file, e.g. experiments/demo.toml or experiments/restem-demo.toml")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue after the last finished passage")

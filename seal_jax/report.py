@@ -90,18 +90,82 @@ def report_restem(run_dir: str | Path) -> tuple[str, Path]:
     return markdown, png
 
 
+def plot_iterations(summary: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Four panels over the iterations of a template search — best/mean score (and held-out best),
+    hyperparameter similarity, instruction similarity, mean characters per fill; writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["iterations"]
+    xs = [e["iteration"] for e in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(13.0, 3.2), dpi=120)
+
+    def line(ax: Any, key: str, label: str, style: str = "-o", scale: float = 1.0) -> None:
+        points = [(e["iteration"], scale * e[key]) for e in rows if e.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+
+    line(axes[0], "best_score", "best", scale=100)
+    line(axes[0], "mean_score", "mean", "--o", scale=100)
+    line(axes[0], "base_accuracy", "base (no update)", ":s", scale=100)
+    held = [(e["iteration"], 100 * e["eval"]["score"]) for e in rows if e.get("eval") and e["eval"]["score"] is not None]
+    if held:
+        axes[0].plot(*zip(*held, strict=True), "-^", label="held-out best")
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=7)
+    line(axes[1], "hyperparameter_similarity", "hyperparameters")
+    line(axes[2], "instruction_similarity", "instructions")
+    line(axes[3], "mean_sequence_chars", "chars")
+    backend = next((e["similarity_backend"] for e in rows if e.get("similarity_backend")), None)
+    titles = ("template score", "hyperparameter similarity",
+              f"instruction similarity{f' ({backend})' if backend else ''}", "training characters per fill")
+    for ax, name in zip(axes, titles, strict=True):
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_xticks(xs)
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in axes[1:3]:
+        ax.set_ylim(0, 1.05)
+    fig.suptitle(title or f"{summary['model']} · {summary['variant']}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report_templates(run_dir: str | Path) -> tuple[str, Path]:
+    """``report.md`` and ``iterations.png`` of a template-search run folder (recomputed from its files)."""
+    from seal_jax.selfedit.template_search import summarize_template_search, template_markdown
+
+    run = Path(run_dir)
+    config = json.loads((run / "run_config.json").read_text())
+    summary = summarize_template_search(run, config)
+    if not summary["iterations"]:
+        raise ValueError(f"{run} has no proposals yet: the search has not finished its first proposal step")
+    markdown = template_markdown(summary)
+    png = plot_iterations(summary, run / "iterations.png", title=run.name)
+    (run / "report.md").write_text(markdown + f"\n![scores and diversity per iteration]({png.name})\n")
+    return markdown, png
+
+
 def report(run_dir: str | Path) -> tuple[str, Path]:
     """Write ``report.md`` and a chart into ``run_dir``; return the Markdown and the PNG path.
 
     A knowledge run gets ``accuracy.png`` (accuracy per condition); a ReST-EM run ``rounds.png``
-    (accuracy per round).
+    (accuracy per round); a template search ``iterations.png`` (score and diversity per iteration).
     """
     from seal_jax.selfedit.knowledge import summary_markdown
     from seal_jax.selfedit.runs import run_kind
 
     run = Path(run_dir)
-    if (run / "run_config.json").is_file() and run_kind(run) == "restem":
+    kind = run_kind(run) if (run / "run_config.json").is_file() else "knowledge"
+    if kind == "restem":
         return report_restem(run)
+    if kind == "templates":
+        return report_templates(run)
     summary = load_summary(run)
     markdown = summary_markdown(summary)
     png = plot_accuracy(summary, run / "accuracy.png", title=run.name)

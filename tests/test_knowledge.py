@@ -96,3 +96,73 @@ def test_experiment_configs_parse():
 
     kinds = {path.name: type(load_config(path)).__name__ for path in configs}
     assert kinds["demo.toml"] == "RunConfig" and kinds["restem-demo.toml"] == "RestemConfig"
+    for variant in ("noarchive", "archive", "novelty"):
+        for scale in ("demo", "qwen3-8b"):
+            assert kinds[f"templates-{variant}-{scale}.toml"] == "TemplateSearchConfig"
+            assert load_config(configs[0].parent / f"templates-{variant}-{scale}.toml").variant == variant
+
+
+class CannedTemplateLM:
+    """The real tiny LM, except that the meta-prompt gets a fixed template and its fills a fixed JSON list."""
+
+    TEMPLATE = {"data_creation_instruction": "State each fact of the passage as its own short sentence.",
+                "lora_rank": 8, "lora_alpha": 4, "lora_dropout": 0.1, "learning_rate": 0.003, "num_epochs": 5,
+                "gradient_accumulation_steps": 2}
+
+    def __init__(self, lm, valid: bool = True):
+        self.lm, self.valid, self.calls, self.meta = lm, valid, [], 0
+
+    def generate(self, prompts, params, adapters=None, chat=False, **kwargs):
+        if adapters is None and prompts[0].startswith("You are designing a learning plan"):
+            self.meta += 1
+            return [json.dumps(self.TEMPLATE) if self.valid else "no plan"] * len(prompts)
+        if adapters is None and prompts[0].startswith("Passage:\n"):
+            return ['{"training_sequences": ["A first fact.", "A second fact."]}'] * len(prompts)
+        return self.lm.generate(prompts, params, adapters=adapters, chat=chat, **kwargs)
+
+    def train_adapters(self, sequences, lora=None, train=None, seed=0):
+        self.calls.append((list(lora), list(train), [list(s) for s in sequences]))
+        return self.lm.train_adapters(sequences, lora, train, seed=seed)
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+
+def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, tiny_lm, tmp_path):
+    config = tiny_config(tiny_chat_dir, conditions=["base", "passage", "template"],
+                         template_condition={"max_epochs": 3, "max_retries": 0})
+    lm = CannedTemplateLM(tiny_lm)
+    summary = run_knowledge(config, tmp_path / "run", lm=lm, progress=False)
+    saved = json.loads((tmp_path / "run" / "template.json").read_text())
+    assert saved["template"]["lora_rank"] == 8 and saved["failure"] is None and lm.meta == 1
+    assert "Plans tried so far" in saved["meta_prompt"]  # the seeded archive is shown by default
+    rows = read_rows(tmp_path / "run" / "results.jsonl")
+    template_rows = [r for r in rows if r["condition"] == "template"]
+    assert len(template_rows) == 2 * 2 and all(r["template"] == saved["template"] for r in template_rows)
+    assert all(r["n_sequences"] == 3 and not r["fill_fallback"] for r in template_rows)  # 2 texts + the passage
+    # one call per passage: the passage candidate with the run's specs, the 2 fills with the template's
+    lora, train, sequences = lm.calls[0]
+    assert [s.rank for s in lora] == [4, 8, 8] and [s.alpha for s in lora] == [8.0, 4.0, 4.0]
+    assert [t.learning_rate for t in train] == [1e-2, 0.003, 0.003]
+    assert [t.epochs for t in train] == [2, 3, 3] and [t.grad_accum for t in train] == [1, 2, 2]
+    assert sequences[1][0].endswith("\nA first fact.")
+    assert summary["conditions"]["template"]["n_passages"] == 2
+    # resume reads the stored template instead of asking again
+    again = CannedTemplateLM(tiny_lm, valid=False)
+    (tmp_path / "run" / "results.jsonl").write_text("")
+    run_knowledge(config, tmp_path / "run", lm=again, progress=False, resume=True)
+    assert again.meta == 0
+    # no valid template: failure rows with the reason, the other conditions unaffected
+    bad = CannedTemplateLM(tiny_lm, valid=False)
+    bad_config = tiny_config(tiny_chat_dir, conditions=["base", "passage", "template"],
+                             template_condition={"max_retries": 1, "candidates": 2})
+    run_knowledge(bad_config, tmp_path / "bad", lm=bad, progress=False)
+    proposals = json.loads((tmp_path / "bad" / "template.json").read_text())["proposals"]
+    assert [(p["attempt"], p["valid"]) for p in proposals] == [(0, False), (0, False), (1, False), (1, False)]
+    assert bad.meta == 2  # one batched generate per attempt
+    rows = read_rows(tmp_path / "bad" / "results.jsonl")
+    failed = [r for r in rows if r["condition"] == "template"]
+    assert len(failed) == 4 and all(r["failure"].startswith("no valid template: no JSON object") for r in failed)
+    assert all(r["accuracy_after"] == r["accuracy_before"] for r in failed)
+    with pytest.raises(RunConfigError, match="template_condition"):
+        tiny_config(tiny_chat_dir, template_condition={"fallback": "lines"})

@@ -64,7 +64,7 @@ def test_prompts():
 
 def test_strategy_registry_and_sources():
     assert {"base", "passage", "implications", "implications_long", "implications_very_long", "rewrite",
-            "self_qa", "replay"} == set(STRATEGIES)
+            "self_qa", "replay", "template"} == set(STRATEGIES)
     with pytest.raises(StrategyError, match="unknown strategy 'summary'.*implications"):
         get_strategy("summary")
     assert completions_for(get_strategy("passage"), P, None, None, 2) == [None, None]
@@ -72,3 +72,30 @@ def test_strategy_registry_and_sources():
     with pytest.raises(StrategyError, match="no replayed self-edits for passage p-1"):
         completions_for(get_strategy("replay"), P, None, {}, 1)
     assert completions_for(get_strategy("rewrite"), P, ["a", "b"], None, 2) == ["a", "b"]
+
+
+def test_fill_pieces_json_and_the_lines_fallback():
+    from seal_jax.selfedit.strategies import fill_pieces, pieces_to_sequences
+    from seal_jax.selfedit.templates import TemplateError
+
+    good = 'Sure! {"training_sequences": ["One fact.", "  Another fact. ", ""]}'
+    assert fill_pieces(good) == (["One fact.", "Another fact."], False)
+    assert fill_pieces(good, "lines") == (["One fact.", "Another fact."], False)  # JSON wins when valid
+    raw = "Here are the facts:\n1. Velmora has a harbour.\n---\n2. Ferries leave at dawn.\n"
+    with pytest.raises(TemplateError, match="training_sequences"):
+        fill_pieces(raw)
+    assert fill_pieces(raw, "lines") == (["1. Velmora has a harbour.", "2. Ferries leave at dawn."], True)
+    with pytest.raises(TemplateError, match="no usable line"):
+        fill_pieces(" \n---\n ", "lines")
+    copied = '{"training_sequences": ["first training text", "second training text"]}'
+    with pytest.raises(TemplateError, match="copies the example answer"):
+        fill_pieces(copied)
+    with pytest.raises(TemplateError, match="copies the example answer.*no usable line"):
+        fill_pieces(copied + "\n", "lines")
+    assert fill_pieces('{"training_sequences": ["first training text", "Velmora exports salt."]}') == (
+        ["Velmora exports salt."], False)
+    with pytest.raises(Exception, match="unknown fill_fallback"):
+        fill_pieces(good, "words")
+    passage = P
+    assert pieces_to_sequences(passage, ["A."], include_passage=True) == [f"{passage.title}\nA.", passage.text]
+    assert pieces_to_sequences(passage, ["A."], include_passage=False) == [f"{passage.title}\nA."]

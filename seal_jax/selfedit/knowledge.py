@@ -7,6 +7,19 @@ the questions at once (K stacked), and a grader scores the answers. Rows are app
 ``results.jsonl`` passage by passage (all rows of a passage in one write), so a killed run resumes after
 its last finished passage with nothing lost or duplicated. Randomness is derived from (seed, passage id,
 condition), never from the order of work, so a resumed run gives the same rows as an uninterrupted one.
+
+The ``template`` condition (template search, arXiv 2601.14532, inside an ordinary knowledge run): the model
+proposes **one template per run** (``candidates`` proposals sampled together per attempt, the first
+valid one kept; the meta-prompt of :func:`~seal_jax.selfedit.templates.meta_prompt`,
+showing the seeded archive's human strategies unless ``template_condition.archive = false``; exploit
+sampling; seeded by the run's seed; invalid answers retried), stored in ``template.json`` and reused on
+resume. For each passage it is filled K times (one batched ``generate``), each fill is parsed as
+``{"training_sequences": [...]}`` (with the optional ``"lines"`` fallback), and its adapters train in the
+same ``train_adapters`` call as the human strategies' — with the template's own rank, alpha, dropout,
+learning rate, epochs (optionally capped by ``template_condition.max_epochs``) and grad-accum, on the run's
+LoRA targets. One template per run, not per passage, because a template is a strategy: the paper scores it
+over many passages. Without a valid template after the retries, the condition's rows are failures with the
+reason (accuracy after = before: nothing was trained).
 """
 
 from __future__ import annotations
@@ -27,8 +40,11 @@ from tqdm.auto import tqdm
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.data import Passage, load_passages, load_seal_selfedits
 from seal_jax.selfedit.strategies import (
+    FILL_FALLBACKS,
     completions_for,
+    fill_pieces,
     get_strategy,
+    pieces_to_sequences,
     question_prompt,
     self_edit_prompt,
     training_sequences,
@@ -40,6 +56,12 @@ ROW_FIELDS = ("passage_id", "title", "condition", "candidate", "self_edit", "n_s
 
 class RunConfigError(ValueError):
     """A run configuration that cannot be used."""
+
+
+TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
+    "archive": True, "proposal_max_new_tokens": 512, "max_retries": 2, "candidates": 1, "fill_max_new_tokens": None,
+    "fill_fallback": "none", "max_epochs": None,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +81,12 @@ class RunConfig:
       lora, train: :class:`~seal_jax.LoraSpec` / :class:`~seal_jax.TrainSpec` fields.
       eval_max_new_tokens: answer length; grader: a name from :data:`grading.GRADERS` or ``"judge"``.
       seed: the run's seed.
+      template_condition: options of the ``template`` condition (see :data:`TEMPLATE_CONDITION_DEFAULTS`):
+        ``archive`` (show the seeded archive in the meta-prompt), ``proposal_max_new_tokens``,
+        ``max_retries``, ``candidates`` (proposals sampled together per attempt; the first valid one is
+        used), ``fill_max_new_tokens`` (default: ``selfedit_sampling.max_new_tokens``),
+        ``fill_fallback`` (``"none"`` or ``"lines"``), ``max_epochs`` (cap on the template's epochs, or
+        ``None``).
     """
 
     name: str
@@ -79,10 +107,26 @@ class RunConfig:
     eval_max_new_tokens: int = 64
     grader: str = "offline"
     seed: int = 0
+    template_condition: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for c in self.conditions:
             get_strategy(c)
+        unknown = sorted(set(self.template_condition) - set(TEMPLATE_CONDITION_DEFAULTS))
+        if unknown:
+            raise RunConfigError(f"unknown keys in [template_condition]: {unknown}; known keys: "
+                                 f"{sorted(TEMPLATE_CONDITION_DEFAULTS)}")
+        options = self.template_options()
+        if options["fill_fallback"] not in FILL_FALLBACKS:
+            raise RunConfigError(f"template_condition.fill_fallback must be one of {FILL_FALLBACKS}, got "
+                                 f"{options['fill_fallback']!r}")
+        if not isinstance(options["candidates"], int) or options["candidates"] < 1:
+            raise RunConfigError(f"template_condition.candidates must be a positive integer, got {options['candidates']}")
+        if options["max_epochs"] is not None and options["max_epochs"] < 1:
+            raise RunConfigError(f"template_condition.max_epochs must be >= 1 or absent, got {options['max_epochs']}")
+        if "template" in self.conditions and self.train.get("batch_size", 1) != 1:
+            raise RunConfigError("the template condition trains with batch size 1 (the paper's) in the same call "
+                                 "as the other conditions; set train.batch_size = 1")
         if self.k < 1 or self.repeats < 1:
             raise RunConfigError(f"k and repeats must be >= 1, got k={self.k}, repeats={self.repeats}")
         if self.grader != "judge":
@@ -104,6 +148,22 @@ class RunConfig:
         from seal_jax.lm.training import TrainSpec
 
         return TrainSpec(**{**dataclasses.asdict(TrainSpec.seal()), **self.train, "seed": seed})
+
+    def template_options(self) -> dict[str, Any]:
+        """``template_condition`` over :data:`TEMPLATE_CONDITION_DEFAULTS`."""
+        return {**TEMPLATE_CONDITION_DEFAULTS, **self.template_condition}
+
+    def template_specs(self, template: Any, seed: int, max_epochs: int | None = None) -> tuple[Any, Any]:
+        """``(LoraSpec, TrainSpec)`` of one template candidate: the template's rank, alpha, dropout,
+        learning rate, epochs (at most ``max_epochs``) and grad-accum, batch size 1; the run's LoRA targets
+        and its other training fields (``max_len``, ``schedule``, ``loss``, …); ``seed``."""
+        base = self.train_spec(seed)
+        extra = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+                 if f.name not in ("learning_rate", "epochs", "batch_size", "grad_accum")}
+        train = template.train_spec(**extra)
+        if max_epochs is not None and train.epochs > max_epochs:
+            train = dataclasses.replace(train, epochs=int(max_epochs))
+        return template.lora_spec(self.lora_spec().targets), train
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
@@ -261,68 +321,140 @@ def scored_answers(passage: Passage, answers: Sequence[str], grader: Callable[..
             for q, a, v in zip(passage.questions, answers, verdicts, strict=True)]
 
 
-def generate_self_edits(lm: Any, passage: Passage, config: RunConfig) -> dict[str, list[str]]:
-    """K sampled self-edits for every generating condition of the run, in one batch per condition."""
+def generate_self_edits(lm: Any, passage: Passage, config: RunConfig, template: Any = None) -> dict[str, list[str]]:
+    """K sampled self-edits for every generating condition of the run, in one batch per condition; with
+    ``template`` (a :class:`~seal_jax.selfedit.templates.Template`) also K fills of it under ``"template"``."""
     from seal_jax.lm.sampling import SamplingParams
+    from seal_jax.selfedit.templates import fill_prompt
 
     out: dict[str, list[str]] = {}
     for name in config.conditions:
         strategy = get_strategy(name)
-        if strategy.source != "generate":
+        if strategy.source == "template" and template is not None:
+            prompt = fill_prompt(template, passage.title, passage.context)
+            length = config.template_options()["fill_max_new_tokens"]
+        elif strategy.source == "generate":
+            prompt, length = self_edit_prompt(strategy, passage, chat=config.chat), None
+        else:
             continue
-        prompt = self_edit_prompt(strategy, passage, chat=config.chat)
         params = SamplingParams(**{"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95,
                                    **config.selfedit_sampling, "seed": derived_seed(config.seed, passage.id, name)})
+        if length is not None:
+            params = dataclasses.replace(params, max_new_tokens=int(length))
         out[name] = lm.generate([prompt] * config.k, params, chat=config.chat)
     return out
 
 
 def passage_rows(lm: Any, passage: Passage, config: RunConfig, grader: Callable[..., list[bool]],
-                 replay: dict[str, list[str]] | None) -> list[dict[str, Any]]:
-    """All result rows of one passage (base, then every training condition's candidates)."""
+                 replay: dict[str, list[str]] | None, template: Any = None,
+                 template_failure: str | None = None) -> list[dict[str, Any]]:
+    """All result rows of one passage (base, then every training condition's candidates).
+
+    ``template``: the run's proposed :class:`~seal_jax.selfedit.templates.Template` for the ``template``
+    condition (``None`` with ``template_failure`` saying why there is none). Every candidate trains in one
+    ``train_adapters`` call, human strategies with the run's LoRA/training specs and template fills with the
+    template's own (see :meth:`RunConfig.template_specs`).
+    """
     base_scored = scored_answers(passage, answer_questions(lm, passage, config), grader)
     before = sum(a["correct"] for a in base_scored) / len(base_scored)
     rows = []
     if "base" in config.conditions:
-        rows.append(_row(passage, "base", 0, None, 0, before, before, base_scored, None, repeat=0))
-    generated = generate_self_edits(lm, passage, config)
-    jobs: list[tuple[str, int, int, str | None, list[str]]] = []  # condition, candidate, repeat, edit, seqs
+        rows.append(result_row(passage, "base", 0, None, 0, before, before, base_scored, None, repeat=0))
+    generated = generate_self_edits(lm, passage, config, template)
+    options = config.template_options()
+    # condition, candidate, repeat, edit, sequences, (LoraSpec, TrainSpec), extra row fields
+    jobs: list[tuple[str, int, int, str | None, list[str], tuple[Any, Any], dict[str, Any]]] = []
     for name in config.conditions:
         strategy = get_strategy(name)
         if not strategy.trains:
+            continue
+        if strategy.source == "template":
+            if template is None:
+                reason = f"no valid template: {template_failure or 'the proposal failed'}"
+                rows.extend(result_row(passage, name, c, None, 0, before, before, [], reason, repeat=0)
+                            for c in range(config.k))
+                continue
+            for c, text in enumerate(generated[name]):
+                try:
+                    pieces, fallback = fill_pieces(text, options["fill_fallback"])
+                except ValueError as error:
+                    rows.extend(result_row(passage, name, c, text, 0, before, before, [], f"fill: {error}", repeat=r,
+                                           fill_fallback=False) for r in range(config.repeats))
+                    continue
+                seqs = pieces_to_sequences(passage, pieces, include_passage=config.include_passage)
+                for r in range(config.repeats):
+                    specs = config.template_specs(template, derived_seed(config.seed, passage.id, name, c, r),
+                                                  options["max_epochs"])
+                    jobs.append((name, c, r, text, seqs, specs, {"fill_fallback": fallback,
+                                                                 "template": template.to_dict()}))
             continue
         k = 1 if strategy.source == "passage" else config.k
         edits = completions_for(strategy, passage, generated.get(name), replay, k)
         for c, edit in enumerate(edits):
             seqs = training_sequences(passage, edit, include_passage=config.include_passage or edit is None)
             for r in range(config.repeats):
-                jobs.append((name, c, r, edit, seqs))
+                specs = (config.lora_spec(), config.train_spec(seed=derived_seed(config.seed, passage.id, name, c, r)))
+                jobs.append((name, c, r, edit, seqs, specs, {}))
     if not jobs:
         return rows
     usable = [j for j in jobs if j[4]]
-    for name, c, r, edit, _ in (j for j in jobs if not j[4]):
-        rows.append(_row(passage, name, c, edit, 0, before, before, [], "self-edit produced no training sequence",
-                         repeat=r))
+    for name, c, r, edit, _, _, extra in (j for j in jobs if not j[4]):
+        rows.append(result_row(passage, name, c, edit, 0, before, before, [], "self-edit produced no training sequence",
+                               repeat=r, **extra))
     if not usable:
         return rows
-    trains = [config.train_spec(seed=derived_seed(config.seed, passage.id, name, c, r)) for name, c, r, _, _ in usable]
-    adapters = lm.train_adapters([j[4] for j in usable], config.lora_spec(), trains, seed=config.seed)
+    adapters = lm.train_adapters([j[4] for j in usable], [j[5][0] for j in usable], [j[5][1] for j in usable],
+                                 seed=config.seed)
     answers = answer_questions(lm, passage, config, adapters=adapters)
-    for i, (name, c, r, edit, seqs) in enumerate(usable):
+    for i, (name, c, r, edit, seqs, _, extra) in enumerate(usable):
         scored = scored_answers(passage, answers[i], grader)
         after = sum(a["correct"] for a in scored) / len(scored)
         losses = adapters.losses[i]
-        rows.append(_row(passage, name, c, edit, len(seqs), before, after, scored, adapters.failed[i], repeat=r,
-                         train_loss=[losses[0], losses[-1]] if losses else None))
+        rows.append(result_row(passage, name, c, edit, len(seqs), before, after, scored, adapters.failed[i], repeat=r,
+                               train_loss=[losses[0], losses[-1]] if losses else None, **extra))
     return rows
 
 
-def _row(passage: Passage, condition: str, candidate: int, edit: str | None, n_sequences: int, before: float,
-         after: float, answers: list[dict[str, Any]], failure: str | None, **extra: Any) -> dict[str, Any]:
+def result_row(passage: Passage, condition: str, candidate: int, edit: str | None, n_sequences: int, before: float,
+               after: float, answers: list[dict[str, Any]], failure: str | None, **extra: Any) -> dict[str, Any]:
+    """One results row (:data:`ROW_FIELDS` plus ``reward`` = ``accuracy_after``, ``normalized_gain`` =
+    ``(after − before) / (1 − before)`` (0 when ``before`` is 1) and ``extra``)."""
     gain = (after - before) / (1 - before) if before < 1 else 0.0
     return {"passage_id": passage.id, "title": passage.title, "condition": condition, "candidate": candidate,
             "self_edit": edit, "n_sequences": n_sequences, "accuracy_before": before, "accuracy_after": after,
             "reward": after, "normalized_gain": gain, "answers": answers, "failure": failure, **extra}
+
+
+def propose_run_template(lm: Any, config: RunConfig, out: Path) -> tuple[Any, str | None]:
+    """The ``template`` condition's template for a run folder: read from ``out/template.json`` when a
+    previous (killed) run wrote it, else proposed by ``lm`` and written there.
+
+    Returns ``(Template or None, failure reason or None)``.
+    """
+    from seal_jax.selfedit.proposals import Proposal, chosen, propose
+    from seal_jax.selfedit.templates import Archive, Template, meta_prompt
+
+    path = out / "template.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        template = Template.from_dict(saved["template"]) if saved.get("template") else None
+        return template, saved.get("failure")
+    options = config.template_options()
+    prompt = meta_prompt(Archive.seeded().shown() if options["archive"] else None)
+    records: list[Proposal] = []
+    for attempt in range(int(options["max_retries"]) + 1):  # ``candidates`` proposals per attempt, in one batch
+        batch = propose(lm, prompt, ["exploit"] * int(options["candidates"]),
+                        max_new_tokens=int(options["proposal_max_new_tokens"]), max_retries=0,
+                        seed=derived_seed(config.seed, "template-condition", attempt), chat=config.chat)
+        records += [dataclasses.replace(r, attempt=attempt) for r in batch]
+        if chosen(batch):
+            break
+    template = next((r.template for r in records if r.template is not None), None)
+    failure = None if template is not None else (records[-1].reason if records else "no proposal was made")
+    saved = {"meta_prompt": prompt, "template": template.to_dict() if template else None, "failure": failure,
+             "proposals": [Proposal.to_dict(r) for r in records]}
+    path.write_text(json.dumps(saved, indent=2, ensure_ascii=False))
+    return template, failure
 
 
 def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
@@ -365,9 +497,12 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
     todo = [p for p in passages if p.id not in done]
     bar = tqdm(todo, desc=f"{config.name}", unit="passage", disable=not progress, initial=len(passages) - len(todo),
                total=len(passages))
+    template, template_failure = None, None
+    if "template" in config.conditions and todo:
+        template, template_failure = propose_run_template(lm, config, out)
     for count, passage in enumerate(bar):
         t0 = time.perf_counter()
-        new = passage_rows(lm, passage, config, grader, replay)
+        new = passage_rows(lm, passage, config, grader, replay, template, template_failure)
         for r in new:
             r["seconds"] = round(time.perf_counter() - t0, 2)
         append_rows(results, new)

@@ -1,7 +1,8 @@
 """Every kind of run behind one door: read a TOML config, tell its kind, run it, summarise it.
 
 A config's kind is given by its tables: a ``[restem]`` table makes a ReST-EM run
-(:mod:`seal_jax.selfedit.restem`), none makes a knowledge-incorporation run
+(:mod:`seal_jax.selfedit.restem`), a ``[templates]`` table a template search
+(:mod:`seal_jax.selfedit.template_search`), neither a knowledge-incorporation run
 (:mod:`seal_jax.selfedit.knowledge`). ``seal-jax run``, ``seal-jax report`` and the tests of
 ``experiments/`` all go through :func:`load_config` and :func:`run`.
 """
@@ -14,36 +15,50 @@ from typing import Any
 
 from seal_jax.selfedit.knowledge import RunConfig, read_toml, run_knowledge, summary_markdown
 from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
+from seal_jax.selfedit.template_search import TemplateSearchConfig, run_template_search, template_markdown
 
-KINDS = ("knowledge", "restem")
+KINDS = ("knowledge", "restem", "templates")
+AnyConfig = RunConfig | RestemConfig | TemplateSearchConfig
 
 
 def kind_of(raw: dict[str, Any]) -> str:
     """The kind of run a parsed config (or a run folder's ``run_config.json``) describes."""
-    return "restem" if "restem" in raw else "knowledge"
+    if "restem" in raw and "templates" in raw:
+        raise RunConfigError("a config has either a [restem] or a [templates] table, not both")
+    return "restem" if "restem" in raw else "templates" if "templates" in raw else "knowledge"
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig | RestemConfig:
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> AnyConfig:
     """A config object of the right kind from a parsed TOML/JSON table."""
-    return RestemConfig.from_dict(raw, where) if kind_of(raw) == "restem" else RunConfig.from_dict(raw, where)
+    kind = kind_of(raw)
+    if kind == "restem":
+        return RestemConfig.from_dict(raw, where)
+    if kind == "templates":
+        return TemplateSearchConfig.from_dict(raw, where)
+    return RunConfig.from_dict(raw, where)
 
 
-def load_config(path: str | Path) -> RunConfig | RestemConfig:
+def load_config(path: str | Path) -> AnyConfig:
     """Read a run config TOML file of any kind; errors name the file."""
     return config_from_dict(read_toml(path), where=str(path))
 
 
-def run(config: RunConfig | RestemConfig, out_dir: str | Path, *, resume: bool = False, **kwargs: Any
-        ) -> dict[str, Any]:
+def run(config: AnyConfig, out_dir: str | Path, *, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Run (or resume) ``config`` into ``out_dir``; returns its summary."""
     if isinstance(config, RestemConfig):
         return run_restem(config, out_dir, resume=resume, **kwargs)
+    if isinstance(config, TemplateSearchConfig):
+        return run_template_search(config, out_dir, resume=resume, **kwargs)
     return run_knowledge(config, out_dir, resume=resume, **kwargs)
 
 
 def markdown(summary: dict[str, Any]) -> str:
     """The summary of any kind of run as a Markdown table."""
-    return restem_markdown(summary) if "rounds" in summary else summary_markdown(summary)
+    if "rounds" in summary:
+        return restem_markdown(summary)
+    if "iterations" in summary:
+        return template_markdown(summary)
+    return summary_markdown(summary)
 
 
 def run_kind(run_dir: str | Path) -> str:

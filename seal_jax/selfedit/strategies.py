@@ -3,7 +3,9 @@
 A strategy is data (:class:`Strategy`): a name, an instruction (or none), and how its training set is
 built. ``base`` trains nothing; ``passage`` trains on the passage alone; ``implications``,
 ``implications_long``, ``implications_very_long``, ``rewrite`` and ``self_qa`` ask the model for a
-self-edit; ``replay`` trains on SEAL's released self-edits for the same passage.
+self-edit; ``replay`` trains on SEAL's released self-edits for the same passage; ``template`` uses a
+template the model wrote itself (:mod:`seal_jax.selfedit.templates`): its instruction is filled per passage
+as a JSON list of training texts (:func:`fill_pieces`) and trained with the template's own hyperparameters.
 
 The prompts follow the intent of SEAL's (Zweiger et al., 2025) in our own words. Completions are split the
 way SEAL splits them: on ``---`` and on newlines, empty lines dropped, a leading header line dropped when
@@ -32,7 +34,8 @@ class Strategy:
       instruction: what the model is asked to write about the passage (``None``: no generation).
       answer_cue: the line that opens the completion in base-model (raw text) prompts.
       trains: whether an adapter is trained at all (``base`` does not).
-      source: ``"generate"`` (the model writes the self-edit), ``"passage"`` or ``"replay"``.
+      source: ``"generate"`` (the model writes the self-edit), ``"passage"``, ``"replay"`` or ``"template"``
+        (the model fills a template it proposed; see :mod:`seal_jax.selfedit.knowledge`).
     """
 
     name: str
@@ -79,6 +82,7 @@ STRATEGIES: dict[str, Strategy] = {
             "Questions and answers:",
         ),
         Strategy("replay", source="replay"),
+        Strategy("template", source="template"),
     )
 }
 
@@ -126,6 +130,55 @@ def training_sequences(passage: Passage, completion: str | None, *, include_pass
     ``completion=None`` gives the passage alone (the ``passage`` condition).
     """
     sequences = [] if completion is None else [f"{passage.title}\n{p}" for p in split_completion(completion)]
+    if include_passage:
+        sequences.append(passage.text)
+    return sequences
+
+
+FILL_FALLBACKS = ("none", "lines")
+# The example answer of seal_jax.selfedit.templates.fill_prompt; small models copy it verbatim.
+FILL_PLACEHOLDERS = ("first training text", "second training text")
+
+
+def _not_placeholder(piece: str) -> bool:
+    lowered = piece.lower()
+    return not any(p in lowered for p in FILL_PLACEHOLDERS)
+
+
+def fill_pieces(text: str, fallback: str = "none") -> tuple[list[str], bool]:
+    """The training texts of a template fill and whether the fallback produced them.
+
+    ``text`` should hold ``{"training_sequences": [...]}`` (parsed by
+    :func:`seal_jax.selfedit.templates.parse_fill`). When it does not and ``fallback == "lines"``, the raw
+    text is split by SEAL's rules (:func:`split_completion`) instead — for small models that rarely write
+    valid JSON. Pieces that copy the fill prompt's example answer ("first training text", "second
+    training text") are dropped either way. Returns ``(pieces, used_fallback)``; raises
+    :class:`~seal_jax.selfedit.templates.TemplateError` when no usable piece is left.
+    """
+    from seal_jax.selfedit.templates import TemplateError, parse_fill
+
+    if fallback not in FILL_FALLBACKS:
+        raise StrategyError(f"unknown fill_fallback {fallback!r}; choose from {FILL_FALLBACKS}")
+    try:
+        parsed = parse_fill(text)
+        pieces = [p for p in parsed if _not_placeholder(p)]
+        if not pieces:
+            raise TemplateError("the fill copies the example answer of the fill prompt "
+                                f"({list(FILL_PLACEHOLDERS)}) instead of writing training texts")
+        return pieces, False
+    except TemplateError as error:
+        if fallback != "lines":
+            raise
+        pieces = [p for p in split_completion(text) if _not_placeholder(p)]
+        if not pieces:
+            raise TemplateError(f"{error}; the 'lines' fallback found no usable line either") from None
+        return pieces, True
+
+
+def pieces_to_sequences(passage: Passage, pieces: Sequence[str], *, include_passage: bool) -> list[str]:
+    """Training strings of a template fill: ``"{title}\n{piece}"`` per piece (as for every self-edit),
+    then the passage itself when ``include_passage``."""
+    sequences = [f"{passage.title}\n{p}" for p in pieces]
     if include_passage:
         sequences.append(passage.text)
     return sequences

@@ -1,0 +1,696 @@
+"""Search over self-edit templates (Cheong et al., arXiv 2601.14532): the model writes its own strategies.
+
+An **iteration** (folder ``iteration-N/``):
+
+1. **Propose.** The current generator is asked for ``templates_per_iteration`` templates with one
+   meta-prompt (:func:`~seal_jax.selfedit.templates.meta_prompt`): without an archive (``noarchive``), or
+   showing the archive's best, second best, second worst and worst entries (``archive``; ``novelty`` ranks
+   them by score + λ·novelty, :class:`~seal_jax.selfedit.templates.NoveltyArchive`). Slots follow the
+   paper's schedule, 3 exploit + 2 explore (:data:`~seal_jax.selfedit.templates.PROPOSAL_SCHEDULE`);
+   invalid answers are retried up to ``max_retries`` times; every attempt, with its rejection reason, is in
+   ``proposals.jsonl``. Valid templates get ids ``itN-tS`` (S = slot).
+2. **Score.** For every training passage: the inner-loop model answers the questions (accuracy before);
+   every valid template is filled ``fills`` times (one batched ``generate`` for all templates × fills);
+   each fill is parsed as ``{"training_sequences": [...]}`` (``fill_fallback = "lines"`` splits the raw
+   text by SEAL's rules when that fails; failures are rows with the reason, never crashes); every usable
+   (template, fill) trains as one candidate of ONE ``train_adapters`` call with the template's own rank,
+   alpha, dropout, learning rate, epochs (capped by ``max_epochs`` if set) and grad-accum; all adapters
+   answer at once (K stacked); rows are appended per passage to ``results.jsonl``. Row schema: the
+   knowledge rows' (:data:`~seal_jax.selfedit.knowledge.ROW_FIELDS`, ``condition`` = template id,
+   ``candidate`` = fill index) plus ``template_id``, ``fill_index``, ``normalized_gain``, ``template``,
+   ``fill_sequences`` and ``fill_fallback``. A template's **score** is its mean ``accuracy_after`` over
+   its fills and passages (a fill that gave no training data counts as the accuracy before: nothing was
+   learned); its **gain** the mean normalized gain ``(after − before) / (1 − before)``. Scored templates
+   join the archive (``archive.jsonl`` at the top of the run: the seeds plus every finished iteration's
+   entries; the ``noarchive`` variant keeps it too, for the record, but never shows it).
+3. **Evaluate** (optional ``eval_data``): the iteration's best template is scored the same way on
+   held-out passages (``iteration-N/eval/results.jsonl``).
+4. **SFT** (``sft = true``, every iteration but the last): ReST-EM on the iteration's results —
+   :func:`~seal_jax.selfedit.templates.select_top` keeps the top ``sft_top_k`` templates of each passage
+   with their best fill, giving (meta-prompt → template JSON) and (fill prompt → fill JSON) pairs
+   (``sft_rows.jsonl``, prompts with the chat template applied, completions canonical JSON so the model
+   learns the format); the generator is fine-tuned on them (loss on the completion only; SEAL's r=64,
+   alpha=128, all projections, lr 3e-4, 2 epochs by default), merged and exported to
+   ``iteration-N/generator/``, which proposes and fills in iteration N+1 (``sft_positive_gain_only`` keeps
+   only fills that beat the accuracy before; with no pair left the generator carries over unchanged).
+
+**Which model adapts.** With ``inner_model = "generator"`` (the default) the LoRA updates of the inner
+loop are applied to the current generator, as in SEAL's self-adaptation (and our ReST-EM): the model that
+writes the templates is the one they teach; accuracy before is recomputed per iteration, and the
+normalized gain is relative to that model. ``inner_model = "base"`` keeps the starting model for training
+and answering (only proposing and filling evolve), which makes scores of different iterations measure the
+templates alone.
+
+**Passages.** Every iteration scores its templates on the **same** ``passages`` training passages (the
+paper's 50), so scores are comparable across iterations and with the archive's entries; ``data`` is the
+pool they are taken from (from ``data.start``).
+
+**Resume.** ``iteration.json`` is written last; a finished iteration is never redone. Inside an iteration
+the proposals are read back from ``proposals.jsonl``, scoring resumes after the last finished passage (a
+torn last line is dropped), and the SFT is redone from the rows. Seeds derive from (seed, iteration,
+passage, template, fill), never from the order of work, so a resumed run gives the same rows as an
+uninterrupted one. The archive is rebuilt from the seeds and the finished iterations' ``iteration.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from seal_jax.selfedit.data import Passage, load_passages
+from seal_jax.selfedit.knowledge import (
+    RunConfig,
+    RunConfigError,
+    answer_questions,
+    append_rows,
+    derived_seed,
+    make_grader,
+    read_rows,
+    result_row,
+    scored_answers,
+)
+from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
+from seal_jax.selfedit.strategies import FILL_FALLBACKS, fill_pieces, pieces_to_sequences
+from seal_jax.selfedit.templates import (
+    PROPOSAL_SCHEDULE,
+    Archive,
+    ArchiveEntry,
+    NoveltyArchive,
+    Template,
+    TemplateError,
+    fill_prompt,
+    hyperparameter_similarity,
+    instruction_embeddings_with_backend,
+    mean_sequence_chars,
+    meta_prompt,
+    select_top,
+)
+
+VARIANTS = ("noarchive", "archive", "novelty")
+INNER_MODELS = ("generator", "base")
+ITERATION_FILE = "iteration.json"
+TEMPLATE_ROW_FIELDS = ("template_id", "fill_index", "normalized_gain", "template", "fill_sequences", "fill_fallback")
+NOVELTY_DEFAULTS: dict[str, Any] = {"k": 3, "weight": 0.5, "lam": 0.25}
+
+
+class TemplateSearchError(RuntimeError):
+    """A template search that cannot go on (e.g. the generator's SFT diverged)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateSearchConfig:
+    """A template-search run: knowledge-run keys at the top level plus a ``[templates]`` table.
+
+    Attributes:
+      knowledge: the inner loop's :class:`~seal_jax.selfedit.knowledge.RunConfig` (model, mesh, ``data`` =
+        the passage pool, ``selfedit_sampling`` = fill sampling, ``lora.targets``, ``train`` fields other
+        than the template's, ``include_passage``, grader, seed); its conditions are ``("base",)``.
+      variant: ``noarchive``, ``archive`` or ``novelty``.
+      iterations: search iterations; templates_per_iteration: T (5 = 3 exploit + 2 explore).
+      fills: F fills per template and passage; passages: N training passages (the same every iteration).
+      proposal_max_new_tokens, fill_max_new_tokens: generation lengths; max_retries: extra attempts per
+        invalid proposal.
+      fill_fallback: ``"none"`` or ``"lines"`` (split a fill that is not valid JSON by SEAL's rules; for
+        small models; recorded per row).
+      max_epochs: cap on a template's epochs (CPU budgets), or ``None`` for the template's own.
+      novelty: ``{k, weight, lam}`` of the :class:`~seal_jax.selfedit.templates.NoveltyArchive`.
+      similarity_backend: instruction embeddings for the diversity metrics and novelty: ``auto`` (MiniLM
+        when fetched, else TF-IDF), ``embeddings`` or ``tfidf``.
+      inner_model: ``generator`` (the evolving model takes the LoRA updates) or ``base``.
+      sft: ReST-EM SFT of the generator between iterations; sft_top_k: templates kept per passage;
+        sft_positive_gain_only: keep only fills whose accuracy beat the accuracy before;
+        sft_lora, sft_train: :class:`~seal_jax.LoraSpec`/:class:`~seal_jax.TrainSpec` fields over SEAL's
+        r=64, alpha=128, all projections, lr 3e-4, 2 epochs, batch 1.
+      eval_data: held-out passages (``{source, n, start, shuffle, seed}``) for each iteration's best
+        template, or ``None``.
+    """
+
+    knowledge: RunConfig
+    variant: str = "archive"
+    iterations: int = 3
+    templates_per_iteration: int = 5
+    fills: int = 3
+    passages: int = 50
+    proposal_max_new_tokens: int = 512
+    fill_max_new_tokens: int = 1024
+    max_retries: int = 2
+    fill_fallback: str = "none"
+    max_epochs: int | None = None
+    novelty: dict[str, Any] = dataclasses.field(default_factory=dict)
+    similarity_backend: str = "auto"
+    inner_model: str = "generator"
+    sft: bool = True
+    sft_top_k: int = 2
+    sft_positive_gain_only: bool = False
+    sft_lora: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sft_train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval_data: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise RunConfigError(f"templates.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.inner_model not in INNER_MODELS:
+            raise RunConfigError(f"templates.inner_model must be one of {INNER_MODELS}, got {self.inner_model!r}")
+        if self.fill_fallback not in FILL_FALLBACKS:
+            raise RunConfigError(f"templates.fill_fallback must be one of {FILL_FALLBACKS}, got {self.fill_fallback!r}")
+        for name in ("iterations", "templates_per_iteration", "fills", "passages", "proposal_max_new_tokens",
+                     "fill_max_new_tokens", "sft_top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RunConfigError(f"templates.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise RunConfigError(f"templates.max_retries must be an integer >= 0, got {self.max_retries!r}")
+        if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):
+            raise RunConfigError(f"templates.max_epochs must be a positive integer or absent, got {self.max_epochs!r}")
+        unknown = sorted(set(self.novelty) - set(NOVELTY_DEFAULTS))
+        if unknown:
+            raise RunConfigError(f"unknown keys in [templates.novelty]: {unknown}; known keys: {sorted(NOVELTY_DEFAULTS)}")
+        if self.knowledge.train.get("batch_size", 1) != 1:
+            raise RunConfigError("templates train with batch size 1 (the paper's); remove train.batch_size")
+        self.make_archive()  # checks the novelty knobs and the backend
+        self.sft_lora_spec()
+        self.sft_train_spec()
+
+    @property
+    def name(self) -> str:
+        """The run's name (the default output folder is ``checkpoints/runs/NAME``)."""
+        return self.knowledge.name
+
+    def make_archive(self, entries: Sequence[ArchiveEntry] | None = None) -> Archive:
+        """The variant's archive: the seeded one (plus ``entries``); a :class:`NoveltyArchive` for ``novelty``."""
+        try:
+            if self.variant == "novelty":
+                archive: Archive = NoveltyArchive.seeded(**{**NOVELTY_DEFAULTS, **self.novelty},
+                                                         backend=self.similarity_backend)
+            else:
+                archive = Archive.seeded()
+            for entry in entries or ():
+                archive.add(entry)
+        except TemplateError as e:
+            raise RunConfigError(f"templates.novelty or templates.similarity_backend: {e}") from None
+        return archive
+
+    def sft_lora_spec(self) -> Any:
+        """The generator's SFT :class:`~seal_jax.LoraSpec` (SEAL: r=64, alpha=128, all projections)."""
+        from seal_jax.lm.lora import LoraSpec
+
+        fields = dict(self.sft_lora)
+        if isinstance(fields.get("targets"), list):
+            fields["targets"] = tuple(fields["targets"])
+        return LoraSpec(**{**dataclasses.asdict(LoraSpec.seal_sft()), **fields})
+
+    def sft_train_spec(self) -> Any:
+        """The generator's SFT :class:`~seal_jax.TrainSpec` (SEAL: lr 3e-4, 2 epochs, batch 1)."""
+        from seal_jax.lm.training import TrainSpec
+
+        defaults = dataclasses.asdict(TrainSpec(learning_rate=3e-4, epochs=2, batch_size=1, grad_accum=1))
+        return TrainSpec(**{**defaults, **self.sft_train})
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> TemplateSearchConfig:
+        """Build from a parsed TOML table: knowledge keys at the top level plus a ``[templates]`` table."""
+        raw = dict(raw)
+        table = raw.pop("templates", None)
+        if not isinstance(table, dict):
+            raise RunConfigError(f"{where}: a template-search config needs a [templates] table "
+                                 "(see experiments/README.md)")
+        if "conditions" in raw:
+            raise RunConfigError(f"{where}: a template-search config has no conditions (the templates are "
+                                 "the conditions; base is always evaluated)")
+        known = {f.name for f in dataclasses.fields(cls)} - {"knowledge"}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise RunConfigError(f"{where}: unknown keys in [templates]: {unknown}; known keys: {sorted(known)}")
+        knowledge = RunConfig.from_dict({**raw, "conditions": ["base"]}, where=where)
+        if knowledge.data.get("n") is not None or knowledge.data.get("subset"):
+            raise RunConfigError(f"{where}: [data] is the passage pool; set templates.passages instead of data.n")
+        try:
+            return cls(knowledge=knowledge, **table)
+        except TypeError as e:
+            raise RunConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TemplateSearchConfig:
+        """Read a template-search config TOML file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no run config at {path}; see experiments/README.md")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise RunConfigError(f"{path}: {e}") from None
+        return cls.from_dict(raw, where=str(path))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict: the knowledge config's keys plus ``templates`` (the form :meth:`from_dict` reads)."""
+        out = self.knowledge.to_json()
+        out.pop("conditions")
+        table = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "knowledge"}
+        return {**out, "templates": table}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Passages
+
+
+def training_passages(config: TemplateSearchConfig) -> list[Passage]:
+    """The N training passages every iteration scores its templates on."""
+    d = config.knowledge.data
+    pool = load_passages(d.get("source", "demo"), n=config.passages, start=d.get("start", 0),
+                         shuffle=d.get("shuffle", False), seed=d.get("seed", 0))
+    if len(pool) < config.passages:
+        raise RunConfigError(f"the passage pool has {len(pool)} passages from data.start={d.get('start', 0)}; "
+                             f"templates.passages = {config.passages}")
+    return pool
+
+
+def eval_passages(config: TemplateSearchConfig, training: Sequence[Passage]) -> list[Passage]:
+    """The held-out evaluation passages (none without ``eval_data``); an error if one is a training passage."""
+    if config.eval_data is None:
+        return []
+    e = config.eval_data
+    held_out = load_passages(e.get("source", "demo"), n=e.get("n"), start=e.get("start", 0),
+                             shuffle=e.get("shuffle", False), seed=e.get("seed", 0))
+    overlap = sorted({p.id for p in held_out} & {p.id for p in training})
+    if overlap:
+        raise RunConfigError(f"templates.eval_data overlaps the training passages ({overlap[:5]}...); choose "
+                             "another templates.eval_data.start or data.start")
+    return held_out
+
+
+# ----------------------------------------------------------------------------------------------------
+# One passage
+
+
+def template_passage_rows(inner: Any, generator: Any, passage: Passage, templates: Sequence[tuple[str, Template]],
+                          config: TemplateSearchConfig, grader: Callable[..., list[bool]], *, iteration: int,
+                          tag: str = "train") -> list[dict[str, Any]]:
+    """All rows of one passage: the base row, then one row per (template, fill).
+
+    Args:
+      inner: the model that answers before, takes the LoRA updates and answers after.
+      generator: the model that fills the templates (``inner`` itself unless ``inner_model = "base"``).
+      templates: ``[(template_id, Template)]``.
+      tag: ``"train"`` or ``"eval"`` (part of the seeds).
+    Returns:
+      rows with the knowledge schema plus :data:`TEMPLATE_ROW_FIELDS` (the base row has ``template_id`` None).
+    """
+    from seal_jax.lm.sampling import SamplingParams
+
+    k = config.knowledge
+    base_scored = scored_answers(passage, answer_questions(inner, passage, k), grader)
+    before = sum(a["correct"] for a in base_scored) / len(base_scored)
+    common = {"iteration": iteration}
+    rows = [result_row(passage, "base", 0, None, 0, before, before, base_scored, None, template_id=None,
+                       fill_index=None, template=None, fill_sequences=None, fill_fallback=None, **common)]
+    if not templates:
+        return rows
+    prompts = [fill_prompt(t, passage.title, passage.context) for _, t in templates for _ in range(config.fills)]
+    params = SamplingParams(**{"temperature": 1.0, "top_p": 0.95, **k.selfedit_sampling,
+                               "max_new_tokens": config.fill_max_new_tokens,
+                               "seed": derived_seed(k.seed, tag, iteration, passage.id, "fill")})
+    texts = generator.generate(prompts, params, chat=k.chat)
+    jobs = []  # (template id, template, fill index, text, pieces, fallback, sequences)
+    for i, text in enumerate(texts):
+        tid, template = templates[i // config.fills]
+        f = i % config.fills
+        extra = {"template_id": tid, "fill_index": f, "template": template.to_dict(), **common}
+        try:
+            pieces, fallback = fill_pieces(text, config.fill_fallback)
+        except ValueError as error:
+            rows.append(result_row(passage, tid, f, text, 0, before, before, [], f"fill: {error}",
+                                   fill_sequences=None, fill_fallback=False, **extra))
+            continue
+        seqs = pieces_to_sequences(passage, pieces, include_passage=k.include_passage)
+        jobs.append((tid, template, f, text, pieces, fallback, seqs))
+    if not jobs:
+        return rows
+    specs = [k.template_specs(t, derived_seed(k.seed, tag, iteration, passage.id, tid, f), config.max_epochs)
+             for tid, t, f, *_ in jobs]
+    adapters = inner.train_adapters([j[6] for j in jobs], [s[0] for s in specs], [s[1] for s in specs], seed=k.seed)
+    answers = answer_questions(inner, passage, k, adapters=adapters)
+    for i, (tid, template, f, text, pieces, fallback, seqs) in enumerate(jobs):
+        scored = scored_answers(passage, answers[i], grader)
+        after = sum(a["correct"] for a in scored) / len(scored)
+        losses = adapters.losses[i]
+        rows.append(result_row(passage, tid, f, text, len(seqs), before, after, scored, adapters.failed[i],
+                               template_id=tid, fill_index=f, template=template.to_dict(), fill_sequences=pieces,
+                               fill_fallback=fallback, epochs=specs[i][1].epochs,
+                               train_loss=[losses[0], losses[-1]] if losses else None, **common))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scores, diversity, SFT rows
+
+
+def template_scores(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per template id: ``{score, gain, fills, valid_fills, fallback_fills, passages}`` from its rows.
+
+    ``score``: mean ``accuracy_after`` over the template's fills and passages (fills without training
+    data count with the accuracy before); ``gain``: mean normalized gain; ``valid_fills``: fills that
+    gave training data; ``fallback_fills``: of those, how many needed the ``lines`` fallback.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for tid in dict.fromkeys(r["template_id"] for r in rows if r.get("template_id")):
+        sel = [r for r in rows if r.get("template_id") == tid]
+        out[tid] = {"score": float(np.mean([r["accuracy_after"] for r in sel])),
+                    "gain": float(np.mean([r["normalized_gain"] for r in sel])),
+                    "fills": len(sel), "valid_fills": sum(1 for r in sel if r["n_sequences"] > 0),
+                    "fallback_fills": sum(1 for r in sel if r.get("fill_fallback")),
+                    "passages": len({r["passage_id"] for r in sel})}
+    return out
+
+
+def diversity(templates: Sequence[Template], fills: Sequence[Sequence[str]], backend: str = "auto"
+              ) -> dict[str, Any]:
+    """Diversity of one iteration's templates: ``{hyperparameter_similarity, instruction_similarity,
+    similarity_backend, mean_sequence_chars}`` (similarities ``None`` for fewer than two templates)."""
+    hyper = instr = used = None
+    if len(templates) >= 2:
+        hyper = hyperparameter_similarity(templates)
+        vectors, used = instruction_embeddings_with_backend([t.data_creation_instruction for t in templates], backend)
+        cosine = np.clip(vectors.astype(np.float64) @ vectors.astype(np.float64).T, -1.0, 1.0)
+        i, j = np.triu_indices(len(templates), k=1)
+        instr = float(cosine[i, j].mean())
+    return {"hyperparameter_similarity": hyper, "instruction_similarity": instr, "similarity_backend": used,
+            "mean_sequence_chars": mean_sequence_chars(fills)}
+
+
+def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], templates: dict[str, Template],
+              meta: str, *, k: int, chat: bool, tokenizer: Any = None, positive_gain_only: bool = False
+              ) -> list[dict[str, Any]]:
+    """The SFT rows of one iteration: :func:`~seal_jax.selfedit.templates.select_top` over its template
+    rows (top ``k`` templates per passage, each with its best fill); with ``positive_gain_only`` only fills
+    whose accuracy beat the accuracy before compete.
+
+    Prompts are the exact texts the generator saw (chat template applied when ``chat``); completions are
+    the template's canonical JSON and the fill's training texts as ``{"training_sequences": [...]}``.
+    Returns ``{kind, prompt, completion, template_id, passage_id, fill_index, accuracy, rank}`` rows.
+    """
+    from seal_jax.lm.tokenizer import format_chat
+
+    def wrap(text: str) -> str:
+        return format_chat(tokenizer, text) if chat else text
+
+    candidates = []
+    for r in rows:
+        if not r.get("template_id") or not r.get("fill_sequences"):
+            continue
+        if positive_gain_only and not r["accuracy_after"] > r["accuracy_before"]:
+            continue
+        template, passage = templates[r["template_id"]], passages[r["passage_id"]]
+        candidates.append({
+            "template_id": r["template_id"], "passage_id": r["passage_id"], "fill_index": r["fill_index"],
+            "accuracy": r["accuracy_after"], "error": r.get("failure"), "meta_prompt": wrap(meta),
+            "template_text": template.to_json(),
+            "fill_prompt": wrap(fill_prompt(template, passage.title, passage.context)),
+            "fill_text": json.dumps({"training_sequences": r["fill_sequences"]}, ensure_ascii=False)})
+    return select_top(candidates, k=k)
+
+
+def train_generator(lm: Any, rows: Sequence[dict[str, Any]], config: TemplateSearchConfig) -> tuple[Any, Any]:
+    """SFT of ``lm`` on ``(prompt, completion)`` rows (loss on the completion only), merged into the base.
+
+    Returns ``(merged LM, adapters)``; raises :class:`TemplateSearchError` if the SFT cannot start or diverged.
+    """
+    from seal_jax.lm.training import TrainError
+
+    spec = config.sft_train_spec()
+    try:
+        adapters = lm.train_adapters([[(r["prompt"], r["completion"]) for r in rows]], config.sft_lora_spec(), spec,
+                                     seed=config.knowledge.seed)
+    except TrainError as e:
+        raise TemplateSearchError(f"the generator's SFT cannot start: {e}; raise templates.sft_train.max_len "
+                                  f"(now {spec.max_len}) above the longest prompt") from e
+    if adapters.failed[0]:
+        raise TemplateSearchError(f"the generator's SFT failed: {adapters.failed[0]}; lower "
+                                  f"templates.sft_train.learning_rate (now {spec.learning_rate})")
+    return lm.merge_adapter(adapters, 0), adapters
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    append_rows(tmp, rows)
+    tmp.replace(path)
+
+
+def _entries_of(info: dict[str, Any]) -> list[ArchiveEntry]:
+    return [ArchiveEntry.from_dict(e) for e in info.get("entries", [])]
+
+
+def _score_passages(config: TemplateSearchConfig, lms: Callable[[], tuple[Any, Any, Any]], passages: Sequence[Passage],
+                    results: Path, templates: Sequence[tuple[str, Template]], iteration: int, tag: str,
+                    budget: list[int | None], progress: bool) -> bool:
+    """Score ``templates`` on the passages of ``passages`` not yet in ``results`` (rows appended per passage);
+    ``lms()`` gives (inner LM, generator LM, grader). Returns False when ``budget[0]`` passages ran out first."""
+    done = {r["passage_id"] for r in read_rows(results)}
+    todo = [p for p in passages if p.id not in done]
+    bar = tqdm(todo, desc=f"{config.name} iteration {iteration} {tag}", unit="passage", disable=not progress,
+               initial=len(passages) - len(todo), total=len(passages))
+    for passage in bar:
+        if budget[0] is not None and budget[0] <= 0:
+            return False
+        inner, generator, grader = lms()
+        t0 = time.perf_counter()
+        rows = template_passage_rows(inner, generator, passage, templates, config, grader, iteration=iteration,
+                                     tag=tag)
+        for r in rows:
+            r["seconds"] = round(time.perf_counter() - t0, 2)
+        append_rows(results, rows)
+        if budget[0] is not None:
+            budget[0] -= 1
+    return True
+
+
+def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
+                        progress: bool = True, stop_after: int | None = None,
+                        loader: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) a template search into ``out_dir``; returns the summary (see the module docstring).
+
+    ``lm`` is the loaded starting model (later iterations load their generator from
+    ``iteration-N/generator/``). ``stop_after`` stops after that many newly finished passages (training
+    and evaluation), to test resumption. ``loader(path)`` loads a model folder (default: ``seal_jax.load``
+    with the config's dtype, mesh and tokenizer). Writes ``run_config.json``, ``archive.jsonl``, ``iteration-N/…``,
+    ``summary.json`` and ``summary.md``.
+    """
+    import seal_jax as sj
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "run_config.json"
+    if config_file.is_file():
+        previous = json.loads(config_file.read_text())
+        if not resume and any(out.glob("iteration-*")):
+            raise FileExistsError(f"{out} already holds a template search; pass --resume to continue it or "
+                                  "choose another --out")
+        if resume and previous != config.to_json():
+            changed = sorted(key for key in set(previous) | set(config.to_json())
+                             if previous.get(key) != config.to_json().get(key))
+            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
+    config_file.write_text(json.dumps(config.to_json(), indent=2))
+    k = config.knowledge
+    training = training_passages(config)
+    held_out = eval_passages(config, training)
+    by_id = {p.id: p for p in [*training, *held_out]}
+
+    def load(path: str) -> Any:
+        if loader is not None:
+            return loader(path)
+        return sj.load(path, dtype=k.dtype, mesh=k.mesh or None, tokenizer=k.tokenizer, progress=progress)
+
+    models: dict[str, Any] = {} if lm is None else {k.model: lm}  # path -> loaded LM (at most two)
+
+    def model(path: str) -> Any:
+        if path not in models:
+            models[path] = load(path)
+        return models[path]
+
+    graders: dict[str, Any] = {}
+
+    def grader_for(path: str) -> Any:
+        if path not in graders:
+            graders.clear()
+            graders[path] = make_grader(k, model(path))
+        return graders[path]
+
+    budget = [stop_after]
+    generator = k.model
+    entries: list[ArchiveEntry] = []
+    for it in range(1, config.iterations + 1):
+        folder = out / f"iteration-{it}"
+        marker = folder / ITERATION_FILE
+        if marker.is_file():
+            info = json.loads(marker.read_text())
+            entries.extend(_entries_of(info))
+            generator = info["next_generator"]
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = config.make_archive(entries)
+        meta = meta_prompt(archive.shown() if config.variant != "noarchive" else None)
+        inner_path = generator if config.inner_model == "generator" else k.model
+        for path in [path for path in models if path not in (generator, inner_path)]:
+            del models[path]  # an earlier generator
+        proposals_file = folder / "proposals.jsonl"
+        if proposals_file.is_file():
+            records = [Proposal.from_dict(r) for r in read_rows(proposals_file)]
+        else:
+            kinds = schedule(config.templates_per_iteration, PROPOSAL_SCHEDULE)
+            records = propose(model(generator), meta, kinds, max_new_tokens=config.proposal_max_new_tokens,
+                              max_retries=config.max_retries, seed=derived_seed(k.seed, "iteration", it),
+                              chat=k.chat)
+            _write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
+            (folder / "meta_prompt.txt").write_text(meta)
+        templates = [(f"it{it}-t{slot}", t) for slot, t in chosen(records).items()]
+
+        def lms(inner_path: str = inner_path, generator: str = generator) -> tuple[Any, Any, Any]:
+            return model(inner_path), model(generator), grader_for(inner_path)
+
+        if not _score_passages(config, lms, training, folder / "results.jsonl", templates, it, "train", budget,
+                               progress):
+            return _write_summary(config, out)
+        rows = read_rows(folder / "results.jsonl")
+        scores = template_scores(rows)
+        new_entries = [ArchiveEntry(t, scores[tid]["score"], scores[tid]["gain"], it, "generated", tid)
+                       for tid, t in templates if tid in scores]
+        best = max(new_entries, key=lambda e: (e.score, -int(e.name.rsplit("t", 1)[1])), default=None)
+        if held_out and best is not None:
+            eval_folder = folder / "eval"
+            eval_folder.mkdir(exist_ok=True)
+            if not _score_passages(config, lms, held_out, eval_folder / "results.jsonl", [(best.name, best.template)],
+                                   it, "eval", budget, progress):
+                return _write_summary(config, out)
+        info: dict[str, Any] = {"iteration": it, "generator": generator, "inner_model": inner_path,
+                                "meta_prompt": meta, "shown": [e.name for e in archive.shown()]
+                                if config.variant != "noarchive" else [],
+                                "entries": [e.to_dict() for e in new_entries], "scores": scores,
+                                "best": best.name if best else None, "next_generator": generator,
+                                "sft_rows": None, "sft_loss": None}
+        if config.sft and it < config.iterations:
+            pairs = sft_pairs(rows, by_id, dict(templates), meta, k=config.sft_top_k, chat=k.chat,
+                              tokenizer=model(generator).tokenizer, positive_gain_only=config.sft_positive_gain_only)
+            _write_jsonl(folder / "sft_rows.jsonl", pairs)
+            info["sft_rows"] = len(pairs)
+            if pairs:
+                merged, adapters = train_generator(model(generator), pairs, config)
+                target, tmp = folder / "generator", folder / "generator.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                merged.export(tmp)
+                del merged
+                shutil.rmtree(target, ignore_errors=True)
+                tmp.rename(target)
+                losses = adapters.losses[0]
+                info.update(next_generator=str(target), sft_loss=[losses[0], losses[-1]] if losses else None)
+            else:
+                info["note"] = "no fill was selected for SFT; the generator is unchanged"
+        marker.write_text(json.dumps(info, indent=2, ensure_ascii=False))
+        entries.extend(new_entries)
+        config.make_archive(entries).to_jsonl(out / "archive.jsonl")
+        generator = info["next_generator"]
+    config.make_archive(entries).to_jsonl(out / "archive.jsonl")
+    return _write_summary(config, out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summary
+
+
+def summarize_template_search(out: str | Path, config: TemplateSearchConfig | dict[str, Any]) -> dict[str, Any]:
+    """Per-iteration figures of a run folder (finished parts only; a running iteration reports its rows).
+
+    Returns ``{"model", "variant", "iterations": [{iteration, finished, proposals, valid_templates,
+    fills, valid_fills, fallback_fills, passages, base_accuracy, best_score, mean_score, best_gain,
+    mean_gain, best_template, hyperparameter_similarity, instruction_similarity, similarity_backend,
+    mean_sequence_chars, eval, sft_rows}]}``.
+    """
+    raw = config.to_json() if isinstance(config, TemplateSearchConfig) else config
+    table = raw["templates"]
+    out = Path(out)
+    iterations = []
+    for it in range(1, table["iterations"] + 1):
+        folder = out / f"iteration-{it}"
+        proposals = read_rows(folder / "proposals.jsonl")
+        if not proposals:
+            continue
+        rows = read_rows(folder / "results.jsonl")
+        scores = template_scores(rows)
+        valid = [r for r in proposals if r["valid"]]
+        templates = {f"it{it}-t{r['slot']}": Template.from_dict(r["template"]) for r in valid}
+        fills = [r["fill_sequences"] for r in rows if r.get("template_id") and r.get("fill_sequences")]
+        entry: dict[str, Any] = {
+            "iteration": it, "finished": (folder / ITERATION_FILE).is_file(), "proposals": len(proposals),
+            "valid_templates": len(templates), "fills": sum(s["fills"] for s in scores.values()),
+            "valid_fills": sum(s["valid_fills"] for s in scores.values()),
+            "fallback_fills": sum(s["fallback_fills"] for s in scores.values()),
+            "passages": len({r["passage_id"] for r in rows}),
+            "base_accuracy": float(np.mean([r["accuracy_after"] for r in rows if r["condition"] == "base"]))
+            if rows else None,
+            "best_score": None, "mean_score": None, "best_gain": None, "mean_gain": None, "best_template": None,
+            "eval": None, "sft_rows": None}
+        if scores:
+            best = max(scores, key=lambda tid: (scores[tid]["score"], -int(tid.rsplit("t", 1)[1])))
+            entry.update(best_score=scores[best]["score"], best_gain=scores[best]["gain"], best_template=best,
+                         mean_score=float(np.mean([s["score"] for s in scores.values()])),
+                         mean_gain=float(np.mean([s["gain"] for s in scores.values()])))
+        entry.update(diversity(list(templates.values()), fills, table.get("similarity_backend", "auto")))
+        eval_rows = read_rows(folder / "eval" / "results.jsonl")
+        if eval_rows:
+            eval_scores = template_scores(eval_rows)
+            entry["eval"] = {"template": next(iter(eval_scores), None),
+                             "base": float(np.mean([r["accuracy_after"] for r in eval_rows if r["condition"] == "base"])),
+                             "score": next(iter(eval_scores.values()))["score"] if eval_scores else None,
+                             "passages": len({r["passage_id"] for r in eval_rows})}
+        if entry["finished"]:
+            entry["sft_rows"] = json.loads((folder / ITERATION_FILE).read_text()).get("sft_rows")
+        iterations.append(entry)
+    return {"model": raw["model"], "variant": table["variant"], "iterations": iterations}
+
+
+def template_markdown(summary: dict[str, Any]) -> str:
+    """The template-search summary as a Markdown table (one line per iteration; ``–`` where undefined)."""
+    def pct(x: Any) -> str:
+        return "–" if x is None else f"{100 * x:.1f}%"
+
+    def num(x: Any) -> str:
+        return "–" if x is None else f"{x:.3f}"
+
+    lines = [f"Model: `{summary['model']}` · variant `{summary['variant']}`", "",
+             "| iteration | valid templates / attempts | valid fills | base | best score | mean score | best gain | "
+             "hyperparam sim | instruction sim | mean chars/fill | held-out best (base) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in summary["iterations"]:
+        backend = f" ({e['similarity_backend']})" if e.get("similarity_backend") else ""
+        fallback = f", {e['fallback_fills']} by lines" if e.get("fallback_fills") else ""
+        held = "–" if not e.get("eval") else f"{pct(e['eval']['score'])} ({pct(e['eval']['base'])})"
+        lines.append(
+            f"| {e['iteration']}{'' if e['finished'] else ' (running)'} | {e['valid_templates']}/{e['proposals']} | "
+            f"{e['valid_fills']}/{e['fills']}{fallback} | {pct(e['base_accuracy'])} | {pct(e['best_score'])} | "
+            f"{pct(e['mean_score'])} | {num(e['best_gain'])} | {num(e['hyperparameter_similarity'])} | "
+            f"{num(e['instruction_similarity'])}{backend} | {e['mean_sequence_chars']:.0f} | {held} |")
+    best = [e for e in summary["iterations"] if e.get("best_template")]
+    if best:
+        top = max(best, key=lambda e: e["best_score"])
+        lines += ["", f"Best template: `{top['best_template']}` ({pct(top['best_score'])}). Valid templates are "
+                  "counted over all proposal attempts (retries included)."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_summary(config: TemplateSearchConfig, out: Path) -> dict[str, Any]:
+    summary = summarize_template_search(out, config)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(template_markdown(summary))
+    return summary
