@@ -303,7 +303,7 @@ def test_many_calls_compile_once(tiny_hf, monkeypatch):
                  seed=np.uint32(0), max_new_tokens=np.int32(16), pad_id=np.int32(0))
     tokens, lengths, _ = sampler.decode(lm.state, cache, logits, None, None, knobs, jnp.full((8,), -1, jnp.int32),
                                         jnp.asarray([False, False, False, True]), out_len=16)
-    assert cache.k.is_deleted() and cache.v.is_deleted()
+    assert len(cache.k) == lm.config.num_layers and all(x.is_deleted() for x in (*cache.k, *cache.v))
     assert dict(sampler.traces) == {"prefill": 2, "decode": 2}
     assert np.asarray(lengths).tolist() == [16, 16, 16, 0]
 
@@ -421,8 +421,9 @@ def test_sharded_sampling_equals_unsharded(tiny_hf, qwen):
     s = sharded._sampler
     ids, mask = pad_left(rows + [[3]], 0, 16)
     _, cache = s.prefill(sharded.state, s.put_batch(ids), s.put_batch(mask), None, None, cache_len=32)
-    spec = tuple(cache.k.sharding.spec)
-    assert spec + (None,) * (5 - len(spec)) == (None, "data", None, "tensor", None)
+    for layer in (*cache.k, *cache.v):  # [B, KVH, S, Dh] per layer
+        spec = tuple(layer.sharding.spec)
+        assert spec + (None,) * (4 - len(spec)) == ("data", "tensor", None, None)
 
 
 # ----------------------------------------------------------------------------------------------------

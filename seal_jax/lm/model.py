@@ -1,8 +1,17 @@
 """The decoder: Qwen3 / Llama in ``flax.nnx``, with the layers stacked and scanned.
 
 Every per-layer weight is stored once for all layers with a leading layer axis ``[L, ...]`` and the
-forward runs ``lax.scan`` over it, so compile time does not grow with depth. Projection kernels are kept
-as ``[in, out]`` (Hugging Face stores ``[out, in]``; ``weights.py`` transposes).
+forward (:meth:`Decoder.hidden_states`, used for training, logits and the prompt of a generation) runs
+``lax.scan`` over it, so compile time does not grow with depth. Projection kernels are kept as
+``[in, out]`` (Hugging Face stores ``[out, in]``; ``weights.py`` transposes).
+
+Decoding is the exception. A decode step reads every weight once for a handful of tokens, so it is bound
+by memory bandwidth, and XLA:CPU copies the layer's slice out of a stacked ``[L, ...]`` weight before each
+matmul (and a layer's slice of a stacked cache in and out), which triples the bytes moved. So
+:meth:`Decoder.extend` runs the layers as an unrolled Python loop over *per-layer* arrays:
+:meth:`Decoder.layer_params` slices the weights once (outside the decode loop; the copy is paid once per
+generation, not per token) and the :class:`KVCache` holds one buffer per layer, ``[B, KVH, S, Dh]``, that
+each step updates in place.
 
 The arithmetic lives in small pure functions (``rms_norm``, ``apply_rope``, ``attention`` …); the
 :class:`Decoder` module only owns the parameters and wires the functions together. LoRA adapters are a
@@ -87,21 +96,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *,
+              heads_first: bool = False) -> jax.Array:
     """Grouped-query scaled dot-product attention.
 
-    q: ``[B, T, H, Dh]``; k, v: ``[B, S, KVH, Dh]`` with ``H % KVH == 0``; allowed: bool ``[B, T, S]``.
-    Rows with no allowed key (left padding) get a uniform average instead of NaN. Returns
-    ``[B, T, H, Dh]`` in ``q.dtype``; the softmax is computed in float32.
+    q: ``[B, T, H, Dh]``; k, v: ``[B, S, KVH, Dh]`` (or ``[B, KVH, S, Dh]`` with ``heads_first``, the
+    cache layout) with ``H % KVH == 0``; allowed: bool ``[B, T, S]``. Rows with no allowed key (left
+    padding) get a uniform average instead of NaN. Returns ``[B, T, H, Dh]`` in ``q.dtype``; the softmax
+    is computed in float32.
     """
     b, t, h, dh = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1 if heads_first else 2]
+    kv = "bksd" if heads_first else "bskd"
     qg = q.reshape(b, t, kvh, h // kvh, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (dh ** -0.5)
     scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(b, t, h, dh)
 
 
@@ -157,10 +169,10 @@ def decoder_layer(
     """One pre-norm transformer block.
 
     x: ``[B, T, D]``; w: this layer's weights (no layer axis); lora: this layer's adapter slices or
-    ``None``; cos/sin: ``[B, T, Dh]``; keys_values: this layer's cache ``([B, S, KVH, Dh], same)`` or
+    ``None``; cos/sin: ``[B, T, Dh]``; keys_values: this layer's cache ``([B, KVH, S, Dh], same)`` or
     ``None`` (keys are the T tokens themselves); allowed: bool ``[B, T, S]``; write_kv: cache slot of the
-    first token. Returns the block output ``[B, T, D]`` and the layer's updated ``(k, v)`` cache (or the
-    fresh keys/values when there is no cache).
+    first token. Returns the block output ``[B, T, D]`` and the layer's updated ``(k, v)`` cache (or,
+    without a cache, the T tokens' own keys and values ``[B, T, KVH, Dh]``).
     """
     b, t, _ = x.shape
     c = config
@@ -183,9 +195,10 @@ def decoder_layer(
         all_k, all_v = k, v
     else:
         cache_k, cache_v = keys_values
-        all_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write_kv, 0, 0))
-        all_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write_kv, 0, 0))
-    attn = attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed)
+        at = (0, 0, write_kv, 0)
+        all_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), at)
+        all_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), at)
+    attn = attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed, heads_first=keys_values is not None)
     x = x + proj("o_proj", attn.reshape(b, t, c.q_dim))
     h = rms_norm(x, w["post_attention_norm"], c.rms_norm_eps)
     gated = jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)
@@ -217,19 +230,24 @@ class LayerStack(nnx.Module):
         return {n: getattr(self, n)[...] for n in names if hasattr(self, n)}
 
 
+def unstack_layers(tree: Any, num_layers: int) -> list[Any]:
+    """The ``num_layers`` per-layer pieces of a pytree whose leaves are stacked ``[L, ...]`` (copies)."""
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(num_layers)]
+
+
 @dataclasses.dataclass
 class KVCache:
-    """A preallocated key/value cache for all layers.
+    """A preallocated key/value cache, one buffer per layer (so that a decode step writes in place).
 
     Attributes:
-      k, v: ``[L, B, S, KVH, Dh]``.
+      k, v: tuples of L arrays ``[B, KVH, S, Dh]``.
       valid: bool ``[B, S]``, which slots hold a real (non-padding) token.
       positions: int ``[B]``, the rotary position the next token of each row takes.
       index: int scalar, the next slot to write (shared by all rows: batches are left-padded).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     positions: jax.Array
     index: jax.Array
@@ -237,11 +255,34 @@ class KVCache:
     @staticmethod
     def create(config: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
         """An empty cache for ``batch`` rows of at most ``length`` tokens."""
-        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, length, config.head_dim)
+        layers = range(config.num_layers)
         return KVCache(
-            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers),
             valid=jnp.zeros((batch, length), bool),
             positions=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32),
+        )
+
+    @staticmethod
+    def from_prompt(keys: jax.Array, values: jax.Array, attention_mask: jax.Array, length: int) -> KVCache:
+        """A cache of ``length`` slots holding a prompt's keys and values in its first T slots.
+
+        keys, values: ``[L, B, T, KVH, Dh]`` (from :meth:`Decoder.hidden_states` with ``return_kv``);
+        attention_mask: ``[B, T]``, 1 on real tokens (left-padded rows).
+        """
+        n_layers, b, t, kvh, dh = keys.shape
+        if length < t:
+            raise ValueError(f"a cache of {length} slots cannot hold a prompt of {t} tokens")
+
+        def layer(x: jax.Array) -> jax.Array:
+            return jnp.zeros((b, kvh, length, dh), x.dtype).at[:, :, :t].set(x.transpose(0, 2, 1, 3))
+
+        mask = attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)[:, -1] + 1
+        return KVCache(
+            k=tuple(layer(keys[i]) for i in range(n_layers)), v=tuple(layer(values[i]) for i in range(n_layers)),
+            valid=jnp.zeros((b, length), bool).at[:, :t].set(mask), positions=positions.astype(jnp.int32),
+            index=jnp.asarray(t, jnp.int32),
         )
 
 
@@ -274,65 +315,98 @@ class Decoder(nnx.Module):
         attention_mask: jax.Array | None = None,
         *,
         lora: LoraInputs | None = None,
-        cache: KVCache | None = None,
         positions: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """Final-norm hidden states ``[B, T, D]`` for token ids ``[B, T]``.
+        return_kv: bool = False,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Final-norm hidden states ``[B, T, D]`` for token ids ``[B, T]`` (a scan over the stacked layers).
 
-        Without a cache, ``attention_mask`` (``[B, T]``, 1 = real token, batches left-padded) sets both
-        the keys that may be attended to and the rotary positions (``cumsum(mask) - 1``). With a cache,
-        the T tokens are appended at ``cache.index`` and attend to every valid earlier slot; the updated
-        cache is returned. ``positions`` (int ``[B, T]``, no cache only) overrides the rotary positions.
+        ``attention_mask`` (``[B, T]``, 1 = real token, batches left-padded) sets both the keys that may be
+        attended to and the rotary positions (``cumsum(mask) - 1``); ``positions`` (int ``[B, T]``)
+        overrides the latter. With ``return_kv`` the second result is every layer's keys and values of the
+        T tokens, ``([L, B, T, KVH, Dh], same)`` (see :meth:`KVCache.from_prompt`); otherwise ``None``.
         """
         c = self.config
         b, t = ids.shape
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        if cache is None:
-            if positions is None:
-                positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-            key_valid = mask
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            write_at = 0
-        else:
-            if positions is not None:
-                raise ValueError("positions cannot be given together with a KV cache")
-            positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-            s = cache.k.shape[2]
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-            slots = jnp.arange(s)
-            causal = slots[None, :] <= (cache.index + jnp.arange(t))[:, None]
-            write_at = cache.index
-        allowed = causal[None] & key_valid[:, None, :]
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & mask[:, None, :]
         x = self.embedding[...][ids]
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
-        weights = self.layers.arrays()
-        layer_ids = jnp.arange(c.num_layers)
-        lora_w = None if lora is None else lora.weights
         use_dropout = lora is not None and lora.key is not None
 
-        def body(carry, xs):
-            h, kv = carry
+        def body(h, xs):
             w, lw, idx = xs
             lkey = jax.random.fold_in(lora.key, idx) if use_dropout else None
-            layer_kv = None if kv is None else (kv[0][idx], kv[1][idx])
-            h, (k_new, v_new) = decoder_layer(
+            h, kv = decoder_layer(
                 h, w, lw, None if lora is None else lora.scale, None if lora is None else lora.dropout,
-                lkey, c, cos, sin, layer_kv, allowed, write_at)
-            if kv is None:
-                return (h, None), None
-            kv = (jax.lax.dynamic_update_index_in_dim(kv[0], k_new, idx, 0),
-                  jax.lax.dynamic_update_index_in_dim(kv[1], v_new, idx, 0))
-            return (h, kv), None
+                lkey, c, cos, sin, None, allowed, 0)
+            return h, (kv if return_kv else None)
 
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        kv0 = None if cache is None else (cache.k, cache.v)
-        (x, kv), _ = jax.lax.scan(body, (x, kv0), (weights, lora_w, layer_ids))
+        xs = (self.layers.arrays(), None if lora is None else lora.weights, jnp.arange(c.num_layers))
+        x, kv = jax.lax.scan(body, x, xs)
+        return rms_norm(x, self.final_norm[...], c.rms_norm_eps), kv
+
+    def layer_params(self, lora: LoraInputs | None = None) -> list[tuple[dict[str, jax.Array], Any]]:
+        """Per layer, ``(weights, adapter slices or None)`` without the layer axis, for :meth:`extend`.
+
+        Slicing copies the weights: inside a jitted decode loop, call this once before the loop.
+        """
+        n = self.config.num_layers
+        weights = unstack_layers(self.layers.arrays(), n)
+        adapters = [None] * n if lora is None else unstack_layers(lora.weights, n)
+        return list(zip(weights, adapters, strict=True))
+
+    def extend(
+        self,
+        ids: jax.Array,
+        attention_mask: jax.Array | None,
+        cache: KVCache,
+        *,
+        lora: LoraInputs | None = None,
+        layers: list[tuple[dict[str, jax.Array], Any]] | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Append T tokens ``[B, T]`` to ``cache``: final-norm hidden states ``[B, T, D]`` and the new cache.
+
+        The tokens go in at ``cache.index`` and attend to every valid earlier slot; ``attention_mask``
+        (``[B, T]``, default all ones) marks padding. The layers run unrolled over per-layer arrays
+        (see the module docstring): ``layers`` is :meth:`layer_params` (``lora``'s slices included),
+        computed here when not given. ``lora`` supplies the adapter scale; dropout is not supported.
+        """
+        c = self.config
+        b, t = ids.shape
+        if lora is not None and lora.key is not None:
+            raise ValueError("Decoder.extend runs inference only: LoRA dropout (lora.key) is not supported")
+        if layers is None:
+            layers = self.layer_params(lora)
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+        causal = jnp.arange(cache.valid.shape[1])[None, :] <= (cache.index + jnp.arange(t))[:, None]
+        allowed = causal[None] & key_valid[:, None, :]
+        x = self.embedding[...][ids]
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
+        scale = None if lora is None else lora.scale
+        ks, vs = [], []
+        for (w, lw), k, v in zip(layers, cache.k, cache.v, strict=True):
+            x, (k, v) = decoder_layer(x, w, lw, scale, None, None, c, cos, sin, (k, v), allowed, cache.index)
+            ks.append(k)
+            vs.append(v)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
-        if cache is not None:
-            last = positions[:, -1] + 1
-            cache = KVCache(k=kv[0], v=kv[1], valid=key_valid, positions=last, index=cache.index + t)
+        cache = KVCache(k=tuple(ks), v=tuple(vs), valid=key_valid, positions=positions[:, -1] + 1,
+                        index=cache.index + t)
         return x, cache
+
+    def prefill(self, ids: jax.Array, attention_mask: jax.Array | None, length: int, *,
+                lora: LoraInputs | None = None) -> tuple[jax.Array, KVCache]:
+        """Run a left-padded prompt ``[B, T]`` through the scanned layers into a fresh cache of ``length``
+        slots. Returns the final-norm hidden states ``[B, T, D]`` and the cache."""
+        b, t = ids.shape
+        mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+        x, (keys, values) = self.hidden_states(ids, mask, lora=lora, return_kv=True)
+        return x, KVCache.from_prompt(keys.astype(self.dtype), values.astype(self.dtype), mask, length)
 
     def head(self, x: jax.Array) -> jax.Array:
         """Output logits ``[..., V]`` (float32) for hidden states ``[..., D]``."""
@@ -347,6 +421,9 @@ class Decoder(nnx.Module):
         lora: LoraInputs | None = None,
         cache: KVCache | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Logits float32 ``[B, T, V]`` for ids ``[B, T]`` (see :meth:`hidden_states`) and the cache."""
-        x, cache = self.hidden_states(ids, attention_mask, lora=lora, cache=cache)
+        """Logits float32 ``[B, T, V]`` for ids ``[B, T]`` and the cache: without a cache
+        :meth:`hidden_states` (and ``None``), with one :meth:`extend` (and the updated cache)."""
+        if cache is None:
+            return self.head(self.hidden_states(ids, attention_mask, lora=lora)[0]), None
+        x, cache = self.extend(ids, attention_mask, cache, lora=lora)
         return self.head(x), cache

@@ -8,12 +8,14 @@ How one call runs (see :class:`Sampler`):
    ``(B, T, N)``, the stop-id table size and "adapters stacked or not" are static, so a long run compiles
    one prefill and one decode program per bucket. Every sampling knob (temperature, top-k, top-p, min-p,
    seed, stop ids, the exact ``max_new_tokens``) is a traced argument: changing it does not recompile.
-2. **Prefill** (one jitted call): the whole padded batch goes through
-   :meth:`~seal_jax.lm.model.Decoder.hidden_states` with a fresh :class:`~seal_jax.lm.model.KVCache`; the
-   head is applied to the last position only, giving logits ``[B, V]`` (never ``[B, T, V]``).
-3. **Decode** (one jitted call, the cache donated): sample the first token from the prefill logits, then
-   a ``lax.while_loop`` feeds the last token back through the decoder with the cache, samples the next
-   one and writes it to an output buffer ``[B, N]``. A row stops at its first stop id (the stop token is
+2. **Prefill** (one jitted call): the whole padded batch goes through the scanned layers
+   (:meth:`~seal_jax.lm.model.Decoder.prefill`), whose keys and values fill a fresh
+   :class:`~seal_jax.lm.model.KVCache` (one buffer per layer); the head is applied to the last position
+   only, giving logits ``[B, V]`` (never ``[B, T, V]``).
+3. **Decode** (one jitted call, the cache donated): sample the first token from the prefill logits, slice
+   the stacked weights into per-layer arrays once, then a ``lax.while_loop`` feeds the last token back
+   through :meth:`~seal_jax.lm.model.Decoder.extend` (layers unrolled, each layer's cache updated in
+   place), samples the next one and writes it to an output buffer ``[B, N]``. A row stops at its first stop id (the stop token is
    not counted in its length); the loop ends when every row has stopped or ``max_new_tokens`` tokens have
    been produced.
 
@@ -405,8 +407,9 @@ class Sampler:
             spec = shd.spec_for(self.mesh, logical, x.shape)
             return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-        kv = ("layers", "batch", "length", "kv_heads", None)
-        return KVCache(k=put(cache.k, kv), v=put(cache.v, kv), valid=put(cache.valid, ("batch", "length")),
+        kv = ("batch", "kv_heads", "length", None)
+        return KVCache(k=tuple(put(x, kv) for x in cache.k), v=tuple(put(x, kv) for x in cache.v),
+                       valid=put(cache.valid, ("batch", "length")),
                        positions=put(cache.positions, ("batch",)), index=cache.index)
 
     def put_batch(self, array: np.ndarray) -> jax.Array:
@@ -430,13 +433,11 @@ class Sampler:
         Returns the last position's logits ``[B, V]`` (``[K, B, V]`` with stacked adapters) and the cache.
         """
         self.traces["prefill"] += 1
-        b = ids.shape[0]
 
         def one(lw: Any, ls: Any) -> tuple[jax.Array, KVCache]:
             model = nnx.merge(self.graphdef, state)
             lora = None if lw is None else LoraInputs(weights=lw, scale=ls)
-            cache = self._constrain_cache(KVCache.create(model.config, b, cache_len, model.dtype))
-            x, cache = model.hidden_states(ids, mask, lora=lora, cache=cache)
+            x, cache = model.prefill(ids, mask, cache_len, lora=lora)
             return model.head(x[:, -1]), self._constrain_cache(cache)
 
         if lora_scale is not None and lora_scale.ndim == 1:
@@ -464,6 +465,7 @@ class Sampler:
         def one(cache: KVCache, logits: jax.Array, lw: Any, ls: Any) -> tuple[jax.Array, jax.Array, KVCache]:
             model = nnx.merge(self.graphdef, state)
             lora = None if lw is None else LoraInputs(weights=lw, scale=ls)
+            layers = model.layer_params(lora)  # per-layer copies, made once per call (see model.py)
             b = logits.shape[0]
 
             def sample(lg: jax.Array, step: jax.Array) -> jax.Array:
@@ -488,7 +490,7 @@ class Sampler:
             def body(carry):
                 step, token, out, lengths, finished, cache = carry
                 fed = jnp.where(finished, knobs["pad_id"], token)
-                x, cache = model.hidden_states(fed[:, None], jnp.ones((b, 1), jnp.int32), lora=lora, cache=cache)
+                x, cache = model.extend(fed[:, None], None, cache, lora=lora, layers=layers)
                 nxt = sample(model.head(x[:, 0]), step)
                 out, lengths, finished = record(step, nxt, out, lengths, finished)
                 return step + 1, nxt, out, lengths, finished, self._constrain_cache(cache)
