@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from seal_jax.selfedit.knowledge import RunConfig, read_toml, run_knowledge, summary_markdown
+from seal_jax.selfedit.knowledge import RunConfig, RunConfigError, read_toml, run_knowledge, summary_markdown
 from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
 from seal_jax.selfedit.template_search import TemplateSearchConfig, run_template_search, template_markdown
 
