@@ -256,8 +256,9 @@ def bench_candidates(lm: Any, *, k: int, sequences: int, length: int, epochs: in
 def demo_bench_config(config_path: str | Path, model: str | Path, *, passages: int, k: int, smoke: bool = False) -> Any:
     """The run config of ``config_path`` (the demo) on ``model`` with ``passages`` passages and ``k`` self-edits.
 
-    ``smoke`` shortens every generation and trains one epoch (schema tests on tiny random models); the
-    conditions, strategies, LoRA and grader stay those of the file.
+    ``smoke`` shortens every generation and trains one epoch (schema tests on tiny random models) and drops
+    the ``template`` condition (its meta-prompt does not fit a tiny model's context); the other
+    conditions, LoRA and grader stay those of the file.
     """
     from seal_jax.selfedit.knowledge import RunConfig
 
@@ -267,6 +268,7 @@ def demo_bench_config(config_path: str | Path, model: str | Path, *, passages: i
         changes["selfedit_sampling"] = {**config.selfedit_sampling, "max_new_tokens": 16}
         changes["eval_max_new_tokens"] = 8
         changes["train"] = {**config.train, "epochs": 1, "max_len": 64}
+        changes["conditions"] = tuple(c for c in config.conditions if c != "template")
     return dataclasses.replace(config, **changes)
 
 
