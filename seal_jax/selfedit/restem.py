@@ -56,6 +56,49 @@ class RestemError(RuntimeError):
     """A ReST-EM round that cannot go on (e.g. the generator's SFT diverged)."""
 
 
+def sft_lora_spec(fields: dict[str, Any]) -> Any:
+    """The generator's SFT :class:`~seal_jax.LoraSpec`: SEAL's r=64, alpha=128 on all projections,
+    overridden by ``fields`` (a config table; a ``targets`` list is accepted)."""
+    from seal_jax.lm.lora import LoraSpec
+
+    fields = dict(fields)
+    if isinstance(fields.get("targets"), list):
+        fields["targets"] = tuple(fields["targets"])
+    return LoraSpec(**{**dataclasses.asdict(LoraSpec.seal_sft()), **fields})
+
+
+def sft_train_spec(fields: dict[str, Any]) -> Any:
+    """The generator's SFT :class:`~seal_jax.TrainSpec`: SEAL's lr 3e-4, 2 epochs, batch 1, overridden by
+    ``fields``."""
+    from seal_jax.lm.training import TrainSpec
+
+    defaults = dataclasses.asdict(TrainSpec(learning_rate=3e-4, epochs=2, batch_size=1, grad_accum=1))
+    return TrainSpec(**{**defaults, **fields})
+
+
+def sft_generator(lm: Any, rows: Sequence[dict[str, Any]], lora: Any, train: Any, seed: int, *, table: str,
+                  error: type[Exception] = RestemError) -> tuple[Any, Any]:
+    """SFT of ``lm`` on ``{prompt, completion}`` rows (loss on the completion only), merged into the base.
+
+    ``table`` names the config table in error messages (e.g. ``"restem"``); ``error`` is the exception
+    raised when the SFT cannot start (prompts longer than ``train.max_len``) or its loss turned non-finite.
+    Returns ``(merged LM, adapters)``.
+    """
+    from seal_jax.lm.training import TrainError
+
+    pairs = [(r["prompt"], r["completion"]) for r in rows]
+    try:
+        adapters = lm.train_adapters([pairs], lora, train, seed=seed)
+    except TrainError as e:
+        longest = max(len(lm.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows)
+        raise error(f"the generator's SFT cannot start: {e}. The longest prompt has {longest} tokens and "
+                    f"{table}.sft_train.max_len is {train.max_len}; raise max_len above the prompt length") from e
+    if adapters.failed[0]:
+        raise error(f"the generator's SFT failed: {adapters.failed[0]}; lower {table}.sft_train.learning_rate "
+                    f"(now {train.learning_rate})")
+    return lm.merge_adapter(adapters, 0), adapters
+
+
 @dataclasses.dataclass(frozen=True)
 class RestemConfig:
     """A ReST-EM run: a knowledge-run config (the inner loop) plus a ``[restem]`` table.
@@ -98,20 +141,12 @@ class RestemConfig:
         return self.knowledge.name
 
     def sft_lora_spec(self) -> Any:
-        """The generator's SFT :class:`~seal_jax.LoraSpec` (SEAL: r=64, alpha=128, all projections)."""
-        from seal_jax.lm.lora import LoraSpec
-
-        fields = dict(self.sft_lora)
-        if isinstance(fields.get("targets"), list):
-            fields["targets"] = tuple(fields["targets"])
-        return LoraSpec(**{**dataclasses.asdict(LoraSpec.seal_sft()), **fields})
+        """The generator's SFT :class:`~seal_jax.LoraSpec` (see :func:`sft_lora_spec`)."""
+        return sft_lora_spec(self.sft_lora)
 
     def sft_train_spec(self) -> Any:
-        """The generator's SFT :class:`~seal_jax.TrainSpec` (SEAL: lr 3e-4, 2 epochs, batch 1)."""
-        from seal_jax.lm.training import TrainSpec
-
-        defaults = dataclasses.asdict(TrainSpec(learning_rate=3e-4, epochs=2, batch_size=1, grad_accum=1))
-        return TrainSpec(**{**defaults, **self.sft_train})
+        """The generator's SFT :class:`~seal_jax.TrainSpec` (see :func:`sft_train_spec`)."""
+        return sft_train_spec(self.sft_train)
 
     def round_config(self, model: str, passages_start: int, n: int, *, data: dict[str, Any] | None = None,
                      name: str | None = None) -> RunConfig:
@@ -249,7 +284,8 @@ def eval_passages(config: RestemConfig, training: Sequence[Sequence[Passage]]) -
     return held_out
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Replace ``path`` with ``rows`` as JSONL, atomically (written beside it, then renamed)."""
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     append_rows(tmp, rows)
@@ -267,24 +303,9 @@ def _summary_of(folder: Path) -> dict[str, Any] | None:
 
 
 def train_generator(lm: Any, rows: Sequence[dict[str, Any]], config: RestemConfig) -> tuple[Any, Any]:
-    """SFT of ``lm`` on ``(prompt, completion)`` rows (loss on the completion only), merged into the base.
-
-    Returns ``(merged LM, adapters)``; raises :class:`RestemError` if the SFT loss turned non-finite.
-    """
-    from seal_jax.lm.training import TrainError
-
-    pairs = [(r["prompt"], r["completion"]) for r in rows]
-    spec = config.sft_train_spec()
-    try:
-        adapters = lm.train_adapters([pairs], config.sft_lora_spec(), spec, seed=config.knowledge.seed)
-    except TrainError as e:
-        longest = max(len(lm.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows)
-        raise RestemError(f"the generator's SFT cannot start: {e}. The longest prompt has {longest} tokens and "
-                          f"restem.sft_train.max_len is {spec.max_len}; raise max_len above the prompt length") from e
-    if adapters.failed[0]:
-        raise RestemError(f"the generator's SFT failed: {adapters.failed[0]}; lower restem.sft_train.learning_rate "
-                          f"(now {config.sft_train_spec().learning_rate})")
-    return lm.merge_adapter(adapters, 0), adapters
+    """SFT of ``lm`` on ``(prompt, completion)`` rows with the run's SFT specs (see :func:`sft_generator`)."""
+    return sft_generator(lm, rows, config.sft_lora_spec(), config.sft_train_spec(), config.knowledge.seed,
+                         table="restem")
 
 
 def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
@@ -351,7 +372,7 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
                                positive_gain_only=config.positive_gain_only)
             by_id = {p.id: p for p in training[r - 1]}
             rows = sft_rows(best, by_id, config.strategy, chat=k.chat, tokenizer=current.tokenizer)
-            _write_jsonl(folder / "sft_rows.jsonl", rows)
+            write_jsonl(folder / "sft_rows.jsonl", rows)
             info: dict[str, Any] = {"round": r, "trained_from": generator, "sft_rows": len(rows),
                                     "mean_sft_reward": float(np.mean([x["reward"] for x in rows])) if rows else None}
             if rows:

@@ -58,7 +58,6 @@ import dataclasses
 import json
 import shutil
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,10 +74,12 @@ from seal_jax.selfedit.knowledge import (
     derived_seed,
     make_grader,
     read_rows,
+    read_toml,
     result_row,
     scored_answers,
 )
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
+from seal_jax.selfedit.restem import sft_generator, sft_lora_spec, sft_train_spec, write_jsonl
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, fill_pieces, pieces_to_sequences
 from seal_jax.selfedit.templates import (
     PROPOSAL_SCHEDULE,
@@ -201,19 +202,11 @@ class TemplateSearchConfig:
 
     def sft_lora_spec(self) -> Any:
         """The generator's SFT :class:`~seal_jax.LoraSpec` (SEAL: r=64, alpha=128, all projections)."""
-        from seal_jax.lm.lora import LoraSpec
-
-        fields = dict(self.sft_lora)
-        if isinstance(fields.get("targets"), list):
-            fields["targets"] = tuple(fields["targets"])
-        return LoraSpec(**{**dataclasses.asdict(LoraSpec.seal_sft()), **fields})
+        return sft_lora_spec(self.sft_lora)
 
     def sft_train_spec(self) -> Any:
         """The generator's SFT :class:`~seal_jax.TrainSpec` (SEAL: lr 3e-4, 2 epochs, batch 1)."""
-        from seal_jax.lm.training import TrainSpec
-
-        defaults = dataclasses.asdict(TrainSpec(learning_rate=3e-4, epochs=2, batch_size=1, grad_accum=1))
-        return TrainSpec(**{**defaults, **self.sft_train})
+        return sft_train_spec(self.sft_train)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> TemplateSearchConfig:
@@ -241,14 +234,7 @@ class TemplateSearchConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> TemplateSearchConfig:
         """Read a template-search config TOML file."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no run config at {path}; see experiments/README.md")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise RunConfigError(f"{path}: {e}") from None
-        return cls.from_dict(raw, where=str(path))
+        return cls.from_dict(read_toml(path), where=str(path))
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict: the knowledge config's keys plus ``templates`` (the form :meth:`from_dict` reads)."""
@@ -423,30 +409,12 @@ def train_generator(lm: Any, rows: Sequence[dict[str, Any]], config: TemplateSea
 
     Returns ``(merged LM, adapters)``; raises :class:`TemplateSearchError` if the SFT cannot start or diverged.
     """
-    from seal_jax.lm.training import TrainError
-
-    spec = config.sft_train_spec()
-    try:
-        adapters = lm.train_adapters([[(r["prompt"], r["completion"]) for r in rows]], config.sft_lora_spec(), spec,
-                                     seed=config.knowledge.seed)
-    except TrainError as e:
-        raise TemplateSearchError(f"the generator's SFT cannot start: {e}; raise templates.sft_train.max_len "
-                                  f"(now {spec.max_len}) above the longest prompt") from e
-    if adapters.failed[0]:
-        raise TemplateSearchError(f"the generator's SFT failed: {adapters.failed[0]}; lower "
-                                  f"templates.sft_train.learning_rate (now {spec.learning_rate})")
-    return lm.merge_adapter(adapters, 0), adapters
+    return sft_generator(lm, rows, config.sft_lora_spec(), config.sft_train_spec(), config.knowledge.seed,
+                         table="templates", error=TemplateSearchError)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The run
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    append_rows(tmp, rows)
-    tmp.replace(path)
 
 
 def _entries_of(info: dict[str, Any]) -> list[ArchiveEntry]:
@@ -553,7 +521,7 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
             records = propose(model(generator), meta, kinds, max_new_tokens=config.proposal_max_new_tokens,
                               max_retries=config.max_retries, seed=derived_seed(k.seed, "iteration", it),
                               chat=k.chat)
-            _write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
+            write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
             (folder / "meta_prompt.txt").write_text(meta)
         templates = [(f"it{it}-t{slot}", t) for slot, t in chosen(records).items()]
 
@@ -583,7 +551,7 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
         if config.sft and it < config.iterations:
             pairs = sft_pairs(rows, by_id, dict(templates), meta, k=config.sft_top_k, chat=k.chat,
                               tokenizer=model(generator).tokenizer, positive_gain_only=config.sft_positive_gain_only)
-            _write_jsonl(folder / "sft_rows.jsonl", pairs)
+            write_jsonl(folder / "sft_rows.jsonl", pairs)
             info["sft_rows"] = len(pairs)
             if pairs:
                 merged, adapters = train_generator(model(generator), pairs, config)
