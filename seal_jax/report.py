@@ -9,6 +9,16 @@ from typing import Any
 import numpy as np
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG to ``path``, close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
     """The run's summary, recomputed from ``results.jsonl`` (so a run still in progress reports too)."""
     from seal_jax.selfedit.knowledge import read_rows, summarize
@@ -43,11 +53,7 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path, title: str = "") ->
     ax.set_title(title or f"{summary['model']}", fontsize=9)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_rounds(summary: dict[str, Any], path: str | Path, title: str = "") -> Path:
@@ -70,11 +76,7 @@ def plot_rounds(summary: dict[str, Any], path: str | Path, title: str = "") -> P
     ax.legend(fontsize=7)
     ax.set_title(title or summary["model"], fontsize=9)
     ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def report_restem(run_dir: str | Path) -> tuple[str, Path]:
@@ -129,11 +131,7 @@ def plot_iterations(summary: dict[str, Any], path: str | Path, title: str = "") 
     for ax in axes[1:3]:
         ax.set_ylim(0, 1.05)
     fig.suptitle(title or f"{summary['model']} · {summary['variant']}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def report_templates(run_dir: str | Path) -> tuple[str, Path]:
