@@ -421,9 +421,11 @@ def test_sharded_sampling_equals_unsharded(tiny_hf, qwen):
     s = sharded._sampler
     ids, mask = pad_left(rows + [[3]], 0, 16)
     _, cache = s.prefill(sharded.state, s.put_batch(ids), s.put_batch(mask), None, None, cache_len=32)
-    for layer in (*cache.k, *cache.v):  # [B, KVH, S, Dh] per layer
+    for layer in (*cache.k, *cache.v):  # keys [B, KVH, Dh, S], values [B, KVH, S, Dh] per layer
         spec = tuple(layer.sharding.spec)
         assert spec + (None,) * (4 - len(spec)) == ("data", "tensor", None, None)
+    assert cache.k[0].shape == (len(rows) + 1, lm.config.num_kv_heads, lm.config.head_dim, 32)
+    assert cache.v[0].shape == (len(rows) + 1, lm.config.num_kv_heads, 32, lm.config.head_dim)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ by memory bandwidth, and XLA:CPU copies the layer's slice out of a stacked ``[L,
 matmul (and a layer's slice of a stacked cache in and out), which triples the bytes moved. So
 :meth:`Decoder.extend` runs the layers as an unrolled Python loop over *per-layer* arrays:
 :meth:`Decoder.layer_params` slices the weights once (outside the decode loop; the copy is paid once per
-generation, not per token) and the :class:`KVCache` holds one buffer per layer, ``[B, KVH, S, Dh]``, that
-each step updates in place.
+generation, not per token) and the :class:`KVCache` holds one buffer per layer (keys ``[B, KVH, Dh, S]``,
+values ``[B, KVH, S, Dh]``) that each step updates in place.
 
 The arithmetic lives in small pure functions (``rms_norm``, ``apply_rope``, ``attention`` …); the
 :class:`Decoder` module only owns the parameters and wires the functions together. LoRA adapters are a
@@ -96,25 +96,45 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *,
-              heads_first: bool = False) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
     """Grouped-query scaled dot-product attention.
 
-    q: ``[B, T, H, Dh]``; k, v: ``[B, S, KVH, Dh]`` (or ``[B, KVH, S, Dh]`` with ``heads_first``, the
-    cache layout) with ``H % KVH == 0``; allowed: bool ``[B, T, S]``. Rows with no allowed key (left
+    q: ``[B, T, H, Dh]``; k, v: ``[B, S, KVH, Dh]`` with ``H % KVH == 0``; allowed: bool ``[B, T, S]``. Rows with no allowed key (left
     padding) get a uniform average instead of NaN. Returns ``[B, T, H, Dh]`` in ``q.dtype``; the softmax
     is computed in float32.
     """
     b, t, h, dh = q.shape
-    kvh = k.shape[1 if heads_first else 2]
-    kv = "bksd" if heads_first else "bskd"
+    kvh = k.shape[2]
     qg = q.reshape(b, t, kvh, h // kvh, dh)
-    scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (dh ** -0.5)
     scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, dh)
+
+
+def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Grouped-query attention of T new tokens over a KV cache (the decode path).
+
+    q: ``[B, T, H, Dh]``; keys_t: the cache's keys *transposed*, ``[B, KVH, Dh, S]``; values:
+    ``[B, KVH, S, Dh]``; allowed: bool ``[B, T, S]``. Returns ``[B, T, H, Dh]`` in ``q.dtype``.
+
+    Two plain batched matmuls per row and KV head (``[G*T, Dh] @ [Dh, S]`` and ``[G*T, S] @ [S, Dh]``,
+    batch axes leading): with one new token XLA:CPU runs these about 4x faster than the einsum of
+    :func:`attention` on a ``[B, KVH, S, Dh]`` key layout.
+    """
+    b, t, h, dh = q.shape
+    kvh, s = keys_t.shape[1], keys_t.shape[3]
+    g = h // kvh
+    qm = q.reshape(b, t, kvh, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, dh)
+    batch = ((0, 1), (0, 1))
+    scores = jax.lax.dot_general(qm, keys_t, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kvh, t, g, s) * (dh ** -0.5)
+    scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b, kvh, t * g, s)
+    out = jax.lax.dot_general(probs, values, (((3,), (2,)), batch))
+    return out.reshape(b, kvh, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h, dh).astype(q.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +189,9 @@ def decoder_layer(
     """One pre-norm transformer block.
 
     x: ``[B, T, D]``; w: this layer's weights (no layer axis); lora: this layer's adapter slices or
-    ``None``; cos/sin: ``[B, T, Dh]``; keys_values: this layer's cache ``([B, KVH, S, Dh], same)`` or
-    ``None`` (keys are the T tokens themselves); allowed: bool ``[B, T, S]``; write_kv: cache slot of the
-    first token. Returns the block output ``[B, T, D]`` and the layer's updated ``(k, v)`` cache (or,
+    ``None``; cos/sin: ``[B, T, Dh]``; keys_values: this layer's cache (keys ``[B, KVH, Dh, S]``,
+    values ``[B, KVH, S, Dh]``) or ``None`` (keys are the T tokens themselves); allowed: bool
+    ``[B, T, S]``; write_kv: cache slot of the first token. Returns the block output ``[B, T, D]`` and the layer's updated ``(k, v)`` cache (or,
     without a cache, the T tokens' own keys and values ``[B, T, KVH, Dh]``).
     """
     b, t, _ = x.shape
@@ -193,12 +213,12 @@ def decoder_layer(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if keys_values is None:
         all_k, all_v = k, v
+        attn = attention(q, k, v, allowed)
     else:
         cache_k, cache_v = keys_values
-        at = (0, 0, write_kv, 0)
-        all_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), at)
-        all_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), at)
-    attn = attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed, heads_first=keys_values is not None)
+        all_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype), (0, 0, 0, write_kv))
+        all_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, write_kv, 0))
+        attn = cached_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed)
     x = x + proj("o_proj", attn.reshape(b, t, c.q_dim))
     h = rms_norm(x, w["post_attention_norm"], c.rms_norm_eps)
     gated = jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)
@@ -240,7 +260,8 @@ class KVCache:
     """A preallocated key/value cache, one buffer per layer (so that a decode step writes in place).
 
     Attributes:
-      k, v: tuples of L arrays ``[B, KVH, S, Dh]``.
+      k: tuple of L arrays ``[B, KVH, Dh, S]`` (keys stored transposed, see :func:`cached_attention`).
+      v: tuple of L arrays ``[B, KVH, S, Dh]``.
       valid: bool ``[B, S]``, which slots hold a real (non-padding) token.
       positions: int ``[B]``, the rotary position the next token of each row takes.
       index: int scalar, the next slot to write (shared by all rows: batches are left-padded).
@@ -255,10 +276,11 @@ class KVCache:
     @staticmethod
     def create(config: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
         """An empty cache for ``batch`` rows of at most ``length`` tokens."""
-        shape = (batch, config.num_kv_heads, length, config.head_dim)
+        k_shape = (batch, config.num_kv_heads, config.head_dim, length)
+        v_shape = (batch, config.num_kv_heads, length, config.head_dim)
         layers = range(config.num_layers)
         return KVCache(
-            k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            k=tuple(jnp.zeros(k_shape, dtype) for _ in layers), v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
             valid=jnp.zeros((batch, length), bool),
             positions=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32),
         )
@@ -274,13 +296,16 @@ class KVCache:
         if length < t:
             raise ValueError(f"a cache of {length} slots cannot hold a prompt of {t} tokens")
 
-        def layer(x: jax.Array) -> jax.Array:
+        def layer_k(x: jax.Array) -> jax.Array:
+            return jnp.zeros((b, kvh, dh, length), x.dtype).at[..., :t].set(x.transpose(0, 2, 3, 1))
+
+        def layer_v(x: jax.Array) -> jax.Array:
             return jnp.zeros((b, kvh, length, dh), x.dtype).at[:, :, :t].set(x.transpose(0, 2, 1, 3))
 
         mask = attention_mask.astype(bool)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)[:, -1] + 1
         return KVCache(
-            k=tuple(layer(keys[i]) for i in range(n_layers)), v=tuple(layer(values[i]) for i in range(n_layers)),
+            k=tuple(layer_k(keys[i]) for i in range(n_layers)), v=tuple(layer_v(values[i]) for i in range(n_layers)),
             valid=jnp.zeros((b, length), bool).at[:, :t].set(mask), positions=positions.astype(jnp.int32),
             index=jnp.asarray(t, jnp.int32),
         )

@@ -407,8 +407,8 @@ class Sampler:
             spec = shd.spec_for(self.mesh, logical, x.shape)
             return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-        kv = ("batch", "kv_heads", "length", None)
-        return KVCache(k=tuple(put(x, kv) for x in cache.k), v=tuple(put(x, kv) for x in cache.v),
+        keys, values = ("batch", "kv_heads", None, "length"), ("batch", "kv_heads", "length", None)
+        return KVCache(k=tuple(put(x, keys) for x in cache.k), v=tuple(put(x, values) for x in cache.v),
                        valid=put(cache.valid, ("batch", "length")),
                        positions=put(cache.positions, ("batch",)), index=cache.index)
 
