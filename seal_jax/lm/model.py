@@ -433,9 +433,14 @@ class Decoder(nnx.Module):
         x, (keys, values) = self.hidden_states(ids, mask, lora=lora, return_kv=True)
         return x, KVCache.from_prompt(keys.astype(self.dtype), values.astype(self.dtype), mask, length)
 
-    def head(self, x: jax.Array) -> jax.Array:
-        """Output logits ``[..., V]`` (float32) for hidden states ``[..., D]``."""
-        kernel = self.embedding[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+    def head_kernel(self) -> jax.Array:
+        """The output projection ``[D, V]`` (the embedding transposed when the two are tied)."""
+        return self.embedding[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
+    def head(self, x: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+        """Output logits ``[..., V]`` (float32) for hidden states ``[..., D]``; ``kernel`` overrides
+        :meth:`head_kernel` (the decode loop passes a copy laid out ``[D, V]`` in memory)."""
+        kernel = self.head_kernel() if kernel is None else kernel
         return (x @ kernel).astype(jnp.float32)
 
     def __call__(
