@@ -162,15 +162,27 @@ def bench_decode(lm: Any, hf_model: Any, *, batch: int, new_tokens: int, repeats
 
 
 def _chunks(lm: Any, count: int, length: int) -> list[str]:
-    """``count`` strings of about ``length`` tokens cut from the built-in demo passages."""
+    """``count`` strings cut from the built-in demo passages, each ``length - 1`` tokens long when
+    tokenised again (so ``length`` with the EOS that training appends)."""
     from seal_jax.selfedit.data import load_passages
+
+    def encode(text: str) -> list[int]:
+        return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     ids: list[int] = []
     for p in load_passages("demo"):
-        ids += lm.tokenizer(p.text + "\n\n", add_special_tokens=False)["input_ids"]
+        ids += encode(p.text + "\n\n")
     while len(ids) < count * length:
         ids = ids + ids
-    return [lm.tokenizer.decode(ids[i * length:(i + 1) * length - 1]) for i in range(count)]
+    out = []
+    for i in range(count):
+        piece = ids[i * length:(i + 1) * length - 1]
+        text = lm.tokenizer.decode(piece)
+        while len(encode(text)) > length - 1:  # a cut mid-word can tokenise into more pieces
+            piece = piece[:-1]
+            text = lm.tokenizer.decode(piece)
+        out.append(text)
+    return out
 
 
 def _train_flops(config: Any, tokens: int) -> float:
