@@ -102,6 +102,34 @@ def test_experiment_configs_parse():
             assert load_config(configs[0].parent / f"templates-{variant}-{scale}.toml").variant == variant
 
 
+def test_remat_reaches_the_loaded_model(monkeypatch, tmp_path):
+    """``remat = true`` in a run config loads the model with per-layer rematerialisation; the 8B configs
+    set it (the planner says their inner loop does not fit without it)."""
+    from pathlib import Path
+
+    from seal_jax.selfedit.runs import load_config
+
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(path, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(sj, "load", fake_load)
+    config = RunConfig.from_dict({"name": "r", "model": "m", "remat": True, "data": {"source": "demo", "n": 1}})
+    with pytest.raises(Loaded):
+        run_knowledge(config, tmp_path / "out", progress=False)
+    assert seen["remat"] is True
+    assert RunConfig.from_dict({"name": "r", "model": "m"}).remat is False
+    experiments = Path(__file__).parents[1] / "experiments"
+    for path in sorted(experiments.glob("*qwen3-8b.toml")):
+        config = load_config(path)
+        assert getattr(config, "knowledge", config).remat, path.name
+
+
 class CannedTemplateLM:
     """The real tiny LM, except that the meta-prompt gets a fixed template and its fills a fixed JSON list."""
 

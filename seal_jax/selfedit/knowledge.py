@@ -72,6 +72,9 @@ class RunConfig:
       name: run name (the default output folder is ``checkpoints/runs/NAME``).
       model: HF-format model folder (or hub id when online); ``tokenizer`` optionally another folder.
       dtype, mesh: engine settings (``mesh`` like ``"data=2,fsdp=4"``; empty for one device).
+      remat: recompute each layer's activations in the backward pass of LoRA training (``LM.load(remat=True)``):
+        far less activation memory for about a third more training compute; ``seal-jax plan`` says when
+        a model and sequence length need it.
       chat: format prompts with the tokenizer's chat template (instruct models).
       data: ``{"source", "n", "start", "shuffle", "seed", "selfedits"}`` for :func:`load_passages`.
       conditions: strategy names (``base`` is always evaluated: it gives ``accuracy_before``).
@@ -94,6 +97,7 @@ class RunConfig:
     tokenizer: str | None = None
     dtype: str = "float32"
     mesh: str | None = None
+    remat: bool = False
     chat: bool = True
     data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"source": "demo"})
     conditions: tuple[str, ...] = ("base", "passage", "implications")
@@ -492,7 +496,8 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
         passages = load_passages(d.get("source", "demo"), n=d.get("n"), start=d.get("start", 0),
                                  shuffle=d.get("shuffle", False), seed=d.get("seed", 0))
     if lm is None:
-        lm = sj.load(config.model, dtype=config.dtype, mesh=config.mesh or None, tokenizer=config.tokenizer)
+        lm = sj.load(config.model, dtype=config.dtype, mesh=config.mesh or None, tokenizer=config.tokenizer,
+                     remat=config.remat)
     grader = make_grader(config, lm)
     todo = [p for p in passages if p.id not in done]
     bar = tqdm(todo, desc=f"{config.name}", unit="passage", disable=not progress, initial=len(passages) - len(todo),

@@ -330,7 +330,8 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
     generator = k.model
 
     def load(model: str) -> Any:
-        return sj.load(model, dtype=k.dtype, mesh=k.mesh or None, tokenizer=k.tokenizer, progress=progress)
+        return sj.load(model, dtype=k.dtype, mesh=k.mesh or None, tokenizer=k.tokenizer,
+                       remat=k.remat, progress=progress)
 
     current = lm
     budget = [stop_after]

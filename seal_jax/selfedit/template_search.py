@@ -479,7 +479,8 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     def load(path: str) -> Any:
         if loader is not None:
             return loader(path)
-        return sj.load(path, dtype=k.dtype, mesh=k.mesh or None, tokenizer=k.tokenizer, progress=progress)
+        return sj.load(path, dtype=k.dtype, mesh=k.mesh or None, tokenizer=k.tokenizer,
+                       remat=k.remat, progress=progress)
 
     models: dict[str, Any] = {} if lm is None else {k.model: lm}  # path -> loaded LM (at most two)
 
