@@ -1,6 +1,8 @@
-"""One process of the two-process `jax.distributed` test (run by tests/test_distributed.py).
+"""One process of the two-process `jax.distributed` test (run by tests/test_distributed.py): logits, a LoRA
+training call and greedy decodes (base and adapted) on a model sharded over both processes.
 
-Usage: python distributed_worker.py PROCESS_ID PORT MODEL_DIR OUT_DIR [env]
+Usage: python distributed_worker.py PROCESS_ID PORT MODEL_DIR OUT_DIR CHAT_MODEL_DIR [env]
+(CHAT_MODEL_DIR: a model with a tokenizer, for the training call).
 With ``env`` the worker starts from the environment (SEAL_JAX_* set by the test) instead of arguments.
 """
 
@@ -13,12 +15,12 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
 import jax  # noqa: E402
 
-from seal_jax.lm.sharding import initialize_distributed  # noqa: E402
+from seal_jax.lm.sharding import initialize_distributed, to_host  # noqa: E402
 
 
 def main() -> None:
-    process_id, port, model_dir, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    if sys.argv[5:] == ["env"]:
+    process_id, port, model_dir, out_dir, chat_dir = int(sys.argv[1]), sys.argv[2], *sys.argv[3:6]
+    if sys.argv[6:] == ["env"]:
         started = initialize_distributed()
     else:
         started = initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
@@ -34,6 +36,21 @@ def main() -> None:
     assert not q.is_fully_addressable, "weights should span both processes"
     ids = np.random.default_rng(0).integers(0, lm.config.vocab_size, (4, 9))
     np.save(os.path.join(out_dir, f"logits{process_id}.npy"), lm.logits(ids))
+    # a LoRA training call (two candidates, a few steps) and a greedy decode, with and without the adapters
+    lm = sj.load(chat_dir, mesh="data=2,fsdp=2,tensor=2", progress=False)
+    adapters = lm.train_adapters(TRAIN_TEXTS, sj.LoraSpec(rank=4, alpha=8.0),
+                                 sj.TrainSpec(learning_rate=1e-2, epochs=2, max_len=32))
+    weights = {f"{p}.{n}": to_host(x) for p, ab in adapters.weights.items() for n, x in ab.items()}
+    greedy = sj.SamplingParams(max_new_tokens=8, ignore_eos=True)
+    prompts = [[3, 14, 15, 9], [2, 6, 5]]
+    base = lm.generate_ids(prompts, greedy)
+    adapted = lm.generate_ids(prompts, greedy, adapters=adapters)
+    losses = {f"losses{k}": np.asarray(h) for k, h in enumerate(adapters.losses)}
+    np.savez(os.path.join(out_dir, f"train{process_id}.npz"), base=np.asarray(base), adapted=np.asarray(adapted),
+             **losses, **weights)
+
+
+TRAIN_TEXTS = [["the river runs north past the mill", "a bell rang twice"], ["seven blue stones lay in a row"]]
 
 
 if __name__ == "__main__":
