@@ -265,13 +265,18 @@ def export_hf(
 
     Writes ``config.json``, ``model.safetensors`` (or numbered shards plus
     ``model.safetensors.index.json`` past ``max_shard_bytes``) and, if given, the tokenizer's files.
-    Returns the folder.
+    In a multi-host run every process must call it (the weights are gathered from all of them) and
+    process 0 writes the folder. Returns the folder.
     """
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     np_dtype = None if dtype is None else jnp.dtype(dtype)
+    if jax.process_index() != 0:
+        for _ in iter_hf_tensors(params, config, np_dtype):  # take part in the gathers, write nothing
+            pass
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     shard_names: list[str] = []

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.data import Passage, load_passages, load_seal_selfedits
+from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.strategies import (
     FILL_FALLBACKS,
     completions_for,
@@ -209,15 +210,25 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise RunConfigError(f"{path}: {e}") from None
 
 
-def save_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
-    """Write ``out/run_config.json``; when resuming, first check it equals the folder's previous config."""
+def check_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
+    """When resuming, check that ``config_json`` equals the config saved in ``out/run_config.json``.
+
+    Raises:
+      RunConfigError: naming the keys that differ.
+    """
     config_file = out / "run_config.json"
     if resume and config_file.is_file():
         previous = json.loads(config_file.read_text())
         if previous != config_json:
             changed = sorted(k for k in set(previous) | set(config_json) if previous.get(k) != config_json.get(k))
             raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
-    config_file.write_text(json.dumps(config_json, indent=2))
+
+
+def save_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
+    """Write ``out/run_config.json`` (process 0 only); when resuming, first :func:`check_run_config`."""
+    check_run_config(out, config_json, resume=resume)
+    if is_writer():
+        (out / "run_config.json").write_text(json.dumps(config_json, indent=2))
 
 
 def derived_seed(*parts: Any) -> int:
@@ -439,8 +450,8 @@ def propose_run_template(lm: Any, config: RunConfig, out: Path) -> tuple[Any, st
     from seal_jax.selfedit.templates import Archive, Template, meta_prompt
 
     path = out / "template.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
+    saved = agree(lambda: json.loads(path.read_text()) if path.is_file() else None)
+    if saved is not None:
         template = Template.from_dict(saved["template"]) if saved.get("template") else None
         return template, saved.get("failure")
     options = config.template_options()
@@ -457,7 +468,8 @@ def propose_run_template(lm: Any, config: RunConfig, out: Path) -> tuple[Any, st
     failure = None if template is not None else (records[-1].reason if records else "no proposal was made")
     saved = {"meta_prompt": prompt, "template": template.to_dict() if template else None, "failure": failure,
              "proposals": [Proposal.to_dict(r) for r in records]}
-    path.write_text(json.dumps(saved, indent=2, ensure_ascii=False))
+    if is_writer():
+        path.write_text(json.dumps(saved, indent=2, ensure_ascii=False))
     return template, failure
 
 
@@ -469,17 +481,25 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
     ``summary.md``. ``resume=True`` continues an existing folder after its last finished passage (the
     config must match); without it an existing non-empty ``results.jsonl`` is an error. ``lm`` reuses a
     loaded model; ``stop_after`` ends after that many new passages (for tests of resumption).
-    Returns the summary.
+    In a multi-host run only process 0 writes, and every process resumes from process 0's folder
+    (:mod:`seal_jax.selfedit.multihost`). Returns the summary.
     """
     import seal_jax as sj
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    if results.exists() and results.stat().st_size and not resume:
-        raise FileExistsError(f"{results} already holds results; pass --resume to continue it or choose another --out")
-    save_run_config(out, config.to_json(), resume=resume)
-    rows = read_rows(results)
+    config_json = config.to_json()
+
+    def finished_rows() -> list[dict[str, Any]]:
+        if results.exists() and results.stat().st_size and not resume:
+            raise FileExistsError(f"{results} already holds results; pass --resume to continue it or choose "
+                                  "another --out")
+        check_run_config(out, config_json, resume=resume)
+        return read_rows(results)
+
+    rows = agree(finished_rows)
+    save_run_config(out, config_json, resume=False)
     done = {r["passage_id"] for r in rows}
     d = config.data
     replay = load_seal_selfedits(d["selfedits"]) if d.get("selfedits") else None
@@ -510,11 +530,13 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
         new = passage_rows(lm, passage, config, grader, replay, template, template_failure)
         for r in new:
             r["seconds"] = round(time.perf_counter() - t0, 2)
-        append_rows(results, new)
+        if is_writer():
+            append_rows(results, new)
         rows.extend(new)
         if stop_after is not None and count + 1 >= stop_after:
             break
     summary = summarize(rows, config.model)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(summary_markdown(summary))
+    if is_writer():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.md").write_text(summary_markdown(summary))
     return summary

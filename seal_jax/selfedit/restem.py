@@ -46,6 +46,7 @@ from seal_jax.selfedit.knowledge import (
     run_knowledge,
     save_run_config,
 )
+from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.strategies import get_strategy, self_edit_prompt
 
 SFT_ROW_FIELDS = ("passage_id", "prompt", "completion", "reward")
@@ -293,8 +294,12 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _finished(folder: Path, passages: Sequence[Passage]) -> bool:
-    done = {r["passage_id"] for r in read_rows(folder / "results.jsonl")}
+    done = set(agree(lambda: [r["passage_id"] for r in read_rows(folder / "results.jsonl")]))
     return all(p.id in done for p in passages)
+
+
+def _passages_done(folder: Path) -> int:
+    return agree(lambda: len({r["passage_id"] for r in read_rows(folder / "results.jsonl")}))
 
 
 def _summary_of(folder: Path) -> dict[str, Any] | None:
@@ -315,13 +320,15 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
     ``lm`` is the loaded starting model (reused for round 1 and the round-0 evaluation); later rounds load
     their generator from ``round-N/generator/``. ``stop_after`` stops after that many newly finished
     E-step passages (to test resumption). Writes ``run_config.json``, ``round-N/…``, ``summary.json`` and
-    ``summary.md``.
+    ``summary.md``. In a multi-host run only process 0 writes and every process follows process 0's folder
+    (:mod:`seal_jax.selfedit.multihost`); the folder must be shared, since every process loads the round's
+    generator from it.
     """
     import seal_jax as sj
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not resume and any(out.glob("round-*")):
+    if not resume and agree(lambda: any(out.glob("round-*"))):
         raise FileExistsError(f"{out} already holds a ReST-EM run; pass --resume to continue it or choose another --out")
     save_run_config(out, config.to_json(), resume=resume)
     training = round_passages(config)
@@ -344,10 +351,10 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
             return False
         if current is None:
             current = load(cfg.model)
-        before = len({r["passage_id"] for r in read_rows(folder / "results.jsonl")})
+        before = _passages_done(folder)
         run_knowledge(cfg, folder, resume=True, lm=current, progress=progress, stop_after=budget[0])
         if budget[0] is not None:
-            budget[0] -= len({r["passage_id"] for r in read_rows(folder / "results.jsonl")}) - before
+            budget[0] -= _passages_done(folder) - before
         return _finished(folder, passages)
 
     def evaluate(r: int, model: str) -> bool:
@@ -362,34 +369,38 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
     for r in range(1, config.rounds + 1):
         folder = out / f"round-{r}"
         marker = folder / ROUND_FILE
-        if not marker.is_file():
+        if not agree(marker.is_file):
             start = k.data.get("start", 0) + (r - 1) * config.passages_per_round
             cfg = config.round_config(generator, start, config.passages_per_round, name=f"{k.name}-round-{r}")
             if not knowledge(cfg, folder, training[r - 1]):
                 return _write_summary(config, out)
             if current is None:
                 current = load(generator)
-            best = select_best(read_rows(folder / "results.jsonl"), config.strategy,
+            best = select_best(agree(lambda f=folder: read_rows(f / "results.jsonl")), config.strategy,
                                positive_gain_only=config.positive_gain_only)
             by_id = {p.id: p for p in training[r - 1]}
             rows = sft_rows(best, by_id, config.strategy, chat=k.chat, tokenizer=current.tokenizer)
-            write_jsonl(folder / "sft_rows.jsonl", rows)
+            if is_writer():
+                write_jsonl(folder / "sft_rows.jsonl", rows)
             info: dict[str, Any] = {"round": r, "trained_from": generator, "sft_rows": len(rows),
                                     "mean_sft_reward": float(np.mean([x["reward"] for x in rows])) if rows else None}
             if rows:
                 merged, adapters = train_generator(current, rows, config)
                 target, tmp = folder / "generator", folder / "generator.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                merged.export(tmp)
-                shutil.rmtree(target, ignore_errors=True)
-                tmp.rename(target)
+                if is_writer():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                merged.export(tmp)  # every process takes part in gathering the weights; process 0 writes
+                if is_writer():
+                    shutil.rmtree(target, ignore_errors=True)
+                    tmp.rename(target)
                 losses = adapters.losses[0]
                 info.update(generator=str(target), sft_loss=[losses[0], losses[-1]] if losses else None)
             else:  # nothing to learn from: the generator carries over unchanged
                 info.update(generator=generator, sft_loss=None,
                             note="no self-edit was kept; the generator is unchanged")
-            marker.write_text(json.dumps(info, indent=2))
-        info = json.loads(marker.read_text())
+            if is_writer():
+                marker.write_text(json.dumps(info, indent=2))
+        info = agree(lambda m=marker: json.loads(m.read_text()))  # (also waits for process 0's generator export)
         if info["generator"] != generator:
             generator, current = info["generator"], None
         if not evaluate(r, generator):
@@ -398,9 +409,10 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
 
 
 def _write_summary(config: RestemConfig, out: Path) -> dict[str, Any]:
-    summary = summarize_restem(out, config.knowledge.model, config.strategy, config.rounds)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(restem_markdown(summary))
+    summary = agree(lambda: summarize_restem(out, config.knowledge.model, config.strategy, config.rounds))
+    if is_writer():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.md").write_text(restem_markdown(summary))
     return summary
 
 

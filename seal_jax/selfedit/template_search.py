@@ -78,6 +78,7 @@ from seal_jax.selfedit.knowledge import (
     result_row,
     scored_answers,
 )
+from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
 from seal_jax.selfedit.restem import sft_generator, sft_lora_spec, sft_train_spec, write_jsonl
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, fill_pieces, pieces_to_sequences
@@ -426,7 +427,7 @@ def _score_passages(config: TemplateSearchConfig, lms: Callable[[], tuple[Any, A
                     budget: list[int | None], progress: bool) -> bool:
     """Score ``templates`` on the passages of ``passages`` not yet in ``results`` (rows appended per passage);
     ``lms()`` gives (inner LM, generator LM, grader). Returns False when ``budget[0]`` passages ran out first."""
-    done = {r["passage_id"] for r in read_rows(results)}
+    done = set(agree(lambda: [r["passage_id"] for r in read_rows(results)]))
     todo = [p for p in passages if p.id not in done]
     bar = tqdm(todo, desc=f"{config.name} iteration {iteration} {tag}", unit="passage", disable=not progress,
                initial=len(passages) - len(todo), total=len(passages))
@@ -439,7 +440,8 @@ def _score_passages(config: TemplateSearchConfig, lms: Callable[[], tuple[Any, A
                                      tag=tag)
         for r in rows:
             r["seconds"] = round(time.perf_counter() - t0, 2)
-        append_rows(results, rows)
+        if is_writer():
+            append_rows(results, rows)
         if budget[0] is not None:
             budget[0] -= 1
     return True
@@ -454,23 +456,30 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     ``iteration-N/generator/``). ``stop_after`` stops after that many newly finished passages (training
     and evaluation), to test resumption. ``loader(path)`` loads a model folder (default: ``seal_jax.load``
     with the config's dtype, mesh and tokenizer). Writes ``run_config.json``, ``archive.jsonl``, ``iteration-N/…``,
-    ``summary.json`` and ``summary.md``.
+    ``summary.json`` and ``summary.md``. In a multi-host run only process 0 writes and every process follows
+    process 0's folder (:mod:`seal_jax.selfedit.multihost`); the folder must be shared, since every process
+    loads the next generator from it.
     """
     import seal_jax as sj
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "run_config.json"
-    if config_file.is_file():
-        previous = json.loads(config_file.read_text())
-        if not resume and any(out.glob("iteration-*")):
-            raise FileExistsError(f"{out} already holds a template search; pass --resume to continue it or "
-                                  "choose another --out")
-        if resume and previous != config.to_json():
-            changed = sorted(key for key in set(previous) | set(config.to_json())
-                             if previous.get(key) != config.to_json().get(key))
-            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
-    config_file.write_text(json.dumps(config.to_json(), indent=2))
+
+    def check_folder() -> None:
+        if config_file.is_file():
+            previous = json.loads(config_file.read_text())
+            if not resume and any(out.glob("iteration-*")):
+                raise FileExistsError(f"{out} already holds a template search; pass --resume to continue it or "
+                                      "choose another --out")
+            if resume and previous != config.to_json():
+                changed = sorted(key for key in set(previous) | set(config.to_json())
+                                 if previous.get(key) != config.to_json().get(key))
+                raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
+
+    agree(check_folder)
+    if is_writer():
+        config_file.write_text(json.dumps(config.to_json(), indent=2))
     k = config.knowledge
     training = training_passages(config)
     held_out = eval_passages(config, training)
@@ -503,8 +512,9 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     for it in range(1, config.iterations + 1):
         folder = out / f"iteration-{it}"
         marker = folder / ITERATION_FILE
-        if marker.is_file():
-            info = json.loads(marker.read_text())
+        saved = agree(lambda m=marker: json.loads(m.read_text()) if m.is_file() else None)
+        if saved is not None:
+            info = saved
             entries.extend(_entries_of(info))
             generator = info["next_generator"]
             continue
@@ -515,15 +525,17 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
         for path in [path for path in models if path not in (generator, inner_path)]:
             del models[path]  # an earlier generator
         proposals_file = folder / "proposals.jsonl"
-        if proposals_file.is_file():
-            records = [Proposal.from_dict(r) for r in read_rows(proposals_file)]
+        saved_proposals = agree(lambda f=proposals_file: read_rows(f) if f.is_file() else None)
+        if saved_proposals is not None:
+            records = [Proposal.from_dict(r) for r in saved_proposals]
         else:
             kinds = schedule(config.templates_per_iteration, PROPOSAL_SCHEDULE)
             records = propose(model(generator), meta, kinds, max_new_tokens=config.proposal_max_new_tokens,
                               max_retries=config.max_retries, seed=derived_seed(k.seed, "iteration", it),
                               chat=k.chat)
-            write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
-            (folder / "meta_prompt.txt").write_text(meta)
+            if is_writer():
+                write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
+                (folder / "meta_prompt.txt").write_text(meta)
         templates = [(f"it{it}-t{slot}", t) for slot, t in chosen(records).items()]
 
         def lms(inner_path: str = inner_path, generator: str = generator) -> tuple[Any, Any, Any]:
@@ -532,7 +544,7 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
         if not _score_passages(config, lms, training, folder / "results.jsonl", templates, it, "train", budget,
                                progress):
             return _write_summary(config, out)
-        rows = read_rows(folder / "results.jsonl")
+        rows = agree(lambda f=folder: read_rows(f / "results.jsonl"))
         scores = template_scores(rows)
         new_entries = [ArchiveEntry(t, scores[tid]["score"], scores[tid]["gain"], it, "generated", tid)
                        for tid, t in templates if tid in scores]
@@ -552,25 +564,31 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
         if config.sft and it < config.iterations:
             pairs = sft_pairs(rows, by_id, dict(templates), meta, k=config.sft_top_k, chat=k.chat,
                               tokenizer=model(generator).tokenizer, positive_gain_only=config.sft_positive_gain_only)
-            write_jsonl(folder / "sft_rows.jsonl", pairs)
+            if is_writer():
+                write_jsonl(folder / "sft_rows.jsonl", pairs)
             info["sft_rows"] = len(pairs)
             if pairs:
                 merged, adapters = train_generator(model(generator), pairs, config)
                 target, tmp = folder / "generator", folder / "generator.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                merged.export(tmp)
+                if is_writer():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                merged.export(tmp)  # every process takes part in gathering the weights; process 0 writes
                 del merged
-                shutil.rmtree(target, ignore_errors=True)
-                tmp.rename(target)
+                if is_writer():
+                    shutil.rmtree(target, ignore_errors=True)
+                    tmp.rename(target)
                 losses = adapters.losses[0]
                 info.update(next_generator=str(target), sft_loss=[losses[0], losses[-1]] if losses else None)
             else:
                 info["note"] = "no fill was selected for SFT; the generator is unchanged"
-        marker.write_text(json.dumps(info, indent=2, ensure_ascii=False))
+        if is_writer():
+            marker.write_text(json.dumps(info, indent=2, ensure_ascii=False))
+            config.make_archive(entries + new_entries).to_jsonl(out / "archive.jsonl")
         entries.extend(new_entries)
-        config.make_archive(entries).to_jsonl(out / "archive.jsonl")
+        agree(lambda: None)  # the other processes wait for process 0's generator before loading it
         generator = info["next_generator"]
-    config.make_archive(entries).to_jsonl(out / "archive.jsonl")
+    if is_writer():
+        config.make_archive(entries).to_jsonl(out / "archive.jsonl")
     return _write_summary(config, out)
 
 
@@ -659,7 +677,8 @@ def template_markdown(summary: dict[str, Any]) -> str:
 
 
 def _write_summary(config: TemplateSearchConfig, out: Path) -> dict[str, Any]:
-    summary = summarize_template_search(out, config)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(template_markdown(summary))
+    summary = agree(lambda: summarize_template_search(out, config))
+    if is_writer():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.md").write_text(template_markdown(summary))
     return summary

@@ -1,0 +1,56 @@
+"""Run folders in multi-host runs: one process writes, every process agrees on what the folder holds.
+
+Every process of a multi-host run (``jax.distributed``, see ``seal-jax run``) executes the same program and
+computes the same rows. Only process 0 writes the run folder, so a folder on a shared file system gets
+each row once; and whatever is read back from the folder to decide what to compute next (which passages
+are finished, a saved template) is read by process 0 and broadcast, so every process runs the same
+compiled programs even when the folder lives on process 0's local disk only. With one process these are
+plain reads and writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+
+T = TypeVar("T")
+
+
+def is_writer() -> bool:
+    """True on the process that writes run folders (process 0; the only process of a one-host run)."""
+    return jax.process_index() == 0
+
+
+def agree(read: Callable[[], T]) -> T:
+    """Process 0's ``read()``, on every process.
+
+    ``read`` is called on process 0 only; its result must be JSON-able (it is broadcast as JSON text).
+    An exception raised by ``read`` is raised on every process: the original on process 0, a
+    ``RuntimeError`` naming it elsewhere.
+    """
+    if jax.process_count() == 1:
+        return read()
+    from jax.experimental import multihost_utils
+
+    error: BaseException | None = None
+    payload = np.zeros(0, np.uint8)
+    if is_writer():
+        try:
+            message: Any = {"value": read()}
+        except Exception as e:  # raised everywhere below, after the broadcast
+            error, message = e, {"error": f"{type(e).__name__}: {e}"}
+        payload = np.frombuffer(json.dumps(message).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(payload.size)))
+    buffer = np.zeros(size, np.uint8)
+    if is_writer():
+        buffer[:] = payload
+    message = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode())
+    if error is not None:
+        raise error
+    if "error" in message:
+        raise RuntimeError(f"process 0 failed reading the run folder: {message['error']}")
+    return message["value"]

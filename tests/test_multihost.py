@@ -1,0 +1,27 @@
+"""seal_jax.selfedit.multihost in one process (the two-process behaviour: tests/test_distributed.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from seal_jax.selfedit.multihost import agree, is_writer
+
+
+def test_one_process_writes_and_reads_directly():
+    assert is_writer()
+    calls = []
+
+    def read():
+        calls.append(1)
+        return {"rows": [{"passage_id": "demo-0"}], "n": 2}
+
+    assert agree(read) == {"rows": [{"passage_id": "demo-0"}], "n": 2} and calls == [1]
+    assert agree(lambda: None) is None
+
+
+def test_a_failing_read_raises_the_original_error():
+    def read():
+        raise FileExistsError("results.jsonl already holds results")
+
+    with pytest.raises(FileExistsError, match="already holds"):
+        agree(read)
