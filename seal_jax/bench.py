@@ -256,12 +256,15 @@ def bench_candidates(lm: Any, *, k: int, sequences: int, length: int, epochs: in
             lm.train_adapters([data[i]], lora, specs[i])
 
     alone = best_time(one_by_one, 1, warmup=warmup)
+    memory_together = lm.training_memory(data, lora, specs)
+    memory_one = max((lm.training_memory([data[i]], lora, specs[i]) for i in range(k)), key=lambda m: m["total"])
     return BenchRow(
         name=f"candidates_k{k}", ours=tokens / together, reference=tokens / alone, unit="tok/s",
         ratio=alone / together, fraction_of_limit=_train_flops(lm.config, tokens) / together / peak,
         detail={"k": k, "sequences": sequences, "length": length, "epochs": epochs, "together_s": together,
                 "one_after_another_s": alone, "reference": "the same K trained one after another by seal-jax",
-                "limit": "float32 matmul FLOP/s"},
+                "limit": "float32 matmul FLOP/s", "memory_together": memory_together,
+                "memory_one_candidate": memory_one},
     )
 
 
@@ -355,6 +358,12 @@ def print_table(rows: list[BenchRow], machine: dict[str, Any]) -> None:
         frac = "" if r.fraction_of_limit is None else f"{100 * r.fraction_of_limit:.0f}%"
         ours = f"{r.ours:.3g}" if r.ours < 10 else f"{r.ours:.1f}"
         print(f"| {r.name} | {ours} | {ref} | {r.unit} | {ratio} | {frac} |")
+    for r in rows:
+        if "memory_together" in r.detail:
+            together, one = r.detail["memory_together"], r.detail["memory_one_candidate"]
+            print(f"{r.name} memory (XLA's analysis of the compiled programs): together "
+                  f"{together['total'] / 1e6:.0f} MB ({together['temporaries'] / 1e6:.0f} MB temporaries), "
+                  f"largest single candidate {one['total'] / 1e6:.0f} MB ({one['temporaries'] / 1e6:.0f} MB)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -44,8 +44,11 @@ def test_bench_smoke_json_schema_with_reference(tiny_chat_dir, tmp_path, capsys)
     assert e2e["detail"]["conditions"] == ["base", "passage", "implications", "rewrite", "self_qa"]
     assert e2e["detail"]["adapters_trained"] == 1 + 3 * 2
     assert e2e["ours"] == e2e["detail"]["seconds"] / 2
+    cand = next(r for r in data["rows"] if r["name"] == "candidates_k8")["detail"]
+    assert cand["memory_together"]["temporaries"] > cand["memory_one_candidate"]["temporaries"] > 0
     printed = capsys.readouterr().out
     assert "| decode_b8 |" in printed and "| e2e_demo |" in printed and "bfloat16" in printed
+    assert "candidates_k8 memory" in printed
 
 
 def test_bench_without_reference(tiny_chat_dir, tmp_path):

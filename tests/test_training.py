@@ -20,6 +20,7 @@ from seal_jax.lm.training import (
     make_plan,
     tokenize,
     train_adapters,
+    training_memory,
 )
 
 EOS, PAD = 1, 0
@@ -312,3 +313,20 @@ def test_dense_lanes_equal_packed_lanes(tiny):
         assert a == pytest.approx(b, rel=1e-5)
     for x, y in zip(jax.tree.leaves(packed.weights), jax.tree.leaves(dense.weights), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def test_training_memory_from_the_compiled_program(tiny):
+    """XLA's memory analysis of the training program: the base weights are among the arguments, and
+    four candidates need more work space than one (nothing is trained)."""
+    _, lm = tiny
+    spec = TrainSpec(learning_rate=1e-3, epochs=1)
+
+    def memory(k):
+        return training_memory(lm.graphdef, lm.state, lm.params(), TOK, [TEXTS] * k, LoraSpec(rank=4, alpha=8.0),
+                               spec, eos_id=EOS, pad_id=PAD)
+
+    one, four = memory(1), memory(4)
+    weights = sum(x.nbytes for x in lm.params().values())
+    assert one["arguments"] >= weights and four["arguments"] >= weights
+    assert four["temporaries"] > one["temporaries"] > 0
+    assert one["total"] >= one["arguments"]

@@ -266,6 +266,24 @@ class LM:
             programs=self._train_programs,
         )
 
+    def training_memory(
+        self,
+        sequences: Sequence[Sequence[Any]],
+        lora: LoraSpec | Sequence[LoraSpec] | None = None,
+        train: TrainSpec | Sequence[TrainSpec] | None = None,
+        seed: int = 0,
+    ) -> dict[str, int]:
+        """Bytes per device that :meth:`train_adapters` with these arguments needs, from XLA's memory
+        analysis of its compiled program (compiles, does not train): ``{"arguments", "outputs",
+        "temporaries", "total"}``; ``arguments`` include the base weights, ``temporaries`` the
+        activations, gradients and optimiser work space."""
+        return training.training_memory(
+            self.graphdef, self.state, self.params(), self.tokenizer, sequences,
+            LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
+            seed=seed, eos_id=self._train_eos_id(), pad_id=self._pad_id(), mesh=self.mesh,
+            programs=self._train_programs,
+        )
+
     @property
     def _train_programs(self) -> dict[Any, Any]:
         return self._shared("train", dict)

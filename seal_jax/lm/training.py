@@ -492,37 +492,24 @@ def initial_adapters(params: dict[str, jax.Array], loras: Sequence[LoraSpec], tr
     return init_adapters(params, loras, keys)
 
 
-def train_adapters(
-    graphdef: Any,
-    state: Any,
-    params: dict[str, jax.Array],
-    tokenizer: Any,
-    sequences: Sequence[Sequence[Item]],
-    lora: LoraSpec | Sequence[LoraSpec],
-    train: TrainSpec | Sequence[TrainSpec],
-    *,
-    seed: int = 0,
-    eos_id: int,
-    pad_id: int,
-    mesh: Any = None,
-    programs: dict[Any, Any] | None = None,
-    lanes: int | None = None,
-) -> Adapters:
-    """Train K LoRA adapters (one per list of sequences) in one compiled program.
+@dataclasses.dataclass
+class TrainCall:
+    """One training call made ready: the compiled-program cache entry, its device arguments, and the plans."""
 
-    Args:
-      graphdef, state: the split base model (frozen, broadcast to every candidate).
-      params: base parameters ``{dotted path: array}`` (shapes for the adapters).
-      sequences: K lists of training items (strings, or ``(prompt, completion)`` pairs for SFT).
-      lora, train: one spec for all candidates or one per candidate.
-      seed: the call's seed, mixed with every candidate's ``TrainSpec.seed``.
-      mesh: if given, the candidate axis is sharded over the mesh's ``data`` axis.
-      programs: a cache of compiled programs to reuse across calls (the LM facade keeps one).
-      lanes: how many candidates train side by side (default: as few lanes as keep the run as short as
-        its longest candidate; ``lanes=K`` runs every candidate in its own lane).
-    Returns:
-      :class:`Adapters` with K candidates, their loss histories and failure reasons.
-    """
+    program: Any
+    args: tuple[Any, ...]
+    plan: Plan
+    lanes: LanePlan
+    loras: list[LoraSpec]
+    trains: list[TrainSpec]
+
+
+def prepare_call(graphdef: Any, state: Any, params: dict[str, jax.Array], tokenizer: Any,
+                 sequences: Sequence[Sequence[Item]], lora: LoraSpec | Sequence[LoraSpec],
+                 train: TrainSpec | Sequence[TrainSpec], *, seed: int, eos_id: int, pad_id: int, mesh: Any,
+                 programs: dict[Any, Any] | None, lanes: int | None) -> TrainCall:
+    """Validate and tokenise a training call, build its plans, and place its arguments (see
+    :func:`train_adapters` for the arguments). Raises :class:`TrainError` on bad input."""
     k = len(sequences)
     if k == 0:
         raise TrainError("sequences is empty: pass a list (K candidates) of lists of training strings")
@@ -565,8 +552,45 @@ def train_adapters(
     program_key = (lp.lengths, use_dropout)
     if program_key not in programs:
         programs[program_key] = make_train_program(graphdef, lp.lengths, use_dropout)
-    trained, losses, failed_at = programs[program_key](
-        state, *_put_candidates(mesh, per_candidate), *_put_lanes(mesh, lane_args), jnp.asarray(lp.length_bucket))
+    args = (state, *_put_candidates(mesh, per_candidate), *_put_lanes(mesh, lane_args), jnp.asarray(lp.length_bucket))
+    return TrainCall(programs[program_key], args, plan, lp, specs_l, specs_t)
+
+
+def train_adapters(
+    graphdef: Any,
+    state: Any,
+    params: dict[str, jax.Array],
+    tokenizer: Any,
+    sequences: Sequence[Sequence[Item]],
+    lora: LoraSpec | Sequence[LoraSpec],
+    train: TrainSpec | Sequence[TrainSpec],
+    *,
+    seed: int = 0,
+    eos_id: int,
+    pad_id: int,
+    mesh: Any = None,
+    programs: dict[Any, Any] | None = None,
+    lanes: int | None = None,
+) -> Adapters:
+    """Train K LoRA adapters (one per list of sequences) in one compiled program.
+
+    Args:
+      graphdef, state: the split base model (frozen, broadcast to every candidate).
+      params: base parameters ``{dotted path: array}`` (shapes for the adapters).
+      sequences: K lists of training items (strings, or ``(prompt, completion)`` pairs for SFT).
+      lora, train: one spec for all candidates or one per candidate.
+      seed: the call's seed, mixed with every candidate's ``TrainSpec.seed``.
+      mesh: if given, the candidate axis is sharded over the mesh's ``data`` axis.
+      programs: a cache of compiled programs to reuse across calls (the LM facade keeps one).
+      lanes: how many candidates train side by side (default: as few lanes as keep the run as short as
+        its longest candidate; ``lanes=K`` runs every candidate in its own lane).
+    Returns:
+      :class:`Adapters` with K candidates, their loss histories and failure reasons.
+    """
+    call = prepare_call(graphdef, state, params, tokenizer, sequences, lora, train, seed=seed, eos_id=eos_id,
+                        pad_id=pad_id, mesh=mesh, programs=programs, lanes=lanes)
+    plan, lp, specs_l, specs_t, k = call.plan, call.lanes, call.loras, call.trains, len(sequences)
+    trained, losses, failed_at = call.program(*call.args)
     trained = jax.tree.map(lambda x: x[:k], trained)
     losses = np.asarray(shd.to_host(losses))
     failed_at = np.asarray(shd.to_host(failed_at))
@@ -583,3 +607,21 @@ def train_adapters(
         else:
             failed.append(None)
     return Adapters(trained, tuple(specs_l), histories, failed)
+
+
+def training_memory(graphdef: Any, state: Any, params: dict[str, jax.Array], tokenizer: Any,
+                    sequences: Sequence[Sequence[Item]], lora: LoraSpec | Sequence[LoraSpec],
+                    train: TrainSpec | Sequence[TrainSpec], *, seed: int = 0, eos_id: int, pad_id: int,
+                    mesh: Any = None, programs: dict[Any, Any] | None = None,
+                    lanes: int | None = None) -> dict[str, int]:
+    """Bytes the compiled program of a :func:`train_adapters` call needs, from XLA's memory analysis
+    (compiles, does not train): ``{"arguments", "outputs", "temporaries", "total"}`` per device, where
+    ``arguments`` include the base weights and ``temporaries`` are activations, gradients and optimiser
+    work space."""
+    call = prepare_call(graphdef, state, params, tokenizer, sequences, lora, train, seed=seed, eos_id=eos_id,
+                        pad_id=pad_id, mesh=mesh, programs=programs, lanes=lanes)
+    m = call.program.lower(*call.args).compile().memory_analysis()
+    out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+           "temporaries": int(m.temp_size_in_bytes)}
+    out["total"] = out["arguments"] + out["outputs"] + out["temporaries"] - int(m.alias_size_in_bytes)
+    return out
