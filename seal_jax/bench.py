@@ -162,8 +162,8 @@ def bench_decode(lm: Any, hf_model: Any, *, batch: int, new_tokens: int, repeats
 
 
 def _chunks(lm: Any, count: int, length: int) -> list[str]:
-    """``count`` strings cut from the built-in demo passages, each ``length - 1`` tokens long when
-    tokenised again (so ``length`` with the EOS that training appends)."""
+    """``count`` strings cut from the built-in demo passages, each at most ``length - 1`` tokens long when
+    tokenised again (so at most ``length`` with the EOS that training appends; in practice exactly)."""
     from seal_jax.selfedit.data import load_passages
 
     def encode(text: str) -> list[int]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-
-import jax  # noqa: E402
-
-from seal_jax.lm.sharding import initialize_distributed, to_host  # noqa: E402
-
 
 def main() -> None:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # before jax starts (a fresh process)
+    import jax
+
+    from seal_jax.lm.sharding import initialize_distributed, to_host
+
     process_id, port, model_dir, out_dir, chat_dir = int(sys.argv[1]), sys.argv[2], *sys.argv[3:6]
     if sys.argv[6:] == ["env"]:
         started = initialize_distributed()

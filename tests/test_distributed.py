@@ -76,7 +76,8 @@ def test_distributed_two_processes_match_single_process(tiny_hf, tiny_chat_dir, 
 def test_distributed_knowledge_run_writes_each_row_once(tiny_chat_dir, tmp_path):
     """Two processes run a knowledge run into one shared folder, and another one stopped after a passage
     and resumed: process 0 alone writes (each row once), both processes resume from its rows (the resumed
-    folder equals the uninterrupted one), and the rows are a one-process run's rows."""
+    folder equals the uninterrupted one), also when each process is given its own folder; and the rows
+    are about what a one-process run's rows are about."""
     from seal_jax.selfedit.knowledge import RunConfig, read_rows, run_knowledge
 
     worker = Path(__file__).with_name("distributed_run_worker.py")
@@ -104,6 +105,9 @@ def test_distributed_knowledge_run_writes_each_row_once(tiny_chat_dir, tmp_path)
     assert len(full) == 2 * 3  # 2 passages x (base, passage, implications): each row written once
     assert strip(part) == strip(full)
     assert (shared / "part" / "summary.json").read_text() == (shared / "full" / "summary.json").read_text()
+    # a folder per process: process 1 writes nothing and resumes from process 0's rows
+    assert strip(read_rows(shared / "own" / "p0" / "results.jsonl")) == strip(full)
+    assert not (shared / "own" / "p1").exists()
 
     import importlib.util
 

@@ -194,3 +194,15 @@ def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, t
     assert all(r["accuracy_after"] == r["accuracy_before"] for r in failed)
     with pytest.raises(RunConfigError, match="template_condition"):
         tiny_config(tiny_chat_dir, template_condition={"fallback": "lines"})
+
+
+def test_resume_ignores_engine_settings_only():
+    """A run may be resumed with ``remat`` changed (it does not change results), not with anything else."""
+    from seal_jax.selfedit.knowledge import config_differences
+
+    base = tiny_config("m").to_json()
+    assert config_differences(base, {**base, "remat": True}) == []
+    assert config_differences({k: v for k, v in base.items() if k != "remat"}, base) == []  # an older folder
+    assert config_differences(base, {**base, "k": 3, "remat": True}) == ["k"]
+    with pytest.raises(RunConfigError, match="remat must be true or false"):
+        tiny_config("m", remat="false")

@@ -17,6 +17,7 @@ def test_one_process_writes_and_reads_directly():
 
     assert agree(read) == {"rows": [{"passage_id": "demo-0"}], "n": 2} and calls == [1]
     assert agree(lambda: None) is None
+    assert agree(lambda: {"pair": (1, 2)}) == {"pair": [1, 2]}  # JSON types on every process, as with several
 
 
 def test_a_failing_read_raises_the_original_error():
@@ -25,3 +26,8 @@ def test_a_failing_read_raises_the_original_error():
 
     with pytest.raises(FileExistsError, match="already holds"):
         agree(read)
+
+
+def test_a_result_that_is_not_json_is_an_error():
+    with pytest.raises(TypeError):
+        agree(lambda: {1, 2})

@@ -77,7 +77,7 @@ def test_kv_cache_bytes_by_hand_and_against_the_model_cache():
     cache = jax.eval_shape(lambda: KVCache.create(tiny, 8, 128, jnp.float32))
     one = pl.memory_plan(tiny, {"data": 1, "fsdp": 1, "tensor": 1},
                          pl.Workload(candidates=1, seq_len=128, sample_batch=8, dtype="float32"))
-    assert one.kv_cache == sum(x.size * 4 for x in (*cache.k, *cache.v))  # one [B, KVH, S, Dh] buffer per layer
+    assert one.kv_cache == sum(x.size * 4 for x in (*cache.k, *cache.v))  # keys [B, KVH, Dh, S] and values [B, KVH, S, Dh] per layer
     longer = pl.memory_plan(cfg, {"data": 2, "fsdp": 4, "tensor": 1}, dataclasses.replace(w, cache_len=4096))
     assert longer.kv_cache == 2 * mem.kv_cache and longer.train == mem.train
 

@@ -133,7 +133,10 @@ class LM:
         return flatten(nnx.to_pure_dict(self.state))
 
     def export(self, out_dir: str | Path, *, dtype: Any = None) -> Path:
-        """Write this model (weights, config, tokenizer) as a Hugging Face folder; returns the folder."""
+        """Write this model (weights, config, tokenizer) as a Hugging Face folder; returns the folder.
+
+        In a multi-host run every process must call it (the weights are gathered from all processes);
+        process 0 writes the folder."""
         return weights.export_hf(self.params(), self.config, out_dir, dtype=dtype, tokenizer=self.tokenizer)
 
     def merge_adapter(self, adapters: Adapters, k: int = 0) -> LM:

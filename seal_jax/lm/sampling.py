@@ -466,9 +466,11 @@ class Sampler:
             model = nnx.merge(self.graphdef, state)
             lora = None if lw is None else LoraInputs(weights=lw, scale=ls)
             layers = model.layer_params(lora)  # per-layer copies, made once per call (see model.py)
-            # a [D, V] copy of a tied embedding, made once per call: XLA:CPU reads the transposed view
-            # ~15% slower at batch 8 (the barrier keeps XLA from folding the transpose into the matmul)
-            head_kernel = jax.lax.optimization_barrier(model.head_kernel())
+            head_kernel = model.head_kernel()
+            if jax.devices()[0].platform == "cpu":
+                # a [D, V] copy of a tied embedding, made once per call: XLA:CPU reads the transposed view
+                # ~15% slower at batch 8 (the barrier keeps XLA from folding the transpose into the matmul)
+                head_kernel = jax.lax.optimization_barrier(head_kernel)
             b = logits.shape[0]
 
             def sample(lg: jax.Array, step: jax.Array) -> jax.Array:

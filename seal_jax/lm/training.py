@@ -494,7 +494,7 @@ def initial_adapters(params: dict[str, jax.Array], loras: Sequence[LoraSpec], tr
 
 @dataclasses.dataclass
 class TrainCall:
-    """One training call made ready: the compiled-program cache entry, its device arguments, and the plans."""
+    """One training call made ready: its jitted program (from the cache), device arguments and plans."""
 
     program: Any
     args: tuple[Any, ...]

@@ -132,6 +132,8 @@ class RunConfig:
         if "template" in self.conditions and self.train.get("batch_size", 1) != 1:
             raise RunConfigError("the template condition trains with batch size 1 (the paper's) in the same call "
                                  "as the other conditions; set train.batch_size = 1")
+        if not isinstance(self.remat, bool):
+            raise RunConfigError(f"remat must be true or false, got {self.remat!r}")
         if self.k < 1 or self.repeats < 1:
             raise RunConfigError(f"k and repeats must be >= 1, got k={self.k}, repeats={self.repeats}")
         if self.grader != "judge":
@@ -210,24 +212,37 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise RunConfigError(f"{path}: {e}") from None
 
 
+# Engine settings that do not change a run's results: a run may be resumed with them changed (for example
+# with ``remat`` turned on after running out of memory).
+RESUME_FREE_KEYS = frozenset({"remat"})
+
+
+def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Top-level keys whose values differ between two saved configs, except :data:`RESUME_FREE_KEYS`."""
+    keys = (set(previous) | set(current)) - RESUME_FREE_KEYS
+    return sorted(k for k in keys if previous.get(k) != current.get(k))
+
+
 def check_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
-    """When resuming, check that ``config_json`` equals the config saved in ``out/run_config.json``.
+    """When resuming, check that ``config_json`` equals the config saved in ``out/run_config.json``
+    (up to :data:`RESUME_FREE_KEYS`).
 
     Raises:
       RunConfigError: naming the keys that differ.
     """
     config_file = out / "run_config.json"
     if resume and config_file.is_file():
-        previous = json.loads(config_file.read_text())
-        if previous != config_json:
-            changed = sorted(k for k in set(previous) | set(config_json) if previous.get(k) != config_json.get(k))
+        changed = config_differences(json.loads(config_file.read_text()), config_json)
+        if changed:
             raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
 
 
 def save_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
-    """Write ``out/run_config.json`` (process 0 only); when resuming, first :func:`check_run_config`."""
-    check_run_config(out, config_json, resume=resume)
+    """Write ``out/run_config.json`` (process 0 only); when resuming, first :func:`check_run_config`
+    (on process 0, its verdict shared with every process)."""
+    agree(lambda: check_run_config(out, config_json, resume=resume))
     if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.json").write_text(json.dumps(config_json, indent=2))
 
 
@@ -487,7 +502,8 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
     import seal_jax as sj
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     config_json = config.to_json()
 

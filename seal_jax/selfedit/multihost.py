@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -28,22 +28,23 @@ def is_writer() -> bool:
 def agree(read: Callable[[], T]) -> T:
     """Process 0's ``read()``, on every process.
 
-    ``read`` is called on process 0 only; its result must be JSON-able (it is broadcast as JSON text).
-    An exception raised by ``read`` is raised on every process: the original on process 0, a
-    ``RuntimeError`` naming it elsewhere.
+    ``read`` is called on process 0 only. Its result must be JSON-able: every process (process 0 and a
+    one-process run included, so that all see the same types) gets it back through JSON, so tuples come
+    back as lists. An exception raised by ``read``, or a result that is not JSON-able, is raised on every
+    process: the original on process 0, a ``RuntimeError`` naming it elsewhere.
     """
     if jax.process_count() == 1:
-        return read()
+        return json.loads(json.dumps(read()))
     from jax.experimental import multihost_utils
 
     error: BaseException | None = None
     payload = np.zeros(0, np.uint8)
     if is_writer():
         try:
-            message: Any = {"value": read()}
+            text = json.dumps({"value": read()})
         except Exception as e:  # raised everywhere below, after the broadcast
-            error, message = e, {"error": f"{type(e).__name__}: {e}"}
-        payload = np.frombuffer(json.dumps(message).encode(), np.uint8)
+            error, text = e, json.dumps({"error": f"{type(e).__name__}: {e}"})
+        payload = np.frombuffer(text.encode(), np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int64(payload.size)))
     buffer = np.zeros(size, np.uint8)
     if is_writer():

@@ -327,7 +327,8 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
     import seal_jax as sj
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
     if not resume and agree(lambda: any(out.glob("round-*"))):
         raise FileExistsError(f"{out} already holds a ReST-EM run; pass --resume to continue it or choose another --out")
     save_run_config(out, config.to_json(), resume=resume)

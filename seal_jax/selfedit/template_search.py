@@ -71,6 +71,7 @@ from seal_jax.selfedit.knowledge import (
     RunConfigError,
     answer_questions,
     append_rows,
+    config_differences,
     derived_seed,
     make_grader,
     read_rows,
@@ -463,7 +464,8 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     import seal_jax as sj
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
     config_file = out / "run_config.json"
 
     def check_folder() -> None:
@@ -472,9 +474,8 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
             if not resume and any(out.glob("iteration-*")):
                 raise FileExistsError(f"{out} already holds a template search; pass --resume to continue it or "
                                       "choose another --out")
-            if resume and previous != config.to_json():
-                changed = sorted(key for key in set(previous) | set(config.to_json())
-                                 if previous.get(key) != config.to_json().get(key))
+            changed = config_differences(previous, config.to_json())
+            if resume and changed:
                 raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
 
     agree(check_folder)
@@ -518,9 +519,11 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
             entries.extend(_entries_of(info))
             generator = info["next_generator"]
             continue
-        folder.mkdir(parents=True, exist_ok=True)
+        if is_writer():
+            folder.mkdir(parents=True, exist_ok=True)
         archive = config.make_archive(entries)
-        meta = meta_prompt(archive.shown() if config.variant != "noarchive" else None)
+        # process 0's prompt for all: the archive's similarity backend depends on files a host may lack
+        meta = agree(lambda a=archive: meta_prompt(a.shown() if config.variant != "noarchive" else None))
         inner_path = generator if config.inner_model == "generator" else k.model
         for path in [path for path in models if path not in (generator, inner_path)]:
             del models[path]  # an earlier generator
@@ -551,7 +554,8 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
         best = max(new_entries, key=lambda e: (e.score, -int(e.name.rsplit("t", 1)[1])), default=None)
         if held_out and best is not None:
             eval_folder = folder / "eval"
-            eval_folder.mkdir(exist_ok=True)
+            if is_writer():
+                eval_folder.mkdir(exist_ok=True)
             if not _score_passages(config, lms, held_out, eval_folder / "results.jsonl", [(best.name, best.template)],
                                    it, "eval", budget, progress):
                 return _write_summary(config, out)
