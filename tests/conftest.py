@@ -21,6 +21,14 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# Property tests draw the same examples on every run (CI must not fail on a draw no one has seen) and
+# keep no example database in the checkout. New random draws: HYPOTHESIS_PROFILE=explore pytest ...
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("seal-jax", derandomize=True, database=None)
+settings.register_profile("explore", database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "seal-jax"))
+
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

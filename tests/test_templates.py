@@ -308,8 +308,11 @@ def test_fuzz_fill_json_only_template_error(value, prose):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.text(alphabet=st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=40)
-                .filter(str.strip), min_size=1, max_size=6), PROSE, PROSE, st.booleans())
+                .filter(lambda s: s.strip() and "think>" not in s), min_size=1, max_size=6), PROSE, PROSE,
+       st.booleans())
 def test_valid_fill_inside_prose_parses(items, before, after, think):
+    # "<think>" / "</think>" are the reasoning markers (everything up to the last "</think>" is dropped),
+    # so a fill cannot carry them: they are left out of the items as they are out of the prose
     body = json.dumps({"training_sequences": items})
     text = f"{before}\n```json\n{body}\n```\n{after}"
     if think:

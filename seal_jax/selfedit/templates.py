@@ -485,7 +485,8 @@ def parse_fill(text: str, *, allow_truncated: bool = True) -> list[str]:
     """The training sequences of a fill answer ``{"training_sequences": [...]}`` as a list of strings.
 
     Parsed like :func:`parse_template` (fences, thinking, prose, trailing commas); items are stripped,
-    empty and non-string items dropped. With ``allow_truncated`` an answer cut off inside the list keeps
+    empty and non-string items dropped. ``<think>`` / ``</think>`` are reasoning markers wherever they
+    appear (everything up to the last ``</think>`` is dropped), so items cannot contain them. With ``allow_truncated`` an answer cut off inside the list keeps
     its complete strings. Raises :class:`TemplateError` (and nothing else) when no non-empty list is found.
     """
     body = _answer_text(text, "fill")
