@@ -22,23 +22,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_distributed_two_processes_match_single_process(tiny_hf, tiny_chat_dir, tmp_path):
-    _, folder = tiny_hf("qwen3-untied")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    # process 0 starts from arguments, process 1 from the environment (SEAL_JAX_*)
-    env1 = {**env, "SEAL_JAX_COORDINATOR": f"127.0.0.1:{port}", "SEAL_JAX_NUM_PROCESSES": "2",
-            "SEAL_JAX_PROCESS_ID": "1", "SEAL_JAX_CPU_COLLECTIVES": "gloo"}
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(i), str(port), str(folder), str(tmp_path),
-                          str(tiny_chat_dir)] + (["env"] if i else []),
-                         env=env1 if i else env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
+def _run_both(commands: list[list[str]], envs: list[dict[str, str]], timeout: float) -> None:
+    """Start the two worker processes, wait for both (killing both on a timeout), and assert both succeeded."""
+    procs = [subprocess.Popen([sys.executable, *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for cmd, env in zip(commands, envs, strict=True)]
     outputs = []
     for p in procs:
         try:
-            out, _ = p.communicate(timeout=240)
+            out, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
@@ -46,6 +37,17 @@ def test_distributed_two_processes_match_single_process(tiny_hf, tiny_chat_dir, 
         outputs.append(out)
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
+
+
+def test_distributed_two_processes_match_single_process(tiny_hf, tiny_chat_dir, tmp_path):
+    _, folder = tiny_hf("qwen3-untied")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # process 0 starts from arguments, process 1 from the environment (SEAL_JAX_*)
+    env1 = {**env, "SEAL_JAX_COORDINATOR": f"127.0.0.1:{port}", "SEAL_JAX_NUM_PROCESSES": "2",
+            "SEAL_JAX_PROCESS_ID": "1", "SEAL_JAX_CPU_COLLECTIVES": "gloo"}
+    _run_both([[str(WORKER), str(i), str(port), str(folder), str(tmp_path), str(tiny_chat_dir)]
+               + (["env"] if i else []) for i in range(2)], [env, env1], timeout=240)
     ids = np.random.default_rng(0).integers(0, 160, (4, 9))
     single = sj.load(folder, progress=False).logits(ids)
     for i in range(2):
@@ -84,19 +86,8 @@ def test_distributed_knowledge_run_writes_each_row_once(tiny_chat_dir, tmp_path)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     shared = tmp_path / "shared"
-    procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port), str(tiny_chat_dir), str(shared)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=400)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outputs.append(out)
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    _run_both([[str(worker), str(i), str(port), str(tiny_chat_dir), str(shared)] for i in range(2)], [env, env],
+              timeout=400)
 
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
