@@ -7,7 +7,15 @@ import json
 import pytest
 
 import seal_jax as sj
-from seal_jax.selfedit.knowledge import ROW_FIELDS, RunConfig, RunConfigError, read_rows, run_knowledge
+from seal_jax.selfedit.knowledge import (
+    ROW_FIELDS,
+    RunConfig,
+    RunConfigError,
+    extension_json,
+    read_rows,
+    run_knowledge,
+    split_extension_table,
+)
 
 SUMMARY_FIELDS = {"accuracy", "accuracy_std", "n_questions", "n_passages", "mean_gain"}
 
@@ -206,3 +214,29 @@ def test_resume_ignores_engine_settings_only():
     assert config_differences(base, {**base, "k": 3, "remat": True}) == ["k"]
     with pytest.raises(RunConfigError, match="remat must be true or false"):
         tiny_config("m", remat="false")
+
+
+def test_extension_table_split_and_json():
+    import dataclasses
+
+    raw = {"model": "m", "data": {"source": "demo"}, "extra": {"rounds": 2}}
+    knowledge_keys, table = split_extension_table(raw, "extra", {"rounds", "size"}, where="x.toml", kind="Extra",
+                                                  conditions_note="has fixed conditions")
+    assert knowledge_keys == {"model": "m", "data": {"source": "demo"}} and table == {"rounds": 2}
+    assert "extra" in raw  # the caller's dict is not changed
+    with pytest.raises(RunConfigError, match=r"x.toml: a Extra config needs a \[extra\] table"):
+        split_extension_table({"model": "m"}, "extra", set(), where="x.toml", kind="Extra", conditions_note="")
+    with pytest.raises(RunConfigError, match="x.toml: a Extra config has fixed conditions"):
+        split_extension_table({**raw, "conditions": ["base"]}, "extra", {"rounds"}, where="x.toml", kind="Extra",
+                              conditions_note="has fixed conditions")
+    with pytest.raises(RunConfigError, match=r"unknown keys in \[extra\]: \['rounds'\]; known keys: \['size'\]"):
+        split_extension_table(raw, "extra", {"size"}, where="x.toml", kind="Extra", conditions_note="")
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended:
+        knowledge: RunConfig
+        rounds: int = 2
+
+    knowledge = RunConfig.from_dict({"name": "x", "model": "m", "conditions": ["base"]})
+    out = extension_json(knowledge, Extended(knowledge, rounds=3), "extra")
+    assert out["extra"] == {"rounds": 3} and "conditions" not in out and out["model"] == "m"

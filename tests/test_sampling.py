@@ -290,11 +290,12 @@ def test_many_calls_compile_once(tiny_hf, monkeypatch):
         rows = [rng.integers(3, 160, n).tolist() for n in rng.integers(1, 17, 3 + i % 2)]  # 3 or 4 rows
         lm.generate_ids(rows, SamplingParams(**{"max_new_tokens": 16, **k}))
     sampler = lm._sampler
-    assert dict(sampler.traces) == {"prefill": 1, "decode": 1}
+    # the per-layer weight copies (CPU) are made once, at the first generation
+    assert dict(sampler.traces) == {"prefill": 1, "decode": 1, "split": 1}
     assert sampler.prefill._cache_size() == 1 and sampler.decode._cache_size() == 1
     # a longer prompt bucket compiles one more prefill and decode
     lm.generate_ids([list(range(3, 40))], SamplingParams(max_new_tokens=16))
-    assert dict(sampler.traces) == {"prefill": 2, "decode": 2}
+    assert dict(sampler.traces) == {"prefill": 2, "decode": 2, "split": 1}
 
     # the decode program takes the prefill's cache over (donated: the input buffers are gone afterwards)
     ids, mask = pad_left(tiny_prompts() + [[3]], 0, 16)
@@ -302,9 +303,9 @@ def test_many_calls_compile_once(tiny_hf, monkeypatch):
     knobs = dict(temperature=np.float32(0), top_k=np.int32(0), top_p=np.float32(1), min_p=np.float32(0),
                  seed=np.uint32(0), max_new_tokens=np.int32(16), pad_id=np.int32(0))
     tokens, lengths, _ = sampler.decode(lm.state, cache, logits, None, None, knobs, jnp.full((8,), -1, jnp.int32),
-                                        jnp.asarray([False, False, False, True]), out_len=16)
+                                        jnp.asarray([False, False, False, True]), lm._decode_copies(), out_len=16)
     assert len(cache.k) == lm.config.num_layers and all(x.is_deleted() for x in (*cache.k, *cache.v))
-    assert dict(sampler.traces) == {"prefill": 2, "decode": 2}
+    assert dict(sampler.traces) == {"prefill": 2, "decode": 2, "split": 1}
     assert np.asarray(lengths).tolist() == [16, 16, 16, 0]
 
 
@@ -342,6 +343,30 @@ def merged_lm(lm: LM, adapter: LoraInputs) -> LM:
         params[f"layers.{name}"] = params[f"layers.{name}"] + adapter.scale * jnp.einsum(
             "lir,lro->lio", piece["a"], piece["b"])
     return LM(build_model(lm.config, params), None)
+
+
+def test_kept_weight_copies_give_the_same_tokens(qwen, monkeypatch):
+    from seal_jax.lm import sampling
+
+    _, lm = qwen
+    assert sampling.keeps_weight_copies(lm.state)  # CPU and small: LM keeps the per-layer copies
+    layers, head = lm._decode_copies()
+    assert lm._decode_copies()[1] is head  # made once per LM
+    stacked = lm.params()
+    assert len(layers) == lm.config.num_layers
+    np.testing.assert_array_equal(layers[1]["q_proj"], stacked["layers.q_proj"][1])
+    assert head.shape == (lm.config.hidden_size, lm.config.vocab_size)
+    rows, adapters = tiny_prompts(), make_adapters(lm)
+    for params, ad in [(SamplingParams(max_new_tokens=12, ignore_eos=True), None),
+                       (SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True), adapters)]:
+        run = dict(eos_ids=lm._eos_ids(), pad_id=lm._pad_id(), adapters=ad)
+        kept = lm._sampler.generate(lm.state, lm.config, rows, params, copies=lm._decode_copies(), **run)
+        sliced = lm._sampler.generate(lm.state, lm.config, rows, params, copies=None, **run)
+        assert kept == sliced
+    monkeypatch.setattr(sampling, "KEEP_WEIGHT_COPIES_MAX_BYTES", 0)
+    assert not sampling.keeps_weight_copies(lm.state)
+    fresh = LM(lm.model, lm.tokenizer)
+    assert fresh._decode_copies() is None
 
 
 def test_stacked_adapters_equal_single_and_merged(qwen):

@@ -83,6 +83,7 @@ class LM:
         self.mesh = mesh
         self.path = path
         self.graphdef, self.state = nnx.split(model)
+        self._weight_copies: Any = None  # Sampler.split's output, made at the first generation (CPU only)
 
     @property
     def config(self) -> ModelConfig:
@@ -262,12 +263,7 @@ class LM:
         Returns:
           :class:`Adapters` (K stacked; ``adapters[k]``, ``adapters.losses``, ``adapters.failed``).
         """
-        return training.train_adapters(
-            self.graphdef, self.state, self.params(), self.tokenizer, sequences,
-            LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
-            seed=seed, eos_id=self._train_eos_id(), pad_id=self._pad_id(), mesh=self.mesh,
-            programs=self._train_programs,
-        )
+        return self._with_training_args(training.train_adapters, sequences, lora, train, seed)
 
     def training_memory(
         self,
@@ -280,7 +276,13 @@ class LM:
         analysis of its compiled program (compiles, does not train): ``{"arguments", "outputs",
         "temporaries", "total"}``; ``arguments`` include the base weights, ``temporaries`` the
         activations, gradients and optimiser work space."""
-        return training.training_memory(
+        return self._with_training_args(training.training_memory, sequences, lora, train, seed)
+
+    def _with_training_args(self, fn: Any, sequences: Sequence[Sequence[Any]], lora: Any, train: Any,
+                            seed: int) -> Any:
+        """``fn`` (``training.train_adapters`` or ``training.training_memory``) called with this model's
+        weights, tokenizer, ids, mesh and programs, and SEAL's specs where ``lora``/``train`` are None."""
+        return fn(
             self.graphdef, self.state, self.params(), self.tokenizer, sequences,
             LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
             seed=seed, eos_id=self._train_eos_id(), pad_id=self._pad_id(), mesh=self.mesh,
@@ -340,7 +342,14 @@ class LM:
         rows = sampling.check_prompt_ids(prompt_ids, params, self.config)
         sampling.as_lora(adapters, self.config)  # validate before compiling anything
         return self._sampler.generate(self.state, self.config, rows, params, eos_ids=self._eos_ids(),
-                                      pad_id=self._pad_id(), adapters=adapters)
+                                      pad_id=self._pad_id(), adapters=adapters, copies=self._decode_copies())
+
+    def _decode_copies(self) -> Any:
+        """Per-layer weight copies kept for decoding (see "Kept weight copies" in
+        :mod:`seal_jax.lm.sampling`), made on first use; ``None`` where they are not kept."""
+        if self._weight_copies is None and sampling.keeps_weight_copies(self.state):
+            self._weight_copies = self._sampler.split(self.state)
+        return self._weight_copies
 
     def generate(self, prompts: list[str], params: sampling.SamplingParams | None = None, adapters: Any = None,
                  chat: bool = False, enable_thinking: bool = False) -> list[str] | list[list[str]]:

@@ -10,7 +10,8 @@ by memory bandwidth, and XLA:CPU copies the layer's slice out of a stacked ``[L,
 matmul (and a layer's slice of a stacked cache in and out), which triples the bytes moved. So
 :meth:`Decoder.extend` runs the layers as an unrolled Python loop over *per-layer* arrays:
 :meth:`Decoder.layer_params` slices the weights once (outside the decode loop; the copy is paid once per
-generation, not per token) and the :class:`KVCache` holds one buffer per layer (keys ``[B, KVH, Dh, S]``,
+generation, not per token, and on CPU the sampler keeps the slices between generations, see
+:mod:`seal_jax.lm.sampling`) and the :class:`KVCache` holds one buffer per layer (keys ``[B, KVH, Dh, S]``,
 values ``[B, KVH, S, Dh]``) that each step updates in place.
 
 The arithmetic lives in small pure functions (``rms_norm``, ``apply_rope``, ``attention`` …); the
@@ -374,13 +375,18 @@ class Decoder(nnx.Module):
         x, kv = jax.lax.scan(body, x, xs)
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps), kv
 
-    def layer_params(self, lora: LoraInputs | None = None) -> list[tuple[dict[str, jax.Array], Any]]:
+    def layer_params(self, lora: LoraInputs | None = None,
+                     base: list[dict[str, jax.Array]] | None = None) -> list[tuple[dict[str, jax.Array], Any]]:
         """Per layer, ``(weights, adapter slices or None)`` without the layer axis, for :meth:`extend`.
 
-        Slicing copies the weights: inside a jitted decode loop, call this once before the loop.
+        Slicing copies the weights: inside a jitted decode loop, call this once before the loop. ``base``
+        supplies the per-layer base weights already sliced (``unstack_layers`` of ``layers.arrays()``, kept
+        from an earlier call), so that only the adapters are sliced here.
         """
         n = self.config.num_layers
-        weights = unstack_layers(self.layers.arrays(), n)
+        weights = unstack_layers(self.layers.arrays(), n) if base is None else list(base)
+        if len(weights) != n:
+            raise ValueError(f"layer_params got base weights for {len(weights)} layers; the model has {n}")
         adapters = [None] * n if lora is None else unstack_layers(lora.weights, n)
         return list(zip(weights, adapters, strict=True))
 

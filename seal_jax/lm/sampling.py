@@ -13,11 +13,19 @@ How one call runs (see :class:`Sampler`):
    :class:`~seal_jax.lm.model.KVCache` (one buffer per layer); the head is applied to the last position
    only, giving logits ``[B, V]`` (never ``[B, T, V]``).
 3. **Decode** (one jitted call, the cache donated): sample the first token from the prefill logits, slice
-   the stacked weights into per-layer arrays once, then a ``lax.while_loop`` feeds the last token back
+   the stacked weights into per-layer arrays once (or take the copies :meth:`Sampler.split` made before,
+   see "Kept weight copies" below), then a ``lax.while_loop`` feeds the last token back
    through :meth:`~seal_jax.lm.model.Decoder.extend` (layers unrolled, each layer's cache updated in
    place), samples the next one and writes it to an output buffer ``[B, N]``. A row stops at its first stop id (the stop token is
    not counted in its length); the loop ends when every row has stopped or ``max_new_tokens`` tokens have
    been produced.
+
+Kept weight copies: slicing the stacked ``[L, ...]`` weights into per-layer arrays (and laying a tied
+embedding out as a ``[D, V]`` head) copies every weight, ~70 ms per generation for the 135M bundled model
+on two CPU cores (2-5% of a 64-128-token generation). On CPU, for weights of at most
+:data:`KEEP_WEIGHT_COPIES_MAX_BYTES`, ``LM`` makes these copies once with :meth:`Sampler.split` and passes
+them to every decode (:func:`keeps_weight_copies`); the price is a second copy of the weights in memory.
+Elsewhere (accelerators, bigger models) each decode call slices inside its program as before.
 
 Sampling (:func:`sample_step`) follows the order Hugging Face applies its warpers in: temperature →
 top-k → top-p → min-p, then a draw by inverse CDF. temperature 0 is greedy (argmax). The filters find their
@@ -55,9 +63,10 @@ from jax.sharding import Mesh, NamedSharding
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig
-from seal_jax.lm.model import PROJECTIONS, KVCache, LoraInputs, projection_shape
+from seal_jax.lm.model import PROJECTIONS, KVCache, LoraInputs, projection_shape, unstack_layers
 
 MIN_STOP_SLOTS = 8  # the stop-id table is padded to this size (or the next power of two above it)
+KEEP_WEIGHT_COPIES_MAX_BYTES = 4 << 30  # see "Kept weight copies" in the module docstring
 
 
 class SamplingError(ValueError):
@@ -379,6 +388,15 @@ def batch_bucket(n: int, mesh: Mesh | None = None) -> int:
     return b
 
 
+def keeps_weight_copies(state: Any) -> bool:
+    """Whether ``LM`` should keep :meth:`Sampler.split`'s per-layer weight copies for ``state`` (an ``nnx``
+    state): on CPU, when the weights take at most :data:`KEEP_WEIGHT_COPIES_MAX_BYTES`."""
+    leaves = jax.tree.leaves(state)
+    if not leaves or any(d.platform != "cpu" for x in leaves for d in getattr(x, "devices", lambda: ())()):
+        return False
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves) <= KEEP_WEIGHT_COPIES_MAX_BYTES
+
+
 class Sampler:
     """The jitted prefill and decode programs of one model (held by :class:`~seal_jax.lm.api.LM`).
 
@@ -396,6 +414,7 @@ class Sampler:
         self.traces: collections.Counter[str] = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
         self.decode = jax.jit(self._decode, static_argnames=("out_len",), donate_argnames=("cache",))
+        self.split = jax.jit(self._split)
 
     # -- placement -------------------------------------------------------------------------------
 
@@ -444,8 +463,15 @@ class Sampler:
             return jax.vmap(one)(lora_weights, lora_scale)
         return one(lora_weights, lora_scale)
 
+    def _split(self, state: Any) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array]:
+        """Per-layer copies of ``state``'s stacked layer weights (L dicts of arrays without the layer axis)
+        and the head kernel laid out ``[D, V]``: what every decode would otherwise slice for itself."""
+        self.traces["split"] += 1
+        model = nnx.merge(self.graphdef, state)
+        return tuple(unstack_layers(model.layers.arrays(), model.config.num_layers)), model.head_kernel()
+
     def _decode(self, state: Any, cache: KVCache, logits: jax.Array, lora_weights: Any, lora_scale: Any,
-                knobs: dict[str, jax.Array], stop_ids: jax.Array, done: jax.Array, *,
+                knobs: dict[str, jax.Array], stop_ids: jax.Array, done: jax.Array, copies: Any = None, *,
                 out_len: int) -> tuple[jax.Array, jax.Array, KVCache]:
         """Sample up to ``knobs["max_new_tokens"]`` (≤ ``out_len``) tokens after the prefill.
 
@@ -454,6 +480,7 @@ class Sampler:
           knobs: traced scalars ``temperature, top_k, top_p, min_p, seed, max_new_tokens, pad_id``.
           stop_ids: int32 ``[M]``, padded with -1.
           done: bool ``[B]``, rows that must not generate (batch padding).
+          copies: :meth:`split`'s output for ``state``, or ``None`` to slice the weights here.
         Returns:
           ``(tokens [B, out_len], lengths [B], cache)``: row ``i``'s answer is ``tokens[i, :lengths[i]]``
           (stop token excluded); with stacked adapters every output has a leading K axis.
@@ -465,9 +492,10 @@ class Sampler:
         def one(cache: KVCache, logits: jax.Array, lw: Any, ls: Any) -> tuple[jax.Array, jax.Array, KVCache]:
             model = nnx.merge(self.graphdef, state)
             lora = None if lw is None else LoraInputs(weights=lw, scale=ls)
-            layers = model.layer_params(lora)  # per-layer copies, made once per call (see model.py)
-            head_kernel = model.head_kernel()
-            if jax.devices()[0].platform == "cpu":
+            # per-layer copies, made once per call unless kept from an earlier one (see model.py)
+            layers = model.layer_params(lora, base=None if copies is None else copies[0])
+            head_kernel = model.head_kernel() if copies is None else copies[1]
+            if copies is None and jax.devices()[0].platform == "cpu":
                 # a [D, V] copy of a tied embedding, made once per call: XLA:CPU reads the transposed view
                 # ~15% slower at batch 8 (the barrier keeps XLA from folding the transpose into the matmul)
                 head_kernel = jax.lax.optimization_barrier(head_kernel)
@@ -512,7 +540,7 @@ class Sampler:
 
     def generate(self, state: Any, config: ModelConfig, prompt_ids: Sequence[Sequence[int]],
                  params: SamplingParams, *, eos_ids: Sequence[int] = (), pad_id: int = 0,
-                 adapters: Any = None) -> list[list[int]] | list[list[list[int]]]:
+                 adapters: Any = None, copies: Any = None) -> list[list[int]] | list[list[list[int]]]:
         """Generate token ids for ``prompt_ids`` (validated by the caller); see the module docstring.
 
         Args:
@@ -523,6 +551,7 @@ class Sampler:
           eos_ids: ids that end a row unless ``params.ignore_eos``.
           pad_id: id used for padding (any valid id; padding is masked).
           adapters: ``None``, one adapter or K stacked (see :func:`as_lora`).
+          copies: :meth:`split`'s output for ``state`` (kept by the caller), or ``None``.
         Returns:
           B lists of generated ids (stop token excluded), or K such lists with stacked adapters.
         """
@@ -550,7 +579,7 @@ class Sampler:
         logits, cache = self.prefill(state, self.put_batch(ids), self.put_batch(mask), lw, ls, cache_len=t + out_len)
         tokens, lengths, _ = self.decode(state, cache, logits, lw, ls, self.put_replicated(knobs),
                                          self.put_replicated(jnp.asarray(stop_ids)),
-                                         self.put_batch(done), out_len=out_len)
+                                         self.put_batch(done), copies, out_len=out_len)
         tokens, lengths = shd.to_host(tokens), shd.to_host(lengths)
 
         def rows_of(tk: np.ndarray, ln: np.ndarray) -> list[list[int]]:

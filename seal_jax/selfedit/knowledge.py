@@ -212,6 +212,41 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise RunConfigError(f"{path}: {e}") from None
 
 
+def split_extension_table(raw: dict[str, Any], table_name: str, known: set[str], *, where: str, kind: str,
+                          conditions_note: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For a config that extends :class:`RunConfig` with one TOML table (ReST-EM's ``[restem]``, template
+    search's ``[templates]``): the knowledge keys and that table, checked.
+
+    Args:
+      raw: the parsed TOML; table_name: the extension's table; known: the keys that table may hold.
+      where: the file, for messages; kind: what the config is ("ReST-EM"); conditions_note: why such a
+        config has no ``conditions`` key (completes "a {kind} config ...").
+    Returns:
+      ``(knowledge keys, table)``.
+    Raises:
+      RunConfigError: no such table, a ``conditions`` key, or unknown keys in the table.
+    """
+    raw = dict(raw)
+    table = raw.pop(table_name, None)
+    if not isinstance(table, dict):
+        raise RunConfigError(f"{where}: a {kind} config needs a [{table_name}] table (see experiments/README.md)")
+    if "conditions" in raw:
+        raise RunConfigError(f"{where}: a {kind} config {conditions_note}")
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise RunConfigError(f"{where}: unknown keys in [{table_name}]: {unknown}; known keys: {sorted(known)}")
+    return raw, table
+
+
+def extension_json(knowledge: RunConfig, extension: Any, table_name: str) -> dict[str, Any]:
+    """The JSON form of a config extending ``knowledge`` (a dataclass whose other fields are its table):
+    the knowledge keys without ``conditions`` plus ``{table_name: {field: value}}``."""
+    out = knowledge.to_json()
+    out.pop("conditions")
+    table = {f.name: getattr(extension, f.name) for f in dataclasses.fields(extension) if f.name != "knowledge"}
+    return {**out, table_name: table}
+
+
 # Engine settings that do not change a run's results: a run may be resumed with them changed (for example
 # with ``remat`` turned on after running out of memory).
 RESUME_FREE_KEYS = frozenset({"remat"})

@@ -41,10 +41,12 @@ from seal_jax.selfedit.knowledge import (
     RunConfig,
     RunConfigError,
     append_rows,
+    extension_json,
     read_rows,
     read_toml,
     run_knowledge,
     save_run_config,
+    split_extension_table,
 )
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.strategies import get_strategy, self_edit_prompt
@@ -160,17 +162,9 @@ class RestemConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RestemConfig:
         """Build from a parsed TOML table: knowledge keys at the top level plus a ``[restem]`` table."""
-        raw = dict(raw)
-        table = raw.pop("restem", None)
-        if not isinstance(table, dict):
-            raise RunConfigError(f"{where}: a ReST-EM config needs a [restem] table (see experiments/README.md)")
-        if "conditions" in raw:
-            raise RunConfigError(f"{where}: a ReST-EM config sets restem.strategy, not conditions "
-                                 "(its conditions are always base and the strategy)")
-        known = {f.name for f in dataclasses.fields(cls)} - {"knowledge"}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise RunConfigError(f"{where}: unknown keys in [restem]: {unknown}; known keys: {sorted(known)}")
+        raw, table = split_extension_table(
+            raw, "restem", {f.name for f in dataclasses.fields(cls)} - {"knowledge"}, where=where, kind="ReST-EM",
+            conditions_note="sets restem.strategy, not conditions (its conditions are always base and the strategy)")
         strategy = table.get("strategy", "implications")
         knowledge = RunConfig.from_dict({**raw, "conditions": ["base", strategy]}, where=where)
         data = knowledge.data
@@ -189,10 +183,7 @@ class RestemConfig:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict: the knowledge config's keys plus ``restem`` (the form :meth:`from_dict` reads)."""
-        out = self.knowledge.to_json()
-        out.pop("conditions")
-        table = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "knowledge"}
-        return {**out, "restem": table}
+        return extension_json(self.knowledge, self, "restem")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -73,11 +73,13 @@ from seal_jax.selfedit.knowledge import (
     append_rows,
     config_differences,
     derived_seed,
+    extension_json,
     make_grader,
     read_rows,
     read_toml,
     result_row,
     scored_answers,
+    split_extension_table,
 )
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
@@ -213,18 +215,10 @@ class TemplateSearchConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> TemplateSearchConfig:
         """Build from a parsed TOML table: knowledge keys at the top level plus a ``[templates]`` table."""
-        raw = dict(raw)
-        table = raw.pop("templates", None)
-        if not isinstance(table, dict):
-            raise RunConfigError(f"{where}: a template-search config needs a [templates] table "
-                                 "(see experiments/README.md)")
-        if "conditions" in raw:
-            raise RunConfigError(f"{where}: a template-search config has no conditions (the templates are "
-                                 "the conditions; base is always evaluated)")
-        known = {f.name for f in dataclasses.fields(cls)} - {"knowledge"}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise RunConfigError(f"{where}: unknown keys in [templates]: {unknown}; known keys: {sorted(known)}")
+        raw, table = split_extension_table(
+            raw, "templates", {f.name for f in dataclasses.fields(cls)} - {"knowledge"}, where=where,
+            kind="template-search",
+            conditions_note="has no conditions (the templates are the conditions; base is always evaluated)")
         knowledge = RunConfig.from_dict({**raw, "conditions": ["base"]}, where=where)
         if knowledge.data.get("n") is not None or knowledge.data.get("subset"):
             raise RunConfigError(f"{where}: [data] is the passage pool; set templates.passages instead of data.n")
@@ -240,10 +234,7 @@ class TemplateSearchConfig:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict: the knowledge config's keys plus ``templates`` (the form :meth:`from_dict` reads)."""
-        out = self.knowledge.to_json()
-        out.pop("conditions")
-        table = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "knowledge"}
-        return {**out, "templates": table}
+        return extension_json(self.knowledge, self, "templates")
 
 
 # ----------------------------------------------------------------------------------------------------
