@@ -114,3 +114,93 @@ def test_distributed_knowledge_run_writes_each_row_once(tiny_chat_dir, tmp_path)
     questions = [[(a["question"], a["gold"]) for a in r["answers"]] for r in full]
     assert [tuple(r[k] for k in keys) for r in full] == [tuple(r[k] for k in keys) for r in read_rows(single / "results.jsonl")]
     assert questions == [[(a["question"], a["gold"]) for a in r["answers"]] for r in read_rows(single / "results.jsonl")]
+
+
+def test_distributed_restem_and_template_search_write_once(tiny_chat_dir, tmp_path):
+    """Two processes run a ReST-EM run and a template search into one shared folder, each once uninterrupted
+    and once stopped early and resumed: process 0 alone writes (each row once; process 1 writes nothing
+    and reads only the exported generators, checked in the worker), both processes follow process 0's
+    folder (the resumed folders equal the uninterrupted ones), later ReST-EM rounds load their generator
+    onto the starting model's global mesh when the config names none (checked in the worker), and every
+    exported generator is one finished Hugging Face folder that loads."""
+    import importlib.util
+    import json
+    from collections import Counter
+
+    from transformers import AutoConfig
+
+    from seal_jax.selfedit.knowledge import read_rows
+
+    worker = Path(__file__).with_name("distributed_run_worker.py")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    shared = tmp_path / "shared"
+    _run_both([[str(worker), str(i), str(port), str(tiny_chat_dir), str(shared), "restem,templates"]
+               for i in range(2)], [env, env], timeout=600)
+    spec = importlib.util.spec_from_file_location("distributed_run_worker", worker)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    def rows_once(path, n):
+        rows = read_rows(path)
+        keys = Counter((r["passage_id"], r["condition"], r["candidate"], r.get("repeat")) for r in rows)
+        assert len(rows) == n and max(keys.values()) == 1, path
+        return rows
+
+    def same_json(part, full, name):  # run-folder paths inside the file name their own folder
+        text = (part / name).read_text().replace(str(part), str(full))
+        assert json.loads(text) == json.loads((full / name).read_text()), name
+
+    def generator_loads(folder):
+        assert not folder.with_name("generator.tmp").exists()
+        AutoConfig.from_pretrained(folder)
+        lm = sj.load(folder, progress=False)
+        assert np.isfinite(lm.logits(np.array([[3, 14, 15, 9]]))).all()
+
+    # ReST-EM: 2 rounds x 1 passage x (base + K=2 self-edits), 1 held-out passage x 3 rows per round
+    config = run.restem_config(str(tiny_chat_dir))
+    k = config.knowledge.k
+    full, part = shared / "restem" / "full", shared / "restem" / "part"
+    for r in range(config.rounds + 1):
+        name, n = f"round-{r}/eval/results.jsonl", config.eval_data["n"] * (1 + k)
+        assert strip(rows_once(part / name, n)) == strip(rows_once(full / name, n))
+        if r:
+            name, n = f"round-{r}/results.jsonl", config.passages_per_round * (1 + k)
+            assert strip(rows_once(part / name, n)) == strip(rows_once(full / name, n))
+            assert read_rows(part / f"round-{r}" / "sft_rows.jsonl") == read_rows(full / f"round-{r}" / "sft_rows.jsonl")
+            assert 1 <= len(read_rows(full / f"round-{r}" / "sft_rows.jsonl")) <= config.passages_per_round
+            same_json(part, full, f"round-{r}/round.json")
+            for folder in (full, part):
+                generator_loads(folder / f"round-{r}" / "generator")
+            assert (part / f"round-{r}" / "generator" / "model.safetensors").read_bytes() == (
+                full / f"round-{r}" / "generator" / "model.safetensors").read_bytes()
+    assert json.loads((full / "round-2" / "round.json").read_text())["trained_from"] == str(full / "round-1" / "generator")
+    same_json(part, full, "summary.json")
+    assert [e["round"] for e in json.loads((full / "summary.json").read_text())["rounds"]] == [0, 1, 2]
+
+    # template search: 2 iterations x 1 passage x (base + 2 templates x 1 fill); the explore slot retried once
+    config = run.templates_config(str(tiny_chat_dir))
+    full, part = shared / "templates" / "full", shared / "templates" / "part"
+    for it in range(1, config.iterations + 1):
+        folder = Path(f"iteration-{it}")
+        n = config.passages * (1 + config.templates_per_iteration * config.fills)
+        assert strip(rows_once(part / folder / "results.jsonl", n)) == strip(rows_once(full / folder / "results.jsonl", n))
+        proposals = read_rows(full / folder / "proposals.jsonl")
+        assert [(p["slot"], p["attempt"], p["valid"]) for p in proposals] == [(0, 0, True), (1, 0, False), (1, 1, True)]
+        assert read_rows(part / folder / "proposals.jsonl") == proposals
+        same_json(part, full, f"iteration-{it}/iteration.json")
+    sft = read_rows(full / "iteration-1" / "sft_rows.jsonl")
+    assert len(sft) == config.passages * 2 * 2 and read_rows(part / "iteration-1" / "sft_rows.jsonl") == sft
+    assert not (full / "iteration-2" / "sft_rows.jsonl").exists()  # no SFT after the last iteration
+    for folder in (full, part):
+        generator_loads(folder / "iteration-1" / "generator")
+        assert not (folder / "iteration-2" / "generator").exists()
+    assert (part / "iteration-1" / "generator" / "model.safetensors").read_bytes() == (
+        full / "iteration-1" / "generator" / "model.safetensors").read_bytes()
+    archive = (full / "archive.jsonl").read_text().splitlines()
+    assert len(archive) == 4 + 2 * config.templates_per_iteration and (part / "archive.jsonl").read_text() == (
+        full / "archive.jsonl").read_text()
+    same_json(part, full, "summary.json")

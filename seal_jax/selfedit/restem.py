@@ -309,7 +309,7 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
     """Run (or resume) ReST-EM into ``out_dir``; returns the summary (see the module docstring).
 
     ``lm`` is the loaded starting model (reused for round 1 and the round-0 evaluation); later rounds load
-    their generator from ``round-N/generator/``. ``stop_after`` stops after that many newly finished
+    their generator from ``round-N/generator/`` onto the config's mesh (else ``lm``'s). ``stop_after`` stops after that many newly finished
     E-step passages (to test resumption). Writes ``run_config.json``, ``round-N/…``, ``summary.json`` and
     ``summary.md``. In a multi-host run only process 0 writes and every process follows process 0's folder
     (:mod:`seal_jax.selfedit.multihost`); the folder must be shared, since every process loads the round's
@@ -328,8 +328,10 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
     k = config.knowledge
     generator = k.model
 
+    mesh_of_lm = getattr(lm, "mesh", None)  # later generators go where the given model is, unless the config names a mesh
+
     def load(model: str) -> Any:
-        return sj.load(model, dtype=k.dtype, mesh=k.mesh or None, tokenizer=k.tokenizer,
+        return sj.load(model, dtype=k.dtype, mesh=k.mesh or mesh_of_lm, tokenizer=k.tokenizer,
                        remat=k.remat, progress=progress)
 
     current = lm

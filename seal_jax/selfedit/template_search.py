@@ -447,7 +447,7 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     ``lm`` is the loaded starting model (later iterations load their generator from
     ``iteration-N/generator/``). ``stop_after`` stops after that many newly finished passages (training
     and evaluation), to test resumption. ``loader(path)`` loads a model folder (default: ``seal_jax.load``
-    with the config's dtype, mesh and tokenizer). Writes ``run_config.json``, ``archive.jsonl``, ``iteration-N/…``,
+    with the config's dtype, mesh (else ``lm``'s) and tokenizer). Writes ``run_config.json``, ``archive.jsonl``, ``iteration-N/…``,
     ``summary.json`` and ``summary.md``. In a multi-host run only process 0 writes and every process follows
     process 0's folder (:mod:`seal_jax.selfedit.multihost`); the folder must be shared, since every process
     loads the next generator from it.
@@ -477,10 +477,12 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     held_out = eval_passages(config, training)
     by_id = {p.id: p for p in [*training, *held_out]}
 
+    mesh_of_lm = getattr(lm, "mesh", None)  # later generators go where the given model is, unless the config names a mesh
+
     def load(path: str) -> Any:
         if loader is not None:
             return loader(path)
-        return sj.load(path, dtype=k.dtype, mesh=k.mesh or None, tokenizer=k.tokenizer,
+        return sj.load(path, dtype=k.dtype, mesh=k.mesh or mesh_of_lm, tokenizer=k.tokenizer,
                        remat=k.remat, progress=progress)
 
     models: dict[str, Any] = {} if lm is None else {k.model: lm}  # path -> loaded LM (at most two)
