@@ -124,6 +124,20 @@ def run_restem_mode(lm, model_dir: str, run_dir: str) -> None:
         sj.load = load
     # every later round's generator went onto the starting model's global mesh (the config names none)
     assert meshes and all(m is not None and m.devices.size == 8 for m in meshes), meshes
+    # a generator folder that only process 0 can see (as on its local disk) is one clear error everywhere
+    import jax
+
+    from seal_jax.selfedit.multihost import require_visible
+
+    folder = os.path.join(run_dir, "restem", "visible", f"p{jax.process_index()}", "generator")
+    if jax.process_index() == 0:
+        os.makedirs(folder)
+    try:
+        require_visible(folder, "the ReST-EM generator")
+    except FileNotFoundError as e:
+        assert "missing on process(es) [1]" in str(e) and "file system all hosts share" in str(e), e
+    else:
+        raise AssertionError("require_visible passed although process 1 cannot see the folder")
 
 
 def templates_config(model_dir: str):

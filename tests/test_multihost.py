@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seal_jax.selfedit.multihost import agree, is_writer
+from seal_jax.selfedit.multihost import agree, is_writer, require_visible
 
 
 def test_one_process_writes_and_reads_directly():
@@ -31,3 +31,9 @@ def test_a_failing_read_raises_the_original_error():
 def test_a_result_that_is_not_json_is_an_error():
     with pytest.raises(TypeError):
         agree(lambda: {1, 2})
+
+
+def test_require_visible_names_the_missing_folder(tmp_path):
+    require_visible(tmp_path, "the generator")  # present: nothing happens
+    with pytest.raises(FileNotFoundError, match=r"the generator .*missing on process\(es\) \[0\].*all hosts share"):
+        require_visible(tmp_path / "round-1" / "generator", "the generator")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import jax
@@ -23,6 +24,28 @@ T = TypeVar("T")
 def is_writer() -> bool:
     """True on the process that writes run folders (process 0; the only process of a one-host run)."""
     return jax.process_index() == 0
+
+
+def require_visible(path: str | Path, what: str) -> None:
+    """Raise on every process unless ``path`` exists on every process.
+
+    A folder that process 0 wrote (an exported generator) and every process then loads must live on a file
+    system all hosts share. Called by every process before such a load, so that a folder on process 0's
+    local disk is one clear error everywhere instead of a missing file on some processes (and the others
+    waiting for them). ``what`` names the folder in the message.
+    """
+    here = Path(path).exists()
+    if jax.process_count() == 1:
+        seen = [here]
+    else:
+        from jax.experimental import multihost_utils
+
+        seen = np.asarray(multihost_utils.process_allgather(np.array([here]))).reshape(-1).tolist()
+    missing = [i for i, ok in enumerate(seen) if not ok]
+    if missing:
+        raise FileNotFoundError(
+            f"{what} {path} is missing on process(es) {missing}; every process loads it, so a multi-host run "
+            "needs its run folder (--out) on a file system all hosts share")
 
 
 def agree(read: Callable[[], T]) -> T:

@@ -48,7 +48,7 @@ from seal_jax.selfedit.knowledge import (
     save_run_config,
     split_extension_table,
 )
-from seal_jax.selfedit.multihost import agree, is_writer
+from seal_jax.selfedit.multihost import agree, is_writer, require_visible
 from seal_jax.selfedit.strategies import get_strategy, self_edit_prompt
 
 SFT_ROW_FIELDS = ("passage_id", "prompt", "completion", "reward")
@@ -331,6 +331,8 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
     mesh_of_lm = getattr(lm, "mesh", None)  # later generators go where the given model is, unless the config names a mesh
 
     def load(model: str) -> Any:
+        if model != k.model:  # a generator exported into the run folder
+            require_visible(model, "the ReST-EM generator")
         return sj.load(model, dtype=k.dtype, mesh=k.mesh or mesh_of_lm, tokenizer=k.tokenizer,
                        remat=k.remat, progress=progress)
 

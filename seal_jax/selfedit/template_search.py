@@ -81,7 +81,7 @@ from seal_jax.selfedit.knowledge import (
     scored_answers,
     split_extension_table,
 )
-from seal_jax.selfedit.multihost import agree, is_writer
+from seal_jax.selfedit.multihost import agree, is_writer, require_visible
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
 from seal_jax.selfedit.restem import sft_generator, sft_lora_spec, sft_train_spec, write_jsonl
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, fill_pieces, pieces_to_sequences
@@ -480,6 +480,8 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     mesh_of_lm = getattr(lm, "mesh", None)  # later generators go where the given model is, unless the config names a mesh
 
     def load(path: str) -> Any:
+        if path != k.model:  # a generator exported into the run folder
+            require_visible(path, "the template-search generator")
         if loader is not None:
             return loader(path)
         return sj.load(path, dtype=k.dtype, mesh=k.mesh or mesh_of_lm, tokenizer=k.tokenizer,
