@@ -21,8 +21,8 @@ How one call runs (see :class:`Sampler`):
    been produced.
 
 Kept weight copies: slicing the stacked ``[L, ...]`` weights into per-layer arrays (and laying a tied
-embedding out as a ``[D, V]`` head) copies every weight, ~70 ms per generation for the 135M bundled model
-on two CPU cores (2-5% of a 64-128-token generation). On CPU, for weights of at most
+embedding out as a ``[D, V]`` head) copies every weight: for the 135M bundled model on two CPU cores, keeping
+the copies made 128-token generations ~5% (batch 8) to ~10% (batch 1) faster (BENCHMARKS.md, run 5). On CPU, for weights of at most
 :data:`KEEP_WEIGHT_COPIES_MAX_BYTES`, ``LM`` makes these copies once with :meth:`Sampler.split` and passes
 them to every decode (:func:`keeps_weight_copies`); the price is a second copy of the weights in memory.
 Elsewhere (accelerators, bigger models) each decode call slices inside its program as before.
