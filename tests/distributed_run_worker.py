@@ -9,7 +9,9 @@ uninterrupted and into RUN_DIR[/KIND]/part stopped early and resumed, as a kille
 - ``knowledge``: RUN_DIR/full and RUN_DIR/part (stopped after its first passage); then the same again with
   a folder per process (RUN_DIR/own/pN, as on each host's local disk).
 - ``restem``: RUN_DIR/restem/{full,part}, a ReST-EM run of two rounds (part stopped after the round-0
-  evaluation and round 1's training passage: round 1's generator is written, its evaluation is not).
+  evaluation and round 1's training passage: round 1's generator is written, its evaluation is not); it
+  also checks that later rounds load their generator onto the global mesh (the config names none) and
+  that a generator folder only process 0 can see is a clear error on both processes.
 - ``templates``: RUN_DIR/templates/{full,part}, a template search of two iterations with canned proposals and
   fills (part stopped after iteration 1's passage: inside iteration 2, after its proposals).
 
