@@ -84,6 +84,7 @@ class LM:
         self.path = path
         self.graphdef, self.state = nnx.split(model)
         self._weight_copies: Any = None  # Sampler.split's output, made at the first generation (CPU only)
+        self._keeps_copies: bool | None = None  # decided once, at the first generation
 
     @property
     def config(self) -> ModelConfig:
@@ -347,8 +348,10 @@ class LM:
     def _decode_copies(self) -> Any:
         """Per-layer weight copies kept for decoding (see "Kept weight copies" in
         :mod:`seal_jax.lm.sampling`), made on first use; ``None`` where they are not kept."""
-        if self._weight_copies is None and sampling.keeps_weight_copies(self.state):
-            self._weight_copies = self._sampler.split(self.state)
+        if self._keeps_copies is None:
+            self._keeps_copies = sampling.keeps_weight_copies(self.state)
+            if self._keeps_copies:
+                self._weight_copies = self._sampler.split(self.state)
         return self._weight_copies
 
     def generate(self, prompts: list[str], params: sampling.SamplingParams | None = None, adapters: Any = None,
