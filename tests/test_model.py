@@ -11,7 +11,17 @@ from flax import nnx
 
 import seal_jax as sj
 from seal_jax.lm.config import preset
-from seal_jax.lm.model import Decoder, apply_rope, attention, cached_attention, rms_norm, rope_tables
+from seal_jax.lm.model import (
+    Decoder,
+    apply_rope,
+    attention,
+    cached_attention,
+    matmul,
+    project,
+    rms_norm,
+    rope_tables,
+    split_columns,
+)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
@@ -134,3 +144,21 @@ def test_cached_attention_equals_attention_on_the_cache_layout():
     want = attention(q, k, v, allowed)
     got = cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), allowed)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_column_blocks_give_the_same_product():
+    """A kernel cut into column blocks multiplies (with and without a LoRA term) exactly like the whole kernel."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 3, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((6, 7)), jnp.float32)
+    blocks = split_columns(kernel, 2)
+    assert [b.shape for b in blocks] == [(6, 3), (6, 4)]
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=1), kernel)
+    assert len(split_columns(kernel, 7)) == 7 and split_columns(kernel, 1)[0].shape == (6, 7)
+    np.testing.assert_array_equal(matmul(x, blocks), matmul(x, kernel))
+    lora = {"a": jnp.asarray(rng.standard_normal((6, 2)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal((2, 7)), jnp.float32)}
+    np.testing.assert_allclose(project(x, blocks, lora, 0.5, 0.0, None), project(x, kernel, lora, 0.5, 0.0, None),
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="at least one block"):
+        split_columns(kernel, 0)

@@ -355,7 +355,10 @@ def test_kept_weight_copies_give_the_same_tokens(qwen, monkeypatch):
     stacked = lm.params()
     assert len(layers) == lm.config.num_layers
     np.testing.assert_array_equal(layers[1]["q_proj"], stacked["layers.q_proj"][1])
-    assert head.shape == (lm.config.hidden_size, lm.config.vocab_size)
+    # the projections that run alone and the head are kept as column blocks
+    assert len(layers[1]["o_proj"]) == sampling.COLUMN_BLOCKS == len(head)
+    np.testing.assert_array_equal(np.concatenate(layers[1]["o_proj"], axis=1), stacked["layers.o_proj"][1])
+    np.testing.assert_array_equal(np.concatenate(head, axis=1), lm.model.head_kernel())
     rows, adapters = tiny_prompts(), make_adapters(lm)
     for params, ad in [(SamplingParams(max_new_tokens=12, ignore_eos=True), None),
                        (SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True), adapters)]:

@@ -138,6 +138,27 @@ def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, allowed
     return out.reshape(b, kvh, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h, dh).astype(q.dtype)
 
 
+def split_columns(kernel: jax.Array, blocks: int) -> tuple[jax.Array, ...]:
+    """``kernel`` ``[in, out]`` cut into ``blocks`` column blocks ``[in, out_i]`` (the first ``out % blocks``
+    one column wider), for :func:`matmul`. Each block is its own array (a copy)."""
+    if blocks < 1:
+        raise ValueError(f"split_columns needs at least one block, got {blocks}")
+    out = kernel.shape[-1]
+    edges = [i * out // blocks for i in range(blocks + 1)]
+    return tuple(kernel[:, lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True))
+
+
+def matmul(x: jax.Array, kernel: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
+    """``x @ kernel`` for a kernel ``[in, out]`` or a tuple of its column blocks (:func:`split_columns`).
+
+    x: ``[..., in]``. Returns ``[..., out]``. With blocks, every block is an independent matmul, so
+    XLA:CPU can run them on different cores at once, and the results are concatenated.
+    """
+    if isinstance(kernel, tuple):
+        return jnp.concatenate([x @ block for block in kernel], axis=-1)
+    return x @ kernel
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraInputs:
     """LoRA adapters as the forward sees them (one adapter; ``vmap`` adds a candidate axis outside).
@@ -155,13 +176,14 @@ class LoraInputs:
     key: jax.Array | None = None
 
 
-def project(x: jax.Array, kernel: jax.Array, lora: dict[str, jax.Array] | None, scale: Any,
+def project(x: jax.Array, kernel: jax.Array | tuple[jax.Array, ...], lora: dict[str, jax.Array] | None, scale: Any,
             dropout: Any, key: jax.Array | None) -> jax.Array:
     """``x @ kernel`` plus the LoRA term ``scale * dropout(x) @ a @ b`` when ``lora`` is given.
 
-    x: ``[..., in]``; kernel: ``[in, out]``; lora: ``{"a": [in, r], "b": [r, out]}``. Returns ``[..., out]``.
+    x: ``[..., in]``; kernel: ``[in, out]`` or its column blocks (see :func:`matmul`); lora:
+    ``{"a": [in, r], "b": [r, out]}``. Returns ``[..., out]``.
     """
-    y = x @ kernel
+    y = matmul(x, kernel)
     if lora is None:
         return y
     xin = x
@@ -443,11 +465,12 @@ class Decoder(nnx.Module):
         """The output projection ``[D, V]`` (the embedding transposed when the two are tied)."""
         return self.embedding[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
-    def head(self, x: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+    def head(self, x: jax.Array, kernel: jax.Array | tuple[jax.Array, ...] | None = None) -> jax.Array:
         """Output logits ``[..., V]`` (float32) for hidden states ``[..., D]``; ``kernel`` overrides
-        :meth:`head_kernel` (the decode loop passes a copy laid out ``[D, V]`` in memory)."""
+        :meth:`head_kernel` (the decode loop passes a copy laid out ``[D, V]`` in memory, or its column
+        blocks, see :func:`matmul`)."""
         kernel = self.head_kernel() if kernel is None else kernel
-        return (x @ kernel).astype(jnp.float32)
+        return matmul(x, kernel).astype(jnp.float32)
 
     def __call__(
         self,
