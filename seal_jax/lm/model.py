@@ -139,8 +139,8 @@ def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, allowed
 
 
 def split_columns(kernel: jax.Array, blocks: int) -> tuple[jax.Array, ...]:
-    """``kernel`` ``[in, out]`` cut into ``blocks`` column blocks ``[in, out_i]`` (the first ``out % blocks``
-    one column wider), for :func:`matmul`. Each block is its own array (a copy)."""
+    """``kernel`` ``[in, out]`` cut into ``blocks`` column blocks ``[in, out_i]`` in order (widths differ by at
+    most one column), for :func:`matmul`. Each block is its own array (a copy)."""
     if blocks < 1:
         raise ValueError(f"split_columns needs at least one block, got {blocks}")
     out = kernel.shape[-1]
