@@ -11,6 +11,7 @@ import pytest
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.grading import (
     GRADERS,
+    JUDGE_GRADERS,
     CalibrationError,
     JudgeGrader,
     calibration_report,
@@ -447,6 +448,27 @@ def test_judge_grader_with_fake_lm():
     assert judge.records[3].reply is None and judge.records[3].verdict is False
     assert judge("Where?", "Paris", "It was Paris.") is True
     assert judge.grade_batch([]) == []
+
+
+def test_rules_first_judge_asks_only_about_undecided_answers():
+    """With rules_first the offline rules' definite verdicts stand and only undecided answers reach the model."""
+    undecided = ("How are incomes distributed in Sweden?", "more equally", "Incomes are distributed relatively evenly.")
+    contained = ("Where?", "Paris", "It was Paris.")
+    refusal = ("Where?", "Paris", "I don't know.")
+    assert rule_verdict(*undecided) is None and rule_verdict(*contained) is True and rule_verdict(*refusal) is False
+    # the script contradicts the rules on the decided answers: they must not be asked
+    lm = FakeLM({"It was Paris.": "no", "I don't know.": "yes", undecided[2]: "yes"})
+    judge = JudgeGrader(lm, rules_first=True, params_factory=lambda n: {"max_new_tokens": n})
+    assert judge.grade_batch([contained, refusal, undecided, ("Where?", "Paris", " ")]) == [True, False, True, False]
+    assert [len(c[0]) for c in lm.calls] == [1] and undecided[2] in lm.calls[0][0][0]
+    assert [r.source for r in judge.records] == ["rules", "rules", "model", "empty"]
+    assert [r.reply for r in judge.records] == [None, None, "yes", None]
+    # without rules_first the same model is asked about every non-empty answer
+    plain = JudgeGrader(FakeLM(lm.script), params_factory=lambda n: {"max_new_tokens": n})
+    assert plain.grade_batch([contained, refusal, undecided]) == [False, True, True]
+    assert JUDGE_GRADERS == {"judge": False, "rules+judge": True}
+    with pytest.raises(ValueError, match="rules\\+judge"):
+        get_grader("rules+judge")  # a model is needed: built by the run with JudgeGrader
 
 
 def test_judge_grader_default_params():

@@ -93,6 +93,29 @@ def test_config_errors(tmp_path, tiny_chat_dir):
         RunConfig.from_toml(bad)
     with pytest.raises(FileNotFoundError, match="no run config"):
         RunConfig.from_toml(tmp_path / "missing.toml")
+    with pytest.raises(ValueError, match="unknown grader 'gpt4'"):
+        tiny_config(tiny_chat_dir, grader="gpt4")
+
+
+def test_judge_graders_are_built_from_the_run_model(tiny_chat_dir):
+    """``judge`` asks the run's model about every answer, ``rules+judge`` only about undecided ones."""
+    from seal_jax.selfedit.knowledge import make_grader
+
+    class Recorder:
+        def __init__(self):
+            self.prompts = []
+
+        def generate(self, prompts, params, chat=False):
+            self.prompts.extend(prompts)
+            return ["yes"] * len(prompts)
+
+    items = [("Where?", "Paris", "It was Paris."), ("Where?", "Paris", "I don't know."),
+             ("How are incomes distributed?", "more equally", "Relatively evenly.")]
+    for grader, verdicts, asked in [("judge", [True, True, True], 3), ("rules+judge", [True, False, True], 1)]:
+        lm = Recorder()
+        assert make_grader(tiny_config(tiny_chat_dir, grader=grader), lm)(items) == verdicts
+        assert len(lm.prompts) == asked
+    assert make_grader(tiny_config(tiny_chat_dir, grader="contains"), Recorder())(items) == [True, False, False]
 
 
 def test_experiment_configs_parse():

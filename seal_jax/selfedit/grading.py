@@ -64,7 +64,9 @@ type, which GPT-4.1 rejects: "WFTS-TV and WTVT-TV" for "WFTS-TV and WWSB", "Easi
 0.84), "Apollo spacesuits" for "new Apollo spacesuit". A bi-encoder measures topic, not entailment.
 Reproduce with ``python experiments/grader_embedding_study.py`` (tune half only; the held-out half was
 not used for this). :func:`rule_verdict`'s undecided rows are where a costlier check (an LLM judge)
-would have to look; the rules' definite answers need no second opinion.
+would have to look; the rules' definite answers need no second opinion. ``JudgeGrader(lm, rules_first=True)``
+(a run's ``grader = "rules+judge"``) does exactly that: on the tune half the rules decide 766 of 1,556 rows
+and agree with GPT-4.1 on 94% of them, so a judge as good as GPT-4.1 on the other half would reach 97%.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ from typing import Any
 
 __all__ = [
     "GRADERS",
+    "JUDGE_GRADERS",
     "CalibrationError",
     "JudgeGrader",
     "JudgeRecord",
@@ -678,6 +681,10 @@ GRADERS: dict[str, Grader] = {
     "contains": contains_gold,
 }
 
+# Graders that need a model (built with JudgeGrader(lm) by the run): every answer goes to the model, or only
+# those :func:`rule_verdict` leaves undecided.
+JUDGE_GRADERS = {"judge": False, "rules+judge": True}  # name -> JudgeGrader's rules_first
+
 
 def get_grader(name: str) -> Grader:
     """The grader registered under ``name`` in :data:`GRADERS` (``grader(question, gold, prediction) -> bool``).
@@ -690,7 +697,7 @@ def get_grader(name: str) -> Grader:
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown grader {name!r}; registered graders: {', '.join(sorted(GRADERS))} "
-            "(the LLM judge is built with JudgeGrader(lm))"
+            f"(the LLM judges {', '.join(JUDGE_GRADERS)} are built with JudgeGrader(lm))"
         ) from None
 
 
@@ -874,7 +881,9 @@ def parse_judge_reply(reply: object) -> bool | None:
 @dataclasses.dataclass(frozen=True)
 class JudgeRecord:
     """One judged answer: the raw reply and the verdict read from it (``parsed`` is False when the reply
-    held no yes/no and the verdict defaulted to False; ``reply`` is None when no model was asked)."""
+    held no yes/no and the verdict defaulted to False; ``reply`` is None when no model was asked).
+    ``source`` says who decided: ``"model"``, ``"rules"`` (:func:`rule_verdict`, with ``rules_first``) or
+    ``"empty"`` (an empty prediction or gold)."""
 
     question: str
     gold: str
@@ -882,6 +891,7 @@ class JudgeRecord:
     reply: str | None
     verdict: bool
     parsed: bool
+    source: str = "model"
 
 
 class JudgeGrader:
@@ -892,6 +902,12 @@ class JudgeGrader:
     as a no and is kept, with every other reply, in :attr:`records`. Empty predictions are a no without
     asking the model. Greedy decoding makes the judge deterministic for a given model.
 
+    With ``rules_first`` (the ``"rules+judge"`` grader of a run) :func:`rule_verdict` answers first and the
+    model is asked only about the answers it leaves undecided (the gold's words are not there, so only a
+    paraphrase could convey it): on SEAL's calibration answers that is about half of them, and the rules'
+    definite verdicts agree with GPT-4.1's on 94% of the rows they decide (tune half: 766 of 1,556 rows
+    decided).
+
     Args:
       lm: the model facade.
       max_new_tokens: reply length budget (one word is needed; a little slack for "Yes." or a prefix).
@@ -899,10 +915,11 @@ class JudgeGrader:
       batch_size: prompts per ``generate`` call.
       params_factory: ``max_new_tokens -> params`` for ``generate``; default greedy
         ``seal_jax.SamplingParams(max_new_tokens=..., temperature=0.0)``.
+      rules_first: let :func:`rule_verdict` decide where it can and ask the model only about the rest.
     """
 
     def __init__(self, lm: Any, *, max_new_tokens: int = 8, chat: bool = True, batch_size: int = 32,
-                 params_factory: Callable[[int], Any] | None = None):
+                 params_factory: Callable[[int], Any] | None = None, rules_first: bool = False):
         if not hasattr(lm, "generate"):
             raise TypeError(f"the judge model needs a generate(prompts, params, chat=...) method; got {type(lm).__name__}")
         if max_new_tokens < 1 or batch_size < 1:
@@ -912,6 +929,7 @@ class JudgeGrader:
         self.chat = chat
         self.batch_size = batch_size
         self.params_factory = params_factory
+        self.rules_first = rules_first
         self.records: list[JudgeRecord] = []
 
     def _params(self) -> Any:
@@ -936,7 +954,12 @@ class JudgeGrader:
         for i, (q, g, p) in enumerate(triples):
             if not p.strip() or not g.strip():
                 verdicts[i] = False
-                records[i] = JudgeRecord(q, g, p, None, False, True)
+                records[i] = JudgeRecord(q, g, p, None, False, True, source="empty")
+                continue
+            ruled = rule_verdict(q, g, p) if self.rules_first else None
+            if ruled is not None:
+                verdicts[i] = ruled
+                records[i] = JudgeRecord(q, g, p, None, ruled, True, source="rules")
             else:
                 todo.append(i)
         params = self._params() if todo else None

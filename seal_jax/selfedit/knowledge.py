@@ -83,7 +83,8 @@ class RunConfig:
       selfedit_sampling: ``{"max_new_tokens", "temperature", "top_p", "top_k", "min_p"}``.
       include_passage: append the passage to every self-edit's training sequences.
       lora, train: :class:`~seal_jax.LoraSpec` / :class:`~seal_jax.TrainSpec` fields.
-      eval_max_new_tokens: answer length; grader: a name from :data:`grading.GRADERS` or ``"judge"``.
+      eval_max_new_tokens: answer length; grader: a name from :data:`grading.GRADERS`, ``"judge"`` (the loaded model judges every
+        answer) or ``"rules+judge"`` (it judges only what the offline rules leave undecided).
       seed: the run's seed.
       template_condition: options of the ``template`` condition (see :data:`TEMPLATE_CONDITION_DEFAULTS`):
         ``archive`` (show the seeded archive in the meta-prompt), ``proposal_max_new_tokens``,
@@ -136,7 +137,7 @@ class RunConfig:
             raise RunConfigError(f"remat must be true or false, got {self.remat!r}")
         if self.k < 1 or self.repeats < 1:
             raise RunConfigError(f"k and repeats must be >= 1, got k={self.k}, repeats={self.repeats}")
-        if self.grader != "judge":
+        if self.grader not in grading.JUDGE_GRADERS:
             grading.get_grader(self.grader)
         self.lora_spec()
         self.train_spec()
@@ -362,8 +363,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def make_grader(config: RunConfig, lm: Any) -> Callable[[Sequence[tuple[str, str, str]]], list[bool]]:
     """A batch grader ``[(question, gold, prediction)] -> [bool]`` for the run's ``grader`` setting."""
-    if config.grader == "judge":
-        judge = grading.JudgeGrader(lm)
+    if config.grader in grading.JUDGE_GRADERS:
+        judge = grading.JudgeGrader(lm, rules_first=grading.JUDGE_GRADERS[config.grader])
         return judge.grade_batch
     fn = grading.get_grader(config.grader)
     return lambda items: [bool(fn(q, g, p)) for q, g, p in items]
