@@ -463,6 +463,10 @@ def test_rules_first_judge_asks_only_about_undecided_answers():
     assert [len(c[0]) for c in lm.calls] == [1] and undecided[2] in lm.calls[0][0][0]
     assert [r.source for r in judge.records] == ["rules", "rules", "model", "empty"]
     assert [r.reply for r in judge.records] == [None, None, "yes", None]
+    # text the rules cannot read is undecided, not a no: the model is asked
+    assert rule_verdict("Capital?", "東京", "東京") is None and grade("Capital?", "東京", "東京") is False
+    assert judge.grade_batch([("Capital?", "東京", "東京")]) == [False]  # FakeLM's default reply is "no"
+    assert len(lm.calls) == 2 and judge.records[-1].source == "model"
     # without rules_first the same model is asked about every non-empty answer
     plain = JudgeGrader(FakeLM(lm.script), params_factory=lambda n: {"max_new_tokens": n})
     assert plain.grade_batch([contained, refusal, undecided]) == [False, True, True]

@@ -111,11 +111,15 @@ def test_judge_graders_are_built_from_the_run_model(tiny_chat_dir):
 
     items = [("Where?", "Paris", "It was Paris."), ("Where?", "Paris", "I don't know."),
              ("How are incomes distributed?", "more equally", "Relatively evenly.")]
-    for grader, verdicts, asked in [("judge", [True, True, True], 3), ("rules+judge", [True, False, True], 1)]:
+    for grader, sources in [("judge", ["model"] * 3), ("rules+judge", ["rules", "rules", "model"])]:
         lm = Recorder()
-        assert make_grader(tiny_config(tiny_chat_dir, grader=grader), lm)(items) == verdicts
-        assert len(lm.prompts) == asked
-    assert make_grader(tiny_config(tiny_chat_dir, grader="contains"), Recorder())(items) == [True, False, False]
+        graded = make_grader(tiny_config(tiny_chat_dir, grader=grader), lm)(items)
+        assert [g["graded_by"] for g in graded] == sources
+        assert [g["correct"] for g in graded] == [s == "model" or i == 0 for i, s in enumerate(sources)]
+        assert [g["judge_reply"] for g in graded] == [None if s == "rules" else "yes" for s in sources]
+        assert len(lm.prompts) == sources.count("model")
+    graded = make_grader(tiny_config(tiny_chat_dir, grader="contains"), Recorder())(items)
+    assert graded == [{"correct": True}, {"correct": False}, {"correct": False}]
 
 
 def test_experiment_configs_parse():

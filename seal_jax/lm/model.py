@@ -197,7 +197,7 @@ def project(x: jax.Array, kernel: jax.Array | tuple[jax.Array, ...], lora: dict[
 
 def decoder_layer(
     x: jax.Array,
-    w: dict[str, jax.Array],
+    w: dict[str, Any],
     lora: dict[str, dict[str, jax.Array]] | None,
     lora_scale: Any,
     lora_dropout: Any,
@@ -211,7 +211,8 @@ def decoder_layer(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One pre-norm transformer block.
 
-    x: ``[B, T, D]``; w: this layer's weights (no layer axis); lora: this layer's adapter slices or
+    x: ``[B, T, D]``; w: this layer's weights (no layer axis; a projection may come as a tuple of column
+    blocks, see :func:`matmul`); lora: this layer's adapter slices or
     ``None``; cos/sin: ``[B, T, Dh]``; keys_values: this layer's cache (keys ``[B, KVH, Dh, S]``,
     values ``[B, KVH, S, Dh]``) or ``None`` (keys are the T tokens themselves); allowed: bool
     ``[B, T, S]``; write_kv: cache slot of the first token. Returns the block output ``[B, T, D]`` and the layer's updated ``(k, v)`` cache (or,
@@ -398,12 +399,13 @@ class Decoder(nnx.Module):
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps), kv
 
     def layer_params(self, lora: LoraInputs | None = None,
-                     base: list[dict[str, jax.Array]] | None = None) -> list[tuple[dict[str, jax.Array], Any]]:
+                     base: list[dict[str, Any]] | None = None) -> list[tuple[dict[str, Any], Any]]:
         """Per layer, ``(weights, adapter slices or None)`` without the layer axis, for :meth:`extend`.
 
         Slicing copies the weights: inside a jitted decode loop, call this once before the loop. ``base``
         supplies the per-layer base weights already sliced (``unstack_layers`` of ``layers.arrays()``, kept
-        from an earlier call), so that only the adapters are sliced here.
+        from an earlier call, where projections may be tuples of column blocks), so that only the adapters
+        are sliced here.
         """
         n = self.config.num_layers
         weights = unstack_layers(self.layers.arrays(), n) if base is None else list(base)

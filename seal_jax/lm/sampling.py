@@ -482,7 +482,8 @@ class Sampler:
         """Per-layer copies of ``state``'s stacked layer weights (L dicts of arrays without the layer axis)
         and the head kernel laid out ``[D, V]``: what every decode would otherwise slice for itself. The
         :data:`COLUMN_BLOCKED` projections and the head come as :data:`COLUMN_BLOCKS` column blocks
-        (tuples of ``[in, out / COLUMN_BLOCKS]`` arrays; see "Kept weight copies" in the module docstring)."""
+        (tuples of ``[in, ~out / COLUMN_BLOCKS]`` arrays, :func:`~seal_jax.lm.model.split_columns`; see "Kept
+        weight copies" in the module docstring)."""
         self.traces["split"] += 1
         model = nnx.merge(self.graphdef, state)
         layers = unstack_layers(model.layers.arrays(), model.config.num_layers)

@@ -65,8 +65,9 @@ type, which GPT-4.1 rejects: "WFTS-TV and WTVT-TV" for "WFTS-TV and WWSB", "Easi
 Reproduce with ``python experiments/grader_embedding_study.py`` (tune half only; the held-out half was
 not used for this). :func:`rule_verdict`'s undecided rows are where a costlier check (an LLM judge)
 would have to look; the rules' definite answers need no second opinion. ``JudgeGrader(lm, rules_first=True)``
-(a run's ``grader = "rules+judge"``) does exactly that: on the tune half the rules decide 766 of 1,556 rows
-and agree with GPT-4.1 on 94% of them, so a judge as good as GPT-4.1 on the other half would reach 97%.
+(a run's ``grader = "rules+judge"``) does exactly that. The rules decide about half of the rows: 765 of the
+1,556 tune rows, agreeing with GPT-4.1 on 93.9% of them, and 779 of the 1,558 held-out rows (90.2%). A judge
+as good as GPT-4.1 on the undecided rest would therefore reach 97.0% (tune) and 95.1% (held-out).
 """
 
 from __future__ import annotations
@@ -614,12 +615,13 @@ def rule_verdict(question: str, gold: str, prediction: str) -> bool | None:
     """The three-way verdict behind :func:`grade`: True (the gold is conveyed), False (a definite no:
     empty text, run-on, refusal, the wrong yes/no, an antonym, a wrong date, or the gold found but
     negated/hedged), or None (undecided: the gold's words are simply not there, so only a paraphrase
-    could still convey it). ``grade`` treats None as no; a costlier check (an LLM judge) needs to look
-    only at the None rows. Never raises (odd input gives False)."""
+    could still convey it; also text the rules cannot read, such as another script or lone punctuation).
+    ``grade`` treats None as no; a costlier check (an LLM judge) needs to look only at the None rows.
+    Never raises (input the rules fail on is undecided)."""
     try:
         return _rule_verdict(question, gold, prediction)[0]
     except Exception:
-        return False
+        return None
 
 
 def _rule_verdict(question: object, gold: object, prediction: object) -> tuple[bool | None, str]:
@@ -632,10 +634,14 @@ def _rule_verdict(question: object, gold: object, prediction: object) -> tuple[b
     m = _CUT.search(p)
     if m:
         p = p[: m.start()]
+    if not p.strip() or not g.strip():
+        return False, p
     q_tokens = set(_tokens(q))
     pred = _Pred(p, q_tokens)
     gt = _tokens(g)
-    if not pred.toks or not gt or _REFUSAL.search(p):
+    if not pred.toks or not gt:
+        return None, p  # nothing the rules can read (another script, lone punctuation or articles)
+    if _REFUSAL.search(p):
         return False, p
     polar = _yes_no(q, gt, pred)
     if polar is not None:
@@ -697,7 +703,7 @@ def get_grader(name: str) -> Grader:
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown grader {name!r}; registered graders: {', '.join(sorted(GRADERS))} "
-            f"(the LLM judges {', '.join(JUDGE_GRADERS)} are built with JudgeGrader(lm))"
+            "('judge' and 'rules+judge' need a model: JudgeGrader(lm, rules_first=...))"
         ) from None
 
 
@@ -905,8 +911,7 @@ class JudgeGrader:
     With ``rules_first`` (the ``"rules+judge"`` grader of a run) :func:`rule_verdict` answers first and the
     model is asked only about the answers it leaves undecided (the gold's words are not there, so only a
     paraphrase could convey it): on SEAL's calibration answers that is about half of them, and the rules'
-    definite verdicts agree with GPT-4.1's on 94% of the rows they decide (tune half: 766 of 1,556 rows
-    decided).
+    definite verdicts agree with GPT-4.1's on 90-94% of the rows they decide (module docstring).
 
     Args:
       lm: the model facade.
@@ -940,7 +945,14 @@ class JudgeGrader:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
 
     def grade_batch(self, items: Iterable[tuple[str, str, str] | Mapping]) -> list[bool]:
-        """Judge (question, gold, prediction) triples (or mappings with those keys); one bool per item."""
+        """Judge (question, gold, prediction) triples (or mappings with those keys); one bool per item.
+        The records are kept in :attr:`records`."""
+        records = self.judge(items)
+        self.records.extend(records)
+        return [r.verdict for r in records]
+
+    def judge(self, items: Iterable[tuple[str, str, str] | Mapping]) -> list[JudgeRecord]:
+        """Like :meth:`grade_batch`, but returns one :class:`JudgeRecord` per item and keeps nothing."""
         triples: list[tuple[str, str, str]] = []
         for it in items:
             if isinstance(it, Mapping):
@@ -948,17 +960,14 @@ class JudgeGrader:
             else:
                 q, g, p = it
             triples.append(tuple("" if x is None else str(x) for x in (q, g, p)))  # type: ignore[arg-type]
-        verdicts: list[bool | None] = [None] * len(triples)
         records: list[JudgeRecord | None] = [None] * len(triples)
         todo = []
         for i, (q, g, p) in enumerate(triples):
             if not p.strip() or not g.strip():
-                verdicts[i] = False
                 records[i] = JudgeRecord(q, g, p, None, False, True, source="empty")
                 continue
             ruled = rule_verdict(q, g, p) if self.rules_first else None
             if ruled is not None:
-                verdicts[i] = ruled
                 records[i] = JudgeRecord(q, g, p, None, ruled, True, source="rules")
             else:
                 todo.append(i)
@@ -973,11 +982,9 @@ class JudgeGrader:
                     f"replies for {len(prompts)} prompts")
             for i, reply in zip(chunk, replies, strict=True):
                 parsed = parse_judge_reply(reply)
-                verdicts[i] = bool(parsed)
                 records[i] = JudgeRecord(*triples[i], reply=reply if isinstance(reply, str) else repr(reply),
                                          verdict=bool(parsed), parsed=parsed is not None)
-        self.records.extend(r for r in records if r is not None)
-        return [bool(v) for v in verdicts]
+        return [r for r in records if r is not None]  # every item has its record by now
 
     def __call__(self, question: str, gold: str, prediction: str) -> bool:
         """Judge one answer (the same signature as :func:`grade`)."""

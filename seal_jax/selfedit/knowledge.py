@@ -83,8 +83,9 @@ class RunConfig:
       selfedit_sampling: ``{"max_new_tokens", "temperature", "top_p", "top_k", "min_p"}``.
       include_passage: append the passage to every self-edit's training sequences.
       lora, train: :class:`~seal_jax.LoraSpec` / :class:`~seal_jax.TrainSpec` fields.
-      eval_max_new_tokens: answer length; grader: a name from :data:`grading.GRADERS`, ``"judge"`` (the loaded model judges every
-        answer) or ``"rules+judge"`` (it judges only what the offline rules leave undecided).
+      eval_max_new_tokens: answer length; grader: a name from :data:`grading.GRADERS`, ``"judge"``
+        (the loaded model judges every answer) or ``"rules+judge"`` (only what the offline rules leave
+        undecided).
       seed: the run's seed.
       template_condition: options of the ``template`` condition (see :data:`TEMPLATE_CONDITION_DEFAULTS`):
         ``archive`` (show the seeded archive in the meta-prompt), ``proposal_max_new_tokens``,
@@ -361,13 +362,19 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 # The run
 
 
-def make_grader(config: RunConfig, lm: Any) -> Callable[[Sequence[tuple[str, str, str]]], list[bool]]:
-    """A batch grader ``[(question, gold, prediction)] -> [bool]`` for the run's ``grader`` setting."""
+BatchGrader = Callable[[Sequence[tuple[str, str, str]]], list[dict[str, Any]]]
+
+
+def make_grader(config: RunConfig, lm: Any) -> BatchGrader:
+    """A batch grader ``[(question, gold, prediction)] -> [{"correct": bool, ...}]`` for the run's ``grader``
+    setting. The LLM judges (``judge``, ``rules+judge``, asking ``lm``) add ``graded_by`` (``"rules"``,
+    ``"model"`` or ``"empty"``) and ``judge_reply`` (the model's raw reply, or None) to every verdict."""
     if config.grader in grading.JUDGE_GRADERS:
         judge = grading.JudgeGrader(lm, rules_first=grading.JUDGE_GRADERS[config.grader])
-        return judge.grade_batch
+        return lambda items: [{"correct": r.verdict, "graded_by": r.source, "judge_reply": r.reply}
+                              for r in judge.judge(items)]
     fn = grading.get_grader(config.grader)
-    return lambda items: [bool(fn(q, g, p)) for q, g, p in items]
+    return lambda items: [{"correct": bool(fn(q, g, p))} for q, g, p in items]
 
 
 def answer_questions(lm: Any, passage: Passage, config: RunConfig, adapters: Any = None) -> Any:
@@ -380,10 +387,11 @@ def answer_questions(lm: Any, passage: Passage, config: RunConfig, adapters: Any
     return lm.generate(prompts, params, adapters=adapters, chat=config.chat)
 
 
-def scored_answers(passage: Passage, answers: Sequence[str], grader: Callable[..., list[bool]]) -> list[dict[str, Any]]:
-    """``[{question, gold, prediction, correct}]`` for one candidate's answers."""
+def scored_answers(passage: Passage, answers: Sequence[str], grader: BatchGrader) -> list[dict[str, Any]]:
+    """``[{question, gold, prediction, correct, ...}]`` for one candidate's answers (``grader`` from
+    :func:`make_grader`; its extra fields are kept)."""
     verdicts = grader([(q.question, q.answer, a) for q, a in zip(passage.questions, answers, strict=True)])
-    return [{"question": q.question, "gold": q.answer, "prediction": a.strip(), "correct": bool(v)}
+    return [{"question": q.question, "gold": q.answer, "prediction": a.strip(), **v}
             for q, a, v in zip(passage.questions, answers, verdicts, strict=True)]
 
 
@@ -411,7 +419,7 @@ def generate_self_edits(lm: Any, passage: Passage, config: RunConfig, template: 
     return out
 
 
-def passage_rows(lm: Any, passage: Passage, config: RunConfig, grader: Callable[..., list[bool]],
+def passage_rows(lm: Any, passage: Passage, config: RunConfig, grader: BatchGrader,
                  replay: dict[str, list[str]] | None, template: Any = None,
                  template_failure: str | None = None) -> list[dict[str, Any]]:
     """All result rows of one passage (base, then every training condition's candidates).

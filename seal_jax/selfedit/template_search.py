@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from seal_jax.selfedit.data import Passage, load_passages
 from seal_jax.selfedit.knowledge import (
+    BatchGrader,
     RunConfig,
     RunConfigError,
     answer_questions,
@@ -271,7 +272,7 @@ def eval_passages(config: TemplateSearchConfig, training: Sequence[Passage]) -> 
 
 
 def template_passage_rows(inner: Any, generator: Any, passage: Passage, templates: Sequence[tuple[str, Template]],
-                          config: TemplateSearchConfig, grader: Callable[..., list[bool]], *, iteration: int,
+                          config: TemplateSearchConfig, grader: BatchGrader, *, iteration: int,
                           tag: str = "train") -> list[dict[str, Any]]:
     """All rows of one passage: the base row, then one row per (template, fill).
 
