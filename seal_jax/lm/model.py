@@ -421,7 +421,7 @@ class Decoder(nnx.Module):
         cache: KVCache,
         *,
         lora: LoraInputs | None = None,
-        layers: list[tuple[dict[str, jax.Array], Any]] | None = None,
+        layers: list[tuple[dict[str, Any], Any]] | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Append T tokens ``[B, T]`` to ``cache``: final-norm hidden states ``[B, T, D]`` and the new cache.
 
