@@ -3,12 +3,14 @@
 Subcommands: ``fetch`` (the bundled CPU model), ``demo`` (the main job on the bundled model), ``run``
 (a knowledge-incorporation, ReST-EM or template-search experiment from a TOML config), ``report`` (table and
 chart of a run), ``bench`` (benchmarks against transformers), ``plan`` (memory and time per accelerator),
-``smoke`` (a quick generation check of a model).
+``calibrate`` (a grader's agreement with SEAL's GPT-4.1 verdicts), ``smoke`` (a quick generation check of a
+model).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CHECKPOINTS = Path("checkpoints")
 DEMO_CONFIG = Path("experiments") / "demo.toml"
+CALIBRATION_FILE = Path("..") / "shared" / "data" / "grader_calibration.jsonl"
 
 SMOKE_PROMPTS = (
     "What is the capital of France?",
@@ -69,6 +72,54 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         print(f"\n> {prompt}\n{answer.strip()}")
     print(f"\n{len(SMOKE_PROMPTS)} prompts, greedy, up to {args.max_new_tokens} new tokens: {dt:.1f}s "
           "(including compilation)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Agreement of a grader with the reference verdicts of a calibration file (a split of it, see
+    ``grading.split_calibration``); LLM judges load ``--model`` and judge in batches with a progress bar."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from seal_jax.selfedit import grading
+
+    rows = grading.load_calibration(args.file)
+    tune, held_out = grading.split_calibration(rows, seed=args.seed)
+    part = {"held-out": held_out, "tune": tune, "all": rows}[args.split]
+    if args.limit is not None:
+        part = part[: args.limit]
+    if not part:
+        raise ValueError(f"no calibration rows to grade ({args.split} split of {args.file}, limit {args.limit})")
+    extra: dict[str, object] = {}
+    if args.grader in grading.JUDGE_GRADERS:
+        import seal_jax as sj
+
+        folder = _model_dir(args.model)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no judge model at {folder}; pass --model FOLDER (a local Hugging Face folder)")
+        judge = grading.JudgeGrader(sj.load(folder, dtype=args.dtype), rules_first=grading.JUDGE_GRADERS[args.grader],
+                                    batch_size=args.batch_size)
+        verdicts: list[bool] = []
+        for start in tqdm(range(0, len(part), args.batch_size), desc=f"judging ({args.grader})", unit="batch"):
+            verdicts += judge.grade_batch(part[start : start + args.batch_size])
+        report = grading.calibration_report(part, verdicts=verdicts)
+        extra = {"model": str(folder), "graded_by": dict(sorted(collections.Counter(r.source for r in judge.records).items())),
+                 "malformed_replies": len(judge.malformed)}
+    else:
+        report = grading.calibration_report(part, grading.get_grader(args.grader))
+    print(f"{args.grader} on the {args.split} split of {args.file} ({report['n']} rows, seed {args.seed}):")
+    print("| grader | agreement | precision | recall | Cohen's kappa |\n|---|---:|---:|---:|---:|")
+    for name, r in ((args.grader, report), ("contains (baseline)", report["baseline"])):
+        print(f"| {name} | {r['agreement']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cohen_kappa']:.3f} |")
+    for key, value in extra.items():
+        print(f"{key}: {value}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"grader": args.grader, "file": str(args.file), "split": args.split,
+                                   "seed": args.seed, **extra, **report}, indent=2) + "\n")
+        print(f"wrote {out}")
     return 0
 
 
@@ -164,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="table and bar chart of a run folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("calibrate", help="a grader's agreement with SEAL's GPT-4.1 verdicts (calibration file)")
+    p.add_argument("file", nargs="?", default=str(CALIBRATION_FILE),
+                   help=f"calibration JSONL (question, gold, prediction, verdict; default {CALIBRATION_FILE})")
+    from seal_jax.selfedit.grading import GRADERS, JUDGE_GRADERS
+
+    p.add_argument("--grader", default="offline", choices=[*GRADERS, *JUDGE_GRADERS],
+                   help="the grader to check (default offline); judge and rules+judge ask --model")
+    p.add_argument("--split", default="held-out", choices=["held-out", "tune", "all"],
+                   help="which part of the file's fixed tune/held-out split to grade (default held-out)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0, the one reported)")
+    p.add_argument("--limit", type=int, default=None, help="grade only the first N rows of the split")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="judge model folder or name under checkpoints/")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch-size", type=int, default=32, help="judge prompts per generation call")
+    p.add_argument("--out", default=None, help="also write the report as JSON")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("smoke", help="load a model and answer a few chat prompts greedily")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or name under checkpoints/")

@@ -504,3 +504,53 @@ def test_judge_grader_errors():
 def test_module_is_public_api():
     assert grading.grade is grade
     assert callable(GRADERS["offline"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# `seal-jax calibrate`
+
+
+def test_calibration_report_from_ready_verdicts(calibration):
+    rows = calibration[:40]
+    mine = [grade(r["question"], r["gold"], r["prediction"]) for r in rows]
+    assert calibration_report(rows, verdicts=mine) == calibration_report(rows)
+    flipped = calibration_report(rows, verdicts=[not v for v in mine])
+    assert flipped["agreement"] == pytest.approx(1 - calibration_report(rows)["agreement"])
+    with pytest.raises(ValueError, match="got 2 verdicts for 40 rows"):
+        calibration_report(rows, verdicts=[True, False])
+
+
+def test_calibrate_command(shared_data, calibration, tmp_path, capsys):
+    from seal_jax.cli import main as cli_main
+
+    out = tmp_path / "report.json"
+    assert cli_main(["calibrate", str(shared_data / "grader_calibration.jsonl"), "--split", "tune", "--limit", "60",
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    tune, _ = split_calibration(calibration, seed=0)
+    want = calibration_report(tune[:60])
+    assert report["n"] == 60 and report["split"] == "tune" and report["grader"] == "offline"
+    assert report["agreement"] == pytest.approx(want["agreement"]) and report["baseline"] == want["baseline"]
+    assert f"| offline | {want['agreement']:.3f} |" in capsys.readouterr().out
+    assert cli_main(["calibrate", str(tmp_path / "missing.jsonl")]) == 1
+    assert "calibration file not found" in capsys.readouterr().err
+
+
+def test_calibrate_command_with_a_judge_model(tiny_chat_dir, tmp_path, capsys):
+    """rules+judge through the CLI: the rules decide two rows, the (random tiny) model the other two."""
+    from seal_jax.cli import main as cli_main
+
+    rows = [{"question": "Where?", "gold": "Paris", "prediction": "It was Paris.", "verdict": True},
+            {"question": "Where?", "gold": "Paris", "prediction": "I don't know.", "verdict": False},
+            {"question": "How?", "gold": "more equally", "prediction": "Relatively evenly.", "verdict": True},
+            {"question": "Who?", "gold": "the Lama", "prediction": "A monk.", "verdict": False}]
+    path = tmp_path / "cal.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "judge.json"
+    args = ["calibrate", str(path), "--split", "all", "--grader", "rules+judge", "--batch-size", "2", "--out", str(out)]
+    assert cli_main([*args, "--model", str(tiny_chat_dir)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == 4 and report["graded_by"] == {"model": 2, "rules": 2}
+    assert report["model"] == str(tiny_chat_dir) and 0 <= report["malformed_replies"] <= 2
+    assert cli_main([*args, "--model", str(tmp_path / "nowhere")]) == 1
+    assert "no judge model at" in capsys.readouterr().err

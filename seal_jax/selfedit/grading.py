@@ -823,17 +823,23 @@ def _agreement_stats(pairs: Iterable[tuple[bool, bool]]) -> dict[str, Any]:
     }
 
 
-def calibration_report(rows: Sequence[Mapping], grader: Grader = grade) -> dict[str, Any]:
-    """How well ``grader`` reproduces the reference verdicts of calibration ``rows``.
+def calibration_report(rows: Sequence[Mapping], grader: Grader = grade, *,
+                       verdicts: Sequence[bool] | None = None) -> dict[str, Any]:
+    """How well ``grader`` (or ready-made ``verdicts``, one per row) reproduces the reference verdicts of
+    calibration ``rows``.
 
     Returns ``{n, agreement, precision, recall, cohen_kappa, tp, fp, fn, tn, baseline}``: precision and
     recall treat the reference "yes" as the positive class, kappa is Cohen's (observed agreement
     corrected for the agreement expected from the two yes rates), and ``baseline`` holds the same
     numbers for :func:`contains_gold` (normalised gold contained in the normalised prediction).
+    ``verdicts`` (e.g. a :class:`JudgeGrader`'s, computed in batches) replaces calling ``grader``.
     """
     rows = list(rows)
     refs = [bool(r["verdict"]) for r in rows]
-    ours = [bool(grader(r["question"], r["gold"], r["prediction"])) for r in rows]
+    if verdicts is not None and len(verdicts) != len(rows):
+        raise ValueError(f"calibration_report got {len(verdicts)} verdicts for {len(rows)} rows")
+    ours = ([bool(v) for v in verdicts] if verdicts is not None
+            else [bool(grader(r["question"], r["gold"], r["prediction"])) for r in rows])
     base = [contains_gold(r["question"], r["gold"], r["prediction"]) for r in rows]
     report = _agreement_stats(zip(ours, refs, strict=True))
     report["baseline"] = _agreement_stats(zip(base, refs, strict=True))
