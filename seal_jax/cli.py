@@ -84,6 +84,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from seal_jax.selfedit import grading
 
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise ValueError(f"--batch-size and --limit must be at least 1, got {args.batch_size} and {args.limit}")
     rows = grading.load_calibration(args.file)
     tune, held_out = grading.split_calibration(rows, seed=args.seed)
     part = {"held-out": held_out, "tune": tune, "all": rows}[args.split]

@@ -534,6 +534,8 @@ def test_calibrate_command(shared_data, calibration, tmp_path, capsys):
     assert f"| offline | {want['agreement']:.3f} |" in capsys.readouterr().out
     assert cli_main(["calibrate", str(tmp_path / "missing.jsonl")]) == 1
     assert "calibration file not found" in capsys.readouterr().err
+    assert cli_main(["calibrate", "--batch-size", "0"]) == 1
+    assert "--batch-size and --limit must be at least 1" in capsys.readouterr().err
 
 
 def test_calibrate_command_with_a_judge_model(tiny_chat_dir, tmp_path, capsys):
