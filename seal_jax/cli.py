@@ -146,6 +146,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_run_folder_of(folder: Path, name: str) -> bool:
+    """Whether ``folder`` is empty or is a run folder whose ``run_config.json`` has this ``name``."""
+    import json
+
+    if folder.is_dir() and not any(folder.iterdir()):
+        return True
+    config_file = folder / "run_config.json"
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("name") == name
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: the bundled model on the built-in passages (experiments/demo.toml)."""
     import shutil
@@ -155,6 +169,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config, out = _run_config(args.config, args.out)
     if not args.resume and out.exists():
+        if not _is_run_folder_of(out, config.name):
+            raise FileExistsError(
+                f"{out} exists and is not a run folder of {config.name!r} (no run_config.json naming it), so the "
+                "demo will not replace it; choose another --out, or delete the folder yourself")
         shutil.rmtree(out)
     t0 = time.perf_counter()
     runs.run(config, out, resume=args.resume)
@@ -205,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: the bundled model on the built-in passages (a few minutes)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help=f"run config (default {DEMO_CONFIG})")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/demo)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted demo instead of starting over")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted demo instead of starting over (without it, a previous demo "
+                        "folder is replaced; any other existing folder is refused)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run an experiment from a TOML config (knowledge incorporation, ReST-EM or template search)")
@@ -261,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"seal-jax {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 

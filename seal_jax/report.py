@@ -28,7 +28,7 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     if not results.is_file():
         raise FileNotFoundError(f"{run} holds no results.jsonl; pass a run folder written by `seal-jax run`")
     config = json.loads((run / "run_config.json").read_text()) if (run / "run_config.json").is_file() else {}
-    rows = read_rows(results)
+    rows = read_rows(results, repair=False)  # a run may still be writing: never change its file
     if not rows:
         raise ValueError(f"{results} is empty: the run has not finished a passage yet")
     return summarize(rows, config.get("model", "?"))

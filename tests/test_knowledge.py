@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,8 +10,10 @@ import pytest
 import seal_jax as sj
 from seal_jax.selfedit.knowledge import (
     ROW_FIELDS,
+    ResultsFileError,
     RunConfig,
     RunConfigError,
+    append_rows,
     extension_json,
     read_rows,
     run_knowledge,
@@ -66,8 +69,9 @@ def test_killed_run_resumes_to_the_same_rows(tiny_chat_dir, tiny_lm, tmp_path):
     part = tmp_path / "part"
     run_knowledge(config, part, lm=tiny_lm, progress=False, stop_after=1)
     assert len(read_rows(part / "results.jsonl")) == 4
-    with (part / "results.jsonl").open("a") as f:
-        f.write('{"passage_id": "demo-1", "torn')  # killed in the middle of a write
+    second = [json.dumps(r) for r in read_rows(full / "results.jsonl") if r["passage_id"] != "demo-0"]
+    with (part / "results.jsonl").open("a") as f:  # killed in the middle of the second passage's write:
+        f.write("\n".join(second[:2]) + "\n" + second[2][:40])  # two whole rows of it, then a torn one
     with pytest.raises(FileExistsError, match="--resume"):
         run_knowledge(config, part, lm=tiny_lm, progress=False)
     run_knowledge(config, part, lm=tiny_lm, progress=False, resume=True)
@@ -78,6 +82,35 @@ def test_killed_run_resumes_to_the_same_rows(tiny_chat_dir, tiny_lm, tmp_path):
     assert strip(read_rows(part / "results.jsonl")) == strip(read_rows(full / "results.jsonl"))
     with pytest.raises(RunConfigError, match=r"config differs in \['k'\]"):
         run_knowledge(tiny_config(tiny_chat_dir, k=3), part, lm=tiny_lm, progress=False, resume=True)
+
+
+def _rows(pid, n):
+    return [{"passage_id": pid, "candidate": c, "text": "é ✓"} for c in range(n)]
+
+
+def test_read_rows_drops_a_torn_unit_and_repairs_only_when_asked(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_rows(path, _rows("a", 2))
+    append_rows(path, _rows("b", 3))
+    whole = path.read_bytes()
+    assert read_rows(path) == _rows("a", 2) + _rows("b", 3) and path.read_bytes() == whole
+    line = len(whole.split(b"\n", 1)[0]) + 1  # every row here has the same length
+    first_unit = 2 * line
+    for cut in (len(whole) - 1, len(whole) - 5, first_unit + 30, first_unit + line + 10):
+        # a kill anywhere inside b's write (even just before its last newline) drops all of b
+        path.write_bytes(whole[:cut])
+        assert read_rows(path, repair=False) == _rows("a", 2)
+        assert path.read_bytes() == whole[:cut]  # reports never change the file
+        assert read_rows(path) == _rows("a", 2)
+        assert path.read_bytes() == whole[:first_unit]  # the resume path cuts back to a's rows
+    path.write_bytes(whole[:first_unit] + b'{"pass')  # torn before its id: the torn row may be a's, redo a
+    assert read_rows(path, repair=False) == []
+    path.write_bytes(whole[:first_unit] + b'{"passage_id": "b", "cand')  # b's id readable: a is whole
+    assert read_rows(path) == _rows("a", 2) and path.read_bytes() == whole[:first_unit]
+    path.write_bytes(whole.replace(b'"candidate": 1', b'"candidate": 1,,', 1))  # damage before the end
+    with pytest.raises(ResultsFileError, match=r"results.jsonl: line 2 is not valid JSON"):
+        read_rows(path)
+    assert read_rows(tmp_path / "missing.jsonl") == []
 
 
 def test_config_errors(tmp_path, tiny_chat_dir):
@@ -95,6 +128,39 @@ def test_config_errors(tmp_path, tiny_chat_dir):
         RunConfig.from_toml(tmp_path / "missing.toml")
     with pytest.raises(ValueError, match="unknown grader 'gpt4'"):
         tiny_config(tiny_chat_dir, grader="gpt4")
+    with pytest.raises(RunConfigError, match=r"unknown keys in \[data\]: \['shufle'\]"):
+        tiny_config(tiny_chat_dir, data={"source": "demo", "shufle": True})
+    with pytest.raises(RunConfigError, match=r"\[selfedit_sampling\].*'temprature'"):
+        tiny_config(tiny_chat_dir, selfedit_sampling={"temprature": 0.5})
+    with pytest.raises(RunConfigError, match=r"\[selfedit_sampling\].*top_p"):
+        tiny_config(tiny_chat_dir, selfedit_sampling={"top_p": 1.5})
+    for key, value in (("k", 2.0), ("repeats", 0), ("k", True), ("eval_max_new_tokens", "64")):
+        with pytest.raises(RunConfigError, match=f"{key} must be a positive integer"):
+            tiny_config(tiny_chat_dir, **{key: value})
+
+
+def test_a_config_built_in_python_resumes(tiny_chat_dir, tiny_lm, tmp_path):
+    """Tuples in a Python-built config compare equal to the lists ``run_config.json`` reads back as."""
+    config = RunConfig(name="t", model=str(tiny_chat_dir), conditions=("base",), data={"source": "demo", "n": 1},
+                       lora={"rank": 4, "targets": ("q_proj", "v_proj")}, eval_max_new_tokens=4)
+    assert config.to_json() == json.loads(json.dumps(config.to_json()))
+    run_knowledge(config, tmp_path, lm=tiny_lm, progress=False)
+    config2 = dataclasses.replace(config, data={"source": "demo", "n": 2})
+    with pytest.raises(RunConfigError, match=r"differs in \['data'\]"):
+        run_knowledge(config2, tmp_path, lm=tiny_lm, progress=False, resume=True)
+    run_knowledge(config, tmp_path, lm=tiny_lm, progress=False, resume=True)  # nothing left to do, no error
+    assert len(read_rows(tmp_path / "results.jsonl")) == 1
+
+
+def test_seal_subset_needs_seal_passages_in_the_source(tiny_chat_dir, tmp_path, shared_data):
+    selfedits = str(shared_data / "seal_base_selfedits_val.json")
+    config = tiny_config(tiny_chat_dir, conditions=["base", "replay"],
+                         data={"source": "demo", "subset": "selfedits", "selfedits": selfedits})
+    with pytest.raises(RunConfigError, match=r"data.source \('demo'\) must hold the passages of data.selfedits"):
+        run_knowledge(config, tmp_path, lm=object(), progress=False)
+    with pytest.raises(RunConfigError, match="need data.selfedits"):
+        run_knowledge(tiny_config(tiny_chat_dir, conditions=["base", "replay"]), tmp_path / "b", lm=object(),
+                      progress=False)
 
 
 def test_judge_graders_are_built_from_the_run_model(tiny_chat_dir):
@@ -105,8 +171,9 @@ def test_judge_graders_are_built_from_the_run_model(tiny_chat_dir):
         def __init__(self):
             self.prompts = []
 
-        def generate(self, prompts, params, chat=False):
+        def generate(self, prompts, params, chat=None):
             self.prompts.extend(prompts)
+            self.chat = chat
             return ["yes"] * len(prompts)
 
     items = [("Where?", "Paris", "It was Paris."), ("Where?", "Paris", "I don't know."),
@@ -118,6 +185,10 @@ def test_judge_graders_are_built_from_the_run_model(tiny_chat_dir):
         assert [g["correct"] for g in graded] == [s == "model" or i == 0 for i, s in enumerate(sources)]
         assert [g["judge_reply"] for g in graded] == [None if s == "rules" else "yes" for s in sources]
         assert len(lm.prompts) == sources.count("model")
+    for chat in (True, False):  # the judge formats its prompts as the run does (base models: raw text)
+        lm = Recorder()
+        make_grader(tiny_config(tiny_chat_dir, grader="judge", chat=chat), lm)(items)
+        assert lm.chat is chat
     graded = make_grader(tiny_config(tiny_chat_dir, grader="contains"), Recorder())(items)
     assert graded == [{"correct": True}, {"correct": False}, {"correct": False}]
 

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from seal_jax.selfedit import grading
-from seal_jax.selfedit.data import Passage, load_passages, load_seal_selfedits
+from seal_jax.selfedit.data import DataError, Passage, load_passages, load_seal_selfedits
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.strategies import (
     FILL_FALLBACKS,
@@ -65,6 +66,9 @@ TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
 }
 
 
+DATA_KEYS = frozenset({"source", "n", "start", "shuffle", "seed", "selfedits", "subset"})
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A knowledge-incorporation run (one TOML file in ``experiments/``; see its README for every key).
@@ -77,7 +81,9 @@ class RunConfig:
         far less activation memory for about a third more training compute; ``seal-jax plan`` says when
         a model and sequence length need it.
       chat: format prompts with the tokenizer's chat template (instruct models).
-      data: ``{"source", "n", "start", "shuffle", "seed", "selfedits"}`` for :func:`load_passages`.
+      data: ``{"source", "n", "start", "shuffle", "seed"}`` for :func:`load_passages`, ``"selfedits"``
+        (SEAL's released self-edits, for ``replay``) and ``"subset"`` (``"selfedits"``: SEAL's evaluation
+        passages in that file's order, then ``start`` and ``n``); other keys are an error.
       conditions: strategy names (``base`` is always evaluated: it gives ``accuracy_before``).
       k: self-edits per passage and condition; repeats: adapters trained per self-edit.
       selfedit_sampling: ``{"max_new_tokens", "temperature", "top_p", "top_k", "min_p"}``.
@@ -136,8 +142,21 @@ class RunConfig:
                                  "as the other conditions; set train.batch_size = 1")
         if not isinstance(self.remat, bool):
             raise RunConfigError(f"remat must be true or false, got {self.remat!r}")
-        if self.k < 1 or self.repeats < 1:
-            raise RunConfigError(f"k and repeats must be >= 1, got k={self.k}, repeats={self.repeats}")
+        for key in ("k", "repeats", "eval_max_new_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RunConfigError(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(self.data, dict):
+            raise RunConfigError(f"[data] must be a table, got {self.data!r}")
+        unknown = sorted(set(self.data) - DATA_KEYS)
+        if unknown:
+            raise RunConfigError(f"unknown keys in [data]: {unknown}; known keys: {sorted(DATA_KEYS)}")
+        from seal_jax import SamplingParams
+
+        try:
+            SamplingParams(**self.selfedit_sampling)
+        except (TypeError, ValueError) as e:
+            raise RunConfigError(f"[selfedit_sampling]: {e}; known keys are SamplingParams' fields") from None
         if self.grader not in grading.JUDGE_GRADERS:
             grading.get_grader(self.grader)
         self.lora_spec()
@@ -197,10 +216,9 @@ class RunConfig:
         return cls.from_dict(read_toml(path), where=str(path))
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-able dict (``conditions`` as a list)."""
-        out = dataclasses.asdict(self)
-        out["conditions"] = list(self.conditions)
-        return out
+        """JSON-able dict, as it reads back from ``run_config.json`` (tuples become lists), so a config
+        built in Python compares equal to its saved form when a run resumes."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -293,39 +311,98 @@ def derived_seed(*parts: Any) -> int:
 # Results I/O
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``results.jsonl``; a torn last line (killed mid-write) is dropped from the file."""
+class ResultsFileError(ValueError):
+    """A results/proposals JSONL file with a damaged line before its end (not a torn last write)."""
+
+
+def read_rows(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
+    """Rows of a JSONL results file (``[]`` when it does not exist).
+
+    Rows are appended a whole passage at a time (:func:`append_rows`), so a run killed mid-write leaves
+    at most one torn unit at the end: a last line without its newline or that does not parse. Such a
+    tail, together with the complete rows before it that share the torn unit's ``passage_id`` (the
+    last passage's rows, when the tear cannot be read), is left out, so a resumed run redoes that
+    passage instead of keeping half of it. ``repair=True`` (the resume path) also cuts the file back to
+    the rows returned; ``repair=False`` (reports, summaries of a run still writing) never changes it.
+
+    Raises:
+      ResultsFileError: a line before the last one does not parse (the file was edited or damaged);
+        the message names the file and the line.
+    """
     if not path.is_file():
         return []
-    rows, good_bytes = [], 0
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-                good_bytes += len(line)
-            except json.JSONDecodeError:
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # ``tail`` is b"" when the file ends with a newline
+    rows: list[dict[str, Any]] = []
+    ends: list[int] = []  # byte offset after each kept row
+    offset = 0
+    torn = bool(tail.strip())
+    for number, line in enumerate(complete, start=1):
+        offset += len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(complete) and not tail.strip():
+                torn = True  # the last line, cut inside a multi-byte character or JSON token
                 break
-    if good_bytes != path.stat().st_size:
+            raise ResultsFileError(
+                f"{path}: line {number} is not valid JSON ({e.msg}); it is not the last line, so this is not a "
+                "run killed mid-write. Restore the file, or move the damaged rows out and resume") from e
+        if not isinstance(row, dict):
+            raise ResultsFileError(f"{path}: line {number} is {type(row).__name__}, not a JSON object")
+        rows.append(row)
+        ends.append(offset)
+    if torn:
+        torn_id = _passage_id_of(tail) if tail.strip() else None
+        last_id = torn_id if torn_id is not None else (rows[-1].get("passage_id") if rows else None)
+        while rows and last_id is not None and rows[-1].get("passage_id") == last_id:
+            rows.pop()
+            ends.pop()
+    keep = ends[-1] if ends else 0
+    if repair and keep != len(data):
         with path.open("r+b") as f:
-            f.truncate(good_bytes)
+            f.truncate(keep)
     return rows
 
 
+def _passage_id_of(torn_line: bytes) -> Any:
+    """The ``passage_id`` written at the start of a torn JSONL line, if it is readable there."""
+    m = re.search(rb'"passage_id":\s*("(?:[^"\\]|\\.)*"|-?\d+)', torn_line)
+    if not m:
+        return None
+    try:
+        return json.loads(m.group(1))
+    except json.JSONDecodeError:
+        return None
+
+
 def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append rows to a JSONL file in one write, flushed to disk."""
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append rows to a JSONL file as one unit: one ``write`` of all their lines, then fsync.
+
+    A run writes one passage's rows per call, so :func:`read_rows` can drop a unit torn by a kill.
+    """
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # a regular file takes it in one call unless interrupted
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def summarize(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
-    """``{"model", "conditions": {name: {accuracy, accuracy_std, n_questions, n_passages, mean_gain}}}``.
+    """``{"model", "conditions": {name: {accuracy, accuracy_std, n_questions, n_passages, mean_gain,
+    failures}}}``.
 
     ``accuracy`` is correct answers over all answered questions of the condition (every candidate and
     repeat counts); ``accuracy_std`` is the standard deviation over passages of the per-passage accuracy;
-    ``mean_gain`` is the mean of ``accuracy_after - accuracy_before`` over rows.
+    ``mean_gain`` is the mean of ``accuracy_after - accuracy_before`` over rows; ``failures`` counts the
+    rows with a ``failure`` (no adapter trained: no usable self-edit, an invalid template, …).
     """
     conditions: dict[str, Any] = {}
     for name in dict.fromkeys(r["condition"] for r in rows):
@@ -370,7 +447,7 @@ def make_grader(config: RunConfig, lm: Any) -> BatchGrader:
     setting. The LLM judges (``judge``, ``rules+judge``, asking ``lm``) add ``graded_by`` (``"rules"``,
     ``"model"`` or ``"empty"``) and ``judge_reply`` (the model's raw reply, or None) to every verdict."""
     if config.grader in grading.JUDGE_GRADERS:
-        judge = grading.JudgeGrader(lm, rules_first=grading.JUDGE_GRADERS[config.grader])
+        judge = grading.JudgeGrader(lm, rules_first=grading.JUDGE_GRADERS[config.grader], chat=config.chat)
         return lambda items: [{"correct": r.verdict, "graded_by": r.source, "judge_reply": r.reply}
                               for r in judge.judge(items)]
     fn = grading.get_grader(config.grader)
@@ -559,16 +636,25 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
         return read_rows(results)
 
     rows = agree(finished_rows)
-    save_run_config(out, config_json, resume=False)
+    if is_writer():  # checked above (resume) or new
+        (out / "run_config.json").write_text(json.dumps(config_json, indent=2))
     done = {r["passage_id"] for r in rows}
     d = config.data
-    replay = load_seal_selfedits(d["selfedits"]) if d.get("selfedits") else None
-    if "replay" in config.conditions and replay is None:
-        raise RunConfigError("condition 'replay' needs data.selfedits (SEAL's seal_base_selfedits_val.json)")
+    source = d.get("source", "demo")
+    uses_replay = "replay" in config.conditions or d.get("subset") == "selfedits"
+    if uses_replay and not d.get("selfedits"):
+        raise RunConfigError("condition 'replay' and data.subset = 'selfedits' need data.selfedits (SEAL's "
+                             "seal_base_selfedits_val.json)")
+    replay = None
+    if uses_replay:  # matched on (title, context) against data.source, so ids agree with the run's passages
+        source_passages = load_passages(source)
+        try:
+            replay = load_seal_selfedits(d["selfedits"], passages=source_passages)
+        except DataError as e:
+            raise RunConfigError(f"{e}. data.source ({source!r}) must hold the passages of data.selfedits: "
+                                 "SEAL's squad_val.json for seal_base_selfedits_val.json") from None
     if d.get("subset") == "selfedits":  # SEAL's 200 evaluation passages, in the self-edits file's order
-        if replay is None:
-            raise RunConfigError("data.subset = 'selfedits' needs data.selfedits")
-        by_id = {p.id: p for p in load_passages(d.get("source", "demo"))}
+        by_id = {p.id: p for p in source_passages}
         passages = [by_id[i] for i in replay][d.get("start", 0):][: d.get("n")]
     elif d.get("subset"):
         raise RunConfigError(f"unknown data.subset {d['subset']!r}; the only subset is 'selfedits'")

@@ -1,0 +1,100 @@
+"""The ``seal-jax`` command: `run` end to end on a tiny model, `demo`'s output folder, and the exit codes and
+one-line errors of the user's usual mistakes (``report``, ``calibrate``, ``plan`` and ``bench`` have their
+own test files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from seal_jax.cli import _is_run_folder_of, main
+from seal_jax.selfedit.knowledge import read_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, model_dir: Path, **extra: str) -> Path:
+    lines = [
+        'name = "cli"', f'model = "{model_dir}"', 'conditions = ["base", "passage"]', "eval_max_new_tokens = 4",
+        "[data]", 'source = "demo"', "n = 1", "[lora]", "rank = 2", "[train]", "epochs = 1", "max_len = 96",
+    ]
+    lines[3:3] = [f"{k} = {v}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_run_prints_the_table_and_refuses_to_overwrite(tiny_chat_dir, tmp_path, capsys):
+    config = write_config(tmp_path / "cli.toml", tiny_chat_dir)
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| base |" in printed and "| passage |" in printed and f"results in {out}/" in printed
+    rows = read_rows(out / "results.jsonl")
+    assert [r["condition"] for r in rows] == ["base", "passage"]
+    assert json.loads((out / "run_config.json").read_text())["name"] == "cli"
+
+    assert main(["run", str(config), "--out", str(out)]) == 1  # a second run into the same folder
+    err = capsys.readouterr().err
+    assert "already holds results; pass --resume" in err and "Traceback" not in err
+    assert read_rows(out / "results.jsonl") == rows
+
+    assert main(["run", str(config), "--out", str(out), "--resume"]) == 0  # nothing left: same rows
+    assert read_rows(out / "results.jsonl") == rows
+
+
+def test_run_config_mistakes_are_one_line_errors(tmp_path, tiny_chat_dir, capsys):
+    assert main(["run", str(tmp_path / "missing.toml")]) == 1
+    assert "no run config at" in capsys.readouterr().err
+    config = write_config(tmp_path / "typo.toml", tiny_chat_dir, epochs="3")
+    assert main(["run", str(config), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "typo.toml: unknown keys ['epochs']" in err and "Traceback" not in err
+    config = write_config(tmp_path / "nomodel.toml", tmp_path / "no-such-model")
+    assert main(["run", str(config), "--out", str(tmp_path / "o2")]) == 1
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
+    precious = tmp_path / "models"
+    precious.mkdir()
+    (precious / "weights.bin").write_bytes(b"keep me")
+    config = str(REPO / "experiments" / "demo.toml")
+    assert main(["demo", "--config", config, "--out", str(precious)]) == 1
+    assert "is not a run folder of 'demo'" in capsys.readouterr().err
+    assert (precious / "weights.bin").read_bytes() == b"keep me"
+
+    other_run = tmp_path / "other"
+    other_run.mkdir()
+    (other_run / "run_config.json").write_text(json.dumps({"name": "seal-qwen3-8b"}))
+    assert not _is_run_folder_of(other_run, "demo")
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "run_config.json").write_text(json.dumps({"name": "demo"}))
+    assert _is_run_folder_of(tmp_path / "demo", "demo")
+    (tmp_path / "empty").mkdir()
+    assert _is_run_folder_of(tmp_path / "empty", "demo")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run_config.json").write_text("{not json")
+    assert not _is_run_folder_of(tmp_path / "broken", "demo")
+
+
+def test_smoke_without_a_model_says_how_to_fetch_one(tmp_path, capsys):
+    assert main(["smoke", "--model", str(tmp_path / "none")]) == 2
+    assert "seal-jax fetch smollm2-135m-instruct" in capsys.readouterr().err
+
+
+def test_fetch_the_sentence_encoder(embeddings_dir, capsys):
+    assert main(["fetch", "all-minilm-l6-v2", "--root", str(embeddings_dir.parent)]) == 0
+    assert capsys.readouterr().out.strip() == f"all-minilm-l6-v2: {embeddings_dir}"
+
+
+def test_unknown_bundled_model_is_an_error(tmp_path, capsys):
+    assert main(["fetch", "gpt-5", "--root", str(tmp_path)]) == 1
+    assert "gpt-5" in capsys.readouterr().err
+
+
+def test_unknown_subcommand_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train"])
+    assert e.value.code == 2 and "invalid choice: 'train'" in capsys.readouterr().err
