@@ -139,6 +139,14 @@ def test_write_load_round_trip(tmp_path, squad):
                                                                   for p in picked]
 
 
+@pytest.mark.parametrize("name,prefix", [("squad_val.json", "squad-val"), ("SQuAD_val.v2.json", "squad-val"),
+                                         ("My  Passages (2).json", "my-passages-2"), ("__.json", "passages")])
+def test_id_prefix_from_the_file_name(tmp_path, name, prefix):
+    """The module docstring's rule: the name up to the first dot, lowercased, non-alphanumeric runs -> '-'."""
+    path = _write(tmp_path / name, [GOOD, GOOD])
+    assert [p.id for p in load_passages(path)] == [f"{prefix}-0", f"{prefix}-1"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Malformed files
 

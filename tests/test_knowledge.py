@@ -8,6 +8,7 @@ import json
 import pytest
 
 import seal_jax as sj
+from seal_jax.selfedit.grading import grade
 from seal_jax.selfedit.knowledge import (
     ROW_FIELDS,
     ResultsFileError,
@@ -18,6 +19,7 @@ from seal_jax.selfedit.knowledge import (
     read_rows,
     run_knowledge,
     split_extension_table,
+    summarize,
 )
 
 SUMMARY_FIELDS = {"accuracy", "accuracy_std", "n_questions", "n_passages", "mean_gain"}
@@ -57,6 +59,14 @@ def test_run_rows_and_summary_schema(tiny_chat_dir, tiny_lm, tmp_path):
         assert SUMMARY_FIELDS <= set(c) and c["n_passages"] == 2
     assert summary["conditions"]["implications"]["n_questions"] == 2 * sum(
         len(r["answers"]) for r in rows if r["condition"] == "base")
+    base_accuracy = {r["passage_id"]: r["accuracy_after"] for r in rows if r["condition"] == "base"}
+    for r in rows:  # every verdict is the configured grader's, and the row's numbers follow from them
+        assert all(a["correct"] == grade(a["question"], a["gold"], a["prediction"]) for a in r["answers"])
+        assert r["accuracy_after"] == pytest.approx(sum(a["correct"] for a in r["answers"]) / len(r["answers"]))
+        assert r["accuracy_before"] == base_accuracy[r["passage_id"]]
+    for name, c in summary["conditions"].items():
+        answers = [a for r in rows if r["condition"] == name for a in r["answers"]]
+        assert c["accuracy"] == pytest.approx(sum(a["correct"] for a in answers) / len(answers))
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert "| implications |" in (tmp_path / "summary.md").read_text()
     assert json.loads((tmp_path / "run_config.json").read_text())["model"] == str(tiny_chat_dir)
@@ -82,6 +92,26 @@ def test_killed_run_resumes_to_the_same_rows(tiny_chat_dir, tiny_lm, tmp_path):
     assert strip(read_rows(part / "results.jsonl")) == strip(read_rows(full / "results.jsonl"))
     with pytest.raises(RunConfigError, match=r"config differs in \['k'\]"):
         run_knowledge(tiny_config(tiny_chat_dir, k=3), part, lm=tiny_lm, progress=False, resume=True)
+
+
+def test_summary_numbers_by_hand():
+    def row(pid, condition, before, correct, failure=None):
+        answers = [{"question": "q", "gold": "g", "prediction": "p", "correct": bool(c)} for c in correct]
+        after = sum(correct) / len(correct) if correct else before
+        return {"passage_id": pid, "condition": condition, "accuracy_before": before, "accuracy_after": after,
+                "answers": answers, "failure": failure}
+
+    rows = [row("a", "base", 0.5, [1, 0]), row("a", "passage", 0.5, [1, 1]), row("a", "passage", 0.5, [0, 1]),
+            row("b", "base", 0.0, [0, 0, 0, 0]), row("b", "passage", 0.0, [1, 0, 0, 0]),
+            row("b", "passage", 0.0, [], failure="self-edit produced no training sequence")]
+    s = summarize(rows, "m")
+    assert s["model"] == "m" and list(s["conditions"]) == ["base", "passage"]
+    # passage: 4 of 8 answers right; per passage a = (1 + 0.5) / 2, b = (0.25 + 0) / 2; gains 0.5, 0, 0.25, 0
+    assert s["conditions"]["passage"] == pytest.approx({
+        "accuracy": 0.5, "accuracy_std": 0.3125, "n_questions": 8, "n_passages": 2, "mean_gain": 0.1875,
+        "failures": 1})
+    assert s["conditions"]["base"] == pytest.approx({
+        "accuracy": 1 / 6, "accuracy_std": 0.25, "n_questions": 6, "n_passages": 2, "mean_gain": 0.0, "failures": 0})
 
 
 def _rows(pid, n):
@@ -152,12 +182,20 @@ def test_a_config_built_in_python_resumes(tiny_chat_dir, tiny_lm, tmp_path):
     assert len(read_rows(tmp_path / "results.jsonl")) == 1
 
 
-def test_seal_subset_needs_seal_passages_in_the_source(tiny_chat_dir, tmp_path, shared_data):
+def test_seal_subset_replays_seal_selfedits_in_seal_order(tiny_chat_dir, tiny_lm, tmp_path, shared_data):
     selfedits = str(shared_data / "seal_base_selfedits_val.json")
     config = tiny_config(tiny_chat_dir, conditions=["base", "replay"],
                          data={"source": "demo", "subset": "selfedits", "selfedits": selfedits})
     with pytest.raises(RunConfigError, match=r"data.source \('demo'\) must hold the passages of data.selfedits"):
         run_knowledge(config, tmp_path, lm=object(), progress=False)
+    seal = {"source": str(shared_data / "squad_val.json"), "subset": "selfedits", "selfedits": selfedits, "n": 1}
+    config = tiny_config(tiny_chat_dir, conditions=["base", "replay"], k=2, data=seal)
+    run_knowledge(config, tmp_path / "seal", lm=tiny_lm, progress=False)
+    rows = read_rows(tmp_path / "seal" / "results.jsonl")
+    first = json.loads((shared_data / "seal_base_selfedits_val.json").read_text())[0]  # SEAL's order
+    assert {r["title"] for r in rows} == {first["title"]} and rows[0]["passage_id"] == "squad-val-1168"
+    assert [r["self_edit"] for r in rows if r["condition"] == "replay"] == first["completions"][:2]
+    assert len(rows[0]["answers"]) == len(first["questions"])
     with pytest.raises(RunConfigError, match="need data.selfedits"):
         run_knowledge(tiny_config(tiny_chat_dir, conditions=["base", "replay"]), tmp_path / "b", lm=object(),
                       progress=False)

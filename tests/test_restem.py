@@ -108,6 +108,38 @@ def test_merged_generator_equals_adapter_forward_and_loads_in_transformers(tiny_
     assert np.array_equal(reloaded.logits(ids), ours)
 
 
+def test_sft_that_cannot_start_reports_its_real_cause(tiny_chat_dir):
+    from seal_jax.selfedit.restem import RestemError, sft_generator
+
+    lm = sj.load(tiny_chat_dir, progress=False)
+    rows = [{"prompt": "Write about Velmora, the harbour town.", "completion": " It has ferries."}]
+    lora = sj.LoraSpec(rank=4, alpha=8.0)
+    # prompts that fill max_len: the cause plus the max_len hint
+    with pytest.raises(RestemError, match=r"cannot start: .*no usable training sequence.*1 of 1 prompts have at "
+                                          r"least restem\.sft_train\.max_len = 4 tokens.*raise max_len"):
+        sft_generator(lm, rows, lora, sj.TrainSpec(max_len=4), 0, table="restem")
+
+    class NoTokenizer:  # another TrainError: its own message, no word about prompt lengths
+        tokenizer = None
+
+        def train_adapters(self, *args, **kwargs):
+            raise sj.TrainError("this model has no tokenizer; load it with tokenizer=... to train on text")
+
+    with pytest.raises(RestemError, match="cannot start: this model has no tokenizer") as info:
+        sft_generator(NoTokenizer(), rows, lora, sj.TrainSpec(max_len=1024), 0, table="restem")
+    assert "max_len" not in str(info.value)
+
+    class OtherCause:  # a TrainError whose prompts fit: no max_len hint either
+        tokenizer = lm.tokenizer
+
+        def train_adapters(self, *args, **kwargs):
+            raise sj.TrainError("all candidates of one call must share TrainSpec.batch_size")
+
+    with pytest.raises(RestemError, match="cannot start: all candidates of one call must share") as info:
+        sft_generator(OtherCause(), rows, lora, sj.TrainSpec(max_len=1024), 0, table="restem")
+    assert "max_len" not in str(info.value)
+
+
 def restem_raw(model_dir, **restem):
     table = {"strategy": "implications", "rounds": 2, "passages_per_round": 2,
              "eval_data": {"source": "demo", "start": 8, "n": 1},

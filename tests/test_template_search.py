@@ -310,6 +310,31 @@ def test_killed_search_resumes_to_the_same_results(tiny_chat_dir, tiny_lm, tmp_p
         run_template_search(changed, part, lm=tiny_lm, progress=False, resume=True)
 
 
+def test_resume_reads_the_meta_prompt_back(tiny_chat_dir, tiny_lm, tmp_path, monkeypatch):
+    """A resumed iteration keeps the meta-prompt its saved proposals answered, even when rebuilding it now
+    would give another text (``novelty`` with backend ``auto`` after the MiniLM weights appeared or vanished):
+    the SFT must pair the templates with the prompt the generator saw."""
+    from seal_jax.lm.tokenizer import format_chat
+    from seal_jax.selfedit import template_search
+
+    config = TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, fills=1))
+    out = tmp_path / "run"
+    run_template_search(config, out, lm=CannedLM(tiny_lm), progress=False, stop_after=1, loader=canned_loader([]))
+    meta1 = (out / "iteration-1" / "meta_prompt.txt").read_text()
+    assert not (out / "iteration-1" / "iteration.json").exists()
+    original = template_search.meta_prompt
+    changed = "\n(rebuilt on resume with another similarity backend)"
+    monkeypatch.setattr(template_search, "meta_prompt", lambda shown: original(shown) + changed)
+    # finishes iteration 1 (its SFT) and stops in iteration 2 before any passage
+    run_template_search(config, out, lm=CannedLM(tiny_lm), progress=False, resume=True, stop_after=1,
+                        loader=canned_loader([]))
+    info = json.loads((out / "iteration-1" / "iteration.json").read_text())
+    assert (out / "iteration-1" / "meta_prompt.txt").read_text() == meta1 == info["meta_prompt"]
+    prompts = {r["prompt"] for r in read_rows(out / "iteration-1" / "sft_rows.jsonl") if r["kind"] == "template"}
+    assert prompts == {format_chat(tiny_lm.tokenizer, meta1)}
+    assert (out / "iteration-2" / "meta_prompt.txt").read_text().endswith(changed)  # the patch was in effect
+
+
 def test_config_parsing_and_errors(tiny_chat_dir):
     raw = search_raw(tiny_chat_dir)
     assert kind_of(raw) == "templates"

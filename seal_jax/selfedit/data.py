@@ -15,7 +15,9 @@ SEAL's knowledge-incorporation data is a JSON list of passages::
   regrouped by ``(title, context)`` in order of first appearance, the first answer text being the answer.
 
 Every passage gets a stable id before any selection: ``{prefix}-{index}`` with the index in source order.
-The prefix is the file's stem with ``_`` replaced by ``-`` (``squad_val.json`` → ``squad-val-0`` …),
+For a local file the prefix is its name up to the first dot, lowercased, with every run of characters
+other than letters and digits replaced by one ``-`` and leading/trailing ``-`` dropped (``passages`` if
+nothing is left): ``squad_val.json`` → ``squad-val-0`` …, ``SQuAD_val.v2.json`` → ``squad-val-0`` …;
 ``demo`` for the demo set, and ``{dataset}-{split}`` for the hub (``rajpurkar/squad`` validation →
 ``squad-val-0`` …, the same ids as the local file when the order is the same). A record may carry its own
 ``"id"`` field (`write_passages` writes one), which then takes precedence, so ids survive a round trip.
@@ -203,7 +205,8 @@ def load_passages_file(path: str | Path, *, id_prefix: str | None = None) -> lis
 
     Args:
         path: the JSON file.
-        id_prefix: prefix of the generated ids; by default the file's stem with ``_`` → ``-``.
+        id_prefix: prefix of the generated ids; by default the file name up to its first dot, lowercased,
+            every non-alphanumeric run replaced by ``-`` (``SQuAD_val.v2.json`` → ``squad-val``).
 
     Raises:
         DataError: the file is missing, not JSON, or malformed (see `parse_passages`).

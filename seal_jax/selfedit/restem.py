@@ -79,12 +79,32 @@ def sft_train_spec(fields: dict[str, Any]) -> Any:
     return TrainSpec(**{**defaults, **fields})
 
 
+def _prompt_length_hint(lm: Any, rows: Sequence[dict[str, Any]], train: Any, table: str) -> str:
+    """A hint about ``max_len`` when some SFT prompts leave no room for their completion, else ``""``.
+
+    A prompt of ``max_len`` tokens or more keeps no completion token after truncation, so its row is
+    dropped; when every row is dropped the SFT cannot start. Any other cause gets no hint.
+    """
+    tokenizer = getattr(lm, "tokenizer", None)
+    prompts = [r.get("prompt") for r in rows]
+    if tokenizer is None or not prompts or not all(isinstance(p, str) for p in prompts):
+        return ""
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    too_long = sum(n >= train.max_len for n in lengths)
+    if not too_long:
+        return ""
+    return (f". {too_long} of {len(lengths)} prompts have at least {table}.sft_train.max_len = {train.max_len} "
+            f"tokens (the longest {max(lengths)}), which leaves no room for the completion; raise max_len "
+            "above the prompt length")
+
+
 def sft_generator(lm: Any, rows: Sequence[dict[str, Any]], lora: Any, train: Any, seed: int, *, table: str,
                   error: type[Exception] = RestemError) -> tuple[Any, Any]:
     """SFT of ``lm`` on ``{prompt, completion}`` rows (loss on the completion only), merged into the base.
 
     ``table`` names the config table in error messages (e.g. ``"restem"``); ``error`` is the exception
-    raised when the SFT cannot start (prompts longer than ``train.max_len``) or its loss turned non-finite.
+    raised when the SFT cannot start (the :class:`~seal_jax.TrainError`'s message, plus a ``max_len`` hint
+    when prompts fill ``train.max_len``) or its loss turned non-finite.
     Returns ``(merged LM, adapters)``.
     """
     from seal_jax.lm.training import TrainError
@@ -93,9 +113,7 @@ def sft_generator(lm: Any, rows: Sequence[dict[str, Any]], lora: Any, train: Any
     try:
         adapters = lm.train_adapters([pairs], lora, train, seed=seed)
     except TrainError as e:
-        longest = max(len(lm.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows)
-        raise error(f"the generator's SFT cannot start: {e}. The longest prompt has {longest} tokens and "
-                    f"{table}.sft_train.max_len is {train.max_len}; raise max_len above the prompt length") from e
+        raise error(f"the generator's SFT cannot start: {e}{_prompt_length_hint(lm, rows, train, table)}") from e
     if adapters.failed[0]:
         raise error(f"the generator's SFT failed: {adapters.failed[0]}; lower {table}.sft_train.learning_rate "
                     f"(now {train.learning_rate})")
@@ -413,7 +431,15 @@ def _write_summary(config: RestemConfig, out: Path) -> dict[str, Any]:
 
 
 def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int) -> dict[str, Any]:
-    """Accuracy per round from a run folder (finished parts only).
+    """Accuracy per round from a run folder, finished or not; never changes the folder.
+
+    ``train`` is the accuracy per condition over the rows of ``round-N/results.jsonl`` present now (with
+    ``passages``, how many passages they cover: fewer than ``passages_per_round`` while the round's E-step
+    is unfinished, e.g. after ``stop_after``; a torn last passage is left out); ``eval`` is
+    ``round-N/eval/summary.json``, which the evaluation writes also when it stops early, so it may cover
+    only part of the held-out passages (``passages`` again says how many); ``generator``, ``sft_rows``,
+    ``mean_sft_reward`` and ``sft_loss`` come from ``round.json`` and stay ``None`` until the round's SFT
+    has finished. A part that has not started is ``None``.
 
     Returns ``{"model", "strategy", "rounds": [{"round", "generator", "train": {...} | None,
     "sft_rows", "mean_sft_reward", "sft_loss", "eval": {condition: accuracy} | None}]}``; round 0 is the
@@ -428,7 +454,7 @@ def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int) ->
         entry: dict[str, Any] = {"round": r, "generator": model if r == 0 else None, "train": None,
                                  "sft_rows": None, "mean_sft_reward": None, "sft_loss": None, "eval": None}
         if r > 0:
-            rows = read_rows(folder / "results.jsonl")
+            rows = read_rows(folder / "results.jsonl", repair=False)  # the run may still be writing
             if rows:
                 conditions = summarize(rows, model)["conditions"]
                 entry["train"] = {name: c["accuracy"] for name, c in conditions.items()}

@@ -46,10 +46,16 @@ paper's 50), so scores are comparable across iterations and with the archive's e
 pool they are taken from (from ``data.start``).
 
 **Resume.** ``iteration.json`` is written last; a finished iteration is never redone. Inside an iteration
-the proposals are read back from ``proposals.jsonl``, scoring resumes after the last finished passage (a
-torn last line is dropped), and the SFT is redone from the rows. Seeds derive from (seed, iteration,
-passage, template, fill), never from the order of work, so a resumed run gives the same rows as an
-uninterrupted one. The archive is rebuilt from the seeds and the finished iterations' ``iteration.json``.
+the proposals and the meta-prompt they answered are read back from ``proposals.jsonl`` and
+``meta_prompt.txt`` (never rebuilt, so the SFT pairs the templates with the prompt the generator saw),
+scoring resumes after the last finished passage (a torn last line is dropped), and the SFT is redone from
+the rows. Seeds never depend on the order of work: proposals draw from (seed, iteration), each slot kind
+and attempt with its own seed (:func:`~seal_jax.selfedit.proposals.propose`); a passage's fills are one
+batched ``generate`` with one seed from (seed, ``train``/``eval``, iteration, passage), each fill drawing
+by its row in that batch (templates in slot order × fill index, fixed by the proposals); each candidate's
+training seed derives from (seed, ``train``/``eval``, iteration, passage, template, fill). So a resumed
+run gives the same rows as an uninterrupted one. The archive is rebuilt from the seeds and the finished
+iterations' ``iteration.json``.
 """
 
 from __future__ import annotations
@@ -104,6 +110,7 @@ from seal_jax.selfedit.templates import (
 VARIANTS = ("noarchive", "archive", "novelty")
 INNER_MODELS = ("generator", "base")
 ITERATION_FILE = "iteration.json"
+META_PROMPT_FILE = "meta_prompt.txt"
 TEMPLATE_ROW_FIELDS = ("template_id", "fill_index", "normalized_gain", "template", "fill_sequences", "fill_fallback")
 NOVELTY_DEFAULTS: dict[str, Any] = {"k": 3, "weight": 0.5, "lam": 0.25}
 
@@ -518,13 +525,18 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
         if is_writer():
             folder.mkdir(parents=True, exist_ok=True)
         archive = config.make_archive(entries)
-        # process 0's prompt for all: the archive's similarity backend depends on files a host may lack
-        meta = agree(lambda a=archive: meta_prompt(a.shown() if config.variant != "noarchive" else None))
         inner_path = generator if config.inner_model == "generator" else k.model
         for path in [path for path in models if path not in (generator, inner_path)]:
             del models[path]  # an earlier generator
-        proposals_file = folder / "proposals.jsonl"
+        proposals_file, meta_file = folder / "proposals.jsonl", folder / META_PROMPT_FILE
         saved_proposals = agree(lambda f=proposals_file: read_rows(f) if f.is_file() else None)
+        # On resume, the prompt the saved proposals answered (the SFT pairs it with them): rebuilt, it could differ
+        # (``novelty`` with backend ``auto`` ranks otherwise if the MiniLM weights appeared or vanished since).
+        meta = None
+        if saved_proposals is not None:
+            meta = agree(lambda f=meta_file: f.read_text(encoding="utf-8") if f.is_file() else None)
+        if meta is None:  # process 0's prompt for all: the similarity backend depends on files a host may lack
+            meta = agree(lambda a=archive: meta_prompt(a.shown() if config.variant != "noarchive" else None))
         if saved_proposals is not None:
             records = [Proposal.from_dict(r) for r in saved_proposals]
         else:
@@ -532,9 +544,9 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
             records = propose(model(generator), meta, kinds, max_new_tokens=config.proposal_max_new_tokens,
                               max_retries=config.max_retries, seed=derived_seed(k.seed, "iteration", it),
                               chat=k.chat)
-            if is_writer():
+            if is_writer():  # the prompt first: proposals.jsonl marks the step done
+                meta_file.write_text(meta, encoding="utf-8")
                 write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
-                (folder / "meta_prompt.txt").write_text(meta)
         templates = [(f"it{it}-t{slot}", t) for slot, t in chosen(records).items()]
 
         def lms(inner_path: str = inner_path, generator: str = generator) -> tuple[Any, Any, Any]:
@@ -597,7 +609,10 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
 
 
 def summarize_template_search(out: str | Path, config: TemplateSearchConfig | dict[str, Any]) -> dict[str, Any]:
-    """Per-iteration figures of a run folder (finished parts only; a running iteration reports its rows).
+    """Per-iteration figures of a run folder, finished or running; never changes the folder.
+
+    An iteration is reported once its proposals exist; a running one (``finished`` False) reports the rows
+    written so far (a torn last passage left out) and no ``sft_rows``.
 
     Returns ``{"model", "variant", "iterations": [{iteration, finished, proposals, valid_templates,
     fills, valid_fills, fallback_fills, passages, base_accuracy, best_score, mean_score, best_gain,
@@ -610,10 +625,10 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
     iterations = []
     for it in range(1, table["iterations"] + 1):
         folder = out / f"iteration-{it}"
-        proposals = read_rows(folder / "proposals.jsonl")
+        proposals = read_rows(folder / "proposals.jsonl", repair=False)  # the run may still be writing
         if not proposals:
             continue
-        rows = read_rows(folder / "results.jsonl")
+        rows = read_rows(folder / "results.jsonl", repair=False)
         scores = template_scores(rows)
         valid = [r for r in proposals if r["valid"]]
         templates = {f"it{it}-t{r['slot']}": Template.from_dict(r["template"]) for r in valid}
@@ -634,7 +649,7 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
                          mean_score=float(np.mean([s["score"] for s in scores.values()])),
                          mean_gain=float(np.mean([s["gain"] for s in scores.values()])))
         entry.update(diversity(list(templates.values()), fills, table.get("similarity_backend", "auto")))
-        eval_rows = read_rows(folder / "eval" / "results.jsonl")
+        eval_rows = read_rows(folder / "eval" / "results.jsonl", repair=False)
         if eval_rows:
             eval_scores = template_scores(eval_rows)
             entry["eval"] = {"template": next(iter(eval_scores), None),

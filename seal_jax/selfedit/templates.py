@@ -68,9 +68,14 @@ import numbers
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # the engine is imported lazily, where it is used
+    from seal_jax.lm.lora import LoraSpec
+    from seal_jax.lm.sampling import SamplingParams
+    from seal_jax.lm.training import TrainSpec
 
 __all__ = [
     "EXPLOIT", "EXPLORE", "FIELDS", "HYPERPARAMETERS", "PLACEHOLDER_INSTRUCTION", "PROPOSAL_SCHEDULE",
@@ -303,14 +308,14 @@ class Template:
             notes.append(f"ignored unknown field(s) {extra[:10]}")
         return cls(instruction, rank, float(alpha), float(dropout), float(lr), epochs, accum, tuple(notes))
 
-    def lora_spec(self, targets: Sequence[str] = ("q_proj", "v_proj")):
+    def lora_spec(self, targets: Sequence[str] = ("q_proj", "v_proj")) -> LoraSpec:
         """This template's adapter as a ``seal_jax.LoraSpec(rank, alpha, dropout, targets)``."""
         from seal_jax.lm.lora import LoraSpec
 
         return LoraSpec(rank=int(self.lora_rank), alpha=float(self.lora_alpha),
                         dropout=float(self.lora_dropout), targets=tuple(targets))
 
-    def train_spec(self, **overrides: Any):
+    def train_spec(self, **overrides: Any) -> TrainSpec:
         """This template's training as a ``seal_jax.TrainSpec``: its learning rate, epochs and grad-accum,
         batch size 1; ``overrides`` set any other ``TrainSpec`` field (``seed``, ``max_len``, …)."""
         from seal_jax.lm.training import TrainSpec
@@ -742,7 +747,7 @@ EXPLORE: dict[str, float] = {"temperature": 1.3, "top_p": 0.95, "min_p": 0.1}
 PROPOSAL_SCHEDULE: tuple[str, ...] = ("exploit", "exploit", "exploit", "explore", "explore")
 
 
-def proposal_sampling(kind: str, max_new_tokens: int, seed: int = 0):
+def proposal_sampling(kind: str, max_new_tokens: int, seed: int = 0) -> SamplingParams:
     """``seal_jax.SamplingParams`` for a template proposal: ``kind`` is ``"exploit"`` (temperature 0.6,
     top-p 0.95, min-p 0.05) or ``"explore"`` (1.3, 0.95, 0.1)."""
     from seal_jax.lm.sampling import SamplingParams
