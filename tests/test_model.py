@@ -60,7 +60,9 @@ def test_bfloat16_is_close_to_float32(tiny_hf):
     assert lm16.state["layers"]["q_proj"][...].dtype == jnp.bfloat16
     b16 = lm16.logits(ids)
     assert b16.dtype == np.float32
-    assert np.abs(b16 - f32).max() < 0.1 * np.abs(f32).max()
+    # measured here: max |b16 - f32| = 0.0322 with max |f32| = 2.41 (0.0134 of it, run to run the same);
+    # the bound allows 3x that
+    assert np.abs(b16 - f32).max() < 0.04 * np.abs(f32).max()
     assert np.abs(b16 - f32).max() > 0, "bfloat16 weights should change the logits a little"
 
 

@@ -12,7 +12,9 @@ from seal_jax.selfedit.data import load_passages
 from seal_jax.selfedit.knowledge import RunConfigError, read_rows
 from seal_jax.selfedit.restem import (
     RestemConfig,
+    eval_passages,
     restem_markdown,
+    round_passages,
     run_restem,
     select_best,
     sft_rows,
@@ -194,6 +196,29 @@ def test_restem_run_layout_and_resume(tiny_chat_dir, tmp_path):
         assert a == b
 
 
+def test_training_rounds_skip_the_evaluation_passages(tiny_chat_dir, shared_data):
+    raw = restem_raw(tiny_chat_dir, eval_data={"source": "demo", "start": 1, "n": 2})
+    config = RestemConfig.from_dict(raw)
+    held_out = eval_passages(config)
+    assert [p.id for p in held_out] == ["demo-1", "demo-2"]
+    blocks = round_passages(config, held_out)
+    assert [[p.id for p in b] for b in blocks] == [["demo-0", "demo-3"], ["demo-4", "demo-5"]]
+    # an E-step runs exactly its block: the round's knowledge config names the passages
+    assert config.round_config("m", blocks[1]).data == {"source": "demo", "ids": ["demo-4", "demo-5"]}
+    # SEAL's 200 evaluation passages, spread over squad_val.json, are skipped by a pool from passage 1000
+    squad, selfedits = str(shared_data / "squad_val.json"), str(shared_data / "seal_base_selfedits_val.json")
+    seal = RestemConfig.from_dict({**raw, "data": {"source": squad, "start": 1000}, "restem": {
+        **raw["restem"], "passages_per_round": 50,
+        "eval_data": {"source": squad, "subset": "selfedits", "selfedits": selfedits}}})
+    held_out = eval_passages(seal)
+    assert len(held_out) == 200 and held_out[0].id == "squad-val-1168"
+    blocks = round_passages(seal, held_out)
+    train_ids = [p.id for b in blocks for p in b]
+    pool = [p.id for p in load_passages(squad, start=1000, n=120)]
+    assert train_ids == [i for i in pool if i not in {p.id for p in held_out}][:100]
+    assert set(pool[:100]) & {p.id for p in held_out}  # a plain block from 1000 would have overlapped
+
+
 def test_restem_config_errors(tiny_chat_dir, tmp_path):
     raw = restem_raw(tiny_chat_dir)
     with pytest.raises(RunConfigError, match="restem"):
@@ -204,9 +229,10 @@ def test_restem_config_errors(tiny_chat_dir, tmp_path):
         RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "strategy": "passage"}})
     with pytest.raises(RunConfigError, match="passages_per_round"):
         RestemConfig.from_dict({**raw, "data": {"source": "demo", "n": 4}})
-    overlap = RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "eval_data": {"source": "demo", "n": 2}}})
-    with pytest.raises(RunConfigError, match="overlaps"):
-        run_restem(overlap, tmp_path / "x", progress=False)
+    with pytest.raises(RunConfigError, match=r"unknown keys in \[restem.eval_data\]: \['count'\]"):
+        RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "eval_data": {"source": "demo", "count": 2}}})
+    with pytest.raises(RunConfigError, match="passages_per_round"):
+        RestemConfig.from_dict({**raw, "data": {"source": "demo", "ids": ["demo-0"]}})
     too_many = RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "passages_per_round": 20}})
     with pytest.raises(RunConfigError, match="need 40"):
         run_restem(too_many, tmp_path / "y", progress=False)

@@ -96,23 +96,27 @@ def draws(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0) -> np.ndarray:
 
 
 def reference(temperature, top_k=0, top_p=1.0, min_p=0.0, logits=None) -> np.ndarray:
-    """The filtered distribution (float64), written the way Hugging Face's warpers do it: a sort for top-k,
-    an ascending cumulative sum for top-p, min-p on the renormalised probabilities."""
+    """The filtered distribution (float64) computed by transformers' own warpers, chained as `generate`
+    chains them: temperature, then top-k (when > 0), top-p (when < 1) and min-p (when > 0)."""
+    import torch
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
     logits = np.log(PROBS) if logits is None else np.asarray(logits, np.float64)
-    z = logits / temperature
-    q = np.exp(z - z.max())
-    q /= q.sum()
-    keep = np.ones(q.size, bool)
-    if 0 < top_k < q.size:
-        keep &= q >= np.sort(q)[-top_k]
-    q1 = np.where(keep, q, 0) / q[keep].sum()
-    asc = np.argsort(q1, kind="stable")
-    remove = np.cumsum(q1[asc]) <= 1 - top_p
-    remove[-1] = False
-    keep[asc[remove]] = False
-    q2 = np.where(keep, q, 0) / q[keep].sum()
-    keep &= q2 >= min_p * q2.max()
-    return np.where(keep, q, 0) / q[keep].sum()
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    if min_p > 0.0:
+        warpers.append(MinPLogitsWarper(min_p))
+    scores = warpers(torch.zeros((1, 0), dtype=torch.long), torch.tensor(logits[None], dtype=torch.float64))
+    return torch.softmax(scores, dim=-1)[0].numpy()
 
 
 @pytest.mark.parametrize("knobs, support", [

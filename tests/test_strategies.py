@@ -39,7 +39,10 @@ def test_dashes_separate_rewrites():
 
 def test_self_qa_lines():
     text = "Question: When was it founded? Answer: 1204\nQuestion: Which river? Answer: the Ilsary\n"
-    assert len(split_completion(text)) == 2
+    assert split_completion(text) == ["Question: When was it founded? Answer: 1204",
+                                      "Question: Which river? Answer: the Ilsary"]
+    assert training_sequences(P, text) == ["Quarnholt\nQuestion: When was it founded? Answer: 1204",
+                                           "Quarnholt\nQuestion: Which river? Answer: the Ilsary", P.text]
 
 
 def test_training_sequences_prefix_title_and_append_passage():
@@ -94,7 +97,7 @@ def test_fill_pieces_json_and_the_lines_fallback():
         fill_pieces(copied + "\n", "lines")
     assert fill_pieces('{"training_sequences": ["first training text", "Velmora exports salt."]}') == (
         ["Velmora exports salt."], False)
-    with pytest.raises(Exception, match="unknown fill_fallback"):
+    with pytest.raises(StrategyError, match=r"unknown fill_fallback 'words'; choose from \('none', 'lines'\)"):
         fill_pieces(good, "words")
     passage = P
     assert pieces_to_sequences(passage, ["A."], include_passage=True) == [f"{passage.title}\nA.", passage.text]

@@ -358,8 +358,11 @@ def test_config_parsing_and_errors(tiny_chat_dir):
     with pytest.raises(RunConfigError, match="not both"):
         kind_of({**raw, "restem": {}})
     overlap = TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, eval_data={"source": "demo", "n": 1}))
-    with pytest.raises(RunConfigError, match="overlaps"):
-        eval_passages(overlap, training_passages(overlap))
+    held_out = eval_passages(overlap)  # the training passages skip the evaluation passage
+    assert [p.id for p in held_out] == ["demo-0"]
+    assert [p.id for p in training_passages(overlap, held_out)] == ["demo-1", "demo-2"]
+    with pytest.raises(RunConfigError, match=r"unknown keys in \[templates.eval_data\]"):
+        TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, eval_data={"source": "demo", "first": 1}))
     too_many = TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, passages=500))
     with pytest.raises(RunConfigError, match="templates.passages = 500"):
         training_passages(too_many)

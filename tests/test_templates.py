@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import sys
@@ -188,9 +189,58 @@ JSON_VALUES = st.recursive(
     | st.sampled_from(["1e-4", "16", " 3 ", "nan", "-inf", "1e999", "0x10", INSTRUCTION]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=8)
-TEMPLATE_LIKE = st.fixed_dictionaries({name: JSON_VALUES for name in T.FIELDS}).flatmap(
-    lambda d: st.sets(st.sampled_from(T.FIELDS), max_size=2).map(
-        lambda drop: {k: v for k, v in d.items() if k not in drop}))
+
+# Template-like JSON, one field at a time. Each value is drawn with its kind: "valid" (in range, kept as
+# is), "clamped" (a finite number out of range: parsed, changed and noted), "bad" (rejected: wrong type,
+# NaN/inf, not a number, unusable instruction) or "junk" (any JSON value: either outcome). Most draws are
+# valid so that about half the templates parse; a tenth also lose one or two fields.
+FINITE = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-10**30, 10**30)
+VALID_VALUES = {
+    "data_creation_instruction": INSTRUCTIONS,
+    "lora_rank": st.sampled_from(T.RANK_CHOICES) | st.sampled_from(T.RANK_CHOICES).map(str),
+    "lora_alpha": st.floats(1.0, 256.0) | st.integers(1, 256),
+    "lora_dropout": st.floats(0.0, 0.99),
+    "learning_rate": st.floats(1e-5, 5e-3) | st.floats(1e-5, 5e-3).map(repr),
+    "num_epochs": st.integers(1, 20) | st.integers(1, 20).map(float),
+    "gradient_accumulation_steps": st.integers(1, 8) | st.integers(1, 8).map(lambda n: f" {n} "),
+}
+CLAMPED_VALUES = {
+    "lora_rank": FINITE.filter(lambda v: v not in T.RANK_CHOICES),
+    "lora_alpha": FINITE.filter(lambda v: not 1.0 <= v <= 256.0),
+    "lora_dropout": FINITE.filter(lambda v: not 0.0 <= v <= 0.99),
+    "learning_rate": FINITE.filter(lambda v: not 1e-5 <= v <= 5e-3),
+    "num_epochs": FINITE.filter(lambda v: not (v == int(v) and 1 <= v <= 20)),
+    "gradient_accumulation_steps": FINITE.filter(lambda v: not (v == int(v) and 1 <= v <= 8)),
+}
+BAD_NUMBERS = (st.none() | st.booleans() | st.lists(st.integers(), max_size=2)
+               | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
+               | st.sampled_from([math.nan, math.inf, -math.inf, "nan", "-inf", "1e999", "0x10", "", "  ", "ten",
+                                  "1" * 65, 10**400]))
+BAD_INSTRUCTIONS = (st.none() | st.integers() | st.lists(st.text(max_size=3), max_size=2)
+                    | st.sampled_from(["", "too short", "one two three", T.PLACEHOLDER_INSTRUCTION, "word " * 900]))
+
+
+def _tagged(name: str):
+    valid, bad = VALID_VALUES[name], BAD_INSTRUCTIONS if name == "data_creation_instruction" else BAD_NUMBERS
+    clamped = CLAMPED_VALUES.get(name, valid)
+
+    def kind(i: int):
+        if i < 32 or (i < 36 and name not in CLAMPED_VALUES):
+            return valid.map(lambda v: ("valid", v))
+        if i < 36:
+            return clamped.map(lambda v: ("clamped", v))
+        if i < 38:
+            return bad.map(lambda v: ("bad", v))
+        return JSON_VALUES.map(lambda v: ("junk", v))
+
+    return st.integers(0, 39).flatmap(kind)
+
+
+TEMPLATE_LIKE = st.tuples(
+    st.fixed_dictionaries({name: _tagged(name) for name in T.FIELDS}),
+    st.integers(0, 9).flatmap(lambda i: st.just(()) if i < 9 else st.lists(
+        st.sampled_from(T.FIELDS), min_size=1, max_size=2, unique=True)))
+TEMPLATE_LIKE_OUTCOMES: collections.Counter[str] = collections.Counter()
 
 
 @settings(max_examples=300, deadline=None)
@@ -205,16 +255,51 @@ def test_fuzz_text_only_template_error(text):
 
 @settings(max_examples=300, deadline=None)
 @given(TEMPLATE_LIKE, PROSE)
-def test_fuzz_template_like_json_only_template_error_and_in_range(d, prose):
+def _template_like_json_property(draw, prose):
+    """Template-like JSON after prose: parsed in range with exactly the expected notes, or refused with a
+    TemplateError naming the first field at fault. Counts its outcomes in TEMPLATE_LIKE_OUTCOMES."""
+    tagged, dropped = draw
+    kinds = {name: kind for name, (kind, _) in tagged.items() if name not in dropped}
+    d = {name: value for name, (_, value) in tagged.items() if name not in dropped}
+    missing = [name for name in T.FIELDS if name in dropped]
+    bad = [name for name in T.FIELDS if kinds.get(name) == "bad"]
     try:
-        text = prose + json.dumps(d)
-    except (ValueError, TypeError):
+        t = parse_template(prose + json.dumps(d))
+    except TemplateError as error:
+        message = str(error)
+        if missing:
+            assert message.startswith(f"template is missing field(s) {missing}"), message
+        else:
+            # fields are checked in FIELDS order: the first bad one, or a junk value before it, is named
+            last = T.FIELDS.index(bad[0]) if bad else len(T.FIELDS) - 1
+            at_fault = [n for n in T.FIELDS[:last + 1] if kinds[n] in ("bad", "junk")]
+            assert at_fault and any(message.startswith(n + " ") for n in at_fault), (message, kinds)
+        TEMPLATE_LIKE_OUTCOMES["rejected"] += 1
         return
-    try:
-        t = parse_template(text)
-    except TemplateError:
-        return
+    assert not missing and not bad, f"parsed although {missing or bad} should have been refused"
     assert in_range(t)
+    for name, kind in kinds.items():
+        noted = any(note.startswith(name + " ") for note in t.notes)
+        if kind == "valid":
+            value = d[name]
+            assert getattr(t, name) == (value if name == "data_creation_instruction" else float(value))
+            assert not noted, (name, value, t.notes)
+        elif kind == "clamped":
+            assert noted and getattr(t, name) != d[name], (name, d[name], t.notes)
+    TEMPLATE_LIKE_OUTCOMES["parsed"] += 1
+    if "clamped" in kinds.values():
+        TEMPLATE_LIKE_OUTCOMES["parsed with clamping"] += 1
+
+
+def test_fuzz_template_like_json_only_template_error_and_in_range():
+    TEMPLATE_LIKE_OUTCOMES.clear()
+    _template_like_json_property()
+    # both paths must be exercised for real, not just the refusal (a strategy of junk parses nothing)
+    total = TEMPLATE_LIKE_OUTCOMES["parsed"] + TEMPLATE_LIKE_OUTCOMES["rejected"]
+    assert total >= 250, TEMPLATE_LIKE_OUTCOMES
+    assert TEMPLATE_LIKE_OUTCOMES["parsed"] >= 0.25 * total, TEMPLATE_LIKE_OUTCOMES
+    assert TEMPLATE_LIKE_OUTCOMES["rejected"] >= 0.2 * total, TEMPLATE_LIKE_OUTCOMES
+    assert TEMPLATE_LIKE_OUTCOMES["parsed with clamping"] >= 0.1 * total, TEMPLATE_LIKE_OUTCOMES
 
 
 NUMBERS = st.one_of(st.floats(), st.integers(-10**30, 10**30), st.floats().map(repr), st.integers().map(str))

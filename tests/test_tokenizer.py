@@ -20,7 +20,13 @@ def test_pad_left():
 
 def test_buckets_are_few_and_cover():
     assert [bucket(n) for n in (1, 16, 17, 33, 64, 65, 200)] == [16, 16, 32, 64, 64, 128, 256]
-    assert len({bucket(n) for n in range(1, 1025)}) == 18
+    # the rule: powers of two from 16 up to 64 (16, 32, 64), then multiples of 64 (128, 192, ..., 1024);
+    # so the lengths 1..1024 use 3 + (1024 - 128) / 64 + 1 = 18 sizes
+    expected = {16, 32, 64} | set(range(128, 1025, 64))
+    assert len(expected) == 18
+    assert {bucket(n) for n in range(1, 1025)} == expected
+    # each length gets the smallest allowed size that holds it
+    assert all(bucket(n) == min(b for b in expected if b >= n) for n in range(1, 1025))
     assert all(bucket(n) >= n for n in range(1, 3000))
 
 

@@ -193,12 +193,26 @@ def test_loss_modes_match_transformers_loss(tiny):
 
 
 def test_prompt_tokens_carry_no_loss(tiny):
-    _, lm = tiny
+    hf_model, lm = tiny
     spec = TrainSpec(epochs=1, learning_rate=1e-2)
     lora = LoraSpec(rank=2, alpha=2.0)
+
+    def reference(prompt: str, completion: str, mask_prompt: bool = True) -> float:
+        """transformers' loss with the prompt's labels masked (-100): mean NLL of completion + EOS."""
+        prompt_ids, ids = TOK(prompt)["input_ids"], TOK(prompt + completion)["input_ids"] + [EOS]
+        labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):] if mask_prompt else ids
+        with torch.no_grad():
+            return hf_model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+
     a = train(lm, [[("prompt one", "the answer")]], lora, spec)
     b = train(lm, [[("a different prompt!", "the answer")]], lora, spec)
-    assert a.losses[0][0] != b.losses[0][0]  # the prompt conditions the completion...
+    # the first loss (before any update) is the completion's NLL given the prompt...
+    ref_a, ref_b = reference("prompt one", "the answer"), reference("a different prompt!", "the answer")
+    assert a.losses[0][0] == pytest.approx(ref_a, rel=1e-5)
+    assert b.losses[0][0] == pytest.approx(ref_b, rel=1e-5)
+    assert abs(ref_a - ref_b) > 5e-3  # ...so the prompt conditions it (by far more than rel=1e-5 ≈ 5e-5)
+    # and a loss that also counted the prompt's tokens would be clearly different
+    assert abs(reference("prompt one", "the answer", mask_prompt=False) - ref_a) > 5e-3
     ex = tokenize(TOK, [("prompt one", "the answer")], spec, EOS)[0]
     plan = make_plan([[ex]], [spec], 0, PAD, EOS)
     assert plan.weights[0, 0, :10].sum() == 0 and plan.weights[0, 0, 10:len(ex.ids)].sum() == len(ex.ids) - 10

@@ -66,7 +66,22 @@ TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
 }
 
 
-DATA_KEYS = frozenset({"source", "n", "start", "shuffle", "seed", "selfedits", "subset"})
+DATA_KEYS = frozenset({"source", "n", "start", "shuffle", "seed", "selfedits", "subset", "ids"})
+
+
+def check_data_table(table: Any, where: str) -> None:
+    """Check that a data table (``[data]``, ``restem.eval_data`` …) is a table of known keys (``None`` passes).
+
+    Raises:
+      RunConfigError: naming the table and the unknown keys.
+    """
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise RunConfigError(f"[{where}] must be a table, got {table!r}")
+    unknown = sorted(set(table) - DATA_KEYS)
+    if unknown:
+        raise RunConfigError(f"unknown keys in [{where}]: {unknown}; known keys: {sorted(DATA_KEYS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +97,9 @@ class RunConfig:
         a model and sequence length need it.
       chat: format prompts with the tokenizer's chat template (instruct models).
       data: ``{"source", "n", "start", "shuffle", "seed"}`` for :func:`load_passages`, ``"selfedits"``
-        (SEAL's released self-edits, for ``replay``) and ``"subset"`` (``"selfedits"``: SEAL's evaluation
-        passages in that file's order, then ``start`` and ``n``); other keys are an error.
+        (SEAL's released self-edits, for ``replay``), ``"subset"`` (``"selfedits"``: SEAL's evaluation
+        passages in that file's order, then ``start`` and ``n``) or ``"ids"`` (these passages, in this
+        order); other keys are an error. See :func:`select_data`.
       conditions: strategy names (``base`` is always evaluated: it gives ``accuracy_before``).
       k: self-edits per passage and condition; repeats: adapters trained per self-edit.
       selfedit_sampling: ``{"max_new_tokens", "temperature", "top_p", "top_k", "min_p"}``.
@@ -146,11 +162,7 @@ class RunConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RunConfigError(f"{key} must be a positive integer, got {value!r}")
-        if not isinstance(self.data, dict):
-            raise RunConfigError(f"[data] must be a table, got {self.data!r}")
-        unknown = sorted(set(self.data) - DATA_KEYS)
-        if unknown:
-            raise RunConfigError(f"unknown keys in [data]: {unknown}; known keys: {sorted(DATA_KEYS)}")
+        check_data_table(self.data, "data")
         from seal_jax import SamplingParams
 
         try:
@@ -609,6 +621,52 @@ def propose_run_template(lm: Any, config: RunConfig, out: Path) -> tuple[Any, st
     return template, failure
 
 
+def select_data(d: dict[str, Any], *, where: str = "data", replay: bool = False
+                ) -> tuple[list[Passage], dict[str, list[str]] | None]:
+    """The passages a data table selects, and SEAL's released self-edits when they are needed.
+
+    ``d`` holds ``source`` (default ``"demo"``) and one selection: ``ids`` (these passages, in this
+    order), ``subset = "selfedits"`` (SEAL's evaluation passages, in the order of the ``selfedits`` file,
+    then ``start`` and ``n``), or ``n``/``start``/``shuffle``/``seed`` (:func:`load_passages`). The
+    self-edits (``{passage_id: [completion, ...]}``, matched on title and context against ``source``) are
+    loaded for the subset or when ``replay`` is asked for; otherwise the second value is ``None``.
+    ``where`` names the table in errors (``data``, ``restem.eval_data`` …).
+
+    Raises:
+      RunConfigError: a missing ``selfedits``, self-edits whose passages ``source`` lacks, an unknown
+        subset or id, or ``ids`` together with another selection.
+    """
+    source = d.get("source", "demo")
+    subset = d.get("subset")
+    if subset not in (None, "selfedits"):
+        raise RunConfigError(f"unknown {where}.subset {subset!r}; the only subset is 'selfedits'")
+    if "ids" in d and (subset or any(k in d for k in ("n", "start", "shuffle", "seed"))):
+        raise RunConfigError(f"{where}.ids selects the passages itself; drop subset, n, start, shuffle and seed")
+    selfedits = None
+    everything = load_passages(source) if (replay or subset or "ids" in d) else []
+    if replay or subset:
+        if not d.get("selfedits"):
+            raise RunConfigError(f"condition 'replay' and {where}.subset = 'selfedits' need {where}.selfedits "
+                                 "(SEAL's seal_base_selfedits_val.json)")
+        try:
+            selfedits = load_seal_selfedits(d["selfedits"], passages=everything)
+        except DataError as e:
+            raise RunConfigError(f"{e}. {where}.source ({source!r}) must hold the passages of {where}.selfedits: "
+                                 "SEAL's squad_val.json for seal_base_selfedits_val.json") from None
+    if subset or "ids" in d:
+        wanted = list(selfedits) if subset else d["ids"]
+        if not isinstance(wanted, list) or not all(isinstance(i, str) for i in wanted):
+            raise RunConfigError(f"{where}.ids must be a list of passage ids (strings), got {wanted!r}")
+        by_id = {p.id: p for p in everything}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise RunConfigError(f"{where}: {source!r} has no passage {missing[0]!r} ({len(missing)} ids missing)")
+        chosen = [by_id[i] for i in wanted]
+        return (chosen[d.get("start", 0):][: d.get("n")] if subset else chosen), selfedits
+    return load_passages(source, n=d.get("n"), start=d.get("start", 0), shuffle=d.get("shuffle", False),
+                         seed=d.get("seed", 0)), selfedits
+
+
 def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
                   progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) a knowledge-incorporation experiment into ``out_dir``.
@@ -639,28 +697,7 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
     if is_writer():  # checked above (resume) or new
         (out / "run_config.json").write_text(json.dumps(config_json, indent=2))
     done = {r["passage_id"] for r in rows}
-    d = config.data
-    source = d.get("source", "demo")
-    uses_replay = "replay" in config.conditions or d.get("subset") == "selfedits"
-    if uses_replay and not d.get("selfedits"):
-        raise RunConfigError("condition 'replay' and data.subset = 'selfedits' need data.selfedits (SEAL's "
-                             "seal_base_selfedits_val.json)")
-    replay = None
-    if uses_replay:  # matched on (title, context) against data.source, so ids agree with the run's passages
-        source_passages = load_passages(source)
-        try:
-            replay = load_seal_selfedits(d["selfedits"], passages=source_passages)
-        except DataError as e:
-            raise RunConfigError(f"{e}. data.source ({source!r}) must hold the passages of data.selfedits: "
-                                 "SEAL's squad_val.json for seal_base_selfedits_val.json") from None
-    if d.get("subset") == "selfedits":  # SEAL's 200 evaluation passages, in the self-edits file's order
-        by_id = {p.id: p for p in source_passages}
-        passages = [by_id[i] for i in replay][d.get("start", 0):][: d.get("n")]
-    elif d.get("subset"):
-        raise RunConfigError(f"unknown data.subset {d['subset']!r}; the only subset is 'selfedits'")
-    else:
-        passages = load_passages(d.get("source", "demo"), n=d.get("n"), start=d.get("start", 0),
-                                 shuffle=d.get("shuffle", False), seed=d.get("seed", 0))
+    passages, replay = select_data(config.data, replay="replay" in config.conditions)
     if lm is None:
         lm = sj.load(config.model, dtype=config.dtype, mesh=config.mesh or None, tokenizer=config.tokenizer,
                      remat=config.remat)

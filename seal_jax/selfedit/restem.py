@@ -41,11 +41,13 @@ from seal_jax.selfedit.knowledge import (
     RunConfig,
     RunConfigError,
     append_rows,
+    check_data_table,
     extension_json,
     read_rows,
     read_toml,
     run_knowledge,
     save_run_config,
+    select_data,
     split_extension_table,
 )
 from seal_jax.selfedit.multihost import agree, is_writer, require_visible
@@ -130,8 +132,10 @@ class RestemConfig:
       strategy: the self-edit strategy whose prompt the generator learns to answer (e.g. ``implications``).
       rounds: outer-loop rounds; passages_per_round: fresh training passages per round.
       positive_gain_only: keep a passage's best self-edit only if its reward beats the accuracy before.
-      eval_data: held-out passages (``{source, n, start, shuffle, seed}``) each round's generator is
-        evaluated on, or ``None`` for no evaluation; they may not overlap the training passages.
+      eval_data: held-out passages each round's generator is evaluated on (a data table, see
+        :func:`~seal_jax.selfedit.knowledge.select_data`: ``{source, n, start, shuffle, seed}``, or
+        ``subset = "selfedits"`` with ``selfedits`` for SEAL's 200 evaluation passages), or ``None`` for no
+        evaluation; the training pool skips them.
       sft_lora, sft_train: the generator's SFT (:class:`~seal_jax.LoraSpec`/:class:`~seal_jax.TrainSpec`
         fields over SEAL's defaults: r=64, alpha=128, all projections, lr 3e-4, 2 epochs, batch 1).
     """
@@ -153,6 +157,7 @@ class RestemConfig:
         if self.rounds < 1 or self.passages_per_round < 1:
             raise RunConfigError(f"restem.rounds and restem.passages_per_round must be >= 1, got "
                                  f"{self.rounds} and {self.passages_per_round}")
+        check_data_table(self.eval_data, "restem.eval_data")
         self.sft_lora_spec()
         self.sft_train_spec()
 
@@ -169,12 +174,13 @@ class RestemConfig:
         """The generator's SFT :class:`~seal_jax.TrainSpec` (see :func:`sft_train_spec`)."""
         return sft_train_spec(self.sft_train)
 
-    def round_config(self, model: str, passages_start: int, n: int, *, data: dict[str, Any] | None = None,
+    def round_config(self, model: str, passages: Sequence[Passage] = (), *, data: dict[str, Any] | None = None,
                      name: str | None = None) -> RunConfig:
-        """The knowledge config of one E-step or evaluation: ``model`` as the generator, the selection
-        ``data`` (default: the training pool from ``passages_start``, ``n`` passages)."""
-        selection = dict(data) if data is not None else {**self.knowledge.data, "start": passages_start, "n": n}
-        return dataclasses.replace(self.knowledge, model=model, data=selection, conditions=("base", self.strategy),
+        """The knowledge config of one E-step or evaluation: ``model`` as the generator, and as its
+        ``data`` either the selection ``data`` or these ``passages`` of the pool (``{"source", "ids"}``)."""
+        if data is None:
+            data = {"source": self.knowledge.data.get("source", "demo"), "ids": [p.id for p in passages]}
+        return dataclasses.replace(self.knowledge, model=model, data=dict(data), conditions=("base", self.strategy),
                                    name=name or self.knowledge.name)
 
     @classmethod
@@ -186,7 +192,7 @@ class RestemConfig:
         strategy = table.get("strategy", "implications")
         knowledge = RunConfig.from_dict({**raw, "conditions": ["base", strategy]}, where=where)
         data = knowledge.data
-        if data.get("n") is not None or data.get("subset"):
+        if data.get("n") is not None or data.get("subset") or "ids" in data:
             raise RunConfigError(f"{where}: [data] is the training pool; set restem.passages_per_round instead of "
                                  "data.n (round N takes the N-th block of passages from data.start)")
         try:
@@ -266,32 +272,28 @@ def sft_rows(best: Sequence[dict[str, Any]], passages: dict[str, Passage], strat
 # The run
 
 
-def round_passages(config: RestemConfig) -> list[list[Passage]]:
-    """The training passages of every round (``rounds`` blocks of ``passages_per_round``)."""
+def eval_passages(config: RestemConfig) -> list[Passage]:
+    """The held-out evaluation passages (``restem.eval_data``, see :func:`select_data`; none without it)."""
+    if config.eval_data is None:
+        return []
+    return select_data(config.eval_data, where="restem.eval_data")[0]
+
+
+def round_passages(config: RestemConfig, held_out: Sequence[Passage] = ()) -> list[list[Passage]]:
+    """The training passages of every round: ``rounds`` blocks of ``passages_per_round`` taken in order
+    from the pool (``data``: its source from ``data.start``, shuffled if asked), skipping the
+    ``held_out`` evaluation passages, so training never sees one."""
     d = config.knowledge.data
-    pool = load_passages(d.get("source", "demo"), n=config.rounds * config.passages_per_round,
-                         start=d.get("start", 0), shuffle=d.get("shuffle", False), seed=d.get("seed", 0))
+    skip = {p.id for p in held_out}
+    pool = [p for p in load_passages(d.get("source", "demo"), start=d.get("start", 0), shuffle=d.get("shuffle", False),
+                                     seed=d.get("seed", 0)) if p.id not in skip]
     p = config.passages_per_round
     blocks = [pool[i * p:(i + 1) * p] for i in range(config.rounds)]
     if any(len(b) < p for b in blocks):
-        raise RunConfigError(f"the training pool has {len(pool)} passages from data.start={d.get('start', 0)}; "
-                             f"{config.rounds} rounds x {p} passages need {config.rounds * p}")
+        raise RunConfigError(f"the training pool has {len(pool)} passages from data.start={d.get('start', 0)}"
+                             f"{' besides the evaluation passages' if skip else ''}; {config.rounds} rounds x {p} "
+                             f"passages need {config.rounds * p}")
     return blocks
-
-
-def eval_passages(config: RestemConfig, training: Sequence[Sequence[Passage]]) -> list[Passage]:
-    """The held-out evaluation passages; an error if any is also a training passage."""
-    if config.eval_data is None:
-        return []
-    e = config.eval_data
-    held_out = load_passages(e.get("source", "demo"), n=e.get("n"), start=e.get("start", 0),
-                             shuffle=e.get("shuffle", False), seed=e.get("seed", 0))
-    train_ids = {p.id for block in training for p in block}
-    overlap = sorted(p.id for p in held_out if p.id in train_ids)
-    if overlap:
-        raise RunConfigError(f"restem.eval_data overlaps the training passages ({overlap[:5]}...); choose "
-                             "another restem.eval_data.start or data.start")
-    return held_out
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -341,8 +343,8 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
     if not resume and agree(lambda: any(out.glob("round-*"))):
         raise FileExistsError(f"{out} already holds a ReST-EM run; pass --resume to continue it or choose another --out")
     save_run_config(out, config.to_json(), resume=resume)
-    training = round_passages(config)
-    held_out = eval_passages(config, training)
+    held_out = eval_passages(config)
+    training = round_passages(config, held_out)
     k = config.knowledge
     generator = k.model
 
@@ -375,7 +377,7 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
         if not held_out:
             return True
         e = config.eval_data or {}
-        cfg = config.round_config(model, 0, 0, data=e, name=f"{k.name}-eval-{r}")
+        cfg = config.round_config(model, data=e, name=f"{k.name}-eval-{r}")
         return knowledge(cfg, out / f"round-{r}" / "eval", held_out)
 
     if not evaluate(0, generator):
@@ -384,8 +386,7 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
         folder = out / f"round-{r}"
         marker = folder / ROUND_FILE
         if not agree(marker.is_file):
-            start = k.data.get("start", 0) + (r - 1) * config.passages_per_round
-            cfg = config.round_config(generator, start, config.passages_per_round, name=f"{k.name}-round-{r}")
+            cfg = config.round_config(generator, training[r - 1], name=f"{k.name}-round-{r}")
             if not knowledge(cfg, folder, training[r - 1]):
                 return _write_summary(config, out)
             if current is None:

@@ -24,7 +24,7 @@ An **iteration** (folder ``iteration-N/``):
    join the archive (``archive.jsonl`` at the top of the run: the seeds plus every finished iteration's
    entries; the ``noarchive`` variant keeps it too, for the record, but never shows it).
 3. **Evaluate** (optional ``eval_data``): the iteration's best template is scored the same way on
-   held-out passages (``iteration-N/eval/results.jsonl``).
+   held-out passages (``iteration-N/eval/results.jsonl``), which the training passages never include.
 4. **SFT** (``sft = true``, every iteration but the last): ReST-EM on the iteration's results —
    :func:`~seal_jax.selfedit.templates.select_top` keeps the top ``sft_top_k`` templates of each passage
    with their best fill, giving (meta-prompt → template JSON) and (fill prompt → fill JSON) pairs
@@ -78,6 +78,7 @@ from seal_jax.selfedit.knowledge import (
     RunConfigError,
     answer_questions,
     append_rows,
+    check_data_table,
     config_differences,
     derived_seed,
     extension_json,
@@ -86,6 +87,7 @@ from seal_jax.selfedit.knowledge import (
     read_toml,
     result_row,
     scored_answers,
+    select_data,
     split_extension_table,
 )
 from seal_jax.selfedit.multihost import agree, is_writer, require_visible
@@ -143,8 +145,10 @@ class TemplateSearchConfig:
         sft_positive_gain_only: keep only fills whose accuracy beat the accuracy before;
         sft_lora, sft_train: :class:`~seal_jax.LoraSpec`/:class:`~seal_jax.TrainSpec` fields over SEAL's
         r=64, alpha=128, all projections, lr 3e-4, 2 epochs, batch 1.
-      eval_data: held-out passages (``{source, n, start, shuffle, seed}``) for each iteration's best
-        template, or ``None``.
+      eval_data: held-out passages for each iteration's best template (a data table, see
+        :func:`~seal_jax.selfedit.knowledge.select_data`: ``{source, n, start, shuffle, seed}``, or
+        ``subset = "selfedits"`` with ``selfedits`` for SEAL's 200 evaluation passages), or ``None``; the
+        training passages skip them.
     """
 
     knowledge: RunConfig
@@ -169,6 +173,7 @@ class TemplateSearchConfig:
     eval_data: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        check_data_table(self.eval_data, "templates.eval_data")
         if self.variant not in VARIANTS:
             raise RunConfigError(f"templates.variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.inner_model not in INNER_MODELS:
@@ -228,7 +233,7 @@ class TemplateSearchConfig:
             kind="template-search",
             conditions_note="has no conditions (the templates are the conditions; base is always evaluated)")
         knowledge = RunConfig.from_dict({**raw, "conditions": ["base"]}, where=where)
-        if knowledge.data.get("n") is not None or knowledge.data.get("subset"):
+        if knowledge.data.get("n") is not None or knowledge.data.get("subset") or "ids" in knowledge.data:
             raise RunConfigError(f"{where}: [data] is the passage pool; set templates.passages instead of data.n")
         try:
             return cls(knowledge=knowledge, **table)
@@ -249,29 +254,26 @@ class TemplateSearchConfig:
 # Passages
 
 
-def training_passages(config: TemplateSearchConfig) -> list[Passage]:
-    """The N training passages every iteration scores its templates on."""
-    d = config.knowledge.data
-    pool = load_passages(d.get("source", "demo"), n=config.passages, start=d.get("start", 0),
-                         shuffle=d.get("shuffle", False), seed=d.get("seed", 0))
-    if len(pool) < config.passages:
-        raise RunConfigError(f"the passage pool has {len(pool)} passages from data.start={d.get('start', 0)}; "
-                             f"templates.passages = {config.passages}")
-    return pool
-
-
-def eval_passages(config: TemplateSearchConfig, training: Sequence[Passage]) -> list[Passage]:
-    """The held-out evaluation passages (none without ``eval_data``); an error if one is a training passage."""
+def eval_passages(config: TemplateSearchConfig) -> list[Passage]:
+    """The held-out evaluation passages (``templates.eval_data``, see :func:`select_data`; none without it)."""
     if config.eval_data is None:
         return []
-    e = config.eval_data
-    held_out = load_passages(e.get("source", "demo"), n=e.get("n"), start=e.get("start", 0),
-                             shuffle=e.get("shuffle", False), seed=e.get("seed", 0))
-    overlap = sorted({p.id for p in held_out} & {p.id for p in training})
-    if overlap:
-        raise RunConfigError(f"templates.eval_data overlaps the training passages ({overlap[:5]}...); choose "
-                             "another templates.eval_data.start or data.start")
-    return held_out
+    return select_data(config.eval_data, where="templates.eval_data")[0]
+
+
+def training_passages(config: TemplateSearchConfig, held_out: Sequence[Passage] = ()) -> list[Passage]:
+    """The N training passages every iteration scores its templates on: the first ``templates.passages``
+    of the pool (``data``: its source from ``data.start``, shuffled if asked), skipping the ``held_out``
+    evaluation passages."""
+    d = config.knowledge.data
+    skip = {p.id for p in held_out}
+    pool = [p for p in load_passages(d.get("source", "demo"), start=d.get("start", 0), shuffle=d.get("shuffle", False),
+                                     seed=d.get("seed", 0)) if p.id not in skip][: config.passages]
+    if len(pool) < config.passages:
+        raise RunConfigError(f"the passage pool has {len(pool)} passages from data.start={d.get('start', 0)}"
+                             f"{' besides the evaluation passages' if skip else ''}; templates.passages = "
+                             f"{config.passages}")
+    return pool
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,8 +483,8 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     if is_writer():
         config_file.write_text(json.dumps(config.to_json(), indent=2))
     k = config.knowledge
-    training = training_passages(config)
-    held_out = eval_passages(config, training)
+    held_out = eval_passages(config)
+    training = training_passages(config, held_out)
     by_id = {p.id: p for p in [*training, *held_out]}
 
     mesh_of_lm = getattr(lm, "mesh", None)  # later generators go where the given model is, unless the config names a mesh
