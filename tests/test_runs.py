@@ -52,3 +52,58 @@ def test_run_kind_of_a_folder(tmp_path):
         runs.run_kind(tmp_path)
     (tmp_path / "run_config.json").write_text(json.dumps({"name": "r", "restem": {"rounds": 1}}))
     assert runs.run_kind(tmp_path) == "restem"
+
+
+# The protocol facts of ../shared/DESIGN.md, read from the configs and defaults that carry them.
+SEAL_INNER_LORA = {"rank": 32, "alpha": 64.0, "dropout": 0.0, "targets": ("q_proj", "v_proj")}
+SEAL_INNER_TRAIN = {"learning_rate": 1e-3, "epochs": 10, "batch_size": 1, "schedule": "linear", "weight_decay": 0.0}
+SEAL_SFT_LORA = {"rank": 64, "alpha": 128.0,
+                 "targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+SEAL_SFT_TRAIN = {"learning_rate": 3e-4, "epochs": 2, "batch_size": 1}
+
+
+def fields_of(spec, wanted):
+    return {k: (tuple(sorted(getattr(spec, k))) if k == "targets" else getattr(spec, k)) for k in wanted}
+
+
+def expected(table):
+    return {k: (tuple(sorted(v)) if k == "targets" else v) for k, v in table.items()}
+
+
+def test_seal_defaults_are_the_papers():
+    import seal_jax as sj
+
+    assert fields_of(sj.LoraSpec.seal(), SEAL_INNER_LORA) == expected(SEAL_INNER_LORA)
+    assert fields_of(sj.TrainSpec.seal(), SEAL_INNER_TRAIN) == expected(SEAL_INNER_TRAIN)
+    assert fields_of(sj.LoraSpec.seal_sft(), SEAL_SFT_LORA) == expected(SEAL_SFT_LORA)
+
+
+def test_accelerator_configs_carry_the_protocol():
+    seal = runs.load_config(EXPERIMENTS / "seal-qwen3-8b.toml")
+    assert seal.k == 5 and seal.include_passage and seal.eval_max_new_tokens == 64 and seal.grader == "judge"
+    assert {k: seal.selfedit_sampling[k] for k in ("temperature", "top_p")} == {"temperature": 1.0, "top_p": 0.95}
+    assert seal.data["subset"] == "selfedits" and "n" not in seal.data  # all 200 of SEAL's passages
+    assert {"base", "passage", "implications", "rewrite", "self_qa"} <= set(seal.conditions)
+    assert fields_of(seal.lora_spec(), SEAL_INNER_LORA) == expected(SEAL_INNER_LORA)
+    assert fields_of(seal.train_spec(), SEAL_INNER_TRAIN) == expected(SEAL_INNER_TRAIN)
+
+    restem = runs.load_config(EXPERIMENTS / "restem-qwen3-8b.toml")
+    assert (restem.rounds, restem.passages_per_round, restem.strategy) == (2, 50, "implications")
+    assert restem.eval_data["subset"] == "selfedits"
+    assert fields_of(restem.sft_lora_spec(), SEAL_SFT_LORA) == expected(SEAL_SFT_LORA)
+    assert fields_of(restem.sft_train_spec(), SEAL_SFT_TRAIN) == expected(SEAL_SFT_TRAIN)
+    assert fields_of(restem.knowledge.lora_spec(), SEAL_INNER_LORA) == expected(SEAL_INNER_LORA)
+
+    from seal_jax.selfedit.proposals import schedule
+    from seal_jax.selfedit.templates import EXPLOIT, EXPLORE, PROPOSAL_SCHEDULE
+
+    assert schedule(5, PROPOSAL_SCHEDULE) == ["exploit"] * 3 + ["explore"] * 2
+    assert EXPLOIT == {"temperature": 0.6, "top_p": 0.95, "min_p": 0.05}
+    assert EXPLORE == {"temperature": 1.3, "top_p": 0.95, "min_p": 0.1}
+    for variant in ("noarchive", "archive", "novelty"):
+        search = runs.load_config(EXPERIMENTS / f"templates-{variant}-qwen3-8b.toml")
+        assert search.variant == variant and not search.knowledge.include_passage
+        assert (search.templates_per_iteration, search.fills, search.passages) == (5, 3, 50)
+        assert search.eval_data["subset"] == "selfedits"
+        assert fields_of(search.sft_lora_spec(), SEAL_SFT_LORA) == expected(SEAL_SFT_LORA)
+        assert fields_of(search.sft_train_spec(), SEAL_SFT_TRAIN) == expected(SEAL_SFT_TRAIN)
