@@ -329,7 +329,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats and smaller shapes; skips e2e_demo unless --only names it")
     parser.add_argument("--out", default=None, help="write the JSON rows to this file")
-    parser.add_argument("--only", default=None, help="comma-separated benchmark names to run")
+    parser.add_argument("--only", default=None, help=f"comma-separated benchmark names to run ({', '.join(BENCHMARKS)}; "
+                        "with --scaling: candidates, seq_len, depth)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, one repeat, no warm-up: checks that every entry runs (tests), not speed")
     parser.add_argument("--no-reference", action="store_true", help="skip transformers / PEFT (reference = null)")
@@ -341,6 +342,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
     )
+
+
+BENCHMARKS = ("prefill", "decode_b1", "decode_b8", "decode_b32", "lora_train", "candidates_k8", "e2e_demo")
 
 
 def print_table(rows: list[BenchRow], machine: dict[str, Any]) -> None:
@@ -383,6 +387,9 @@ def main(args: argparse.Namespace) -> int:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no model at {folder}; run `seal-jax fetch smollm2-135m-instruct` first")
     only = set(args.only.split(",")) if args.only else None
+    if only is not None and only - set(BENCHMARKS):
+        raise ValueError(f"unknown benchmark(s) in --only: {sorted(only - set(BENCHMARKS))}; the benchmarks are "
+                         f"{', '.join(BENCHMARKS)}")
     smoke = getattr(args, "smoke", False)
     with_reference = not getattr(args, "no_reference", False)
     repeats = 1 if smoke else 2 if args.quick else 5
@@ -409,6 +416,21 @@ def main(args: argparse.Namespace) -> int:
     rows: list[BenchRow] = []
     peak, bandwidth = machine["matmul_flops"], machine["read_bandwidth"]
 
+    class Rows(list):  # each finished row is printed and saved at once, so a killed bench keeps them
+        def append(self, row: BenchRow) -> None:
+            super().append(row)
+            ratio = "" if row.ratio is None else f" ({row.ratio:.2f}× the reference)"
+            print(f"{row.name}: {row.ours:.4g} {row.unit}{ratio}", flush=True)
+            write(self)
+
+    def write(done: list[BenchRow]) -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(
+                json.dumps({"machine": machine, "rows": [dataclasses.asdict(r) for r in done]}, indent=2))
+
+    rows = Rows()
+
     def want(name: str) -> bool:
         return only is None or name in only
 
@@ -432,9 +454,5 @@ def main(args: argparse.Namespace) -> int:
                                    smoke=smoke)
         rows.append(bench_e2e(lm, config, warmup=not smoke))
     print_table(rows, machine)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            json.dumps({"machine": machine, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2)
-        )
+    write(rows)
     return 0

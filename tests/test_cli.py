@@ -65,6 +65,15 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
     assert "is not a run folder of 'demo'" in capsys.readouterr().err
     assert (precious / "weights.bin").read_bytes() == b"keep me"
 
+    finished = tmp_path / "finished"  # another config's run: demo does not start it over
+    finished.mkdir()
+    (finished / "run_config.json").write_text(json.dumps({"name": "cli"}))
+    (finished / "results.jsonl").write_text("{}\n")
+    other = write_config(tmp_path / "cli.toml", tmp_path / "no-model")
+    assert main(["demo", "--config", str(other), "--out", str(finished)]) == 1
+    assert "starts over only with its own config" in capsys.readouterr().err
+    assert (finished / "results.jsonl").read_text() == "{}\n"
+
     other_run = tmp_path / "other"
     other_run.mkdir()
     (other_run / "run_config.json").write_text(json.dumps({"name": "seal-qwen3-8b"}))

@@ -156,7 +156,7 @@ def test_config_errors(tmp_path, tiny_chat_dir):
         RunConfig.from_toml(bad)
     with pytest.raises(FileNotFoundError, match="no run config"):
         RunConfig.from_toml(tmp_path / "missing.toml")
-    with pytest.raises(ValueError, match="unknown grader 'gpt4'"):
+    with pytest.raises(RunConfigError, match="unknown grader 'gpt4'"):
         tiny_config(tiny_chat_dir, grader="gpt4")
     with pytest.raises(RunConfigError, match=r"unknown keys in \[data\]: \['shufle'\]"):
         tiny_config(tiny_chat_dir, data={"source": "demo", "shufle": True})
@@ -164,6 +164,14 @@ def test_config_errors(tmp_path, tiny_chat_dir):
         tiny_config(tiny_chat_dir, selfedit_sampling={"temprature": 0.5})
     with pytest.raises(RunConfigError, match=r"\[selfedit_sampling\].*top_p"):
         tiny_config(tiny_chat_dir, selfedit_sampling={"top_p": 1.5})
+    with pytest.raises(RunConfigError, match=r"\[train\]: .*'eopchs'; known keys: \[.*'epochs'"):
+        tiny_config(tiny_chat_dir, train={"eopchs": 3})
+    with pytest.raises(RunConfigError, match=r"\[train\]: .*check the types of its values"):
+        tiny_config(tiny_chat_dir, train={"learning_rate": "3e-3"})
+    with pytest.raises(RunConfigError, match=r"data.n must be an integer, got '5'"):
+        tiny_config(tiny_chat_dir, data={"source": "demo", "n": "5"})
+    with pytest.raises(RunConfigError, match=r"unknown grader 'llm'; choose one of .*'rules\+judge'"):
+        tiny_config(tiny_chat_dir, grader="llm")
     for key, value in (("k", 2.0), ("repeats", 0), ("k", True), ("eval_max_new_tokens", "64")):
         with pytest.raises(RunConfigError, match=f"{key} must be a positive integer"):
             tiny_config(tiny_chat_dir, **{key: value})

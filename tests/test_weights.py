@@ -84,13 +84,21 @@ def test_folder_without_weights(tmp_path, tiny_hf):
 def test_path_that_does_not_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*seal-jax fetch"):
         sj.load(tmp_path / "no-such-model")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist, relative to the current directory"):
         resolve_checkpoint("./relative/missing")
+
+
+def test_a_typo_under_a_local_folder_is_not_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model folder 'checkpoints/smollm2-135m-instrct' does not exist"):
+        resolve_checkpoint("checkpoints/smollm2-135m-instrct")
 
 
 def test_hub_id_offline_says_to_pass_a_folder(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"could not get 'Qwen/Qwen3-0.6B'.*offline.*pass its path"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"'Qwen/Qwen3-0.6B' is not a local folder and could not be downloaded.*offline.*pass its path"):
         resolve_checkpoint("Qwen/Qwen3-0.6B")
 
 

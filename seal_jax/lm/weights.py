@@ -335,11 +335,14 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
     if p.is_dir():
         return p
     text = str(path_or_id)
-    looks_local = text.startswith((".", "/", "~")) or p.exists() or not HUB_ID.fullmatch(text)
+    # "org/name" is a hub id unless its first part is a local folder ("checkpoints/smollm2-13m" is a typo)
+    looks_local = (text.startswith((".", "/", "~")) or p.exists() or not HUB_ID.fullmatch(text)
+                   or Path(p.parts[0]).is_dir())
     if looks_local:
         hint = " (a file: pass the folder that holds config.json)" if p.is_file() else ""
+        where = "" if p.is_absolute() else f", relative to the current directory {Path.cwd()}"
         raise FileNotFoundError(
-            f"model folder {text!r} does not exist{hint}; pass a Hugging Face model folder, or run "
+            f"model folder {text!r} does not exist{hint}{where}; pass a Hugging Face model folder, or run "
             "`seal-jax fetch smollm2-135m-instruct` for the bundled CPU model"
         )
     from huggingface_hub import snapshot_download
@@ -347,9 +350,11 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=HUB_FILES))
     except Exception as e:  # offline, gated, unknown repo: all end the same way for the user
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
         raise FileNotFoundError(
-            f"could not get {text!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
-            "If this machine is offline, download the model elsewhere (e.g. `hf download "
-            f"{text} --local-dir DIR`), copy the folder here and pass its path; for the bundled CPU model "
-            "run `seal-jax fetch smollm2-135m-instruct`"
+            f"{text!r} is not a local folder and could not be downloaded from the Hugging Face hub "
+            f"({type(e).__name__}: {reason}). If this machine is offline, download the model elsewhere (e.g. "
+            f"`hf download {text} --local-dir DIR`), copy the folder here and pass its path; for the bundled "
+            "CPU model run `seal-jax fetch smollm2-135m-instruct`"
         ) from None

@@ -69,6 +69,11 @@ TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
 DATA_KEYS = frozenset({"source", "n", "start", "shuffle", "seed", "selfedits", "subset", "ids"})
 
 
+_DATA_TYPES = (("source", str, "a file path, 'demo' or 'hub:NAME'"), ("n", int, "an integer"),
+               ("start", int, "an integer"), ("seed", int, "an integer"), ("shuffle", bool, "true or false"),
+               ("selfedits", str, "a file path"), ("subset", str, "'selfedits'"), ("ids", list, "a list of passage ids"))
+
+
 def check_data_table(table: Any, where: str) -> None:
     """Check that a data table (``[data]``, ``restem.eval_data`` …) is a table of known keys (``None`` passes).
 
@@ -82,6 +87,10 @@ def check_data_table(table: Any, where: str) -> None:
     unknown = sorted(set(table) - DATA_KEYS)
     if unknown:
         raise RunConfigError(f"unknown keys in [{where}]: {unknown}; known keys: {sorted(DATA_KEYS)}")
+    for key, kinds, what in _DATA_TYPES:
+        value = table.get(key)
+        if value is not None and (not isinstance(value, kinds) or (kinds is int and isinstance(value, bool))):
+            raise RunConfigError(f"{where}.{key} must be {what}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,14 +174,26 @@ class RunConfig:
         check_data_table(self.data, "data")
         from seal_jax import SamplingParams
 
+        known = sorted(f.name for f in dataclasses.fields(SamplingParams))
         try:
             SamplingParams(**self.selfedit_sampling)
         except (TypeError, ValueError) as e:
-            raise RunConfigError(f"[selfedit_sampling]: {e}; known keys are SamplingParams' fields") from None
-        if self.grader not in grading.JUDGE_GRADERS:
-            grading.get_grader(self.grader)
-        self.lora_spec()
-        self.train_spec()
+            raise RunConfigError(f"[selfedit_sampling]: {e}; known keys: {known}") from None
+        if self.grader not in grading.JUDGE_GRADERS and self.grader not in grading.GRADERS:
+            raise RunConfigError(f"unknown grader {self.grader!r}; choose one of "
+                                 f"{sorted(grading.GRADERS) + sorted(grading.JUDGE_GRADERS)} (the last two ask the "
+                                 "run's model)")
+        from seal_jax import LoraSpec, TrainSpec
+
+        for table, build, spec_class in (("lora", self.lora_spec, LoraSpec), ("train", self.train_spec, TrainSpec)):
+            try:
+                build()
+            except TypeError as e:
+                known = sorted(f.name for f in dataclasses.fields(spec_class) if f.name != "seed")
+                hint = f"known keys: {known}" if "unexpected keyword" in str(e) else "check the types of its values"
+                raise RunConfigError(f"[{table}]: {e}; {hint}") from None
+            except ValueError as e:
+                raise RunConfigError(f"[{table}]: {e}") from None
 
     def lora_spec(self) -> Any:
         """The run's :class:`~seal_jax.LoraSpec` (SEAL's defaults for missing fields)."""
