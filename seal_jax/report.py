@@ -24,6 +24,8 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     from seal_jax.selfedit.knowledge import read_rows, summarize
 
     run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"no folder {run}; pass a run folder written by `seal-jax run` (e.g. checkpoints/runs/demo)")
     results = run / "results.jsonl"
     if not results.is_file():
         raise FileNotFoundError(f"{run} holds no results.jsonl; pass a run folder written by `seal-jax run`")

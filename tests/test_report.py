@@ -35,6 +35,8 @@ def test_report_table_and_chart(tmp_path, capsys):
 
 
 def test_report_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no folder .*nowhere; pass a run folder"):
+        report(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no results.jsonl"):
         report(tmp_path)
     write_run(tmp_path / "empty", [])

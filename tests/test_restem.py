@@ -236,3 +236,19 @@ def test_restem_config_errors(tiny_chat_dir, tmp_path):
     too_many = RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "passages_per_round": 20}})
     with pytest.raises(RunConfigError, match="need 40"):
         run_restem(too_many, tmp_path / "y", progress=False)
+
+
+def test_sft_settings_may_change_on_resume_until_an_sft_has_run(tiny_chat_dir, tmp_path):
+    from seal_jax.selfedit.restem import changes_only_sft_settings
+
+    raw = restem_raw(tiny_chat_dir)
+    saved = RestemConfig.from_dict(raw).to_json()
+    (tmp_path / "run_config.json").write_text(json.dumps(saved))
+    (tmp_path / "round-1").mkdir()
+    bigger = RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "sft_train": {"max_len": 4096}}}).to_json()
+    other = RestemConfig.from_dict({**raw, "k": 3, "restem": {**raw["restem"], "sft_train": {"max_len": 4096}}})
+    assert changes_only_sft_settings(tmp_path, bigger)
+    assert not changes_only_sft_settings(tmp_path, other.to_json())  # k changes the rows: no
+    assert not changes_only_sft_settings(tmp_path / "fresh", bigger)  # nothing saved yet
+    (tmp_path / "round-1" / "round.json").write_text("{}")  # round 1's generator was trained with the old ones
+    assert not changes_only_sft_settings(tmp_path, bigger)

@@ -42,6 +42,7 @@ from seal_jax.selfedit.knowledge import (
     RunConfigError,
     append_rows,
     check_data_table,
+    config_differences,
     extension_json,
     read_rows,
     read_toml,
@@ -324,6 +325,21 @@ def train_generator(lm: Any, rows: Sequence[dict[str, Any]], config: RestemConfi
                          table="restem")
 
 
+def changes_only_sft_settings(out: Path, config_json: dict[str, Any]) -> bool:
+    """Whether resuming ``out`` with ``config_json`` changes nothing but ``restem.sft_lora``/``sft_train``
+    while no round's SFT has finished (no ``round-N/round.json``): such a change cannot alter any row
+    written so far, so the run may go on with the new SFT settings (e.g. a larger ``sft_train.max_len``
+    after the SFT could not start)."""
+    path = out / "run_config.json"
+    if not path.is_file() or any(out.glob(f"round-*/{ROUND_FILE}")):
+        return False
+    saved = json.loads(path.read_text())
+    restem = dict(saved.get("restem") or {})
+    for key in ("sft_lora", "sft_train"):
+        restem[key] = config_json.get("restem", {}).get(key)
+    return not config_differences({**saved, "restem": restem}, config_json)
+
+
 def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
                progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) ReST-EM into ``out_dir``; returns the summary (see the module docstring).
@@ -342,7 +358,9 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
         out.mkdir(parents=True, exist_ok=True)
     if not resume and agree(lambda: any(out.glob("round-*"))):
         raise FileExistsError(f"{out} already holds a ReST-EM run; pass --resume to continue it or choose another --out")
-    save_run_config(out, config.to_json(), resume=resume)
+    config_json = config.to_json()
+    sft_only = resume and agree(lambda: changes_only_sft_settings(out, config_json))
+    save_run_config(out, config_json, resume=resume and not sft_only)
     held_out = eval_passages(config)
     training = round_passages(config, held_out)
     k = config.knowledge
