@@ -140,6 +140,12 @@ def _run_config(path: str, out: str | None) -> tuple[object, Path]:
     return config, Path(out) if out else CHECKPOINTS / "runs" / config.name
 
 
+def _say_if_nothing_to_resume(resume: bool, out: Path) -> None:
+    """With ``--resume`` on a folder that holds no run, say that a new run starts (not an error)."""
+    if resume and not (out / "run_config.json").is_file():
+        print(f"--resume: {out} holds no run yet; starting a new one", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) an experiment from a TOML config (knowledge incorporation, ReST-EM or template search)."""
     from seal_jax.lm.sharding import initialize_distributed
@@ -147,6 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     initialize_distributed()  # multi-host: from SEAL_JAX_* / JAX_* / srun / TPU slice; no-op for one process
     config, out = _run_config(args.config, args.out)
+    _say_if_nothing_to_resume(args.resume, out)
     t0 = time.perf_counter()
     summary = runs.run(config, out, resume=args.resume)
     print(runs.markdown(summary))
@@ -186,6 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"{out} holds a run of {args.config}; `seal-jax demo` starts over only with its own config "
                 f"({DEMO_CONFIG}). Pass --resume to continue it, or choose another --out")
         shutil.rmtree(out)
+    _say_if_nothing_to_resume(args.resume, out)
     t0 = time.perf_counter()
     runs.run(config, out, resume=args.resume)
     markdown, png = report(out)

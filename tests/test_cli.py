@@ -28,8 +28,10 @@ def write_config(path: Path, model_dir: Path, **extra: str) -> Path:
 def test_run_prints_the_table_and_refuses_to_overwrite(tiny_chat_dir, tmp_path, capsys):
     config = write_config(tmp_path / "cli.toml", tiny_chat_dir)
     out = tmp_path / "run"
-    assert main(["run", str(config), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    assert main(["run", str(config), "--out", str(out), "--resume"]) == 0  # nothing to resume: a new run
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert f"--resume: {out} holds no run yet; starting a new one" in captured.err
     assert "| base |" in printed and "| passage |" in printed and f"results in {out}/" in printed
     rows = read_rows(out / "results.jsonl")
     assert [r["condition"] for r in rows] == ["base", "passage"]
