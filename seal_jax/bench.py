@@ -424,10 +424,12 @@ def main(args: argparse.Namespace) -> int:
             write(self)
 
     def write(done: list[BenchRow]) -> None:
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(
-                json.dumps({"machine": machine, "rows": [dataclasses.asdict(r) for r in done]}, indent=2))
+        if args.out:  # written beside, then renamed: a kill never leaves a half-written file
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps({"machine": machine, "rows": [dataclasses.asdict(r) for r in done]}, indent=2))
+            tmp.replace(out)
 
     rows = Rows()
 

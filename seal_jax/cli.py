@@ -33,8 +33,8 @@ SMOKE_PROMPTS = (
 def _model_dir(name_or_path: str) -> Path:
     """A model folder: the path itself, or a bare name (no ``/``) under ``checkpoints/``."""
     path = Path(name_or_path)
-    if path.is_dir() or len(path.parts) > 1 or path.is_absolute():
-        return path
+    if path.is_dir() or "/" in name_or_path or name_or_path.startswith((".", "~")):
+        return path.expanduser()
     return CHECKPOINTS / name_or_path
 
 

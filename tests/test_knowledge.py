@@ -14,10 +14,12 @@ from seal_jax.selfedit.knowledge import (
     ResultsFileError,
     RunConfig,
     RunConfigError,
+    append_passage,
     append_rows,
     extension_json,
     read_rows,
     run_knowledge,
+    select_data,
     split_extension_table,
     summarize,
 )
@@ -143,6 +145,24 @@ def test_read_rows_drops_a_torn_unit_and_repairs_only_when_asked(tmp_path):
     assert read_rows(tmp_path / "missing.jsonl") == []
 
 
+def test_read_rows_counts_each_passages_rows(tmp_path):
+    """Rows written by ``append_passage`` carry their passage's row count: a passage cut anywhere, even at a
+    line end, is dropped whole, and a whole passage is kept whatever the tear after it hides."""
+    path = tmp_path / "results.jsonl"
+    append_passage(path, _rows("a", 2))
+    append_passage(path, _rows("b", 3))
+    whole = path.read_bytes()
+    a_rows = [{**r, "passage_rows": 2} for r in _rows("a", 2)]
+    assert read_rows(path) == a_rows + [{**r, "passage_rows": 3} for r in _rows("b", 3)]
+    line_ends = [i + 1 for i, byte in enumerate(whole) if byte == ord("\n")]
+    a_end = line_ends[1]
+    for cut in range(a_end, len(whole)):  # every cut inside b's write, line ends included
+        path.write_bytes(whole[:cut])
+        assert read_rows(path, repair=False) == a_rows, cut
+    path.write_bytes(whole[:a_end + 3])  # b's id hidden by the tear: a is whole all the same
+    assert read_rows(path) == a_rows and path.read_bytes() == whole[:a_end]
+
+
 def test_config_errors(tmp_path, tiny_chat_dir):
     with pytest.raises(RunConfigError, match="unknown keys \\['epochs'\\]"):
         RunConfig.from_dict({"name": "x", "model": "m", "epochs": 3})
@@ -204,6 +224,11 @@ def test_seal_subset_replays_seal_selfedits_in_seal_order(tiny_chat_dir, tiny_lm
     assert {r["title"] for r in rows} == {first["title"]} and rows[0]["passage_id"] == "squad-val-1168"
     assert [r["self_edit"] for r in rows if r["condition"] == "replay"] == first["completions"][:2]
     assert len(rows[0]["answers"]) == len(first["questions"])
+    with pytest.raises(RunConfigError, match=r"data.ids names passages more than once: \['demo-1'\]"):
+        select_data({"source": "demo", "ids": ["demo-1", "demo-0", "demo-1"]})
+    assert [p.id for p in select_data({"source": "demo", "ids": ["demo-3", "demo-0"]})[0]] == ["demo-3", "demo-0"]
+    with pytest.raises(RunConfigError, match=r"'demo' has no passage 'demo-99'"):
+        select_data({"source": "demo", "ids": ["demo-99"]})
     with pytest.raises(RunConfigError, match="need data.selfedits"):
         run_knowledge(tiny_config(tiny_chat_dir, conditions=["base", "replay"]), tmp_path / "b", lm=object(),
                       progress=False)

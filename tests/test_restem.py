@@ -252,3 +252,20 @@ def test_sft_settings_may_change_on_resume_until_an_sft_has_run(tiny_chat_dir, t
     assert not changes_only_sft_settings(tmp_path / "fresh", bigger)  # nothing saved yet
     (tmp_path / "round-1" / "round.json").write_text("{}")  # round 1's generator was trained with the old ones
     assert not changes_only_sft_settings(tmp_path, bigger)
+
+
+def test_a_round_folder_of_the_older_layout_resumes(tiny_chat_dir, tmp_path):
+    """Round folders once saved their passages as {source, start, n}; the same passages as ids resume."""
+    from seal_jax.selfedit.restem import _adopt_id_selection
+
+    config = RestemConfig.from_dict(restem_raw(tiny_chat_dir))
+    blocks = round_passages(config, eval_passages(config))
+    cfg = config.round_config(config.knowledge.model, blocks[1])
+    old = {**cfg.to_json(), "data": {"source": "demo", "start": 2, "n": 2}}
+    (tmp_path / "run_config.json").write_text(json.dumps(old))
+    _adopt_id_selection(tmp_path, cfg)
+    assert json.loads((tmp_path / "run_config.json").read_text()) == cfg.to_json()
+    other = {**old, "data": {"source": "demo", "start": 3, "n": 2}}  # other passages: left for the check to refuse
+    (tmp_path / "run_config.json").write_text(json.dumps(other))
+    _adopt_id_selection(tmp_path, cfg)
+    assert json.loads((tmp_path / "run_config.json").read_text()) == other

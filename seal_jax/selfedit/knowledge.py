@@ -297,7 +297,7 @@ def extension_json(knowledge: RunConfig, extension: Any, table_name: str) -> dic
     out = knowledge.to_json()
     out.pop("conditions")
     table = {f.name: getattr(extension, f.name) for f in dataclasses.fields(extension) if f.name != "knowledge"}
-    return {**out, table_name: table}
+    return json.loads(json.dumps({**out, table_name: table}))  # as run_config.json reads back (lists, not tuples)
 
 
 # Engine settings that do not change a run's results: a run may be resumed with them changed (for example
@@ -351,12 +351,14 @@ class ResultsFileError(ValueError):
 def read_rows(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
     """Rows of a JSONL results file (``[]`` when it does not exist).
 
-    Rows are appended a whole passage at a time (:func:`append_rows`), so a run killed mid-write leaves
-    at most one torn unit at the end: a last line without its newline or that does not parse. Such a
-    tail, together with the complete rows before it that share the torn unit's ``passage_id`` (the
-    last passage's rows, when the tear cannot be read), is left out, so a resumed run redoes that
-    passage instead of keeping half of it. ``repair=True`` (the resume path) also cuts the file back to
-    the rows returned; ``repair=False`` (reports, summaries of a run still writing) never changes it.
+    A run appends each passage's rows in one write (:func:`append_rows`), every row carrying
+    ``passage_rows``, the number of rows written with it. A run killed mid-write therefore leaves at
+    most one incomplete passage at the end: a torn last line (no newline, or not parseable), or fewer
+    whole rows than their ``passage_rows`` says. That passage's rows are left out, so a resumed run redoes
+    it instead of keeping part of it. (For files without ``passage_rows``, a torn line also drops the whole
+    rows before it that share its ``passage_id``, or the last passage's when the tear hides the id.)
+    ``repair=True`` (the resume path) also cuts the file back to the rows returned; ``repair=False``
+    (reports, summaries of a run still writing) never changes it.
 
     Raises:
       ResultsFileError: a line before the last one does not parse (the file was edited or damaged);
@@ -388,9 +390,13 @@ def read_rows(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
             raise ResultsFileError(f"{path}: line {number} is {type(row).__name__}, not a JSON object")
         rows.append(row)
         ends.append(offset)
-    if torn:
-        torn_id = _passage_id_of(tail) if tail.strip() else None
-        last_id = torn_id if torn_id is not None else (rows[-1].get("passage_id") if rows else None)
+    whole = _last_passage_whole(rows)
+    if whole is False or (whole is None and torn):
+        if whole is None:  # an older file without passage_rows: guess the torn write's passage
+            torn_id = _passage_id_of(tail) if tail.strip() else None
+            last_id = torn_id if torn_id is not None else rows[-1].get("passage_id")
+        else:
+            last_id = rows[-1].get("passage_id")
         while rows and last_id is not None and rows[-1].get("passage_id") == last_id:
             rows.pop()
             ends.pop()
@@ -401,9 +407,24 @@ def read_rows(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
     return rows
 
 
+def _last_passage_whole(rows: list[dict[str, Any]]) -> bool | None:
+    """Whether the last passage's rows are all there (by ``passage_rows``); ``None`` when it cannot tell."""
+    if not rows:
+        return True
+    size, pid = rows[-1].get("passage_rows"), rows[-1].get("passage_id")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return None
+    run = 0
+    for r in reversed(rows):
+        if r.get("passage_id") != pid or r.get("passage_rows") != size:
+            break
+        run += 1
+    return run % size == 0
+
+
 def _passage_id_of(torn_line: bytes) -> Any:
     """The ``passage_id`` written at the start of a torn JSONL line, if it is readable there."""
-    m = re.search(rb'"passage_id":\s*("(?:[^"\\]|\\.)*"|-?\d+)', torn_line)
+    m = re.search(rb'"passage_id":\s*("(?:[^"\\]|\\.)*")', torn_line)
     if not m:
         return None
     try:
@@ -412,11 +433,15 @@ def _passage_id_of(torn_line: bytes) -> Any:
         return None
 
 
-def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append rows to a JSONL file as one unit: one ``write`` of all their lines, then fsync.
+def append_passage(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Append one passage's rows to a results file, each with ``passage_rows`` (how many rows the passage
+    wrote), in one write (:func:`append_rows`); :func:`read_rows` drops a passage a kill cut short."""
+    append_rows(path, [{**r, "passage_rows": len(rows)} for r in rows])
 
-    A run writes one passage's rows per call, so :func:`read_rows` can drop a unit torn by a kill.
-    """
+
+def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Append rows to a JSONL file: all their lines in one ``write`` (retried only for what a short write
+    left), then fsync."""
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -678,6 +703,9 @@ def select_data(d: dict[str, Any], *, where: str = "data", replay: bool = False
         wanted = list(selfedits) if subset else d["ids"]
         if not isinstance(wanted, list) or not all(isinstance(i, str) for i in wanted):
             raise RunConfigError(f"{where}.ids must be a list of passage ids (strings), got {wanted!r}")
+        if len(set(wanted)) != len(wanted):
+            twice = sorted({i for i in wanted if wanted.count(i) > 1})
+            raise RunConfigError(f"{where}.ids names passages more than once: {twice[:5]}")
         by_id = {p.id: p for p in everything}
         missing = [i for i in wanted if i not in by_id]
         if missing:
@@ -735,7 +763,7 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
         for r in new:
             r["seconds"] = round(time.perf_counter() - t0, 2)
         if is_writer():
-            append_rows(results, new)
+            append_passage(results, new)
         rows.extend(new)
         if stop_after is not None and count + 1 >= stop_after:
             break

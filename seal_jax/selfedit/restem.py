@@ -325,6 +325,20 @@ def train_generator(lm: Any, rows: Sequence[dict[str, Any]], config: RestemConfi
                          table="restem")
 
 
+def _adopt_id_selection(folder: Path, cfg: RunConfig) -> None:
+    """A round folder started by an older seal-jax saved its passages as ``{source, start, n}``; when that
+    selects exactly ``cfg``'s ``ids``, save the ids instead, so the round resumes (process 0 writes)."""
+    path = folder / "run_config.json"
+    if "ids" not in cfg.data or not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    data = saved.get("data") or {}
+    if "ids" in data or [p.id for p in select_data(data)[0]] != cfg.data["ids"]:
+        return
+    if is_writer():
+        path.write_text(json.dumps({**saved, "data": cfg.to_json()["data"]}, indent=2))
+
+
 def changes_only_sft_settings(out: Path, config_json: dict[str, Any]) -> bool:
     """Whether resuming ``out`` with ``config_json`` changes nothing but ``restem.sft_lora``/``sft_train``
     while no round's SFT has finished (no ``round-N/round.json``): such a change cannot alter any row
@@ -385,6 +399,7 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
             return False
         if current is None:
             current = load(cfg.model)
+        agree(lambda: _adopt_id_selection(folder, cfg))
         before = _passages_done(folder)
         run_knowledge(cfg, folder, resume=True, lm=current, progress=progress, stop_after=budget[0])
         if budget[0] is not None:

@@ -77,7 +77,7 @@ from seal_jax.selfedit.knowledge import (
     RunConfig,
     RunConfigError,
     answer_questions,
-    append_rows,
+    append_passage,
     check_data_table,
     config_differences,
     derived_seed,
@@ -443,7 +443,7 @@ def _score_passages(config: TemplateSearchConfig, lms: Callable[[], tuple[Any, A
         for r in rows:
             r["seconds"] = round(time.perf_counter() - t0, 2)
         if is_writer():
-            append_rows(results, rows)
+            append_passage(results, rows)
         if budget[0] is not None:
             budget[0] -= 1
     return True
