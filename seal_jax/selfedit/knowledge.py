@@ -39,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from seal_jax.selfedit import grading
-from seal_jax.selfedit.data import DataError, Passage, load_passages, load_seal_selfedits
+from seal_jax.selfedit.data import DataError, Passage, load_passages, load_seal_selfedits, select_passages
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.strategies import (
     FILL_FALLBACKS,
@@ -712,8 +712,10 @@ def select_data(d: dict[str, Any], *, where: str = "data", replay: bool = False
             raise RunConfigError(f"{where}: {source!r} has no passage {missing[0]!r} ({len(missing)} ids missing)")
         chosen = [by_id[i] for i in wanted]
         return (chosen[d.get("start", 0):][: d.get("n")] if subset else chosen), selfedits
-    return load_passages(source, n=d.get("n"), start=d.get("start", 0), shuffle=d.get("shuffle", False),
-                         seed=d.get("seed", 0)), selfedits
+    selection = {"n": d.get("n"), "start": d.get("start", 0), "shuffle": d.get("shuffle", False), "seed": d.get("seed", 0)}
+    if everything:  # already read for the self-edits
+        return select_passages(everything, **selection), selfedits
+    return load_passages(source, **selection), selfedits
 
 
 def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
