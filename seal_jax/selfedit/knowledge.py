@@ -718,6 +718,14 @@ def select_data(d: dict[str, Any], *, where: str = "data", replay: bool = False
     return load_passages(source, **selection), selfedits
 
 
+def pool_passages(d: dict[str, Any], held_out: Sequence[Passage] = ()) -> list[Passage]:
+    """A training pool: ``d``'s source from ``d["start"]`` (shuffled first if asked), without the
+    ``held_out`` evaluation passages, so training never sees one."""
+    skip = {p.id for p in held_out}
+    return [p for p in load_passages(d.get("source", "demo"), start=d.get("start", 0), shuffle=d.get("shuffle", False),
+                                     seed=d.get("seed", 0)) if p.id not in skip]
+
+
 def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
                   progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) a knowledge-incorporation experiment into ``out_dir``.

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from seal_jax.selfedit.data import Passage, load_passages
+from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.knowledge import (
     RunConfig,
     RunConfigError,
@@ -44,6 +44,7 @@ from seal_jax.selfedit.knowledge import (
     check_data_table,
     config_differences,
     extension_json,
+    pool_passages,
     read_rows,
     read_toml,
     run_knowledge,
@@ -285,14 +286,12 @@ def round_passages(config: RestemConfig, held_out: Sequence[Passage] = ()) -> li
     from the pool (``data``: its source from ``data.start``, shuffled if asked), skipping the
     ``held_out`` evaluation passages, so training never sees one."""
     d = config.knowledge.data
-    skip = {p.id for p in held_out}
-    pool = [p for p in load_passages(d.get("source", "demo"), start=d.get("start", 0), shuffle=d.get("shuffle", False),
-                                     seed=d.get("seed", 0)) if p.id not in skip]
+    pool = pool_passages(d, held_out)
     p = config.passages_per_round
     blocks = [pool[i * p:(i + 1) * p] for i in range(config.rounds)]
     if any(len(b) < p for b in blocks):
         raise RunConfigError(f"the training pool has {len(pool)} passages from data.start={d.get('start', 0)}"
-                             f"{' besides the evaluation passages' if skip else ''}; {config.rounds} rounds x {p} "
+                             f"{' besides the evaluation passages' if held_out else ''}; {config.rounds} rounds x {p} "
                              f"passages need {config.rounds * p}")
     return blocks
 

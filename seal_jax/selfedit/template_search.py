@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from seal_jax.selfedit.data import Passage, load_passages
+from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.knowledge import (
     BatchGrader,
     RunConfig,
@@ -83,6 +83,7 @@ from seal_jax.selfedit.knowledge import (
     derived_seed,
     extension_json,
     make_grader,
+    pool_passages,
     read_rows,
     read_toml,
     result_row,
@@ -266,12 +267,10 @@ def training_passages(config: TemplateSearchConfig, held_out: Sequence[Passage] 
     of the pool (``data``: its source from ``data.start``, shuffled if asked), skipping the ``held_out``
     evaluation passages."""
     d = config.knowledge.data
-    skip = {p.id for p in held_out}
-    pool = [p for p in load_passages(d.get("source", "demo"), start=d.get("start", 0), shuffle=d.get("shuffle", False),
-                                     seed=d.get("seed", 0)) if p.id not in skip][: config.passages]
+    pool = pool_passages(d, held_out)[: config.passages]
     if len(pool) < config.passages:
         raise RunConfigError(f"the passage pool has {len(pool)} passages from data.start={d.get('start', 0)}"
-                             f"{' besides the evaluation passages' if skip else ''}; templates.passages = "
+                             f"{' besides the evaluation passages' if held_out else ''}; templates.passages = "
                              f"{config.passages}")
     return pool
 
