@@ -113,3 +113,15 @@ def test_unknown_subcommand_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train"])
     assert e.value.code == 2 and "invalid choice: 'train'" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path):
+    """`seal-jax plan --json | head -1`: the reader leaves early; no traceback."""
+    import subprocess
+    import sys
+
+    code = "import sys; from seal_jax.cli import main; sys.exit(main(['plan', '--json', '--hardware', 'h100']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.close()  # the reader is gone before the first line (like `| head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err

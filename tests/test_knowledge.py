@@ -188,6 +188,8 @@ def test_config_errors(tmp_path, tiny_chat_dir):
         tiny_config(tiny_chat_dir, train={"eopchs": 3})
     with pytest.raises(RunConfigError, match=r"\[train\]: .*check the types of its values"):
         tiny_config(tiny_chat_dir, train={"learning_rate": "3e-3"})
+    with pytest.raises(RunConfigError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'fp32'"):
+        tiny_config(tiny_chat_dir, dtype="fp32")
     with pytest.raises(RunConfigError, match=r"data.n must be an integer, got '5'"):
         tiny_config(tiny_chat_dir, data={"source": "demo", "n": "5"})
     with pytest.raises(RunConfigError, match=r"unknown grader 'llm'; choose one of .*'rules\+judge'"):

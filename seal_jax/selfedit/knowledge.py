@@ -172,6 +172,10 @@ class RunConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RunConfigError(f"{key} must be a positive integer, got {value!r}")
         check_data_table(self.data, "data")
+        from seal_jax.lm.api import DTYPES
+
+        if self.dtype not in DTYPES:
+            raise RunConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         from seal_jax import SamplingParams
 
         known = sorted(f.name for f in dataclasses.fields(SamplingParams))
