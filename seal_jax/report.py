@@ -36,6 +36,23 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     return summarize(rows, config.get("model", "?"))
 
 
+def _unfinished_note(run: Path, summary: dict[str, Any]) -> str:
+    """A line saying how many of the run's passages are done, when it has not finished them all ("" when it
+    has, or when its passages cannot be listed here, e.g. its data file is on another machine)."""
+    from seal_jax.selfedit.knowledge import RunConfig, select_data
+
+    try:
+        config = RunConfig.from_dict(json.loads((run / "run_config.json").read_text()))
+        planned = len(select_data(config.data, replay="replay" in config.conditions)[0])
+    except Exception:  # a report never fails over this note
+        return ""
+    done = max((c["n_passages"] for c in summary["conditions"].values()), default=0)
+    if done >= planned:
+        return ""
+    return (f"\n\n{done} of {planned} passages done: the run has not finished (`seal-jax run CONFIG --out {run} "
+            "--resume` continues it).")
+
+
 def plot_accuracy(summary: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Bar chart of accuracy per condition with error bars (std over passages); writes a PNG."""
     import matplotlib
@@ -167,7 +184,7 @@ def report(run_dir: str | Path) -> tuple[str, Path]:
     if kind == "templates":
         return report_templates(run)
     summary = load_summary(run)
-    markdown = summary_markdown(summary)
+    markdown = summary_markdown(summary) + _unfinished_note(run, summary)
     png = plot_accuracy(summary, run / "accuracy.png", title=run.name)
     (run / "report.md").write_text(markdown + f"\n![accuracy per condition]({png.name})\n")
     return markdown, png

@@ -65,3 +65,16 @@ def test_report_restem_rounds(tmp_path, capsys):
     assert "| 2 | – | – | – | – | – | – |" in lines  # not run yet
     assert png.name == "rounds.png" and png.read_bytes()[:4] == b"\x89PNG"
     assert main(["report", str(run)]) == 0 and "held-out rewrite" in capsys.readouterr().out
+
+
+def test_report_says_when_a_run_has_not_finished(tmp_path):
+    run = tmp_path / "killed"
+    write_run(run, [row("demo-0", "base", 0.0, 0.0), row("demo-0", "passage", 0.0, 0.5)])
+    config = {"name": "killed", "model": "m", "conditions": ["base", "passage"], "data": {"source": "demo", "n": 3}}
+    (run / "run_config.json").write_text(json.dumps(config))
+    markdown, _ = report(run)
+    assert markdown.endswith(f"1 of 3 passages done: the run has not finished (`seal-jax run CONFIG --out {run} "
+                             "--resume` continues it).")
+    config["data"]["n"] = 1
+    (run / "run_config.json").write_text(json.dumps(config))
+    assert "passages done" not in report(run)[0]
