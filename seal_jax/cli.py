@@ -4,7 +4,7 @@ Subcommands: ``fetch`` (the bundled CPU model), ``demo`` (the main job on the bu
 (a knowledge-incorporation, ReST-EM or template-search experiment from a TOML config), ``report`` (table and
 chart of a run), ``bench`` (benchmarks against transformers), ``plan`` (memory and time per accelerator),
 ``calibrate`` (a grader's agreement with SEAL's GPT-4.1 verdicts), ``smoke`` (a quick generation check of a
-model).
+model), ``compile`` (a run's programs compiled ahead of time for a TPU or GPU target).
 """
 
 from __future__ import annotations
@@ -226,6 +226,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return plan.main(args)
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile a run's programs ahead of time for a TPU/GPU target and report them (see :mod:`seal_jax.aot`)."""
+    from seal_jax import aot
+
+    return aot.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``seal-jax`` command."""
     parser = argparse.ArgumentParser(prog="seal-jax", description=__doc__.splitlines()[0])
@@ -296,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_arguments(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("compile", help="compile a run's programs for a TPU/GPU target on this CPU host: memory, "
+                                       "FLOPs, bytes, collectives and roofline time per program",
+                       epilog="exit code 3: a program does not fit its device; 2: a bad config, mesh or target")
+    from seal_jax.aot import add_arguments as add_compile_arguments
+
+    add_compile_arguments(p)
+    p.set_defaults(func=cmd_compile)
     return parser
 
 

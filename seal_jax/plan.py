@@ -86,6 +86,16 @@ HARDWARE: dict[str, Hardware] = {
         link="ICI", chips_per_host=4,
         source="Google Cloud TPU v5p documentation (cloud.google.com/tpu/docs/v5p): 459 TFLOPS bf16, "
                "95 GB HBM2e at 2,765 GBps, bidirectional ICI 1,200 GBps (4,800 Gbps) per chip; 4 chips per host"),
+    "tpu-v6e": Hardware(
+        "tpu-v6e", bf16_flops=918e12, hbm_bytes=32e9, hbm_bandwidth=1640e9, link_bandwidth=448e9,
+        link="ICI", chips_per_host=8,
+        source="Google Cloud TPU v6e (Trillium) documentation (cloud.google.com/tpu/docs/v6e): 918 TFLOPS bf16, "
+               "32 GB HBM at 1,640 GBps, ICI 3,584 Gbps (448 GBps) per chip"),
+    "a100-80g": Hardware(
+        "a100-80g", bf16_flops=312e12, hbm_bytes=80e9, hbm_bandwidth=2.039e12, link_bandwidth=600e9,
+        link="NVLink 3", chips_per_host=8,
+        source="NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM: BF16 312 TFLOPS dense, 80 GB HBM2e, "
+               "2,039 GB/s, NVLink 600 GB/s"),
 }
 
 

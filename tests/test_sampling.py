@@ -353,7 +353,8 @@ def test_kept_weight_copies_give_the_same_tokens(qwen, monkeypatch):
     from seal_jax.lm import sampling
 
     _, lm = qwen
-    assert sampling.keeps_weight_copies(lm.state)  # CPU and small: LM keeps the per-layer copies
+    assert sampling.keeps_weight_copies(lm.state, "cpu")  # CPU and small: LM keeps the per-layer copies
+    assert not sampling.keeps_weight_copies(lm.state, "tpu")  # never on an accelerator target
     layers, head = lm._decode_copies()
     assert lm._decode_copies()[1] is head  # made once per LM
     stacked = lm.params()
@@ -371,7 +372,7 @@ def test_kept_weight_copies_give_the_same_tokens(qwen, monkeypatch):
         sliced = lm._sampler.generate(lm.state, lm.config, rows, params, copies=None, **run)
         assert kept == sliced
     monkeypatch.setattr(sampling, "KEEP_WEIGHT_COPIES_MAX_BYTES", 0)
-    assert not sampling.keeps_weight_copies(lm.state)
+    assert not sampling.keeps_weight_copies(lm.state, "cpu")
     fresh = LM(lm.model, lm.tokenizer)
     assert fresh._decode_copies() is None
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from seal_jax.lm import sampling, training, weights
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
-from seal_jax.lm.config import ModelConfig, from_hf
+from seal_jax.lm.config import ModelConfig, from_hf, preset
 from seal_jax.lm.lora import Adapters, LoraSpec
 from seal_jax.lm.model import Decoder, LoraInputs
 from seal_jax.lm.training import TrainSpec
@@ -129,6 +129,75 @@ class LM:
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = tok.load_tokenizer(tokenizer)
         return cls(build_model(config, params, dtype=dt, remat=remat), tokenizer, mesh=mesh, path=folder)
+
+    @classmethod
+    def abstract(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
+                 remat: bool = False, tokenizer: Any = None) -> LM:
+        """A model that exists only as shapes and shardings: every parameter is a ``jax.ShapeDtypeStruct``
+        placed as :meth:`load` would place it on ``mesh``. Nothing is allocated; use it to lower and compile
+        the engine's programs ahead of time (:meth:`lower_logits`, :meth:`lower_generate`,
+        :meth:`lower_train`), including for a mesh of a TPU or GPU topology's devices on a CPU host
+        (:mod:`seal_jax.targets`).
+
+        Args:
+          config: a :class:`ModelConfig` or a preset name (``"qwen3-8b"``; see ``lm.config.PRESETS``).
+          mesh: a mesh or a spec such as ``"data=8"`` (over ``jax.devices()``); ``None`` for one device.
+          dtype, remat: as in :meth:`load`.
+        """
+        if isinstance(config, str):
+            config = preset(config)
+        if isinstance(mesh, str):
+            mesh = shd.make_mesh(mesh)
+        dt = _dtype(dtype)
+        model = nnx.eval_shape(lambda: Decoder(config, dtype=dt, rngs=nnx.Rngs(0), remat=remat))
+        graphdef, state = nnx.split(model)
+        flat = flatten(nnx.to_pure_dict(state))
+        placed = {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=None if mesh is None else
+                                             shd.param_sharding(mesh, path, x.shape)) for path, x in flat.items()}
+        nnx.replace_by_pure_dict(state, nest(placed))
+        lm = cls(nnx.merge(graphdef, state), tokenizer, mesh=mesh, path=None)
+        lm.is_abstract = True
+        return lm
+
+    is_abstract = False  # True for LM.abstract models (shapes only: lower and compile, no data)
+
+    def abstract_adapters(self, k: int, lora: LoraSpec | Sequence[LoraSpec]) -> LoraInputs:
+        """Shapes of K stacked adapters (``{projection: {"a": [K, L, in, R], "b": [K, L, R, out]}}``, float32,
+        scale ``[K]``) as :meth:`train_adapters` returns them for these specs, for :meth:`lower_generate`."""
+        specs = [lora] * k if isinstance(lora, LoraSpec) else list(lora)
+        trains = [TrainSpec()] * len(specs)
+        params = {p: jax.ShapeDtypeStruct(x.shape, x.dtype) for p, x in self.params().items()}
+        weights = jax.eval_shape(lambda: training.initial_adapters(params, specs, trains, 0))
+        return LoraInputs(weights=weights, scale=jax.ShapeDtypeStruct((len(specs),), jnp.float32))
+
+    def lower_logits(self, batch: int, length: int) -> Any:
+        """The lowered program of :meth:`logits` for ``[batch, length]`` ids (length bucketed as
+        :meth:`forward` does); a ``jax.stages.Lowered`` to ``.compile()``."""
+        tb = tok.bucket(length)
+        shape = (batch, tb)
+        sharding = None if self.mesh is None else shd.batch_sharding(self.mesh, shape)
+        ids = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+        return self._logits_fn.lower(self.state, ids, ids)
+
+    def lower_generate(self, batch: int, prompt_len: int, max_new_tokens: int,
+                       adapters: LoraInputs | Adapters | None = None) -> dict[str, Any]:
+        """The lowered prefill and decode programs of :meth:`generate_ids` for ``batch`` prompts of up to
+        ``prompt_len`` tokens and ``max_new_tokens`` new tokens, with ``adapters`` stacked (real, or shapes
+        from :meth:`abstract_adapters`) or none: ``{"prefill": Lowered, "decode": Lowered}``."""
+        if isinstance(adapters, Adapters):
+            adapters = adapters.as_inputs()
+        return self._sampler.lower(self.state, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                                   adapters=adapters)
+
+    def lower_train(self, candidates: int, sequences: int, seq_len: int,
+                    lora: LoraSpec | Sequence[LoraSpec] | None = None,
+                    train: TrainSpec | Sequence[TrainSpec] | None = None, seed: int = 0) -> Any:
+        """The lowered program of :meth:`train_adapters` for ``candidates`` candidates of ``sequences``
+        training sequences of ``seq_len`` tokens each (SEAL's specs where ``lora``/``train`` are None)."""
+        return training.lower_train(
+            self.graphdef, self.state, self.params(), candidates=candidates, sequences=sequences, seq_len=seq_len,
+            lora=LoraSpec.seal() if lora is None else lora, train=TrainSpec.seal() if train is None else train,
+            seed=seed, mesh=self.mesh, programs=self._train_programs)
 
     def params(self) -> dict[str, jax.Array]:
         """The base parameters as ``{dotted path: array}``."""
@@ -349,7 +418,7 @@ class LM:
         """Per-layer weight copies kept for decoding (see "Kept weight copies" in
         :mod:`seal_jax.lm.sampling`), made on first use; ``None`` where they are not kept."""
         if self._keeps_copies is None:
-            self._keeps_copies = sampling.keeps_weight_copies(self.state)
+            self._keeps_copies = sampling.keeps_weight_copies(self.state, shd.platform(self.mesh))
             if self._keeps_copies:
                 self._weight_copies = self._sampler.split(self.state)
         return self._weight_copies

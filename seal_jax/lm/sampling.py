@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -403,11 +404,12 @@ def batch_bucket(n: int, mesh: Mesh | None = None) -> int:
     return b
 
 
-def keeps_weight_copies(state: Any) -> bool:
+def keeps_weight_copies(state: Any, platform: str) -> bool:
     """Whether ``LM`` should keep :meth:`Sampler.split`'s per-layer weight copies for ``state`` (an ``nnx``
-    state): on CPU, when the weights take at most :data:`KEEP_WEIGHT_COPIES_MAX_BYTES`."""
+    state) on ``platform`` (:func:`~seal_jax.lm.sharding.platform` of the mesh): on CPU, when the weights
+    take at most :data:`KEEP_WEIGHT_COPIES_MAX_BYTES`."""
     leaves = jax.tree.leaves(state)
-    if not leaves or any(d.platform != "cpu" for x in leaves for d in getattr(x, "devices", lambda: ())()):
+    if platform != "cpu" or not leaves:
         return False
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves) <= KEEP_WEIGHT_COPIES_MAX_BYTES
 
@@ -426,6 +428,7 @@ class Sampler:
     def __init__(self, graphdef: Any, mesh: Mesh | None = None):
         self.graphdef = graphdef
         self.mesh = mesh
+        self.platform = shd.platform(mesh)  # CPU-only choices follow the mesh's devices, not the host
         self.traces: collections.Counter[str] = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
         self.decode = jax.jit(self._decode, static_argnames=("out_len",), donate_argnames=("cache",))
@@ -516,7 +519,7 @@ class Sampler:
             # per-layer copies, made once per call unless kept from an earlier one (see model.py)
             layers = model.layer_params(lora, base=None if copies is None else copies[0])
             head_kernel = model.head_kernel() if copies is None else copies[1]
-            if copies is None and jax.devices()[0].platform == "cpu":
+            if copies is None and self.platform == "cpu":
                 # a [D, V] copy of a tied embedding, made once per call: XLA:CPU reads the transposed view
                 # ~15% slower at batch 8 (the barrier keeps XLA from folding the transpose into the matmul)
                 head_kernel = jax.lax.optimization_barrier(head_kernel)
@@ -556,6 +559,56 @@ class Sampler:
         if lora_scale is not None and lora_scale.ndim == 1:
             return jax.vmap(one, in_axes=(0, 0, 0, 0))(cache, logits, lora_weights, lora_scale)
         return one(cache, logits, lora_weights, lora_scale)
+
+    # -- ahead-of-time lowering --------------------------------------------------------------------
+
+    def _abstract(self, shape: tuple[int, ...], dtype: Any, logical: tuple[str | None, ...] | None) -> Any:
+        """A ``ShapeDtypeStruct`` placed as the driver places the real array (``logical`` axes, or
+        replicated when ``None``)."""
+        if self.mesh is None:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        spec = shd.spec_for(self.mesh, logical, shape) if logical is not None else jax.sharding.PartitionSpec()
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh, spec))
+
+    def lower(self, state: Any, *, batch: int, prompt_len: int, max_new_tokens: int,
+              adapters: Any = None) -> dict[str, Any]:
+        """Lower (without compiling or running) the prefill and decode programs of a generation of ``batch``
+        prompts of up to ``prompt_len`` tokens and ``max_new_tokens`` new tokens, at the buckets
+        :meth:`generate` uses.
+
+        Args:
+          state: the model's ``nnx`` state; real arrays or ``jax.ShapeDtypeStruct`` leaves with shardings
+            (an abstract model, see :meth:`~seal_jax.lm.api.LM.abstract`).
+          adapters: ``None`` or stacked adapters (``.weights`` leaves ``[K, L, ...]``, ``.scale`` ``[K]``),
+            real or abstract.
+        Returns:
+          ``{"prefill": jax.stages.Lowered, "decode": jax.stages.Lowered}``.
+        """
+        b = batch_bucket(batch, self.mesh)
+        t = tok.bucket(prompt_len)
+        out_len = tok.bucket(max_new_tokens)
+        lw, ls = (None, None) if adapters is None else (adapters.weights, adapters.scale)
+        if lw is not None:
+            lw, ls = jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, None), (lw, ls))
+        ids = self._abstract((b, t), jnp.int32, ("batch", None))
+        prefill = self.prefill.lower(state, ids, ids, lw, ls, cache_len=t + out_len)
+        logits, cache = jax.eval_shape(functools.partial(self._prefill, cache_len=t + out_len), state, ids, ids, lw, ls)
+        lead = (None,) if ls is not None and ls.ndim == 1 else ()
+        keys, values = ("batch", "kv_heads", None, "length"), ("batch", "kv_heads", "length", None)
+        cache = KVCache(
+            k=tuple(self._abstract(x.shape, x.dtype, lead + keys) for x in cache.k),
+            v=tuple(self._abstract(x.shape, x.dtype, lead + values) for x in cache.v),
+            valid=self._abstract(cache.valid.shape, cache.valid.dtype, lead + ("batch", "length")),
+            positions=self._abstract(cache.positions.shape, cache.positions.dtype, lead + ("batch",)),
+            index=self._abstract(cache.index.shape, cache.index.dtype, None))
+        logits = self._abstract(logits.shape, logits.dtype, lead + ("batch", None))
+        knobs = {name: self._abstract((), dtype, None) for name, dtype in (
+            ("temperature", jnp.float32), ("top_k", jnp.int32), ("top_p", jnp.float32), ("min_p", jnp.float32),
+            ("seed", jnp.uint32), ("max_new_tokens", jnp.int32), ("pad_id", jnp.int32))}
+        stop_ids = self._abstract((MIN_STOP_SLOTS,), jnp.int32, None)
+        done = self._abstract((b,), jnp.bool_, ("batch",))
+        decode = self.decode.lower(state, cache, logits, lw, ls, knobs, stop_ids, done, None, out_len=out_len)
+        return {"prefill": prefill, "decode": decode}
 
     # -- the host-side driver ----------------------------------------------------------------------
 

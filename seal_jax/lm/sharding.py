@@ -137,6 +137,16 @@ def param_sharding(mesh: Mesh, path: str, shape: Sequence[int]) -> NamedSharding
     return NamedSharding(mesh, spec_for(mesh, PARAM_AXES[path], shape))
 
 
+def platform(mesh: Mesh | None) -> str:
+    """The platform (``"cpu"``, ``"tpu"``, ``"gpu"``) that programs for ``mesh`` run on: read from the mesh's
+    devices, which may be a TPU or GPU topology's when compiling ahead of time on a CPU host; without a mesh,
+    JAX's default backend. Every platform-dependent choice of the engine is made from this."""
+    if mesh is None:
+        return jax.default_backend()
+    name = mesh.devices.flat[0].platform
+    return "gpu" if name in ("cuda", "rocm") else name
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Sharding for a batch-major array ``[B, ...]``: the batch over ``data``, the rest replicated."""
     return NamedSharding(mesh, spec_for(mesh, ("batch",) + (None,) * (len(shape) - 1), shape))

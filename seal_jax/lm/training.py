@@ -471,18 +471,29 @@ def make_train_program(graphdef: Any, lengths: tuple[int, ...], use_dropout: boo
     return jax.jit(functools.partial(train_lanes, graphdef, lengths, use_dropout), donate_argnums=(1,))
 
 
-def _put_candidates(mesh: Any, tree: Any) -> Any:
-    if mesh is None:
-        return jax.tree.map(jnp.asarray, tree)
-    return jax.tree.map(lambda x: jax.device_put(x, shd.replicated(mesh)), tree)
+def _candidate_sharding(mesh: Any, shape: Sequence[int]) -> Any:
+    """Per-candidate arrays (adapters, specs, data ``[K+1, ...]``) are replicated: every lane gathers any
+    candidate."""
+    del shape
+    return shd.replicated(mesh)
 
 
-def _put_lanes(mesh: Any, tree: Any) -> Any:
-    if mesh is None:
-        return jax.tree.map(jnp.asarray, tree)
-    return jax.tree.map(
-        lambda x: jax.device_put(x, jax.sharding.NamedSharding(
-            mesh, shd.spec_for(mesh, (None, "candidates") + (None,) * (np.ndim(x) - 2), np.shape(x)))), tree)
+def _lane_sharding(mesh: Any, shape: Sequence[int]) -> Any:
+    """Lane arrays ``[S, M, ...]`` have their lane axis over the candidate (``data``) axis."""
+    return jax.sharding.NamedSharding(mesh, shd.spec_for(mesh, (None, "candidates") + (None,) * (len(shape) - 2), shape))
+
+
+def _place(mesh: Any, tree: Any, sharding: Any, abstract: bool) -> Any:
+    """Arrays of ``tree`` placed with ``sharding(mesh, shape)``, or (``abstract``) their
+    ``jax.ShapeDtypeStruct`` with that sharding, for lowering without data."""
+    def one(x: Any) -> Any:
+        shape, dtype = tuple(np.shape(x)), x.dtype
+        where = None if mesh is None else sharding(mesh, shape)
+        if abstract:
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+        return jnp.asarray(x) if where is None else jax.device_put(x, where)
+
+    return jax.tree.map(one, tree)
 
 
 def initial_adapters(params: dict[str, jax.Array], loras: Sequence[LoraSpec], trains: Sequence[TrainSpec],
@@ -504,6 +515,63 @@ class TrainCall:
     trains: list[TrainSpec]
 
 
+def check_specs(k: int, lora: LoraSpec | Sequence[LoraSpec],
+                train: TrainSpec | Sequence[TrainSpec]) -> tuple[list[LoraSpec], list[TrainSpec]]:
+    """One :class:`LoraSpec` and :class:`TrainSpec` per candidate (a single spec is repeated K times)."""
+    specs_l = [lora] * k if isinstance(lora, LoraSpec) else list(lora)
+    specs_t = [train] * k if isinstance(train, TrainSpec) else list(train)
+    if len(specs_l) != k or len(specs_t) != k:
+        raise TrainError(f"got {k} candidates but {len(specs_l)} LoraSpecs and {len(specs_t)} TrainSpecs")
+    if len({s.batch_size for s in specs_t}) > 1:
+        raise TrainError("all candidates of one call must share TrainSpec.batch_size; split the call by batch size")
+    return specs_l, specs_t
+
+
+def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Sequence[Sequence[Example]],
+              specs_l: list[LoraSpec], specs_t: list[TrainSpec], *, seed: int, eos_id: int, pad_id: int,
+              mesh: Any, programs: dict[Any, Any] | None, lanes: int | None, abstract: bool) -> TrainCall:
+    """Plans, initial adapters, the program and its placed (or, ``abstract``, shape-only) arguments."""
+    plan = make_plan(examples, specs_t, seed, pad_id, eos_id)
+    lp = make_lane_plan(plan, lanes)
+    if abstract:
+        weights = jax.eval_shape(lambda: initial_adapters(params, specs_l, specs_t, seed))
+        keys = jax.eval_shape(lambda: jnp.stack([jax.random.fold_in(candidate_key(seed, s.seed), 1) for s in specs_t]))
+    else:
+        weights = initial_adapters(params, specs_l, specs_t, seed)
+        keys = jnp.stack([jax.random.fold_in(candidate_key(seed, s.seed), 1) for s in specs_t])
+
+    def with_dummy(x: Any) -> Any:  # one more candidate slot for idle lane steps
+        if abstract:
+            return jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), x.dtype)
+        x = jnp.asarray(x)
+        return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
+
+    def floats(values: list[float]) -> Any:
+        return np.asarray(values, np.float32)
+
+    per_candidate = (
+        jax.tree.map(with_dummy, weights),
+        *(with_dummy(floats(v)) if not abstract else with_dummy(jax.ShapeDtypeStruct((len(v),), jnp.float32))
+          for v in ([s.scale for s in specs_l], [s.dropout for s in specs_l], [s.weight_decay for s in specs_t])),
+        with_dummy(keys),
+        *(with_dummy(x) if not abstract else with_dummy(jax.ShapeDtypeStruct(x.shape, x.dtype))
+          for x in (plan.tokens, plan.attention, plan.positions, plan.weights)),
+    )
+    lane_args = (lp.cand, lp.idx, lp.active, lp.boundary, lp.lr, lp.step)
+    use_dropout = any(s.dropout > 0 for s in specs_l)
+    if programs is None:
+        programs = {}
+    program_key = (lp.lengths, use_dropout)
+    if program_key not in programs:
+        programs[program_key] = make_train_program(graphdef, lp.lengths, use_dropout)
+    length_bucket = (jax.ShapeDtypeStruct(lp.length_bucket.shape, jnp.int32,
+                                          sharding=None if mesh is None else shd.replicated(mesh))
+                     if abstract else jnp.asarray(lp.length_bucket))
+    args = (state, *_place(mesh, per_candidate, _candidate_sharding, abstract),
+            *_place(mesh, lane_args, _lane_sharding, abstract), length_bucket)
+    return TrainCall(programs[program_key], args, plan, lp, specs_l, specs_t)
+
+
 def prepare_call(graphdef: Any, state: Any, params: dict[str, jax.Array], tokenizer: Any,
                  sequences: Sequence[Sequence[Item]], lora: LoraSpec | Sequence[LoraSpec],
                  train: TrainSpec | Sequence[TrainSpec], *, seed: int, eos_id: int, pad_id: int, mesh: Any,
@@ -515,45 +583,33 @@ def prepare_call(graphdef: Any, state: Any, params: dict[str, jax.Array], tokeni
         raise TrainError("sequences is empty: pass a list (K candidates) of lists of training strings")
     if isinstance(sequences[0], str):
         raise TrainError("sequences must be a list (K candidates) of lists of strings; wrap a single list as [texts]")
-    specs_l = [lora] * k if isinstance(lora, LoraSpec) else list(lora)
-    specs_t = [train] * k if isinstance(train, TrainSpec) else list(train)
-    if len(specs_l) != k or len(specs_t) != k:
-        raise TrainError(f"got {k} candidates but {len(specs_l)} LoraSpecs and {len(specs_t)} TrainSpecs")
-    if len({s.batch_size for s in specs_t}) > 1:
-        raise TrainError("all candidates of one call must share TrainSpec.batch_size; split the call by batch size")
+    specs_l, specs_t = check_specs(k, lora, train)
     if tokenizer is None:
         raise TrainError("this model has no tokenizer; load it with tokenizer=... to train on text")
     examples = [tokenize(tokenizer, items, spec, eos_id) for items, spec in zip(sequences, specs_t, strict=True)]
     empty = [i for i, ex in enumerate(examples) if not ex]
     if empty:
         raise TrainError(f"candidates {empty} have no usable training sequence (empty texts?)")
-    plan = make_plan(examples, specs_t, seed, pad_id, eos_id)
-    lanes_plan = make_lane_plan(plan, lanes)
-    keys = [candidate_key(seed, s.seed) for s in specs_t]
-    weights = initial_adapters(params, specs_l, specs_t, seed)
+    return _assemble(graphdef, state, params, examples, specs_l, specs_t, seed=seed, eos_id=eos_id, pad_id=pad_id,
+                     mesh=mesh, programs=programs, lanes=lanes, abstract=False)
 
-    def with_dummy(x: Any) -> Any:  # one more candidate slot for idle lane steps
-        x = jnp.asarray(x)
-        return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
 
-    per_candidate = (
-        jax.tree.map(with_dummy, weights),
-        with_dummy(jnp.asarray([s.scale for s in specs_l], jnp.float32)),
-        with_dummy(jnp.asarray([s.dropout for s in specs_l], jnp.float32)),
-        with_dummy(jnp.asarray([s.weight_decay for s in specs_t], jnp.float32)),
-        with_dummy(jnp.stack([jax.random.fold_in(key, 1) for key in keys])),
-        *(with_dummy(x) for x in (plan.tokens, plan.attention, plan.positions, plan.weights)),
-    )
-    lp = lanes_plan
-    lane_args = (lp.cand, lp.idx, lp.active, lp.boundary, lp.lr, lp.step)
-    use_dropout = any(s.dropout > 0 for s in specs_l)
-    if programs is None:
-        programs = {}
-    program_key = (lp.lengths, use_dropout)
-    if program_key not in programs:
-        programs[program_key] = make_train_program(graphdef, lp.lengths, use_dropout)
-    args = (state, *_put_candidates(mesh, per_candidate), *_put_lanes(mesh, lane_args), jnp.asarray(lp.length_bucket))
-    return TrainCall(programs[program_key], args, plan, lp, specs_l, specs_t)
+def lower_train(graphdef: Any, state: Any, params: dict[str, Any], *, candidates: int, sequences: int, seq_len: int,
+                lora: LoraSpec | Sequence[LoraSpec], train: TrainSpec | Sequence[TrainSpec], seed: int = 0,
+                mesh: Any = None, programs: dict[Any, Any] | None = None, lanes: int | None = None) -> Any:
+    """Lower (without compiling or running) the training program of a call with ``candidates`` candidates of
+    ``sequences`` sequences of ``seq_len`` tokens each (``state``/``params`` real or abstract). The plan is the
+    one :func:`train_adapters` builds for such data, so the program is the one a run executes.
+    Returns a ``jax.stages.Lowered``."""
+    if candidates < 1 or sequences < 1 or seq_len < 2:
+        raise TrainError(f"lower_train needs candidates >= 1, sequences >= 1 and seq_len >= 2, got "
+                         f"{candidates}, {sequences}, {seq_len}")
+    specs_l, specs_t = check_specs(candidates, lora, train)
+    length = min(seq_len, min(s.max_len for s in specs_t))
+    examples = [[Example([1] * length) for _ in range(sequences)] for _ in range(candidates)]
+    call = _assemble(graphdef, state, params, examples, specs_l, specs_t, seed=seed, eos_id=0, pad_id=0, mesh=mesh,
+                     programs=programs, lanes=lanes, abstract=True)
+    return call.program.lower(*call.args)
 
 
 def train_adapters(

@@ -1,0 +1,439 @@
+"""``seal-jax compile``: every program a run executes, compiled ahead of time for a TPU or GPU target.
+
+From a run config (or a preset and a few workload flags) this builds an abstract model on a mesh of the
+target's devices (:func:`seal_jax.targets.devices`), lowers each program the run executes at the config's
+shapes — answering questions (prefill + the whole decode loop), sampling self-edits, the K-candidate
+training program, answering with the K trained adapters stacked, the LLM judge, and for ReST-EM / template
+search the proposals, fills and the generator's SFT — compiles it with the target's real compiler and
+reports, per program and device:
+
+* compile seconds; argument / output / temporary / alias bytes and the peak (arguments + outputs +
+  temporaries − aliased) against the device's memory, and whether it fits. The TPU compiler refuses a
+  program that does not fit (the row says so, with the compiler's message); the GPU compiler does not, so
+  the peak is compared with the GPU's memory here.
+* whole-program matrix FLOPs and bytes accessed, counted from the optimised HLO by :mod:`seal_jax.hlo` with
+  every loop's trip count (XLA's own cost analysis counts a loop body once and is ``None`` for a deviceless
+  GPU compile). The decode loop stops when every row has stopped, so it is counted ``max_new_tokens − 1``
+  times: the cost of a call whose rows all run to the end.
+* collectives per kind (count and bytes per device, from the HLO);
+* ``min_bytes``, what the program must move at least: its arguments (weights, adapters, cache, inputs) read
+  once and its outputs written once (``arguments + outputs − aliased``);
+* the roofline time ``max(FLOPs / peak, bytes / HBM bandwidth, collective bytes / link bandwidth)`` with
+  what bounds it (link bandwidth: one direction, half the published bidirectional figure).
+
+Shapes that a config does not fix (questions per passage, prompt and training-sequence lengths) come from
+:class:`Shapes`, whose defaults describe SEAL's SQuAD passages; each is a flag of ``seal-jax compile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from seal_jax import hlo
+from seal_jax.lm.config import PRESETS, ConfigError, ModelConfig, from_hf, preset
+from seal_jax.lm.lora import LoraSpec
+from seal_jax.lm.training import TrainSpec
+from seal_jax.targets import TARGETS, Target, TargetError, get_target
+
+EXIT_DOES_NOT_FIT = 3
+
+
+class CompileError(ValueError):
+    """A compile request that cannot be carried out (bad config, mesh or target)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Sizes a run config leaves to the data, with defaults for SEAL's SQuAD passages.
+
+    Attributes:
+      questions: questions answered per passage (one batch; SQuAD passages have ~5).
+      question_len: tokens of a question prompt (chat template, title, question).
+      passage_len: tokens of a self-edit prompt (instruction + title + passage).
+      sequences: training sequences per candidate (a self-edit's lines plus the passage).
+      seq_len: tokens per training sequence.
+      judge_len: tokens of an LLM-judge prompt; judge_new: tokens of its reply.
+      meta_prompt_len: tokens of a template-search meta-prompt (instructions + archive entries).
+      sft_sequences, sft_len: the generator's SFT set (rows and tokens per row).
+    """
+
+    questions: int = 8
+    question_len: int = 128
+    passage_len: int = 512
+    sequences: int = 16
+    seq_len: int = 256
+    judge_len: int = 256
+    judge_new: int = 8
+    meta_prompt_len: int = 2048
+    sft_sequences: int = 100
+    sft_len: int = 1024
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < 1:
+                raise CompileError(f"Shapes.{f.name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One program of a run: what it is, how to lower it, and how often a passage runs it.
+
+    ``kind`` is ``generate`` (lowered into ``<name>.prefill`` and ``<name>.decode``), ``train`` or
+    ``logits``; ``args`` are the keyword arguments of the matching ``LM.lower_*`` method (``adapters`` =
+    ``(K, LoraSpec)`` for stacked adapters); ``per_passage`` how many times one passage runs it (0 for
+    programs that run per iteration or round)."""
+
+    name: str
+    kind: str
+    args: dict[str, Any]
+    per_passage: int = 1
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A model, dtype, mesh and the programs of one run."""
+
+    name: str
+    config: ModelConfig
+    dtype: str
+    mesh: str | None
+    remat: bool
+    programs: tuple[Program, ...]
+    candidates: int
+    source: str
+
+
+# ----------------------------------------------------------------------------------------------------
+# Workloads
+
+
+def model_config(model: str) -> tuple[ModelConfig, str]:
+    """The architecture of ``model``: a preset name, an HF folder, or (when the folder is not on this
+    machine, as with a config's ``/models/Qwen3-8B``) the preset its folder name names."""
+    if model in PRESETS:
+        return preset(model), f"preset {model}"
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return from_hf(path), f"{path}/config.json"
+    guess = path.name.lower()
+    if guess in PRESETS:
+        return preset(guess), f"preset {guess} (the folder {model} is not on this machine)"
+    raise CompileError(f"{model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a folder with a "
+                       "config.json; pass --model PRESET")
+
+
+def _generate(name: str, batch: int, prompt_len: int, new: int, adapters: tuple[int, LoraSpec] | None = None,
+              per_passage: int = 1, note: str = "") -> Program:
+    args: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "max_new_tokens": new}
+    if adapters is not None:
+        args["adapters"] = adapters
+    return Program(name, "generate", args, per_passage, note)
+
+
+def _train(name: str, k: int, sequences: int, seq_len: int, lora: LoraSpec, train: TrainSpec, per_passage: int = 1,
+           note: str = "") -> Program:
+    return Program(name, "train", {"candidates": k, "sequences": sequences, "seq_len": min(seq_len, train.max_len),
+                                   "lora": lora, "train": train}, per_passage, note)
+
+
+def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str] | None = None) -> tuple[list[Program], int]:
+    """The programs of one knowledge-incorporation passage (a ``RunConfig``) and its K trained candidates."""
+    from seal_jax.selfedit import grading  # deferred: the loop wing is only needed to read run configs
+    from seal_jax.selfedit.strategies import get_strategy
+
+    names = list(strategies or config.conditions)
+    generating = [n for n in names if get_strategy(n).source in ("generate", "template")]
+    k = 0
+    for n in names:
+        s = get_strategy(n)
+        if s.trains:
+            k += (1 if s.source == "passage" else config.k) * config.repeats
+    sampling = {"max_new_tokens": 256, **config.selfedit_sampling}
+    q = shapes.questions
+    programs = [_generate("answer", q, shapes.question_len, config.eval_max_new_tokens,
+                          note="greedy answers of the base model")]
+    if generating:
+        programs.append(_generate("self_edit", config.k, shapes.passage_len, int(sampling["max_new_tokens"]),
+                                  per_passage=len(generating),
+                                  note=f"{config.k} self-edits per generating condition ({', '.join(generating)})"))
+    if k:
+        programs.append(_train("train", k, shapes.sequences, shapes.seq_len, config.lora_spec(), config.train_spec(),
+                               note=f"{k} candidates in one program"))
+        programs.append(_generate("answer_k", q, shapes.question_len, config.eval_max_new_tokens,
+                                  adapters=(k, config.lora_spec()), note=f"answers under {k} stacked adapters"))
+    if config.grader in grading.JUDGE_GRADERS:
+        programs.append(_generate("judge", q, shapes.judge_len, shapes.judge_new, per_passage=1 + k,
+                                  note="the LLM judge, once per answer set"))
+    return programs, k
+
+
+def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None = None,
+                         mesh: str | None = None) -> Workload:
+    """The :class:`Workload` of a run config of any kind (knowledge, ReST-EM, template search)."""
+    from seal_jax.selfedit import grading  # deferred: loop wing, see knowledge_programs
+    from seal_jax.selfedit.restem import RestemConfig
+    from seal_jax.selfedit.runs import load_config
+    from seal_jax.selfedit.template_search import TemplateSearchConfig
+
+    cfg = load_config(path)
+    knowledge = getattr(cfg, "knowledge", cfg)
+    config, source = model_config(model or knowledge.model)
+    if isinstance(cfg, TemplateSearchConfig):
+        k = cfg.templates_per_iteration * cfg.fills
+        rank = 64  # templates choose ranks up to 64; the program pads every candidate to the largest
+        lora = dataclasses.replace(knowledge.lora_spec(), rank=rank, alpha=2.0 * rank)
+        programs = [
+            _generate("proposal", cfg.templates_per_iteration, shapes.meta_prompt_len, cfg.proposal_max_new_tokens,
+                      per_passage=0, note="templates proposed once per iteration"),
+            _generate("answer", shapes.questions, shapes.question_len, knowledge.eval_max_new_tokens),
+            _generate("fill", cfg.fills, shapes.passage_len, cfg.fill_max_new_tokens,
+                      per_passage=cfg.templates_per_iteration, note=f"{cfg.fills} fills per template"),
+            _train("train", k, shapes.sequences, shapes.seq_len, lora, knowledge.train_spec(),
+                   note=f"{k} (template, fill) candidates, ranks padded to {rank}"),
+            _generate("answer_k", shapes.questions, shapes.question_len, knowledge.eval_max_new_tokens,
+                      adapters=(k, lora), note=f"answers under {k} stacked adapters"),
+        ]
+        if knowledge.grader in grading.JUDGE_GRADERS:
+            programs.append(_generate("judge", shapes.questions, shapes.judge_len, shapes.judge_new, per_passage=1 + k))
+        if cfg.sft:
+            programs.append(_train("sft", 1, shapes.sft_sequences, shapes.sft_len, cfg.sft_lora_spec(),
+                                   cfg.sft_train_spec(), per_passage=0, note="the generator's SFT, once per iteration"))
+    elif isinstance(cfg, RestemConfig):
+        programs, k = knowledge_programs(knowledge, shapes)
+        programs.append(_train("sft", 1, shapes.sft_sequences, shapes.sft_len, cfg.sft_lora_spec(), cfg.sft_train_spec(),
+                               per_passage=0, note="the generator's SFT, once per round"))
+    else:
+        programs, k = knowledge_programs(knowledge, shapes)
+    return Workload(Path(path).stem, config, knowledge.dtype, mesh if mesh is not None else knowledge.mesh,
+                    knowledge.remat, tuple(programs), k, source)
+
+
+def workload_from_flags(model: str, shapes: Shapes, *, candidates: int, dtype: str, mesh: str | None, remat: bool,
+                        lora_rank: int, new_tokens: int) -> Workload:
+    """A quick :class:`Workload`: SEAL's inner loop with ``candidates`` candidates on ``model``."""
+    config, source = model_config(model)
+    lora = dataclasses.replace(LoraSpec.seal(), rank=lora_rank, alpha=2.0 * lora_rank)
+    programs = (
+        _generate("answer", shapes.questions, shapes.question_len, 64),
+        _generate("self_edit", candidates, shapes.passage_len, new_tokens),
+        _train("train", candidates, shapes.sequences, shapes.seq_len, lora, TrainSpec.seal()),
+        _generate("answer_k", shapes.questions, shapes.question_len, 64, adapters=(candidates, lora)),
+    )
+    return Workload(f"{model}-k{candidates}", config, dtype, mesh, remat, programs, candidates, source)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiling and reporting
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    out = {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+           "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes)}
+    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    return out
+
+
+def roofline(flops: float, bytes_: float, collective_bytes: float, target: Target) -> tuple[float, str]:
+    """``(seconds, bound)``: the largest of compute, memory and communication time on one ``target`` chip."""
+    hw = target.hardware
+    times = {"compute": flops / hw.bf16_flops, "memory": bytes_ / hw.hbm_bandwidth,
+             "collectives": collective_bytes / (hw.link_bandwidth / 2)}
+    bound = max(times, key=lambda k: times[k])
+    return times[bound], bound
+
+
+_HBM_ERROR = re.compile(r"RESOURCE_EXHAUSTED|exceeds (the )?(available|capacity)|Ran out of memory", re.IGNORECASE)
+
+
+def compile_row(name: str, lowered: Any, target: Target, *, unknown_trips: int = 1, note: str = "",
+                per_passage: int = 1) -> dict[str, Any]:
+    """Compile one lowered program for ``target`` and return its report row (see the module docstring)."""
+    row: dict[str, Any] = {"program": name, "target": target.name, "per_passage": per_passage, "note": note,
+                           "hbm_bytes": target.hbm_bytes}
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as error:  # the compiler's own errors are all this tells us (XlaRuntimeError & co.)
+        message = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
+        if not _HBM_ERROR.search(str(error)):
+            raise
+        row.update(compile_s=round(time.perf_counter() - start, 2), fits=False, error=message)
+        return row
+    row["compile_s"] = round(time.perf_counter() - start, 2)
+    row.update(_memory(compiled))
+    row["fits"] = row["peak_bytes"] <= target.hbm_bytes
+    stats = hlo.analyze(compiled.as_text(), unknown_trips=unknown_trips)
+    row.update(flops=stats.flops, bytes=stats.bytes, collectives=stats.collectives,
+               collective_bytes=stats.collective_bytes, custom_calls=stats.custom_calls,
+               min_bytes=row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"])
+    row["roofline_s"], row["bound"] = roofline(stats.flops, stats.bytes, stats.collective_bytes, target)
+    data_loops = [loop for loop in stats.loops if loop.trips is None]
+    if data_loops:
+        loop = data_loops[0]
+        row["per_step"] = {"flops": loop.flops_per_trip, "bytes": loop.bytes_per_trip, "steps": unknown_trips}
+    return row
+
+
+def lower_program(lm: Any, program: Program) -> dict[str, Any]:
+    """``{row name: Lowered}`` for one :class:`Program` on an (abstract) ``LM``."""
+    args = dict(program.args)
+    if program.kind == "generate":
+        adapters = args.pop("adapters", None)
+        if adapters is not None:
+            adapters = lm.abstract_adapters(*adapters)
+        lowered = lm.lower_generate(adapters=adapters, **args)
+        return {f"{program.name}.prefill": lowered["prefill"], f"{program.name}.decode": lowered["decode"]}
+    if program.kind == "train":
+        return {program.name: lm.lower_train(**args)}
+    if program.kind == "logits":
+        return {program.name: lm.lower_logits(**args)}
+    raise CompileError(f"unknown program kind {program.kind!r}")
+
+
+def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
+                     on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Compile every program of ``workload`` for ``target_name``; returns ``{"rows", "summary", ...}``."""
+    import seal_jax as sj  # deferred: the facade imports JAX, which must be told to stay on the CPU first
+    from seal_jax.lm import sharding as shd
+    from seal_jax.targets import devices
+
+    target = get_target(target_name)
+    devs = devices(target_name)
+    spec = workload.mesh or f"data={target.chips}"
+    try:
+        mesh = shd.make_mesh(spec, devices=devs)
+    except shd.MeshError as error:
+        raise CompileError(f"mesh {spec!r} does not fit target {target.name} ({target.chips} devices): {error}; "
+                           f"pass --mesh with sizes whose product is {target.chips}") from None
+    lm = sj.LM.abstract(workload.config, mesh=mesh, dtype=workload.dtype, remat=workload.remat)
+    rows = []
+    for program in workload.programs:
+        if only and program.name not in only:
+            continue
+        trips = max(1, program.args.get("max_new_tokens", 1) - 1)
+        for name, lowered in lower_program(lm, program).items():
+            row = compile_row(name, lowered, target, unknown_trips=trips if name.endswith(".decode") else 1,
+                              note=program.note, per_passage=program.per_passage)
+            row["mesh"] = spec
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return {"workload": workload.name, "model": workload.source, "target": target.name, "mesh": spec,
+            "dtype": workload.dtype, "candidates": workload.candidates, "rows": rows, "summary": summarize(rows, workload)}
+
+
+def summarize(rows: Sequence[dict[str, Any]], workload: Workload) -> dict[str, Any]:
+    """Roofline seconds of one passage (each program times how often a passage runs it) and the
+    self-edit evaluations per hour that gives (K candidates per passage)."""
+    fits = all(r.get("fits", False) for r in rows)
+    if not all("roofline_s" in r for r in rows):
+        return {"fits": fits, "passage_seconds": None, "evaluations_per_hour": None}
+    seconds = sum(r["roofline_s"] * r["per_passage"] for r in rows)
+    per_hour = workload.candidates * 3600 / seconds if seconds > 0 and workload.candidates else None
+    return {"fits": fits, "passage_seconds": seconds, "evaluations_per_hour": per_hour}
+
+
+def _gb(x: float | None) -> str:
+    return "–" if x is None else f"{x / 1e9:.2f}"
+
+
+def format_rows(report: dict[str, Any]) -> str:
+    """The report as a Markdown table plus its summary line."""
+    lines = [f"{report['workload']} on {report['target']} (mesh {report['mesh']}, {report['dtype']}, "
+             f"{report['model']}); per device",
+             "", "| program | compile s | args GB | temp GB | peak GB | fits | GFLOP | GB accessed | min GB | "
+             "collectives (count, GB) | roofline ms | bound |", "|" + "---|" * 12]
+    for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['program']} | {r['compile_s']} | – | – | – | **no** | – | – | – | – | – | "
+                         f"{r['error'][:80]} |")
+            continue
+        coll = ", ".join(f"{k} {int(v['count'])} {v['bytes'] / 1e9:.3f}" for k, v in r["collectives"].items()) or "none"
+        lines.append(f"| {r['program']} | {r['compile_s']} | {_gb(r['argument_bytes'])} | {_gb(r['temp_bytes'])} | "
+                     f"{_gb(r['peak_bytes'])} | {'yes' if r['fits'] else '**no**'} | {r['flops'] / 1e9:.1f} | "
+                     f"{_gb(r['bytes'])} | {_gb(r['min_bytes'])} | {coll} | {r['roofline_s'] * 1e3:.2f} | {r['bound']} |")
+    s = report["summary"]
+    if s.get("passage_seconds") is not None:
+        lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device; "
+                      f"{s['evaluations_per_hour']:.0f} self-edit evaluations per hour per data-parallel group "
+                      f"({report['candidates']} candidates per passage)."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``seal-jax compile``."""
+    parser.add_argument("config", nargs="?", default=None, help="a run config TOML (e.g. experiments/seal-qwen3-8b.toml)")
+    parser.add_argument("--target", required=True, help=f"one of: {', '.join(TARGETS)}")
+    parser.add_argument("--mesh", default=None, help="mesh sizes (default: the config's, or data=<chips>)")
+    parser.add_argument("--model", default=None, help="a preset (e.g. qwen3-8b) or HF folder; overrides the config's")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--only", default=None, help="comma-separated program names (answer, self_edit, train, …)")
+    parser.add_argument("--candidates", "-k", type=int, default=5, help="K (without a config)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(without a config)")
+    parser.add_argument("--remat", action="store_true", help="rematerialise layers in training (without a config)")
+    parser.add_argument("--lora-rank", type=int, default=32, help="(without a config)")
+    parser.add_argument("--new-tokens", type=int, default=1024, help="self-edit length (without a config)")
+    for f in dataclasses.fields(Shapes):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
+                            help=f"workload shape (default {f.default})")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``seal-jax compile``; exit code 3 when a program does not fit its device."""
+    import jax  # deferred: only this command pins JAX to the host CPU (the targets' compilers do the rest)
+
+    jax.config.update("jax_platforms", "cpu")
+    try:
+        shapes = Shapes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shapes)})
+        if args.config is not None:
+            workload = workload_from_config(args.config, shapes, model=args.model, mesh=args.mesh)
+        else:
+            workload = workload_from_flags(args.model or "qwen3-8b", shapes, candidates=args.candidates,
+                                           dtype=args.dtype, mesh=args.mesh, remat=args.remat,
+                                           lora_rank=args.lora_rank, new_tokens=args.new_tokens)
+        only = [s.strip() for s in args.only.split(",")] if args.only else None
+        known = {p.name for p in workload.programs}
+        if only and set(only) - known:
+            raise CompileError(f"unknown program(s) {sorted(set(only) - known)} in --only; this run has {sorted(known)}")
+
+        def show(row: dict[str, Any]) -> None:
+            verdict = "fits" if row.get("fits") else "DOES NOT FIT"
+            print(f"  compiled {row['program']} for {row['target']} in {row['compile_s']} s: {verdict}",
+                  file=sys.stderr, flush=True)
+
+        report = compile_workload(workload, args.target, only=only, on_row=show)
+    except (CompileError, TargetError, ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"seal-jax compile: {error}", file=sys.stderr)
+        return 2
+    print(format_rows(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=_json_default))
+    bad = [r for r in report["rows"] if not r.get("fits")]
+    for r in bad:
+        peak = r.get("peak_bytes")
+        what = f"needs {peak / 1e9:.2f} GB of {r['hbm_bytes'] / 1e9:.2f} GB" if peak else r.get("error", "")
+        print(f"seal-jax compile: {r['program']} does not fit one {r['target']} device: {what}", file=sys.stderr)
+    return EXIT_DOES_NOT_FIT if bad else 0
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
