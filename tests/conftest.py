@@ -10,6 +10,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # with libtpu/the CUDA plugin installed ([aot]): no device probing
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # compiles for TPU topologies (test_aot) off Google Cloud
 os.environ.setdefault("HF_HOME", str(REPO / ".cache" / "hf"))
 os.environ.setdefault("HF_DATASETS_CACHE", str(REPO / ".cache" / "hf" / "datasets"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,209 @@
+"""seal-jax compile: the engine's programs compiled ahead of time for TPU (libtpu) and GPU (CUDA plugin)
+targets on this CPU host, from abstract models, and their reports checked against hand counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import seal_jax as sj
+from seal_jax import aot, hlo, targets
+from seal_jax.cli import main as cli_main
+from seal_jax.lm import sharding as shd
+from seal_jax.lm.config import preset
+from seal_jax.lm.lora import LoraSpec
+from seal_jax.lm.sharding import PARAM_AXES
+from seal_jax.lm.training import TrainSpec
+
+TINY = preset("tiny")
+TINY_LLAMA = TINY.replace(family="llama", qk_norm=False, tie_word_embeddings=True)
+# K = 3 heterogeneous candidates: ranks 8/4/8 (padded to 8), their own lr, dropout and epochs
+HETERO_LORA = [LoraSpec(rank=8, alpha=16), LoraSpec(rank=4, alpha=4, dropout=0.1), LoraSpec(rank=8, alpha=8)]
+HETERO_TRAIN = [TrainSpec(learning_rate=1e-3, epochs=2), TrainSpec(learning_rate=3e-4, epochs=2),
+                TrainSpec(learning_rate=1e-4, epochs=1, grad_accum=2)]
+
+
+def tiny_workload(config, name: str) -> aot.Workload:
+    k = 3
+    programs = (
+        aot.Program("logits", "logits", {"batch": 4, "length": 32}),
+        aot.Program("train", "train", {"candidates": k, "sequences": 4, "seq_len": 32, "lora": HETERO_LORA,
+                                       "train": HETERO_TRAIN}),
+        aot._generate("answer", 4, 32, 16),
+        aot._generate("answer_k", 4, 32, 16, adapters=(k, HETERO_LORA)),
+        aot._train("sft", 1, 4, 64, LoraSpec.seal_sft(), TrainSpec(learning_rate=3e-4, epochs=2), per_passage=0),
+    )
+    return aot.Workload(name, config, "bfloat16", None, False, programs, k, "test")
+
+
+@pytest.fixture(scope="module", params=[("tpu-v5e-4", "data=2,fsdp=2"), ("h100-8", "data=4,fsdp=2")],
+                ids=["tpu-v5e-4", "h100-8"])
+def reports(request):
+    target, mesh = request.param
+    out = {}
+    for name, config in (("qwen3", TINY), ("llama", TINY_LLAMA)):
+        workload = dataclasses.replace(tiny_workload(config, name), mesh=mesh)
+        out[name] = aot.compile_workload(workload, target)
+    return target, mesh, out
+
+
+ROW_KEYS = {"program", "target", "mesh", "compile_s", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+            "peak_bytes", "hbm_bytes", "fits", "flops", "bytes", "collectives", "collective_bytes", "min_bytes",
+            "roofline_s", "bound", "per_passage", "note"}
+
+
+def test_every_program_compiles_and_reports(reports):
+    target, mesh, out = reports
+    for report in out.values():
+        names = [r["program"] for r in report["rows"]]
+        assert names == ["logits", "train", "answer.prefill", "answer.decode", "answer_k.prefill", "answer_k.decode",
+                         "sft"]
+        for row in report["rows"]:
+            assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+            assert row["target"] == target and row["mesh"] == mesh and row["fits"]
+            assert row["flops"] > 0 and row["bytes"] > 0 and row["roofline_s"] > 0
+            assert row["bound"] in ("compute", "memory", "collectives")
+            assert 0 < row["min_bytes"] <= row["peak_bytes"] <= row["hbm_bytes"]
+        decode = next(r for r in report["rows"] if r["program"] == "answer.decode")
+        assert decode["per_step"]["steps"] == 15  # max_new_tokens - 1 loop trips after the first token
+        assert decode["flops"] == pytest.approx(decode["per_step"]["flops"] * 15, rel=0.05)
+    json.dumps(out["qwen3"])  # the JSON rows are plain data
+
+
+def hand_argument_bytes(config, mesh_sizes: dict[str, int], dtype_bytes: int) -> int:
+    """Per-device bytes of the base weights, sharded by hand: every weight with an embedding axis is split
+    over fsdp (the tiny widths all divide), norms are replicated."""
+    total = 0
+    for path, shape in sj.lm.model.param_shapes(config).items():
+        split = mesh_sizes["fsdp"] if "embed" in PARAM_AXES[path] else 1
+        total += math.prod(shape) * dtype_bytes // split
+    return total
+
+
+def test_argument_bytes_equal_the_sharded_parameters(reports):
+    target, mesh, out = reports
+    sizes = shd.parse_mesh_spec(mesh)
+    for name, config in (("qwen3", TINY), ("llama", TINY_LLAMA)):
+        row = next(r for r in out[name]["rows"] if r["program"] == "logits")
+        ids = 2 * (4 // sizes["data"]) * 32 * 4  # ids and mask, int32, batch over data
+        expected = hand_argument_bytes(config, sizes, 2) + ids
+        if target.startswith("tpu"):  # TPU layouts pad small arrays to (8, 128) tiles
+            assert expected <= row["argument_bytes"] <= 1.25 * expected
+        else:
+            assert row["argument_bytes"] == expected
+
+
+def hand_training_flops(config, *, seq_len: int, rank: int, targets_: tuple[str, ...], lanes: int, steps: int) -> float:
+    """Matrix FLOPs of the lane trainer: per micro-step, forward and backward (input gradients) through the
+    frozen base's matmuls and head, attention forward (2 matmuls) and backward (4), LoRA forward and both
+    gradients (3× its forward); every lane works at every step."""
+    c, t = config, seq_len
+    layer = sum(math.prod(sj.lm.model.projection_shape(c, p)) for p in sj.lm.model.PROJECTIONS)
+    head = c.hidden_size * c.vocab_size
+    base = 2 * (2 * layer * t * c.num_layers + 2 * head * (t - 1))
+    attention = 3 * c.num_layers * 4 * t * t * c.num_heads * c.head_dim
+    lora = 3 * c.num_layers * t * sum(2 * rank * sum(sj.lm.model.projection_shape(c, p)) for p in targets_)
+    return float((base + attention + lora) * lanes * steps)
+
+
+def test_training_flops_equal_a_hand_count(reports):
+    target, mesh, out = reports
+    sizes = shd.parse_mesh_spec(mesh)
+    for name, config in (("qwen3", TINY), ("llama", TINY_LLAMA)):
+        row = next(r for r in out[name]["rows"] if r["program"] == "train")
+        # 3 candidates of 8, 8 and 4 micro-steps pack onto 3 lanes of 8 steps; 3 lanes do not divide the data
+        # axis, so every device runs all of them, with the embedding contraction split over fsdp
+        full = hand_training_flops(config, seq_len=32, rank=8, targets_=("q_proj", "v_proj"), lanes=3, steps=8)
+        attention = 3 * config.num_layers * 4 * 32 * 32 * config.num_heads * config.head_dim * 3 * 8
+        per_device = (full - attention) / sizes["fsdp"] + attention
+        assert row["flops"] == pytest.approx(per_device, rel=0.05), (row["flops"], per_device)
+
+
+def test_compile_follows_the_target_not_the_host():
+    """The decode program compiled for a TPU topology is the accelerator one (no CPU-only barrier around the
+    head copy); the same program for the host's CPU devices keeps it."""
+    tpu_mesh = shd.make_mesh("data=4", devices=targets.devices("tpu-v5e-4"))
+    cpu_mesh = shd.make_mesh("data=4", devices=jax.devices()[:4])
+    texts = {}
+    for name, mesh in (("tpu", tpu_mesh), ("cpu", cpu_mesh)):
+        lm = sj.LM.abstract(TINY, mesh=mesh, dtype="bfloat16")
+        assert lm._sampler.platform == name
+        texts[name] = lm.lower_generate(4, 16, 8)["decode"].as_text()
+    assert "optimization_barrier" in texts["cpu"]
+    assert "optimization_barrier" not in texts["tpu"]
+
+
+def test_a_program_too_big_for_the_device_exits_3(tmp_path, capsys):
+    big = TINY.replace(vocab_size=48_000_000, hidden_size=1024, intermediate_size=1024, num_heads=8, num_kv_heads=8,
+                       head_dim=128, max_position_embeddings=4096)  # a 98 GB embedding in bf16
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(big.to_hf_dict()))
+    code = cli_main(["compile", "--model", str(folder), "--target", "h100-1", "--only", "answer", "--questions", "1",
+                     "--question-len", "16", "--new-tokens", "4"])
+    assert code == aot.EXIT_DOES_NOT_FIT
+    err = capsys.readouterr().err
+    assert "answer.prefill does not fit one h100-1 device" in err and "GB of 84.94 GB" in err
+
+
+def test_cli_json_and_errors(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code = cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--mesh", "data=8", "-k", "2",
+                     "--only", "train", "--sequences", "2", "--seq-len", "32", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["target"] == "h100-8" and [r["program"] for r in report["rows"]] == ["train"]
+    assert ROW_KEYS <= set(report["rows"][0])
+    assert "| train |" in capsys.readouterr().out
+    assert cli_main(["compile", "--model", "tiny", "--target", "tpu-v9-1"]) == 2
+    assert "unknown target 'tpu-v9-1'" in capsys.readouterr().err
+    assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--mesh", "data=4"]) == 2
+    assert "product is 8" in capsys.readouterr().err
+    assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--only", "nope"]) == 2
+
+
+def test_workloads_from_the_papers_configs():
+    shapes = aot.Shapes()
+    seal = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes)
+    assert seal.config == preset("qwen3-8b") and "not on this machine" in seal.source
+    # passage (1) + implications, rewrite, self_qa, replay (5 each) trained together
+    assert seal.candidates == 21
+    assert [p.name for p in seal.programs] == ["answer", "self_edit", "train", "answer_k", "judge"]
+    assert next(p for p in seal.programs if p.name == "self_edit").per_passage == 3
+    search = aot.workload_from_config("experiments/templates-archive-qwen3-8b.toml", shapes)
+    assert search.candidates == 15
+    assert {"proposal", "fill", "train", "answer_k", "sft"} <= {p.name for p in search.programs}
+    restem = aot.workload_from_config("experiments/restem-qwen3-8b.toml", shapes)
+    assert "sft" in [p.name for p in restem.programs]
+    with pytest.raises(aot.CompileError, match="pass --model PRESET"):
+        aot.model_config("/nowhere/SomeModel")
+
+
+def test_roofline_picks_the_bound():
+    t = targets.get_target("h100-8")
+    hw = t.hardware
+    assert aot.roofline(hw.bf16_flops, 0, 0, t) == (1.0, "compute")
+    assert aot.roofline(0, 2 * hw.hbm_bandwidth, 0, t) == (2.0, "memory")
+    seconds, bound = aot.roofline(0, 0, hw.link_bandwidth, t)
+    assert bound == "collectives" and seconds == pytest.approx(2.0)
+    assert np.isclose(targets.get_target("h200-8").hbm_bytes, 151_397_597_184)
+    with pytest.raises(targets.TargetError, match="unknown target"):
+        targets.get_target("h300-8")
+
+
+def test_hlo_counts_a_tpu_convolution_program():
+    """On a TPU target the compiler writes the model's matmuls as convolutions; the logits program's matrix
+    FLOPs still equal the hand count: matmuls (embedding contraction split over fsdp) plus attention."""
+    mesh = shd.make_mesh("data=2,fsdp=2", devices=targets.devices("tpu-v5e-4"))
+    lm = sj.LM.abstract(TINY, mesh=mesh, dtype="bfloat16")
+    stats = hlo.analyze(lm.lower_logits(4, 64).compile().as_text())
+    c, tokens = TINY, 2 * 64  # per device: 2 rows of 64
+    layer = sum(math.prod(sj.lm.model.projection_shape(c, p)) for p in sj.lm.model.PROJECTIONS)
+    matmuls = 2 * tokens * (c.num_layers * layer + c.hidden_size * c.vocab_size) / 2
+    attention = c.num_layers * 4 * 2 * 64 * 64 * c.num_heads * c.head_dim
+    assert stats.flops == pytest.approx(matmuls + attention, rel=0.01)
