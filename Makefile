@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 export HF_HOME := $(CURDIR)/.cache/hf
 export HF_DATASETS_CACHE := $(CURDIR)/.cache/hf/datasets
 export TOKENIZERS_PARALLELISM := false
+# CPU work: with the [aot] compilers installed (the test extra), JAX would otherwise probe for a TPU and a GPU first
+JAX_PLATFORMS ?= cpu
+export JAX_PLATFORMS
 
 .PHONY: demo test fetch bench lint clean
 
