@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import seal_jax as sj
+from seal_jax.lm.model import LoraInputs
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -68,10 +69,15 @@ def test_distributed_two_processes_match_single_process(tiny_hf, tiny_chat_dir, 
         for k, history in enumerate(adapters.losses):
             np.testing.assert_allclose(got[f"losses{k}"], history, rtol=1e-4)
         for p, ab in adapters.weights.items():
-            for n, x in ab.items():  # gloo's cross-process sums round differently: up to 1.4e-4 after 4 Adam steps (seen 2026-12-04)
+            for n, x in ab.items():  # gloo's cross-process sums round differently: up to 1.4e-4 after 4 Adam steps
+                # (seen 2026-12-04, also on the code before the compile work, with or without [aot] installed)
                 np.testing.assert_allclose(got[f"{p}.{n}"], np.asarray(x), atol=2e-4, rtol=0)
         assert got["base"].tolist() == lm.generate_ids(prompts, greedy)
-        assert got["adapted"].tolist() == lm.generate_ids(prompts, greedy, adapters=adapters)
+        # decoding under the two-process run's own adapters gives the same tokens in one process (its weights
+        # differ from the single-process ones by gloo's rounding, which can flip a late greedy token)
+        theirs = LoraInputs(weights={p: {n: np.asarray(got[f"{p}.{n}"]) for n in ab}
+                                     for p, ab in adapters.weights.items()}, scale=adapters.scales)
+        assert got["adapted"].tolist() == lm.generate_ids(prompts, greedy, adapters=theirs)
         assert got["adapted"].tolist() != [got["base"].tolist()] * 2  # the adapters changed the answers
 
 
