@@ -207,3 +207,14 @@ def test_hlo_counts_a_tpu_convolution_program():
     matmuls = 2 * tokens * (c.num_layers * layer + c.hidden_size * c.vocab_size) / 2
     attention = c.num_layers * 4 * 2 * 64 * 64 * c.num_heads * c.head_dim
     assert stats.flops == pytest.approx(matmuls + attention, rel=0.01)
+
+
+def test_an_abstract_model_refuses_to_run():
+    lm = sj.LM.abstract("tiny")
+    assert lm.is_abstract and all(p.shape for p in lm.params().values())
+    with pytest.raises(ValueError, match="abstract"):
+        lm.logits(np.zeros((1, 4), np.int32))
+    with pytest.raises(ValueError, match="abstract"):
+        lm.generate_ids([[1, 2]])
+    with pytest.raises(ValueError, match="abstract"):
+        lm.train_adapters([["some text"]])

@@ -85,6 +85,7 @@ class LM:
         self.graphdef, self.state = nnx.split(model)
         self._weight_copies: Any = None  # Sampler.split's output, made at the first generation (CPU only)
         self._keeps_copies: bool | None = None  # decided once, at the first generation
+        self.is_abstract = False  # True for LM.abstract models (shapes only: lower and compile, no data)
 
     @property
     def config(self) -> ModelConfig:
@@ -159,7 +160,11 @@ class LM:
         lm.is_abstract = True
         return lm
 
-    is_abstract = False  # True for LM.abstract models (shapes only: lower and compile, no data)
+    def _require_weights(self, what: str) -> None:
+        if self.is_abstract:
+            raise ValueError(f"{what} needs weights, and this LM is abstract (LM.abstract: shapes only); lower "
+                             "and compile its programs with lower_logits / lower_generate / lower_train, or load "
+                             "a checkpoint with seal_jax.load")
 
     def abstract_adapters(self, k: int, lora: LoraSpec | Sequence[LoraSpec]) -> LoraInputs:
         """Shapes of K stacked adapters (``{projection: {"a": [K, L, in, R], "b": [K, L, R, out]}}``, float32,
@@ -274,6 +279,7 @@ class LM:
 
     def forward(self, ids: Any, attention_mask: Any = None, adapter: Adapters | None = None) -> jax.Array:
         """Like :meth:`logits` but returns the device array (padded length trimmed), without a host copy."""
+        self._require_weights("logits")
         ids = np.asarray(ids)
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"ids must be a non-empty int array [B, T], got shape {ids.shape}")
@@ -352,6 +358,7 @@ class LM:
                             seed: int) -> Any:
         """``fn`` (``training.train_adapters`` or ``training.training_memory``) called with this model's
         weights, tokenizer, ids, mesh and programs, and SEAL's specs where ``lora``/``train`` are None."""
+        self._require_weights("training")
         return fn(
             self.graphdef, self.state, self.params(), self.tokenizer, sequences,
             LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
@@ -408,6 +415,7 @@ class LM:
           SamplingError: empty input, out-of-vocabulary ids, prompt + ``max_new_tokens`` beyond the
             model's context, or malformed adapters (all checked before anything runs).
         """
+        self._require_weights("generate")
         params = sampling.SamplingParams() if params is None else params
         rows = sampling.check_prompt_ids(prompt_ids, params, self.config)
         sampling.as_lora(adapters, self.config)  # validate before compiling anything

@@ -83,6 +83,8 @@ MIN_STOP_SLOTS = 8  # the stop-id table is padded to this size (or the next powe
 KEEP_WEIGHT_COPIES_MAX_BYTES = 4 << 30  # see "Kept weight copies" in the module docstring
 COLUMN_BLOCKS = 2  # column blocks of the kept copies of COLUMN_BLOCKED and of the head (module docstring)
 COLUMN_BLOCKED = ("o_proj", "down_proj")
+# Logical axes of the per-layer KV buffers: keys [B, KVH, Dh, S], values [B, KVH, S, Dh] (see model.KVCache)
+CACHE_AXES = (("batch", "kv_heads", None, "length"), ("batch", "kv_heads", "length", None))
 
 
 class SamplingError(ValueError):
@@ -404,6 +406,16 @@ def batch_bucket(n: int, mesh: Mesh | None = None) -> int:
     return b
 
 
+def knob_arrays(params: SamplingParams, pad_id: int) -> dict[str, np.ndarray]:
+    """The traced scalar arguments of the decode program (changing them does not recompile)."""
+    return {
+        "temperature": np.float32(params.temperature), "top_k": np.int32(params.top_k),
+        "top_p": np.float32(params.top_p), "min_p": np.float32(params.min_p),
+        "seed": np.uint32(params.seed), "max_new_tokens": np.int32(params.max_new_tokens),
+        "pad_id": np.int32(pad_id),
+    }
+
+
 def keeps_weight_copies(state: Any, platform: str) -> bool:
     """Whether ``LM`` should keep :meth:`Sampler.split`'s per-layer weight copies for ``state`` (an ``nnx``
     state) on ``platform`` (:func:`~seal_jax.lm.sharding.platform` of the mesh): on CPU, when the weights
@@ -444,7 +456,7 @@ class Sampler:
             spec = shd.spec_for(self.mesh, logical, x.shape)
             return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-        keys, values = ("batch", "kv_heads", None, "length"), ("batch", "kv_heads", "length", None)
+        keys, values = CACHE_AXES
         return KVCache(k=tuple(put(x, keys) for x in cache.k), v=tuple(put(x, values) for x in cache.v),
                        valid=put(cache.valid, ("batch", "length")),
                        positions=put(cache.positions, ("batch",)), index=cache.index)
@@ -594,7 +606,7 @@ class Sampler:
         prefill = self.prefill.lower(state, ids, ids, lw, ls, cache_len=t + out_len)
         logits, cache = jax.eval_shape(functools.partial(self._prefill, cache_len=t + out_len), state, ids, ids, lw, ls)
         lead = (None,) if ls is not None and ls.ndim == 1 else ()
-        keys, values = ("batch", "kv_heads", None, "length"), ("batch", "kv_heads", "length", None)
+        keys, values = CACHE_AXES
         cache = KVCache(
             k=tuple(self._abstract(x.shape, x.dtype, lead + keys) for x in cache.k),
             v=tuple(self._abstract(x.shape, x.dtype, lead + values) for x in cache.v),
@@ -602,9 +614,7 @@ class Sampler:
             positions=self._abstract(cache.positions.shape, cache.positions.dtype, lead + ("batch",)),
             index=self._abstract(cache.index.shape, cache.index.dtype, None))
         logits = self._abstract(logits.shape, logits.dtype, lead + ("batch", None))
-        knobs = {name: self._abstract((), dtype, None) for name, dtype in (
-            ("temperature", jnp.float32), ("top_k", jnp.int32), ("top_p", jnp.float32), ("min_p", jnp.float32),
-            ("seed", jnp.uint32), ("max_new_tokens", jnp.int32), ("pad_id", jnp.int32))}
+        knobs = {name: self._abstract((), x.dtype, None) for name, x in knob_arrays(SamplingParams(), 0).items()}
         stop_ids = self._abstract((MIN_STOP_SLOTS,), jnp.int32, None)
         done = self._abstract((b,), jnp.bool_, ("batch",))
         decode = self.decode.lower(state, cache, logits, lw, ls, knobs, stop_ids, done, None, out_len=out_len)
@@ -643,12 +653,7 @@ class Sampler:
         stop_ids = np.full((slots,), -1, np.int32)
         stop_ids[:len(stops)] = stops
 
-        knobs = {
-            "temperature": np.float32(params.temperature), "top_k": np.int32(params.top_k),
-            "top_p": np.float32(params.top_p), "min_p": np.float32(params.min_p),
-            "seed": np.uint32(params.seed), "max_new_tokens": np.int32(params.max_new_tokens),
-            "pad_id": np.int32(pad_id),
-        }
+        knobs = knob_arrays(params, pad_id)
         lw, ls = (None, None) if lora is None else self.put_replicated((lora.weights, lora.scale))
         logits, cache = self.prefill(state, self.put_batch(ids), self.put_batch(mask), lw, ls, cache_len=t + out_len)
         tokens, lengths, _ = self.decode(state, cache, logits, lw, ls, self.put_replicated(knobs),
