@@ -117,6 +117,7 @@ class Workload:
       lora_targets: adapted projections.
       remat: rematerialise each layer in the backward pass (``LM.load(remat=True)``).
       cache_len: S, KV-cache slots when sampling (prompt + new tokens; default ``seq_len``).
+      prompt_len: P, the padded prompt that prefill runs over (default ``cache_len``: the bound).
     """
 
     candidates: int = 5
@@ -128,15 +129,22 @@ class Workload:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     remat: bool = False
     cache_len: int | None = None
+    prompt_len: int | None = None
 
     @property
     def cache_slots(self) -> int:
         """S: ``cache_len`` or, if unset, ``seq_len``."""
         return self.seq_len if self.cache_len is None else self.cache_len
 
+    @property
+    def prompt_tokens(self) -> int:
+        """P: ``prompt_len`` or, if unset, the cache slots."""
+        return self.cache_slots if self.prompt_len is None else min(self.prompt_len, self.cache_slots)
+
     def __post_init__(self) -> None:
-        if self.cache_len is not None and self.cache_len < 1:
-            raise PlanError(f"cache_len must be a positive integer, got {self.cache_len!r}")
+        for name in ("cache_len", "prompt_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise PlanError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("candidates", "seq_len", "batch", "sample_batch", "lora_rank"):
             if int(getattr(self, name)) < 1:
                 raise PlanError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -276,8 +284,11 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     s = w.cache_slots
     kv_cache = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * s * kv_heads * config.head_dim * act
     heads = config.num_heads // tensor if config.num_heads % tensor == 0 else config.num_heads
-    prefill_scores = w.candidates * (b_pad // mesh["data"]) * heads * s * s * (4 + act)
-    sample = weights + w.candidates * p * LORA_BYTES + kv_cache + prefill_scores
+    p_len = w.prompt_tokens
+    prefill_scores = w.candidates * (b_pad // mesh["data"]) * heads * p_len * p_len * (4 + act)
+    # prefill's scan also returns every layer's keys and values of the prompt before they fill the cache
+    prompt_kv = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * p_len * kv_heads * config.head_dim * act
+    sample = weights + w.candidates * p * LORA_BYTES + kv_cache + prefill_scores + prompt_kv
     return MemoryPlan(weights, lora_params, lora_state, accumulators, activations, logits, kv_cache,
                       prefill_scores, lanes, train, sample)
 
@@ -304,14 +315,21 @@ class StepTime:
 def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Hardware) -> dict[str, StepTime]:
     """Roofline times of a training micro-step (every lane once), a prefill and a decode step.
 
-    Compute is split evenly over ``fsdp × tensor`` devices for each device's lanes (rows). Training reads
-    the gathered weights once per forward, backward and (with remat) recomputation, and all-gathers the
-    ``fsdp`` shards as often; decode reads this device's weights and KV cache once per token and
-    all-reduces the partial sums of the projections that contract over the ``fsdp``-sharded width.
+    FLOPs, as the compiled programs do them (``seal-jax compile`` counts them from the HLO, and
+    ``tests/test_plan_vs_compile.py`` holds the two together): the projections and the head are split over
+    ``fsdp × tensor`` (XLA contracts over the ``fsdp``-sharded width), attention only over ``tensor`` (its
+    heads); a training micro-step runs the frozen base forward and backward to its inputs (2 passes, 3 with
+    remat: no weight gradients), attention forward (2 matmuls) and backward (4), and the adapters forward
+    and both their gradients (3 passes); prefill runs the prompt (P tokens); a decode step runs one token
+    per row and attends over the cache (S slots); prefill applies the head to the last position only. Memory and communication: training reads the gathered
+    weights once per forward, backward and (with remat) recomputation, and all-gathers the ``fsdp`` shards as
+    often; decode reads this device's weights and KV cache once per token and all-reduces the partial sums
+    of the projections that contract over the ``fsdp``-sharded width.
     """
     act = DTYPE_BYTES[w.dtype]
     f, tp = mesh["fsdp"], mesh["tensor"]
     n_mm = matmul_parameters(config)
+    n_lora = lora_parameters(config, w.lora_rank, w.lora_targets)
     t = w.seq_len
     attn_fwd = 4 * t * t * config.q_dim * config.num_layers  # scores and weighted sum, per sequence
     link = hw.link_bandwidth / 2
@@ -319,10 +337,12 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     gather_comm = gathered * (f - 1) / f / link if f > 1 else 0.0
 
     lanes = lanes_per_device(w.candidates, mesh)
-    passes = 4 if w.remat else 3  # forward, backward (2x), recomputed forward
+    passes = 4 if w.remat else 3  # weight reads: forward, backward (2x), recomputed forward
     rows = lanes * w.batch
-    train_flops = rows * passes * (2 * n_mm * t + attn_fwd)
-    train = StepTime(train_flops / (f * tp) / hw.bf16_flops,
+    base_passes = 3 if w.remat else 2  # forward, input gradients (, recomputed forward)
+    train_flops = rows * ((base_passes * 2 * n_mm * t + 3 * 2 * n_lora * t) / (f * tp)
+                          + (base_passes + 1) * attn_fwd / tp)
+    train = StepTime(train_flops / hw.bf16_flops,
                      (passes - 1) * gathered / hw.hbm_bandwidth,
                      (passes - 1) * gather_comm)
 
@@ -330,14 +350,17 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
 
     b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
     srows = w.candidates * b_pad // mesh["data"]
-    s = w.cache_slots
-    prefill_attn = 4 * s * s * config.q_dim * config.num_layers
-    prefill = StepTime(srows * (2 * n_mm * s + prefill_attn) / (f * tp) / hw.bf16_flops,
+    s, p_len = w.cache_slots, w.prompt_tokens
+    prefill_attn = 4 * p_len * p_len * config.q_dim * config.num_layers
+    n_head = config.vocab_size * config.hidden_size  # prefill applies the head to the last position only
+    prefill_mm = 2 * ((n_mm - n_head + n_lora) * p_len + n_head) / (f * tp)
+    prefill = StepTime(srows * (prefill_mm + prefill_attn / tp) / hw.bf16_flops,
                        gathered / hw.hbm_bandwidth, gather_comm)
     mem = memory_plan(config, mesh, w)
     reduce_width = config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size
     reduce_bytes = 2 * srows * config.num_layers * reduce_width * act * (f - 1) / f if f > 1 else 0.0
-    decode = StepTime(srows * 2 * n_mm / (f * tp) / hw.bf16_flops,
+    decode_attn = 4 * s * config.q_dim * config.num_layers
+    decode = StepTime(srows * (2 * (n_mm + n_lora) / (f * tp) + decode_attn / tp) / hw.bf16_flops,
                       (mem.weights + mem.kv_cache) / hw.hbm_bandwidth,
                       reduce_bytes / link)
     return {"train_step": train, "prefill": prefill, "decode_token": decode}
@@ -510,6 +533,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=2048, help="padded training sequence length T")
     parser.add_argument("--cache-len", type=int, default=None,
                         help="KV-cache slots S when sampling (prompt + new tokens; default: --seq-len)")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="padded prompt length P that prefill runs over (default: --cache-len)")
     parser.add_argument("--batch", type=int, default=1, help="training micro-batch per candidate (SEAL: 1)")
     parser.add_argument("--sample-batch", type=int, default=8, help="prompts per candidate when sampling")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="weights and activations")
@@ -526,7 +551,8 @@ def main(args: argparse.Namespace) -> int:
     workload = Workload(candidates=args.candidates, seq_len=args.seq_len, batch=args.batch,
                         sample_batch=args.sample_batch, dtype=dtype, lora_rank=args.lora_rank,
                         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-                        remat=args.remat, cache_len=args.cache_len)
+                        remat=args.remat, cache_len=args.cache_len,
+                        prompt_len=args.prompt_len)
     plan = make_plan(args.model, args.mesh, workload, args.hardware)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0 if all(v.fits for v in plan.verdicts.values()) else 3

@@ -147,8 +147,17 @@ def test_step_times_by_hand():
     hw = pl.HARDWARE["h100"]
     t = pl.step_times(cfg, mesh, w, hw)
     rows = 4 * 8 // 2
-    flops = rows * (2 * pl.matmul_parameters(cfg) * 1024 + 4 * 1024**2 * cfg.q_dim * 36)
-    assert t["prefill"].compute == pytest.approx(flops / 4 / 989e12)
+    # prefill: projections and adapters over the 1024 prompt tokens split over fsdp = 4, the head on the last
+    # position only, attention (heads over tensor = 1) on every device
+    head = cfg.vocab_size * cfg.hidden_size
+    lora = pl.lora_parameters(cfg, 32, ("q_proj", "v_proj"))
+    matmuls = 2 * ((pl.matmul_parameters(cfg) - head + lora) * 1024 + head) / 4
+    flops = rows * (matmuls + 4 * 1024**2 * cfg.q_dim * 36)
+    assert t["prefill"].compute == pytest.approx(flops / 989e12)
+    # a training micro-step: base forward + input gradients (no weight gradients), adapters 3 passes,
+    # attention forward + backward (3x), for K/data = 2 lanes of one sequence
+    train = 2 * ((2 * 2 * pl.matmul_parameters(cfg) * 1024 + 3 * 2 * lora * 1024) / 4 + 3 * 4 * 1024**2 * cfg.q_dim * 36)
+    assert t["train_step"].compute == pytest.approx(train / 989e12)
     mem = pl.memory_plan(cfg, mesh, w)
     assert t["decode_token"].memory == pytest.approx((mem.weights + mem.kv_cache) / 3.35e12)
     assert t["decode_token"].bound == "memory"
