@@ -246,6 +246,7 @@ class MemoryPlan:
     logits: int
     kv_cache: int
     prefill_scores: int
+    prompt_kv: int
     lanes: int
     train: int
     sample: int
@@ -290,7 +291,7 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     prompt_kv = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * p_len * kv_heads * config.head_dim * act
     sample = weights + w.candidates * p * LORA_BYTES + kv_cache + prefill_scores + prompt_kv
     return MemoryPlan(weights, lora_params, lora_state, accumulators, activations, logits, kv_cache,
-                      prefill_scores, lanes, train, sample)
+                      prefill_scores, prompt_kv, lanes, train, sample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,6 +502,7 @@ def format_plan(plan: Plan) -> str:
         f"| **training total** | **{_gb(mem.train)}** |",
         f"| sampling KV cache (K adapters x {w.sample_batch} rows x {w.cache_slots} slots) | {_gb(mem.kv_cache)} |",
         f"| prefill attention scores (estimate) | {_gb(mem.prefill_scores)} |",
+        f"| prompt keys and values before they fill the cache | {_gb(mem.prompt_kv)} |",
         f"| **sampling total** | **{_gb(mem.sample)}** |",
         "",
         "| hardware | HBM | fits? | train micro-step | prefill (K x rows x S) | decode / token |",
