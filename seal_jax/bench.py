@@ -16,11 +16,13 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from seal_jax import throughput
+from seal_jax.ceilings import best_time, matmul_flops, read_bandwidth
 
 
 @dataclasses.dataclass
@@ -34,43 +36,6 @@ class BenchRow:
     ratio: float | None
     fraction_of_limit: float | None
     detail: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def best_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Smallest wall time in seconds of ``repeats`` calls of ``fn`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def matmul_flops(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> float:
-    """The machine's measured matmul rate in FLOP/s: best jitted JAX ``[n, n] @ [n, n]`` over ``sizes``."""
-    import jax
-    import jax.numpy as jnp
-
-    best = 0.0
-    f = jax.jit(lambda x: x @ x)
-    for n in sizes:
-        a = jnp.full((n, n), 0.5, dtype)
-        t = best_time(lambda a=a: f(a).block_until_ready(), repeats)
-        best = max(best, 2 * n**3 / t)
-    return best
-
-
-def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """The machine's measured memory read bandwidth in bytes/s (a jitted sum over a large array)."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((megabytes * 1024 * 1024 // 4,), jnp.float32)
-    f = jax.jit(jnp.sum)
-    t = best_time(lambda: f(x).block_until_ready(), repeats)
-    return x.nbytes / t
 
 
 def forward_flops(config: Any, batch: int, length: int) -> float:
@@ -342,6 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
     )
+    throughput.add_arguments(parser)  # the SEAL-workload suite's options (--preset, --random-weights, ...)
 
 
 BENCHMARKS = ("prefill", "decode_b1", "decode_b8", "decode_b32", "lora_train", "candidates_k8", "e2e_demo")
@@ -379,6 +345,8 @@ def main(args: argparse.Namespace) -> int:
         from seal_jax import scaling
 
         return scaling.main(args)
+    if throughput.wants_suite(args):
+        return throughput.main(args)
     import jax
 
     import seal_jax as sj

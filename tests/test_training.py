@@ -344,3 +344,31 @@ def test_training_memory_from_the_compiled_program(tiny):
     assert one["arguments"] >= weights and four["arguments"] >= weights
     assert four["temporaries"] > one["temporaries"] > 0
     assert one["total"] >= one["arguments"]
+
+
+def test_token_id_items_train_exactly_like_their_text(tiny):
+    _, lm = tiny
+    lora, spec = LoraSpec(rank=4, alpha=8.0), TrainSpec(learning_rate=1e-2, epochs=2, max_len=24)
+    as_text = train(lm, [TEXTS[:2], TEXTS[2:]], lora, spec)
+    as_ids = train(lm, [[TOK(t)["input_ids"] for t in TEXTS[:2]], [np.array(TOK(t)["input_ids"]) for t in TEXTS[2:]]],
+                   lora, spec)
+    assert as_ids.losses == as_text.losses
+    for a, b in zip(jax.tree.leaves(as_ids.weights), jax.tree.leaves(as_text.weights), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_token_id_items_need_no_tokenizer_but_valid_ids(tiny):
+    _, lm = tiny
+    args = dict(eos_id=EOS, pad_id=PAD)
+    ids = [5, 6, 7, 8]
+    adapters = train_adapters(lm.graphdef, lm.state, lm.params(), None, [[ids]], LoraSpec(rank=2, alpha=4.0),
+                              TrainSpec(epochs=1), **args)
+    assert len(adapters.losses[0]) == 1 and np.isfinite(adapters.losses[0][0])
+    with pytest.raises(TrainError, match="no tokenizer.*token-id lists"):
+        train_adapters(lm.graphdef, lm.state, lm.params(), None, [["some text"]], LoraSpec(rank=2, alpha=4.0),
+                       TrainSpec(epochs=1), **args)
+    vocab = lm.config.vocab_size
+    with pytest.raises(TrainError, match=rf"outside \[0, {vocab}\) \(e.g. {vocab}\)"):
+        train(lm, [[[5, vocab]]], LoraSpec(rank=2, alpha=4.0), TrainSpec(epochs=1))
+    with pytest.raises(TrainError, match="list of token ids"):
+        train(lm, [[[1.5, 2.0]]], LoraSpec(rank=2, alpha=4.0), TrainSpec(epochs=1))

@@ -153,3 +153,70 @@ def test_loading_holds_about_one_tensor_in_host_memory(tmp_path):
     tracemalloc.stop()
     assert sum(sizes) > 20 * max(sizes)
     assert peak < 4 * max(sizes), f"peak host memory {peak} bytes for tensors of at most {max(sizes)} bytes"
+
+
+def test_random_weights_are_the_same_on_any_mesh_and_placed_by_the_rules():
+    from seal_jax.lm.config import preset
+    from seal_jax.lm.model import param_shapes
+    from seal_jax.lm.sharding import make_mesh, param_sharding
+    from seal_jax.lm.weights import RANDOM_STD, random_params
+
+    config = preset("tiny")
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    alone = random_params(config, dtype="float32", seed=7)
+    sharded = random_params(config, dtype="float32", mesh=mesh, seed=7)
+    other = random_params(config, dtype="float32", seed=8)
+    assert set(alone) == set(param_shapes(config))
+    for path, x in alone.items():
+        assert x.shape == param_shapes(config)[path]
+        assert sharded[path].sharding == param_sharding(mesh, path, x.shape), path
+        np.testing.assert_array_equal(np.asarray(sharded[path]), np.asarray(x))
+        values = np.asarray(x)
+        if path.endswith("norm"):
+            np.testing.assert_array_equal(values, 1.0)
+        else:
+            assert abs(values.std() - RANDOM_STD) < 0.1 * RANDOM_STD and abs(values.mean()) < 0.1 * RANDOM_STD, path
+            assert not np.array_equal(values, np.asarray(other[path])), path
+    # tensors are not copies of each other, and rows are not repeats
+    assert not np.allclose(np.asarray(alone["layers.q_proj"])[0, :, :64], np.asarray(alone["layers.k_proj"])[0])
+    q = np.asarray(alone["layers.q_proj"])
+    assert len(np.unique(q)) > 0.9 * q.size
+
+
+def test_random_lm_generates_and_trains_without_a_tokenizer():
+    lm = sj.LM.random("tiny", dtype="float32", mesh="data=2,fsdp=4")
+    assert lm.tokenizer is None and lm.dtype == np.float32
+    out = lm.generate_ids([[5, 6, 7], [8, 9]], sj.SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert [len(r) for r in out] == [4, 4]
+    adapters = lm.train_adapters([[[5, 6, 7, 8, 9]], [[10, 11, 12]]], sj.LoraSpec(rank=2, alpha=4.0),
+                                 sj.TrainSpec(epochs=1))
+    assert all(np.isfinite(h[0]) for h in adapters.losses)
+
+
+def test_creating_a_2b_parameter_random_model_adds_no_host_copy():
+    """The weights are made in their shards by one program: the process grows by the weights (on a CPU
+    the devices' memory is the host's) and by nothing more than 1 GB on the way."""
+    import subprocess
+    import sys
+
+    code = """
+import resource
+import jax, numpy as np
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+jax.numpy.zeros(1).block_until_ready()
+import seal_jax as sj
+base = rss()
+lm = sj.LM.random('qwen3-1.7b', dtype='bfloat16')
+jax.block_until_ready(lm.params())
+weights = sum(x.nbytes for x in lm.params().values())
+params = sum(int(np.prod(x.shape)) for x in lm.params().values())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(base, peak, weights, params)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    base, peak, weights, params = map(int, out.stdout.split()[-4:])
+    assert params > 1e9
+    assert peak - base - weights < 1e9, (f"creating {params / 1e9:.2f}B parameters ({weights / 1e9:.2f} GB) raised "
+                                         f"the peak by {(peak - base) / 1e9:.2f} GB")

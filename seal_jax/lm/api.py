@@ -160,6 +160,28 @@ class LM:
         lm.is_abstract = True
         return lm
 
+    @classmethod
+    def random(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
+               seed: int = 0, remat: bool = False, tokenizer: Any = None) -> LM:
+        """A model with random weights, created on the devices in their shards (for benchmarks: the real
+        programs at the real shapes without a checkpoint; see :func:`~seal_jax.lm.weights.random_params`).
+
+        Args:
+          config: a :class:`ModelConfig` or a preset name (``"qwen3-8b"``; see ``lm.config.PRESETS``).
+          mesh: a mesh or a spec such as ``"data=8"``; ``None`` for one device.
+          dtype: ``"bfloat16"`` (default) or ``"float32"``.
+          seed: the weights depend on the seed only (not on the mesh).
+          tokenizer: optional; without one, use the id-level methods (``generate_ids``, ``logits``, and
+            ``train_adapters`` with token-id sequences).
+        """
+        if isinstance(config, str):
+            config = preset(config)
+        if isinstance(mesh, str):
+            mesh = shd.make_mesh(mesh)
+        dt = _dtype(dtype)
+        params = weights.random_params(config, dtype=dt, mesh=mesh, seed=seed)
+        return cls(build_model(config, params, dtype=dt, remat=remat), tokenizer, mesh=mesh, path=None)
+
     def _require_weights(self, what: str) -> None:
         if self.is_abstract:
             raise ValueError(f"{what} needs weights, and this LM is abstract (LM.abstract: shapes only); lower "
@@ -332,7 +354,7 @@ class LM:
 
         Args:
           sequences: a list (K candidates) of lists of training strings (or ``(prompt, completion)``
-            pairs: loss on the completion only).
+            pairs: loss on the completion only; or lists of token ids, which need no tokenizer).
           lora, train: one :class:`LoraSpec` / :class:`TrainSpec` for all candidates or one per candidate
             (default: SEAL's inner loop, ``LoraSpec.seal()`` and ``TrainSpec.seal()``).
           seed: mixed with each candidate's ``TrainSpec.seed`` (init, dropout, data order).
@@ -398,7 +420,8 @@ class LM:
         return int(self.config.pad_token_id or 0)
 
     def generate_ids(self, prompt_ids: list[list[int]], params: sampling.SamplingParams | None = None,
-                     adapters: Any = None) -> list[list[int]] | list[list[list[int]]]:
+                     adapters: Any = None,
+                     timings: dict[str, float] | None = None) -> list[list[int]] | list[list[list[int]]]:
         """Generate token ids after each prompt.
 
         Args:
@@ -408,6 +431,8 @@ class LM:
             so ``adapters[k]`` gives a list of one); one raw adapter (``.weights`` leaves ``a [L, in, r]``,
             ``b [L, r, out]``, scalar ``.scale``, e.g. :class:`~seal_jax.lm.model.LoraInputs`); or K raw
             stacked adapters (leaves with a leading K axis, ``.scale`` ``[K]``). Stacks run under ``vmap``.
+          timings: if a dict, receives ``prefill_s`` and ``decode_s``, the wall seconds of the two programs
+            (the call then waits for the prefill before it starts the decode; for benchmarks).
         Returns:
           B lists of generated ids, each ending before its stop token (EOS ids of the config and tokenizer,
           unless ``ignore_eos``, plus ``stop_token_ids``); with K stacked adapters, K such lists.
@@ -420,7 +445,8 @@ class LM:
         rows = sampling.check_prompt_ids(prompt_ids, params, self.config)
         sampling.as_lora(adapters, self.config)  # validate before compiling anything
         return self._sampler.generate(self.state, self.config, rows, params, eos_ids=self._eos_ids(),
-                                      pad_id=self._pad_id(), adapters=adapters, copies=self._decode_copies())
+                                      pad_id=self._pad_id(), adapters=adapters, copies=self._decode_copies(),
+                                      timings=timings)
 
     def _decode_copies(self) -> Any:
         """Per-layer weight copies kept for decoding (see "Kept weight copies" in

@@ -58,6 +58,7 @@ import collections
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -624,7 +625,8 @@ class Sampler:
 
     def generate(self, state: Any, config: ModelConfig, prompt_ids: Sequence[Sequence[int]],
                  params: SamplingParams, *, eos_ids: Sequence[int] = (), pad_id: int = 0,
-                 adapters: Any = None, copies: Any = None) -> list[list[int]] | list[list[list[int]]]:
+                 adapters: Any = None, copies: Any = None,
+                 timings: dict[str, float] | None = None) -> list[list[int]] | list[list[list[int]]]:
         """Generate token ids for ``prompt_ids`` (validated by the caller); see the module docstring.
 
         Args:
@@ -636,6 +638,8 @@ class Sampler:
           pad_id: id used for padding (any valid id; padding is masked).
           adapters: ``None``, one adapter or K stacked (see :func:`as_lora`).
           copies: :meth:`split`'s output for ``state`` (kept by the caller), or ``None``.
+          timings: if a dict, the call waits for the prefill program before starting the decode program and
+            stores ``prefill_s`` and ``decode_s`` (wall seconds, the decode's up to its tokens on the host).
         Returns:
           B lists of generated ids (stop token excluded), or K such lists with stacked adapters.
         """
@@ -655,11 +659,18 @@ class Sampler:
 
         knobs = knob_arrays(params, pad_id)
         lw, ls = (None, None) if lora is None else self.put_replicated((lora.weights, lora.scale))
+        start = time.perf_counter()
         logits, cache = self.prefill(state, self.put_batch(ids), self.put_batch(mask), lw, ls, cache_len=t + out_len)
+        if timings is not None:
+            jax.block_until_ready(cache)
+            timings["prefill_s"] = time.perf_counter() - start
+            start = time.perf_counter()
         tokens, lengths, _ = self.decode(state, cache, logits, lw, ls, self.put_replicated(knobs),
                                          self.put_replicated(jnp.asarray(stop_ids)),
                                          self.put_batch(done), copies, out_len=out_len)
         tokens, lengths = shd.to_host(tokens), shd.to_host(lengths)
+        if timings is not None:
+            timings["decode_s"] = time.perf_counter() - start
 
         def rows_of(tk: np.ndarray, ln: np.ndarray) -> list[list[int]]:
             return [tk[i, :ln[i]].tolist() for i in range(n)]

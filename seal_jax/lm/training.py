@@ -112,7 +112,15 @@ def lr_at(spec: TrainSpec, step: int, total_steps: int) -> float:
 # Host side: tokenisation and the plan
 
 
-Item = str | tuple[str, str]
+Item = str | tuple[str, str] | Sequence[int]
+
+
+def _is_ids(item: Any) -> bool:
+    """Whether a training item is a sequence of token ids (rather than text or a text pair)."""
+    if isinstance(item, np.ndarray):
+        return item.ndim == 1 and np.issubdtype(item.dtype, np.integer)
+    return isinstance(item, (list, tuple)) and len(item) > 0 and all(
+        isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in item)
 
 
 @dataclasses.dataclass
@@ -124,8 +132,9 @@ class Example:
 
 
 def tokenize(tokenizer: Any, items: Sequence[Item], spec: TrainSpec, eos_id: int) -> list[Example]:
-    """Tokenise training items: a string (loss on every token) or ``(prompt, completion)`` (loss on the
-    completion only). Truncates to ``spec.max_len``; appends EOS in masked mode when ``append_eos``."""
+    """Tokenise training items: a string (loss on every token), ``(prompt, completion)`` (loss on the
+    completion only) or a list of token ids (loss on every token; no tokenizer needed). Truncates to
+    ``spec.max_len``; appends EOS in masked mode when ``append_eos``."""
     out = []
     for item in items:
         if isinstance(item, str):
@@ -134,8 +143,11 @@ def tokenize(tokenizer: Any, items: Sequence[Item], spec: TrainSpec, eos_id: int
         elif isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
             prompt_ids = tokenizer(item[0], add_special_tokens=False)["input_ids"]
             body = tokenizer(item[1], add_special_tokens=False)["input_ids"]
+        elif _is_ids(item):
+            prompt_ids, body = [], [int(x) for x in item]
         else:
-            raise TrainError(f"a training item must be a string or a (prompt, completion) pair, got {type(item).__name__}")
+            raise TrainError("a training item must be a string, a (prompt, completion) pair or a list of token "
+                             f"ids, got {type(item).__name__}")
         ids = list(prompt_ids) + list(body)
         if spec.append_eos and spec.loss == "masked":
             ids.append(eos_id)
@@ -584,9 +596,16 @@ def prepare_call(graphdef: Any, state: Any, params: dict[str, jax.Array], tokeni
     if isinstance(sequences[0], str):
         raise TrainError("sequences must be a list (K candidates) of lists of strings; wrap a single list as [texts]")
     specs_l, specs_t = check_specs(k, lora, train)
-    if tokenizer is None:
-        raise TrainError("this model has no tokenizer; load it with tokenizer=... to train on text")
+    if tokenizer is None and not all(_is_ids(item) for items in sequences for item in items):
+        raise TrainError("this model has no tokenizer; load it with tokenizer=... to train on text, or pass "
+                         "token-id lists")
     examples = [tokenize(tokenizer, items, spec, eos_id) for items, spec in zip(sequences, specs_t, strict=True)]
+    vocab = params["embedding"].shape[0]
+    for i, ex in enumerate(examples):
+        bad = [t for e in ex for t in e.ids if not 0 <= t < vocab]
+        if bad:
+            raise TrainError(f"candidate {i} has token ids outside [0, {vocab}) (e.g. {bad[0]}); token-id "
+                             "training items must be ids of this model's vocabulary")
     empty = [i for i, ex in enumerate(examples) if not ex]
     if empty:
         raise TrainError(f"candidates {empty} have no usable training sequence (empty texts?)")

@@ -233,6 +233,64 @@ def load_params(
     return params
 
 
+RANDOM_STD = 0.02  # of random projection and embedding weights (Hugging Face's initializer_range)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer hash (xor-shift-multiply rounds): nearby inputs give unrelated outputs."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _salt(seed: int, i: int) -> int:
+    """A per-tensor 32-bit salt from the seed and the tensor's index (the same mixing as :func:`_mix32`)."""
+    x = (seed * 1_000_003 + i * 7919 + 1) % 2**32
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = ((x ^ (x >> shift)) * mult) % 2**32
+    return x ^ (x >> 16)
+
+
+def _random_tensor(shape: tuple[int, ...], salt: int, dtype: Any, std: float) -> jax.Array:
+    """Uniform values of standard deviation ``std``, a hash of each element's flat index and ``salt``.
+
+    Built from iotas and integer arithmetic only, so XLA fuses it into one loop that writes the output
+    directly (no random-bit temporaries), and a sharded output is computed shard by shard on each device.
+    """
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
+        stride *= shape[dim]
+    bits = _mix32(_mix32(index ^ jnp.uint32(salt)) + jnp.uint32(0x9E3779B9))
+    unit = (bits >> 8).astype(jnp.float32) * (2.0 / 2**24) - 1.0  # uniform on [-1, 1): std 1/sqrt(3)
+    return (unit * (std * 3**0.5)).astype(dtype)
+
+
+def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, mesh: Mesh | None = None, seed: int = 0,
+                  std: float = RANDOM_STD) -> dict[str, jax.Array]:
+    """Random parameters ``{dotted path: array}`` for ``config``, created on the devices in their shards.
+
+    For benchmarks and compile checks without a checkpoint: projections and embeddings are uniform with
+    standard deviation ``std``, norm weights are ones. One jitted program creates every tensor with its
+    :mod:`seal_jax.lm.sharding` placement as the output sharding, so each device computes only its own
+    shard and nothing passes through host memory. The values depend on ``seed`` and the element's position
+    only, not on the mesh: the same seed gives the same model on any mesh.
+    """
+    shapes = param_shapes(config)
+    dtype = jnp.dtype(dtype)
+    salts = {p: _salt(seed, i) for i, p in enumerate(sorted(shapes))}
+
+    def make() -> dict[str, jax.Array]:
+        return {p: jnp.ones(s, dtype) if p.endswith("norm") else _random_tensor(s, salts[p], dtype, std)
+                for p, s in shapes.items()}
+
+    shardings = None if mesh is None else {p: shd.param_sharding(mesh, p, s) for p, s in shapes.items()}
+    return jax.jit(make, out_shardings=shardings)()
+
+
 def iter_hf_tensors(params: dict[str, jax.Array], config: ModelConfig,
                     dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(Hugging Face name, numpy array)`` for every tensor of a checkpoint of ``params``.

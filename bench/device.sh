@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# seal-jax's SEAL-workload benchmark in one command, for a machine with one accelerator (GPU or TPU).
+#
+#   bash bench/device.sh                          # Qwen3-8B with random bf16 weights: a few minutes on an H200
+#   SEAL_BENCH_PRESET=tiny bash bench/device.sh   # the tiny preset, --quick shapes: about a minute on a CPU
+#
+# It installs this checkout into the Python it is given (pip install --no-deps -e .: the machine's image
+# brings jax, flax, optax, orbax, transformers, peft and torch, and there may be no network), prints the
+# versions, runs `seal-jax bench --preset $SEAL_BENCH_PRESET --random-weights` (plus the PyTorch reference
+# on a CUDA GPU when torch sees it), prints a table last and writes the JSON report and the log under $OUT.
+#
+# Environment: PYTHON (default python3), OUT (default bench-results/), SEAL_BENCH_PRESET (default qwen3-8b),
+# SEAL_BENCH_ARGS (more `seal-jax bench` flags, e.g. "--candidates 8 --no-reference"), SEAL_BENCH_INSTALL=0
+# (run from the source tree without installing).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$root/bench-results}"
+PRESET="${SEAL_BENCH_PRESET:-qwen3-8b}"
+ARGS="${SEAL_BENCH_ARGS:-}"
+if [ "$PRESET" = tiny ]; then
+  ARGS="--quick $ARGS"  # the tiny preset's context (512 tokens) is shorter than SEAL's default shapes
+fi
+mkdir -p "$OUT"
+
+if [ "${SEAL_BENCH_INSTALL:-1}" = 1 ]; then
+  # no build isolation first: it would fetch setuptools from the network
+  if ! "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . \
+     && ! "$PY" -m pip install --quiet --no-deps -e .; then
+    echo "device.sh: pip could not install this checkout; running it from the source tree" >&2
+    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+else
+  export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+"$PY" - <<'PYEOF'
+import importlib
+for name in ("jax", "jaxlib", "flax", "optax", "transformers", "peft", "torch"):
+    try:
+        print(f"{name} {importlib.import_module(name).__version__}")
+    except ImportError:
+        print(f"{name} not installed")
+import jax
+print("devices:", ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices()))
+PYEOF
+
+log="$OUT/bench-$PRESET.log"
+# shellcheck disable=SC2086  # ARGS is a list of flags
+"$PY" -m seal_jax.cli bench --preset "$PRESET" --random-weights --out "$OUT/bench-$PRESET.json" $ARGS 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+echo "device.sh: report in $OUT/bench-$PRESET.json, log in $log (exit $status)"
+exit "$status"

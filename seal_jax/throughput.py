@@ -1,0 +1,671 @@
+"""The SEAL workload's throughput on this machine's devices: ``seal-jax bench --preset NAME --random-weights``.
+
+Where :mod:`seal_jax.bench` compares the bundled CPU model with transformers, this suite answers the
+accelerator user's questions for any preset (random weights, created in their shards on the devices) or
+checkpoint (``--model DIR``), at the shapes of one SEAL passage with K candidates:
+
+* ``prefill`` — the K self-edit prompts' prefill;
+* ``decode_b1``, ``decode_b8`` — greedy answers of the base model for 1 and 8 questions;
+* ``decode_k{K}x8`` — the 8 answers under K stacked adapters (``vmap`` over K);
+* ``self_edit`` — generating the K self-edits (prefill + decode);
+* ``train_k{K}`` — the K-candidate LoRA training program (SEAL's inner loop: q/v rank 32, AdamW, batch 1);
+* ``evaluation`` — one whole self-edit evaluation of a passage (generate K self-edits → train K adapters →
+  answer the questions under the K adapters), in seconds, and the self-edit evaluations per hour that gives
+  (K per passage, for the whole mesh).
+
+Every row carries tokens/s and seconds; **MFU** (useful FLOPs / (seconds × peak FLOP/s)) for compute-bound
+work and the **fraction of memory bandwidth** (the bytes a decode step must read at least / (seconds × peak
+bandwidth)) for decoding; the roofline time of the same compiled program on this device kind
+(:mod:`seal_jax.hlo` counts FLOPs and bytes of the optimised HLO; ``max(FLOPs / peak, bytes / bandwidth,
+collective bytes / link)``), and measured / roofline. *Useful* FLOPs count what the workload needs, not
+what the program does: the matmuls of every real (not padded) row, attention over the causal context, the
+output head where its logits are used; LoRA on a frozen base runs the base forward and its input gradients
+(4 FLOPs per parameter and token, not the 6 of full fine-tuning: no weight gradients of the base) and the
+adapters forward and backward (6 per adapter parameter and token).
+
+Peaks: the published figures of :data:`seal_jax.plan.HARDWARE` for GPUs and TPUs (by the devices' kind);
+on a CPU, the ceilings this run measures (a large matmul in the run's dtype, a large copy). The measured
+ceilings are reported on every platform. Where PyTorch, transformers and PEFT are installed (CPU, or a CUDA
+GPU), reference rows run the same shapes with random weights: ``generate`` and PEFT + AdamW training (one
+candidate after another, as that stack trains them). Not on TPU: there the roofline is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seal_jax import plan
+from seal_jax.ceilings import best_time, copy_bandwidth, matmul_flops
+
+
+class BenchError(ValueError):
+    """A benchmark request that cannot run (unknown preset, shapes beyond the model's context, bad mesh)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteShapes:
+    """The shapes of one SEAL passage (defaults: SQuAD passages, SEAL's inner loop with K = 5).
+
+    Attributes:
+      candidates: K self-edits per passage (trained together, answered under K stacked adapters).
+      questions: questions per passage (the answer batch); question_len: tokens of a question prompt.
+      answer_tokens: new tokens of an answer.
+      passage_len: tokens of a self-edit prompt; self_edit_tokens: new tokens of a self-edit.
+      sequences: training sequences per candidate; seq_len: tokens per sequence; epochs: passes over them.
+      lora_rank: adapter rank (alpha = 2 × rank, q/v projections, as SEAL).
+    """
+
+    candidates: int = 5
+    questions: int = 8
+    question_len: int = 128
+    answer_tokens: int = 64
+    passage_len: int = 512
+    self_edit_tokens: int = 256
+    sequences: int = 16
+    seq_len: int = 256
+    epochs: int = 10
+    lora_rank: int = 32
+
+    @classmethod
+    def quick(cls, candidates: int = 5) -> SuiteShapes:
+        """Small shapes for a fast check (and for models with a short context)."""
+        return cls(candidates=candidates, question_len=64, answer_tokens=16, passage_len=128, self_edit_tokens=32,
+                   sequences=4, seq_len=64, epochs=2)
+
+    def check(self, context: int) -> None:
+        """Raise :class:`BenchError` for a non-positive size or prompts that do not fit ``context`` tokens."""
+        for f in dataclasses.fields(self):
+            if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) < 1:
+                raise BenchError(f"{f.name} must be a positive integer, got {getattr(self, f.name)!r}")
+        for what, need in (("passage_len + self_edit_tokens", self.passage_len + self.self_edit_tokens),
+                           ("question_len + answer_tokens", self.question_len + self.answer_tokens),
+                           ("seq_len", self.seq_len)):
+            if need > context:
+                raise BenchError(f"{what} = {need} exceeds the model's context of {context} tokens; use --quick "
+                                 "or a preset with a longer context")
+
+
+@dataclasses.dataclass
+class Row:
+    """One measured piece of the workload.
+
+    ``seconds`` is the wall time of one call (best of the repeats); ``rate`` its tokens/s; ``mfu`` and
+    ``bandwidth_fraction`` are ``None`` where they do not apply; ``roofline_s`` is the compiled program's
+    roofline on this device kind and ``vs_roofline = seconds / roofline_s`` (≥ 1 when the count is right);
+    ``reference_s`` the same work on PyTorch (``ratio = reference_s / seconds``, > 1: seal-jax is faster).
+    """
+
+    name: str
+    seconds: float
+    tokens: int
+    rate: float
+    unit: str = "tok/s"
+    useful_flops: float | None = None
+    mfu: float | None = None
+    min_bytes: float | None = None
+    bandwidth_fraction: float | None = None
+    roofline_s: float | None = None
+    vs_roofline: float | None = None
+    reference_s: float | None = None
+    ratio: float | None = None
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Peaks and measured ceilings
+
+
+@dataclasses.dataclass(frozen=True)
+class Peaks:
+    """What this run's devices can do at most, per device, and where the figures come from."""
+
+    platform: str
+    device_kind: str
+    devices: int
+    flops: float
+    bandwidth: float
+    link_bandwidth: float
+    source: str
+
+
+def hardware_for(device_kind: str) -> plan.Hardware | None:
+    """The :data:`~seal_jax.plan.HARDWARE` entry of a JAX device kind (``"NVIDIA H200"``, ``"TPU v5 lite"``),
+    or ``None`` for a chip the table does not know."""
+    kind = device_kind.lower()
+    for needle, key in (("h200", "h200"), ("h100", "h100"), ("a100", "a100-80g"), ("v5 lite", "tpu-v5e"),
+                        ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("v6", "tpu-v6e")):
+        if needle in kind:
+            return plan.HARDWARE[key]
+    if kind.strip() == "tpu v5":
+        return plan.HARDWARE["tpu-v5p"]
+    return None
+
+
+def measure_ceilings(platform_: str, dtype: str, quick: bool, working_set: int = 0) -> dict[str, float]:
+    """A large matmul (FLOP/s, in ``dtype``) and a large copy (bytes/s) on the default device.
+
+    On a CPU the copy is also measured at ``working_set`` bytes (the model's weights) and the faster of the
+    two kept: a small model decodes from the caches, at more than the DRAM bandwidth.
+    """
+    big = platform_ != "cpu"
+    repeats = 3 if quick else 5
+    sizes = (4096, 8192) if big else (512, 1024) if quick else (1024, 2048)
+    megabytes = 2048 if big else 64 if quick else 512
+    bandwidth = copy_bandwidth(megabytes, "float32", repeats=repeats)
+    if not big and working_set:
+        bandwidth = max(bandwidth, copy_bandwidth(max(1, working_set // 2**20), "float32", repeats=repeats))
+    return {"matmul_flops": matmul_flops(dtype, sizes, repeats=repeats), "copy_bandwidth": bandwidth}
+
+
+def device_peaks(devices: list[Any], ceilings: dict[str, float]) -> Peaks:
+    """Peaks per device: the published table for a GPU/TPU kind it knows, else (CPU, unknown chips) the
+    measured ceilings. CPU "devices" (``--xla_force_host_platform_device_count``) share the same cores,
+    so the measured ceilings are divided among them."""
+    kind = devices[0].device_kind
+    hw = hardware_for(kind) if devices[0].platform != "cpu" else None
+    if hw is not None:
+        return Peaks(devices[0].platform, kind, len(devices), hw.bf16_flops, hw.hbm_bandwidth, hw.link_bandwidth / 2,
+                     f"published ({hw.name}): {hw.source}")
+    share = len(devices) if devices[0].platform == "cpu" else 1
+    return Peaks(devices[0].platform, kind, len(devices), ceilings["matmul_flops"] / share,
+                 ceilings["copy_bandwidth"] / share, ceilings["copy_bandwidth"] / share,
+                 "measured in this run (large matmul, large copy)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Useful work (the workload's FLOPs and bytes, not the program's)
+
+
+def _head_params(config: Any) -> int:
+    return config.vocab_size * config.hidden_size
+
+
+def _lora_params(config: Any, rank: int) -> int:
+    return plan.lora_parameters(config, rank, ("q_proj", "v_proj"))
+
+
+def prefill_flops(config: Any, rows: int, prompt: int, lora_rank: int = 0) -> float:
+    """Useful FLOPs of prefilling ``rows`` prompts of ``prompt`` tokens: projections (and adapters) at every
+    position, causal attention, the head at the last position only."""
+    body = plan.matmul_parameters(config) - _head_params(config) + (_lora_params(config, lora_rank) if lora_rank else 0)
+    attention = 2 * prompt * prompt * config.q_dim * config.num_layers  # causal: half of 4 T² q_dim per layer
+    return rows * (2 * body * prompt + attention + 2 * _head_params(config))
+
+
+def decode_flops(config: Any, rows: int, prompt: int, steps: int, lora_rank: int = 0) -> float:
+    """Useful FLOPs of ``steps`` decode steps of ``rows`` rows after a ``prompt``-token prompt."""
+    per_token = 2 * (plan.matmul_parameters(config) + (_lora_params(config, lora_rank) if lora_rank else 0))
+    context = steps * prompt + steps * (steps + 1) / 2  # summed over the steps
+    return rows * (steps * per_token + 4 * context * config.q_dim * config.num_layers)
+
+
+def train_flops(config: Any, sequences: int, seq_len: int, lora_rank: int) -> float:
+    """Useful FLOPs of LoRA training on ``sequences`` sequences of ``seq_len`` tokens over a frozen base:
+    the base forward and its input gradients (4 per parameter and token, head included: the loss uses every
+    position), the adapters forward and backward (6 per parameter and token), causal attention forward and
+    backward (3 × 2 T² q_dim per layer and sequence)."""
+    per_token = 4 * plan.matmul_parameters(config) + 6 * _lora_params(config, lora_rank)
+    attention = 3 * 2 * seq_len * seq_len * config.q_dim * config.num_layers
+    return sequences * (seq_len * per_token + attention)
+
+
+def decode_min_bytes(config: Any, weight_bytes: int, rows: int, context: float, act_bytes: int, adapters: int = 0,
+                     lora_rank: int = 0) -> float:
+    """Bytes one decode step must read at least: the weights once, the adapters once (float32) and the
+    filled part of the KV cache of every row."""
+    kv = rows * context * 2 * config.kv_dim * config.num_layers * act_bytes
+    return weight_bytes + adapters * _lora_params(config, lora_rank) * 4 + kv
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rooflines of the compiled programs
+
+
+def roofline(lowered: Any, peaks: Peaks, unknown_trips: int = 1) -> dict[str, Any]:
+    """Compile ``lowered`` and return its roofline seconds on one of ``peaks``'s devices, its bound, FLOPs,
+    bytes and collective bytes per device (from :func:`seal_jax.hlo.analyze`) and the compile seconds."""
+    from seal_jax import hlo
+
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    stats = hlo.analyze(compiled.as_text(), unknown_trips=unknown_trips)
+    times = {"compute": stats.flops / peaks.flops, "memory": stats.bytes / peaks.bandwidth,
+             "collectives": stats.collective_bytes / peaks.link_bandwidth}
+    bound = max(times, key=lambda k: times[k])
+    return {"roofline_s": times[bound], "bound": bound, "flops": stats.flops, "bytes": stats.bytes,
+            "collective_bytes": stats.collective_bytes, "compile_s": compile_s}
+
+
+def _sum_rooflines(*parts: dict[str, Any] | None) -> float | None:
+    return None if any(p is None for p in parts) else sum(p["roofline_s"] for p in parts)  # type: ignore[index]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The PyTorch reference
+
+
+class Reference:
+    """transformers + PEFT + torch AdamW on the same shapes with random weights (CPU or one CUDA GPU)."""
+
+    def __init__(self, config: Any, dtype: str, device: str, threads: int | None = None):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = device
+        self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+        hf = config.to_hf_dict()
+        hf_config = AutoConfig.for_model(hf.pop("model_type"), **{k: v for k, v in hf.items() if k != "architectures"})
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)  # created in the run's dtype (no float32 copy of an 8B model)
+        try:
+            with torch.device(device):
+                self.model = AutoModelForCausalLM.from_config(hf_config).eval()
+        finally:
+            torch.set_default_dtype(default)
+        self.pad_id = int(config.pad_token_id or 0)
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def generate(self, rows: list[list[int]], new_tokens: int) -> None:
+        """Greedy ``generate`` of exactly ``new_tokens`` tokens after each row (left-padded)."""
+        torch = self.torch
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        with torch.inference_mode():
+            self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, pad_token_id=self.pad_id)
+        self._sync()
+
+    def train_seconds(self, sequences: list[list[int]], epochs: int, rank: int, warmup_steps: int = 1) -> float:
+        """Seconds of one candidate's LoRA (q/v) + AdamW training, batch 1, ``epochs`` over ``sequences``."""
+        import warnings
+
+        from peft import LoraConfig, get_peft_model  # deferred: optional reference dependency
+
+        torch = self.torch
+        with warnings.catch_warnings():  # PEFT calls a transformers method that warns of its own deprecation
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(self.model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                          target_modules=["q_proj", "v_proj"]))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+        batches = [torch.tensor([s], device=self.device) for s in sequences]
+
+        def step(ids: Any) -> None:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        for ids in batches[:warmup_steps]:
+            step(ids)
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(epochs):
+            for ids in batches:
+                step(ids)
+        self._sync()
+        seconds = time.perf_counter() - start
+        self.model = model.unload()  # the base model again, without adapter layers
+        self.model.eval()
+        return seconds
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> float:
+    return best_time(fn, repeats, warmup=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The suite
+
+
+def _tokens(rng: np.random.Generator, vocab: int, rows: int, length: int) -> list[list[int]]:
+    low = min(100, vocab // 2)  # clear of the special ids at the start of the vocabularies we know
+    return rng.integers(low, vocab, (rows, length)).tolist()
+
+
+class Suite:
+    """Runs the pieces on an LM and returns :class:`Row`s (see the module docstring)."""
+
+    def __init__(self, lm: Any, shapes: SuiteShapes, peaks: Peaks, *, repeats: int, reference: Reference | None,
+                 rooflines: bool = True):
+        import seal_jax as sj
+
+        self.sj = sj
+        self.lm, self.shapes, self.peaks, self.repeats = lm, shapes, peaks, repeats
+        self.reference, self.rooflines = reference, rooflines
+        self.config = lm.config
+        self.rng = np.random.default_rng(0)
+        self.act_bytes = int(np.dtype(lm.dtype).itemsize)
+        self.weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in lm.params().values())
+        self.lora = sj.LoraSpec(rank=shapes.lora_rank, alpha=2.0 * shapes.lora_rank)
+        self.total_flops = peaks.flops * peaks.devices
+        self.total_bandwidth = peaks.bandwidth * peaks.devices
+        self.adapters: Any = None
+        self.train_data = [_tokens(self.rng, self.config.vocab_size, shapes.sequences, shapes.seq_len - 1)
+                           for _ in range(shapes.candidates)]  # training appends EOS: seq_len tokens each
+        self.reference_parts: dict[str, float] = {}
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    def _generate(self, rows: list[list[int]], new: int, adapters: Any = None) -> dict[str, float]:
+        params = self.sj.SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+        best: dict[str, float] = {}
+        self.lm.generate_ids(rows, params, adapters)  # compile
+        for _ in range(self.repeats):
+            timings: dict[str, float] = {}
+            start = time.perf_counter()
+            self.lm.generate_ids(rows, params, adapters, timings=timings)
+            timings["total_s"] = time.perf_counter() - start
+            if not best or timings["total_s"] < best["total_s"]:
+                best = timings
+        return best
+
+    def _generate_rooflines(self, batch: int, prompt: int, new: int, k: int = 0) -> dict[str, dict[str, Any]] | None:
+        if not self.rooflines:
+            return None
+        adapters = self.lm.abstract_adapters(k, self.lora) if k else None
+        lowered = self.lm.lower_generate(batch, prompt, new, adapters=adapters)
+        return {"prefill": roofline(lowered["prefill"], self.peaks),
+                "decode": roofline(lowered["decode"], self.peaks, unknown_trips=max(1, new - 1))}
+
+    def _decode_row(self, name: str, rows: list[list[int]], new: int, k: int = 0,
+                    reference_s: float | None = None) -> tuple[Row, dict[str, float]]:
+        batch, prompt = len(rows), len(rows[0])
+        adapters = self.adapters if k else None
+        t = self._generate(rows, new, adapters)
+        lines = max(1, k) * batch
+        steps = max(1, new - 1)
+        flops = decode_flops(self.config, lines, prompt, steps, self.shapes.lora_rank if k else 0)
+        per_step = decode_min_bytes(self.config, self.weight_bytes, lines, prompt + new / 2, self.act_bytes,
+                                    adapters=k, lora_rank=self.shapes.lora_rank)
+        step_s = t["decode_s"] / steps
+        roof = self._generate_rooflines(batch, prompt, new, k)
+        row = Row(name=name, seconds=t["decode_s"], tokens=lines * new, rate=lines * new / t["decode_s"],
+                  useful_flops=flops, mfu=flops / t["decode_s"] / self.total_flops, min_bytes=per_step,
+                  bandwidth_fraction=per_step / step_s / self.total_bandwidth,
+                  detail={"batch": batch, "adapters": k, "prompt_len": prompt, "new_tokens": new,
+                          "step_s": step_s, "prefill_s": t["prefill_s"], "generate_s": t["total_s"],
+                          "limit": "bandwidth: weights, adapters and the filled KV cache read once per step"})
+        if roof is not None:
+            row.roofline_s = roof["decode"]["roofline_s"]
+            row.vs_roofline = row.seconds / row.roofline_s
+            row.detail["roofline"] = roof
+        if reference_s is not None:
+            row.reference_s, row.ratio = reference_s, reference_s / t["total_s"]
+            row.detail["reference"] = "transformers generate, same prompts and new tokens (prefill + decode)"
+        return row, t
+
+    def run(self, emit: Callable[[Row], None]) -> dict[str, Any]:
+        """Run every piece, handing each finished row to ``emit``; returns the summary."""
+        s, c, ref = self.shapes, self.config, self.reference
+        k = s.candidates
+        questions = _tokens(self.rng, c.vocab_size, s.questions, s.question_len)
+
+        # decode of the base model: 1 and 8 questions
+        for batch in (1, s.questions):
+            ref_s = None
+            if ref is not None:
+                ref_s = _timed(lambda b=batch: ref.generate(questions[:b], s.answer_tokens), self.repeats)
+            row, _ = self._decode_row(f"decode_b{batch}", questions[:batch], s.answer_tokens, reference_s=ref_s)
+            emit(row)
+        one_adapter_reference = ref_s
+
+        # the K self-edits: prefill row, then the whole generation
+        passages = _tokens(self.rng, c.vocab_size, k, s.passage_len)
+        t = self._generate(passages, s.self_edit_tokens)
+        roof = self._generate_rooflines(k, s.passage_len, s.self_edit_tokens)
+        flops = prefill_flops(c, k, s.passage_len)
+        row = Row(name="prefill", seconds=t["prefill_s"], tokens=k * s.passage_len,
+                  rate=k * s.passage_len / t["prefill_s"], useful_flops=flops,
+                  mfu=flops / t["prefill_s"] / self.total_flops,
+                  detail={"batch": k, "prompt_len": s.passage_len, "limit": "compute: peak FLOP/s"})
+        if roof is not None:
+            row.roofline_s = roof["prefill"]["roofline_s"]
+            row.vs_roofline = row.seconds / row.roofline_s
+            row.detail["roofline"] = roof["prefill"]
+        emit(row)
+        ref_s = _timed(lambda: ref.generate(passages, s.self_edit_tokens), self.repeats) if ref is not None else None
+        if ref_s is not None:
+            self.reference_parts["self_edit"] = ref_s
+        steps = max(1, s.self_edit_tokens - 1)
+        dflops = decode_flops(c, k, s.passage_len, steps)
+        row = Row(name="self_edit", seconds=t["total_s"], tokens=k * s.self_edit_tokens,
+                  rate=k * s.self_edit_tokens / t["total_s"], useful_flops=flops + dflops,
+                  mfu=(flops + dflops) / t["total_s"] / self.total_flops,
+                  min_bytes=decode_min_bytes(c, self.weight_bytes, k, s.passage_len + s.self_edit_tokens / 2,
+                                             self.act_bytes),
+                  roofline_s=_sum_rooflines(*(roof or {}).values()) if roof else None,
+                  detail={"batch": k, "prompt_len": s.passage_len, "new_tokens": s.self_edit_tokens, **t})
+        row.bandwidth_fraction = row.min_bytes * steps / t["decode_s"] / self.total_bandwidth
+        if row.roofline_s:
+            row.vs_roofline = row.seconds / row.roofline_s
+        if ref_s is not None:
+            row.reference_s, row.ratio = ref_s, ref_s / t["total_s"]
+        emit(row)
+
+        # the K-candidate training program
+        emit(self._train_row())
+
+        # answers under the K adapters
+        ref_s = None
+        if one_adapter_reference is not None:  # PyTorch answers under one adapter at a time: K generates
+            ref_s = self.reference_parts["answer"] = k * one_adapter_reference
+        row, _ = self._decode_row(f"decode_k{k}x{s.questions}", questions, s.answer_tokens, k=k, reference_s=ref_s)
+        if ref_s is not None:
+            row.detail["reference"] = "K × transformers generate of the questions (one adapter at a time)"
+        emit(row)
+
+        # one whole self-edit evaluation, timed again in sequence
+        start = time.perf_counter()
+        parts = {"self_edit": self._generate(passages, s.self_edit_tokens)["total_s"]}
+        parts["train"] = self._train_once()
+        parts["answer_k"] = self._generate(questions, s.answer_tokens, self.adapters)["total_s"]
+        wall = time.perf_counter() - start
+        seconds = sum(parts.values())
+        per_hour = 3600 * k / seconds
+        row = Row(name="evaluation", seconds=seconds, tokens=0, rate=per_hour, unit="evaluations/h",
+                  detail={"parts_s": parts, "wall_s": wall, "candidates": k,
+                          "what": "generate K self-edits, train K adapters, answer the questions under the K "
+                                  "adapters; evaluations/h = 3600 × K / seconds"})
+        if all(p in self.reference_parts for p in ("self_edit", "train", "answer")):
+            ref_seconds = sum(self.reference_parts[p] for p in ("self_edit", "train", "answer"))
+            row.reference_s, row.ratio = ref_seconds, ref_seconds / seconds
+            row.detail["reference_parts_s"] = dict(self.reference_parts)
+            row.detail["reference_evaluations_per_hour"] = 3600 * k / ref_seconds
+        emit(row)
+        return {"evaluation_seconds": seconds, "evaluations_per_hour": per_hour, "candidates": k}
+
+    def _train_once(self) -> float:
+        s = self.shapes
+        spec = self.sj.TrainSpec.seal(epochs=s.epochs, max_len=s.seq_len)
+        start = time.perf_counter()
+        self.adapters = self.lm.train_adapters(self.train_data, self.lora, spec)
+        return time.perf_counter() - start
+
+    def _train_row(self) -> Row:
+        s, c = self.shapes, self.config
+        self._train_once()  # compile
+        seconds = min(self._train_once() for _ in range(max(1, self.repeats - 1)))
+        n_seq = s.candidates * s.sequences * s.epochs
+        flops = train_flops(c, n_seq, s.seq_len, s.lora_rank)
+        row = Row(name=f"train_k{s.candidates}", seconds=seconds, tokens=n_seq * s.seq_len,
+                  rate=n_seq * s.seq_len / seconds, useful_flops=flops, mfu=flops / seconds / self.total_flops,
+                  detail={"candidates": s.candidates, "sequences": s.sequences, "seq_len": s.seq_len,
+                          "epochs": s.epochs, "lora": f"q/v rank {s.lora_rank}", "limit": "compute: peak FLOP/s"})
+        if self.rooflines:
+            spec = self.sj.TrainSpec.seal(epochs=s.epochs, max_len=s.seq_len)
+            roof = roofline(self.lm.lower_train(s.candidates, s.sequences, s.seq_len, self.lora, spec), self.peaks)
+            row.roofline_s, row.vs_roofline = roof["roofline_s"], seconds / roof["roofline_s"]
+            row.detail["roofline"] = roof
+        if self.reference is not None:
+            eos = self.config.eos_token_ids[0] if self.config.eos_token_ids else 0
+            one = self.reference.train_seconds([x + [eos] for x in self.train_data[0]], s.epochs, s.lora_rank)
+            row.reference_s = s.candidates * one
+            row.ratio = row.reference_s / seconds
+            row.detail["reference"] = ("transformers + PEFT (q/v) + torch AdamW, batch 1: one candidate timed, "
+                                       f"× K = {s.candidates} (that stack trains one adapter at a time)")
+            self.reference_parts["train"] = row.reference_s
+        return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The suite's options of ``seal-jax bench`` (the rest are :mod:`seal_jax.bench`'s)."""
+    parser.add_argument("--preset", default=None, help="run the SEAL-workload suite on this preset's architecture "
+                        "(qwen3-8b, ...; with --random-weights)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random bf16 weights created in their shards on the devices (no checkpoint needed); "
+                             "with --model DIR, that folder's config.json gives the architecture")
+    parser.add_argument("--mesh", default=None, help="mesh spec over this machine's devices, e.g. data=8 "
+                        "(default: data = number of devices)")
+    parser.add_argument("--candidates", type=int, default=None, help="K self-edits per passage (default 5, SEAL)")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (default on GPU/TPU) or float32 (default on CPU)")
+    parser.add_argument("--no-roofline", action="store_true",
+                        help="skip compiling each program again for its roofline (saves compile time)")
+
+
+def wants_suite(args: argparse.Namespace) -> bool:
+    """Whether ``seal-jax bench`` arguments ask for this suite rather than the CPU comparison."""
+    return bool(getattr(args, "preset", None) or getattr(args, "random_weights", False)
+                or getattr(args, "candidates", None) or getattr(args, "mesh", None))
+
+
+def _load(args: argparse.Namespace, dtype: str, mesh: Any) -> tuple[Any, str]:
+    import seal_jax as sj
+    from seal_jax.lm.config import ConfigError, from_hf, preset
+
+    if args.preset and not args.random_weights:
+        raise BenchError(f"--preset {args.preset} has no weights: add --random-weights, or pass --model DIR")
+    if args.random_weights:
+        try:
+            if args.preset:
+                return sj.LM.random(preset(args.preset), mesh=mesh, dtype=dtype), f"preset {args.preset}, random weights"
+            return sj.LM.random(from_hf(args.model), mesh=mesh, dtype=dtype), f"{args.model}/config.json, random weights"
+        except ConfigError as error:
+            raise BenchError(str(error)) from None
+    return sj.load(args.model, dtype=dtype, mesh=mesh), f"{args.model}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The rows as a Markdown table, with the machine and the evaluations per hour."""
+    m = report["machine"]
+    lines = [f"{report['model']} on {m['devices']} × {m['device_kind']} ({m['platform']}, mesh {report['mesh']}, "
+             f"{report['dtype']}); peaks per device {m['peak_flops'] / 1e12:.3g} TFLOP/s, "
+             f"{m['peak_bandwidth'] / 1e9:.4g} GB/s ({m['peak_source'].split(':')[0]}); measured: matmul "
+             f"{m['ceilings']['matmul_flops'] / 1e12:.3g} TFLOP/s, copy {m['ceilings']['copy_bandwidth'] / 1e9:.4g} GB/s",
+             "", "| piece | seconds | rate | MFU | bandwidth | roofline s | measured/roofline | reference s | ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def pct(x: float | None) -> str:
+        return "" if x is None else f"{100 * x:.1f}%"
+
+    def num(x: float | None, fmt: str = ".3g", suffix: str = "") -> str:
+        return "" if x is None else format(x, fmt) + suffix
+
+    for r in report["rows"]:
+        lines.append(f"| {r['name']} | {r['seconds']:.4g} | {r['rate']:.4g} {r['unit']} | {pct(r['mfu'])} | "
+                     f"{pct(r['bandwidth_fraction'])} | {num(r['roofline_s'])} | {num(r['vs_roofline'], '.2f')} | "
+                     f"{num(r['reference_s'])} | {num(r['ratio'], '.2f', '×')} |")
+    summary = report.get("summary") or {}
+    if summary.get("evaluations_per_hour"):
+        lines.append(f"\none passage (K = {summary['candidates']}): {summary['evaluation_seconds']:.3g} s → "
+                     f"{summary['evaluations_per_hour']:.4g} self-edit evaluations per hour on this machine")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the suite; print a table last; write the JSON report to ``args.out`` as rows finish."""
+    if not getattr(args, "no_reference", False):  # before JAX starts: leave half of a GPU to the PyTorch reference
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    import jax
+
+    from seal_jax.lm import sharding as shd
+
+    devices = jax.devices()
+    platform_ = devices[0].platform
+    dtype = args.dtype or ("float32" if platform_ == "cpu" else "bfloat16")
+    if dtype not in ("float32", "bfloat16"):
+        raise BenchError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    quick = bool(getattr(args, "quick", False) or getattr(args, "smoke", False))
+    k = args.candidates or 5
+    shapes = SuiteShapes.quick(k) if quick else SuiteShapes(candidates=k)
+    spec = args.mesh or f"data={len(devices)}"
+    try:
+        mesh = shd.make_mesh(spec) if len(devices) > 1 or args.mesh else None
+    except shd.MeshError as error:
+        raise BenchError(f"--mesh {spec}: {error}") from None
+    lm, source = _load(args, dtype, mesh)
+    weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in lm.params().values())
+    ceilings = measure_ceilings(platform_, dtype, quick, working_set=weight_bytes)
+    peaks = device_peaks(list(mesh.devices.flat) if mesh is not None else devices[:1], ceilings)
+    shapes.check(lm.config.max_position_embeddings)
+    reference = None
+    if not getattr(args, "no_reference", False) and platform_ in ("cpu", "gpu"):
+        try:
+            import peft  # noqa: F401  (deferred: optional reference stack)
+            import torch
+            import transformers  # noqa: F401
+        except ImportError as error:
+            print(f"no PyTorch reference: {error}")
+        else:
+            if platform_ == "gpu" and not torch.cuda.is_available():
+                print("no PyTorch reference: torch sees no CUDA device")
+            else:
+                reference = Reference(lm.config, dtype, "cuda" if platform_ == "gpu" else "cpu",
+                                      threads=getattr(args, "threads", None) if platform_ == "cpu" else None)
+    machine = {"platform": platform_, "device_kind": peaks.device_kind, "devices": peaks.devices,
+               "peak_flops": peaks.flops, "peak_bandwidth": peaks.bandwidth, "peak_source": peaks.source,
+               "ceilings": ceilings, "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+               "cores": os.cpu_count(), "jax": jax.__version__}
+    report: dict[str, Any] = {"suite": "seal-workload", "model": source, "mesh": spec if mesh is not None else "one device",
+                              "dtype": dtype, "shapes": dataclasses.asdict(shapes), "machine": machine,
+                              "reference": None if reference is None else f"transformers on {reference.device}",
+                              "rows": [], "summary": None}
+
+    def write() -> None:
+        if args.out:  # written beside, then renamed: a kill never leaves a half-written file
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=2, default=float))
+            tmp.replace(out)
+
+    def emit(row: Row) -> None:
+        report["rows"].append(dataclasses.asdict(row))
+        extra = "" if row.mfu is None else f", MFU {100 * row.mfu:.1f}%"
+        if row.bandwidth_fraction is not None:
+            extra += f", bandwidth {100 * row.bandwidth_fraction:.1f}%"
+        print(f"{row.name}: {row.rate:.4g} {row.unit} ({row.seconds:.3g} s{extra})", flush=True)
+        write()
+
+    suite = Suite(lm, shapes, peaks, repeats=1 if quick else 3, reference=reference,
+                  rooflines=not getattr(args, "no_roofline", False))
+    report["summary"] = suite.run(emit)
+    write()
+    print()
+    print(format_table(report))
+    if not math.isfinite(report["summary"]["evaluations_per_hour"]):
+        return 1
+    return 0

@@ -1,0 +1,135 @@
+"""The SEAL-workload suite (`seal-jax bench --preset ... --random-weights`) and bench/device.sh, on the CPU.
+
+bench/device.sh is what a GPU machine runs; here it runs end to end with the tiny preset (the same CLI path,
+``seal-jax bench --preset tiny --random-weights --quick``, PyTorch reference included), and the report it
+writes is checked: schema, MFU and bandwidth fractions in (0, 1], rooflines from the compiled programs, and
+the evaluations per hour equal to what the measured pieces give.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seal_jax import plan, throughput
+from seal_jax.lm.config import preset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("device-sh")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "SEAL_BENCH_PRESET": "tiny",
+           "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a one-accelerator machine has
+    run = subprocess.run(["bash", str(REPO / "bench" / "device.sh")], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (out / "bench-tiny.log").is_file()
+    return json.loads((out / "bench-tiny.json").read_text()), run.stdout
+
+
+def test_device_script_prints_the_table_last_and_writes_the_report(report):
+    data, stdout = report
+    tail = stdout[stdout.index("| piece |"):]
+    assert "evaluation" in tail and "self-edit evaluations per hour" in tail
+    assert data["suite"] == "seal-workload" and data["dtype"] == "float32"
+    assert data["model"] == "preset tiny, random weights"
+    machine = data["machine"]
+    assert machine["platform"] == "cpu" and machine["devices"] == 1
+    assert machine["peak_flops"] == machine["ceilings"]["matmul_flops"] > 0
+    assert machine["peak_bandwidth"] == machine["ceilings"]["copy_bandwidth"] > 0
+    k = data["shapes"]["candidates"]
+    names = [r["name"] for r in data["rows"]]
+    assert names == ["decode_b1", f"decode_b{data['shapes']['questions']}", "prefill", "self_edit", f"train_k{k}",
+                     f"decode_k{k}x{data['shapes']['questions']}", "evaluation"]
+
+
+def test_every_row_has_its_fractions_roofline_and_reference(report):
+    data, _ = report
+    rows = {r["name"]: r for r in data["rows"]}
+    for name, r in rows.items():
+        assert r["seconds"] > 0 and r["rate"] > 0, name
+        if name == "evaluation":
+            continue
+        assert 0 < r["mfu"] <= 1, name
+        assert r["useful_flops"] > 0 and r["roofline_s"] > 0, name
+        assert r["vs_roofline"] == pytest.approx(r["seconds"] / r["roofline_s"])
+        assert r["tokens"] / r["seconds"] == pytest.approx(r["rate"])
+        if name.startswith("decode") or name == "self_edit":
+            assert 0 < r["bandwidth_fraction"] <= 1, name
+            assert r["min_bytes"] > 0
+    for name in ("decode_b1", "decode_b8", "self_edit", "train_k5", "decode_k5x8", "evaluation"):
+        assert rows[name]["reference_s"] > 0 and rows[name]["ratio"] == pytest.approx(
+            rows[name]["reference_s"] / (rows[name]["detail"].get("generate_s") or rows[name]["seconds"])), name
+    assert rows["prefill"]["reference_s"] is None
+    # the roofline of decoding is one of the compiled decode program, counted per step over the whole loop
+    assert rows["decode_b8"]["detail"]["roofline"]["decode"]["flops"] > rows["decode_b8"]["detail"]["roofline"][
+        "prefill"]["flops"] / 100
+
+
+def test_evaluations_per_hour_follow_from_the_measured_pieces(report):
+    data, _ = report
+    row = data["rows"][-1]
+    k = data["shapes"]["candidates"]
+    parts = row["detail"]["parts_s"]
+    assert set(parts) == {"self_edit", "train", "answer_k"}
+    assert row["seconds"] == pytest.approx(sum(parts.values()))
+    assert row["rate"] == pytest.approx(3600 * k / row["seconds"])
+    assert data["summary"]["evaluations_per_hour"] == pytest.approx(row["rate"])
+    assert row["detail"]["wall_s"] >= row["seconds"] * 0.999
+    # each piece of the evaluation takes about as long as its own row (same programs, warm)
+    rows = {r["name"]: r for r in data["rows"]}
+    assert parts["train"] < 5 * rows[f"train_k{k}"]["seconds"]
+    assert parts["self_edit"] < 5 * rows["self_edit"]["seconds"]
+    ref = row["detail"]["reference_parts_s"]
+    assert row["reference_s"] == pytest.approx(ref["self_edit"] + ref["train"] + ref["answer"])
+    assert ref["answer"] == pytest.approx(k * rows["decode_b8"]["reference_s"])
+
+
+def test_useful_flops_are_the_hand_count():
+    c = preset("qwen3-8b")
+    n_mm = plan.matmul_parameters(c)
+    head = c.vocab_size * c.hidden_size
+    lora = c.num_layers * 32 * ((c.hidden_size + c.q_dim) + (c.hidden_size + c.kv_dim))
+    assert plan.lora_parameters(c, 32, ("q_proj", "v_proj")) == lora
+    # decode: 3 steps after a 10-token prompt attend over 11, 12 and 13 positions
+    expected = 2 * (3 * 2 * (n_mm + lora) + 4 * (11 + 12 + 13) * c.q_dim * c.num_layers)
+    assert throughput.decode_flops(c, 2, 10, 3, lora_rank=32) == pytest.approx(expected)
+    # prefill: the head on the last position only, causal attention
+    t = 100
+    assert throughput.prefill_flops(c, 1, t) == pytest.approx(
+        2 * (n_mm - head) * t + 2 * head + 2 * t * t * c.q_dim * c.num_layers)
+    # training: 4 per base parameter and token (no weight gradients), 6 per adapter parameter
+    assert throughput.train_flops(c, 1, t, 32) == pytest.approx(
+        t * (4 * n_mm + 6 * lora) + 6 * t * t * c.q_dim * c.num_layers)
+
+
+def test_device_kinds_map_to_the_peak_table():
+    assert throughput.hardware_for("NVIDIA H200").name == "h200"
+    assert throughput.hardware_for("NVIDIA H100 80GB HBM3").name == "h100"
+    assert throughput.hardware_for("NVIDIA A100-SXM4-80GB").name == "a100-80g"
+    assert throughput.hardware_for("TPU v5 lite").name == "tpu-v5e"
+    assert throughput.hardware_for("TPU v5p").name == "tpu-v5p"
+    assert throughput.hardware_for("TPU v5").name == "tpu-v5p"
+    assert throughput.hardware_for("TPU v6 lite").name == "tpu-v6e"
+    assert throughput.hardware_for("cpu") is None
+
+
+def test_bad_requests_are_named(capsys):
+    with pytest.raises(throughput.BenchError, match="exceeds the model's context of 512 tokens; use --quick"):
+        throughput.SuiteShapes().check(preset("tiny").max_position_embeddings)
+    with pytest.raises(throughput.BenchError, match="candidates must be a positive integer"):
+        throughput.SuiteShapes(candidates=0).check(4096)
+    from seal_jax.cli import main
+
+    assert main(["bench", "--preset", "tiny", "--no-reference", "--quick"]) != 0
+    assert "--preset tiny has no weights: add --random-weights, or pass --model DIR" in capsys.readouterr().err
+    assert main(["bench", "--preset", "qwen9", "--random-weights", "--no-reference", "--quick"]) != 0
+    assert "unknown preset 'qwen9'" in capsys.readouterr().err
