@@ -44,7 +44,9 @@ def test_device_script_prints_the_table_last_and_writes_the_report(report):
     machine = data["machine"]
     assert machine["platform"] == "cpu" and machine["devices"] == 1
     assert machine["peak_flops"] == machine["ceilings"]["matmul_flops"] > 0
-    assert machine["peak_bandwidth"] == machine["ceilings"]["copy_bandwidth"] > 0
+    ceilings = machine["ceilings"]
+    assert machine["peak_bandwidth"] == ceilings["memory_bandwidth"] == max(
+        ceilings["read_bandwidth"], ceilings["copy_bandwidth"], ceilings["read_bandwidth_working_set"]) > 0
     k = data["shapes"]["candidates"]
     names = [r["name"] for r in data["rows"]]
     assert names == ["decode_b1", f"decode_b{data['shapes']['questions']}", "prefill", "self_edit", f"train_k{k}",
@@ -133,3 +135,24 @@ def test_bad_requests_are_named(capsys):
     assert "--preset tiny has no weights: add --random-weights, or pass --model DIR" in capsys.readouterr().err
     assert main(["bench", "--preset", "qwen9", "--random-weights", "--no-reference", "--quick"]) != 0
     assert "unknown preset 'qwen9'" in capsys.readouterr().err
+
+
+def test_suite_shapes_are_those_seal_jax_compile_predicts():
+    """`seal-jax compile --model P -k 5 --new-tokens 256` compiles the suite's programs at the suite's shapes,
+    so its roofline predictions (BENCHMARKS.md) compare with the measured rows."""
+    from seal_jax.aot import Shapes, workload_from_flags
+
+    suite, shapes = throughput.SuiteShapes(), Shapes()
+    programs = {p.name: p.args for p in workload_from_flags("qwen3-8b", shapes, candidates=suite.candidates,
+                                                               dtype="bfloat16", mesh=None, remat=False,
+                                                               lora_rank=suite.lora_rank,
+                                                               new_tokens=suite.self_edit_tokens).programs}
+    assert programs["answer"] == {"batch": suite.questions, "prompt_len": suite.question_len,
+                                  "max_new_tokens": suite.answer_tokens}
+    assert programs["self_edit"] == {"batch": suite.candidates, "prompt_len": suite.passage_len,
+                                     "max_new_tokens": suite.self_edit_tokens}
+    train = programs["train"]
+    assert (train["candidates"], train["sequences"], train["seq_len"]) == (suite.candidates, suite.sequences,
+                                                                           suite.seq_len)
+    assert train["train"].epochs == suite.epochs and train["lora"].rank == suite.lora_rank
+    assert programs["answer_k"]["adapters"][0] == suite.candidates
