@@ -18,6 +18,9 @@ module reads the optimised HLO (``compiled.as_text()``) of any backend and count
   matter in loops over stacked weights and caches: an operand that a fusion only reads through
   ``dynamic-slice``/``slice`` counts the slices' bytes, and a fusion whose root is a
   ``dynamic-update-slice`` of one of its operands (an in-place update) counts the update, not the buffer.
+* **memory spaces**: on a TPU, memory-space assignment prefetches some buffers into on-chip memory
+  (layouts marked ``S(1)``); writing or reading such a buffer is not HBM traffic and is not counted, while
+  the read from HBM that fills it is.
 * **collectives** (all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute, and their async
   ``-start`` forms) are counted per kind with their bytes per device (the larger of what goes in and what
   comes out).
@@ -96,6 +99,24 @@ def shape_bytes(shape: str) -> int:
     """Bytes of an HLO shape string (a tuple's elements summed; layouts and tiling ignored)."""
     total = 0
     for dtype, dims in _ARRAY.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _element_bits(dtype) // 8
+    return total
+
+
+_ARRAY_LAYOUT = re.compile(r"\b(pred|token|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\](\{[^{}]*\})?")
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")
+
+
+def hbm_bytes(shape: str) -> int:
+    """Like :func:`shape_bytes`, without the arrays whose layout puts them in an on-chip memory space
+    (``S(1)`` and up: a TPU's memory-space assignment)."""
+    total = 0
+    for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+        if layout and _ON_CHIP.search(layout):
+            continue
         n = 1
         for d in filter(None, dims.split(",")):
             n *= int(d)
@@ -315,9 +336,9 @@ class _Analyzer:
 
     def _fusion_bytes(self, comp: Computation, ins: Instr) -> float:
         callee = self.comps.get(_attr(ins.attrs, "calls") or "")
-        out_bytes = shape_bytes(ins.shape)
+        out_bytes = hbm_bytes(ins.shape)
         if callee is None:
-            return out_bytes + sum(shape_bytes(self._operand_shape(comp, o)) for o in ins.operands)
+            return out_bytes + sum(hbm_bytes(self._operand_shape(comp, o)) for o in ins.operands)
         param_index = self._param_indices(callee)
         root = callee.root
         total = 0.0
@@ -328,8 +349,8 @@ class _Analyzer:
         for pname, idx in param_index.items():
             if idx >= len(ins.operands):
                 continue
-            full = shape_bytes(self._operand_shape(comp, ins.operands[idx]))
-            if pname == in_place:
+            full = hbm_bytes(self._operand_shape(comp, ins.operands[idx]))
+            if pname == in_place or full == 0:
                 continue
             sliced = self._sliced_read(callee, pname)
             total += full if sliced is None else min(full, sliced)
@@ -460,10 +481,11 @@ class _Analyzer:
             elif op == "dynamic-update-slice" and len(ins.operands) > 1:
                 total.bytes += 2 * shape_bytes(self._operand_shape(comp, ins.operands[1]))
             elif op in ("dynamic-slice", "slice"):
-                total.bytes += 2 * shape_bytes(ins.shape)
+                source = hbm_bytes(self._operand_shape(comp, ins.operands[0])) if ins.operands else 0
+                total.bytes += (shape_bytes(ins.shape) if source else 0) + hbm_bytes(ins.shape)
             else:
-                total.bytes += shape_bytes(ins.shape) + sum(shape_bytes(self._operand_shape(comp, o))
-                                                            for o in ins.operands)
+                total.bytes += hbm_bytes(ins.shape) + sum(hbm_bytes(self._operand_shape(comp, o))
+                                                          for o in ins.operands)
         self._cache[key] = total
         return total
 

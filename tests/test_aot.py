@@ -218,3 +218,24 @@ def test_an_abstract_model_refuses_to_run():
         lm.generate_ids([[1, 2]])
     with pytest.raises(ValueError, match="abstract"):
         lm.train_adapters([["some text"]])
+
+
+def test_tpu_decode_scans_the_layers_and_moves_about_its_minimum():
+    """On a TPU the decode program scans the layers over the stacked weights and one stacked cache: per
+    step it reads about its arguments once (the weights shard, cache and adapters; the embedding only
+    through the new tokens' rows), with no per-call copy of the weights in its temporaries. A config whose
+    layer weights (0.5 GB per device) do not fit on-chip memory, as an 8B model's do not; the unrolled
+    decode of CPUs and GPUs compiled for the same TPU reads ~7x its minimum and copies the weights."""
+    config = TINY.replace(vocab_size=8192, hidden_size=2048, intermediate_size=8192, num_layers=8, num_heads=16,
+                          num_kv_heads=8, head_dim=128)
+    mesh = shd.make_mesh("data=2,fsdp=2", devices=targets.devices("tpu-v5e-4"))
+    lm = sj.LM.abstract(config, mesh=mesh, dtype="bfloat16")
+    assert lm._sampler.scan_layers
+    embedding = config.vocab_size * config.hidden_size * 2 // 2  # bf16, split over fsdp = 2
+    for adapters in (None, lm.abstract_adapters(2, LoraSpec.seal())):
+        row = aot.compile_row("decode", lm.lower_generate(4, 32, 16, adapters=adapters)["decode"],
+                              targets.get_target("tpu-v5e-4"), unknown_trips=15)
+        minimum = row["argument_bytes"] - embedding
+        assert 0.5 * minimum <= row["per_step"]["bytes"] <= 1.3 * minimum, (row["per_step"]["bytes"] / minimum,
+                                                                              adapters is not None)
+        assert row["temp_bytes"] <= 0.1 * minimum, (row["temp_bytes"] / minimum, adapters is not None)

@@ -99,3 +99,30 @@ def test_convolution_counts_only_real_taps():
     plain = hlo._convolution_fmas("window={size=1}, dim_labels=0bf_io0->0bf", "f32[16,2,64]", "f32[64,32,1]",
                                   "f32[16,2,32]")
     assert plain == np.prod([16, 2, 32]) * 64
+
+
+def test_on_chip_memory_spaces_are_not_hbm_traffic():
+    """A TPU prefetches buffers into on-chip memory (layout ``S(1)``): filling one reads HBM, writing it and
+    reading it back do not."""
+    text = """HloModule m, entry_computation_layout={(bf16[64,1024]{1,0})->bf16[8,1024]{1,0}}
+
+%fused_slice (p0: bf16[64,1024]) -> bf16[8,1024] {
+  %p0 = bf16[64,1024]{1,0} parameter(0)
+  ROOT %s = bf16[8,1024]{1,0} slice(%p0), slice={[0:8], [0:1024]}
+}
+
+%fused_neg (p1: bf16[8,1024]) -> bf16[8,1024] {
+  %p1 = bf16[8,1024]{1,0:T(8,128)S(1)} parameter(0)
+  ROOT %n = bf16[8,1024]{1,0} negate(%p1)
+}
+
+ENTRY %main (w: bf16[64,1024]) -> bf16[8,1024] {
+  %w = bf16[64,1024]{1,0} parameter(0)
+  %prefetch = bf16[8,1024]{1,0:T(8,128)S(1)} fusion(%w), kind=kLoop, calls=%fused_slice
+  ROOT %out = bf16[8,1024]{1,0} fusion(%prefetch), kind=kLoop, calls=%fused_neg
+}
+"""
+    slab = 8 * 1024 * 2
+    assert hlo.hbm_bytes("(bf16[8,1024]{1,0:T(8,128)S(1)}, f32[2]{0})") == 8
+    # the prefetch reads its slab from HBM; the negate reads on-chip memory and writes its result to HBM
+    assert hlo.analyze(text).bytes == slab + slab

@@ -511,3 +511,35 @@ def test_bad_text_inputs(bundled_lm):
             lm.generate(prompts, SamplingParams(max_new_tokens=4))
     with pytest.raises(SamplingError, match="context of 8192"):
         lm.generate(["word " * 8190], SamplingParams(max_new_tokens=8))
+
+
+def test_scanned_decode_gives_the_tokens_of_the_unrolled_one(qwen, tiny_hf):
+    """The TPU decode (layers scanned over the stacked weights, one stacked cache with keys laid out as the
+    values) run here on the CPU: the same tokens as the unrolled decode that matches transformers, greedy
+    and sampled, with and without stacked adapters, on one device and sharded."""
+    from seal_jax.lm import sampling
+
+    _, lm = qwen
+    _, folder = tiny_hf("qwen3-untied")
+    sharded = sj.load(folder, progress=False, mesh="data=2,fsdp=2,tensor=2")
+    rows, adapters = tiny_prompts(), make_adapters(lm)
+    for model in (lm, sharded):
+        scanned = sampling.Sampler(model.graphdef, model.mesh)
+        assert not scanned.scan_layers  # CPU: unrolled unless asked
+        scanned.scan_layers = True
+        for params, ad in [(SamplingParams(max_new_tokens=12, ignore_eos=True), None),
+                           (SamplingParams(max_new_tokens=12, ignore_eos=True), adapters),
+                           (SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True), adapters)]:
+            run = dict(eos_ids=model._eos_ids(), pad_id=model._pad_id(), adapters=ad)
+            expected = model._sampler.generate(model.state, model.config, rows, params, copies=None, **run)
+            assert scanned.generate(model.state, model.config, rows, params, **run) == expected
+    # the stacked cache holds what the per-layer one holds, keys in the values' layout
+    ids, mask = pad_left(rows, 0, 16)
+    _, per_layer = lm._sampler.prefill(lm.state, jnp.asarray(ids), jnp.asarray(mask), None, None, cache_len=32)
+    _, stacked = scanned.prefill(lm.state, jnp.asarray(ids), jnp.asarray(mask), None, None, cache_len=32)
+    assert stacked.stacked and not per_layer.stacked
+    # (two programs compiled apart: float32 rounding may differ in the last bits)
+    np.testing.assert_allclose(np.asarray(stacked.k[1]), np.asarray(per_layer.k[1]).transpose(0, 1, 3, 2), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stacked.v[1]), np.asarray(per_layer.v[1]), atol=1e-5)
+    with pytest.raises(ValueError, match="stacked cache scans the stacked weights; pass layers=None"):
+        lm.model.extend(jnp.asarray(ids[:, :1]), None, stacked, layers=lm.model.layer_params())

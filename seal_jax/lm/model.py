@@ -23,6 +23,7 @@ broadcast while adapters carry a leading candidate axis under ``vmap``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -115,22 +116,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> j
     return out.reshape(b, t, h, dh)
 
 
-def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, allowed: jax.Array) -> jax.Array:
+def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, allowed: jax.Array,
+                     keys_transposed: bool = True) -> jax.Array:
     """Grouped-query attention of T new tokens over a KV cache (the decode path).
 
-    q: ``[B, T, H, Dh]``; keys_t: the cache's keys *transposed*, ``[B, KVH, Dh, S]``; values:
-    ``[B, KVH, S, Dh]``; allowed: bool ``[B, T, S]``. Returns ``[B, T, H, Dh]`` in ``q.dtype``.
+    q: ``[B, T, H, Dh]``; keys_t: the cache's keys *transposed*, ``[B, KVH, Dh, S]`` (or, with
+    ``keys_transposed=False``, ``[B, KVH, S, Dh]`` like the values); values: ``[B, KVH, S, Dh]``; allowed:
+    bool ``[B, T, S]``. Returns ``[B, T, H, Dh]`` in ``q.dtype``.
 
     Two plain batched matmuls per row and KV head (``[G*T, Dh] @ [Dh, S]`` and ``[G*T, S] @ [S, Dh]``,
     batch axes leading): with one new token XLA:CPU runs these about 4x faster than the einsum of
     :func:`attention` on a ``[B, KVH, S, Dh]`` key layout.
     """
     b, t, h, dh = q.shape
-    kvh, s = keys_t.shape[1], keys_t.shape[3]
+    kvh, s = keys_t.shape[1], keys_t.shape[3 if keys_transposed else 2]
     g = h // kvh
     qm = q.reshape(b, t, kvh, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, dh)
     batch = ((0, 1), (0, 1))
-    scores = jax.lax.dot_general(qm, keys_t, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+    contract = (3,), (2 if keys_transposed else 3,)
+    scores = jax.lax.dot_general(qm, keys_t, (contract, batch), preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kvh, t, g, s) * (dh ** -0.5)
     scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b, kvh, t * g, s)
@@ -208,6 +212,7 @@ def decoder_layer(
     keys_values: tuple[jax.Array, jax.Array] | None,
     allowed: jax.Array,
     write_kv: Any,
+    write: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One pre-norm transformer block.
 
@@ -215,8 +220,11 @@ def decoder_layer(
     blocks, see :func:`matmul`); lora: this layer's adapter slices or
     ``None``; cos/sin: ``[B, T, Dh]``; keys_values: this layer's cache (keys ``[B, KVH, Dh, S]``,
     values ``[B, KVH, S, Dh]``) or ``None`` (keys are the T tokens themselves); allowed: bool
-    ``[B, T, S]``; write_kv: cache slot of the first token. Returns the block output ``[B, T, D]`` and the layer's updated ``(k, v)`` cache (or,
-    without a cache, the T tokens' own keys and values ``[B, T, KVH, Dh]``).
+    ``[B, T, S]``; write_kv: cache slot of the first token; write: instead of ``keys_values``, a function
+    that stores the T tokens' keys and values (both ``[B, KVH, T, Dh]``) in a cache held elsewhere and
+    returns this layer's whole keys and values (``[B, KVH, S, Dh]``) to attend over (the scanned decode). Returns
+    the block output ``[B, T, D]`` and the layer's updated ``(k, v)`` cache (or, without a cache, the T
+    tokens' own keys and values ``[B, T, KVH, Dh]``).
     """
     b, t, _ = x.shape
     c = config
@@ -235,7 +243,10 @@ def decoder_layer(
         q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if keys_values is None:
+    if write is not None:
+        all_k, all_v = write(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        attn = cached_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed, keys_transposed=False)
+    elif keys_values is None:
         all_k, all_v = k, v
         attn = attention(q, k, v, allowed)
     else:
@@ -281,11 +292,16 @@ def unstack_layers(tree: Any, num_layers: int) -> list[Any]:
 
 @dataclasses.dataclass
 class KVCache:
-    """A preallocated key/value cache, one buffer per layer (so that a decode step writes in place).
+    """A preallocated key/value cache, written in place by each decode step.
+
+    Two forms: one buffer per layer (a tuple of L arrays; the unrolled decode of CPUs and GPUs) or one
+    *stacked* buffer with a leading layer axis (the decode that scans the layers, see :meth:`Decoder.extend`).
 
     Attributes:
-      k: tuple of L arrays ``[B, KVH, Dh, S]`` (keys stored transposed, see :func:`cached_attention`).
-      v: tuple of L arrays ``[B, KVH, S, Dh]``.
+      k: keys: a tuple of L arrays ``[B, KVH, Dh, S]`` (stored transposed, see :func:`cached_attention`:
+        the faster form on XLA:CPU), or one ``[L, B, KVH, S, Dh]`` (the layout of the values; transposed keys
+        cost a relayout per layer and step on a TPU).
+      v: values: a tuple of L arrays ``[B, KVH, S, Dh]``, or one ``[L, B, KVH, S, Dh]``.
       valid: bool ``[B, S]``, which slots hold a real (non-padding) token.
       positions: int ``[B]``, the rotary position the next token of each row takes.
       index: int scalar, the next slot to write (shared by all rows: batches are left-padded).
@@ -296,6 +312,11 @@ class KVCache:
     valid: jax.Array
     positions: jax.Array
     index: jax.Array
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the layers' buffers are stacked into one array (the scanned decode's form)."""
+        return not isinstance(self.k, tuple)
 
     @staticmethod
     def create(config: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
@@ -310,11 +331,13 @@ class KVCache:
         )
 
     @staticmethod
-    def from_prompt(keys: jax.Array, values: jax.Array, attention_mask: jax.Array, length: int) -> KVCache:
+    def from_prompt(keys: jax.Array, values: jax.Array, attention_mask: jax.Array, length: int,
+                    stacked: bool = False) -> KVCache:
         """A cache of ``length`` slots holding a prompt's keys and values in its first T slots.
 
         keys, values: ``[L, B, T, KVH, Dh]`` (from :meth:`Decoder.hidden_states` with ``return_kv``);
-        attention_mask: ``[B, T]``, 1 on real tokens (left-padded rows).
+        attention_mask: ``[B, T]``, 1 on real tokens (left-padded rows); stacked: one ``[L, ...]`` buffer
+        each for keys and values instead of L buffers.
         """
         n_layers, b, t, kvh, dh = keys.shape
         if length < t:
@@ -328,8 +351,16 @@ class KVCache:
 
         mask = attention_mask.astype(bool)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)[:, -1] + 1
+        if stacked:
+            k: Any = jnp.zeros((n_layers, b, kvh, length, dh), keys.dtype).at[:, :, :, :t].set(
+                keys.transpose(0, 1, 3, 2, 4))
+            v: Any = jnp.zeros((n_layers, b, kvh, length, dh), values.dtype).at[:, :, :, :t].set(
+                values.transpose(0, 1, 3, 2, 4))
+        else:
+            k = tuple(layer_k(keys[i]) for i in range(n_layers))
+            v = tuple(layer_v(values[i]) for i in range(n_layers))
         return KVCache(
-            k=tuple(layer_k(keys[i]) for i in range(n_layers)), v=tuple(layer_v(values[i]) for i in range(n_layers)),
+            k=k, v=v,
             valid=jnp.zeros((b, length), bool).at[:, :t].set(mask), positions=positions.astype(jnp.int32),
             index=jnp.asarray(t, jnp.int32),
         )
@@ -426,15 +457,19 @@ class Decoder(nnx.Module):
         """Append T tokens ``[B, T]`` to ``cache``: final-norm hidden states ``[B, T, D]`` and the new cache.
 
         The tokens go in at ``cache.index`` and attend to every valid earlier slot; ``attention_mask``
-        (``[B, T]``, default all ones) marks padding. The layers run unrolled over per-layer arrays
-        (see the module docstring): ``layers`` is :meth:`layer_params` (``lora``'s slices included),
-        computed here when not given. ``lora`` supplies the adapter scale; dropout is not supported.
+        (``[B, T]``, default all ones) marks padding. With per-layer cache buffers the layers run unrolled
+        over per-layer arrays: ``layers`` is :meth:`layer_params` (``lora``'s slices included), computed here
+        when not given. With a stacked cache (:attr:`KVCache.stacked`) a ``lax.scan`` runs the layers over
+        the stacked weights, each reading its cache slice and writing it back in place, and ``layers`` must
+        be ``None``. ``lora`` supplies the adapter scale; dropout is not supported.
         """
         c = self.config
         b, t = ids.shape
         if lora is not None and lora.key is not None:
             raise ValueError("Decoder.extend runs inference only: LoRA dropout (lora.key) is not supported")
-        if layers is None:
+        if cache.stacked and layers is not None:
+            raise ValueError("Decoder.extend with a stacked cache scans the stacked weights; pass layers=None")
+        if layers is None and not cache.stacked:
             layers = self.layer_params(lora)
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -444,24 +479,45 @@ class Decoder(nnx.Module):
         x = self.embedding[...][ids]
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
         scale = None if lora is None else lora.scale
-        ks, vs = [], []
-        for (w, lw), k, v in zip(layers, cache.k, cache.v, strict=True):
-            x, (k, v) = decoder_layer(x, w, lw, scale, None, None, c, cos, sin, (k, v), allowed, cache.index)
-            ks.append(k)
-            vs.append(v)
+        if cache.stacked:
+            def body(carry: Any, xs: Any) -> tuple[Any, None]:
+                x, ck, cv = carry
+                w, lw, i = xs
+                stacks = {}
+
+                def write(k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
+                    # the new slots go into the stacked buffers in place; the layer's slice is then only read
+                    stacks["k"] = jax.lax.dynamic_update_slice(ck, k_new[None].astype(ck.dtype), (i, 0, 0, cache.index, 0))
+                    stacks["v"] = jax.lax.dynamic_update_slice(cv, v_new[None].astype(cv.dtype), (i, 0, 0, cache.index, 0))
+                    return (jax.lax.dynamic_index_in_dim(stacks["k"], i, keepdims=False),
+                            jax.lax.dynamic_index_in_dim(stacks["v"], i, keepdims=False))
+
+                x, _ = decoder_layer(x, w, lw, scale, None, None, c, cos, sin, None, allowed, cache.index, write=write)
+                return (x, stacks["k"], stacks["v"]), None
+
+            xs = (self.layers.arrays(), None if lora is None else lora.weights, jnp.arange(c.num_layers))
+            (x, new_k, new_v), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
+        else:
+            ks, vs = [], []
+            for (w, lw), k, v in zip(layers, cache.k, cache.v, strict=True):
+                x, (k, v) = decoder_layer(x, w, lw, scale, None, None, c, cos, sin, (k, v), allowed, cache.index)
+                ks.append(k)
+                vs.append(v)
+            new_k, new_v = tuple(ks), tuple(vs)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
-        cache = KVCache(k=tuple(ks), v=tuple(vs), valid=key_valid, positions=positions[:, -1] + 1,
-                        index=cache.index + t)
+        cache = KVCache(k=new_k, v=new_v, valid=key_valid, positions=positions[:, -1] + 1, index=cache.index + t)
         return x, cache
 
     def prefill(self, ids: jax.Array, attention_mask: jax.Array | None, length: int, *,
-                lora: LoraInputs | None = None) -> tuple[jax.Array, KVCache]:
+                lora: LoraInputs | None = None, stacked: bool = False) -> tuple[jax.Array, KVCache]:
         """Run a left-padded prompt ``[B, T]`` through the scanned layers into a fresh cache of ``length``
-        slots. Returns the final-norm hidden states ``[B, T, D]`` and the cache."""
+        slots (``stacked``: in the stacked form, see :class:`KVCache`). Returns the final-norm hidden states
+        ``[B, T, D]`` and the cache."""
         b, t = ids.shape
         mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
         x, (keys, values) = self.hidden_states(ids, mask, lora=lora, return_kv=True)
-        return x, KVCache.from_prompt(keys.astype(self.dtype), values.astype(self.dtype), mask, length)
+        return x, KVCache.from_prompt(keys.astype(self.dtype), values.astype(self.dtype), mask, length,
+                                      stacked=stacked)
 
     def head_kernel(self) -> jax.Array:
         """The output projection ``[D, V]`` (the embedding transposed when the two are tied)."""
