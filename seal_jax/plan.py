@@ -183,7 +183,11 @@ def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
 def shard_shape(shape: Sequence[int], logical: Sequence[str | None], mesh: Mapping[str, int]) -> tuple[int, ...]:
     """Per-device shape of an array with ``logical`` axis names on a mesh of ``mesh`` sizes (real rules)."""
     spec = spec_for(_MeshShape(mesh), logical, shape)  # type: ignore[arg-type]
-    return tuple(n // (mesh[a] if a is not None else 1) for n, a in zip(shape, tuple(spec), strict=True))
+
+    def ways(entry: str | tuple[str, ...] | None) -> int:
+        return 1 if entry is None else mesh[entry] if isinstance(entry, str) else math.prod(mesh[a] for a in entry)
+
+    return tuple(n // ways(a) for n, a in zip(shape, tuple(spec), strict=True))
 
 
 def weight_bytes_per_device(config: ModelConfig, mesh: Mapping[str, int], dtype: str) -> int:

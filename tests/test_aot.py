@@ -77,10 +77,11 @@ def test_every_program_compiles_and_reports(reports):
 
 def hand_argument_bytes(config, mesh_sizes: dict[str, int], dtype_bytes: int) -> int:
     """Per-device bytes of the base weights, sharded by hand: every weight with an embedding axis is split
-    over fsdp (the tiny widths all divide), norms are replicated."""
+    over fsdp, and the output head over fsdp by its vocabulary (the tiny widths all divide); norms are
+    replicated."""
     total = 0
     for path, shape in sj.lm.model.param_shapes(config).items():
-        split = mesh_sizes["fsdp"] if "embed" in PARAM_AXES[path] else 1
+        split = mesh_sizes["fsdp"] if {"embed", "head_vocab"} & set(PARAM_AXES[path]) else 1
         total += math.prod(shape) * dtype_bytes // split
     return total
 

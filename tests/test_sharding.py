@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -52,6 +54,18 @@ def test_rules_replicate_what_does_not_divide():
     assert set(PARAM_AXES) >= set(sj.lm.model.param_shapes(sj.lm.preset("qwen3-8b")))
 
 
+def test_the_output_head_is_split_over_its_vocabulary():
+    """lm_head [D, V]: the vocabulary over fsdp × tensor (their product; only the axes of size > 1), the
+    width whole, so no program all-reduces partial full-vocabulary logits."""
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    assert tuple(spec_for(mesh, PARAM_AXES["lm_head"], (64, 256))) == (None, ("fsdp", "tensor"))
+    assert tuple(spec_for(make_mesh("data=2,fsdp=4"), PARAM_AXES["lm_head"], (64, 256))) == (None, "fsdp")
+    assert tuple(spec_for(make_mesh("data=8"), PARAM_AXES["lm_head"], (64, 256))) == (None, None)
+    assert tuple(spec_for(mesh, PARAM_AXES["lm_head"], (64, 250))) == (None, None)  # 250 % 4: replicated
+    # an axis an earlier dimension took is left out of a product
+    assert tuple(spec_for(mesh, ("heads", "head_vocab"), (64, 256))) == ("tensor", "fsdp")
+
+
 @pytest.mark.parametrize("spec", ["data=2,fsdp=2,tensor=2", "fsdp=8", "tensor=8", "data=8", "data=2,fsdp=4"])
 def test_sharded_forward_equals_unsharded(tiny_hf, spec):
     _, folder = tiny_hf("qwen3-untied")
@@ -67,7 +81,8 @@ def test_sharded_forward_equals_unsharded(tiny_hf, spec):
         spec_tuple = tuple(value.sharding.spec)
         for dim, axis in enumerate(spec_tuple):
             if axis is not None:
-                assert value.addressable_shards[0].data.shape[dim] == value.shape[dim] // sizes[axis], path
+                ways = math.prod(sizes[a] for a in ((axis,) if isinstance(axis, str) else axis))
+                assert value.addressable_shards[0].data.shape[dim] == value.shape[dim] // ways, path
     q = lm.params()["layers.q_proj"]
     if sizes["fsdp"] > 1 or sizes["tensor"] > 1:
         assert len({s.data.shape for s in q.addressable_shards}) == 1

@@ -36,11 +36,11 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "layers.q_norm": ("layers", None),
     "layers.k_norm": ("layers", None),
     "final_norm": (None,),
-    "lm_head": ("embed", "vocab"),
+    "lm_head": (None, "head_vocab"),
 }
 
-# Logical axis -> mesh axis (None = replicated).
-RULES: dict[str, str | None] = {
+# Logical axis -> mesh axis, or several (split over their product), or None (replicated).
+RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": "data",
     "candidates": "data",
     "embed": "fsdp",
@@ -48,6 +48,10 @@ RULES: dict[str, str | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "vocab": "tensor",
+    # the output head is split over the vocabulary, not its input width: each device computes its slice of
+    # the logits, and the loss and sampling reduce [B, T] values across slices instead of all-reducing
+    # partial [B, T, V] logits (a contraction over an fsdp-split width)
+    "head_vocab": ("fsdp", "tensor"),
     "layers": None,
     "length": None,
 }
@@ -112,21 +116,24 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
 
 
 def spec_for(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int],
-             rules: Mapping[str, str | None] = RULES) -> PartitionSpec:
+             rules: Mapping[str, str | tuple[str, ...] | None] = RULES) -> PartitionSpec:
     """PartitionSpec for an array of ``shape`` whose dimensions have the ``logical`` axis names.
 
-    A dimension whose size is not divisible by its mesh axis, or whose mesh axis is already used by an
-    earlier dimension, is replicated.
+    A dimension is split over its rule's mesh axes of size > 1 that no earlier dimension uses (several
+    axes: over their product); it is replicated when none is left or its size does not divide.
     """
-    out: list[str | None] = []
+    out: list[str | tuple[str, ...] | None] = []
     used: set[str] = set()
     for name, size in zip(logical, shape, strict=True):
-        axis = rules.get(name) if name is not None else None
-        if axis is None or axis in used or mesh.shape[axis] == 1 or size % mesh.shape[axis]:
+        rule = rules.get(name) if name is not None else None
+        axes = () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if not axes or size % ways:
             out.append(None)
             continue
-        used.add(axis)
-        out.append(axis)
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*out)
 
 
