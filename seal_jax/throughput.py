@@ -555,8 +555,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help="run the SEAL-workload suite on this preset's architecture "
                         "(qwen3-8b, ...; with --random-weights)")
     parser.add_argument("--random-weights", action="store_true",
-                        help="random bf16 weights created in their shards on the devices (no checkpoint needed); "
-                             "with --model DIR, that folder's config.json gives the architecture")
+                        help="random weights (in --dtype) created in their shards on the devices (no checkpoint "
+                             "needed); with --model DIR, that folder's config.json gives the architecture")
     parser.add_argument("--mesh", default=None, help="mesh spec over this machine's devices, e.g. data=8 "
                         "(default: data = number of devices)")
     parser.add_argument("--candidates", type=int, default=None, help="K self-edits per passage (default 5, SEAL)")
