@@ -240,3 +240,23 @@ def test_tpu_decode_scans_the_layers_and_moves_about_its_minimum():
         assert 0.5 * minimum <= row["per_step"]["bytes"] <= 1.3 * minimum, (row["per_step"]["bytes"] / minimum,
                                                                               adapters is not None)
         assert row["temp_bytes"] <= 0.1 * minimum, (row["temp_bytes"] / minimum, adapters is not None)
+
+
+def test_no_program_all_reduces_full_vocabulary_logits():
+    """The output head is split over its vocabulary: the logits, training and prefill programs compiled for
+    8 H100s (data=4, fsdp=2) all-reduce nothing as wide as the vocabulary (256 in the tiny config, a width
+    nothing else has). With the head split over its input width, as before, each of them all-reduced
+    partial logits ``[B, T, V]``. (The decode step gathers one ``[V]`` row per sequence to sample from.)"""
+    import re
+
+    mesh = shd.make_mesh("data=4,fsdp=2", devices=targets.devices("h100-8"))
+    lm = sj.LM.abstract(TINY, mesh=mesh, dtype="bfloat16")
+    assert TINY.vocab_size == 256 and 256 not in (TINY.hidden_size, TINY.intermediate_size, TINY.q_dim)
+    programs = {"logits": lm.lower_logits(4, 32), "train": lm.lower_train(4, 4, 32),
+                "prefill": lm.lower_generate(4, 16, 8)["prefill"]}
+    for name, lowered in programs.items():
+        text = lowered.compile().as_text()
+        reduced = [m.group(1) for m in re.finditer(r"= (\S+\[[\d,]*\]\S*) all-reduce(?:-start)?\(", text)]
+        assert reduced, name  # the fsdp-split projections still all-reduce: the pattern finds them
+        wide = [shape for shape in reduced if re.search(r"[\[,]256[\],]", shape)]
+        assert not wide, (name, wide)
