@@ -98,6 +98,13 @@ COLUMN_BLOCKED = ("o_proj", "down_proj")
 CACHE_AXES = (("batch", "kv_heads", None, "length"), ("batch", "kv_heads", "length", None))
 
 
+def cache_axes(stacked: bool) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+    """Logical axes of a cache buffer's keys and values: per layer (:data:`CACHE_AXES`), or stacked
+    ``[L, B, KVH, S, Dh]`` with the keys laid out as the values (see ``model.KVCache``)."""
+    keys, values = CACHE_AXES
+    return ((None, *values), (None, *values)) if stacked else (keys, values)
+
+
 class SamplingError(ValueError):
     """Bad sampling parameters, prompts or adapters (raised before anything is computed)."""
 
@@ -471,13 +478,8 @@ class Sampler:
             spec = shd.spec_for(self.mesh, logical, x.shape)
             return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-        keys, values = CACHE_AXES
-        if cache.stacked:  # keys laid out as the values, see model.KVCache
-            k: Any = put(cache.k, (None, *values))
-            v: Any = put(cache.v, (None, *values))
-        else:
-            k, v = tuple(put(x, keys) for x in cache.k), tuple(put(x, values) for x in cache.v)
-        return KVCache(k=k, v=v,
+        keys, values = cache_axes(cache.stacked)
+        return KVCache(k=jax.tree.map(lambda x: put(x, keys), cache.k), v=jax.tree.map(lambda x: put(x, values), cache.v),
                        valid=put(cache.valid, ("batch", "length")),
                        positions=put(cache.positions, ("batch",)), index=cache.index)
 
@@ -627,9 +629,7 @@ class Sampler:
         prefill = self.prefill.lower(state, ids, ids, lw, ls, cache_len=t + out_len)
         logits, cache = jax.eval_shape(functools.partial(self._prefill, cache_len=t + out_len), state, ids, ids, lw, ls)
         lead = (None,) if ls is not None and ls.ndim == 1 else ()
-        keys, values = CACHE_AXES
-        if cache.stacked:  # keys laid out as the values, see model.KVCache
-            keys, values = (None, *values), (None, *values)
+        keys, values = cache_axes(cache.stacked)
         cache = KVCache(
             k=jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, lead + keys), cache.k),
             v=jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, lead + values), cache.v),
