@@ -240,7 +240,7 @@ def demo_bench_config(config_path: str | Path, model: str | Path, *, passages: i
     the ``template`` condition (its meta-prompt does not fit a tiny model's context); the other
     conditions, LoRA and grader stay those of the file.
     """
-    from seal_jax.selfedit.knowledge import RunConfig
+    from seal_jax.selfedit.run_config import RunConfig
 
     config = RunConfig.from_toml(config_path)
     changes: dict[str, Any] = {"model": str(model), "k": k, "data": {**config.data, "n": passages}}

@@ -8,6 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from seal_jax.selfedit.restem import restem_markdown, summarize_restem
+from seal_jax.selfedit.results import read_rows, summarize, summary_markdown
+from seal_jax.selfedit.run_config import RunConfig, select_data
+from seal_jax.selfedit.runs import run_kind
+from seal_jax.selfedit.template_search import summarize_template_search, template_markdown
+
 
 def _save(fig: Any, path: str | Path) -> Path:
     """Lay out ``fig``, write it as a PNG to ``path``, close it; returns the path."""
@@ -21,8 +27,6 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
     """The run's summary, recomputed from ``results.jsonl`` (so a run still in progress reports too)."""
-    from seal_jax.selfedit.knowledge import read_rows, summarize
-
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"no folder {run}; pass a run folder written by `seal-jax run` (e.g. checkpoints/runs/demo)")
@@ -39,8 +43,6 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
 def _unfinished_note(run: Path, summary: dict[str, Any]) -> str:
     """A line saying how many of the run's passages are done, when it has not finished them all ("" when it
     has, or when its passages cannot be listed here, e.g. its data file is on another machine)."""
-    from seal_jax.selfedit.knowledge import RunConfig, select_data
-
     try:
         config = RunConfig.from_dict(json.loads((run / "run_config.json").read_text()))
         if str(config.data.get("source", "")).startswith("hub:"):
@@ -102,8 +104,6 @@ def plot_rounds(summary: dict[str, Any], path: str | Path, title: str = "") -> P
 
 def report_restem(run_dir: str | Path) -> tuple[str, Path]:
     """``report.md`` and ``rounds.png`` of a ReST-EM run folder (recomputed from its rounds)."""
-    from seal_jax.selfedit.restem import restem_markdown, summarize_restem
-
     run = Path(run_dir)
     config = json.loads((run / "run_config.json").read_text())
     summary = summarize_restem(run, config["model"], config["restem"]["strategy"], config["restem"]["rounds"])
@@ -157,8 +157,6 @@ def plot_iterations(summary: dict[str, Any], path: str | Path, title: str = "") 
 
 def report_templates(run_dir: str | Path) -> tuple[str, Path]:
     """``report.md`` and ``iterations.png`` of a template-search run folder (recomputed from its files)."""
-    from seal_jax.selfedit.template_search import summarize_template_search, template_markdown
-
     run = Path(run_dir)
     config = json.loads((run / "run_config.json").read_text())
     summary = summarize_template_search(run, config)
@@ -176,9 +174,6 @@ def report(run_dir: str | Path) -> tuple[str, Path]:
     A knowledge run gets ``accuracy.png`` (accuracy per condition); a ReST-EM run ``rounds.png``
     (accuracy per round); a template search ``iterations.png`` (score and diversity per iteration).
     """
-    from seal_jax.selfedit.knowledge import summary_markdown
-    from seal_jax.selfedit.runs import run_kind
-
     run = Path(run_dir)
     kind = run_kind(run) if (run / "run_config.json").is_file() else "knowledge"
     if kind == "restem":

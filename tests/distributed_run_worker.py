@@ -80,7 +80,8 @@ def record_run_dir_access(run_dir: str) -> list[str]:
 
 def run_knowledge_mode(lm, model_dir: str, run_dir: str, process_id: int) -> None:
     """The knowledge run into RUN_DIR/full, RUN_DIR/part and RUN_DIR/own/pN (see the module docstring)."""
-    from seal_jax.selfedit.knowledge import RunConfig, run_knowledge
+    from seal_jax.selfedit.knowledge import run_knowledge
+    from seal_jax.selfedit.run_config import RunConfig
 
     config = RunConfig.from_dict({**RUN, "model": model_dir})
     run_knowledge(config, os.path.join(run_dir, "full"), lm=lm, progress=False)

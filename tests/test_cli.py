@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from seal_jax.cli import _is_run_folder_of, main
-from seal_jax.selfedit.knowledge import read_rows
+from seal_jax.selfedit.results import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 

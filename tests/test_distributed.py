@@ -86,7 +86,9 @@ def test_distributed_knowledge_run_writes_each_row_once(tiny_chat_dir, tmp_path)
     and resumed: process 0 alone writes (each row once), both processes resume from its rows (the resumed
     folder equals the uninterrupted one), also when each process is given its own folder; and the rows
     are about what a one-process run's rows are about."""
-    from seal_jax.selfedit.knowledge import RunConfig, read_rows, run_knowledge
+    from seal_jax.selfedit.knowledge import run_knowledge
+    from seal_jax.selfedit.results import read_rows
+    from seal_jax.selfedit.run_config import RunConfig
 
     worker = Path(__file__).with_name("distributed_run_worker.py")
     port = _free_port()
@@ -135,7 +137,7 @@ def test_distributed_restem_and_template_search_write_once(tiny_chat_dir, tmp_pa
 
     from transformers import AutoConfig
 
-    from seal_jax.selfedit.knowledge import read_rows
+    from seal_jax.selfedit.results import read_rows
 
     worker = Path(__file__).with_name("distributed_run_worker.py")
     port = _free_port()

@@ -9,19 +9,14 @@ import pytest
 
 import seal_jax as sj
 from seal_jax.selfedit.grading import grade
-from seal_jax.selfedit.knowledge import (
-    ROW_FIELDS,
-    ResultsFileError,
+from seal_jax.selfedit.knowledge import run_knowledge
+from seal_jax.selfedit.results import ROW_FIELDS, ResultsFileError, append_passage, append_rows, read_rows, summarize
+from seal_jax.selfedit.run_config import (
     RunConfig,
     RunConfigError,
-    append_passage,
-    append_rows,
     extension_json,
-    read_rows,
-    run_knowledge,
     select_data,
     split_extension_table,
-    summarize,
 )
 
 SUMMARY_FIELDS = {"accuracy", "accuracy_std", "n_questions", "n_passages", "mean_gain"}
@@ -238,7 +233,7 @@ def test_seal_subset_replays_seal_selfedits_in_seal_order(tiny_chat_dir, tiny_lm
 
 def test_judge_graders_are_built_from_the_run_model(tiny_chat_dir):
     """``judge`` asks the run's model about every answer, ``rules+judge`` only about undecided ones."""
-    from seal_jax.selfedit.knowledge import make_grader
+    from seal_jax.selfedit.episode import make_grader
 
     class Recorder:
         def __init__(self):
@@ -297,7 +292,7 @@ def test_remat_reaches_the_loaded_model(monkeypatch, tmp_path):
         seen.update(kwargs)
         raise Loaded
 
-    monkeypatch.setattr(sj, "load", fake_load)
+    monkeypatch.setattr("seal_jax.selfedit.knowledge.load_model", fake_load)
     config = RunConfig.from_dict({"name": "r", "model": "m", "remat": True, "data": {"source": "demo", "n": 1}})
     with pytest.raises(Loaded):
         run_knowledge(config, tmp_path / "out", progress=False)
@@ -377,7 +372,7 @@ def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, t
 
 def test_resume_ignores_engine_settings_only():
     """A run may be resumed with ``remat`` changed (it does not change results), not with anything else."""
-    from seal_jax.selfedit.knowledge import config_differences
+    from seal_jax.selfedit.run_config import config_differences
 
     base = tiny_config("m").to_json()
     assert config_differences(base, {**base, "remat": True}) == []

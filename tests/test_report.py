@@ -55,7 +55,7 @@ def test_report_restem_rounds(tmp_path, capsys):
         {"generator": "g1", "sft_rows": 1, "mean_sft_reward": 1.0, "sft_loss": [2.0, 1.0]}))
     write_run(run / "round-1" / "eval", [row("e", "base", 0.5, 0.5), row("e", "rewrite", 0.5, 1.0)])
     for folder in (run / "round-0" / "eval", run / "round-1" / "eval"):  # eval folders carry their summary
-        from seal_jax.selfedit.knowledge import read_rows, summarize
+        from seal_jax.selfedit.results import read_rows, summarize
 
         (folder / "summary.json").write_text(json.dumps(summarize(read_rows(folder / "results.jsonl"), "m")))
     markdown, png = report(run)

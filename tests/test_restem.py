@@ -9,7 +9,8 @@ import pytest
 
 import seal_jax as sj
 from seal_jax.selfedit.data import load_passages
-from seal_jax.selfedit.knowledge import RunConfigError, read_rows
+from seal_jax.selfedit.results import read_rows
+from seal_jax.selfedit.run_config import RunConfigError
 from seal_jax.selfedit.restem import (
     RestemConfig,
     eval_passages,

@@ -12,7 +12,8 @@ import json
 import pytest
 
 import seal_jax as sj
-from seal_jax.selfedit.knowledge import ROW_FIELDS, RunConfigError, read_rows
+from seal_jax.selfedit.results import ROW_FIELDS, read_rows
+from seal_jax.selfedit.run_config import RunConfigError
 from seal_jax.selfedit.runs import config_from_dict, kind_of
 from seal_jax.selfedit.template_search import (
     TEMPLATE_ROW_FIELDS,

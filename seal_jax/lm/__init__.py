@@ -1,10 +1,36 @@
-"""seal_jax.lm: a JAX language-model engine (Qwen3 / Llama) that knows nothing about self-editing."""
+"""seal_jax.lm: a JAX language-model engine (Qwen3 / Llama) that knows nothing about self-editing.
 
-from seal_jax.lm.api import LM, load
+The value types (:mod:`seal_jax.lm.types`) and configs import without jax; ``LM``, ``load`` and
+``Adapters`` import the engine on first use (PEP 562 ``__getattr__``), so ``import seal_jax.lm.types``
+does not start jax.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from seal_jax.lm.config import ConfigError, ModelConfig, from_hf, preset
-from seal_jax.lm.lora import Adapters, LoraSpec
-from seal_jax.lm.sampling import SamplingParams
-from seal_jax.lm.training import TrainSpec
+from seal_jax.lm.types import LoraSpec, SamplingParams, TrainSpec
+
+if TYPE_CHECKING:
+    from seal_jax.lm.api import LM, load
+    from seal_jax.lm.lora import Adapters
+
+_ENGINE = {"LM": "seal_jax.lm.api", "load": "seal_jax.lm.api", "Adapters": "seal_jax.lm.lora"}
 
 __all__ = ["LM", "Adapters", "ConfigError", "LoraSpec", "ModelConfig", "SamplingParams", "TrainSpec", "from_hf",
            "load", "preset"]
+
+
+def __getattr__(name: str) -> Any:
+    """``LM``, ``load`` and ``Adapters``: the engine (and jax) is imported on first use."""
+    if name in _ENGINE:
+        value = getattr(importlib.import_module(_ENGINE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'seal_jax.lm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_ENGINE))

@@ -1,13 +1,12 @@
-"""Orbax save/restore of LoRA adapters (and any training-state pytree)."""
+"""Orbax save/restore of a pytree of arrays (adapters' weights, training state).
+
+:meth:`seal_jax.lm.lora.Adapters.save` writes its weights with :func:`save_pytree` beside its specs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -47,37 +46,3 @@ def restore_pytree(path: str | Path, like: Any | None = None) -> Any:
             raise CheckpointError(
                 f"checkpoint {path} (step {step}) is corrupt or unreadable ({type(e).__name__}: {str(e)[:300]}); "
                 "delete it and save again") from None
-
-
-def save_adapters(adapters: Any, path: str | Path) -> Path:
-    """Save :class:`~seal_jax.lm.lora.Adapters`: ``path/weights`` (orbax) and ``path/adapters.json``."""
-    import dataclasses
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_pytree(path / "weights", adapters.weights)
-    meta = {
-        "specs": [dataclasses.asdict(s) for s in adapters.specs],
-        "losses": adapters.losses,
-        "failed": adapters.failed,
-    }
-    (path / "adapters.json").write_text(json.dumps(meta, indent=2))
-    return path
-
-
-def load_adapters(path: str | Path) -> Any:
-    """Restore :class:`~seal_jax.lm.lora.Adapters` written by :func:`save_adapters`."""
-    from seal_jax.lm.lora import Adapters, LoraSpec
-
-    path = Path(path)
-    meta_file = path / "adapters.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not a saved adapter stack (no adapters.json)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_file} is corrupt ({e}); delete the folder and save again") from None
-    weights = restore_pytree(path / "weights")
-    weights = jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), weights)
-    specs = tuple(LoraSpec(**{**s, "targets": tuple(s["targets"])}) for s in meta["specs"])
-    return Adapters(weights, specs, meta["losses"], meta["failed"])

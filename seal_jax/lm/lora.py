@@ -21,62 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seal_jax.lm.model import PROJECTIONS, LoraInputs
+from seal_jax.lm.model import LoraInputs
+from seal_jax.lm.types import PROJECTIONS, LoraError, LoraSpec
 
 PEFT_MODULE_PARENT = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
-
-
-class LoraError(ValueError):
-    """An invalid LoRA specification or adapter operation."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """One adapter's shape: ``rank``, ``alpha`` (scale = alpha / rank), input ``dropout``, ``targets``.
-
-    ``targets`` name Hugging Face projections (``q_proj`` … ``down_proj``) or ``"all"``.
-    ``LoraSpec.seal()`` gives SEAL's inner-loop adapter (r=32, alpha=64, q_proj and v_proj).
-    """
-
-    rank: int = 32
-    alpha: float = 64.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-
-    def __post_init__(self) -> None:
-        targets = tuple(PROJECTIONS) if self.targets in ("all", ("all",)) else tuple(self.targets)
-        object.__setattr__(self, "targets", targets)
-        if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
-            raise LoraError(f"LoraSpec.rank must be a positive integer, got {self.rank!r}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise LoraError(f"LoraSpec.alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LoraError(f"LoraSpec.dropout must lie in [0, 1), got {self.dropout!r}")
-        if not targets:
-            raise LoraError("LoraSpec.targets is empty; name at least one projection, e.g. ('q_proj', 'v_proj')")
-        unknown = [t for t in targets if t not in PROJECTIONS]
-        if unknown:
-            raise LoraError(f"unknown LoRA targets {unknown}; choose from {list(PROJECTIONS)} or 'all'")
-        if len(set(targets)) != len(targets):
-            raise LoraError(f"LoraSpec.targets has duplicates: {targets}")
-
-    @property
-    def scale(self) -> float:
-        """``alpha / rank``."""
-        return self.alpha / self.rank
-
-    @classmethod
-    def seal(cls) -> LoraSpec:
-        """SEAL's inner-loop adapter: r=32, alpha=64, dropout 0, on q_proj and v_proj."""
-        return cls(rank=32, alpha=64.0, dropout=0.0, targets=("q_proj", "v_proj"))
-
-    @classmethod
-    def seal_sft(cls) -> LoraSpec:
-        """SEAL's ReST-EM generator adapter: r=64, alpha=128 on all projections."""
-        return cls(rank=64, alpha=128.0, dropout=0.0, targets=tuple(PROJECTIONS))
 
 
 def projection_dims(params: dict[str, Any], name: str) -> tuple[int, int, int]:
@@ -254,16 +205,31 @@ class Adapters:
 
     def save(self, path: str | Path) -> Path:
         """Save all K adapters (weights with orbax, specs/losses/failures as JSON) under ``path``."""
-        from seal_jax.lm.checkpoint import save_adapters
+        from seal_jax.lm.checkpoint import save_pytree  # deferred: orbax loads only when adapters are saved
 
-        return save_adapters(self, path)
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_pytree(path / "weights", self.weights)
+        meta = {"specs": [dataclasses.asdict(s) for s in self.specs], "losses": self.losses, "failed": self.failed}
+        (path / "adapters.json").write_text(json.dumps(meta, indent=2))
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> Adapters:
         """Restore adapters written by :meth:`save`."""
-        from seal_jax.lm.checkpoint import load_adapters
+        from seal_jax.lm.checkpoint import CheckpointError, restore_pytree  # deferred: orbax, as in save
 
-        return load_adapters(path)
+        path = Path(path)
+        meta_file = path / "adapters.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} is not a saved adapter stack (no adapters.json)")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{meta_file} is corrupt ({e}); delete the folder and save again") from None
+        weights = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restore_pytree(path / "weights"))
+        specs = tuple(LoraSpec(**{**s, "targets": tuple(s["targets"])}) for s in meta["specs"])
+        return cls(weights, specs, meta["losses"], meta["failed"])
 
     @staticmethod
     def stack(items: Sequence[Adapters]) -> Adapters:

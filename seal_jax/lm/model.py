@@ -31,9 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seal_jax.lm.config import ModelConfig
-
-# Per-layer projection names (Hugging Face's), their input and output widths.
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from seal_jax.lm.types import PROJECTIONS
 
 
 def projection_shape(config: ModelConfig, name: str) -> tuple[int, int]:

@@ -67,7 +67,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -81,14 +80,8 @@ from jax.sharding import Mesh, NamedSharding
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig
-from seal_jax.lm.model import (
-    PROJECTIONS,
-    KVCache,
-    LoraInputs,
-    projection_shape,
-    split_columns,
-    unstack_layers,
-)
+from seal_jax.lm.model import KVCache, LoraInputs, projection_shape, split_columns, unstack_layers
+from seal_jax.lm.types import PROJECTIONS, SamplingError, SamplingParams, is_int
 
 MIN_STOP_SLOTS = 8  # the stop-id table is padded to this size (or the next power of two above it)
 KEEP_WEIGHT_COPIES_MAX_BYTES = 4 << 30  # see "Kept weight copies" in the module docstring
@@ -103,76 +96,6 @@ def cache_axes(stacked: bool) -> tuple[tuple[str | None, ...], tuple[str | None,
     ``[L, B, KVH, S, Dh]`` with the keys laid out as the values (see ``model.KVCache``)."""
     keys, values = CACHE_AXES
     return ((None, *values), (None, *values)) if stacked else (keys, values)
-
-
-class SamplingError(ValueError):
-    """Bad sampling parameters, prompts or adapters (raised before anything is computed)."""
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to sample: length, randomness, filters and stop ids.
-
-    Attributes:
-      max_new_tokens: the most tokens generated per prompt (> 0); the stop token counts toward it.
-      temperature: 0 means greedy (argmax); otherwise logits are divided by it (> 0).
-      top_k: keep the k most likely tokens (0 = off).
-      top_p: nucleus sampling, keep the smallest set of most likely tokens whose mass reaches ``top_p``
-        (always at least the top token); in (0, 1], 1 = off.
-      min_p: keep tokens whose probability is at least ``min_p`` × the top token's probability;
-        in [0, 1), 0 = off.
-      seed: seed of the sampling PRNG, in [0, 2**32).
-      stop_token_ids: extra ids that end a row (in addition to EOS); the stop token is not returned.
-      ignore_eos: do not stop at the EOS ids (the explicit ``stop_token_ids`` still stop).
-
-    The filters are applied in Hugging Face's order: temperature → top-k → top-p → min-p.
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        def fail(name: str, what: str) -> None:
-            raise SamplingError(f"SamplingParams.{name} {what}, got {getattr(self, name)!r}")
-
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
-            fail("max_new_tokens", "must be a positive int")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            fail("temperature", "must be a finite number >= 0 (0 = greedy)")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            fail("top_k", "must be an int >= 0 (0 = off)")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            fail("top_p", "must lie in (0, 1] (1 = off)")
-        if not _is_number(self.min_p) or not 0.0 <= self.min_p < 1.0:
-            fail("min_p", "must lie in [0, 1) (0 = off)")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
-            fail("seed", "must be an int in [0, 2**32)")
-        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
-            fail("stop_token_ids", "must be a sequence of token ids")
-        stops = tuple(self.stop_token_ids)
-        if not all(_is_int(s) and s >= 0 for s in stops):
-            fail("stop_token_ids", "must hold non-negative int token ids")
-        object.__setattr__(self, "stop_token_ids", tuple(int(s) for s in stops))
-        if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            fail("ignore_eos", "must be a bool")
-
-    def replace(self, **changes: Any) -> SamplingParams:
-        """A copy with ``changes`` applied (validated again)."""
-        return dataclasses.replace(self, **changes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -311,7 +234,7 @@ def check_prompt_ids(prompt_ids: Any, params: SamplingParams, config: ModelConfi
     for i, row in enumerate(prompt_ids):
         if isinstance(row, np.ndarray) and row.ndim == 1:
             row = row.tolist()
-        if not isinstance(row, (list, tuple)) or not all(_is_int(t) for t in row):
+        if not isinstance(row, (list, tuple)) or not all(is_int(t) for t in row):
             raise SamplingError(f"prompt_ids[{i}] must be a list of ints, got {type(row).__name__}")
         if len(row) == 0:
             raise SamplingError(f"prompt {i} is empty; every prompt needs at least one token")

@@ -30,73 +30,10 @@ import optax
 from flax import nnx
 
 from seal_jax.lm import sharding as shd
-from seal_jax.lm.lora import Adapters, LoraSpec, candidate_key, init_adapters
+from seal_jax.lm.lora import Adapters, candidate_key, init_adapters
 from seal_jax.lm.model import Decoder, LoraInputs
 from seal_jax.lm.tokenizer import bucket
-
-LOSS_MODES = ("masked", "seal_padded")
-SCHEDULES = ("linear", "constant")
-
-
-class TrainError(ValueError):
-    """Invalid training input or specification."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSpec:
-    """How one candidate is trained.
-
-    Attributes:
-      learning_rate: peak AdamW learning rate.
-      epochs: passes over the candidate's sequences.
-      batch_size: sequences per micro-batch (equal for all candidates of one call).
-      grad_accum: micro-batches per optimiser step.
-      max_len: sequences are truncated to this many tokens.
-      schedule: ``"linear"`` (warm-up then linear decay to 0) or ``"constant"``.
-      warmup: warm-up optimiser steps.
-      weight_decay: decoupled weight decay (0 as in SEAL / transformers' Trainer).
-      loss: ``"masked"`` (mean over real target tokens; the default) or ``"seal_padded"`` (SEAL's quirk:
-        every sequence padded to ``max_len`` with EOS and the padding left in the loss).
-      seed: this candidate's seed (LoRA init, dropout, data order).
-      append_eos: in ``"masked"`` mode, end every sequence with EOS so the model learns to stop.
-      shuffle: reshuffle the sequences every epoch.
-    """
-
-    learning_rate: float = 1e-3
-    epochs: int = 10
-    batch_size: int = 1
-    grad_accum: int = 1
-    max_len: int = 2048
-    schedule: str = "linear"
-    warmup: int = 0
-    weight_decay: float = 0.0
-    loss: str = "masked"
-    seed: int = 0
-    append_eos: bool = True
-    shuffle: bool = True
-
-    def __post_init__(self) -> None:
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise TrainError(f"TrainSpec.learning_rate must be positive, got {self.learning_rate!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "max_len"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise TrainError(f"TrainSpec.{name} must be a positive integer, got {value!r}")
-        if self.max_len < 2:
-            raise TrainError(f"TrainSpec.max_len must be at least 2, got {self.max_len}")
-        if self.warmup < 0:
-            raise TrainError(f"TrainSpec.warmup must be >= 0, got {self.warmup}")
-        if self.weight_decay < 0:
-            raise TrainError(f"TrainSpec.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.schedule not in SCHEDULES:
-            raise TrainError(f"TrainSpec.schedule {self.schedule!r} is unknown; choose from {SCHEDULES}")
-        if self.loss not in LOSS_MODES:
-            raise TrainError(f"TrainSpec.loss {self.loss!r} is unknown; choose from {LOSS_MODES}")
-
-    @classmethod
-    def seal(cls, **changes: Any) -> TrainSpec:
-        """SEAL's inner loop: lr 1e-3, 10 epochs, batch 1, linear decay, AdamW (plus ``changes``)."""
-        return dataclasses.replace(cls(learning_rate=1e-3, epochs=10, batch_size=1, grad_accum=1), **changes)
+from seal_jax.lm.types import LoraSpec, TrainError, TrainSpec
 
 
 def lr_at(spec: TrainSpec, step: int, total_steps: int) -> float:

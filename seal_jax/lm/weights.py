@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import ModelConfig
 from seal_jax.lm.model import param_shapes
+from seal_jax.lm.types import WeightsError
 
 HF_PROJECTION_PARENT = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -46,10 +47,6 @@ NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
 )
 # Tensors some checkpoints carry that hold nothing we need.
 IGNORED = (re.compile(r".*rotary_emb\.inv_freq"),)
-
-
-class WeightsError(ValueError):
-    """A checkpoint whose tensors do not match the model configuration."""
 
 
 @dataclass(frozen=True)

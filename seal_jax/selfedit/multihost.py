@@ -6,24 +6,40 @@ each row once; and whatever is read back from the folder to decide what to compu
 are finished, a saved template) is read by process 0 and broadcast, so every process runs the same
 compiled programs even when the folder lives on process 0's local disk only. With one process these are
 plain reads and writes.
+
+This module does not import jax: a process that has not imported it cannot have joined a distributed
+run (``jax.distributed.initialize`` comes first), so it is the only process. Reading a run folder, as
+``seal-jax report`` does, therefore never starts jax.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import jax
 import numpy as np
 
 T = TypeVar("T")
 
 
+def process_index() -> int:
+    """This process's index in a distributed run (0 when jax was never imported: one process)."""
+    jax = sys.modules.get("jax")
+    return 0 if jax is None else int(jax.process_index())
+
+
+def process_count() -> int:
+    """The processes of the run (1 when jax was never imported)."""
+    jax = sys.modules.get("jax")
+    return 1 if jax is None else int(jax.process_count())
+
+
 def is_writer() -> bool:
     """True on the process that writes run folders (process 0; the only process of a one-host run)."""
-    return jax.process_index() == 0
+    return process_index() == 0
 
 
 def require_visible(path: str | Path, what: str) -> None:
@@ -35,10 +51,10 @@ def require_visible(path: str | Path, what: str) -> None:
     waiting for them). ``what`` names the folder in the message.
     """
     here = Path(path).exists()
-    if jax.process_count() == 1:
+    if process_count() == 1:
         seen = [here]
     else:
-        from jax.experimental import multihost_utils
+        from jax.experimental import multihost_utils  # loaded: process_count() > 1 means jax is
 
         seen = np.asarray(multihost_utils.process_allgather(np.array([here]))).reshape(-1).tolist()
     missing = [i for i, ok in enumerate(seen) if not ok]
@@ -56,9 +72,9 @@ def agree(read: Callable[[], T]) -> T:
     back as lists. An exception raised by ``read``, or a result that is not JSON-able, is raised on every
     process: the original on process 0, a ``RuntimeError`` naming it elsewhere.
     """
-    if jax.process_count() == 1:
+    if process_count() == 1:
         return json.loads(json.dumps(read()))
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # loaded: process_count() > 1 means jax is
 
     error: BaseException | None = None
     payload = np.zeros(0, np.uint8)

@@ -16,6 +16,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from seal_jax.selfedit.engine import LanguageModel
+
+from seal_jax.selfedit.run_config import derived_seed
 from seal_jax.selfedit.templates import Template, TemplateError, parse_template, proposal_sampling
 
 PROPOSAL_FIELDS = ("slot", "kind", "attempt", "valid", "reason", "notes", "template", "text")
@@ -75,7 +78,7 @@ def schedule(n: int, kinds: Sequence[str]) -> list[str]:
     return out[:n]
 
 
-def propose(lm: Any, prompt: str, kinds: Sequence[str], *, max_new_tokens: int, max_retries: int, seed: int,
+def propose(lm: LanguageModel, prompt: str, kinds: Sequence[str], *, max_new_tokens: int, max_retries: int, seed: int,
             chat: bool = True) -> list[Proposal]:
     """Ask ``lm`` for one template per slot (``kinds[i]`` is slot ``i``'s kind), retrying invalid answers.
 
@@ -89,8 +92,6 @@ def propose(lm: Any, prompt: str, kinds: Sequence[str], *, max_new_tokens: int, 
       every attempt in the order made (attempt, then kind, then slot); a slot's last record is valid or it
       ran out of retries.
     """
-    from seal_jax.selfedit.knowledge import derived_seed
-
     if max_retries < 0:
         raise TemplateError(f"max_retries must be >= 0, got {max_retries}")
     records: list[Proposal] = []

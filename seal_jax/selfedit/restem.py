@@ -29,99 +29,47 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from seal_jax.lm.tokenizer import format_chat
+from seal_jax.lm.types import LoraSpec, TrainSpec
 from seal_jax.selfedit.data import Passage
-from seal_jax.selfedit.knowledge import (
+from seal_jax.selfedit.engine import LanguageModel
+from seal_jax.selfedit.generator import (
+    GeneratorError,
+    Models,
+    SftResult,
+    sft_lora_spec,
+    sft_train_spec,
+    train_and_export,
+)
+from seal_jax.selfedit.knowledge import run_knowledge
+from seal_jax.selfedit.multihost import agree, is_writer
+from seal_jax.selfedit.results import passages_done, read_rows, summarize, write_jsonl
+from seal_jax.selfedit.run_config import (
     RunConfig,
     RunConfigError,
-    append_rows,
     check_data_table,
     config_differences,
     extension_json,
     pool_passages,
-    read_rows,
     read_toml,
-    run_knowledge,
     save_run_config,
     select_data,
     split_extension_table,
 )
-from seal_jax.selfedit.multihost import agree, is_writer, require_visible
 from seal_jax.selfedit.strategies import get_strategy, self_edit_prompt
 
 SFT_ROW_FIELDS = ("passage_id", "prompt", "completion", "reward")
 ROUND_FILE = "round.json"
 
 
-class RestemError(RuntimeError):
+class RestemError(GeneratorError):
     """A ReST-EM round that cannot go on (e.g. the generator's SFT diverged)."""
-
-
-def sft_lora_spec(fields: dict[str, Any]) -> Any:
-    """The generator's SFT :class:`~seal_jax.LoraSpec`: SEAL's r=64, alpha=128 on all projections,
-    overridden by ``fields`` (a config table; a ``targets`` list is accepted)."""
-    from seal_jax.lm.lora import LoraSpec
-
-    fields = dict(fields)
-    if isinstance(fields.get("targets"), list):
-        fields["targets"] = tuple(fields["targets"])
-    return LoraSpec(**{**dataclasses.asdict(LoraSpec.seal_sft()), **fields})
-
-
-def sft_train_spec(fields: dict[str, Any]) -> Any:
-    """The generator's SFT :class:`~seal_jax.TrainSpec`: SEAL's lr 3e-4, 2 epochs, batch 1, overridden by
-    ``fields``."""
-    from seal_jax.lm.training import TrainSpec
-
-    defaults = dataclasses.asdict(TrainSpec(learning_rate=3e-4, epochs=2, batch_size=1, grad_accum=1))
-    return TrainSpec(**{**defaults, **fields})
-
-
-def _prompt_length_hint(lm: Any, rows: Sequence[dict[str, Any]], train: Any, table: str) -> str:
-    """A hint about ``max_len`` when some SFT prompts leave no room for their completion, else ``""``.
-
-    A prompt of ``max_len`` tokens or more keeps no completion token after truncation, so its row is
-    dropped; when every row is dropped the SFT cannot start. Any other cause gets no hint.
-    """
-    tokenizer = getattr(lm, "tokenizer", None)
-    prompts = [r.get("prompt") for r in rows]
-    if tokenizer is None or not prompts or not all(isinstance(p, str) for p in prompts):
-        return ""
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    too_long = sum(n >= train.max_len for n in lengths)
-    if not too_long:
-        return ""
-    return (f". {too_long} of {len(lengths)} prompts have at least {table}.sft_train.max_len = {train.max_len} "
-            f"tokens (the longest {max(lengths)}), which leaves no room for the completion; raise max_len "
-            "above the prompt length")
-
-
-def sft_generator(lm: Any, rows: Sequence[dict[str, Any]], lora: Any, train: Any, seed: int, *, table: str,
-                  error: type[Exception] = RestemError) -> tuple[Any, Any]:
-    """SFT of ``lm`` on ``{prompt, completion}`` rows (loss on the completion only), merged into the base.
-
-    ``table`` names the config table in error messages (e.g. ``"restem"``); ``error`` is the exception
-    raised when the SFT cannot start (the :class:`~seal_jax.TrainError`'s message, plus a ``max_len`` hint
-    when prompts fill ``train.max_len``) or its loss turned non-finite.
-    Returns ``(merged LM, adapters)``.
-    """
-    from seal_jax.lm.training import TrainError
-
-    pairs = [(r["prompt"], r["completion"]) for r in rows]
-    try:
-        adapters = lm.train_adapters([pairs], lora, train, seed=seed)
-    except TrainError as e:
-        raise error(f"the generator's SFT cannot start: {e}{_prompt_length_hint(lm, rows, train, table)}") from e
-    if adapters.failed[0]:
-        raise error(f"the generator's SFT failed: {adapters.failed[0]}; lower {table}.sft_train.learning_rate "
-                    f"(now {train.learning_rate})")
-    return lm.merge_adapter(adapters, 0), adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,12 +116,12 @@ class RestemConfig:
         """The run's name (the default output folder is ``checkpoints/runs/NAME``)."""
         return self.knowledge.name
 
-    def sft_lora_spec(self) -> Any:
-        """The generator's SFT :class:`~seal_jax.LoraSpec` (see :func:`sft_lora_spec`)."""
+    def sft_lora_spec(self) -> LoraSpec:
+        """The generator's SFT :class:`~seal_jax.LoraSpec` (see :func:`~seal_jax.selfedit.generator.sft_lora_spec`)."""
         return sft_lora_spec(self.sft_lora)
 
-    def sft_train_spec(self) -> Any:
-        """The generator's SFT :class:`~seal_jax.TrainSpec` (see :func:`sft_train_spec`)."""
+    def sft_train_spec(self) -> TrainSpec:
+        """The generator's SFT :class:`~seal_jax.TrainSpec` (see :func:`~seal_jax.selfedit.generator.sft_train_spec`)."""
         return sft_train_spec(self.sft_train)
 
     def round_config(self, model: str, passages: Sequence[Passage] = (), *, data: dict[str, Any] | None = None,
@@ -257,8 +205,6 @@ def sft_rows(best: Sequence[dict[str, Any]], passages: dict[str, Passage], strat
     ``prompt`` is the exact text the generator was given: the strategy's prompt for the passage, wrapped in
     the tokenizer's chat template with the generation prompt when ``chat`` (``tokenizer`` is then needed).
     """
-    from seal_jax.lm.tokenizer import format_chat
-
     strat = get_strategy(strategy)
     out = []
     for b in best:
@@ -296,21 +242,13 @@ def round_passages(config: RestemConfig, held_out: Sequence[Passage] = ()) -> li
     return blocks
 
 
-def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Replace ``path`` with ``rows`` as JSONL, atomically (written beside it, then renamed)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    append_rows(tmp, rows)
-    tmp.replace(path)
-
-
 def _finished(folder: Path, passages: Sequence[Passage]) -> bool:
-    done = set(agree(lambda: [r["passage_id"] for r in read_rows(folder / "results.jsonl")]))
+    done = set(agree(lambda: passages_done(folder / "results.jsonl")))
     return all(p.id in done for p in passages)
 
 
 def _passages_done(folder: Path) -> int:
-    return agree(lambda: len({r["passage_id"] for r in read_rows(folder / "results.jsonl")}))
+    return agree(lambda: len(passages_done(folder / "results.jsonl")))
 
 
 def _summary_of(folder: Path) -> dict[str, Any] | None:
@@ -318,10 +256,12 @@ def _summary_of(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def train_generator(lm: Any, rows: Sequence[dict[str, Any]], config: RestemConfig) -> tuple[Any, Any]:
-    """SFT of ``lm`` on ``(prompt, completion)`` rows with the run's SFT specs (see :func:`sft_generator`)."""
-    return sft_generator(lm, rows, config.sft_lora_spec(), config.sft_train_spec(), config.knowledge.seed,
-                         table="restem")
+def train_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], config: RestemConfig, target: Path
+                    ) -> SftResult:
+    """SFT of ``lm`` on ``(prompt, completion)`` rows with the run's SFT specs, merged and exported to
+    ``target`` (see :func:`~seal_jax.selfedit.generator.train_and_export`)."""
+    return train_and_export(lm, rows, config.sft_lora_spec(), config.sft_train_spec(), seed=config.knowledge.seed,
+                            target=target, table="restem", error=RestemError)
 
 
 def _adopt_id_selection(folder: Path, cfg: RunConfig) -> None:
@@ -353,19 +293,76 @@ def changes_only_sft_settings(out: Path, config_json: dict[str, Any]) -> bool:
     return not config_differences({**saved, "restem": restem}, config_json)
 
 
-def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
+@dataclasses.dataclass
+class _Rounds:
+    """A ReST-EM run under way: its folder, models, passages and what is left of ``stop_after``."""
+
+    config: RestemConfig
+    out: Path
+    models: Models
+    held_out: list[Passage]
+    training: list[list[Passage]]
+    budget: int | None
+    progress: bool
+
+    def knowledge(self, cfg: RunConfig, folder: Path, passages: Sequence[Passage]) -> bool:
+        """Run (or resume) one E-step or evaluation into ``folder``; False when ``stop_after`` ran out first."""
+        if _finished(folder, passages):
+            return True
+        if self.budget is not None and self.budget <= 0:
+            return False
+        lm = self.models(cfg.model)
+        agree(lambda: _adopt_id_selection(folder, cfg))
+        before = _passages_done(folder)
+        run_knowledge(cfg, folder, resume=True, lm=lm, progress=self.progress, stop_after=self.budget)
+        if self.budget is not None:
+            self.budget -= _passages_done(folder) - before
+        return _finished(folder, passages)
+
+    def evaluate(self, r: int, generator: str) -> bool:
+        """Round ``r``'s generator on the held-out passages (``round-r/eval/``)."""
+        if not self.held_out:
+            return True
+        cfg = self.config.round_config(generator, data=self.config.eval_data or {},
+                                       name=f"{self.config.name}-eval-{r}")
+        return self.knowledge(cfg, self.out / f"round-{r}" / "eval", self.held_out)
+
+    def train_round(self, r: int, generator: str) -> bool:
+        """Round ``r``: E-step, selection, M-step; writes ``round-r/round.json`` last. False when
+        ``stop_after`` ran out during the E-step."""
+        config, k, folder = self.config, self.config.knowledge, self.out / f"round-{r}"
+        passages = self.training[r - 1]
+        if not self.knowledge(config.round_config(generator, passages, name=f"{k.name}-round-{r}"), folder, passages):
+            return False
+        lm = self.models(generator)
+        best = select_best(agree(lambda: read_rows(folder / "results.jsonl")), config.strategy,
+                           positive_gain_only=config.positive_gain_only)
+        rows = sft_rows(best, {p.id: p for p in passages}, config.strategy, chat=k.chat, tokenizer=lm.tokenizer)
+        if is_writer():
+            write_jsonl(folder / "sft_rows.jsonl", rows)
+        info: dict[str, Any] = {"round": r, "trained_from": generator, "sft_rows": len(rows),
+                                "mean_sft_reward": float(np.mean([x["reward"] for x in rows])) if rows else None}
+        if rows:
+            sft = train_generator(lm, rows, config, folder / "generator")
+            info.update(generator=sft.generator, sft_loss=sft.sft_loss)
+        else:  # nothing to learn from: the generator carries over unchanged
+            info.update(generator=generator, sft_loss=None, note="no self-edit was kept; the generator is unchanged")
+        if is_writer():
+            (folder / ROUND_FILE).write_text(json.dumps(info, indent=2))
+        return True
+
+
+def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = False, lm: LanguageModel | None = None,
                progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) ReST-EM into ``out_dir``; returns the summary (see the module docstring).
 
     ``lm`` is the loaded starting model (reused for round 1 and the round-0 evaluation); later rounds load
-    their generator from ``round-N/generator/`` onto the config's mesh (else ``lm``'s). ``stop_after`` stops after that many newly finished
-    E-step passages (to test resumption). Writes ``run_config.json``, ``round-N/…``, ``summary.json`` and
-    ``summary.md``. In a multi-host run only process 0 writes and every process follows process 0's folder
-    (:mod:`seal_jax.selfedit.multihost`); the folder must be shared, since every process loads the round's
-    generator from it.
+    their generator from ``round-N/generator/`` onto the config's mesh (else ``lm``'s). ``stop_after`` stops
+    after that many newly finished E-step passages (to test resumption). Writes ``run_config.json``,
+    ``round-N/…``, ``summary.json`` and ``summary.md``. In a multi-host run only process 0 writes and every
+    process follows process 0's folder (:mod:`seal_jax.selfedit.multihost`); the folder must be shared,
+    since every process loads the round's generator from it.
     """
-    import seal_jax as sj
-
     out = Path(out_dir)
     if is_writer():
         out.mkdir(parents=True, exist_ok=True)
@@ -375,82 +372,20 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
     sft_only = resume and agree(lambda: changes_only_sft_settings(out, config_json))
     save_run_config(out, config_json, resume=resume and not sft_only)
     held_out = eval_passages(config)
-    training = round_passages(config, held_out)
-    k = config.knowledge
-    generator = k.model
-
-    mesh_of_lm = getattr(lm, "mesh", None)  # later generators go where the given model is, unless the config names a mesh
-
-    def load(model: str) -> Any:
-        if model != k.model:  # a generator exported into the run folder
-            require_visible(model, "the ReST-EM generator")
-        return sj.load(model, dtype=k.dtype, mesh=k.mesh or mesh_of_lm, tokenizer=k.tokenizer,
-                       remat=k.remat, progress=progress)
-
-    current = lm
-    budget = [stop_after]
-
-    def knowledge(cfg: RunConfig, folder: Path, passages: Sequence[Passage]) -> bool:
-        nonlocal current
-        if _finished(folder, passages):
-            return True
-        if budget[0] is not None and budget[0] <= 0:
-            return False
-        if current is None:
-            current = load(cfg.model)
-        agree(lambda: _adopt_id_selection(folder, cfg))
-        before = _passages_done(folder)
-        run_knowledge(cfg, folder, resume=True, lm=current, progress=progress, stop_after=budget[0])
-        if budget[0] is not None:
-            budget[0] -= _passages_done(folder) - before
-        return _finished(folder, passages)
-
-    def evaluate(r: int, model: str) -> bool:
-        if not held_out:
-            return True
-        e = config.eval_data or {}
-        cfg = config.round_config(model, data=e, name=f"{k.name}-eval-{r}")
-        return knowledge(cfg, out / f"round-{r}" / "eval", held_out)
-
-    if not evaluate(0, generator):
+    run = _Rounds(config, out, Models(config.knowledge, lm, what="the ReST-EM generator", progress=progress),
+                  held_out, round_passages(config, held_out), stop_after, progress)
+    generator = config.knowledge.model
+    if not run.evaluate(0, generator):
         return _write_summary(config, out)
     for r in range(1, config.rounds + 1):
-        folder = out / f"round-{r}"
-        marker = folder / ROUND_FILE
-        if not agree(marker.is_file):
-            cfg = config.round_config(generator, training[r - 1], name=f"{k.name}-round-{r}")
-            if not knowledge(cfg, folder, training[r - 1]):
-                return _write_summary(config, out)
-            if current is None:
-                current = load(generator)
-            best = select_best(agree(lambda f=folder: read_rows(f / "results.jsonl")), config.strategy,
-                               positive_gain_only=config.positive_gain_only)
-            by_id = {p.id: p for p in training[r - 1]}
-            rows = sft_rows(best, by_id, config.strategy, chat=k.chat, tokenizer=current.tokenizer)
-            if is_writer():
-                write_jsonl(folder / "sft_rows.jsonl", rows)
-            info: dict[str, Any] = {"round": r, "trained_from": generator, "sft_rows": len(rows),
-                                    "mean_sft_reward": float(np.mean([x["reward"] for x in rows])) if rows else None}
-            if rows:
-                merged, adapters = train_generator(current, rows, config)
-                target, tmp = folder / "generator", folder / "generator.tmp"
-                if is_writer():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                merged.export(tmp)  # every process takes part in gathering the weights; process 0 writes
-                if is_writer():
-                    shutil.rmtree(target, ignore_errors=True)
-                    tmp.rename(target)
-                losses = adapters.losses[0]
-                info.update(generator=str(target), sft_loss=[losses[0], losses[-1]] if losses else None)
-            else:  # nothing to learn from: the generator carries over unchanged
-                info.update(generator=generator, sft_loss=None,
-                            note="no self-edit was kept; the generator is unchanged")
-            if is_writer():
-                marker.write_text(json.dumps(info, indent=2))
+        marker = out / f"round-{r}" / ROUND_FILE
+        if not agree(marker.is_file) and not run.train_round(r, generator):
+            return _write_summary(config, out)
         info = agree(lambda m=marker: json.loads(m.read_text()))  # (also waits for process 0's generator export)
         if info["generator"] != generator:
-            generator, current = info["generator"], None
-        if not evaluate(r, generator):
+            generator = info["generator"]
+            run.models.keep()  # the next use loads the new generator
+        if not run.evaluate(r, generator):
             return _write_summary(config, out)
     return _write_summary(config, out)
 
@@ -478,8 +413,6 @@ def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int) ->
     "sft_rows", "mean_sft_reward", "sft_loss", "eval": {condition: accuracy} | None}]}``; round 0 is the
     starting model (evaluation only).
     """
-    from seal_jax.selfedit.knowledge import summarize
-
     out = Path(out)
     table = []
     for r in range(rounds + 1):

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,29 +70,34 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from seal_jax.lm.tokenizer import format_chat
+from seal_jax.lm.types import LoraSpec, SamplingParams, TrainSpec
 from seal_jax.selfedit.data import Passage
-from seal_jax.selfedit.knowledge import (
-    BatchGrader,
+from seal_jax.selfedit.engine import LanguageModel
+from seal_jax.selfedit.episode import BatchGrader, Job, make_grader, score_base, train_and_score
+from seal_jax.selfedit.generator import (
+    GeneratorError,
+    Models,
+    SftResult,
+    sft_lora_spec,
+    sft_train_spec,
+    train_and_export,
+)
+from seal_jax.selfedit.multihost import agree, is_writer
+from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
+from seal_jax.selfedit.results import append_passage, passages_done, read_rows, result_row, write_jsonl
+from seal_jax.selfedit.run_config import (
     RunConfig,
     RunConfigError,
-    answer_questions,
-    append_passage,
     check_data_table,
     config_differences,
     derived_seed,
     extension_json,
-    make_grader,
     pool_passages,
-    read_rows,
     read_toml,
-    result_row,
-    scored_answers,
     select_data,
     split_extension_table,
 )
-from seal_jax.selfedit.multihost import agree, is_writer, require_visible
-from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
-from seal_jax.selfedit.restem import sft_generator, sft_lora_spec, sft_train_spec, write_jsonl
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, fill_pieces, pieces_to_sequences
 from seal_jax.selfedit.templates import (
     PROPOSAL_SCHEDULE,
@@ -118,7 +122,7 @@ TEMPLATE_ROW_FIELDS = ("template_id", "fill_index", "normalized_gain", "template
 NOVELTY_DEFAULTS: dict[str, Any] = {"k": 3, "weight": 0.5, "lam": 0.25}
 
 
-class TemplateSearchError(RuntimeError):
+class TemplateSearchError(GeneratorError):
     """A template search that cannot go on (e.g. the generator's SFT diverged)."""
 
 
@@ -218,11 +222,11 @@ class TemplateSearchConfig:
             raise RunConfigError(f"templates.novelty or templates.similarity_backend: {e}") from None
         return archive
 
-    def sft_lora_spec(self) -> Any:
+    def sft_lora_spec(self) -> LoraSpec:
         """The generator's SFT :class:`~seal_jax.LoraSpec` (SEAL: r=64, alpha=128, all projections)."""
         return sft_lora_spec(self.sft_lora)
 
-    def sft_train_spec(self) -> Any:
+    def sft_train_spec(self) -> TrainSpec:
         """The generator's SFT :class:`~seal_jax.TrainSpec` (SEAL: lr 3e-4, 2 epochs, batch 1)."""
         return sft_train_spec(self.sft_train)
 
@@ -279,9 +283,9 @@ def training_passages(config: TemplateSearchConfig, held_out: Sequence[Passage] 
 # One passage
 
 
-def template_passage_rows(inner: Any, generator: Any, passage: Passage, templates: Sequence[tuple[str, Template]],
-                          config: TemplateSearchConfig, grader: BatchGrader, *, iteration: int,
-                          tag: str = "train") -> list[dict[str, Any]]:
+def template_passage_rows(inner: LanguageModel, generator: LanguageModel, passage: Passage,
+                          templates: Sequence[tuple[str, Template]], config: TemplateSearchConfig, grader: BatchGrader,
+                          *, iteration: int, tag: str = "train") -> list[dict[str, Any]]:
     """All rows of one passage: the base row, then one row per (template, fill).
 
     Args:
@@ -292,13 +296,11 @@ def template_passage_rows(inner: Any, generator: Any, passage: Passage, template
     Returns:
       rows with the knowledge schema plus :data:`TEMPLATE_ROW_FIELDS` (the base row has ``template_id`` None).
     """
-    from seal_jax.lm.sampling import SamplingParams
-
     k = config.knowledge
-    base_scored = scored_answers(passage, answer_questions(inner, passage, k), grader)
-    before = sum(a["correct"] for a in base_scored) / len(base_scored)
+    base = score_base(inner, passage, k, grader)
+    before = base.accuracy
     common = {"iteration": iteration}
-    rows = [result_row(passage, "base", 0, None, 0, before, before, base_scored, None, template_id=None,
+    rows = [result_row(passage, "base", 0, None, 0, before, before, base.answers, None, template_id=None,
                        fill_index=None, template=None, fill_sequences=None, fill_fallback=None, **common)]
     if not templates:
         return rows
@@ -306,35 +308,23 @@ def template_passage_rows(inner: Any, generator: Any, passage: Passage, template
     params = SamplingParams(**{"temperature": 1.0, "top_p": 0.95, **k.selfedit_sampling,
                                "max_new_tokens": config.fill_max_new_tokens,
                                "seed": derived_seed(k.seed, tag, iteration, passage.id, "fill")})
-    texts = generator.generate(prompts, params, chat=k.chat)
-    jobs = []  # (template id, template, fill index, text, pieces, fallback, sequences)
-    for i, text in enumerate(texts):
+    jobs = []
+    for i, text in enumerate(generator.generate(prompts, params, chat=k.chat)):
         tid, template = templates[i // config.fills]
         f = i % config.fills
-        extra = {"template_id": tid, "fill_index": f, "template": template.to_dict(), **common}
         try:
             pieces, fallback = fill_pieces(text, config.fill_fallback)
         except ValueError as error:
             rows.append(result_row(passage, tid, f, text, 0, before, before, [], f"fill: {error}",
-                                   fill_sequences=None, fill_fallback=False, **extra))
+                                   fill_sequences=None, fill_fallback=False, template_id=tid, fill_index=f,
+                                   template=template.to_dict(), **common))
             continue
-        seqs = pieces_to_sequences(passage, pieces, include_passage=k.include_passage)
-        jobs.append((tid, template, f, text, pieces, fallback, seqs))
-    if not jobs:
-        return rows
-    specs = [k.template_specs(t, derived_seed(k.seed, tag, iteration, passage.id, tid, f), config.max_epochs)
-             for tid, t, f, *_ in jobs]
-    adapters = inner.train_adapters([j[6] for j in jobs], [s[0] for s in specs], [s[1] for s in specs], seed=k.seed)
-    answers = answer_questions(inner, passage, k, adapters=adapters)
-    for i, (tid, template, f, text, pieces, fallback, seqs) in enumerate(jobs):
-        scored = scored_answers(passage, answers[i], grader)
-        after = sum(a["correct"] for a in scored) / len(scored)
-        losses = adapters.losses[i]
-        rows.append(result_row(passage, tid, f, text, len(seqs), before, after, scored, adapters.failed[i],
-                               template_id=tid, fill_index=f, template=template.to_dict(), fill_sequences=pieces,
-                               fill_fallback=fallback, epochs=specs[i][1].epochs,
-                               train_loss=[losses[0], losses[-1]] if losses else None, **common))
-    return rows
+        lora, train = k.template_specs(template, derived_seed(k.seed, tag, iteration, passage.id, tid, f),
+                                       config.max_epochs)
+        jobs.append(Job(tid, f, text, pieces_to_sequences(passage, pieces, include_passage=k.include_passage), lora,
+                        train, {"template_id": tid, "fill_index": f, "template": template.to_dict(),
+                                "fill_sequences": pieces, "fill_fallback": fallback, "epochs": train.epochs, **common}))
+    return rows + train_and_score(inner, passage, jobs, config=k, grader=grader, before=before)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,8 +375,6 @@ def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], temp
     the template's canonical JSON and the fill's training texts as ``{"training_sequences": [...]}``.
     Returns ``{kind, prompt, completion, template_id, passage_id, fill_index, accuracy, rank}`` rows.
     """
-    from seal_jax.lm.tokenizer import format_chat
-
     def wrap(text: str) -> str:
         return format_chat(tokenizer, text) if chat else text
 
@@ -406,13 +394,13 @@ def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], temp
     return select_top(candidates, k=k)
 
 
-def train_generator(lm: Any, rows: Sequence[dict[str, Any]], config: TemplateSearchConfig) -> tuple[Any, Any]:
-    """SFT of ``lm`` on ``(prompt, completion)`` rows (loss on the completion only), merged into the base.
-
-    Returns ``(merged LM, adapters)``; raises :class:`TemplateSearchError` if the SFT cannot start or diverged.
-    """
-    return sft_generator(lm, rows, config.sft_lora_spec(), config.sft_train_spec(), config.knowledge.seed,
-                         table="templates", error=TemplateSearchError)
+def train_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], config: TemplateSearchConfig, target: Path
+                    ) -> SftResult:
+    """SFT of ``lm`` on ``(prompt, completion)`` rows (loss on the completion only), merged and exported to
+    ``target`` (see :func:`~seal_jax.selfedit.generator.train_and_export`); raises
+    :class:`TemplateSearchError` if the SFT cannot start or diverged."""
+    return train_and_export(lm, rows, config.sft_lora_spec(), config.sft_train_spec(), seed=config.knowledge.seed,
+                            target=target, table="templates", error=TemplateSearchError)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -423,46 +411,133 @@ def _entries_of(info: dict[str, Any]) -> list[ArchiveEntry]:
     return [ArchiveEntry.from_dict(e) for e in info.get("entries", [])]
 
 
-def _score_passages(config: TemplateSearchConfig, lms: Callable[[], tuple[Any, Any, Any]], passages: Sequence[Passage],
-                    results: Path, templates: Sequence[tuple[str, Template]], iteration: int, tag: str,
-                    budget: list[int | None], progress: bool) -> bool:
-    """Score ``templates`` on the passages of ``passages`` not yet in ``results`` (rows appended per passage);
-    ``lms()`` gives (inner LM, generator LM, grader). Returns False when ``budget[0]`` passages ran out first."""
-    done = set(agree(lambda: [r["passage_id"] for r in read_rows(results)]))
-    todo = [p for p in passages if p.id not in done]
-    bar = tqdm(todo, desc=f"{config.name} iteration {iteration} {tag}", unit="passage", disable=not progress,
-               initial=len(passages) - len(todo), total=len(passages))
-    for passage in bar:
-        if budget[0] is not None and budget[0] <= 0:
-            return False
-        inner, generator, grader = lms()
-        t0 = time.perf_counter()
-        rows = template_passage_rows(inner, generator, passage, templates, config, grader, iteration=iteration,
-                                     tag=tag)
-        for r in rows:
-            r["seconds"] = round(time.perf_counter() - t0, 2)
+@dataclasses.dataclass
+class _Search:
+    """A template search under way: its folder, models, passages and what is left of ``stop_after``."""
+
+    config: TemplateSearchConfig
+    out: Path
+    models: Models
+    training: list[Passage]
+    held_out: list[Passage]
+    budget: int | None
+    progress: bool
+    graders: dict[str, BatchGrader] = dataclasses.field(default_factory=dict)
+
+    def grader(self, path: str) -> BatchGrader:
+        """The run's grader for the model at ``path`` (one kept: a judge asks the inner model)."""
+        if path not in self.graders:
+            self.graders.clear()
+            self.graders[path] = make_grader(self.config.knowledge, self.models(path))
+        return self.graders[path]
+
+    def score(self, passages: Sequence[Passage], results: Path, templates: Sequence[tuple[str, Template]],
+              iteration: int, tag: str, inner: str, generator: str) -> bool:
+        """Score ``templates`` on the passages not yet in ``results`` (rows appended per passage), ``inner``
+        training and answering, ``generator`` filling. False when ``stop_after`` ran out first."""
+        done = set(agree(lambda: passages_done(results)))
+        todo = [p for p in passages if p.id not in done]
+        bar = tqdm(todo, desc=f"{self.config.name} iteration {iteration} {tag}", unit="passage",
+                   disable=not self.progress, initial=len(passages) - len(todo), total=len(passages))
+        for passage in bar:
+            if self.budget is not None and self.budget <= 0:
+                return False
+            t0 = time.perf_counter()
+            rows = template_passage_rows(self.models(inner), self.models(generator), passage, templates, self.config,
+                                         self.grader(inner), iteration=iteration, tag=tag)
+            for r in rows:
+                r["seconds"] = round(time.perf_counter() - t0, 2)
+            if is_writer():
+                append_passage(results, rows)
+            if self.budget is not None:
+                self.budget -= 1
+        return True
+
+    def propose(self, it: int, folder: Path, archive: Archive, generator: str) -> tuple[str, list[Proposal]]:
+        """The iteration's meta-prompt and proposals: read back on resume (never rebuilt, so the SFT pairs
+        the templates with the prompt the generator saw), else asked of ``generator`` and saved."""
+        config, k = self.config, self.config.knowledge
+        proposals_file, meta_file = folder / "proposals.jsonl", folder / META_PROMPT_FILE
+        saved = agree(lambda: read_rows(proposals_file) if proposals_file.is_file() else None)
+        # On resume, the prompt the saved proposals answered: rebuilt, it could differ (``novelty`` with backend
+        # ``auto`` ranks otherwise if the MiniLM weights appeared or vanished since).
+        meta = None
+        if saved is not None:
+            meta = agree(lambda: meta_file.read_text(encoding="utf-8") if meta_file.is_file() else None)
+        if meta is None:  # process 0's prompt for all: the similarity backend depends on files a host may lack
+            meta = agree(lambda: meta_prompt(archive.shown() if config.variant != "noarchive" else None))
+        if saved is not None:
+            return meta, [Proposal.from_dict(r) for r in saved]
+        kinds = schedule(config.templates_per_iteration, PROPOSAL_SCHEDULE)
+        records = propose(self.models(generator), meta, kinds, max_new_tokens=config.proposal_max_new_tokens,
+                          max_retries=config.max_retries, seed=derived_seed(k.seed, "iteration", it), chat=k.chat)
+        if is_writer():  # the prompt first: proposals.jsonl marks the step done
+            meta_file.write_text(meta, encoding="utf-8")
+            write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
+        return meta, records
+
+    def iteration(self, it: int, generator: str, entries: Sequence[ArchiveEntry]) -> dict[str, Any] | None:
+        """Propose, score, evaluate and SFT for iteration ``it``; its ``iteration.json`` record, or None when
+        ``stop_after`` ran out first."""
+        config, k = self.config, self.config.knowledge
+        folder = self.out / f"iteration-{it}"
         if is_writer():
-            append_passage(results, rows)
-        if budget[0] is not None:
-            budget[0] -= 1
-    return True
+            folder.mkdir(parents=True, exist_ok=True)
+        archive = config.make_archive(entries)
+        inner = generator if config.inner_model == "generator" else k.model
+        self.models.keep(generator, inner)  # an earlier generator goes
+        meta, records = self.propose(it, folder, archive, generator)
+        templates = [(f"it{it}-t{slot}", t) for slot, t in chosen(records).items()]
+        if not self.score(self.training, folder / "results.jsonl", templates, it, "train", inner, generator):
+            return None
+        rows = agree(lambda: read_rows(folder / "results.jsonl"))
+        scores = template_scores(rows)
+        new_entries = [ArchiveEntry(t, scores[tid]["score"], scores[tid]["gain"], it, "generated", tid)
+                       for tid, t in templates if tid in scores]
+        best = max(new_entries, key=lambda e: (e.score, -int(e.name.rsplit("t", 1)[1])), default=None)
+        if self.held_out and best is not None:
+            if is_writer():
+                (folder / "eval").mkdir(exist_ok=True)
+            if not self.score(self.held_out, folder / "eval" / "results.jsonl", [(best.name, best.template)], it,
+                              "eval", inner, generator):
+                return None
+        info: dict[str, Any] = {"iteration": it, "generator": generator, "inner_model": inner, "meta_prompt": meta,
+                                "shown": [e.name for e in archive.shown()] if config.variant != "noarchive" else [],
+                                "entries": [e.to_dict() for e in new_entries], "scores": scores,
+                                "best": best.name if best else None, "next_generator": generator,
+                                "sft_rows": None, "sft_loss": None}
+        if config.sft and it < config.iterations:
+            by_id = {p.id: p for p in [*self.training, *self.held_out]}
+            pairs = sft_pairs(rows, by_id, dict(templates), meta, k=config.sft_top_k, chat=k.chat,
+                              tokenizer=self.models(generator).tokenizer,
+                              positive_gain_only=config.sft_positive_gain_only)
+            if is_writer():
+                write_jsonl(folder / "sft_rows.jsonl", pairs)
+            info["sft_rows"] = len(pairs)
+            if pairs:
+                sft = train_generator(self.models(generator), pairs, config, folder / "generator")
+                info.update(next_generator=sft.generator, sft_loss=sft.sft_loss)
+            else:
+                info["note"] = "no fill was selected for SFT; the generator is unchanged"
+        if is_writer():
+            (folder / ITERATION_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False))
+            config.make_archive([*entries, *new_entries]).to_jsonl(self.out / "archive.jsonl")
+        return info
 
 
-def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, resume: bool = False, lm: Any = None,
-                        progress: bool = True, stop_after: int | None = None,
-                        loader: Callable[[str], Any] | None = None) -> dict[str, Any]:
+def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, resume: bool = False,
+                        lm: LanguageModel | None = None, progress: bool = True, stop_after: int | None = None,
+                        loader: Callable[[str], LanguageModel] | None = None) -> dict[str, Any]:
     """Run (or resume) a template search into ``out_dir``; returns the summary (see the module docstring).
 
     ``lm`` is the loaded starting model (later iterations load their generator from
     ``iteration-N/generator/``). ``stop_after`` stops after that many newly finished passages (training
     and evaluation), to test resumption. ``loader(path)`` loads a model folder (default: ``seal_jax.load``
-    with the config's dtype, mesh (else ``lm``'s) and tokenizer). Writes ``run_config.json``, ``archive.jsonl``, ``iteration-N/…``,
-    ``summary.json`` and ``summary.md``. In a multi-host run only process 0 writes and every process follows
-    process 0's folder (:mod:`seal_jax.selfedit.multihost`); the folder must be shared, since every process
-    loads the next generator from it.
+    with the config's dtype, mesh (else ``lm``'s) and tokenizer). Writes ``run_config.json``,
+    ``archive.jsonl``, ``iteration-N/…``, ``summary.json`` and ``summary.md``. In a multi-host run only
+    process 0 writes and every process follows process 0's folder (:mod:`seal_jax.selfedit.multihost`); the
+    folder must be shared, since every process loads the next generator from it.
     """
-    import seal_jax as sj
-
     out = Path(out_dir)
     if is_writer():
         out.mkdir(parents=True, exist_ok=True)
@@ -481,124 +556,20 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     agree(check_folder)
     if is_writer():
         config_file.write_text(json.dumps(config.to_json(), indent=2))
-    k = config.knowledge
     held_out = eval_passages(config)
-    training = training_passages(config, held_out)
-    by_id = {p.id: p for p in [*training, *held_out]}
-
-    mesh_of_lm = getattr(lm, "mesh", None)  # later generators go where the given model is, unless the config names a mesh
-
-    def load(path: str) -> Any:
-        if path != k.model:  # a generator exported into the run folder
-            require_visible(path, "the template-search generator")
-        if loader is not None:
-            return loader(path)
-        return sj.load(path, dtype=k.dtype, mesh=k.mesh or mesh_of_lm, tokenizer=k.tokenizer,
-                       remat=k.remat, progress=progress)
-
-    models: dict[str, Any] = {} if lm is None else {k.model: lm}  # path -> loaded LM (at most two)
-
-    def model(path: str) -> Any:
-        if path not in models:
-            models[path] = load(path)
-        return models[path]
-
-    graders: dict[str, Any] = {}
-
-    def grader_for(path: str) -> Any:
-        if path not in graders:
-            graders.clear()
-            graders[path] = make_grader(k, model(path))
-        return graders[path]
-
-    budget = [stop_after]
-    generator = k.model
+    models = Models(config.knowledge, lm, what="the template-search generator", progress=progress, loader=loader)
+    search = _Search(config, out, models, training_passages(config, held_out), held_out, stop_after, progress)
+    generator = config.knowledge.model
     entries: list[ArchiveEntry] = []
     for it in range(1, config.iterations + 1):
-        folder = out / f"iteration-{it}"
-        marker = folder / ITERATION_FILE
-        saved = agree(lambda m=marker: json.loads(m.read_text()) if m.is_file() else None)
-        if saved is not None:
-            info = saved
-            entries.extend(_entries_of(info))
-            generator = info["next_generator"]
-            continue
-        if is_writer():
-            folder.mkdir(parents=True, exist_ok=True)
-        archive = config.make_archive(entries)
-        inner_path = generator if config.inner_model == "generator" else k.model
-        for path in [path for path in models if path not in (generator, inner_path)]:
-            del models[path]  # an earlier generator
-        proposals_file, meta_file = folder / "proposals.jsonl", folder / META_PROMPT_FILE
-        saved_proposals = agree(lambda f=proposals_file: read_rows(f) if f.is_file() else None)
-        # On resume, the prompt the saved proposals answered (the SFT pairs it with them): rebuilt, it could differ
-        # (``novelty`` with backend ``auto`` ranks otherwise if the MiniLM weights appeared or vanished since).
-        meta = None
-        if saved_proposals is not None:
-            meta = agree(lambda f=meta_file: f.read_text(encoding="utf-8") if f.is_file() else None)
-        if meta is None:  # process 0's prompt for all: the similarity backend depends on files a host may lack
-            meta = agree(lambda a=archive: meta_prompt(a.shown() if config.variant != "noarchive" else None))
-        if saved_proposals is not None:
-            records = [Proposal.from_dict(r) for r in saved_proposals]
-        else:
-            kinds = schedule(config.templates_per_iteration, PROPOSAL_SCHEDULE)
-            records = propose(model(generator), meta, kinds, max_new_tokens=config.proposal_max_new_tokens,
-                              max_retries=config.max_retries, seed=derived_seed(k.seed, "iteration", it),
-                              chat=k.chat)
-            if is_writer():  # the prompt first: proposals.jsonl marks the step done
-                meta_file.write_text(meta, encoding="utf-8")
-                write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
-        templates = [(f"it{it}-t{slot}", t) for slot, t in chosen(records).items()]
-
-        def lms(inner_path: str = inner_path, generator: str = generator) -> tuple[Any, Any, Any]:
-            return model(inner_path), model(generator), grader_for(inner_path)
-
-        if not _score_passages(config, lms, training, folder / "results.jsonl", templates, it, "train", budget,
-                               progress):
-            return _write_summary(config, out)
-        rows = agree(lambda f=folder: read_rows(f / "results.jsonl"))
-        scores = template_scores(rows)
-        new_entries = [ArchiveEntry(t, scores[tid]["score"], scores[tid]["gain"], it, "generated", tid)
-                       for tid, t in templates if tid in scores]
-        best = max(new_entries, key=lambda e: (e.score, -int(e.name.rsplit("t", 1)[1])), default=None)
-        if held_out and best is not None:
-            eval_folder = folder / "eval"
-            if is_writer():
-                eval_folder.mkdir(exist_ok=True)
-            if not _score_passages(config, lms, held_out, eval_folder / "results.jsonl", [(best.name, best.template)],
-                                   it, "eval", budget, progress):
+        marker = out / f"iteration-{it}" / ITERATION_FILE
+        info = agree(lambda m=marker: json.loads(m.read_text()) if m.is_file() else None)
+        if info is None:
+            info = search.iteration(it, generator, entries)
+            if info is None:
                 return _write_summary(config, out)
-        info: dict[str, Any] = {"iteration": it, "generator": generator, "inner_model": inner_path,
-                                "meta_prompt": meta, "shown": [e.name for e in archive.shown()]
-                                if config.variant != "noarchive" else [],
-                                "entries": [e.to_dict() for e in new_entries], "scores": scores,
-                                "best": best.name if best else None, "next_generator": generator,
-                                "sft_rows": None, "sft_loss": None}
-        if config.sft and it < config.iterations:
-            pairs = sft_pairs(rows, by_id, dict(templates), meta, k=config.sft_top_k, chat=k.chat,
-                              tokenizer=model(generator).tokenizer, positive_gain_only=config.sft_positive_gain_only)
-            if is_writer():
-                write_jsonl(folder / "sft_rows.jsonl", pairs)
-            info["sft_rows"] = len(pairs)
-            if pairs:
-                merged, adapters = train_generator(model(generator), pairs, config)
-                target, tmp = folder / "generator", folder / "generator.tmp"
-                if is_writer():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                merged.export(tmp)  # every process takes part in gathering the weights; process 0 writes
-                del merged
-                if is_writer():
-                    shutil.rmtree(target, ignore_errors=True)
-                    tmp.rename(target)
-                losses = adapters.losses[0]
-                info.update(next_generator=str(target), sft_loss=[losses[0], losses[-1]] if losses else None)
-            else:
-                info["note"] = "no fill was selected for SFT; the generator is unchanged"
-        if is_writer():
-            marker.write_text(json.dumps(info, indent=2, ensure_ascii=False))
-            config.make_archive(entries + new_entries).to_jsonl(out / "archive.jsonl")
-        entries.extend(new_entries)
-        agree(lambda: None)  # the other processes wait for process 0's generator before loading it
+            agree(lambda: None)  # the other processes wait for process 0's generator before loading it
+        entries.extend(_entries_of(info))
         generator = info["next_generator"]
     if is_writer():
         config.make_archive(entries).to_jsonl(out / "archive.jsonl")

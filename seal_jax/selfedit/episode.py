@@ -1,0 +1,126 @@
+"""One passage's episode of the inner loop: answer, train every candidate together, answer again, grade.
+
+Every run kind scores self-edits the same way (knowledge runs, ReST-EM's E-step, template search):
+
+1. :func:`score_base` — the model answers the passage's questions without the passage (greedy) and the
+   grader scores them: the accuracy before.
+2. The run kind turns its self-edits into :class:`Job` records: one candidate adapter each, with its
+   training sequences, its :class:`~seal_jax.LoraSpec` and :class:`~seal_jax.TrainSpec`, and the row
+   fields it adds.
+3. :func:`train_and_score` — every job with training data trains in ONE ``train_adapters`` call, all
+   adapters answer at once (K stacked), the grader scores each candidate: one results row per job
+   (:func:`~seal_jax.selfedit.results.result_row`); a job without training data is a row that says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from seal_jax.lm.types import LoraSpec, SamplingParams, TrainSpec
+from seal_jax.selfedit import grading
+from seal_jax.selfedit.data import Passage
+from seal_jax.selfedit.engine import LanguageModel
+from seal_jax.selfedit.results import result_row
+from seal_jax.selfedit.run_config import RunConfig
+from seal_jax.selfedit.strategies import question_prompt
+
+# ``[(question, gold, prediction)] -> [{"correct": bool, ...}]``: a grader applied to a batch of answers.
+BatchGrader = Callable[[Sequence[tuple[str, str, str]]], list[dict[str, Any]]]
+
+NO_SEQUENCES = "self-edit produced no training sequence"
+
+
+def make_grader(config: RunConfig, lm: LanguageModel) -> BatchGrader:
+    """A batch grader ``[(question, gold, prediction)] -> [{"correct": bool, ...}]`` for the run's ``grader``
+    setting. The LLM judges (``judge``, ``rules+judge``, asking ``lm``) add ``graded_by`` (``"rules"``,
+    ``"model"`` or ``"empty"``) and ``judge_reply`` (the model's raw reply, or None) to every verdict."""
+    if config.grader in grading.JUDGE_GRADERS:
+        judge = grading.JudgeGrader(lm, rules_first=grading.JUDGE_GRADERS[config.grader], chat=config.chat)
+        return lambda items: [{"correct": r.verdict, "graded_by": r.source, "judge_reply": r.reply}
+                              for r in judge.judge(items)]
+    fn = grading.get_grader(config.grader)
+    return lambda items: [{"correct": bool(fn(q, g, p))} for q, g, p in items]
+
+
+def answer_questions(lm: LanguageModel, passage: Passage, config: RunConfig, adapters: Any = None) -> Any:
+    """Greedy answers to every question of ``passage`` (no passage in context): a list of B strings, or
+    K lists with K stacked adapters."""
+    prompts = [question_prompt(passage.title, q.question) for q in passage.questions]
+    params = SamplingParams(max_new_tokens=config.eval_max_new_tokens, temperature=0.0)
+    return lm.generate(prompts, params, adapters=adapters, chat=config.chat)
+
+
+def scored_answers(passage: Passage, answers: Sequence[str], grader: BatchGrader) -> list[dict[str, Any]]:
+    """``[{question, gold, prediction, correct, ...}]`` for one candidate's answers (``grader`` from
+    :func:`make_grader`; its extra fields are kept)."""
+    verdicts = grader([(q.question, q.answer, a) for q, a in zip(passage.questions, answers, strict=True)])
+    return [{"question": q.question, "gold": q.answer, "prediction": a.strip(), **v}
+            for q, a, v in zip(passage.questions, answers, verdicts, strict=True)]
+
+
+def accuracy(scored: Sequence[dict[str, Any]]) -> float:
+    """The share of correct answers."""
+    return sum(a["correct"] for a in scored) / len(scored)
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """The model's answers before any update: ``answers`` scored, and their ``accuracy``."""
+
+    answers: list[dict[str, Any]]
+    accuracy: float
+
+
+def score_base(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader) -> Baseline:
+    """The base model's graded answers to the passage's questions (the accuracy before)."""
+    scored = scored_answers(passage, answer_questions(lm, passage, config), grader)
+    return Baseline(scored, accuracy(scored))
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One candidate adapter to train and score.
+
+    Attributes:
+      condition: the row's ``condition`` (a strategy name, or a template id).
+      candidate: the row's ``candidate`` (self-edit or fill index).
+      self_edit: the text the sequences came from (the row's ``self_edit``), or None.
+      sequences: the training sequences (none: the row is a failure, nothing is trained).
+      lora, train: the candidate's adapter and training specs.
+      fields: the row fields this run kind adds (``repeat``, ``template_id`` …), in row order.
+    """
+
+    condition: str
+    candidate: int
+    self_edit: str | None
+    sequences: list[str]
+    lora: LoraSpec
+    train: TrainSpec
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def train_and_score(lm: LanguageModel, passage: Passage, jobs: Sequence[Job], *, config: RunConfig,
+                    grader: BatchGrader, before: float) -> list[dict[str, Any]]:
+    """The rows of ``jobs``: first a failure row for every job without training sequences, then one row per
+    trained candidate (all trained in one ``train_adapters`` call with ``seed = config.seed``, then all
+    answering at once), with ``train_loss`` = the first and last optimiser step's loss.
+
+    ``before`` is the accuracy before (:func:`score_base`), kept in every row.
+    """
+    rows = [result_row(passage, j.condition, j.candidate, j.self_edit, 0, before, before, [], NO_SEQUENCES, **j.fields)
+            for j in jobs if not j.sequences]
+    usable = [j for j in jobs if j.sequences]
+    if not usable:
+        return rows
+    adapters = lm.train_adapters([j.sequences for j in usable], [j.lora for j in usable], [j.train for j in usable],
+                                 seed=config.seed)
+    answers = answer_questions(lm, passage, config, adapters=adapters)
+    for i, job in enumerate(usable):
+        scored = scored_answers(passage, answers[i], grader)
+        losses = adapters.losses[i]
+        rows.append(result_row(passage, job.condition, job.candidate, job.self_edit, len(job.sequences), before,
+                               accuracy(scored), scored, adapters.failed[i], **job.fields,
+                               train_loss=[losses[0], losses[-1]] if losses else None))
+    return rows

@@ -1,0 +1,194 @@
+"""Results rows: their schema, the append-only JSONL file a killed run resumes from, and summaries.
+
+A run appends each passage's rows in one write (:func:`append_passage`); :func:`read_rows` gives back the
+whole passages in a file and, on the resume path, cuts off a passage a kill tore. :func:`summarize` and
+:func:`summary_markdown` turn rows into the per-condition table of a knowledge run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seal_jax.selfedit.data import Passage
+
+ROW_FIELDS = ("passage_id", "title", "condition", "candidate", "self_edit", "n_sequences", "accuracy_before",
+              "accuracy_after", "reward", "answers", "failure")
+
+
+def result_row(passage: Passage, condition: str, candidate: int, edit: str | None, n_sequences: int, before: float,
+               after: float, answers: list[dict[str, Any]], failure: str | None, **extra: Any) -> dict[str, Any]:
+    """One results row (:data:`ROW_FIELDS` plus ``reward`` = ``accuracy_after``, ``normalized_gain`` =
+    ``(after − before) / (1 − before)`` (0 when ``before`` is 1) and ``extra``)."""
+    gain = (after - before) / (1 - before) if before < 1 else 0.0
+    return {"passage_id": passage.id, "title": passage.title, "condition": condition, "candidate": candidate,
+            "self_edit": edit, "n_sequences": n_sequences, "accuracy_before": before, "accuracy_after": after,
+            "reward": after, "normalized_gain": gain, "answers": answers, "failure": failure, **extra}
+
+
+class ResultsFileError(ValueError):
+    """A results/proposals JSONL file with a damaged line before its end (not a torn last write)."""
+
+
+def read_rows(path: Path, *, repair: bool = True) -> list[dict[str, Any]]:
+    """Rows of a JSONL results file (``[]`` when it does not exist).
+
+    A run appends each passage's rows in one write (:func:`append_rows`), every row carrying
+    ``passage_rows``, the number of rows written with it. A run killed mid-write therefore leaves at
+    most one incomplete passage at the end: a torn last line (no newline, or not parseable), or fewer
+    whole rows than their ``passage_rows`` says. That passage's rows are left out, so a resumed run redoes
+    it instead of keeping part of it. (For files without ``passage_rows``, a torn line also drops the whole
+    rows before it that share its ``passage_id``, or the last passage's when the tear hides the id.)
+    ``repair=True`` (the resume path) also cuts the file back to the rows returned; ``repair=False``
+    (reports, summaries of a run still writing) never changes it.
+
+    Raises:
+      ResultsFileError: a line before the last one does not parse (the file was edited or damaged);
+        the message names the file and the line.
+    """
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # ``tail`` is b"" when the file ends with a newline
+    rows: list[dict[str, Any]] = []
+    ends: list[int] = []  # byte offset after each kept row
+    offset = 0
+    torn = bool(tail.strip())
+    for number, line in enumerate(complete, start=1):
+        offset += len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(complete) and not tail.strip():
+                torn = True  # the last line, cut inside a multi-byte character or JSON token
+                break
+            raise ResultsFileError(
+                f"{path}: line {number} is not valid JSON ({e.msg}); it is not the last line, so this is not a "
+                "run killed mid-write. Restore the file, or move the damaged rows out and resume") from e
+        if not isinstance(row, dict):
+            raise ResultsFileError(f"{path}: line {number} is {type(row).__name__}, not a JSON object")
+        rows.append(row)
+        ends.append(offset)
+    whole = _last_passage_whole(rows)
+    if whole is False or (whole is None and torn):
+        if whole is None:  # an older file without passage_rows: guess the torn write's passage
+            torn_id = _passage_id_of(tail) if tail.strip() else None
+            last_id = torn_id if torn_id is not None else rows[-1].get("passage_id")
+        else:
+            last_id = rows[-1].get("passage_id")
+        while rows and last_id is not None and rows[-1].get("passage_id") == last_id:
+            rows.pop()
+            ends.pop()
+    keep = ends[-1] if ends else 0
+    if repair and keep != len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+    return rows
+
+
+def _last_passage_whole(rows: list[dict[str, Any]]) -> bool | None:
+    """Whether the last passage's rows are all there (by ``passage_rows``); ``None`` when it cannot tell."""
+    if not rows:
+        return True
+    size, pid = rows[-1].get("passage_rows"), rows[-1].get("passage_id")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return None
+    run = 0
+    for r in reversed(rows):
+        if r.get("passage_id") != pid or r.get("passage_rows") != size:
+            break
+        run += 1
+    return run % size == 0
+
+
+def _passage_id_of(torn_line: bytes) -> Any:
+    """The ``passage_id`` written at the start of a torn JSONL line, if it is readable there."""
+    m = re.search(rb'"passage_id":\s*("(?:[^"\\]|\\.)*")', torn_line)
+    if not m:
+        return None
+    try:
+        return json.loads(m.group(1))
+    except json.JSONDecodeError:
+        return None
+
+
+def append_passage(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Append one passage's rows to a results file, each with ``passage_rows`` (how many rows the passage
+    wrote), in one write (:func:`append_rows`); :func:`read_rows` drops a passage a kill cut short."""
+    append_rows(path, [{**r, "passage_rows": len(rows)} for r in rows])
+
+
+def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Append rows to a JSONL file: all their lines in one ``write`` (retried only for what a short write
+    left), then fsync."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # a regular file takes it in one call unless interrupted
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Replace ``path`` with ``rows`` as JSONL, atomically (written beside it, then renamed)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    append_rows(tmp, rows)
+    tmp.replace(path)
+
+
+def passages_done(path: Path) -> list[str]:
+    """The ids of the passages whose rows are whole in a results file (see :func:`read_rows`), in order."""
+    return list(dict.fromkeys(r["passage_id"] for r in read_rows(path)))
+
+
+def summarize(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
+    """``{"model", "conditions": {name: {accuracy, accuracy_std, n_questions, n_passages, mean_gain,
+    failures}}}``.
+
+    ``accuracy`` is correct answers over all answered questions of the condition (every candidate and
+    repeat counts); ``accuracy_std`` is the standard deviation over passages of the per-passage accuracy;
+    ``mean_gain`` is the mean of ``accuracy_after - accuracy_before`` over rows; ``failures`` counts the
+    rows with a ``failure`` (no adapter trained: no usable self-edit, an invalid template, …).
+    """
+    conditions: dict[str, Any] = {}
+    for name in dict.fromkeys(r["condition"] for r in rows):
+        sel = [r for r in rows if r["condition"] == name]
+        n_q = sum(len(r["answers"]) for r in sel)
+        correct = sum(sum(a["correct"] for a in r["answers"]) for r in sel)
+        per_passage: dict[str, list[float]] = {}
+        for r in sel:
+            per_passage.setdefault(r["passage_id"], []).append(r["accuracy_after"])
+        means = [float(np.mean(v)) for v in per_passage.values()]
+        conditions[name] = {
+            "accuracy": correct / n_q if n_q else float("nan"),
+            "accuracy_std": float(np.std(means)) if means else float("nan"),
+            "n_questions": n_q,
+            "n_passages": len(per_passage),
+            "mean_gain": float(np.mean([r["accuracy_after"] - r["accuracy_before"] for r in sel])),
+            "failures": sum(1 for r in sel if r.get("failure")),
+        }
+    return {"model": model, "conditions": conditions}
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary as a Markdown table."""
+    lines = [f"Model: `{summary['model']}`", "",
+             "| condition | accuracy | std over passages | questions | passages | mean gain | failures |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, c in summary["conditions"].items():
+        lines.append(f"| {name} | {100 * c['accuracy']:.1f}% | {100 * c['accuracy_std']:.1f} | {c['n_questions']} | "
+                     f"{c['n_passages']} | {100 * c['mean_gain']:+.1f} | {c.get('failures', 0)} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,368 @@
+"""A run's configuration: the knowledge-run config every run kind builds on, its TOML tables, checks and seeds.
+
+:class:`RunConfig` is a knowledge-incorporation run (one TOML file in ``experiments/``); ReST-EM and
+template search extend it with one table each (:func:`split_extension_table`, :func:`extension_json`).
+Here too: the ``[data]`` table and the passages it selects (:func:`select_data`, :func:`pool_passages`),
+the check that a resumed run's config is the saved one (:func:`check_run_config`), and
+:func:`derived_seed`, from which every random choice of a run is drawn, so that the order of work never
+changes a result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from seal_jax.lm.types import DTYPE_NAMES, LoraSpec, SamplingParams, TrainSpec
+from seal_jax.selfedit import grading
+from seal_jax.selfedit.data import DataError, Passage, load_passages, load_seal_selfedits, select_passages
+from seal_jax.selfedit.multihost import agree, is_writer
+from seal_jax.selfedit.strategies import FILL_FALLBACKS, get_strategy
+from seal_jax.selfedit.templates import Template
+
+
+class RunConfigError(ValueError):
+    """A run configuration that cannot be used."""
+
+
+TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
+    "archive": True, "proposal_max_new_tokens": 512, "max_retries": 2, "candidates": 1, "fill_max_new_tokens": None,
+    "fill_fallback": "none", "max_epochs": None,
+}
+
+
+DATA_KEYS = frozenset({"source", "n", "start", "shuffle", "seed", "selfedits", "subset", "ids"})
+
+
+_DATA_TYPES = (("source", str, "a file path, 'demo' or 'hub:NAME'"), ("n", int, "an integer"),
+               ("start", int, "an integer"), ("seed", int, "an integer"), ("shuffle", bool, "true or false"),
+               ("selfedits", str, "a file path"), ("subset", str, "'selfedits'"), ("ids", list, "a list of passage ids"))
+
+
+def check_data_table(table: Any, where: str) -> None:
+    """Check that a data table (``[data]``, ``restem.eval_data`` …) is a table of known keys (``None`` passes).
+
+    Raises:
+      RunConfigError: naming the table and the unknown keys.
+    """
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise RunConfigError(f"[{where}] must be a table, got {table!r}")
+    unknown = sorted(set(table) - DATA_KEYS)
+    if unknown:
+        raise RunConfigError(f"unknown keys in [{where}]: {unknown}; known keys: {sorted(DATA_KEYS)}")
+    for key, kinds, what in _DATA_TYPES:
+        value = table.get(key)
+        if value is not None and (not isinstance(value, kinds) or (kinds is int and isinstance(value, bool))):
+            raise RunConfigError(f"{where}.{key} must be {what}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A knowledge-incorporation run (one TOML file in ``experiments/``; see its README for every key).
+
+    Attributes:
+      name: run name (the default output folder is ``checkpoints/runs/NAME``).
+      model: HF-format model folder (or hub id when online); ``tokenizer`` optionally another folder.
+      dtype, mesh: engine settings (``mesh`` like ``"data=2,fsdp=4"``; empty for one device).
+      remat: recompute each layer's activations in the backward pass of LoRA training (``LM.load(remat=True)``):
+        far less activation memory for about a third more training compute; ``seal-jax plan`` says when
+        a model and sequence length need it.
+      chat: format prompts with the tokenizer's chat template (instruct models).
+      data: ``{"source", "n", "start", "shuffle", "seed"}`` for :func:`load_passages`, ``"selfedits"``
+        (SEAL's released self-edits, for ``replay``), ``"subset"`` (``"selfedits"``: SEAL's evaluation
+        passages in that file's order, then ``start`` and ``n``) or ``"ids"`` (these passages, in this
+        order); other keys are an error. See :func:`select_data`.
+      conditions: strategy names (``base`` is always evaluated: it gives ``accuracy_before``).
+      k: self-edits per passage and condition; repeats: adapters trained per self-edit.
+      selfedit_sampling: ``{"max_new_tokens", "temperature", "top_p", "top_k", "min_p"}``.
+      include_passage: append the passage to every self-edit's training sequences.
+      lora, train: :class:`~seal_jax.LoraSpec` / :class:`~seal_jax.TrainSpec` fields.
+      eval_max_new_tokens: answer length; grader: a name from :data:`grading.GRADERS`, ``"judge"``
+        (the loaded model judges every answer) or ``"rules+judge"`` (only what the offline rules leave
+        undecided).
+      seed: the run's seed.
+      template_condition: options of the ``template`` condition (see :data:`TEMPLATE_CONDITION_DEFAULTS`):
+        ``archive`` (show the seeded archive in the meta-prompt), ``proposal_max_new_tokens``,
+        ``max_retries``, ``candidates`` (proposals sampled together per attempt; the first valid one is
+        used), ``fill_max_new_tokens`` (default: ``selfedit_sampling.max_new_tokens``),
+        ``fill_fallback`` (``"none"`` or ``"lines"``), ``max_epochs`` (cap on the template's epochs, or
+        ``None``).
+    """
+
+    name: str
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    mesh: str | None = None
+    remat: bool = False
+    chat: bool = True
+    data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"source": "demo"})
+    conditions: tuple[str, ...] = ("base", "passage", "implications")
+    k: int = 1
+    repeats: int = 1
+    selfedit_sampling: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95})
+    include_passage: bool = True
+    lora: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval_max_new_tokens: int = 64
+    grader: str = "offline"
+    seed: int = 0
+    template_condition: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for c in self.conditions:
+            get_strategy(c)
+        unknown = sorted(set(self.template_condition) - set(TEMPLATE_CONDITION_DEFAULTS))
+        if unknown:
+            raise RunConfigError(f"unknown keys in [template_condition]: {unknown}; known keys: "
+                                 f"{sorted(TEMPLATE_CONDITION_DEFAULTS)}")
+        options = self.template_options()
+        if options["fill_fallback"] not in FILL_FALLBACKS:
+            raise RunConfigError(f"template_condition.fill_fallback must be one of {FILL_FALLBACKS}, got "
+                                 f"{options['fill_fallback']!r}")
+        if not isinstance(options["candidates"], int) or options["candidates"] < 1:
+            raise RunConfigError(f"template_condition.candidates must be a positive integer, got {options['candidates']}")
+        if options["max_epochs"] is not None and options["max_epochs"] < 1:
+            raise RunConfigError(f"template_condition.max_epochs must be >= 1 or absent, got {options['max_epochs']}")
+        if "template" in self.conditions and self.train.get("batch_size", 1) != 1:
+            raise RunConfigError("the template condition trains with batch size 1 (the paper's) in the same call "
+                                 "as the other conditions; set train.batch_size = 1")
+        if not isinstance(self.remat, bool):
+            raise RunConfigError(f"remat must be true or false, got {self.remat!r}")
+        for key in ("k", "repeats", "eval_max_new_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RunConfigError(f"{key} must be a positive integer, got {value!r}")
+        check_data_table(self.data, "data")
+        if self.dtype not in DTYPE_NAMES:
+            raise RunConfigError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
+        known = sorted(f.name for f in dataclasses.fields(SamplingParams))
+        try:
+            SamplingParams(**self.selfedit_sampling)
+        except (TypeError, ValueError) as e:
+            raise RunConfigError(f"[selfedit_sampling]: {e}; known keys: {known}") from None
+        if self.grader not in grading.JUDGE_GRADERS and self.grader not in grading.GRADERS:
+            raise RunConfigError(f"unknown grader {self.grader!r}; choose one of "
+                                 f"{sorted(grading.GRADERS) + sorted(grading.JUDGE_GRADERS)} (the last two ask the "
+                                 "run's model)")
+        for table, build, spec_class in (("lora", self.lora_spec, LoraSpec), ("train", self.train_spec, TrainSpec)):
+            try:
+                build()
+            except TypeError as e:
+                known = sorted(f.name for f in dataclasses.fields(spec_class) if f.name != "seed")
+                hint = f"known keys: {known}" if "unexpected keyword" in str(e) else "check the types of its values"
+                raise RunConfigError(f"[{table}]: {e}; {hint}") from None
+            except ValueError as e:
+                raise RunConfigError(f"[{table}]: {e}") from None
+
+    def lora_spec(self) -> LoraSpec:
+        """The run's :class:`~seal_jax.LoraSpec` (SEAL's defaults for missing fields)."""
+        fields = dict(self.lora)
+        if "targets" in fields and isinstance(fields["targets"], list):
+            fields["targets"] = tuple(fields["targets"])
+        return LoraSpec(**{**dataclasses.asdict(LoraSpec.seal()), **fields})
+
+    def train_spec(self, seed: int = 0) -> TrainSpec:
+        """The run's :class:`~seal_jax.TrainSpec` with ``seed`` (SEAL's defaults for missing fields)."""
+        return TrainSpec(**{**dataclasses.asdict(TrainSpec.seal()), **self.train, "seed": seed})
+
+    def template_options(self) -> dict[str, Any]:
+        """``template_condition`` over :data:`TEMPLATE_CONDITION_DEFAULTS`."""
+        return {**TEMPLATE_CONDITION_DEFAULTS, **self.template_condition}
+
+    def template_specs(self, template: Template, seed: int, max_epochs: int | None = None
+                       ) -> tuple[LoraSpec, TrainSpec]:
+        """``(LoraSpec, TrainSpec)`` of one template candidate: the template's rank, alpha, dropout,
+        learning rate, epochs (at most ``max_epochs``) and grad-accum, batch size 1; the run's LoRA targets
+        and its other training fields (``max_len``, ``schedule``, ``loss``, …); ``seed``."""
+        base = self.train_spec(seed)
+        extra = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+                 if f.name not in ("learning_rate", "epochs", "batch_size", "grad_accum")}
+        train = template.train_spec(**extra)
+        if max_epochs is not None and train.epochs > max_epochs:
+            train = dataclasses.replace(train, epochs=int(max_epochs))
+        return template.lora_spec(self.lora_spec().targets), train
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
+        """Build from a parsed TOML/JSON table; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RunConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
+        raw = dict(raw)
+        if "conditions" in raw:
+            raw["conditions"] = tuple(raw["conditions"])
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise RunConfigError(f"{where}: {e}") from None
+        except ValueError as e:
+            raise RunConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        """Read a run config TOML file."""
+        return cls.from_dict(read_toml(path), where=str(path))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict, as it reads back from ``run_config.json`` (tuples become lists), so a config
+        built in Python compares equal to its saved form when a run resumes."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A run config file parsed; a missing file or bad TOML is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no run config at {path}; see experiments/README.md")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RunConfigError(f"{path}: {e}") from None
+
+
+def split_extension_table(raw: dict[str, Any], table_name: str, known: set[str], *, where: str, kind: str,
+                          conditions_note: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For a config that extends :class:`RunConfig` with one TOML table (ReST-EM's ``[restem]``, template
+    search's ``[templates]``): the knowledge keys and that table, checked.
+
+    Args:
+      raw: the parsed TOML; table_name: the extension's table; known: the keys that table may hold.
+      where: the file, for messages; kind: what the config is ("ReST-EM"); conditions_note: why such a
+        config has no ``conditions`` key (completes "a {kind} config ...").
+    Returns:
+      ``(knowledge keys, table)``.
+    Raises:
+      RunConfigError: no such table, a ``conditions`` key, or unknown keys in the table.
+    """
+    raw = dict(raw)
+    table = raw.pop(table_name, None)
+    if not isinstance(table, dict):
+        raise RunConfigError(f"{where}: a {kind} config needs a [{table_name}] table (see experiments/README.md)")
+    if "conditions" in raw:
+        raise RunConfigError(f"{where}: a {kind} config {conditions_note}")
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise RunConfigError(f"{where}: unknown keys in [{table_name}]: {unknown}; known keys: {sorted(known)}")
+    return raw, table
+
+
+def extension_json(knowledge: RunConfig, extension: Any, table_name: str) -> dict[str, Any]:
+    """The JSON form of a config extending ``knowledge`` (a dataclass whose other fields are its table):
+    the knowledge keys without ``conditions`` plus ``{table_name: {field: value}}``."""
+    out = knowledge.to_json()
+    out.pop("conditions")
+    table = {f.name: getattr(extension, f.name) for f in dataclasses.fields(extension) if f.name != "knowledge"}
+    return json.loads(json.dumps({**out, table_name: table}))  # as run_config.json reads back (lists, not tuples)
+
+
+# Engine settings that do not change a run's results: a run may be resumed with them changed (for example
+# with ``remat`` turned on after running out of memory).
+RESUME_FREE_KEYS = frozenset({"remat"})
+
+
+def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Top-level keys whose values differ between two saved configs, except :data:`RESUME_FREE_KEYS`."""
+    keys = (set(previous) | set(current)) - RESUME_FREE_KEYS
+    return sorted(k for k in keys if previous.get(k) != current.get(k))
+
+
+def check_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
+    """When resuming, check that ``config_json`` equals the config saved in ``out/run_config.json``
+    (up to :data:`RESUME_FREE_KEYS`).
+
+    Raises:
+      RunConfigError: naming the keys that differ.
+    """
+    config_file = out / "run_config.json"
+    if resume and config_file.is_file():
+        changed = config_differences(json.loads(config_file.read_text()), config_json)
+        if changed:
+            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
+
+
+def save_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
+    """Write ``out/run_config.json`` (process 0 only); when resuming, first :func:`check_run_config`
+    (on process 0, its verdict shared with every process)."""
+    agree(lambda: check_run_config(out, config_json, resume=resume))
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(config_json, indent=2))
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------------
+# The [data] table's passages
+
+
+def select_data(d: dict[str, Any], *, where: str = "data", replay: bool = False
+                ) -> tuple[list[Passage], dict[str, list[str]] | None]:
+    """The passages a data table selects, and SEAL's released self-edits when they are needed.
+
+    ``d`` holds ``source`` (default ``"demo"``) and one selection: ``ids`` (these passages, in this
+    order), ``subset = "selfedits"`` (SEAL's evaluation passages, in the order of the ``selfedits`` file,
+    then ``start`` and ``n``), or ``n``/``start``/``shuffle``/``seed`` (:func:`load_passages`). The
+    self-edits (``{passage_id: [completion, ...]}``, matched on title and context against ``source``) are
+    loaded for the subset or when ``replay`` is asked for; otherwise the second value is ``None``.
+    ``where`` names the table in errors (``data``, ``restem.eval_data`` …).
+
+    Raises:
+      RunConfigError: a missing ``selfedits``, self-edits whose passages ``source`` lacks, an unknown
+        subset or id, or ``ids`` together with another selection.
+    """
+    source = d.get("source", "demo")
+    subset = d.get("subset")
+    if subset not in (None, "selfedits"):
+        raise RunConfigError(f"unknown {where}.subset {subset!r}; the only subset is 'selfedits'")
+    if "ids" in d and (subset or any(k in d for k in ("n", "start", "shuffle", "seed"))):
+        raise RunConfigError(f"{where}.ids selects the passages itself; drop subset, n, start, shuffle and seed")
+    selfedits = None
+    everything = load_passages(source) if (replay or subset or "ids" in d) else []
+    if replay or subset:
+        if not d.get("selfedits"):
+            raise RunConfigError(f"condition 'replay' and {where}.subset = 'selfedits' need {where}.selfedits "
+                                 "(SEAL's seal_base_selfedits_val.json)")
+        try:
+            selfedits = load_seal_selfedits(d["selfedits"], passages=everything)
+        except DataError as e:
+            raise RunConfigError(f"{e}. {where}.source ({source!r}) must hold the passages of {where}.selfedits: "
+                                 "SEAL's squad_val.json for seal_base_selfedits_val.json") from None
+    if subset or "ids" in d:
+        wanted = list(selfedits) if subset else d["ids"]
+        if not isinstance(wanted, list) or not all(isinstance(i, str) for i in wanted):
+            raise RunConfigError(f"{where}.ids must be a list of passage ids (strings), got {wanted!r}")
+        if len(set(wanted)) != len(wanted):
+            twice = sorted({i for i in wanted if wanted.count(i) > 1})
+            raise RunConfigError(f"{where}.ids names passages more than once: {twice[:5]}")
+        by_id = {p.id: p for p in everything}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise RunConfigError(f"{where}: {source!r} has no passage {missing[0]!r} ({len(missing)} ids missing)")
+        chosen = [by_id[i] for i in wanted]
+        return (chosen[d.get("start", 0):][: d.get("n")] if subset else chosen), selfedits
+    selection = {"n": d.get("n"), "start": d.get("start", 0), "shuffle": d.get("shuffle", False), "seed": d.get("seed", 0)}
+    if everything:  # already read for the self-edits
+        return select_passages(everything, **selection), selfedits
+    return load_passages(source, **selection), selfedits
+
+
+def pool_passages(d: dict[str, Any], held_out: Sequence[Passage] = ()) -> list[Passage]:
+    """A training pool: ``d``'s source from ``d["start"]`` (shuffled first if asked), without the
+    ``held_out`` evaluation passages, so training never sees one."""
+    skip = {p.id for p in held_out}
+    return [p for p in load_passages(d.get("source", "demo"), start=d.get("start", 0), shuffle=d.get("shuffle", False),
+                                     seed=d.get("seed", 0)) if p.id not in skip]
