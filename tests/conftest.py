@@ -173,3 +173,19 @@ def embeddings_dir() -> Path:
     from seal_jax.selfedit.embeddings import fetch_weights
 
     return fetch_weights(REPO / "checkpoints")
+
+
+def tiny_config(model_dir, **changes):
+    """A small knowledge-run config on ``model_dir`` (two demo passages, K = 2, short generations)."""
+    from seal_jax.selfedit.run_config import (
+        RunConfig,  # deferred: conftest must set XLA flags before seal_jax loads
+    )
+
+    raw = dict(
+        name="tiny", model=str(model_dir), chat=True, conditions=["base", "passage", "implications"], k=2,
+        data={"source": "demo", "n": 2}, selfedit_sampling={"max_new_tokens": 24, "temperature": 1.0, "top_p": 0.95},
+        lora={"rank": 4, "alpha": 8.0}, train={"epochs": 2, "learning_rate": 1e-2, "max_len": 128},
+        eval_max_new_tokens=8,
+    )
+    raw.update(changes)
+    return RunConfig.from_dict(raw)

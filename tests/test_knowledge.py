@@ -6,31 +6,22 @@ import dataclasses
 import json
 
 import pytest
+from conftest import tiny_config
 
 import seal_jax as sj
 from seal_jax.selfedit.grading import grade
 from seal_jax.selfedit.knowledge import run_knowledge
-from seal_jax.selfedit.results import ROW_FIELDS, ResultsFileError, append_passage, append_rows, read_rows, summarize
+from seal_jax.selfedit.results import (
+    ROW_FIELDS,
+    read_rows,
+)
 from seal_jax.selfedit.run_config import (
     RunConfig,
     RunConfigError,
-    extension_json,
     select_data,
-    split_extension_table,
 )
 
 SUMMARY_FIELDS = {"accuracy", "accuracy_std", "n_questions", "n_passages", "mean_gain"}
-
-
-def tiny_config(model_dir, **changes):
-    raw = dict(
-        name="tiny", model=str(model_dir), chat=True, conditions=["base", "passage", "implications"], k=2,
-        data={"source": "demo", "n": 2}, selfedit_sampling={"max_new_tokens": 24, "temperature": 1.0, "top_p": 0.95},
-        lora={"rank": 4, "alpha": 8.0}, train={"epochs": 2, "learning_rate": 1e-2, "max_len": 128},
-        eval_max_new_tokens=8,
-    )
-    raw.update(changes)
-    return RunConfig.from_dict(raw)
 
 
 @pytest.fixture(scope="module")
@@ -91,109 +82,6 @@ def test_killed_run_resumes_to_the_same_rows(tiny_chat_dir, tiny_lm, tmp_path):
         run_knowledge(tiny_config(tiny_chat_dir, k=3), part, lm=tiny_lm, progress=False, resume=True)
 
 
-def test_summary_numbers_by_hand():
-    def row(pid, condition, before, correct, failure=None):
-        answers = [{"question": "q", "gold": "g", "prediction": "p", "correct": bool(c)} for c in correct]
-        after = sum(correct) / len(correct) if correct else before
-        return {"passage_id": pid, "condition": condition, "accuracy_before": before, "accuracy_after": after,
-                "answers": answers, "failure": failure}
-
-    rows = [row("a", "base", 0.5, [1, 0]), row("a", "passage", 0.5, [1, 1]), row("a", "passage", 0.5, [0, 1]),
-            row("b", "base", 0.0, [0, 0, 0, 0]), row("b", "passage", 0.0, [1, 0, 0, 0]),
-            row("b", "passage", 0.0, [], failure="self-edit produced no training sequence")]
-    s = summarize(rows, "m")
-    assert s["model"] == "m" and list(s["conditions"]) == ["base", "passage"]
-    # passage: 4 of 8 answers right; per passage a = (1 + 0.5) / 2, b = (0.25 + 0) / 2; gains 0.5, 0, 0.25, 0
-    assert s["conditions"]["passage"] == pytest.approx({
-        "accuracy": 0.5, "accuracy_std": 0.3125, "n_questions": 8, "n_passages": 2, "mean_gain": 0.1875,
-        "failures": 1})
-    assert s["conditions"]["base"] == pytest.approx({
-        "accuracy": 1 / 6, "accuracy_std": 0.25, "n_questions": 6, "n_passages": 2, "mean_gain": 0.0, "failures": 0})
-
-
-def _rows(pid, n):
-    return [{"passage_id": pid, "candidate": c, "text": "é ✓"} for c in range(n)]
-
-
-def test_read_rows_drops_a_torn_unit_and_repairs_only_when_asked(tmp_path):
-    path = tmp_path / "results.jsonl"
-    append_rows(path, _rows("a", 2))
-    append_rows(path, _rows("b", 3))
-    whole = path.read_bytes()
-    assert read_rows(path) == _rows("a", 2) + _rows("b", 3) and path.read_bytes() == whole
-    line = len(whole.split(b"\n", 1)[0]) + 1  # every row here has the same length
-    first_unit = 2 * line
-    for cut in (len(whole) - 1, len(whole) - 5, first_unit + 30, first_unit + line + 10):
-        # a kill anywhere inside b's write (even just before its last newline) drops all of b
-        path.write_bytes(whole[:cut])
-        assert read_rows(path, repair=False) == _rows("a", 2)
-        assert path.read_bytes() == whole[:cut]  # reports never change the file
-        assert read_rows(path) == _rows("a", 2)
-        assert path.read_bytes() == whole[:first_unit]  # the resume path cuts back to a's rows
-    path.write_bytes(whole[:first_unit] + b'{"pass')  # torn before its id: the torn row may be a's, redo a
-    assert read_rows(path, repair=False) == []
-    path.write_bytes(whole[:first_unit] + b'{"passage_id": "b", "cand')  # b's id readable: a is whole
-    assert read_rows(path) == _rows("a", 2) and path.read_bytes() == whole[:first_unit]
-    path.write_bytes(whole.replace(b'"candidate": 1', b'"candidate": 1,,', 1))  # damage before the end
-    with pytest.raises(ResultsFileError, match=r"results.jsonl: line 2 is not valid JSON"):
-        read_rows(path)
-    assert read_rows(tmp_path / "missing.jsonl") == []
-
-
-def test_read_rows_counts_each_passages_rows(tmp_path):
-    """Rows written by ``append_passage`` carry their passage's row count: a passage cut anywhere, even at a
-    line end, is dropped whole, and a whole passage is kept whatever the tear after it hides."""
-    path = tmp_path / "results.jsonl"
-    append_passage(path, _rows("a", 2))
-    append_passage(path, _rows("b", 3))
-    whole = path.read_bytes()
-    a_rows = [{**r, "passage_rows": 2} for r in _rows("a", 2)]
-    assert read_rows(path) == a_rows + [{**r, "passage_rows": 3} for r in _rows("b", 3)]
-    line_ends = [i + 1 for i, byte in enumerate(whole) if byte == ord("\n")]
-    a_end = line_ends[1]
-    for cut in range(a_end, len(whole)):  # every cut inside b's write, line ends included
-        path.write_bytes(whole[:cut])
-        assert read_rows(path, repair=False) == a_rows, cut
-    path.write_bytes(whole[:a_end + 3])  # b's id hidden by the tear: a is whole all the same
-    assert read_rows(path) == a_rows and path.read_bytes() == whole[:a_end]
-
-
-def test_config_errors(tmp_path, tiny_chat_dir):
-    with pytest.raises(RunConfigError, match="unknown keys \\['epochs'\\]"):
-        RunConfig.from_dict({"name": "x", "model": "m", "epochs": 3})
-    with pytest.raises(Exception, match="unknown strategy 'summarize'"):
-        tiny_config(tiny_chat_dir, conditions=["base", "summarize"])
-    with pytest.raises(Exception, match="learning_rate must be positive"):
-        tiny_config(tiny_chat_dir, train={"learning_rate": -1.0})
-    bad = tmp_path / "bad.toml"
-    bad.write_text("name = 'x'\nmodel = ")
-    with pytest.raises(RunConfigError, match="bad.toml"):
-        RunConfig.from_toml(bad)
-    with pytest.raises(FileNotFoundError, match="no run config"):
-        RunConfig.from_toml(tmp_path / "missing.toml")
-    with pytest.raises(RunConfigError, match="unknown grader 'gpt4'"):
-        tiny_config(tiny_chat_dir, grader="gpt4")
-    with pytest.raises(RunConfigError, match=r"unknown keys in \[data\]: \['shufle'\]"):
-        tiny_config(tiny_chat_dir, data={"source": "demo", "shufle": True})
-    with pytest.raises(RunConfigError, match=r"\[selfedit_sampling\].*'temprature'"):
-        tiny_config(tiny_chat_dir, selfedit_sampling={"temprature": 0.5})
-    with pytest.raises(RunConfigError, match=r"\[selfedit_sampling\].*top_p"):
-        tiny_config(tiny_chat_dir, selfedit_sampling={"top_p": 1.5})
-    with pytest.raises(RunConfigError, match=r"\[train\]: .*'eopchs'; known keys: \[.*'epochs'"):
-        tiny_config(tiny_chat_dir, train={"eopchs": 3})
-    with pytest.raises(RunConfigError, match=r"\[train\]: .*check the types of its values"):
-        tiny_config(tiny_chat_dir, train={"learning_rate": "3e-3"})
-    with pytest.raises(RunConfigError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'fp32'"):
-        tiny_config(tiny_chat_dir, dtype="fp32")
-    with pytest.raises(RunConfigError, match=r"data.n must be an integer, got '5'"):
-        tiny_config(tiny_chat_dir, data={"source": "demo", "n": "5"})
-    with pytest.raises(RunConfigError, match=r"unknown grader 'llm'; choose one of .*'rules\+judge'"):
-        tiny_config(tiny_chat_dir, grader="llm")
-    for key, value in (("k", 2.0), ("repeats", 0), ("k", True), ("eval_max_new_tokens", "64")):
-        with pytest.raises(RunConfigError, match=f"{key} must be a positive integer"):
-            tiny_config(tiny_chat_dir, **{key: value})
-
-
 def test_a_config_built_in_python_resumes(tiny_chat_dir, tiny_lm, tmp_path):
     """Tuples in a Python-built config compare equal to the lists ``run_config.json`` reads back as."""
     config = RunConfig(name="t", model=str(tiny_chat_dir), conditions=("base",), data={"source": "demo", "n": 1},
@@ -229,51 +117,6 @@ def test_seal_subset_replays_seal_selfedits_in_seal_order(tiny_chat_dir, tiny_lm
     with pytest.raises(RunConfigError, match="need data.selfedits"):
         run_knowledge(tiny_config(tiny_chat_dir, conditions=["base", "replay"]), tmp_path / "b", lm=object(),
                       progress=False)
-
-
-def test_judge_graders_are_built_from_the_run_model(tiny_chat_dir):
-    """``judge`` asks the run's model about every answer, ``rules+judge`` only about undecided ones."""
-    from seal_jax.selfedit.episode import make_grader
-
-    class Recorder:
-        def __init__(self):
-            self.prompts = []
-
-        def generate(self, prompts, params, chat=None):
-            self.prompts.extend(prompts)
-            self.chat = chat
-            return ["yes"] * len(prompts)
-
-    items = [("Where?", "Paris", "It was Paris."), ("Where?", "Paris", "I don't know."),
-             ("How are incomes distributed?", "more equally", "Relatively evenly.")]
-    for grader, sources in [("judge", ["model"] * 3), ("rules+judge", ["rules", "rules", "model"])]:
-        lm = Recorder()
-        graded = make_grader(tiny_config(tiny_chat_dir, grader=grader), lm)(items)
-        assert [g["graded_by"] for g in graded] == sources
-        assert [g["correct"] for g in graded] == [s == "model" or i == 0 for i, s in enumerate(sources)]
-        assert [g["judge_reply"] for g in graded] == [None if s == "rules" else "yes" for s in sources]
-        assert len(lm.prompts) == sources.count("model")
-    for chat in (True, False):  # the judge formats its prompts as the run does (base models: raw text)
-        lm = Recorder()
-        make_grader(tiny_config(tiny_chat_dir, grader="judge", chat=chat), lm)(items)
-        assert lm.chat is chat
-    graded = make_grader(tiny_config(tiny_chat_dir, grader="contains"), Recorder())(items)
-    assert graded == [{"correct": True}, {"correct": False}, {"correct": False}]
-
-
-def test_experiment_configs_parse():
-    from pathlib import Path
-
-    configs = sorted((Path(__file__).parents[1] / "experiments").glob("*.toml"))
-    assert configs, "experiments/ should hold run configs"
-    from seal_jax.selfedit.runs import load_config
-
-    kinds = {path.name: type(load_config(path)).__name__ for path in configs}
-    assert kinds["demo.toml"] == "RunConfig" and kinds["restem-demo.toml"] == "RestemConfig"
-    for variant in ("noarchive", "archive", "novelty"):
-        for scale in ("demo", "qwen3-8b"):
-            assert kinds[f"templates-{variant}-{scale}.toml"] == "TemplateSearchConfig"
-            assert load_config(configs[0].parent / f"templates-{variant}-{scale}.toml").variant == variant
 
 
 def test_remat_reaches_the_loaded_model(monkeypatch, tmp_path):
@@ -368,41 +211,3 @@ def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, t
     assert all(r["accuracy_after"] == r["accuracy_before"] for r in failed)
     with pytest.raises(RunConfigError, match="template_condition"):
         tiny_config(tiny_chat_dir, template_condition={"fallback": "lines"})
-
-
-def test_resume_ignores_engine_settings_only():
-    """A run may be resumed with ``remat`` changed (it does not change results), not with anything else."""
-    from seal_jax.selfedit.run_config import config_differences
-
-    base = tiny_config("m").to_json()
-    assert config_differences(base, {**base, "remat": True}) == []
-    assert config_differences({k: v for k, v in base.items() if k != "remat"}, base) == []  # an older folder
-    assert config_differences(base, {**base, "k": 3, "remat": True}) == ["k"]
-    with pytest.raises(RunConfigError, match="remat must be true or false"):
-        tiny_config("m", remat="false")
-
-
-def test_extension_table_split_and_json():
-    import dataclasses
-
-    raw = {"model": "m", "data": {"source": "demo"}, "extra": {"rounds": 2}}
-    knowledge_keys, table = split_extension_table(raw, "extra", {"rounds", "size"}, where="x.toml", kind="Extra",
-                                                  conditions_note="has fixed conditions")
-    assert knowledge_keys == {"model": "m", "data": {"source": "demo"}} and table == {"rounds": 2}
-    assert "extra" in raw  # the caller's dict is not changed
-    with pytest.raises(RunConfigError, match=r"x.toml: a Extra config needs a \[extra\] table"):
-        split_extension_table({"model": "m"}, "extra", set(), where="x.toml", kind="Extra", conditions_note="")
-    with pytest.raises(RunConfigError, match="x.toml: a Extra config has fixed conditions"):
-        split_extension_table({**raw, "conditions": ["base"]}, "extra", {"rounds"}, where="x.toml", kind="Extra",
-                              conditions_note="has fixed conditions")
-    with pytest.raises(RunConfigError, match=r"unknown keys in \[extra\]: \['rounds'\]; known keys: \['size'\]"):
-        split_extension_table(raw, "extra", {"size"}, where="x.toml", kind="Extra", conditions_note="")
-
-    @dataclasses.dataclass(frozen=True)
-    class Extended:
-        knowledge: RunConfig
-        rounds: int = 2
-
-    knowledge = RunConfig.from_dict({"name": "x", "model": "m", "conditions": ["base"]})
-    out = extension_json(knowledge, Extended(knowledge, rounds=3), "extra")
-    assert out["extra"] == {"rounds": 3} and "conditions" not in out and out["model"] == "m"

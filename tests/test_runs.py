@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from seal_jax.selfedit import runs
-from seal_jax.selfedit.run_config import RunConfig, RunConfigError
 from seal_jax.selfedit.restem import RestemConfig
+from seal_jax.selfedit.run_config import RunConfig, RunConfigError
 from seal_jax.selfedit.template_search import TemplateSearchConfig
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

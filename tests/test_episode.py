@@ -1,0 +1,97 @@
+"""One passage's episode: graders from the run's setting, base scoring, K candidates trained and scored."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from conftest import tiny_config
+
+import seal_jax as sj
+from seal_jax.selfedit.data import load_passages
+from seal_jax.selfedit.engine import LanguageModel
+from seal_jax.selfedit.episode import NO_SEQUENCES, Job, make_grader, score_base, train_and_score
+
+
+def test_judge_graders_are_built_from_the_run_model(tiny_chat_dir):
+    """``judge`` asks the run's model about every answer, ``rules+judge`` only about undecided ones."""
+
+    class Recorder:
+        def __init__(self):
+            self.prompts = []
+
+        def generate(self, prompts, params, chat=None):
+            self.prompts.extend(prompts)
+            self.chat = chat
+            return ["yes"] * len(prompts)
+
+    items = [("Where?", "Paris", "It was Paris."), ("Where?", "Paris", "I don't know."),
+             ("How are incomes distributed?", "more equally", "Relatively evenly.")]
+    for grader, sources in [("judge", ["model"] * 3), ("rules+judge", ["rules", "rules", "model"])]:
+        lm = Recorder()
+        graded = make_grader(tiny_config(tiny_chat_dir, grader=grader), lm)(items)
+        assert [g["graded_by"] for g in graded] == sources
+        assert [g["correct"] for g in graded] == [s == "model" or i == 0 for i, s in enumerate(sources)]
+        assert [g["judge_reply"] for g in graded] == [None if s == "rules" else "yes" for s in sources]
+        assert len(lm.prompts) == sources.count("model")
+    for chat in (True, False):  # the judge formats its prompts as the run does (base models: raw text)
+        lm = Recorder()
+        make_grader(tiny_config(tiny_chat_dir, grader="judge", chat=chat), lm)(items)
+        assert lm.chat is chat
+    graded = make_grader(tiny_config(tiny_chat_dir, grader="contains"), Recorder())(items)
+    assert graded == [{"correct": True}, {"correct": False}, {"correct": False}]
+
+
+class ScriptedLM:
+    """A stand-in model: answers are scripted per call, training records what it was given."""
+
+    tokenizer = None
+
+    def __init__(self, answers):
+        self.answers, self.trained = list(answers), []
+
+    def generate(self, prompts, params=None, adapters=None, chat=False, enable_thinking=False):
+        assert params.temperature == 0.0 and params.max_new_tokens == 8  # greedy, eval_max_new_tokens
+        return self.answers.pop(0)
+
+    def train_adapters(self, sequences, lora=None, train=None, seed=0):
+        self.trained.append((sequences, lora, train, seed))
+        return SimpleNamespace(losses=[[2.0, 1.5, 0.5], []], failed=[None, "loss is not finite"])
+
+    def merge_adapter(self, adapters, k=0):
+        return self
+
+    def export(self, out_dir, *, dtype=None):
+        return out_dir
+
+
+def test_train_and_score_trains_every_usable_job_in_one_call_and_keeps_row_order(tiny_chat_dir):
+    passage = load_passages("demo", n=1)[0]
+    config = tiny_config(tiny_chat_dir, grader="contains")
+    golds = [q.answer for q in passage.questions]
+    lm = ScriptedLM([[f"It is {g}." for g in golds],  # base: every answer right
+                     [[f"It is {g}." for g in golds], ["no idea"] * len(golds)]])  # candidate 0 right, 1 wrong
+    assert isinstance(lm, LanguageModel)
+    grader = make_grader(config, lm)
+    base = score_base(lm, passage, config, grader)
+    assert base.accuracy == 1.0 and all(a["correct"] for a in base.answers)
+    lora, train = config.lora_spec(), config.train_spec(seed=7)
+    jobs = [Job("implications", 0, "edit a", ["seq 1", "seq 2"], lora, train, {"repeat": 0}),
+            Job("implications", 1, "edit b", [], lora, train, {"repeat": 0}),
+            Job("rewrite", 0, "edit c", ["seq 3"], lora, train, {"repeat": 1})]
+    rows = train_and_score(lm, passage, jobs, config=config, grader=grader, before=0.25)
+    assert len(lm.trained) == 1  # one call for every usable job, in job order, with the run's seed
+    assert lm.trained[0] == ([["seq 1", "seq 2"], ["seq 3"]], [lora, lora], [train, train], config.seed)
+    assert [(r["condition"], r["candidate"], r["repeat"]) for r in rows] == [
+        ("implications", 1, 0), ("implications", 0, 0), ("rewrite", 0, 1)]  # failures first
+    assert rows[0]["failure"] == NO_SEQUENCES and rows[0]["accuracy_after"] == 0.25 and rows[0]["answers"] == []
+    assert rows[1]["accuracy_after"] == 1.0 and rows[1]["n_sequences"] == 2 and rows[1]["train_loss"] == [2.0, 0.5]
+    assert rows[2]["accuracy_after"] == 0.0 and rows[2]["failure"] == "loss is not finite"
+    assert rows[2]["train_loss"] is None and rows[2]["reward"] == 0.0
+    assert rows[1]["normalized_gain"] == 1.0 and rows[2]["normalized_gain"] == pytest.approx(-1 / 3)
+    assert train_and_score(lm, passage, jobs[1:2], config=config, grader=grader, before=0.5)[0]["failure"]
+    assert len(lm.trained) == 1  # nothing usable: no training call
+
+
+def test_the_engine_provides_what_the_loop_needs(tiny_chat_dir):
+    assert isinstance(sj.load(tiny_chat_dir, progress=False), LanguageModel)

@@ -1,0 +1,74 @@
+"""Results rows: summaries by hand, torn-file repair, whole passages."""
+
+from __future__ import annotations
+
+import pytest
+
+from seal_jax.selfedit.results import ResultsFileError, append_passage, append_rows, read_rows, summarize
+
+
+def test_summary_numbers_by_hand():
+    def row(pid, condition, before, correct, failure=None):
+        answers = [{"question": "q", "gold": "g", "prediction": "p", "correct": bool(c)} for c in correct]
+        after = sum(correct) / len(correct) if correct else before
+        return {"passage_id": pid, "condition": condition, "accuracy_before": before, "accuracy_after": after,
+                "answers": answers, "failure": failure}
+
+    rows = [row("a", "base", 0.5, [1, 0]), row("a", "passage", 0.5, [1, 1]), row("a", "passage", 0.5, [0, 1]),
+            row("b", "base", 0.0, [0, 0, 0, 0]), row("b", "passage", 0.0, [1, 0, 0, 0]),
+            row("b", "passage", 0.0, [], failure="self-edit produced no training sequence")]
+    s = summarize(rows, "m")
+    assert s["model"] == "m" and list(s["conditions"]) == ["base", "passage"]
+    # passage: 4 of 8 answers right; per passage a = (1 + 0.5) / 2, b = (0.25 + 0) / 2; gains 0.5, 0, 0.25, 0
+    assert s["conditions"]["passage"] == pytest.approx({
+        "accuracy": 0.5, "accuracy_std": 0.3125, "n_questions": 8, "n_passages": 2, "mean_gain": 0.1875,
+        "failures": 1})
+    assert s["conditions"]["base"] == pytest.approx({
+        "accuracy": 1 / 6, "accuracy_std": 0.25, "n_questions": 6, "n_passages": 2, "mean_gain": 0.0, "failures": 0})
+
+
+def _rows(pid, n):
+    return [{"passage_id": pid, "candidate": c, "text": "é ✓"} for c in range(n)]
+
+
+def test_read_rows_drops_a_torn_unit_and_repairs_only_when_asked(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_rows(path, _rows("a", 2))
+    append_rows(path, _rows("b", 3))
+    whole = path.read_bytes()
+    assert read_rows(path) == _rows("a", 2) + _rows("b", 3) and path.read_bytes() == whole
+    line = len(whole.split(b"\n", 1)[0]) + 1  # every row here has the same length
+    first_unit = 2 * line
+    for cut in (len(whole) - 1, len(whole) - 5, first_unit + 30, first_unit + line + 10):
+        # a kill anywhere inside b's write (even just before its last newline) drops all of b
+        path.write_bytes(whole[:cut])
+        assert read_rows(path, repair=False) == _rows("a", 2)
+        assert path.read_bytes() == whole[:cut]  # reports never change the file
+        assert read_rows(path) == _rows("a", 2)
+        assert path.read_bytes() == whole[:first_unit]  # the resume path cuts back to a's rows
+    path.write_bytes(whole[:first_unit] + b'{"pass')  # torn before its id: the torn row may be a's, redo a
+    assert read_rows(path, repair=False) == []
+    path.write_bytes(whole[:first_unit] + b'{"passage_id": "b", "cand')  # b's id readable: a is whole
+    assert read_rows(path) == _rows("a", 2) and path.read_bytes() == whole[:first_unit]
+    path.write_bytes(whole.replace(b'"candidate": 1', b'"candidate": 1,,', 1))  # damage before the end
+    with pytest.raises(ResultsFileError, match=r"results.jsonl: line 2 is not valid JSON"):
+        read_rows(path)
+    assert read_rows(tmp_path / "missing.jsonl") == []
+
+
+def test_read_rows_counts_each_passages_rows(tmp_path):
+    """Rows written by ``append_passage`` carry their passage's row count: a passage cut anywhere, even at a
+    line end, is dropped whole, and a whole passage is kept whatever the tear after it hides."""
+    path = tmp_path / "results.jsonl"
+    append_passage(path, _rows("a", 2))
+    append_passage(path, _rows("b", 3))
+    whole = path.read_bytes()
+    a_rows = [{**r, "passage_rows": 2} for r in _rows("a", 2)]
+    assert read_rows(path) == a_rows + [{**r, "passage_rows": 3} for r in _rows("b", 3)]
+    line_ends = [i + 1 for i, byte in enumerate(whole) if byte == ord("\n")]
+    a_end = line_ends[1]
+    for cut in range(a_end, len(whole)):  # every cut inside b's write, line ends included
+        path.write_bytes(whole[:cut])
+        assert read_rows(path, repair=False) == a_rows, cut
+    path.write_bytes(whole[:a_end + 3])  # b's id hidden by the tear: a is whole all the same
+    assert read_rows(path) == a_rows and path.read_bytes() == whole[:a_end]

@@ -1,0 +1,103 @@
+"""Run configs: their errors, the experiment files, resume checks and extension tables."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from seal_jax.selfedit.run_config import (
+    RunConfig,
+    RunConfigError,
+    config_differences,
+    extension_json,
+    split_extension_table,
+)
+from seal_jax.selfedit.runs import load_config
+
+
+def test_config_errors(tmp_path, tiny_chat_dir):
+    with pytest.raises(RunConfigError, match="unknown keys \\['epochs'\\]"):
+        RunConfig.from_dict({"name": "x", "model": "m", "epochs": 3})
+    with pytest.raises(Exception, match="unknown strategy 'summarize'"):
+        tiny_config(tiny_chat_dir, conditions=["base", "summarize"])
+    with pytest.raises(Exception, match="learning_rate must be positive"):
+        tiny_config(tiny_chat_dir, train={"learning_rate": -1.0})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = 'x'\nmodel = ")
+    with pytest.raises(RunConfigError, match="bad.toml"):
+        RunConfig.from_toml(bad)
+    with pytest.raises(FileNotFoundError, match="no run config"):
+        RunConfig.from_toml(tmp_path / "missing.toml")
+    with pytest.raises(RunConfigError, match="unknown grader 'gpt4'"):
+        tiny_config(tiny_chat_dir, grader="gpt4")
+    with pytest.raises(RunConfigError, match=r"unknown keys in \[data\]: \['shufle'\]"):
+        tiny_config(tiny_chat_dir, data={"source": "demo", "shufle": True})
+    with pytest.raises(RunConfigError, match=r"\[selfedit_sampling\].*'temprature'"):
+        tiny_config(tiny_chat_dir, selfedit_sampling={"temprature": 0.5})
+    with pytest.raises(RunConfigError, match=r"\[selfedit_sampling\].*top_p"):
+        tiny_config(tiny_chat_dir, selfedit_sampling={"top_p": 1.5})
+    with pytest.raises(RunConfigError, match=r"\[train\]: .*'eopchs'; known keys: \[.*'epochs'"):
+        tiny_config(tiny_chat_dir, train={"eopchs": 3})
+    with pytest.raises(RunConfigError, match=r"\[train\]: .*check the types of its values"):
+        tiny_config(tiny_chat_dir, train={"learning_rate": "3e-3"})
+    with pytest.raises(RunConfigError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'fp32'"):
+        tiny_config(tiny_chat_dir, dtype="fp32")
+    with pytest.raises(RunConfigError, match=r"data.n must be an integer, got '5'"):
+        tiny_config(tiny_chat_dir, data={"source": "demo", "n": "5"})
+    with pytest.raises(RunConfigError, match=r"unknown grader 'llm'; choose one of .*'rules\+judge'"):
+        tiny_config(tiny_chat_dir, grader="llm")
+    for key, value in (("k", 2.0), ("repeats", 0), ("k", True), ("eval_max_new_tokens", "64")):
+        with pytest.raises(RunConfigError, match=f"{key} must be a positive integer"):
+            tiny_config(tiny_chat_dir, **{key: value})
+
+
+def test_experiment_configs_parse():
+
+    configs = sorted((Path(__file__).parents[1] / "experiments").glob("*.toml"))
+    assert configs, "experiments/ should hold run configs"
+
+    kinds = {path.name: type(load_config(path)).__name__ for path in configs}
+    assert kinds["demo.toml"] == "RunConfig" and kinds["restem-demo.toml"] == "RestemConfig"
+    for variant in ("noarchive", "archive", "novelty"):
+        for scale in ("demo", "qwen3-8b"):
+            assert kinds[f"templates-{variant}-{scale}.toml"] == "TemplateSearchConfig"
+            assert load_config(configs[0].parent / f"templates-{variant}-{scale}.toml").variant == variant
+
+
+def test_resume_ignores_engine_settings_only():
+    """A run may be resumed with ``remat`` changed (it does not change results), not with anything else."""
+
+    base = tiny_config("m").to_json()
+    assert config_differences(base, {**base, "remat": True}) == []
+    assert config_differences({k: v for k, v in base.items() if k != "remat"}, base) == []  # an older folder
+    assert config_differences(base, {**base, "k": 3, "remat": True}) == ["k"]
+    with pytest.raises(RunConfigError, match="remat must be true or false"):
+        tiny_config("m", remat="false")
+
+
+def test_extension_table_split_and_json():
+
+    raw = {"model": "m", "data": {"source": "demo"}, "extra": {"rounds": 2}}
+    knowledge_keys, table = split_extension_table(raw, "extra", {"rounds", "size"}, where="x.toml", kind="Extra",
+                                                  conditions_note="has fixed conditions")
+    assert knowledge_keys == {"model": "m", "data": {"source": "demo"}} and table == {"rounds": 2}
+    assert "extra" in raw  # the caller's dict is not changed
+    with pytest.raises(RunConfigError, match=r"x.toml: a Extra config needs a \[extra\] table"):
+        split_extension_table({"model": "m"}, "extra", set(), where="x.toml", kind="Extra", conditions_note="")
+    with pytest.raises(RunConfigError, match="x.toml: a Extra config has fixed conditions"):
+        split_extension_table({**raw, "conditions": ["base"]}, "extra", {"rounds"}, where="x.toml", kind="Extra",
+                              conditions_note="has fixed conditions")
+    with pytest.raises(RunConfigError, match=r"unknown keys in \[extra\]: \['rounds'\]; known keys: \['size'\]"):
+        split_extension_table(raw, "extra", {"size"}, where="x.toml", kind="Extra", conditions_note="")
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended:
+        knowledge: RunConfig
+        rounds: int = 2
+
+    knowledge = RunConfig.from_dict({"name": "x", "model": "m", "conditions": ["base"]})
+    out = extension_json(knowledge, Extended(knowledge, rounds=3), "extra")
+    assert out["extra"] == {"rounds": 3} and "conditions" not in out and out["model"] == "m"
