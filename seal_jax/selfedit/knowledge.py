@@ -10,7 +10,7 @@ condition), never from the order of work, so a resumed run gives the same rows a
 
 The ``template`` condition (template search, arXiv 2601.14532, inside an ordinary knowledge run): the model
 proposes **one template per run** (``candidates`` proposals sampled together per attempt, the first
-valid one kept; the meta-prompt of :func:`~seal_jax.selfedit.templates.meta_prompt`,
+valid one kept; the meta-prompt of :func:`~seal_jax.selfedit.meta_prompts.meta_prompt`,
 showing the seeded archive's human strategies unless ``template_condition.archive = false``; exploit
 sampling; seeded by the run's seed; invalid answers retried), stored in ``template.json`` and reused on
 resume. For each passage it is filled K times (one batched ``generate``), each fill is parsed as
@@ -538,7 +538,7 @@ def generate_self_edits(lm: Any, passage: Passage, config: RunConfig, template: 
     """K sampled self-edits for every generating condition of the run, in one batch per condition; with
     ``template`` (a :class:`~seal_jax.selfedit.templates.Template`) also K fills of it under ``"template"``."""
     from seal_jax.lm.sampling import SamplingParams
-    from seal_jax.selfedit.templates import fill_prompt
+    from seal_jax.selfedit.meta_prompts import fill_prompt
 
     out: dict[str, list[str]] = {}
     for name in config.conditions:
@@ -644,8 +644,10 @@ def propose_run_template(lm: Any, config: RunConfig, out: Path) -> tuple[Any, st
 
     Returns ``(Template or None, failure reason or None)``.
     """
+    from seal_jax.selfedit.archive import Archive
+    from seal_jax.selfedit.meta_prompts import meta_prompt
     from seal_jax.selfedit.proposals import Proposal, chosen, propose
-    from seal_jax.selfedit.templates import Archive, Template, meta_prompt
+    from seal_jax.selfedit.templates import Template
 
     path = out / "template.json"
     saved = agree(lambda: json.loads(path.read_text()) if path.is_file() else None)

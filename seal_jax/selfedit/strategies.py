@@ -136,7 +136,7 @@ def training_sequences(passage: Passage, completion: str | None, *, include_pass
 
 
 FILL_FALLBACKS = ("none", "lines")
-# The example answer of seal_jax.selfedit.templates.fill_prompt; small models copy it verbatim.
+# The example answer of seal_jax.selfedit.meta_prompts.fill_prompt; small models copy it verbatim.
 FILL_PLACEHOLDERS = ("first training text", "second training text")
 
 
