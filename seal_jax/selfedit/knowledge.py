@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.data import DataError, Passage, load_passages, load_seal_selfedits, select_passages
+from seal_jax.selfedit.judge import JudgeGrader
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.strategies import (
     FILL_FALLBACKS,
@@ -509,7 +510,7 @@ def make_grader(config: RunConfig, lm: Any) -> BatchGrader:
     setting. The LLM judges (``judge``, ``rules+judge``, asking ``lm``) add ``graded_by`` (``"rules"``,
     ``"model"`` or ``"empty"``) and ``judge_reply`` (the model's raw reply, or None) to every verdict."""
     if config.grader in grading.JUDGE_GRADERS:
-        judge = grading.JudgeGrader(lm, rules_first=grading.JUDGE_GRADERS[config.grader], chat=config.chat)
+        judge = JudgeGrader(lm, rules_first=grading.JUDGE_GRADERS[config.grader], chat=config.chat)
         return lambda items: [{"correct": r.verdict, "graded_by": r.source, "judge_reply": r.reply}
                               for r in judge.judge(items)]
     fn = grading.get_grader(config.grader)
