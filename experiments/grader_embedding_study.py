@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seal_jax.selfedit import grading
+from seal_jax.selfedit import calibration, grading
 from seal_jax.selfedit.embeddings import load_encoder
 
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "grader_calibration.jsonl"
@@ -113,7 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calibration", type=Path, default=DEFAULT_CALIBRATION)
     args = ap.parse_args()
-    tune, _ = grading.split_calibration(grading.load_calibration(args.calibration), seed=0)
+    tune, _ = calibration.split_calibration(calibration.load_calibration(args.calibration), seed=0)
     encoder = load_encoder()
     read = [(r, *grading._rule_verdict(r["question"], r["gold"], r["prediction"])) for r in tune]
     print(f"tune half: {len(tune)} rows; rules say yes {sum(v is True for _, v, _ in read)}, "

@@ -29,7 +29,7 @@ from grader_embedding_study import DEFAULT_CALIBRATION, auc, best_net_gain
 from tqdm import tqdm
 
 import seal_jax
-from seal_jax.selfedit import grading
+from seal_jax.selfedit import calibration, grading
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-instruct"
 MAX_PROMPT_TOKENS = 200  # the prompt's last tokens (long run-on answers are cut from the left)
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
-    tune, _ = grading.split_calibration(grading.load_calibration(args.calibration), seed=0)
+    tune, _ = calibration.split_calibration(calibration.load_calibration(args.calibration), seed=0)
     lm = seal_jax.load(args.model)
     read = [(r, *grading._rule_verdict(r["question"], r["gold"], r["prediction"])) for r in tune]
     golds = [r["gold"] for r, _, _ in read]

@@ -85,17 +85,18 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Agreement of a grader with the reference verdicts of a calibration file (a split of it, see
-    ``grading.split_calibration``); LLM judges load ``--model`` and judge in batches with a progress bar."""
+    ``calibration.split_calibration``); LLM judges load ``--model`` and judge in batches with a progress bar."""
     import json
 
     from tqdm.auto import tqdm
 
-    from seal_jax.selfedit import grading
+    from seal_jax.selfedit import calibration, grading
+    from seal_jax.selfedit.judge import JudgeGrader
 
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError(f"--batch-size and --limit must be at least 1, got {args.batch_size} and {args.limit}")
-    rows = grading.load_calibration(args.file)
-    tune, held_out = grading.split_calibration(rows, seed=args.seed)
+    rows = calibration.load_calibration(args.file)
+    tune, held_out = calibration.split_calibration(rows, seed=args.seed)
     part = {"held-out": held_out, "tune": tune, "all": rows}[args.split]
     if args.limit is not None:
         part = part[: args.limit]
@@ -108,16 +109,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         folder = _model_dir(args.model)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no judge model at {folder}; pass --model FOLDER (a local Hugging Face folder)")
-        judge = grading.JudgeGrader(sj.load(folder, dtype=args.dtype), rules_first=grading.JUDGE_GRADERS[args.grader],
-                                    batch_size=args.batch_size)
+        judge = JudgeGrader(sj.load(folder, dtype=args.dtype), rules_first=grading.JUDGE_GRADERS[args.grader],
+                            batch_size=args.batch_size)
         verdicts: list[bool] = []
         for start in tqdm(range(0, len(part), args.batch_size), desc=f"judging ({args.grader})", unit="batch"):
             verdicts += judge.grade_batch(part[start : start + args.batch_size])
-        report = grading.calibration_report(part, verdicts=verdicts)
+        report = calibration.calibration_report(part, verdicts=verdicts)
         extra = {"model": str(folder), "graded_by": dict(sorted(collections.Counter(r.source for r in judge.records).items())),
                  "malformed_replies": len(judge.malformed)}
     else:
-        report = grading.calibration_report(part, grading.get_grader(args.grader))
+        report = calibration.calibration_report(part, grading.get_grader(args.grader))
     print(f"{args.grader} on the {args.split} split of {args.file} ({report['n']} rows, seed {args.seed}):")
     print("| grader | agreement | precision | recall | Cohen's kappa |\n|---|---:|---:|---:|---:|")
     for name, r in ((args.grader, report), ("contains (baseline)", report["baseline"])):

@@ -1,30 +1,20 @@
-"""Grading: SQuAD EM/F1, the offline grader's rule families, its calibration against GPT-4.1, the LLM judge."""
+"""Grading: SQuAD EM/F1, the offline grader's rule families and its agreement with GPT-4.1, the registry."""
 
 from __future__ import annotations
-
-import json
-import random
 
 import pytest
 
 from seal_jax.selfedit import grading
+from seal_jax.selfedit.calibration import calibration_report, load_calibration, split_calibration
 from seal_jax.selfedit.grading import (
     GRADERS,
-    JUDGE_GRADERS,
-    CalibrationError,
-    JudgeGrader,
-    calibration_report,
     contains_gold,
     exact_match,
     f1_score,
     get_grader,
     grade,
-    judge_prompt,
-    load_calibration,
     normalize_answer,
-    parse_judge_reply,
     rule_verdict,
-    split_calibration,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,79 +273,12 @@ def test_registry():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Calibration file, split and report
+# Agreement with GPT-4.1's verdicts on the calibration file (seal_jax.selfedit.calibration)
 
 
 @pytest.fixture(scope="module")
 def calibration(shared_data):
     return load_calibration(shared_data / "grader_calibration.jsonl")
-
-
-def test_load_calibration(calibration):
-    assert len(calibration) == 3114
-    assert all(isinstance(r["verdict"], bool) for r in calibration)
-    assert {"title", "question", "gold", "prediction", "verdict", "source"} <= set(calibration[0])
-
-
-def test_load_calibration_errors(tmp_path):
-    missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        load_calibration(missing)
-    good = {"question": "q", "gold": "g", "prediction": "p", "verdict": True}
-    bad_lines = {
-        "not valid JSON": "{oops",
-        "expected a JSON object": "[1, 2]",
-        "missing field.*verdict": json.dumps({k: v for k, v in good.items() if k != "verdict"}),
-        "field 'gold' must be a string": json.dumps({**good, "gold": 3}),
-        "field 'verdict' must be true/false": json.dumps({**good, "verdict": "maybe"}),
-    }
-    for message, line in bad_lines.items():
-        f = tmp_path / "bad.jsonl"
-        f.write_text(json.dumps(good) + "\n\n" + line + "\n")
-        with pytest.raises(CalibrationError, match=rf"bad\.jsonl, line 3: {message}"):
-            load_calibration(f)
-    f = tmp_path / "ok.jsonl"
-    f.write_text(json.dumps({**good, "verdict": "no"}) + "\n")
-    assert load_calibration(f)[0]["verdict"] is False
-
-
-def test_split_is_deterministic_disjoint_and_complete(calibration):
-    tune, held = split_calibration(calibration, seed=0)
-    tune2, held2 = split_calibration(calibration, seed=0)
-    assert tune == tune2 and held == held2
-    assert (len(tune), len(held)) == (1556, 1558)
-    ids_t, ids_h = {id(r) for r in tune}, {id(r) for r in held}
-    assert not ids_t & ids_h
-    assert ids_t | ids_h == {id(r) for r in calibration}
-    # whole questions go to one side
-    qt = {(r["title"], r["question"]) for r in tune}
-    qh = {(r["title"], r["question"]) for r in held}
-    assert not qt & qh
-    # the split depends on content, not on file order
-    shuffled = list(calibration)
-    random.Random(1).shuffle(shuffled)
-    _, held_shuffled = split_calibration(shuffled, seed=0)
-    assert {id(r) for r in held_shuffled} == ids_h
-    # another seed gives another split of about the same size
-    _, held_other = split_calibration(calibration, seed=1)
-    assert {id(r) for r in held_other} != ids_h
-    assert abs(len(held_other) - len(calibration) / 2) < 10
-    with pytest.raises(ValueError):
-        split_calibration(calibration, held_out_fraction=1.5)
-    assert split_calibration([], seed=0) == ([], [])
-
-
-def test_cohen_kappa_by_hand():
-    rows = [{"question": "q", "gold": "yes", "prediction": p, "verdict": v} for p, v in
-            [("yes", True), ("yes", True), ("yes", False), ("no", True), ("no", False), ("no", False)]]
-    rep = calibration_report(rows, grader=contains_gold)
-    # po = 4/6, both raters say yes half of the time: pe = 1/2, kappa = (2/3 - 1/2) / (1/2) = 1/3
-    assert rep["agreement"] == pytest.approx(4 / 6)
-    assert rep["precision"] == pytest.approx(2 / 3) and rep["recall"] == pytest.approx(2 / 3)
-    assert rep["cohen_kappa"] == pytest.approx(1 / 3)
-    assert (rep["tp"], rep["fp"], rep["fn"], rep["tn"]) == (2, 1, 1, 2)
-    perfect = calibration_report(rows[:1], grader=contains_gold)
-    assert perfect["cohen_kappa"] == 1.0
 
 
 # The rules were written looking at the tune half only. Measured when they were frozen (seed 0):
@@ -388,172 +311,6 @@ def test_held_out_agreement(calibration):
     assert rep_tune["agreement"] >= 0.90  # in-sample, a regression guard for the rules themselves
 
 
-# ----------------------------------------------------------------------------------------------------
-# LLM judge, with a scripted stand-in for the LM facade
-
-
-class FakeLM:
-    """Answers each judge prompt from a script keyed by the answer being checked; records the calls."""
-
-    def __init__(self, script: dict[str, str], default: str = "no"):
-        self.script = script
-        self.default = default
-        self.calls: list[tuple[list[str], object, bool]] = []
-
-    def generate(self, prompts, params, chat=False):
-        self.calls.append((list(prompts), params, chat))
-        out = []
-        for p in prompts:
-            answer = p.split("Answer to check: ", 1)[1].split("\n", 1)[0]
-            out.append(self.script.get(answer, self.default))
-        return out
-
-
-@pytest.mark.parametrize("reply, verdict", [
-    ("yes", True), ("Yes.", True), ("YES, it does", True), ("  no", False), ("No, it contradicts.", False),
-    ("Answer: yes", True), ("<think>the reference says no</think>Yes", True),
-    ("I think no, not really", False),
-    ("Nope", None), ("", None), ("The answer is correct.", None), ("yesterday", None), ("know", None),
-    ("<think>still thinking about whether yes", None), (None, None), (3, None),
-])
-def test_parse_judge_reply(reply, verdict):
-    assert parse_judge_reply(reply) is verdict
-
-
-def test_judge_prompt_carries_the_triple():
-    p = judge_prompt("Where?", "Paris", "It is  in\nParis.")
-    assert "Question: Where?" in p and "Reference answer: Paris" in p
-    assert "Answer to check: It is in Paris." in p  # whitespace squeezed, one line
-    assert "yes or no" in p
-
-
-def test_judge_grader_with_fake_lm():
-    lm = FakeLM({"It was Paris.": "Yes", "Lyon.": "no.", "Paris or Lyon.": "Hmm, hard to say",
-                 "Capital: Paris": "<think>same city</think>\nyes"})
-    judge = JudgeGrader(lm, batch_size=2, params_factory=lambda n: {"max_new_tokens": n, "temperature": 0.0})
-    items = [("Where?", "Paris", "It was Paris."), ("Where?", "Paris", "Lyon."),
-             {"question": "Where?", "gold": "Paris", "prediction": "Paris or Lyon."},
-             ("Where?", "Paris", ""), ("Where?", "Paris", "Capital: Paris")]
-    assert judge.grade_batch(items) == [True, False, False, False, True]
-    # the empty answer was not sent; 4 prompts in batches of 2, greedy params, chat on by default
-    assert [len(c[0]) for c in lm.calls] == [2, 2]
-    assert all(c[1] == {"max_new_tokens": 8, "temperature": 0.0} and c[2] is True for c in lm.calls)
-    assert len(judge.records) == 5
-    bad = judge.malformed
-    assert len(bad) == 1 and bad[0].reply == "Hmm, hard to say" and bad[0].verdict is False
-    assert judge.records[3].reply is None and judge.records[3].verdict is False
-    assert judge("Where?", "Paris", "It was Paris.") is True
-    assert judge.grade_batch([]) == []
-
-
-def test_rules_first_judge_asks_only_about_undecided_answers():
-    """With rules_first the offline rules' definite verdicts stand and only undecided answers reach the model."""
-    undecided = ("How are incomes distributed in Sweden?", "more equally", "Incomes are distributed relatively evenly.")
-    contained = ("Where?", "Paris", "It was Paris.")
-    refusal = ("Where?", "Paris", "I don't know.")
-    assert rule_verdict(*undecided) is None and rule_verdict(*contained) is True and rule_verdict(*refusal) is False
-    # the script contradicts the rules on the decided answers: they must not be asked
-    lm = FakeLM({"It was Paris.": "no", "I don't know.": "yes", undecided[2]: "yes"})
-    judge = JudgeGrader(lm, rules_first=True, params_factory=lambda n: {"max_new_tokens": n})
-    assert judge.grade_batch([contained, refusal, undecided, ("Where?", "Paris", " ")]) == [True, False, True, False]
-    assert [len(c[0]) for c in lm.calls] == [1] and undecided[2] in lm.calls[0][0][0]
-    assert [r.source for r in judge.records] == ["rules", "rules", "model", "empty"]
-    assert [r.reply for r in judge.records] == [None, None, "yes", None]
-    # text the rules cannot read is undecided, not a no: the model is asked
-    assert rule_verdict("Capital?", "東京", "東京") is None and grade("Capital?", "東京", "東京") is False
-    assert judge.grade_batch([("Capital?", "東京", "東京")]) == [False]  # FakeLM's default reply is "no"
-    assert len(lm.calls) == 2 and judge.records[-1].source == "model"
-    # without rules_first the same model is asked about every non-empty answer
-    plain = JudgeGrader(FakeLM(lm.script), params_factory=lambda n: {"max_new_tokens": n})
-    assert plain.grade_batch([contained, refusal, undecided]) == [False, True, True]
-    assert JUDGE_GRADERS == {"judge": False, "rules+judge": True}
-    with pytest.raises(ValueError, match="rules\\+judge"):
-        get_grader("rules+judge")  # a model is needed: built by the run with JudgeGrader
-
-
-def test_judge_grader_default_params():
-    from seal_jax import SamplingParams
-
-    lm = FakeLM({}, default="no")
-    judge = JudgeGrader(lm, max_new_tokens=4, chat=False)
-    assert judge.grade_batch([("q", "g", "p")]) == [False]
-    params = lm.calls[0][1]
-    assert isinstance(params, SamplingParams)
-    assert params.max_new_tokens == 4 and params.temperature == 0.0
-    assert lm.calls[0][2] is False
-
-
-def test_judge_grader_errors():
-    class WrongCount(FakeLM):
-        def generate(self, prompts, params, chat=False):
-            return ["yes"]
-
-    judge = JudgeGrader(WrongCount({}), params_factory=lambda n: None)
-    with pytest.raises(ValueError, match="1 replies for 2 prompts"):
-        judge.grade_batch([("q", "g", "a"), ("q", "g", "b")])
-    with pytest.raises(TypeError, match="generate"):
-        JudgeGrader(object())
-    with pytest.raises(ValueError):
-        JudgeGrader(FakeLM({}), max_new_tokens=0)
-
-
 def test_module_is_public_api():
     assert grading.grade is grade
     assert callable(GRADERS["offline"])
-
-
-# ----------------------------------------------------------------------------------------------------
-# `seal-jax calibrate`
-
-
-def test_calibration_report_from_ready_verdicts(calibration):
-    rows = calibration[:40]
-    mine = [grade(r["question"], r["gold"], r["prediction"]) for r in rows]
-    assert calibration_report(rows, verdicts=mine) == calibration_report(rows)
-    flipped = calibration_report(rows, verdicts=[not v for v in mine])
-    assert flipped["agreement"] == pytest.approx(1 - calibration_report(rows)["agreement"])
-    with pytest.raises(ValueError, match="got 2 verdicts for 40 rows"):
-        calibration_report(rows, verdicts=[True, False])
-
-
-def test_calibrate_command(shared_data, calibration, tmp_path, capsys):
-    from seal_jax.cli import main as cli_main
-
-    out = tmp_path / "report.json"
-    assert cli_main(["calibrate", str(shared_data / "grader_calibration.jsonl"), "--split", "tune", "--limit", "60",
-                     "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
-    tune, _ = split_calibration(calibration, seed=0)
-    want = calibration_report(tune[:60])
-    assert report["n"] == 60 and report["split"] == "tune" and report["grader"] == "offline"
-    assert report["agreement"] == pytest.approx(want["agreement"]) and report["baseline"] == want["baseline"]
-    assert f"| offline | {want['agreement']:.3f} |" in capsys.readouterr().out
-    assert cli_main(["calibrate", str(tmp_path / "missing.jsonl")]) == 1
-    assert "calibration file not found" in capsys.readouterr().err
-    assert cli_main(["calibrate", "--batch-size", "0"]) == 1
-    assert "--batch-size and --limit must be at least 1" in capsys.readouterr().err
-
-
-def test_calibrate_command_with_a_judge_model(tiny_chat_dir, tmp_path, capsys):
-    """rules+judge through the CLI: the rules decide two rows, the (random tiny) model the other two."""
-    from seal_jax.cli import main as cli_main
-
-    rows = [{"question": "Where?", "gold": "Paris", "prediction": "It was Paris.", "verdict": True},
-            {"question": "Where?", "gold": "Paris", "prediction": "I don't know.", "verdict": False},
-            {"question": "How?", "gold": "more equally", "prediction": "Relatively evenly.", "verdict": True},
-            {"question": "Who?", "gold": "the Lama", "prediction": "A monk.", "verdict": False}]
-    path = tmp_path / "cal.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "judge.json"
-    args = ["calibrate", str(path), "--split", "all", "--grader", "rules+judge", "--batch-size", "2", "--out", str(out)]
-    assert cli_main([*args, "--model", str(tiny_chat_dir)]) == 0
-    report = json.loads(out.read_text())
-    assert report["n"] == 4 and report["graded_by"] == {"model": 2, "rules": 2}
-    assert report["model"] == str(tiny_chat_dir)
-    import seal_jax as sj  # the same model asked directly about the two undecided rows
-
-    records = JudgeGrader(sj.load(tiny_chat_dir, progress=False), batch_size=2).judge(
-        [(r["question"], r["gold"], r["prediction"]) for r in rows[2:]])
-    assert report["malformed_replies"] == sum(not r.parsed for r in records)
-    assert cli_main([*args, "--model", str(tmp_path / "nowhere")]) == 1
-    assert "no judge model at" in capsys.readouterr().err

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from seal_jax.selfedit.meta_prompts import EXPLOIT, EXPLORE, PROPOSAL_SCHEDULE
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
-from seal_jax.selfedit.templates import EXPLOIT, EXPLORE, PROPOSAL_SCHEDULE, TemplateError
+from seal_jax.selfedit.templates import TemplateError
 
 VALID = {"data_creation_instruction": "Restate every fact of the passage in plain sentences.", "lora_rank": 24,
          "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 1e-4, "num_epochs": 3,

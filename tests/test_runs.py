@@ -94,8 +94,8 @@ def test_accelerator_configs_carry_the_protocol():
     assert fields_of(restem.sft_train_spec(), SEAL_SFT_TRAIN) == expected(SEAL_SFT_TRAIN)
     assert fields_of(restem.knowledge.lora_spec(), SEAL_INNER_LORA) == expected(SEAL_INNER_LORA)
 
+    from seal_jax.selfedit.meta_prompts import EXPLOIT, EXPLORE, PROPOSAL_SCHEDULE
     from seal_jax.selfedit.proposals import schedule
-    from seal_jax.selfedit.templates import EXPLOIT, EXPLORE, PROPOSAL_SCHEDULE
 
     assert schedule(5, PROPOSAL_SCHEDULE) == ["exploit"] * 3 + ["explore"] * 2
     assert EXPLOIT == {"temperature": 0.6, "top_p": 0.95, "min_p": 0.05}

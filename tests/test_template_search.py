@@ -12,6 +12,7 @@ import json
 import pytest
 
 import seal_jax as sj
+from seal_jax.selfedit.archive import Archive, ArchiveEntry
 from seal_jax.selfedit.results import ROW_FIELDS, read_rows
 from seal_jax.selfedit.run_config import RunConfigError
 from seal_jax.selfedit.runs import config_from_dict, kind_of
@@ -23,7 +24,7 @@ from seal_jax.selfedit.template_search import (
     template_scores,
     training_passages,
 )
-from seal_jax.selfedit.templates import Archive, ArchiveEntry, Template
+from seal_jax.selfedit.templates import Template
 
 TEMPLATE_A = {"data_creation_instruction": "List every fact of the passage as short separate sentences.",
               "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 0.005, "num_epochs": 2,
@@ -384,8 +385,8 @@ def test_held_out_evaluation_of_the_best_template(tiny_chat_dir, tiny_lm, tmp_pa
 
 def test_sft_pairs_selection_without_a_model():
     from seal_jax.selfedit.data import load_passages
+    from seal_jax.selfedit.meta_prompts import fill_prompt
     from seal_jax.selfedit.template_search import sft_pairs
-    from seal_jax.selfedit.templates import fill_prompt
 
     passages = {p.id: p for p in load_passages("demo", n=2)}
     templates = {"it1-t0": Template.from_dict(TEMPLATE_A), "it1-t1": Template.from_dict(TEMPLATE_B)}

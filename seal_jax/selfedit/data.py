@@ -269,7 +269,7 @@ def load_hub_passages(name: str, split: str = "validation") -> list[Passage]:
     """
     origin = f"{HUB_PREFIX}{name}:{split}"
     try:
-        import datasets
+        import datasets  # deferred: Hugging Face datasets is heavy and only the hub: source needs it
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise DataError(f"{origin}: the 'datasets' package is not installed; {_LOCAL_HINT}") from e
     try:

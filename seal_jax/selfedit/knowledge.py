@@ -10,7 +10,7 @@ condition), never from the order of work, so a resumed run gives the same rows a
 
 The ``template`` condition (template search, arXiv 2601.14532, inside an ordinary knowledge run): the model
 proposes **one template per run** (``candidates`` proposals sampled together per attempt, the first
-valid one kept; the meta-prompt of :func:`~seal_jax.selfedit.templates.meta_prompt`,
+valid one kept; the meta-prompt of :func:`~seal_jax.selfedit.meta_prompts.meta_prompt`,
 showing the seeded archive's human strategies unless ``template_condition.archive = false``; exploit
 sampling; seeded by the run's seed; invalid answers retried), stored in ``template.json`` and reused on
 resume. For each passage it is filled K times (one batched ``generate``), each fill is parsed as
@@ -33,9 +33,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from seal_jax.lm.types import SamplingParams
+from seal_jax.selfedit.archive import Archive
 from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.engine import LanguageModel, load_model
 from seal_jax.selfedit.episode import BatchGrader, Job, make_grader, score_base, train_and_score
+from seal_jax.selfedit.meta_prompts import fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.proposals import Proposal, chosen, propose
 from seal_jax.selfedit.results import append_passage, read_rows, result_row, summarize, summary_markdown
@@ -48,7 +50,7 @@ from seal_jax.selfedit.strategies import (
     self_edit_prompt,
     training_sequences,
 )
-from seal_jax.selfedit.templates import Archive, Template, fill_prompt, meta_prompt
+from seal_jax.selfedit.templates import Template
 
 
 def generate_self_edits(lm: LanguageModel, passage: Passage, config: RunConfig,

@@ -54,7 +54,9 @@ def require_visible(path: str | Path, what: str) -> None:
     if process_count() == 1:
         seen = [here]
     else:
-        from jax.experimental import multihost_utils  # loaded: process_count() > 1 means jax is
+        from jax.experimental import (
+            multihost_utils,  # deferred: only a multi-process run (jax loaded) needs it
+        )
 
         seen = np.asarray(multihost_utils.process_allgather(np.array([here]))).reshape(-1).tolist()
     missing = [i for i, ok in enumerate(seen) if not ok]
@@ -74,7 +76,7 @@ def agree(read: Callable[[], T]) -> T:
     """
     if process_count() == 1:
         return json.loads(json.dumps(read()))
-    from jax.experimental import multihost_utils  # loaded: process_count() > 1 means jax is
+    from jax.experimental import multihost_utils  # deferred: only a multi-process run (jax loaded) needs it
 
     error: BaseException | None = None
     payload = np.zeros(0, np.uint8)

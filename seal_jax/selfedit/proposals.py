@@ -2,7 +2,7 @@
 
 Shared by the template search (:mod:`seal_jax.selfedit.template_search`) and the ``template`` condition of
 knowledge runs (:mod:`seal_jax.selfedit.knowledge`). Every slot asks the same meta-prompt; a slot's kind
-(``exploit`` or ``explore``) fixes its sampling (:func:`seal_jax.selfedit.templates.proposal_sampling`).
+(``exploit`` or ``explore``) fixes its sampling (:func:`seal_jax.selfedit.meta_prompts.proposal_sampling`).
 All pending slots of one kind are sampled in one batched ``generate`` call per attempt; a slot whose
 output does not parse as a template (:func:`~seal_jax.selfedit.templates.parse_template`) is asked again,
 up to ``max_retries`` more times. Every attempt is recorded with its raw text and, if rejected, the reason;
@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from seal_jax.selfedit.engine import LanguageModel
-
+from seal_jax.selfedit.meta_prompts import proposal_sampling
 from seal_jax.selfedit.run_config import derived_seed
-from seal_jax.selfedit.templates import Template, TemplateError, parse_template, proposal_sampling
+from seal_jax.selfedit.templates import Template, TemplateError, parse_template
 
 PROPOSAL_FIELDS = ("slot", "kind", "attempt", "valid", "reason", "notes", "template", "text")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from seal_jax.selfedit.knowledge import run_knowledge
+from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
 from seal_jax.selfedit.results import summary_markdown
 from seal_jax.selfedit.run_config import RunConfig, RunConfigError, read_toml
-from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
 from seal_jax.selfedit.template_search import TemplateSearchConfig, run_template_search, template_markdown
 
 KINDS = ("knowledge", "restem", "templates")

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from seal_jax.selfedit.data import Passage
+from seal_jax.selfedit.templates import TemplateError, parse_fill
 
 NUMBERED = re.compile(r"^\s*(?:1[.)]|\(1\)|#+\s*1\b|\*\*1[.)])")
 
@@ -136,7 +137,7 @@ def training_sequences(passage: Passage, completion: str | None, *, include_pass
 
 
 FILL_FALLBACKS = ("none", "lines")
-# The example answer of seal_jax.selfedit.templates.fill_prompt; small models copy it verbatim.
+# The example answer of seal_jax.selfedit.meta_prompts.fill_prompt; small models copy it verbatim.
 FILL_PLACEHOLDERS = ("first training text", "second training text")
 
 
@@ -155,8 +156,6 @@ def fill_pieces(text: str, fallback: str = "none") -> tuple[list[str], bool]:
     training text") are dropped either way. Returns ``(pieces, used_fallback)``; raises
     :class:`~seal_jax.selfedit.templates.TemplateError` when no usable piece is left.
     """
-    from seal_jax.selfedit.templates import TemplateError, parse_fill
-
     if fallback not in FILL_FALLBACKS:
         raise StrategyError(f"unknown fill_fallback {fallback!r}; choose from {FILL_FALLBACKS}")
     try:

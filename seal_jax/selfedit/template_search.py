@@ -3,10 +3,10 @@
 An **iteration** (folder ``iteration-N/``):
 
 1. **Propose.** The current generator is asked for ``templates_per_iteration`` templates with one
-   meta-prompt (:func:`~seal_jax.selfedit.templates.meta_prompt`): without an archive (``noarchive``), or
+   meta-prompt (:func:`~seal_jax.selfedit.meta_prompts.meta_prompt`): without an archive (``noarchive``), or
    showing the archive's best, second best, second worst and worst entries (``archive``; ``novelty`` ranks
-   them by score + λ·novelty, :class:`~seal_jax.selfedit.templates.NoveltyArchive`). Slots follow the
-   paper's schedule, 3 exploit + 2 explore (:data:`~seal_jax.selfedit.templates.PROPOSAL_SCHEDULE`);
+   them by score + λ·novelty, :class:`~seal_jax.selfedit.archive.NoveltyArchive`). Slots follow the
+   paper's schedule, 3 exploit + 2 explore (:data:`~seal_jax.selfedit.meta_prompts.PROPOSAL_SCHEDULE`);
    invalid answers are retried up to ``max_retries`` times; every attempt, with its rejection reason, is in
    ``proposals.jsonl``. Valid templates get ids ``itN-tS`` (S = slot).
 2. **Score.** For every training passage: the inner-loop model answers the questions (accuracy before);
@@ -26,7 +26,7 @@ An **iteration** (folder ``iteration-N/``):
 3. **Evaluate** (optional ``eval_data``): the iteration's best template is scored the same way on
    held-out passages (``iteration-N/eval/results.jsonl``), which the training passages never include.
 4. **SFT** (``sft = true``, every iteration but the last): ReST-EM on the iteration's results —
-   :func:`~seal_jax.selfedit.templates.select_top` keeps the top ``sft_top_k`` templates of each passage
+   :func:`~seal_jax.selfedit.archive.select_top` keeps the top ``sft_top_k`` templates of each passage
    with their best fill, giving (meta-prompt → template JSON) and (fill prompt → fill JSON) pairs
    (``sft_rows.jsonl``, prompts with the chat template applied, completions canonical JSON so the model
    learns the format); the generator is fine-tuned on them (loss on the completion only; SEAL's r=64,
@@ -72,7 +72,13 @@ from tqdm.auto import tqdm
 
 from seal_jax.lm.tokenizer import format_chat
 from seal_jax.lm.types import LoraSpec, SamplingParams, TrainSpec
+from seal_jax.selfedit.archive import Archive, ArchiveEntry, NoveltyArchive, select_top
 from seal_jax.selfedit.data import Passage
+from seal_jax.selfedit.diversity import (
+    hyperparameter_similarity,
+    instruction_embeddings_with_backend,
+    mean_sequence_chars,
+)
 from seal_jax.selfedit.engine import LanguageModel
 from seal_jax.selfedit.episode import BatchGrader, Job, make_grader, score_base, train_and_score
 from seal_jax.selfedit.generator import (
@@ -83,6 +89,7 @@ from seal_jax.selfedit.generator import (
     sft_train_spec,
     train_and_export,
 )
+from seal_jax.selfedit.meta_prompts import PROPOSAL_SCHEDULE, fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
 from seal_jax.selfedit.results import append_passage, passages_done, read_rows, result_row, write_jsonl
@@ -99,20 +106,7 @@ from seal_jax.selfedit.run_config import (
     split_extension_table,
 )
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, fill_pieces, pieces_to_sequences
-from seal_jax.selfedit.templates import (
-    PROPOSAL_SCHEDULE,
-    Archive,
-    ArchiveEntry,
-    NoveltyArchive,
-    Template,
-    TemplateError,
-    fill_prompt,
-    hyperparameter_similarity,
-    instruction_embeddings_with_backend,
-    mean_sequence_chars,
-    meta_prompt,
-    select_top,
-)
+from seal_jax.selfedit.templates import Template, TemplateError
 
 VARIANTS = ("noarchive", "archive", "novelty")
 INNER_MODELS = ("generator", "base")
@@ -142,7 +136,7 @@ class TemplateSearchConfig:
       fill_fallback: ``"none"`` or ``"lines"`` (split a fill that is not valid JSON by SEAL's rules; for
         small models; recorded per row).
       max_epochs: cap on a template's epochs (CPU budgets), or ``None`` for the template's own.
-      novelty: ``{k, weight, lam}`` of the :class:`~seal_jax.selfedit.templates.NoveltyArchive`.
+      novelty: ``{k, weight, lam}`` of the :class:`~seal_jax.selfedit.archive.NoveltyArchive`.
       similarity_backend: instruction embeddings for the diversity metrics and novelty: ``auto`` (MiniLM
         when fetched, else TF-IDF), ``embeddings`` or ``tfidf``.
       inner_model: ``generator`` (the evolving model takes the LoRA updates) or ``base``.
@@ -367,7 +361,7 @@ def diversity(templates: Sequence[Template], fills: Sequence[Sequence[str]], bac
 def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], templates: dict[str, Template],
               meta: str, *, k: int, chat: bool, tokenizer: Any = None, positive_gain_only: bool = False
               ) -> list[dict[str, Any]]:
-    """The SFT rows of one iteration: :func:`~seal_jax.selfedit.templates.select_top` over its template
+    """The SFT rows of one iteration: :func:`~seal_jax.selfedit.archive.select_top` over its template
     rows (top ``k`` templates per passage, each with its best fill); with ``positive_gain_only`` only fills
     whose accuracy beat the accuracy before compete.
 

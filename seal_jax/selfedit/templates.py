@@ -1,11 +1,12 @@
-"""Template search, the pure part: templates, parsing, prompts, similarity, archives and SFT selection.
+"""Template search, the pure core: templates, their ranges, and parsing model-written templates and fills.
 
 A *template* (Cheong et al., arXiv 2601.14532) is a self-edit strategy written by the model itself: a
 data-creation instruction plus the hyperparameters of the next-token-prediction (NTP) update that follows.
-The search loop (elsewhere) asks the model for templates with :func:`meta_prompt`, parses them with
-:func:`parse_template`, fills each one per passage with :func:`fill_prompt` / :func:`parse_fill`, trains and
-scores, and keeps an :class:`Archive`. Nothing here calls a language model or needs JAX; model-written text
-is parsed as JSON and validated, never executed.
+The search loop (elsewhere) asks the model for templates with
+:func:`~seal_jax.selfedit.meta_prompts.meta_prompt`, parses them with :func:`parse_template`, fills each
+one per passage with :func:`~seal_jax.selfedit.meta_prompts.fill_prompt` / :func:`parse_fill`, trains and
+scores, and keeps an :class:`~seal_jax.selfedit.archive.Archive`. Nothing here calls a language model or
+needs JAX; model-written text is parsed as JSON and validated, never executed.
 
 Allowed ranges (batch size is always 1). Out-of-range numbers are clamped and each change is recorded in
 ``Template.notes``; wrong types, missing fields, NaN/inf and empty or absurdly short instructions are
@@ -14,7 +15,7 @@ rejected with :class:`TemplateError`:
 ==============================  ==========================================================================
 ``lora_rank``                   powers of two 4 … 64; other values snap to the nearest power of two in log
                                 space (24 → 32, 20 → 16), then clamp
-``lora_alpha``                  1 … 256 (the same span as the similarity scale below; scale = alpha / rank)
+``lora_alpha``                  1 … 256 (the span of its scale in ``diversity``; scale = alpha / rank)
 ``lora_dropout``                0 … 0.99 (the paper's 0–1, closed below 1 because LoRA dropout must be < 1)
 ``learning_rate``               1e-5 … 5e-3
 ``num_epochs``                  whole numbers 1 … 20 (non-integers round half up)
@@ -22,41 +23,10 @@ rejected with :class:`TemplateError`:
 ``data_creation_instruction``   at least 20 characters and 4 words, at most 4,000 characters
 ==============================  ==========================================================================
 
-Hyperparameter similarity of a set of templates (the paper's measure): the mean over pairs and fields of
-``max(0, 1 − |Δ| / range)`` on fixed scales — rank log2 [4, 64], alpha log2 [1, 256], dropout linear
-[0, 1], learning rate log10 [1e-5, 5e-3], epochs linear [1, 20], grad-accum linear [1, 8]. Sets of fewer
-than two templates have no pair and raise :class:`TemplateError` (so an iteration with one usable template
-cannot masquerade as "fully homogeneous").
-
-Instruction similarity is the mean pairwise cosine of instruction embeddings. The embeddings come from
-``seal_jax.selfedit.embeddings.embed`` (a sentence-embedding model, rows L2-normalised) when that module
-imports and does not raise ``EmbeddingsUnavailable``; otherwise from the fallback, character 3-gram TF-IDF
-vectors computed in numpy over the given texts (lower-cased, whitespace collapsed, smoothed idf
-``ln((1 + N) / (1 + df)) + 1``, rows L2-normalised): identical texts have cosine 1, texts without a
-shared 3-gram cosine 0. :func:`instruction_embeddings_with_backend` and :func:`similarity_backend` say
-which backend was used.
-
-Archives. :class:`Archive` is the paper's archive: seeded with four human strategies and their scores,
-every scored template is added, and the meta-prompt shows the best, second best, second worst and worst
-entries. :class:`NoveltyArchive` (ours) adds novelty pressure. We chose **novelty search with a combined
-objective** over MAP-Elites: an entry's novelty is its mean distance to its k nearest other entries,
-distance = w·(1 − instruction cosine) + (1 − w)·(1 − pairwise hyperparameter similarity), and entries are
-ranked (for the meta-prompt, and by the loop for selection) by ``score + λ·novelty``. MAP-Elites needs a
-behaviour descriptor cut into cells; ours is a text embedding plus six hyperparameters, any binning of it
-would be arbitrary, and with five templates per iteration the archive holds a few dozen entries, so nearly
-every cell would hold one entry and "the elite of each cell" would mean "every entry". k-nearest-neighbour
-novelty needs no binning, is defined from the second entry on, and keeps pushing away from the cluster the
-paper saw the plain archive collapse into within three iterations. Defaults: k = 3, w = 0.5, λ = 0.25 (a
-completely new instruction at equal hyperparameters, distance 0.5, is worth 0.125 of accuracy).
-
-Seed scores. The brief asks for the seed scores of Cheong et al.; the paper's text with its tables was not
-reachable from this machine (only its abstract), so the seeds carry SEAL's numbers (Zweiger et al., arXiv
-2506.10943, Qwen2.5-7B, 200 SQuAD passages) as listed in DESIGN.md: rewrite 0.494; long implications ≈
-base-model implications 0.397; repeat verbatim ≈ passage only 0.335; empty ≈ base model 0.327. Gains are
-normalized against that base: (score − 0.327) / (1 − 0.327).
-
-Proposal sampling follows the paper: 3 *exploit* proposals (temperature 0.6, top-p 0.95, min-p 0.05) and 2
-*explore* proposals (temperature 1.3, top-p 0.95, min-p 0.1) per iteration.
+The rest of template search's pure part lives beside this module: the prompts and proposal sampling in
+:mod:`~seal_jax.selfedit.meta_prompts`, the archives and SFT selection in :mod:`~seal_jax.selfedit.archive`,
+the similarity and diversity metrics in :mod:`~seal_jax.selfedit.diversity` (whose
+:func:`hyperparameter_similarity` and :func:`instruction_similarity` are re-exported here).
 """
 
 from __future__ import annotations
@@ -64,32 +34,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # the engine is imported lazily, where it is used
-    from seal_jax.lm.lora import LoraSpec
-    from seal_jax.lm.sampling import SamplingParams
-    from seal_jax.lm.training import TrainSpec
+# public here as sj.templates.hyperparameter_similarity / sj.templates.instruction_similarity (DESIGN.md)
+from seal_jax.lm.types import LoraSpec, TrainSpec
+from seal_jax.selfedit.diversity import hyperparameter_similarity, instruction_similarity
+from seal_jax.selfedit.template_errors import TemplateError, _number
 
 __all__ = [
-    "EXPLOIT", "EXPLORE", "FIELDS", "HYPERPARAMETERS", "PLACEHOLDER_INSTRUCTION", "PROPOSAL_SCHEDULE",
-    "SEAL_HYPERPARAMETERS", "SEED_BASE_ACCURACY", "SEED_SCORES", "Archive", "ArchiveEntry",
-    "NoveltyArchive", "Template", "TemplateError", "fill_prompt", "hyperparameter_similarity",
-    "instruction_embeddings", "instruction_embeddings_with_backend", "instruction_similarity",
-    "mean_sequence_chars", "meta_prompt", "normalized_gain", "pairwise_hyperparameter_similarity",
-    "pairwise_instruction_similarity", "parse_fill", "parse_template", "proposal_sampling",
-    "select_top", "similarity_backend",
+    "FIELDS", "HYPERPARAMETERS", "PLACEHOLDER_INSTRUCTION", "SEAL_HYPERPARAMETERS", "Template",
+    "TemplateError", "hyperparameter_similarity", "instruction_similarity", "parse_fill", "parse_template",
 ]
-
-
-class TemplateError(ValueError):
-    """A template, fill or archive row that cannot be used; the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,16 +68,6 @@ MIN_INSTRUCTION_CHARS = 20
 MIN_INSTRUCTION_WORDS = 4
 MAX_INSTRUCTION_CHARS = 4000
 
-# (scale, low, high) of each hyperparameter for the similarity measure.
-SIMILARITY_SCALES: dict[str, tuple[str, float, float]] = {
-    "lora_rank": ("log2", 4.0, 64.0),
-    "lora_alpha": ("log2", 1.0, 256.0),
-    "lora_dropout": ("linear", 0.0, 1.0),
-    "learning_rate": ("log10", 1e-5, 5e-3),
-    "num_epochs": ("linear", 1.0, 20.0),
-    "gradient_accumulation_steps": ("linear", 1.0, 8.0),
-}
-
 SEAL_HYPERPARAMETERS: dict[str, Any] = {
     "lora_rank": 32, "lora_alpha": 64.0, "lora_dropout": 0.0, "learning_rate": 1e-3, "num_epochs": 10,
     "gradient_accumulation_steps": 1,
@@ -130,7 +79,6 @@ MAX_TEXT_CHARS = 1_000_000   # longer model outputs are rejected outright
 MAX_CANDIDATES = 64          # at most this many '{' positions are tried as JSON objects
 MAX_REPAIRS = 8              # at most this many failed candidates get the trailing-comma repair
 MAX_REPAIR_CHARS = 50_000    # the repair scans at most this far
-MAX_NUMBER_CHARS = 64        # a number written as a string may be at most this long
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -141,28 +89,6 @@ def _clean_text(text: str) -> str:
     """``text`` stripped, without control characters (tabs and newlines kept), lone surrogates → U+FFFD."""
     return _SURROGATE.sub("\ufffd", _CONTROL.sub("", text)).strip()
 
-
-def _number(name: str, value: Any) -> float:
-    """``value`` as a finite float; strings like ``"1e-4"`` are accepted, bools and NaN/inf are not."""
-    if isinstance(value, bool) or value is None:
-        raise TemplateError(f"{name} must be a number, got {value!r}")
-    if isinstance(value, str):
-        text = value.strip()
-        if not text or len(text) > MAX_NUMBER_CHARS:
-            raise TemplateError(f"{name} must be a number, got the string {value[:80]!r}")
-        try:
-            value = float(text)
-        except ValueError:
-            raise TemplateError(f"{name} must be a number, got the string {value[:80]!r}") from None
-    if not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TemplateError(f"{name} must be a number, got {type(value).__name__}")
-    try:
-        number = float(value)
-    except OverflowError:  # an int too large for a float
-        number = math.inf if value > 0 else -math.inf
-    if not math.isfinite(number):
-        raise TemplateError(f"{name} must be a finite number, got {value!r}")
-    return number
 
 
 def _round_half_up(x: float) -> int:
@@ -310,16 +236,12 @@ class Template:
 
     def lora_spec(self, targets: Sequence[str] = ("q_proj", "v_proj")) -> LoraSpec:
         """This template's adapter as a ``seal_jax.LoraSpec(rank, alpha, dropout, targets)``."""
-        from seal_jax.lm.lora import LoraSpec
-
         return LoraSpec(rank=int(self.lora_rank), alpha=float(self.lora_alpha),
                         dropout=float(self.lora_dropout), targets=tuple(targets))
 
     def train_spec(self, **overrides: Any) -> TrainSpec:
         """This template's training as a ``seal_jax.TrainSpec``: its learning rate, epochs and grad-accum,
         batch size 1; ``overrides`` set any other ``TrainSpec`` field (``seed``, ``max_len``, …)."""
-        from seal_jax.lm.training import TrainSpec
-
         known = {f.name for f in dataclasses.fields(TrainSpec)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -515,544 +437,3 @@ def parse_fill(text: str, *, allow_truncated: bool = True) -> list[str]:
         reason = ("the output starts a training_sequences list but holds no complete string in it: it was cut "
                   "off (raise max_new_tokens) or is malformed")
     raise TemplateError(reason or 'no {"training_sequences": [...]} object found in the fill output')
-
-
-# ----------------------------------------------------------------------------------------------------
-# Similarity and diversity
-
-def _hyperparameters_of(item: Any) -> dict[str, Any]:
-    if isinstance(item, ArchiveEntry):
-        item = item.template
-    if isinstance(item, Template):
-        return item.to_dict()
-    if isinstance(item, Mapping):
-        return dict(item)
-    raise TemplateError(f"expected a Template, ArchiveEntry or dict, got {type(item).__name__}")
-
-
-def _scaled(templates: Sequence[Any]) -> np.ndarray:
-    """``[N, 6]`` positions of the templates' hyperparameters on the similarity scales (0 … 1 in range)."""
-    rows = []
-    for item in templates:
-        d = _hyperparameters_of(item)
-        row = []
-        for name, (scale, low, high) in SIMILARITY_SCALES.items():
-            if name not in d:
-                raise TemplateError(f"template has no {name}; hyperparameter similarity needs "
-                                    f"{list(SIMILARITY_SCALES)}")
-            value = _number(name, d[name])
-            if scale == "linear":
-                row.append((value - low) / (high - low))
-                continue
-            if value <= 0:
-                raise TemplateError(f"{name} must be positive for its log scale, got {value!r}")
-            log = math.log2 if scale == "log2" else math.log10
-            row.append((log(value) - log(low)) / (log(high) - log(low)))
-        rows.append(row)
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(SIMILARITY_SCALES))
-
-
-def pairwise_hyperparameter_similarity(templates: Sequence[Any]) -> np.ndarray:
-    """``[N, N]`` similarity of every pair: mean over the six fields of ``max(0, 1 − |Δ|/range)``.
-
-    ``templates``: Template objects, ArchiveEntry objects or dicts with the six hyperparameter fields.
-    """
-    x = _scaled(list(templates))
-    return np.clip(1.0 - np.abs(x[:, None, :] - x[None, :, :]), 0.0, None).mean(axis=-1)
-
-
-def _mean_off_diagonal(matrix: np.ndarray, what: str) -> float:
-    n = matrix.shape[0]
-    if n < 2:
-        raise TemplateError(f"{what} needs at least two items, got {n}")
-    i, j = np.triu_indices(n, k=1)
-    return float(matrix[i, j].mean())
-
-
-def hyperparameter_similarity(templates: Sequence[Any]) -> float:
-    """Mean pairwise hyperparameter similarity of a set of templates (1.0 = identical hyperparameters).
-
-    ``templates``: Template objects, ArchiveEntry objects or dicts with the six hyperparameter fields
-    (numbers may be strings). Raises :class:`TemplateError` for fewer than two templates.
-    """
-    return _mean_off_diagonal(pairwise_hyperparameter_similarity(templates), "hyperparameter_similarity")
-
-
-def _tfidf_embeddings(texts: Sequence[str]) -> np.ndarray:
-    """``[N, V]`` float32 character 3-gram TF-IDF vectors over ``texts``, rows L2-normalised (zero rows
-    for texts without a 3-gram)."""
-    grams: list[dict[str, int]] = []
-    vocabulary: dict[str, int] = {}
-    for text in texts:
-        s = " " + " ".join(str(text).lower().split()) + " "
-        counts: dict[str, int] = {}
-        for k in range(len(s) - 2):
-            gram = s[k:k + 3]
-            if gram.strip():
-                counts[gram] = counts.get(gram, 0) + 1
-        for gram in counts:
-            vocabulary.setdefault(gram, len(vocabulary))
-        grams.append(counts)
-    tf = np.zeros((len(texts), max(len(vocabulary), 1)), dtype=np.float64)
-    for row, counts in enumerate(grams):
-        for gram, count in counts.items():
-            tf[row, vocabulary[gram]] = count
-    df = (tf > 0).sum(axis=0)
-    idf = np.log((1.0 + len(texts)) / (1.0 + df)) + 1.0
-    vectors = tf * idf
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-
-
-def _model_embeddings(texts: Sequence[str]) -> np.ndarray | None:
-    """``seal_jax.selfedit.embeddings.embed(texts)``, or None when that backend is unavailable."""
-    try:
-        from seal_jax.selfedit.embeddings import EmbeddingsUnavailable, embed
-    except ImportError:
-        return None
-    try:
-        vectors = np.asarray(embed(list(texts)), dtype=np.float32).reshape(len(texts), -1)
-    except EmbeddingsUnavailable:
-        return None
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)   # promised already; cheap to make sure
-    return vectors / np.where(norms > 0, norms, 1.0)
-
-
-BACKENDS = ("auto", "embeddings", "tfidf")
-
-
-def instruction_embeddings_with_backend(texts: Sequence[str], backend: str = "auto") -> tuple[np.ndarray, str]:
-    """``([N, D] float32 rows L2-normalised, backend name)`` for ``texts``.
-
-    ``backend``: ``"auto"`` (the embedding model if available, else TF-IDF), ``"embeddings"`` (raises
-    :class:`TemplateError` if unavailable) or ``"tfidf"``. The returned name is ``"embeddings"`` or
-    ``"tfidf"``.
-    """
-    if backend not in BACKENDS:
-        raise TemplateError(f"unknown similarity backend {backend!r}; choose from {BACKENDS}")
-    texts = [str(t) for t in texts]
-    if backend != "tfidf":
-        vectors = _model_embeddings(texts)
-        if vectors is not None:
-            return vectors, "embeddings"
-        if backend == "embeddings":
-            raise TemplateError("the embeddings backend is unavailable (seal_jax.selfedit.embeddings did not "
-                                "import or raised EmbeddingsUnavailable); use backend='tfidf' or 'auto'")
-    return _tfidf_embeddings(texts), "tfidf"
-
-
-def instruction_embeddings(texts: Sequence[str], backend: str = "auto") -> np.ndarray:
-    """``[N, D]`` float32 embeddings of ``texts``, rows L2-normalised (see
-    :func:`instruction_embeddings_with_backend`)."""
-    return instruction_embeddings_with_backend(texts, backend)[0]
-
-
-def similarity_backend() -> str:
-    """The backend ``"auto"`` uses right now: ``"embeddings"`` or ``"tfidf"`` (embeds one probe text)."""
-    return "embeddings" if _model_embeddings(["probe"]) is not None else "tfidf"
-
-
-def pairwise_instruction_similarity(instructions: Sequence[str], backend: str = "auto") -> np.ndarray:
-    """``[N, N]`` cosine similarity of the instructions' embeddings."""
-    vectors = instruction_embeddings(instructions, backend)
-    return np.clip(vectors.astype(np.float64) @ vectors.astype(np.float64).T, -1.0, 1.0)
-
-
-def instruction_similarity(instructions: Sequence[str], backend: str = "auto") -> float:
-    """Mean pairwise cosine similarity of instructions (1.0 = identical). Raises :class:`TemplateError`
-    for fewer than two."""
-    if len(instructions) < 2:
-        raise TemplateError(f"instruction_similarity needs at least two items, got {len(instructions)}")
-    return _mean_off_diagonal(pairwise_instruction_similarity(instructions, backend), "instruction_similarity")
-
-
-def mean_sequence_chars(fills: Sequence[Sequence[str]]) -> float:
-    """Mean over fills of the total characters of a fill's training sequences (0.0 for no fills)."""
-    if not fills:
-        return 0.0
-    return float(np.mean([sum(len(s) for s in fill) for fill in fills]))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Prompts and sampling
-
-_FIELD_HELP = (
-    ("data_creation_instruction", "text telling the model what training data to write from a passage. "
-     "The model will see the passage and your instruction and must answer with a list of training texts."),
-    ("lora_rank", "one of 4, 8, 16, 32, 64."),
-    ("lora_alpha", "a number from 1 to 256 (the adapter's update is scaled by alpha / rank)."),
-    ("lora_dropout", "a number from 0 to 0.99 (0 = no dropout)."),
-    ("learning_rate", "a number from 0.00001 to 0.005."),
-    ("num_epochs", "a whole number from 1 to 20 (passes over the training texts)."),
-    ("gradient_accumulation_steps", "a whole number from 1 to 8 (training texts per optimiser step)."),
-)
-
-_EXAMPLE = {"data_creation_instruction": PLACEHOLDER_INSTRUCTION, "lora_rank": 16, "lora_alpha": 32,
-            "lora_dropout": 0.05, "learning_rate": 0.0003, "num_epochs": 5, "gradient_accumulation_steps": 2}
-
-
-def meta_prompt(shown: Sequence[ArchiveEntry] | None = None) -> str:
-    """The request for a new template (the user message; the caller applies the chat template).
-
-    ``shown``: archive entries to show with their scores (and novelty, when set), e.g.
-    ``archive.shown()``; ``None`` or empty gives the no-archive prompt.
-    """
-    lines = [
-        "You are designing a learning plan for a language model. The model will read a passage it has never "
-        "seen, write its own training data from the passage by following your instruction, and then be "
-        "fine-tuned on that data with a LoRA adapter (next-token prediction, one text per batch) using your "
-        "hyperparameters. Afterwards it must answer questions about the passage without seeing the passage "
-        "again. A plan is scored by the fraction of those questions answered correctly (0 to 1).",
-        "",
-        "Write the plan as one JSON object with exactly these fields:",
-    ]
-    lines += [f'- "{name}": {help_text}' for name, help_text in _FIELD_HELP]
-    lines += ["", "The shape of the answer (replace every value with your own choice):",
-              json.dumps(_EXAMPLE, ensure_ascii=False), ""]
-    entries = list(shown or [])
-    if entries:
-        with_novelty = any(e.novelty is not None for e in entries)
-        lines.append("Plans tried so far, with their scores" + (" and novelty" if with_novelty else "") + ":")
-        for number, entry in enumerate(entries, 1):
-            label = f"score {entry.score:.3f}"
-            if entry.novelty is not None:
-                label += f", novelty {entry.novelty:.3f}"
-            lines += [f"Plan {number} ({label}):", entry.template.to_json()]
-        lines.append("")
-        if with_novelty:
-            lines.append("Novelty measures how different a plan is from the plans tried before (0 = a copy). "
-                         "Plans are rewarded for a high score and for novelty.")
-        lines.append("Write a new plan that you expect to score higher than every plan above. Do not copy a "
-                     "plan above: change the instruction, the hyperparameters, or both.")
-    else:
-        lines.append("Write the plan you expect to score highest.")
-    lines.append("Reply with the JSON object only.")
-    return "\n".join(lines)
-
-
-def fill_prompt(template: Template | Mapping[str, Any], title: str, context: str) -> str:
-    """The request to fill ``template`` for one passage (``title\\ncontext``): the passage, the template's
-    instruction, and the answer format ``{"training_sequences": [...]}``. Model-written text is inserted
-    verbatim (never used as a format string)."""
-    if not isinstance(template, Template):
-        template = Template.from_dict(template)
-    return ("Passage:\n" + f"{title}\n{context}" + "\n\nInstruction:\n" + template.data_creation_instruction
-            + '\n\nFollow the instruction for the passage above. Reply with one JSON object of the form '
-            '{"training_sequences": ["first training text", "second training text"]}: a list of strings, '
-            "each a self-contained training text. Reply with the JSON object only.")
-
-
-EXPLOIT: dict[str, float] = {"temperature": 0.6, "top_p": 0.95, "min_p": 0.05}
-EXPLORE: dict[str, float] = {"temperature": 1.3, "top_p": 0.95, "min_p": 0.1}
-PROPOSAL_SCHEDULE: tuple[str, ...] = ("exploit", "exploit", "exploit", "explore", "explore")
-
-
-def proposal_sampling(kind: str, max_new_tokens: int, seed: int = 0) -> SamplingParams:
-    """``seal_jax.SamplingParams`` for a template proposal: ``kind`` is ``"exploit"`` (temperature 0.6,
-    top-p 0.95, min-p 0.05) or ``"explore"`` (1.3, 0.95, 0.1)."""
-    from seal_jax.lm.sampling import SamplingParams
-
-    settings = {"exploit": EXPLOIT, "explore": EXPLORE}.get(kind)
-    if settings is None:
-        raise TemplateError(f"unknown proposal kind {kind!r}; choose 'exploit' or 'explore'")
-    return SamplingParams(max_new_tokens=max_new_tokens, seed=seed, **settings)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Archives
-
-SOURCES = ("human", "generated")
-
-
-def normalized_gain(score: float, base: float) -> float:
-    """``(score − base) / (1 − base)``: the fraction of the base model's missing accuracy recovered."""
-    if not 0.0 <= base < 1.0:
-        raise TemplateError(f"base accuracy must lie in [0, 1), got {base!r}")
-    return (score - base) / (1.0 - base)
-
-
-@dataclasses.dataclass(frozen=True)
-class ArchiveEntry:
-    """One scored template.
-
-    Attributes:
-      template: the template.
-      score: its mean question accuracy in [0, 1].
-      gain: its normalized gain ``(score − base) / (1 − base)`` (None if unknown).
-      iteration: the search iteration that produced it (0 for the human seeds).
-      source: ``"human"`` or ``"generated"``.
-      name: a unique id within its archive.
-      novelty: its novelty within a :class:`NoveltyArchive` when last ranked (None otherwise).
-    """
-
-    template: Template
-    score: float
-    gain: float | None
-    iteration: int
-    source: str
-    name: str
-    novelty: float | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.template, Template):
-            raise TemplateError(f"ArchiveEntry.template must be a Template, got {type(self.template).__name__}")
-        if isinstance(self.score, bool) or not isinstance(self.score, (int, float)) \
-                or not 0.0 <= self.score <= 1.0:
-            raise TemplateError(f"ArchiveEntry.score must be an accuracy in [0, 1], got {self.score!r}")
-        if self.gain is not None and not math.isfinite(self.gain):
-            raise TemplateError(f"ArchiveEntry.gain must be finite or None, got {self.gain!r}")
-        if self.source not in SOURCES:
-            raise TemplateError(f"ArchiveEntry.source must be one of {SOURCES}, got {self.source!r}")
-        if not isinstance(self.name, str) or not self.name:
-            raise TemplateError("ArchiveEntry.name must be a non-empty string")
-        if isinstance(self.iteration, bool) or not isinstance(self.iteration, int) or self.iteration < 0:
-            raise TemplateError(f"ArchiveEntry.iteration must be an int >= 0, got {self.iteration!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able row: name, source, iteration, score, gain, novelty and the template's fields."""
-        return {"name": self.name, "source": self.source, "iteration": self.iteration, "score": self.score,
-                "gain": self.gain, "novelty": self.novelty, "template": self.template.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ArchiveEntry:
-        """The entry of a row written by :meth:`to_dict` (raises :class:`TemplateError` if malformed)."""
-        try:
-            return cls(template=Template.from_dict(d["template"]), score=float(d["score"]),
-                       gain=None if d.get("gain") is None else float(d["gain"]), iteration=int(d["iteration"]),
-                       source=d["source"], name=d["name"],
-                       novelty=None if d.get("novelty") is None else float(d["novelty"]))
-        except KeyError as error:
-            raise TemplateError(f"archive row is missing {error}; rows come from ArchiveEntry.to_dict") from None
-        except (TypeError, ValueError) as error:
-            if isinstance(error, TemplateError):
-                raise
-            raise TemplateError(f"malformed archive row: {error}") from None
-
-
-SEED_BASE_ACCURACY = 0.327
-SEED_SCORES: dict[str, float] = {"rewrite": 0.494, "long_implications": 0.397, "repeat_verbatim": 0.335,
-                                 "empty": 0.327}
-SEED_INSTRUCTIONS: dict[str, str] = {
-    "rewrite": "Rewrite the passage in several different ways, each version keeping every fact, name, number "
-               "and date of the original. Each rewrite is one training text.",
-    "long_implications": "Write a long list of implications of the passage: facts and consequences that follow "
-                         "from it directly or indirectly, covering every detail. Each implication is one "
-                         "training text.",
-    "repeat_verbatim": "Copy the passage exactly as it is written, word for word, as a single training text.",
-    "empty": "Write no training data at all: answer with an empty list of training texts.",
-}
-
-
-class Archive:
-    """Scored templates; :meth:`shown` picks the entries the meta-prompt shows.
-
-    Entries are ranked by score, ties broken by earlier iteration, then name, then insertion order.
-    Names must be unique.
-    """
-
-    def __init__(self, entries: Iterable[ArchiveEntry] = ()) -> None:
-        self._entries: list[ArchiveEntry] = []
-        for entry in entries:
-            self.add(entry)
-
-    @classmethod
-    def seeded(cls, **kwargs: Any) -> Archive:
-        """An archive of the four human strategies (rewrite, long implications, repeat verbatim, empty)
-        with SEAL's inner-loop hyperparameters and the seed scores of :data:`SEED_SCORES`."""
-        entries = [
-            ArchiveEntry(Template(SEED_INSTRUCTIONS[name], **SEAL_HYPERPARAMETERS), score,
-                         normalized_gain(score, SEED_BASE_ACCURACY), 0, "human", name)
-            for name, score in SEED_SCORES.items()
-        ]
-        return cls(entries, **kwargs)
-
-    def add(self, entry: ArchiveEntry) -> None:
-        """Add a scored template (raises :class:`TemplateError` for a duplicate name)."""
-        if not isinstance(entry, ArchiveEntry):
-            raise TemplateError(f"Archive.add takes an ArchiveEntry, got {type(entry).__name__}")
-        if any(e.name == entry.name for e in self._entries):
-            raise TemplateError(f"the archive already has an entry named {entry.name!r}; names must be unique")
-        self._entries.append(entry)
-
-    @property
-    def entries(self) -> tuple[ArchiveEntry, ...]:
-        """All entries in insertion order."""
-        return tuple(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _annotated(self) -> list[ArchiveEntry]:
-        """The entries as they are ranked and shown (NoveltyArchive fills in ``novelty``)."""
-        return list(self._entries)
-
-    def value(self, entry: ArchiveEntry) -> float:
-        """The selection value of an (annotated) entry: its score."""
-        return entry.score
-
-    def ranked(self) -> list[ArchiveEntry]:
-        """Entries from best to worst by :meth:`value`; ties: earlier iteration, then name, then insertion."""
-        entries = self._annotated()
-        values = [self.value(e) for e in entries]
-        order = sorted(range(len(entries)),
-                       key=lambda i: (-values[i], entries[i].iteration, entries[i].name, i))
-        return [entries[i] for i in order]
-
-    def shown(self) -> list[ArchiveEntry]:
-        """The best, second best, second worst and worst entries (fewer, without repeats, when the archive
-        holds fewer than four)."""
-        ranked = self.ranked()
-        n = len(ranked)
-        picked: list[int] = []
-        for i in (0, 1, n - 2, n - 1):
-            if 0 <= i < n and i not in picked:
-                picked.append(i)
-        return [ranked[i] for i in picked]
-
-    def to_rows(self) -> list[dict[str, Any]]:
-        """The entries as JSON-able rows (insertion order)."""
-        return [e.to_dict() for e in self._entries]
-
-    @classmethod
-    def from_rows(cls, rows: Iterable[Mapping[str, Any]], **kwargs: Any) -> Archive:
-        """An archive from rows written by :meth:`to_rows` (``kwargs`` go to the constructor)."""
-        return cls((ArchiveEntry.from_dict(r) for r in rows), **kwargs)
-
-    def to_jsonl(self, path: str | Path) -> None:
-        """Write the entries to ``path``, one JSON row a line (the file is replaced)."""
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.to_rows())
-        Path(path).write_text(text, encoding="utf-8")
-
-    @classmethod
-    def from_jsonl(cls, path: str | Path, **kwargs: Any) -> Archive:
-        """The archive stored at ``path`` by :meth:`to_jsonl` (or appended row by row)."""
-        rows = []
-        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as error:
-                    raise TemplateError(f"{path}:{number} is not JSON: {error}") from None
-        return cls.from_rows(rows, **kwargs)
-
-
-class NoveltyArchive(Archive):
-    """An archive that rewards novelty: entries rank by ``score + lam · novelty``.
-
-    Novelty of an entry: mean distance to its ``k`` nearest other entries (0.0 for a lone entry), with
-    distance = ``weight · (1 − instruction cosine) + (1 − weight) · (1 − hyperparameter similarity)``.
-    ``backend`` chooses the instruction embeddings (see :func:`instruction_embeddings_with_backend`);
-    ``backend_used`` records the one used last. See the module docstring for why novelty search rather
-    than MAP-Elites.
-    """
-
-    def __init__(self, entries: Iterable[ArchiveEntry] = (), *, k: int = 3, weight: float = 0.5,
-                 lam: float = 0.25, backend: str = "auto") -> None:
-        if not isinstance(k, int) or k < 1:
-            raise TemplateError(f"NoveltyArchive.k must be a positive int, got {k!r}")
-        if not 0.0 <= weight <= 1.0:
-            raise TemplateError(f"NoveltyArchive.weight must lie in [0, 1], got {weight!r}")
-        if not (math.isfinite(lam) and lam >= 0):
-            raise TemplateError(f"NoveltyArchive.lam must be >= 0, got {lam!r}")
-        if backend not in BACKENDS:
-            raise TemplateError(f"unknown similarity backend {backend!r}; choose from {BACKENDS}")
-        self.k, self.weight, self.lam, self.backend = k, weight, lam, backend
-        self.backend_used: str | None = None
-        super().__init__(entries)
-
-    def _distances(self, templates: Sequence[Template]) -> np.ndarray:
-        """``[N, N]`` distances between templates."""
-        vectors, self.backend_used = instruction_embeddings_with_backend(
-            [t.data_creation_instruction for t in templates], self.backend)
-        cosine = np.clip(vectors.astype(np.float64) @ vectors.astype(np.float64).T, -1.0, 1.0)
-        hyper = pairwise_hyperparameter_similarity(templates)
-        return self.weight * (1.0 - cosine) + (1.0 - self.weight) * (1.0 - hyper)
-
-    def distance_matrix(self) -> np.ndarray:
-        """``[N, N]`` distances between the entries (insertion order)."""
-        if not self._entries:
-            return np.zeros((0, 0))
-        return self._distances([e.template for e in self._entries])
-
-    def _knn_mean(self, distances: np.ndarray) -> float:
-        if distances.size == 0:
-            return 0.0
-        return float(np.sort(distances)[: self.k].mean())
-
-    def novelties(self) -> np.ndarray:
-        """``[N]`` novelty of each entry (insertion order)."""
-        d = self.distance_matrix()
-        n = d.shape[0]
-        return np.array([self._knn_mean(np.delete(d[i], i)) for i in range(n)], dtype=np.float64)
-
-    def novelty_of(self, template: Template) -> float:
-        """Novelty of a candidate ``template`` against the current entries (0.0 for an empty archive)."""
-        if not self._entries:
-            return 0.0
-        d = self._distances([template] + [e.template for e in self._entries])
-        return self._knn_mean(d[0, 1:])
-
-    def _annotated(self) -> list[ArchiveEntry]:
-        return [dataclasses.replace(e, novelty=float(v)) for e, v in zip(self._entries, self.novelties(), strict=True)]
-
-    def value(self, entry: ArchiveEntry) -> float:
-        """``score + lam · novelty`` of an entry (novelty as annotated by :meth:`ranked`, else 0)."""
-        return entry.score + self.lam * (entry.novelty or 0.0)
-
-
-# ----------------------------------------------------------------------------------------------------
-# SFT rows between iterations
-
-SELECT_KEYS = ("template_id", "passage_id", "fill_index", "accuracy", "fill_prompt", "fill_text", "meta_prompt",
-               "template_text")
-
-
-def _failed(row: Mapping[str, Any]) -> bool:
-    accuracy = row.get("accuracy")
-    if row.get("error") or accuracy is None or isinstance(accuracy, bool):
-        return True
-    if not isinstance(accuracy, numbers.Real) or not math.isfinite(accuracy):
-        return True
-    return not (isinstance(row.get("fill_text"), str) and row["fill_text"].strip())
-
-
-def select_top(rows: Iterable[Mapping[str, Any]], k: int = 2) -> list[dict[str, Any]]:
-    """SFT pairs from the per-fill results of one iteration: the top-``k`` templates of every passage,
-    each with its best fill.
-
-    ``rows``: one dict per (template, passage, fill) with :data:`SELECT_KEYS`; rows with an ``error``, a
-    missing/non-finite ``accuracy`` or an empty ``fill_text`` are skipped. Per passage, a template's best
-    fill is its highest-accuracy fill (ties: lowest ``fill_index``), and templates rank by that accuracy
-    (ties: template id order). Each chosen (passage, template) gives two rows, in passage-id then rank
-    order: ``{"kind": "template", "prompt": meta_prompt, "completion": template_text, …}`` and
-    ``{"kind": "fill", "prompt": fill_prompt, "completion": fill_text, …}`` (a template chosen for several
-    passages thus appears several times, weighting it by how many passages it wins).
-    """
-    if not isinstance(k, int) or k < 1:
-        raise TemplateError(f"select_top needs k >= 1, got {k!r}")
-    best: dict[tuple[str, str], Mapping[str, Any]] = {}
-    for row in rows:
-        missing = [key for key in SELECT_KEYS if key not in row]
-        if missing:
-            raise TemplateError(f"select_top row is missing {missing}; rows need {list(SELECT_KEYS)}")
-        if isinstance(row["fill_index"], bool) or not isinstance(row["fill_index"], numbers.Integral):
-            raise TemplateError(f"select_top row has fill_index {row['fill_index']!r}; it must be an int")
-        if _failed(row):
-            continue
-        key = (str(row["passage_id"]), str(row["template_id"]))
-        current = best.get(key)
-        if current is None or (-row["accuracy"], row["fill_index"]) < (-current["accuracy"], current["fill_index"]):
-            best[key] = row
-    per_passage: dict[str, list[Mapping[str, Any]]] = {}
-    for (passage, _), row in best.items():
-        per_passage.setdefault(passage, []).append(row)
-    out: list[dict[str, Any]] = []
-    for passage in sorted(per_passage):
-        chosen = sorted(per_passage[passage], key=lambda r: (-r["accuracy"], str(r["template_id"])))[:k]
-        for rank, row in enumerate(chosen):
-            common = {"template_id": row["template_id"], "passage_id": row["passage_id"],
-                      "fill_index": row["fill_index"], "accuracy": row["accuracy"], "rank": rank}
-            out.append({"kind": "template", "prompt": row["meta_prompt"], "completion": row["template_text"],
-                        **common})
-            out.append({"kind": "fill", "prompt": row["fill_prompt"], "completion": row["fill_text"], **common})
-    return out
