@@ -45,7 +45,8 @@ def make_grader(config: RunConfig, lm: LanguageModel) -> BatchGrader:
     return lambda items: [{"correct": bool(fn(q, g, p))} for q, g, p in items]
 
 
-def answer_questions(lm: LanguageModel, passage: Passage, config: RunConfig, adapters: Any = None) -> Any:
+def answer_questions(lm: LanguageModel, passage: Passage, config: RunConfig, adapters: Any = None
+                     ) -> list[str] | list[list[str]]:
     """Greedy answers to every question of ``passage`` (no passage in context): a list of B strings, or
     K lists with K stacked adapters."""
     prompts = [question_prompt(passage.title, q.question) for q in passage.questions]

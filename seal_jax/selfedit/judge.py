@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from seal_jax.lm.types import SamplingParams
+from seal_jax.selfedit.engine import LanguageModel
 from seal_jax.selfedit.grading import rule_verdict
 
 __all__ = ["JudgeGrader", "JudgeRecord", "judge_prompt", "parse_judge_reply"]
@@ -103,7 +104,7 @@ class JudgeGrader:
       rules_first: let :func:`rule_verdict` decide where it can and ask the model only about the rest.
     """
 
-    def __init__(self, lm: Any, *, max_new_tokens: int = 8, chat: bool = True, batch_size: int = 32,
+    def __init__(self, lm: LanguageModel, *, max_new_tokens: int = 8, chat: bool = True, batch_size: int = 32,
                  params_factory: Callable[[int], Any] | None = None, rules_first: bool = False):
         if not hasattr(lm, "generate"):
             raise TypeError(f"the judge model needs a generate(prompts, params, chat=...) method; got {type(lm).__name__}")
@@ -117,7 +118,7 @@ class JudgeGrader:
         self.rules_first = rules_first
         self.records: list[JudgeRecord] = []
 
-    def _params(self) -> Any:
+    def _params(self) -> SamplingParams:
         if self.params_factory is not None:
             return self.params_factory(self.max_new_tokens)
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
