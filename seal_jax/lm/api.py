@@ -71,6 +71,21 @@ def build_model(config: ModelConfig, params: dict[str, jax.Array], *, dtype: Any
 _PROGRAMS: dict[tuple[Any, Any], dict[str, Any]] = {}  # (graphdef, mesh) -> compiled programs, see LM._shared
 
 
+def _check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> None:
+    """Raise unless ``texts`` is a non-empty list of non-empty strings and there is a tokenizer."""
+    if tokenizer is None:
+        raise tok.TokenizerError(no_tokenizer)
+    if isinstance(texts, str):
+        raise sampling.SamplingError(f"{name} must be a list of strings, not a single string (wrap it: [text])")
+    if not isinstance(texts, (list, tuple)) or len(texts) == 0:
+        raise sampling.SamplingError(f"{name} must be a non-empty list of strings")
+    for i, p in enumerate(texts):
+        if not isinstance(p, str):
+            raise sampling.SamplingError(f"{name}[{i}] must be a str, got {type(p).__name__}")
+        if not p:
+            raise sampling.SamplingError(f"{name} {i} is empty; every one needs some text")
+
+
 class LM:
     """A loaded language model: config, tokenizer, parameters (possibly sharded) and jitted entry points.
 
@@ -469,26 +484,10 @@ class LM:
         Returns:
           B strings decoded with ``skip_special_tokens=True``; with K stacked adapters, K lists of B.
         """
-        if self.tokenizer is None:
-            raise tok.TokenizerError(
-                "generate() needs a tokenizer and this LM has none: load it with tokenizer=FOLDER, or use "
-                "generate_ids() with token ids")
-        if isinstance(prompts, str):
-            raise sampling.SamplingError("prompts must be a list of strings, not a single string (wrap it: [prompt])")
-        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-            raise sampling.SamplingError("prompts must be a non-empty list of strings")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise sampling.SamplingError(f"prompts[{i}] must be a str, got {type(p).__name__}")
-            if not p:
-                raise sampling.SamplingError(f"prompt {i} is empty; every prompt needs some text")
+        _check_texts(prompts, "prompts", self.tokenizer, "generate() needs a tokenizer and this LM has none: load it "
+                     "with tokenizer=FOLDER, or use generate_ids() with token ids")
         lora = sampling.as_lora(adapters, self.config)  # validate before tokenizing
-        if chat:
-            texts = [tok.format_chat(self.tokenizer, p, enable_thinking=enable_thinking) for p in prompts]
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        else:
-            ids = [self.tokenizer(p)["input_ids"] for p in prompts]
-        out = self.generate_ids(ids, params, adapters)
+        out = self.generate_ids(self._prompt_ids(prompts, chat, enable_thinking), params, adapters)
 
         def decode(rows: list[list[int]]) -> list[str]:
             return [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
@@ -496,6 +495,85 @@ class LM:
         if lora is not None and lora.stacked:
             return [decode(rows) for rows in out]
         return decode(out)
+
+    def _prompt_ids(self, prompts: Sequence[str], chat: bool, enable_thinking: bool = False) -> list[list[int]]:
+        """Token ids of prompts as :meth:`generate` reads them (chat template, or the tokenizer's specials)."""
+        if chat:
+            texts = [tok.format_chat(self.tokenizer, p, enable_thinking=enable_thinking) for p in prompts]
+            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return [self.tokenizer(p)["input_ids"] for p in prompts]
+
+    @property
+    def _logprob_fn(self) -> Any:
+        return self._shared("completion_logprobs", self._make_logprob_fn)
+
+    def _make_logprob_fn(self) -> Any:
+        graphdef = self.graphdef
+
+        def total(state: Any, ids: jax.Array, mask: jax.Array, targets: jax.Array, lora: Any) -> jax.Array:
+            logits = nnx.merge(graphdef, state)(ids, mask, lora=lora)[0][:, :-1].astype(jnp.float32)
+            picked = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+            logp = picked - jax.nn.logsumexp(logits, axis=-1)
+            return jnp.sum(jnp.where(targets[:, 1:] > 0, logp, 0.0), axis=-1)
+
+        def base(state: Any, ids: jax.Array, mask: jax.Array, targets: jax.Array) -> jax.Array:
+            return total(state, ids, mask, targets, None)
+
+        def stacked(state: Any, ids: jax.Array, mask: jax.Array, targets: jax.Array, weights: Any,
+                    scale: jax.Array) -> jax.Array:
+            return jax.vmap(lambda w, s: total(state, ids, mask, targets, LoraInputs(weights=w, scale=s)))(weights, scale)
+
+        return jax.jit(base), jax.jit(stacked)
+
+    def completion_logprobs(self, prompts: list[str], completions: list[str], adapters: Adapters | None = None,
+                            chat: bool = False, enable_thinking: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Log-likelihood of each completion after its prompt, by teacher forcing (no sampling).
+
+        The prompt is tokenized as :meth:`generate` does (``chat`` wraps it in the chat template), the
+        completion on its own without special tokens, and the two are joined; the model scores the
+        completion's tokens only.
+
+        Args:
+          prompts, completions: B non-empty strings each.
+          adapters: none (the base model) or :class:`Adapters` (K stacked, or one).
+        Returns:
+          ``(logprobs, tokens)``: float64 sums of the completion tokens' log-probabilities, ``[B]`` (or
+          ``[K, B]`` with K stacked adapters), and int ``[B]`` token counts (divide for nats per token).
+        """
+        self._require_weights("completion_logprobs")
+        _check_texts(prompts, "prompts", self.tokenizer, "completion_logprobs() needs a tokenizer and this LM has "
+                     "none: load it with tokenizer=FOLDER")
+        _check_texts(completions, "completions", self.tokenizer, "")
+        if len(prompts) != len(completions):
+            raise sampling.SamplingError(f"{len(prompts)} prompts but {len(completions)} completions; give one each")
+        lora = sampling.as_lora(adapters, self.config)
+        heads = self._prompt_ids(prompts, chat, enable_thinking)
+        tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        rows = [h + t for h, t in zip(heads, tails, strict=True)]
+        longest = max(map(len, rows))
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(f"a prompt with its completion has {longest} tokens, more than the model's context "
+                             f"({self.config.max_position_embeddings})")
+        width = tok.bucket(longest)
+        ids, mask = tok.pad_left(rows, self._pad_id(), width)
+        targets = np.zeros_like(mask)
+        for i, t in enumerate(tails):
+            targets[i, width - len(t):] = 1
+        b = sampling.batch_bucket(len(rows), self.mesh)  # dummy rows (one token, scored nothing) fill the batch
+        if b > len(rows):
+            pad = b - len(rows)
+            ids = np.concatenate([ids, np.full((pad, width), self._pad_id(), ids.dtype)])
+            mask = np.concatenate([mask, np.zeros((pad, width), mask.dtype)])
+            mask[len(rows):, -1] = 1
+            targets = np.concatenate([targets, np.zeros((pad, width), targets.dtype)])
+        args = [self._put_batch(a.astype(np.int32)) for a in (ids, mask, targets)]
+        base, stacked = self._logprob_fn
+        if lora is None:
+            sums = shd.to_host(base(self.state, *args))
+        else:
+            sums = shd.to_host(stacked(self.state, *args, adapters.weights, adapters.scales))
+            sums = sums[0] if adapters.single else sums
+        return sums[..., :len(rows)].astype(np.float64), np.array([len(t) for t in tails])
 
 
 def load(path_or_id: str | Path, dtype: Any = "float32", mesh: Mesh | str | None = None, **kwargs: Any) -> LM:
