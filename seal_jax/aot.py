@@ -40,10 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from seal_jax import hlo
+from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import PRESETS, ConfigError, ModelConfig, from_hf, preset
 from seal_jax.lm.lora import LoraSpec
 from seal_jax.lm.training import TrainSpec
-from seal_jax.targets import TARGETS, Target, TargetError, get_target
+from seal_jax.selfedit import grading
+from seal_jax.selfedit.restem import RestemConfig
+from seal_jax.selfedit.runs import load_config
+from seal_jax.selfedit.strategies import get_strategy
+from seal_jax.selfedit.template_search import TemplateSearchConfig
+from seal_jax.targets import TARGETS, Target, TargetError, devices, get_target
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -150,9 +156,6 @@ def _train(name: str, k: int, sequences: int, seq_len: int, lora: LoraSpec, trai
 
 def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str] | None = None) -> tuple[list[Program], int]:
     """The programs of one knowledge-incorporation passage (a ``RunConfig``) and its K trained candidates."""
-    from seal_jax.selfedit import grading  # deferred: the loop wing is only needed to read run configs
-    from seal_jax.selfedit.strategies import get_strategy
-
     names = list(strategies or config.conditions)
     generating = [n for n in names if get_strategy(n).source in ("generate", "template")]
     k = 0
@@ -182,11 +185,6 @@ def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str]
 def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None = None,
                          mesh: str | None = None) -> Workload:
     """The :class:`Workload` of a run config of any kind (knowledge, ReST-EM, template search)."""
-    from seal_jax.selfedit import grading  # deferred: loop wing, see knowledge_programs
-    from seal_jax.selfedit.restem import RestemConfig
-    from seal_jax.selfedit.runs import load_config
-    from seal_jax.selfedit.template_search import TemplateSearchConfig
-
     cfg = load_config(path)
     knowledge = getattr(cfg, "knowledge", cfg)
     config, source = model_config(model or knowledge.model)
@@ -310,8 +308,6 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
                      on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Compile every program of ``workload`` for ``target_name``; returns ``{"rows", "summary", ...}``."""
     import seal_jax as sj  # deferred: the facade imports JAX, which must be told to stay on the CPU first
-    from seal_jax.lm import sharding as shd
-    from seal_jax.targets import devices
 
     target = get_target(target_name)
     devs = devices(target_name)

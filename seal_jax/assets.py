@@ -107,7 +107,7 @@ def _lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on `folder/.lock` so that concurrent fetches do the work once."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
+        import fcntl  # deferred: POSIX-only, so a failed import here means no locking, not a broken module
     except ImportError:  # not POSIX: no locking, the atomic renames still keep folders whole
         yield
         return

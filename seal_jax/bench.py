@@ -11,18 +11,26 @@ repeat) and ``--no-reference`` (no transformers/PEFT) exist for schema tests and
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-from seal_jax import throughput
+import seal_jax as sj
+from seal_jax import scaling, throughput
 from seal_jax.ceilings import best_time, matmul_flops, read_bandwidth
+from seal_jax.scaling import text_chunks
+from seal_jax.selfedit.knowledge import run_knowledge
+from seal_jax.selfedit.run_config import RunConfig
 
 
 @dataclasses.dataclass
@@ -62,7 +70,7 @@ def bench_prefill(lm: Any, hf_model: Any, *, batch: int, length: int, repeats: i
     ours_t = best_time(lambda: lm.forward(ids).block_until_ready(), repeats)
     ref_t = None
     if hf_model is not None:
-        import torch
+        import torch  # deferred: torch is optional (the test extra); only the transformers reference uses it
 
         ids_t = torch.tensor(ids)
 
@@ -90,7 +98,7 @@ def bench_prefill(lm: Any, hf_model: Any, *, batch: int, length: int, repeats: i
 
 
 def _hf_generate(hf_model: Any, rows: list[list[int]], new_tokens: int, pad_id: int) -> None:
-    import torch
+    import torch  # deferred: optional reference dependency, as in bench_prefill
 
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
@@ -107,8 +115,6 @@ def bench_decode(lm: Any, hf_model: Any, *, batch: int, new_tokens: int, repeats
     The limit is memory bandwidth: a decode step must read every weight once, so at most
     ``bandwidth / weight_bytes`` steps per second.
     """
-    import seal_jax as sj
-
     rng = np.random.default_rng(1)
     rows = [rng.integers(100, lm.config.vocab_size, 12 + 3 * (i % 4)).tolist() for i in range(batch)]
     params = sj.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -126,30 +132,6 @@ def bench_decode(lm: Any, hf_model: Any, *, batch: int, new_tokens: int, repeats
     )
 
 
-def _chunks(lm: Any, count: int, length: int) -> list[str]:
-    """``count`` strings cut from the built-in demo passages, each at most ``length - 1`` tokens long when
-    tokenised again (so at most ``length`` with the EOS that training appends; in practice exactly)."""
-    from seal_jax.selfedit.data import load_passages
-
-    def encode(text: str) -> list[int]:
-        return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    ids: list[int] = []
-    for p in load_passages("demo"):
-        ids += encode(p.text + "\n\n")
-    while len(ids) < count * length:
-        ids = ids + ids
-    out = []
-    for i in range(count):
-        piece = ids[i * length:(i + 1) * length - 1]
-        text = lm.tokenizer.decode(piece)
-        while len(encode(text)) > length - 1:  # a cut mid-word can tokenise into more pieces
-            piece = piece[:-1]
-            text = lm.tokenizer.decode(piece)
-        out.append(text)
-    return out
-
-
 def _train_flops(config: Any, tokens: int) -> float:
     """Matmul FLOPs of LoRA training: forward (2N) plus activation gradients (2N) per token."""
     c = config
@@ -159,10 +141,8 @@ def _train_flops(config: Any, tokens: int) -> float:
 
 def _peft_train(hf_model: Any, tokenizer: Any, texts: list[str], batch: int, rank: int, alpha: float) -> float:
     """Seconds for one epoch of PEFT LoRA (q/v) + torch AdamW over ``texts`` in batches of ``batch``."""
-    import copy
-
-    import torch
-    from peft import LoraConfig, get_peft_model
+    import torch  # deferred: torch and peft are optional (the test extra); only the PEFT reference uses them
+    from peft import LoraConfig, get_peft_model  # deferred: as torch
 
     model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"]))
     model.train()
@@ -187,9 +167,7 @@ def _peft_train(hf_model: Any, tokenizer: Any, texts: list[str], batch: int, ran
 def bench_lora_train(lm: Any, hf_model: Any, *, batch: int, length: int, steps: int, peak: float,
                      warmup: int = 1) -> BenchRow:
     """Training tokens/s of one candidate (q/v rank 32, batch × length), ours vs HF + PEFT + torch AdamW."""
-    import seal_jax as sj
-
-    texts = _chunks(lm, batch * steps, length)
+    texts = text_chunks(lm, batch * steps, length)
     tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
     lora = sj.LoraSpec(rank=32, alpha=64.0)
     spec = sj.TrainSpec(learning_rate=1e-3, epochs=1, batch_size=batch, max_len=length + 8, shuffle=False)
@@ -207,9 +185,7 @@ def bench_lora_train(lm: Any, hf_model: Any, *, batch: int, length: int, steps: 
 def bench_candidates(lm: Any, *, k: int, sequences: int, length: int, epochs: int, peak: float,
                      warmup: int = 1) -> BenchRow:
     """K candidates with SEAL-like data (batch 1) in one program vs the same K trained one after another."""
-    import seal_jax as sj
-
-    texts = _chunks(lm, k * sequences, length)
+    texts = text_chunks(lm, k * sequences, length)
     data = [texts[i * sequences:(i + 1) * sequences] for i in range(k)]
     tokens = epochs * sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
     lora = sj.LoraSpec(rank=32, alpha=64.0)
@@ -240,8 +216,6 @@ def demo_bench_config(config_path: str | Path, model: str | Path, *, passages: i
     the ``template`` condition (its meta-prompt does not fit a tiny model's context); the other
     conditions, LoRA and grader stay those of the file.
     """
-    from seal_jax.selfedit.run_config import RunConfig
-
     config = RunConfig.from_toml(config_path)
     changes: dict[str, Any] = {"model": str(model), "k": k, "data": {**config.data, "n": passages}}
     if smoke:
@@ -259,11 +233,6 @@ def bench_e2e(lm: Any, config: Any, *, warmup: bool = True) -> BenchRow:
     adapters, grading) goes once as a warm-up (compilation) and is then timed on the same passages in a
     fresh folder. No reference implementation exists, so reference, ratio and fraction are ``None``.
     """
-    import shutil
-    import tempfile
-
-    from seal_jax.selfedit.knowledge import run_knowledge
-
     root = Path(tempfile.mkdtemp(prefix="seal-jax-bench-"))
     try:
         if warmup:
@@ -342,15 +311,9 @@ def main(args: argparse.Namespace) -> int:
     With ``args.scaling`` run :mod:`seal_jax.scaling`'s sweeps instead.
     """
     if getattr(args, "scaling", None):
-        from seal_jax import scaling
-
         return scaling.main(args)
     if throughput.wants_suite(args):
         return throughput.main(args)
-    import jax
-
-    import seal_jax as sj
-
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no model at {folder}; run `seal-jax fetch smollm2-135m-instruct` first")
@@ -375,8 +338,8 @@ def main(args: argparse.Namespace) -> int:
     lm = sj.load(folder, dtype="float32")
     hf_model = None
     if with_reference:
-        import torch
-        from transformers import AutoModelForCausalLM
+        import torch  # deferred: torch is optional (the test extra); --no-reference runs without it
+        from transformers import AutoModelForCausalLM  # deferred: ~1 s to import; only the reference needs it
 
         torch.set_num_threads(args.threads)
         machine.update(torch_threads=torch.get_num_threads(), torch=torch.__version__)

@@ -10,6 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 
 def best_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Smallest wall time in seconds of ``repeats`` calls of ``fn`` after ``warmup`` calls."""
@@ -25,9 +28,6 @@ def best_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
 
 def matmul_flops(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> float:
     """The machine's measured matmul rate in FLOP/s: best jitted JAX ``[n, n] @ [n, n]`` over ``sizes``."""
-    import jax
-    import jax.numpy as jnp
-
     best = 0.0
     f = jax.jit(lambda x: x @ x)
     for n in sizes:
@@ -39,9 +39,6 @@ def matmul_flops(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048), 
 
 def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     """The machine's measured memory read bandwidth in bytes/s (a jitted sum over a large array)."""
-    import jax
-    import jax.numpy as jnp
-
     x = jnp.ones((megabytes * 1024 * 1024 // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
     t = best_time(lambda: f(x).block_until_ready(), repeats)
@@ -50,9 +47,6 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
 
 def copy_bandwidth(megabytes: int, dtype: str = "float32", repeats: int = 5) -> float:
     """Measured memory bandwidth in bytes/s of a jitted elementwise copy (read once, write once)."""
-    import jax
-    import jax.numpy as jnp
-
     x = jnp.ones((megabytes * 1024 * 1024 // jnp.dtype(dtype).itemsize,), dtype)
     f = jax.jit(lambda a: a + 1)
     t = best_time(lambda: f(x).block_until_ready(), repeats)

@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from seal_jax.assets import fetch_model
+from seal_jax.report import report as run_report
+from seal_jax.selfedit import calibration, grading, runs
+from seal_jax.selfedit.judge import JudgeGrader
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CHECKPOINTS = Path("checkpoints")
@@ -40,8 +49,7 @@ def _model_dir(name_or_path: str) -> Path:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     """Download and convert a bundled model (or the sentence encoder) into ``checkpoints/NAME``."""
-    from seal_jax.assets import fetch_model
-    from seal_jax.selfedit import embeddings
+    from seal_jax.selfedit import embeddings  # deferred: the sentence encoder is a JAX model
 
     source = Path(args.source) if args.source else None
     if args.name == embeddings.ENCODER_NAME:
@@ -54,10 +62,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     """Load a model and answer a few chat prompts greedily (a quick check that a model works)."""
-    import jax
+    import jax  # deferred: `import seal_jax.cli` stays free of jax and the engine; only smoke loads a model
 
-    import seal_jax as sj
-    from seal_jax.lm.weights import HUB_ID
+    import seal_jax as sj  # deferred: sj.load below brings in the engine (and jax), as above
+    from seal_jax.lm.weights import HUB_ID  # deferred: lm.weights imports jax, as above
 
     folder = _model_dir(args.model)
     hub_id = not folder.exists() and HUB_ID.fullmatch(args.model) and not Path(Path(args.model).parts[0]).is_dir()
@@ -86,13 +94,6 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Agreement of a grader with the reference verdicts of a calibration file (a split of it, see
     ``calibration.split_calibration``); LLM judges load ``--model`` and judge in batches with a progress bar."""
-    import json
-
-    from tqdm.auto import tqdm
-
-    from seal_jax.selfedit import calibration, grading
-    from seal_jax.selfedit.judge import JudgeGrader
-
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError(f"--batch-size and --limit must be at least 1, got {args.batch_size} and {args.limit}")
     rows = calibration.load_calibration(args.file)
@@ -104,7 +105,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"no calibration rows to grade ({args.split} split of {args.file}, limit {args.limit})")
     extra: dict[str, object] = {}
     if args.grader in grading.JUDGE_GRADERS:
-        import seal_jax as sj
+        import seal_jax as sj  # deferred: sj.load brings in the engine and jax; rule graders need neither
 
         folder = _model_dir(args.model)
         if not (folder / "config.json").is_file():
@@ -135,9 +136,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _run_config(path: str, out: str | None) -> tuple[object, Path]:
-    from seal_jax.selfedit.runs import load_config
-
-    config = load_config(path)
+    config = runs.load_config(path)
     return config, Path(out) if out else CHECKPOINTS / "runs" / config.name
 
 
@@ -149,8 +148,7 @@ def _say_if_nothing_to_resume(resume: bool, out: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) an experiment from a TOML config (knowledge incorporation, ReST-EM or template search)."""
-    from seal_jax.lm.sharding import initialize_distributed
-    from seal_jax.selfedit import runs
+    from seal_jax.lm.sharding import initialize_distributed  # deferred: lm.sharding imports jax
 
     initialize_distributed()  # multi-host: from SEAL_JAX_* / JAX_* / srun / TPU slice; no-op for one process
     config, out = _run_config(args.config, args.out)
@@ -164,8 +162,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _is_run_folder_of(folder: Path, name: str) -> bool:
     """Whether ``folder`` is empty or is a run folder whose ``run_config.json`` has this ``name``."""
-    import json
-
     if folder.is_dir() and not any(folder.iterdir()):
         return True
     config_file = folder / "run_config.json"
@@ -178,11 +174,6 @@ def _is_run_folder_of(folder: Path, name: str) -> bool:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: the bundled model on the built-in passages (experiments/demo.toml)."""
-    import shutil
-
-    from seal_jax.report import report
-    from seal_jax.selfedit import runs
-
     config, out = _run_config(args.config, args.out)
     if not args.resume and out.exists():
         if not _is_run_folder_of(out, config.name):
@@ -197,7 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _say_if_nothing_to_resume(args.resume, out)
     t0 = time.perf_counter()
     runs.run(config, out, resume=args.resume)
-    markdown, png = report(out)
+    markdown, png = run_report(out)
     print("\n" + markdown)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s; results, summary and {png.name} in {out}/")
     return 0
@@ -205,9 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Print a run's table and write its bar chart."""
-    from seal_jax.report import report
-
-    markdown, png = report(args.run_dir)
+    markdown, png = run_report(args.run_dir)
     print(markdown)
     print(f"chart: {png}")
     return 0
@@ -215,21 +204,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmarks (see :mod:`seal_jax.bench`)."""
-    from seal_jax import bench
+    from seal_jax import bench  # deferred: bench imports jax; the other commands do not need it
 
     return bench.main(args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Memory and step-time plan of a model, mesh and workload per accelerator (see :mod:`seal_jax.plan`)."""
-    from seal_jax import plan
+    from seal_jax import plan  # deferred: plan imports jax (its sharding rules); the other commands do not
 
     return plan.main(args)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """Compile a run's programs ahead of time for a TPU/GPU target and report them (see :mod:`seal_jax.aot`)."""
-    from seal_jax import aot
+    from seal_jax import aot  # deferred: aot imports jax and the engine; the other commands do not
 
     return aot.main(args)
 
@@ -271,9 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="a grader's agreement with SEAL's GPT-4.1 verdicts (calibration file)")
     p.add_argument("file", nargs="?", default=str(CALIBRATION_FILE),
                    help=f"calibration JSONL (question, gold, prediction, verdict; default {CALIBRATION_FILE})")
-    from seal_jax.selfedit.grading import GRADERS, JUDGE_GRADERS
-
-    p.add_argument("--grader", default="offline", choices=[*GRADERS, *JUDGE_GRADERS],
+    p.add_argument("--grader", default="offline", choices=[*grading.GRADERS, *grading.JUDGE_GRADERS],
                    help="the grader to check (default offline); judge and rules+judge ask --model")
     p.add_argument("--split", default="held-out", choices=["held-out", "tune", "all"],
                    help="which part of the file's fixed tune/held-out split to grade (default held-out)")
@@ -292,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_smoke)
 
     p = sub.add_parser("bench", help="benchmarks against transformers on PyTorch, same process and threads")
-    from seal_jax.bench import add_arguments
+    from seal_jax.bench import add_arguments  # deferred: bench imports jax; `import seal_jax.cli` does not
 
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
@@ -300,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="bytes per device, step times and a fits/does-not-fit verdict per accelerator",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        epilog="exit code 3: the plan does not fit some of the hardware asked about")
-    from seal_jax.plan import add_arguments as add_plan_arguments
+    from seal_jax.plan import add_arguments as add_plan_arguments  # deferred: plan imports jax, as bench
 
     add_plan_arguments(p)
     p.set_defaults(func=cmd_plan)
@@ -308,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a run's programs for a TPU/GPU target on this CPU host: memory, "
                                        "FLOPs, bytes, collectives and roofline time per program",
                        epilog="exit code 3: a program does not fit its device; 2: a bad config, mesh or target")
-    from seal_jax.aot import add_arguments as add_compile_arguments
+    from seal_jax.aot import add_arguments as add_compile_arguments  # deferred: aot imports jax, as bench
 
     add_compile_arguments(p)
     p.set_defaults(func=cmd_compile)

@@ -29,10 +29,14 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from seal_jax.lm.config import PRESETS, ModelConfig, preset
+from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
+from seal_jax.lm.model import param_shapes, projection_shape
+from seal_jax.lm.sampling import batch_bucket
 from seal_jax.lm.sharding import MESH_AXES, PARAM_AXES, MeshError, parse_mesh_spec, spec_for
+from seal_jax.lm.types import PROJECTIONS
 
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float32": 4, "fp32": 4}
 LORA_BYTES = 4  # adapters, gradients and AdamW moments are float32 (seal_jax.lm.lora / training)
@@ -150,8 +154,6 @@ class Workload:
                 raise PlanError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPE_BYTES)}")
-        from seal_jax.lm.model import PROJECTIONS
-
         unknown = [t for t in self.lora_targets if t not in PROJECTIONS]
         if unknown or not self.lora_targets:
             raise PlanError(f"unknown LoRA targets {unknown or '(none)'}; choose from {list(PROJECTIONS)}")
@@ -193,8 +195,6 @@ def shard_shape(shape: Sequence[int], logical: Sequence[str | None], mesh: Mappi
 def weight_bytes_per_device(config: ModelConfig, mesh: Mapping[str, int], dtype: str) -> int:
     """Bytes of base weights on one device: every parameter of ``param_shapes(config)`` sharded by
     :data:`PARAM_AXES` and :data:`RULES` (a dimension that does not divide is replicated)."""
-    from seal_jax.lm.model import param_shapes
-
     total = 0
     for path, shape in param_shapes(config).items():
         total += math.prod(shard_shape(shape, PARAM_AXES[path], mesh))
@@ -203,8 +203,6 @@ def weight_bytes_per_device(config: ModelConfig, mesh: Mapping[str, int], dtype:
 
 def lora_parameters(config: ModelConfig, rank: int, targets: Sequence[str]) -> int:
     """Parameters of one adapter: ``L * rank * (in + out)`` summed over the adapted projections."""
-    from seal_jax.lm.model import projection_shape
-
     return sum(config.num_layers * rank * sum(projection_shape(config, t)) for t in targets)
 
 
@@ -217,8 +215,6 @@ def lanes_per_device(candidates: int, mesh: Mapping[str, int]) -> int:
 
 def matmul_parameters(config: ModelConfig) -> int:
     """Parameters that take part in a matmul per token: every projection plus the output head."""
-    from seal_jax.lm.model import PROJECTIONS, projection_shape
-
     per_layer = sum(math.prod(projection_shape(config, p)) for p in PROJECTIONS)
     return config.num_layers * per_layer + config.vocab_size * config.hidden_size
 
@@ -282,8 +278,6 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     vocab = config.vocab_size // tensor if config.vocab_size % tensor == 0 else config.vocab_size
     logits = 2 * rows * t * vocab * 4  # float32 logits and log-softmax over the sequence
     train = weights + lora_params + lora_state + accumulators + activations + logits
-    from seal_jax.lm.sampling import batch_bucket
-
     b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
     kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
     s = w.cache_slots
@@ -350,8 +344,6 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     train = StepTime(train_flops / hw.bf16_flops,
                      (passes - 1) * gathered / hw.hbm_bandwidth,
                      (passes - 1) * gather_comm)
-
-    from seal_jax.lm.sampling import batch_bucket
 
     b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
     srows = w.candidates * b_pad // mesh["data"]
@@ -436,10 +428,6 @@ def resolve_model(name: str) -> ModelConfig:
     """A preset name (see :data:`seal_jax.lm.config.PRESETS`) or an HF model folder / ``config.json``."""
     if name in PRESETS:
         return preset(name)
-    from pathlib import Path
-
-    from seal_jax.lm.config import from_hf
-
     if Path(name).exists():
         return from_hf(name)
     raise PlanError(f"unknown model {name!r}: give a preset ({', '.join(sorted(PRESETS))}) or an HF model folder")

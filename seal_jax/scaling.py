@@ -20,7 +20,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 from tqdm import tqdm
+
+import seal_jax as sj
+from seal_jax.lm.api import LM
+from seal_jax.lm.config import preset
+from seal_jax.lm.model import Decoder
+from seal_jax.selfedit.data import load_passages
 
 CANDIDATES = (1, 2, 4, 8, 16)
 SEQ_LENS = (32, 64, 128, 256, 512)
@@ -50,10 +60,32 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def text_chunks(lm: Any, count: int, length: int) -> list[str]:
+    """``count`` strings cut from the built-in demo passages, each at most ``length - 1`` tokens long when
+    tokenised again (so at most ``length`` with the EOS that training appends; in practice exactly).
+    Shared with :mod:`seal_jax.bench`."""
+
+    def encode(text: str) -> list[int]:
+        return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids: list[int] = []
+    for p in load_passages("demo"):
+        ids += encode(p.text + "\n\n")
+    while len(ids) < count * length:
+        ids = ids + ids
+    out = []
+    for i in range(count):
+        piece = ids[i * length:(i + 1) * length - 1]
+        text = lm.tokenizer.decode(piece)
+        while len(encode(text)) > length - 1:  # a cut mid-word can tokenise into more pieces
+            piece = piece[:-1]
+            text = lm.tokenizer.decode(piece)
+        out.append(text)
+    return out
+
+
 def timed_train(lm: Any, data: Sequence[Sequence[str]], length: int, repeats: int) -> tuple[float, float]:
     """``(first call seconds, best later call seconds)`` of ``lm.train_adapters(data)`` (rank 32 q/v, 1 epoch)."""
-    import seal_jax as sj
-
     lora = sj.LoraSpec(rank=32, alpha=64.0)
     specs = [sj.TrainSpec(learning_rate=1e-3, epochs=1, max_len=length + 8, seed=i) for i in range(len(data))]
     t0 = time.perf_counter()
@@ -73,10 +105,8 @@ def _tokens(lm: Any, texts: Sequence[str]) -> int:
 
 def sweep_candidates(lm: Any, sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     """Train K candidates (``sweep.sequences`` × ``sweep.length`` tokens each) for every K; one row per K."""
-    from seal_jax.bench import _chunks
-
     rows = []
-    texts = _chunks(lm, max(sweep.candidates) * sweep.sequences, sweep.length)
+    texts = text_chunks(lm, max(sweep.candidates) * sweep.sequences, sweep.length)
     for k in tqdm(sweep.candidates, desc="scaling: candidates", unit="K"):
         data = [texts[i * sweep.sequences:(i + 1) * sweep.sequences] for i in range(k)]
         first, best = timed_train(lm, data, sweep.length, sweep.repeats)
@@ -91,11 +121,9 @@ def sweep_candidates(lm: Any, sweep: Sweep, out: Path) -> list[dict[str, Any]]:
 
 def sweep_seq_len(lm: Any, sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     """Train one candidate on ``sweep.sequences`` sequences of T tokens for every T; one row per T."""
-    from seal_jax.bench import _chunks
-
     rows = []
     for t in tqdm(sweep.seq_lens, desc="scaling: seq_len", unit="T"):
-        data = [_chunks(lm, sweep.sequences, t)]
+        data = [text_chunks(lm, sweep.sequences, t)]
         first, best = timed_train(lm, data, t, sweep.repeats)
         tokens = _tokens(lm, data[0])
         row = {"sweep": "seq_len", "k": 1, "seq_len": t, "sequences": sweep.sequences, "seconds": best,
@@ -111,18 +139,8 @@ def sweep_depth(lm: Any, sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     The decoders have the bundled model's vocabulary (so its tokenizer works) and the ``tiny`` preset's
     width; their weights are random (compile time does not depend on the values).
     """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from seal_jax.bench import _chunks
-    from seal_jax.lm.api import LM
-    from seal_jax.lm.config import preset
-    from seal_jax.lm.model import Decoder
-
     rows = []
-    texts = _chunks(lm, 2 * sweep.sequences, 32)
+    texts = text_chunks(lm, 2 * sweep.sequences, 32)
     data = [texts[:sweep.sequences], texts[sweep.sequences:]]
     ids = jnp.asarray(np.random.default_rng(0).integers(0, lm.config.vocab_size, (2, 64)), jnp.int32)
     for depth in tqdm(sweep.depths, desc="scaling: depth", unit="L"):
@@ -148,10 +166,10 @@ def sweep_depth(lm: Any, sweep: Sweep, out: Path) -> list[dict[str, Any]]:
 
 def plot(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     """One PNG per sweep present in ``rows``; returns the files written."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes ~0.5 s to import and only the charts need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as matplotlib, once the Agg backend is chosen
 
     written = []
     by = {name: [r for r in rows if r["sweep"] == name] for name in ("candidates", "seq_len", "depth")}
@@ -190,7 +208,7 @@ def plot(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 def _log2_ticks(ax: Any, values: Sequence[int]) -> None:
     """A base-2 log x axis labelled exactly at ``values`` (no minor ticks)."""
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import NullLocator  # deferred: matplotlib is heavy and only the charts need it
 
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(values), [str(v) for v in values])
@@ -200,7 +218,7 @@ def _log2_ticks(ax: Any, values: Sequence[int]) -> None:
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is heavy and only the charts need it
 
     plt.close(fig)
     return path
@@ -238,8 +256,6 @@ SWEEPS = ("candidates", "seq_len", "depth")
 
 def main(args: argparse.Namespace) -> int:
     """Run the sweeps on ``args.model`` into ``args.scaling`` (JSONL rows, PNGs, ``scaling.md``)."""
-    import seal_jax as sj
-
     only = set(args.only.split(",")) if args.only else set(SWEEPS)
     if only - set(SWEEPS):
         raise ValueError(f"unknown sweep(s) in --only: {sorted(only - set(SWEEPS))}; the sweeps are {', '.join(SWEEPS)}")

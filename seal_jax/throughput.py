@@ -39,14 +39,19 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-from seal_jax import plan
+import seal_jax as sj
+from seal_jax import hlo, plan
 from seal_jax.ceilings import best_time, copy_bandwidth, matmul_flops, read_bandwidth
+from seal_jax.lm import sharding as shd
+from seal_jax.lm.config import ConfigError, from_hf, preset
 
 
 class BenchError(ValueError):
@@ -239,8 +244,6 @@ def decode_min_bytes(config: Any, weight_bytes: int, rows: int, context: float, 
 def roofline(lowered: Any, peaks: Peaks, unknown_trips: int = 1) -> dict[str, Any]:
     """Compile ``lowered`` and return its roofline seconds on one of ``peaks``'s devices, its bound, FLOPs,
     bytes and collective bytes per device (from :func:`seal_jax.hlo.analyze`) and the compile seconds."""
-    from seal_jax import hlo
-
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
@@ -264,8 +267,8 @@ class Reference:
     """transformers + PEFT + torch AdamW on the same shapes with random weights (CPU or one CUDA GPU)."""
 
     def __init__(self, config: Any, dtype: str, device: str, threads: int | None = None):
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        import torch  # deferred: torch is optional (the test extra); only the reference uses it
+        from transformers import AutoConfig, AutoModelForCausalLM  # deferred: ~1 s to import, as torch
 
         if threads:
             torch.set_num_threads(threads)
@@ -300,8 +303,6 @@ class Reference:
 
     def train_seconds(self, sequences: list[list[int]], epochs: int, rank: int, warmup_steps: int = 1) -> float:
         """Seconds of one candidate's LoRA (q/v) + AdamW training, batch 1, ``epochs`` over ``sequences``."""
-        import warnings
-
         from peft import LoraConfig, get_peft_model  # deferred: optional reference dependency
 
         torch = self.torch
@@ -351,8 +352,6 @@ class Suite:
 
     def __init__(self, lm: Any, shapes: SuiteShapes, peaks: Peaks, *, repeats: int, reference: Reference | None,
                  rooflines: bool = True):
-        import seal_jax as sj
-
         self.sj = sj
         self.lm, self.shapes, self.peaks, self.repeats = lm, shapes, peaks, repeats
         self.reference, self.rooflines = reference, rooflines
@@ -572,9 +571,6 @@ def wants_suite(args: argparse.Namespace) -> bool:
 
 
 def _load(args: argparse.Namespace, dtype: str, mesh: Any) -> tuple[Any, str]:
-    import seal_jax as sj
-    from seal_jax.lm.config import ConfigError, from_hf, preset
-
     if args.preset and not args.random_weights:
         raise BenchError(f"--preset {args.preset} has no weights: add --random-weights, or pass --model DIR")
     if args.random_weights:
@@ -619,10 +615,6 @@ def main(args: argparse.Namespace) -> int:
     """Run the suite; print a table last; write the JSON report to ``args.out`` as rows finish."""
     if not getattr(args, "no_reference", False):  # before JAX starts: leave half of a GPU to the PyTorch reference
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
-    import jax
-
-    from seal_jax.lm import sharding as shd
-
     devices = jax.devices()
     platform_ = devices[0].platform
     dtype = args.dtype or ("float32" if platform_ == "cpu" else "bfloat16")
@@ -645,8 +637,8 @@ def main(args: argparse.Namespace) -> int:
     if not getattr(args, "no_reference", False) and platform_ in ("cpu", "gpu"):
         try:
             import peft  # noqa: F401  (deferred: optional reference stack)
-            import torch
-            import transformers  # noqa: F401
+            import torch  # deferred: optional reference stack, as peft
+            import transformers  # noqa: F401  (deferred: ~1 s to import, only the reference needs it)
         except ImportError as error:
             print(f"no PyTorch reference: {error}")
         else:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 __all__ = [
     "GGUFError",
@@ -155,6 +156,7 @@ class GGUFLlamaSpec:
 
 def _open_reader(gguf_path: Path):
     """Open `gguf_path` with `gguf.GGUFReader`, turning every failure into a message naming the file."""
+    # deferred: gguf is needed only to convert a .gguf file, and `import seal_jax` loads this module
     from gguf import GGUFReader
 
     gguf_path = Path(gguf_path)
@@ -294,7 +296,7 @@ def _hf_name(gguf_name: str) -> tuple[str, str | None]:
 
 def _iter_hf_tensors(reader, spec: GGUFLlamaSpec, gguf_path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF name, float32 array in HF layout) for every tensor of the GGUF, in file order."""
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize  # deferred: gguf only for converting a .gguf file, as in _open_reader
 
     expected = spec.hf_shapes()
     for t in reader.tensors:
@@ -357,7 +359,7 @@ class _SafetensorsStreamWriter:
 
     def write(self, name: str, array: np.ndarray) -> None:
         if self.dtype == "bfloat16":
-            import ml_dtypes
+            import ml_dtypes  # deferred: about a second to import, and only bfloat16 output needs it
 
             data = array.astype(ml_dtypes.bfloat16)
         else:
@@ -509,8 +511,6 @@ def convert_gguf_to_hf(
         try:
             tensors = _iter_hf_tensors(reader, spec, gguf_path)
             if progress:
-                from tqdm.auto import tqdm
-
                 tensors = tqdm(
                     tensors, total=len(reader.tensors), desc=f"converting {gguf_path.name}", unit="tensor"
                 )

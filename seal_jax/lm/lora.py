@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from seal_jax.lm.model import LoraInputs
 from seal_jax.lm.types import PROJECTIONS, LoraError, LoraSpec
@@ -181,8 +182,6 @@ class Adapters:
         (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` ``[r, in]``, ``lora_B`` ``[out, r]``);
         ``peft.PeftModel.from_pretrained(base, path)`` loads it. Returns the folder.
         """
-        from safetensors.numpy import save_file
-
         spec = self.specs[k]
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)

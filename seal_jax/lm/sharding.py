@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -303,6 +304,4 @@ def to_host(array: jax.Array) -> np.ndarray:
     """A numpy copy of ``array`` on this host, gathering shards from other processes when needed."""
     if getattr(array, "is_fully_addressable", True):
         return np.asarray(jax.device_get(array))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -23,7 +23,7 @@ def has_tokenizer(folder: str | Path) -> bool:
 
 def load_tokenizer(folder: str | Path) -> Any:
     """Load the Hugging Face tokenizer saved in ``folder`` (``tokenizer.json`` / ``tokenizer_config.json``)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: ~1 s to import; this module imports without it
 
     folder = Path(folder)
     if not has_tokenizer(folder):

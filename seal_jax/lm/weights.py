@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors import safe_open
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from seal_jax.lm import sharding as shd
@@ -323,8 +324,6 @@ def export_hf(
     In a multi-host run every process must call it (the weights are gathered from all of them) and
     process 0 writes the folder. Returns the folder.
     """
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     np_dtype = None if dtype is None else jnp.dtype(dtype)
     if jax.process_index() != 0:
@@ -400,7 +399,7 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
             f"model folder {text!r} does not exist{hint}{where}; pass a Hugging Face model folder, or run "
             "`seal-jax fetch smollm2-135m-instruct` for the bundled CPU model"
         )
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: ~0.3 s to import, only a hub id needs it
 
     try:
         return Path(snapshot_download(text, allow_patterns=HUB_FILES))
