@@ -92,3 +92,43 @@ def test_merge_adapter_and_shared_programs(tiny_hf):
     adapters.failed = [None, "non-finite loss at step 3"]
     with pytest.raises(ValueError, match="failed in training"):
         lm.merge_adapter(adapters, 1)
+
+
+def test_completion_logprobs_equal_transformers_on_the_bundled_model(bundled_lm, bundled_hf, tmp_path):
+    """The gold answer's log-likelihood after the question prompt: the same sum of log-probabilities as
+    transformers computes with the same tokens, for plain and chat prompts, base and K stacked adapters."""
+    import torch
+
+    lm = bundled_lm
+    prompts = ["Topic: Vallemor\nQuestion: Who kept the logbook?\nAnswer:", "Question: When was the storm?\nAnswer:",
+               "Question: What guided the schooner?\nAnswer:"]
+    golds = [" The lighthouse keeper", " In the winter of 1887", " a bonfire"]
+    for chat in (False, True):
+        sums, counts = lm.completion_logprobs(prompts, golds, chat=chat)
+        assert sums.shape == (3,) and counts.tolist() == [len(lm.tokenizer(g, add_special_tokens=False)["input_ids"])
+                                                          for g in golds]
+        for i, (p, g) in enumerate(zip(prompts, golds, strict=True)):
+            head = (lm.tokenizer(sj.lm.tokenizer.format_chat(lm.tokenizer, p), add_special_tokens=False)["input_ids"]
+                    if chat else lm.tokenizer(p)["input_ids"])
+            tail = lm.tokenizer(g, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = bundled_hf(torch.tensor([head + tail])).logits.double()[0]
+            logp = torch.log_softmax(logits[:-1], dim=-1)
+            ref = sum(float(logp[len(head) - 1 + j, t]) for j, t in enumerate(tail))
+            assert sums[i] == pytest.approx(ref, abs=1e-4), (chat, i)
+            assert ref < 0
+    adapters = lm.train_adapters([[TEXT], [TEXT + " The keeper's name was Orrin."]], sj.LoraSpec(rank=4, alpha=8.0),
+                                 sj.TrainSpec(learning_rate=1e-3, epochs=2, max_len=128))
+    stacked, _ = lm.completion_logprobs(prompts, golds, adapters=adapters)
+    one, _ = lm.completion_logprobs(prompts, golds, adapters=adapters[1])
+    assert stacked.shape == (2, 3) and np.allclose(stacked[1], one, atol=1e-4)
+    ids = np.array([lm.tokenizer(prompts[0])["input_ids"] + lm.tokenizer(golds[0], add_special_tokens=False)["input_ids"]])
+    logp = log_softmax(lm.logits(ids, adapter=adapters[0])[0].astype(np.float64), axis=-1)
+    n = counts[0]
+    expected = sum(logp[ids.shape[1] - n - 1 + j, ids[0, ids.shape[1] - n + j]] for j in range(n))
+    assert stacked[0, 0] == pytest.approx(expected, abs=1e-4)
+    assert not np.allclose(stacked[0], lm.completion_logprobs(prompts, golds)[0], atol=1e-3)  # training moved it
+    with pytest.raises(sj.lm.sampling.SamplingError, match="3 prompts but 2 completions"):
+        lm.completion_logprobs(prompts, golds[:2])
+    with pytest.raises(sj.lm.sampling.SamplingError, match="completions 1 is empty"):
+        lm.completion_logprobs(prompts[:2], [" a", ""])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import tiny_config
 
@@ -11,6 +12,8 @@ import seal_jax as sj
 from seal_jax.selfedit.data import load_passages
 from seal_jax.selfedit.engine import LanguageModel
 from seal_jax.selfedit.episode import NO_SEQUENCES, Job, make_grader, score_base, train_and_score
+from seal_jax.selfedit.results import Measure
+from seal_jax.selfedit.strategies import question_prompt
 
 
 def test_judge_graders_are_built_from_the_run_model(tiny_chat_dir):
@@ -48,7 +51,7 @@ class ScriptedLM:
     tokenizer = None
 
     def __init__(self, answers):
-        self.answers, self.trained = list(answers), []
+        self.answers, self.trained, self.scored = list(answers), [], []
 
     def generate(self, prompts, params=None, adapters=None, chat=False, enable_thinking=False):
         assert params.temperature == 0.0 and params.max_new_tokens == 8  # greedy, eval_max_new_tokens
@@ -57,6 +60,12 @@ class ScriptedLM:
     def train_adapters(self, sequences, lora=None, train=None, seed=0):
         self.trained.append((sequences, lora, train, seed))
         return SimpleNamespace(losses=[[2.0, 1.5, 0.5], []], failed=[None, "loss is not finite"])
+
+    def completion_logprobs(self, prompts, completions, adapters=None, chat=False, enable_thinking=False):
+        self.scored.append((prompts, completions, adapters, chat))
+        tokens = np.array([len(c.split()) for c in completions])
+        sums = -1.0 * tokens  # one nat per word, before
+        return (sums if adapters is None else np.stack([sums * 0.5, sums * 2.0])), tokens
 
     def merge_adapter(self, adapters, k=0):
         return self
@@ -75,11 +84,15 @@ def test_train_and_score_trains_every_usable_job_in_one_call_and_keeps_row_order
     grader = make_grader(config, lm)
     base = score_base(lm, passage, config, grader)
     assert base.accuracy == 1.0 and all(a["correct"] for a in base.answers)
+    assert base.measure == Measure(1.0, -1.0)  # the gold answers, one nat per word
+    prompts, completions, adapters, chat = lm.scored[0]
+    assert completions == [q.answer for q in passage.questions] and chat is config.chat and adapters is None
+    assert prompts == [question_prompt(passage.title, q.question) for q in passage.questions]
     lora, train = config.lora_spec(), config.train_spec(seed=7)
     jobs = [Job("implications", 0, "edit a", ["seq 1", "seq 2"], lora, train, {"repeat": 0}),
             Job("implications", 1, "edit b", [], lora, train, {"repeat": 0}),
             Job("rewrite", 0, "edit c", ["seq 3"], lora, train, {"repeat": 1})]
-    rows = train_and_score(lm, passage, jobs, config=config, grader=grader, before=0.25)
+    rows = train_and_score(lm, passage, jobs, config=config, grader=grader, before=Measure(0.25, -1.5))
     assert len(lm.trained) == 1  # one call for every usable job, in job order, with the run's seed
     assert lm.trained[0] == ([["seq 1", "seq 2"], ["seq 3"]], [lora, lora], [train, train], config.seed)
     assert [(r["condition"], r["candidate"], r["repeat"]) for r in rows] == [
@@ -89,7 +102,9 @@ def test_train_and_score_trains_every_usable_job_in_one_call_and_keeps_row_order
     assert rows[2]["accuracy_after"] == 0.0 and rows[2]["failure"] == "loss is not finite"
     assert rows[2]["train_loss"] is None and rows[2]["reward"] == 0.0
     assert rows[1]["normalized_gain"] == 1.0 and rows[2]["normalized_gain"] == pytest.approx(-1 / 3)
-    assert train_and_score(lm, passage, jobs[1:2], config=config, grader=grader, before=0.5)[0]["failure"]
+    assert [(r["gold_loglik_before"], r["gold_loglik_after"]) for r in rows] == [(-1.5, -1.5), (-1.5, -0.5), (-1.5, -2.0)]
+    assert len(lm.scored) == 2 and lm.scored[1][2] is not None  # one teacher-forced pass under all K adapters
+    assert train_and_score(lm, passage, jobs[1:2], config=config, grader=grader, before=Measure(0.5))[0]["failure"]
     assert len(lm.trained) == 1  # nothing usable: no training call
 
 

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from seal_jax.selfedit.results import ResultsFileError, append_passage, append_rows, read_rows, summarize
+from seal_jax.selfedit.data import Passage
+from seal_jax.selfedit.results import (
+    Measure,
+    ResultsFileError,
+    append_passage,
+    append_rows,
+    read_rows,
+    result_row,
+    summarize,
+    summary_markdown,
+)
+
+ANSWER = {"question": "q", "gold": "g", "prediction": "p", "correct": True}
 
 
 def test_summary_numbers_by_hand():
@@ -72,3 +84,19 @@ def test_read_rows_counts_each_passages_rows(tmp_path):
         assert read_rows(path, repair=False) == a_rows, cut
     path.write_bytes(whole[:a_end + 3])  # b's id hidden by the tear: a is whole all the same
     assert read_rows(path) == a_rows and path.read_bytes() == whole[:a_end]
+
+
+def test_gold_loglik_is_summarised_where_rows_measure_it():
+    passage = Passage("p", "T", "ctx", ())
+    rows = [result_row(passage, "base", 0, None, 0, Measure(0.5, -2.0), Measure(0.5, -2.0), [ANSWER], None),
+            result_row(passage, "passage", 0, "e", 1, Measure(0.5, -2.0), Measure(1.0, -0.5), [ANSWER], None),
+            result_row(passage, "passage", 1, "e", 1, Measure(0.5, -2.0), Measure(0.0, -1.5), [ANSWER], None)]
+    assert rows[1]["gold_loglik_before"] == -2.0 and rows[1]["gold_loglik_after"] == -0.5
+    assert rows[1]["reward"] == 1.0 and rows[1]["normalized_gain"] == 1.0
+    s = summarize(rows, "m")["conditions"]
+    assert s["passage"]["gold_loglik"] == pytest.approx(-1.0) and s["passage"]["gold_loglik_change"] == pytest.approx(1.0)
+    assert s["base"]["gold_loglik_change"] == 0.0
+    table = summary_markdown({"model": "m", "conditions": s})
+    assert "Δ gold nats/token" in table and "| -1.000 | +1.000 |" in table
+    unmeasured = result_row(passage, "base", 0, None, 0, Measure(0.5), Measure(0.5), [ANSWER], None)
+    assert "gold_loglik_before" not in unmeasured and "gold" not in summary_markdown(summarize([unmeasured], "m"))

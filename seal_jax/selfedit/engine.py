@@ -3,7 +3,7 @@
 The loop (``seal_jax.selfedit``) never reaches into the engine (``seal_jax.lm``). It builds requests from
 the engine's jax-free value types (:mod:`seal_jax.lm.types`: ``SamplingParams``, ``LoraSpec``,
 ``TrainSpec``, the errors) and asks a model for what :class:`LanguageModel` lists: generate text, train K
-adapters, merge one into the weights, export the weights. ``seal_jax.LM`` is such a model; so is any
+adapters, score completions by teacher forcing, merge an adapter into the weights, export the weights. ``seal_jax.LM`` is such a model; so is any
 stand-in a test or another engine provides (vLLM for generation, say) that has these methods.
 
 Loading is the one place the loop starts the engine (:func:`load_model`); importing this module does not
@@ -47,6 +47,12 @@ class LanguageModel(Protocol):
                        lora: LoraSpec | Sequence[LoraSpec] | None = None,
                        train: TrainSpec | Sequence[TrainSpec] | None = None, seed: int = 0) -> TrainedAdapters:
         """K adapters, one per list of training items, trained together."""
+        ...
+
+    def completion_logprobs(self, prompts: list[str], completions: list[str], adapters: Any = None,
+                            chat: bool = False, enable_thinking: bool = False) -> tuple[Any, Any]:
+        """Teacher-forced log-likelihood sums of each completion after its prompt (``[B]``, or ``[K, B]``
+        with K stacked adapters) and the completions' token counts ``[B]`` (numpy arrays)."""
         ...
 
     def merge_adapter(self, adapters: Any, k: int = 0) -> LanguageModel:

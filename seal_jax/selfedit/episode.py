@@ -3,12 +3,14 @@
 Every run kind scores self-edits the same way (knowledge runs, ReST-EM's E-step, template search):
 
 1. :func:`score_base` — the model answers the passage's questions without the passage (greedy) and the
-   grader scores them: the accuracy before.
+   grader scores them: the accuracy before; and the gold answers' log-likelihood after the same prompts
+   (:func:`gold_loglik`), a dense measure beside it.
 2. The run kind turns its self-edits into :class:`Job` records: one candidate adapter each, with its
    training sequences, its :class:`~seal_jax.LoraSpec` and :class:`~seal_jax.TrainSpec`, and the row
    fields it adds.
 3. :func:`train_and_score` — every job with training data trains in ONE ``train_adapters`` call, all
-   adapters answer at once (K stacked), the grader scores each candidate: one results row per job
+   adapters answer at once (K stacked), the grader scores each candidate and the gold answers are scored
+   under every adapter (one teacher-forced pass for all K): one results row per job
    (:func:`~seal_jax.selfedit.results.result_row`); a job without training data is a row that says so.
 """
 
@@ -23,7 +25,7 @@ from seal_jax.selfedit import grading
 from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.engine import LanguageModel
 from seal_jax.selfedit.judge import JudgeGrader
-from seal_jax.selfedit.results import result_row
+from seal_jax.selfedit.results import Measure, result_row
 from seal_jax.selfedit.run_config import RunConfig
 from seal_jax.selfedit.strategies import question_prompt
 
@@ -67,18 +69,34 @@ def accuracy(scored: Sequence[dict[str, Any]]) -> float:
     return sum(a["correct"] for a in scored) / len(scored)
 
 
+def gold_loglik(lm: LanguageModel, passage: Passage, config: RunConfig, adapters: Any = None) -> Any:
+    """The mean log-likelihood per token (nats) of the passage's gold answers after their question prompts
+    (the prompts :func:`answer_questions` uses, no passage in context): a float, or K floats with K stacked
+    adapters. The answer follows the prompt's ``Answer:`` after a space, or opens the assistant's turn in
+    chat form."""
+    prompts = [question_prompt(passage.title, q.question) for q in passage.questions]
+    golds = [q.answer if config.chat else " " + q.answer for q in passage.questions]
+    sums, tokens = lm.completion_logprobs(prompts, golds, adapters=adapters, chat=config.chat)
+    per_set = sums.sum(axis=-1) / tokens.sum()
+    return per_set.tolist() if per_set.ndim else float(per_set)
+
+
 @dataclasses.dataclass(frozen=True)
 class Baseline:
-    """The model's answers before any update: ``answers`` scored, and their ``accuracy``."""
+    """The model before any update: its ``answers`` scored, and what they measure."""
 
     answers: list[dict[str, Any]]
-    accuracy: float
+    measure: Measure
+
+    @property
+    def accuracy(self) -> float:
+        return self.measure.accuracy
 
 
 def score_base(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader) -> Baseline:
-    """The base model's graded answers to the passage's questions (the accuracy before)."""
+    """The base model's graded answers to the passage's questions and its gold log-likelihood."""
     scored = scored_answers(passage, answer_questions(lm, passage, config), grader)
-    return Baseline(scored, accuracy(scored))
+    return Baseline(scored, Measure(accuracy(scored), gold_loglik(lm, passage, config)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +122,13 @@ class Job:
 
 
 def train_and_score(lm: LanguageModel, passage: Passage, jobs: Sequence[Job], *, config: RunConfig,
-                    grader: BatchGrader, before: float) -> list[dict[str, Any]]:
+                    grader: BatchGrader, before: Measure) -> list[dict[str, Any]]:
     """The rows of ``jobs``: first a failure row for every job without training sequences, then one row per
     trained candidate (all trained in one ``train_adapters`` call with ``seed = config.seed``, then all
     answering at once), with ``train_loss`` = the first and last optimiser step's loss.
 
-    ``before`` is the accuracy before (:func:`score_base`), kept in every row.
+    ``before`` is what the base model measured (:func:`score_base`), kept in every row; a job that trains
+    nothing measures the same after.
     """
     rows = [result_row(passage, j.condition, j.candidate, j.self_edit, 0, before, before, [], NO_SEQUENCES, **j.fields)
             for j in jobs if not j.sequences]
@@ -119,10 +138,12 @@ def train_and_score(lm: LanguageModel, passage: Passage, jobs: Sequence[Job], *,
     adapters = lm.train_adapters([j.sequences for j in usable], [j.lora for j in usable], [j.train for j in usable],
                                  seed=config.seed)
     answers = answer_questions(lm, passage, config, adapters=adapters)
+    dense = gold_loglik(lm, passage, config, adapters=adapters)
     for i, job in enumerate(usable):
         scored = scored_answers(passage, answers[i], grader)
         losses = adapters.losses[i]
+        after = Measure(accuracy(scored), dense[i])
         rows.append(result_row(passage, job.condition, job.candidate, job.self_edit, len(job.sequences), before,
-                               accuracy(scored), scored, adapters.failed[i], **job.fields,
+                               after, scored, adapters.failed[i], **job.fields,
                                train_loss=[losses[0], losses[-1]] if losses else None))
     return rows

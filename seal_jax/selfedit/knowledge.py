@@ -40,7 +40,14 @@ from seal_jax.selfedit.episode import BatchGrader, Job, make_grader, score_base,
 from seal_jax.selfedit.meta_prompts import fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.proposals import Proposal, chosen, propose
-from seal_jax.selfedit.results import append_passage, read_rows, result_row, summarize, summary_markdown
+from seal_jax.selfedit.results import (
+    Measure,
+    append_passage,
+    read_rows,
+    result_row,
+    summarize,
+    summary_markdown,
+)
 from seal_jax.selfedit.run_config import RunConfig, check_run_config, derived_seed, select_data
 from seal_jax.selfedit.strategies import (
     completions_for,
@@ -77,7 +84,7 @@ def generate_self_edits(lm: LanguageModel, passage: Passage, config: RunConfig,
 
 def condition_jobs(passage: Passage, config: RunConfig, generated: dict[str, list[str]],
                    replay: dict[str, list[str]] | None, template: Template | None, template_failure: str | None,
-                   before: float) -> tuple[list[Job], list[dict[str, Any]]]:
+                   before: Measure) -> tuple[list[Job], list[dict[str, Any]]]:
     """The candidates of every training condition of one passage, and the rows of those that cannot train.
 
     Human strategies train with the run's LoRA/training specs (K self-edits, or the passage alone), the
@@ -133,11 +140,11 @@ def passage_rows(lm: LanguageModel, passage: Passage, config: RunConfig, grader:
     base = score_base(lm, passage, config, grader)
     rows = []
     if "base" in config.conditions:
-        rows.append(result_row(passage, "base", 0, None, 0, base.accuracy, base.accuracy, base.answers, None, repeat=0))
+        rows.append(result_row(passage, "base", 0, None, 0, base.measure, base.measure, base.answers, None, repeat=0))
     generated = generate_self_edits(lm, passage, config, template)
-    jobs, failed = condition_jobs(passage, config, generated, replay, template, template_failure, base.accuracy)
+    jobs, failed = condition_jobs(passage, config, generated, replay, template, template_failure, base.measure)
     rows.extend(failed)
-    return rows + train_and_score(lm, passage, jobs, config=config, grader=grader, before=base.accuracy)
+    return rows + train_and_score(lm, passage, jobs, config=config, grader=grader, before=base.measure)
 
 
 def propose_run_template(lm: LanguageModel, config: RunConfig, out: Path) -> tuple[Template | None, str | None]:

@@ -7,6 +7,7 @@ whole passages in a file and, on the resume path, cuts off a passage a kill tore
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,14 +23,33 @@ ROW_FIELDS = ("passage_id", "title", "condition", "candidate", "self_edit", "n_s
               "accuracy_after", "reward", "answers", "failure")
 
 
-def result_row(passage: Passage, condition: str, candidate: int, edit: str | None, n_sequences: int, before: float,
-               after: float, answers: list[dict[str, Any]], failure: str | None, **extra: Any) -> dict[str, Any]:
-    """One results row (:data:`ROW_FIELDS` plus ``reward`` = ``accuracy_after``, ``normalized_gain`` =
-    ``(after − before) / (1 − before)`` (0 when ``before`` is 1) and ``extra``)."""
-    gain = (after - before) / (1 - before) if before < 1 else 0.0
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """What one set of answers to a passage's questions scored.
+
+    Attributes:
+      accuracy: the share of answers the grader accepts (the papers' measure).
+      gold_loglik: the mean log-likelihood of the gold answers after the question prompts, in nats per
+        token (teacher forcing, no passage in context): dense where accuracy is blind (small models), or
+        None when not measured.
+    """
+
+    accuracy: float
+    gold_loglik: float | None = None
+
+
+def result_row(passage: Passage, condition: str, candidate: int, edit: str | None, n_sequences: int, before: Measure,
+               after: Measure, answers: list[dict[str, Any]], failure: str | None, **extra: Any) -> dict[str, Any]:
+    """One results row: :data:`ROW_FIELDS` (``reward`` = ``accuracy_after``), ``normalized_gain`` =
+    ``(after − before) / (1 − before)`` of the accuracy (0 when ``before`` is 1), ``gold_loglik_before`` and
+    ``gold_loglik_after`` when measured, and ``extra``."""
+    gain = (after.accuracy - before.accuracy) / (1 - before.accuracy) if before.accuracy < 1 else 0.0
+    dense = {} if before.gold_loglik is None else {"gold_loglik_before": before.gold_loglik,
+                                                   "gold_loglik_after": after.gold_loglik}
     return {"passage_id": passage.id, "title": passage.title, "condition": condition, "candidate": candidate,
-            "self_edit": edit, "n_sequences": n_sequences, "accuracy_before": before, "accuracy_after": after,
-            "reward": after, "normalized_gain": gain, "answers": answers, "failure": failure, **extra}
+            "self_edit": edit, "n_sequences": n_sequences, "accuracy_before": before.accuracy,
+            "accuracy_after": after.accuracy, "reward": after.accuracy, "normalized_gain": gain, **dense,
+            "answers": answers, "failure": failure, **extra}
 
 
 class ResultsFileError(ValueError):
@@ -161,7 +181,9 @@ def summarize(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
     ``accuracy`` is correct answers over all answered questions of the condition (every candidate and
     repeat counts); ``accuracy_std`` is the standard deviation over passages of the per-passage accuracy;
     ``mean_gain`` is the mean of ``accuracy_after - accuracy_before`` over rows; ``failures`` counts the
-    rows with a ``failure`` (no adapter trained: no usable self-edit, an invalid template, …).
+    rows with a ``failure`` (no adapter trained: no usable self-edit, an invalid template, …). Where the rows
+    carry the gold answers' log-likelihood (:class:`Measure`), ``gold_loglik`` is its mean after the update
+    and ``gold_loglik_change`` the mean change, in nats per token.
     """
     conditions: dict[str, Any] = {}
     for name in dict.fromkeys(r["condition"] for r in rows):
@@ -180,15 +202,25 @@ def summarize(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
             "mean_gain": float(np.mean([r["accuracy_after"] - r["accuracy_before"] for r in sel])),
             "failures": sum(1 for r in sel if r.get("failure")),
         }
+        dense = [r for r in sel if r.get("gold_loglik_after") is not None]
+        if dense:
+            conditions[name]["gold_loglik"] = float(np.mean([r["gold_loglik_after"] for r in dense]))
+            conditions[name]["gold_loglik_change"] = float(np.mean([r["gold_loglik_after"] - r["gold_loglik_before"]
+                                                                    for r in dense]))
     return {"model": model, "conditions": conditions}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The summary as a Markdown table."""
+    """The summary as a Markdown table (with the gold answers' log-likelihood when the run measured it)."""
+    dense = any("gold_loglik" in c for c in summary["conditions"].values())
+    extra_head, extra_rule = (" gold nats/token | Δ gold nats/token |", "---:|---:|") if dense else ("", "")
     lines = [f"Model: `{summary['model']}`", "",
-             "| condition | accuracy | std over passages | questions | passages | mean gain | failures |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| condition | accuracy | std over passages | questions | passages | mean gain | failures |{extra_head}",
+             f"|---|---:|---:|---:|---:|---:|---:|{extra_rule}"]
     for name, c in summary["conditions"].items():
+        extra = ""
+        if dense:
+            extra = (f" {c['gold_loglik']:.3f} | {c['gold_loglik_change']:+.3f} |" if "gold_loglik" in c else " – | – |")
         lines.append(f"| {name} | {100 * c['accuracy']:.1f}% | {100 * c['accuracy_std']:.1f} | {c['n_questions']} | "
-                     f"{c['n_passages']} | {100 * c['mean_gain']:+.1f} | {c.get('failures', 0)} |")
+                     f"{c['n_passages']} | {100 * c['mean_gain']:+.1f} | {c.get('failures', 0)} |{extra}")
     return "\n".join(lines) + "\n"

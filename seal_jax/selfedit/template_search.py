@@ -292,7 +292,7 @@ def template_passage_rows(inner: LanguageModel, generator: LanguageModel, passag
     """
     k = config.knowledge
     base = score_base(inner, passage, k, grader)
-    before = base.accuracy
+    before = base.measure
     common = {"iteration": iteration}
     rows = [result_row(passage, "base", 0, None, 0, before, before, base.answers, None, template_id=None,
                        fill_index=None, template=None, fill_sequences=None, fill_fallback=None, **common)]
