@@ -106,7 +106,8 @@ def report_restem(run_dir: str | Path) -> tuple[str, Path]:
     """``report.md`` and ``rounds.png`` of a ReST-EM run folder (recomputed from its rounds)."""
     run = Path(run_dir)
     config = json.loads((run / "run_config.json").read_text())
-    summary = summarize_restem(run, config["model"], config["restem"]["strategy"], config["restem"]["rounds"])
+    summary = summarize_restem(run, config["model"], config["restem"]["strategy"], config["restem"]["rounds"],
+                               reward=config.get("reward", "accuracy"))
     markdown = restem_markdown(summary)
     png = plot_rounds(summary, run / "rounds.png", title=run.name)
     (run / "report.md").write_text(markdown + f"\n![accuracy per round]({png.name})\n")

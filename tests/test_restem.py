@@ -50,6 +50,18 @@ def test_select_best_ties_failures_and_gains():
     assert select_best(rows, "rewrite") == []
 
 
+def test_select_best_by_the_gold_loglik_reward():
+    """With ``reward = "gold_loglik"`` rows carry the log-likelihood as their reward; the gain test compares it
+    with the log-likelihood before, not the accuracy."""
+    rows = [{**row("a", 0, -1.2), "gold_loglik_before": -1.5}, {**row("a", 1, -0.4), "gold_loglik_before": -1.5},
+            {**row("b", 0, -2.0), "gold_loglik_before": -1.8}]
+    best = select_best(rows, "implications", reward="gold_loglik")
+    assert [(b["passage_id"], b["candidate"], b["reward"]) for b in best] == [("a", 1, -0.4), ("b", 0, -2.0)]
+    kept = select_best(rows, "implications", positive_gain_only=True, reward="gold_loglik")
+    assert [b["passage_id"] for b in kept] == ["a"]  # -0.4 > -1.5; b fell from -1.8 to -2.0
+    assert select_best(rows, "implications", positive_gain_only=True) == []  # as accuracies: below 0.25
+
+
 def test_sft_rows_carry_the_prompt_the_generator_saw(tiny_chat_dir):
     from seal_jax.lm.tokenizer import load_tokenizer
 

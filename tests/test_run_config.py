@@ -15,6 +15,7 @@ from seal_jax.selfedit.run_config import (
     extension_json,
     split_extension_table,
 )
+from seal_jax.selfedit.runs import config_from_dict as load_config_from
 from seal_jax.selfedit.runs import load_config
 
 
@@ -101,3 +102,16 @@ def test_extension_table_split_and_json():
     knowledge = RunConfig.from_dict({"name": "x", "model": "m", "conditions": ["base"]})
     out = extension_json(knowledge, Extended(knowledge, rounds=3), "extra")
     assert out["extra"] == {"rounds": 3} and "conditions" not in out and out["model"] == "m"
+
+
+def test_reward_option_and_resuming_folders_written_before_it():
+    assert tiny_config("m").reward == "accuracy" and tiny_config("m", reward="gold_loglik").reward == "gold_loglik"
+    with pytest.raises(RunConfigError, match=r"reward must be one of \('accuracy', 'gold_loglik'\), got 'loss'"):
+        tiny_config("m", reward="loss")
+    current = tiny_config("m").to_json()
+    older = {k: v for k, v in current.items() if k != "reward"}  # a run folder from before the option
+    assert config_differences(older, current) == []
+    assert config_differences(older, {**current, "reward": "gold_loglik"}) == ["reward"]
+    raw = {"name": "t", "model": "m", "reward": "gold_loglik", "templates": {"variant": "archive"}}
+    with pytest.raises(RunConfigError, match="template search scores templates by accuracy"):
+        load_config_from(raw)

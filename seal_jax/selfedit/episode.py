@@ -130,8 +130,8 @@ def train_and_score(lm: LanguageModel, passage: Passage, jobs: Sequence[Job], *,
     ``before`` is what the base model measured (:func:`score_base`), kept in every row; a job that trains
     nothing measures the same after.
     """
-    rows = [result_row(passage, j.condition, j.candidate, j.self_edit, 0, before, before, [], NO_SEQUENCES, **j.fields)
-            for j in jobs if not j.sequences]
+    rows = [result_row(passage, j.condition, j.candidate, j.self_edit, 0, before, before, [], NO_SEQUENCES,
+                       reward=config.reward, **j.fields) for j in jobs if not j.sequences]
     usable = [j for j in jobs if j.sequences]
     if not usable:
         return rows
@@ -144,6 +144,6 @@ def train_and_score(lm: LanguageModel, passage: Passage, jobs: Sequence[Job], *,
         losses = adapters.losses[i]
         after = Measure(accuracy(scored), dense[i])
         rows.append(result_row(passage, job.condition, job.candidate, job.self_edit, len(job.sequences), before,
-                               after, scored, adapters.failed[i], **job.fields,
+                               after, scored, adapters.failed[i], reward=config.reward, **job.fields,
                                train_loss=[losses[0], losses[-1]] if losses else None))
     return rows

@@ -102,7 +102,8 @@ def condition_jobs(passage: Passage, config: RunConfig, generated: dict[str, lis
         if strategy.source == "template":
             if template is None:
                 reason = f"no valid template: {template_failure or 'the proposal failed'}"
-                failed.extend(result_row(passage, name, c, None, 0, before, before, [], reason, repeat=0)
+                failed.extend(result_row(passage, name, c, None, 0, before, before, [], reason, reward=config.reward,
+                                         repeat=0)
                               for c in range(config.k))
                 continue
             for c, text in enumerate(generated[name]):
@@ -110,7 +111,8 @@ def condition_jobs(passage: Passage, config: RunConfig, generated: dict[str, lis
                     pieces, fallback = fill_pieces(text, options["fill_fallback"])
                 except ValueError as error:
                     failed.extend(result_row(passage, name, c, text, 0, before, before, [], f"fill: {error}",
-                                             repeat=r, fill_fallback=False) for r in range(config.repeats))
+                                             reward=config.reward, repeat=r, fill_fallback=False)
+                                  for r in range(config.repeats))
                     continue
                 seqs = pieces_to_sequences(passage, pieces, include_passage=config.include_passage)
                 for r in range(config.repeats):
@@ -140,7 +142,8 @@ def passage_rows(lm: LanguageModel, passage: Passage, config: RunConfig, grader:
     base = score_base(lm, passage, config, grader)
     rows = []
     if "base" in config.conditions:
-        rows.append(result_row(passage, "base", 0, None, 0, base.measure, base.measure, base.answers, None, repeat=0))
+        rows.append(result_row(passage, "base", 0, None, 0, base.measure, base.measure, base.answers, None,
+                               reward=config.reward, repeat=0))
     generated = generate_self_edits(lm, passage, config, template)
     jobs, failed = condition_jobs(passage, config, generated, replay, template, template_failure, base.measure)
     rows.extend(failed)

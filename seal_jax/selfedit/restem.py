@@ -164,18 +164,20 @@ class RestemConfig:
 # Selection
 
 
-def select_best(rows: Sequence[dict[str, Any]], strategy: str, *, positive_gain_only: bool = False
-                ) -> list[dict[str, Any]]:
+def select_best(rows: Sequence[dict[str, Any]], strategy: str, *, positive_gain_only: bool = False,
+                reward: str = "accuracy") -> list[dict[str, Any]]:
     """The best self-edit of every passage among knowledge-run ``rows``.
 
-    A candidate's reward is the mean ``accuracy_after`` over its repeats; candidates with a failed
+    A candidate's reward is the mean row ``reward`` over its repeats (``accuracy_after``, or the gold
+    answers' log-likelihood after the update with ``reward = "gold_loglik"``); candidates with a failed
     repeat or no self-edit text are skipped. The highest reward wins; ties go to the lowest candidate
-    index. With ``positive_gain_only`` a passage is dropped unless its winner's reward is above the
-    accuracy before the update.
+    index. With ``positive_gain_only`` a passage is dropped unless its winner's reward is above the same
+    measure before the update.
 
     Returns one dict per kept passage, in order of first appearance:
     ``{passage_id, candidate, self_edit, reward, accuracy_before}``.
     """
+    reward_kind = reward
     per_candidate: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for r in rows:
         if r["condition"] == strategy:
@@ -191,7 +193,7 @@ def select_best(rows: Sequence[dict[str, Any]], strategy: str, *, positive_gain_
             continue
         reward, c, row = max(scored, key=lambda t: (t[0], -t[1]))
         before = float(row["accuracy_before"])
-        if positive_gain_only and not reward > before:
+        if positive_gain_only and not reward > (before if reward_kind == "accuracy" else row["gold_loglik_before"]):
             continue
         best.append({"passage_id": passage_id, "candidate": c, "self_edit": row["self_edit"], "reward": reward,
                      "accuracy_before": before})
@@ -336,7 +338,7 @@ class _Rounds:
             return False
         lm = self.models(generator)
         best = select_best(agree(lambda: read_rows(folder / "results.jsonl")), config.strategy,
-                           positive_gain_only=config.positive_gain_only)
+                           positive_gain_only=config.positive_gain_only, reward=k.reward)
         rows = sft_rows(best, {p.id: p for p in passages}, config.strategy, chat=k.chat, tokenizer=lm.tokenizer)
         if is_writer():
             write_jsonl(folder / "sft_rows.jsonl", rows)
@@ -391,14 +393,16 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
 
 
 def _write_summary(config: RestemConfig, out: Path) -> dict[str, Any]:
-    summary = agree(lambda: summarize_restem(out, config.knowledge.model, config.strategy, config.rounds))
+    summary = agree(lambda: summarize_restem(out, config.knowledge.model, config.strategy, config.rounds,
+                                             reward=config.knowledge.reward))
     if is_writer():
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "summary.md").write_text(restem_markdown(summary))
     return summary
 
 
-def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int) -> dict[str, Any]:
+def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int, *, reward: str = "accuracy"
+                     ) -> dict[str, Any]:
     """Accuracy per round from a run folder, finished or not; never changes the folder.
 
     ``train`` is the accuracy per condition over the rows of ``round-N/results.jsonl`` present now (with
@@ -409,7 +413,7 @@ def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int) ->
     ``mean_sft_reward`` and ``sft_loss`` come from ``round.json`` and stay ``None`` until the round's SFT
     has finished. A part that has not started is ``None``.
 
-    Returns ``{"model", "strategy", "rounds": [{"round", "generator", "train": {...} | None,
+    Returns ``{"model", "strategy", "reward", "rounds": [{"round", "generator", "train": {...} | None,
     "sft_rows", "mean_sft_reward", "sft_loss", "eval": {condition: accuracy} | None}]}``; round 0 is the
     starting model (evaluation only).
     """
@@ -434,7 +438,7 @@ def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int) ->
             entry["eval"] = {name: c["accuracy"] for name, c in evaluation["conditions"].items()}
             entry["eval"]["passages"] = evaluation["conditions"].get("base", {}).get("n_passages", 0)
         table.append(entry)
-    return {"model": model, "strategy": strategy, "rounds": table}
+    return {"model": model, "strategy": strategy, "reward": reward, "rounds": table}
 
 
 def restem_markdown(summary: dict[str, Any]) -> str:
@@ -448,7 +452,9 @@ def restem_markdown(summary: dict[str, Any]) -> str:
              f"| round | held-out base | held-out {s} | train base | train {s} | SFT rows | mean SFT reward |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for e in summary["rounds"]:
-        reward = f"{100 * e['mean_sft_reward']:.1f}%" if e.get("mean_sft_reward") is not None else "–"
+        reward = "–" if e.get("mean_sft_reward") is None else (
+            f"{100 * e['mean_sft_reward']:.1f}%" if summary.get("reward", "accuracy") == "accuracy"
+            else f"{e['mean_sft_reward']:.3f} nats/token")
         rows = e["sft_rows"] if e.get("sft_rows") is not None else "–"
         lines.append(f"| {e['round']} | {pct(e['eval'], 'base')} | {pct(e['eval'], s)} | {pct(e['train'], 'base')} | "
                      f"{pct(e['train'], s)} | {rows} | {reward} |")

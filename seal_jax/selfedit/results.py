@@ -39,8 +39,10 @@ class Measure:
 
 
 def result_row(passage: Passage, condition: str, candidate: int, edit: str | None, n_sequences: int, before: Measure,
-               after: Measure, answers: list[dict[str, Any]], failure: str | None, **extra: Any) -> dict[str, Any]:
-    """One results row: :data:`ROW_FIELDS` (``reward`` = ``accuracy_after``), ``normalized_gain`` =
+               after: Measure, answers: list[dict[str, Any]], failure: str | None, *, reward: str = "accuracy",
+               **extra: Any) -> dict[str, Any]:
+    """One results row: :data:`ROW_FIELDS` (``reward`` = ``accuracy_after``, or ``gold_loglik_after`` with
+    ``reward = "gold_loglik"``), ``normalized_gain`` =
     ``(after − before) / (1 − before)`` of the accuracy (0 when ``before`` is 1), ``gold_loglik_before`` and
     ``gold_loglik_after`` when measured, and ``extra``."""
     gain = (after.accuracy - before.accuracy) / (1 - before.accuracy) if before.accuracy < 1 else 0.0
@@ -48,7 +50,8 @@ def result_row(passage: Passage, condition: str, candidate: int, edit: str | Non
                                                    "gold_loglik_after": after.gold_loglik}
     return {"passage_id": passage.id, "title": passage.title, "condition": condition, "candidate": candidate,
             "self_edit": edit, "n_sequences": n_sequences, "accuracy_before": before.accuracy,
-            "accuracy_after": after.accuracy, "reward": after.accuracy, "normalized_gain": gain, **dense,
+            "accuracy_after": after.accuracy, "reward": after.accuracy if reward == "accuracy" else after.gold_loglik,
+            "normalized_gain": gain, **dense,
             "answers": answers, "failure": failure, **extra}
 
 

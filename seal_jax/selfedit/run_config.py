@@ -36,6 +36,9 @@ TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
 }
 
 
+# What a results row's ``reward`` measures (RunConfig.reward).
+REWARDS = ("accuracy", "gold_loglik")
+
 DATA_KEYS = frozenset({"source", "n", "start", "shuffle", "seed", "selfedits", "subset", "ids"})
 
 
@@ -87,6 +90,9 @@ class RunConfig:
       eval_max_new_tokens: answer length; grader: a name from :data:`grading.GRADERS`, ``"judge"``
         (the loaded model judges every answer) or ``"rules+judge"`` (only what the offline rules leave
         undecided).
+      reward: what a row's ``reward`` is (:data:`REWARDS`): ``accuracy`` after the update (the papers'), or
+        ``gold_loglik``, the gold answers' mean log-likelihood per token after it (dense: it moves where a
+        small model's accuracy stays at 0). ReST-EM selects self-edits by it.
       seed: the run's seed.
       template_condition: options of the ``template`` condition (see :data:`TEMPLATE_CONDITION_DEFAULTS`):
         ``archive`` (show the seeded archive in the meta-prompt), ``proposal_max_new_tokens``,
@@ -114,6 +120,7 @@ class RunConfig:
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     eval_max_new_tokens: int = 64
     grader: str = "offline"
+    reward: str = "accuracy"
     seed: int = 0
     template_condition: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -135,6 +142,8 @@ class RunConfig:
         if "template" in self.conditions and self.train.get("batch_size", 1) != 1:
             raise RunConfigError("the template condition trains with batch size 1 (the paper's) in the same call "
                                  "as the other conditions; set train.batch_size = 1")
+        if self.reward not in REWARDS:
+            raise RunConfigError(f"reward must be one of {REWARDS}, got {self.reward!r}")
         if not isinstance(self.remat, bool):
             raise RunConfigError(f"remat must be true or false, got {self.remat!r}")
         for key in ("k", "repeats", "eval_max_new_tokens"):
@@ -271,9 +280,11 @@ RESUME_FREE_KEYS = frozenset({"remat"})
 
 
 def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Top-level keys whose values differ between two saved configs, except :data:`RESUME_FREE_KEYS`."""
+    """Top-level keys whose values differ between two saved configs, except :data:`RESUME_FREE_KEYS`. A key
+    one of them lacks (a folder written before the key existed) counts as :class:`RunConfig`'s default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
     keys = (set(previous) | set(current)) - RESUME_FREE_KEYS
-    return sorted(k for k in keys if previous.get(k) != current.get(k))
+    return sorted(k for k in keys if previous.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
 
 
 def check_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:

@@ -191,6 +191,9 @@ class TemplateSearchConfig:
         unknown = sorted(set(self.novelty) - set(NOVELTY_DEFAULTS))
         if unknown:
             raise RunConfigError(f"unknown keys in [templates.novelty]: {unknown}; known keys: {sorted(NOVELTY_DEFAULTS)}")
+        if self.knowledge.reward != "accuracy":
+            raise RunConfigError("template search scores templates by accuracy, the unit of its archive's seed "
+                                 "scores (the paper's); remove reward (the gold log-likelihood is still in every row)")
         if self.knowledge.train.get("batch_size", 1) != 1:
             raise RunConfigError("templates train with batch size 1 (the paper's); remove train.batch_size")
         self.make_archive()  # checks the novelty knobs and the backend
