@@ -31,6 +31,10 @@ class TrainedAdapters(Protocol):
 
     def __len__(self) -> int: ...
 
+    def save(self, path: str | Path) -> Path:
+        """Write the adapters under ``path`` (:func:`load_adapters` reads them back)."""
+        ...
+
 
 @runtime_checkable
 class LanguageModel(Protocol):
@@ -70,3 +74,10 @@ def load_model(path: str, *, dtype: str = "float32", mesh: Any = None, tokenizer
     from seal_jax.lm.api import load  # deferred: jax and the engine load only when a run loads a model
 
     return load(path, dtype=dtype, mesh=mesh, tokenizer=tokenizer, remat=remat, progress=progress)
+
+
+def load_adapters(path: str | Path) -> Any:
+    """Adapters saved with ``adapters.save(path)`` (``seal_jax.Adapters.load``)."""
+    from seal_jax.lm.lora import Adapters  # deferred: jax and the engine load only when a run needs them
+
+    return Adapters.load(path)

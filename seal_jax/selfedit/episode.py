@@ -137,13 +137,23 @@ def train_and_score(lm: LanguageModel, passage: Passage, jobs: Sequence[Job], *,
         return rows
     adapters = lm.train_adapters([j.sequences for j in usable], [j.lora for j in usable], [j.train for j in usable],
                                  seed=config.seed)
-    answers = answer_questions(lm, passage, config, adapters=adapters)
-    dense = gold_loglik(lm, passage, config, adapters=adapters)
-    for i, job in enumerate(usable):
-        scored = scored_answers(passage, answers[i], grader)
+    for i, (job, (scored, after)) in enumerate(zip(usable, score_adapters(lm, passage, config, grader, adapters),
+                                                   strict=True)):
         losses = adapters.losses[i]
-        after = Measure(accuracy(scored), dense[i])
         rows.append(result_row(passage, job.condition, job.candidate, job.self_edit, len(job.sequences), before,
                                after, scored, adapters.failed[i], reward=config.reward, **job.fields,
                                train_loss=[losses[0], losses[-1]] if losses else None))
     return rows
+
+
+def score_adapters(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader, adapters: Any
+                   ) -> list[tuple[list[dict[str, Any]], Measure]]:
+    """Every one of K stacked adapters answering the passage's questions at once, graded, and its gold
+    log-likelihood: ``[(scored answers, Measure)]``, one per adapter."""
+    answers = answer_questions(lm, passage, config, adapters=adapters)
+    dense = gold_loglik(lm, passage, config, adapters=adapters)
+    out = []
+    for i, texts in enumerate(answers):
+        scored = scored_answers(passage, texts, grader)
+        out.append((scored, Measure(accuracy(scored), dense[i])))
+    return out
