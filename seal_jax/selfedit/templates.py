@@ -62,8 +62,8 @@ from seal_jax.selfedit.template_errors import (
 )
 
 __all__ = [
-    "FIELDS", "HYPERPARAMETERS", "HYPERPARAMETERS_KEY", "PLACEHOLDER_INSTRUCTION", "SEAL_HYPERPARAMETERS", "Template",
-    "TemplateError", "hyperparameter_similarity", "instruction_similarity", "parse_fill", "parse_template",
+    "FIELDS", "HYPERPARAMETERS", "HYPERPARAMETERS_KEY", "PLACEHOLDER_INSTRUCTION", "SEAL_HYPERPARAMETERS",
+    "Template", "TemplateError", "hyperparameter_similarity", "instruction_similarity", "parse_fill", "parse_template",
 ]
 
 
@@ -232,8 +232,10 @@ class Template:
         """Validate and normalise a dict (e.g. parsed model output) into a :class:`Template`.
 
         ``d`` is in the nested form (the six hyperparameters under ``"hyperparameters"``) or the flat one
-        (at the top level); a hyperparameter in both places must have the same value. Numbers may be strings (``"1e-4"``); out-of-range numbers are clamped (rank snapped to a power of
-        two) and every change, and any ignored extra field, is listed in ``notes``. Raises
+        (at the top level); a hyperparameter in both places must have the same value. Numbers may be
+        strings (``"1e-4"``); out-of-range numbers are clamped (rank snapped to a power of two) and every
+        change, and any ignored extra field (at the top level or under ``"hyperparameters"``), is listed in
+        ``notes``. Raises
         :class:`TemplateError` for a non-dict, a missing field, a wrong type, NaN/inf, a hyperparameter given
         twice with different values or an unusable instruction.
         """
