@@ -4,7 +4,8 @@ Subcommands: ``fetch`` (the bundled CPU model), ``demo`` (the main job on the bu
 (a knowledge-incorporation, ReST-EM or template-search experiment from a TOML config), ``report`` (table and
 chart of a run), ``bench`` (benchmarks against transformers), ``plan`` (memory and time per accelerator),
 ``calibrate`` (a grader's agreement with SEAL's GPT-4.1 verdicts), ``smoke`` (a quick generation check of a
-model), ``compile`` (a run's programs compiled ahead of time for a TPU or GPU target).
+model), ``compile`` (a run's programs compiled ahead of time for a TPU or GPU target), ``templates stats``
+(diversity of a file of templates by iteration).
 """
 
 from __future__ import annotations
@@ -223,6 +224,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return aot.main(args)
 
 
+def cmd_templates_stats(args: argparse.Namespace) -> int:
+    """Per-iteration diversity of a file of templates (see :mod:`seal_jax.selfedit.template_stats`)."""
+    from seal_jax.selfedit import template_stats  # deferred: numpy and the templates, only for this command
+
+    groups, skipped = template_stats.read_templates_by_iteration(args.file)
+    n = sum(len(t) for t in groups.values())
+    print(f"{args.file}: {n} templates in {len(groups)} iteration(s)"
+          + (f"; {skipped} row(s) without a template skipped" if skipped else ""))
+    print(template_stats.template_stats_markdown(template_stats.template_stats(groups, backend=args.backend)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``seal-jax`` command."""
     parser = argparse.ArgumentParser(prog="seal-jax", description=__doc__.splitlines()[0])
@@ -299,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compile_arguments(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("templates", help="tools for files of self-edit templates")
+    templates_sub = p.add_subparsers(dest="templates_command", required=True)
+    p = templates_sub.add_parser("stats", help="per-iteration hyperparameter and instruction similarity and "
+                                 "hyperparameter ranges of a file of templates by iteration")
+    p.add_argument("file", help="JSON or JSONL: {iteration: [templates]}, rows of {iteration, template} (e.g. "
+                   "a run's archive.jsonl), or templates with an iteration key; nested or flat templates")
+    p.add_argument("--backend", default="auto", choices=["auto", "embeddings", "tfidf"],
+                   help="instruction embeddings: auto (all-MiniLM-L6-v2 when fetched, else TF-IDF), "
+                        "embeddings or tfidf")
+    p.set_defaults(func=cmd_templates_stats)
     return parser
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-from fixtures_templates import INSTRUCTION, template
+from fixtures_templates import INSTRUCTION, flat, template
 
 from seal_jax.selfedit.archive import Archive, ArchiveEntry, NoveltyArchive, select_top
 from seal_jax.selfedit.templates import TemplateError
@@ -21,9 +23,10 @@ def test_seeded_archive():
                                                          "repeat_verbatim": 0.335, "empty": 0.327}
     for e in archive.entries:
         assert e.source == "human" and e.iteration == 0
+        # to_dict is nested: the hyperparameters under "hyperparameters" (they were at the top level before)
         assert {k: v for k, v in e.template.to_dict().items() if k != "data_creation_instruction"} == {
-            "lora_rank": 32, "lora_alpha": 64.0, "lora_dropout": 0.0, "learning_rate": 1e-3, "num_epochs": 10,
-            "gradient_accumulation_steps": 1}
+            "hyperparameters": {"lora_rank": 32, "lora_alpha": 64.0, "lora_dropout": 0.0, "learning_rate": 1e-3,
+                                "num_epochs": 10, "gradient_accumulation_steps": 1}}
         assert e.gain == pytest.approx((e.score - 0.327) / (1 - 0.327))
     assert by_name["empty"].gain == 0.0
     assert [e.name for e in archive.shown()] == ["rewrite", "long_implications", "repeat_verbatim", "empty"]
@@ -74,6 +77,18 @@ def test_archive_jsonl_round_trip(tmp_path):
     path.write_text("not json\n")
     with pytest.raises(TemplateError, match="not JSON"):
         Archive.from_jsonl(path)
+
+
+def test_archive_rows_are_nested_and_old_flat_rows_still_load(tmp_path):
+    archive = Archive.seeded()
+    archive.add(ArchiveEntry(template(lora_rank=8), 0.41, 0.12, 2, "generated", "it2-t0"))
+    rows = archive.to_rows()
+    assert all(set(r["template"]) == {"data_creation_instruction", "hyperparameters"} for r in rows)
+    # an archive.jsonl written before the nested form (flat templates) reads back as the same entries
+    old = [{**r, "template": flat(r["template"])} for r in rows]
+    path = tmp_path / "archive.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert Archive.from_jsonl(path).entries == archive.entries
 
 
 def clustered_archive(cls, **kwargs):

@@ -125,3 +125,36 @@ def test_a_closed_pipe_is_not_an_error(tmp_path):
     proc.stdout.close()  # the reader is gone before the first line (like `| head -0`)
     err = proc.stderr.read().decode()
     assert proc.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_templates_stats_prints_similarity_and_ranges_per_iteration(tmp_path, capsys):
+    from seal_jax.selfedit.diversity import hyperparameter_similarity, instruction_similarity
+
+    def t(text, rank, alpha, dropout, lr, epochs, accum):
+        return {"data_creation_instruction": text, "hyperparameters": {
+            "lora_rank": rank, "lora_alpha": alpha, "lora_dropout": dropout, "learning_rate": lr,
+            "num_epochs": epochs, "gradient_accumulation_steps": accum}}
+
+    first = [t("Write questions and answers about every fact in the passage.", 16, 32, 0.05, 1e-4, 3, 2),
+             t("Rewrite the passage three times in plain words, keeping every fact.", 8, 16, 0.1, 1e-3, 5, 4)]
+    second = [t("List the implications of the passage, one per training text.", 32, 64, 0.0, 2e-4, 2, 1),
+              t("Write questions and answers about every fact in the passage.", 32, 8, 0.0, 5e-4, 6, 1),
+              {"data_creation_instruction": "Copy the passage word for word as one text.", "lora_rank": 4,
+               "lora_alpha": 64, "lora_dropout": 0.3, "learning_rate": 1e-4, "num_epochs": 2,
+               "gradient_accumulation_steps": 2}]   # the flat form, in the same file
+    path = tmp_path / "templates.jsonl"
+    path.write_text("".join(json.dumps({"iteration": it, "template": x}) + "\n"
+                            for it, xs in ((1, first), (2, second)) for x in xs))
+    assert main(["templates", "stats", str(path), "--backend", "tfidf"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: 5 templates in 2 iteration(s)\n")
+    h1, h2 = hyperparameter_similarity(first), hyperparameter_similarity(second)
+    i1, i2 = instruction_similarity(first, backend="tfidf"), instruction_similarity(second, backend="tfidf")
+    assert f"| 1 | 2 | {h1:.3f} | {i1:.3f} (tfidf) | 8–16 | 16–32 | 0.05–0.1 | 0.0001–0.001 | 3–5 | 2–4 |" in out
+    assert f"| 2 | 3 | {h2:.3f} | {i2:.3f} (tfidf) | 4–32 | 8–64 | 0–0.3 | 0.0001–0.0005 | 2–6 | 1–2 |" in out
+
+    path.write_text(json.dumps([first[0]]))   # no iteration: a one-line error
+    assert main(["templates", "stats", str(path), "--backend", "tfidf"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("seal-jax templates: TemplateError: ") and 'has no "iteration"' in err
+    assert "Traceback" not in err

@@ -8,17 +8,18 @@ import types
 
 import numpy as np
 import pytest
-from fixtures_templates import template
+from fixtures_templates import PAPER, PAPER_2, flat, template
 
 from seal_jax.selfedit.diversity import (
     hyperparameter_similarity,
     instruction_embeddings_with_backend,
     instruction_similarity,
+    instruction_similarity_with_backend,
     mean_sequence_chars,
     pairwise_hyperparameter_similarity,
     similarity_backend,
 )
-from seal_jax.selfedit.templates import TemplateError
+from seal_jax.selfedit.templates import Template, TemplateError
 
 MINIMA = {"lora_rank": 4, "lora_alpha": 1, "lora_dropout": 0.0, "learning_rate": 1e-5, "num_epochs": 1,
           "gradient_accumulation_steps": 1}
@@ -49,6 +50,38 @@ def test_hyperparameter_similarity_hand_worked():
     assert hyperparameter_similarity([a, b, c]) == pytest.approx((ab + ac + bc) / 3, abs=1e-12)
     m = pairwise_hyperparameter_similarity([a, b, c])
     assert np.allclose(m, m.T) and np.allclose(np.diag(m), 1.0) and m[0, 1] == pytest.approx(ab)
+
+
+def test_hyperparameter_similarity_of_the_seed_papers_nested_templates():
+    # PAPER: rank 16, alpha 32, dropout 0.05, lr 1e-4, epochs 3, grad-accum 2;
+    # PAPER_2: rank 8, alpha 16, dropout 0.1, lr 1e-3, epochs 5, grad-accum 4. Per field 1 - |delta| / range:
+    rank = 1 - abs(math.log2(16) - math.log2(8)) / (math.log2(64) - math.log2(4))        # 1 - 1/4
+    alpha = 1 - abs(math.log2(32) - math.log2(16)) / (math.log2(256) - math.log2(1))     # 1 - 1/8
+    dropout = 1 - abs(0.05 - 0.1) / (1 - 0)                                              # 0.95
+    lr = 1 - abs(math.log10(1e-4) - math.log10(1e-3)) / (math.log10(5e-3) - math.log10(1e-5))  # 1 - 1/log10(500)
+    epochs = 1 - abs(3 - 5) / (20 - 1)                                                   # 1 - 2/19
+    accum = 1 - abs(2 - 4) / (8 - 1)                                                     # 1 - 2/7
+    expected = (rank + alpha + dropout + lr + epochs + accum) / 6
+    assert expected == pytest.approx((0.75 + 0.875 + 0.95 + (1 - 1 / math.log10(500)) + 17 / 19 + 5 / 7) / 6)
+    assert hyperparameter_similarity([PAPER, PAPER_2]) == pytest.approx(expected, abs=1e-12)
+    # the same in the flat form, as Template objects, and mixed
+    assert hyperparameter_similarity([flat(PAPER), flat(PAPER_2)]) == pytest.approx(expected, abs=1e-12)
+    as_templates = [Template.from_dict(PAPER), Template.from_dict(PAPER_2)]
+    assert hyperparameter_similarity(as_templates) == pytest.approx(expected, abs=1e-12)
+    assert hyperparameter_similarity([PAPER, flat(PAPER_2)]) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(TemplateError, match="^lora_rank is"):   # a field given twice with different values
+        hyperparameter_similarity([PAPER, {**PAPER_2, "lora_rank": 64}])
+
+
+def test_instruction_similarity_reads_templates_in_either_form(no_embedding_model):
+    texts = [PAPER["data_creation_instruction"], PAPER_2["data_creation_instruction"]]
+    expected = instruction_similarity(texts)
+    assert 0.0 < expected < 1.0
+    assert instruction_similarity([PAPER, PAPER_2]) == expected
+    assert instruction_similarity([flat(PAPER), Template.from_dict(PAPER_2)]) == expected
+    assert instruction_similarity_with_backend([PAPER, PAPER_2]) == (expected, "tfidf")
+    with pytest.raises(TemplateError, match="data_creation_instruction"):
+        instruction_similarity([PAPER, {"hyperparameters": {}}])
 
 
 def test_hyperparameter_similarity_needs_two_and_valid_values():

@@ -179,7 +179,8 @@ def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, t
     lm = CannedTemplateLM(tiny_lm)
     summary = run_knowledge(config, tmp_path / "run", lm=lm, progress=False)
     saved = json.loads((tmp_path / "run" / "template.json").read_text())
-    assert saved["template"]["lora_rank"] == 8 and saved["failure"] is None and lm.meta == 1
+    # template.json holds the template in the nested form (its hyperparameters were at the top level before)
+    assert saved["template"]["hyperparameters"]["lora_rank"] == 8 and saved["failure"] is None and lm.meta == 1
     assert "Plans tried so far" in saved["meta_prompt"]  # the seeded archive is shown by default
     rows = read_rows(tmp_path / "run" / "results.jsonl")
     template_rows = [r for r in rows if r["condition"] == "template"]
@@ -192,11 +193,17 @@ def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, t
     assert [t.epochs for t in train] == [2, 3, 3] and [t.grad_accum for t in train] == [1, 2, 2]
     assert sequences[1][0].endswith("\nA first fact.")
     assert summary["conditions"]["template"]["n_passages"] == 2
-    # resume reads the stored template instead of asking again
+    # resume reads the stored template instead of asking again, also a template.json written before the
+    # nested form (the hyperparameters at the top level)
     again = CannedTemplateLM(tiny_lm, valid=False)
     (tmp_path / "run" / "results.jsonl").write_text("")
+    old_form = {"data_creation_instruction": saved["template"]["data_creation_instruction"],
+                **saved["template"]["hyperparameters"]}
+    (tmp_path / "run" / "template.json").write_text(json.dumps({**saved, "template": old_form}))
     run_knowledge(config, tmp_path / "run", lm=again, progress=False, resume=True)
     assert again.meta == 0
+    resumed = [r for r in read_rows(tmp_path / "run" / "results.jsonl") if r["condition"] == "template"]
+    assert len(resumed) == 2 * 2 and all(r["template"] == saved["template"] for r in resumed)
     # no valid template: failure rows with the reason, the other conditions unaffected
     bad = CannedTemplateLM(tiny_lm, valid=False)
     bad_config = tiny_config(tiny_chat_dir, conditions=["base", "passage", "template"],

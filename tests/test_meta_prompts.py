@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from fixtures_templates import GOOD, template
+from fixtures_templates import GOOD, INSTRUCTION, template
 
 from seal_jax.selfedit import meta_prompts as M
 from seal_jax.selfedit import templates as T
@@ -22,6 +24,21 @@ def test_meta_prompt_without_archive_lists_fields_and_ranges():
     # a model that copies the example verbatim is told so
     with pytest.raises(TemplateError, match="placeholder"):
         parse_template(prompt)
+
+
+def test_meta_prompt_asks_for_the_nested_structure():
+    lines = meta_prompt(Archive.seeded().shown()).splitlines()
+    assert '- "hyperparameters": an object with exactly these six fields:' in lines
+    for name in T.HYPERPARAMETERS:  # the six are listed under "hyperparameters"
+        assert any(line.startswith(f'  - "{name}": ') for line in lines)
+    example = json.loads(lines[lines.index("The shape of the answer (replace every value with your own choice):") + 1])
+    assert list(example) == ["data_creation_instruction", "hyperparameters"]
+    assert list(example["hyperparameters"]) == list(T.HYPERPARAMETERS)
+    filled = Template.from_dict({**example, "data_creation_instruction": INSTRUCTION})
+    assert filled.to_dict() == {**example, "data_creation_instruction": INSTRUCTION} and filled.notes == ()
+    # the archive's plans are shown in the same form
+    plans = [json.loads(lines[i + 1]) for i, line in enumerate(lines) if line.startswith("Plan ")]
+    assert len(plans) == 4 and all(list(p) == ["data_creation_instruction", "hyperparameters"] for p in plans)
 
 
 def test_meta_prompt_shows_archive_entries_with_scores():

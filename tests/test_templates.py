@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from fixtures_templates import GOOD, INSTRUCTION
+from fixtures_templates import GOOD, GOOD_NESTED, INSTRUCTION, PAPER, flat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,8 +39,60 @@ def test_exported_from_package():
 
 def test_valid_dict_round_trips_without_notes():
     t = Template.from_dict(GOOD)
-    assert t.to_dict() == GOOD and t.notes == ()
+    # to_dict writes the seed paper's nested form (it wrote the flat GOOD before the nested form was adopted)
+    assert t.to_dict() == GOOD_NESTED and t.notes == ()
     assert Template.from_dict(json.loads(t.to_json())) == t
+
+
+def test_the_seed_papers_nested_template_parses_and_round_trips():
+    t = parse_template(json.dumps(PAPER, indent=2))
+    assert (t.data_creation_instruction, t.lora_rank, t.lora_alpha, t.lora_dropout, t.learning_rate, t.num_epochs,
+            t.gradient_accumulation_steps) == (PAPER["data_creation_instruction"], 16, 32.0, 0.05, 1e-4, 3, 2)
+    assert t.notes == () and Template.from_dict(PAPER) == t
+    d = t.to_dict()
+    assert list(d) == ["data_creation_instruction", "hyperparameters"] and d == PAPER
+    assert list(d["hyperparameters"]) == list(T.HYPERPARAMETERS)
+    assert Template.from_dict(d) == t and Template.from_dict(json.loads(t.to_json())) == t
+    assert json.loads(t.to_json()) == d
+    assert parse_template(f"Here is my plan:\n```json\n{json.dumps(PAPER)}\n```") == t
+
+
+def test_flat_and_nested_forms_give_the_same_template():
+    assert Template.from_dict(flat(PAPER)) == Template.from_dict(PAPER)
+    assert Template.from_dict(GOOD) == Template.from_dict(GOOD_NESTED)
+    assert parse_template(json.dumps(GOOD)) == parse_template(json.dumps(GOOD_NESTED))
+    # a field given in both places with the same value (strings are numbers) is fine
+    both = {**GOOD_NESTED, "lora_rank": "16", "num_epochs": 5.0}
+    assert Template.from_dict(both) == Template.from_dict(GOOD) and Template.from_dict(both).notes == ()
+    # a mix: some hyperparameters at the top level, the rest nested
+    mixed = {"data_creation_instruction": INSTRUCTION, "lora_rank": 16, "lora_alpha": 32,
+             "hyperparameters": {k: v for k, v in GOOD_NESTED["hyperparameters"].items()
+                                 if k not in ("lora_rank", "lora_alpha")}}
+    assert Template.from_dict(mixed) == Template.from_dict(GOOD)
+
+
+@pytest.mark.parametrize("field,top", [("lora_rank", 8), ("learning_rate", "1e-3"), ("num_epochs", 4),
+                                       ("gradient_accumulation_steps", 1)])
+def test_conflicting_flat_and_nested_values_are_rejected_naming_the_field(field, top):
+    with pytest.raises(TemplateError, match=f"^{field} is .* under \"hyperparameters\" but .* at the top level"):
+        Template.from_dict({**GOOD_NESTED, field: top})
+    with pytest.raises(TemplateError, match=f"^{field} is "):
+        parse_template(json.dumps({**GOOD_NESTED, field: top}))
+
+
+def test_nested_form_problems_are_named():
+    hp = dict(GOOD_NESTED["hyperparameters"])
+    t = Template.from_dict({**GOOD_NESTED, "hyperparameters": {**hp, "batch_size": 8, "warmup": 0.1}})
+    assert t == Template.from_dict(GOOD) and any('"hyperparameters"' in n and "batch_size" in n for n in t.notes)
+    del hp["num_epochs"]
+    with pytest.raises(TemplateError, match=r"missing field\(s\) \['num_epochs'\]"):
+        Template.from_dict({**GOOD_NESTED, "hyperparameters": hp})
+    with pytest.raises(TemplateError, match="hyperparameters.* must be a JSON object"):
+        Template.from_dict({**GOOD_NESTED, "hyperparameters": [16, 32]})
+    with pytest.raises(TemplateError, match="lora_dropout must be a number"):
+        parse_template(json.dumps({**GOOD_NESTED, "hyperparameters": {**hp, "num_epochs": 5, "lora_dropout": "x"}}))
+    with pytest.raises(TemplateError, match="missing field"):   # the reason of the outer object, not its parts
+        parse_template(json.dumps({"hyperparameters": GOOD_NESTED["hyperparameters"]}))
 
 
 @pytest.mark.parametrize("field,value,expected", [
@@ -218,7 +270,8 @@ def _tagged(name: str):
 TEMPLATE_LIKE = st.tuples(
     st.fixed_dictionaries({name: _tagged(name) for name in T.FIELDS}),
     st.integers(0, 9).flatmap(lambda i: st.just(()) if i < 9 else st.lists(
-        st.sampled_from(T.FIELDS), min_size=1, max_size=2, unique=True)))
+        st.sampled_from(T.FIELDS), min_size=1, max_size=2, unique=True)),
+    st.booleans())   # written in the nested form (hyperparameters under "hyperparameters") or the flat one
 TEMPLATE_LIKE_OUTCOMES: collections.Counter[str] = collections.Counter()
 
 
@@ -235,15 +288,20 @@ def test_fuzz_text_only_template_error(text):
 @settings(max_examples=300, deadline=None)
 @given(TEMPLATE_LIKE, PROSE)
 def _template_like_json_property(draw, prose):
-    """Template-like JSON after prose: parsed in range with exactly the expected notes, or refused with a
-    TemplateError naming the first field at fault. Counts its outcomes in TEMPLATE_LIKE_OUTCOMES."""
-    tagged, dropped = draw
+    """Template-like JSON after prose, flat or nested: parsed in range with exactly the expected notes, or
+    refused with a TemplateError naming the first field at fault. Counts its outcomes in
+    TEMPLATE_LIKE_OUTCOMES."""
+    tagged, dropped, nested = draw
     kinds = {name: kind for name, (kind, _) in tagged.items() if name not in dropped}
     d = {name: value for name, (_, value) in tagged.items() if name not in dropped}
+    written = d
+    if nested:
+        written = {k: v for k, v in d.items() if k == "data_creation_instruction"}
+        written["hyperparameters"] = {k: v for k, v in d.items() if k != "data_creation_instruction"}
     missing = [name for name in T.FIELDS if name in dropped]
     bad = [name for name in T.FIELDS if kinds.get(name) == "bad"]
     try:
-        t = parse_template(prose + json.dumps(d))
+        t = parse_template(prose + json.dumps(written))
     except TemplateError as error:
         message = str(error)
         if missing:
@@ -307,8 +365,8 @@ def test_fuzz_any_finite_numbers_are_clamped_into_range(numbers, instruction):
        st.booleans(), st.booleans())
 def test_valid_json_inside_prose_fences_and_thinking_parses(t, before, after, wrap, indent, as_strings):
     d = t.to_dict()
-    if as_strings:
-        d = {k: (v if k == "data_creation_instruction" else repr(v)) for k, v in d.items()}
+    if as_strings:  # the hyperparameters, nested in to_dict's form, as strings
+        d = {**d, "hyperparameters": {k: repr(v) for k, v in d["hyperparameters"].items()}}
     body = json.dumps(d, indent=2 if indent else None)
     if "fenced" in wrap:
         body = f"```json\n{body}\n```"

@@ -96,7 +96,8 @@ class ArchiveEntry:
             raise TemplateError(f"ArchiveEntry.iteration must be an int >= 0, got {self.iteration!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able row: name, source, iteration, score, gain, novelty and the template's fields."""
+        """A JSON-able row: name, source, iteration, score, gain, novelty and the template (in the seed paper's
+        nested form, :meth:`Template.to_dict`; :meth:`from_dict` also reads rows with flat templates)."""
         return {"name": self.name, "source": self.source, "iteration": self.iteration, "score": self.score,
                 "gain": self.gain, "novelty": self.novelty, "template": self.template.to_dict()}
 

@@ -1,7 +1,8 @@
 """Diversity of template sets: hyperparameter and instruction similarity, instruction embeddings, fill length.
 
 Templates are read by attribute (a Template's hyperparameter fields, an ArchiveEntry's ``template``) or as
-dicts: this module does not import :mod:`~seal_jax.selfedit.templates`, which re-exports
+dicts in either JSON form (the seed paper's nested ``{"data_creation_instruction": ..., "hyperparameters":
+{...}}`` or the flat one, see :mod:`~seal_jax.selfedit.template_errors`): this module does not import :mod:`~seal_jax.selfedit.templates`, which re-exports
 :func:`hyperparameter_similarity` and :func:`instruction_similarity` as ``sj.templates.*``.
 
 Hyperparameter similarity of a set of templates (the paper's measure): the mean over pairs and fields of
@@ -10,7 +11,8 @@ Hyperparameter similarity of a set of templates (the paper's measure): the mean 
 than two templates have no pair and raise :class:`TemplateError` (so an iteration with one usable template
 cannot masquerade as "fully homogeneous").
 
-Instruction similarity is the mean pairwise cosine of instruction embeddings. The embeddings come from
+Instruction similarity is the mean pairwise cosine of instruction embeddings (of instruction strings, or of
+the ``data_creation_instruction`` of templates given as above). The embeddings come from
 ``seal_jax.selfedit.embeddings.embed`` (a sentence-embedding model, rows L2-normalised) when that module
 imports and does not raise ``EmbeddingsUnavailable``; otherwise from the fallback, character 3-gram TF-IDF
 vectors computed in numpy over the given texts (lower-cased, whitespace collapsed, smoothed idf
@@ -27,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from seal_jax.selfedit.template_errors import TemplateError, _number
+from seal_jax.selfedit.template_errors import TemplateError, _flat_template, _number
 
 __all__ = [
     "BACKENDS", "SIMILARITY_SCALES", "hyperparameter_similarity", "instruction_embeddings",
-    "instruction_embeddings_with_backend", "instruction_similarity", "mean_sequence_chars",
+    "instruction_embeddings_with_backend", "instruction_similarity", "instruction_similarity_with_backend",
+    "instructions_of", "mean_sequence_chars",
     "pairwise_hyperparameter_similarity", "pairwise_instruction_similarity", "similarity_backend",
 ]
 
@@ -47,14 +50,34 @@ SIMILARITY_SCALES: dict[str, tuple[str, float, float]] = {
 
 
 def _hyperparameters_of(item: Any) -> dict[str, Any]:
-    """The hyperparameters of a dict, a Template or an ArchiveEntry's template; read by attribute, since
-    this module does not import templates (which imports it)."""
+    """The hyperparameters of a dict (nested or flat form), a Template or an ArchiveEntry's template; read
+    by attribute, since this module does not import templates (which imports it)."""
     if isinstance(item, Mapping):
-        return dict(item)
+        return _flat_template(item)[0]
     template = getattr(item, "template", item)  # an ArchiveEntry holds its Template here
     if all(hasattr(template, name) for name in SIMILARITY_SCALES):
         return {name: getattr(template, name) for name in SIMILARITY_SCALES}
     raise TemplateError(f"expected a Template, ArchiveEntry or dict, got {type(item).__name__}")
+
+
+def _instruction_of(item: Any) -> str:
+    """The instruction of a string (itself), a template dict (either form), a Template or an ArchiveEntry."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Mapping):
+        text = item.get("data_creation_instruction")
+    else:
+        text = getattr(getattr(item, "template", item), "data_creation_instruction", None)
+    if not isinstance(text, str):
+        raise TemplateError(f"expected an instruction string, or a Template, ArchiveEntry or dict with a "
+                            f"data_creation_instruction string, got {type(item).__name__}")
+    return text
+
+
+def instructions_of(items: Sequence[Any]) -> list[str]:
+    """The instructions of ``items``: strings as they are; templates (dicts in either form, Template or
+    ArchiveEntry objects) by their ``data_creation_instruction``."""
+    return [_instruction_of(item) for item in items]
 
 
 def _scaled(templates: Sequence[Any]) -> np.ndarray:
@@ -82,7 +105,7 @@ def _scaled(templates: Sequence[Any]) -> np.ndarray:
 def pairwise_hyperparameter_similarity(templates: Sequence[Any]) -> np.ndarray:
     """``[N, N]`` similarity of every pair: mean over the six fields of ``max(0, 1 − |Δ|/range)``.
 
-    ``templates``: Template objects, ArchiveEntry objects or dicts with the six hyperparameter fields.
+    ``templates``: Template objects, ArchiveEntry objects or template dicts (nested or flat form).
     """
     x = _scaled(list(templates))
     return np.clip(1.0 - np.abs(x[:, None, :] - x[None, :, :]), 0.0, None).mean(axis=-1)
@@ -99,8 +122,8 @@ def _mean_off_diagonal(matrix: np.ndarray, what: str) -> float:
 def hyperparameter_similarity(templates: Sequence[Any]) -> float:
     """Mean pairwise hyperparameter similarity of a set of templates (1.0 = identical hyperparameters).
 
-    ``templates``: Template objects, ArchiveEntry objects or dicts with the six hyperparameter fields
-    (numbers may be strings). Raises :class:`TemplateError` for fewer than two templates.
+    ``templates``: Template objects, ArchiveEntry objects or template dicts, nested (the six hyperparameter
+    fields under ``"hyperparameters"``) or flat (numbers may be strings). Raises :class:`TemplateError` for fewer than two templates.
     """
     return _mean_off_diagonal(pairwise_hyperparameter_similarity(templates), "hyperparameter_similarity")
 
@@ -182,18 +205,30 @@ def similarity_backend() -> str:
     return "embeddings" if _model_embeddings(["probe"]) is not None else "tfidf"
 
 
-def pairwise_instruction_similarity(instructions: Sequence[str], backend: str = "auto") -> np.ndarray:
-    """``[N, N]`` cosine similarity of the instructions' embeddings."""
-    vectors = instruction_embeddings(instructions, backend)
-    return np.clip(vectors.astype(np.float64) @ vectors.astype(np.float64).T, -1.0, 1.0)
+def _pairwise_cosine(instructions: Sequence[Any], backend: str) -> tuple[np.ndarray, str]:
+    vectors, used = instruction_embeddings_with_backend(instructions_of(instructions), backend)
+    return np.clip(vectors.astype(np.float64) @ vectors.astype(np.float64).T, -1.0, 1.0), used
 
 
-def instruction_similarity(instructions: Sequence[str], backend: str = "auto") -> float:
-    """Mean pairwise cosine similarity of instructions (1.0 = identical). Raises :class:`TemplateError`
-    for fewer than two."""
+def pairwise_instruction_similarity(instructions: Sequence[Any], backend: str = "auto") -> np.ndarray:
+    """``[N, N]`` cosine similarity of the instructions' embeddings (``instructions``: strings or templates,
+    see :func:`instructions_of`)."""
+    return _pairwise_cosine(instructions, backend)[0]
+
+
+def instruction_similarity_with_backend(instructions: Sequence[Any], backend: str = "auto") -> tuple[float, str]:
+    """``(mean pairwise cosine similarity, backend used)`` of instructions (see :func:`instruction_similarity`)."""
     if len(instructions) < 2:
         raise TemplateError(f"instruction_similarity needs at least two items, got {len(instructions)}")
-    return _mean_off_diagonal(pairwise_instruction_similarity(instructions, backend), "instruction_similarity")
+    cosine, used = _pairwise_cosine(instructions, backend)
+    return _mean_off_diagonal(cosine, "instruction_similarity"), used
+
+
+def instruction_similarity(instructions: Sequence[Any], backend: str = "auto") -> float:
+    """Mean pairwise cosine similarity of instructions (1.0 = identical). ``instructions``: strings, or
+    templates (dicts in either form, Template or ArchiveEntry objects) whose ``data_creation_instruction``
+    is compared. Raises :class:`TemplateError` for fewer than two."""
+    return instruction_similarity_with_backend(instructions, backend)[0]
 
 
 def mean_sequence_chars(fills: Sequence[Sequence[str]]) -> float:

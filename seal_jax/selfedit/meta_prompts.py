@@ -2,7 +2,9 @@
 
 :func:`meta_prompt` asks the model for a template (showing archive entries with their scores, and novelty
 when set); :func:`fill_prompt` asks it to fill a template for one passage. Model-written text is inserted
-verbatim, never used as a format string.
+verbatim, never used as a format string. The wording is seal-jax's own; the structure asked for (and shown
+in the example and in the archive's entries) is the seed paper's: the instruction plus a nested
+``"hyperparameters"`` object.
 
 Proposal sampling follows the paper: 3 *exploit* proposals (temperature 0.6, top-p 0.95, min-p 0.05) and 2
 *explore* proposals (temperature 1.3, top-p 0.95, min-p 0.1) per iteration.
@@ -16,14 +18,14 @@ from typing import Any
 
 from seal_jax.lm.types import SamplingParams
 from seal_jax.selfedit.archive import ArchiveEntry
-from seal_jax.selfedit.templates import PLACEHOLDER_INSTRUCTION, Template, TemplateError
+from seal_jax.selfedit.templates import HYPERPARAMETERS_KEY, PLACEHOLDER_INSTRUCTION, Template, TemplateError
 
 __all__ = ["EXPLOIT", "EXPLORE", "PROPOSAL_SCHEDULE", "fill_prompt", "meta_prompt", "proposal_sampling"]
 
 
-_FIELD_HELP = (
-    ("data_creation_instruction", "text telling the model what training data to write from a passage. "
-     "The model will see the passage and your instruction and must answer with a list of training texts."),
+_INSTRUCTION_HELP = ("text telling the model what training data to write from a passage. The model will see "
+                     "the passage and your instruction and must answer with a list of training texts.")
+_FIELD_HELP = (   # the fields of the nested "hyperparameters" object
     ("lora_rank", "one of 4, 8, 16, 32, 64."),
     ("lora_alpha", "a number from 1 to 256 (the adapter's update is scaled by alpha / rank)."),
     ("lora_dropout", "a number from 0 to 0.99 (0 = no dropout)."),
@@ -32,8 +34,9 @@ _FIELD_HELP = (
     ("gradient_accumulation_steps", "a whole number from 1 to 8 (training texts per optimiser step)."),
 )
 
-_EXAMPLE = {"data_creation_instruction": PLACEHOLDER_INSTRUCTION, "lora_rank": 16, "lora_alpha": 32,
-            "lora_dropout": 0.05, "learning_rate": 0.0003, "num_epochs": 5, "gradient_accumulation_steps": 2}
+_EXAMPLE = {"data_creation_instruction": PLACEHOLDER_INSTRUCTION,
+            HYPERPARAMETERS_KEY: {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "learning_rate": 0.0003,
+                                  "num_epochs": 5, "gradient_accumulation_steps": 2}}
 
 
 def meta_prompt(shown: Sequence[ArchiveEntry] | None = None) -> str:
@@ -49,9 +52,11 @@ def meta_prompt(shown: Sequence[ArchiveEntry] | None = None) -> str:
         "hyperparameters. Afterwards it must answer questions about the passage without seeing the passage "
         "again. A plan is scored by the fraction of those questions answered correctly (0 to 1).",
         "",
-        "Write the plan as one JSON object with exactly these fields:",
+        "Write the plan as one JSON object with exactly two fields:",
+        f'- "data_creation_instruction": {_INSTRUCTION_HELP}',
+        f'- "{HYPERPARAMETERS_KEY}": an object with exactly these six fields:',
     ]
-    lines += [f'- "{name}": {help_text}' for name, help_text in _FIELD_HELP]
+    lines += [f'  - "{name}": {help_text}' for name, help_text in _FIELD_HELP]
     lines += ["", "The shape of the answer (replace every value with your own choice):",
               json.dumps(_EXAMPLE, ensure_ascii=False), ""]
     entries = list(shown or [])

@@ -50,7 +50,8 @@ class Proposal:
         return self.template is not None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able record with :data:`PROPOSAL_FIELDS` (``template`` as a dict, ``notes`` its clamps)."""
+        """A JSON-able record with :data:`PROPOSAL_FIELDS` (``template`` as a dict in the nested form,
+        ``notes`` its clamps)."""
         return {"slot": self.slot, "kind": self.kind, "attempt": self.attempt, "valid": self.valid,
                 "reason": self.reason, "notes": list(self.template.notes) if self.template else [],
                 "template": self.template.to_dict() if self.template else None, "text": self.text}

@@ -1,19 +1,32 @@
-"""TemplateError, and the reading of model-written numbers that raises it.
+"""TemplateError, and the reading of model-written numbers and template dicts that raises it.
 
 They sit below :mod:`~seal_jax.selfedit.templates` and :mod:`~seal_jax.selfedit.diversity` so that both
-can raise the same error without either importing the other (``templates`` re-exports ``diversity``'s
-similarity functions). Import :class:`TemplateError` from ``seal_jax.selfedit.templates``, where it is
-public.
+can raise the same error, and read a template dict in the same way, without either importing the other
+(``templates`` re-exports ``diversity``'s similarity functions). Import :class:`TemplateError` from
+``seal_jax.selfedit.templates``, where it is public.
+
+A template dict comes in two forms. The seed paper's (Cheong et al., arXiv 2601.14532), which seal-jax
+writes: ``{"data_creation_instruction": "...", "hyperparameters": {"lora_rank": 16, "lora_alpha": 32,
+"lora_dropout": 0.05, "learning_rate": 1e-4, "num_epochs": 3, "gradient_accumulation_steps": 2}}``; and the
+flat one seal-jax wrote before, the six hyperparameters at the top level. :func:`_flat_template` reads both
+(and a mix of them, as long as a field given twice has the same value).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 __all__ = ["TemplateError"]
+
+# The six hyperparameters of a template, in the order they are written and checked.
+HYPERPARAMETER_NAMES = ("lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "num_epochs",
+                        "gradient_accumulation_steps")
+# The key holding them in the seed paper's nested form.
+HYPERPARAMETERS_KEY = "hyperparameters"
 
 
 class TemplateError(ValueError):
@@ -45,3 +58,36 @@ def _number(name: str, value: Any) -> float:
         raise TemplateError(f"{name} must be a finite number, got {value!r}")
     return number
 
+
+
+def _flat_template(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``(flat, unknown)``: a template dict in either form with its hyperparameters at the top level, and
+    the keys under ``"hyperparameters"`` that are not hyperparameters (for a note; they are dropped).
+
+    Values are returned as written (not yet validated). Raises :class:`TemplateError` when
+    ``"hyperparameters"`` is not an object, or when a hyperparameter stands both at the top level and under
+    ``"hyperparameters"`` with different values (the message names the field).
+    """
+    flat = {key: value for key, value in d.items() if key != HYPERPARAMETERS_KEY}
+    if HYPERPARAMETERS_KEY not in d:
+        return flat, []
+    nested = d[HYPERPARAMETERS_KEY]
+    if not isinstance(nested, Mapping):
+        raise TemplateError(f'"{HYPERPARAMETERS_KEY}" must be a JSON object with the fields '
+                            f"{list(HYPERPARAMETER_NAMES)}, got {type(nested).__name__}")
+    unknown: list[str] = []
+    for name, value in nested.items():
+        if name not in HYPERPARAMETER_NAMES:
+            unknown.append(str(name))
+            continue
+        if name in flat and _number(name, flat[name]) != _number(name, value):
+            raise TemplateError(f'{name} is {_shown(value)} under "{HYPERPARAMETERS_KEY}" but {_shown(flat[name])} '
+                                "at the top level; give each hyperparameter once")
+        flat[name] = value
+    return flat, sorted(unknown)
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters (model output can be long)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

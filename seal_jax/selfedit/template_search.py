@@ -28,11 +28,12 @@ An **iteration** (folder ``iteration-N/``):
 4. **SFT** (``sft = true``, every iteration but the last): ReST-EM on the iteration's results —
    :func:`~seal_jax.selfedit.archive.select_top` keeps the top ``sft_top_k`` templates of each passage
    with their best fill, giving (meta-prompt → template JSON) and (fill prompt → fill JSON) pairs
-   (``sft_rows.jsonl``, prompts with the chat template applied, completions canonical JSON so the model
-   learns the format); the generator is fine-tuned on them (loss on the completion only; SEAL's r=64,
-   alpha=128, all projections, lr 3e-4, 2 epochs by default), merged and exported to
-   ``iteration-N/generator/``, which proposes and fills in iteration N+1 (``sft_positive_gain_only`` keeps
-   only fills that beat the accuracy before; with no pair left the generator carries over unchanged).
+   (``sft_rows.jsonl``, prompts with the chat template applied, completions canonical JSON — templates in
+   the seed paper's nested form — so the model learns the format); the generator is fine-tuned on them
+   (loss on the completion only; SEAL's r=64, alpha=128, all projections, lr 3e-4, 2 epochs by default),
+   merged and exported to ``iteration-N/generator/``, which proposes and fills in iteration N+1
+   (``sft_positive_gain_only`` keeps only fills that beat the accuracy before; with no pair left the
+   generator carries over unchanged).
 
 **Which model adapts.** With ``inner_model = "generator"`` (the default) the LoRA updates of the inner
 loop are applied to the current generator, as in SEAL's self-adaptation (and our ReST-EM): the model that
@@ -76,7 +77,7 @@ from seal_jax.selfedit.archive import Archive, ArchiveEntry, NoveltyArchive, sel
 from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.diversity import (
     hyperparameter_similarity,
-    instruction_embeddings_with_backend,
+    instruction_similarity_with_backend,
     mean_sequence_chars,
 )
 from seal_jax.selfedit.engine import LanguageModel
@@ -353,10 +354,7 @@ def diversity(templates: Sequence[Template], fills: Sequence[Sequence[str]], bac
     hyper = instr = used = None
     if len(templates) >= 2:
         hyper = hyperparameter_similarity(templates)
-        vectors, used = instruction_embeddings_with_backend([t.data_creation_instruction for t in templates], backend)
-        cosine = np.clip(vectors.astype(np.float64) @ vectors.astype(np.float64).T, -1.0, 1.0)
-        i, j = np.triu_indices(len(templates), k=1)
-        instr = float(cosine[i, j].mean())
+        instr, used = instruction_similarity_with_backend(templates, backend)
     return {"hyperparameter_similarity": hyper, "instruction_similarity": instr, "similarity_backend": used,
             "mean_sequence_chars": mean_sequence_chars(fills)}
 
@@ -369,7 +367,8 @@ def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], temp
     whose accuracy beat the accuracy before compete.
 
     Prompts are the exact texts the generator saw (chat template applied when ``chat``); completions are
-    the template's canonical JSON and the fill's training texts as ``{"training_sequences": [...]}``.
+    the template's canonical JSON (the seed paper's nested form, :meth:`Template.to_json`) and the fill's
+    training texts as ``{"training_sequences": [...]}``.
     Returns ``{kind, prompt, completion, template_id, passage_id, fill_index, accuracy, rank}`` rows.
     """
     def wrap(text: str) -> str:

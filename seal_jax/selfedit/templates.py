@@ -8,6 +8,16 @@ one per passage with :func:`~seal_jax.selfedit.meta_prompts.fill_prompt` / :func
 scores, and keeps an :class:`~seal_jax.selfedit.archive.Archive`. Nothing here calls a language model or
 needs JAX; model-written text is parsed as JSON and validated, never executed.
 
+The JSON form is the seed paper's: the instruction and a nested ``"hyperparameters"`` object,
+
+    {"data_creation_instruction": "...", "hyperparameters": {"lora_rank": 16, "lora_alpha": 32,
+     "lora_dropout": 0.05, "learning_rate": 1e-4, "num_epochs": 3, "gradient_accumulation_steps": 2}}
+
+which :meth:`Template.to_dict` writes (and with it proposals, archives, SFT completions and the
+meta-prompt's example). :meth:`Template.from_dict` and :func:`parse_template` also read the flat form
+seal-jax wrote before (the six hyperparameters at the top level), so old run folders still load; a
+hyperparameter given in both places with different values is an error naming it.
+
 Allowed ranges (batch size is always 1). Out-of-range numbers are clamped and each change is recorded in
 ``Template.notes``; wrong types, missing fields, NaN/inf and empty or absurdly short instructions are
 rejected with :class:`TemplateError`:
@@ -43,20 +53,25 @@ import numpy as np
 # public here as sj.templates.hyperparameter_similarity / sj.templates.instruction_similarity (DESIGN.md)
 from seal_jax.lm.types import LoraSpec, TrainSpec
 from seal_jax.selfedit.diversity import hyperparameter_similarity, instruction_similarity
-from seal_jax.selfedit.template_errors import TemplateError, _number
+from seal_jax.selfedit.template_errors import (
+    HYPERPARAMETER_NAMES,
+    HYPERPARAMETERS_KEY,
+    TemplateError,
+    _flat_template,
+    _number,
+)
 
 __all__ = [
-    "FIELDS", "HYPERPARAMETERS", "PLACEHOLDER_INSTRUCTION", "SEAL_HYPERPARAMETERS", "Template",
-    "TemplateError", "hyperparameter_similarity", "instruction_similarity", "parse_fill", "parse_template",
+    "FIELDS", "HYPERPARAMETERS", "HYPERPARAMETERS_KEY", "PLACEHOLDER_INSTRUCTION", "SEAL_HYPERPARAMETERS",
+    "Template", "TemplateError", "hyperparameter_similarity", "instruction_similarity", "parse_fill", "parse_template",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Fields and ranges
 
-FIELDS = ("data_creation_instruction", "lora_rank", "lora_alpha", "lora_dropout", "learning_rate",
-          "num_epochs", "gradient_accumulation_steps")
-HYPERPARAMETERS = FIELDS[1:]
+FIELDS = ("data_creation_instruction", *HYPERPARAMETER_NAMES)
+HYPERPARAMETERS = FIELDS[1:]   # nested under HYPERPARAMETERS_KEY ("hyperparameters") in the JSON form
 
 RANK_CHOICES = (4, 8, 16, 32, 64)
 ALPHA_RANGE = (1.0, 256.0)
@@ -74,6 +89,11 @@ SEAL_HYPERPARAMETERS: dict[str, Any] = {
 }
 
 PLACEHOLDER_INSTRUCTION = "<one paragraph telling the model what training texts to write from the passage>"
+
+# What a template looks like, for error messages.
+_SHAPE = (f'a template is {{"data_creation_instruction": ..., "{HYPERPARAMETERS_KEY}": {{'
+          + ", ".join(f'"{name}": ...' for name in HYPERPARAMETER_NAMES) + "}}"
+          + " (the six hyperparameters may also stand at the top level)")
 
 MAX_TEXT_CHARS = 1_000_000   # longer model outputs are rejected outright
 MAX_CANDIDATES = 64          # at most this many '{' positions are tried as JSON objects
@@ -198,27 +218,33 @@ class Template:
                                     "Template.from_dict clamps out-of-range values")
 
     def to_dict(self) -> dict[str, Any]:
-        """The template as a JSON-able dict with exactly the :data:`FIELDS` (no notes)."""
-        return {name: getattr(self, name) for name in FIELDS}
+        """The template as a JSON-able dict in the seed paper's nested form (no notes):
+        ``{"data_creation_instruction": ..., "hyperparameters": {the six HYPERPARAMETERS}}``."""
+        return {"data_creation_instruction": self.data_creation_instruction,
+                HYPERPARAMETERS_KEY: {name: getattr(self, name) for name in HYPERPARAMETERS}}
 
     def to_json(self) -> str:
-        """The template as one line of JSON (the text the model should learn to write)."""
+        """The template as one line of JSON in the nested form (the text the model should learn to write)."""
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Template:
         """Validate and normalise a dict (e.g. parsed model output) into a :class:`Template`.
 
-        Numbers may be strings (``"1e-4"``); out-of-range numbers are clamped (rank snapped to a power of
-        two) and every change, and any ignored extra field, is listed in ``notes``. Raises
-        :class:`TemplateError` for a non-dict, a missing field, a wrong type, NaN/inf or an unusable
-        instruction.
+        ``d`` is in the nested form (the six hyperparameters under ``"hyperparameters"``) or the flat one
+        (at the top level); a hyperparameter in both places must have the same value. Numbers may be
+        strings (``"1e-4"``); out-of-range numbers are clamped (rank snapped to a power of two) and every
+        change, and any ignored extra field (at the top level or under ``"hyperparameters"``), is listed in
+        ``notes``. Raises
+        :class:`TemplateError` for a non-dict, a missing field, a wrong type, NaN/inf, a hyperparameter given
+        twice with different values or an unusable instruction.
         """
         if not isinstance(d, Mapping):
             raise TemplateError(f"a template must be a JSON object, got {type(d).__name__}")
+        d, nested_extra = _flat_template(d)
         missing = [name for name in FIELDS if name not in d]
         if missing:
-            raise TemplateError(f"template is missing field(s) {missing}; a template has exactly {list(FIELDS)}")
+            raise TemplateError(f"template is missing field(s) {missing}; {_SHAPE}")
         notes: list[str] = []
         instruction = _check_instruction(d["data_creation_instruction"])
         rank = _normalize_rank(_number("lora_rank", d["lora_rank"]), notes)
@@ -232,6 +258,8 @@ class Template:
         extra = sorted(str(k) for k in d if k not in FIELDS)
         if extra:
             notes.append(f"ignored unknown field(s) {extra[:10]}")
+        if nested_extra:
+            notes.append(f'ignored unknown field(s) in "{HYPERPARAMETERS_KEY}" {nested_extra[:10]}')
         return cls(instruction, rank, float(alpha), float(dropout), float(lr), epochs, accum, tuple(notes))
 
     def lora_spec(self, targets: Sequence[str] = ("q_proj", "v_proj")) -> LoraSpec:
@@ -355,9 +383,10 @@ def parse_template(text: str) -> Template:
 
     Accepts plain JSON, fenced ```json blocks, JSON after a ``<think>…</think>`` block, prose around it,
     trailing commas, numbers written as strings. Only the first 64 ``{`` positions are tried and outputs
-    over 1,000,000 characters are refused. Never evaluates anything. Raises :class:`TemplateError`
-    (and nothing else) with the reason when no object validates: the reason given is that of the first
-    object that looked like a template (had one of the template's fields).
+    over 1,000,000 characters are refused. Never evaluates anything. The template may be in the nested
+    form or the flat one (see :meth:`Template.from_dict`). Raises :class:`TemplateError` (and nothing else)
+    with the reason when no object validates: the reason given is that of the first object that looked
+    like a template (had one of the template's fields, or ``"hyperparameters"``).
     """
     body = _answer_text(text, "template")
     first_reason: str | None = None
@@ -367,17 +396,16 @@ def parse_template(text: str) -> Template:
         try:
             return Template.from_dict(obj)
         except TemplateError as error:
-            if first_reason is None and any(name in obj for name in FIELDS):
+            if first_reason is None and any(name in obj for name in (*FIELDS, HYPERPARAMETERS_KEY)):
                 first_reason = str(error)
     if first_reason is not None:
         raise TemplateError(first_reason)
     if seen:
-        raise TemplateError(f"found {seen} JSON object(s) but none has the template fields {list(FIELDS)}")
+        raise TemplateError(f"found {seen} JSON object(s) but none has the template fields; {_SHAPE}")
     if "{" in body and any(f'"{name}"' in body for name in FIELDS):
         raise TemplateError("the output starts a template but holds no complete JSON object: it was cut off "
                             "(raise max_new_tokens) or is malformed")
-    raise TemplateError("no JSON object found in the output; the answer must be one JSON object with the "
-                        f"fields {list(FIELDS)}")
+    raise TemplateError(f"no JSON object found in the output; the answer must be one JSON object: {_SHAPE}")
 
 
 _SEQUENCES_KEY = re.compile(r'"training_sequences"\s*:\s*\[')

@@ -1,0 +1,191 @@
+"""Diversity of a file of templates by iteration, as the seed paper reports it (``seal-jax templates stats``).
+
+For each iteration: how many templates, their hyperparameter similarity and instruction similarity
+(:mod:`~seal_jax.selfedit.diversity`, with the embedding backend used) and the min–max of each of the six
+hyperparameters. The file is JSON or JSONL of templates (nested or flat form) grouped by iteration, in any
+of these shapes:
+
+- a JSON object from iteration to templates: ``{"1": [...], "2": [...]}`` or ``{"iteration-1": [...]}``;
+- a JSON list, or JSONL rows, of ``{"iteration": N, "template": {...}}``, or of templates each carrying an
+  ``"iteration"`` key; seal-jax's ``archive.jsonl`` (iteration 0 = the human seeds) and an iteration's
+  ``proposals.jsonl`` are such rows. Rows whose ``template`` is null (rejected proposals, base rows) are
+  skipped and counted; rows with a ``template_id`` count once per (iteration, template id), so a
+  ``results.jsonl`` (one row per passage × template × fill) gives each template once.
+
+Values are read as written, not clamped to seal-jax's ranges (a file of another system's templates keeps
+its own numbers); each template needs a ``data_creation_instruction`` string and the six hyperparameters
+as finite numbers. Nothing in the file is executed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from seal_jax.selfedit.diversity import hyperparameter_similarity, instruction_similarity_with_backend
+from seal_jax.selfedit.template_errors import _flat_template, _number
+from seal_jax.selfedit.templates import HYPERPARAMETERS, HYPERPARAMETERS_KEY, Template, TemplateError
+
+__all__ = ["read_templates_by_iteration", "template_stats", "template_stats_markdown", "templates_by_iteration"]
+
+_ITERATION_KEY = re.compile(r"(?:(?:iteration|iter|it)[-_ ]?)?(\d+)", re.IGNORECASE)
+
+
+def _iteration(value: Any, where: str) -> int:
+    """An iteration number: an int >= 0, or a string like ``"2"``, ``"iteration-2"`` or ``"it2"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _ITERATION_KEY.fullmatch(value.strip())
+        if match:
+            return int(match.group(1))
+    raise TemplateError(f"{where}: the iteration must be a whole number >= 0 (or a key like 'iteration-2'), "
+                        f"got {value!r}")
+
+
+def _checked(template: Any, where: str) -> dict[str, Any]:
+    """``template`` (either form) in the nested form with its values as numbers, or a TemplateError."""
+    if not isinstance(template, Mapping):
+        raise TemplateError(f"{where}: a template must be a JSON object, got {type(template).__name__}")
+    try:
+        flat, _ = _flat_template(template)
+        missing = [name for name in ("data_creation_instruction", *HYPERPARAMETERS) if name not in flat]
+        if missing:
+            raise TemplateError(f"template is missing field(s) {missing}")
+        if not isinstance(flat["data_creation_instruction"], str):
+            raise TemplateError("data_creation_instruction must be a string")
+        return {"data_creation_instruction": flat["data_creation_instruction"],
+                HYPERPARAMETERS_KEY: {name: _number(name, flat[name]) for name in HYPERPARAMETERS}}
+    except TemplateError as error:
+        raise TemplateError(f"{where}: {error}") from None
+
+
+def templates_by_iteration(data: Any, where: str = "templates") -> tuple[dict[int, list[dict[str, Any]]], int]:
+    """``({iteration: [template, …]}, skipped rows)`` from parsed JSON in one of the module's shapes.
+
+    Templates come back in the nested form with numbers as floats; iterations in increasing order.
+    Raises :class:`TemplateError` naming the row (or key) at fault.
+    """
+    groups: dict[int, list[dict[str, Any]]] = {}
+    skipped = 0
+    if isinstance(data, Mapping) and "iteration" not in data:
+        if not data:
+            raise TemplateError(f"{where}: the JSON object holds no iteration")
+        for key, items in data.items():
+            it = _iteration(key, f"{where}: key {key!r}")
+            if not isinstance(items, list):
+                raise TemplateError(f"{where}: iteration {key!r} must hold a list of templates, got "
+                                    f"{type(items).__name__}")
+            for j, item in enumerate(items):
+                here = f"{where}: iteration {key!r}, template {j}"
+                template = item.get("template") if isinstance(item, Mapping) and "template" in item else item
+                if template is None:
+                    skipped += 1
+                    continue
+                groups.setdefault(it, []).append(_checked(template, here))
+        return dict(sorted(groups.items())), skipped
+    rows = [data] if isinstance(data, Mapping) else data
+    if not isinstance(rows, list):
+        raise TemplateError(f"{where}: expected a JSON object or list of templates by iteration, got "
+                            f"{type(data).__name__}")
+    seen: set[tuple[int, str]] = set()
+    for i, row in enumerate(rows):
+        here = f"{where}: row {i + 1}"
+        if not isinstance(row, Mapping):
+            raise TemplateError(f"{here}: expected a JSON object, got {type(row).__name__}")
+        if "iteration" not in row:
+            raise TemplateError(f'{here} has no "iteration"; rows are {{"iteration": N, "template": {{...}}}} or '
+                                'templates with an "iteration" key')
+        it = _iteration(row["iteration"], here)
+        if "template" in row:
+            template = row["template"]
+        else:
+            template = {k: v for k, v in row.items() if k != "iteration"}
+        if template is None:
+            skipped += 1
+            continue
+        if row.get("template_id") is not None:
+            key = (it, str(row["template_id"]))
+            if key in seen:
+                continue
+            seen.add(key)
+        groups.setdefault(it, []).append(_checked(template, f"{here} (iteration {it})"))
+    if not groups:
+        raise TemplateError(f"{where}: no template found")
+    return dict(sorted(groups.items())), skipped
+
+
+def read_templates_by_iteration(path: str | Path) -> tuple[dict[int, list[dict[str, Any]]], int]:
+    """:func:`templates_by_iteration` of a JSON or JSONL file (a file that is not one JSON value is read
+    as JSONL, one value a line)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data: Any = json.loads(text)
+    except ValueError:
+        data = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except ValueError as error:
+                    raise TemplateError(f"{path}:{number} is not JSON: {error}") from None
+    return templates_by_iteration(data, where=str(path))
+
+
+def template_stats(groups: Mapping[int, Sequence[Any]], backend: str = "auto") -> list[dict[str, Any]]:
+    """Per iteration: ``{iteration, templates, hyperparameter_similarity, instruction_similarity,
+    similarity_backend, ranges: {name: (min, max)}, clamped, rejected}``.
+
+    ``groups``: ``{iteration: templates}`` (template dicts in either form). Similarities are ``None`` for
+    an iteration with one template; ``backend`` is that of
+    :func:`~seal_jax.selfedit.diversity.instruction_embeddings_with_backend`. ``clamped`` / ``rejected``
+    count the templates :meth:`Template.from_dict` would clamp into seal-jax's ranges / refuse.
+    """
+    out = []
+    for it, templates in groups.items():
+        nested = [_checked(t, f"iteration {it}, template {j}") for j, t in enumerate(templates)]
+        entry: dict[str, Any] = {"iteration": it, "templates": len(nested), "hyperparameter_similarity": None,
+                                 "instruction_similarity": None, "similarity_backend": None, "clamped": 0,
+                                 "rejected": 0}
+        if len(nested) >= 2:
+            try:
+                entry["hyperparameter_similarity"] = hyperparameter_similarity(nested)
+                entry["instruction_similarity"], entry["similarity_backend"] = instruction_similarity_with_backend(
+                    nested, backend)
+            except TemplateError as error:
+                raise TemplateError(f"iteration {it}: {error}") from None
+        entry["ranges"] = {name: (min(t[HYPERPARAMETERS_KEY][name] for t in nested),
+                                  max(t[HYPERPARAMETERS_KEY][name] for t in nested)) for name in HYPERPARAMETERS}
+        for t in nested:
+            try:
+                entry["clamped"] += bool(Template.from_dict(t).notes)
+            except TemplateError:
+                entry["rejected"] += 1
+        out.append(entry)
+    return out
+
+
+def _span(low: float, high: float) -> str:
+    return f"{low:g}" if low == high else f"{low:g}–{high:g}"
+
+
+def template_stats_markdown(stats: Sequence[Mapping[str, Any]]) -> str:
+    """The stats as a Markdown table, one line per iteration (``–`` where a similarity is undefined)."""
+    def num(x: Any) -> str:
+        return "–" if x is None else f"{x:.3f}"
+
+    lines = ["| iteration | templates | hyperparameter similarity | instruction similarity | "
+             + " | ".join(HYPERPARAMETERS) + " |", "|---:|---:|---:|---:|" + "---:|" * len(HYPERPARAMETERS)]
+    for e in stats:
+        backend = f" ({e['similarity_backend']})" if e["similarity_backend"] else ""
+        lines.append(f"| {e['iteration']} | {e['templates']} | {num(e['hyperparameter_similarity'])} | "
+                     f"{num(e['instruction_similarity'])}{backend} | "
+                     + " | ".join(_span(*e["ranges"][name]) for name in HYPERPARAMETERS) + " |")
+    clamped, rejected = sum(e["clamped"] for e in stats), sum(e["rejected"] for e in stats)
+    if clamped or rejected:
+        lines += ["", f"Values as written; seal-jax would clamp {clamped} of these templates into its ranges and "
+                  f"refuse {rejected} (see seal_jax.selfedit.templates)."]
+    return "\n".join(lines) + "\n"
