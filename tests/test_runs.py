@@ -28,17 +28,18 @@ def test_kind_and_config_class_follow_the_tables(file, kind, cls):
 
 
 def test_a_config_with_both_tables_is_refused():
-    with pytest.raises(RunConfigError, match=r"either a \[restem\] or a \[templates\] table"):
+    with pytest.raises(RunConfigError, match=r"at most one of the \[restem\], \[templates\] and \[cpt\] tables"):
         runs.config_from_dict({"name": "x", "model": "m", "restem": {}, "templates": {}})
 
 
 def test_run_dispatches_on_the_config_class(monkeypatch, tmp_path):
     calls = []
-    for name in ("run_knowledge", "run_restem", "run_template_search"):
+    names = ("run_knowledge", "run_restem", "run_template_search", "run_cpt")
+    for name in names:
         monkeypatch.setattr(runs, name, lambda config, out, resume, _n=name, **kw: calls.append((_n, resume, kw)))
-    for file in ("demo.toml", "restem-demo.toml", "templates-archive-demo.toml"):
+    for file in ("demo.toml", "restem-demo.toml", "templates-archive-demo.toml", "cpt-demo.toml"):
         runs.run(runs.load_config(EXPERIMENTS / file), tmp_path, resume=True, progress=False)
-    assert calls == [(n, True, {"progress": False}) for n in ("run_knowledge", "run_restem", "run_template_search")]
+    assert calls == [(n, True, {"progress": False}) for n in names]
 
 
 def test_markdown_dispatches_on_the_summary_shape(monkeypatch):
