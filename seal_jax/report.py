@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from seal_jax.selfedit.continual import continual_markdown, matrices
 from seal_jax.selfedit.restem import restem_markdown, summarize_restem
 from seal_jax.selfedit.results import read_rows, summarize, summary_markdown
 from seal_jax.selfedit.run_config import RunConfig, select_data
@@ -102,6 +103,46 @@ def plot_rounds(summary: dict[str, Any], path: str | Path, title: str = "") -> P
     return _save(fig, path)
 
 
+def plot_forgetting(summary: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """A continual run's mean accuracy matrix as a heatmap (rows: after step; columns: passage) beside the
+    forgetting curves: accuracy on the first passage and mean accuracy on the passages seen, per step."""
+    import matplotlib  # deferred: matplotlib takes ~0.5 s to import and only the charts need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred: as matplotlib, once the Agg backend is chosen
+
+    mean = np.array([[np.nan if x is None else 100 * x for x in line] for line in summary["mean_over_sequences"]])
+    n = summary["passages"]
+    fig, (heat, curve) = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=120)
+    image = heat.imshow(mean, cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(mean))), aspect="auto")
+    heat.set_xticks(range(n), [f"d{j}" for j in range(n)], fontsize=7)
+    heat.set_yticks(range(n + 1), ["untouched", *(f"step {i}" for i in range(n))], fontsize=7)
+    heat.set_xlabel("passage")
+    fig.colorbar(image, ax=heat, label="accuracy (%)")
+    steps = np.arange(1, n + 1)
+    curve.plot(steps - 1, mean[1:, 0], "-o", label="first passage (d0)")
+    curve.plot(steps - 1, [np.nanmean(mean[i, :i]) for i in steps], "--s", label="passages seen so far")
+    curve.axhline(np.nanmean(mean[0]), color="grey", lw=0.8, label="untouched model")
+    curve.set_xlabel("step")
+    curve.set_ylabel("accuracy (%)")
+    curve.legend(fontsize=7)
+    curve.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title or summary["model"], fontsize=9)
+    return _save(fig, path)
+
+
+def report_continual(run_dir: str | Path) -> tuple[str, Path]:
+    """``report.md`` and ``forgetting.png`` of a continual-self-edit run folder."""
+    run = Path(run_dir)
+    summary = matrices(run, json.loads((run / "run_config.json").read_text()))
+    if summary["mean_over_sequences"] is None:
+        raise ValueError(f"{run} has no finished sequence yet")
+    markdown = continual_markdown(summary)
+    png = plot_forgetting(summary, run / "forgetting.png", title=run.name)
+    (run / "report.md").write_text(markdown + f"\n![accuracy matrix and forgetting]({png.name})\n")
+    return markdown, png
+
+
 def report_restem(run_dir: str | Path) -> tuple[str, Path]:
     """``report.md`` and ``rounds.png`` of a ReST-EM run folder (recomputed from its rounds)."""
     run = Path(run_dir)
@@ -181,6 +222,8 @@ def report(run_dir: str | Path) -> tuple[str, Path]:
         return report_restem(run)
     if kind == "templates":
         return report_templates(run)
+    if kind == "continual":
+        return report_continual(run)
     summary = load_summary(run)
     markdown = summary_markdown(summary) + _unfinished_note(run, summary)
     png = plot_accuracy(summary, run / "accuracy.png", title=run.name)

@@ -28,7 +28,7 @@ def test_kind_and_config_class_follow_the_tables(file, kind, cls):
 
 
 def test_a_config_with_both_tables_is_refused():
-    with pytest.raises(RunConfigError, match=r"at most one of the \[restem\], \[templates\] and \[cpt\] tables"):
+    with pytest.raises(RunConfigError, match=r"at most one of the \[restem\], \[templates\], \[cpt\] and \[continual\] tables"):
         runs.config_from_dict({"name": "x", "model": "m", "restem": {}, "templates": {}})
 
 

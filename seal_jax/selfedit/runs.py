@@ -3,7 +3,8 @@
 A config's kind is given by its tables: a ``[restem]`` table makes a ReST-EM run
 (:mod:`seal_jax.selfedit.restem`), a ``[templates]`` table a template search
 (:mod:`seal_jax.selfedit.template_search`), a ``[cpt]`` table multi-passage continued pretraining
-(:mod:`seal_jax.selfedit.cpt`), none of them a knowledge-incorporation run
+(:mod:`seal_jax.selfedit.cpt`), a ``[continual]`` table continual self-edits (:mod:`seal_jax.selfedit.continual`),
+none of them a knowledge-incorporation run
 (:mod:`seal_jax.selfedit.knowledge`). ``seal-jax run``, ``seal-jax report`` and the tests of
 ``experiments/`` all go through :func:`load_config` and :func:`run`.
 """
@@ -14,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from seal_jax.selfedit.continual import ContinualConfig, continual_markdown, run_continual
 from seal_jax.selfedit.cpt import CptConfig, run_cpt
 from seal_jax.selfedit.knowledge import run_knowledge
 from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
@@ -21,15 +23,16 @@ from seal_jax.selfedit.results import summary_markdown
 from seal_jax.selfedit.run_config import RunConfig, RunConfigError, read_toml
 from seal_jax.selfedit.template_search import TemplateSearchConfig, run_template_search, template_markdown
 
-KINDS = ("knowledge", "restem", "templates", "cpt")
-AnyConfig = RunConfig | RestemConfig | TemplateSearchConfig | CptConfig
+KINDS = ("knowledge", "restem", "templates", "cpt", "continual")
+AnyConfig = RunConfig | RestemConfig | TemplateSearchConfig | CptConfig | ContinualConfig
 
 
 def kind_of(raw: dict[str, Any]) -> str:
     """The kind of run a parsed config (or a run folder's ``run_config.json``) describes."""
     tables = [kind for kind in KINDS[1:] if kind in raw]
     if len(tables) > 1:
-        raise RunConfigError(f"a config has at most one of the [restem], [templates] and [cpt] tables, got {tables}")
+        raise RunConfigError(f"a config has at most one of the [restem], [templates], [cpt] and [continual] tables, "
+                             f"got {tables}")
     return tables[0] if tables else "knowledge"
 
 
@@ -42,6 +45,8 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> AnyConfig:
         return TemplateSearchConfig.from_dict(raw, where)
     if kind == "cpt":
         return CptConfig.from_dict(raw, where)
+    if kind == "continual":
+        return ContinualConfig.from_dict(raw, where)
     return RunConfig.from_dict(raw, where)
 
 
@@ -58,6 +63,8 @@ def run(config: AnyConfig, out_dir: str | Path, *, resume: bool = False, **kwarg
         return run_template_search(config, out_dir, resume=resume, **kwargs)
     if isinstance(config, CptConfig):
         return run_cpt(config, out_dir, resume=resume, **kwargs)
+    if isinstance(config, ContinualConfig):
+        return run_continual(config, out_dir, resume=resume, **kwargs)
     return run_knowledge(config, out_dir, resume=resume, **kwargs)
 
 
@@ -67,6 +74,8 @@ def markdown(summary: dict[str, Any]) -> str:
         return restem_markdown(summary)
     if "iterations" in summary:
         return template_markdown(summary)
+    if "mean_over_sequences" in summary:
+        return continual_markdown(summary)
     return summary_markdown(summary)
 
 
