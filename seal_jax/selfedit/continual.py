@@ -38,14 +38,12 @@ from seal_jax.selfedit.episode import BatchGrader, accuracy, make_grader, scored
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.results import append_passage, read_rows
 from seal_jax.selfedit.run_config import (
+    ExtendedConfig,
     RunConfig,
     RunConfigError,
     derived_seed,
-    extension_json,
     pool_passages,
-    read_toml,
     save_run_config,
-    split_extension_table,
 )
 from seal_jax.selfedit.strategies import get_strategy, question_prompt, self_edit_prompt, training_sequences
 
@@ -54,7 +52,7 @@ MATRIX_FILE = "matrix.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class ContinualConfig:
+class ContinualConfig(ExtendedConfig):
     """A continual-self-edit run: knowledge-run keys at the top level (model, ``data`` = the passage pool,
     ``selfedit_sampling``, ``lora``, ``train``, ``include_passage``, grader …) plus a ``[continual]`` table.
 
@@ -71,6 +69,11 @@ class ContinualConfig:
     passages: int = 8
     sequences: int = 5
 
+    TABLE = "continual"
+    KIND = "continual"
+    CONDITIONS_NOTE = "sets continual.strategy, not conditions"
+    POOL_HINT = "set continual.passages instead of data.n, ids or subset"
+
     def __post_init__(self) -> None:
         if get_strategy(self.strategy).source != "generate":
             raise RunConfigError(f"continual.strategy {self.strategy!r} does not write self-edits")
@@ -78,36 +81,10 @@ class ContinualConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RunConfigError(f"continual.{name} must be a positive integer, got {value!r}")
-        if self.knowledge.data.get("n") is not None or "ids" in self.knowledge.data or self.knowledge.data.get("subset"):
-            raise RunConfigError("[data] is the passage pool of the sequences; set continual.passages instead of "
-                                 "data.n, ids or subset")
-
-    @property
-    def name(self) -> str:
-        """The run's name (the default output folder is ``checkpoints/runs/NAME``)."""
-        return self.knowledge.name
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> ContinualConfig:
-        """Build from a parsed TOML table: knowledge keys at the top level plus a ``[continual]`` table."""
-        raw, table = split_extension_table(
-            raw, "continual", {f.name for f in dataclasses.fields(cls)} - {"knowledge"}, where=where,
-            kind="continual", conditions_note="sets continual.strategy, not conditions")
-        knowledge = RunConfig.from_dict({**raw, "conditions": ["base", table.get("strategy", cls.strategy)]},
-                                        where=where)
-        try:
-            return cls(knowledge=knowledge, **table)
-        except TypeError as e:
-            raise RunConfigError(f"{where}: {e}") from None
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> ContinualConfig:
-        """Read a continual config TOML file."""
-        return cls.from_dict(read_toml(path), where=str(path))
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-able dict: the knowledge config's keys plus ``continual`` (the form :meth:`from_dict` reads)."""
-        return extension_json(self.knowledge, self, "continual")
+    def conditions_of(cls, table: dict[str, Any]) -> list[str]:
+        return ["base", table.get("strategy", cls.strategy)]
 
 
 def sequence_passages(pool: Sequence[Passage], config: ContinualConfig, s: int) -> list[Passage]:

@@ -49,14 +49,12 @@ from seal_jax.selfedit.results import (
     summary_markdown,
 )
 from seal_jax.selfedit.run_config import (
+    ExtendedConfig,
     RunConfig,
     RunConfigError,
     derived_seed,
-    extension_json,
-    read_toml,
     save_run_config,
     select_data,
-    split_extension_table,
 )
 from seal_jax.selfedit.strategies import completions_for, get_strategy, training_sequences
 
@@ -65,7 +63,7 @@ SELFEDITS_FILE = "selfedits.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
-class CptConfig:
+class CptConfig(ExtendedConfig):
     """A CPT run: knowledge-run keys at the top level (model, ``data`` = the N passages, ``k``,
     ``selfedit_sampling``, ``lora``, ``train``, grader …) plus a ``[cpt]`` table.
 
@@ -84,7 +82,12 @@ class CptConfig:
     generators: dict[str, str] = dataclasses.field(default_factory=dict)
     strategy: str = "implications"
 
+    TABLE = "cpt"
+    KIND = "CPT"
+    CONDITIONS_NOTE = "sets cpt.conditions (and cpt.generators), not conditions (base is always evaluated)"
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "conditions", tuple(self.conditions))  # a TOML/JSON list
         if not self.conditions and not self.generators:
             raise RunConfigError("cpt.conditions and cpt.generators are both empty: name at least one condition")
         for name in self.conditions:
@@ -102,38 +105,13 @@ class CptConfig:
             raise RunConfigError("train.batch_size must be positive")
 
     @property
-    def name(self) -> str:
-        """The run's name (the default output folder is ``checkpoints/runs/NAME``)."""
-        return self.knowledge.name
-
-    @property
     def all_conditions(self) -> tuple[str, ...]:
         """Every trained condition, in adapter order: ``conditions`` then the generators."""
         return (*self.conditions, *self.generators)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> CptConfig:
-        """Build from a parsed TOML table: knowledge keys at the top level plus a ``[cpt]`` table."""
-        raw, table = split_extension_table(
-            raw, "cpt", {f.name for f in dataclasses.fields(cls)} - {"knowledge"}, where=where, kind="CPT",
-            conditions_note="sets cpt.conditions (and cpt.generators), not conditions (base is always evaluated)")
-        table = dict(table)
-        table["conditions"] = tuple(table.get("conditions", cls.conditions))
-        strategies = [c for c in table["conditions"] if c != "base"]
-        knowledge = RunConfig.from_dict({**raw, "conditions": ["base", *strategies]}, where=where)
-        try:
-            return cls(knowledge=knowledge, **table)
-        except TypeError as e:
-            raise RunConfigError(f"{where}: {e}") from None
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> CptConfig:
-        """Read a CPT config TOML file."""
-        return cls.from_dict(read_toml(path), where=str(path))
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-able dict: the knowledge config's keys plus ``cpt`` (the form :meth:`from_dict` reads)."""
-        return extension_json(self.knowledge, self, "cpt")
+    def conditions_of(cls, table: dict[str, Any]) -> list[str]:
+        return ["base", *(c for c in table.get("conditions", cls.conditions) if c != "base")]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -51,16 +51,14 @@ from seal_jax.selfedit.knowledge import run_knowledge
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.results import passages_done, read_rows, summarize, write_jsonl
 from seal_jax.selfedit.run_config import (
+    ExtendedConfig,
     RunConfig,
     RunConfigError,
     check_data_table,
     config_differences,
-    extension_json,
     pool_passages,
-    read_toml,
     save_run_config,
     select_data,
-    split_extension_table,
 )
 from seal_jax.selfedit.strategies import get_strategy, self_edit_prompt
 
@@ -73,7 +71,7 @@ class RestemError(GeneratorError):
 
 
 @dataclasses.dataclass(frozen=True)
-class RestemConfig:
+class RestemConfig(ExtendedConfig):
     """A ReST-EM run: a knowledge-run config (the inner loop) plus a ``[restem]`` table.
 
     Attributes:
@@ -99,6 +97,11 @@ class RestemConfig:
     sft_lora: dict[str, Any] = dataclasses.field(default_factory=dict)
     sft_train: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    TABLE = "restem"
+    KIND = "ReST-EM"
+    CONDITIONS_NOTE = "sets restem.strategy, not conditions (its conditions are always base and the strategy)"
+    POOL_HINT = "set restem.passages_per_round instead of data.n (round N takes the N-th block of passages from data.start)"
+
     def __post_init__(self) -> None:
         strategy = get_strategy(self.strategy)
         if strategy.source != "generate":
@@ -110,11 +113,6 @@ class RestemConfig:
         check_data_table(self.eval_data, "restem.eval_data")
         self.sft_lora_spec()
         self.sft_train_spec()
-
-    @property
-    def name(self) -> str:
-        """The run's name (the default output folder is ``checkpoints/runs/NAME``)."""
-        return self.knowledge.name
 
     def sft_lora_spec(self) -> LoraSpec:
         """The generator's SFT :class:`~seal_jax.LoraSpec` (see :func:`~seal_jax.selfedit.generator.sft_lora_spec`)."""
@@ -134,30 +132,8 @@ class RestemConfig:
                                    name=name or self.knowledge.name)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RestemConfig:
-        """Build from a parsed TOML table: knowledge keys at the top level plus a ``[restem]`` table."""
-        raw, table = split_extension_table(
-            raw, "restem", {f.name for f in dataclasses.fields(cls)} - {"knowledge"}, where=where, kind="ReST-EM",
-            conditions_note="sets restem.strategy, not conditions (its conditions are always base and the strategy)")
-        strategy = table.get("strategy", "implications")
-        knowledge = RunConfig.from_dict({**raw, "conditions": ["base", strategy]}, where=where)
-        data = knowledge.data
-        if data.get("n") is not None or data.get("subset") or "ids" in data:
-            raise RunConfigError(f"{where}: [data] is the training pool; set restem.passages_per_round instead of "
-                                 "data.n (round N takes the N-th block of passages from data.start)")
-        try:
-            return cls(knowledge=knowledge, **table)
-        except TypeError as e:
-            raise RunConfigError(f"{where}: {e}") from None
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> RestemConfig:
-        """Read a ReST-EM config TOML file."""
-        return cls.from_dict(read_toml(path), where=str(path))
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-able dict: the knowledge config's keys plus ``restem`` (the form :meth:`from_dict` reads)."""
-        return extension_json(self.knowledge, self, "restem")
+    def conditions_of(cls, table: dict[str, Any]) -> list[str]:
+        return ["base", table.get("strategy", cls.strategy)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import json
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from seal_jax.lm.types import DTYPE_NAMES, LoraSpec, SamplingParams, TrainSpec
 from seal_jax.selfedit import grading
@@ -272,6 +272,60 @@ def extension_json(knowledge: RunConfig, extension: Any, table_name: str) -> dic
     out.pop("conditions")
     table = {f.name: getattr(extension, f.name) for f in dataclasses.fields(extension) if f.name != "knowledge"}
     return json.loads(json.dumps({**out, table_name: table}))  # as run_config.json reads back (lists, not tuples)
+
+
+class ExtendedConfig:
+    """What every run kind that extends :class:`RunConfig` with one TOML table shares (ReST-EM's
+    ``[restem]``, template search's ``[templates]``, CPT's ``[cpt]``, continual's ``[continual]``): reading
+    the file (knowledge keys at the top level, the table's keys as the dataclass's other fields), the
+    saved form and the name.
+
+    A subclass is a frozen dataclass whose first field is ``knowledge: RunConfig`` and sets ``TABLE``,
+    ``KIND`` (for messages), ``CONDITIONS_NOTE`` (why it has no ``conditions`` key), :meth:`conditions_of`
+    (the knowledge config's conditions) and, when ``[data]`` is a pool it draws from, ``POOL_HINT`` (what to
+    set instead of ``data.n``, ``ids`` or ``subset``).
+    """
+
+    TABLE: ClassVar[str]
+    KIND: ClassVar[str]
+    CONDITIONS_NOTE: ClassVar[str]
+    POOL_HINT: ClassVar[str | None] = None
+    knowledge: RunConfig
+
+    @classmethod
+    def conditions_of(cls, table: dict[str, Any]) -> list[str]:
+        """The knowledge config's conditions, from the extension's table."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """The run's name (the default output folder is ``checkpoints/runs/NAME``)."""
+        return self.knowledge.name
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> Any:
+        """Build from a parsed TOML table: knowledge keys at the top level plus the extension's table."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"knowledge"}  # type: ignore[arg-type]
+        raw, table = split_extension_table(raw, cls.TABLE, known, where=where, kind=cls.KIND,
+                                           conditions_note=cls.CONDITIONS_NOTE)
+        knowledge = RunConfig.from_dict({**raw, "conditions": cls.conditions_of(table)}, where=where)
+        data = knowledge.data
+        if cls.POOL_HINT and (data.get("n") is not None or data.get("subset") or "ids" in data):
+            raise RunConfigError(f"{where}: [data] is the pool of passages this run draws from; {cls.POOL_HINT}")
+        try:
+            return cls(knowledge=knowledge, **table)
+        except TypeError as e:
+            raise RunConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Any:
+        """Read the run's config TOML file."""
+        return cls.from_dict(read_toml(path), where=str(path))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict: the knowledge config's keys plus the extension's table (the form :meth:`from_dict`
+        reads)."""
+        return extension_json(self.knowledge, self, self.TABLE)
 
 
 # Engine settings that do not change a run's results: a run may be resumed with them changed (for example

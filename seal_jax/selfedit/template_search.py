@@ -95,16 +95,14 @@ from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
 from seal_jax.selfedit.results import append_passage, passages_done, read_rows, result_row, write_jsonl
 from seal_jax.selfedit.run_config import (
+    ExtendedConfig,
     RunConfig,
     RunConfigError,
     check_data_table,
     config_differences,
     derived_seed,
-    extension_json,
     pool_passages,
-    read_toml,
     select_data,
-    split_extension_table,
 )
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, fill_pieces, pieces_to_sequences
 from seal_jax.selfedit.templates import Template, TemplateError
@@ -122,7 +120,7 @@ class TemplateSearchError(GeneratorError):
 
 
 @dataclasses.dataclass(frozen=True)
-class TemplateSearchConfig:
+class TemplateSearchConfig(ExtendedConfig):
     """A template-search run: knowledge-run keys at the top level plus a ``[templates]`` table.
 
     Attributes:
@@ -172,6 +170,11 @@ class TemplateSearchConfig:
     sft_train: dict[str, Any] = dataclasses.field(default_factory=dict)
     eval_data: dict[str, Any] | None = None
 
+    TABLE = "templates"
+    KIND = "template-search"
+    CONDITIONS_NOTE = "has no conditions (the templates are the conditions; base is always evaluated)"
+    POOL_HINT = "set templates.passages instead of data.n"
+
     def __post_init__(self) -> None:
         check_data_table(self.eval_data, "templates.eval_data")
         if self.variant not in VARIANTS:
@@ -201,11 +204,6 @@ class TemplateSearchConfig:
         self.sft_lora_spec()
         self.sft_train_spec()
 
-    @property
-    def name(self) -> str:
-        """The run's name (the default output folder is ``checkpoints/runs/NAME``)."""
-        return self.knowledge.name
-
     def make_archive(self, entries: Sequence[ArchiveEntry] | None = None) -> Archive:
         """The variant's archive: the seeded one (plus ``entries``); a :class:`NoveltyArchive` for ``novelty``."""
         try:
@@ -229,28 +227,8 @@ class TemplateSearchConfig:
         return sft_train_spec(self.sft_train)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> TemplateSearchConfig:
-        """Build from a parsed TOML table: knowledge keys at the top level plus a ``[templates]`` table."""
-        raw, table = split_extension_table(
-            raw, "templates", {f.name for f in dataclasses.fields(cls)} - {"knowledge"}, where=where,
-            kind="template-search",
-            conditions_note="has no conditions (the templates are the conditions; base is always evaluated)")
-        knowledge = RunConfig.from_dict({**raw, "conditions": ["base"]}, where=where)
-        if knowledge.data.get("n") is not None or knowledge.data.get("subset") or "ids" in knowledge.data:
-            raise RunConfigError(f"{where}: [data] is the passage pool; set templates.passages instead of data.n")
-        try:
-            return cls(knowledge=knowledge, **table)
-        except TypeError as e:
-            raise RunConfigError(f"{where}: {e}") from None
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> TemplateSearchConfig:
-        """Read a template-search config TOML file."""
-        return cls.from_dict(read_toml(path), where=str(path))
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-able dict: the knowledge config's keys plus ``templates`` (the form :meth:`from_dict` reads)."""
-        return extension_json(self.knowledge, self, "templates")
+    def conditions_of(cls, table: dict[str, Any]) -> list[str]:
+        return ["base"]
 
 
 # ----------------------------------------------------------------------------------------------------
