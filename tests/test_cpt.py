@@ -131,5 +131,5 @@ def test_cpt_configs_and_errors(tiny_chat_dir):
         CptConfig.from_dict(cpt_raw(tiny_chat_dir, generators={"passage": "/models/x"}))
     with pytest.raises(RunConfigError, match="sets cpt.conditions"):
         CptConfig.from_dict({**cpt_raw(tiny_chat_dir), "conditions": ["base"]})
-    with pytest.raises(RunConfigError, match=r"at most one of .*\['restem', 'cpt'\]"):
+    with pytest.raises(RunConfigError, match=r"at most one of .* not both \[restem\] and \[cpt\]"):
         runs.config_from_dict({"name": "x", "model": "m", "restem": {}, "cpt": {}})

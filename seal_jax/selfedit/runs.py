@@ -31,8 +31,9 @@ def kind_of(raw: dict[str, Any]) -> str:
     """The kind of run a parsed config (or a run folder's ``run_config.json``) describes."""
     tables = [kind for kind in KINDS[1:] if kind in raw]
     if len(tables) > 1:
-        raise RunConfigError(f"a config has at most one of the [restem], [templates], [cpt] and [continual] tables, "
-                             f"got {tables}")
+        named = " and ".join(f"[{t}]" for t in tables)
+        raise RunConfigError("a config has at most one of the [restem], [templates], [cpt] and [continual] tables, "
+                             f"{'not both' if len(tables) == 2 else 'not all of'} {named}")
     return tables[0] if tables else "knowledge"
 
 
