@@ -236,8 +236,25 @@ def cmd_templates_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``seal-jax`` command."""
+ENGINE_COMMANDS = ("bench", "plan", "compile")  # their arguments live in modules that import jax
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``seal-jax`` command.
+
+    ``only`` names the command about to run: the arguments of the other engine commands (``bench``,
+    ``plan``, ``compile``, whose modules import jax) are then left out, so that ``seal-jax --help``,
+    ``report``, ``templates`` and the other commands that need no engine do not import jax. ``None`` builds
+    every command in full.
+    """
+    def engine(name: str) -> bool:
+        return only is None or only == name
+
     parser = argparse.ArgumentParser(prog="seal-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -292,25 +309,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_smoke)
 
     p = sub.add_parser("bench", help="benchmarks against transformers on PyTorch, same process and threads")
-    from seal_jax.bench import add_arguments  # deferred: bench imports jax; `import seal_jax.cli` does not
+    if engine("bench"):
+        from seal_jax.bench import (
+            add_arguments,  # deferred: bench imports jax; `import seal_jax.cli` does not
+        )
 
-    add_arguments(p)
+        add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="bytes per device, step times and a fits/does-not-fit verdict per accelerator",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        epilog="exit code 3: the plan does not fit some of the hardware asked about")
-    from seal_jax.plan import add_arguments as add_plan_arguments  # deferred: plan imports jax, as bench
+    if engine("plan"):
+        from seal_jax.plan import add_arguments as add_plan_arguments  # deferred: plan imports jax, as bench
 
-    add_plan_arguments(p)
+        add_plan_arguments(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("compile", help="compile a run's programs for a TPU/GPU target on this CPU host: memory, "
                                        "FLOPs, bytes, collectives and roofline time per program",
                        epilog="exit code 3: a program does not fit its device; 2: a bad config, mesh or target")
-    from seal_jax.aot import add_arguments as add_compile_arguments  # deferred: aot imports jax, as bench
+    if engine("compile"):
+        from seal_jax.aot import add_arguments as add_compile_arguments  # deferred: aot imports jax, as bench
 
-    add_compile_arguments(p)
+        add_compile_arguments(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("templates", help="tools for files of self-edit templates")
@@ -329,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``seal-jax`` console script; returns the exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(only=command_of(argv) or "").parse_args(argv)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # inside the try: a reader that left shows up here, not at interpreter exit

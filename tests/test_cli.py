@@ -5,6 +5,9 @@ own test files)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +161,17 @@ def test_templates_stats_prints_similarity_and_ranges_per_iteration(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("seal-jax templates: TemplateError: ") and 'has no "iteration"' in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, imports_jax", [(["--help"], False), (["report", "--help"], False),
+                                               (["templates", "stats", "--help"], False), (["plan", "--help"], True)])
+def test_commands_that_need_no_engine_start_without_jax(argv, imports_jax):
+    """`seal-jax --help`, `report`, `templates` …: the parser leaves out the engine commands' arguments (their
+    modules import jax) unless that command runs; `plan --help` still lists its own."""
+    code = (f"import sys\nfrom seal_jax.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('JAX', 'jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parents[1], env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"JAX {imports_jax}" in out.stdout
+    assert ("--hardware" in out.stdout) is (argv[0] == "plan")  # plan's own options are listed for plan --help
