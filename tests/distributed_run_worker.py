@@ -106,25 +106,25 @@ def restem_config(model_dir: str):
 
 def run_restem_mode(lm, model_dir: str, run_dir: str) -> None:
     """A ReST-EM run into RUN_DIR/restem/full, and into RUN_DIR/restem/part stopped early and resumed."""
-    import seal_jax as sj
+    from seal_jax.selfedit import generator
     from seal_jax.selfedit.restem import run_restem
 
     config = restem_config(model_dir)
-    load, meshes = sj.load, []
+    load, meshes = generator.load_model, []  # the loop loads later generators through it
 
     def recording_load(*args, **kwargs):
         loaded = load(*args, **kwargs)
         meshes.append(loaded.mesh)
         return loaded
 
-    sj.load = recording_load
+    generator.load_model = recording_load
     try:
         run_restem(config, os.path.join(run_dir, "restem", "full"), lm=lm, progress=False)
         part = os.path.join(run_dir, "restem", "part")
         run_restem(config, part, lm=lm, progress=False, stop_after=RESTEM_STOP)
         run_restem(config, part, lm=lm, progress=False, resume=True)
     finally:
-        sj.load = load
+        generator.load_model = load
     # every later round's generator went onto the starting model's global mesh (the config names none)
     assert meshes and all(m is not None and m.devices.size == 8 for m in meshes), meshes
     # a generator folder that only process 0 can see (as on its local disk) is one clear error everywhere
