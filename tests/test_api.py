@@ -92,3 +92,24 @@ def test_merge_adapter_and_shared_programs(tiny_hf):
     adapters.failed = [None, "non-finite loss at step 3"]
     with pytest.raises(ValueError, match="failed in training"):
         lm.merge_adapter(adapters, 1)
+
+
+def test_free_host_memory_is_released_after_compiles(monkeypatch):
+    """``LM`` hands malloc's free pages back after every XLA compile and before training (``malloc_trim``;
+    see "Host memory" in seal_jax/lm/api.py); without glibc that is a no-op."""
+    import jax
+
+    from seal_jax.lm import api
+
+    monkeypatch.setattr(api, "_malloc_trim", None)
+    api.release_free_host_memory()  # looks libc up: glibc's malloc_trim, or False elsewhere
+    assert api._malloc_trim is not None
+    calls: list[int] = []
+    monkeypatch.setattr(api, "_malloc_trim", calls.append)
+    api._install_trim_listener()
+    api._install_trim_listener()  # installed once, however many models are made
+    jax.jit(lambda x: x * 3.0 + 0.25)(np.arange(11.0))  # a new program: one backend compile
+    assert calls == [0]
+    monkeypatch.setattr(api, "_malloc_trim", False)
+    api.release_free_host_memory()
+    assert calls == [0]
