@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from seal_jax.lm import sampling, training, weights
+from seal_jax.lm import host_memory, sampling, training, weights
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf, preset
@@ -70,7 +70,6 @@ def build_model(config: ModelConfig, params: dict[str, jax.Array], *, dtype: Any
 
 _PROGRAMS: dict[tuple[Any, Any], dict[str, Any]] = {}  # (graphdef, mesh) -> compiled programs, see LM._shared
 
-
 def _check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> None:
     """Raise unless ``texts`` is a non-empty list of non-empty strings and there is a tokenizer."""
     if tokenizer is None:
@@ -101,6 +100,7 @@ class LM:
         self._weight_copies: Any = None  # Sampler.split's output, made at the first generation (CPU only)
         self._keeps_copies: bool | None = None  # decided once, at the first generation
         self.is_abstract = False  # True for LM.abstract models (shapes only: lower and compile, no data)
+        host_memory.install_trim_listener()  # free compiler scratch goes back to the system
 
     @property
     def config(self) -> ModelConfig:
@@ -396,6 +396,7 @@ class LM:
         """``fn`` (``training.train_adapters`` or ``training.training_memory``) called with this model's
         weights, tokenizer, ids, mesh and programs, and SEAL's specs where ``lora``/``train`` are None."""
         self._require_weights("training")
+        host_memory.release()  # the training program's temporaries are the run's largest (lm/host_memory.py)
         return fn(
             self.graphdef, self.state, self.params(), self.tokenizer, sequences,
             LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
