@@ -511,20 +511,17 @@ class LM:
     def _make_logprob_fn(self) -> Any:
         graphdef = self.graphdef
 
-        def total(state: Any, ids: jax.Array, mask: jax.Array, targets: jax.Array, lora: Any) -> jax.Array:
-            logits = nnx.merge(graphdef, state)(ids, mask, lora=lora)[0][:, :-1].astype(jnp.float32)
-            picked = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+        def total(state: Any, ids: jax.Array, mask: jax.Array, targets: jax.Array, weights: Any, scale: Any,
+                  tail: int) -> jax.Array:
+            model = nnx.merge(graphdef, state)
+            lora = None if weights is None else LoraInputs(weights=weights, scale=scale)
+            x = model.hidden_states(ids, mask, lora=lora)[0][:, -tail - 1:-1]  # the positions that predict the tail
+            logits = model.head(x)  # [B, tail, V]: the head only where a completion token is scored
+            picked = jnp.take_along_axis(logits, ids[:, -tail:, None], axis=-1)[..., 0]
             logp = picked - jax.nn.logsumexp(logits, axis=-1)
-            return jnp.sum(jnp.where(targets[:, 1:] > 0, logp, 0.0), axis=-1)
+            return jnp.sum(jnp.where(targets[:, -tail:] > 0, logp, 0.0), axis=-1)
 
-        def base(state: Any, ids: jax.Array, mask: jax.Array, targets: jax.Array) -> jax.Array:
-            return total(state, ids, mask, targets, None)
-
-        def stacked(state: Any, ids: jax.Array, mask: jax.Array, targets: jax.Array, weights: Any,
-                    scale: jax.Array) -> jax.Array:
-            return jax.vmap(lambda w, s: total(state, ids, mask, targets, LoraInputs(weights=w, scale=s)))(weights, scale)
-
-        return jax.jit(base), jax.jit(stacked)
+        return jax.jit(total, static_argnames="tail")
 
     def completion_logprobs(self, prompts: list[str], completions: list[str], adapters: Adapters | None = None,
                             chat: bool = False, enable_thinking: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -568,11 +565,13 @@ class LM:
             mask[len(rows):, -1] = 1
             targets = np.concatenate([targets, np.zeros((pad, width), targets.dtype)])
         args = [self._put_batch(a.astype(np.int32)) for a in (ids, mask, targets)]
-        base, stacked = self._logprob_fn
+        tail = min(width - 1, -(-max(map(len, tails)) // 16) * 16)  # completions bucketed to 16 tokens
+        fn = self._logprob_fn
         if lora is None:
-            sums = shd.to_host(base(self.state, *args))
-        else:
-            sums = shd.to_host(stacked(self.state, *args, adapters.weights, adapters.scales))
+            sums = shd.to_host(fn(self.state, *args, None, None, tail=tail))
+        else:  # one adapter per call: memory and compiled programs do not grow with K
+            sums = np.stack([shd.to_host(fn(self.state, *args, jax.tree.map(lambda w, k=k: w[k], adapters.weights),
+                                            adapters.scales[k], tail=tail)) for k in range(len(adapters.specs))])
             sums = sums[0] if adapters.single else sums
         return sums[..., :len(rows)].astype(np.float64), np.array([len(t) for t in tails])
 
