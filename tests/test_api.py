@@ -130,5 +130,5 @@ def test_completion_logprobs_equal_transformers_on_the_bundled_model(bundled_lm,
     assert not np.allclose(stacked[0], lm.completion_logprobs(prompts, golds)[0], atol=1e-3)  # training moved it
     with pytest.raises(sj.lm.sampling.SamplingError, match="3 prompts but 2 completions"):
         lm.completion_logprobs(prompts, golds[:2])
-    with pytest.raises(sj.lm.sampling.SamplingError, match="completions 1 is empty"):
+    with pytest.raises(sj.lm.sampling.SamplingError, match="completion 1 is empty"):
         lm.completion_logprobs(prompts[:2], [" a", ""])

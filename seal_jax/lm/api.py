@@ -82,7 +82,7 @@ def _check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> No
         if not isinstance(p, str):
             raise sampling.SamplingError(f"{name}[{i}] must be a str, got {type(p).__name__}")
         if not p:
-            raise sampling.SamplingError(f"{name} {i} is empty; every one needs some text")
+            raise sampling.SamplingError(f"{name.rstrip('s')} {i} is empty; every one needs some text")
 
 
 class LM:
@@ -100,7 +100,6 @@ class LM:
         self._weight_copies: Any = None  # Sampler.split's output, made at the first generation (CPU only)
         self._keeps_copies: bool | None = None  # decided once, at the first generation
         self.is_abstract = False  # True for LM.abstract models (shapes only: lower and compile, no data)
-        host_memory.install_trim_listener()  # free compiler scratch goes back to the system
 
     @property
     def config(self) -> ModelConfig:

@@ -4,9 +4,10 @@ XLA's compiler and the CPU runtime allocate and free hundreds of MB of small blo
 glibc's malloc, which keeps freed blocks in its heaps instead of returning them to the system: on the demo
 (bundled 135M model, 2 CPU cores) ~0.5 GB of freed compiler scratch and program temporaries was still
 resident when a LoRA training program (2.8 GB of temporaries) started, and its compile added ~0.5 GB more.
-``malloc_trim`` hands the free pages back; it runs after every XLA compile (a listener on JAX's compile
-event, so the freed scratch is gone before the new program first runs) and before every training call.
-It changes no program and no result; without glibc (macOS, musl) it does nothing.
+``malloc_trim`` hands the free pages back before every training call (the largest program of a run), from
+the calling thread between programs. (Calling it from a listener after every XLA compile, too, saved
+another ~0.5 GB on the demo but coincided with a segfault inside an XLA CPU compile in the test suite, so
+it is not done.) It changes no program and no result; without glibc (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ import ctypes
 import ctypes.util
 from typing import Any
 
-import jax
-
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
 _malloc_trim: Any = None  # libc's malloc_trim, or False where there is none; looked up on first use
 
 
@@ -32,19 +30,3 @@ def release() -> None:
             _malloc_trim = False
     if _malloc_trim:
         _malloc_trim(0)
-
-
-def _after_compile(event: str, duration: float, **_: Any) -> None:
-    if event == BACKEND_COMPILE_EVENT:
-        release()
-
-
-_trim_listener_installed = False
-
-
-def install_trim_listener() -> None:
-    """Register :func:`release` to run after every XLA compile (once per process)."""
-    global _trim_listener_installed
-    if not _trim_listener_installed:
-        jax.monitoring.register_event_duration_secs_listener(_after_compile)
-        _trim_listener_installed = True
