@@ -44,6 +44,7 @@ from seal_jax.selfedit.results import (
     append_passage,
     passages_done,
     read_rows,
+    record_passage,
     result_row,
     summarize,
     summary_markdown,
@@ -224,10 +225,7 @@ class _Cpt:
                 n = len(passage_sequences(passage, selfedits[passage.id][name]))
                 rows.append(result_row(passage, name, 0, None, n, base.measure, after, answers, adapters.failed[i],
                                        reward=k.reward))
-            for r in rows:
-                r["seconds"] = round(time.perf_counter() - t0, 2)
-            if is_writer():
-                append_passage(results, rows)
+            record_passage(results, rows, t0)
             if self.budget is not None:
                 self.budget -= 1
         return True

@@ -42,8 +42,8 @@ from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.proposals import Proposal, chosen, propose
 from seal_jax.selfedit.results import (
     Measure,
-    append_passage,
     read_rows,
+    record_passage,
     result_row,
     summarize,
     summary_markdown,
@@ -222,10 +222,7 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
     for count, passage in enumerate(bar):
         t0 = time.perf_counter()
         new = passage_rows(lm, passage, config, grader, replay, template, template_failure)
-        for r in new:
-            r["seconds"] = round(time.perf_counter() - t0, 2)
-        if is_writer():
-            append_passage(results, new)
+        record_passage(results, new, t0)
         rows.extend(new)
         if stop_after is not None and count + 1 >= stop_after:
             break

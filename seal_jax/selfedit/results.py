@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from seal_jax.selfedit.data import Passage
+from seal_jax.selfedit.multihost import is_writer
 
 ROW_FIELDS = ("passage_id", "title", "condition", "candidate", "self_edit", "n_sequences", "accuracy_before",
               "accuracy_after", "reward", "answers", "failure")
@@ -148,6 +150,15 @@ def append_passage(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Append one passage's rows to a results file, each with ``passage_rows`` (how many rows the passage
     wrote), in one write (:func:`append_rows`); :func:`read_rows` drops a passage a kill cut short."""
     append_rows(path, [{**r, "passage_rows": len(rows)} for r in rows])
+
+
+def record_passage(path: Path, rows: list[dict[str, Any]], started: float) -> None:
+    """Stamp one passage's rows with ``seconds`` since ``started`` (``time.perf_counter()``) and append
+    them (:func:`append_passage`; process 0 writes in a multi-host run)."""
+    for r in rows:
+        r["seconds"] = round(time.perf_counter() - started, 2)
+    if is_writer():
+        append_passage(path, rows)
 
 
 def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:

@@ -93,7 +93,13 @@ from seal_jax.selfedit.generator import (
 from seal_jax.selfedit.meta_prompts import PROPOSAL_SCHEDULE, fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
-from seal_jax.selfedit.results import append_passage, passages_done, read_rows, result_row, write_jsonl
+from seal_jax.selfedit.results import (
+    passages_done,
+    read_rows,
+    record_passage,
+    result_row,
+    write_jsonl,
+)
 from seal_jax.selfedit.run_config import (
     ExtendedConfig,
     RunConfig,
@@ -419,10 +425,7 @@ class _Search:
             t0 = time.perf_counter()
             rows = template_passage_rows(self.models(inner), self.models(generator), passage, templates, self.config,
                                          self.grader(inner), iteration=iteration, tag=tag)
-            for r in rows:
-                r["seconds"] = round(time.perf_counter() - t0, 2)
-            if is_writer():
-                append_passage(results, rows)
+            record_passage(results, rows, t0)
             if self.budget is not None:
                 self.budget -= 1
         return True
