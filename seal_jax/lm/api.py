@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from seal_jax.lm import host_memory, sampling, training, weights
+from seal_jax.lm import sampling, training, weights
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf, preset
@@ -395,7 +395,6 @@ class LM:
         """``fn`` (``training.train_adapters`` or ``training.training_memory``) called with this model's
         weights, tokenizer, ids, mesh and programs, and SEAL's specs where ``lora``/``train`` are None."""
         self._require_weights("training")
-        host_memory.release()  # the training program's temporaries are the run's largest (lm/host_memory.py)
         return fn(
             self.graphdef, self.state, self.params(), self.tokenizer, sequences,
             LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
