@@ -189,3 +189,15 @@ def tiny_config(model_dir, **changes):
     )
     raw.update(changes)
     return RunConfig.from_dict(raw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test file, drop the compiled programs it made (JAX's caches and seal-jax's shared program
+    table): every XLA CPU executable keeps memory mappings, and a whole-suite process that keeps them all
+    runs into the kernel's map limit (vm.max_map_count, 65530), where a later compile dies inside LLVM."""
+    yield
+    from seal_jax.lm import api  # deferred: conftest sets the XLA flags before seal_jax loads
+
+    api._PROGRAMS.clear()
+    jax.clear_caches()
