@@ -44,6 +44,7 @@ from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import PRESETS, ConfigError, ModelConfig, from_hf, preset
 from seal_jax.lm.lora import LoraSpec
 from seal_jax.lm.training import TrainSpec
+from seal_jax.lm.types import REMAT_POLICIES
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.restem import RestemConfig
 from seal_jax.selfedit.runs import load_config
@@ -115,7 +116,7 @@ class Workload:
     config: ModelConfig
     dtype: str
     mesh: str | None
-    remat: bool
+    remat: str | bool
     programs: tuple[Program, ...]
     candidates: int
     source: str
@@ -218,7 +219,7 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
                     knowledge.remat, tuple(programs), k, source)
 
 
-def workload_from_flags(model: str, shapes: Shapes, *, candidates: int, dtype: str, mesh: str | None, remat: bool,
+def workload_from_flags(model: str, shapes: Shapes, *, candidates: int, dtype: str, mesh: str | None, remat: str | bool,
                         lora_rank: int, new_tokens: int) -> Workload:
     """A quick :class:`Workload`: SEAL's inner loop with ``candidates`` candidates on ``model``."""
     config, source = model_config(model)
@@ -386,7 +387,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=None, help="comma-separated program names (answer, self_edit, train, …)")
     parser.add_argument("--candidates", "-k", type=int, default=5, help="K (without a config)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(without a config)")
-    parser.add_argument("--remat", action="store_true", help="rematerialise layers in training (without a config)")
+    parser.add_argument("--remat", nargs="?", const="full", default="minimal", choices=REMAT_POLICIES,
+                        help="what training keeps per layer for the backward pass (without a config; default "
+                             "minimal; --remat alone = full)")
     parser.add_argument("--lora-rank", type=int, default=32, help="(without a config)")
     parser.add_argument("--new-tokens", type=int, default=1024, help="self-edit length (without a config)")
     for f in dataclasses.fields(Shapes):

@@ -7,9 +7,9 @@ device and for each hardware in :data:`HARDWARE`:
   :data:`~seal_jax.lm.sharding.PARAM_AXES` and :data:`~seal_jax.lm.sharding.RULES` through
   :func:`~seal_jax.lm.sharding.spec_for`), LoRA adapters and AdamW state (float32, K+1 candidate slots —
   the trainer adds one idle slot — replicated on every device as the trainer places them), per-lane
-  gradient accumulators, training activations (with or without per-layer rematerialisation, as
-  ``Decoder(remat=...)`` does it: only each layer's input ``[B, T, D]`` is kept, one layer is recomputed
-  at a time) and the sampling KV cache ``[K, L, B, S, KVH, Dh]`` (batch over ``data``, KV heads over
+  gradient accumulators, training activations (per ``Decoder(remat=...)``: "none" keeps every layer's
+  intermediates, "minimal" each layer's input and projection outputs, "full" only each layer's input
+  ``[B, T, D]``; the last two recompute one layer's rest at a time), the chunked cross-entropy and the sampling KV cache ``[K, L, B, S, KVH, Dh]`` (batch over ``data``, KV heads over
   ``tensor``);
 * **time** — a roofline estimate of one training micro-step (all candidate lanes), one prefill and one
   decode step: the largest of compute (FLOPs / peak bf16 FLOP/s), memory (bytes / HBM bandwidth) and
@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
+from seal_jax.lm.cross_entropy import chunk_length
 from seal_jax.lm.model import param_shapes, projection_shape
 from seal_jax.lm.sampling import batch_bucket
 from seal_jax.lm.sharding import MESH_AXES, PARAM_AXES, MeshError, parse_mesh_spec, spec_for
-from seal_jax.lm.types import PROJECTIONS
+from seal_jax.lm.types import PROJECTIONS, REMAT_POLICIES, remat_name
 
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float32": 4, "fp32": 4}
 LORA_BYTES = 4  # adapters, gradients and AdamW moments are float32 (seal_jax.lm.lora / training)
@@ -119,7 +120,8 @@ class Workload:
       dtype: weights and activations (``bfloat16`` on accelerators).
       lora_rank: adapter rank (padded rank of all candidates).
       lora_targets: adapted projections.
-      remat: rematerialise each layer in the backward pass (``LM.load(remat=True)``).
+      remat: what training keeps per layer for the backward pass (``LM.load(remat=...)``): "minimal"
+        (the projections' outputs), "full" (the layer input) or "none"; a bool means "full" / "none".
       cache_len: S, KV-cache slots when sampling (prompt + new tokens; default ``seq_len``).
       prompt_len: P, the padded prompt that prefill runs over (default ``cache_len``: the bound).
     """
@@ -131,7 +133,7 @@ class Workload:
     dtype: str = "bfloat16"
     lora_rank: int = 32
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    remat: bool = False
+    remat: str | bool = "minimal"
     cache_len: int | None = None
     prompt_len: int | None = None
 
@@ -154,6 +156,10 @@ class Workload:
                 raise PlanError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPE_BYTES)}")
+        try:
+            remat_name(self.remat)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
         unknown = [t for t in self.lora_targets if t not in PROJECTIONS]
         if unknown or not self.lora_targets:
             raise PlanError(f"unknown LoRA targets {unknown or '(none)'}; choose from {list(PROJECTIONS)}")
@@ -271,12 +277,24 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     rows = lanes * w.batch
     t = w.seq_len
     one_layer = layer_activation_bytes(config, rows, t, act, tensor)
-    if w.remat:  # layer inputs for every layer, one layer's intermediates recomputed at a time
+    remat = remat_name(w.remat)
+    if remat == "full":  # layer inputs for every layer, one layer's intermediates recomputed at a time
         activations = config.num_layers * rows * t * config.hidden_size * act + one_layer
+    elif remat == "minimal":
+        # per layer its input and the projection outputs that feed non-linear work (q, k, v, gate, up; the
+        # o/down outputs only join the residual); one layer's attention scores recomputed at a time
+        saved = config.hidden_size + (config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size) // tensor
+        heads = config.num_heads // tensor if config.num_heads % tensor == 0 else config.num_heads
+        activations = config.num_layers * rows * t * saved * act + rows * heads * t * t * (4 + act)
     else:
         activations = config.num_layers * one_layer
     vocab = config.vocab_size // tensor if config.vocab_size % tensor == 0 else config.vocab_size
-    logits = 2 * rows * t * vocab * 4  # float32 logits and log-softmax over the sequence
+    # the chunked cross-entropy (lm/cross_entropy.py): per lane one chunk's float32 logits and its softmax in
+    # the activation dtype (over several chunks a second float32 logits buffer: the compiled scan holds two,
+    # measured on the H100 compile), and the loss's gradient direction [rows, T, D] kept for the backward pass
+    tokens = chunk_length(w.batch, t, vocab)
+    per_chunk = (4 + act) if tokens >= t else (8 + act)
+    logits = lanes * w.batch * tokens * vocab * per_chunk + rows * t * config.hidden_size * act
     train = weights + lora_params + lora_state + accumulators + activations + logits
     b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
     kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
@@ -318,10 +336,11 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     ``tests/test_plan_vs_compile.py`` holds the two together): the projections and the head are split over
     ``fsdp × tensor`` (XLA contracts over the ``fsdp``-sharded width), attention only over ``tensor`` (its
     heads); a training micro-step runs the frozen base forward and backward to its inputs (2 passes, 3 with
-    remat: no weight gradients), attention forward (2 matmuls) and backward (4), and the adapters forward
+    remat "full": no weight gradients), attention forward (2 matmuls, again when recomputed by "minimal" or
+    "full") and backward (4), and the adapters forward
     and both their gradients (3 passes); prefill runs the prompt (P tokens); a decode step runs one token
     per row and attends over the cache (S slots); prefill applies the head to the last position only. Memory and communication: training reads the gathered
-    weights once per forward, backward and (with remat) recomputation, and all-gathers the ``fsdp`` shards as
+    weights once per forward, backward and (with remat "full") recomputation, and all-gathers the ``fsdp`` shards as
     often; decode reads this device's weights and KV cache once per token and all-reduces the partial sums
     of the projections that contract over the ``fsdp``-sharded width.
     """
@@ -336,11 +355,13 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     gather_comm = gathered * (f - 1) / f / link if f > 1 else 0.0
 
     lanes = lanes_per_device(w.candidates, mesh)
-    passes = 4 if w.remat else 3  # weight reads: forward, backward (2x), recomputed forward
+    remat = remat_name(w.remat)
+    passes = 4 if remat == "full" else 3  # weight reads: forward, backward (2x), recomputed forward
     rows = lanes * w.batch
-    base_passes = 3 if w.remat else 2  # forward, input gradients (, recomputed forward)
+    base_passes = 3 if remat == "full" else 2  # forward, input gradients (, recomputed forward)
+    attn_passes = 3 if remat == "none" else 4  # forward, backward (2x), recomputed forward
     train_flops = rows * ((base_passes * 2 * n_mm * t + 3 * 2 * n_lora * t) / (f * tp)
-                          + (base_passes + 1) * attn_fwd / tp)
+                          + attn_passes * attn_fwd / tp)
     train = StepTime(train_flops / hw.bf16_flops,
                      (passes - 1) * gathered / hw.hbm_bandwidth,
                      (passes - 1) * gather_comm)
@@ -387,8 +408,8 @@ def verdict(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Hardw
     hints = []
     if mem.weights > 0.5 * usable:
         hints.append("shard the weights over more devices (raise fsdp or tensor)")
-    if phase == "training" and not w.remat:
-        hints.append("turn on per-layer rematerialisation (--remat; LM.load(remat=True))")
+    if phase == "training" and remat_name(w.remat) != "full":
+        hints.append('recompute whole layers in training (--remat full; remat = "full" in a run config)')
     if mem.lanes > 1:
         hints.append("fewer candidates per device (raise data, or lower --candidates)")
     hints.append("a shorter --seq-len")
@@ -481,7 +502,7 @@ def format_plan(plan: Plan) -> str:
         f"## {plan.model}: {c.num_parameters():,} parameters, mesh {mesh_s} ({devices} devices), {w.dtype}",
         f"K={w.candidates} candidates (lanes per device: {mem.lanes}), seq_len={w.seq_len}, batch={w.batch}, "
         f"sample_batch={w.sample_batch}, cache_len={w.cache_slots}, LoRA r={w.lora_rank} on {'/'.join(w.lora_targets)}, "
-        f"remat={'on' if w.remat else 'off'}",
+        f"remat={remat_name(w.remat)}",
         "",
         "| per device | bytes |",
         "|---|---:|",
@@ -489,8 +510,8 @@ def format_plan(plan: Plan) -> str:
         f"| LoRA adapters (float32, K+1 slots, replicated) | {_gb(mem.lora_params)} |",
         f"| AdamW moments (float32) | {_gb(mem.lora_state)} |",
         f"| gradient accumulators (per lane) | {_gb(mem.accumulators)} |",
-        f"| training activations ({'remat' if w.remat else 'no remat'}, estimate) | {_gb(mem.activations)} |",
-        f"| training logits + log-softmax (float32) | {_gb(mem.logits)} |",
+        f"| training activations (remat {remat_name(w.remat)}, estimate) | {_gb(mem.activations)} |",
+        f"| training cross-entropy (a chunk of float32 logits, the gradient direction) | {_gb(mem.logits)} |",
         f"| **training total** | **{_gb(mem.train)}** |",
         f"| sampling KV cache (K adapters x {w.sample_batch} rows x {w.cache_slots} slots) | {_gb(mem.kv_cache)} |",
         f"| prefill attention scores (estimate) | {_gb(mem.prefill_scores)} |",
@@ -534,7 +555,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="weights and activations")
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projections")
-    parser.add_argument("--remat", action="store_true", help="per-layer rematerialisation in training")
+    parser.add_argument("--remat", nargs="?", const="full", default="minimal", choices=REMAT_POLICIES,
+                        help="what training keeps per layer for the backward pass (default minimal; --remat "
+                             "alone = full)")
     parser.add_argument("--hardware", default="all", help=f"one of {', '.join(HARDWARE)} or all")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
 

@@ -82,16 +82,35 @@ def test_kv_cache_bytes_by_hand_and_against_the_model_cache():
     assert longer.kv_cache == 2 * mem.kv_cache and longer.train == mem.train
 
 
-def test_remat_keeps_only_layer_inputs_plus_one_layer():
+def test_remat_policies_keep_what_they_say():
     cfg = preset("qwen3-8b")
     mesh = {"data": 1, "fsdp": 8, "tensor": 1}
-    w = pl.Workload(candidates=1, seq_len=1024, dtype="bfloat16")
+    w = pl.Workload(candidates=1, seq_len=1024, dtype="bfloat16", remat="none")
     full = pl.memory_plan(cfg, mesh, w)
     remat = pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat=True))
+    minimal = pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat="minimal"))
+    assert pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat=False)) == full
+    assert pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat="full")) == remat
     one_layer = pl.layer_activation_bytes(cfg, 1, 1024, 2, 1)
     assert full.activations == 36 * one_layer
     assert remat.activations == 36 * 1024 * 4096 * 2 + one_layer
-    assert remat.train < full.train and remat.sample == full.sample
+    # layer input + q (4096) + k, v (1024 each) + gate, up (12288 each), and one layer's scores recomputed
+    assert minimal.activations == 36 * 1024 * (4096 + 4096 + 2 * 1024 + 2 * 12288) * 2 + 32 * 1024 * 1024 * 6
+    assert remat.train < minimal.train < full.train and remat.sample == minimal.sample == full.sample
+    assert pl.Workload().remat == "minimal"
+    with pytest.raises(pl.PlanError, match="remat must be one of"):
+        pl.Workload(remat="some")
+
+
+def test_cross_entropy_is_chunked_not_the_whole_logits():
+    """Training keeps one chunk of float32 logits (lm/cross_entropy.py), not [T, V]: doubling T adds only the
+    gradient direction [T, D] once the sequence spans several chunks."""
+    cfg = preset("qwen3-8b")
+    mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+    short = pl.memory_plan(cfg, mesh, pl.Workload(candidates=1, seq_len=1024))
+    long = pl.memory_plan(cfg, mesh, pl.Workload(candidates=1, seq_len=2048))
+    assert long.logits - short.logits == 1024 * 4096 * 2
+    assert short.logits < 1024 * cfg.vocab_size * 4  # less than the float32 logits of the sequence
 
 
 def test_mesh_spec_errors_name_the_problem():
@@ -126,7 +145,7 @@ def test_fits_verdict_and_threshold():
     assert pl.verdict(cfg, host, w, exact).fits
     assert not pl.verdict(cfg, host, w, short).fits
     no_remat = pl.verdict(cfg, host, dataclasses.replace(w, remat=False), pl.HARDWARE["h100"])
-    assert not no_remat.fits and "--remat" in no_remat.message
+    assert not no_remat.fits and "--remat full" in no_remat.message
 
 
 def test_candidates_not_dividing_data_are_replicated_and_warned():
@@ -155,9 +174,12 @@ def test_step_times_by_hand():
     flops = rows * (matmuls + 4 * 1024**2 * cfg.q_dim * 36)
     assert t["prefill"].compute == pytest.approx(flops / 989e12)
     # a training micro-step: base forward + input gradients (no weight gradients), adapters 3 passes,
-    # attention forward + backward (3x), for K/data = 2 lanes of one sequence
-    train = 2 * ((2 * 2 * pl.matmul_parameters(cfg) * 1024 + 3 * 2 * lora * 1024) / 4 + 3 * 4 * 1024**2 * cfg.q_dim * 36)
+    # attention forward + backward (3x) and, with the default remat "minimal", forward again, for K/data = 2
+    # lanes of one sequence
+    train = 2 * ((2 * 2 * pl.matmul_parameters(cfg) * 1024 + 3 * 2 * lora * 1024) / 4 + 4 * 4 * 1024**2 * cfg.q_dim * 36)
     assert t["train_step"].compute == pytest.approx(train / 989e12)
+    none = pl.step_times(cfg, mesh, dataclasses.replace(w, remat="none"), hw)["train_step"].compute
+    assert none == pytest.approx((train - 2 * 4 * 1024**2 * cfg.q_dim * 36) / 989e12)
     mem = pl.memory_plan(cfg, mesh, w)
     assert t["decode_token"].memory == pytest.approx((mem.weights + mem.kv_cache) / 3.35e12)
     assert t["decode_token"].bound == "memory"

@@ -3,6 +3,7 @@ programs compiled for 8 H100s (deviceless GPU compile) and counted by seal_jax.h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -61,6 +62,23 @@ def test_flops_per_step_match_the_compiled_programs(compiled):
     decode = hlo.analyze(compiled["decode"].as_text())
     step = next(loop for loop in decode.loops if loop.trips is None)  # one token per row
     assert step.flops_per_trip == pytest.approx(times["decode_token"].compute * peak_flops, rel=0.10)
+
+
+def test_remat_policies_order_memory_as_planned(compiled):
+    """The three remat policies compiled: "none" and "minimal" (the default, above) within 10% of the plan,
+    "full" the least memory; the planner orders them the same way."""
+    config, mesh = compiled["config"], compiled["mesh"]
+    spec = ",".join(f"{k}={v}" for k, v in mesh.items())
+    peaks = {"minimal": peak(compiled["train"])}
+    for remat in ("none", "full"):
+        lm = sj.LM.abstract(config, mesh=shd.make_mesh(spec, devices=targets.devices("h100-8")), dtype="bfloat16",
+                            remat=remat)
+        peaks[remat] = peak(lm.lower_train(K, SEQUENCES, compiled["workload"].seq_len, sj.LoraSpec(rank=32, alpha=64),
+                                           sj.TrainSpec(epochs=1)).compile())
+    plans = {r: pl.memory_plan(config, mesh, dataclasses.replace(compiled["workload"], remat=r)).train for r in peaks}
+    assert peaks["full"] < peaks["minimal"] < peaks["none"]
+    assert plans["full"] < plans["minimal"] < plans["none"]
+    assert peaks["none"] == pytest.approx(plans["none"], rel=0.10)
 
 
 def test_peak_memory_matches_the_compiled_programs(compiled):

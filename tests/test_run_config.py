@@ -75,8 +75,10 @@ def test_resume_ignores_engine_settings_only():
     assert config_differences(base, {**base, "remat": True}) == []
     assert config_differences({k: v for k, v in base.items() if k != "remat"}, base) == []  # an older folder
     assert config_differences(base, {**base, "k": 3, "remat": True}) == ["k"]
-    with pytest.raises(RunConfigError, match="remat must be true or false"):
+    with pytest.raises(RunConfigError, match=r"remat must be one of \['none', 'minimal', 'full'\]"):
         tiny_config("m", remat="false")
+    for value in ("none", "minimal", "full", True, False):
+        assert tiny_config("m", remat=value).remat == value
 
 
 def test_extension_table_split_and_json():

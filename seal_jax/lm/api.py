@@ -20,6 +20,7 @@ from seal_jax.lm import sampling, training, weights
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf, preset
+from seal_jax.lm.cross_entropy import token_nll
 from seal_jax.lm.lora import Adapters, LoraSpec
 from seal_jax.lm.model import Decoder, LoraInputs
 from seal_jax.lm.training import TrainSpec
@@ -60,7 +61,7 @@ def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def build_model(config: ModelConfig, params: dict[str, jax.Array], *, dtype: Any = jnp.float32,
-                remat: bool = False) -> Decoder:
+                remat: str | bool = "minimal") -> Decoder:
     """A :class:`Decoder` holding ``params`` (``{dotted path: array}``) without random initialisation."""
     abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), remat=remat))
     graphdef, state = nnx.split(abstract)
@@ -119,7 +120,7 @@ class LM:
         dtype: Any = "float32",
         mesh: Mesh | str | None = None,
         tokenizer: str | Path | Any | None = None,
-        remat: bool = False,
+        remat: str | bool = "minimal",
         progress: bool = True,
     ) -> LM:
         """Load a Hugging Face-format model folder (or hub id, when online).
@@ -131,7 +132,9 @@ class LM:
             placed sharded as they are read.
           tokenizer: a tokenizer, or a folder to load one from (default: the model folder's, if it has
             one; without a tokenizer only id-level methods such as :meth:`logits` work).
-          remat: rematerialise layer activations in the backward pass (training memory).
+          remat: what LoRA training keeps of each layer for the backward pass: ``"minimal"`` (default: the
+            projections' outputs; attention and elementwise work recomputed), ``"full"`` (the layer input
+            only: least memory, about 1/3 more training compute) or ``"none"``; see ``lm.types.REMAT_POLICIES``.
         """
         folder = weights.resolve_checkpoint(path_or_id)
         config = from_hf(folder)
@@ -147,7 +150,7 @@ class LM:
 
     @classmethod
     def abstract(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
-                 remat: bool = False, tokenizer: Any = None) -> LM:
+                 remat: str | bool = "minimal", tokenizer: Any = None) -> LM:
         """A model that exists only as shapes and shardings: every parameter is a ``jax.ShapeDtypeStruct``
         placed as :meth:`load` would place it on ``mesh``. Nothing is allocated; use it to lower and compile
         the engine's programs ahead of time (:meth:`lower_logits`, :meth:`lower_generate`,
@@ -176,7 +179,7 @@ class LM:
 
     @classmethod
     def random(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
-               seed: int = 0, remat: bool = False, tokenizer: Any = None) -> LM:
+               seed: int = 0, remat: str | bool = "minimal", tokenizer: Any = None) -> LM:
         """A model with random weights, created on the devices in their shards (for benchmarks: the real
         programs at the real shapes without a checkpoint; see :func:`~seal_jax.lm.weights.random_params`).
 
@@ -514,9 +517,7 @@ class LM:
             model = nnx.merge(graphdef, state)
             lora = None if weights is None else LoraInputs(weights=weights, scale=scale)
             x = model.hidden_states(ids, mask, lora=lora)[0][:, -tail - 1:-1]  # the positions that predict the tail
-            logits = model.head(x)  # [B, tail, V]: the head only where a completion token is scored
-            picked = jnp.take_along_axis(logits, ids[:, -tail:, None], axis=-1)[..., 0]
-            logp = picked - jax.nn.logsumexp(logits, axis=-1)
+            logp = -token_nll(x, model.head_kernel(), ids[:, -tail:])  # the head only where a completion token is scored
             return jnp.sum(jnp.where(targets[:, -tail:] > 0, logp, 0.0), axis=-1)
 
         return jax.jit(total, static_argnames="tail")

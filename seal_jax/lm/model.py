@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seal_jax.lm.config import ModelConfig
-from seal_jax.lm.types import PROJECTIONS
+from seal_jax.lm.types import PROJECTIONS, remat_name
 
 
 def projection_shape(config: ModelConfig, name: str) -> tuple[int, int]:
@@ -374,13 +374,15 @@ class Decoder(nnx.Module):
       config: the model's :class:`ModelConfig`.
       dtype: parameter and activation dtype (``jnp.float32`` on CPU, ``jnp.bfloat16`` on accelerators).
       rngs: randomness for the (random) initial weights; loading replaces them.
-      remat: rematerialise each layer's activations in the backward pass (saves memory when training).
+      remat: what training keeps of each layer for the backward pass, one of :data:`REMAT_POLICIES`
+        ("none", "minimal": the projections' outputs, the rest recomputed; "full": the layer input only);
+        a bool means "full" / "none".
     """
 
-    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, remat: str | bool = "minimal"):
         self.config = config
         self.dtype = dtype
-        self.remat = remat
+        self.remat = remat_name(remat)
         self.embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
         self.layers = LayerStack(config, dtype=dtype, rngs=rngs)
         self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
@@ -421,8 +423,9 @@ class Decoder(nnx.Module):
                 lkey, c, cos, sin, None, allowed, 0)
             return h, (kv if return_kv else None)
 
-        if self.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+        if self.remat != "none":
+            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "minimal" else None
+            body = jax.checkpoint(body, prevent_cse=False, policy=policy)
         xs = (self.layers.arrays(), None if lora is None else lora.weights, jnp.arange(c.num_layers))
         x, kv = jax.lax.scan(body, x, xs)
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps), kv

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from seal_jax.lm import sharding as shd
+from seal_jax.lm.cross_entropy import token_nll
 from seal_jax.lm.lora import Adapters, candidate_key, init_adapters
 from seal_jax.lm.model import Decoder, LoraInputs
 from seal_jax.lm.tokenizer import bucket
@@ -180,9 +181,8 @@ def token_loss_sum(model: Decoder, lora: LoraInputs, tokens: jax.Array, attentio
     Returns ``(sum of -log p, count)`` as float32 scalars.
     """
     hidden, _ = model.hidden_states(tokens, attention, lora=lora, positions=positions)
-    logits = model.head(hidden[:, :-1])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    # chunked over tokens, gradient formed in the forward pass: no [T, V] logits are kept for the backward
+    nll = token_nll(hidden[:, :-1], jax.lax.stop_gradient(model.head_kernel()), tokens[:, 1:])
     w = weights[:, 1:]
     return jnp.sum(nll * w), jnp.sum(w)
 

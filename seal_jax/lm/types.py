@@ -26,8 +26,26 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # Parameter dtypes a model may be loaded in (``seal_jax.load(..., dtype=NAME)``).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
-__all__ = ["DTYPE_NAMES", "LOSS_MODES", "PROJECTIONS", "SCHEDULES", "ConfigError", "LoraError", "LoraSpec",
-           "SamplingError", "SamplingParams", "TokenizerError", "TrainError", "TrainSpec", "WeightsError"]
+# What LoRA training keeps of each layer for the backward pass (``seal_jax.load(..., remat=NAME)``):
+#   "none"     everything (the most memory);
+#   "minimal"  the projections' outputs (matmuls without batch axes); attention, norms, RoPE and the MLP's
+#              elementwise work are recomputed: about as fast as "none" and roughly half its activations;
+#   "full"     only each layer's input; the whole layer is recomputed (about 1/3 more training compute).
+REMAT_POLICIES = ("none", "minimal", "full")
+
+
+def remat_name(value: Any) -> str:
+    """A remat policy's name from ``value``: one of :data:`REMAT_POLICIES`, or a bool (``True`` = "full",
+    ``False`` = "none", the meaning of the older on/off setting)."""
+    if isinstance(value, (bool, np.bool_)):
+        return "full" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {list(REMAT_POLICIES)} (or true/false for full/none), got {value!r}")
+    return str(value)
+
+
+__all__ = ["DTYPE_NAMES", "LOSS_MODES", "PROJECTIONS", "REMAT_POLICIES", "SCHEDULES", "ConfigError", "LoraError", "LoraSpec",
+           "SamplingError", "SamplingParams", "TokenizerError", "TrainError", "TrainSpec", "WeightsError", "remat_name"]
 
 
 class WeightsError(ValueError):

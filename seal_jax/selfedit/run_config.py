@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from seal_jax.lm.types import DTYPE_NAMES, LoraSpec, SamplingParams, TrainSpec
+from seal_jax.lm.types import DTYPE_NAMES, LoraSpec, SamplingParams, TrainSpec, remat_name
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.data import DataError, Passage, load_passages, load_seal_selfedits, select_passages
 from seal_jax.selfedit.multihost import agree, is_writer
@@ -74,9 +74,11 @@ class RunConfig:
       name: run name (the default output folder is ``checkpoints/runs/NAME``).
       model: HF-format model folder (or hub id when online); ``tokenizer`` optionally another folder.
       dtype, mesh: engine settings (``mesh`` like ``"data=2,fsdp=4"``; empty for one device).
-      remat: recompute each layer's activations in the backward pass of LoRA training (``LM.load(remat=True)``):
-        far less activation memory for about a third more training compute; ``seal-jax plan`` says when
-        a model and sequence length need it.
+      remat: what LoRA training keeps of each layer for its backward pass (``LM.load(remat=...)``):
+        ``"minimal"`` (default: the projections' outputs, the rest recomputed at little cost), ``"full"``
+        (each layer's input only: least activation memory for about a third more training compute) or
+        ``"none"``; ``true``/``false`` mean "full"/"none". ``seal-jax plan`` says when a model and sequence
+        length need "full".
       chat: format prompts with the tokenizer's chat template (instruct models).
       data: ``{"source", "n", "start", "shuffle", "seed"}`` for :func:`load_passages`, ``"selfedits"``
         (SEAL's released self-edits, for ``replay``), ``"subset"`` (``"selfedits"``: SEAL's evaluation
@@ -107,7 +109,7 @@ class RunConfig:
     tokenizer: str | None = None
     dtype: str = "float32"
     mesh: str | None = None
-    remat: bool = False
+    remat: str | bool = "minimal"
     chat: bool = True
     data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"source": "demo"})
     conditions: tuple[str, ...] = ("base", "passage", "implications")
@@ -144,8 +146,10 @@ class RunConfig:
                                  "as the other conditions; set train.batch_size = 1")
         if self.reward not in REWARDS:
             raise RunConfigError(f"reward must be one of {REWARDS}, got {self.reward!r}")
-        if not isinstance(self.remat, bool):
-            raise RunConfigError(f"remat must be true or false, got {self.remat!r}")
+        try:
+            remat_name(self.remat)
+        except ValueError as e:
+            raise RunConfigError(str(e)) from None
         for key in ("k", "repeats", "eval_max_new_tokens"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
