@@ -387,9 +387,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=None, help="comma-separated program names (answer, self_edit, train, …)")
     parser.add_argument("--candidates", "-k", type=int, default=5, help="K (without a config)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(without a config)")
-    parser.add_argument("--remat", nargs="?", const="full", default="minimal", choices=REMAT_POLICIES,
+    parser.add_argument("--remat", default="minimal", choices=REMAT_POLICIES,
                         help="what training keeps per layer for the backward pass (without a config; default "
-                             "minimal; --remat alone = full)")
+                             "minimal)")
     parser.add_argument("--lora-rank", type=int, default=32, help="(without a config)")
     parser.add_argument("--new-tokens", type=int, default=1024, help="self-edit length (without a config)")
     for f in dataclasses.fields(Shapes):

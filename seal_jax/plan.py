@@ -292,7 +292,7 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     # the chunked cross-entropy (lm/cross_entropy.py): per lane one chunk's float32 logits and its softmax in
     # the activation dtype (over several chunks a second float32 logits buffer: the compiled scan holds two,
     # measured on the H100 compile), and the loss's gradient direction [rows, T, D] kept for the backward pass
-    tokens = chunk_length(w.batch, t, vocab)
+    tokens = chunk_length(w.batch, t, config.vocab_size)  # the code chunks by the head's global width
     per_chunk = (4 + act) if tokens >= t else (8 + act)
     logits = lanes * w.batch * tokens * vocab * per_chunk + rows * t * config.hidden_size * act
     train = weights + lora_params + lora_state + accumulators + activations + logits

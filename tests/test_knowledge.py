@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_config
 
 import seal_jax as sj
+from seal_jax.lm.types import remat_name
 from seal_jax.selfedit.grading import grade
 from seal_jax.selfedit.knowledge import run_knowledge
 from seal_jax.selfedit.results import (
@@ -120,8 +121,8 @@ def test_seal_subset_replays_seal_selfedits_in_seal_order(tiny_chat_dir, tiny_lm
 
 
 def test_remat_reaches_the_loaded_model(monkeypatch, tmp_path):
-    """``remat = true`` in a run config loads the model with per-layer rematerialisation; the 8B configs
-    set it (the planner says their inner loop does not fit without it)."""
+    """``remat`` in a run config reaches the loaded model (``true`` kept as given, meaning "full"); the default
+    is "minimal"; the 8B configs set "full" (the planner says their inner loop needs it)."""
     from pathlib import Path
 
     from seal_jax.selfedit.runs import load_config
@@ -140,11 +141,11 @@ def test_remat_reaches_the_loaded_model(monkeypatch, tmp_path):
     with pytest.raises(Loaded):
         run_knowledge(config, tmp_path / "out", progress=False)
     assert seen["remat"] is True
-    assert RunConfig.from_dict({"name": "r", "model": "m"}).remat is False
+    assert RunConfig.from_dict({"name": "r", "model": "m"}).remat == "minimal"
     experiments = Path(__file__).parents[1] / "experiments"
     for path in sorted(experiments.glob("*qwen3-8b.toml")):
         config = load_config(path)
-        assert getattr(config, "knowledge", config).remat, path.name
+        assert remat_name(getattr(config, "knowledge", config).remat) == "full", path.name
 
 
 class CannedTemplateLM:

@@ -82,7 +82,7 @@ def test_remat_gives_the_same_gradients():
     cfg = preset("tiny")
     ids = jnp.arange(12, dtype=jnp.int32)[None] % cfg.vocab_size
 
-    def grads(remat: bool):
+    def grads(remat: str | bool):
         model = Decoder(cfg, rngs=nnx.Rngs(3), remat=remat)
 
         def loss(m):
@@ -91,9 +91,10 @@ def test_remat_gives_the_same_gradients():
 
         return nnx.grad(loss)(model)
 
-    g0, g1 = grads(False), grads(True)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    g0 = grads(False)
+    for remat in (True, "minimal", "full"):
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(grads(remat)), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g0))
 
 

@@ -6,7 +6,8 @@ plain formulation keeps the float32 logits, their log-softmax and the logits' co
 forward and the backward pass: three ``[B, T, V]`` float32 arrays per micro-batch (and per lane under
 ``vmap``), 150 MB for one 256-token sequence of a 49k vocabulary, 620 MB for Qwen3's 152k.
 
-:func:`token_nll` walks the tokens in chunks of at most :data:`CHUNK_ELEMENTS` logits and, in the forward
+:func:`token_nll` walks the tokens in chunks (:func:`chunk_length`: about :data:`CHUNK_ELEMENTS` logits per
+call, per lane under ``vmap``, but at least :data:`MIN_CHUNK_TOKENS` tokens) and, in the forward
 pass, computes each chunk's loss *and* its gradient direction ``(softmax - onehot) @ W.T`` (``[B, T, D]``,
 the size of the hidden states). The backward pass only scales that direction by the incoming cotangent.
 No logits outlive their chunk, and the FLOPs are those of the plain forward plus backward: nothing is
@@ -20,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# Logits (float32) computed at once per chunk: 2**24 = 64 MB ...
+# Logits (float32) computed at once per chunk: 2**24 = 64 MB (per lane under vmap) ...
 CHUNK_ELEMENTS = 1 << 24
 # ... but never fewer than 256 tokens per row: with fewer (110 at Qwen3's 152k vocabulary) the GPU compiler
 # splits the chunk's contraction over the vocabulary and pads a copy of the whole head for it (+311 MB at
@@ -102,8 +103,10 @@ def _token_nll_fwd(hidden: Any, kernel: Any, targets: Any) -> tuple[jax.Array, j
     return _scan_chunks(chunk, h, y, w.shape[-1])
 
 
-def _token_nll_bwd(direction: jax.Array, cotangent: jax.Array) -> tuple[jax.Array, None, None]:
+def _token_nll_bwd(direction: jax.Array, cotangent: Any) -> tuple[jax.Array | None, None, None]:
     """``d hidden = cotangent * direction``; no cotangent for the (frozen) head or the integer targets."""
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):  # the loss was not used
+        return None, None, None
     grad = (cotangent[..., None] * direction.astype(jnp.float32)).astype(direction.dtype)
     return grad, None, None
 

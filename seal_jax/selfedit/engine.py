@@ -69,7 +69,7 @@ class LanguageModel(Protocol):
 
 
 def load_model(path: str, *, dtype: str = "float32", mesh: Any = None, tokenizer: str | None = None,
-               remat: bool = False, progress: bool = True) -> LanguageModel:
+               remat: str | bool = "minimal", progress: bool = True) -> LanguageModel:
     """Load a Hugging Face-format folder (or hub id, online) with the engine: ``seal_jax.load``."""
     from seal_jax.lm.api import load  # deferred: jax and the engine load only when a run loads a model
 
