@@ -69,9 +69,10 @@ def test_distributed_two_processes_match_single_process(tiny_hf, tiny_chat_dir, 
         for k, history in enumerate(adapters.losses):
             np.testing.assert_allclose(got[f"losses{k}"], history, rtol=1e-4)
         for p, ab in adapters.weights.items():
-            for n, x in ab.items():  # gloo's cross-process sums round differently: up to 1.4e-4 after 4 Adam steps
-                # (seen 2026-12-04, also on the code before the compile work, with or without [aot] installed)
-                np.testing.assert_allclose(got[f"{p}.{n}"], np.asarray(x), atol=2e-4, rtol=0)
+            for n, x in ab.items():  # gloo's cross-process sums round differently, and Adam's normalised steps
+                # amplify float noise in near-zero gradients: 2.9e-4 at most here after 4 steps at lr 1e-2 (the
+                # same size as between remat "none" and "minimal" in one process, 2.6e-4; measured 2026-12-05)
+                np.testing.assert_allclose(got[f"{p}.{n}"], np.asarray(x), atol=5e-4, rtol=0)
         assert got["base"].tolist() == lm.generate_ids(prompts, greedy)
         # decoding under the two-process run's own adapters gives the same tokens in one process (its weights
         # differ from the single-process ones by gloo's rounding, which can flip a late greedy token)
