@@ -212,11 +212,19 @@ def lora_parameters(config: ModelConfig, rank: int, targets: Sequence[str]) -> i
     return sum(config.num_layers * rank * sum(projection_shape(config, t)) for t in targets)
 
 
-def lanes_per_device(candidates: int, mesh: Mapping[str, int]) -> int:
-    """Candidate lanes each device computes: K / data when K divides by ``data``, else all K (the lane
-    axis is then replicated, see :func:`~seal_jax.lm.sharding.spec_for`). Candidates of equal length get
-    one lane each (``training.assign_lanes``); unequal ones may share lanes, so K lanes is the upper bound."""
-    return candidates // mesh["data"] if candidates % mesh["data"] == 0 else candidates
+def lanes_per_device(candidates: int, batch: int, mesh: Mapping[str, int]) -> tuple[int, int]:
+    """``(lanes, rows)``: the candidate lanes each device computes and the micro-batch rows of each, as the
+    trainer splits the ``data`` axis (:func:`~seal_jax.lm.training.data_layout`): K / data lanes of
+    ``batch`` rows when K divides by ``data``; else all K lanes of ``batch / data`` rows when the batch
+    divides (data parallelism within a candidate); else the lanes padded to a multiple of ``data``.
+    Candidates of equal length get one lane each (``training.assign_lanes``); unequal ones may share lanes,
+    so K lanes is the upper bound."""
+    d = mesh["data"]
+    if candidates % d == 0:
+        return candidates // d, batch
+    if batch % d == 0:
+        return candidates, batch // d
+    return -(-candidates // d), batch
 
 
 def matmul_parameters(config: ModelConfig) -> int:
@@ -272,9 +280,9 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     slots = w.candidates + 1  # the lane trainer's idle candidate slot
     lora_params = slots * p * LORA_BYTES
     lora_state = 2 * slots * p * LORA_BYTES  # AdamW first and second moments
-    lanes = lanes_per_device(w.candidates, mesh)
+    lanes, lane_rows = lanes_per_device(w.candidates, w.batch, mesh)
     accumulators = 2 * lanes * p * LORA_BYTES  # gradient accumulator + the fresh gradient, per lane
-    rows = lanes * w.batch
+    rows = lanes * lane_rows
     t = w.seq_len
     one_layer = layer_activation_bytes(config, rows, t, act, tensor)
     remat = remat_name(w.remat)
@@ -294,7 +302,7 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     # measured on the H100 compile), and the loss's gradient direction [rows, T, D] kept for the backward pass
     tokens = chunk_length(w.batch, t, config.vocab_size)  # the code chunks by the head's global width
     per_chunk = (4 + act) if tokens >= t else (8 + act)
-    logits = lanes * w.batch * tokens * vocab * per_chunk + rows * t * config.hidden_size * act
+    logits = rows * tokens * vocab * per_chunk + rows * t * config.hidden_size * act
     train = weights + lora_params + lora_state + accumulators + activations + logits
     b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
     kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
@@ -354,10 +362,10 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     gathered = weight_bytes_per_device(config, {"data": 1, "fsdp": 1, "tensor": tp}, w.dtype)
     gather_comm = gathered * (f - 1) / f / link if f > 1 else 0.0
 
-    lanes = lanes_per_device(w.candidates, mesh)
+    lanes, lane_rows = lanes_per_device(w.candidates, w.batch, mesh)
     remat = remat_name(w.remat)
     passes = 4 if remat == "full" else 3  # weight reads: forward, backward (2x), recomputed forward
-    rows = lanes * w.batch
+    rows = lanes * lane_rows
     base_passes = 3 if remat == "full" else 2  # forward, input gradients (, recomputed forward)
     attn_passes = 3 if remat == "none" else 4  # forward, backward (2x), recomputed forward
     train_flops = rows * ((base_passes * 2 * n_mm * t + 3 * 2 * n_lora * t) / (f * tp)
@@ -469,10 +477,12 @@ def make_plan(model: str, mesh: str | Mapping[str, int], workload: Workload, har
     sizes = parse_mesh(mesh)
     hws = resolve_hardware(hardware)
     warnings = []
-    if workload.candidates % sizes["data"]:
+    if workload.candidates % sizes["data"] and workload.batch % sizes["data"]:
+        lanes = -(-workload.candidates // sizes["data"]) * sizes["data"]
         warnings.append(
-            f"{workload.candidates} candidates do not divide by data={sizes['data']}: the candidate lanes are "
-            f"then replicated and every device trains all {workload.candidates} (choose K a multiple of data)")
+            f"{workload.candidates} candidates do not divide by data={sizes['data']} and neither does the batch "
+            f"({workload.batch}): the trainer pads to {lanes} lanes, {lanes - workload.candidates} of them idle "
+            "(choose K or the batch a multiple of data)")
     for axis, dim in (("tensor", config.num_kv_heads), ("tensor", config.num_heads),
                       ("tensor", config.intermediate_size), ("fsdp", config.hidden_size)):
         if sizes[axis] > 1 and dim % sizes[axis]:

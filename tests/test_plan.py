@@ -148,12 +148,20 @@ def test_fits_verdict_and_threshold():
     assert not no_remat.fits and "--remat full" in no_remat.message
 
 
-def test_candidates_not_dividing_data_are_replicated_and_warned():
+def test_candidates_not_dividing_data_split_rows_or_pad_lanes():
+    """As the trainer splits the data axis (training.data_layout): lanes when K divides, else the
+    micro-batch rows when the batch divides (same activations as K lanes of batch/data rows), else lanes
+    padded with idle ones (warned)."""
     w = pl.Workload(candidates=5, seq_len=512)
     plan = pl.make_plan("qwen3-8b", "data=2,fsdp=4", w, "h100")
-    assert plan.memory.lanes == 5
-    assert any("do not divide by data=2" in x for x in plan.warnings)
+    assert plan.memory.lanes == 3  # 5 candidates padded to 6 lanes over data=2
+    assert any("pads to 6 lanes, 1 of them idle" in x for x in plan.warnings)
     assert pl.make_plan("qwen3-8b", "data=2,fsdp=4", dataclasses.replace(w, candidates=6), "h100").memory.lanes == 3
+    rows = pl.make_plan("qwen3-8b", "data=8", pl.Workload(candidates=1, seq_len=512, batch=8), "h100")
+    one = pl.make_plan("qwen3-8b", "data=1", pl.Workload(candidates=1, seq_len=512, batch=1), "h100")
+    assert rows.memory.lanes == 1 and not rows.warnings
+    assert rows.memory.activations == one.memory.activations and rows.memory.logits == one.memory.logits
+    assert pl.lanes_per_device(1, 8, {"data": 8}) == (1, 1)
 
 
 def test_step_times_by_hand():

@@ -372,3 +372,47 @@ def test_token_id_items_need_no_tokenizer_but_valid_ids(tiny):
         train(lm, [[[5, vocab]]], LoraSpec(rank=2, alpha=4.0), TrainSpec(epochs=1))
     with pytest.raises(TrainError, match="list of token ids"):
         train(lm, [[[1.5, 2.0]]], LoraSpec(rank=2, alpha=4.0), TrainSpec(epochs=1))
+
+
+def test_one_adapter_trains_data_parallel_over_the_mesh(tiny, tmp_path):
+    """One candidate on a data=8 mesh: its micro-batch rows split over the 8 devices (each device's share of
+    the activations is a row; the adapter gradients are summed across them), and the adapter equals the
+    one trained without a mesh. Three candidates on data=2 with batch 1: padded to 4 lanes over the axis."""
+    from seal_jax.lm.training import data_layout, lower_train
+
+    hf_model, lm = tiny
+    hf_model.save_pretrained(tmp_path)
+    dp = sj.load(tmp_path, mesh="data=8,fsdp=1,tensor=1", progress=False)
+    texts = [f"{t} ({i})" for i in range(4) for t in TEXTS]  # 16 sequences, 2 updates per epoch
+    lora, spec = LoraSpec(rank=4, alpha=8.0), TrainSpec(learning_rate=1e-2, epochs=2, batch_size=8, seed=3)
+    a = train(lm, [texts], lora, spec)
+    b = train_adapters(dp.graphdef, dp.state, dp.params(), TOK, [texts], lora, spec, eos_id=EOS, pad_id=PAD,
+                       mesh=dp.mesh)
+    assert len(a.losses[0]) == 4
+    assert a.losses[0] == pytest.approx(b.losses[0], rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+    how, rows = data_layout(dp.mesh, 1, 8)
+    assert how == "rows" and rows.spec[0] == "data"
+    hlo = lower_train(dp.graphdef, dp.state, dp.params(), candidates=1, sequences=16, seq_len=32, lora=lora,
+                      train=spec, mesh=dp.mesh).compile().as_text()
+    hidden = lm.config.hidden_size
+    # the per-device hidden states of one lane's micro-batch hold 1 row of 8 (f32[1,1,32,H] under the lane vmap)
+    assert f"f32[1,1,32,{hidden}]" in hlo and f"f32[1,8,32,{hidden}]" not in hlo
+    assert "all-reduce" in hlo
+    assert data_layout(dp.mesh, 8, 8)[0] == "lanes" and data_layout(dp.mesh, 3, 1)[0] == "pad"
+
+    pad = sj.load(tmp_path, mesh="data=2,fsdp=4,tensor=1", progress=False)
+    spec1 = TrainSpec(learning_rate=1e-2, epochs=1, seed=4)
+    three = [TEXTS[:2], TEXTS[1:3], TEXTS[2:]]
+    c = train(lm, three, lora, spec1)
+    call_args = dict(eos_id=EOS, pad_id=PAD, mesh=pad.mesh)
+    d = train_adapters(pad.graphdef, pad.state, pad.params(), TOK, three, lora, spec1, **call_args)
+    for x, y in zip(jax.tree.leaves(c.weights), jax.tree.leaves(d.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    from seal_jax.lm.training import prepare_call
+
+    call = prepare_call(pad.graphdef, pad.state, pad.params(), TOK, three, lora, spec1, seed=0, mesh=pad.mesh,
+                        programs=None, lanes=None, eos_id=EOS, pad_id=PAD)
+    assert call.lanes.cand.shape[1] == 4 and call.args[-2].sharding.spec[1] == "data"

@@ -13,6 +13,10 @@ The optimiser is AdamW as in PyTorch (betas 0.9/0.999, eps 1e-8, decoupled weigh
 warm-up/decay schedule stepped once per optimiser step (transformers' ``get_linear_schedule_with_warmup``).
 The loss of an update is the mean next-token cross-entropy over every target token of its accumulated
 micro-batches.
+
+On a mesh, the ``data`` axis splits the work: the lanes (candidates side by side) when their number
+divides it, else the rows of each micro-batch (data parallelism within one adapter, e.g. one CPT adapter
+on 8 devices), else the lanes padded with idle ones to a multiple of it (:func:`data_layout`).
 """
 
 from __future__ import annotations
@@ -199,14 +203,16 @@ def micro_step(model: Decoder, w: Any, opt: Any, acc: Any, acc_loss: jax.Array, 
                failed_at: jax.Array, *, scale: Any, dropout: Any, weight_decay: Any, key: jax.Array | None,
                tokens: jax.Array, attention: jax.Array, positions: jax.Array, weights: jax.Array,
                idx: jax.Array, act: jax.Array, end: jax.Array, rate: jax.Array, step: jax.Array,
-               length: int | None = None) -> tuple[tuple[Any, ...], jax.Array]:
+               length: int | None = None, rows: Any = None) -> tuple[tuple[Any, ...], jax.Array]:
     """One micro-step of one candidate: gradient on a micro-batch, accumulation, and (at a window's end)
     the AdamW update, skipped if anything is non-finite.
 
     tokens/attention/positions/weights: the candidate's data ``[N, T]``; idx ``[B]`` rows (-1 = none);
     act/end: whether the step is real and whether it closes an accumulation window; rate: the learning
     rate of that update; step: the candidate's own micro-step number (its dropout key); length: compute
-    on the first ``length`` tokens only (a static bucket that covers the micro-batch).
+    on the first ``length`` tokens only (a static bucket that covers the micro-batch); rows: a sharding for
+    the micro-batch ``[B, t]`` (data parallelism within one candidate: the rows split over devices, the
+    gradient summed across them by the compiler), or None.
     Returns ``((w, opt, acc, acc_loss, acc_tok, failed_at), loss of the update or NaN)``.
     """
     tx = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.add_decayed_weights(weight_decay))
@@ -215,6 +221,8 @@ def micro_step(model: Decoder, w: Any, opt: Any, acc: Any, acc_loss: jax.Array, 
     t = tokens.shape[-1] if length is None else length
     batch = [x[safe][:, :t] for x in (tokens, attention, positions, weights)]
     batch[3] = batch[3] * valid
+    if rows is not None:
+        batch = [jax.lax.with_sharding_constraint(x, rows) for x in batch]
     step_key = jax.random.fold_in(key, step) if key is not None else None
 
     def loss_fn(w: Any) -> tuple[jax.Array, jax.Array]:
@@ -326,11 +334,18 @@ def length_buckets(needed: np.ndarray, full: int, max_buckets: int = 3) -> tuple
     return tuple(sizes)
 
 
-def make_lane_plan(plan: Plan, lanes: int | None = None, max_buckets: int = 3) -> LanePlan:
-    """Pack ``plan``'s K schedules onto lanes (see :func:`assign_lanes`) and bucket each step's length."""
+def make_lane_plan(plan: Plan, lanes: int | None = None, max_buckets: int = 3, multiple: int = 1) -> LanePlan:
+    """Pack ``plan``'s K schedules onto lanes (see :func:`assign_lanes`) and bucket each step's length.
+
+    ``multiple``: the number of lanes is made a multiple of it (candidates re-packed onto that many lanes,
+    idle lanes where there are fewer candidates), so that the lane axis splits evenly over a mesh axis."""
     k, _, batch = plan.order.shape
     steps = [int(plan.active[c].sum()) for c in range(k)]
     groups = assign_lanes(steps, lanes)
+    if len(groups) % multiple:
+        want = -(-len(groups) // multiple) * multiple
+        groups = assign_lanes(steps, want)
+        groups += [[] for _ in range(want - len(groups))]
     m = len(groups)
     s = max(sum(steps[c] for c in g) for g in groups)
     s = -(-s // 8) * 8
@@ -366,7 +381,35 @@ def make_lane_plan(plan: Plan, lanes: int | None = None, max_buckets: int = 3) -
     return LanePlan(cand, idx, active, boundary, lr, step, length_bucket, lengths)
 
 
-def train_lanes(graphdef: Any, lengths: tuple[int, ...], use_dropout: bool, state: Any, lora_w: Any, scale: jax.Array,
+@dataclasses.dataclass(frozen=True)
+class TrainLayout:
+    """The static choices of one compiled training program (its cache key besides the model).
+
+    lengths: the token lengths compiled (one branch each, see :class:`LanePlan`); dropout: whether any
+    candidate uses LoRA dropout; rows: the sharding of a micro-batch's rows (data parallelism within a
+    candidate, see :func:`data_layout`) or None.
+    """
+
+    lengths: tuple[int, ...]
+    dropout: bool
+    rows: Any = None
+
+
+def data_layout(mesh: Any, lanes: int, batch: int) -> tuple[str, Any]:
+    """How a training call uses the mesh's ``data`` axis (size D): ``("lanes", None)`` when the ``lanes``
+    divide by D (or D is 1); ``("rows", sharding)`` when they do not but the micro-batch size ``batch`` does
+    (every device takes ``batch / D`` rows of each lane's micro-batch; the compiler sums the adapter
+    gradients across devices); otherwise ``("pad", None)``: the lanes are padded with idle ones to a multiple
+    of D. Rows come before padding because they add no idle work."""
+    d = 1 if mesh is None else int(mesh.shape.get("data", 1))
+    if d == 1 or lanes % d == 0:
+        return "lanes", None
+    if batch % d == 0:
+        return "rows", jax.sharding.NamedSharding(mesh, shd.spec_for(mesh, ("batch", None), (batch, 1)))
+    return "pad", None
+
+
+def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, scale: jax.Array,
                 dropout: jax.Array, weight_decay: jax.Array, keys: jax.Array, tokens: jax.Array,
                 attention: jax.Array, positions: jax.Array, weights: jax.Array, cand: jax.Array, idx: jax.Array,
                 active: jax.Array, boundary: jax.Array, lr: jax.Array, step: jax.Array,
@@ -376,7 +419,8 @@ def train_lanes(graphdef: Any, lengths: tuple[int, ...], use_dropout: bool, stat
     at the step's token length) and scatters them back.
 
     Per-candidate arrays have a leading ``K+1`` axis (lora_w, scale, dropout, weight_decay, keys,
-    tokens ``[K+1, N, T]`` …); lane arrays are ``[S, M, ...]``; length_bucket ``[S]``.
+    tokens ``[K+1, N, T]`` …); lane arrays are ``[S, M, ...]``; length_bucket ``[S]``; ``layout`` holds the
+    static choices (token lengths, dropout, how the micro-batch rows are sharded).
     Returns ``(lora_w [K+1, ...], loss per step and lane [S, M], failed micro-step per candidate [K+1])``.
     """
     model = nnx.merge(graphdef, state)
@@ -388,14 +432,14 @@ def train_lanes(graphdef: Any, lengths: tuple[int, ...], use_dropout: bool, stat
     def lane_step(length: int, w: Any, o: Any, acc: Any, acc_loss: Any, acc_tok: Any, failed: Any, c: Any,
                   i: Any, a: Any, e: Any, r: Any, st: Any) -> Any:
         return micro_step(model, w, o, acc, acc_loss, acc_tok, failed, scale=scale[c], dropout=dropout[c],
-                          weight_decay=weight_decay[c], key=keys[c] if use_dropout else None, tokens=tokens[c],
+                          weight_decay=weight_decay[c], key=keys[c] if layout.dropout else None, tokens=tokens[c],
                           attention=attention[c], positions=positions[c], weights=weights[c], idx=i, act=a,
-                          end=e, rate=r, step=st, length=length)
+                          end=e, rate=r, step=st, length=length, rows=layout.rows)
 
     def idle(w: Any, o: Any, acc: Any, acc_loss: Any, acc_tok: Any, failed: Any, *_: Any) -> Any:
         return (w, o, acc, acc_loss, acc_tok, failed), jnp.full((m,), jnp.nan, jnp.float32)
 
-    branches = [jax.vmap(functools.partial(lane_step, n)) for n in lengths] + [idle]
+    branches = [jax.vmap(functools.partial(lane_step, n)) for n in layout.lengths] + [idle]
 
     def body(carry: Any, xs: Any) -> tuple[Any, jax.Array]:
         w_all, o_all, acc, acc_loss, acc_tok, failed_all = carry
@@ -415,9 +459,9 @@ def train_lanes(graphdef: Any, lengths: tuple[int, ...], use_dropout: bool, stat
     return w, losses, failed
 
 
-def make_train_program(graphdef: Any, lengths: tuple[int, ...], use_dropout: bool) -> Any:
-    """The jitted lane trainer for one set of static token ``lengths`` (see :func:`train_lanes`)."""
-    return jax.jit(functools.partial(train_lanes, graphdef, lengths, use_dropout), donate_argnums=(1,))
+def make_train_program(graphdef: Any, layout: TrainLayout) -> Any:
+    """The jitted lane trainer for one :class:`TrainLayout` (see :func:`train_lanes`)."""
+    return jax.jit(functools.partial(train_lanes, graphdef, layout), donate_argnums=(1,))
 
 
 def _candidate_sharding(mesh: Any, shape: Sequence[int]) -> Any:
@@ -482,6 +526,9 @@ def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Seque
     """Plans, initial adapters, the program and its placed (or, ``abstract``, shape-only) arguments."""
     plan = make_plan(examples, specs_t, seed, pad_id, eos_id)
     lp = make_lane_plan(plan, lanes)
+    how, rows = data_layout(mesh, lp.cand.shape[1], plan.order.shape[-1])
+    if how == "pad":
+        lp = make_lane_plan(plan, lanes, multiple=int(mesh.shape.get("data", 1)))
     if abstract:
         weights = jax.eval_shape(lambda: initial_adapters(params, specs_l, specs_t, seed))
         keys = jax.eval_shape(lambda: jnp.stack([jax.random.fold_in(candidate_key(seed, s.seed), 1) for s in specs_t]))
@@ -507,18 +554,17 @@ def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Seque
           for x in (plan.tokens, plan.attention, plan.positions, plan.weights)),
     )
     lane_args = (lp.cand, lp.idx, lp.active, lp.boundary, lp.lr, lp.step)
-    use_dropout = any(s.dropout > 0 for s in specs_l)
+    layout = TrainLayout(lp.lengths, any(s.dropout > 0 for s in specs_l), rows)
     if programs is None:
         programs = {}
-    program_key = (lp.lengths, use_dropout)
-    if program_key not in programs:
-        programs[program_key] = make_train_program(graphdef, lp.lengths, use_dropout)
+    if layout not in programs:
+        programs[layout] = make_train_program(graphdef, layout)
     length_bucket = (jax.ShapeDtypeStruct(lp.length_bucket.shape, jnp.int32,
                                           sharding=None if mesh is None else shd.replicated(mesh))
                      if abstract else jnp.asarray(lp.length_bucket))
     args = (state, *_place(mesh, per_candidate, _candidate_sharding, abstract),
             *_place(mesh, lane_args, _lane_sharding, abstract), length_bucket)
-    return TrainCall(programs[program_key], args, plan, lp, specs_l, specs_t)
+    return TrainCall(programs[layout], args, plan, lp, specs_l, specs_t)
 
 
 def prepare_call(graphdef: Any, state: Any, params: dict[str, jax.Array], tokenizer: Any,
