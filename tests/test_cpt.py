@@ -4,6 +4,7 @@ mesh, the configs."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,16 +94,30 @@ def test_cpt_run_rows_training_and_resume(tiny_chat_dir, tiny_lm, tmp_path):
     run_cpt(config, part, lm=tiny_lm, progress=False, resume=True, stop_after=2)  # self-edits, training, 1 passage
     assert len(read_rows(part / "results.jsonl")) == 3
     run_cpt(config, part, lm=tiny_lm, progress=False, resume=True)  # the adapters are read back
-    assert strip(read_rows(part / "results.jsonl")) == rows_without_seconds(full)
+    assert_same_rows(read_rows(part / "results.jsonl"), read_rows(full / "results.jsonl"))
     assert json.loads((part / "training.json").read_text()) == info
+
+    # evaluation one passage per call gives the rows of one call for all three (eval_batch is resume-free)
+    single = tmp_path / "single"
+    shutil.copytree(full, single)
+    (single / "results.jsonl").unlink()
+    one_by_one = CptConfig.from_dict(cpt_raw(tiny_chat_dir, eval_batch=1))
+    run_cpt(one_by_one, single, lm=tiny_lm, progress=False, resume=True)
+    assert_same_rows(read_rows(single / "results.jsonl"), read_rows(full / "results.jsonl"))
 
 
 def _seeds(config):
     return [derived_seed(config.knowledge.seed, "cpt", c) for c in config.all_conditions]
 
 
-def rows_without_seconds(folder):
-    return strip(read_rows(folder / "results.jsonl"))
+def assert_same_rows(a, b):
+    """Equal rows; the gold log-likelihood to float rounding (passages evaluated in calls of other sizes
+    are padded to other shapes)."""
+    dense = ("gold_loglik_before", "gold_loglik_after")
+    assert [{k: v for k, v in r.items() if k not in dense} for r in strip(a)] == [
+        {k: v for k, v in r.items() if k not in dense} for r in strip(b)]
+    for x, y in zip(a, b, strict=True):
+        assert [x[k] for k in dense] == pytest.approx([y[k] for k in dense], rel=1e-6)
 
 
 def test_cpt_on_a_sharded_mesh_trains_the_same_adapters(tiny_chat_dir, tmp_path):
@@ -125,6 +140,8 @@ def test_cpt_configs_and_errors(tiny_chat_dir):
     assert big.conditions == ("passage", "implications", "replay") and big.knowledge.k == 5
     assert (big.knowledge.lora_spec().rank, big.knowledge.train_spec().epochs) == (32, 5)
     assert CptConfig.from_dict(big.to_json()) == big  # a saved run_config.json reads back
+    with pytest.raises(RunConfigError, match="cpt.eval_batch must be a positive integer"):
+        CptConfig.from_dict(cpt_raw(tiny_chat_dir, eval_batch=0))
     with pytest.raises(RunConfigError, match="'base' cannot be a CPT condition"):
         CptConfig.from_dict(cpt_raw(tiny_chat_dir, conditions=["base"]))
     with pytest.raises(RunConfigError, match=r"clash with conditions"):

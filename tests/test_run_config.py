@@ -75,6 +75,10 @@ def test_resume_ignores_engine_settings_only():
     assert config_differences(base, {**base, "remat": True}) == []
     assert config_differences({k: v for k, v in base.items() if k != "remat"}, base) == []  # an older folder
     assert config_differences(base, {**base, "k": 3, "remat": True}) == ["k"]
+    cpt = {"conditions": ["passage"], "eval_batch": 8}
+    assert config_differences({**base, "cpt": {"conditions": ["passage"]}}, {**base, "cpt": cpt}) == []  # older
+    assert config_differences({**base, "cpt": cpt}, {**base, "cpt": {**cpt, "eval_batch": 1}}) == []
+    assert config_differences({**base, "cpt": cpt}, {**base, "cpt": {**cpt, "conditions": []}}) == ["cpt"]
     with pytest.raises(RunConfigError, match=r"remat must be one of \['none', 'minimal', 'full'\]"):
         tiny_config("m", remat="false")
     for value in ("none", "minimal", "full", True, False):

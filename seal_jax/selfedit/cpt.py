@@ -13,10 +13,12 @@ one corpus per condition and trains ONE adapter on it, then asks every passage's
 3. **Training.** All conditions' adapters train together in one ``train_adapters`` call (one candidate
    per condition; the run's ``[lora]`` and ``[train]``; SEAL: r=32, alpha=64, lr 1e-3, 5 epochs, batch 1),
    saved to ``adapters/``; ``training.json`` (written last) records the corpus sizes and losses.
-4. **Evaluation.** Per passage, the base model and every condition's adapter (K stacked) answer the
-   questions (no passage in context); results rows in the knowledge-run schema (``condition``, accuracy
+4. **Evaluation.** The base model and every condition's adapter (K stacked) answer the questions (no
+   passage in context), ``eval_batch`` passages per call (their questions in one ``generate`` call with the
+   K adapters, one grader call, one teacher-forced pass; a passage's rows are those it gets alone, its gold
+   log-likelihood to float rounding); results rows in the knowledge-run schema (``condition``, accuracy
    before = the base model's on that passage, after = under the condition's adapter, and the gold answers'
-   log-likelihood), appended per passage to ``results.jsonl``.
+   log-likelihood), appended per passage to ``results.jsonl`` (``seconds``: the call's time shared evenly).
 
 A killed run resumes after its last finished passage of the current phase; a finished training is read back
 from ``adapters/``. Seeds derive from the run's seed, so a resumed run gives the same rows.
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 
 from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.engine import LanguageModel, TrainedAdapters, load_adapters
-from seal_jax.selfedit.episode import make_grader, score_adapters, score_base
+from seal_jax.selfedit.episode import make_grader, score_adapters_many, score_base_many
 from seal_jax.selfedit.generator import Models
 from seal_jax.selfedit.knowledge import generate_self_edits
 from seal_jax.selfedit.multihost import agree, is_writer
@@ -76,12 +78,14 @@ class CptConfig(ExtendedConfig):
       generators: ``{name: model folder}``: conditions whose self-edits another model writes (e.g. a ReST-EM
         round's ``generator/``), answering ``strategy``'s prompt.
       strategy: the prompt the generators answer.
+      eval_batch: passages evaluated per call (their questions batched, see the module docstring).
     """
 
     knowledge: RunConfig
     conditions: tuple[str, ...] = ("passage", "implications")
     generators: dict[str, str] = dataclasses.field(default_factory=dict)
     strategy: str = "implications"
+    eval_batch: int = 8
 
     TABLE = "cpt"
     KIND = "CPT"
@@ -102,6 +106,9 @@ class CptConfig(ExtendedConfig):
             raise RunConfigError(f"cpt.generators names {clash} clash with conditions; name them otherwise")
         if not all(isinstance(v, str) and v for v in self.generators.values()):
             raise RunConfigError(f"cpt.generators maps names to model folders, got {self.generators!r}")
+        if isinstance(self.eval_batch, bool) or not isinstance(self.eval_batch, int) or self.eval_batch < 1:
+            raise RunConfigError(f"cpt.eval_batch must be a positive integer (passages per evaluation call), got "
+                                 f"{self.eval_batch!r}")
         if self.knowledge.train.get("batch_size", 1) < 1:
             raise RunConfigError("train.batch_size must be positive")
 
@@ -203,6 +210,10 @@ class _Cpt:
             marker.write_text(json.dumps(info, indent=2))
         return adapters
 
+    def _eval_group(self) -> int:
+        """Passages in the next evaluation call: ``eval_batch``, no more than ``stop_after`` has left."""
+        return max(1, min(self.config.eval_batch, self.budget if self.budget is not None else self.config.eval_batch))
+
     def evaluate(self, adapters: TrainedAdapters, selfedits: dict[str, dict[str, list[str | None]]]) -> bool:
         """Base and adapters on every passage's questions, rows appended per passage; False when
         ``stop_after`` ran out first."""
@@ -211,23 +222,30 @@ class _Cpt:
         grader = make_grader(k, lm)
         done = set(agree(lambda: passages_done(results)))
         todo = [p for p in self.passages if p.id not in done]
-        bar = tqdm(todo, desc=f"{self.config.name} evaluation", unit="passage", disable=not self.progress,
-                   initial=len(self.passages) - len(todo), total=len(self.passages))
-        for passage in bar:
+        bar = tqdm(total=len(self.passages), initial=len(self.passages) - len(todo), desc=f"{self.config.name} "
+                   "evaluation", unit="passage", disable=not self.progress)
+        while todo:
             if self.spent():
+                bar.close()
                 return False
+            n = self._eval_group()
+            group, todo = todo[:n], todo[n:]
             t0 = time.perf_counter()
-            base = score_base(lm, passage, k, grader)
-            rows = [result_row(passage, "base", 0, None, 0, base.measure, base.measure, base.answers, None,
-                               reward=k.reward)]
-            scored = score_adapters(lm, passage, k, grader, adapters)
-            for i, (name, (answers, after)) in enumerate(zip(self.config.all_conditions, scored, strict=True)):
-                n = len(passage_sequences(passage, selfedits[passage.id][name]))
-                rows.append(result_row(passage, name, 0, None, n, base.measure, after, answers, adapters.failed[i],
-                                       reward=k.reward))
-            record_passage(results, rows, t0)
-            if self.budget is not None:
-                self.budget -= 1
+            bases = score_base_many(lm, group, k, grader)
+            scored = score_adapters_many(lm, group, k, grader, adapters)
+            share = (time.perf_counter() - t0) / len(group)
+            for j, (passage, base) in enumerate(zip(group, bases, strict=True)):
+                rows = [result_row(passage, "base", 0, None, 0, base.measure, base.measure, base.answers, None,
+                                   reward=k.reward)]
+                for i, (name, (answers, after)) in enumerate(zip(self.config.all_conditions, scored[j], strict=True)):
+                    n = len(passage_sequences(passage, selfedits[passage.id][name]))
+                    rows.append(result_row(passage, name, 0, None, n, base.measure, after, answers,
+                                           adapters.failed[i], reward=k.reward))
+                record_passage(results, rows, time.perf_counter() - share)  # seconds: its share of the call
+                if self.budget is not None:
+                    self.budget -= 1
+            bar.update(len(group))
+        bar.close()
         return True
 
 

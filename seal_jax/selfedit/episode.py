@@ -20,6 +20,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from seal_jax.lm.types import LoraSpec, SamplingParams, TrainSpec
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.data import Passage
@@ -47,21 +49,41 @@ def make_grader(config: RunConfig, lm: LanguageModel) -> BatchGrader:
     return lambda items: [{"correct": bool(fn(q, g, p))} for q, g, p in items]
 
 
-def answer_questions(lm: LanguageModel, passage: Passage, config: RunConfig, adapters: Any = None
+def _prompts(passages: Sequence[Passage]) -> list[str]:
+    return [question_prompt(p.title, q.question) for p in passages for q in p.questions]
+
+
+def _spans(passages: Sequence[Passage]) -> list[slice]:
+    """Each passage's slice of the questions of ``passages`` taken together."""
+    ends = np.cumsum([len(p.questions) for p in passages])
+    return [slice(int(e) - len(p.questions), int(e)) for p, e in zip(passages, ends, strict=True)]
+
+
+def answer_questions(lm: LanguageModel, passage: Passage | Sequence[Passage], config: RunConfig, adapters: Any = None
                      ) -> list[str] | list[list[str]]:
     """Greedy answers to every question of ``passage`` (no passage in context): a list of B strings, or
-    K lists with K stacked adapters."""
-    prompts = [question_prompt(passage.title, q.question) for q in passage.questions]
+    K lists with K stacked adapters. Several passages are answered in one ``generate`` call, their
+    questions in order."""
+    passages = [passage] if isinstance(passage, Passage) else list(passage)
     params = SamplingParams(max_new_tokens=config.eval_max_new_tokens, temperature=0.0)
-    return lm.generate(prompts, params, adapters=adapters, chat=config.chat)
+    return lm.generate(_prompts(passages), params, adapters=adapters, chat=config.chat)
 
 
 def scored_answers(passage: Passage, answers: Sequence[str], grader: BatchGrader) -> list[dict[str, Any]]:
     """``[{question, gold, prediction, correct, ...}]`` for one candidate's answers (``grader`` from
     :func:`make_grader`; its extra fields are kept)."""
-    verdicts = grader([(q.question, q.answer, a) for q, a in zip(passage.questions, answers, strict=True)])
-    return [{"question": q.question, "gold": q.answer, "prediction": a.strip(), **v}
-            for q, a, v in zip(passage.questions, answers, verdicts, strict=True)]
+    return _scored_many([passage], [answers], grader)[0]
+
+
+def _scored_many(passages: Sequence[Passage], answers: Sequence[Sequence[str]], grader: BatchGrader
+                 ) -> list[list[dict[str, Any]]]:
+    """:func:`scored_answers` of several (passage, answers) pairs, graded in one ``grader`` call."""
+    pairs = [(q, a) for p, texts in zip(passages, answers, strict=True)
+             for q, a in zip(p.questions, texts, strict=True)]
+    verdicts = iter(grader([(q.question, q.answer, a) for q, a in pairs]))
+    items = iter(pairs)
+    return [[{"question": q.question, "gold": q.answer, "prediction": a.strip(), **next(verdicts)}
+             for q, a in (next(items) for _ in p.questions)] for p in passages]
 
 
 def accuracy(scored: Sequence[dict[str, Any]]) -> float:
@@ -69,16 +91,18 @@ def accuracy(scored: Sequence[dict[str, Any]]) -> float:
     return sum(a["correct"] for a in scored) / len(scored)
 
 
-def gold_loglik(lm: LanguageModel, passage: Passage, config: RunConfig, adapters: Any = None) -> Any:
+def gold_loglik(lm: LanguageModel, passage: Passage | Sequence[Passage], config: RunConfig, adapters: Any = None
+                ) -> Any:
     """The mean log-likelihood per token (nats) of the passage's gold answers after their question prompts
     (the prompts :func:`answer_questions` uses, no passage in context): a float, or K floats with K stacked
     adapters. The answer follows the prompt's ``Answer:`` after a space, or opens the assistant's turn in
-    chat form."""
-    prompts = [question_prompt(passage.title, q.question) for q in passage.questions]
-    golds = [q.answer if config.chat else " " + q.answer for q in passage.questions]
-    sums, tokens = lm.completion_logprobs(prompts, golds, adapters=adapters, chat=config.chat)
-    per_set = sums.sum(axis=-1) / tokens.sum()
-    return per_set.tolist() if per_set.ndim else float(per_set)
+    chat form. Several passages: one teacher-forced pass for all, a list with each passage's value."""
+    passages = [passage] if isinstance(passage, Passage) else list(passage)
+    golds = [q.answer if config.chat else " " + q.answer for p in passages for q in p.questions]
+    sums, tokens = lm.completion_logprobs(_prompts(passages), golds, adapters=adapters, chat=config.chat)
+    per_set = [sums[..., span].sum(axis=-1) / tokens[span].sum() for span in _spans(passages)]
+    values = [v.tolist() if v.ndim else float(v) for v in per_set]
+    return values[0] if isinstance(passage, Passage) else values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +119,19 @@ class Baseline:
 
 def score_base(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader) -> Baseline:
     """The base model's graded answers to the passage's questions and its gold log-likelihood."""
-    scored = scored_answers(passage, answer_questions(lm, passage, config), grader)
-    return Baseline(scored, Measure(accuracy(scored), gold_loglik(lm, passage, config)))
+    return score_base_many(lm, [passage], config, grader)[0]
+
+
+def score_base_many(lm: LanguageModel, passages: Sequence[Passage], config: RunConfig, grader: BatchGrader
+                    ) -> list[Baseline]:
+    """:func:`score_base` of several passages: their questions answered in one ``generate`` call, graded in
+    one grader call and teacher-forced in one pass; a passage's results are those it gets alone (its gold
+    log-likelihood to float rounding: the batch is padded to another shape)."""
+    answers = answer_questions(lm, passages, config)
+    texts = [answers[span] for span in _spans(passages)]
+    dense = gold_loglik(lm, passages, config)
+    return [Baseline(scored, Measure(accuracy(scored), d))
+            for scored, d in zip(_scored_many(passages, texts, grader), dense, strict=True)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +185,19 @@ def score_adapters(lm: LanguageModel, passage: Passage, config: RunConfig, grade
                    ) -> list[tuple[list[dict[str, Any]], Measure]]:
     """Every one of K stacked adapters answering the passage's questions at once, graded, and its gold
     log-likelihood: ``[(scored answers, Measure)]``, one per adapter."""
-    answers = answer_questions(lm, passage, config, adapters=adapters)
-    dense = gold_loglik(lm, passage, config, adapters=adapters)
-    out = []
-    for i, texts in enumerate(answers):
-        scored = scored_answers(passage, texts, grader)
-        out.append((scored, Measure(accuracy(scored), dense[i])))
-    return out
+    return score_adapters_many(lm, [passage], config, grader, adapters)[0]
+
+
+def score_adapters_many(lm: LanguageModel, passages: Sequence[Passage], config: RunConfig, grader: BatchGrader,
+                        adapters: Any) -> list[list[tuple[list[dict[str, Any]], Measure]]]:
+    """:func:`score_adapters` of several passages in one ``generate`` call (K stacked adapters × every
+    passage's questions), one grader call and one teacher-forced pass: per passage, one
+    ``(scored answers, Measure)`` per adapter."""
+    answers = answer_questions(lm, passages, config, adapters=adapters)
+    spans = _spans(passages)
+    dense = gold_loglik(lm, passages, config, adapters=adapters)
+    flat = [(p, texts[span]) for texts in answers for p, span in zip(passages, spans, strict=True)]
+    scored = _scored_many([p for p, _ in flat], [t for _, t in flat], grader)
+    n = len(passages)
+    return [[(scored[i * n + j], Measure(accuracy(scored[i * n + j]), dense[j][i])) for i in range(len(answers))]
+            for j in range(n)]

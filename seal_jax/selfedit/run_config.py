@@ -332,9 +332,16 @@ class ExtendedConfig:
         return extension_json(self.knowledge, self, self.TABLE)
 
 
-# Engine settings that do not change a run's results: a run may be resumed with them changed (for example
-# with ``remat`` turned on after running out of memory).
-RESUME_FREE_KEYS = frozenset({"remat"})
+# Settings that do not change a run's results: a run may be resumed with them changed (for example with
+# ``remat`` turned on after running out of memory). ``table.key`` names a key inside a table.
+RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch"})
+
+
+def _results_part(key: str, value: Any) -> Any:
+    """``value`` of top-level ``key`` without the table entries that :data:`RESUME_FREE_KEYS` names."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if f"{key}.{k}" not in RESUME_FREE_KEYS}
+    return value
 
 
 def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -342,7 +349,8 @@ def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> lis
     one of them lacks (a folder written before the key existed) counts as :class:`RunConfig`'s default."""
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
     keys = (set(previous) | set(current)) - RESUME_FREE_KEYS
-    return sorted(k for k in keys if previous.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
+    return sorted(k for k in keys if _results_part(k, previous.get(k, defaults.get(k)))
+                  != _results_part(k, current.get(k, defaults.get(k))))
 
 
 def check_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
