@@ -172,13 +172,16 @@ def plot_iterations(summary: dict[str, Any], path: str | Path, title: str = "") 
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
 
-    line(axes[0], "best_score", "best", scale=100)
-    line(axes[0], "mean_score", "mean", "--o", scale=100)
-    line(axes[0], "base_accuracy", "base (no update)", ":s", scale=100)
-    held = [(e["iteration"], 100 * e["eval"]["score"]) for e in rows if e.get("eval") and e["eval"]["score"] is not None]
+    dense = summary.get("reward", "accuracy") != "accuracy"
+    scale = 1.0 if dense else 100.0  # gold nats/token, or accuracy in %
+    line(axes[0], "best_score", "best", scale=scale)
+    line(axes[0], "mean_score", "mean", "--o", scale=scale)
+    line(axes[0], "base_score" if dense else "base_accuracy", "base (no update)", ":s", scale=scale)
+    held = [(e["iteration"], scale * e["eval"]["score"]) for e in rows
+            if e.get("eval") and e["eval"]["score"] is not None]
     if held:
         axes[0].plot(*zip(*held, strict=True), "-^", label="held-out best")
-    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylabel("gold log-likelihood (nats/token)" if dense else "accuracy (%)")
     axes[0].legend(fontsize=7)
     line(axes[1], "hyperparameter_similarity", "hyperparameters")
     line(axes[2], "instruction_similarity", "instructions")

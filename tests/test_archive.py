@@ -65,6 +65,20 @@ def test_archive_rejects_bad_entries():
         ArchiveEntry.from_dict({"name": "x"})
 
 
+def test_entries_carry_their_unit_and_an_archive_holds_one():
+    dense = ArchiveEntry(template(), -2.5, 0.3, 1, "generated", "it1-t0", unit="gold_loglik")
+    assert ArchiveEntry.from_dict(dense.to_dict()) == dense and dense.to_dict()["unit"] == "gold_loglik"
+    old_row = {k: v for k, v in entry("x", 0.5).to_dict().items() if k != "unit"}  # written before units
+    assert ArchiveEntry.from_dict(old_row).unit == "accuracy"
+    with pytest.raises(TemplateError, match="log-likelihood per token"):
+        ArchiveEntry(template(), 0.5, None, 1, "generated", "y", unit="gold_loglik")
+    with pytest.raises(TemplateError, match="unit must be one of"):
+        ArchiveEntry(template(), 0.5, None, 1, "generated", "y", unit="bleu")
+    with pytest.raises(TemplateError, match="one archive holds one unit"):
+        Archive.seeded().add(dense)
+    assert Archive([dense]).ranked() == [dense]
+
+
 def test_archive_jsonl_round_trip(tmp_path):
     archive = Archive.seeded()
     archive.add(ArchiveEntry(template(lora_rank=8), 0.41, 0.12, 2, "generated", "it2-t0", novelty=0.3))

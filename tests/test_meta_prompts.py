@@ -55,6 +55,14 @@ def test_meta_prompt_shows_archive_entries_with_scores():
         assert f"score {e.score:.3f}, novelty {e.novelty:.3f}" in prompt
 
 
+def test_meta_prompt_says_what_a_score_measures():
+    assert "fraction of those questions answered correctly" in meta_prompt(None)
+    dense = meta_prompt(None, "gold_loglik")
+    assert "log-probability per token" in dense and "fraction of those questions" not in dense
+    with pytest.raises(ValueError, match="reward must be one of"):
+        meta_prompt(None, "bleu")
+
+
 def test_fill_prompt_contains_passage_instruction_and_format():
     t = template("Write {passage} facts as a numbered list, one per line {0}.")
     prompt = fill_prompt(t, "Quarnholt", "Quarnholt is a town {founded} in 1204.")

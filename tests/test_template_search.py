@@ -326,7 +326,8 @@ def test_resume_reads_the_meta_prompt_back(tiny_chat_dir, tiny_lm, tmp_path, mon
     assert not (out / "iteration-1" / "iteration.json").exists()
     original = template_search.meta_prompt
     changed = "\n(rebuilt on resume with another similarity backend)"
-    monkeypatch.setattr(template_search, "meta_prompt", lambda shown: original(shown) + changed)
+    monkeypatch.setattr(template_search, "meta_prompt",
+                        lambda shown, reward="accuracy": original(shown, reward) + changed)
     # finishes iteration 1 (its SFT) and stops in iteration 2 before any passage
     run_template_search(config, out, lm=CannedLM(tiny_lm), progress=False, resume=True, stop_after=1,
                         loader=canned_loader([]))
@@ -357,6 +358,12 @@ def test_config_parsing_and_errors(tiny_chat_dir):
         TemplateSearchConfig.from_dict({**raw, "data": {"source": "demo", "n": 3}})
     with pytest.raises(RunConfigError, match="no conditions"):
         TemplateSearchConfig.from_dict({**raw, "conditions": ["base"]})
+    with pytest.raises(RunConfigError, match="seed_scores = 'paper' gives the seeds accuracies"):
+        TemplateSearchConfig.from_dict({**search_raw(tiny_chat_dir, seed_scores="paper"), "reward": "gold_loglik"})
+    with pytest.raises(RunConfigError, match="templates.seed_scores must be one of"):
+        TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, seed_scores="mine"))
+    assert not config.rescore_seeds and TemplateSearchConfig.from_dict(
+        search_raw(tiny_chat_dir, seed_scores="rescore")).rescore_seeds
     with pytest.raises(RunConfigError, match="not both"):
         kind_of({**raw, "restem": {}})
     overlap = TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, eval_data={"source": "demo", "n": 1}))
@@ -408,3 +415,61 @@ def test_sft_pairs_selection_without_a_model():
     assert json.loads(pairs[1]["completion"]) == {"training_sequences": ["best fill"]} and pairs[1]["fill_index"] == 1
     kept = sft_pairs(rows, passages, templates, "META", k=2, chat=False, positive_gain_only=True)
     assert [(p["passage_id"], p["template_id"]) for p in kept] == [("demo-0", "it1-t0")] * 2
+    # ranked by the gold log-likelihood instead: fill 0 of it1-t0 now wins demo-0, it1-t1 beats it
+    for r, (before, after) in zip(rows[1:], [(-3.0, -2.0), (-3.0, -2.5), (-3.0, -1.0), (-4.0, -1.0), (-4.0, -4.5)],
+                                  strict=True):
+        r.update(gold_loglik_before=before, gold_loglik_after=after)
+    dense = sft_pairs(rows, passages, templates, "META", k=1, chat=False, reward="gold_loglik")
+    assert [(p["passage_id"], p["template_id"], p["fill_index"]) for p in dense[::2]] == [
+        ("demo-0", "it1-t1", 0), ("demo-1", "it1-t0", 0)]
+    assert [p["passage_id"] for p in sft_pairs(rows, passages, templates, "META", k=1, chat=False,
+                                                reward="gold_loglik", positive_gain_only=True)] == ["demo-0"] * 2
+
+
+def test_gold_loglik_reward_rescored_seeds_and_resume(tiny_chat_dir, tiny_lm, tmp_path):
+    """reward = "gold_loglik": the run scores the four human seeds itself first (seeds/), templates score by
+    the gold answers' log-likelihood after the update, the archive holds that unit only, the meta-prompt
+    says so and shows the rescored seeds; a run killed inside the seed scoring resumes to the same files."""
+    from seal_jax.selfedit.archive import SEED_SCORES
+
+    raw = {**search_raw(tiny_chat_dir, iterations=1, passages=2, fills=1, sft=False, max_epochs=1),
+           "reward": "gold_loglik"}
+    config = TemplateSearchConfig.from_dict(raw)
+    assert config.rescore_seeds
+    lm = CannedLM(tiny_lm)
+    summary = run_template_search(config, tmp_path / "full", lm=lm, progress=False)
+    seed_rows = read_rows(tmp_path / "full" / "seeds" / "results.jsonl")
+    assert {r["template_id"] for r in seed_rows if r["template_id"]} == set(SEED_SCORES)
+    assert all(r["iteration"] == 0 and r["reward"] == r["gold_loglik_after"] for r in seed_rows)
+    seeds = json.loads((tmp_path / "full" / "seeds" / "seeds.json").read_text())
+    for entry in seeds["entries"]:
+        mine = [r for r in seed_rows if r["template_id"] == entry["name"]]
+        assert entry["unit"] == "gold_loglik" and entry["score"] == pytest.approx(
+            sum(r["gold_loglik_after"] for r in mine) / len(mine))
+        assert entry["gain"] == pytest.approx(sum(r["gold_loglik_after"] - r["gold_loglik_before"] for r in mine)
+                                              / len(mine))
+    archive = Archive.from_jsonl(tmp_path / "full" / "archive.jsonl")
+    assert len(archive) == 4 + 2 and {e.unit for e in archive.entries} == {"gold_loglik"}
+    assert all(e.score <= 0 for e in archive.entries)
+    meta = lm.meta_prompts[0]
+    assert "log-probability per token" in meta and "fraction of those questions" not in meta
+    shown = config.make_archive(seeds=[ArchiveEntry.from_dict(e) for e in seeds["entries"]]).shown()
+    assert all(f"score {e.score:.3f}" in meta for e in shown)
+    rows = read_rows(tmp_path / "full" / "iteration-1" / "results.jsonl")
+    scores = template_scores(rows, "gold_loglik")
+    info = json.loads((tmp_path / "full" / "iteration-1" / "iteration.json").read_text())
+    assert info["scores"] == scores and all(e["unit"] == "gold_loglik" for e in info["entries"])
+    assert summary["reward"] == "gold_loglik" and summary["iterations"][0]["best_score"] == max(
+        s["score"] for s in scores.values())
+    assert "nats/token" in (tmp_path / "full" / "summary.md").read_text()
+    from seal_jax.report import report
+
+    markdown, png = report(tmp_path / "full")
+    assert "nats/token" in markdown and f"{summary['iterations'][0]['best_score']:.3f}" in markdown and png.is_file()
+
+    part = tmp_path / "part"
+    run_template_search(config, part, lm=CannedLM(tiny_lm), progress=False, stop_after=1)
+    assert not (part / "seeds" / "seeds.json").exists() and not (part / "iteration-1").exists()
+    run_template_search(config, part, lm=CannedLM(tiny_lm), progress=False, resume=True)
+    assert strip(read_rows(part / "seeds" / "results.jsonl")) == strip(seed_rows)
+    assert (part / "archive.jsonl").read_text() == (tmp_path / "full" / "archive.jsonl").read_text()

@@ -18,6 +18,11 @@ reachable from this machine (only its abstract), so the seeds carry SEAL's numbe
 2506.10943, Qwen2.5-7B, 200 SQuAD passages) as listed in DESIGN.md: rewrite 0.494; long implications ≈
 base-model implications 0.397; repeat verbatim ≈ passage only 0.335; empty ≈ base model 0.327. Gains are
 normalized against that base: (score − 0.327) / (1 − 0.327).
+
+Units. An entry's score is an accuracy in [0, 1] (the papers') or, in a run with ``reward = "gold_loglik"``,
+the gold answers' mean log-likelihood per token after the update (nats, ≤ 0; its gain is the change from
+before). An archive holds one unit: the seeds of a gold-loglik run are rescored by the run itself
+(:func:`seed_templates`), since the papers have no such figures.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ from seal_jax.selfedit.diversity import (
 from seal_jax.selfedit.templates import SEAL_HYPERPARAMETERS, Template, TemplateError
 
 __all__ = [
-    "SEED_BASE_ACCURACY", "SEED_SCORES", "SELECT_KEYS", "SOURCES", "Archive", "ArchiveEntry",
-    "NoveltyArchive", "normalized_gain", "select_top",
+    "SEED_BASE_ACCURACY", "SEED_SCORES", "SELECT_KEYS", "SOURCES", "UNITS", "Archive", "ArchiveEntry",
+    "NoveltyArchive", "normalized_gain", "seed_templates", "select_top",
 ]
 
 
@@ -64,12 +69,15 @@ class ArchiveEntry:
 
     Attributes:
       template: the template.
-      score: its mean question accuracy in [0, 1].
-      gain: its normalized gain ``(score − base) / (1 − base)`` (None if unknown).
+      score: its mean question accuracy in [0, 1], or (``unit = "gold_loglik"``) the gold answers' mean
+        log-likelihood per token after the update (nats, <= 0).
+      gain: its normalized gain ``(score − base) / (1 − base)``, or the change in nats/token from before
+        (None if unknown).
       iteration: the search iteration that produced it (0 for the human seeds).
       source: ``"human"`` or ``"generated"``.
       name: a unique id within its archive.
       novelty: its novelty within a :class:`NoveltyArchive` when last ranked (None otherwise).
+      unit: what ``score`` measures (:data:`UNITS`).
     """
 
     template: Template
@@ -79,13 +87,19 @@ class ArchiveEntry:
     source: str
     name: str
     novelty: float | None = None
+    unit: str = "accuracy"
 
     def __post_init__(self) -> None:
         if not isinstance(self.template, Template):
             raise TemplateError(f"ArchiveEntry.template must be a Template, got {type(self.template).__name__}")
-        if isinstance(self.score, bool) or not isinstance(self.score, (int, float)) \
-                or not 0.0 <= self.score <= 1.0:
+        if self.unit not in UNITS:
+            raise TemplateError(f"ArchiveEntry.unit must be one of {UNITS}, got {self.unit!r}")
+        if isinstance(self.score, bool) or not isinstance(self.score, (int, float)) or not math.isfinite(self.score):
+            raise TemplateError(f"ArchiveEntry.score must be a finite number, got {self.score!r}")
+        if self.unit == "accuracy" and not 0.0 <= self.score <= 1.0:
             raise TemplateError(f"ArchiveEntry.score must be an accuracy in [0, 1], got {self.score!r}")
+        if self.unit == "gold_loglik" and self.score > 0.0:
+            raise TemplateError(f"ArchiveEntry.score must be a log-likelihood per token (<= 0), got {self.score!r}")
         if self.gain is not None and not math.isfinite(self.gain):
             raise TemplateError(f"ArchiveEntry.gain must be finite or None, got {self.gain!r}")
         if self.source not in SOURCES:
@@ -99,7 +113,7 @@ class ArchiveEntry:
         """A JSON-able row: name, source, iteration, score, gain, novelty and the template (in the seed paper's
         nested form, :meth:`Template.to_dict`; :meth:`from_dict` also reads rows with flat templates)."""
         return {"name": self.name, "source": self.source, "iteration": self.iteration, "score": self.score,
-                "gain": self.gain, "novelty": self.novelty, "template": self.template.to_dict()}
+                "unit": self.unit, "gain": self.gain, "novelty": self.novelty, "template": self.template.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ArchiveEntry:
@@ -108,7 +122,8 @@ class ArchiveEntry:
             return cls(template=Template.from_dict(d["template"]), score=float(d["score"]),
                        gain=None if d.get("gain") is None else float(d["gain"]), iteration=int(d["iteration"]),
                        source=d["source"], name=d["name"],
-                       novelty=None if d.get("novelty") is None else float(d["novelty"]))
+                       novelty=None if d.get("novelty") is None else float(d["novelty"]),
+                       unit=d.get("unit", "accuracy"))
         except KeyError as error:
             raise TemplateError(f"archive row is missing {error}; rows come from ArchiveEntry.to_dict") from None
         except (TypeError, ValueError) as error:
@@ -117,6 +132,7 @@ class ArchiveEntry:
             raise TemplateError(f"malformed archive row: {error}") from None
 
 
+UNITS = ("accuracy", "gold_loglik")
 SEED_BASE_ACCURACY = 0.327
 SEED_SCORES: dict[str, float] = {"rewrite": 0.494, "long_implications": 0.397, "repeat_verbatim": 0.335,
                                  "empty": 0.327}
@@ -129,6 +145,12 @@ SEED_INSTRUCTIONS: dict[str, str] = {
     "repeat_verbatim": "Copy the passage exactly as it is written, word for word, as a single training text.",
     "empty": "Write no training data at all: answer with an empty list of training texts.",
 }
+
+
+def seed_templates() -> dict[str, Template]:
+    """The four human strategies as templates with SEAL's inner-loop hyperparameters, by name (the seeds of
+    :meth:`Archive.seeded`, or of a run that scores them itself)."""
+    return {name: Template(SEED_INSTRUCTIONS[name], **SEAL_HYPERPARAMETERS) for name in SEED_SCORES}
 
 
 class Archive:
@@ -147,17 +169,17 @@ class Archive:
     def seeded(cls, **kwargs: Any) -> Archive:
         """An archive of the four human strategies (rewrite, long implications, repeat verbatim, empty)
         with SEAL's inner-loop hyperparameters and the seed scores of :data:`SEED_SCORES`."""
-        entries = [
-            ArchiveEntry(Template(SEED_INSTRUCTIONS[name], **SEAL_HYPERPARAMETERS), score,
-                         normalized_gain(score, SEED_BASE_ACCURACY), 0, "human", name)
-            for name, score in SEED_SCORES.items()
-        ]
+        entries = [ArchiveEntry(template, SEED_SCORES[name], normalized_gain(SEED_SCORES[name], SEED_BASE_ACCURACY),
+                                0, "human", name) for name, template in seed_templates().items()]
         return cls(entries, **kwargs)
 
     def add(self, entry: ArchiveEntry) -> None:
-        """Add a scored template (raises :class:`TemplateError` for a duplicate name)."""
+        """Add a scored template (raises :class:`TemplateError` for a duplicate name or another unit)."""
         if not isinstance(entry, ArchiveEntry):
             raise TemplateError(f"Archive.add takes an ArchiveEntry, got {type(entry).__name__}")
+        if self._entries and entry.unit != self._entries[0].unit:
+            raise TemplateError(f"entry {entry.name!r} is scored in {entry.unit} but the archive in "
+                                f"{self._entries[0].unit}; one archive holds one unit")
         if any(e.name == entry.name for e in self._entries):
             raise TemplateError(f"the archive already has an entry named {entry.name!r}; names must be unique")
         self._entries.append(entry)

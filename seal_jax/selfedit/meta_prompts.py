@@ -39,18 +39,28 @@ _EXAMPLE = {"data_creation_instruction": PLACEHOLDER_INSTRUCTION,
                                   "num_epochs": 5, "gradient_accumulation_steps": 2}}
 
 
-def meta_prompt(shown: Sequence[ArchiveEntry] | None = None) -> str:
+SCORE_SENTENCES = {
+    "accuracy": "A plan is scored by the fraction of those questions answered correctly (0 to 1).",
+    "gold_loglik": "A plan is scored by the mean log-probability per token that the fine-tuned model gives to the "
+                   "correct answers of those questions (0 at best; higher is better).",
+}
+
+
+def meta_prompt(shown: Sequence[ArchiveEntry] | None = None, reward: str = "accuracy") -> str:
     """The request for a new template (the user message; the caller applies the chat template).
 
     ``shown``: archive entries to show with their scores (and novelty, when set), e.g.
-    ``archive.shown()``; ``None`` or empty gives the no-archive prompt.
+    ``archive.shown()``; ``None`` or empty gives the no-archive prompt. ``reward``: what a score is
+    (``accuracy`` or ``gold_loglik``, see :data:`SCORE_SENTENCES`).
     """
+    if reward not in SCORE_SENTENCES:
+        raise ValueError(f"reward must be one of {sorted(SCORE_SENTENCES)}, got {reward!r}")
     lines = [
         "You are designing a learning plan for a language model. The model will read a passage it has never "
         "seen, write its own training data from the passage by following your instruction, and then be "
         "fine-tuned on that data with a LoRA adapter (next-token prediction, one text per batch) using your "
         "hyperparameters. Afterwards it must answer questions about the passage without seeing the passage "
-        "again. A plan is scored by the fraction of those questions answered correctly (0 to 1).",
+        "again. " + SCORE_SENTENCES[reward],
         "",
         "Write the plan as one JSON object with exactly two fields:",
         f'- "data_creation_instruction": {_INSTRUCTION_HELP}',

@@ -20,7 +20,11 @@ An **iteration** (folder ``iteration-N/``):
    ``candidate`` = fill index) plus ``template_id``, ``fill_index``, ``normalized_gain``, ``template``,
    ``fill_sequences`` and ``fill_fallback``. A template's **score** is its mean ``accuracy_after`` over
    its fills and passages (a fill that gave no training data counts as the accuracy before: nothing was
-   learned); its **gain** the mean normalized gain ``(after − before) / (1 − before)``. Scored templates
+   learned); its **gain** the mean normalized gain ``(after − before) / (1 − before)``. With
+   ``reward = "gold_loglik"`` the score is the mean log-likelihood per token of the gold answers after the
+   update and the gain its change from before (a dense signal where accuracy is flat at small scale); the
+   archive's human seeds are then scored by the run itself first (``seeds/``, see ``seed_scores``), as the
+   papers have no such figures, and the meta-prompt says what a score measures. Scored templates
    join the archive (``archive.jsonl`` at the top of the run: the seeds plus every finished iteration's
    entries; the ``noarchive`` variant keeps it too, for the record, but never shows it).
 3. **Evaluate** (optional ``eval_data``): the iteration's best template is scored the same way on
@@ -73,7 +77,7 @@ from tqdm.auto import tqdm
 
 from seal_jax.lm.tokenizer import format_chat
 from seal_jax.lm.types import LoraSpec, SamplingParams, TrainSpec
-from seal_jax.selfedit.archive import Archive, ArchiveEntry, NoveltyArchive, select_top
+from seal_jax.selfedit.archive import Archive, ArchiveEntry, NoveltyArchive, seed_templates, select_top
 from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.diversity import (
     hyperparameter_similarity,
@@ -119,6 +123,8 @@ ITERATION_FILE = "iteration.json"
 META_PROMPT_FILE = "meta_prompt.txt"
 TEMPLATE_ROW_FIELDS = ("template_id", "fill_index", "normalized_gain", "template", "fill_sequences", "fill_fallback")
 NOVELTY_DEFAULTS: dict[str, Any] = {"k": 3, "weight": 0.5, "lam": 0.25}
+SEED_SCORE_CHOICES = ("paper", "rescore")
+SEEDS_FILE = "seeds.json"
 
 
 class TemplateSearchError(GeneratorError):
@@ -149,6 +155,10 @@ class TemplateSearchConfig(ExtendedConfig):
         sft_positive_gain_only: keep only fills whose accuracy beat the accuracy before;
         sft_lora, sft_train: :class:`~seal_jax.LoraSpec`/:class:`~seal_jax.TrainSpec` fields over SEAL's
         r=64, alpha=128, all projections, lr 3e-4, 2 epochs, batch 1.
+      seed_scores: the human seeds' archive scores: ``"paper"`` (SEAL's accuracies, the default with
+        ``reward = "accuracy"``) or ``"rescore"`` (the starting model scores the four seeds on the training
+        passages before iteration 1, into ``seeds/``; the default, and the only choice, with
+        ``reward = "gold_loglik"``).
       eval_data: held-out passages for each iteration's best template (a data table, see
         :func:`~seal_jax.selfedit.knowledge.select_data`: ``{source, n, start, shuffle, seed}``, or
         ``subset = "selfedits"`` with ``selfedits`` for SEAL's 200 evaluation passages), or ``None``; the
@@ -175,6 +185,7 @@ class TemplateSearchConfig(ExtendedConfig):
     sft_lora: dict[str, Any] = dataclasses.field(default_factory=dict)
     sft_train: dict[str, Any] = dataclasses.field(default_factory=dict)
     eval_data: dict[str, Any] | None = None
+    seed_scores: str | None = None
 
     TABLE = "templates"
     KIND = "template-search"
@@ -201,23 +212,33 @@ class TemplateSearchConfig(ExtendedConfig):
         unknown = sorted(set(self.novelty) - set(NOVELTY_DEFAULTS))
         if unknown:
             raise RunConfigError(f"unknown keys in [templates.novelty]: {unknown}; known keys: {sorted(NOVELTY_DEFAULTS)}")
-        if self.knowledge.reward != "accuracy":
-            raise RunConfigError("template search scores templates by accuracy, the unit of its archive's seed "
-                                 "scores (the paper's); remove reward (the gold log-likelihood is still in every row)")
+        if self.seed_scores not in (None, *SEED_SCORE_CHOICES):
+            raise RunConfigError(f"templates.seed_scores must be one of {SEED_SCORE_CHOICES}, got {self.seed_scores!r}")
+        if self.knowledge.reward != "accuracy" and self.seed_scores == "paper":
+            raise RunConfigError(f"templates.seed_scores = 'paper' gives the seeds accuracies, but reward = "
+                                 f"{self.knowledge.reward!r} scores templates in nats/token; use 'rescore' (or "
+                                 "leave it out) so the run scores the seeds itself")
         if self.knowledge.train.get("batch_size", 1) != 1:
             raise RunConfigError("templates train with batch size 1 (the paper's); remove train.batch_size")
         self.make_archive()  # checks the novelty knobs and the backend
         self.sft_lora_spec()
         self.sft_train_spec()
 
-    def make_archive(self, entries: Sequence[ArchiveEntry] | None = None) -> Archive:
-        """The variant's archive: the seeded one (plus ``entries``); a :class:`NoveltyArchive` for ``novelty``."""
+    @property
+    def rescore_seeds(self) -> bool:
+        """Whether the run scores the human seeds itself (``seed_scores``, default by ``reward``)."""
+        return (self.seed_scores or ("paper" if self.knowledge.reward == "accuracy" else "rescore")) == "rescore"
+
+    def make_archive(self, entries: Sequence[ArchiveEntry] | None = None,
+                     seeds: Sequence[ArchiveEntry] | None = None) -> Archive:
+        """The variant's archive: the seeds (the paper's scores, or ``seeds`` as the run scored them) plus
+        ``entries``; a :class:`NoveltyArchive` for ``novelty``."""
         try:
             if self.variant == "novelty":
-                archive: Archive = NoveltyArchive.seeded(**{**NOVELTY_DEFAULTS, **self.novelty},
-                                                         backend=self.similarity_backend)
+                knobs = {**NOVELTY_DEFAULTS, **self.novelty, "backend": self.similarity_backend}
+                archive: Archive = NoveltyArchive(seeds, **knobs) if seeds is not None else NoveltyArchive.seeded(**knobs)
             else:
-                archive = Archive.seeded()
+                archive = Archive(seeds) if seeds is not None else Archive.seeded()
             for entry in entries or ():
                 archive.add(entry)
         except TemplateError as e:
@@ -282,8 +303,9 @@ def template_passage_rows(inner: LanguageModel, generator: LanguageModel, passag
     base = score_base(inner, passage, k, grader)
     before = base.measure
     common = {"iteration": iteration}
-    rows = [result_row(passage, "base", 0, None, 0, before, before, base.answers, None, template_id=None,
-                       fill_index=None, template=None, fill_sequences=None, fill_fallback=None, **common)]
+    rows = [result_row(passage, "base", 0, None, 0, before, before, base.answers, None, reward=k.reward,
+                       template_id=None, fill_index=None, template=None, fill_sequences=None, fill_fallback=None,
+                       **common)]
     if not templates:
         return rows
     prompts = [fill_prompt(t, passage.title, passage.context) for _, t in templates for _ in range(config.fills)]
@@ -297,7 +319,7 @@ def template_passage_rows(inner: LanguageModel, generator: LanguageModel, passag
         try:
             pieces, fallback = fill_pieces(text, config.fill_fallback)
         except ValueError as error:
-            rows.append(result_row(passage, tid, f, text, 0, before, before, [], f"fill: {error}",
+            rows.append(result_row(passage, tid, f, text, 0, before, before, [], f"fill: {error}", reward=k.reward,
                                    fill_sequences=None, fill_fallback=False, template_id=tid, fill_index=f,
                                    template=template.to_dict(), **common))
             continue
@@ -313,18 +335,24 @@ def template_passage_rows(inner: LanguageModel, generator: LanguageModel, passag
 # Scores, diversity, SFT rows
 
 
-def template_scores(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def template_scores(rows: Sequence[dict[str, Any]], reward: str = "accuracy") -> dict[str, dict[str, Any]]:
     """Per template id: ``{score, gain, fills, valid_fills, fallback_fills, passages}`` from its rows.
 
     ``score``: mean ``accuracy_after`` over the template's fills and passages (fills without training
-    data count with the accuracy before); ``gain``: mean normalized gain; ``valid_fills``: fills that
-    gave training data; ``fallback_fills``: of those, how many needed the ``lines`` fallback.
+    data count with the accuracy before), or with ``reward = "gold_loglik"`` the mean
+    ``gold_loglik_after``; ``gain``: mean normalized gain, or the mean change of the gold log-likelihood;
+    ``valid_fills``: fills that gave training data; ``fallback_fills``: of those, how many needed the
+    ``lines`` fallback.
     """
     out: dict[str, dict[str, Any]] = {}
     for tid in dict.fromkeys(r["template_id"] for r in rows if r.get("template_id")):
         sel = [r for r in rows if r.get("template_id") == tid]
-        out[tid] = {"score": float(np.mean([r["accuracy_after"] for r in sel])),
-                    "gain": float(np.mean([r["normalized_gain"] for r in sel])),
+        if reward == "accuracy":
+            score, gain = [r["accuracy_after"] for r in sel], [r["normalized_gain"] for r in sel]
+        else:
+            score = [r["gold_loglik_after"] for r in sel]
+            gain = [r["gold_loglik_after"] - r["gold_loglik_before"] for r in sel]
+        out[tid] = {"score": float(np.mean(score)), "gain": float(np.mean(gain)),
                     "fills": len(sel), "valid_fills": sum(1 for r in sel if r["n_sequences"] > 0),
                     "fallback_fills": sum(1 for r in sel if r.get("fill_fallback")),
                     "passages": len({r["passage_id"] for r in sel})}
@@ -344,11 +372,12 @@ def diversity(templates: Sequence[Template], fills: Sequence[Sequence[str]], bac
 
 
 def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], templates: dict[str, Template],
-              meta: str, *, k: int, chat: bool, tokenizer: Any = None, positive_gain_only: bool = False
-              ) -> list[dict[str, Any]]:
+              meta: str, *, k: int, chat: bool, tokenizer: Any = None, positive_gain_only: bool = False,
+              reward: str = "accuracy") -> list[dict[str, Any]]:
     """The SFT rows of one iteration: :func:`~seal_jax.selfedit.archive.select_top` over its template
-    rows (top ``k`` templates per passage, each with its best fill); with ``positive_gain_only`` only fills
-    whose accuracy beat the accuracy before compete.
+    rows (top ``k`` templates per passage, each with its best fill, ranked by ``reward``: the accuracy or
+    the gold log-likelihood after the update); with ``positive_gain_only`` only fills whose reward beat
+    the one before compete.
 
     Prompts are the exact texts the generator saw (chat template applied when ``chat``); completions are
     the template's canonical JSON (the seed paper's nested form, :meth:`Template.to_json`) and the fill's
@@ -362,12 +391,13 @@ def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], temp
     for r in rows:
         if not r.get("template_id") or not r.get("fill_sequences"):
             continue
-        if positive_gain_only and not r["accuracy_after"] > r["accuracy_before"]:
+        measure = "accuracy" if reward == "accuracy" else "gold_loglik"
+        if positive_gain_only and not r[f"{measure}_after"] > r[f"{measure}_before"]:
             continue
         template, passage = templates[r["template_id"]], passages[r["passage_id"]]
         candidates.append({
             "template_id": r["template_id"], "passage_id": r["passage_id"], "fill_index": r["fill_index"],
-            "accuracy": r["accuracy_after"], "error": r.get("failure"), "meta_prompt": wrap(meta),
+            "accuracy": r[f"{measure}_after"], "error": r.get("failure"), "meta_prompt": wrap(meta),
             "template_text": template.to_json(),
             "fill_prompt": wrap(fill_prompt(template, passage.title, passage.context)),
             "fill_text": json.dumps({"training_sequences": r["fill_sequences"]}, ensure_ascii=False)})
@@ -442,7 +472,7 @@ class _Search:
         if saved is not None:
             meta = agree(lambda: meta_file.read_text(encoding="utf-8") if meta_file.is_file() else None)
         if meta is None:  # process 0's prompt for all: the similarity backend depends on files a host may lack
-            meta = agree(lambda: meta_prompt(archive.shown() if config.variant != "noarchive" else None))
+            meta = agree(lambda: meta_prompt(archive.shown() if config.variant != "noarchive" else None, k.reward))
         if saved is not None:
             return meta, [Proposal.from_dict(r) for r in saved]
         kinds = schedule(config.templates_per_iteration, PROPOSAL_SCHEDULE)
@@ -453,14 +483,40 @@ class _Search:
             write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
         return meta, records
 
-    def iteration(self, it: int, generator: str, entries: Sequence[ArchiveEntry]) -> dict[str, Any] | None:
-        """Propose, score, evaluate and SFT for iteration ``it``; its ``iteration.json`` record, or None when
-        ``stop_after`` ran out first."""
+    def seed_entries(self) -> list[ArchiveEntry] | None | bool:
+        """The human seeds as the run scores them (``seed_scores = "rescore"``): the starting model fills
+        and trains on each seed template over the training passages (``seeds/results.jsonl``, rows per
+        passage, ``iteration`` 0), and ``seeds/seeds.json`` is written last. None when the seeds keep the
+        paper's scores; False when ``stop_after`` ran out first."""
+        config, k = self.config, self.config.knowledge
+        if not config.rescore_seeds:
+            return None
+        folder = self.out / "seeds"
+        marker = folder / SEEDS_FILE
+        saved = agree(lambda: json.loads(marker.read_text()) if marker.is_file() else None)
+        if saved is None:
+            if is_writer():
+                folder.mkdir(parents=True, exist_ok=True)
+            templates = list(seed_templates().items())
+            if not self.score(self.training, folder / "results.jsonl", templates, 0, "seeds", k.model, k.model):
+                return False
+            scores = template_scores(agree(lambda: read_rows(folder / "results.jsonl")), k.reward)
+            entries = [ArchiveEntry(t, scores[name]["score"], scores[name]["gain"], 0, "human", name, unit=k.reward)
+                       for name, t in templates]
+            saved = {"reward": k.reward, "entries": [e.to_dict() for e in entries], "scores": scores}
+            if is_writer():
+                marker.write_text(json.dumps(saved, indent=2, ensure_ascii=False))
+        return _entries_of(saved)
+
+    def iteration(self, it: int, generator: str, entries: Sequence[ArchiveEntry],
+                  seeds: Sequence[ArchiveEntry] | None = None) -> dict[str, Any] | None:
+        """Propose, score, evaluate and SFT for iteration ``it`` (``seeds``: the rescored seeds, or None for
+        the paper's); its ``iteration.json`` record, or None when ``stop_after`` ran out first."""
         config, k = self.config, self.config.knowledge
         folder = self.out / f"iteration-{it}"
         if is_writer():
             folder.mkdir(parents=True, exist_ok=True)
-        archive = config.make_archive(entries)
+        archive = config.make_archive(entries, seeds)
         inner = generator if config.inner_model == "generator" else k.model
         self.models.keep(generator, inner)  # an earlier generator goes
         meta, records = self.propose(it, folder, archive, generator)
@@ -468,8 +524,8 @@ class _Search:
         if not self.score(self.training, folder / "results.jsonl", templates, it, "train", inner, generator):
             return None
         rows = agree(lambda: read_rows(folder / "results.jsonl"))
-        scores = template_scores(rows)
-        new_entries = [ArchiveEntry(t, scores[tid]["score"], scores[tid]["gain"], it, "generated", tid)
+        scores = template_scores(rows, k.reward)
+        new_entries = [ArchiveEntry(t, scores[tid]["score"], scores[tid]["gain"], it, "generated", tid, unit=k.reward)
                        for tid, t in templates if tid in scores]
         best = max(new_entries, key=lambda e: (e.score, -int(e.name.rsplit("t", 1)[1])), default=None)
         if self.held_out and best is not None:
@@ -487,7 +543,7 @@ class _Search:
             by_id = {p.id: p for p in [*self.training, *self.held_out]}
             pairs = sft_pairs(rows, by_id, dict(templates), meta, k=config.sft_top_k, chat=k.chat,
                               tokenizer=self.models(generator).tokenizer,
-                              positive_gain_only=config.sft_positive_gain_only)
+                              positive_gain_only=config.sft_positive_gain_only, reward=k.reward)
             if is_writer():
                 write_jsonl(folder / "sft_rows.jsonl", pairs)
             info["sft_rows"] = len(pairs)
@@ -498,7 +554,7 @@ class _Search:
                 info["note"] = "no fill was selected for SFT; the generator is unchanged"
         if is_writer():
             (folder / ITERATION_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False))
-            config.make_archive([*entries, *new_entries]).to_jsonl(self.out / "archive.jsonl")
+            config.make_archive([*entries, *new_entries], seeds).to_jsonl(self.out / "archive.jsonl")
         return info
 
 
@@ -538,18 +594,21 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     search = _Search(config, out, models, training_passages(config, held_out), held_out, stop_after, progress)
     generator = config.knowledge.model
     entries: list[ArchiveEntry] = []
+    seeds = search.seed_entries()
+    if seeds is False:
+        return _write_summary(config, out)
     for it in range(1, config.iterations + 1):
         marker = out / f"iteration-{it}" / ITERATION_FILE
         info = agree(lambda m=marker: json.loads(m.read_text()) if m.is_file() else None)
         if info is None:
-            info = search.iteration(it, generator, entries)
+            info = search.iteration(it, generator, entries, seeds)
             if info is None:
                 return _write_summary(config, out)
             agree(lambda: None)  # the other processes wait for process 0's generator before loading it
         entries.extend(_entries_of(info))
         generator = info["next_generator"]
     if is_writer():
-        config.make_archive(entries).to_jsonl(out / "archive.jsonl")
+        config.make_archive(entries, seeds).to_jsonl(out / "archive.jsonl")
     return _write_summary(config, out)
 
 
@@ -563,13 +622,15 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
     An iteration is reported once its proposals exist; a running one (``finished`` False) reports the rows
     written so far (a torn last passage left out) and no ``sft_rows``.
 
-    Returns ``{"model", "variant", "iterations": [{iteration, finished, proposals, valid_templates,
-    fills, valid_fills, fallback_fills, passages, base_accuracy, best_score, mean_score, best_gain,
-    mean_gain, best_template, hyperparameter_similarity, instruction_similarity, similarity_backend,
-    mean_sequence_chars, eval, sft_rows}]}``.
+    Returns ``{"model", "variant", "reward", "iterations": [{iteration, finished, proposals,
+    valid_templates, fills, valid_fills, fallback_fills, passages, base_accuracy, base_score, best_score,
+    mean_score, best_gain, mean_gain, best_template, hyperparameter_similarity, instruction_similarity,
+    similarity_backend, mean_sequence_chars, eval, sft_rows}]}``; scores, gains, ``base_score`` and the
+    eval's ``base`` and ``score`` are in the run's ``reward`` unit (accuracy, or gold nats/token).
     """
     raw = config.to_json() if isinstance(config, TemplateSearchConfig) else config
-    table = raw["templates"]
+    table, reward = raw["templates"], raw.get("reward", "accuracy")
+    measure = "accuracy" if reward == "accuracy" else "gold_loglik"
     out = Path(out)
     iterations = []
     for it in range(1, table["iterations"] + 1):
@@ -578,7 +639,7 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
         if not proposals:
             continue
         rows = read_rows(folder / "results.jsonl", repair=False)
-        scores = template_scores(rows)
+        scores = template_scores(rows, reward)
         valid = [r for r in proposals if r["valid"]]
         templates = {f"it{it}-t{r['slot']}": Template.from_dict(r["template"]) for r in valid}
         fills = [r["fill_sequences"] for r in rows if r.get("template_id") and r.get("fill_sequences")]
@@ -590,6 +651,8 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
             "passages": len({r["passage_id"] for r in rows}),
             "base_accuracy": float(np.mean([r["accuracy_after"] for r in rows if r["condition"] == "base"]))
             if rows else None,
+            "base_score": float(np.mean([r[f"{measure}_after"] for r in rows if r["condition"] == "base"]))
+            if rows else None,
             "best_score": None, "mean_score": None, "best_gain": None, "mean_gain": None, "best_template": None,
             "eval": None, "sft_rows": None}
         if scores:
@@ -600,26 +663,32 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
         entry.update(diversity(list(templates.values()), fills, table.get("similarity_backend", "auto")))
         eval_rows = read_rows(folder / "eval" / "results.jsonl", repair=False)
         if eval_rows:
-            eval_scores = template_scores(eval_rows)
+            eval_scores = template_scores(eval_rows, reward)
             entry["eval"] = {"template": next(iter(eval_scores), None),
-                             "base": float(np.mean([r["accuracy_after"] for r in eval_rows if r["condition"] == "base"])),
+                             "base": float(np.mean([r[f"{measure}_after"] for r in eval_rows
+                                                    if r["condition"] == "base"])),
                              "score": next(iter(eval_scores.values()))["score"] if eval_scores else None,
                              "passages": len({r["passage_id"] for r in eval_rows})}
         if entry["finished"]:
             entry["sft_rows"] = json.loads((folder / ITERATION_FILE).read_text()).get("sft_rows")
         iterations.append(entry)
-    return {"model": raw["model"], "variant": table["variant"], "iterations": iterations}
+    return {"model": raw["model"], "variant": table["variant"], "reward": reward, "iterations": iterations}
 
 
 def template_markdown(summary: dict[str, Any]) -> str:
     """The template-search summary as a Markdown table (one line per iteration; ``–`` where undefined)."""
-    def pct(x: Any) -> str:
-        return "–" if x is None else f"{100 * x:.1f}%"
+    dense = summary.get("reward", "accuracy") != "accuracy"
+
+    def pct(x: Any) -> str:  # a score in the run's unit
+        if x is None:
+            return "–"
+        return f"{x:.3f}" if dense else f"{100 * x:.1f}%"
 
     def num(x: Any) -> str:
         return "–" if x is None else f"{x:.3f}"
 
-    lines = [f"Model: `{summary['model']}` · variant `{summary['variant']}`", "",
+    unit = " · scores: gold answers' log-likelihood, nats/token (gain: its change)" if dense else ""
+    lines = [f"Model: `{summary['model']}` · variant `{summary['variant']}`{unit}", "",
              "| iteration | valid templates / attempts | valid fills | base | best score | mean score | best gain | "
              "hyperparam sim | instruction sim | mean chars/fill | held-out best (base) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -629,7 +698,7 @@ def template_markdown(summary: dict[str, Any]) -> str:
         held = "–" if not e.get("eval") else f"{pct(e['eval']['score'])} ({pct(e['eval']['base'])})"
         lines.append(
             f"| {e['iteration']}{'' if e['finished'] else ' (running)'} | {e['valid_templates']}/{e['proposals']} | "
-            f"{e['valid_fills']}/{e['fills']}{fallback} | {pct(e['base_accuracy'])} | {pct(e['best_score'])} | "
+            f"{e['valid_fills']}/{e['fills']}{fallback} | {pct(e.get('base_score', e['base_accuracy']))} | {pct(e['best_score'])} | "
             f"{pct(e['mean_score'])} | {num(e['best_gain'])} | {num(e['hyperparameter_similarity'])} | "
             f"{num(e['instruction_similarity'])}{backend} | {e['mean_sequence_chars']:.0f} | {held} |")
     best = [e for e in summary["iterations"] if e.get("best_template")]
