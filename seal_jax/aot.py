@@ -46,6 +46,7 @@ from seal_jax.lm.lora import LoraSpec
 from seal_jax.lm.training import TrainSpec
 from seal_jax.lm.types import REMAT_POLICIES
 from seal_jax.selfedit import grading
+from seal_jax.selfedit.cpt import CptConfig
 from seal_jax.selfedit.restem import RestemConfig
 from seal_jax.selfedit.runs import load_config
 from seal_jax.selfedit.strategies import get_strategy
@@ -183,9 +184,42 @@ def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str]
     return programs, k
 
 
+def cpt_programs(cfg: CptConfig, shapes: Shapes) -> list[Program]:
+    """The programs of a CPT run: per passage the self-edits; once per run the conditions' adapters, each
+    trained on its pooled corpus (``data.n`` passages, SEAL's 200 by default, each adding its text and k
+    self-edits of ``shapes.sequences - 1`` sequences); per call of ``cpt.eval_batch`` passages the base
+    model's and the K stacked adapters' answers."""
+    knowledge = cfg.knowledge
+    generating = [c for c in cfg.conditions if get_strategy(c).source == "generate"] + list(cfg.generators)
+    n = len(cfg.all_conditions)
+    passages = int(knowledge.data.get("n", 200))
+    corpus = passages * (1 + knowledge.k * (shapes.sequences - 1))
+    questions = cfg.eval_batch * shapes.questions
+    lora = knowledge.lora_spec()
+    sampling = {"max_new_tokens": 256, **knowledge.selfedit_sampling}
+    programs = []
+    if generating:
+        programs.append(_generate("self_edit", knowledge.k, shapes.passage_len, int(sampling["max_new_tokens"]),
+                                  per_passage=len(generating), note=f"{knowledge.k} self-edits per generating "
+                                  f"condition ({', '.join(generating)})"))
+    programs += [
+        _train("train", n, corpus, shapes.seq_len, lora, knowledge.train_spec(), per_passage=0,
+               note=f"{n} adapters (one per condition) on ~{corpus} pooled sequences each, once per run"),
+        _generate("answer", questions, shapes.question_len, knowledge.eval_max_new_tokens, per_passage=0,
+                  note=f"base answers, {cfg.eval_batch} passages per call"),
+        _generate("answer_k", questions, shapes.question_len, knowledge.eval_max_new_tokens, adapters=(n, lora),
+                  per_passage=0, note=f"answers under {n} stacked adapters, {cfg.eval_batch} passages per call"),
+    ]
+    if knowledge.grader in grading.JUDGE_GRADERS:
+        programs.append(_generate("judge", questions, shapes.judge_len, shapes.judge_new, per_passage=0,
+                                  note=f"the LLM judge, {1 + n} answer sets per call"))
+    return programs
+
+
 def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None = None,
                          mesh: str | None = None) -> Workload:
-    """The :class:`Workload` of a run config of any kind (knowledge, ReST-EM, template search)."""
+    """The :class:`Workload` of a run config of any kind (knowledge, ReST-EM, template search, CPT; a CPT
+    workload has no per-passage candidates: ``candidates`` is 0 and no evaluations per hour are given)."""
     cfg = load_config(path)
     knowledge = getattr(cfg, "knowledge", cfg)
     config, source = model_config(model or knowledge.model)
@@ -209,6 +243,8 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
         if cfg.sft:
             programs.append(_train("sft", 1, shapes.sft_sequences, shapes.sft_len, cfg.sft_lora_spec(),
                                    cfg.sft_train_spec(), per_passage=0, note="the generator's SFT, once per iteration"))
+    elif isinstance(cfg, CptConfig):
+        programs, k = cpt_programs(cfg, shapes), 0
     elif isinstance(cfg, RestemConfig):
         programs, k = knowledge_programs(knowledge, shapes)
         programs.append(_train("sft", 1, shapes.sft_sequences, shapes.sft_len, cfg.sft_lora_spec(), cfg.sft_train_spec(),
@@ -366,7 +402,10 @@ def format_rows(report: dict[str, Any]) -> str:
                      f"{_gb(r['peak_bytes'])} | {'yes' if r['fits'] else '**no**'} | {r['flops'] / 1e9:.1f} | "
                      f"{_gb(r['bytes'])} | {_gb(r['min_bytes'])} | {coll} | {r['roofline_s'] * 1e3:.2f} | {r['bound']} |")
     s = report["summary"]
-    if s.get("passage_seconds") is not None:
+    if s.get("passage_seconds") is not None and s.get("evaluations_per_hour") is None:
+        lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device (programs run once per "
+                      "run, or once per call of several passages, are not counted in it)."]
+    elif s.get("passage_seconds") is not None:
         lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device; "
                       f"{s['evaluations_per_hour']:.0f} self-edit evaluations per hour on the whole mesh, one passage at a time "
                       f"({report['candidates']} candidates per passage)."]

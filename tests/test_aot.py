@@ -181,6 +181,12 @@ def test_workloads_from_the_papers_configs():
     assert {"proposal", "fill", "train", "answer_k", "sft"} <= {p.name for p in search.programs}
     restem = aot.workload_from_config("experiments/restem-qwen3-8b.toml", shapes)
     assert "sft" in [p.name for p in restem.programs]
+    cpt = aot.workload_from_config("experiments/cpt-qwen3-8b.toml", shapes)
+    train = next(p for p in cpt.programs if p.name == "train")
+    # 3 conditions' adapters on SEAL's 200 passages, each with its text and 5 self-edits of 15 sequences
+    assert cpt.candidates == 0 and train.args["candidates"] == 3 and train.args["sequences"] == 200 * 76
+    assert train.per_passage == 0 and next(p for p in cpt.programs if p.name == "answer_k").args["batch"] == 8 * 8
+    assert aot.summarize([{"roofline_s": 2.0, "per_passage": 1, "fits": True}], cpt)["evaluations_per_hour"] is None
     with pytest.raises(aot.CompileError, match="pass --model PRESET"):
         aot.model_config("/nowhere/SomeModel")
 
