@@ -118,9 +118,11 @@ def test_training_flops_equal_a_hand_count(reports):
     for name, config in (("qwen3", TINY), ("llama", TINY_LLAMA)):
         row = next(r for r in out[name]["rows"] if r["program"] == "train")
         # 3 candidates of 8, 8 and 4 micro-steps pack onto 3 lanes of 8 steps; 3 lanes do not divide the data
-        # axis, so every device runs all of them, with the embedding contraction split over fsdp
-        full = hand_training_flops(config, seq_len=32, rank=8, targets_=("q_proj", "v_proj"), lanes=3, steps=8)
-        attention = 3 * config.num_layers * 4 * 32 * 32 * config.num_heads * config.head_dim * 3 * 8
+        # axis (nor does the batch of 1), so the trainer pads them to 4 lanes over data (training.data_layout):
+        # each device runs 4 / data lanes, with the embedding contraction split over fsdp
+        lanes = 4 // sizes["data"]
+        full = hand_training_flops(config, seq_len=32, rank=8, targets_=("q_proj", "v_proj"), lanes=lanes, steps=8)
+        attention = 3 * config.num_layers * 4 * 32 * 32 * config.num_heads * config.head_dim * lanes * 8
         per_device = (full - attention) / sizes["fsdp"] + attention
         assert row["flops"] == pytest.approx(per_device, rel=0.05), (row["flops"], per_device)
 

@@ -110,3 +110,30 @@ def test_train_and_score_trains_every_usable_job_in_one_call_and_keeps_row_order
 
 def test_the_engine_provides_what_the_loop_needs(tiny_chat_dir):
     assert isinstance(sj.load(tiny_chat_dir, progress=False), LanguageModel)
+
+
+def test_several_passages_score_in_one_call_as_each_alone(tiny_chat_dir):
+    """score_base_many / score_adapters_many (CPT's batched evaluation) on the real tiny model: one generate
+    and one teacher-forced pass for all passages, and each passage's answers, verdicts and gold
+    log-likelihood are those it gets alone."""
+    from seal_jax.selfedit.episode import score_adapters, score_adapters_many, score_base_many
+
+    lm = sj.load(tiny_chat_dir, progress=False)
+    config = tiny_config(tiny_chat_dir, grader="contains")
+    passages = load_passages("demo", n=3)
+    grader = make_grader(config, lm)
+    calls = []
+    original = lm.generate
+    lm.generate = lambda prompts, *a, **kw: calls.append(len(prompts)) or original(prompts, *a, **kw)
+    many = score_base_many(lm, passages, config, grader)
+    assert calls == [sum(len(p.questions) for p in passages)]
+    for passage, got in zip(passages, many, strict=True):
+        alone = score_base(lm, passage, config, grader)
+        assert got.answers == alone.answers and got.accuracy == alone.accuracy
+        assert got.measure.gold_loglik == pytest.approx(alone.measure.gold_loglik, rel=1e-6)
+    adapters = lm.train_adapters([[passages[0].text], [passages[1].text]], config.lora_spec(), config.train_spec())
+    together = score_adapters_many(lm, passages, config, grader, adapters)
+    for passage, got in zip(passages, together, strict=True):
+        alone = score_adapters(lm, passage, config, grader, adapters)
+        assert [a for a, _ in got] == [a for a, _ in alone] and len(got) == 2
+        assert [m.gold_loglik for _, m in got] == pytest.approx([m.gold_loglik for _, m in alone], rel=1e-6)
