@@ -17,8 +17,9 @@ device and for each hardware in :data:`HARDWARE`:
   real steps are slower;
 * **verdict** — whether the peak of training and sampling fits in :data:`USABLE_FRACTION` of HBM.
 
-Activation bytes are an estimate of what XLA keeps (attention scores are materialised: the model has no
-flash attention), not a measurement; the weights, LoRA and KV-cache bytes are exact for the arrays the code
+Activation bytes are an estimate of what XLA keeps (attention scores are materialised one block of
+queries at a time, ``attention.chunked_attention``, as on TPUs and GPUs; there is no fused flash kernel),
+not a measurement; the weights, LoRA and KV-cache bytes are exact for the arrays the code
 allocates.
 """
 
@@ -32,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from seal_jax.lm.attention import QUERY_CHUNK
 from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import chunk_length
 from seal_jax.lm.model import param_shapes, projection_shape
@@ -233,19 +235,36 @@ def matmul_parameters(config: ModelConfig) -> int:
     return config.num_layers * per_layer + config.vocab_size * config.hidden_size
 
 
+def score_rows(length: int) -> int:
+    """Queries whose attention scores exist at once on a TPU or GPU: a block of ``attention.QUERY_CHUNK``
+    when the sequence is longer and divides into such blocks, else the whole sequence."""
+    return QUERY_CHUNK if length > QUERY_CHUNK and length % QUERY_CHUNK == 0 else length
+
+
+def attention_block_bytes(config: ModelConfig, rows: int, length: int, act: int, tensor: int) -> int:
+    """The attention scores (float32) and probabilities (activation dtype) of one layer's
+    :func:`score_rows` queries over ``length`` keys, for ``rows`` sequences."""
+    heads = config.num_heads // tensor if config.num_heads % tensor == 0 else config.num_heads
+    return rows * heads * score_rows(length) * length * (4 + act)
+
+
 def layer_activation_bytes(config: ModelConfig, rows: int, length: int, act: int, tensor: int) -> int:
     """Estimated bytes one decoder layer keeps for its backward pass (``rows`` sequences of ``length``).
 
     Per token: the layer input, two norm outputs and the residual (``4 D``), q/k/v before and after
     norm+RoPE and the attention output (``3 q_dim + 4 kv_dim``), gate, up, silu and product (``4 F``) in the
-    activation dtype; and the attention scores (float32) and probabilities (activation dtype), ``H * T``
-    each. Head, KV-head and MLP widths are divided by ``tensor`` (they are sharded there).
+    activation dtype; and, when the attention is one block (:func:`score_rows`), its scores and
+    probabilities (:func:`attention_block_bytes`). A sequence of several blocks keeps no scores: each
+    block's are recomputed in the backward pass (``attention.chunked_attention``). Head, KV-head and MLP
+    widths are divided by ``tensor`` (they are sharded there).
     """
     c = config
     per_token = act * 4 * c.hidden_size
     per_token += act * (3 * c.q_dim + 4 * c.kv_dim + 4 * c.intermediate_size) // tensor
-    per_token += (4 + act) * c.num_heads * length // tensor
-    return rows * length * per_token
+    saved = rows * length * per_token
+    if score_rows(length) == length:
+        saved += attention_block_bytes(config, rows, length, act, tensor)
+    return saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,17 +304,18 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     rows = lanes * lane_rows
     t = w.seq_len
     one_layer = layer_activation_bytes(config, rows, t, act, tensor)
+    block = attention_block_bytes(config, rows, t, act, tensor)
+    chunked = score_rows(t) < t  # one block of attention scores exists at a time, recomputed when needed
     remat = remat_name(w.remat)
     if remat == "full":  # layer inputs for every layer, one layer's intermediates recomputed at a time
-        activations = config.num_layers * rows * t * config.hidden_size * act + one_layer
+        activations = config.num_layers * rows * t * config.hidden_size * act + one_layer + chunked * block
     elif remat == "minimal":
         # per layer its input and the projection outputs that feed non-linear work (q, k, v, gate, up; the
         # o/down outputs only join the residual); one layer's attention scores recomputed at a time
         saved = config.hidden_size + (config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size) // tensor
-        heads = config.num_heads // tensor if config.num_heads % tensor == 0 else config.num_heads
-        activations = config.num_layers * rows * t * saved * act + rows * heads * t * t * (4 + act)
+        activations = config.num_layers * rows * t * saved * act + block
     else:
-        activations = config.num_layers * one_layer
+        activations = config.num_layers * one_layer + chunked * block
     vocab = config.vocab_size // tensor if config.vocab_size % tensor == 0 else config.vocab_size
     # the chunked cross-entropy (lm/cross_entropy.py): per lane one chunk's float32 logits and its softmax in
     # the activation dtype (over several chunks a second float32 logits buffer: the compiled scan holds two,
@@ -310,7 +330,7 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     kv_cache = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * s * kv_heads * config.head_dim * act
     heads = config.num_heads // tensor if config.num_heads % tensor == 0 else config.num_heads
     p_len = w.prompt_tokens
-    prefill_scores = w.candidates * (b_pad // mesh["data"]) * heads * p_len * p_len * (4 + act)
+    prefill_scores = w.candidates * (b_pad // mesh["data"]) * heads * score_rows(p_len) * p_len * (4 + act)
     # prefill's scan also returns every layer's keys and values of the prompt before they fill the cache
     prompt_kv = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * p_len * kv_heads * config.head_dim * act
     sample = weights + w.candidates * p * LORA_BYTES + kv_cache + prefill_scores + prompt_kv

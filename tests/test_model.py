@@ -14,8 +14,6 @@ from seal_jax.lm.config import preset
 from seal_jax.lm.model import (
     Decoder,
     apply_rope,
-    attention,
-    cached_attention,
     matmul,
     project,
     rms_norm,
@@ -118,13 +116,6 @@ def test_building_blocks_against_torch():
                                q_ref.transpose(1, 2).numpy(), atol=1e-5)
 
 
-def test_attention_rows_without_keys_stay_finite():
-    q = jnp.ones((1, 3, 2, 4))
-    k = v = jnp.ones((1, 3, 1, 4))
-    allowed = jnp.zeros((1, 3, 3), bool)
-    assert bool(jnp.isfinite(attention(q, k, v, allowed)).all())
-
-
 def test_llama_with_more_layers_matches(tmp_path):
     model = make_hf_model("llama", seed=5, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                           hidden_size=64, head_dim=8, rope_theta=500.0)
@@ -133,20 +124,6 @@ def test_llama_with_more_layers_matches(tmp_path):
     assert lm.config.num_layers == 4 and lm.config.rope_theta == 500.0
     ids = np.random.default_rng(6).integers(0, 160, (2, 33))
     np.testing.assert_allclose(lm.logits(ids), torch_logits(model, ids), atol=1e-4, rtol=0)
-
-
-def test_cached_attention_equals_attention_on_the_cache_layout():
-    """The decode path's attention (keys cached transposed) equals :func:`attention` for several new tokens,
-    grouped-query heads, padding and a row with no allowed key."""
-    rng = np.random.default_rng(0)
-    b, t, s, h, kvh, dh = 3, 4, 11, 6, 2, 8
-    q = jnp.asarray(rng.standard_normal((b, t, h, dh)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((b, s, kvh, dh)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((b, s, kvh, dh)), jnp.float32)
-    allowed = jnp.asarray(rng.random((b, t, s)) < 0.6).at[2, 1].set(False)
-    want = attention(q, k, v, allowed)
-    got = cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), allowed)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
 def test_column_blocks_give_the_same_product():

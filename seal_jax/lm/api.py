@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from seal_jax.lm import attention as attn
 from seal_jax.lm import sampling, training, weights
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
@@ -93,6 +94,8 @@ class LM:
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None):
+        # attention's implementation follows the platform the programs run on (the mesh's devices)
+        model.attention_impl = attn.implementation_for(shd.platform(mesh))
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh

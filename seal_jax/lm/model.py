@@ -14,7 +14,8 @@ generation, not per token, and on CPU the sampler keeps the slices between gener
 :mod:`seal_jax.lm.sampling`) and the :class:`KVCache` holds one buffer per layer (keys ``[B, KVH, Dh, S]``,
 values ``[B, KVH, S, Dh]``) that each step updates in place.
 
-The arithmetic lives in small pure functions (``rms_norm``, ``apply_rope``, ``attention`` …); the
+The arithmetic lives in small pure functions (``rms_norm``, ``apply_rope``; attention in
+:mod:`seal_jax.lm.attention`, its implementation an attribute of the model chosen from the platform); the
 :class:`Decoder` module only owns the parameters and wires the functions together. LoRA adapters are a
 separate pytree passed to the forward (see :class:`LoraInputs`), so the base weights can be frozen and
 broadcast while adapters carry a leading candidate axis under ``vmap``.
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seal_jax.lm.attention import IMPLEMENTATIONS, AttentionError, attention, cached_attention
 from seal_jax.lm.config import ModelConfig
 from seal_jax.lm.types import PROJECTIONS, remat_name
 
@@ -94,50 +96,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Grouped-query scaled dot-product attention.
-
-    q: ``[B, T, H, Dh]``; k, v: ``[B, S, KVH, Dh]`` with ``H % KVH == 0``; allowed: bool ``[B, T, S]``. Rows with no allowed key (left
-    padding) get a uniform average instead of NaN. Returns ``[B, T, H, Dh]`` in ``q.dtype``; the softmax
-    is computed in float32.
-    """
-    b, t, h, dh = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(b, t, kvh, h // kvh, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (dh ** -0.5)
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, dh)
-
-
-def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, allowed: jax.Array,
-                     keys_transposed: bool = True) -> jax.Array:
-    """Grouped-query attention of T new tokens over a KV cache (the decode path).
-
-    q: ``[B, T, H, Dh]``; keys_t: the cache's keys *transposed*, ``[B, KVH, Dh, S]`` (or, with
-    ``keys_transposed=False``, ``[B, KVH, S, Dh]`` like the values); values: ``[B, KVH, S, Dh]``; allowed:
-    bool ``[B, T, S]``. Returns ``[B, T, H, Dh]`` in ``q.dtype``.
-
-    Two plain batched matmuls per row and KV head (``[G*T, Dh] @ [Dh, S]`` and ``[G*T, S] @ [S, Dh]``,
-    batch axes leading): with one new token XLA:CPU runs these about 4x faster than the einsum of
-    :func:`attention` on a ``[B, KVH, S, Dh]`` key layout.
-    """
-    b, t, h, dh = q.shape
-    kvh, s = keys_t.shape[1], keys_t.shape[3 if keys_transposed else 2]
-    g = h // kvh
-    qm = q.reshape(b, t, kvh, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, dh)
-    batch = ((0, 1), (0, 1))
-    contract = (3,), (2 if keys_transposed else 3,)
-    scores = jax.lax.dot_general(qm, keys_t, (contract, batch), preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kvh, t, g, s) * (dh ** -0.5)
-    scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b, kvh, t * g, s)
-    out = jax.lax.dot_general(probs, values, (((3,), (2,)), batch))
-    return out.reshape(b, kvh, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h, dh).astype(q.dtype)
 
 
 def split_columns(kernel: jax.Array, blocks: int) -> tuple[jax.Array, ...]:
@@ -211,6 +169,7 @@ def decoder_layer(
     allowed: jax.Array,
     write_kv: Any,
     write: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+    impl: str = "einsum",
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One pre-norm transformer block.
 
@@ -220,7 +179,8 @@ def decoder_layer(
     values ``[B, KVH, S, Dh]``) or ``None`` (keys are the T tokens themselves); allowed: bool
     ``[B, T, S]``; write_kv: cache slot of the first token; write: instead of ``keys_values``, a function
     that stores the T tokens' keys and values (both ``[B, KVH, T, Dh]``) in a cache held elsewhere and
-    returns this layer's whole keys and values (``[B, KVH, S, Dh]``) to attend over (the scanned decode). Returns
+    returns this layer's whole keys and values (``[B, KVH, S, Dh]``) to attend over (the scanned decode);
+    impl: the attention implementation without a cache (:func:`seal_jax.lm.attention.attention`). Returns
     the block output ``[B, T, D]`` and the layer's updated ``(k, v)`` cache (or, without a cache, the T
     tokens' own keys and values ``[B, T, KVH, Dh]``).
     """
@@ -246,7 +206,7 @@ def decoder_layer(
         attn = cached_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed, keys_transposed=False)
     elif keys_values is None:
         all_k, all_v = k, v
-        attn = attention(q, k, v, allowed)
+        attn = attention(q, k, v, allowed, impl)
     else:
         cache_k, cache_v = keys_values
         all_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype), (0, 0, 0, write_kv))
@@ -377,12 +337,18 @@ class Decoder(nnx.Module):
       remat: what training keeps of each layer for the backward pass, one of :data:`REMAT_POLICIES`
         ("none", "minimal": the projections' outputs, the rest recomputed; "full": the layer input only);
         a bool means "full" / "none".
+      attention_impl: how T tokens attend to their own keys (:data:`seal_jax.lm.attention.IMPLEMENTATIONS`);
+        :class:`~seal_jax.LM` sets it from its mesh's platform (``attention.implementation_for``).
     """
 
-    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, remat: str | bool = "minimal"):
+    def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, remat: str | bool = "minimal",
+                 attention_impl: str = "einsum"):
+        if attention_impl not in IMPLEMENTATIONS:
+            raise AttentionError(f"unknown attention implementation {attention_impl!r}; choose one of {IMPLEMENTATIONS}")
         self.config = config
         self.dtype = dtype
         self.remat = remat_name(remat)
+        self.attention_impl = attention_impl
         self.embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
         self.layers = LayerStack(config, dtype=dtype, rngs=rngs)
         self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
@@ -410,7 +376,8 @@ class Decoder(nnx.Module):
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & mask[:, None, :]
+        causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # no [T, T] int32 iota, as jnp.tril makes
+        allowed = causal[None] & mask[:, None, :]
         x = self.embedding[...][ids]
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
         use_dropout = lora is not None and lora.key is not None
@@ -420,7 +387,7 @@ class Decoder(nnx.Module):
             lkey = jax.random.fold_in(lora.key, idx) if use_dropout else None
             h, kv = decoder_layer(
                 h, w, lw, None if lora is None else lora.scale, None if lora is None else lora.dropout,
-                lkey, c, cos, sin, None, allowed, 0)
+                lkey, c, cos, sin, None, allowed, 0, impl=self.attention_impl)
             return h, (kv if return_kv else None)
 
         if self.remat != "none":

@@ -1,0 +1,132 @@
+"""Attention implementations against the reference einsum, the dispatch by platform, and the compiled
+training program's temporaries growing linearly with the sequence on a GPU target."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import seal_jax as sj
+from seal_jax import targets
+from seal_jax.lm import sharding as shd
+from seal_jax.lm.attention import (
+    AttentionError,
+    attention,
+    cached_attention,
+    chunked_attention,
+    einsum_attention,
+    implementation_for,
+)
+from seal_jax.lm.config import preset
+from seal_jax.lm.model import Decoder
+
+
+def inputs(b=3, t=16, s=16, h=6, kvh=2, dh=8, seed=0):
+    """Random q, k, v and a causal mask with left padding (rows 1 and 2 padded; their first rows see no key)."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, t, h, dh)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, kvh, dh)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, s, kvh, dh)), jnp.float32)
+    real = np.ones((b, s), bool)
+    real[1, :3], real[2, :9] = False, False
+    allowed = np.tril(np.ones((t, s), bool), s - t)[None] & real[:, None, :]
+    return q, k, v, jnp.asarray(allowed)
+
+
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_chunked_equals_einsum_with_padding_and_gqa(chunk):
+    q, k, v, allowed = inputs()
+    want = einsum_attention(q, k, v, allowed)
+    got = chunked_attention(q, k, v, allowed, chunk=chunk)
+    assert bool(jnp.isfinite(got).all())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, allowed)))
+
+    grads_want = jax.grad(loss(einsum_attention), argnums=(0, 1, 2))(q, k, v)
+    grads_got = jax.grad(loss(lambda *a: chunked_attention(*a, chunk=chunk)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(grads_got, grads_want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_sequences_of_one_block_use_the_einsum_and_the_cache_path_agrees():
+    q, k, v, allowed = inputs(t=6, s=6)
+    np.testing.assert_array_equal(np.asarray(chunked_attention(q, k, v, allowed, chunk=8)),
+                                  np.asarray(einsum_attention(q, k, v, allowed)))
+    np.testing.assert_array_equal(np.asarray(chunked_attention(q, k, v, allowed, chunk=4)),  # 6 % 4: one block
+                                  np.asarray(einsum_attention(q, k, v, allowed)))
+    got = cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), allowed)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(einsum_attention(q, k, v, allowed)), atol=1e-5, rtol=0)
+
+
+def test_dispatch_by_platform_and_errors():
+    assert implementation_for("cpu") == "einsum"
+    assert implementation_for("tpu") == implementation_for("gpu") == "chunked"
+    q, k, v, allowed = inputs()
+    with pytest.raises(AttentionError, match="unknown attention implementation 'flash'"):
+        attention(q, k, v, allowed, "flash")
+    with pytest.raises(AttentionError, match="5 query heads do not divide into 2"):
+        einsum_attention(q[..., :5, :], k, v, allowed)
+    with pytest.raises(AttentionError, match="unknown attention implementation"):
+        Decoder(preset("tiny"), rngs=nnx.Rngs(0), attention_impl="flash")
+    # the LM picks the implementation from its mesh's devices, not from the host
+    assert sj.LM.abstract("tiny").model.attention_impl == "einsum"
+    gpu = shd.make_mesh("data=8", devices=targets.devices("h100-8"))
+    assert sj.LM.abstract("tiny", mesh=gpu).model.attention_impl == "chunked"
+
+
+def test_a_chunked_model_gives_the_einsum_models_hidden_states():
+    """A whole decoder over 1,024 tokens (two blocks of 512) with left padding: chunked = einsum."""
+    config = preset("tiny")
+    einsum = Decoder(config, rngs=nnx.Rngs(3))
+    chunked = Decoder(config, rngs=nnx.Rngs(3), attention_impl="chunked")
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 1024)))
+    mask = jnp.ones((2, 1024), jnp.int32).at[1, :100].set(0)
+    a, _ = einsum.hidden_states(ids, mask)
+    b, _ = chunked.hidden_states(ids, mask)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=0)
+
+
+def test_training_temporaries_grow_linearly_with_the_sequence_on_a_gpu():
+    """The training program compiled for an H100 (deviceless): doubling T at most about doubles the
+    temporaries with chunked attention (no [T, S] float32 scores kept), where the einsum's grow about 4x."""
+    config = preset("tiny").replace(num_heads=16, num_kv_heads=4, max_position_embeddings=8192)
+    mesh = shd.make_mesh("data=1", devices=targets.devices("h100-1"))
+    lm = sj.LM.abstract(config, mesh=mesh, dtype="bfloat16", remat="none")
+    assert lm.model.attention_impl == "chunked"
+
+    def temporaries(model_lm, t):
+        return model_lm.lower_train(1, 1, t, sj.LoraSpec(rank=8, alpha=16), sj.TrainSpec(epochs=1)).compile(
+        ).memory_analysis().temp_size_in_bytes
+
+    chunked = temporaries(lm, 2048) / temporaries(lm, 1024)
+    einsum_lm = sj.LM.abstract(config, mesh=mesh, dtype="bfloat16", remat="none")
+    einsum_lm.model.attention_impl = "einsum"  # what the model did before, everywhere
+    einsum_lm.graphdef, einsum_lm.state = nnx.split(einsum_lm.model)
+    einsum = temporaries(einsum_lm, 2048) / temporaries(einsum_lm, 1024)
+    assert chunked <= 2.2 < einsum, (chunked, einsum)
+
+
+def test_attention_rows_without_keys_stay_finite():
+    q = jnp.ones((1, 3, 2, 4))
+    k = v = jnp.ones((1, 3, 1, 4))
+    allowed = jnp.zeros((1, 3, 3), bool)
+    assert bool(jnp.isfinite(attention(q, k, v, allowed)).all())
+
+
+def test_cached_attention_equals_attention_on_the_cache_layout():
+    """The decode path's attention (keys cached transposed) equals :func:`attention` for several new tokens,
+    grouped-query heads, padding and a row with no allowed key."""
+    rng = np.random.default_rng(0)
+    b, t, s, h, kvh, dh = 3, 4, 11, 6, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, t, h, dh)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, kvh, dh)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, s, kvh, dh)), jnp.float32)
+    allowed = jnp.asarray(rng.random((b, t, s)) < 0.6).at[2, 1].set(False)
+    want = attention(q, k, v, allowed)
+    got = cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), allowed)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
