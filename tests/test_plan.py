@@ -92,10 +92,16 @@ def test_remat_policies_keep_what_they_say():
     assert pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat=False)) == full
     assert pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat="full")) == remat
     one_layer = pl.layer_activation_bytes(cfg, 1, 1024, 2, 1)
-    assert full.activations == 36 * one_layer
-    assert remat.activations == 36 * 1024 * 4096 * 2 + one_layer
-    # layer input + q (4096) + k, v (1024 each) + gate, up (12288 each), and one layer's scores recomputed
-    assert minimal.activations == 36 * 1024 * (4096 + 4096 + 2 * 1024 + 2 * 12288) * 2 + 32 * 1024 * 1024 * 6
+    # 1,024 tokens are two blocks of 512 queries: no layer keeps its scores, one block's exist at a time
+    block = 32 * 512 * 1024 * 6
+    assert pl.attention_block_bytes(cfg, 1, 1024, 2, 1) == block and pl.score_rows(1024) == 512
+    assert one_layer == 1024 * (4 * 4096 + 3 * 4096 + 4 * 1024 + 4 * 12288) * 2
+    assert pl.layer_activation_bytes(cfg, 1, 512, 2, 1) == 512 * (4 * 4096 + 3 * 4096 + 4 * 1024 + 4 * 12288) * 2 + (
+        32 * 512 * 512 * 6)  # one block: its scores are kept
+    assert full.activations == 36 * one_layer + block
+    assert remat.activations == 36 * 1024 * 4096 * 2 + one_layer + block
+    # layer input + q (4096) + k, v (1024 each) + gate, up (12288 each), and one block's scores recomputed
+    assert minimal.activations == 36 * 1024 * (4096 + 4096 + 2 * 1024 + 2 * 12288) * 2 + block
     assert remat.train < minimal.train < full.train and remat.sample == minimal.sample == full.sample
     assert pl.Workload().remat == "minimal"
     with pytest.raises(pl.PlanError, match="remat must be one of"):
@@ -144,7 +150,7 @@ def test_fits_verdict_and_threshold():
     short = dataclasses.replace(pl.HARDWARE["h100"], hbm_bytes=peak / pl.USABLE_FRACTION * (1 - 1e-6))
     assert pl.verdict(cfg, host, w, exact).fits
     assert not pl.verdict(cfg, host, w, short).fits
-    no_remat = pl.verdict(cfg, host, dataclasses.replace(w, remat=False), pl.HARDWARE["h100"])
+    no_remat = pl.verdict(cfg, host, dataclasses.replace(w, remat=False, candidates=8, seq_len=4096), pl.HARDWARE["h100"])
     assert not no_remat.fits and "--remat full" in no_remat.message
 
 
