@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from seal_jax.lm.attention import QUERY_CHUNK
+from seal_jax.lm.attention import CHUNKED_FROM, QUERY_CHUNK
 from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import chunk_length
 from seal_jax.lm.model import param_shapes, projection_shape
@@ -237,8 +237,9 @@ def matmul_parameters(config: ModelConfig) -> int:
 
 def score_rows(length: int) -> int:
     """Queries whose attention scores exist at once on a TPU or GPU: a block of ``attention.QUERY_CHUNK``
-    when the sequence is longer and divides into such blocks, else the whole sequence."""
-    return QUERY_CHUNK if length > QUERY_CHUNK and length % QUERY_CHUNK == 0 else length
+    from ``attention.CHUNKED_FROM`` tokens on when the sequence divides into such blocks, else the whole
+    sequence."""
+    return QUERY_CHUNK if length >= CHUNKED_FROM and length % QUERY_CHUNK == 0 else length
 
 
 def attention_block_bytes(config: ModelConfig, rows: int, length: int, act: int, tensor: int) -> int:

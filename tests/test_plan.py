@@ -92,16 +92,17 @@ def test_remat_policies_keep_what_they_say():
     assert pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat=False)) == full
     assert pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat="full")) == remat
     one_layer = pl.layer_activation_bytes(cfg, 1, 1024, 2, 1)
-    # 1,024 tokens are two blocks of 512 queries: no layer keeps its scores, one block's exist at a time
-    block = 32 * 512 * 1024 * 6
-    assert pl.attention_block_bytes(cfg, 1, 1024, 2, 1) == block and pl.score_rows(1024) == 512
-    assert one_layer == 1024 * (4 * 4096 + 3 * 4096 + 4 * 1024 + 4 * 12288) * 2
-    assert pl.layer_activation_bytes(cfg, 1, 512, 2, 1) == 512 * (4 * 4096 + 3 * 4096 + 4 * 1024 + 4 * 12288) * 2 + (
-        32 * 512 * 512 * 6)  # one block: its scores are kept
-    assert full.activations == 36 * one_layer + block
-    assert remat.activations == 36 * 1024 * 4096 * 2 + one_layer + block
-    # layer input + q (4096) + k, v (1024 each) + gate, up (12288 each), and one block's scores recomputed
-    assert minimal.activations == 36 * 1024 * (4096 + 4096 + 2 * 1024 + 2 * 12288) * 2 + block
+    # 1,024 tokens: one einsum, whose scores a layer keeps
+    scores = 32 * 1024 * 1024 * 6
+    assert pl.attention_block_bytes(cfg, 1, 1024, 2, 1) == scores and pl.score_rows(1024) == 1024
+    assert one_layer == 1024 * (4 * 4096 + 3 * 4096 + 4 * 1024 + 4 * 12288) * 2 + scores
+    assert full.activations == 36 * one_layer
+    assert remat.activations == 36 * 1024 * 4096 * 2 + one_layer
+    # layer input + q (4096) + k, v (1024 each) + gate, up (12288 each), and one layer's scores recomputed
+    assert minimal.activations == 36 * 1024 * (4096 + 4096 + 2 * 1024 + 2 * 12288) * 2 + scores
+    # 2,048 tokens are four blocks of 512 queries: no layer keeps its scores, one block's exist at a time
+    assert pl.score_rows(2048) == 512 and pl.attention_block_bytes(cfg, 1, 2048, 2, 1) == 32 * 512 * 2048 * 6
+    assert pl.layer_activation_bytes(cfg, 1, 2048, 2, 1) == 2048 * (4 * 4096 + 3 * 4096 + 4 * 1024 + 4 * 12288) * 2
     assert remat.train < minimal.train < full.train and remat.sample == minimal.sample == full.sample
     assert pl.Workload().remat == "minimal"
     with pytest.raises(pl.PlanError, match="remat must be one of"):

@@ -11,7 +11,8 @@ compiled on a CPU host it is the target's platform, never the host's), and store
   each block's scores recomputed in the backward pass (``jax.checkpoint``). So no ``[T, S]`` float32 matrix
   exists, neither in the forward nor in the saved residuals, and training's temporaries grow linearly with
   T. A row's softmax sees exactly the same numbers as in ``"einsum"``, so the results agree to float
-  rounding. Sequences of up to one block, or of a length the block does not divide, use ``"einsum"``.
+  rounding. Sequences shorter than :data:`CHUNKED_FROM`, or of a length the block does not divide, use
+  ``"einsum"`` (below that length the blocks cost more time than their memory is worth).
 
 Not here yet: fused kernels (Pallas flash/splash attention on TPU, cuDNN flash attention on GPU). cuDNN
 cannot be reached by a deviceless GPU compile ("cuDNN not found"), so the compile-based checks could not
@@ -27,7 +28,13 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("einsum", "chunked")
-QUERY_CHUNK = 512  # queries per block of "chunked" (its scores: B x H x 512 x S float32 at a time)
+# Queries per block of "chunked" (its scores: B x H x 512 x S float32 at a time), used from CHUNKED_FROM
+# tokens on. Compiled for SEAL's Qwen3-8B training (BENCHMARKS.md, "Attention by platform"): at T = 1024,
+# blocks of 512 saved 1.9 GB of 12 on a v5e chip and cost 17% more roofline time (the blocks' recompute
+# nests inside remat's), so the einsum stays; at T = 2048 they let the program fit a v5e chip at all, and
+# blocks of 512 beat blocks of 1,024 in both memory and time on H100, v5e and v5p.
+QUERY_CHUNK = 512
+CHUNKED_FROM = 2048
 
 
 class AttentionError(ValueError):
@@ -49,6 +56,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, impl
     if impl == "einsum":
         return einsum_attention(q, k, v, allowed)
     if impl == "chunked":
+        if q.shape[1] < CHUNKED_FROM:
+            return einsum_attention(q, k, v, allowed)
         return chunked_attention(q, k, v, allowed)
     raise AttentionError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
