@@ -24,6 +24,11 @@ reports, per program and device:
 
 Shapes that a config does not fix (questions per passage, prompt and training-sequence lengths) come from
 :class:`Shapes`, whose defaults describe SEAL's SQuAD passages; each is a flag of ``seal-jax compile``.
+
+``seal-jax compile CONFIG --target T --search`` compiles the same programs on every mesh layout that makes
+sense for the target (:func:`candidate_meshes`: ``data × fsdp × tensor`` = the chips, ``tensor`` dividing the
+KV heads, ``fsdp`` the model width) and ranks the layouts that fit by their roofline time
+(:func:`search_layouts`).
 """
 
 from __future__ import annotations
@@ -382,6 +387,65 @@ def summarize(rows: Sequence[dict[str, Any]], workload: Workload) -> dict[str, A
     return {"fits": fits, "passage_seconds": seconds, "evaluations_per_hour": per_hour}
 
 
+def candidate_meshes(chips: int, config: ModelConfig) -> list[str]:
+    """Every ``data=…,fsdp=…,tensor=…`` over ``chips`` devices that the model can be split on: ``tensor``
+    dividing the KV heads (and so the query heads), ``fsdp`` dividing the width; ``data`` takes the rest
+    (the candidates and rows, with the base replicated across it)."""
+    out = []
+    for tensor in (t for t in range(1, chips + 1) if chips % t == 0 and config.num_kv_heads % t == 0):
+        for fsdp in (f for f in range(1, chips // tensor + 1) if (chips // tensor) % f == 0
+                     and config.hidden_size % f == 0):
+            out.append(f"data={chips // (tensor * fsdp)},fsdp={fsdp},tensor={tensor}")
+    return out
+
+
+def layout_time(report: dict[str, Any]) -> float | None:
+    """A report's roofline seconds, each program weighted by how often a passage runs it (a program run
+    once per run, iteration or round counts once); None when a program did not compile."""
+    if not all("roofline_s" in r for r in report["rows"]):
+        return None
+    return sum(r["roofline_s"] * max(r["per_passage"], 1) for r in report["rows"])
+
+
+def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
+                   meshes: Sequence[str] | None = None,
+                   on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Compile ``workload`` on each mesh of ``meshes`` (default :func:`candidate_meshes` of the target) and
+    rank them: layouts whose every program fits, fastest by :func:`layout_time` first, then the others.
+
+    Returns one entry per mesh: ``{"mesh", "fits", "seconds", "peak_bytes" (the largest program's),
+    "collective_bytes" (summed over programs), "collective_share" (of the roofline time, by the link
+    bandwidth), "report"}``."""
+    target = get_target(target_name)
+    out = []
+    for spec in meshes or candidate_meshes(target.chips, workload.config):
+        report = compile_workload(dataclasses.replace(workload, mesh=spec), target_name, only=only, on_row=on_row)
+        rows = report["rows"]
+        seconds = layout_time(report)
+        comm = sum(r.get("collective_bytes", 0.0) * max(r["per_passage"], 1) for r in rows)
+        link = target.hardware.link_bandwidth / 2
+        out.append({"mesh": spec, "fits": bool(rows) and all(r.get("fits") for r in rows), "seconds": seconds,
+                    "peak_bytes": max((r.get("peak_bytes") or 0 for r in rows), default=0),
+                    "collective_bytes": comm,
+                    "collective_share": (comm / link) / seconds if seconds else None, "report": report})
+    return sorted(out, key=lambda e: (not e["fits"], e["seconds"] if e["seconds"] is not None else math.inf))
+
+
+def format_search(entries: Sequence[dict[str, Any]], target: str, workload: str) -> str:
+    """The ranked layouts as a Markdown table."""
+    lines = [f"{workload} on {target}: mesh layouts ranked by roofline time (programs weighted by how often a "
+             "passage runs them)", "", "| rank | mesh | fits | peak GB | roofline s | collectives GB | "
+             "collectives' share |", "|---:|---|---|---:|---:|---:|---:|"]
+    for i, e in enumerate(entries, 1):
+        share = "–" if e["collective_share"] is None else f"{100 * e['collective_share']:.0f}%"
+        secs = "–" if e["seconds"] is None else f"{e['seconds']:.2f}"
+        lines.append(f"| {i if e['fits'] else '–'} | `{e['mesh']}` | {'yes' if e['fits'] else '**no**'} | "
+                     f"{e['peak_bytes'] / 1e9:.2f} | {secs} | {e['collective_bytes'] / 1e9:.2f} | {share} |")
+    best = next((e for e in entries if e["fits"]), None)
+    lines += ["", f"Best: `{best['mesh']}`." if best else "No layout fits."]
+    return "\n".join(lines)
+
+
 def _gb(x: float | None) -> str:
     return "–" if x is None else f"{x / 1e9:.2f}"
 
@@ -424,6 +488,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a preset (e.g. qwen3-8b) or HF folder; overrides the config's")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--only", default=None, help="comma-separated program names (answer, self_edit, train, …)")
+    parser.add_argument("--search", action="store_true",
+                        help="compile on every sensible mesh layout of the target and rank those that fit by "
+                             "roofline time (ignores --mesh)")
     parser.add_argument("--candidates", "-k", type=int, default=5, help="K (without a config)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(without a config)")
     parser.add_argument("--remat", default="minimal", choices=REMAT_POLICIES,
@@ -459,10 +526,19 @@ def main(args: argparse.Namespace) -> int:
             print(f"  compiled {row['program']} for {row['target']} in {row['compile_s']} s: {verdict}",
                   file=sys.stderr, flush=True)
 
-        report = compile_workload(workload, args.target, only=only, on_row=show)
+        if args.search:
+            entries = search_layouts(workload, args.target, only=only, on_row=show)
+        else:
+            report = compile_workload(workload, args.target, only=only, on_row=show)
     except (CompileError, TargetError, ConfigError, FileNotFoundError, ValueError) as error:
         print(f"seal-jax compile: {error}", file=sys.stderr)
         return 2
+    if args.search:
+        print(format_search(entries, args.target, workload.name))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(entries, indent=1, default=_json_default))
+        return 0 if any(e["fits"] for e in entries) else EXIT_DOES_NOT_FIT
     print(format_rows(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

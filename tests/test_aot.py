@@ -193,6 +193,34 @@ def test_workloads_from_the_papers_configs():
         aot.model_config("/nowhere/SomeModel")
 
 
+def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
+    """``--search``: every sensible layout of the target compiled and ranked by roofline time among those
+    that fit; each entry is the report a plain compile of that mesh gives."""
+    assert aot.candidate_meshes(8, preset("qwen3-8b")) == [
+        "data=8,fsdp=1,tensor=1", "data=4,fsdp=2,tensor=1", "data=2,fsdp=4,tensor=1", "data=1,fsdp=8,tensor=1",
+        "data=4,fsdp=1,tensor=2", "data=2,fsdp=2,tensor=2", "data=1,fsdp=4,tensor=2", "data=2,fsdp=1,tensor=4",
+        "data=1,fsdp=2,tensor=4", "data=1,fsdp=1,tensor=8"]
+    assert all("tensor=4" not in m and "tensor=8" not in m for m in aot.candidate_meshes(8, TINY))  # 2 KV heads
+    workload = tiny_workload(TINY, "qwen3")
+    meshes = ["data=1,fsdp=8,tensor=1", "data=8,fsdp=1,tensor=1", "data=2,fsdp=4,tensor=1"]
+    entries = aot.search_layouts(workload, "h100-8", only=["train"], meshes=meshes)
+    assert sorted(e["mesh"] for e in entries) == sorted(meshes) and all(e["fits"] for e in entries)
+    assert [e["seconds"] for e in entries] == sorted(e["seconds"] for e in entries)
+    by_mesh = {e["mesh"]: e for e in entries}
+    direct = aot.compile_workload(dataclasses.replace(workload, mesh="data=2,fsdp=4,tensor=1"), "h100-8",
+                                  only=["train"])
+    assert by_mesh["data=2,fsdp=4,tensor=1"]["seconds"] == pytest.approx(aot.layout_time(direct), rel=1e-9)
+    # the base replicated over data=8 moves far fewer bytes between chips than one split 8 ways
+    assert by_mesh["data=8,fsdp=1,tensor=1"]["collective_bytes"] < by_mesh["data=1,fsdp=8,tensor=1"]["collective_bytes"]
+    out = tmp_path / "search.json"
+    assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "-k", "2", "--only", "train",
+                     "--sequences", "2", "--seq-len", "32", "--search", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    ranked = json.loads(out.read_text())
+    assert len(ranked) == len(aot.candidate_meshes(8, TINY)) and f"Best: `{ranked[0]['mesh']}`." in printed
+    assert "| 1 | `" in printed
+
+
 def test_roofline_picks_the_bound():
     t = targets.get_target("h100-8")
     hw = t.hardware
