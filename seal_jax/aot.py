@@ -215,9 +215,10 @@ def cpt_programs(cfg: CptConfig, shapes: Shapes) -> list[Program]:
         _generate("answer_k", questions, shapes.question_len, knowledge.eval_max_new_tokens, adapters=(n, lora),
                   per_passage=0, note=f"answers under {n} stacked adapters, {cfg.eval_batch} passages per call"),
     ]
-    if knowledge.grader in grading.JUDGE_GRADERS:
-        programs.append(_generate("judge", questions, shapes.judge_len, shapes.judge_new, per_passage=0,
-                                  note=f"the LLM judge, {1 + n} answer sets per call"))
+    if knowledge.grader in grading.JUDGE_GRADERS:  # one call for the base answers, one for the n adapters'
+        programs.append(_generate("judge", n * questions, shapes.judge_len, shapes.judge_new, per_passage=0,
+                                  note=f"the LLM judge of the {n} adapters' answers, {cfg.eval_batch} passages "
+                                       "per call (the base answers' call is n times smaller)"))
     return programs
 
 
@@ -415,11 +416,17 @@ def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] 
 
     Returns one entry per mesh: ``{"mesh", "fits", "seconds", "peak_bytes" (the largest program's),
     "collective_bytes" (summed over programs), "collective_share" (of the roofline time, by the link
-    bandwidth), "report"}``."""
+    bandwidth), "report"}``; a layout the compiler rejects is an entry with ``"error"`` (and no report)."""
     target = get_target(target_name)
     out = []
     for spec in meshes or candidate_meshes(target.chips, workload.config):
-        report = compile_workload(dataclasses.replace(workload, mesh=spec), target_name, only=only, on_row=on_row)
+        try:
+            report = compile_workload(dataclasses.replace(workload, mesh=spec), target_name, only=only, on_row=on_row)
+        except Exception as error:  # one layout the compiler rejects must not end the search
+            message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            out.append({"mesh": spec, "fits": False, "seconds": None, "peak_bytes": 0, "collective_bytes": 0.0,
+                        "collective_share": None, "error": message, "report": None})
+            continue
         rows = report["rows"]
         seconds = layout_time(report)
         comm = sum(r.get("collective_bytes", 0.0) * max(r["per_passage"], 1) for r in rows)
@@ -439,7 +446,8 @@ def format_search(entries: Sequence[dict[str, Any]], target: str, workload: str)
     for i, e in enumerate(entries, 1):
         share = "–" if e["collective_share"] is None else f"{100 * e['collective_share']:.0f}%"
         secs = "–" if e["seconds"] is None else f"{e['seconds']:.2f}"
-        lines.append(f"| {i if e['fits'] else '–'} | `{e['mesh']}` | {'yes' if e['fits'] else '**no**'} | "
+        fits = "yes" if e["fits"] else f"**no** ({e['error'][:60]})" if e.get("error") else "**no**"
+        lines.append(f"| {i if e['fits'] else '–'} | `{e['mesh']}` | {fits} | "
                      f"{e['peak_bytes'] / 1e9:.2f} | {secs} | {e['collective_bytes'] / 1e9:.2f} | {share} |")
     best = next((e for e in entries if e["fits"]), None)
     lines += ["", f"Best: `{best['mesh']}`." if best else "No layout fits."]
@@ -466,7 +474,9 @@ def format_rows(report: dict[str, Any]) -> str:
                      f"{_gb(r['peak_bytes'])} | {'yes' if r['fits'] else '**no**'} | {r['flops'] / 1e9:.1f} | "
                      f"{_gb(r['bytes'])} | {_gb(r['min_bytes'])} | {coll} | {r['roofline_s'] * 1e3:.2f} | {r['bound']} |")
     s = report["summary"]
-    if s.get("passage_seconds") is not None and s.get("evaluations_per_hour") is None:
+    if not s.get("passage_seconds") and s.get("evaluations_per_hour") is None:
+        pass  # nothing runs once per passage (a CPT run without generated self-edits)
+    elif s.get("passage_seconds") is not None and s.get("evaluations_per_hour") is None:
         lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device (programs run once per "
                       "run, or once per call of several passages, are not counted in it)."]
     elif s.get("passage_seconds") is not None:
@@ -523,8 +533,8 @@ def main(args: argparse.Namespace) -> int:
 
         def show(row: dict[str, Any]) -> None:
             verdict = "fits" if row.get("fits") else "DOES NOT FIT"
-            print(f"  compiled {row['program']} for {row['target']} in {row['compile_s']} s: {verdict}",
-                  file=sys.stderr, flush=True)
+            print(f"  compiled {row['program']} for {row['target']} (mesh {row['mesh']}) in {row['compile_s']} s: "
+                  f"{verdict}", file=sys.stderr, flush=True)
 
         if args.search:
             entries = search_layouts(workload, args.target, only=only, on_row=show)

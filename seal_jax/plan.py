@@ -237,9 +237,8 @@ def matmul_parameters(config: ModelConfig) -> int:
 
 def score_rows(length: int) -> int:
     """Queries whose attention scores exist at once on a TPU or GPU: a block of ``attention.QUERY_CHUNK``
-    from ``attention.CHUNKED_FROM`` tokens on when the sequence divides into such blocks, else the whole
-    sequence."""
-    return QUERY_CHUNK if length >= CHUNKED_FROM and length % QUERY_CHUNK == 0 else length
+    from ``attention.CHUNKED_FROM`` tokens on, else the whole sequence."""
+    return QUERY_CHUNK if length >= CHUNKED_FROM else length
 
 
 def attention_block_bytes(config: ModelConfig, rows: int, length: int, act: int, tensor: int) -> int:

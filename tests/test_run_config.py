@@ -79,6 +79,11 @@ def test_resume_ignores_engine_settings_only():
     assert config_differences({**base, "cpt": {"conditions": ["passage"]}}, {**base, "cpt": cpt}) == []  # older
     assert config_differences({**base, "cpt": cpt}, {**base, "cpt": {**cpt, "eval_batch": 1}}) == []
     assert config_differences({**base, "cpt": cpt}, {**base, "cpt": {**cpt, "conditions": []}}) == ["cpt"]
+    # a template search saved before templates.seed_scores existed resumes; another value does not
+    older = {**base, "templates": {"variant": "archive"}}
+    assert config_differences(older, {**base, "templates": {"variant": "archive", "seed_scores": None}}) == []
+    assert config_differences(older, {**base, "templates": {"variant": "archive", "seed_scores": "rescore"}}) == [
+        "templates"]
     with pytest.raises(RunConfigError, match=r"remat must be one of \['none', 'minimal', 'full'\]"):
         tiny_config("m", remat="false")
     for value in ("none", "minimal", "full", True, False):
@@ -119,5 +124,6 @@ def test_reward_option_and_resuming_folders_written_before_it():
     assert config_differences(older, current) == []
     assert config_differences(older, {**current, "reward": "gold_loglik"}) == ["reward"]
     raw = {"name": "t", "model": "m", "reward": "gold_loglik", "templates": {"variant": "archive"}}
-    with pytest.raises(RunConfigError, match="template search scores templates by accuracy"):
-        load_config_from(raw)
+    assert load_config_from(raw).rescore_seeds  # the template search scores its seeds itself in nats/token
+    with pytest.raises(RunConfigError, match="seed_scores = 'paper' gives the seeds accuracies"):
+        load_config_from({**raw, "templates": {"variant": "archive", "seed_scores": "paper"}})

@@ -364,6 +364,9 @@ def test_config_parsing_and_errors(tiny_chat_dir):
         TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, seed_scores="mine"))
     assert not config.rescore_seeds and TemplateSearchConfig.from_dict(
         search_raw(tiny_chat_dir, seed_scores="rescore")).rescore_seeds
+    dense_noarchive = TemplateSearchConfig.from_dict({**search_raw(tiny_chat_dir, variant="noarchive"),
+                                                      "reward": "gold_loglik"})
+    assert not dense_noarchive.rescore_seeds and len(dense_noarchive.make_archive(seeds=[])) == 0
     with pytest.raises(RunConfigError, match="not both"):
         kind_of({**raw, "restem": {}})
     overlap = TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, eval_data={"source": "demo", "n": 1}))

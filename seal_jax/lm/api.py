@@ -94,8 +94,10 @@ class LM:
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None):
-        # attention's implementation follows the platform the programs run on (the mesh's devices)
-        model.attention_impl = attn.implementation_for(shd.platform(mesh))
+        # attention's implementation follows the platform the programs run on (the mesh's devices), unless
+        # the model was built with one
+        if model.attention_impl is None:
+            model.attention_impl = attn.implementation_for(shd.platform(mesh))
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh

@@ -11,8 +11,8 @@ compiled on a CPU host it is the target's platform, never the host's), and store
   each block's scores recomputed in the backward pass (``jax.checkpoint``). So no ``[T, S]`` float32 matrix
   exists, neither in the forward nor in the saved residuals, and training's temporaries grow linearly with
   T. A row's softmax sees exactly the same numbers as in ``"einsum"``, so the results agree to float
-  rounding. Sequences shorter than :data:`CHUNKED_FROM`, or of a length the block does not divide, use
-  ``"einsum"`` (below that length the blocks cost more time than their memory is worth).
+  rounding. Sequences shorter than :data:`CHUNKED_FROM` use ``"einsum"`` (below that length the blocks
+  cost more time than their memory is worth); a length the block does not divide is padded to whole blocks.
 
 Not here yet: fused kernels (Pallas flash/splash attention on TPU, cuDNN flash attention on GPU). cuDNN
 cannot be reached by a deviceless GPU compile ("cuDNN not found"), so the compile-based checks could not
@@ -82,10 +82,17 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arra
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
                       chunk: int = QUERY_CHUNK) -> jax.Array:
     """:func:`einsum_attention` over blocks of ``chunk`` queries, each block's scores recomputed in the
-    backward pass: the float32 scores of one block ``[B, KVH, G, chunk, S]`` exist at a time."""
+    backward pass: the float32 scores of one block ``[B, KVH, G, chunk, S]`` exist at a time. A length the
+    block does not divide is padded with queries that see no key (their rows are dropped)."""
     b, t, h, dh = q.shape
-    if t <= chunk or t % chunk:
+    if t <= chunk:
         return einsum_attention(q, k, v, allowed)
+    blocks = -(-t // chunk)
+    pad = blocks * chunk - t
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        allowed = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0)))
+
     @jax.checkpoint  # keep only the block's inputs for the backward pass, not its scores
     def block(i: jax.Array) -> jax.Array:
         # the block's queries and mask are sliced inside the loop: a mask broadcast over the heads then stays
@@ -94,8 +101,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
         allowed_i = jax.lax.dynamic_slice_in_dim(allowed, i * chunk, chunk, axis=1)
         return einsum_attention(q_i, k, v, allowed_i)
 
-    out = jax.lax.map(block, jnp.arange(t // chunk))  # [blocks, B, chunk, H, Dh]
-    return out.swapaxes(0, 1).reshape(b, t, h, dh)
+    out = jax.lax.map(block, jnp.arange(blocks))  # [blocks, B, chunk, H, Dh]
+    return out.swapaxes(0, 1).reshape(b, blocks * chunk, h, dh)[:, :t]
 
 
 def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, allowed: jax.Array,

@@ -337,13 +337,14 @@ class Decoder(nnx.Module):
       remat: what training keeps of each layer for the backward pass, one of :data:`REMAT_POLICIES`
         ("none", "minimal": the projections' outputs, the rest recomputed; "full": the layer input only);
         a bool means "full" / "none".
-      attention_impl: how T tokens attend to their own keys (:data:`seal_jax.lm.attention.IMPLEMENTATIONS`);
-        :class:`~seal_jax.LM` sets it from its mesh's platform (``attention.implementation_for``).
+      attention_impl: how T tokens attend to their own keys (:data:`seal_jax.lm.attention.IMPLEMENTATIONS`),
+        or None (the default): :class:`~seal_jax.LM` then chooses by its mesh's platform
+        (``attention.implementation_for``), and the module alone uses ``"einsum"``.
     """
 
     def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, remat: str | bool = "minimal",
-                 attention_impl: str = "einsum"):
-        if attention_impl not in IMPLEMENTATIONS:
+                 attention_impl: str | None = None):
+        if attention_impl is not None and attention_impl not in IMPLEMENTATIONS:
             raise AttentionError(f"unknown attention implementation {attention_impl!r}; choose one of {IMPLEMENTATIONS}")
         self.config = config
         self.dtype = dtype
@@ -387,7 +388,7 @@ class Decoder(nnx.Module):
             lkey = jax.random.fold_in(lora.key, idx) if use_dropout else None
             h, kv = decoder_layer(
                 h, w, lw, None if lora is None else lora.scale, None if lora is None else lora.dropout,
-                lkey, c, cos, sin, None, allowed, 0, impl=self.attention_impl)
+                lkey, c, cos, sin, None, allowed, 0, impl=self.attention_impl or "einsum")
             return h, (kv if return_kv else None)
 
         if self.remat != "none":

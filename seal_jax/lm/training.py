@@ -638,10 +638,12 @@ def train_adapters(
       sequences: K lists of training items (strings, or ``(prompt, completion)`` pairs for SFT).
       lora, train: one spec for all candidates or one per candidate.
       seed: the call's seed, mixed with every candidate's ``TrainSpec.seed``.
-      mesh: if given, the candidate axis is sharded over the mesh's ``data`` axis.
+      mesh: if given, the mesh's ``data`` axis splits the lanes, or else each micro-batch's rows, or else
+        the lanes padded with idle ones to a multiple of it (:func:`data_layout`).
       programs: a cache of compiled programs to reuse across calls (the LM facade keeps one).
       lanes: how many candidates train side by side (default: as few lanes as keep the run as short as
-        its longest candidate; ``lanes=K`` runs every candidate in its own lane).
+        its longest candidate; ``lanes=K`` runs every candidate in its own lane); raised to a multiple of
+        the mesh's ``data`` size when the lanes are padded.
     Returns:
       :class:`Adapters` with K candidates, their loss histories and failure reasons.
     """

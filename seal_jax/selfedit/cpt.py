@@ -15,8 +15,9 @@ one corpus per condition and trains ONE adapter on it, then asks every passage's
    saved to ``adapters/``; ``training.json`` (written last) records the corpus sizes and losses.
 4. **Evaluation.** The base model and every condition's adapter (K stacked) answer the questions (no
    passage in context), ``eval_batch`` passages per call (their questions in one ``generate`` call with the
-   K adapters, one grader call, one teacher-forced pass; a passage's rows are those it gets alone, its gold
-   log-likelihood to float rounding); results rows in the knowledge-run schema (``condition``, accuracy
+   K adapters, one grader call, one teacher-forced pass; a passage's rows are those it gets alone up to
+   numerics: other batch shapes pad differently, which moves the gold log-likelihood by float rounding and,
+   in bfloat16, can flip a near-tied greedy token); results rows in the knowledge-run schema (``condition``, accuracy
    before = the base model's on that passage, after = under the condition's adapter, and the gold answers'
    log-likelihood), appended per passage to ``results.jsonl`` (``seconds``: the call's time shared evenly).
 

@@ -125,8 +125,9 @@ def score_base(lm: LanguageModel, passage: Passage, config: RunConfig, grader: B
 def score_base_many(lm: LanguageModel, passages: Sequence[Passage], config: RunConfig, grader: BatchGrader
                     ) -> list[Baseline]:
     """:func:`score_base` of several passages: their questions answered in one ``generate`` call, graded in
-    one grader call and teacher-forced in one pass; a passage's results are those it gets alone (its gold
-    log-likelihood to float rounding: the batch is padded to another shape)."""
+    one grader call and teacher-forced in one pass; a passage's results are those it gets alone up to
+    numerics (the batch is padded to another shape: float rounding, and in bfloat16 a near-tied greedy token
+    may flip)."""
     answers = answer_questions(lm, passages, config)
     texts = [answers[span] for span in _spans(passages)]
     dense = gold_loglik(lm, passages, config)

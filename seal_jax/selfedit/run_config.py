@@ -337,10 +337,17 @@ class ExtendedConfig:
 RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch"})
 
 
+# Keys added to a table after run folders were written, with the value those folders ran with: a saved
+# config without the key compares as if it had that value.
+TABLE_KEY_DEFAULTS: dict[str, Any] = {"templates.seed_scores": None}
+
+
 def _results_part(key: str, value: Any) -> Any:
-    """``value`` of top-level ``key`` without the table entries that :data:`RESUME_FREE_KEYS` names."""
+    """``value`` of top-level ``key`` with :data:`TABLE_KEY_DEFAULTS` filled in and without the table
+    entries that :data:`RESUME_FREE_KEYS` names."""
     if isinstance(value, dict):
-        return {k: v for k, v in value.items() if f"{key}.{k}" not in RESUME_FREE_KEYS}
+        defaults = {k.split(".", 1)[1]: v for k, v in TABLE_KEY_DEFAULTS.items() if k.startswith(f"{key}.")}
+        return {k: v for k, v in {**defaults, **value}.items() if f"{key}.{k}" not in RESUME_FREE_KEYS}
     return value
 
 

@@ -152,13 +152,14 @@ class TemplateSearchConfig(ExtendedConfig):
         when fetched, else TF-IDF), ``embeddings`` or ``tfidf``.
       inner_model: ``generator`` (the evolving model takes the LoRA updates) or ``base``.
       sft: ReST-EM SFT of the generator between iterations; sft_top_k: templates kept per passage;
-        sft_positive_gain_only: keep only fills whose accuracy beat the accuracy before;
+        sft_positive_gain_only: keep only fills whose reward (accuracy or gold log-likelihood) beat the one
+          before;
         sft_lora, sft_train: :class:`~seal_jax.LoraSpec`/:class:`~seal_jax.TrainSpec` fields over SEAL's
         r=64, alpha=128, all projections, lr 3e-4, 2 epochs, batch 1.
       seed_scores: the human seeds' archive scores: ``"paper"`` (SEAL's accuracies, the default with
         ``reward = "accuracy"``) or ``"rescore"`` (the starting model scores the four seeds on the training
-        passages before iteration 1, into ``seeds/``; the default, and the only choice, with
-        ``reward = "gold_loglik"``).
+        passages before iteration 1, into ``seeds/``; the default with ``reward = "gold_loglik"``, except for
+        ``noarchive``, whose archive then holds no seeds; ``"paper"`` is refused there).
       eval_data: held-out passages for each iteration's best template (a data table, see
         :func:`~seal_jax.selfedit.knowledge.select_data`: ``{source, n, start, shuffle, seed}``, or
         ``subset = "selfedits"`` with ``selfedits`` for SEAL's 200 evaluation passages), or ``None``; the
@@ -226,8 +227,12 @@ class TemplateSearchConfig(ExtendedConfig):
 
     @property
     def rescore_seeds(self) -> bool:
-        """Whether the run scores the human seeds itself (``seed_scores``, default by ``reward``)."""
-        return (self.seed_scores or ("paper" if self.knowledge.reward == "accuracy" else "rescore")) == "rescore"
+        """Whether the run scores the human seeds itself: ``seed_scores``, or by default with a dense reward
+        unless the variant never shows the archive (``noarchive``: its archive, kept for the record, then
+        holds no seeds)."""
+        if self.seed_scores is not None:
+            return self.seed_scores == "rescore"
+        return self.knowledge.reward != "accuracy" and self.variant != "noarchive"
 
     def make_archive(self, entries: Sequence[ArchiveEntry] | None = None,
                      seeds: Sequence[ArchiveEntry] | None = None) -> Archive:
@@ -487,10 +492,11 @@ class _Search:
         """The human seeds as the run scores them (``seed_scores = "rescore"``): the starting model fills
         and trains on each seed template over the training passages (``seeds/results.jsonl``, rows per
         passage, ``iteration`` 0), and ``seeds/seeds.json`` is written last. None when the seeds keep the
-        paper's scores; False when ``stop_after`` ran out first."""
+        paper's scores, an empty list for a dense reward without rescoring; False when ``stop_after`` ran out
+        first."""
         config, k = self.config, self.config.knowledge
         if not config.rescore_seeds:
-            return None
+            return None if k.reward == "accuracy" else []  # the paper's seeds are accuracies: none here
         folder = self.out / "seeds"
         marker = folder / SEEDS_FILE
         saved = agree(lambda: json.loads(marker.read_text()) if marker.is_file() else None)
