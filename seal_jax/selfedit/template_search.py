@@ -24,7 +24,8 @@ An **iteration** (folder ``iteration-N/``):
    ``reward = "gold_loglik"`` the score is the mean log-likelihood per token of the gold answers after the
    update and the gain its change from before (a dense signal where accuracy is flat at small scale); the
    archive's human seeds are then scored by the run itself first (``seeds/``, see ``seed_scores``), as the
-   papers have no such figures, and the meta-prompt says what a score measures. Scored templates
+   papers have no such figures, and the meta-prompt says what a score measures (``novelty`` adds
+   λ·novelty to a score in nats then: its default λ was chosen for accuracies). Scored templates
    join the archive (``archive.jsonl`` at the top of the run: the seeds plus every finished iteration's
    entries; the ``noarchive`` variant keeps it too, for the record, but never shows it).
 3. **Evaluate** (optional ``eval_data``): the iteration's best template is scored the same way on
