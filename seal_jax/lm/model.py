@@ -377,7 +377,7 @@ class Decoder(nnx.Module):
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # no [T, T] int32 iota, as jnp.tril makes
+        causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
         allowed = causal[None] & mask[:, None, :]
         x = self.embedding[...][ids]
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
