@@ -262,7 +262,7 @@ def test_lora_with_zero_b_reproduces_base_logits(tiny):
 
 
 def test_masked_steps_leave_parameters_and_moments_bit_identical(tiny):
-    from seal_jax.lm.training import train_candidate
+    from seal_jax.lm.training import CandidateData, Step, train_candidate
 
     _, lm = tiny
     spec = TrainSpec(learning_rate=1e-2, epochs=2, seed=4)
@@ -271,9 +271,10 @@ def test_masked_steps_leave_parameters_and_moments_bit_identical(tiny):
     w0 = jax.tree.map(lambda x: x[0], initial_adapters(lm.params(), [LoraSpec(rank=4, alpha=8.0)], [spec], 0))
 
     def run(order, active, boundary, lr):
-        return jax.jit(train_candidate, static_argnums=0)(
-            lm.graphdef, lm.state, w0, 2.0, 0.0, 0.0, None, plan.tokens[0], plan.attention[0], plan.positions[0],
-            plan.weights[0], order, active, boundary, lr)
+        data = CandidateData(scale=2.0, dropout=0.0, weight_decay=0.0, key=None, tokens=plan.tokens[0],
+                             attention=plan.attention[0], positions=plan.positions[0], loss_weights=plan.weights[0])
+        steps = Step(order, active, boundary, lr, np.arange(len(active)))
+        return jax.jit(train_candidate, static_argnums=0)(lm.graphdef, lm.state, w0, data, steps)
 
     real = plan.active[0]
     # interleave masked steps (pointing at real data, with update flags set) between the real ones
@@ -415,4 +416,4 @@ def test_one_adapter_trains_data_parallel_over_the_mesh(tiny, tmp_path):
 
     call = prepare_call(pad.graphdef, pad.state, pad.params(), TOK, three, lora, spec1, seed=0, mesh=pad.mesh,
                         programs=None, lanes=None, eos_id=EOS, pad_id=PAD)
-    assert call.lanes.cand.shape[1] == 4 and call.args[-2].sharding.spec[1] == "data"
+    assert call.lanes.cand.shape[1] == 4 and call.args[-1].step.number.sharding.spec[1] == "data"

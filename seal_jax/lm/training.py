@@ -199,56 +199,109 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def micro_step(model: Decoder, w: Any, opt: Any, acc: Any, acc_loss: jax.Array, acc_tok: jax.Array,
-               failed_at: jax.Array, *, scale: Any, dropout: Any, weight_decay: Any, key: jax.Array | None,
-               tokens: jax.Array, attention: jax.Array, positions: jax.Array, weights: jax.Array,
-               idx: jax.Array, act: jax.Array, end: jax.Array, rate: jax.Array, step: jax.Array,
-               length: int | None = None, rows: Any = None) -> tuple[tuple[Any, ...], jax.Array]:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CandidateData:
+    """What one candidate trains on and with (a leading ``[K+1]`` axis when it holds all candidates).
+
+    scale: LoRA's ``alpha / rank``; dropout: LoRA dropout rate; weight_decay: AdamW's; key: the dropout PRNG
+    key (None when no candidate uses dropout); tokens/attention/positions ``[N, T]``; loss_weights ``[N, T]``
+    (1 where token t is a target).
+    """
+
+    scale: Any
+    dropout: Any
+    weight_decay: Any
+    key: Any
+    tokens: Any
+    attention: Any
+    positions: Any
+    loss_weights: Any
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Trainee:
+    """One candidate's training state between micro-steps: adapter ``weights``, AdamW state ``opt`` and
+    ``failed_at`` (the micro-step whose update became non-finite, or -1)."""
+
+    weights: Any
+    opt: Any
+    failed_at: Any
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Accumulator:
+    """A gradient-accumulation window in progress: summed ``grads``, ``loss`` and target ``count``."""
+
+    grads: Any
+    loss: Any
+    count: Any
+
+    @staticmethod
+    def zeros(weights: Any) -> Accumulator:
+        return Accumulator(jax.tree.map(jnp.zeros_like, weights), jnp.float32(0), jnp.float32(0))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Step:
+    """One micro-step of one candidate's schedule (a leading ``[S]`` / ``[S, M]`` axis for a schedule).
+
+    idx: ``[B]`` example rows (-1 = none); active: whether the step is real; boundary: whether it closes an
+    accumulation window; lr: the learning rate of that update; number: the candidate's own micro-step
+    number (its dropout key).
+    """
+
+    idx: Any
+    active: Any
+    boundary: Any
+    lr: Any
+    number: Any
+
+
+def micro_step(model: Decoder, trainee: Trainee, acc: Accumulator, data: CandidateData, step: Step, *,
+               length: int | None = None, rows: Any = None) -> tuple[Trainee, Accumulator, jax.Array]:
     """One micro-step of one candidate: gradient on a micro-batch, accumulation, and (at a window's end)
     the AdamW update, skipped if anything is non-finite.
 
-    tokens/attention/positions/weights: the candidate's data ``[N, T]``; idx ``[B]`` rows (-1 = none);
-    act/end: whether the step is real and whether it closes an accumulation window; rate: the learning
-    rate of that update; step: the candidate's own micro-step number (its dropout key); length: compute
-    on the first ``length`` tokens only (a static bucket that covers the micro-batch); rows: a sharding for
-    the micro-batch ``[B, t]`` (data parallelism within one candidate: the rows split over devices, the
-    gradient summed across them by the compiler), or None.
-    Returns ``((w, opt, acc, acc_loss, acc_tok, failed_at), loss of the update or NaN)``.
+    length: compute on the first ``length`` tokens only (a static bucket that covers the micro-batch); rows:
+    a sharding for the micro-batch ``[B, t]`` (data parallelism within one candidate: the rows split over
+    devices, the gradient summed across them by the compiler), or None.
+    Returns ``(trainee, accumulator, loss of the update or NaN)``.
     """
-    tx = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.add_decayed_weights(weight_decay))
-    safe = jnp.maximum(idx, 0)
-    valid = (idx >= 0)[:, None]
-    t = tokens.shape[-1] if length is None else length
-    batch = [x[safe][:, :t] for x in (tokens, attention, positions, weights)]
+    tx = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.add_decayed_weights(data.weight_decay))
+    safe = jnp.maximum(step.idx, 0)
+    valid = (step.idx >= 0)[:, None]
+    t = data.tokens.shape[-1] if length is None else length
+    batch = [x[safe][:, :t] for x in (data.tokens, data.attention, data.positions, data.loss_weights)]
     batch[3] = batch[3] * valid
     if rows is not None:
         batch = [jax.lax.with_sharding_constraint(x, rows) for x in batch]
-    step_key = jax.random.fold_in(key, step) if key is not None else None
+    step_key = jax.random.fold_in(data.key, step.number) if data.key is not None else None
 
     def loss_fn(w: Any) -> tuple[jax.Array, jax.Array]:
-        lora = LoraInputs(weights=w, scale=scale, dropout=dropout, key=step_key)
+        lora = LoraInputs(weights=w, scale=data.scale, dropout=data.dropout, key=step_key)
         return token_loss_sum(model, lora, *batch)
 
+    w, opt, failed_at = trainee.weights, trainee.opt, trainee.failed_at
     (loss_sum, count), g = jax.value_and_grad(loss_fn, has_aux=True)(w)
-    act = act & (failed_at < 0)
-    acc = _where_tree(act, jax.tree.map(jnp.add, acc, g), acc)
-    acc_loss = jnp.where(act, acc_loss + loss_sum, acc_loss)
-    acc_tok = jnp.where(act, acc_tok + count, acc_tok)
-    update_now = act & end
-    denom = jnp.maximum(acc_tok, 1.0)
-    grads = jax.tree.map(lambda x: x / denom, acc)
+    act = step.active & (failed_at < 0)
+    acc = Accumulator(_where_tree(act, jax.tree.map(jnp.add, acc.grads, g), acc.grads),
+                      jnp.where(act, acc.loss + loss_sum, acc.loss), jnp.where(act, acc.count + count, acc.count))
+    update_now = act & step.boundary
+    denom = jnp.maximum(acc.count, 1.0)
+    grads = jax.tree.map(lambda x: x / denom, acc.grads)
     updates, new_opt = tx.update(grads, opt, w)
-    new_w = jax.tree.map(lambda p, u: p - rate * u, w, updates)
-    finite = jnp.isfinite(acc_loss) & _all_finite(grads) & _all_finite(new_w)
+    new_w = jax.tree.map(lambda p, u: p - step.lr * u, w, updates)
+    finite = jnp.isfinite(acc.loss) & _all_finite(grads) & _all_finite(new_w)
     apply = update_now & finite
-    w = _where_tree(apply, new_w, w)
-    opt = _where_tree(apply, new_opt, opt)
-    failed_at = jnp.where(update_now & ~finite & (failed_at < 0), step, failed_at)
-    step_loss = jnp.where(update_now, acc_loss / denom, jnp.nan)
-    acc = _where_tree(update_now, jax.tree.map(jnp.zeros_like, acc), acc)
-    acc_loss = jnp.where(update_now, 0.0, acc_loss)
-    acc_tok = jnp.where(update_now, 0.0, acc_tok)
-    return (w, opt, acc, acc_loss, acc_tok, failed_at), step_loss
+    trainee = Trainee(_where_tree(apply, new_w, w), _where_tree(apply, new_opt, opt),
+                      jnp.where(update_now & ~finite & (failed_at < 0), step.number, failed_at))
+    step_loss = jnp.where(update_now, acc.loss / denom, jnp.nan)
+    acc = _where_tree(update_now, Accumulator.zeros(w), acc)
+    return trainee, acc, step_loss
 
 
 def init_opt_state(w: Any) -> Any:
@@ -256,30 +309,24 @@ def init_opt_state(w: Any) -> Any:
     return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(0.0)).init(w)
 
 
-def train_candidate(graphdef: Any, state: Any, lora_w: Any, scale: jax.Array, dropout: jax.Array,
-                    weight_decay: jax.Array, key: jax.Array | None, tokens: jax.Array, attention: jax.Array,
-                    positions: jax.Array, weights: jax.Array, order: jax.Array, active: jax.Array,
-                    boundary: jax.Array, lr: jax.Array) -> tuple[Any, jax.Array, jax.Array, Any]:
+def train_candidate(graphdef: Any, state: Any, lora_w: Any, data: CandidateData,
+                    schedule: Step) -> tuple[Any, jax.Array, jax.Array, Any]:
     """Train one candidate's adapter over its own micro-step schedule (the reference layout).
 
-    Shapes: lora_w ``{p: {"a": [L, in, R], "b": [L, R, out]}}``; tokens/attention/positions/weights
-    ``[N, T]``; order ``[S, B]``; active/boundary/lr ``[S]``.
+    Shapes: lora_w ``{p: {"a": [L, in, R], "b": [L, R, out]}}``; data as in :class:`CandidateData`;
+    schedule: a :class:`Step` per micro-step (leading axis ``[S]``).
     Returns ``(trained lora_w, loss per micro-step [S] (NaN where no update), failed micro-step or -1,
     final optimiser state)``.
     """
     model = nnx.merge(graphdef, state)
-    data = dict(scale=scale, dropout=dropout, weight_decay=weight_decay, key=key, tokens=tokens,
-                attention=attention, positions=positions, weights=weights)
 
-    def body(carry: Any, xs: Any) -> tuple[Any, jax.Array]:
-        idx, act, end, rate, step = xs
-        return micro_step(model, *carry, **data, idx=idx, act=act, end=end, rate=rate, step=step)
+    def body(carry: tuple[Trainee, Accumulator], step: Step) -> tuple[Any, jax.Array]:
+        trainee, acc, loss = micro_step(model, *carry, data, step)
+        return (trainee, acc), loss
 
-    zeros = jax.tree.map(jnp.zeros_like, lora_w)
-    init = (lora_w, init_opt_state(lora_w), zeros, jnp.float32(0), jnp.float32(0), jnp.int32(-1))
-    steps = jnp.arange(order.shape[0])
-    (w, opt, _, _, _, failed_at), losses = jax.lax.scan(body, init, (order, active, boundary, lr, steps))
-    return w, losses, failed_at, opt
+    init = (Trainee(lora_w, init_opt_state(lora_w), jnp.int32(-1)), Accumulator.zeros(lora_w))
+    (trainee, _), losses = jax.lax.scan(body, init, schedule)
+    return trainee.weights, losses, trainee.failed_at, trainee.opt
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,54 +456,51 @@ def data_layout(mesh: Any, lanes: int, batch: int) -> tuple[str, Any]:
     return "pad", None
 
 
-def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, scale: jax.Array,
-                dropout: jax.Array, weight_decay: jax.Array, keys: jax.Array, tokens: jax.Array,
-                attention: jax.Array, positions: jax.Array, weights: jax.Array, cand: jax.Array, idx: jax.Array,
-                active: jax.Array, boundary: jax.Array, lr: jax.Array, step: jax.Array,
-                length_bucket: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
-    """Train K+1 candidates (the last a dummy) on M lanes: a scan over steps; at each step every lane
-    gathers its candidate's adapter and optimiser state, runs :func:`micro_step` (``vmap`` over lanes,
-    at the step's token length) and scatters them back.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Schedule:
+    """A :class:`LanePlan` on the device: per step ``[S]`` and lane ``[S, M]``, which candidate a lane works on
+    (``cand``), that candidate's :class:`Step` and the step's ``length_bucket`` (``[S]``)."""
 
-    Per-candidate arrays have a leading ``K+1`` axis (lora_w, scale, dropout, weight_decay, keys,
-    tokens ``[K+1, N, T]`` …); lane arrays are ``[S, M, ...]``; length_bucket ``[S]``; ``layout`` holds the
-    static choices (token lengths, dropout, how the micro-batch rows are sharded).
+    cand: Any
+    step: Step
+    length_bucket: Any
+
+
+def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, data: CandidateData,
+                schedule: Schedule) -> tuple[Any, jax.Array, jax.Array]:
+    """Train K+1 candidates (the last a dummy) on M lanes: a scan over steps; at each step every lane
+    gathers its candidate's adapter, optimiser state and data, runs :func:`micro_step` (``vmap`` over lanes,
+    at the step's token length) and scatters the candidate's state back.
+
+    lora_w and every field of ``data`` have a leading ``K+1`` axis; ``layout`` holds the static choices
+    (token lengths, dropout, how the micro-batch rows are sharded).
     Returns ``(lora_w [K+1, ...], loss per step and lane [S, M], failed micro-step per candidate [K+1])``.
     """
     model = nnx.merge(graphdef, state)
-    opt = jax.vmap(init_opt_state)(lora_w)
-    m = cand.shape[1]
-    acc0 = jax.tree.map(lambda x: jnp.zeros((m, *x.shape[1:]), x.dtype), lora_w)
-    failed0 = jnp.full((scale.shape[0],), -1, jnp.int32)
+    m = schedule.cand.shape[1]
+    trainees = Trainee(lora_w, jax.vmap(init_opt_state)(lora_w), jnp.full((data.scale.shape[0],), -1, jnp.int32))
+    acc0 = jax.vmap(lambda _: Accumulator.zeros(jax.tree.map(lambda x: x[0], lora_w)))(jnp.arange(m))
 
-    def lane_step(length: int, w: Any, o: Any, acc: Any, acc_loss: Any, acc_tok: Any, failed: Any, c: Any,
-                  i: Any, a: Any, e: Any, r: Any, st: Any) -> Any:
-        return micro_step(model, w, o, acc, acc_loss, acc_tok, failed, scale=scale[c], dropout=dropout[c],
-                          weight_decay=weight_decay[c], key=keys[c] if layout.dropout else None, tokens=tokens[c],
-                          attention=attention[c], positions=positions[c], weights=weights[c], idx=i, act=a,
-                          end=e, rate=r, step=st, length=length, rows=layout.rows)
+    def lane_step(length: int, trainee: Trainee, acc: Accumulator, c: Any, step: Step) -> Any:
+        mine = jax.tree.map(lambda x: x[c], dataclasses.replace(data, key=data.key if layout.dropout else None))
+        return micro_step(model, trainee, acc, mine, step, length=length, rows=layout.rows)
 
-    def idle(w: Any, o: Any, acc: Any, acc_loss: Any, acc_tok: Any, failed: Any, *_: Any) -> Any:
-        return (w, o, acc, acc_loss, acc_tok, failed), jnp.full((m,), jnp.nan, jnp.float32)
+    def idle(trainee: Trainee, acc: Accumulator, *_: Any) -> Any:
+        return trainee, acc, jnp.full((m,), jnp.nan, jnp.float32)
 
     branches = [jax.vmap(functools.partial(lane_step, n)) for n in layout.lengths] + [idle]
 
-    def body(carry: Any, xs: Any) -> tuple[Any, jax.Array]:
-        w_all, o_all, acc, acc_loss, acc_tok, failed_all = carry
-        c, i, a, e, r, st, lb = xs
-        w = jax.tree.map(lambda x: x[c], w_all)
-        o = jax.tree.map(lambda x: x[c], o_all)
-        operands = (w, o, acc, acc_loss, acc_tok, failed_all[c], c, i, a, e, r, st)
-        (w, o, acc, acc_loss, acc_tok, failed), loss = jax.lax.switch(lb, branches, *operands)
-        w_all = jax.tree.map(lambda big, x: big.at[c].set(x), w_all, w)
-        o_all = jax.tree.map(lambda big, x: big.at[c].set(x), o_all, o)
-        failed_all = failed_all.at[c].set(failed)
-        return (w_all, o_all, acc, acc_loss, acc_tok, failed_all), loss
+    def body(carry: tuple[Trainee, Accumulator], xs: Schedule) -> tuple[Any, jax.Array]:
+        everyone, acc = carry
+        c = xs.cand
+        lanes = jax.tree.map(lambda x: x[c], everyone)
+        lanes, acc, loss = jax.lax.switch(xs.length_bucket, branches, lanes, acc, c, xs.step)
+        everyone = jax.tree.map(lambda big, x: big.at[c].set(x), everyone, lanes)
+        return (everyone, acc), loss
 
-    zeros_m = jnp.zeros((m,), jnp.float32)
-    init = (lora_w, opt, acc0, zeros_m, zeros_m, failed0)
-    (w, _, _, _, _, failed), losses = jax.lax.scan(body, init, (cand, idx, active, boundary, lr, step, length_bucket))
-    return w, losses, failed
+    (trainees, _), losses = jax.lax.scan(body, (trainees, acc0), schedule)
+    return trainees.weights, losses, trainees.failed_at
 
 
 def make_train_program(graphdef: Any, layout: TrainLayout) -> Any:
@@ -543,17 +587,18 @@ def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Seque
         return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
 
     def floats(values: list[float]) -> Any:
-        return np.asarray(values, np.float32)
+        if abstract:
+            return with_dummy(jax.ShapeDtypeStruct((len(values),), jnp.float32))
+        return with_dummy(np.asarray(values, np.float32))
 
-    per_candidate = (
-        jax.tree.map(with_dummy, weights),
-        *(with_dummy(floats(v)) if not abstract else with_dummy(jax.ShapeDtypeStruct((len(v),), jnp.float32))
-          for v in ([s.scale for s in specs_l], [s.dropout for s in specs_l], [s.weight_decay for s in specs_t])),
-        with_dummy(keys),
-        *(with_dummy(x) if not abstract else with_dummy(jax.ShapeDtypeStruct(x.shape, x.dtype))
-          for x in (plan.tokens, plan.attention, plan.positions, plan.weights)),
-    )
-    lane_args = (lp.cand, lp.idx, lp.active, lp.boundary, lp.lr, lp.step)
+    def data(x: np.ndarray) -> Any:
+        return with_dummy(jax.ShapeDtypeStruct(x.shape, x.dtype) if abstract else x)
+
+    candidates = CandidateData(
+        scale=floats([s.scale for s in specs_l]), dropout=floats([s.dropout for s in specs_l]),
+        weight_decay=floats([s.weight_decay for s in specs_t]), key=with_dummy(keys), tokens=data(plan.tokens),
+        attention=data(plan.attention), positions=data(plan.positions), loss_weights=data(plan.weights))
+    steps = Step(lp.idx, lp.active, lp.boundary, lp.lr, lp.step)
     layout = TrainLayout(lp.lengths, any(s.dropout > 0 for s in specs_l), rows)
     if programs is None:
         programs = {}
@@ -562,8 +607,9 @@ def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Seque
     length_bucket = (jax.ShapeDtypeStruct(lp.length_bucket.shape, jnp.int32,
                                           sharding=None if mesh is None else shd.replicated(mesh))
                      if abstract else jnp.asarray(lp.length_bucket))
-    args = (state, *_place(mesh, per_candidate, _candidate_sharding, abstract),
-            *_place(mesh, lane_args, _lane_sharding, abstract), length_bucket)
+    cand, steps = _place(mesh, (lp.cand, steps), _lane_sharding, abstract)
+    args = (state, *_place(mesh, (jax.tree.map(with_dummy, weights), candidates), _candidate_sharding, abstract),
+            Schedule(cand, steps, length_bucket))
     return TrainCall(programs[layout], args, plan, lp, specs_l, specs_t)
 
 
