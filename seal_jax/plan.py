@@ -36,7 +36,7 @@ from typing import Any
 from seal_jax.lm.attention import CHUNKED_FROM, QUERY_CHUNK
 from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import chunk_length
-from seal_jax.lm.model import param_shapes, projection_shape
+from seal_jax.lm.params import param_shapes, projection_shape
 from seal_jax.lm.sampling import batch_bucket
 from seal_jax.lm.sharding import MESH_AXES, PARAM_AXES, MeshError, parse_mesh_spec, spec_for
 from seal_jax.lm.types import PROJECTIONS, REMAT_POLICIES, remat_name

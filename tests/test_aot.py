@@ -17,8 +17,10 @@ from seal_jax.cli import main as cli_main
 from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import preset
 from seal_jax.lm.lora import LoraSpec
+from seal_jax.lm.params import param_shapes, projection_shape
 from seal_jax.lm.sharding import PARAM_AXES
 from seal_jax.lm.training import TrainSpec
+from seal_jax.lm.types import PROJECTIONS
 
 TINY = preset("tiny")
 TINY_LLAMA = TINY.replace(family="llama", qk_norm=False, tie_word_embeddings=True)
@@ -80,7 +82,7 @@ def hand_argument_bytes(config, mesh_sizes: dict[str, int], dtype_bytes: int) ->
     over fsdp, and the output head over fsdp by its vocabulary (the tiny widths all divide); norms are
     replicated."""
     total = 0
-    for path, shape in sj.lm.model.param_shapes(config).items():
+    for path, shape in param_shapes(config).items():
         split = mesh_sizes["fsdp"] if {"embed", "head_vocab"} & set(PARAM_AXES[path]) else 1
         total += math.prod(shape) * dtype_bytes // split
     return total
@@ -104,11 +106,11 @@ def hand_training_flops(config, *, seq_len: int, rank: int, targets_: tuple[str,
     frozen base's matmuls and head, attention forward (2 matmuls) and backward (4), LoRA forward and both
     gradients (3× its forward); every lane works at every step."""
     c, t = config, seq_len
-    layer = sum(math.prod(sj.lm.model.projection_shape(c, p)) for p in sj.lm.model.PROJECTIONS)
+    layer = sum(math.prod(projection_shape(c, p)) for p in PROJECTIONS)
     head = c.hidden_size * c.vocab_size
     base = 2 * (2 * layer * t * c.num_layers + 2 * head * (t - 1))
     attention = 3 * c.num_layers * 4 * t * t * c.num_heads * c.head_dim
-    lora = 3 * c.num_layers * t * sum(2 * rank * sum(sj.lm.model.projection_shape(c, p)) for p in targets_)
+    lora = 3 * c.num_layers * t * sum(2 * rank * sum(projection_shape(c, p)) for p in targets_)
     return float((base + attention + lora) * lanes * steps)
 
 
@@ -240,7 +242,7 @@ def test_hlo_counts_a_tpu_convolution_program():
     lm = sj.LM.abstract(TINY, mesh=mesh, dtype="bfloat16")
     stats = hlo.analyze(lm.lower_logits(4, 64).compile().as_text())
     c, tokens = TINY, 2 * 64  # per device: 2 rows of 64
-    layer = sum(math.prod(sj.lm.model.projection_shape(c, p)) for p in sj.lm.model.PROJECTIONS)
+    layer = sum(math.prod(projection_shape(c, p)) for p in PROJECTIONS)
     matmuls = 2 * tokens * (c.num_layers * layer + c.hidden_size * c.vocab_size) / 2
     attention = c.num_layers * 4 * 2 * 64 * 64 * c.num_heads * c.head_dim
     assert stats.flops == pytest.approx(matmuls + attention, rel=0.01)

@@ -14,7 +14,8 @@ import pytest
 from seal_jax import plan as pl
 from seal_jax.cli import main as cli_main
 from seal_jax.lm.config import preset
-from seal_jax.lm.model import KVCache, param_shapes
+from seal_jax.lm.model import KVCache
+from seal_jax.lm.params import param_shapes
 from seal_jax.lm.sharding import make_mesh, param_sharding
 
 QWEN3_8B_PARAMS = 8_190_735_360  # Qwen3-8B's published parameter count (model card / safetensors index)

@@ -321,7 +321,7 @@ TARGETS = ("q_proj", "v_proj", "down_proj")
 
 def make_adapters(lm: LM, rank: int = 4, seed: int = 0) -> LoraInputs:
     """K=2 stacked adapters: candidate 0 has b = 0 (a no-op), candidate 1 is random."""
-    from seal_jax.lm.model import projection_shape
+    from seal_jax.lm.params import projection_shape
 
     rng = np.random.default_rng(seed)
     L = lm.config.num_layers
@@ -424,7 +424,7 @@ def test_lora_adapters_class_stack_and_single(qwen):
 
 def test_generate_text_with_stacked_adapters_returns_k_lists(bundled_lm):
     lm = bundled_lm
-    from seal_jax.lm.model import projection_shape
+    from seal_jax.lm.params import projection_shape
 
     din, dout = projection_shape(lm.config, "v_proj")
     L = lm.config.num_layers

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import seal_jax as sj
+from seal_jax.lm.params import param_shapes
 from seal_jax.lm.sharding import (
     MESH_AXES,
     PARAM_AXES,
@@ -51,7 +52,7 @@ def test_rules_replicate_what_does_not_divide():
     assert tuple(spec_for(mesh, ("layers", "embed", "heads"), (4, 64, 64))) == (None, "fsdp", "tensor")
     assert tuple(spec_for(mesh, ("layers", "embed", "heads"), (4, 63, 64))) == (None, None, "tensor")
     assert tuple(spec_for(mesh, ("vocab", "embed"), (151, 64))) == (None, "fsdp")
-    assert set(PARAM_AXES) >= set(sj.lm.model.param_shapes(sj.lm.preset("qwen3-8b")))
+    assert set(PARAM_AXES) >= set(param_shapes(sj.lm.preset("qwen3-8b")))
 
 
 def test_the_output_head_is_split_over_its_vocabulary():

@@ -157,7 +157,7 @@ def test_loading_holds_about_one_tensor_in_host_memory(tmp_path):
 
 def test_random_weights_are_the_same_on_any_mesh_and_placed_by_the_rules():
     from seal_jax.lm.config import preset
-    from seal_jax.lm.model import param_shapes
+    from seal_jax.lm.params import param_shapes
     from seal_jax.lm.sharding import make_mesh, param_sharding
     from seal_jax.lm.weights import RANDOM_STD, random_params
 

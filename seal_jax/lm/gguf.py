@@ -34,6 +34,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from seal_jax.lm.config import from_hf_dict
+from seal_jax.lm.params import declared
+
 __all__ = [
     "GGUFError",
     "GGUFLlamaSpec",
@@ -128,30 +131,10 @@ class GGUFLlamaSpec:
         return config
 
     def hf_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Return the expected HF tensor name → shape map (weights only; biases are checked separately)."""
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        shapes: dict[str, tuple[int, ...]] = {
-            "model.embed_tokens.weight": (self.vocab_size, h),
-            "model.norm.weight": (h,),
-        }
-        if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (self.vocab_size, h)
-        per_layer = {
-            "self_attn.q_proj.weight": (q, h),
-            "self_attn.k_proj.weight": (kv, h),
-            "self_attn.v_proj.weight": (kv, h),
-            "self_attn.o_proj.weight": (h, q),
-            "mlp.gate_proj.weight": (i, h),
-            "mlp.up_proj.weight": (i, h),
-            "mlp.down_proj.weight": (h, i),
-            "input_layernorm.weight": (h,),
-            "post_attention_layernorm.weight": (h,),
-        }
-        for n in range(self.num_hidden_layers):
-            for suffix, shape in per_layer.items():
-                shapes[f"model.layers.{n}.{suffix}"] = shape
-        return shapes
+        """Return the expected HF tensor name → shape map (weights only; biases are checked separately), from
+        the one table of parameters (:mod:`seal_jax.lm.params`)."""
+        config = from_hf_dict(self.hf_config(), where=f"the config of GGUF model {self.name or '(unnamed)'}")
+        return {name: decl.hf_shape(config) for decl in declared(config) for name in decl.hf_names(config)}
 
 
 def _open_reader(gguf_path: Path):

@@ -23,12 +23,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from seal_jax.lm.model import LoraInputs
+from seal_jax.lm.params import peft_module
 from seal_jax.lm.types import PROJECTIONS, LoraError, LoraSpec
-
-PEFT_MODULE_PARENT = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
 
 
 def projection_dims(params: dict[str, Any], name: str) -> tuple[int, int, int]:
@@ -188,7 +184,7 @@ class Adapters:
         tensors: dict[str, np.ndarray] = {}
         for p, ab in self.unpadded(k).items():
             for layer in range(ab["a"].shape[0]):
-                prefix = f"base_model.model.model.layers.{layer}.{PEFT_MODULE_PARENT[p]}.{p}"
+                prefix = peft_module(p, layer)
                 tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(ab["a"][layer].T, np.float32)
                 tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(ab["b"][layer].T, np.float32)
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -33,37 +33,8 @@ from flax import nnx
 
 from seal_jax.lm.attention import IMPLEMENTATIONS, AttentionError, attention, cached_attention
 from seal_jax.lm.config import ModelConfig
+from seal_jax.lm.params import BY_PATH, PARAMS, ParamDecl, declared
 from seal_jax.lm.types import PROJECTIONS, remat_name
-
-
-def projection_shape(config: ModelConfig, name: str) -> tuple[int, int]:
-    """``(in, out)`` widths of the projection ``name`` (one of :data:`PROJECTIONS`)."""
-    d, f = config.hidden_size, config.intermediate_size
-    shapes = {
-        "q_proj": (d, config.q_dim), "k_proj": (d, config.kv_dim), "v_proj": (d, config.kv_dim),
-        "o_proj": (config.q_dim, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
-    }
-    if name not in shapes:
-        raise KeyError(f"unknown projection {name!r}; projections: {list(PROJECTIONS)}")
-    return shapes[name]
-
-
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every parameter of :class:`Decoder`, keyed by its dotted path (e.g. ``layers.q_proj``)."""
-    L, d = config.num_layers, config.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"embedding": (config.vocab_size, d)}
-    for name in PROJECTIONS:
-        shapes[f"layers.{name}"] = (L, *projection_shape(config, name))
-    shapes["layers.input_norm"] = (L, d)
-    shapes["layers.post_attention_norm"] = (L, d)
-    if config.qk_norm:
-        shapes["layers.q_norm"] = (L, config.head_dim)
-        shapes["layers.k_norm"] = (L, config.head_dim)
-    shapes["final_norm"] = (d,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (d, config.vocab_size)
-    return shapes
-
 
 # ----------------------------------------------------------------------------------------------------
 # Pure functions
@@ -223,24 +194,28 @@ def decoder_layer(
 # The module
 
 
+def new_param(decl: ParamDecl, config: ModelConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.Param:
+    """A freshly initialised parameter as its row of :data:`~seal_jax.lm.params.PARAMS` says."""
+    shape = decl.shape(config)
+    if decl.init == "ones":
+        return nnx.Param(jnp.ones(shape, dtype))
+    return nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), shape, dtype))
+
+
+LAYER_PARAMS = tuple(d.path.removeprefix("layers.") for d in PARAMS if d.per_layer)
+
+
 class LayerStack(nnx.Module):
     """All decoder layers' weights, stacked on a leading layer axis ``[L, ...]``."""
 
     def __init__(self, config: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
-        L = config.num_layers
-        init = nnx.initializers.normal(0.02)
-        for name in PROJECTIONS:
-            setattr(self, name, nnx.Param(init(rngs.params(), (L, *projection_shape(config, name)), dtype)))
-        self.input_norm = nnx.Param(jnp.ones((L, config.hidden_size), dtype))
-        self.post_attention_norm = nnx.Param(jnp.ones((L, config.hidden_size), dtype))
-        if config.qk_norm:
-            self.q_norm = nnx.Param(jnp.ones((L, config.head_dim), dtype))
-            self.k_norm = nnx.Param(jnp.ones((L, config.head_dim), dtype))
+        for decl in declared(config):
+            if decl.per_layer:
+                setattr(self, decl.path.removeprefix("layers."), new_param(decl, config, dtype, rngs))
 
     def arrays(self) -> dict[str, jax.Array]:
         """The stacked weights as a plain dict of arrays ``{name: [L, ...]}``."""
-        names = [*PROJECTIONS, "input_norm", "post_attention_norm", "q_norm", "k_norm"]
-        return {n: getattr(self, n)[...] for n in names if hasattr(self, n)}
+        return {n: getattr(self, n)[...] for n in LAYER_PARAMS if hasattr(self, n)}
 
 
 def unstack_layers(tree: Any, num_layers: int) -> list[Any]:
@@ -350,11 +325,11 @@ class Decoder(nnx.Module):
         self.dtype = dtype
         self.remat = remat_name(remat)
         self.attention_impl = attention_impl
-        self.embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
+        self.embedding = new_param(BY_PATH["embedding"], config, dtype, rngs)
         self.layers = LayerStack(config, dtype=dtype, rngs=rngs)
-        self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
-        if not config.tie_word_embeddings:
-            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (config.hidden_size, config.vocab_size), dtype))
+        for decl in declared(config):
+            if not decl.per_layer and decl.path != "embedding":
+                setattr(self, decl.path, new_param(decl, config, dtype, rngs))
 
     def hidden_states(
         self,

@@ -80,7 +80,8 @@ from jax.sharding import Mesh, NamedSharding
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig
-from seal_jax.lm.model import KVCache, LoraInputs, projection_shape, split_columns, unstack_layers
+from seal_jax.lm.model import KVCache, LoraInputs, split_columns, unstack_layers
+from seal_jax.lm.params import projection_shape
 from seal_jax.lm.types import PROJECTIONS, SamplingError, SamplingParams, is_int
 
 MIN_STOP_SLOTS = 8  # the stop-id table is padded to this size (or the next power of two above it)

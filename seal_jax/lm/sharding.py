@@ -2,8 +2,9 @@
 
 The mesh has three axes: ``data`` (batch and LoRA candidates), ``fsdp`` (weights split along the model
 width) and ``tensor`` (weights split along heads / MLP / vocabulary). Every parameter names its
-*logical* axes in :data:`PARAM_AXES`; :data:`RULES` maps logical axes to mesh axes. A dimension that does
-not divide evenly by its mesh axis is replicated instead (see :func:`spec_for`).
+*logical* axes in :data:`seal_jax.lm.params.PARAMS` (:data:`PARAM_AXES` here); :data:`RULES` maps logical
+axes to mesh axes. A dimension that does not divide evenly by its mesh axis is replicated instead (see
+:func:`spec_for`).
 """
 
 from __future__ import annotations
@@ -20,25 +21,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from seal_jax.lm.params import PARAMS
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axes of every parameter of `model.Decoder` (dotted path -> one name per dimension).
-PARAM_AXES: dict[str, tuple[str | None, ...]] = {
-    "embedding": ("vocab", "embed"),
-    "layers.q_proj": ("layers", "embed", "heads"),
-    "layers.k_proj": ("layers", "embed", "kv_heads"),
-    "layers.v_proj": ("layers", "embed", "kv_heads"),
-    "layers.o_proj": ("layers", "heads", "embed"),
-    "layers.gate_proj": ("layers", "embed", "mlp"),
-    "layers.up_proj": ("layers", "embed", "mlp"),
-    "layers.down_proj": ("layers", "mlp", "embed"),
-    "layers.input_norm": ("layers", None),
-    "layers.post_attention_norm": ("layers", None),
-    "layers.q_norm": ("layers", None),
-    "layers.k_norm": ("layers", None),
-    "final_norm": (None,),
-    "lm_head": (None, "head_vocab"),
-}
+# Logical axes of every parameter of `model.Decoder` (dotted path -> one name per dimension), from the one
+# table of parameters.
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {d.path: d.axes for d in PARAMS}
 
 # Logical axis -> mesh axis, or several (split over their product), or None (replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {

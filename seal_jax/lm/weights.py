@@ -1,7 +1,7 @@
 """Hugging Face safetensors <-> :class:`~seal_jax.lm.model.Decoder` parameters.
 
-A name table (regular expressions, kept as data) maps every Hugging Face tensor to a parameter path, an
-optional layer index and whether the tensor is transposed (HF kernels are ``[out, in]``, ours
+A name table (regular expressions made from :data:`seal_jax.lm.params.PARAMS`) maps every Hugging Face
+tensor to a parameter path, an optional layer index and whether the tensor is transposed (HF kernels are ``[out, in]``, ours
 ``[in, out]``). Loading checks names and shapes before reading anything, then places tensors one at a
 time straight into their (possibly sharded) layout, so peak host memory is about one tensor.
 """
@@ -26,26 +26,12 @@ from tqdm.auto import tqdm
 
 from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import ModelConfig
-from seal_jax.lm.model import param_shapes
+from seal_jax.lm.params import BY_PATH, PARAMS, declared, param_shapes
 from seal_jax.lm.types import WeightsError
 
-HF_PROJECTION_PARENT = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
-
-# (Hugging Face name pattern, parameter path, transposed). Group 1, when present, is the layer index.
-NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
-    (r"model\.embed_tokens\.weight", "embedding", False),
-    *((rf"model\.layers\.(\d+)\.{parent}\.{proj}\.weight", f"layers.{proj}", True)
-      for proj, parent in HF_PROJECTION_PARENT.items()),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.input_norm", False),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.post_attention_norm", False),
-    (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "layers.q_norm", False),
-    (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "layers.k_norm", False),
-    (r"model\.norm\.weight", "final_norm", False),
-    (r"lm_head\.weight", "lm_head", True),
-)
+# (Hugging Face name pattern, parameter path, transposed), from the one table of parameters. Group 1, when
+# present, is the layer index.
+NAME_TABLE: tuple[tuple[re.Pattern[str], str, bool], ...] = tuple((d.hf_pattern(), d.path, d.transposed) for d in PARAMS)
 # Tensors some checkpoints carry that hold nothing we need.
 IGNORED = (re.compile(r".*rotary_emb\.inv_freq"),)
 
@@ -62,7 +48,7 @@ class TensorTarget:
 def hf_target(name: str) -> TensorTarget | None:
     """Map a Hugging Face tensor name to its :class:`TensorTarget`, or ``None`` if it is not ours."""
     for pattern, path, transposed in NAME_TABLE:
-        m = re.fullmatch(pattern, name)
+        m = pattern.fullmatch(name)
         if m:
             return TensorTarget(path, int(m.group(1)) if m.groups() else None, transposed)
     return None
@@ -70,32 +56,16 @@ def hf_target(name: str) -> TensorTarget | None:
 
 def hf_names(config: ModelConfig) -> dict[str, TensorTarget]:
     """Every Hugging Face tensor name a checkpoint of ``config`` must hold, with its target."""
-    shapes = param_shapes(config)
-    out: dict[str, TensorTarget] = {"model.embed_tokens.weight": TensorTarget("embedding", None, False)}
-    hf_layer = {
-        "input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-        "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
-        **{p: f"{parent}.{p}" for p, parent in HF_PROJECTION_PARENT.items()},
-    }
-    for path in shapes:
-        if not path.startswith("layers."):
-            continue
-        leaf = path.split(".", 1)[1]
-        for i in range(config.num_layers):
-            name = f"model.layers.{i}.{hf_layer[leaf]}.weight"
-            out[name] = hf_target(name)  # type: ignore[assignment]
-    out["model.norm.weight"] = TensorTarget("final_norm", None, False)
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = TensorTarget("lm_head", None, True)
+    out: dict[str, TensorTarget] = {}
+    for decl in declared(config):
+        for i, name in enumerate(decl.hf_names(config)):
+            out[name] = TensorTarget(decl.path, i if decl.per_layer else None, decl.transposed)
     return out
 
 
 def hf_shape(config: ModelConfig, target: TensorTarget) -> tuple[int, ...]:
     """The shape Hugging Face stores for ``target``."""
-    shape = param_shapes(config)[target.path]
-    if target.layer is not None:
-        shape = shape[1:]
-    return tuple(reversed(shape)) if target.transposed else tuple(shape)
+    return BY_PATH[target.path].hf_shape(config)
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -198,7 +168,7 @@ def load_params(
       mesh: if given, each parameter is created sharded by :mod:`seal_jax.lm.sharding`'s rules and every
         tensor goes straight into its shards.
     Returns:
-      ``{path: array}`` with the shapes of :func:`~seal_jax.lm.model.param_shapes`.
+      ``{path: array}`` with the shapes of :func:`~seal_jax.lm.params.param_shapes`.
     """
     folder = Path(folder)
     files = checkpoint_files(folder)
