@@ -14,11 +14,8 @@ from seal_jax.lm.config import preset
 from seal_jax.lm.model import (
     Decoder,
     apply_rope,
-    matmul,
-    project,
     rms_norm,
     rope_tables,
-    split_columns,
 )
 
 
@@ -126,19 +123,3 @@ def test_llama_with_more_layers_matches(tmp_path):
     np.testing.assert_allclose(lm.logits(ids), torch_logits(model, ids), atol=1e-4, rtol=0)
 
 
-def test_column_blocks_give_the_same_product():
-    """A kernel cut into column blocks multiplies (with and without a LoRA term) exactly like the whole kernel."""
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((2, 3, 6)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((6, 7)), jnp.float32)
-    blocks = split_columns(kernel, 2)
-    assert [b.shape for b in blocks] == [(6, 3), (6, 4)]
-    np.testing.assert_array_equal(np.concatenate(blocks, axis=1), kernel)
-    assert len(split_columns(kernel, 7)) == 7 and split_columns(kernel, 1)[0].shape == (6, 7)
-    np.testing.assert_array_equal(matmul(x, blocks), matmul(x, kernel))
-    lora = {"a": jnp.asarray(rng.standard_normal((6, 2)), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal((2, 7)), jnp.float32)}
-    np.testing.assert_allclose(project(x, blocks, lora, 0.5, 0.0, None), project(x, kernel, lora, 0.5, 0.0, None),
-                               atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="at least one block"):
-        split_columns(kernel, 0)

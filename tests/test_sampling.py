@@ -349,34 +349,6 @@ def merged_lm(lm: LM, adapter: LoraInputs) -> LM:
     return LM(build_model(lm.config, params), None)
 
 
-def test_kept_weight_copies_give_the_same_tokens(qwen, monkeypatch):
-    from seal_jax.lm import sampling
-
-    _, lm = qwen
-    assert sampling.keeps_weight_copies(lm.state, "cpu")  # CPU and small: LM keeps the per-layer copies
-    assert not sampling.keeps_weight_copies(lm.state, "tpu")  # never on an accelerator target
-    layers, head = lm._decode_copies()
-    assert lm._decode_copies()[1] is head  # made once per LM
-    stacked = lm.params()
-    assert len(layers) == lm.config.num_layers
-    np.testing.assert_array_equal(layers[1]["q_proj"], stacked["layers.q_proj"][1])
-    # the projections that run alone and the head are kept as column blocks
-    assert len(layers[1]["o_proj"]) == sampling.COLUMN_BLOCKS == len(head)
-    np.testing.assert_array_equal(np.concatenate(layers[1]["o_proj"], axis=1), stacked["layers.o_proj"][1])
-    np.testing.assert_array_equal(np.concatenate(head, axis=1), lm.model.head_kernel())
-    rows, adapters = tiny_prompts(), make_adapters(lm)
-    for params, ad in [(SamplingParams(max_new_tokens=12, ignore_eos=True), None),
-                       (SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True), adapters)]:
-        run = dict(eos_ids=lm._eos_ids(), pad_id=lm._pad_id(), adapters=ad)
-        kept = lm._sampler.generate(lm.state, lm.config, rows, params, copies=lm._decode_copies(), **run)
-        sliced = lm._sampler.generate(lm.state, lm.config, rows, params, copies=None, **run)
-        assert kept == sliced
-    monkeypatch.setattr(sampling, "KEEP_WEIGHT_COPIES_MAX_BYTES", 0)
-    assert not sampling.keeps_weight_copies(lm.state, "cpu")
-    fresh = LM(lm.model, lm.tokenizer)
-    assert fresh._decode_copies() is None
-
-
 def test_stacked_adapters_equal_single_and_merged(qwen):
     _, lm = qwen
     rows = tiny_prompts()

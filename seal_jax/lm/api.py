@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from seal_jax.lm import attention as attn
-from seal_jax.lm import sampling, training, weights
+from seal_jax.lm import cpu_decode, sampling, training, weights
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf, preset
@@ -471,10 +471,10 @@ class LM:
                                       timings=timings)
 
     def _decode_copies(self) -> Any:
-        """Per-layer weight copies kept for decoding (see "Kept weight copies" in
-        :mod:`seal_jax.lm.sampling`), made on first use; ``None`` where they are not kept."""
+        """Per-layer weight copies kept for decoding on a CPU (see :mod:`seal_jax.lm.cpu_decode`), made on
+        first use; ``None`` where they are not kept."""
         if self._keeps_copies is None:
-            self._keeps_copies = sampling.keeps_weight_copies(self.state, shd.platform(self.mesh))
+            self._keeps_copies = cpu_decode.keeps_weight_copies(self.state, shd.platform(self.mesh))
             if self._keeps_copies:
                 self._weight_copies = self._sampler.split(self.state)
         return self._weight_copies

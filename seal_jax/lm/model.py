@@ -5,14 +5,14 @@ forward (:meth:`Decoder.hidden_states`, used for training, logits and the prompt
 ``lax.scan`` over it, so compile time does not grow with depth. Projection kernels are kept as
 ``[in, out]`` (Hugging Face stores ``[out, in]``; ``weights.py`` transposes).
 
-Decoding is the exception. A decode step reads every weight once for a handful of tokens, so it is bound
-by memory bandwidth, and XLA:CPU copies the layer's slice out of a stacked ``[L, ...]`` weight before each
-matmul (and a layer's slice of a stacked cache in and out), which triples the bytes moved. So
-:meth:`Decoder.extend` runs the layers as an unrolled Python loop over *per-layer* arrays:
-:meth:`Decoder.layer_params` slices the weights once (outside the decode loop; the copy is paid once per
-generation, not per token, and on CPU the sampler keeps the slices between generations, see
-:mod:`seal_jax.lm.sampling`) and the :class:`KVCache` holds one buffer per layer (keys ``[B, KVH, Dh, S]``,
-values ``[B, KVH, S, Dh]``) that each step updates in place.
+Decoding is different. A decode step reads every weight once for a handful of tokens, so it is bound by
+memory bandwidth, and where it runs decides how the layers are read (:mod:`seal_jax.lm.sampling` chooses by
+the mesh's platform). On a TPU :meth:`Decoder.extend` scans the stacked weights over a stacked cache and
+libtpu reads each layer's slice where it lies. The CUDA compiler and XLA:CPU instead copy a slice taken
+inside the decode loop on every step, so there :meth:`Decoder.extend` runs the layers as an unrolled Python
+loop over *per-layer* arrays: :meth:`Decoder.layer_params` slices the weights once, outside the loop (the
+copy is paid once per generation, not per token), and the :class:`KVCache` holds one buffer per layer that
+each step updates in place.
 
 The arithmetic lives in small pure functions (``rms_norm``, ``apply_rope``; attention in
 :mod:`seal_jax.lm.attention`, its implementation an attribute of the model chosen from the platform); the
@@ -69,27 +69,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def split_columns(kernel: jax.Array, blocks: int) -> tuple[jax.Array, ...]:
-    """``kernel`` ``[in, out]`` cut into ``blocks`` column blocks ``[in, out_i]`` in order (widths differ by at
-    most one column), for :func:`matmul`. Each block is its own array (a copy)."""
-    if blocks < 1:
-        raise ValueError(f"split_columns needs at least one block, got {blocks}")
-    out = kernel.shape[-1]
-    edges = [i * out // blocks for i in range(blocks + 1)]
-    return tuple(kernel[:, lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True))
-
-
-def matmul(x: jax.Array, kernel: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
-    """``x @ kernel`` for a kernel ``[in, out]`` or a tuple of its column blocks (:func:`split_columns`).
-
-    x: ``[..., in]``. Returns ``[..., out]``. With blocks, every block is an independent matmul, so
-    XLA:CPU can run them on different cores at once, and the results are concatenated.
-    """
-    if isinstance(kernel, tuple):
-        return jnp.concatenate([x @ block for block in kernel], axis=-1)
-    return x @ kernel
-
-
 @dataclasses.dataclass(frozen=True)
 class LoraInputs:
     """LoRA adapters as the forward sees them (one adapter; ``vmap`` adds a candidate axis outside).
@@ -107,14 +86,14 @@ class LoraInputs:
     key: jax.Array | None = None
 
 
-def project(x: jax.Array, kernel: jax.Array | tuple[jax.Array, ...], lora: dict[str, jax.Array] | None, scale: Any,
-            dropout: Any, key: jax.Array | None) -> jax.Array:
+def project(x: jax.Array, kernel: Any, lora: dict[str, jax.Array] | None, scale: Any, dropout: Any,
+            key: jax.Array | None) -> jax.Array:
     """``x @ kernel`` plus the LoRA term ``scale * dropout(x) @ a @ b`` when ``lora`` is given.
 
-    x: ``[..., in]``; kernel: ``[in, out]`` or its column blocks (see :func:`matmul`); lora:
+    x: ``[..., in]``; kernel: ``[in, out]`` (or anything that multiplies like it); lora:
     ``{"a": [in, r], "b": [r, out]}``. Returns ``[..., out]``.
     """
-    y = matmul(x, kernel)
+    y = x @ kernel
     if lora is None:
         return y
     xin = x
@@ -144,9 +123,7 @@ def decoder_layer(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One pre-norm transformer block.
 
-    x: ``[B, T, D]``; w: this layer's weights (no layer axis; a projection may come as a tuple of column
-    blocks, see :func:`matmul`); lora: this layer's adapter slices or
-    ``None``; cos/sin: ``[B, T, Dh]``; keys_values: this layer's cache (keys ``[B, KVH, Dh, S]``,
+    x: ``[B, T, D]``; w: this layer's weights (no layer axis); lora: this layer's adapter slices or ``None``; cos/sin: ``[B, T, Dh]``; keys_values: this layer's cache (keys ``[B, KVH, Dh, S]``,
     values ``[B, KVH, S, Dh]``) or ``None`` (keys are the T tokens themselves); allowed: bool
     ``[B, T, S]``; write_kv: cache slot of the first token; write: instead of ``keys_values``, a function
     that stores the T tokens' keys and values (both ``[B, KVH, T, Dh]``) in a cache held elsewhere and
@@ -379,7 +356,7 @@ class Decoder(nnx.Module):
 
         Slicing copies the weights: inside a jitted decode loop, call this once before the loop. ``base``
         supplies the per-layer base weights already sliced (``unstack_layers`` of ``layers.arrays()``, kept
-        from an earlier call, where projections may be tuples of column blocks), so that only the adapters
+        from an earlier call, see :mod:`seal_jax.lm.cpu_decode`), so that only the adapters
         are sliced here.
         """
         n = self.config.num_layers
@@ -467,12 +444,11 @@ class Decoder(nnx.Module):
         """The output projection ``[D, V]`` (the embedding transposed when the two are tied)."""
         return self.embedding[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
-    def head(self, x: jax.Array, kernel: jax.Array | tuple[jax.Array, ...] | None = None) -> jax.Array:
+    def head(self, x: jax.Array, kernel: Any = None) -> jax.Array:
         """Output logits ``[..., V]`` (float32) for hidden states ``[..., D]``; ``kernel`` overrides
-        :meth:`head_kernel` (the decode loop passes a copy laid out ``[D, V]`` in memory, or its column
-        blocks, see :func:`matmul`)."""
+        :meth:`head_kernel` (a decode passes the one it laid out once per call)."""
         kernel = self.head_kernel() if kernel is None else kernel
-        return matmul(x, kernel).astype(jnp.float32)
+        return (x @ kernel).astype(jnp.float32)
 
     def __call__(
         self,

@@ -22,26 +22,17 @@ How one call runs (see :class:`Sampler`):
 Decode layouts. On a TPU the layers are *scanned* over the stacked ``[L, ...]`` weights and one stacked
 cache (keys laid out as the values, ``[L, B, KVH, S, Dh]``): each layer writes its new slots into the stack
 in place and reads its slice, and libtpu reads the weights' slices where they lie. On CPUs and GPUs the
-layers are *unrolled* over per-layer weight slices made once per call before the loop (or the copies
-:meth:`Sampler.split` kept, see "Kept weight copies") and one cache buffer per layer (keys transposed,
+layers are *unrolled* over per-layer weight slices made once per call before the loop (on a CPU, copies
+kept between calls, see :mod:`seal_jax.lm.cpu_decode`) and one cache buffer per layer (keys transposed,
 ``[B, KVH, Dh, S]``): the CUDA compiler copies a slice taken inside the loop on every step, so the once-per-
 call copy is the cheaper one there. Measured with ``seal-jax compile`` for Qwen3-8B on ``tpu-v5p-8``
 (``data=2,fsdp=4``): the scanned decode reads 1.06–1.08× its arguments per step (unrolled: 1.21–1.22×),
 its temporaries fall from 3.5 GB to 0.5–0.6 GB per device, and it compiles in 13–16 s instead of 26–55 s;
 under 21 stacked adapters it reads 3.4× (unrolled 3.9×).
 
-Kept weight copies: slicing the stacked ``[L, ...]`` weights into per-layer arrays (and laying a tied
-embedding out as a ``[D, V]`` head) copies every weight: for the 135M bundled model on two CPU cores, keeping
-the copies made 128-token generations ~5% (batch 8) to ~10% (batch 1) faster (BENCHMARKS.md, run 5). On CPU, for weights of at most
-:data:`KEEP_WEIGHT_COPIES_MAX_BYTES`, ``LM`` makes these copies once with :meth:`Sampler.split` and passes
-them to every decode (:func:`keeps_weight_copies`); the price is a second copy of the weights in memory.
-Elsewhere (accelerators, bigger models) each decode call slices inside its program as before.
-The kept copies of the projections that run alone (``o_proj``, ``down_proj``: :data:`COLUMN_BLOCKED`) and of
-the head are cut into :data:`COLUMN_BLOCKS` column blocks (:func:`~seal_jax.lm.model.split_columns`):
-XLA:CPU runs independent matmuls on different cores at once (two ``[8, 576] @ [576, 1536]`` side by
-side read ~33 GB/s together) but shares one matmul between cores less well (~24 GB/s), while q/k/v and
-gate/up already come in independent groups. On the bundled model this made batch-8 generations ~3.5% and
-batch-32 ones ~8% faster, batch 1 about the same (BENCHMARKS.md, run 6); the tokens do not change.
+CPU only: on a CPU the decode keeps per-layer weight copies between calls, cuts some of them into column
+blocks and lays a tied head out once per call. All of it lives in :mod:`seal_jax.lm.cpu_decode`, behind its
+one switch (``Sampler.cpu_tricks``); the TPU and GPU programs have none of it.
 
 Sampling (:func:`sample_step`) follows the order Hugging Face applies its warpers in: temperature →
 top-k → top-p → min-p, then a draw by inverse CDF. temperature 0 is greedy (argmax). The filters find their
@@ -77,17 +68,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from seal_jax.lm import cpu_decode
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig
-from seal_jax.lm.model import KVCache, LoraInputs, split_columns, unstack_layers
+from seal_jax.lm.model import KVCache, LoraInputs, unstack_layers
 from seal_jax.lm.params import projection_shape
 from seal_jax.lm.types import PROJECTIONS, SamplingError, SamplingParams, is_int
 
 MIN_STOP_SLOTS = 8  # the stop-id table is padded to this size (or the next power of two above it)
-KEEP_WEIGHT_COPIES_MAX_BYTES = 4 << 30  # see "Kept weight copies" in the module docstring
-COLUMN_BLOCKS = 2  # column blocks of the kept copies of COLUMN_BLOCKED and of the head (module docstring)
-COLUMN_BLOCKED = ("o_proj", "down_proj")
 # Logical axes of the per-layer KV buffers: keys [B, KVH, Dh, S], values [B, KVH, S, Dh] (see model.KVCache)
 CACHE_AXES = (("batch", "kv_heads", None, "length"), ("batch", "kv_heads", "length", None))
 
@@ -358,16 +347,6 @@ def knob_arrays(params: SamplingParams, pad_id: int) -> dict[str, np.ndarray]:
     }
 
 
-def keeps_weight_copies(state: Any, platform: str) -> bool:
-    """Whether ``LM`` should keep :meth:`Sampler.split`'s per-layer weight copies for ``state`` (an ``nnx``
-    state) on ``platform`` (:func:`~seal_jax.lm.sharding.platform` of the mesh): on CPU, when the weights
-    take at most :data:`KEEP_WEIGHT_COPIES_MAX_BYTES`."""
-    leaves = jax.tree.leaves(state)
-    if platform != "cpu" or not leaves:
-        return False
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves) <= KEEP_WEIGHT_COPIES_MAX_BYTES
-
-
 class Sampler:
     """The jitted prefill and decode programs of one model (held by :class:`~seal_jax.lm.api.LM`).
 
@@ -382,7 +361,8 @@ class Sampler:
     def __init__(self, graphdef: Any, mesh: Mesh | None = None):
         self.graphdef = graphdef
         self.mesh = mesh
-        self.platform = shd.platform(mesh)  # CPU-only choices follow the mesh's devices, not the host
+        self.platform = shd.platform(mesh)  # platform choices follow the mesh's devices, not the host
+        self.cpu_tricks = cpu_decode.applies(self.platform)  # the one switch of lm/cpu_decode.py
         # TPU: scan the layers in decode over the stacked weights and a stacked cache (libtpu reads each
         # layer's slice in place: no per-call weight copies, 4x shorter compiles); CPU and GPU unroll the
         # layers over per-layer slices made once per call (see "Decode layouts" in the module docstring)
@@ -439,18 +419,12 @@ class Sampler:
             return jax.vmap(one)(lora_weights, lora_scale)
         return one(lora_weights, lora_scale)
 
-    def _split(self, state: Any) -> tuple[tuple[dict[str, Any], ...], tuple[jax.Array, ...]]:
-        """Per-layer copies of ``state``'s stacked layer weights (L dicts of arrays without the layer axis)
-        and the head kernel laid out ``[D, V]``: what every decode would otherwise slice for itself. The
-        :data:`COLUMN_BLOCKED` projections and the head come as :data:`COLUMN_BLOCKS` column blocks
-        (tuples of ``[in, ~out / COLUMN_BLOCKS]`` arrays, :func:`~seal_jax.lm.model.split_columns`; see "Kept
-        weight copies" in the module docstring)."""
+    def _split(self, state: Any) -> tuple[tuple[dict[str, Any], ...], Any]:
+        """The per-layer weight copies a CPU decode keeps between calls (:func:`cpu_decode.weight_copies`)."""
         self.traces["split"] += 1
         model = nnx.merge(self.graphdef, state)
-        layers = unstack_layers(model.layers.arrays(), model.config.num_layers)
-        blocked = tuple({name: split_columns(w, COLUMN_BLOCKS) if name in COLUMN_BLOCKED else w
-                         for name, w in layer.items()} for layer in layers)
-        return blocked, split_columns(model.head_kernel(), COLUMN_BLOCKS)
+        return cpu_decode.weight_copies(unstack_layers(model.layers.arrays(), model.config.num_layers),
+                                        model.head_kernel())
 
     def _decode(self, state: Any, cache: KVCache, logits: jax.Array, lora_weights: Any, lora_scale: Any,
                 knobs: dict[str, jax.Array], stop_ids: jax.Array, done: jax.Array, copies: Any = None, *,
@@ -474,14 +448,12 @@ class Sampler:
         def one(cache: KVCache, logits: jax.Array, lw: Any, ls: Any) -> tuple[jax.Array, jax.Array, KVCache]:
             model = nnx.merge(self.graphdef, state)
             lora = None if lw is None else LoraInputs(weights=lw, scale=ls)
-            # per-layer copies, made once per call unless kept from an earlier one (see model.py); a stacked
-            # cache scans the stacked weights instead
+            # per-layer slices, made once per call unless kept from an earlier one (CPU); a stacked cache
+            # scans the stacked weights instead
             layers = None if cache.stacked else model.layer_params(lora, base=None if copies is None else copies[0])
             head_kernel = model.head_kernel() if copies is None else copies[1]
-            if copies is None and self.platform == "cpu":
-                # a [D, V] copy of a tied embedding, made once per call: XLA:CPU reads the transposed view
-                # ~15% slower at batch 8 (the barrier keeps XLA from folding the transpose into the matmul)
-                head_kernel = jax.lax.optimization_barrier(head_kernel)
+            if copies is None and self.cpu_tricks:
+                head_kernel = cpu_decode.head_once_per_call(head_kernel)
             b = logits.shape[0]
 
             def sample(lg: jax.Array, step: jax.Array) -> jax.Array:
