@@ -60,8 +60,9 @@ def test_sequences_of_one_block_use_the_einsum_and_the_cache_path_agrees():
     # 6 queries in blocks of 4: the last block padded with queries that see nothing, then dropped
     np.testing.assert_allclose(np.asarray(chunked_attention(q, k, v, allowed, chunk=4)),
                                np.asarray(einsum_attention(q, k, v, allowed)), atol=1e-6, rtol=0)
-    got = cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), allowed)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(einsum_attention(q, k, v, allowed)), atol=1e-5, rtol=0)
+    for keys, transposed in [(k.transpose(0, 2, 3, 1), True), (k.transpose(0, 2, 1, 3), False)]:
+        got = cached_attention(q, keys, v.transpose(0, 2, 1, 3), allowed, keys_transposed=transposed)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(einsum_attention(q, k, v, allowed)), atol=1e-5, rtol=0)
 
 
 def test_dispatch_by_platform_and_errors():
@@ -142,5 +143,6 @@ def test_cached_attention_equals_attention_on_the_cache_layout():
     v = jnp.asarray(rng.standard_normal((b, s, kvh, dh)), jnp.float32)
     allowed = jnp.asarray(rng.random((b, t, s)) < 0.6).at[2, 1].set(False)
     want = attention(q, k, v, allowed)
-    got = cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), allowed)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    for keys, transposed in [(k.transpose(0, 2, 3, 1), True), (k.transpose(0, 2, 1, 3), False)]:
+        got = cached_attention(q, keys, v.transpose(0, 2, 1, 3), allowed, keys_transposed=transposed)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)

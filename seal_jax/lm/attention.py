@@ -18,8 +18,9 @@ Not here yet: fused kernels (Pallas flash/splash attention on TPU, cuDNN flash a
 cannot be reached by a deviceless GPU compile ("cuDNN not found"), so the compile-based checks could not
 see it; and a Pallas kernel needs ``shard_map`` around it, because GSPMD cannot partition a Mosaic call.
 
-The decode path's :func:`cached_attention` attends T new tokens over a KV cache. Its layout (keys cached
-transposed) was chosen for XLA:CPU; see its docstring.
+The decode path's :func:`cached_attention` attends T new tokens over a KV cache, keys laid out as the values
+(``[B, KVH, S, Dh]``), or transposed (``[B, KVH, Dh, S]``), the faster form on XLA:CPU only (see
+:mod:`seal_jax.lm.cpu_decode`).
 """
 
 from __future__ import annotations
@@ -105,25 +106,25 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
     return out.swapaxes(0, 1).reshape(b, blocks * chunk, h, dh)[:, :t]
 
 
-def cached_attention(q: jax.Array, keys_t: jax.Array, values: jax.Array, allowed: jax.Array,
-                     keys_transposed: bool = True) -> jax.Array:
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array,
+                     keys_transposed: bool = False) -> jax.Array:
     """Grouped-query attention of T new tokens over a KV cache (the decode path).
 
-    q: ``[B, T, H, Dh]``; keys_t: the cache's keys *transposed*, ``[B, KVH, Dh, S]`` (or, with
-    ``keys_transposed=False``, ``[B, KVH, S, Dh]`` like the values); values: ``[B, KVH, S, Dh]``; allowed:
-    bool ``[B, T, S]``. Returns ``[B, T, H, Dh]`` in ``q.dtype``.
+    q: ``[B, T, H, Dh]``; keys: the cache's keys ``[B, KVH, S, Dh]`` like the values (or, with
+    ``keys_transposed``, ``[B, KVH, Dh, S]``); values: ``[B, KVH, S, Dh]``; allowed: bool ``[B, T, S]``.
+    Returns ``[B, T, H, Dh]`` in ``q.dtype``.
 
     Two plain batched matmuls per row and KV head (``[G*T, Dh] @ [Dh, S]`` and ``[G*T, S] @ [S, Dh]``,
     batch axes leading): with one new token XLA:CPU runs these about 4x faster than the einsum of
-    :func:`einsum_attention` on a ``[B, KVH, S, Dh]`` key layout.
+    :func:`einsum_attention`.
     """
     b, t, h, dh = q.shape
-    kvh, s = keys_t.shape[1], keys_t.shape[3 if keys_transposed else 2]
+    kvh, s = keys.shape[1], keys.shape[3 if keys_transposed else 2]
     g = h // kvh
     qm = q.reshape(b, t, kvh, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, dh)
     batch = ((0, 1), (0, 1))
     contract = (3,), (2 if keys_transposed else 3,)
-    scores = jax.lax.dot_general(qm, keys_t, (contract, batch), preferred_element_type=jnp.float32)
+    scores = jax.lax.dot_general(qm, keys, (contract, batch), preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kvh, t, g, s) * (dh ** -0.5)
     scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b, kvh, t * g, s)

@@ -17,6 +17,11 @@ appears in their programs (``tests/test_aot.py`` checks the compiled TPU decode)
   independent groups. On the bundled model this made batch-8 generations ~3.5% and batch-32 ones ~8%
   faster, batch 1 about the same (BENCHMARKS.md, run 6); the tokens do not change. A :class:`ColumnBlocks`
   multiplies like the kernel it was cut from (``x @ blocks``), so the model's code does not know of it.
+- **Keys stored transposed.** The per-layer KV cache keeps its keys ``[B, KVH, Dh, S]`` (the sampler asks
+  ``Decoder.prefill`` for ``keys_transposed``), so that both attention matmuls of a decode step are plain
+  batched matmuls, which XLA:CPU runs about 4x faster with one new token than the einsum over keys laid out
+  as the values. Compiled for ``h100-8`` (Qwen3-8B), the layout makes no difference to the GPU decode
+  (the same bytes and roofline either way), so the GPU keeps the values' layout like the TPU.
 - **A head laid out once per call.** Without kept copies, the ``[D, V]`` view of a tied embedding is
   materialised once per call behind an ``optimization_barrier`` (:func:`head_once_per_call`): XLA:CPU reads
   the transposed view ~15% slower at batch 8, and the barrier keeps it from folding the transpose back into

@@ -105,6 +105,16 @@ def project(x: jax.Array, kernel: Any, lora: dict[str, jax.Array] | None, scale:
     return y + (scale * ((xin @ a) @ b)).astype(y.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheWrite:
+    """How one layer of a decode step reaches its KV cache: ``store`` puts the T new tokens' keys and values
+    (both ``[B, KVH, T, Dh]``) in the cache and returns the layer's whole keys and values to attend over
+    (values ``[B, KVH, S, Dh]``; keys the same, or ``[B, KVH, Dh, S]`` when ``keys_transposed``)."""
+
+    store: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+    keys_transposed: bool = False
+
+
 def decoder_layer(
     x: jax.Array,
     w: dict[str, Any],
@@ -115,22 +125,18 @@ def decoder_layer(
     config: ModelConfig,
     cos: jax.Array,
     sin: jax.Array,
-    keys_values: tuple[jax.Array, jax.Array] | None,
     allowed: jax.Array,
-    write_kv: Any,
-    write: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+    cache: CacheWrite | None = None,
     impl: str = "einsum",
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One pre-norm transformer block.
 
-    x: ``[B, T, D]``; w: this layer's weights (no layer axis); lora: this layer's adapter slices or ``None``; cos/sin: ``[B, T, Dh]``; keys_values: this layer's cache (keys ``[B, KVH, Dh, S]``,
-    values ``[B, KVH, S, Dh]``) or ``None`` (keys are the T tokens themselves); allowed: bool
-    ``[B, T, S]``; write_kv: cache slot of the first token; write: instead of ``keys_values``, a function
-    that stores the T tokens' keys and values (both ``[B, KVH, T, Dh]``) in a cache held elsewhere and
-    returns this layer's whole keys and values (``[B, KVH, S, Dh]``) to attend over (the scanned decode);
-    impl: the attention implementation without a cache (:func:`seal_jax.lm.attention.attention`). Returns
-    the block output ``[B, T, D]`` and the layer's updated ``(k, v)`` cache (or, without a cache, the T
-    tokens' own keys and values ``[B, T, KVH, Dh]``).
+    x: ``[B, T, D]``; w: this layer's weights (no layer axis); lora: this layer's adapter slices or ``None``;
+    cos/sin: ``[B, T, Dh]``; allowed: bool ``[B, T, S]``; cache: where the layer's keys and values go in a
+    decode (:class:`CacheWrite`), or ``None`` (the keys are the T tokens themselves); impl: the attention
+    implementation without a cache (:func:`seal_jax.lm.attention.attention`). Returns the block output
+    ``[B, T, D]`` and, with a cache, what its ``store`` returned, or without one the T tokens' own keys and
+    values ``[B, T, KVH, Dh]``.
     """
     b, t, _ = x.shape
     c = config
@@ -149,17 +155,12 @@ def decoder_layer(
         q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if write is not None:
-        all_k, all_v = write(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-        attn = cached_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed, keys_transposed=False)
-    elif keys_values is None:
+    if cache is None:
         all_k, all_v = k, v
         attn = attention(q, k, v, allowed, impl)
     else:
-        cache_k, cache_v = keys_values
-        all_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype), (0, 0, 0, write_kv))
-        all_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, write_kv, 0))
-        attn = cached_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed)
+        all_k, all_v = cache.store(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        attn = cached_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed, cache.keys_transposed)
     x = x + proj("o_proj", attn.reshape(b, t, c.q_dim))
     h = rms_norm(x, w["post_attention_norm"], c.rms_norm_eps)
     gated = jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)
@@ -208,13 +209,13 @@ class KVCache:
     *stacked* buffer with a leading layer axis (the decode that scans the layers, see :meth:`Decoder.extend`).
 
     Attributes:
-      k: keys: a tuple of L arrays ``[B, KVH, Dh, S]`` (stored transposed, see :func:`cached_attention`:
-        the faster form on XLA:CPU), or one ``[L, B, KVH, S, Dh]`` (the layout of the values; transposed keys
-        cost a relayout per layer and step on a TPU).
+      k: keys: a tuple of L arrays ``[B, KVH, S, Dh]`` (``[B, KVH, Dh, S]`` when ``keys_transposed``, the
+        faster form on XLA:CPU, see :mod:`seal_jax.lm.cpu_decode`), or one ``[L, B, KVH, S, Dh]``.
       v: values: a tuple of L arrays ``[B, KVH, S, Dh]``, or one ``[L, B, KVH, S, Dh]``.
       valid: bool ``[B, S]``, which slots hold a real (non-padding) token.
       positions: int ``[B]``, the rotary position the next token of each row takes.
       index: int scalar, the next slot to write (shared by all rows: batches are left-padded).
+      keys_transposed: static; whether per-layer keys are stored transposed (never for a stacked cache).
     """
 
     k: tuple[jax.Array, ...]
@@ -222,6 +223,7 @@ class KVCache:
     valid: jax.Array
     positions: jax.Array
     index: jax.Array
+    keys_transposed: bool = False
 
     @property
     def stacked(self) -> bool:
@@ -229,31 +231,36 @@ class KVCache:
         return not isinstance(self.k, tuple)
 
     @staticmethod
-    def create(config: ModelConfig, batch: int, length: int, dtype: Any) -> KVCache:
-        """An empty cache for ``batch`` rows of at most ``length`` tokens."""
-        k_shape = (batch, config.num_kv_heads, config.head_dim, length)
+    def create(config: ModelConfig, batch: int, length: int, dtype: Any, keys_transposed: bool = False) -> KVCache:
+        """An empty per-layer cache for ``batch`` rows of at most ``length`` tokens."""
         v_shape = (batch, config.num_kv_heads, length, config.head_dim)
+        k_shape = (batch, config.num_kv_heads, config.head_dim, length) if keys_transposed else v_shape
         layers = range(config.num_layers)
         return KVCache(
             k=tuple(jnp.zeros(k_shape, dtype) for _ in layers), v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
             valid=jnp.zeros((batch, length), bool),
-            positions=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32),
+            positions=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32), keys_transposed=keys_transposed,
         )
 
     @staticmethod
     def from_prompt(keys: jax.Array, values: jax.Array, attention_mask: jax.Array, length: int,
-                    stacked: bool = False) -> KVCache:
+                    stacked: bool = False, keys_transposed: bool = False) -> KVCache:
         """A cache of ``length`` slots holding a prompt's keys and values in its first T slots.
 
         keys, values: ``[L, B, T, KVH, Dh]`` (from :meth:`Decoder.hidden_states` with ``return_kv``);
         attention_mask: ``[B, T]``, 1 on real tokens (left-padded rows); stacked: one ``[L, ...]`` buffer
-        each for keys and values instead of L buffers.
+        each for keys and values instead of L buffers; keys_transposed: per-layer keys stored
+        ``[B, KVH, Dh, S]``.
         """
         n_layers, b, t, kvh, dh = keys.shape
         if length < t:
             raise ValueError(f"a cache of {length} slots cannot hold a prompt of {t} tokens")
+        if stacked and keys_transposed:
+            raise ValueError("a stacked cache keeps its keys laid out as the values (keys_transposed=False)")
 
         def layer_k(x: jax.Array) -> jax.Array:
+            if not keys_transposed:
+                return layer_v(x)
             return jnp.zeros((b, kvh, dh, length), x.dtype).at[..., :t].set(x.transpose(0, 2, 3, 1))
 
         def layer_v(x: jax.Array) -> jax.Array:
@@ -272,11 +279,28 @@ class KVCache:
         return KVCache(
             k=k, v=v,
             valid=jnp.zeros((b, length), bool).at[:, :t].set(mask), positions=positions.astype(jnp.int32),
-            index=jnp.asarray(t, jnp.int32),
+            index=jnp.asarray(t, jnp.int32), keys_transposed=keys_transposed,
         )
 
+    def layer_writes(self) -> list[CacheWrite]:
+        """Per layer, a :class:`CacheWrite` that writes T new tokens at :attr:`index` into that layer's
+        buffers (per-layer form only) and returns the updated buffers."""
+        def one(k_buf: jax.Array, v_buf: jax.Array) -> CacheWrite:
+            def store(k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
+                if self.keys_transposed:
+                    k = jax.lax.dynamic_update_slice(k_buf, k_new.transpose(0, 1, 3, 2).astype(k_buf.dtype),
+                                                     (0, 0, 0, self.index))
+                else:
+                    k = jax.lax.dynamic_update_slice(k_buf, k_new.astype(k_buf.dtype), (0, 0, self.index, 0))
+                return k, jax.lax.dynamic_update_slice(v_buf, v_new.astype(v_buf.dtype), (0, 0, self.index, 0))
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "valid", "positions", "index"], meta_fields=[])
+            return CacheWrite(store, self.keys_transposed)
+
+        return [one(k, v) for k, v in zip(self.k, self.v, strict=True)]
+
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "valid", "positions", "index"],
+                                 meta_fields=["keys_transposed"])
 
 
 class Decoder(nnx.Module):
@@ -340,7 +364,7 @@ class Decoder(nnx.Module):
             lkey = jax.random.fold_in(lora.key, idx) if use_dropout else None
             h, kv = decoder_layer(
                 h, w, lw, None if lora is None else lora.scale, None if lora is None else lora.dropout,
-                lkey, c, cos, sin, None, allowed, 0, impl=self.attention_impl or "einsum")
+                lkey, c, cos, sin, allowed, impl=self.attention_impl or "einsum")
             return h, (kv if return_kv else None)
 
         if self.remat != "none":
@@ -413,32 +437,34 @@ class Decoder(nnx.Module):
                     return (jax.lax.dynamic_index_in_dim(stacks["k"], i, keepdims=False),
                             jax.lax.dynamic_index_in_dim(stacks["v"], i, keepdims=False))
 
-                x, _ = decoder_layer(x, w, lw, scale, None, None, c, cos, sin, None, allowed, cache.index, write=write)
+                x, _ = decoder_layer(x, w, lw, scale, None, None, c, cos, sin, allowed, CacheWrite(write))
                 return (x, stacks["k"], stacks["v"]), None
 
             xs = (self.layers.arrays(), None if lora is None else lora.weights, jnp.arange(c.num_layers))
             (x, new_k, new_v), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
         else:
             ks, vs = [], []
-            for (w, lw), k, v in zip(layers, cache.k, cache.v, strict=True):
-                x, (k, v) = decoder_layer(x, w, lw, scale, None, None, c, cos, sin, (k, v), allowed, cache.index)
+            for (w, lw), write in zip(layers, cache.layer_writes(), strict=True):
+                x, (k, v) = decoder_layer(x, w, lw, scale, None, None, c, cos, sin, allowed, write)
                 ks.append(k)
                 vs.append(v)
             new_k, new_v = tuple(ks), tuple(vs)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
-        cache = KVCache(k=new_k, v=new_v, valid=key_valid, positions=positions[:, -1] + 1, index=cache.index + t)
+        cache = KVCache(k=new_k, v=new_v, valid=key_valid, positions=positions[:, -1] + 1, index=cache.index + t,
+                        keys_transposed=cache.keys_transposed)
         return x, cache
 
     def prefill(self, ids: jax.Array, attention_mask: jax.Array | None, length: int, *,
-                lora: LoraInputs | None = None, stacked: bool = False) -> tuple[jax.Array, KVCache]:
+                lora: LoraInputs | None = None, stacked: bool = False,
+                keys_transposed: bool = False) -> tuple[jax.Array, KVCache]:
         """Run a left-padded prompt ``[B, T]`` through the scanned layers into a fresh cache of ``length``
-        slots (``stacked``: in the stacked form, see :class:`KVCache`). Returns the final-norm hidden states
-        ``[B, T, D]`` and the cache."""
+        slots (``stacked``: in the stacked form; ``keys_transposed``: per-layer keys ``[B, KVH, Dh, S]``; see
+        :class:`KVCache`). Returns the final-norm hidden states ``[B, T, D]`` and the cache."""
         b, t = ids.shape
         mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
         x, (keys, values) = self.hidden_states(ids, mask, lora=lora, return_kv=True)
         return x, KVCache.from_prompt(keys.astype(self.dtype), values.astype(self.dtype), mask, length,
-                                      stacked=stacked)
+                                      stacked=stacked, keys_transposed=keys_transposed)
 
     def head_kernel(self) -> jax.Array:
         """The output projection ``[D, V]`` (the embedding transposed when the two are tied)."""

@@ -23,15 +23,15 @@ Decode layouts. On a TPU the layers are *scanned* over the stacked ``[L, ...]`` 
 cache (keys laid out as the values, ``[L, B, KVH, S, Dh]``): each layer writes its new slots into the stack
 in place and reads its slice, and libtpu reads the weights' slices where they lie. On CPUs and GPUs the
 layers are *unrolled* over per-layer weight slices made once per call before the loop (on a CPU, copies
-kept between calls, see :mod:`seal_jax.lm.cpu_decode`) and one cache buffer per layer (keys transposed,
-``[B, KVH, Dh, S]``): the CUDA compiler copies a slice taken inside the loop on every step, so the once-per-
+kept between calls, see :mod:`seal_jax.lm.cpu_decode`) and one cache buffer per layer (``[B, KVH, S, Dh]``
+for keys and values): the CUDA compiler copies a slice taken inside the loop on every step, so the once-per-
 call copy is the cheaper one there. Measured with ``seal-jax compile`` for Qwen3-8B on ``tpu-v5p-8``
 (``data=2,fsdp=4``): the scanned decode reads 1.06–1.08× its arguments per step (unrolled: 1.21–1.22×),
 its temporaries fall from 3.5 GB to 0.5–0.6 GB per device, and it compiles in 13–16 s instead of 26–55 s;
 under 21 stacked adapters it reads 3.4× (unrolled 3.9×).
 
 CPU only: on a CPU the decode keeps per-layer weight copies between calls, cuts some of them into column
-blocks and lays a tied head out once per call. All of it lives in :mod:`seal_jax.lm.cpu_decode`, behind its
+blocks, lays a tied head out once per call and stores the keys transposed. All of it lives in :mod:`seal_jax.lm.cpu_decode`, behind its
 one switch (``Sampler.cpu_tricks``); the TPU and GPU programs have none of it.
 
 Sampling (:func:`sample_step`) follows the order Hugging Face applies its warpers in: temperature →
@@ -77,15 +77,17 @@ from seal_jax.lm.params import projection_shape
 from seal_jax.lm.types import PROJECTIONS, SamplingError, SamplingParams, is_int
 
 MIN_STOP_SLOTS = 8  # the stop-id table is padded to this size (or the next power of two above it)
-# Logical axes of the per-layer KV buffers: keys [B, KVH, Dh, S], values [B, KVH, S, Dh] (see model.KVCache)
-CACHE_AXES = (("batch", "kv_heads", None, "length"), ("batch", "kv_heads", "length", None))
+# Logical axes of a per-layer KV buffer [B, KVH, S, Dh] (see model.KVCache)
+CACHE_AXES = ("batch", "kv_heads", "length", None)
 
 
-def cache_axes(stacked: bool) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
-    """Logical axes of a cache buffer's keys and values: per layer (:data:`CACHE_AXES`), or stacked
-    ``[L, B, KVH, S, Dh]`` with the keys laid out as the values (see ``model.KVCache``)."""
-    keys, values = CACHE_AXES
-    return ((None, *values), (None, *values)) if stacked else (keys, values)
+def cache_axes(cache: KVCache) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+    """Logical axes of ``cache``'s key and value buffers: per layer :data:`CACHE_AXES` (keys transposed
+    ``[B, KVH, Dh, S]`` on a CPU), or stacked ``[L, B, KVH, S, Dh]`` (see ``model.KVCache``)."""
+    if cache.stacked:
+        return (None, *CACHE_AXES), (None, *CACHE_AXES)
+    keys = ("batch", "kv_heads", None, "length") if cache.keys_transposed else CACHE_AXES
+    return keys, CACHE_AXES
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -382,10 +384,11 @@ class Sampler:
             spec = shd.spec_for(self.mesh, logical, x.shape)
             return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-        keys, values = cache_axes(cache.stacked)
+        keys, values = cache_axes(cache)
         return KVCache(k=jax.tree.map(lambda x: put(x, keys), cache.k), v=jax.tree.map(lambda x: put(x, values), cache.v),
                        valid=put(cache.valid, ("batch", "length")),
-                       positions=put(cache.positions, ("batch",)), index=cache.index)
+                       positions=put(cache.positions, ("batch",)), index=cache.index,
+                       keys_transposed=cache.keys_transposed)
 
     def put_batch(self, array: np.ndarray) -> jax.Array:
         """Place a batch-major host array ``[B, ...]`` (batch over ``data`` under a mesh)."""
@@ -412,7 +415,8 @@ class Sampler:
         def one(lw: Any, ls: Any) -> tuple[jax.Array, KVCache]:
             model = nnx.merge(self.graphdef, state)
             lora = None if lw is None else LoraInputs(weights=lw, scale=ls)
-            x, cache = model.prefill(ids, mask, cache_len, lora=lora, stacked=self.scan_layers)
+            x, cache = model.prefill(ids, mask, cache_len, lora=lora, stacked=self.scan_layers,
+                                     keys_transposed=self.cpu_tricks and not self.scan_layers)
             return model.head(x[:, -1]), self._constrain_cache(cache)
 
         if lora_scale is not None and lora_scale.ndim == 1:
@@ -525,13 +529,13 @@ class Sampler:
         prefill = self.prefill.lower(state, ids, ids, lw, ls, cache_len=t + out_len)
         logits, cache = jax.eval_shape(functools.partial(self._prefill, cache_len=t + out_len), state, ids, ids, lw, ls)
         lead = (None,) if ls is not None and ls.ndim == 1 else ()
-        keys, values = cache_axes(cache.stacked)
+        keys, values = cache_axes(cache)
         cache = KVCache(
             k=jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, lead + keys), cache.k),
             v=jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, lead + values), cache.v),
             valid=self._abstract(cache.valid.shape, cache.valid.dtype, lead + ("batch", "length")),
             positions=self._abstract(cache.positions.shape, cache.positions.dtype, lead + ("batch",)),
-            index=self._abstract(cache.index.shape, cache.index.dtype, None))
+            index=self._abstract(cache.index.shape, cache.index.dtype, None), keys_transposed=cache.keys_transposed)
         logits = self._abstract(logits.shape, logits.dtype, lead + ("batch", None))
         knobs = {name: self._abstract((), x.dtype, None) for name, x in knob_arrays(SamplingParams(), 0).items()}
         stop_ids = self._abstract((MIN_STOP_SLOTS,), jnp.int32, None)
