@@ -340,6 +340,11 @@ class LanePlan:
     cand: which candidate a lane works on; idx ``[S, M, B]``; active/boundary/lr as in :class:`Plan`;
     step: the candidate's own micro-step number; length_bucket ``[S]`` indexes ``lengths`` (the static
     token lengths compiled, one branch each); ``len(lengths)`` marks a step where no lane works (skipped).
+
+    A candidate trains on one lane only, so its state lives there: ``home`` ``[M, R+1]`` lists each lane's
+    candidates in order (R = the most any lane has; K fills the rest, slot R is always the dummy's);
+    ``slot`` ``[S, M]`` is the slot of the candidate a lane works on; ``lane_of``/``slot_of`` ``[K+1]`` say
+    where each candidate lives (the dummy: lane 0, slot R).
     """
 
     cand: np.ndarray
@@ -350,6 +355,10 @@ class LanePlan:
     step: np.ndarray
     length_bucket: np.ndarray
     lengths: tuple[int, ...]
+    slot: np.ndarray
+    home: np.ndarray
+    lane_of: np.ndarray
+    slot_of: np.ndarray
 
 
 def assign_lanes(steps: Sequence[int], lanes: int | None = None) -> list[list[int]]:
@@ -396,6 +405,11 @@ def make_lane_plan(plan: Plan, lanes: int | None = None, max_buckets: int = 3, m
     m = len(groups)
     s = max(sum(steps[c] for c in g) for g in groups)
     s = -(-s // 8) * 8
+    r = max(len(g) for g in groups)
+    home = np.full((m, r + 1), k, np.int32)
+    lane_of = np.zeros(k + 1, np.int32)
+    slot_of = np.full(k + 1, r, np.int32)
+    slot = np.full((s, m), r, np.int32)
     cand = np.full((s, m), k, np.int32)
     idx = np.full((s, m, batch), -1, np.int32)
     active = np.zeros((s, m), bool)
@@ -404,8 +418,10 @@ def make_lane_plan(plan: Plan, lanes: int | None = None, max_buckets: int = 3, m
     step = np.zeros((s, m), np.int32)
     for lane, group in enumerate(groups):
         t = 0
-        for c in group:
+        for j, c in enumerate(group):
             n = steps[c]
+            home[lane, j], lane_of[c], slot_of[c] = c, lane, j
+            slot[t:t + n, lane] = j
             cand[t:t + n, lane] = c
             idx[t:t + n, lane] = plan.order[c, :n]
             active[t:t + n, lane] = True
@@ -425,7 +441,7 @@ def make_lane_plan(plan: Plan, lanes: int | None = None, max_buckets: int = 3, m
     lengths = length_buckets(need, plan.tokens.shape[-1], max_buckets)
     length_bucket = np.searchsorted(np.asarray(lengths), need).astype(np.int32)
     length_bucket[~active.any(axis=1)] = len(lengths)  # padding steps: the idle branch, no compute
-    return LanePlan(cand, idx, active, boundary, lr, step, length_bucket, lengths)
+    return LanePlan(cand, idx, active, boundary, lr, step, length_bucket, lengths, slot, home, lane_of, slot_of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,12 +450,14 @@ class TrainLayout:
 
     lengths: the token lengths compiled (one branch each, see :class:`LanePlan`); dropout: whether any
     candidate uses LoRA dropout; rows: the sharding of a micro-batch's rows (data parallelism within a
-    candidate, see :func:`data_layout`) or None.
+    candidate, see :func:`data_layout`) or None; lanes: the sharding of the lane axis of the candidates'
+    state (the lanes split over ``data``) or None.
     """
 
     lengths: tuple[int, ...]
     dropout: bool
     rows: Any = None
+    lanes: Any = None
 
 
 def data_layout(mesh: Any, lanes: int, batch: int) -> tuple[str, Any]:
@@ -460,27 +478,47 @@ def data_layout(mesh: Any, lanes: int, batch: int) -> tuple[str, Any]:
 @dataclasses.dataclass
 class Schedule:
     """A :class:`LanePlan` on the device: per step ``[S]`` and lane ``[S, M]``, which candidate a lane works on
-    (``cand``), that candidate's :class:`Step` and the step's ``length_bucket`` (``[S]``)."""
+    (``cand``) and in which of the lane's slots it lives (``slot``), that candidate's :class:`Step` and the
+    step's ``length_bucket`` (``[S]``); where the candidates live (``home`` ``[M, R+1]``, ``lane_of`` and
+    ``slot_of`` ``[K+1]``, see :class:`LanePlan`)."""
 
     cand: Any
+    slot: Any
     step: Step
     length_bucket: Any
+    home: Any
+    lane_of: Any
+    slot_of: Any
 
 
 def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, data: CandidateData,
                 schedule: Schedule) -> tuple[Any, jax.Array, jax.Array]:
     """Train K+1 candidates (the last a dummy) on M lanes: a scan over steps; at each step every lane
-    gathers its candidate's adapter, optimiser state and data, runs :func:`micro_step` (``vmap`` over lanes,
-    at the step's token length) and scatters the candidate's state back.
+    takes its candidate's adapter and optimiser state from the lane's own slots, gathers the candidate's
+    data, runs :func:`micro_step` (``vmap`` over lanes, at the step's token length) and puts the state back.
 
     lora_w and every field of ``data`` have a leading ``K+1`` axis; ``layout`` holds the static choices
-    (token lengths, dropout, how the micro-batch rows are sharded).
+    (token lengths, dropout, how the micro-batch rows and the lanes are sharded). The candidates' state is
+    kept per lane (``[M, R+1, ...]``, see :class:`LanePlan`), so with the lanes split over devices a step
+    reads and writes only its own device's state: no collective per step.
     Returns ``(lora_w [K+1, ...], loss per step and lane [S, M], failed micro-step per candidate [K+1])``.
     """
     model = nnx.merge(graphdef, state)
     m = schedule.cand.shape[1]
-    trainees = Trainee(lora_w, jax.vmap(init_opt_state)(lora_w), jnp.full((data.scale.shape[0],), -1, jnp.int32))
+
+    def resident(x: jax.Array) -> jax.Array:
+        return x if layout.lanes is None else jax.lax.with_sharding_constraint(x, layout.lanes)
+
+    home_w = jax.tree.map(lambda x: resident(x[schedule.home]), lora_w)  # [M, R+1, ...]
+    trainees = Trainee(home_w, jax.vmap(jax.vmap(init_opt_state))(home_w),
+                       resident(jnp.full(schedule.home.shape, -1, jnp.int32)))
     acc0 = jax.vmap(lambda _: Accumulator.zeros(jax.tree.map(lambda x: x[0], lora_w)))(jnp.arange(m))
+
+    def take(tree: Any, slot: jax.Array) -> Any:  # each lane's own slot: [M, R+1, ...] -> [M, ...]
+        return jax.vmap(lambda t, s: jax.tree.map(lambda x: x[s], t))(tree, slot)
+
+    def put(tree: Any, slot: jax.Array, new: Any) -> Any:
+        return jax.vmap(lambda t, s, n: jax.tree.map(lambda x, y: x.at[s].set(y), t, n))(tree, slot, new)
 
     def lane_step(length: int, trainee: Trainee, acc: Accumulator, c: Any, step: Step) -> Any:
         mine = jax.tree.map(lambda x: x[c], dataclasses.replace(data, key=data.key if layout.dropout else None))
@@ -491,16 +529,17 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
 
     branches = [jax.vmap(functools.partial(lane_step, n)) for n in layout.lengths] + [idle]
 
-    def body(carry: tuple[Trainee, Accumulator], xs: Schedule) -> tuple[Any, jax.Array]:
+    def body(carry: tuple[Trainee, Accumulator], xs: Any) -> tuple[Any, jax.Array]:
         everyone, acc = carry
-        c = xs.cand
-        lanes = jax.tree.map(lambda x: x[c], everyone)
-        lanes, acc, loss = jax.lax.switch(xs.length_bucket, branches, lanes, acc, c, xs.step)
-        everyone = jax.tree.map(lambda big, x: big.at[c].set(x), everyone, lanes)
-        return (everyone, acc), loss
+        c, slot, step, bucket = xs
+        lanes = take(everyone, slot)
+        lanes, acc, loss = jax.lax.switch(bucket, branches, lanes, acc, c, step)
+        return (put(everyone, slot, lanes), acc), loss
 
-    (trainees, _), losses = jax.lax.scan(body, (trainees, acc0), schedule)
-    return trainees.weights, losses, trainees.failed_at
+    xs = (schedule.cand, schedule.slot, schedule.step, schedule.length_bucket)
+    (trainees, _), losses = jax.lax.scan(body, (trainees, acc0), xs)
+    w, failed = jax.tree.map(lambda x: x[schedule.lane_of, schedule.slot_of], (trainees.weights, trainees.failed_at))
+    return w, losses, failed
 
 
 def make_train_program(graphdef: Any, layout: TrainLayout) -> Any:
@@ -518,6 +557,11 @@ def _candidate_sharding(mesh: Any, shape: Sequence[int]) -> Any:
 def _lane_sharding(mesh: Any, shape: Sequence[int]) -> Any:
     """Lane arrays ``[S, M, ...]`` have their lane axis over the candidate (``data``) axis."""
     return jax.sharding.NamedSharding(mesh, shd.spec_for(mesh, (None, "candidates") + (None,) * (len(shape) - 2), shape))
+
+
+def _home_sharding(mesh: Any, shape: Sequence[int]) -> Any:
+    """Where the candidates live, ``[M, R+1]``: the lane axis as in :func:`_lane_sharding`."""
+    return jax.sharding.NamedSharding(mesh, shd.spec_for(mesh, ("candidates", None), shape))
 
 
 def _place(mesh: Any, tree: Any, sharding: Any, abstract: bool) -> Any:
@@ -599,7 +643,9 @@ def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Seque
         weight_decay=floats([s.weight_decay for s in specs_t]), key=with_dummy(keys), tokens=data(plan.tokens),
         attention=data(plan.attention), positions=data(plan.positions), loss_weights=data(plan.weights))
     steps = Step(lp.idx, lp.active, lp.boundary, lp.lr, lp.step)
-    layout = TrainLayout(lp.lengths, any(s.dropout > 0 for s in specs_l), rows)
+    lanes_split = mesh is not None and how != "rows" and int(mesh.shape.get("data", 1)) > 1
+    lane_state = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")) if lanes_split else None)
+    layout = TrainLayout(lp.lengths, any(s.dropout > 0 for s in specs_l), rows, lane_state)
     if programs is None:
         programs = {}
     if layout not in programs:
@@ -607,9 +653,11 @@ def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Seque
     length_bucket = (jax.ShapeDtypeStruct(lp.length_bucket.shape, jnp.int32,
                                           sharding=None if mesh is None else shd.replicated(mesh))
                      if abstract else jnp.asarray(lp.length_bucket))
-    cand, steps = _place(mesh, (lp.cand, steps), _lane_sharding, abstract)
+    cand, slot, steps = _place(mesh, (lp.cand, lp.slot, steps), _lane_sharding, abstract)
+    home = _place(mesh, lp.home, _home_sharding, abstract)
+    where = _place(mesh, (lp.lane_of, lp.slot_of), _candidate_sharding, abstract)
     args = (state, *_place(mesh, (jax.tree.map(with_dummy, weights), candidates), _candidate_sharding, abstract),
-            Schedule(cand, steps, length_bucket))
+            Schedule(cand, slot, steps, length_bucket, home, *where))
     return TrainCall(programs[layout], args, plan, lp, specs_l, specs_t)
 
 
