@@ -341,10 +341,11 @@ class LanePlan:
     step: the candidate's own micro-step number; length_bucket ``[S]`` indexes ``lengths`` (the static
     token lengths compiled, one branch each); ``len(lengths)`` marks a step where no lane works (skipped).
 
-    A candidate trains on one lane only, so its state lives there: ``home`` ``[M, R+1]`` lists each lane's
-    candidates in order (R = the most any lane has; K fills the rest, slot R is always the dummy's);
-    ``slot`` ``[S, M]`` is the slot of the candidate a lane works on; ``lane_of``/``slot_of`` ``[K+1]`` say
-    where each candidate lives (the dummy: lane 0, slot R).
+    A candidate trains on one lane only, so its state lives there: ``home`` ``[M, R]`` lists each lane's
+    candidates in order (R = the most any lane has; the dummy K fills the rest); ``slot`` ``[S, M]`` is the
+    slot of the candidate a lane works on (after its last candidate, a lane's idle steps stay on that
+    candidate's slot: a masked step leaves the state untouched); ``lane_of``/``slot_of`` ``[K+1]`` say where
+    each candidate lives (the dummy's entry, lane 0 slot 0, is never read).
     """
 
     cand: np.ndarray
@@ -405,11 +406,11 @@ def make_lane_plan(plan: Plan, lanes: int | None = None, max_buckets: int = 3, m
     m = len(groups)
     s = max(sum(steps[c] for c in g) for g in groups)
     s = -(-s // 8) * 8
-    r = max(len(g) for g in groups)
-    home = np.full((m, r + 1), k, np.int32)
+    r = max(1, max(len(g) for g in groups))
+    home = np.full((m, r), k, np.int32)
     lane_of = np.zeros(k + 1, np.int32)
-    slot_of = np.full(k + 1, r, np.int32)
-    slot = np.full((s, m), r, np.int32)
+    slot_of = np.zeros(k + 1, np.int32)
+    slot = np.zeros((s, m), np.int32)
     cand = np.full((s, m), k, np.int32)
     idx = np.full((s, m, batch), -1, np.int32)
     active = np.zeros((s, m), bool)
@@ -421,7 +422,7 @@ def make_lane_plan(plan: Plan, lanes: int | None = None, max_buckets: int = 3, m
         for j, c in enumerate(group):
             n = steps[c]
             home[lane, j], lane_of[c], slot_of[c] = c, lane, j
-            slot[t:t + n, lane] = j
+            slot[t:, lane] = j
             cand[t:t + n, lane] = c
             idx[t:t + n, lane] = plan.order[c, :n]
             active[t:t + n, lane] = True
@@ -479,7 +480,7 @@ def data_layout(mesh: Any, lanes: int, batch: int) -> tuple[str, Any]:
 class Schedule:
     """A :class:`LanePlan` on the device: per step ``[S]`` and lane ``[S, M]``, which candidate a lane works on
     (``cand``) and in which of the lane's slots it lives (``slot``), that candidate's :class:`Step` and the
-    step's ``length_bucket`` (``[S]``); where the candidates live (``home`` ``[M, R+1]``, ``lane_of`` and
+    step's ``length_bucket`` (``[S]``); where the candidates live (``home`` ``[M, R]``, ``lane_of`` and
     ``slot_of`` ``[K+1]``, see :class:`LanePlan`)."""
 
     cand: Any
@@ -499,7 +500,7 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
 
     lora_w and every field of ``data`` have a leading ``K+1`` axis; ``layout`` holds the static choices
     (token lengths, dropout, how the micro-batch rows and the lanes are sharded). The candidates' state is
-    kept per lane (``[M, R+1, ...]``, see :class:`LanePlan`), so with the lanes split over devices a step
+    kept per lane (``[M, R, ...]``, see :class:`LanePlan`), so with the lanes split over devices a step
     reads and writes only its own device's state: no collective per step.
     Returns ``(lora_w [K+1, ...], loss per step and lane [S, M], failed micro-step per candidate [K+1])``.
     """
@@ -509,12 +510,12 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     def resident(x: jax.Array) -> jax.Array:
         return x if layout.lanes is None else jax.lax.with_sharding_constraint(x, layout.lanes)
 
-    home_w = jax.tree.map(lambda x: resident(x[schedule.home]), lora_w)  # [M, R+1, ...]
+    home_w = jax.tree.map(lambda x: resident(x[schedule.home]), lora_w)  # [M, R, ...]
     trainees = Trainee(home_w, jax.vmap(jax.vmap(init_opt_state))(home_w),
                        resident(jnp.full(schedule.home.shape, -1, jnp.int32)))
     acc0 = jax.vmap(lambda _: Accumulator.zeros(jax.tree.map(lambda x: x[0], lora_w)))(jnp.arange(m))
 
-    def take(tree: Any, slot: jax.Array) -> Any:  # each lane's own slot: [M, R+1, ...] -> [M, ...]
+    def take(tree: Any, slot: jax.Array) -> Any:  # each lane's own slot: [M, R, ...] -> [M, ...]
         return jax.vmap(lambda t, s: jax.tree.map(lambda x: x[s], t))(tree, slot)
 
     def put(tree: Any, slot: jax.Array, new: Any) -> Any:
@@ -560,7 +561,7 @@ def _lane_sharding(mesh: Any, shape: Sequence[int]) -> Any:
 
 
 def _home_sharding(mesh: Any, shape: Sequence[int]) -> Any:
-    """Where the candidates live, ``[M, R+1]``: the lane axis as in :func:`_lane_sharding`."""
+    """Where the candidates live, ``[M, R]``: the lane axis as in :func:`_lane_sharding`."""
     return jax.sharding.NamedSharding(mesh, shd.spec_for(mesh, ("candidates", None), shape))
 
 
