@@ -16,7 +16,13 @@ micro-batches.
 
 On a mesh, the ``data`` axis splits the work: the lanes (candidates side by side) when their number
 divides it, else the rows of each micro-batch (data parallelism within one adapter, e.g. one CPT adapter
-on 8 devices), else the lanes padded with idle ones to a multiple of it (:func:`data_layout`).
+on 8 devices), else the lanes padded with idle ones to a multiple of it (:func:`data_layout`). A
+candidate's adapter and optimiser state live on the lane that trains it, so lanes split over devices need
+no collective per step (:func:`train_lanes`).
+
+The device-side state is small dataclass pytrees: :class:`CandidateData` (what a candidate trains on),
+:class:`Trainee` (its adapter, optimiser state and failure step), :class:`Accumulator` (a gradient
+window), :class:`Step` (one micro-step of its schedule) and :class:`Schedule` (the lanes' steps).
 """
 
 from __future__ import annotations
