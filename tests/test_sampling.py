@@ -515,3 +515,33 @@ def test_scanned_decode_gives_the_tokens_of_the_unrolled_one(qwen, tiny_hf):
     np.testing.assert_allclose(np.asarray(stacked.v[1]), np.asarray(per_layer.v[1]), atol=1e-5)
     with pytest.raises(ValueError, match="stacked cache scans the stacked weights; pass layers=None"):
         lm.model.extend(jnp.asarray(ids[:, :1]), None, stacked, layers=lm.model.layer_params())
+
+
+def test_the_gpu_decode_gives_the_tokens_of_the_cpu_one(qwen, tiny_hf):
+    """The GPU's decode (unrolled over a per-layer cache whose keys are laid out as the values, none of
+    lm/cpu_decode.py's tricks) run here on the CPU: the tokens of the CPU decode (transposed keys, kept weight
+    copies in column blocks), greedy and sampled, with and without stacked adapters, on one device and
+    sharded."""
+    from seal_jax.lm import sampling
+
+    _, lm = qwen
+    _, folder = tiny_hf("qwen3-untied")
+    sharded = sj.load(folder, progress=False, mesh="data=2,fsdp=2,tensor=2")
+    rows, adapters = tiny_prompts(), make_adapters(lm)
+    for model in (lm, sharded):
+        gpu = sampling.Sampler(model.graphdef, model.mesh)
+        assert gpu.cpu_tricks and not gpu.scan_layers  # CPU: the tricks apply unless switched off
+        gpu.cpu_tricks = False
+        for params, ad in [(SamplingParams(max_new_tokens=12, ignore_eos=True), None),
+                           (SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True), adapters)]:
+            run = dict(eos_ids=model._eos_ids(), pad_id=model._pad_id(), adapters=ad)
+            expected = model._sampler.generate(model.state, model.config, rows, params,
+                                               copies=model._decode_copies(), **run)
+            assert gpu.generate(model.state, model.config, rows, params, **run) == expected
+    ids, mask = pad_left(rows, 0, 16)
+    gpu = sampling.Sampler(lm.graphdef)
+    gpu.cpu_tricks = False
+    _, cpu_cache = lm._sampler.prefill(lm.state, jnp.asarray(ids), jnp.asarray(mask), None, None, cache_len=32)
+    _, gpu_cache = gpu.prefill(lm.state, jnp.asarray(ids), jnp.asarray(mask), None, None, cache_len=32)
+    assert cpu_cache.keys_transposed and not gpu_cache.keys_transposed and not gpu_cache.stacked
+    np.testing.assert_allclose(np.asarray(gpu_cache.k[1]), np.asarray(cpu_cache.k[1]).transpose(0, 1, 3, 2), atol=1e-5)
