@@ -155,7 +155,7 @@ def test_novelty_archive_validates_its_knobs():
 # SFT selection
 
 def fill_row(template_id, passage_id, fill_index, accuracy, **extra):
-    return {"template_id": template_id, "passage_id": passage_id, "fill_index": fill_index, "accuracy": accuracy,
+    return {"template_id": template_id, "passage_id": passage_id, "fill_index": fill_index, "score": accuracy,
             "fill_prompt": f"fill {template_id} {passage_id}", "fill_text": f"text {template_id} {passage_id} "
             f"{fill_index}", "meta_prompt": f"meta {template_id}", "template_text": f"json {template_id}", **extra}
 
@@ -175,7 +175,8 @@ def test_select_top_two_templates_per_passage_with_best_fill():
         ("p1", "t1", 1, "template"), ("p1", "t1", 1, "fill"), ("p1", "t3", 0, "template"), ("p1", "t3", 0, "fill"),
     ]
     assert out[4]["prompt"] == "meta t1" and out[4]["completion"] == "json t1"
-    assert out[5]["prompt"] == "fill t1 p1" and out[5]["completion"] == "text t1 p1 1" and out[5]["accuracy"] == 0.7
+    assert out[5]["prompt"] == "fill t1 p1" and out[5]["completion"] == "text t1 p1 1" and out[5]["score"] == 0.7
+    assert out[5]["unit"] == "accuracy"
     assert [r["template_id"] for r in select_top(rows, k=1) if r["kind"] == "fill"] == ["t1", "t1"]
     assert select_top(reversed(rows), k=2) == out
 
@@ -190,4 +191,4 @@ def test_select_top_rejects_malformed_rows():
     with pytest.raises(TemplateError, match="fill_index"):
         select_top([fill_row("t1", "p1", None, 0.5)])
     assert select_top([fill_row("t1", "p1", 0, None)]) == []
-    assert select_top([fill_row("t1", "p1", np.int64(0), np.float32(0.5))])[0]["accuracy"] == 0.5
+    assert select_top([fill_row("t1", "p1", np.int64(0), np.float32(0.5))])[0]["score"] == 0.5

@@ -425,6 +425,8 @@ def test_sft_pairs_selection_without_a_model():
     dense = sft_pairs(rows, passages, templates, "META", k=1, chat=False, reward="gold_loglik")
     assert [(p["passage_id"], p["template_id"], p["fill_index"]) for p in dense[::2]] == [
         ("demo-0", "it1-t1", 0), ("demo-1", "it1-t0", 0)]
+    # the rows say what their score is: nats per token here, accuracy above
+    assert (dense[0]["score"], dense[0]["unit"]) == (-1.0, "gold_loglik") and pairs[0]["unit"] == "accuracy"
     assert [p["passage_id"] for p in sft_pairs(rows, passages, templates, "META", k=1, chat=False,
                                                 reward="gold_loglik", positive_gain_only=True)] == ["demo-0"] * 2
 

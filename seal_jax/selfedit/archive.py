@@ -313,15 +313,15 @@ class NoveltyArchive(Archive):
 # ----------------------------------------------------------------------------------------------------
 # SFT rows between iterations
 
-SELECT_KEYS = ("template_id", "passage_id", "fill_index", "accuracy", "fill_prompt", "fill_text", "meta_prompt",
+SELECT_KEYS = ("template_id", "passage_id", "fill_index", "score", "fill_prompt", "fill_text", "meta_prompt",
                "template_text")
 
 
 def _failed(row: Mapping[str, Any]) -> bool:
-    accuracy = row.get("accuracy")
-    if row.get("error") or accuracy is None or isinstance(accuracy, bool):
+    score = row.get("score")
+    if row.get("error") or score is None or isinstance(score, bool):
         return True
-    if not isinstance(accuracy, numbers.Real) or not math.isfinite(accuracy):
+    if not isinstance(score, numbers.Real) or not math.isfinite(score):
         return True
     return not (isinstance(row.get("fill_text"), str) and row["fill_text"].strip())
 
@@ -330,10 +330,11 @@ def select_top(rows: Iterable[Mapping[str, Any]], k: int = 2) -> list[dict[str, 
     """SFT pairs from the per-fill results of one iteration: the top-``k`` templates of every passage,
     each with its best fill.
 
-    ``rows``: one dict per (template, passage, fill) with :data:`SELECT_KEYS`; rows with an ``error``, a
-    missing/non-finite ``accuracy`` or an empty ``fill_text`` are skipped. Per passage, a template's best
-    fill is its highest-accuracy fill (ties: lowest ``fill_index``), and templates rank by that accuracy
-    (ties: template id order). Each chosen (passage, template) gives two rows, in passage-id then rank
+    ``rows``: one dict per (template, passage, fill) with :data:`SELECT_KEYS` (``score``: the fill's reward,
+    higher is better; an optional ``unit`` names it, ``"accuracy"`` when absent); rows with an ``error``, a
+    missing/non-finite ``score`` or an empty ``fill_text`` are skipped. Per passage, a template's best fill
+    is its highest-scoring fill (ties: lowest ``fill_index``), and templates rank by that score (ties:
+    template id order). Each chosen (passage, template) gives two rows, in passage-id then rank
     order: ``{"kind": "template", "prompt": meta_prompt, "completion": template_text, …}`` and
     ``{"kind": "fill", "prompt": fill_prompt, "completion": fill_text, …}`` (a template chosen for several
     passages thus appears several times, weighting it by how many passages it wins).
@@ -351,17 +352,18 @@ def select_top(rows: Iterable[Mapping[str, Any]], k: int = 2) -> list[dict[str, 
             continue
         key = (str(row["passage_id"]), str(row["template_id"]))
         current = best.get(key)
-        if current is None or (-row["accuracy"], row["fill_index"]) < (-current["accuracy"], current["fill_index"]):
+        if current is None or (-row["score"], row["fill_index"]) < (-current["score"], current["fill_index"]):
             best[key] = row
     per_passage: dict[str, list[Mapping[str, Any]]] = {}
     for (passage, _), row in best.items():
         per_passage.setdefault(passage, []).append(row)
     out: list[dict[str, Any]] = []
     for passage in sorted(per_passage):
-        chosen = sorted(per_passage[passage], key=lambda r: (-r["accuracy"], str(r["template_id"])))[:k]
+        chosen = sorted(per_passage[passage], key=lambda r: (-r["score"], str(r["template_id"])))[:k]
         for rank, row in enumerate(chosen):
             common = {"template_id": row["template_id"], "passage_id": row["passage_id"],
-                      "fill_index": row["fill_index"], "accuracy": row["accuracy"], "rank": rank}
+                      "fill_index": row["fill_index"], "score": row["score"], "unit": row.get("unit", "accuracy"),
+                      "rank": rank}
             out.append({"kind": "template", "prompt": row["meta_prompt"], "completion": row["template_text"],
                         **common})
             out.append({"kind": "fill", "prompt": row["fill_prompt"], "completion": row["fill_text"], **common})

@@ -388,7 +388,8 @@ def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], temp
     Prompts are the exact texts the generator saw (chat template applied when ``chat``); completions are
     the template's canonical JSON (the seed paper's nested form, :meth:`Template.to_json`) and the fill's
     training texts as ``{"training_sequences": [...]}``.
-    Returns ``{kind, prompt, completion, template_id, passage_id, fill_index, accuracy, rank}`` rows.
+    Returns ``{kind, prompt, completion, template_id, passage_id, fill_index, score, unit, rank}`` rows
+    (``score``: the fill's reward after the update, in ``unit``: ``accuracy`` or ``gold_loglik``).
     """
     def wrap(text: str) -> str:
         return format_chat(tokenizer, text) if chat else text
@@ -403,7 +404,7 @@ def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], temp
         template, passage = templates[r["template_id"]], passages[r["passage_id"]]
         candidates.append({
             "template_id": r["template_id"], "passage_id": r["passage_id"], "fill_index": r["fill_index"],
-            "accuracy": r[f"{measure}_after"], "error": r.get("failure"), "meta_prompt": wrap(meta),
+            "score": r[f"{measure}_after"], "unit": measure, "error": r.get("failure"), "meta_prompt": wrap(meta),
             "template_text": template.to_json(),
             "fill_prompt": wrap(fill_prompt(template, passage.title, passage.context)),
             "fill_text": json.dumps({"training_sequences": r["fill_sequences"]}, ensure_ascii=False)})
