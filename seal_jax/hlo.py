@@ -16,7 +16,8 @@ module reads the optimised HLO (``compiled.as_text()``) of any backend and count
 * **bytes** are what each top-level operation (a fusion, a copy, a collective, a custom call …) reads and
   writes: its operands plus its result, as XLA's own cost model counts them, with two refinements that
   matter in loops over stacked weights and caches: an operand that a fusion only reads through
-  ``dynamic-slice``/``slice`` counts the slices' bytes, and a fusion whose root is a
+  ``dynamic-slice``/``slice`` counts the slices' bytes (through a ``gather``, the rows it gathers: an
+  embedding lookup reads the looked-up rows, not the table), and a fusion whose root is a
   ``dynamic-update-slice`` of one of its operands (an in-place update) counts the update, not the buffer.
 * **memory spaces**: on a TPU, memory-space assignment prefetches some buffers into on-chip memory
   (layouts marked ``S(1)``); writing or reading such a buffer is not HBM traffic and is not counted, while
@@ -366,7 +367,7 @@ class _Analyzer:
         if not uses:
             return None
         for u in uses:
-            if u.opcode in ("dynamic-slice", "slice") and u.operands[0] == name:
+            if u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == name:
                 total += shape_bytes(u.shape)
             elif u.opcode == "bitcast":
                 inner = self._sliced_read(comp, u.name, depth + 1)

@@ -126,3 +126,15 @@ ENTRY %main (w: bf16[64,1024]) -> bf16[8,1024] {
     assert hlo.hbm_bytes("(bf16[8,1024]{1,0:T(8,128)S(1)}, f32[2]{0})") == 8
     # the prefetch reads its slab from HBM; the negate reads on-chip memory and writes its result to HBM
     assert hlo.analyze(text).bytes == slab + slab
+
+
+def test_a_gather_reads_the_rows_it_gathers():
+    """An embedding lookup inside a fusion reads the looked-up rows, not the whole table (as XLA's own cost
+    model counts a gather); the table read whole elsewhere counts whole."""
+    table = jnp.zeros((4096, 256), jnp.float32)
+    ids = jnp.arange(8, dtype=jnp.int32)
+    text, _ = compiled_text(lambda t, i: (t[i] * 2.0).sum(-1), table, ids)
+    rows = 8 * 256 * 4
+    assert hlo.analyze(text).bytes < 4 * rows + 4096  # not the 4 MB table
+    whole, _ = compiled_text(lambda t, i: t[i].sum() + t.sum(), table, ids)
+    assert hlo.analyze(whole).bytes >= 4096 * 256 * 4
