@@ -448,52 +448,69 @@ class Sampler:
         self.traces["decode"] += 1
         base_key = jax.random.key(knobs["seed"])
         max_new = knobs["max_new_tokens"]
+        model = nnx.merge(self.graphdef, state)
+        stacked = lora_scale is not None and lora_scale.ndim == 1
+        # K stacked adapters: the per-candidate work of a step runs under vmap *inside* one loop, so that the
+        # loop's condition (every row of every candidate stopped) is one scalar; a vmap around the whole loop
+        # would select every carried buffer (all the KV caches) between old and new on every step.
+        # Per-layer slices, made once per call (the base's unless kept from an earlier one, on a CPU); a
+        # stacked cache scans the stacked weights instead
+        n = model.config.num_layers
+        base = None
+        if not cache.stacked:
+            base = unstack_layers(model.layers.arrays(), n) if copies is None else list(copies[0])
+        adapter = lora_weights
+        if lora_weights is not None and not cache.stacked:
+            slices = functools.partial(unstack_layers, num_layers=n)
+            adapter = jax.vmap(slices)(lora_weights) if stacked else slices(lora_weights)
+        head_kernel = model.head_kernel() if copies is None else copies[1]
+        if copies is None and self.cpu_tricks:
+            head_kernel = cpu_decode.head_once_per_call(head_kernel)
 
-        def one(cache: KVCache, logits: jax.Array, lw: Any, ls: Any) -> tuple[jax.Array, jax.Array, KVCache]:
-            model = nnx.merge(self.graphdef, state)
-            lora = None if lw is None else LoraInputs(weights=lw, scale=ls)
-            # per-layer slices, made once per call unless kept from an earlier one (CPU); a stacked cache
-            # scans the stacked weights instead
-            layers = None if cache.stacked else model.layer_params(lora, base=None if copies is None else copies[0])
-            head_kernel = model.head_kernel() if copies is None else copies[1]
-            if copies is None and self.cpu_tricks:
-                head_kernel = cpu_decode.head_once_per_call(head_kernel)
-            b = logits.shape[0]
+        def forward(cache: KVCache, token: jax.Array, finished: jax.Array, adapter: Any,
+                    scale: Any) -> tuple[jax.Array, KVCache]:
+            """One candidate's next-token logits ``[B, V]`` and its updated cache."""
+            lora = None if scale is None else LoraInputs(weights=adapter if cache.stacked else {}, scale=scale)
+            layers = None if cache.stacked else list(zip(base, adapter if adapter is not None else [None] * n,
+                                                         strict=True))
+            fed = jnp.where(finished, knobs["pad_id"], token)
+            x, cache = model.extend(fed[:, None], None, cache, lora=lora, layers=layers)
+            return model.head(x[:, 0], head_kernel), self._constrain_cache(cache)
 
-            def sample(lg: jax.Array, step: jax.Array) -> jax.Array:
-                return sample_step(lg, jax.random.fold_in(base_key, step), knobs["temperature"],
-                                   knobs["top_k"], knobs["top_p"], knobs["min_p"])
+        def sample(lg: jax.Array, step: jax.Array) -> jax.Array:  # every candidate draws the same numbers
+            return sample_step(lg, jax.random.fold_in(base_key, step), knobs["temperature"],
+                               knobs["top_k"], knobs["top_p"], knobs["min_p"])
 
-            def record(step, token, out, lengths, finished):
-                active = ~finished
-                stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
-                out = jax.lax.dynamic_update_slice(out, jnp.where(active, token, -1)[:, None], (0, step))
-                lengths = lengths + (active & ~stop).astype(jnp.int32)
-                return out, lengths, finished | stop
+        def record(step: jax.Array, token: jax.Array, out: jax.Array, lengths: jax.Array,
+                   finished: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            active = ~finished
+            stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+            out = jax.lax.dynamic_update_slice(out, jnp.where(active, token, -1)[:, None], (0, step))
+            lengths = lengths + (active & ~stop).astype(jnp.int32)
+            return out, lengths, finished | stop
 
-            first = sample(logits, jnp.int32(0))
-            out0 = jnp.full((b, out_len), -1, jnp.int32)
-            out0, lengths0, done0 = record(0, first, out0, jnp.zeros((b,), jnp.int32), done)
+        fwd, smp, rec = forward, sample, record
+        if stacked:
+            fwd, smp, rec = jax.vmap(forward), jax.vmap(sample, in_axes=(0, None)), jax.vmap(record, in_axes=(None, 0, 0, 0, 0))
+        lead, b = logits.shape[:-2], logits.shape[-2]  # lead: (K,) with stacked adapters
+        first = smp(logits, jnp.int32(0))
+        out0 = jnp.full((*lead, b, out_len), -1, jnp.int32)
+        out0, lengths0, done0 = rec(0, first, out0, jnp.zeros((*lead, b), jnp.int32), jnp.broadcast_to(done, (*lead, b)))
 
-            def cond(carry):
-                step, _, _, _, finished, _ = carry
-                return (step < max_new) & ~jnp.all(finished)
+        def cond(carry: tuple[Any, ...]) -> jax.Array:
+            step, _, _, _, finished, _ = carry
+            return (step < max_new) & ~jnp.all(finished)
 
-            def body(carry):
-                step, token, out, lengths, finished, cache = carry
-                fed = jnp.where(finished, knobs["pad_id"], token)
-                x, cache = model.extend(fed[:, None], None, cache, lora=lora, layers=layers)
-                nxt = sample(model.head(x[:, 0], head_kernel), step)
-                out, lengths, finished = record(step, nxt, out, lengths, finished)
-                return step + 1, nxt, out, lengths, finished, self._constrain_cache(cache)
+        def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
+            step, token, out, lengths, finished, cache = carry
+            lg, cache = fwd(cache, token, finished, adapter, lora_scale)
+            nxt = smp(lg, step)
+            out, lengths, finished = rec(step, nxt, out, lengths, finished)
+            return step + 1, nxt, out, lengths, finished, cache
 
-            carry = (jnp.int32(1), first, out0, lengths0, done0, cache)
-            _, _, out, lengths, _, cache = jax.lax.while_loop(cond, body, carry)
-            return out, lengths, cache
-
-        if lora_scale is not None and lora_scale.ndim == 1:
-            return jax.vmap(one, in_axes=(0, 0, 0, 0))(cache, logits, lora_weights, lora_scale)
-        return one(cache, logits, lora_weights, lora_scale)
+        carry = (jnp.int32(1), first, out0, lengths0, done0, cache)
+        _, _, out, lengths, _, cache = jax.lax.while_loop(cond, body, carry)
+        return out, lengths, cache
 
     # -- ahead-of-time lowering --------------------------------------------------------------------
 
