@@ -491,7 +491,12 @@ class Sampler:
 
         fwd, smp, rec = forward, sample, record
         if stacked:
-            fwd, smp, rec = jax.vmap(forward), jax.vmap(sample, in_axes=(0, None)), jax.vmap(record, in_axes=(None, 0, 0, 0, 0))
+            # the candidates' caches fill in step: one shared slot index keeps each write an in-place update
+            # of a slice (a per-candidate index would turn it into a scatter over the whole buffer)
+            cache = dataclasses.replace(cache, index=cache.index[0])
+            axes = KVCache(k=0, v=0, valid=0, positions=0, index=None, keys_transposed=cache.keys_transposed)
+            fwd = jax.vmap(forward, in_axes=(axes, 0, 0, 0, 0), out_axes=(0, axes))
+            smp, rec = jax.vmap(sample, in_axes=(0, None)), jax.vmap(record, in_axes=(None, 0, 0, 0, 0))
         lead, b = logits.shape[:-2], logits.shape[-2]  # lead: (K,) with stacked adapters
         first = smp(logits, jnp.int32(0))
         out0 = jnp.full((*lead, b, out_len), -1, jnp.int32)
