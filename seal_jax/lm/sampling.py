@@ -515,6 +515,8 @@ class Sampler:
 
         carry = (jnp.int32(1), first, out0, lengths0, done0, cache)
         _, _, out, lengths, _, cache = jax.lax.while_loop(cond, body, carry)
+        if stacked:  # the cache goes out as it came in (one index per candidate), so its buffers are donated
+            cache = dataclasses.replace(cache, index=jnp.broadcast_to(cache.index, lead))
         return out, lengths, cache
 
     # -- ahead-of-time lowering --------------------------------------------------------------------
