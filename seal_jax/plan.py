@@ -5,9 +5,8 @@ device and for each hardware in :data:`HARDWARE`:
 
 * **bytes** — base weights (sharded exactly as :mod:`seal_jax.lm.sharding` places them: the real
   :data:`~seal_jax.lm.sharding.PARAM_AXES` and :data:`~seal_jax.lm.sharding.RULES` through
-  :func:`~seal_jax.lm.sharding.spec_for`), LoRA adapters (float32: the call's K+1 replicated, plus the
-  copies its lanes train) and AdamW state (float32, kept on the lanes that train them: a device holds its
-  lanes' candidates, see ``training.LanePlan``), per-lane
+  :func:`~seal_jax.lm.sharding.spec_for`), LoRA adapters and AdamW state (float32, kept on the lanes that
+  train them: a device holds its lanes' candidates, see ``training.LanePlan``), per-lane
   gradient accumulators, training activations (per ``Decoder(remat=...)``: "none" keeps every layer's
   intermediates, "minimal" each layer's input and projection outputs, "full" only each layer's input
   ``[B, T, D]``; the last two recompute one layer's rest at a time), the chunked cross-entropy and the sampling KV cache ``[K, L, B, S, KVH, Dh]`` (batch over ``data``, KV heads over
@@ -299,8 +298,8 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     p = lora_parameters(config, w.lora_rank, w.lora_targets)
     lanes, lane_rows = lanes_per_device(w.candidates, w.batch, mesh)
     slots = lanes  # each candidate's state lives on its lane (equal candidates: one per lane)
-    # the call's adapters in and out (K+1 slots, replicated; donated, so one buffer) and the lanes' own copies
-    lora_params = (w.candidates + 1 + slots) * p * LORA_BYTES
+    # the adapters come and go in the lanes' layout (donated: one buffer), split over data with the lanes
+    lora_params = slots * p * LORA_BYTES
     lora_state = 2 * slots * p * LORA_BYTES  # AdamW first and second moments
     accumulators = 2 * lanes * p * LORA_BYTES  # gradient accumulator + the fresh gradient, per lane
     rows = lanes * lane_rows
@@ -539,7 +538,7 @@ def format_plan(plan: Plan) -> str:
         "| per device | bytes |",
         "|---|---:|",
         f"| base weights ({w.dtype}, sharded) | {_gb(mem.weights)} |",
-        f"| LoRA adapters (float32, K+1 in and out, and the device's lanes' own) | {_gb(mem.lora_params)} |",
+        f"| LoRA adapters (float32, the device's lanes' candidates) | {_gb(mem.lora_params)} |",
         f"| AdamW moments (float32) | {_gb(mem.lora_state)} |",
         f"| gradient accumulators (per lane) | {_gb(mem.accumulators)} |",
         f"| training activations (remat {remat_name(w.remat)}, estimate) | {_gb(mem.activations)} |",

@@ -55,8 +55,8 @@ def test_lora_bytes_by_hand_and_against_real_adapters():
     assert pl.lora_parameters(cfg, 32, ("q_proj", "v_proj")) == per_adapter
     w = pl.Workload(candidates=4, seq_len=256, dtype="bfloat16")
     mem = pl.memory_plan(cfg, {"data": 2, "fsdp": 4, "tensor": 1}, w)
-    # float32: the call's K + 1 adapters in and out, and the copies the device's two lanes train
-    assert mem.lora_params == (5 + 2) * per_adapter * 4
+    # float32: the candidates of the device's two lanes (the adapters live where their lanes train them)
+    assert mem.lora_params == 2 * per_adapter * 4
     assert mem.lora_state == 2 * 2 * per_adapter * 4  # AdamW mu and nu of the lanes' candidates
     assert mem.lanes == 2 and mem.accumulators == 2 * 2 * per_adapter * 4
 

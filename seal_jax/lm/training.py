@@ -486,16 +486,12 @@ def data_layout(mesh: Any, lanes: int, batch: int) -> tuple[str, Any]:
 class Schedule:
     """A :class:`LanePlan` on the device: per step ``[S]`` and lane ``[S, M]``, which candidate a lane works on
     (``cand``) and in which of the lane's slots it lives (``slot``), that candidate's :class:`Step` and the
-    step's ``length_bucket`` (``[S]``); where the candidates live (``home`` ``[M, R]``, ``lane_of`` and
-    ``slot_of`` ``[K+1]``, see :class:`LanePlan`)."""
+    step's ``length_bucket`` (``[S]``)."""
 
     cand: Any
     slot: Any
     step: Step
     length_bucket: Any
-    home: Any
-    lane_of: Any
-    slot_of: Any
 
 
 def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, data: CandidateData,
@@ -504,11 +500,12 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     takes its candidate's adapter and optimiser state from the lane's own slots, gathers the candidate's
     data, runs :func:`micro_step` (``vmap`` over lanes, at the step's token length) and puts the state back.
 
-    lora_w and every field of ``data`` have a leading ``K+1`` axis; ``layout`` holds the static choices
-    (token lengths, dropout, how the micro-batch rows and the lanes are sharded). The candidates' state is
-    kept per lane (``[M, R, ...]``, see :class:`LanePlan`), so with the lanes split over devices a step
-    reads and writes only its own device's state: no collective per step.
-    Returns ``(lora_w [K+1, ...], loss per step and lane [S, M], failed micro-step per candidate [K+1])``.
+    The candidates' state is kept where their lanes run: lora_w comes (donated) and goes in the lanes'
+    layout ``[M, R, ...]`` (``LanePlan.home``), so with the lanes split over devices a step reads and writes
+    only its own device's state: no collective per step. Every field of ``data`` has a leading ``K+1`` axis;
+    ``layout`` holds the static choices (token lengths, dropout, how the micro-batch rows and the lanes are
+    sharded).
+    Returns ``(lora_w [M, R, ...], loss per step and lane [S, M], failed micro-step [M, R])``.
     """
     model = nnx.merge(graphdef, state)
     m = schedule.cand.shape[1]
@@ -516,15 +513,19 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     def resident(x: jax.Array) -> jax.Array:
         return x if layout.lanes is None else jax.lax.with_sharding_constraint(x, layout.lanes)
 
-    home_w = jax.tree.map(lambda x: resident(x[schedule.home]), lora_w)  # [M, R, ...]
-    trainees = Trainee(home_w, jax.vmap(jax.vmap(init_opt_state))(home_w),
-                       resident(jnp.full(schedule.home.shape, -1, jnp.int32)))
-    acc0 = jax.vmap(lambda _: Accumulator.zeros(jax.tree.map(lambda x: x[0], lora_w)))(jnp.arange(m))
+    home_w = jax.tree.map(resident, lora_w)  # [M, R, ...]
+    slots = jax.tree.leaves(lora_w)[0].shape[:2]
+    trainees = Trainee(home_w, jax.vmap(jax.vmap(init_opt_state))(home_w), resident(jnp.full(slots, -1, jnp.int32)))
+    acc0 = jax.vmap(lambda _: Accumulator.zeros(jax.tree.map(lambda x: x[0, 0], lora_w)))(jnp.arange(m))
 
     def take(tree: Any, slot: jax.Array) -> Any:  # each lane's own slot: [M, R, ...] -> [M, ...]
+        if slots[1] == 1:  # one candidate per lane (equal candidates): the state is the lanes' own, no gather
+            return jax.tree.map(lambda x: x[:, 0], tree)
         return jax.vmap(lambda t, s: jax.tree.map(lambda x: x[s], t))(tree, slot)
 
     def put(tree: Any, slot: jax.Array, new: Any) -> Any:
+        if slots[1] == 1:
+            return jax.tree.map(lambda y: y[:, None], new)
         return jax.vmap(lambda t, s, n: jax.tree.map(lambda x, y: x.at[s].set(y), t, n))(tree, slot, new)
 
     def lane_step(length: int, trainee: Trainee, acc: Accumulator, c: Any, step: Step) -> Any:
@@ -545,8 +546,7 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
 
     xs = (schedule.cand, schedule.slot, schedule.step, schedule.length_bucket)
     (trainees, _), losses = jax.lax.scan(body, (trainees, acc0), xs)
-    w, failed = jax.tree.map(lambda x: x[schedule.lane_of, schedule.slot_of], (trainees.weights, trainees.failed_at))
-    return w, losses, failed
+    return trainees.weights, losses, trainees.failed_at
 
 
 def make_train_program(graphdef: Any, layout: TrainLayout) -> Any:
@@ -567,8 +567,8 @@ def _lane_sharding(mesh: Any, shape: Sequence[int]) -> Any:
 
 
 def _home_sharding(mesh: Any, shape: Sequence[int]) -> Any:
-    """Where the candidates live, ``[M, R]``: the lane axis as in :func:`_lane_sharding`."""
-    return jax.sharding.NamedSharding(mesh, shd.spec_for(mesh, ("candidates", None), shape))
+    """The candidates' state in the lanes' layout ``[M, R, ...]``: the lane axis as in :func:`_lane_sharding`."""
+    return jax.sharding.NamedSharding(mesh, shd.spec_for(mesh, ("candidates",) + (None,) * (len(shape) - 1), shape))
 
 
 def _place(mesh: Any, tree: Any, sharding: Any, abstract: bool) -> Any:
@@ -661,10 +661,14 @@ def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Seque
                                           sharding=None if mesh is None else shd.replicated(mesh))
                      if abstract else jnp.asarray(lp.length_bucket))
     cand, slot, steps = _place(mesh, (lp.cand, lp.slot, steps), _lane_sharding, abstract)
-    home = _place(mesh, lp.home, _home_sharding, abstract)
-    where = _place(mesh, (lp.lane_of, lp.slot_of), _candidate_sharding, abstract)
-    args = (state, *_place(mesh, (jax.tree.map(with_dummy, weights), candidates), _candidate_sharding, abstract),
-            Schedule(cand, slot, steps, length_bucket, home, *where))
+    def at_home(x: Any) -> Any:  # [K+1, ...] -> the lanes' layout [M, R, ...]
+        if abstract:
+            return jax.ShapeDtypeStruct((*lp.home.shape, *x.shape[1:]), x.dtype)
+        return x[lp.home]
+
+    home_w = _place(mesh, jax.tree.map(lambda x: at_home(with_dummy(x)), weights), _home_sharding, abstract)
+    args = (state, home_w, _place(mesh, candidates, _candidate_sharding, abstract),
+            Schedule(cand, slot, steps, length_bucket))
     return TrainCall(programs[layout], args, plan, lp, specs_l, specs_t)
 
 
@@ -752,7 +756,9 @@ def train_adapters(
                         pad_id=pad_id, mesh=mesh, programs=programs, lanes=lanes)
     plan, lp, specs_l, specs_t, k = call.plan, call.lanes, call.loras, call.trains, len(sequences)
     trained, losses, failed_at = call.program(*call.args)
-    trained = jax.tree.map(lambda x: x[:k], trained)
+    where = (lp.lane_of[:k], lp.slot_of[:k])  # each candidate's slot in the lanes' layout
+    trained = jax.tree.map(lambda x: x[where], trained)
+    failed_at = failed_at[where]
     losses = np.asarray(shd.to_host(losses))
     failed_at = np.asarray(shd.to_host(failed_at))
     histories: list[list[float]] = [[] for _ in range(k)]
