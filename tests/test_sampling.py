@@ -50,6 +50,13 @@ def qwen(tiny_hf):
     return model, sj.load(folder, progress=False)
 
 
+@pytest.fixture(scope="module")
+def sharded_qwen(tiny_hf):
+    """The same model on a data=2, fsdp=2, tensor=2 mesh of 8 fake CPU devices."""
+    _, folder = tiny_hf("qwen3-untied")
+    return sj.load(folder, progress=False, mesh="data=2,fsdp=2,tensor=2")
+
+
 # ----------------------------------------------------------------------------------------------------
 # SamplingParams
 
@@ -485,15 +492,14 @@ def test_bad_text_inputs(bundled_lm):
         lm.generate(["word " * 8190], SamplingParams(max_new_tokens=8))
 
 
-def test_scanned_decode_gives_the_tokens_of_the_unrolled_one(qwen, tiny_hf):
+def test_scanned_decode_gives_the_tokens_of_the_unrolled_one(qwen, sharded_qwen):
     """The TPU decode (layers scanned over the stacked weights, one stacked cache with keys laid out as the
     values) run here on the CPU: the same tokens as the unrolled decode that matches transformers, greedy
     and sampled, with and without stacked adapters, on one device and sharded."""
     from seal_jax.lm import sampling
 
     _, lm = qwen
-    _, folder = tiny_hf("qwen3-untied")
-    sharded = sj.load(folder, progress=False, mesh="data=2,fsdp=2,tensor=2")
+    sharded = sharded_qwen
     rows, adapters = tiny_prompts(), make_adapters(lm)
     for model in (lm, sharded):
         scanned = sampling.Sampler(model.graphdef, model.mesh)
@@ -517,7 +523,7 @@ def test_scanned_decode_gives_the_tokens_of_the_unrolled_one(qwen, tiny_hf):
         lm.model.extend(jnp.asarray(ids[:, :1]), None, stacked, layers=lm.model.layer_params())
 
 
-def test_the_gpu_decode_gives_the_tokens_of_the_cpu_one(qwen, tiny_hf):
+def test_the_gpu_decode_gives_the_tokens_of_the_cpu_one(qwen, sharded_qwen):
     """The GPU's decode (unrolled over a per-layer cache whose keys are laid out as the values, none of
     lm/cpu_decode.py's tricks) run here on the CPU: the tokens of the CPU decode (transposed keys, kept weight
     copies in column blocks), greedy and sampled, with and without stacked adapters, on one device and
@@ -525,8 +531,7 @@ def test_the_gpu_decode_gives_the_tokens_of_the_cpu_one(qwen, tiny_hf):
     from seal_jax.lm import sampling
 
     _, lm = qwen
-    _, folder = tiny_hf("qwen3-untied")
-    sharded = sj.load(folder, progress=False, mesh="data=2,fsdp=2,tensor=2")
+    sharded = sharded_qwen
     rows, adapters = tiny_prompts(), make_adapters(lm)
     for model in (lm, sharded):
         gpu = sampling.Sampler(model.graphdef, model.mesh)
