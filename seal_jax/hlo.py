@@ -358,8 +358,8 @@ class _Analyzer:
         return total + out_bytes
 
     def _sliced_read(self, comp: Computation, name: str, depth: int = 0) -> float | None:
-        """Bytes read of value ``name`` in ``comp`` when every use reads it through (dynamic-)slices,
-        following bitcasts and nested fusions; ``None`` when some use reads all of it."""
+        """Bytes read of value ``name`` in ``comp`` when every use reads it through (dynamic-)slices or
+        gathers, following bitcasts and nested fusions; ``None`` when some use reads all of it."""
         if depth > 8:
             return None
         total = 0.0

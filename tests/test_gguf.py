@@ -307,3 +307,15 @@ def test_conversion_needs_no_torch(bundled, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "tokenizer.json").read_text()) == json.loads(
         (bundled.model_dir / "tokenizer.json").read_text())
+
+
+def test_expected_weight_shapes_come_from_the_parameter_table_and_allow_attention_biases(bundled):
+    """The converter's expected HF shapes are the parameter table's (seal_jax.lm.params) for the GGUF's config;
+    a GGUF whose attention has biases still gets its weights' shapes (the biases are checked on their own)."""
+    import dataclasses
+
+    spec = read_llama_spec(bundled.gguf_path)
+    shapes = spec.hf_shapes()
+    assert shapes["model.layers.29.self_attn.k_proj.weight"] == (192, 576)  # 3 KV heads of 64, [out, in]
+    assert shapes["model.embed_tokens.weight"] == (49152, 576) and "lm_head.weight" not in shapes  # tied
+    assert dataclasses.replace(spec, attention_bias=True).hf_shapes() == shapes

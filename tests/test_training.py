@@ -445,3 +445,26 @@ def test_lanes_split_over_data_keep_their_candidates_state_on_their_device(tiny,
         assert la == pytest.approx(lb, rel=1e-5)
     for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def test_lanes_holding_several_candidates_split_over_data(tiny, tmp_path):
+    """Eight candidates on four lanes (two per lane, the general gather/scatter path) split over data=4: the
+    adapters, losses and the candidates' order equal those trained without a mesh."""
+    hf_model, lm = tiny
+    hf_model.save_pretrained(tmp_path)
+    dp = sj.load(tmp_path, mesh="data=4,fsdp=2,tensor=1", progress=False)
+    lora = LoraSpec(rank=4, alpha=8.0)
+    specs = [TrainSpec(learning_rate=1e-2, epochs=1 + i % 2, seed=i) for i in range(8)]
+    cands = [TEXTS[i % 3:i % 3 + 2] for i in range(8)]
+    from seal_jax.lm.training import prepare_call
+
+    call = prepare_call(dp.graphdef, dp.state, dp.params(), TOK, cands, lora, specs, seed=0, mesh=dp.mesh,
+                        programs=None, lanes=4, eos_id=EOS, pad_id=PAD)
+    assert call.lanes.home.shape == (4, 2) and call.args[1]["q_proj"]["a"].sharding.spec[0] == "data"
+    a = train_adapters(lm.graphdef, lm.state, lm.params(), TOK, cands, lora, specs, eos_id=EOS, pad_id=PAD)
+    b = train_adapters(dp.graphdef, dp.state, dp.params(), TOK, cands, lora, specs, eos_id=EOS, pad_id=PAD,
+                       mesh=dp.mesh, lanes=4)
+    for la, lb in zip(a.losses, b.losses, strict=True):
+        assert la == pytest.approx(lb, rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

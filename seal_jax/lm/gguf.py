@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from seal_jax.lm.config import from_hf_dict
+from seal_jax.lm.config import ConfigError, from_hf_dict
 from seal_jax.lm.params import declared
 
 __all__ = [
@@ -133,7 +133,13 @@ class GGUFLlamaSpec:
     def hf_shapes(self) -> dict[str, tuple[int, ...]]:
         """Return the expected HF tensor name → shape map (weights only; biases are checked separately), from
         the one table of parameters (:mod:`seal_jax.lm.params`)."""
-        config = from_hf_dict(self.hf_config(), where=f"the config of GGUF model {self.name or '(unnamed)'}")
+        # the weights' shapes only: a GGUF with attention biases converts (they are checked separately), even
+        # though seal-jax's own model has no biases
+        hf = dict(self.hf_config(), attention_bias=False)
+        try:
+            config = from_hf_dict(hf, where=f"the config of GGUF model {self.name or '(unnamed)'}")
+        except ConfigError as e:
+            raise GGUFError(str(e)) from e
         return {name: decl.hf_shape(config) for decl in declared(config) for name in decl.hf_names(config)}
 
 

@@ -10,8 +10,8 @@ memory bandwidth, and where it runs decides how the layers are read (:mod:`seal_
 the mesh's platform). On a TPU :meth:`Decoder.extend` scans the stacked weights over a stacked cache and
 libtpu reads each layer's slice where it lies. The CUDA compiler and XLA:CPU instead copy a slice taken
 inside the decode loop on every step, so there :meth:`Decoder.extend` runs the layers as an unrolled Python
-loop over *per-layer* arrays: :meth:`Decoder.layer_params` slices the weights once, outside the loop (the
-copy is paid once per generation, not per token), and the :class:`KVCache` holds one buffer per layer that
+loop over *per-layer* arrays: the sampler slices the weights once, outside the loop (:func:`unstack_layers`;
+the copy is paid once per generation, not per token), and the :class:`KVCache` holds one buffer per layer that
 each step updates in place.
 
 The arithmetic lives in small pure functions (``rms_norm``, ``apply_rope``; attention in
@@ -374,19 +374,14 @@ class Decoder(nnx.Module):
         x, kv = jax.lax.scan(body, x, xs)
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps), kv
 
-    def layer_params(self, lora: LoraInputs | None = None,
-                     base: list[dict[str, Any]] | None = None) -> list[tuple[dict[str, Any], Any]]:
+    def layer_params(self, lora: LoraInputs | None = None) -> list[tuple[dict[str, Any], Any]]:
         """Per layer, ``(weights, adapter slices or None)`` without the layer axis, for :meth:`extend`.
 
-        Slicing copies the weights: inside a jitted decode loop, call this once before the loop. ``base``
-        supplies the per-layer base weights already sliced (``unstack_layers`` of ``layers.arrays()``, kept
-        from an earlier call, see :mod:`seal_jax.lm.cpu_decode`), so that only the adapters
-        are sliced here.
+        Slicing copies the weights: inside a jitted decode loop, make the slices once before the loop (the
+        sampler does, with :func:`unstack_layers`, and on a CPU keeps them between calls).
         """
         n = self.config.num_layers
-        weights = unstack_layers(self.layers.arrays(), n) if base is None else list(base)
-        if len(weights) != n:
-            raise ValueError(f"layer_params got base weights for {len(weights)} layers; the model has {n}")
+        weights = unstack_layers(self.layers.arrays(), n)
         adapters = [None] * n if lora is None else unstack_layers(lora.weights, n)
         return list(zip(weights, adapters, strict=True))
 

@@ -491,8 +491,9 @@ class Sampler:
 
         fwd, smp, rec = forward, sample, record
         if stacked:
-            # the candidates' caches fill in step: one shared slot index keeps each write an in-place update
-            # of a slice (a per-candidate index would turn it into a scatter over the whole buffer)
+            # the candidates' caches fill in step (their prompts are the same rows, so their prefill indices
+            # are equal): one shared slot index keeps each write an in-place update of a slice (a per-candidate
+            # index would turn it into a scatter over the whole buffer)
             cache = dataclasses.replace(cache, index=cache.index[0])
             axes = KVCache(k=0, v=0, valid=0, positions=0, index=None, keys_transposed=cache.keys_transposed)
             fwd = jax.vmap(forward, in_axes=(axes, 0, 0, 0, 0), out_axes=(0, axes))

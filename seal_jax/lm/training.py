@@ -3,8 +3,8 @@
 The host turns each candidate's sequences and :class:`TrainSpec` into a *plan*: token arrays
 ``[K, N, T]``, loss weights, and a schedule over micro-steps ``[K, S]`` (which examples, whether the
 step is real, whether it ends a gradient-accumulation window, the learning rate of that update). The
-device runs one ``lax.scan`` over micro-steps, ``vmap``-ed over candidates with the frozen base weights
-broadcast. A candidate with fewer epochs, fewer sequences or more accumulation simply has masked
+device runs one ``lax.scan`` over micro-steps, ``vmap``-ed over lanes of candidates (:func:`train_lanes`) with
+the frozen base weights broadcast. A candidate with fewer epochs, fewer sequences or more accumulation simply has masked
 micro-steps that leave its adapter and optimiser state untouched, so each candidate trains exactly as it
 would alone. Its randomness (LoRA init, dropout, data order) comes from its own ``TrainSpec.seed`` mixed
 with the call's seed, never from its position in the batch.
@@ -316,11 +316,11 @@ def init_opt_state(w: Any) -> Any:
 
 
 def train_candidate(graphdef: Any, state: Any, lora_w: Any, data: CandidateData,
-                    schedule: Step) -> tuple[Any, jax.Array, jax.Array, Any]:
+                    steps: Step) -> tuple[Any, jax.Array, jax.Array, Any]:
     """Train one candidate's adapter over its own micro-step schedule (the reference layout).
 
     Shapes: lora_w ``{p: {"a": [L, in, R], "b": [L, R, out]}}``; data as in :class:`CandidateData`;
-    schedule: a :class:`Step` per micro-step (leading axis ``[S]``).
+    steps: a :class:`Step` per micro-step (leading axis ``[S]``).
     Returns ``(trained lora_w, loss per micro-step [S] (NaN where no update), failed micro-step or -1,
     final optimiser state)``.
     """
@@ -331,7 +331,7 @@ def train_candidate(graphdef: Any, state: Any, lora_w: Any, data: CandidateData,
         return (trainee, acc), loss
 
     init = (Trainee(lora_w, init_opt_state(lora_w), jnp.int32(-1)), Accumulator.zeros(lora_w))
-    (trainee, _), losses = jax.lax.scan(body, init, schedule)
+    (trainee, _), losses = jax.lax.scan(body, init, steps)
     return trainee.weights, losses, trainee.failed_at, trainee.opt
 
 
@@ -485,8 +485,9 @@ def data_layout(mesh: Any, lanes: int, batch: int) -> tuple[str, Any]:
 @dataclasses.dataclass
 class Schedule:
     """A :class:`LanePlan` on the device: per step ``[S]`` and lane ``[S, M]``, which candidate a lane works on
-    (``cand``) and in which of the lane's slots it lives (``slot``), that candidate's :class:`Step` and the
-    step's ``length_bucket`` (``[S]``)."""
+    (``cand``) and in which of the lane's slots it lives (``slot``; on a lane's idle steps after its last
+    candidate, ``cand`` is the dummy K and ``slot`` that last candidate's, whose state a masked step leaves
+    untouched), that candidate's :class:`Step` and the step's ``length_bucket`` (``[S]``)."""
 
     cand: Any
     slot: Any
@@ -496,7 +497,7 @@ class Schedule:
 
 def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, data: CandidateData,
                 schedule: Schedule) -> tuple[Any, jax.Array, jax.Array]:
-    """Train K+1 candidates (the last a dummy) on M lanes: a scan over steps; at each step every lane
+    """Train K candidates on M lanes: a scan over steps; at each step every lane
     takes its candidate's adapter and optimiser state from the lane's own slots, gathers the candidate's
     data, runs :func:`micro_step` (``vmap`` over lanes, at the step's token length) and puts the state back.
 
@@ -519,7 +520,7 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     acc0 = jax.vmap(lambda _: Accumulator.zeros(jax.tree.map(lambda x: x[0, 0], lora_w)))(jnp.arange(m))
 
     def take(tree: Any, slot: jax.Array) -> Any:  # each lane's own slot: [M, R, ...] -> [M, ...]
-        if slots[1] == 1:  # one candidate per lane (equal candidates): the state is the lanes' own, no gather
+        if slots[1] == 1:  # no lane holds more than one candidate: the state is the lanes' own, no gather
             return jax.tree.map(lambda x: x[:, 0], tree)
         return jax.vmap(lambda t, s: jax.tree.map(lambda x: x[s], t))(tree, slot)
 
@@ -555,8 +556,8 @@ def make_train_program(graphdef: Any, layout: TrainLayout) -> Any:
 
 
 def _candidate_sharding(mesh: Any, shape: Sequence[int]) -> Any:
-    """Per-candidate arrays (adapters, specs, data ``[K+1, ...]``) are replicated: every lane gathers any
-    candidate."""
+    """Per-candidate data and specs ``[K+1, ...]`` are replicated: every lane gathers any candidate's (the
+    adapters and optimiser state live in the lanes' layout instead, see :func:`_home_sharding`)."""
     del shape
     return shd.replicated(mesh)
 
@@ -631,7 +632,7 @@ def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Seque
         weights = initial_adapters(params, specs_l, specs_t, seed)
         keys = jnp.stack([jax.random.fold_in(candidate_key(seed, s.seed), 1) for s in specs_t])
 
-    def with_dummy(x: Any) -> Any:  # one more candidate slot for idle lane steps
+    def with_dummy(x: Any) -> Any:  # one more candidate: the data of idle lane steps, the filler of empty slots
         if abstract:
             return jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), x.dtype)
         x = jnp.asarray(x)
@@ -758,6 +759,8 @@ def train_adapters(
     trained, losses, failed_at = call.program(*call.args)
     where = (lp.lane_of[:k], lp.slot_of[:k])  # each candidate's slot in the lanes' layout
     trained = jax.tree.map(lambda x: x[where], trained)
+    if mesh is not None:  # the adapters leave replicated, as every program that reads them expects
+        trained = jax.device_put(trained, shd.replicated(mesh))
     failed_at = failed_at[where]
     losses = np.asarray(shd.to_host(losses))
     failed_at = np.asarray(shd.to_host(failed_at))

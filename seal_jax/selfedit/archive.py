@@ -341,6 +341,10 @@ def select_top(rows: Iterable[Mapping[str, Any]], k: int = 2) -> list[dict[str, 
     """
     if not isinstance(k, int) or k < 1:
         raise TemplateError(f"select_top needs k >= 1, got {k!r}")
+    rows = list(rows)
+    units = {row.get("unit", "accuracy") for row in rows}
+    if len(units) > 1:
+        raise TemplateError(f"select_top got rows scored in different units {sorted(units)}; rank one unit at a time")
     best: dict[tuple[str, str], Mapping[str, Any]] = {}
     for row in rows:
         missing = [key for key in SELECT_KEYS if key not in row]
