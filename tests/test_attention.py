@@ -11,9 +11,11 @@ from flax import nnx
 
 import seal_jax as sj
 from seal_jax import targets
+from seal_jax.lm import attention as attn
 from seal_jax.lm import sharding as shd
 from seal_jax.lm.attention import (
     AttentionError,
+    Placement,
     attention,
     cached_attention,
     chunked_attention,
@@ -67,7 +69,8 @@ def test_sequences_of_one_block_use_the_einsum_and_the_cache_path_agrees():
 
 def test_dispatch_by_platform_and_errors():
     assert implementation_for("cpu") == "einsum"
-    assert implementation_for("tpu") == implementation_for("gpu") == "chunked"
+    assert implementation_for("tpu") == "splash" and implementation_for("gpu") == "triton"
+    assert implementation_for("rocm") == "chunked"
     q, k, v, allowed = inputs()
     # "chunked" keeps the einsum below CHUNKED_FROM tokens: there the blocks cost more time than they save
     np.testing.assert_array_equal(np.asarray(attention(q, k, v, allowed, "chunked")),
@@ -81,10 +84,53 @@ def test_dispatch_by_platform_and_errors():
     # the LM picks the implementation from its mesh's devices, not from the host
     assert sj.LM.abstract("tiny").model.attention_impl == "einsum"
     gpu = shd.make_mesh("data=8", devices=targets.devices("h100-8"))
-    assert sj.LM.abstract("tiny", mesh=gpu).model.attention_impl == "chunked"
+    assert sj.LM.abstract("tiny", mesh=gpu).model.attention_impl == "triton"
+    assert sj.LM.abstract("tiny", mesh=gpu).model.attention_placement == Placement(gpu)
     # a model built with an implementation keeps it
     assert sj.LM(Decoder(preset("tiny"), rngs=nnx.Rngs(0), attention_impl="chunked"), None).model.attention_impl == (
         "chunked")
+
+
+KERNEL_PLACEMENTS = [None, "data=2,fsdp=2,tensor=2", "data=4,tensor=2", "data=8"]
+
+
+@pytest.mark.parametrize("impl", ["splash", "triton"])
+def test_fused_kernels_equal_the_einsum_with_padding_gqa_and_a_mesh(impl):
+    """TPU's splash and GPU's Triton flash attention (Pallas, interpret mode on this CPU), alone and in their
+    shard_map over meshes of 8 CPU devices: the einsum's outputs and gradients on every real query row, for
+    a length that is not a whole tile, grouped-query heads and left, right and no padding."""
+    rng = np.random.default_rng(5)
+    b, t, h, kvh, dh = 4, 40, 8, 4, 64
+    q = jnp.asarray(rng.standard_normal((b, t, h, dh)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, t, kvh, dh)), jnp.float32) for _ in range(2))
+    real = np.ones((b, t), bool)
+    real[1, :3], real[2, :30], real[3, 35:] = False, False, False
+    allowed = jnp.asarray(np.tril(np.ones((t, t), bool))[None] & real[:, None, :])
+    rows = jnp.asarray(real[:, :, None, None])
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.where(rows, jnp.sin(fn(q, k, v)), 0.0))
+
+    want = einsum_attention(q, k, v, allowed)
+    grads_want = jax.grad(loss(lambda *a: einsum_attention(*a, allowed)), argnums=(0, 1, 2))(q, k, v)
+    for spec in KERNEL_PLACEMENTS:
+        placement = Placement(None if spec is None else shd.make_mesh(spec), rows_split=spec != "data=8")
+
+        def fused(q, k, v, placement=placement):
+            return attention(q, k, v, allowed, impl, segments=jnp.asarray(real), placement=placement)
+
+        got = jax.jit(fused)(q, k, v)
+        np.testing.assert_allclose(np.asarray(jnp.where(rows, got, 0)), np.asarray(jnp.where(rows, want, 0)),
+                                   atol=2e-6, rtol=0)
+        grads = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2)))(q, k, v)
+        for a, w in zip(grads, grads_want, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=2e-5, rtol=0)
+    with pytest.raises(AttentionError, match=f"{impl} attention needs the segment ids"):
+        attention(q, k, v, allowed, impl)
+    if impl == "splash":  # a head size Mosaic cannot compile the kernel for: the query blocks instead
+        small = (q[..., :8], k[..., :8], v[..., :8], allowed)
+        np.testing.assert_array_equal(np.asarray(attention(*small, impl, segments=jnp.asarray(real))),
+                                      np.asarray(attention(*small, "chunked")))
 
 
 def test_a_chunked_model_gives_the_einsum_models_hidden_states():
@@ -99,26 +145,41 @@ def test_a_chunked_model_gives_the_einsum_models_hidden_states():
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=0)
 
 
-def test_training_temporaries_grow_linearly_with_the_sequence_on_a_gpu():
-    """The training program compiled for an H100 (deviceless): from 2,048 to 4,096 tokens the temporaries
-    at most about double with chunked attention (no [T, S] float32 scores kept), where the einsum's grow
-    about 4x."""
-    config = preset("tiny").replace(num_heads=16, num_kv_heads=4, max_position_embeddings=8192)
-    mesh = shd.make_mesh("data=1", devices=targets.devices("h100-1"))
-    lm = sj.LM.abstract(config, mesh=mesh, dtype="bfloat16", remat="none")
-    assert lm.model.attention_impl == "chunked"
+@pytest.mark.parametrize("target, mesh_spec, kernel, call", [
+    ("h100-1", "data=1", "triton", "__gpu$xla.gpu.triton"),
+    ("tpu-v5p-8", "data=2,tensor=4", "splash", "tpu_custom_call"),
+])
+def test_training_temporaries_grow_linearly_with_the_sequence(target, mesh_spec, kernel, call):
+    """The training program compiled for an H100 and a TPU v5p slice (deviceless; on v5p two candidates on
+    lanes over `data`, heads over `tensor`): from 2,048 to 4,096 tokens the temporaries at most about double
+    with the platform's fused kernel (which the compiled program calls), and on the GPU with chunked
+    attention (no [T, S] float32 scores kept), where the einsum's grow about 4x."""
+    from seal_jax.hlo import analyze
 
-    def temporaries(model_lm, t):
+    config = preset("tiny").replace(num_heads=16, num_kv_heads=4, head_dim=64, max_position_embeddings=8192)
+    mesh = shd.make_mesh(mesh_spec, devices=targets.devices(target))
+    assert sj.LM.abstract(config, mesh=mesh, dtype="bfloat16").model.attention_impl == kernel
+    lanes = mesh.shape["data"]
+
+    def growth(impl):
+        model_lm = sj.LM.abstract(config, mesh=mesh, dtype="bfloat16", remat="none")
+        model_lm.model.attention_impl = impl
+        model_lm.graphdef, model_lm.state = nnx.split(model_lm.model)
         spec = sj.TrainSpec(epochs=1, max_len=4096)
-        return model_lm.lower_train(1, 1, t, sj.LoraSpec(rank=8, alpha=16), spec).compile(
-        ).memory_analysis().temp_size_in_bytes
+        compiled = [model_lm.lower_train(lanes, lanes, t, sj.LoraSpec(rank=8, alpha=16), spec).compile()
+                    for t in (2048, 4096)]
+        if impl == kernel:
+            assert analyze(compiled[1].as_text()).custom_calls.get(call, 0) > 0
+        temps = [c.memory_analysis().temp_size_in_bytes for c in compiled]
+        return temps[1] / temps[0]
 
-    chunked = temporaries(lm, 4096) / temporaries(lm, 2048)
-    einsum_lm = sj.LM.abstract(config, mesh=mesh, dtype="bfloat16", remat="none")
-    einsum_lm.model.attention_impl = "einsum"  # what the model did before, everywhere
-    einsum_lm.graphdef, einsum_lm.state = nnx.split(einsum_lm.model)
-    einsum = temporaries(einsum_lm, 4096) / temporaries(einsum_lm, 2048)
-    assert chunked <= 2.2 < einsum, (chunked, einsum)
+    # (the tests run at "highest" precision, which the splash kernel cannot compile at: such a process gets
+    # "chunked" instead; the default precision gets the kernel)
+    if kernel == "splash":
+        assert not attn.splash_attention_applies(64, attn.Placement(mesh))
+    with jax.default_matmul_precision("default"):
+        ratios = {impl: growth(impl) for impl in (kernel, "einsum") + (("chunked",) if kernel == "triton" else ())}
+    assert ratios[kernel] <= 2.2 < ratios["einsum"] and ratios.get("chunked", 0) <= 2.2, ratios
 
 
 def test_attention_rows_without_keys_average_the_values():

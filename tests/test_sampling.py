@@ -566,3 +566,28 @@ def test_stacked_decode_donates_its_whole_cache(qwen):
         fresh.generate(lm.state, lm.config, tiny_prompts(), SamplingParams(max_new_tokens=6, ignore_eos=True),
                        eos_ids=lm._eos_ids(), pad_id=lm._pad_id(), adapters=make_adapters(lm))
     assert not [w for w in caught if "donated buffers" in str(w.message)]
+
+
+def test_the_tpu_generation_with_splash_attention_gives_the_cpu_tokens(qwen, sharded_qwen):
+    """The TPU's whole generation path run here on the CPU: prompts through splash attention (Pallas, in
+    interpret mode, in its shard_map), layers scanned, keys in the values' layout: the CPU's tokens, greedy
+    and sampled, with and without stacked adapters (the prefill's vmap over candidates around the
+    shard_map), on one device and sharded."""
+    from flax import nnx
+
+    from seal_jax.lm import sampling
+
+    _, lm = qwen
+    rows, adapters = tiny_prompts(), make_adapters(lm)
+    for model in (lm, sharded_qwen):
+        module = nnx.merge(model.graphdef, model.state)
+        module.attention_impl = "splash"
+        graphdef, state = nnx.split(module)
+        tpu = sampling.Sampler(graphdef, model.mesh)
+        tpu.scan_layers, tpu.cpu_tricks = True, False
+        for params, ad in [(SamplingParams(max_new_tokens=12, ignore_eos=True), None),
+                           (SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True), adapters)]:
+            run = dict(eos_ids=model._eos_ids(), pad_id=model._pad_id(), adapters=ad)
+            expected = model._sampler.generate(model.state, model.config, rows, params,
+                                               copies=model._decode_copies(), **run)
+            assert tpu.generate(state, model.config, rows, params, **run) == expected

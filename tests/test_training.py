@@ -15,6 +15,7 @@ from seal_jax.lm.lora import LoraSpec
 from seal_jax.lm.training import (
     TrainError,
     TrainSpec,
+    data_layout,
     initial_adapters,
     lr_at,
     make_plan,
@@ -379,7 +380,7 @@ def test_one_adapter_trains_data_parallel_over_the_mesh(tiny, tmp_path):
     """One candidate on a data=8 mesh: its micro-batch rows split over the 8 devices (each device's share of
     the activations is a row; the adapter gradients are summed across them), and the adapter equals the
     one trained without a mesh. Three candidates on data=2 with batch 1: padded to 4 lanes over the axis."""
-    from seal_jax.lm.training import data_layout, lower_train
+    from seal_jax.lm.training import lower_train
 
     hf_model, lm = tiny
     hf_model.save_pretrained(tmp_path)
@@ -464,6 +465,33 @@ def test_lanes_holding_several_candidates_split_over_data(tiny, tmp_path):
     a = train_adapters(lm.graphdef, lm.state, lm.params(), TOK, cands, lora, specs, eos_id=EOS, pad_id=PAD)
     b = train_adapters(dp.graphdef, dp.state, dp.params(), TOK, cands, lora, specs, eos_id=EOS, pad_id=PAD,
                        mesh=dp.mesh, lanes=4)
+    for la, lb in zip(a.losses, b.losses, strict=True):
+        assert la == pytest.approx(lb, rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+@pytest.mark.parametrize("impl, mesh", [("splash", "data=2,fsdp=2,tensor=2"), ("triton", "data=8,fsdp=1,tensor=1")])
+def test_fused_attention_training_on_a_mesh_equals_the_einsum_unsharded(tiny, tmp_path, impl, mesh):
+    """The TPU's and GPU's attention kernels (Pallas splash and Triton, run here in interpret mode) inside
+    their shard_map: two candidates whose lanes split `data` (2 devices; the vmap over lanes names `data` to
+    the shard_map), and one candidate whose micro-batch rows split `data` (8 devices), train the adapters
+    the einsum trains without a mesh."""
+    from flax import nnx
+
+    hf_model, lm = tiny
+    hf_model.save_pretrained(tmp_path)
+    sharded = sj.load(tmp_path, mesh=mesh, progress=False)
+    sharded.model.attention_impl = impl
+    sharded.graphdef, sharded.state = nnx.split(sharded.model)
+    lanes = mesh.startswith("data=2")
+    lora = LoraSpec(rank=4, alpha=8.0)
+    spec = TrainSpec(learning_rate=1e-2, epochs=1, seed=4, batch_size=2 if lanes else 8)
+    cands = [TEXTS, TEXTS[::-1]] if lanes else [TEXTS * 2]
+    assert data_layout(sharded.mesh, len(cands), spec.batch_size)[0] == ("lanes" if lanes else "rows")
+    a = train(lm, cands, lora, spec)
+    b = train_adapters(sharded.graphdef, sharded.state, sharded.params(), TOK, cands, lora, spec, eos_id=EOS,
+                       pad_id=PAD, mesh=sharded.mesh)
     for la, lb in zip(a.losses, b.losses, strict=True):
         assert la == pytest.approx(lb, rel=1e-5)
     for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):

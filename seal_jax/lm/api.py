@@ -98,6 +98,7 @@ class LM:
         # the model was built with one
         if model.attention_impl is None:
             model.attention_impl = attn.implementation_for(shd.platform(mesh))
+        model.attention_placement = attn.Placement(mesh)
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh

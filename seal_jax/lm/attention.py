@@ -14,9 +14,18 @@ compiled on a CPU host it is the target's platform, never the host's), and store
   rounding. Sequences shorter than :data:`CHUNKED_FROM` use ``"einsum"`` (below that length the blocks
   cost more time than their memory is worth); a length the block does not divide is padded to whole blocks.
 
-Not here yet: fused kernels (Pallas flash/splash attention on TPU, cuDNN flash attention on GPU). cuDNN
-cannot be reached by a deviceless GPU compile ("cuDNN not found"), so the compile-based checks could not
-see it; and a Pallas kernel needs ``shard_map`` around it, because GSPMD cannot partition a Mosaic call.
+- ``"splash"`` (TPU): JAX's Pallas splash-attention kernel (a fused flash attention: the scores live in
+  VMEM one block at a time, never in HBM), for any T, causal, the padding given as segment ids
+  (:func:`splash_attention`). GSPMD cannot split a Mosaic call, so the kernel runs inside a ``shard_map``
+  over the model's mesh (:class:`Placement`): rows over ``data``, key/value heads over ``tensor`` (and
+  ``fsdp`` where they divide). On a CPU it runs in Pallas' interpret mode: the tests hold it against the
+  einsum that way. Where Mosaic cannot compile it (:func:`splash_attention_applies`) it runs ``"chunked"``.
+- ``"triton"`` (GPU): JAX's Pallas flash-attention kernel for GPUs, which XLA compiles with Triton
+  (:func:`triton_attention`), with the same mask, padding and placement as ``"splash"``.
+
+Why Triton and not cuDNN on GPU: cuDNN's flash attention (``jax.nn.dot_product_attention``) cannot be
+reached by a deviceless GPU compile ("cuDNN not found"), so neither ``seal-jax compile`` nor the tests
+could see it; the Triton kernel compiles for an H100 on this host and is measured there.
 
 The decode path's :func:`cached_attention` attends T new tokens over a KV cache, keys laid out as the values
 (``[B, KVH, S, Dh]``), or transposed (``[B, KVH, Dh, S]``), the faster form on XLA:CPU only (see
@@ -25,10 +34,16 @@ The decode path's :func:`cached_attention` attends T new tokens over a KV cache,
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
-IMPLEMENTATIONS = ("einsum", "chunked")
+IMPLEMENTATIONS = ("einsum", "chunked", "splash", "triton")
 # Queries per block of "chunked" (its scores: B x H x 512 x S float32 at a time), used from CHUNKED_FROM
 # tokens on. Compiled for SEAL's Qwen3-8B training (BENCHMARKS.md, "Attention by platform"): at T = 1024,
 # blocks of 512 saved 1.9 GB of 12 on a v5e chip and cost 17% more roofline time (the blocks' recompute
@@ -36,6 +51,11 @@ IMPLEMENTATIONS = ("einsum", "chunked")
 # blocks of 512 beat blocks of 1,024 in both memory and time on H100, v5e and v5p.
 QUERY_CHUNK = 512
 CHUNKED_FROM = 2048
+# the fused kernels' tiles (queries and keys per block); a length they do not divide is padded to whole tiles
+KERNEL_BLOCK = 128
+# splash attention runs for head sizes that are multiples of this (compiled for v5p: 64 and 128 do, 32 does
+# not: "Bad lhs type"); other sizes use "chunked"
+SPLASH_HEAD_DIM = 64
 
 
 class AttentionError(ValueError):
@@ -44,15 +64,52 @@ class AttentionError(ValueError):
 
 def implementation_for(platform: str) -> str:
     """The attention implementation for programs that run on ``platform`` (``"cpu"``, ``"tpu"``, ``"gpu"``)."""
-    return "einsum" if platform == "cpu" else "chunked"
+    return {"cpu": "einsum", "tpu": "splash", "gpu": "triton"}.get(platform, "chunked")
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, impl: str = "einsum") -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a kernel that GSPMD cannot split runs (:func:`splash_attention`): its ``shard_map``'s mesh.
+
+    Attributes:
+      mesh: the model's mesh, or None (one device: the kernel is called directly).
+      rows_split: whether attention's rows may go over ``data``. False inside a ``vmap`` over training lanes
+        that already splits ``data`` (its ``spmd_axis_name``): the rows of one lane are then whole.
+    """
+
+    mesh: Mesh | None = None
+    rows_split: bool = True
+
+    def specs(self, batch: int, kv_heads: int) -> tuple[PartitionSpec, PartitionSpec]:
+        """PartitionSpecs of q/k/v ``[B, T, heads, Dh]`` and of the segment ids ``[B, T]``."""
+        if self.mesh is None:
+            return PartitionSpec(), PartitionSpec()
+        sizes = self.mesh.shape
+        rows = "data" if self.rows_split and sizes["data"] > 1 and batch % sizes["data"] == 0 else None
+        heads: Any = None
+        for axes in (("fsdp", "tensor"), ("tensor",), ("fsdp",)):
+            live = tuple(a for a in axes if sizes[a] > 1)
+            ways = 1
+            for a in live:
+                ways *= sizes[a]
+            if live and kv_heads % ways == 0:
+                heads = live[0] if len(live) == 1 else live
+                break
+        return PartitionSpec(rows, None, heads, None), PartitionSpec(rows, None)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, impl: str = "einsum", *,
+              segments: jax.Array | None = None, placement: Placement | None = None) -> jax.Array:
     """Grouped-query scaled dot-product attention by implementation ``impl`` (:data:`IMPLEMENTATIONS`).
 
     q: ``[B, T, H, Dh]``; k, v: ``[B, S, KVH, Dh]`` with ``H % KVH == 0``; allowed: bool ``[B, T, S]``. Rows
     with no allowed key (left padding) get a uniform average instead of NaN. Returns ``[B, T, H, Dh]`` in
     ``q.dtype``; the softmax is computed in float32.
+
+    ``"splash"`` needs ``segments`` (``[B, T]``, nonzero = a real token) and reads no ``allowed``: its mask
+    is causal over real keys, which is what ``allowed`` must then be (as ``Decoder.hidden_states`` builds
+    it); the rows of padding tokens attend to padding instead of averaging (nothing reads them).
+    ``placement`` says where its ``shard_map`` runs.
     """
     if impl == "einsum":
         return einsum_attention(q, k, v, allowed)
@@ -60,6 +117,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, impl
         if q.shape[1] < CHUNKED_FROM:
             return einsum_attention(q, k, v, allowed)
         return chunked_attention(q, k, v, allowed)
+    if impl == "splash" and not splash_attention_applies(q.shape[-1], placement or Placement()):
+        return attention(q, k, v, allowed, "chunked")
+    if impl in ("splash", "triton"):
+        if segments is None:
+            raise AttentionError(f"{impl} attention needs the segment ids (segments=[B, T], nonzero = real token)")
+        kernel = splash_attention if impl == "splash" else triton_attention
+        return kernel(q, k, v, segments, placement or Placement())
     raise AttentionError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
@@ -104,6 +168,100 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
 
     out = jax.lax.map(block, jnp.arange(blocks))  # [blocks, B, chunk, H, Dh]
     return out.swapaxes(0, 1).reshape(b, blocks * chunk, h, dh)[:, :t]
+
+
+def splash_attention_applies(head_dim: int, placement: Placement) -> bool:
+    """Whether Mosaic can compile the splash kernel here, else ``"splash"`` runs as ``"chunked"``: a head size
+    that is a multiple of :data:`SPLASH_HEAD_DIM`, and (on a TPU) matmuls at the MXU's own precision. Its
+    matmuls take bf16 operands into float32 sums; a process-wide ``jax_default_matmul_precision`` of
+    "highest" / "float32" asks Mosaic for float32 passes it cannot compile ("Bad lhs type"). In Pallas'
+    interpreter (off a TPU) the precision does not matter."""
+    if head_dim % SPLASH_HEAD_DIM:
+        return False
+    where = jax.default_backend() if placement.mesh is None else placement.mesh.devices.flat[0].platform
+    precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+    return where != "tpu" or precision not in ("highest", "float32", "fp32")
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
+                     placement: Placement) -> jax.Array:
+    """Causal grouped-query attention by JAX's Pallas splash-attention kernel (TPU; interpret mode elsewhere).
+
+    q: ``[B, T, H, Dh]``; k, v: ``[B, T, KVH, Dh]``; segments: ``[B, T]``, nonzero for real tokens. A query
+    sees the real keys at or before it (a padding query: the padding keys at or before it). T is padded to
+    whole :data:`KERNEL_BLOCK` tiles. Each key/value head runs the kernel's multi-query form over its G
+    query heads, the heads and rows split over the mesh by ``placement``.
+    """
+    return _kernel_attention(_splash_local, "tpu", q, k, v, segments, placement)
+
+
+def triton_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
+                     placement: Placement) -> jax.Array:
+    """:func:`splash_attention`'s contract by JAX's Pallas flash-attention kernel for GPUs (Triton;
+    interpret mode elsewhere). The kernel is multi-head: each key/value head is repeated for its G query
+    heads (the backward pass sums their gradients)."""
+    return _kernel_attention(_triton_local, "gpu", q, k, v, segments, placement)
+
+
+def _kernel_attention(local: Callable[..., jax.Array], platform: str, q: jax.Array, k: jax.Array, v: jax.Array,
+                      segments: jax.Array, placement: Placement) -> jax.Array:
+    """Pad T to whole tiles, then run ``local(q, k, v, seg, interpret)`` on each device's share (a
+    ``shard_map`` over ``placement.mesh``), in Pallas' interpreter off ``platform``."""
+    b, t, h, _ = q.shape
+    kvh = k.shape[2]
+    if h % kvh:
+        raise AttentionError(f"{h} query heads do not divide into {kvh} key/value heads")
+    spec, seg_spec = placement.specs(b, kvh)
+    where = jax.default_backend() if placement.mesh is None else placement.mesh.devices.flat[0].platform
+    where = "gpu" if where in ("cuda", "rocm") else where
+    interpret = where != platform  # Pallas' interpreter: the same kernel run by XLA ops (tests on a CPU)
+    seg = (segments != 0).astype(jnp.int32)
+    pad = -t % KERNEL_BLOCK
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        seg = jnp.pad(seg, ((0, 0), (0, pad)))
+    run = functools.partial(local, interpret=interpret)
+    if placement.mesh is None:
+        out = run(q, k, v, seg)
+    else:
+        # GSPMD cannot split a kernel: each device runs it on its own rows and heads
+        out = jax.shard_map(run, mesh=placement.mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
+                            check_vma=False)(q, k, v, seg)
+    return out[:, :t]
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, *, interpret: bool) -> jax.Array:
+    """One device's splash attention: q ``[b, t, h, Dh]``, k/v ``[b, t, kvh, Dh]``, seg ``[b, t]`` int32."""
+    # deferred: Pallas' TPU kernels are only needed where splash attention runs
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+    b, t, h, dh = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    n = KERNEL_BLOCK
+    sizes = kernel_lib.BlockSizes(block_q=n, block_kv=n, block_kv_compute=n, block_q_dkv=n, block_kv_dkv=n,
+                                  block_kv_dkv_compute=n, block_q_dq=n, block_kv_dq=n)
+    mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((t, t)) for _ in range(g)])
+    kernel = kernel_lib.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def one(q_g: jax.Array, k_1: jax.Array, v_1: jax.Array, s: jax.Array) -> jax.Array:
+        return kernel(q_g, k_1, v_1, segment_ids=kernel_lib.SegmentIds(q=s, kv=s))
+
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None))  # over key/value heads: [kvh, g, t, Dh], [kvh, t, Dh]
+    qg = (q * jnp.asarray(dh ** -0.5, q.dtype)).reshape(b, t, kvh, g, dh).transpose(0, 2, 3, 1, 4)
+    out = jax.vmap(per_head)(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seg)  # [b, kvh, g, t, Dh]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh).astype(q.dtype)
+
+
+def _triton_local(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, *, interpret: bool) -> jax.Array:
+    """One device's Triton flash attention: q ``[b, t, h, Dh]``, k/v ``[b, t, kvh, Dh]``, seg ``[b, t]``."""
+    # deferred: Pallas' GPU kernels are only needed where this attention runs
+    from jax.experimental.pallas.ops.gpu import attention as kernel_lib
+
+    g = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(x, g, axis=2) for x in (k, v))  # query head j reads key/value head j // g
+    return kernel_lib.mha(q, k, v, seg, sm_scale=q.shape[-1] ** -0.5, causal=True, interpret=interpret)
 
 
 def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array,

@@ -24,6 +24,7 @@ broadcast while adapters carry a leading candidate axis under ``vmap``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seal_jax.lm.attention import IMPLEMENTATIONS, AttentionError, attention, cached_attention
+from seal_jax.lm.attention import IMPLEMENTATIONS, AttentionError, Placement, attention, cached_attention
 from seal_jax.lm.config import ModelConfig
 from seal_jax.lm.params import BY_PATH, PARAMS, ParamDecl, declared
 from seal_jax.lm.types import PROJECTIONS, remat_name
@@ -127,14 +128,15 @@ def decoder_layer(
     sin: jax.Array,
     allowed: jax.Array,
     cache: CacheWrite | None = None,
-    impl: str = "einsum",
+    attend: Callable[..., jax.Array] = attention,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One pre-norm transformer block.
 
     x: ``[B, T, D]``; w: this layer's weights (no layer axis); lora: this layer's adapter slices or ``None``;
     cos/sin: ``[B, T, Dh]``; allowed: bool ``[B, T, S]``; cache: where the layer's keys and values go in a
-    decode (:class:`CacheWrite`), or ``None`` (the keys are the T tokens themselves); impl: the attention
-    implementation without a cache (:func:`seal_jax.lm.attention.attention`). Returns the block output
+    decode (:class:`CacheWrite`), or ``None`` (the keys are the T tokens themselves); attend: how the T
+    tokens attend to their own keys without a cache, ``attend(q, k, v, allowed)`` (by default the einsum of
+    :func:`seal_jax.lm.attention.attention`). Returns the block output
     ``[B, T, D]`` and, with a cache, what its ``store`` returned, or without one the T tokens' own keys and
     values ``[B, T, KVH, Dh]``.
     """
@@ -157,7 +159,7 @@ def decoder_layer(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is None:
         all_k, all_v = k, v
-        attn = attention(q, k, v, allowed, impl)
+        attn = attend(q, k, v, allowed)
     else:
         all_k, all_v = cache.store(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
         attn = cached_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed, cache.keys_transposed)
@@ -316,6 +318,9 @@ class Decoder(nnx.Module):
       attention_impl: how T tokens attend to their own keys (:data:`seal_jax.lm.attention.IMPLEMENTATIONS`),
         or None (the default): :class:`~seal_jax.LM` then chooses by its mesh's platform
         (``attention.implementation_for``), and the module alone uses ``"einsum"``.
+
+    ``attention_placement`` (an :class:`~seal_jax.lm.attention.Placement`, set by :class:`~seal_jax.LM` from
+    its mesh) is where a kernel that runs in a ``shard_map`` (``"splash"``) runs.
     """
 
     def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, remat: str | bool = "minimal",
@@ -326,6 +331,7 @@ class Decoder(nnx.Module):
         self.dtype = dtype
         self.remat = remat_name(remat)
         self.attention_impl = attention_impl
+        self.attention_placement = Placement()
         self.embedding = new_param(BY_PATH["embedding"], config, dtype, rngs)
         self.layers = LayerStack(config, dtype=dtype, rngs=rngs)
         for decl in declared(config):
@@ -358,13 +364,15 @@ class Decoder(nnx.Module):
         x = self.embedding[...][ids]
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
         use_dropout = lora is not None and lora.key is not None
+        attend = functools.partial(attention, impl=self.attention_impl or "einsum", segments=mask,
+                                   placement=self.attention_placement)
 
         def body(h, xs):
             w, lw, idx = xs
             lkey = jax.random.fold_in(lora.key, idx) if use_dropout else None
             h, kv = decoder_layer(
                 h, w, lw, None if lora is None else lora.scale, None if lora is None else lora.dropout,
-                lkey, c, cos, sin, allowed, impl=self.attention_impl or "einsum")
+                lkey, c, cos, sin, allowed, attend=attend)
             return h, (kv if return_kv else None)
 
         if self.remat != "none":

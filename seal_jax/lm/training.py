@@ -510,6 +510,9 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     """
     model = nnx.merge(graphdef, state)
     m = schedule.cand.shape[1]
+    if layout.lanes is not None:
+        # the lanes take `data`: a kernel's shard_map inside the vmap over lanes keeps each lane's rows whole
+        model.attention_placement = dataclasses.replace(model.attention_placement, rows_split=False)
 
     def resident(x: jax.Array) -> jax.Array:
         return x if layout.lanes is None else jax.lax.with_sharding_constraint(x, layout.lanes)
@@ -536,7 +539,9 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     def idle(trainee: Trainee, acc: Accumulator, *_: Any) -> Any:
         return trainee, acc, jnp.full((m,), jnp.nan, jnp.float32)
 
-    branches = [jax.vmap(functools.partial(lane_step, n)) for n in layout.lengths] + [idle]
+    # with the lanes split over `data`, the vmap says so to any shard_map inside it (splash attention's)
+    spmd = None if layout.lanes is None else "data"
+    branches = [jax.vmap(functools.partial(lane_step, n), spmd_axis_name=spmd) for n in layout.lengths] + [idle]
 
     def body(carry: tuple[Trainee, Accumulator], xs: Any) -> tuple[Any, jax.Array]:
         everyone, acc = carry
