@@ -12,7 +12,10 @@ module reads the optimised HLO (``compiled.as_text()``) of any backend and count
 * **FLOPs** are matrix FLOPs: ``2 × output elements × contracted size`` of every ``dot`` and
   ``convolution`` (TPU lowers dots to convolutions), inside fusions too. Element-wise work is not counted:
   for a language model it is a fraction of a percent of the matmuls, and the matrix units set the peak.
-  Custom calls (cuDNN, Pallas kernels) count 0 and are listed in :attr:`HloStats.custom_calls`.
+  Custom calls count 0 and are listed in :attr:`HloStats.custom_calls`, except the fused attention kernels
+  seal-jax calls (:data:`ATTENTION_KERNELS`: JAX's Pallas splash attention on TPU, its Triton flash
+  attention on GPU), whose matmuls are counted from their operands' shapes, causal (the tiles on or below
+  the diagonal: ``attention.causal_share``).
 * **bytes** are what each top-level operation (a fusion, a copy, a collective, a custom call …) reads and
   writes: its operands plus its result, as XLA's own cost model counts them, with two refinements that
   matter in loops over stacked weights and caches: an operand that a fusion only reads through
@@ -34,11 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from seal_jax.lm.attention import causal_share
 
 DTYPE_BITS = {
     "pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32, "u32": 32,
@@ -287,6 +293,19 @@ class HloStats:
                 "loops": [dataclasses.asdict(loop) for loop in self.loops], "custom_calls": self.custom_calls}
 
 
+# Fused causal attention kernels: (pattern on the instruction, matmuls of [query rows, keys, head size]
+# each, the axis of the key operand that holds the keys). Splash runs per key/value head (q [G, T, Dh],
+# k [S, Dh]); its forward does QK and PV, its dq kernel QK, dO V^T and dS K, its dkv kernel QK, P^T dO,
+# dO V^T and dS^T Q. The Triton kernel takes [..., T, H, Dh] (k [..., S, H, Dh]); its backward does five.
+ATTENTION_KERNELS: tuple[tuple[re.Pattern[str], int, int], ...] = (
+    (re.compile(r"^splash_m[qh]a_fwd"), 2, -2),
+    (re.compile(r"^splash_m[qh]a_dq"), 3, -2),
+    (re.compile(r"^splash_m[qh]a_dkv"), 4, -2),
+    (re.compile(r'name = \\?"mha_forward"'), 2, -3),
+    (re.compile(r'name = \\?"mha_backward"'), 5, -3),
+)
+
+
 @dataclasses.dataclass
 class _Cost:
     flops: float = 0.0
@@ -319,6 +338,23 @@ class _Analyzer:
         return ins.shape if ins is not None else ""
 
     # -- FLOPs of one instruction -----------------------------------------------------------------
+
+    def _kernel_flops(self, comp: Computation, ins: Instr) -> float:
+        """The matmul FLOPs of a fused attention kernel (:data:`ATTENTION_KERNELS`), else 0: q is its first
+        floating-point operand of rank 3 or more, k the next floating-point one."""
+        kernel = next(((matmuls, axis) for pattern, matmuls, axis in ATTENTION_KERNELS
+                       if pattern.search(ins.name) or pattern.search(ins.attrs)), None)
+        if kernel is None:
+            return 0.0
+        matmuls, key_axis = kernel
+        floats = [shape for shape in (self._operand_shape(comp, o) for o in ins.operands)
+                  if re.match(r"\s*\(?\s*(bf16|f\d+)\[", shape)]
+        big = [i for i, shape in enumerate(floats) if len(shape_dims(shape)) >= 3]
+        if not big or big[0] + 1 >= len(floats):
+            return 0.0
+        q, k = shape_dims(floats[big[0]]), shape_dims(floats[big[0] + 1])
+        keys = k[key_axis]
+        return 2.0 * matmuls * math.prod(q) * keys * causal_share(keys)
 
     def _dot_flops(self, comp: Computation, ins: Instr) -> float:
         out = 1
@@ -475,6 +511,7 @@ class _Analyzer:
                 target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
                 t = target.group(1) if target else "?"
                 total.custom[t] = total.custom.get(t, 0.0) + 1
+                total.flops += self._kernel_flops(comp, ins)
             if op in _FREE or op.endswith("-done"):
                 continue
             if op == "fusion":

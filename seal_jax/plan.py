@@ -17,8 +17,8 @@ device and for each hardware in :data:`HARDWARE`:
   real steps are slower;
 * **verdict** — whether the peak of training and sampling fits in :data:`USABLE_FRACTION` of HBM.
 
-Activation bytes are an estimate of what XLA keeps (attention scores are materialised one block of
-queries at a time, ``attention.chunked_attention``, as on TPUs and GPUs; there is no fused flash kernel),
+Activation bytes are an estimate of what XLA keeps (on TPUs and GPUs attention runs in a fused kernel,
+``attention.splash_attention`` / ``attention.triton_attention``, so no attention scores are ever in HBM),
 not a measurement; the weights, LoRA and KV-cache bytes are exact for the arrays the code
 allocates.
 """
@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from seal_jax.lm.attention import CHUNKED_FROM, QUERY_CHUNK
+from seal_jax.lm.attention import causal_share, head_axes
 from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import chunk_length
 from seal_jax.lm.params import param_shapes, projection_shape
@@ -235,36 +235,33 @@ def matmul_parameters(config: ModelConfig) -> int:
     return config.num_layers * per_layer + config.vocab_size * config.hidden_size
 
 
-def score_rows(length: int) -> int:
-    """Queries whose attention scores exist at once on a TPU or GPU: a block of ``attention.QUERY_CHUNK``
-    from ``attention.CHUNKED_FROM`` tokens on, else the whole sequence."""
-    return QUERY_CHUNK if length >= CHUNKED_FROM else length
+# matmuls of a fused attention kernel's backward pass over [query rows, keys, head size]: splash's dq (3)
+# and dkv (4) kernels on a TPU, the Triton kernel's one (5) on a GPU (seal_jax.hlo.ATTENTION_KERNELS)
+KERNEL_BACKWARD_MATMULS = {"tpu": 7, "gpu": 5}
 
 
-def attention_block_bytes(config: ModelConfig, rows: int, length: int, act: int, tensor: int) -> int:
-    """The attention scores (float32) and probabilities (activation dtype) of one layer's
-    :func:`score_rows` queries over ``length`` keys, for ``rows`` sequences."""
-    heads = config.num_heads // tensor if config.num_heads % tensor == 0 else config.num_heads
-    return rows * heads * score_rows(length) * length * (4 + act)
+def attention_split(config: ModelConfig, mesh: Mapping[str, int], fsdp: bool = True) -> int:
+    """How many ways the fused attention kernels split the heads (``attention.head_axes``): in training, over
+    ``fsdp`` and ``tensor``; in a generation's prefill (``fsdp=False``), over ``tensor`` as its cache."""
+    return math.prod(mesh[a] for a in head_axes(mesh, config.num_kv_heads, fsdp))
 
 
-def layer_activation_bytes(config: ModelConfig, rows: int, length: int, act: int, tensor: int) -> int:
+def layer_activation_bytes(config: ModelConfig, rows: int, length: int, act: int, tensor: int,
+                           split: int | None = None) -> int:
     """Estimated bytes one decoder layer keeps for its backward pass (``rows`` sequences of ``length``).
 
     Per token: the layer input, two norm outputs and the residual (``4 D``), q/k/v before and after
     norm+RoPE and the attention output (``3 q_dim + 4 kv_dim``), gate, up, silu and product (``4 F``) in the
-    activation dtype; and, when the attention is one block (:func:`score_rows`), its scores and
-    probabilities (:func:`attention_block_bytes`). A sequence of several blocks keeps no scores: each
-    block's are recomputed in the backward pass (``attention.chunked_attention``). Head, KV-head and MLP
-    widths are divided by ``tensor`` (they are sharded there).
+    activation dtype. The fused attention kernel keeps no scores (it recomputes them in its backward pass).
+    MLP widths are divided by ``tensor``, head and KV-head widths by ``split`` (the attention kernels' head
+    split, :func:`attention_split`; default ``tensor``): the kernels' ``shard_map`` splits the heads over
+    ``fsdp`` too, and the projections' outputs follow it.
     """
     c = config
+    split = tensor if split is None else split
     per_token = act * 4 * c.hidden_size
-    per_token += act * (3 * c.q_dim + 4 * c.kv_dim + 4 * c.intermediate_size) // tensor
-    saved = rows * length * per_token
-    if score_rows(length) == length:
-        saved += attention_block_bytes(config, rows, length, act, tensor)
-    return saved
+    per_token += act * (3 * c.q_dim + 4 * c.kv_dim) // split + act * 4 * c.intermediate_size // tensor
+    return rows * length * per_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,8 +275,8 @@ class MemoryPlan:
     activations: int
     logits: int
     kv_cache: int
-    prefill_scores: int
     prompt_kv: int
+    prefill_mlp: int
     lanes: int
     train: int
     sample: int
@@ -304,20 +301,23 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     accumulators = 2 * lanes * p * LORA_BYTES  # gradient accumulator + the fresh gradient, per lane
     rows = lanes * lane_rows
     t = w.seq_len
-    one_layer = layer_activation_bytes(config, rows, t, act, tensor)
-    block = attention_block_bytes(config, rows, t, act, tensor)
-    chunked = score_rows(t) < t  # one block of attention scores exists at a time, recomputed when needed
+    split = attention_split(config, mesh)
+    one_layer = layer_activation_bytes(config, rows, t, act, tensor, split)
     remat = remat_name(w.remat)
     if remat == "full":  # layer inputs for every layer, one layer's intermediates recomputed at a time
-        activations = config.num_layers * rows * t * config.hidden_size * act + one_layer + chunked * block
+        activations = config.num_layers * rows * t * config.hidden_size * act + one_layer
     elif remat == "minimal":
         # per layer its input and the projection outputs that feed non-linear work (q, k, v, gate, up; the
-        # o/down outputs only join the residual); one layer's attention scores recomputed at a time
-        saved = config.hidden_size + (config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size) // tensor
-        activations = config.num_layers * rows * t * saved * act + block
+        # o/down outputs only join the residual)
+        saved = config.hidden_size + (config.q_dim + 2 * config.kv_dim) // split + 2 * config.intermediate_size // tensor
+        activations = config.num_layers * rows * t * saved * act
     else:
-        activations = config.num_layers * one_layer + chunked * block
-    vocab = config.vocab_size // tensor if config.vocab_size % tensor == 0 else config.vocab_size
+        activations = config.num_layers * one_layer
+    # an untied head is split over the vocabulary on fsdp x tensor (sharding.RULES["head_vocab"]), and so are
+    # its logits; a tied head is the embedding, its vocabulary over tensor
+    both = mesh["fsdp"] * tensor
+    vocab_ways = both if not config.tie_word_embeddings and config.vocab_size % both == 0 else tensor
+    vocab = config.vocab_size // vocab_ways if config.vocab_size % vocab_ways == 0 else config.vocab_size
     # the chunked cross-entropy (lm/cross_entropy.py): per lane one chunk's float32 logits and its softmax in
     # the activation dtype (over several chunks a second float32 logits buffer: the compiled scan holds two,
     # measured on the H100 compile), and the loss's gradient direction [rows, T, D] kept for the backward pass
@@ -329,14 +329,16 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
     s = w.cache_slots
     kv_cache = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * s * kv_heads * config.head_dim * act
-    heads = config.num_heads // tensor if config.num_heads % tensor == 0 else config.num_heads
     p_len = w.prompt_tokens
-    prefill_scores = w.candidates * (b_pad // mesh["data"]) * heads * score_rows(p_len) * p_len * (4 + act)
     # prefill's scan also returns every layer's keys and values of the prompt before they fill the cache
     prompt_kv = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * p_len * kv_heads * config.head_dim * act
-    sample = weights + w.candidates * p * LORA_BYTES + kv_cache + prefill_scores + prompt_kv
+    # one layer's MLP intermediates for every prompt token at once: gate and its silu in float32 (the GPU
+    # compiler computes bf16 element-wise work in float32), [K, rows, P, F / tensor] each
+    mlp = config.intermediate_size // tensor if config.intermediate_size % tensor == 0 else config.intermediate_size
+    prefill_mlp = 2 * 4 * w.candidates * (b_pad // mesh["data"]) * p_len * mlp
+    sample = weights + w.candidates * p * LORA_BYTES + kv_cache + prompt_kv + prefill_mlp
     return MemoryPlan(weights, lora_params, lora_state, accumulators, activations, logits, kv_cache,
-                      prefill_scores, prompt_kv, lanes, train, sample)
+                      prompt_kv, prefill_mlp, lanes, train, sample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +380,11 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     n_mm = matmul_parameters(config)
     n_lora = lora_parameters(config, w.lora_rank, w.lora_targets)
     t = w.seq_len
-    attn_fwd = 4 * t * t * config.q_dim * config.num_layers  # scores and weighted sum, per sequence
+    split = attention_split(config, mesh)
+    # one matmul of the attention kernels (causal tiles), per sequence, all layers
+    def kernel_matmul(length: int) -> float:
+        return 2 * length * length * config.q_dim * config.num_layers * causal_share(length)
+
     link = hw.link_bandwidth / 2
     gathered = weight_bytes_per_device(config, {"data": 1, "fsdp": 1, "tensor": tp}, w.dtype)
     gather_comm = gathered * (f - 1) / f / link if f > 1 else 0.0
@@ -388,9 +394,11 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     passes = 4 if remat == "full" else 3  # weight reads: forward, backward (2x), recomputed forward
     rows = lanes * lane_rows
     base_passes = 3 if remat == "full" else 2  # forward, input gradients (, recomputed forward)
-    attn_passes = 3 if remat == "none" else 4  # forward, backward (2x), recomputed forward
+    platform = "tpu" if hw.name.startswith("tpu") else "gpu"
+    # forward (2), recomputed forward (2, under remat) and the backward kernels
+    attn_matmuls = 2 + (0 if remat == "none" else 2) + KERNEL_BACKWARD_MATMULS[platform]
     train_flops = rows * ((base_passes * 2 * n_mm * t + 3 * 2 * n_lora * t) / (f * tp)
-                          + attn_passes * attn_fwd / tp)
+                          + attn_matmuls * kernel_matmul(t) / split)
     train = StepTime(train_flops / hw.bf16_flops,
                      (passes - 1) * gathered / hw.hbm_bandwidth,
                      (passes - 1) * gather_comm)
@@ -398,10 +406,10 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
     srows = w.candidates * b_pad // mesh["data"]
     s, p_len = w.cache_slots, w.prompt_tokens
-    prefill_attn = 4 * p_len * p_len * config.q_dim * config.num_layers
+    prefill_attn = 2 * kernel_matmul(p_len)
     n_head = config.vocab_size * config.hidden_size  # prefill applies the head to the last position only
     prefill_mm = 2 * ((n_mm - n_head + n_lora) * p_len + n_head) / (f * tp)
-    prefill = StepTime(srows * (prefill_mm + prefill_attn / tp) / hw.bf16_flops,
+    prefill = StepTime(srows * (prefill_mm + prefill_attn / attention_split(config, mesh, fsdp=False)) / hw.bf16_flops,
                        gathered / hw.hbm_bandwidth, gather_comm)
     mem = memory_plan(config, mesh, w)
     reduce_width = config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size
@@ -545,8 +553,8 @@ def format_plan(plan: Plan) -> str:
         f"| training cross-entropy (a chunk of float32 logits, the gradient direction) | {_gb(mem.logits)} |",
         f"| **training total** | **{_gb(mem.train)}** |",
         f"| sampling KV cache (K adapters x {w.sample_batch} rows x {w.cache_slots} slots) | {_gb(mem.kv_cache)} |",
-        f"| prefill attention scores (estimate) | {_gb(mem.prefill_scores)} |",
         f"| prompt keys and values before they fill the cache | {_gb(mem.prompt_kv)} |",
+        f"| prefill: one layer's MLP intermediates (float32, estimate) | {_gb(mem.prefill_mlp)} |",
         f"| **sampling total** | **{_gb(mem.sample)}** |",
         "",
         "| hardware | HBM | fits? | train micro-step | prefill (K x rows x S) | decode / token |",

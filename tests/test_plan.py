@@ -93,18 +93,17 @@ def test_remat_policies_keep_what_they_say():
     minimal = pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat="minimal"))
     assert pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat=False)) == full
     assert pl.memory_plan(cfg, mesh, dataclasses.replace(w, remat="full")) == remat
-    one_layer = pl.layer_activation_bytes(cfg, 1, 1024, 2, 1)
-    # 1,024 tokens: one einsum, whose scores a layer keeps
-    scores = 32 * 1024 * 1024 * 6
-    assert pl.attention_block_bytes(cfg, 1, 1024, 2, 1) == scores and pl.score_rows(1024) == 1024
-    assert one_layer == 1024 * (4 * 4096 + 3 * 4096 + 4 * 1024 + 4 * 12288) * 2 + scores
+    # the attention kernels split the 8 KV heads over fsdp = 8, and the projections' outputs follow them
+    assert pl.attention_split(cfg, mesh) == 8
+    one_layer = pl.layer_activation_bytes(cfg, 1, 1024, 2, 1, split=8)
+    # the fused attention kernels keep no scores: a layer keeps only its activations, linear in T
+    assert one_layer == 1024 * (4 * 4096 + (3 * 4096 + 4 * 1024) // 8 + 4 * 12288) * 2
+    assert pl.layer_activation_bytes(cfg, 1, 2048, 2, 1, split=8) == 2 * one_layer
+    assert pl.layer_activation_bytes(cfg, 1, 1024, 2, 1) == 1024 * (4 * 4096 + 3 * 4096 + 4 * 1024 + 4 * 12288) * 2
     assert full.activations == 36 * one_layer
     assert remat.activations == 36 * 1024 * 4096 * 2 + one_layer
-    # layer input + q (4096) + k, v (1024 each) + gate, up (12288 each), and one layer's scores recomputed
-    assert minimal.activations == 36 * 1024 * (4096 + 4096 + 2 * 1024 + 2 * 12288) * 2 + scores
-    # 2,048 tokens are four blocks of 512 queries: no layer keeps its scores, one block's exist at a time
-    assert pl.score_rows(2048) == pl.score_rows(2112) == 512 and pl.attention_block_bytes(cfg, 1, 2048, 2, 1) == 32 * 512 * 2048 * 6
-    assert pl.layer_activation_bytes(cfg, 1, 2048, 2, 1) == 2048 * (4 * 4096 + 3 * 4096 + 4 * 1024 + 4 * 12288) * 2
+    # layer input + q (4096 / 8) + k, v (1024 / 8 each) + gate, up (12288 each)
+    assert minimal.activations == 36 * 1024 * (4096 + (4096 + 2 * 1024) // 8 + 2 * 12288) * 2
     assert remat.train < minimal.train < full.train and remat.sample == minimal.sample == full.sample
     assert pl.Workload().remat == "minimal"
     with pytest.raises(pl.PlanError, match="remat must be one of"):
@@ -184,19 +183,24 @@ def test_step_times_by_hand():
     t = pl.step_times(cfg, mesh, w, hw)
     rows = 4 * 8 // 2
     # prefill: projections and adapters over the 1024 prompt tokens split over fsdp = 4, the head on the last
-    # position only, attention (heads over tensor = 1) on every device
+    # position only, attention by the fused kernel over the 36 of 64 128-token tiles on or below the
+    # diagonal, its heads split as the cache's (over tensor = 1: on every device)
     head = cfg.vocab_size * cfg.hidden_size
     lora = pl.lora_parameters(cfg, 32, ("q_proj", "v_proj"))
     matmuls = 2 * ((pl.matmul_parameters(cfg) - head + lora) * 1024 + head) / 4
-    flops = rows * (matmuls + 4 * 1024**2 * cfg.q_dim * 36)
+    assert pl.attention_split(cfg, mesh, fsdp=False) == 1
+    flops = rows * (matmuls + 4 * 1024**2 * cfg.q_dim * 36 * (36 / 64))
     assert t["prefill"].compute == pytest.approx(flops / 989e12)
-    # a training micro-step: base forward + input gradients (no weight gradients), adapters 3 passes,
-    # attention forward + backward (3x) and, with the default remat "minimal", forward again, for K/data = 2
-    # lanes of one sequence
-    train = 2 * ((2 * 2 * pl.matmul_parameters(cfg) * 1024 + 3 * 2 * lora * 1024) / 4 + 4 * 4 * 1024**2 * cfg.q_dim * 36)
+    # a training micro-step: base forward + input gradients (no weight gradients), adapters 3 passes, the
+    # attention kernel's forward (2 matmuls), with the default remat "minimal" its forward again, and its
+    # backward (5 matmuls on a GPU, 7 on a TPU), for K/data = 2 lanes of one sequence
+    kernel_matmul = 2 * 1024**2 * cfg.q_dim * 36 * (36 / 64) / 4
+    train = 2 * ((2 * 2 * pl.matmul_parameters(cfg) * 1024 + 3 * 2 * lora * 1024) / 4 + 9 * kernel_matmul)
     assert t["train_step"].compute == pytest.approx(train / 989e12)
     none = pl.step_times(cfg, mesh, dataclasses.replace(w, remat="none"), hw)["train_step"].compute
-    assert none == pytest.approx((train - 2 * 4 * 1024**2 * cfg.q_dim * 36) / 989e12)
+    assert none == pytest.approx((train - 2 * 2 * kernel_matmul) / 989e12)
+    tpu = pl.step_times(cfg, mesh, w, pl.HARDWARE["tpu-v5p"])["train_step"].compute
+    assert tpu == pytest.approx((train + 2 * 2 * kernel_matmul) / 459e12)
     mem = pl.memory_plan(cfg, mesh, w)
     assert t["decode_token"].memory == pytest.approx((mem.weights + mem.kv_cache) / 3.35e12)
     assert t["decode_token"].bound == "memory"
@@ -206,7 +210,7 @@ def test_step_times_by_hand():
 
 def test_cli_plan_exit_codes_and_json(capsys):
     args = ["plan", "--model", "qwen3-8b", "--mesh", "data=2,fsdp=4,tensor=1", "--candidates", "4",
-            "--seq-len", "2048", "--remat"]
+            "--seq-len", "4096", "--remat"]
     assert cli_main(args + ["--hardware", "h100"]) == 0
     out = capsys.readouterr().out
     assert "8,190,735,360 parameters" in out and "| h100 | 80 GB | yes |" in out

@@ -568,17 +568,21 @@ def test_stacked_decode_donates_its_whole_cache(qwen):
     assert not [w for w in caught if "donated buffers" in str(w.message)]
 
 
-def test_the_tpu_generation_with_splash_attention_gives_the_cpu_tokens(qwen, sharded_qwen):
-    """The TPU's whole generation path run here on the CPU: prompts through splash attention (Pallas, in
-    interpret mode, in its shard_map), layers scanned, keys in the values' layout: the CPU's tokens, greedy
-    and sampled, with and without stacked adapters (the prefill's vmap over candidates around the
-    shard_map), on one device and sharded."""
+def test_the_tpu_generation_with_splash_attention_gives_the_cpu_tokens(qwen, sharded_qwen, monkeypatch):
+    """The TPU's whole generation path run here on the CPU: prompts of more than one 128-token tile through
+    splash attention (Pallas, in interpret mode, in its shard_map), layers scanned, keys in the values'
+    layout: the CPU's tokens, greedy and sampled, with and without stacked adapters (the prefill's vmap
+    over candidates around the shard_map), on one device and sharded."""
     from flax import nnx
 
+    from seal_jax.lm import attention as attn
     from seal_jax.lm import sampling
 
+    calls = []
+    kernel = attn.splash_attention
+    monkeypatch.setattr(attn, "splash_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
     _, lm = qwen
-    rows, adapters = tiny_prompts(), make_adapters(lm)
+    rows, adapters = tiny_prompts([(150, 1), (131, 2), (140, 3)]), make_adapters(lm)
     for model in (lm, sharded_qwen):
         module = nnx.merge(model.graphdef, model.state)
         module.attention_impl = "splash"
@@ -591,3 +595,4 @@ def test_the_tpu_generation_with_splash_attention_gives_the_cpu_tokens(qwen, sha
             expected = model._sampler.generate(model.state, model.config, rows, params,
                                                copies=model._decode_copies(), **run)
             assert tpu.generate(state, model.config, rows, params, **run) == expected
+    assert calls  # the prompts went through the kernel, not the einsum

@@ -472,13 +472,18 @@ def test_lanes_holding_several_candidates_split_over_data(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("impl, mesh", [("splash", "data=2,fsdp=2,tensor=2"), ("triton", "data=8,fsdp=1,tensor=1")])
-def test_fused_attention_training_on_a_mesh_equals_the_einsum_unsharded(tiny, tmp_path, impl, mesh):
+def test_fused_attention_training_on_a_mesh_equals_the_einsum_unsharded(tiny, tmp_path, monkeypatch, impl, mesh):
     """The TPU's and GPU's attention kernels (Pallas splash and Triton, run here in interpret mode) inside
     their shard_map: two candidates whose lanes split `data` (2 devices; the vmap over lanes names `data` to
     the shard_map), and one candidate whose micro-batch rows split `data` (8 devices), train the adapters
-    the einsum trains without a mesh."""
+    the einsum trains without a mesh, on sequences of more than one 128-token tile."""
     from flax import nnx
 
+    from seal_jax.lm import attention as attn
+
+    calls = []
+    kernel = getattr(attn, f"{impl}_attention")
+    monkeypatch.setattr(attn, f"{impl}_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
     hf_model, lm = tiny
     hf_model.save_pretrained(tmp_path)
     sharded = sj.load(tmp_path, mesh=mesh, progress=False)
@@ -487,11 +492,13 @@ def test_fused_attention_training_on_a_mesh_equals_the_einsum_unsharded(tiny, tm
     lanes = mesh.startswith("data=2")
     lora = LoraSpec(rank=4, alpha=8.0)
     spec = TrainSpec(learning_rate=1e-2, epochs=1, seed=4, batch_size=2 if lanes else 8)
-    cands = [TEXTS, TEXTS[::-1]] if lanes else [TEXTS * 2]
+    texts = [" ".join(TEXTS[i:] + TEXTS[:i]) * 2 for i in range(4)]  # 177 characters (tokens) each
+    cands = [texts, texts[::-1]] if lanes else [texts * 2]
     assert data_layout(sharded.mesh, len(cands), spec.batch_size)[0] == ("lanes" if lanes else "rows")
     a = train(lm, cands, lora, spec)
     b = train_adapters(sharded.graphdef, sharded.state, sharded.params(), TOK, cands, lora, spec, eos_id=EOS,
                        pad_id=PAD, mesh=sharded.mesh)
+    assert calls and all(shape[1] >= 128 for shape in calls)  # the kernel ran (traced), not the einsum
     for la, lb in zip(a.losses, b.losses, strict=True):
         assert la == pytest.approx(lb, rel=1e-5)
     for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):

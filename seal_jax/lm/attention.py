@@ -7,18 +7,19 @@ compiled on a CPU host it is the target's platform, never the host's), and store
 
 - ``"einsum"`` (CPU): one grouped-query einsum with a float32 ``[B, KVH, G, T, S]`` score matrix. On a CPU
   the scores of SEAL's short sequences are small, and one fused program is fastest.
-- ``"chunked"`` (TPU, GPU): the same arithmetic over blocks of :data:`QUERY_CHUNK` queries (a ``lax.map``),
-  each block's scores recomputed in the backward pass (``jax.checkpoint``). So no ``[T, S]`` float32 matrix
-  exists, neither in the forward nor in the saved residuals, and training's temporaries grow linearly with
-  T. A row's softmax sees exactly the same numbers as in ``"einsum"``, so the results agree to float
-  rounding. Sequences shorter than :data:`CHUNKED_FROM` use ``"einsum"`` (below that length the blocks
-  cost more time than their memory is worth); a length the block does not divide is padded to whole blocks.
-
+- ``"chunked"`` (other accelerators, and TPU head sizes splash cannot take): the same arithmetic over
+  blocks of :data:`QUERY_CHUNK` queries (a ``lax.map``), each block's scores recomputed in the backward
+  pass (``jax.checkpoint``). So no ``[T, S]`` float32 matrix exists, neither in the forward nor in the
+  saved residuals, and training's temporaries grow linearly with T. A row's softmax sees exactly the same
+  numbers as in ``"einsum"``, so the results agree to float rounding. Sequences shorter than
+  :data:`CHUNKED_FROM` use ``"einsum"`` (below that length the blocks cost more time than their memory is
+  worth); a length the block does not divide is padded to whole blocks.
 - ``"splash"`` (TPU): JAX's Pallas splash-attention kernel (a fused flash attention: the scores live in
   VMEM one block at a time, never in HBM), for any T, causal, the padding given as segment ids
   (:func:`splash_attention`). GSPMD cannot split a Mosaic call, so the kernel runs inside a ``shard_map``
   over the model's mesh (:class:`Placement`): rows over ``data``, key/value heads over ``tensor`` (and
-  ``fsdp`` where they divide). On a CPU it runs in Pallas' interpret mode: the tests hold it against the
+  ``fsdp`` where they divide, :func:`head_axes`). Its padded query rows attend to padding instead of
+  averaging the values (nothing reads them). On a CPU it runs in Pallas' interpret mode: the tests hold it against the
   einsum that way. Where Mosaic cannot compile it (:func:`splash_attention_applies`) it runs ``"chunked"``.
 - ``"triton"`` (GPU): JAX's Pallas flash-attention kernel for GPUs, which XLA compiles with Triton
   (:func:`triton_attention`), with the same mask, padding and placement as ``"splash"``.
@@ -36,8 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
+import math
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -75,27 +76,43 @@ class Placement:
       mesh: the model's mesh, or None (one device: the kernel is called directly).
       rows_split: whether attention's rows may go over ``data``. False inside a ``vmap`` over training lanes
         that already splits ``data`` (its ``spmd_axis_name``): the rows of one lane are then whole.
+      heads_over_fsdp: whether the heads may go over ``fsdp`` as well as ``tensor``. False in a generation's
+        prefill: its keys and values fill the KV cache, whose heads are split over ``tensor`` only, and keys
+        split over ``fsdp`` would be all-gathered back (a second copy of the cache).
     """
 
     mesh: Mesh | None = None
     rows_split: bool = True
+    heads_over_fsdp: bool = True
 
     def specs(self, batch: int, kv_heads: int) -> tuple[PartitionSpec, PartitionSpec]:
         """PartitionSpecs of q/k/v ``[B, T, heads, Dh]`` and of the segment ids ``[B, T]``."""
         if self.mesh is None:
             return PartitionSpec(), PartitionSpec()
-        sizes = self.mesh.shape
+        sizes = dict(self.mesh.shape)
         rows = "data" if self.rows_split and sizes["data"] > 1 and batch % sizes["data"] == 0 else None
-        heads: Any = None
-        for axes in (("fsdp", "tensor"), ("tensor",), ("fsdp",)):
-            live = tuple(a for a in axes if sizes[a] > 1)
-            ways = 1
-            for a in live:
-                ways *= sizes[a]
-            if live and kv_heads % ways == 0:
-                heads = live[0] if len(live) == 1 else live
-                break
+        axes = head_axes(sizes, kv_heads, fsdp=self.heads_over_fsdp)
+        heads = None if not axes else axes[0] if len(axes) == 1 else axes
         return PartitionSpec(rows, None, heads, None), PartitionSpec(rows, None)
+
+
+def head_axes(sizes: Mapping[str, int], kv_heads: int, fsdp: bool = True) -> tuple[str, ...]:
+    """The mesh axes a fused kernel's ``shard_map`` splits the key/value heads over: ``fsdp`` and ``tensor``
+    where ``kv_heads`` divides by their product, else ``tensor``, else ``fsdp``, else none (axes of size 1
+    left out; without ``fsdp``, ``tensor`` or none). The planner divides the kernels' FLOPs by the same
+    split."""
+    for axes in (("fsdp", "tensor"), ("tensor",), ("fsdp",)) if fsdp else (("tensor",),):
+        live = tuple(a for a in axes if sizes.get(a, 1) > 1)
+        if live and kv_heads % math.prod(sizes[a] for a in live) == 0:
+            return live
+    return ()
+
+
+def causal_share(length: int) -> float:
+    """The share of a causal ``length x length`` score square that a fused kernel computes: the
+    :data:`KERNEL_BLOCK` tiles on or below the diagonal."""
+    tiles = -(-length // KERNEL_BLOCK)
+    return (tiles + 1) / (2 * tiles)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, impl: str = "einsum", *,
@@ -106,10 +123,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, impl
     with no allowed key (left padding) get a uniform average instead of NaN. Returns ``[B, T, H, Dh]`` in
     ``q.dtype``; the softmax is computed in float32.
 
-    ``"splash"`` needs ``segments`` (``[B, T]``, nonzero = a real token) and reads no ``allowed``: its mask
-    is causal over real keys, which is what ``allowed`` must then be (as ``Decoder.hidden_states`` builds
-    it); the rows of padding tokens attend to padding instead of averaging (nothing reads them).
-    ``placement`` says where its ``shard_map`` runs.
+    ``"splash"`` and ``"triton"`` need ``segments`` (``[B, T]``, nonzero = a real token) and read no
+    ``allowed``: their mask is causal over real keys, which is what ``allowed`` must then be (as
+    ``Decoder.hidden_states`` builds it); the rows of padding tokens attend to padding instead of averaging
+    (nothing reads them). ``placement`` says where their ``shard_map`` runs. Fewer than
+    :data:`KERNEL_BLOCK` tokens use the einsum (the kernel would pad them to a whole tile).
     """
     if impl == "einsum":
         return einsum_attention(q, k, v, allowed)
@@ -117,14 +135,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, impl
         if q.shape[1] < CHUNKED_FROM:
             return einsum_attention(q, k, v, allowed)
         return chunked_attention(q, k, v, allowed)
-    if impl == "splash" and not splash_attention_applies(q.shape[-1], placement or Placement()):
-        return attention(q, k, v, allowed, "chunked")
-    if impl in ("splash", "triton"):
-        if segments is None:
-            raise AttentionError(f"{impl} attention needs the segment ids (segments=[B, T], nonzero = real token)")
-        kernel = splash_attention if impl == "splash" else triton_attention
-        return kernel(q, k, v, segments, placement or Placement())
-    raise AttentionError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    if impl not in ("splash", "triton"):
+        raise AttentionError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    if segments is None:
+        raise AttentionError(f"{impl} attention needs the segment ids (segments=[B, T], nonzero = real token)")
+    placement = placement or Placement()
+    if q.shape[1] < KERNEL_BLOCK:
+        return einsum_attention(q, k, v, allowed)  # less than one tile: the kernel would pad it to a whole one
+    if impl == "splash":
+        if not splash_attention_applies(q.shape[-1], placement):
+            return attention(q, k, v, allowed, "chunked")
+        return splash_attention(q, k, v, segments, placement)
+    return triton_attention(q, k, v, segments, placement)
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -171,16 +193,14 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
 
 
 def splash_attention_applies(head_dim: int, placement: Placement) -> bool:
-    """Whether Mosaic can compile the splash kernel here, else ``"splash"`` runs as ``"chunked"``: a head size
-    that is a multiple of :data:`SPLASH_HEAD_DIM`, and (on a TPU) matmuls at the MXU's own precision. Its
+    """Whether Mosaic can compile the splash kernel here, else ``"splash"`` runs as ``"chunked"``: on a TPU, a
+    head size that is a multiple of :data:`SPLASH_HEAD_DIM` and matmuls at the MXU's own precision (its
     matmuls take bf16 operands into float32 sums; a process-wide ``jax_default_matmul_precision`` of
-    "highest" / "float32" asks Mosaic for float32 passes it cannot compile ("Bad lhs type"). In Pallas'
-    interpreter (off a TPU) the precision does not matter."""
-    if head_dim % SPLASH_HEAD_DIM:
-        return False
+    "highest" / "float32" asks Mosaic for float32 passes it cannot compile: "Bad lhs type"). Pallas'
+    interpreter (off a TPU) takes any."""
     where = jax.default_backend() if placement.mesh is None else placement.mesh.devices.flat[0].platform
     precision = str(jax.config.jax_default_matmul_precision or "default").lower()
-    return where != "tpu" or precision not in ("highest", "float32", "fp32")
+    return where != "tpu" or (head_dim % SPLASH_HEAD_DIM == 0 and precision not in ("highest", "float32", "fp32"))
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,

@@ -414,6 +414,9 @@ class Sampler:
 
         def one(lw: Any, ls: Any) -> tuple[jax.Array, KVCache]:
             model = nnx.merge(self.graphdef, state)
+            # the prompt's keys and values fill the cache, its heads over `tensor` only: an attention kernel
+            # that split them over `fsdp` as well would have them all-gathered back
+            model.attention_placement = dataclasses.replace(model.attention_placement, heads_over_fsdp=False)
             lora = None if lw is None else LoraInputs(weights=lw, scale=ls)
             x, cache = model.prefill(ids, mask, cache_len, lora=lora, stacked=self.scan_layers,
                                      keys_transposed=self.cpu_tricks and not self.scan_layers)
