@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from seal_jax.lm.attention import causal_share
+from seal_jax.lm.attention import KERNEL_BLOCK, TRITON_BACKWARD_BLOCK, causal_share
 
 DTYPE_BITS = {
     "pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32, "u32": 32,
@@ -294,15 +294,16 @@ class HloStats:
 
 
 # Fused causal attention kernels: (pattern on the instruction, matmuls of [query rows, keys, head size]
-# each, the axis of the key operand that holds the keys). Splash runs per key/value head (q [G, T, Dh],
-# k [S, Dh]); its forward does QK and PV, its dq kernel QK, dO V^T and dS K, its dkv kernel QK, P^T dO,
-# dO V^T and dS^T Q. The Triton kernel takes [..., T, H, Dh] (k [..., S, H, Dh]); its backward does five.
-ATTENTION_KERNELS: tuple[tuple[re.Pattern[str], int, int], ...] = (
-    (re.compile(r"^splash_m[qh]a_fwd"), 2, -2),
-    (re.compile(r"^splash_m[qh]a_dq"), 3, -2),
-    (re.compile(r"^splash_m[qh]a_dkv"), 4, -2),
-    (re.compile(r'name = \\?"mha_forward"'), 2, -3),
-    (re.compile(r'name = \\?"mha_backward"'), 5, -3),
+# each, the axis of the key operand that holds the keys, the kernel's tile of tokens). Splash runs per
+# key/value head (q [G, T, Dh], k [S, Dh]); its forward does QK and PV, its dq kernel QK, dO V^T and dS K,
+# its dkv kernel QK, P^T dO, dO V^T and dS^T Q. The Triton kernel takes [..., T, H, Dh] (k [..., S, H, Dh]);
+# its backward does the dkv kernel's four and the dq kernel's three, on tiles of 32 tokens.
+ATTENTION_KERNELS: tuple[tuple[re.Pattern[str], int, int, int], ...] = (
+    (re.compile(r"splash_m[qh]a_fwd"), 2, -2, KERNEL_BLOCK),
+    (re.compile(r"splash_m[qh]a_dq"), 3, -2, KERNEL_BLOCK),
+    (re.compile(r"splash_m[qh]a_dkv"), 4, -2, KERNEL_BLOCK),
+    (re.compile(r'name = \\?"mha_forward"'), 2, -3, KERNEL_BLOCK),
+    (re.compile(r'name = \\?"mha_backward"'), 7, -3, TRITON_BACKWARD_BLOCK),
 )
 
 
@@ -342,11 +343,11 @@ class _Analyzer:
     def _kernel_flops(self, comp: Computation, ins: Instr) -> float:
         """The matmul FLOPs of a fused attention kernel (:data:`ATTENTION_KERNELS`), else 0: q is its first
         floating-point operand of rank 3 or more, k the next floating-point one."""
-        kernel = next(((matmuls, axis) for pattern, matmuls, axis in ATTENTION_KERNELS
+        kernel = next(((matmuls, axis, tile) for pattern, matmuls, axis, tile in ATTENTION_KERNELS
                        if pattern.search(ins.name) or pattern.search(ins.attrs)), None)
         if kernel is None:
             return 0.0
-        matmuls, key_axis = kernel
+        matmuls, key_axis, tile = kernel
         floats = [shape for shape in (self._operand_shape(comp, o) for o in ins.operands)
                   if re.match(r"\s*\(?\s*(bf16|f\d+)\[", shape)]
         big = [i for i, shape in enumerate(floats) if len(shape_dims(shape)) >= 3]
@@ -354,7 +355,7 @@ class _Analyzer:
             return 0.0
         q, k = shape_dims(floats[big[0]]), shape_dims(floats[big[0] + 1])
         keys = k[key_axis]
-        return 2.0 * matmuls * math.prod(q) * keys * causal_share(keys)
+        return 2.0 * matmuls * math.prod(q) * keys * causal_share(keys, tile)
 
     def _dot_flops(self, comp: Computation, ins: Instr) -> float:
         out = 1

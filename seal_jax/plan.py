@@ -18,7 +18,8 @@ device and for each hardware in :data:`HARDWARE`:
 * **verdict** — whether the peak of training and sampling fits in :data:`USABLE_FRACTION` of HBM.
 
 Activation bytes are an estimate of what XLA keeps (on TPUs and GPUs attention runs in a fused kernel,
-``attention.splash_attention`` / ``attention.triton_attention``, so no attention scores are ever in HBM),
+``attention.splash_attention`` / ``attention.triton_attention``, which keeps no attention scores in HBM;
+the einsum of sequences under one 128-token tile and the "chunked" fallback are not modelled),
 not a measurement; the weights, LoRA and KV-cache bytes are exact for the arrays the code
 allocates.
 """
@@ -33,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from seal_jax.lm.attention import causal_share, head_axes
+from seal_jax.lm.attention import KERNEL_BLOCK, TRITON_BACKWARD_BLOCK, causal_share, head_axes
 from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import chunk_length
 from seal_jax.lm.params import param_shapes, projection_shape
@@ -70,6 +71,11 @@ class Hardware:
     link: str
     chips_per_host: int
     source: str
+
+    @property
+    def platform(self) -> str:
+        """``"tpu"`` or ``"gpu"``."""
+        return "tpu" if self.name.startswith("tpu") else "gpu"
 
 
 HARDWARE: dict[str, Hardware] = {
@@ -235,9 +241,11 @@ def matmul_parameters(config: ModelConfig) -> int:
     return config.num_layers * per_layer + config.vocab_size * config.hidden_size
 
 
-# matmuls of a fused attention kernel's backward pass over [query rows, keys, head size]: splash's dq (3)
-# and dkv (4) kernels on a TPU, the Triton kernel's one (5) on a GPU (seal_jax.hlo.ATTENTION_KERNELS)
-KERNEL_BACKWARD_MATMULS = {"tpu": 7, "gpu": 5}
+# matmuls of a fused attention kernel's backward pass over [query rows, keys, head size], on a TPU (splash's
+# dq kernel 3, its dkv kernel 4) and a GPU (Triton's one kernel, 4 + 3), and the tiles they work on
+# (seal_jax.hlo.ATTENTION_KERNELS)
+KERNEL_BACKWARD_MATMULS = 7
+KERNEL_BACKWARD_TILE = {"tpu": KERNEL_BLOCK, "gpu": TRITON_BACKWARD_BLOCK}
 
 
 def attention_split(config: ModelConfig, mesh: Mapping[str, int], fsdp: bool = True) -> int:
@@ -315,9 +323,9 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
         activations = config.num_layers * one_layer
     # an untied head is split over the vocabulary on fsdp x tensor (sharding.RULES["head_vocab"]), and so are
     # its logits; a tied head is the embedding, its vocabulary over tensor
-    both = mesh["fsdp"] * tensor
-    vocab_ways = both if not config.tie_word_embeddings and config.vocab_size % both == 0 else tensor
-    vocab = config.vocab_size // vocab_ways if config.vocab_size % vocab_ways == 0 else config.vocab_size
+    # (a vocabulary its axes do not divide is replicated: sharding.spec_for)
+    ways = tensor if config.tie_word_embeddings else mesh["fsdp"] * tensor
+    vocab = config.vocab_size // ways if config.vocab_size % ways == 0 else config.vocab_size
     # the chunked cross-entropy (lm/cross_entropy.py): per lane one chunk's float32 logits and its softmax in
     # the activation dtype (over several chunks a second float32 logits buffer: the compiled scan holds two,
     # measured on the H100 compile), and the loss's gradient direction [rows, T, D] kept for the backward pass
@@ -381,9 +389,9 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     n_lora = lora_parameters(config, w.lora_rank, w.lora_targets)
     t = w.seq_len
     split = attention_split(config, mesh)
-    # one matmul of the attention kernels (causal tiles), per sequence, all layers
-    def kernel_matmul(length: int) -> float:
-        return 2 * length * length * config.q_dim * config.num_layers * causal_share(length)
+    # one matmul of the attention kernels over the causal tiles, per sequence, all layers
+    def kernel_matmul(length: int, tile: int = KERNEL_BLOCK) -> float:
+        return 2 * length * length * config.q_dim * config.num_layers * causal_share(length, tile)
 
     link = hw.link_bandwidth / 2
     gathered = weight_bytes_per_device(config, {"data": 1, "fsdp": 1, "tensor": tp}, w.dtype)
@@ -394,11 +402,10 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     passes = 4 if remat == "full" else 3  # weight reads: forward, backward (2x), recomputed forward
     rows = lanes * lane_rows
     base_passes = 3 if remat == "full" else 2  # forward, input gradients (, recomputed forward)
-    platform = "tpu" if hw.name.startswith("tpu") else "gpu"
     # forward (2), recomputed forward (2, under remat) and the backward kernels
-    attn_matmuls = 2 + (0 if remat == "none" else 2) + KERNEL_BACKWARD_MATMULS[platform]
-    train_flops = rows * ((base_passes * 2 * n_mm * t + 3 * 2 * n_lora * t) / (f * tp)
-                          + attn_matmuls * kernel_matmul(t) / split)
+    attention = ((2 + (0 if remat == "none" else 2)) * kernel_matmul(t)
+                 + KERNEL_BACKWARD_MATMULS * kernel_matmul(t, KERNEL_BACKWARD_TILE[hw.platform]))
+    train_flops = rows * ((base_passes * 2 * n_mm * t + 3 * 2 * n_lora * t) / (f * tp) + attention / split)
     train = StepTime(train_flops / hw.bf16_flops,
                      (passes - 1) * gathered / hw.hbm_bandwidth,
                      (passes - 1) * gather_comm)

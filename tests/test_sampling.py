@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import stats
 
 import seal_jax as sj
+from seal_jax.lm import attention as attn
 from seal_jax.lm.api import LM, build_model
 from seal_jax.lm.model import LoraInputs
 from seal_jax.lm.sampling import SamplingError, SamplingParams, check_prompt_ids, filter_logits, sample_step
@@ -573,9 +575,6 @@ def test_the_tpu_generation_with_splash_attention_gives_the_cpu_tokens(qwen, sha
     splash attention (Pallas, in interpret mode, in its shard_map), layers scanned, keys in the values'
     layout: the CPU's tokens, greedy and sampled, with and without stacked adapters (the prefill's vmap
     over candidates around the shard_map), on one device and sharded."""
-    from flax import nnx
-
-    from seal_jax.lm import attention as attn
     from seal_jax.lm import sampling
 
     calls = []

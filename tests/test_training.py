@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_hf_model
+from flax import nnx
 
 import seal_jax as sj
+from seal_jax.lm import attention as attn
 from seal_jax.lm.lora import LoraSpec
 from seal_jax.lm.training import (
     TrainError,
@@ -477,10 +479,6 @@ def test_fused_attention_training_on_a_mesh_equals_the_einsum_unsharded(tiny, tm
     their shard_map: two candidates whose lanes split `data` (2 devices; the vmap over lanes names `data` to
     the shard_map), and one candidate whose micro-batch rows split `data` (8 devices), train the adapters
     the einsum trains without a mesh, on sequences of more than one 128-token tile."""
-    from flax import nnx
-
-    from seal_jax.lm import attention as attn
-
     calls = []
     kernel = getattr(attn, f"{impl}_attention")
     monkeypatch.setattr(attn, f"{impl}_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))

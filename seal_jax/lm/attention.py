@@ -7,7 +7,7 @@ compiled on a CPU host it is the target's platform, never the host's), and store
 
 - ``"einsum"`` (CPU): one grouped-query einsum with a float32 ``[B, KVH, G, T, S]`` score matrix. On a CPU
   the scores of SEAL's short sequences are small, and one fused program is fastest.
-- ``"chunked"`` (other accelerators, and TPU head sizes splash cannot take): the same arithmetic over
+- ``"chunked"`` (where neither kernel applies: see their limits below): the same arithmetic over
   blocks of :data:`QUERY_CHUNK` queries (a ``lax.map``), each block's scores recomputed in the backward
   pass (``jax.checkpoint``). So no ``[T, S]`` float32 matrix exists, neither in the forward nor in the
   saved residuals, and training's temporaries grow linearly with T. A row's softmax sees exactly the same
@@ -15,18 +15,23 @@ compiled on a CPU host it is the target's platform, never the host's), and store
   :data:`CHUNKED_FROM` use ``"einsum"`` (below that length the blocks cost more time than their memory is
   worth); a length the block does not divide is padded to whole blocks.
 - ``"splash"`` (TPU): JAX's Pallas splash-attention kernel (a fused flash attention: the scores live in
-  VMEM one block at a time, never in HBM), for any T, causal, the padding given as segment ids
+  VMEM one block at a time, never in HBM), causal, the padding given as segment ids
   (:func:`splash_attention`). GSPMD cannot split a Mosaic call, so the kernel runs inside a ``shard_map``
   over the model's mesh (:class:`Placement`): rows over ``data``, key/value heads over ``tensor`` (and
   ``fsdp`` where they divide, :func:`head_axes`). Its padded query rows attend to padding instead of
   averaging the values (nothing reads them). On a CPU it runs in Pallas' interpret mode: the tests hold it against the
   einsum that way. Where Mosaic cannot compile it (:func:`splash_attention_applies`) it runs ``"chunked"``.
 - ``"triton"`` (GPU): JAX's Pallas flash-attention kernel for GPUs, which XLA compiles with Triton
-  (:func:`triton_attention`), with the same mask, padding and placement as ``"splash"``.
+  (:func:`triton_attention`), with the same mask, padding and placement as ``"splash"``; head sizes above
+  :data:`TRITON_MAX_HEAD_DIM` use ``"chunked"``.
+
+Both kernels run from :data:`KERNEL_BLOCK` tokens on; a shorter sequence uses the einsum (the kernel would
+pad it to a whole tile, and its float32 scores are small).
 
 Why Triton and not cuDNN on GPU: cuDNN's flash attention (``jax.nn.dot_product_attention``) cannot be
 reached by a deviceless GPU compile ("cuDNN not found"), so neither ``seal-jax compile`` nor the tests
-could see it; the Triton kernel compiles for an H100 on this host and is measured there.
+could see it; the Triton kernel compiles for an H100 on this host, where ``seal-jax compile`` measures it
+(BENCHMARKS.md, "Fused attention kernels").
 
 The decode path's :func:`cached_attention` attends T new tokens over a KV cache, keys laid out as the values
 (``[B, KVH, S, Dh]``), or transposed (``[B, KVH, Dh, S]``), the faster form on XLA:CPU only (see
@@ -38,11 +43,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
+
+from seal_jax.lm import sharding as shd
 
 IMPLEMENTATIONS = ("einsum", "chunked", "splash", "triton")
 # Queries per block of "chunked" (its scores: B x H x 512 x S float32 at a time), used from CHUNKED_FROM
@@ -54,9 +61,15 @@ QUERY_CHUNK = 512
 CHUNKED_FROM = 2048
 # the fused kernels' tiles (queries and keys per block); a length they do not divide is padded to whole tiles
 KERNEL_BLOCK = 128
+# the Triton kernel's backward pass works on tiles of this many tokens (its default block sizes)
+TRITON_BACKWARD_BLOCK = 32
 # splash attention runs for head sizes that are multiples of this (compiled for v5p: 64 and 128 do, 32 does
-# not: "Bad lhs type"); other sizes use "chunked"
+# not: "Bad lhs type"), and under a default matmul precision among these (lower case); otherwise "chunked"
 SPLASH_HEAD_DIM = 64
+MXU_PRECISIONS = ("default", "fastest", "bfloat16", "bf16_bf16_f32")
+# the Triton kernel's largest head size (its blocks of 128 queries x head size must fit a GPU's shared memory
+# next to the keys' block); larger heads use "chunked"
+TRITON_MAX_HEAD_DIM = 128
 
 
 class AttentionError(ValueError):
@@ -70,7 +83,8 @@ def implementation_for(platform: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Where a kernel that GSPMD cannot split runs (:func:`splash_attention`): its ``shard_map``'s mesh.
+    """Where a kernel that GSPMD cannot split runs (:func:`splash_attention`, :func:`triton_attention`): its
+    ``shard_map``'s mesh.
 
     Attributes:
       mesh: the model's mesh, or None (one device: the kernel is called directly).
@@ -108,10 +122,10 @@ def head_axes(sizes: Mapping[str, int], kv_heads: int, fsdp: bool = True) -> tup
     return ()
 
 
-def causal_share(length: int) -> float:
-    """The share of a causal ``length x length`` score square that a fused kernel computes: the
-    :data:`KERNEL_BLOCK` tiles on or below the diagonal."""
-    tiles = -(-length // KERNEL_BLOCK)
+def causal_share(length: int, tile: int = KERNEL_BLOCK) -> float:
+    """The share of a causal ``length x length`` score square that a fused kernel computes: the ``tile``
+    tiles on or below the diagonal."""
+    tiles = -(-length // tile)
     return (tiles + 1) / (2 * tiles)
 
 
@@ -146,6 +160,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, impl
         if not splash_attention_applies(q.shape[-1], placement):
             return attention(q, k, v, allowed, "chunked")
         return splash_attention(q, k, v, segments, placement)
+    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        return attention(q, k, v, allowed, "chunked")
     return triton_attention(q, k, v, segments, placement)
 
 
@@ -194,13 +210,12 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
 
 def splash_attention_applies(head_dim: int, placement: Placement) -> bool:
     """Whether Mosaic can compile the splash kernel here, else ``"splash"`` runs as ``"chunked"``: on a TPU, a
-    head size that is a multiple of :data:`SPLASH_HEAD_DIM` and matmuls at the MXU's own precision (its
-    matmuls take bf16 operands into float32 sums; a process-wide ``jax_default_matmul_precision`` of
-    "highest" / "float32" asks Mosaic for float32 passes it cannot compile: "Bad lhs type"). Pallas'
-    interpreter (off a TPU) takes any."""
-    where = jax.default_backend() if placement.mesh is None else placement.mesh.devices.flat[0].platform
+    head size that is a multiple of :data:`SPLASH_HEAD_DIM` and matmuls at the MXU's own precision
+    (:data:`MXU_PRECISIONS`; its matmuls take bf16 operands into float32 sums, and a process-wide
+    ``jax_default_matmul_precision`` such as "highest" asks Mosaic for float32 passes it cannot compile:
+    "Bad lhs type"). Pallas' interpreter (off a TPU) takes any."""
     precision = str(jax.config.jax_default_matmul_precision or "default").lower()
-    return where != "tpu" or (head_dim % SPLASH_HEAD_DIM == 0 and precision not in ("highest", "float32", "fp32"))
+    return shd.platform(placement.mesh) != "tpu" or (head_dim % SPLASH_HEAD_DIM == 0 and precision in MXU_PRECISIONS)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
@@ -212,7 +227,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arr
     whole :data:`KERNEL_BLOCK` tiles. Each key/value head runs the kernel's multi-query form over its G
     query heads, the heads and rows split over the mesh by ``placement``.
     """
-    return _kernel_attention(_splash_local, "tpu", q, k, v, segments, placement)
+    return _kernel_attention("splash", q, k, v, segments, placement)
 
 
 def triton_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
@@ -220,21 +235,21 @@ def triton_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arr
     """:func:`splash_attention`'s contract by JAX's Pallas flash-attention kernel for GPUs (Triton;
     interpret mode elsewhere). The kernel is multi-head: each key/value head is repeated for its G query
     heads (the backward pass sums their gradients)."""
-    return _kernel_attention(_triton_local, "gpu", q, k, v, segments, placement)
+    return _kernel_attention("triton", q, k, v, segments, placement)
 
 
-def _kernel_attention(local: Callable[..., jax.Array], platform: str, q: jax.Array, k: jax.Array, v: jax.Array,
-                      segments: jax.Array, placement: Placement) -> jax.Array:
-    """Pad T to whole tiles, then run ``local(q, k, v, seg, interpret)`` on each device's share (a
-    ``shard_map`` over ``placement.mesh``), in Pallas' interpreter off ``platform``."""
+def _kernel_attention(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
+                      placement: Placement) -> jax.Array:
+    """Pad T to whole tiles, then run kernel ``impl`` on each device's share (a ``shard_map`` over
+    ``placement.mesh``), in Pallas' interpreter off the kernel's platform."""
+    local, platform = {"splash": (_splash_local, "tpu"), "triton": (_triton_local, "gpu")}[impl]
     b, t, h, _ = q.shape
     kvh = k.shape[2]
     if h % kvh:
         raise AttentionError(f"{h} query heads do not divide into {kvh} key/value heads")
     spec, seg_spec = placement.specs(b, kvh)
-    where = jax.default_backend() if placement.mesh is None else placement.mesh.devices.flat[0].platform
-    where = "gpu" if where in ("cuda", "rocm") else where
-    interpret = where != platform  # Pallas' interpreter: the same kernel run by XLA ops (tests on a CPU)
+    # Pallas' interpreter: the same kernel run by XLA ops (the tests, on a CPU)
+    interpret = shd.platform(placement.mesh) != platform
     seg = (segments != 0).astype(jnp.int32)
     pad = -t % KERNEL_BLOCK
     if pad:
@@ -269,7 +284,8 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, *, i
         return kernel(q_g, k_1, v_1, segment_ids=kernel_lib.SegmentIds(q=s, kv=s))
 
     per_head = jax.vmap(one, in_axes=(0, 0, 0, None))  # over key/value heads: [kvh, g, t, Dh], [kvh, t, Dh]
-    qg = (q * jnp.asarray(dh ** -0.5, q.dtype)).reshape(b, t, kvh, g, dh).transpose(0, 2, 3, 1, 4)
+    scaled = (q.astype(jnp.float32) * dh ** -0.5).astype(q.dtype)  # the kernel has no scale of its own
+    qg = scaled.reshape(b, t, kvh, g, dh).transpose(0, 2, 3, 1, 4)
     out = jax.vmap(per_head)(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seg)  # [b, kvh, g, t, Dh]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh).astype(q.dtype)
 
