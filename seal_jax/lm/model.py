@@ -320,7 +320,7 @@ class Decoder(nnx.Module):
         (``attention.implementation_for``), and the module alone uses ``"einsum"``.
 
     ``attention_placement`` (an :class:`~seal_jax.lm.attention.Placement`, set by :class:`~seal_jax.LM` from
-    its mesh) is where a kernel that runs in a ``shard_map`` (``"splash"``) runs.
+    its mesh) is where a kernel that runs in a ``shard_map`` (``"splash"``, ``"triton"``) runs.
     """
 
     def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, remat: str | bool = "minimal",

@@ -539,7 +539,7 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     def idle(trainee: Trainee, acc: Accumulator, *_: Any) -> Any:
         return trainee, acc, jnp.full((m,), jnp.nan, jnp.float32)
 
-    # with the lanes split over `data`, the vmap says so to any shard_map inside it (splash attention's)
+    # with the lanes split over `data`, the vmap says so to any shard_map inside it (the attention kernels')
     spmd = None if layout.lanes is None else "data"
     branches = [jax.vmap(functools.partial(lane_step, n), spmd_axis_name=spmd) for n in layout.lengths] + [idle]
 
