@@ -268,20 +268,19 @@ def _kernel_attention(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segme
 def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, *, interpret: bool) -> jax.Array:
     """One device's splash attention: q ``[b, t, h, Dh]``, k/v ``[b, t, kvh, Dh]``, seg ``[b, t]`` int32."""
     # deferred: Pallas' TPU kernels are only needed where splash attention runs
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     b, t, h, dh = q.shape
     kvh = k.shape[2]
     g = h // kvh
     n = KERNEL_BLOCK
-    sizes = kernel_lib.BlockSizes(block_q=n, block_kv=n, block_kv_compute=n, block_q_dkv=n, block_kv_dkv=n,
+    sizes = splash.BlockSizes(block_q=n, block_kv=n, block_kv_compute=n, block_q_dkv=n, block_kv_dkv=n,
                                   block_kv_dkv_compute=n, block_q_dq=n, block_kv_dq=n)
-    mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((t, t)) for _ in range(g)])
-    kernel = kernel_lib.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    mask = splash.MultiHeadMask([splash.CausalMask((t, t)) for _ in range(g)])
+    kernel = splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
     def one(q_g: jax.Array, k_1: jax.Array, v_1: jax.Array, s: jax.Array) -> jax.Array:
-        return kernel(q_g, k_1, v_1, segment_ids=kernel_lib.SegmentIds(q=s, kv=s))
+        return kernel(q_g, k_1, v_1, segment_ids=splash.SegmentIds(q=s, kv=s))
 
     per_head = jax.vmap(one, in_axes=(0, 0, 0, None))  # over key/value heads: [kvh, g, t, Dh], [kvh, t, Dh]
     scaled = (q.astype(jnp.float32) * dh ** -0.5).astype(q.dtype)  # the kernel has no scale of its own

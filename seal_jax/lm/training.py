@@ -510,8 +510,7 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     """
     model = nnx.merge(graphdef, state)
     m = schedule.cand.shape[1]
-    if layout.lanes is not None:
-        # the lanes take `data`: a kernel's shard_map inside the vmap over lanes keeps each lane's rows whole
+    if layout.lanes is not None:  # the lanes take `data`: an attention kernel keeps each lane's rows whole
         model.attention_placement = dataclasses.replace(model.attention_placement, rows_split=False)
 
     def resident(x: jax.Array) -> jax.Array:
@@ -539,8 +538,7 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     def idle(trainee: Trainee, acc: Accumulator, *_: Any) -> Any:
         return trainee, acc, jnp.full((m,), jnp.nan, jnp.float32)
 
-    # with the lanes split over `data`, the vmap says so to any shard_map inside it (the attention kernels')
-    spmd = None if layout.lanes is None else "data"
+    spmd = None if layout.lanes is None else "data"  # lanes over `data`: so told to the kernels' shard_map
     branches = [jax.vmap(functools.partial(lane_step, n), spmd_axis_name=spmd) for n in layout.lengths] + [idle]
 
     def body(carry: tuple[Trainee, Accumulator], xs: Any) -> tuple[Any, jax.Array]:
