@@ -250,7 +250,7 @@ KERNEL_BACKWARD_TILE = {"tpu": KERNEL_BLOCK, "gpu": TRITON_BACKWARD_BLOCK}
 
 def attention_split(config: ModelConfig, mesh: Mapping[str, int], fsdp: bool = True) -> int:
     """How many ways the fused attention kernels split the heads (``attention.head_axes``): in training, over
-    ``fsdp`` and ``tensor``; in a generation's prefill (``fsdp=False``), over ``tensor`` as its cache."""
+    ``tensor`` or else ``fsdp``; in a generation's prefill (``fsdp=False``), over ``tensor`` as its cache."""
     return math.prod(mesh[a] for a in head_axes(mesh, config.num_kv_heads, fsdp))
 
 
@@ -373,10 +373,12 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
 
     FLOPs, as the compiled programs do them (``seal-jax compile`` counts them from the HLO, and
     ``tests/test_plan_vs_compile.py`` holds the two together): the projections and the head are split over
-    ``fsdp × tensor`` (XLA contracts over the ``fsdp``-sharded width), attention only over ``tensor`` (its
-    heads); a training micro-step runs the frozen base forward and backward to its inputs (2 passes, 3 with
-    remat "full": no weight gradients), attention forward (2 matmuls, again when recomputed by "minimal" or
-    "full") and backward (4), and the adapters forward
+    ``fsdp × tensor`` (XLA contracts over the ``fsdp``-sharded width), training's and prefill's attention
+    over the fused kernels' head split (:func:`attention_split`), decode's over ``tensor``; a training
+    micro-step runs the frozen base forward and backward to its inputs (2 passes, 3 with remat "full": no
+    weight gradients), the attention kernel forward (2 matmuls over the causal tiles,
+    ``attention.causal_share``; again when recomputed by "minimal" or "full") and backward
+    (:data:`KERNEL_BACKWARD_MATMULS`, over :data:`KERNEL_BACKWARD_TILE`), and the adapters forward
     and both their gradients (3 passes); prefill runs the prompt (P tokens); a decode step runs one token
     per row and attends over the cache (S slots); prefill applies the head to the last position only. Memory and communication: training reads the gathered
     weights once per forward, backward and (with remat "full") recomputation, and all-gathers the ``fsdp`` shards as

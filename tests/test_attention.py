@@ -92,7 +92,8 @@ def test_dispatch_by_platform_and_errors():
         "chunked")
 
 
-KERNEL_PLACEMENTS = [(None, True), ("data=2,fsdp=2,tensor=2", True), ("data=4,tensor=2", True), ("data=8", False),
+# no mesh; heads over tensor; heads over fsdp (no tensor); rows over data kept whole and split
+KERNEL_PLACEMENTS = [(None, True), ("data=2,fsdp=2,tensor=2", True), ("data=2,fsdp=4", True), ("data=8", False),
                      ("data=8", True)]
 
 
@@ -119,6 +120,9 @@ def test_fused_kernels_equal_the_einsum_with_padding_gqa_and_a_mesh(impl):
     for spec, rows_split in KERNEL_PLACEMENTS:
         placement = Placement(None if spec is None else shd.make_mesh(spec), rows_split=rows_split)
         assert (tuple(placement.specs(b, kvh)[1])[:1] == ("data",)) == (spec is not None and rows_split)
+        if spec is not None:  # the key/value heads over tensor, else over fsdp, else whole
+            heads = {"data=2,fsdp=2,tensor=2": "tensor", "data=2,fsdp=4": "fsdp"}.get(spec)
+            assert placement.specs(b, kvh)[0][2] == heads
 
         def fused(q, k, v, placement=placement):
             return attention(q, k, v, allowed, impl, segments=jnp.asarray(real), placement=placement)
