@@ -105,12 +105,12 @@ class Program:
     ``kind`` is ``generate`` (lowered into ``<name>.prefill`` and ``<name>.decode``), ``train`` or
     ``logits``; ``args`` are the keyword arguments of the matching ``LM.lower_*`` method (``adapters`` =
     ``(K, LoraSpec)`` for stacked adapters); ``per_passage`` how many times one passage runs it (0 for
-    programs that run per iteration or round)."""
+    programs that run per iteration or round; 1/P for a program P passages share)."""
 
     name: str
     kind: str
     args: dict[str, Any]
-    per_passage: int = 1
+    per_passage: float = 1
     note: str = ""
 
 
@@ -155,14 +155,18 @@ def _generate(name: str, batch: int, prompt_len: int, new: int, adapters: tuple[
     return Program(name, "generate", args, per_passage, note)
 
 
-def _train(name: str, k: int, sequences: int, seq_len: int, lora: LoraSpec, train: TrainSpec, per_passage: int = 1,
+def _train(name: str, k: int, sequences: int, seq_len: int, lora: LoraSpec, train: TrainSpec, per_passage: float = 1,
            note: str = "") -> Program:
     return Program(name, "train", {"candidates": k, "sequences": sequences, "seq_len": min(seq_len, train.max_len),
                                    "lora": lora, "train": train}, per_passage, note)
 
 
-def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str] | None = None) -> tuple[list[Program], int]:
-    """The programs of one knowledge-incorporation passage (a ``RunConfig``) and its K trained candidates."""
+def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str] | None = None,
+                       passages: int | None = None) -> tuple[list[Program], int]:
+    """The programs of one knowledge-incorporation passage (a ``RunConfig``) and its K trained candidates.
+    ``passages`` (default: the config's ``passages_per_program``, P): the training program holds P passages'
+    candidates and counts 1/P per passage."""
+    group = int(passages or getattr(config, "passages_per_program", 1))
     names = list(strategies or config.conditions)
     generating = [n for n in names if get_strategy(n).source in ("generate", "template")]
     k = 0
@@ -179,8 +183,10 @@ def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str]
                                   per_passage=len(generating),
                                   note=f"{config.k} self-edits per generating condition ({', '.join(generating)})"))
     if k:
-        programs.append(_train("train", k, shapes.sequences, shapes.seq_len, config.lora_spec(), config.train_spec(),
-                               note=f"{k} candidates in one program"))
+        programs.append(_train("train", k * group, shapes.sequences, shapes.seq_len, config.lora_spec(),
+                               config.train_spec(), per_passage=1 / group,
+                               note=f"{k} candidates in one program" if group == 1 else
+                               f"{k} candidates of each of {group} passages in one program"))
         programs.append(_generate("answer_k", q, shapes.question_len, config.eval_max_new_tokens,
                                   adapters=(k, config.lora_spec()), note=f"answers under {k} stacked adapters"))
     if config.grader in grading.JUDGE_GRADERS:
@@ -223,11 +229,15 @@ def cpt_programs(cfg: CptConfig, shapes: Shapes) -> list[Program]:
 
 
 def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None = None,
-                         mesh: str | None = None) -> Workload:
+                         mesh: str | None = None, passages: int | None = None) -> Workload:
     """The :class:`Workload` of a run config of any kind (knowledge, ReST-EM, template search, CPT; a CPT
-    workload has no per-passage candidates: ``candidates`` is 0 and no evaluations per hour are given)."""
+    workload has no per-passage candidates: ``candidates`` is 0 and no evaluations per hour are given).
+    ``passages`` overrides a knowledge or ReST-EM config's ``passages_per_program``."""
     cfg = load_config(path)
     knowledge = getattr(cfg, "knowledge", cfg)
+    if passages is not None and (passages < 1 or (knowledge is not cfg and not cfg.GROUPS_PASSAGES)):
+        raise CompileError(f"--passages-per-program {passages}: a positive number, for knowledge and ReST-EM "
+                           f"configs only ({path} is a {getattr(cfg, 'KIND', 'knowledge')} run)")
     config, source = model_config(model or knowledge.model)
     if isinstance(cfg, TemplateSearchConfig):
         k = cfg.templates_per_iteration * cfg.fills
@@ -252,11 +262,11 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
     elif isinstance(cfg, CptConfig):
         programs, k = cpt_programs(cfg, shapes), 0
     elif isinstance(cfg, RestemConfig):
-        programs, k = knowledge_programs(knowledge, shapes)
+        programs, k = knowledge_programs(knowledge, shapes, passages=passages)
         programs.append(_train("sft", 1, shapes.sft_sequences, shapes.sft_len, cfg.sft_lora_spec(), cfg.sft_train_spec(),
                                per_passage=0, note="the generator's SFT, once per round"))
     else:
-        programs, k = knowledge_programs(knowledge, shapes)
+        programs, k = knowledge_programs(knowledge, shapes, passages=passages)
     return Workload(Path(path).stem, config, knowledge.dtype, mesh if mesh is not None else knowledge.mesh,
                     knowledge.remat, tuple(programs), k, source)
 
@@ -300,7 +310,7 @@ _HBM_ERROR = re.compile(r"RESOURCE_EXHAUSTED|exceeds (the )?(available|capacity)
 
 
 def compile_row(name: str, lowered: Any, target: Target, *, unknown_trips: int = 1, note: str = "",
-                per_passage: int = 1) -> dict[str, Any]:
+                per_passage: float = 1) -> dict[str, Any]:
     """Compile one lowered program for ``target`` and return its report row (see the module docstring)."""
     row: dict[str, Any] = {"program": name, "target": target.name, "per_passage": per_passage, "note": note,
                            "hbm_bytes": target.hbm_bytes}
@@ -405,7 +415,7 @@ def layout_time(report: dict[str, Any]) -> float | None:
     once per run, iteration or round counts once); None when a program did not compile."""
     if not all("roofline_s" in r for r in report["rows"]):
         return None
-    return sum(r["roofline_s"] * max(r["per_passage"], 1) for r in report["rows"])
+    return sum(r["roofline_s"] * (r["per_passage"] or 1) for r in report["rows"])
 
 
 def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
@@ -429,7 +439,7 @@ def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] 
             continue
         rows = report["rows"]
         seconds = layout_time(report)
-        comm = sum(r.get("collective_bytes", 0.0) * max(r["per_passage"], 1) for r in rows)
+        comm = sum(r.get("collective_bytes", 0.0) * (r["per_passage"] or 1) for r in rows)
         link = target.hardware.link_bandwidth / 2
         out.append({"mesh": spec, "fits": bool(rows) and all(r.get("fits") for r in rows), "seconds": seconds,
                     "peak_bytes": max((r.get("peak_bytes") or 0 for r in rows), default=0),
@@ -480,8 +490,10 @@ def format_rows(report: dict[str, Any]) -> str:
         lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device (programs run once per "
                       "run, or once per call of several passages, are not counted in it)."]
     elif s.get("passage_seconds") is not None:
+        shared = min((r["per_passage"] for r in report["rows"] if 0 < r["per_passage"] < 1), default=None)
+        how = "one passage at a time" if shared is None else f"{round(1 / shared)} passages training together"
         lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device; "
-                      f"{s['evaluations_per_hour']:.0f} self-edit evaluations per hour on the whole mesh, one passage at a time "
+                      f"{s['evaluations_per_hour']:.0f} self-edit evaluations per hour on the whole mesh, {how} "
                       f"({report['candidates']} candidates per passage)."]
     return "\n".join(lines)
 
@@ -501,6 +513,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", action="store_true",
                         help="compile on every sensible mesh layout of the target and rank those that fit by "
                              "roofline time (ignores --mesh)")
+    parser.add_argument("--passages-per-program", type=int, default=None, metavar="P",
+                        help="passages whose candidates train in one program (overrides a knowledge or ReST-EM "
+                             "config's passages_per_program; the training row then counts 1/P per passage)")
     parser.add_argument("--candidates", "-k", type=int, default=5, help="K (without a config)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(without a config)")
     parser.add_argument("--remat", default="minimal", choices=REMAT_POLICIES,
@@ -521,8 +536,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         shapes = Shapes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shapes)})
         if args.config is not None:
-            workload = workload_from_config(args.config, shapes, model=args.model, mesh=args.mesh)
+            workload = workload_from_config(args.config, shapes, model=args.model, mesh=args.mesh,
+                                            passages=args.passages_per_program)
         else:
+            if args.passages_per_program is not None:
+                raise CompileError("--passages-per-program needs a run config (its K candidates per passage)")
             workload = workload_from_flags(args.model or "qwen3-8b", shapes, candidates=args.candidates,
                                            dtype=args.dtype, mesh=args.mesh, remat=args.remat,
                                            lora_rank=args.lora_rank, new_tokens=args.new_tokens)

@@ -195,6 +195,30 @@ def test_workloads_from_the_papers_configs():
         aot.model_config("/nowhere/SomeModel")
 
 
+def test_passages_training_together_fill_the_lanes_one_passage_leaves_idle(capsys):
+    """``--passages-per-program 2``: SEAL's 21 candidates per passage leave one of 22 lanes idle on
+    ``data=2``; two passages' 42 fill 42 lanes. The training program holds both passages' candidates, counts
+    half per passage, and its matrix FLOPs per passage fall by that idle lane (21/22)."""
+    shapes = aot.Shapes(sequences=2, seq_len=64)
+    flops = {}
+    for p in (1, 2):
+        workload = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes, model="tiny", mesh="data=2,fsdp=4",
+                                            passages=p)
+        train = next(q for q in workload.programs if q.name == "train")
+        assert train.args["candidates"] == 21 * p and train.per_passage == 1 / p and workload.candidates == 21
+        report = aot.compile_workload(workload, "h100-8", only=["train"])
+        row = report["rows"][0]
+        flops[p] = row["flops"] * row["per_passage"]
+        assert report["summary"]["passage_seconds"] == pytest.approx(row["roofline_s"] / p)
+        assert aot.layout_time(report) == pytest.approx(row["roofline_s"] / p)
+        assert ("2 passages training together" in aot.format_rows(report)) == (p == 2)
+    assert flops[2] / flops[1] == pytest.approx(21 / 22, rel=0.02)
+    with pytest.raises(aot.CompileError, match="knowledge and ReST-EM configs only"):
+        aot.workload_from_config("experiments/templates-archive-qwen3-8b.toml", shapes, passages=2)
+    assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--passages-per-program", "2"]) == 2
+    assert "needs a run config" in capsys.readouterr().err
+
+
 def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     """``--search``: every sensible layout of the target compiled and ranked by roofline time among those
     that fit; each entry is the report a plain compile of that mesh gives."""

@@ -83,6 +83,47 @@ def test_killed_run_resumes_to_the_same_rows(tiny_chat_dir, tiny_lm, tmp_path):
         run_knowledge(tiny_config(tiny_chat_dir, k=3), part, lm=tiny_lm, progress=False, resume=True)
 
 
+def test_passages_training_together_give_the_rows_they_give_alone(tiny_chat_dir, tiny_lm, tmp_path, monkeypatch):
+    """``passages_per_program = 3``: the 3 passages' candidates train in one call, and every passage's rows
+    are those of the run that trains each passage alone (answers, verdicts, losses up to float rounding);
+    a run killed after its first group resumes with another group size."""
+    config = tiny_config(tiny_chat_dir, data={"source": "demo", "n": 3})
+    run_knowledge(config, tmp_path / "alone", lm=tiny_lm, progress=False)
+    calls = []
+    train = tiny_lm.train_adapters
+
+    def counting(sequences, *args, **kwargs):
+        calls.append(len(sequences))
+        return train(sequences, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_lm, "train_adapters", counting)
+    grouped = dataclasses.replace(config, passages_per_program=3)
+    run_knowledge(grouped, tmp_path / "together", lm=tiny_lm, progress=False)
+    assert calls == [3 * 3]  # one program: 3 passages x (passage + 2 implications)
+
+    def same(a, b):
+        assert len(a) == len(b) == 3 * 4
+        for x, y in zip(a, b, strict=True):
+            assert x.keys() == y.keys()
+            for key in x.keys() - {"seconds", "train_loss", "gold_loglik_after", "reward", "normalized_gain"}:
+                assert x[key] == y[key], key
+            assert (x.get("train_loss") or []) == pytest.approx(y.get("train_loss") or [], rel=1e-4, abs=1e-5)
+            assert x["gold_loglik_after"] == pytest.approx(y["gold_loglik_after"], rel=1e-4, abs=1e-5)
+
+    alone = read_rows(tmp_path / "alone" / "results.jsonl")
+    same(read_rows(tmp_path / "together" / "results.jsonl"), alone)
+    calls.clear()
+    part = tmp_path / "part"
+    run_knowledge(dataclasses.replace(config, passages_per_program=2), part, lm=tiny_lm, progress=False,
+                  stop_after=2)
+    assert calls == [2 * 3] and len(read_rows(part / "results.jsonl")) == 2 * 4
+    run_knowledge(grouped, part, lm=tiny_lm, progress=False, resume=True)  # the group size may change
+    assert calls == [2 * 3, 3]
+    same(read_rows(part / "results.jsonl"), alone)
+    with pytest.raises(RunConfigError, match="passages_per_program must be a positive integer"):
+        tiny_config(tiny_chat_dir, passages_per_program=0)
+
+
 def test_a_config_built_in_python_resumes(tiny_chat_dir, tiny_lm, tmp_path):
     """Tuples in a Python-built config compare equal to the lists ``run_config.json`` reads back as."""
     config = RunConfig(name="t", model=str(tiny_chat_dir), conditions=("base",), data={"source": "demo", "n": 1},

@@ -96,6 +96,23 @@ def test_slice_and_stack(base):
     np.testing.assert_allclose(np.asarray(both.scales), [1.0, 1 / 3, 1 / 3])
 
 
+def test_take_makes_a_stack_of_the_chosen_candidates(base):
+    _, _, lm = base
+    specs = [LoraSpec(rank=2, alpha=2.0), LoraSpec(rank=3, alpha=1.0), LoraSpec(rank=1, alpha=4.0)]
+    ads = random_adapters(lm, specs, seed=3)
+    ads.losses, ads.failed = [[1.0], [2.0, 1.5], [3.0]], [None, "loss is not finite", None]
+    two = ads.take([2, 0])
+    assert not two.single and two.specs == (specs[2], specs[0]) and two.losses == [[3.0], [1.0]]
+    assert two.failed == [None, None]
+    for p, ab in two.weights.items():
+        np.testing.assert_array_equal(ab["b"], np.asarray(ads.weights[p]["b"])[[2, 0]])
+    ids = np.arange(1, 9).reshape(1, 8)
+    np.testing.assert_allclose(lm.logits(ids, adapter=two)[1], lm.logits(ids, adapter=ads)[0], atol=1e-6)
+    assert ads.take([0, 1, 2]) is ads  # all of them, in order: the stack itself
+    with pytest.raises(IndexError, match=r"\[3\] out of range for 3"):
+        ads.take([0, 3])
+
+
 def test_adapters_validate_stack_shape(base):
     _, _, lm = base
     ads = random_adapters(lm, [LoraSpec(rank=2, alpha=2.0)])

@@ -84,10 +84,27 @@ def test_resume_ignores_engine_settings_only():
     assert config_differences(older, {**base, "templates": {"variant": "archive", "seed_scores": None}}) == []
     assert config_differences(older, {**base, "templates": {"variant": "archive", "seed_scores": "rescore"}}) == [
         "templates"]
+    assert config_differences(base, {**base, "passages_per_program": 4}) == []  # results do not depend on it
     with pytest.raises(RunConfigError, match=r"remat must be one of \['none', 'minimal', 'full'\]"):
         tiny_config("m", remat="false")
     for value in ("none", "minimal", "full", True, False):
         assert tiny_config("m", remat=value).remat == value
+
+
+def test_passages_per_program_is_for_knowledge_and_restem_runs(tmp_path):
+    """Knowledge runs (and ReST-EM, whose steps are knowledge runs) group passages; the other run kinds train
+    their own way, and the key in their config is an error rather than a setting silently ignored."""
+    experiments = Path(__file__).parents[1] / "experiments"
+    for name, groups in (("seal-qwen3-8b", True), ("restem-demo", True), ("templates-archive-demo", False),
+                         ("cpt-demo", False), ("continual-demo", False)):
+        text = (experiments / f"{name}.toml").read_text()
+        config = tmp_path / f"{name}.toml"
+        config.write_text("passages_per_program = 2\n" + text.replace('"../shared/', f'"{experiments.parent.parent}/shared/'))
+        if groups:
+            assert getattr(load_config(config), "knowledge", load_config(config)).passages_per_program == 2
+        else:
+            with pytest.raises(RunConfigError, match="passages_per_program is for knowledge and ReST-EM runs"):
+                load_config(config)
 
 
 def test_extension_table_split_and_json():

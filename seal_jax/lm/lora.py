@@ -140,6 +140,20 @@ class Adapters:
         weights = jax.tree.map(lambda x: x[k:k + 1], self.weights)
         return Adapters(weights, (self.specs[k],), [list(self.losses[k])], [self.failed[k]], single=True)
 
+    def take(self, indices: Sequence[int]) -> Adapters:
+        """Candidates ``indices`` (in that order) as a stack of their own: what one passage's candidates
+        answer with after several passages trained together. Ranks stay padded to the stack's."""
+        picked = [int(k) for k in indices]
+        bad = [k for k in picked if not 0 <= k < len(self)]
+        if bad or not picked:
+            raise IndexError(f"adapter indices {bad or picked} out of range for {len(self)} candidates")
+        if picked == list(range(len(self))):
+            return self
+        rows = np.asarray(picked)
+        weights = jax.tree.map(lambda x: x[rows], self.weights)
+        return Adapters(weights, tuple(self.specs[k] for k in picked), [list(self.losses[k]) for k in picked],
+                        [self.failed[k] for k in picked])
+
     @property
     def scales(self) -> jax.Array:
         """``alpha / rank`` per candidate, float32 ``[K]``."""

@@ -35,6 +35,10 @@ class TrainedAdapters(Protocol):
         """Write the adapters under ``path`` (:func:`load_adapters` reads them back)."""
         ...
 
+    def take(self, indices: Sequence[int]) -> TrainedAdapters:
+        """Candidates ``indices`` as a stack of their own (one passage's, after several trained together)."""
+        ...
+
 
 @runtime_checkable
 class LanguageModel(Protocol):

@@ -12,6 +12,8 @@ Every run kind scores self-edits the same way (knowledge runs, ReST-EM's E-step,
    adapters answer at once (K stacked), the grader scores each candidate and the gold answers are scored
    under every adapter (one teacher-forced pass for all K): one results row per job
    (:func:`~seal_jax.selfedit.results.result_row`); a job without training data is a row that says so.
+   :func:`train_and_score_many` does the same for several passages' :class:`Episode` records, all their
+   candidates in one ``train_adapters`` call, each passage's adapters then answering its own questions.
 """
 
 from __future__ import annotations
@@ -166,20 +168,49 @@ def train_and_score(lm: LanguageModel, passage: Passage, jobs: Sequence[Job], *,
     ``before`` is what the base model measured (:func:`score_base`), kept in every row; a job that trains
     nothing measures the same after.
     """
-    rows = [result_row(passage, j.condition, j.candidate, j.self_edit, 0, before, before, [], NO_SEQUENCES,
-                       reward=config.reward, **j.fields) for j in jobs if not j.sequences]
-    usable = [j for j in jobs if j.sequences]
-    if not usable:
-        return rows
-    adapters = lm.train_adapters([j.sequences for j in usable], [j.lora for j in usable], [j.train for j in usable],
+    return train_and_score_many(lm, [Episode(passage, tuple(jobs), before)], config=config, grader=grader)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+    """One passage's candidates, waiting to train: its ``jobs`` and what the base model measured (``before``)."""
+
+    passage: Passage
+    jobs: tuple[Job, ...]
+    before: Measure
+
+
+def train_and_score_many(lm: LanguageModel, episodes: Sequence[Episode], *, config: RunConfig,
+                         grader: BatchGrader) -> list[list[dict[str, Any]]]:
+    """:func:`train_and_score` of several passages, their candidates all trained in ONE ``train_adapters``
+    call (so that they fill the mesh's candidate lanes), then each passage's adapters answering its own
+    questions, as they would alone: per episode, its rows.
+
+    Every candidate's randomness comes from its own ``TrainSpec.seed``, so a passage's rows are the ones it
+    gets alone up to numerics (the program's lanes and length buckets change with the company).
+    """
+    out = [[result_row(e.passage, j.condition, j.candidate, j.self_edit, 0, e.before, e.before, [], NO_SEQUENCES,
+                       reward=config.reward, **j.fields) for j in e.jobs if not j.sequences] for e in episodes]
+    usable = [[j for j in e.jobs if j.sequences] for e in episodes]
+    flat = [j for jobs in usable for j in jobs]
+    if not flat:
+        return out
+    adapters = lm.train_adapters([j.sequences for j in flat], [j.lora for j in flat], [j.train for j in flat],
                                  seed=config.seed)
-    for i, (job, (scored, after)) in enumerate(zip(usable, score_adapters(lm, passage, config, grader, adapters),
-                                                   strict=True)):
-        losses = adapters.losses[i]
-        rows.append(result_row(passage, job.condition, job.candidate, job.self_edit, len(job.sequences), before,
-                               after, scored, adapters.failed[i], reward=config.reward, **job.fields,
-                               train_loss=[losses[0], losses[-1]] if losses else None))
-    return rows
+    start = 0
+    for e, jobs, rows in zip(episodes, usable, out, strict=True):
+        if not jobs:
+            continue
+        own = list(range(start, start + len(jobs)))
+        start += len(jobs)
+        mine = adapters if len(own) == len(flat) else adapters.take(own)
+        for i, (job, (scored, after)) in zip(own, zip(jobs, score_adapters(lm, e.passage, config, grader, mine),
+                                                    strict=True), strict=True):
+            losses = adapters.losses[i]
+            rows.append(result_row(e.passage, job.condition, job.candidate, job.self_edit, len(job.sequences),
+                                   e.before, after, scored, adapters.failed[i], reward=config.reward, **job.fields,
+                                   train_loss=[losses[0], losses[-1]] if losses else None))
+    return out
 
 
 def score_adapters(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader, adapters: Any

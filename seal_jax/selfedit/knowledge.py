@@ -5,7 +5,9 @@ training condition gets its K self-edits (generated in one batch, replayed, or t
 candidates of the passage train together in one program (``LM.train_adapters``), all adapters answer
 the questions at once (K stacked), and a grader scores the answers. Rows are appended to
 ``results.jsonl`` passage by passage (all rows of a passage in one write), so a killed run resumes after
-its last finished passage with nothing lost or duplicated. Randomness is derived from (seed, passage id,
+its last finished passage with nothing lost or duplicated. With ``passages_per_program = P`` the
+candidates of P passages train in one program (each passage still answers and writes its self-edits alone,
+and its rows are written when its group's training ends). Randomness is derived from (seed, passage id,
 condition), never from the order of work, so a resumed run gives the same rows as an uninterrupted one.
 
 The ``template`` condition (template search, arXiv 2601.14532, inside an ordinary knowledge run): the model
@@ -36,7 +38,14 @@ from seal_jax.lm.types import SamplingParams
 from seal_jax.selfedit.archive import Archive
 from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.engine import LanguageModel, load_model
-from seal_jax.selfedit.episode import BatchGrader, Job, make_grader, score_base, train_and_score
+from seal_jax.selfedit.episode import (
+    BatchGrader,
+    Episode,
+    Job,
+    make_grader,
+    score_base,
+    train_and_score_many,
+)
 from seal_jax.selfedit.meta_prompts import fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.proposals import Proposal, chosen, propose
@@ -130,11 +139,11 @@ def condition_jobs(passage: Passage, config: RunConfig, generated: dict[str, lis
     return jobs, failed
 
 
-def passage_rows(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader,
-                 replay: dict[str, list[str]] | None, template: Template | None = None,
-                 template_failure: str | None = None) -> list[dict[str, Any]]:
-    """All result rows of one passage: ``base``, then every training condition's candidates, all trained in
-    one ``train_adapters`` call (:func:`~seal_jax.selfedit.episode.train_and_score`).
+def prepare_passage(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader,
+                    replay: dict[str, list[str]] | None, template: Template | None = None,
+                    template_failure: str | None = None) -> tuple[list[dict[str, Any]], Episode]:
+    """One passage up to its training: the rows it has before anything trains (``base``, and every candidate
+    that cannot train) and its :class:`~seal_jax.selfedit.episode.Episode` (the candidates to train).
 
     ``template``: the run's proposed template for the ``template`` condition (``None`` with
     ``template_failure`` saying why there is none).
@@ -146,8 +155,26 @@ def passage_rows(lm: LanguageModel, passage: Passage, config: RunConfig, grader:
                                reward=config.reward, repeat=0))
     generated = generate_self_edits(lm, passage, config, template)
     jobs, failed = condition_jobs(passage, config, generated, replay, template, template_failure, base.measure)
-    rows.extend(failed)
-    return rows + train_and_score(lm, passage, jobs, config=config, grader=grader, before=base.measure)
+    return rows + failed, Episode(passage, tuple(jobs), base.measure)
+
+
+def passage_rows(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader,
+                 replay: dict[str, list[str]] | None, template: Template | None = None,
+                 template_failure: str | None = None) -> list[dict[str, Any]]:
+    """All result rows of one passage: ``base``, then every training condition's candidates, all trained in
+    one ``train_adapters`` call (:func:`~seal_jax.selfedit.episode.train_and_score`)."""
+    return group_rows(lm, [passage], config, grader, replay, template, template_failure)[0]
+
+
+def group_rows(lm: LanguageModel, passages: list[Passage], config: RunConfig, grader: BatchGrader,
+               replay: dict[str, list[str]] | None, template: Template | None = None,
+               template_failure: str | None = None) -> list[list[dict[str, Any]]]:
+    """:func:`passage_rows` of several passages (``config.passages_per_program``): each passage answers and
+    writes its self-edits alone, then every candidate of them trains in ONE program
+    (:func:`~seal_jax.selfedit.episode.train_and_score_many`); per passage, its rows."""
+    prepared = [prepare_passage(lm, p, config, grader, replay, template, template_failure) for p in passages]
+    trained = train_and_score_many(lm, [episode for _, episode in prepared], config=config, grader=grader)
+    return [rows + more for (rows, _), more in zip(prepared, trained, strict=True)]
 
 
 def propose_run_template(lm: LanguageModel, config: RunConfig, out: Path) -> tuple[Template | None, str | None]:
@@ -214,18 +241,24 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
                         remat=config.remat)
     grader = make_grader(config, lm)
     todo = [p for p in passages if p.id not in done]
-    bar = tqdm(todo, desc=f"{config.name}", unit="passage", disable=not progress, initial=len(passages) - len(todo),
+    bar = tqdm(desc=f"{config.name}", unit="passage", disable=not progress, initial=len(passages) - len(todo),
                total=len(passages))
     template, template_failure = None, None
     if "template" in config.conditions and todo:
         template, template_failure = propose_run_template(lm, config, out)
-    for count, passage in enumerate(bar):
-        t0 = time.perf_counter()
-        new = passage_rows(lm, passage, config, grader, replay, template, template_failure)
-        record_passage(results, new, t0)
-        rows.extend(new)
-        if stop_after is not None and count + 1 >= stop_after:
+    size = config.passages_per_program
+    for count in range(0, len(todo), size):
+        if stop_after is not None and count >= stop_after:
             break
+        group = todo[count:count + size if stop_after is None else min(count + size, stop_after)]
+        t0 = time.perf_counter()
+        groups = group_rows(lm, group, config, grader, replay, template, template_failure)
+        share = (time.perf_counter() - t0) / len(group)
+        for new in groups:  # each passage's rows in one write; seconds: its share of the group
+            record_passage(results, new, time.perf_counter() - share)
+            rows.extend(new)
+        bar.update(len(group))
+    bar.close()
     summary = summarize(rows, config.model)
     if is_writer():
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -100,6 +100,7 @@ class RestemConfig(ExtendedConfig):
     TABLE = "restem"
     KIND = "ReST-EM"
     CONDITIONS_NOTE = "sets restem.strategy, not conditions (its conditions are always base and the strategy)"
+    GROUPS_PASSAGES = True  # its E-steps and evaluations are knowledge runs
     POOL_HINT = "set restem.passages_per_round instead of data.n (round N takes the N-th block of passages from data.start)"
 
     def __post_init__(self) -> None:

@@ -86,6 +86,10 @@ class RunConfig:
         order); other keys are an error. See :func:`select_data`.
       conditions: strategy names (``base`` is always evaluated: it gives ``accuracy_before``).
       k: self-edits per passage and condition; repeats: adapters trained per self-edit.
+      passages_per_program: passages whose candidates train together in one program (default 1). Each
+        passage still answers, writes its self-edits and is scored alone, so its rows do not change (up to
+        numerics); more passages fill a mesh's candidate lanes (SEAL's 21 candidates leave lanes idle on a
+        ``data`` axis they do not divide) and share each step's read of the base weights.
       selfedit_sampling: ``{"max_new_tokens", "temperature", "top_p", "top_k", "min_p"}``.
       include_passage: append the passage to every self-edit's training sequences.
       lora, train: :class:`~seal_jax.LoraSpec` / :class:`~seal_jax.TrainSpec` fields.
@@ -115,6 +119,7 @@ class RunConfig:
     conditions: tuple[str, ...] = ("base", "passage", "implications")
     k: int = 1
     repeats: int = 1
+    passages_per_program: int = 1
     selfedit_sampling: dict[str, Any] = dataclasses.field(
         default_factory=lambda: {"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95})
     include_passage: bool = True
@@ -150,7 +155,7 @@ class RunConfig:
             remat_name(self.remat)
         except ValueError as e:
             raise RunConfigError(str(e)) from None
-        for key in ("k", "repeats", "eval_max_new_tokens"):
+        for key in ("k", "repeats", "eval_max_new_tokens", "passages_per_program"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RunConfigError(f"{key} must be a positive integer, got {value!r}")
@@ -294,6 +299,7 @@ class ExtendedConfig:
     KIND: ClassVar[str]
     CONDITIONS_NOTE: ClassVar[str]
     POOL_HINT: ClassVar[str | None] = None
+    GROUPS_PASSAGES: ClassVar[bool] = False  # whether its loop honours ``passages_per_program``
     knowledge: RunConfig
 
     @classmethod
@@ -313,6 +319,9 @@ class ExtendedConfig:
         raw, table = split_extension_table(raw, cls.TABLE, known, where=where, kind=cls.KIND,
                                            conditions_note=cls.CONDITIONS_NOTE)
         knowledge = RunConfig.from_dict({**raw, "conditions": cls.conditions_of(table)}, where=where)
+        if knowledge.passages_per_program != 1 and not cls.GROUPS_PASSAGES:
+            raise RunConfigError(f"{where}: passages_per_program is for knowledge and ReST-EM runs; a {cls.KIND} "
+                                 "run trains its own way: remove the key")
         data = knowledge.data
         if cls.POOL_HINT and (data.get("n") is not None or data.get("subset") or "ids" in data):
             raise RunConfigError(f"{where}: [data] is the pool of passages this run draws from; {cls.POOL_HINT}")
@@ -334,7 +343,7 @@ class ExtendedConfig:
 
 # Settings that do not change a run's results: a run may be resumed with them changed (for example with
 # ``remat`` turned on after running out of memory). ``table.key`` names a key inside a table.
-RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch"})
+RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch", "passages_per_program"})
 
 
 # Keys added to a table after run folders were written, with the value those folders ran with: a saved
