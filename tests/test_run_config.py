@@ -97,7 +97,8 @@ def test_passages_per_program_is_for_knowledge_and_restem_runs(tmp_path):
     experiments = Path(__file__).parents[1] / "experiments"
     for name, groups in (("seal-qwen3-8b", True), ("restem-demo", True), ("templates-archive-demo", False),
                          ("cpt-demo", False), ("continual-demo", False)):
-        text = (experiments / f"{name}.toml").read_text()
+        text = "\n".join(line for line in (experiments / f"{name}.toml").read_text().splitlines()
+                         if not line.startswith("passages_per_program"))
         config = tmp_path / f"{name}.toml"
         config.write_text("passages_per_program = 2\n" + text.replace('"../shared/', f'"{experiments.parent.parent}/shared/'))
         if groups:
