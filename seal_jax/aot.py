@@ -164,8 +164,9 @@ def _train(name: str, k: int, sequences: int, seq_len: int, lora: LoraSpec, trai
 def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str] | None = None,
                        passages: int | None = None) -> tuple[list[Program], int]:
     """The programs of one knowledge-incorporation passage (a ``RunConfig``) and its K trained candidates.
-    ``passages`` (default: the config's ``passages_per_program``, P): the training program holds P passages'
-    candidates and counts 1/P per passage."""
+    ``passages`` (default: the config's ``passages_per_program``, P): the base model's answers, the
+    self-edits and the training program hold P passages' rows and count 1/P per passage (the answers under
+    the adapters stay per passage; the judge is counted per passage, as for P = 1)."""
     group = int(passages or getattr(config, "passages_per_program", 1))
     names = list(strategies or config.conditions)
     generating = [n for n in names if get_strategy(n).source in ("generate", "template")]
@@ -176,12 +177,14 @@ def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str]
             k += (1 if s.source == "passage" else config.k) * config.repeats
     sampling = {"max_new_tokens": 256, **config.selfedit_sampling}
     q = shapes.questions
-    programs = [_generate("answer", q, shapes.question_len, config.eval_max_new_tokens,
-                          note="greedy answers of the base model")]
+    together = "" if group == 1 else f", {group} passages in one call"
+    programs = [_generate("answer", q * group, shapes.question_len, config.eval_max_new_tokens, per_passage=1 / group,
+                          note=f"greedy answers of the base model{together}")]
     if generating:
-        programs.append(_generate("self_edit", config.k, shapes.passage_len, int(sampling["max_new_tokens"]),
-                                  per_passage=len(generating),
-                                  note=f"{config.k} self-edits per generating condition ({', '.join(generating)})"))
+        programs.append(_generate("self_edit", config.k * group, shapes.passage_len, int(sampling["max_new_tokens"]),
+                                  per_passage=len(generating) / group,
+                                  note=f"{config.k} self-edits per generating condition ({', '.join(generating)})"
+                                       f"{together}"))
     if k:
         programs.append(_train("train", k * group, shapes.sequences, shapes.seq_len, config.lora_spec(),
                                config.train_spec(), per_passage=1 / group,
@@ -491,7 +494,7 @@ def format_rows(report: dict[str, Any]) -> str:
                       "run, or once per call of several passages, are not counted in it)."]
     elif s.get("passage_seconds") is not None:
         shared = min((r["per_passage"] for r in report["rows"] if 0 < r["per_passage"] < 1), default=None)
-        how = "one passage at a time" if shared is None else f"{round(1 / shared)} passages training together"
+        how = "one passage at a time" if shared is None else f"{round(1 / shared)} passages per program"
         lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device; "
                       f"{s['evaluations_per_hour']:.0f} self-edit evaluations per hour on the whole mesh, {how} "
                       f"({report['candidates']} candidates per passage)."]

@@ -179,7 +179,9 @@ def test_workloads_from_the_papers_configs():
     # passage (1) + implications, rewrite, self_qa, replay (5 each) trained together
     assert seal.candidates == 21
     assert [p.name for p in seal.programs] == ["answer", "self_edit", "train", "answer_k", "judge"]
-    assert next(p for p in seal.programs if p.name == "self_edit").per_passage == 3
+    # 3 generating conditions, two passages' self-edits in one call (passages_per_program = 2)
+    self_edit = next(p for p in seal.programs if p.name == "self_edit")
+    assert self_edit.per_passage == 3 / 2 and self_edit.args["batch"] == 2 * 5
     search = aot.workload_from_config("experiments/templates-archive-qwen3-8b.toml", shapes)
     assert search.candidates == 15
     assert {"proposal", "fill", "train", "answer_k", "sft"} <= {p.name for p in search.programs}
@@ -204,14 +206,15 @@ def test_passages_training_together_fill_the_lanes_one_passage_leaves_idle(capsy
     for p in (1, 2):
         workload = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes, model="tiny", mesh="data=2,fsdp=4",
                                             passages=p)
-        train = next(q for q in workload.programs if q.name == "train")
+        train, answer = (next(q for q in workload.programs if q.name == name) for name in ("train", "answer"))
         assert train.args["candidates"] == 21 * p and train.per_passage == 1 / p and workload.candidates == 21
+        assert answer.args["batch"] == shapes.questions * p and answer.per_passage == 1 / p
         report = aot.compile_workload(workload, "h100-8", only=["train"])
         row = report["rows"][0]
         flops[p] = row["flops"] * row["per_passage"]
         assert report["summary"]["passage_seconds"] == pytest.approx(row["roofline_s"] / p)
         assert aot.layout_time(report) == pytest.approx(row["roofline_s"] / p)
-        assert ("2 passages training together" in aot.format_rows(report)) == (p == 2)
+        assert ("2 passages per program" in aot.format_rows(report)) == (p == 2)
     assert flops[2] / flops[1] == pytest.approx(21 / 22, rel=0.02)
     with pytest.raises(aot.CompileError, match="knowledge and ReST-EM configs only"):
         aot.workload_from_config("experiments/templates-archive-qwen3-8b.toml", shapes, passages=2)

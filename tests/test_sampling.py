@@ -228,7 +228,7 @@ def test_chat_formatting_and_thinking_switch(tiny_hf, monkeypatch):
     seen = []
     answer = lm.tokenizer("<|im_start|>Paris<|im_end|>", add_special_tokens=False)["input_ids"]
 
-    def spy(ids, params=None, adapters=None):
+    def spy(ids, params=None, adapters=None, seeds=None):
         seen.append(ids)
         return [answer for _ in ids]
 
@@ -286,6 +286,22 @@ def test_sampled_generation_is_reproducible(qwen):
     assert a != lm.generate_ids(rows, SamplingParams(max_new_tokens=12, ignore_eos=True))
 
 
+def test_requests_with_their_own_seeds_share_a_batch_as_if_alone(qwen):
+    """``seeds=``: the rows of each seed draw what a call of their own with that seed draws, wherever they sit
+    in the batch, so several requests (one per passage) can share one decode program."""
+    _, lm = qwen
+    rows = tiny_prompts()
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+    first, second = rows[:2], rows[1:]
+    alone = lm.generate_ids(first, p), lm.generate_ids(second, p.replace(seed=11))
+    mixed = [second[0], first[0], second[1], first[1]]  # interleaved: each seed's rows keep their own order
+    together = lm.generate_ids(mixed, p, seeds=[11, 7, 11, 7])
+    assert [together[1], together[3]] == alone[0] and [together[0], together[2]] == alone[1]
+    assert lm.generate_ids(rows, p, seeds=[7] * len(rows)) == lm.generate_ids(rows, p)  # = params.seed
+    with pytest.raises(SamplingError, match=r"seeds: one integer in \[0, 2\*\*32\) per prompt \(3\), got 2"):
+        lm.generate_ids(rows, p, seeds=[1, 2])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Compilation
 
@@ -314,7 +330,8 @@ def test_many_calls_compile_once(tiny_hf, monkeypatch):
     ids, mask = pad_left(tiny_prompts() + [[3]], 0, 16)
     logits, cache = sampler.prefill(lm.state, jnp.asarray(ids), jnp.asarray(mask), None, None, cache_len=32)
     knobs = dict(temperature=np.float32(0), top_k=np.int32(0), top_p=np.float32(1), min_p=np.float32(0),
-                 seed=np.uint32(0), max_new_tokens=np.int32(16), pad_id=np.int32(0))
+                 seed=np.zeros((4,), np.uint32), row=np.arange(4, dtype=np.int32), max_new_tokens=np.int32(16),
+                 pad_id=np.int32(0))
     tokens, lengths, _ = sampler.decode(lm.state, cache, logits, None, None, knobs, jnp.full((8,), -1, jnp.int32),
                                         jnp.asarray([False, False, False, True]), lm._decode_copies(), out_len=16)
     assert len(cache.k) == lm.config.num_layers and all(x.is_deleted() for x in (*cache.k, *cache.v))

@@ -443,8 +443,8 @@ class LM:
         return int(self.config.pad_token_id or 0)
 
     def generate_ids(self, prompt_ids: list[list[int]], params: sampling.SamplingParams | None = None,
-                     adapters: Any = None,
-                     timings: dict[str, float] | None = None) -> list[list[int]] | list[list[list[int]]]:
+                     adapters: Any = None, timings: dict[str, float] | None = None,
+                     seeds: Sequence[int] | None = None) -> list[list[int]] | list[list[list[int]]]:
         """Generate token ids after each prompt.
 
         Args:
@@ -456,6 +456,8 @@ class LM:
             stacked adapters (leaves with a leading K axis, ``.scale`` ``[K]``). Stacks run under ``vmap``.
           timings: if a dict, receives ``prefill_s`` and ``decode_s``, the wall seconds of the two programs
             (the call then waits for the prefill before it starts the decode; for benchmarks).
+          seeds: one seed per prompt, replacing ``params.seed``: the rows of one seed draw the numbers of a
+            call of their own with that seed (several requests in one batch, each as if alone).
         Returns:
           B lists of generated ids, each ending before its stop token (EOS ids of the config and tokenizer,
           unless ``ignore_eos``, plus ``stop_token_ids``); with K stacked adapters, K such lists.
@@ -467,9 +469,14 @@ class LM:
         params = sampling.SamplingParams() if params is None else params
         rows = sampling.check_prompt_ids(prompt_ids, params, self.config)
         sampling.as_lora(adapters, self.config)  # validate before compiling anything
+        if seeds is not None:
+            seeds = list(seeds)
+            if len(seeds) != len(rows) or not all(isinstance(x, int | np.integer) and 0 <= x < 2**32 for x in seeds):
+                raise sampling.SamplingError(f"seeds: one integer in [0, 2**32) per prompt ({len(rows)}), got "
+                                             f"{len(seeds)} values")
         return self._sampler.generate(self.state, self.config, rows, params, eos_ids=self._eos_ids(),
                                       pad_id=self._pad_id(), adapters=adapters, copies=self._decode_copies(),
-                                      timings=timings)
+                                      seeds=seeds, timings=timings)
 
     def _decode_copies(self) -> Any:
         """Per-layer weight copies kept for decoding on a CPU (see :mod:`seal_jax.lm.cpu_decode`), made on
@@ -481,7 +488,8 @@ class LM:
         return self._weight_copies
 
     def generate(self, prompts: list[str], params: sampling.SamplingParams | None = None, adapters: Any = None,
-                 chat: bool = False, enable_thinking: bool = False) -> list[str] | list[list[str]]:
+                 chat: bool = False, enable_thinking: bool = False,
+                 seeds: Sequence[int] | None = None) -> list[str] | list[list[str]]:
         """Generate text after each prompt (see :meth:`generate_ids` for ``params`` and ``adapters``).
 
         Args:
@@ -489,13 +497,14 @@ class LM:
             tokens (e.g. a BOS if it adds one); ``chat=True`` instead wraps each prompt as a user message in
             the tokenizer's chat template with the generation prompt (and adds no special tokens again).
           enable_thinking: passed to the chat template (Qwen3 thinking; off by default).
+          seeds: one seed per prompt instead of ``params.seed`` (see :meth:`generate_ids`).
         Returns:
           B strings decoded with ``skip_special_tokens=True``; with K stacked adapters, K lists of B.
         """
         _check_texts(prompts, "prompts", self.tokenizer, "generate() needs a tokenizer and this LM has none: load it "
                      "with tokenizer=FOLDER, or use generate_ids() with token ids")
         lora = sampling.as_lora(adapters, self.config)  # validate before tokenizing
-        out = self.generate_ids(self._prompt_ids(prompts, chat, enable_thinking), params, adapters)
+        out = self.generate_ids(self._prompt_ids(prompts, chat, enable_thinking), params, adapters, seeds=seeds)
 
         def decode(rows: list[list[int]]) -> list[str]:
             return [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]

@@ -39,7 +39,9 @@ top-k → top-p → min-p, then a draw by inverse CDF. temperature 0 is greedy (
 cut-offs by bisection instead of a sort (see :func:`filter_logits`).
 Randomness: ``key(seed)``, folded with the step number, then with the row index inside the padded batch
 (so padding the batch does not change a row's draws); with K stacked adapters every candidate sees the
-same random numbers.
+same random numbers. Rows may carry their own seeds (``seeds=``): a row then draws with its seed and its
+index among the rows of that seed, exactly as it would in a call of its own with that seed, so several
+requests can share one batch and each gets the tokens it gets alone (up to float rounding).
 
 Stop ids: the model config's ``eos_token_ids`` plus the tokenizer's EOS id, plus
 ``SamplingParams.stop_token_ids``. ``ignore_eos=True`` drops the EOS ids but keeps the explicit
@@ -177,7 +179,7 @@ def sample_step(logits: jax.Array, key: jax.Array, temperature: Any, top_k: Any 
     Args:
       logits: float ``[B, V]``.
       key: a PRNG key; row ``i`` draws with ``fold_in(key, i)``, so a row's draw does not depend on the
-        batch size.
+        batch size. Or ``[B]`` keys, one per row, used as they are.
       temperature, top_k, top_p, min_p: scalars (traced or not), see :class:`SamplingParams`;
         ``temperature == 0`` is greedy (argmax, the filters are skipped).
     Returns:
@@ -192,7 +194,7 @@ def sample_step(logits: jax.Array, key: jax.Array, temperature: Any, top_k: Any 
     def sampled() -> jax.Array:
         probs = jnp.exp(filter_logits(logits, temperature, top_k, top_p, min_p))
         cdf = jnp.cumsum(probs, axis=-1)
-        row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(b))
+        row_keys = key if jnp.ndim(key) == 1 else jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(b))
         u = jax.vmap(jax.random.uniform)(row_keys) * cdf[:, -1]
         # the first index whose cumulative mass exceeds u is a kept token (removed ones add no mass)
         first = _first_true(cdf > u[:, None])
@@ -339,12 +341,22 @@ def batch_bucket(n: int, mesh: Mesh | None = None) -> int:
     return b
 
 
-def knob_arrays(params: SamplingParams, pad_id: int) -> dict[str, np.ndarray]:
-    """The traced scalar arguments of the decode program (changing them does not recompile)."""
+def knob_arrays(params: SamplingParams, pad_id: int, batch: int, seeds: Sequence[int] | None = None
+                ) -> dict[str, np.ndarray]:
+    """The traced arguments of the decode program (changing them does not recompile): scalars, and per row
+    of the padded ``batch`` its ``seed`` and ``row`` (its index among the rows of its seed). ``seeds``: one
+    per real row (default: ``params.seed`` for all); padding rows take ``params.seed``."""
+    given = [] if seeds is None else [int(x) for x in seeds]
+    row_seeds = np.asarray(given + [int(params.seed)] * (batch - len(given)), np.uint32)
+    counts: dict[int, int] = {}
+    rows = np.zeros((batch,), np.int32)
+    for i, seed in enumerate(row_seeds.tolist()):
+        rows[i] = counts.get(seed, 0)
+        counts[seed] = rows[i] + 1
     return {
         "temperature": np.float32(params.temperature), "top_k": np.int32(params.top_k),
         "top_p": np.float32(params.top_p), "min_p": np.float32(params.min_p),
-        "seed": np.uint32(params.seed), "max_new_tokens": np.int32(params.max_new_tokens),
+        "seed": row_seeds, "row": rows, "max_new_tokens": np.int32(params.max_new_tokens),
         "pad_id": np.int32(pad_id),
     }
 
@@ -440,7 +452,8 @@ class Sampler:
 
         Args:
           cache, logits: from :meth:`_prefill` (``logits`` ``[B, V]``).
-          knobs: traced scalars ``temperature, top_k, top_p, min_p, seed, max_new_tokens, pad_id``.
+          knobs: :func:`knob_arrays`: traced scalars ``temperature, top_k, top_p, min_p, max_new_tokens,
+            pad_id`` and per row ``seed`` and ``row``.
           stop_ids: int32 ``[M]``, padded with -1.
           done: bool ``[B]``, rows that must not generate (batch padding).
           copies: :meth:`split`'s output for ``state``, or ``None`` to slice the weights here.
@@ -449,7 +462,6 @@ class Sampler:
           (stop token excluded); with stacked adapters every output has a leading K axis.
         """
         self.traces["decode"] += 1
-        base_key = jax.random.key(knobs["seed"])
         max_new = knobs["max_new_tokens"]
         model = nnx.merge(self.graphdef, state)
         stacked = lora_scale is not None and lora_scale.ndim == 1
@@ -480,9 +492,12 @@ class Sampler:
             x, cache = model.extend(fed[:, None], None, cache, lora=lora, layers=layers)
             return model.head(x[:, 0], head_kernel), self._constrain_cache(cache)
 
+        def row_key(seed: jax.Array, row: jax.Array, step: jax.Array) -> jax.Array:
+            return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), row)
+
         def sample(lg: jax.Array, step: jax.Array) -> jax.Array:  # every candidate draws the same numbers
-            return sample_step(lg, jax.random.fold_in(base_key, step), knobs["temperature"],
-                               knobs["top_k"], knobs["top_p"], knobs["min_p"])
+            keys = jax.vmap(row_key, in_axes=(0, 0, None))(knobs["seed"], knobs["row"], step)
+            return sample_step(lg, keys, knobs["temperature"], knobs["top_k"], knobs["top_p"], knobs["min_p"])
 
         def record(step: jax.Array, token: jax.Array, out: jax.Array, lengths: jax.Array,
                    finished: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -565,7 +580,7 @@ class Sampler:
             positions=self._abstract(cache.positions.shape, cache.positions.dtype, lead + ("batch",)),
             index=self._abstract(cache.index.shape, cache.index.dtype, None), keys_transposed=cache.keys_transposed)
         logits = self._abstract(logits.shape, logits.dtype, lead + ("batch", None))
-        knobs = {name: self._abstract((), x.dtype, None) for name, x in knob_arrays(SamplingParams(), 0).items()}
+        knobs = {name: self._abstract(x.shape, x.dtype, None) for name, x in knob_arrays(SamplingParams(), 0, b).items()}
         stop_ids = self._abstract((MIN_STOP_SLOTS,), jnp.int32, None)
         done = self._abstract((b,), jnp.bool_, ("batch",))
         decode = self.decode.lower(state, cache, logits, lw, ls, knobs, stop_ids, done, None, out_len=out_len)
@@ -575,7 +590,7 @@ class Sampler:
 
     def generate(self, state: Any, config: ModelConfig, prompt_ids: Sequence[Sequence[int]],
                  params: SamplingParams, *, eos_ids: Sequence[int] = (), pad_id: int = 0,
-                 adapters: Any = None, copies: Any = None,
+                 adapters: Any = None, copies: Any = None, seeds: Sequence[int] | None = None,
                  timings: dict[str, float] | None = None) -> list[list[int]] | list[list[list[int]]]:
         """Generate token ids for ``prompt_ids`` (validated by the caller); see the module docstring.
 
@@ -588,6 +603,7 @@ class Sampler:
           pad_id: id used for padding (any valid id; padding is masked).
           adapters: ``None``, one adapter or K stacked (see :func:`as_lora`).
           copies: :meth:`split`'s output for ``state`` (kept by the caller), or ``None``.
+          seeds: one seed per prompt (see "Randomness" in the module docstring), or ``None``: ``params.seed``.
           timings: if a dict, the call waits for the prefill program before starting the decode program and
             stores ``prefill_s`` and ``decode_s`` (wall seconds, the decode's up to its tokens on the host).
         Returns:
@@ -607,7 +623,7 @@ class Sampler:
         stop_ids = np.full((slots,), -1, np.int32)
         stop_ids[:len(stops)] = stops
 
-        knobs = knob_arrays(params, pad_id)
+        knobs = knob_arrays(params, pad_id, b, seeds)
         lw, ls = (None, None) if lora is None else self.put_replicated((lora.weights, lora.scale))
         start = time.perf_counter()
         logits, cache = self.prefill(state, self.put_batch(ids), self.put_batch(mask), lw, ls, cache_len=t + out_len)

@@ -47,8 +47,11 @@ class LanguageModel(Protocol):
     tokenizer: Any  # a Hugging Face tokenizer (chat template, token counts of prompts)
 
     def generate(self, prompts: list[str], params: SamplingParams | None = None, adapters: Any = None,
-                 chat: bool = False, enable_thinking: bool = False) -> list[str] | list[list[str]]:
-        """B completions; with K stacked ``adapters``, K lists of B."""
+                 chat: bool = False, enable_thinking: bool = False,
+                 seeds: Sequence[int] | None = None) -> list[str] | list[list[str]]:
+        """B completions; with K stacked ``adapters``, K lists of B. ``seeds``: one per prompt instead of
+        ``params.seed``, the rows of each seed sampled as a call of their own with it (the loop passes it
+        only when several passages share a batch)."""
         ...
 
     def train_adapters(self, sequences: Sequence[Sequence[TrainingItem]],

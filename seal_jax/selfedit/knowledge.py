@@ -5,9 +5,10 @@ training condition gets its K self-edits (generated in one batch, replayed, or t
 candidates of the passage train together in one program (``LM.train_adapters``), all adapters answer
 the questions at once (K stacked), and a grader scores the answers. Rows are appended to
 ``results.jsonl`` passage by passage (all rows of a passage in one write), so a killed run resumes after
-its last finished passage with nothing lost or duplicated. With ``passages_per_program = P`` the
-candidates of P passages train in one program (each passage still answers and writes its self-edits alone,
-and its rows are written when its group's training ends). Randomness is derived from (seed, passage id,
+its last finished passage with nothing lost or duplicated. With ``passages_per_program = P``, P passages
+share each program (:func:`group_rows`): their base answers, their self-edits (each passage with its own
+seeds) and all their candidates' training; a passage's rows are the ones it gets alone, up to float
+rounding, and are written when its group ends. Randomness is derived from (seed, passage id,
 condition), never from the order of work, so a resumed run gives the same rows as an uninterrupted one.
 
 The ``template`` condition (template search, arXiv 2601.14532, inside an ordinary knowledge run): the model
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from seal_jax.selfedit.episode import (
     Episode,
     Job,
     make_grader,
-    score_base,
+    score_base_many,
     train_and_score_many,
 )
 from seal_jax.selfedit.meta_prompts import fill_prompt, meta_prompt
@@ -73,21 +75,36 @@ def generate_self_edits(lm: LanguageModel, passage: Passage, config: RunConfig,
                         template: Template | None = None) -> dict[str, list[str]]:
     """K sampled self-edits for every generating condition of the run, in one batch per condition; with
     ``template`` (a :class:`~seal_jax.selfedit.templates.Template`) also K fills of it under ``"template"``."""
-    out: dict[str, list[str]] = {}
+    return generate_self_edits_many(lm, [passage], config, template)[0]
+
+
+def generate_self_edits_many(lm: LanguageModel, passages: Sequence[Passage], config: RunConfig,
+                             template: Template | None = None) -> list[dict[str, list[str]]]:
+    """:func:`generate_self_edits` of several passages, one batch per condition for all of them. Each
+    passage's K rows carry its own seed (from the run's seed, the passage and the condition), so its
+    self-edits are the ones it samples alone (up to float rounding)."""
+    out: list[dict[str, list[str]]] = [{} for _ in passages]
     for name in config.conditions:
         strategy = get_strategy(name)
         if strategy.source == "template" and template is not None:
-            prompt = fill_prompt(template, passage.title, passage.context)
+            prompts = [fill_prompt(template, p.title, p.context) for p in passages]
             length = config.template_options()["fill_max_new_tokens"]
         elif strategy.source == "generate":
-            prompt, length = self_edit_prompt(strategy, passage, chat=config.chat), None
+            prompts, length = [self_edit_prompt(strategy, p, chat=config.chat) for p in passages], None
         else:
             continue
+        seeds = [derived_seed(config.seed, p.id, name) for p in passages]
         params = SamplingParams(**{"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95,
-                                   **config.selfedit_sampling, "seed": derived_seed(config.seed, passage.id, name)})
+                                   **config.selfedit_sampling, "seed": seeds[0]})
         if length is not None:
             params = dataclasses.replace(params, max_new_tokens=int(length))
-        out[name] = lm.generate([prompt] * config.k, params, chat=config.chat)
+        rows = [prompt for prompt in prompts for _ in range(config.k)]
+        if len(passages) == 1:
+            texts = lm.generate(rows, params, chat=config.chat)
+        else:
+            texts = lm.generate(rows, params, chat=config.chat, seeds=[x for x in seeds for _ in range(config.k)])
+        for i, edits in enumerate(out):
+            edits[name] = list(texts[i * config.k:(i + 1) * config.k])
     return out
 
 
@@ -139,25 +156,6 @@ def condition_jobs(passage: Passage, config: RunConfig, generated: dict[str, lis
     return jobs, failed
 
 
-def prepare_passage(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader,
-                    replay: dict[str, list[str]] | None, template: Template | None = None,
-                    template_failure: str | None = None) -> tuple[list[dict[str, Any]], Episode]:
-    """One passage up to its training: the rows it has before anything trains (``base``, and every candidate
-    that cannot train) and its :class:`~seal_jax.selfedit.episode.Episode` (the candidates to train).
-
-    ``template``: the run's proposed template for the ``template`` condition (``None`` with
-    ``template_failure`` saying why there is none).
-    """
-    base = score_base(lm, passage, config, grader)
-    rows = []
-    if "base" in config.conditions:
-        rows.append(result_row(passage, "base", 0, None, 0, base.measure, base.measure, base.answers, None,
-                               reward=config.reward, repeat=0))
-    generated = generate_self_edits(lm, passage, config, template)
-    jobs, failed = condition_jobs(passage, config, generated, replay, template, template_failure, base.measure)
-    return rows + failed, Episode(passage, tuple(jobs), base.measure)
-
-
 def passage_rows(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader,
                  replay: dict[str, list[str]] | None, template: Template | None = None,
                  template_failure: str | None = None) -> list[dict[str, Any]]:
@@ -169,12 +167,29 @@ def passage_rows(lm: LanguageModel, passage: Passage, config: RunConfig, grader:
 def group_rows(lm: LanguageModel, passages: list[Passage], config: RunConfig, grader: BatchGrader,
                replay: dict[str, list[str]] | None, template: Template | None = None,
                template_failure: str | None = None) -> list[list[dict[str, Any]]]:
-    """:func:`passage_rows` of several passages (``config.passages_per_program``): each passage answers and
-    writes its self-edits alone, then every candidate of them trains in ONE program
-    (:func:`~seal_jax.selfedit.episode.train_and_score_many`); per passage, its rows."""
-    prepared = [prepare_passage(lm, p, config, grader, replay, template, template_failure) for p in passages]
-    trained = train_and_score_many(lm, [episode for _, episode in prepared], config=config, grader=grader)
-    return [rows + more for (rows, _), more in zip(prepared, trained, strict=True)]
+    """:func:`passage_rows` of several passages (``config.passages_per_program``), per passage its rows.
+
+    The passages share each program: the base model answers all their questions in one generation (and one
+    grader call), each condition samples all their self-edits in one batch (each passage with its own
+    seed), every candidate of them trains in ONE ``train_adapters`` call, and each passage's adapters then
+    answer its own questions (:func:`~seal_jax.selfedit.episode.train_and_score_many`). A passage's rows are
+    the ones it gets alone, up to float rounding. ``template``: the run's proposed template for the
+    ``template`` condition (``None`` with ``template_failure`` saying why there is none).
+    """
+    bases = score_base_many(lm, passages, config, grader)
+    generated = generate_self_edits_many(lm, passages, config, template)
+    rows: list[list[dict[str, Any]]] = []
+    episodes = []
+    for passage, base, edits in zip(passages, bases, generated, strict=True):
+        own = []
+        if "base" in config.conditions:
+            own.append(result_row(passage, "base", 0, None, 0, base.measure, base.measure, base.answers, None,
+                                  reward=config.reward, repeat=0))
+        jobs, failed = condition_jobs(passage, config, edits, replay, template, template_failure, base.measure)
+        rows.append(own + failed)
+        episodes.append(Episode(passage, tuple(jobs), base.measure))
+    trained = train_and_score_many(lm, episodes, config=config, grader=grader)
+    return [own + more for own, more in zip(rows, trained, strict=True)]
 
 
 def propose_run_template(lm: LanguageModel, config: RunConfig, out: Path) -> tuple[Template | None, str | None]:

@@ -86,10 +86,12 @@ class RunConfig:
         order); other keys are an error. See :func:`select_data`.
       conditions: strategy names (``base`` is always evaluated: it gives ``accuracy_before``).
       k: self-edits per passage and condition; repeats: adapters trained per self-edit.
-      passages_per_program: passages whose candidates train together in one program (default 1). Each
-        passage still answers, writes its self-edits and is scored alone, so its rows do not change (up to
-        numerics); more passages fill a mesh's candidate lanes (SEAL's 21 candidates leave lanes idle on a
-        ``data`` axis they do not divide) and share each step's read of the base weights.
+      passages_per_program: passages that share each program (default 1): the base model answers their
+        questions in one generation, each condition samples their self-edits in one batch (every passage
+        with its own seeds) and all their candidates train in one program; each passage's adapters then
+        answer its own questions. A passage's rows are the ones it gets alone, up to float rounding. More
+        passages fill a mesh's candidate lanes (SEAL's 21 candidates leave lanes idle on a ``data`` axis
+        they do not divide) and share each step's read of the base weights.
       selfedit_sampling: ``{"max_new_tokens", "temperature", "top_p", "top_k", "min_p"}``.
       include_passage: append the passage to every self-edit's training sequences.
       lora, train: :class:`~seal_jax.LoraSpec` / :class:`~seal_jax.TrainSpec` fields.
