@@ -52,6 +52,7 @@ from seal_jax.lm.training import TrainSpec
 from seal_jax.lm.types import REMAT_POLICIES
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.cpt import CptConfig
+from seal_jax.selfedit.judge import JUDGE_BATCH
 from seal_jax.selfedit.restem import RestemConfig
 from seal_jax.selfedit.runs import load_config
 from seal_jax.selfedit.strategies import get_strategy
@@ -161,6 +162,17 @@ def _train(name: str, k: int, sequences: int, seq_len: int, lora: LoraSpec, trai
                                    "lora": lora, "train": train}, per_passage, note)
 
 
+def _judge(questions: int, k: int, group: int, shapes: Shapes) -> Program:
+    """The LLM judge of a knowledge passage as a run calls it: the base answers of ``group`` passages in one
+    grader call, then per passage the answers under its ``k`` adapters in one, each call in chunks of
+    :data:`~seal_jax.selfedit.judge.JUDGE_BATCH` prompts (counted all full: an upper bound)."""
+    batch = min(JUDGE_BATCH, max(questions * group, questions * k))
+    calls = math.ceil(questions * group / batch) / group + math.ceil(questions * k / batch)
+    return _generate("judge", batch, shapes.judge_len, shapes.judge_new, per_passage=calls,
+                     note=f"the LLM judge in calls of up to {JUDGE_BATCH} answers: the base answers, then the "
+                          f"{k} adapters' ({calls:g} calls per passage)")
+
+
 def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str] | None = None,
                        passages: int | None = None) -> tuple[list[Program], int]:
     """The programs of one knowledge-incorporation passage (a ``RunConfig``) and its K trained candidates.
@@ -193,8 +205,7 @@ def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str]
         programs.append(_generate("answer_k", q, shapes.question_len, config.eval_max_new_tokens,
                                   adapters=(k, config.lora_spec()), note=f"answers under {k} stacked adapters"))
     if config.grader in grading.JUDGE_GRADERS:
-        programs.append(_generate("judge", q, shapes.judge_len, shapes.judge_new, per_passage=1 + k,
-                                  note="the LLM judge, once per answer set"))
+        programs.append(_judge(q, k, group, shapes))
     return programs, k
 
 
@@ -258,7 +269,7 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
                       adapters=(k, lora), note=f"answers under {k} stacked adapters"),
         ]
         if knowledge.grader in grading.JUDGE_GRADERS:
-            programs.append(_generate("judge", shapes.questions, shapes.judge_len, shapes.judge_new, per_passage=1 + k))
+            programs.append(_judge(shapes.questions, k, 1, shapes))
         if cfg.sft:
             programs.append(_train("sft", 1, shapes.sft_sequences, shapes.sft_len, cfg.sft_lora_spec(),
                                    cfg.sft_train_spec(), per_passage=0, note="the generator's SFT, once per iteration"))

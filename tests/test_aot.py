@@ -182,6 +182,10 @@ def test_workloads_from_the_papers_configs():
     # 3 generating conditions, two passages' self-edits in one call (passages_per_program = 2)
     self_edit = next(p for p in seal.programs if p.name == "self_edit")
     assert self_edit.per_passage == 3 / 2 and self_edit.args["batch"] == 2 * 5
+    # the judge as the run calls it, 32 answers a call: both passages' 2 x 8 base answers in one call (half a
+    # call each), then 21 x 8 answers under the adapters in 6 calls per passage
+    judge = next(p for p in seal.programs if p.name == "judge")
+    assert judge.args["batch"] == 32 and judge.per_passage == 0.5 + 6
     search = aot.workload_from_config("experiments/templates-archive-qwen3-8b.toml", shapes)
     assert search.candidates == 15
     assert {"proposal", "fill", "train", "answer_k", "sft"} <= {p.name for p in search.programs}

@@ -132,3 +132,40 @@ def test_completion_logprobs_equal_transformers_on_the_bundled_model(bundled_lm,
         lm.completion_logprobs(prompts, golds[:2])
     with pytest.raises(sj.lm.sampling.SamplingError, match="completion 1 is empty"):
         lm.completion_logprobs(prompts[:2], [" a", ""])
+
+
+def test_training_on_a_train_mesh_equals_training_on_the_mesh(tiny_hf):
+    """``train_mesh``: generation on one layout of the devices (heads over ``tensor``), LoRA training on
+    another (``data=8``: the base replicated, no collective in the training program). The adapters and
+    losses equal those trained on the generation mesh, and they come back replicated on it."""
+    import jax
+
+    from seal_jax import hlo
+    from seal_jax.lm import sharding as shd
+
+    _, folder = tiny_hf("qwen3-mha")  # 4 KV heads: tensor=4 splits them
+    plain = sj.load(folder, mesh="data=2,tensor=4", progress=False)
+    split = sj.load(folder, mesh="data=2,tensor=4", train_mesh="data=8", progress=False)
+    assert dict(split.train_mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    seqs = [[[5, 9, 14, 3, 77, 21, 8], [12, 40, 41, 42]], [[7, 7, 30, 31]], [[90, 91, 92, 93, 94]]]
+    lora = [sj.LoraSpec(rank=4, alpha=8.0), sj.LoraSpec(rank=2, alpha=2.0, targets="all"), sj.LoraSpec(rank=4)]
+    spec = sj.TrainSpec(learning_rate=1e-2, epochs=2)
+    a, b = plain.train_adapters(seqs, lora, spec), split.train_adapters(seqs, lora, spec)
+    for k in range(3):
+        assert b.losses[k] == pytest.approx(a.losses[k], rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+        assert y.sharding.is_equivalent_to(shd.replicated(split.mesh), y.ndim)
+    params = sj.SamplingParams(max_new_tokens=6)
+    assert split.generate_ids([[5, 9, 14]], params, adapters=b) == plain.generate_ids([[5, 9, 14]], params, adapters=a)
+    # the training program on data=8 needs no collective; on the generation mesh it all-reduces
+    def collectives(lm):
+        return hlo.analyze(lm.lower_train(candidates=8, sequences=2, seq_len=16).compile().as_text()).collectives
+    assert collectives(split) == {} and "all-reduce" in collectives(plain)
+    assert "all-gather" in hlo.analyze(split.lower_train_placement().compile().as_text()).collectives
+    assert plain.lower_train_placement() is None
+    with pytest.raises(shd.MeshError, match="train_mesh needs a mesh"):
+        sj.load(folder, train_mesh="data=8", progress=False)
+    with pytest.raises(shd.MeshError, match="must use the devices of the mesh"):
+        sj.load(folder, mesh=shd.make_mesh("data=4", devices=jax.devices()[:4]), train_mesh=shd.make_mesh("data=8"),
+                progress=False)

@@ -176,8 +176,9 @@ def test_seal_subset_replays_seal_selfedits_in_seal_order(tiny_chat_dir, tiny_lm
 
 
 def test_remat_reaches_the_loaded_model(monkeypatch, tmp_path):
-    """``remat`` in a run config reaches the loaded model (``true`` kept as given, meaning "full"); the default
-    is "minimal"; the 8B configs set "full" (the planner says their inner loop needs it)."""
+    """``remat`` and ``train_mesh`` in a run config reach the loaded model (``true`` kept as given, meaning
+    "full"); the default is "minimal", which the 8B configs keep too (chosen by ``seal-jax compile`` on
+    h100-8, BENCHMARKS.md); a train mesh without a mesh is an error."""
     from pathlib import Path
 
     from seal_jax.selfedit.runs import load_config
@@ -192,15 +193,18 @@ def test_remat_reaches_the_loaded_model(monkeypatch, tmp_path):
         raise Loaded
 
     monkeypatch.setattr("seal_jax.selfedit.knowledge.load_model", fake_load)
-    config = RunConfig.from_dict({"name": "r", "model": "m", "remat": True, "data": {"source": "demo", "n": 1}})
+    config = RunConfig.from_dict({"name": "r", "model": "m", "remat": True, "data": {"source": "demo", "n": 1},
+                                  "mesh": "data=2,tensor=4", "train_mesh": "data=8"})
     with pytest.raises(Loaded):
         run_knowledge(config, tmp_path / "out", progress=False)
-    assert seen["remat"] is True
+    assert seen["remat"] is True and seen["mesh"] == "data=2,tensor=4" and seen["train_mesh"] == "data=8"
+    with pytest.raises(RunConfigError, match="set mesh too"):
+        RunConfig.from_dict({"name": "r", "model": "m", "train_mesh": "data=8"})
     assert RunConfig.from_dict({"name": "r", "model": "m"}).remat == "minimal"
     experiments = Path(__file__).parents[1] / "experiments"
     for path in sorted(experiments.glob("*qwen3-8b.toml")):
         config = load_config(path)
-        assert remat_name(getattr(config, "knowledge", config).remat) == "full", path.name
+        assert remat_name(getattr(config, "knowledge", config).remat) == "minimal", path.name
 
 
 class CannedTemplateLM:

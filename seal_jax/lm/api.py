@@ -87,13 +87,29 @@ def _check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> No
             raise sampling.SamplingError(f"{name.rstrip('s')} {i} is empty; every one needs some text")
 
 
+def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None:
+    """``train_mesh`` as a :class:`Mesh` over the devices of ``mesh`` (see :meth:`LM.load`), or ``None``."""
+    if train_mesh is None:
+        return None
+    if mesh is None:
+        raise shd.MeshError("train_mesh needs a mesh: it is another layout of the mesh's devices")
+    devices = list(mesh.devices.flat)
+    if isinstance(train_mesh, str):
+        train_mesh = shd.make_mesh(train_mesh, devices=devices)
+    if {d.id for d in train_mesh.devices.flat} != {d.id for d in devices}:
+        raise shd.MeshError(f"train_mesh {dict(train_mesh.shape)} must use the devices of the mesh "
+                            f"{dict(mesh.shape)}: the base weights move between the two layouts")
+    return train_mesh
+
+
 class LM:
     """A loaded language model: config, tokenizer, parameters (possibly sharded) and jitted entry points.
 
     Create it with :meth:`LM.load` (or :func:`seal_jax.load`).
     """
 
-    def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None):
+    def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None,
+                 train_mesh: Mesh | str | None = None):
         # attention's implementation follows the platform the programs run on (the mesh's devices), unless
         # the model was built with one
         if model.attention_impl is None:
@@ -107,6 +123,8 @@ class LM:
         self._weight_copies: Any = None  # Sampler.split's output, made at the first generation (CPU only)
         self._keeps_copies: bool | None = None  # decided once, at the first generation
         self.is_abstract = False  # True for LM.abstract models (shapes only: lower and compile, no data)
+        self.train_mesh = _train_mesh(train_mesh, mesh)
+        self._train_graphdef: Any = None  # the model's structure on train_mesh, made at the first training
 
     @property
     def config(self) -> ModelConfig:
@@ -128,6 +146,7 @@ class LM:
         tokenizer: str | Path | Any | None = None,
         remat: str | bool = "minimal",
         progress: bool = True,
+        train_mesh: Mesh | str | None = None,
     ) -> LM:
         """Load a Hugging Face-format model folder (or hub id, when online).
 
@@ -141,6 +160,10 @@ class LM:
           remat: what LoRA training keeps of each layer for the backward pass: ``"minimal"`` (default: the
             projections' outputs; attention and elementwise work recomputed), ``"full"`` (the layer input
             only: least memory, about 1/3 more training compute) or ``"none"``; see ``lm.types.REMAT_POLICIES``.
+          train_mesh: another layout of the same devices for LoRA training (e.g. ``"data=8"``: the base
+            replicated, each device training its own candidates with no collective), where ``mesh`` suits
+            generation (e.g. ``"data=2,tensor=4"``). Each training call places a copy of the base weights on
+            it (one all-gather; the copy lives for the call). ``None``: train on ``mesh``.
         """
         folder = weights.resolve_checkpoint(path_or_id)
         config = from_hf(folder)
@@ -152,11 +175,12 @@ class LM:
             tokenizer = tok.load_tokenizer(folder) if tok.has_tokenizer(folder) else None
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = tok.load_tokenizer(tokenizer)
-        return cls(build_model(config, params, dtype=dt, remat=remat), tokenizer, mesh=mesh, path=folder)
+        return cls(build_model(config, params, dtype=dt, remat=remat), tokenizer, mesh=mesh, path=folder,
+                   train_mesh=train_mesh)
 
     @classmethod
     def abstract(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
-                 remat: str | bool = "minimal", tokenizer: Any = None) -> LM:
+                 remat: str | bool = "minimal", tokenizer: Any = None, train_mesh: Mesh | str | None = None) -> LM:
         """A model that exists only as shapes and shardings: every parameter is a ``jax.ShapeDtypeStruct``
         placed as :meth:`load` would place it on ``mesh``. Nothing is allocated; use it to lower and compile
         the engine's programs ahead of time (:meth:`lower_logits`, :meth:`lower_generate`,
@@ -179,13 +203,14 @@ class LM:
         placed = {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=None if mesh is None else
                                              shd.param_sharding(mesh, path, x.shape)) for path, x in flat.items()}
         nnx.replace_by_pure_dict(state, nest(placed))
-        lm = cls(nnx.merge(graphdef, state), tokenizer, mesh=mesh, path=None)
+        lm = cls(nnx.merge(graphdef, state), tokenizer, mesh=mesh, path=None, train_mesh=train_mesh)
         lm.is_abstract = True
         return lm
 
     @classmethod
     def random(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
-               seed: int = 0, remat: str | bool = "minimal", tokenizer: Any = None) -> LM:
+               seed: int = 0, train_mesh: Mesh | str | None = None, remat: str | bool = "minimal",
+               tokenizer: Any = None) -> LM:
         """A model with random weights, created on the devices in their shards (for benchmarks: the real
         programs at the real shapes without a checkpoint; see :func:`~seal_jax.lm.weights.random_params`).
 
@@ -203,7 +228,8 @@ class LM:
             mesh = shd.make_mesh(mesh)
         dt = _dtype(dtype)
         params = weights.random_params(config, dtype=dt, mesh=mesh, seed=seed)
-        return cls(build_model(config, params, dtype=dt, remat=remat), tokenizer, mesh=mesh, path=None)
+        return cls(build_model(config, params, dtype=dt, remat=remat), tokenizer, mesh=mesh, path=None,
+                   train_mesh=train_mesh)
 
     def _require_weights(self, what: str) -> None:
         if self.is_abstract:
@@ -244,10 +270,47 @@ class LM:
                     train: TrainSpec | Sequence[TrainSpec] | None = None, seed: int = 0) -> Any:
         """The lowered program of :meth:`train_adapters` for ``candidates`` candidates of ``sequences``
         training sequences of ``seq_len`` tokens each (SEAL's specs where ``lora``/``train`` are None)."""
+        graphdef, state, mesh = self._train_view()
         return training.lower_train(
-            self.graphdef, self.state, self.params(), candidates=candidates, sequences=sequences, seq_len=seq_len,
-            lora=LoraSpec.seal() if lora is None else lora, train=TrainSpec.seal() if train is None else train,
-            seed=seed, mesh=self.mesh, programs=self._train_programs)
+            graphdef, state, flatten(nnx.to_pure_dict(state)), candidates=candidates, sequences=sequences,
+            seq_len=seq_len, lora=LoraSpec.seal() if lora is None else lora,
+            train=TrainSpec.seal() if train is None else train, seed=seed, mesh=mesh,
+            programs=_PROGRAMS.setdefault((graphdef, mesh), {}).setdefault("train", {}))  # shared as in _shared
+
+    def lower_train_placement(self) -> Any:
+        """The lowered program that places the base weights on :attr:`train_mesh` (what each training call
+        runs first), or ``None`` without a train mesh."""
+        if self.train_mesh is None:
+            return None
+        target = self._train_shardings()
+        return jax.jit(lambda state: state, out_shardings=target).lower(self.state)
+
+    def _train_shardings(self) -> Any:
+        """The sharding of every base weight on :attr:`train_mesh`, in the state's structure."""
+        flat = {path: shd.param_sharding(self.train_mesh, path, x.shape)
+                for path, x in flatten(nnx.to_pure_dict(self.state)).items()}
+        state = nnx.clone(self.state)
+        nnx.replace_by_pure_dict(state, nest(flat))
+        return state
+
+    def _train_view(self) -> tuple[Any, Any, Mesh | None]:
+        """``(graphdef, state, mesh)`` that LoRA training runs with: the model's own, or, with a
+        :attr:`train_mesh`, its structure for that mesh and the base weights placed on it."""
+        if self.train_mesh is None:
+            return self.graphdef, self.state, self.mesh
+        flat = flatten(nnx.to_pure_dict(self.state))
+        placed = {}
+        for path, x in flat.items():
+            where = shd.param_sharding(self.train_mesh, path, x.shape)
+            placed[path] = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
+                            if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, where))
+        if self._train_graphdef is None:
+            model = nnx.merge(self.graphdef, self.state)
+            model.attention_placement = attn.Placement(self.train_mesh)
+            self._train_graphdef, _ = nnx.split(model)
+        state = nnx.clone(self.state)
+        nnx.replace_by_pure_dict(state, nest(placed))
+        return self._train_graphdef, state, self.train_mesh
 
     def params(self) -> dict[str, jax.Array]:
         """The base parameters as ``{dotted path: array}``."""
@@ -275,7 +338,7 @@ class LM:
             raise ValueError(f"adapter {k} failed in training ({adapters.failed[k]}); refusing to merge it")
         merged = adapters.merged_params(self.params(), k)
         model = build_model(self.config, merged, dtype=self.dtype, remat=self.model.remat)
-        return LM(model, self.tokenizer, mesh=self.mesh, path=None)
+        return LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh)
 
     # ------------------------------------------------------------------------------------------------
 
@@ -404,16 +467,16 @@ class LM:
         """``fn`` (``training.train_adapters`` or ``training.training_memory``) called with this model's
         weights, tokenizer, ids, mesh and programs, and SEAL's specs where ``lora``/``train`` are None."""
         self._require_weights("training")
-        return fn(
-            self.graphdef, self.state, self.params(), self.tokenizer, sequences,
+        graphdef, state, mesh = self._train_view()
+        out = fn(
+            graphdef, state, flatten(nnx.to_pure_dict(state)), self.tokenizer, sequences,
             LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
-            seed=seed, eos_id=self._train_eos_id(), pad_id=self._pad_id(), mesh=self.mesh,
-            programs=self._train_programs,
+            seed=seed, eos_id=self._train_eos_id(), pad_id=self._pad_id(), mesh=mesh,
+            programs=_PROGRAMS.setdefault((graphdef, mesh), {}).setdefault("train", {}),
         )
-
-    @property
-    def _train_programs(self) -> dict[Any, Any]:
-        return self._shared("train", dict)
+        if isinstance(out, Adapters) and mesh is not self.mesh:  # back to the mesh that generates with them
+            out.weights = jax.device_put(out.weights, shd.replicated(self.mesh))
+        return out
 
     def _train_eos_id(self) -> int:
         eos = getattr(self.tokenizer, "eos_token_id", None)

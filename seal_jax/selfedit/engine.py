@@ -76,11 +76,12 @@ class LanguageModel(Protocol):
 
 
 def load_model(path: str, *, dtype: str = "float32", mesh: Any = None, tokenizer: str | None = None,
-               remat: str | bool = "minimal", progress: bool = True) -> LanguageModel:
+               remat: str | bool = "minimal", progress: bool = True, train_mesh: Any = None) -> LanguageModel:
     """Load a Hugging Face-format folder (or hub id, online) with the engine: ``seal_jax.load``."""
     from seal_jax.lm.api import load  # deferred: jax and the engine load only when a run loads a model
 
-    return load(path, dtype=dtype, mesh=mesh, tokenizer=tokenizer, remat=remat, progress=progress)
+    return load(path, dtype=dtype, mesh=mesh, tokenizer=tokenizer, remat=remat, progress=progress,
+                train_mesh=train_mesh)
 
 
 def load_adapters(path: str | Path) -> Any:

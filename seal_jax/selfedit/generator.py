@@ -133,7 +133,7 @@ class Models:
             c = self.config
             self.loaded[path] = (self.loader(path) if self.loader is not None else
                                  load_model(path, dtype=c.dtype, mesh=self.mesh, tokenizer=c.tokenizer, remat=c.remat,
-                                            progress=self.progress))
+                                            progress=self.progress, train_mesh=c.train_mesh or None))
         return self.loaded[path]
 
     def keep(self, *paths: str) -> None:

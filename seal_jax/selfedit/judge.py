@@ -81,6 +81,9 @@ class JudgeRecord:
     source: str = "model"
 
 
+# Prompts per ``generate`` call of the judge (a run grades a whole answer set in one grader call).
+JUDGE_BATCH = 32
+
 class JudgeGrader:
     """An LLM judge: asks a local model whether each answer conveys the gold answer without contradicting it.
 
@@ -104,7 +107,7 @@ class JudgeGrader:
       rules_first: let :func:`rule_verdict` decide where it can and ask the model only about the rest.
     """
 
-    def __init__(self, lm: LanguageModel, *, max_new_tokens: int = 8, chat: bool = True, batch_size: int = 32,
+    def __init__(self, lm: LanguageModel, *, max_new_tokens: int = 8, chat: bool = True, batch_size: int = JUDGE_BATCH,
                  params_factory: Callable[[int], Any] | None = None, rules_first: bool = False):
         if not hasattr(lm, "generate"):
             raise TypeError(f"the judge model needs a generate(prompts, params, chat=...) method; got {type(lm).__name__}")

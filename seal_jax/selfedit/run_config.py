@@ -74,6 +74,8 @@ class RunConfig:
       name: run name (the default output folder is ``checkpoints/runs/NAME``).
       model: HF-format model folder (or hub id when online); ``tokenizer`` optionally another folder.
       dtype, mesh: engine settings (``mesh`` like ``"data=2,fsdp=4"``; empty for one device).
+      train_mesh: another layout of the mesh's devices for LoRA training (e.g. ``"data=8"``: the base
+        replicated, no collective while training), or None to train on ``mesh`` (``LM.load(train_mesh=...)``).
       remat: what LoRA training keeps of each layer for its backward pass (``LM.load(remat=...)``):
         ``"minimal"`` (default: the projections' outputs, the rest recomputed at little cost), ``"full"``
         (each layer's input only: least activation memory for about a third more training compute) or
@@ -115,6 +117,7 @@ class RunConfig:
     tokenizer: str | None = None
     dtype: str = "float32"
     mesh: str | None = None
+    train_mesh: str | None = None
     remat: str | bool = "minimal"
     chat: bool = True
     data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"source": "demo"})
@@ -162,6 +165,8 @@ class RunConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RunConfigError(f"{key} must be a positive integer, got {value!r}")
         check_data_table(self.data, "data")
+        if self.train_mesh and not self.mesh:
+            raise RunConfigError(f"train_mesh = {self.train_mesh!r} is another layout of the mesh's devices; set mesh too")
         if self.dtype not in DTYPE_NAMES:
             raise RunConfigError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
         known = sorted(f.name for f in dataclasses.fields(SamplingParams))
@@ -345,7 +350,7 @@ class ExtendedConfig:
 
 # Settings that do not change a run's results: a run may be resumed with them changed (for example with
 # ``remat`` turned on after running out of memory). ``table.key`` names a key inside a table.
-RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch", "passages_per_program"})
+RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch", "passages_per_program", "train_mesh"})
 
 
 # Keys added to a table after run folders were written, with the value those folders ran with: a saved
