@@ -117,7 +117,8 @@ class Program:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """A model, dtype, mesh and the programs of one run."""
+    """A model, dtype, mesh and the programs of one run; ``train_mesh``: another layout of the devices that
+    the training programs run on (``LM.load(train_mesh=...)``), or None."""
 
     name: str
     config: ModelConfig
@@ -127,6 +128,7 @@ class Workload:
     programs: tuple[Program, ...]
     candidates: int
     source: str
+    train_mesh: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,10 +245,12 @@ def cpt_programs(cfg: CptConfig, shapes: Shapes) -> list[Program]:
 
 
 def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None = None,
-                         mesh: str | None = None, passages: int | None = None) -> Workload:
+                         mesh: str | None = None, passages: int | None = None,
+                         train_mesh: str | None = None) -> Workload:
     """The :class:`Workload` of a run config of any kind (knowledge, ReST-EM, template search, CPT; a CPT
     workload has no per-passage candidates: ``candidates`` is 0 and no evaluations per hour are given).
-    ``passages`` overrides a knowledge or ReST-EM config's ``passages_per_program``."""
+    ``passages`` overrides a knowledge or ReST-EM config's ``passages_per_program``, ``train_mesh`` its
+    ``train_mesh`` (``""``: none)."""
     cfg = load_config(path)
     knowledge = getattr(cfg, "knowledge", cfg)
     if passages is not None and (passages < 1 or (knowledge is not cfg and not cfg.GROUPS_PASSAGES)):
@@ -282,7 +286,8 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
     else:
         programs, k = knowledge_programs(knowledge, shapes, passages=passages)
     return Workload(Path(path).stem, config, knowledge.dtype, mesh if mesh is not None else knowledge.mesh,
-                    knowledge.remat, tuple(programs), k, source)
+                    knowledge.remat, tuple(programs), k, source,
+                    (train_mesh if train_mesh is not None else knowledge.train_mesh) or None)
 
 
 def workload_from_flags(model: str, shapes: Shapes, *, candidates: int, dtype: str, mesh: str | None, remat: str | bool,
@@ -384,21 +389,48 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
     except shd.MeshError as error:
         raise CompileError(f"mesh {spec!r} does not fit target {target.name} ({target.chips} devices): {error}; "
                            f"pass --mesh with sizes whose product is {target.chips}") from None
-    lm = sj.LM.abstract(workload.config, mesh=mesh, dtype=workload.dtype, remat=workload.remat)
+    try:
+        lm = sj.LM.abstract(workload.config, mesh=mesh, dtype=workload.dtype, remat=workload.remat,
+                            train_mesh=workload.train_mesh)
+    except shd.MeshError as error:
+        raise CompileError(f"train mesh {workload.train_mesh!r} on {target.name}: {error}") from None
+    resident = _weight_bytes(lm.params()) if workload.train_mesh else 0
+    placement = None
     rows = []
     for program in workload.programs:
         if only and program.name not in only:
             continue
         trips = max(1, program.args.get("max_new_tokens", 1) - 1)
-        for name, lowered in lower_program(lm, program).items():
+        lowered_rows = lower_program(lm, program)
+        if program.kind == "train" and workload.train_mesh:  # each training call first places the weights
+            placement = placement or lm.lower_train_placement()
+            lowered_rows[f"{program.name}.placement"] = placement
+        for name, lowered in lowered_rows.items():
             row = compile_row(name, lowered, target, unknown_trips=trips if name.endswith(".decode") else 1,
                               note=program.note, per_passage=program.per_passage)
             row["mesh"] = spec
+            if program.kind == "train" and workload.train_mesh and name == program.name:
+                # the weights in the generation layout stay where they are while the copy trains
+                row["mesh"] = workload.train_mesh
+                if "peak_bytes" in row:
+                    row["resident_bytes"] = resident
+                    row["peak_bytes"] += resident
+                    row["fits"] = row["fits"] and row["peak_bytes"] <= target.hbm_bytes
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return {"workload": workload.name, "model": workload.source, "target": target.name, "mesh": spec,
+            "train_mesh": workload.train_mesh,
             "dtype": workload.dtype, "candidates": workload.candidates, "rows": rows, "summary": summarize(rows, workload)}
+
+
+def _weight_bytes(params: dict[str, Any]) -> int:
+    """Bytes per device of an abstract model's weights (``LM.params()``: each one's shard)."""
+    total = 0
+    for x in params.values():
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * x.dtype.itemsize
+    return int(total)
 
 
 def summarize(rows: Sequence[dict[str, Any]], workload: Workload) -> dict[str, Any]:
@@ -484,7 +516,8 @@ def _gb(x: float | None) -> str:
 
 def format_rows(report: dict[str, Any]) -> str:
     """The report as a Markdown table plus its summary line."""
-    lines = [f"{report['workload']} on {report['target']} (mesh {report['mesh']}, {report['dtype']}, "
+    training = f", training on {report['train_mesh']}" if report.get("train_mesh") else ""
+    lines = [f"{report['workload']} on {report['target']} (mesh {report['mesh']}{training}, {report['dtype']}, "
              f"{report['model']}); per device",
              "", "| program | compile s | args GB | temp GB | peak GB | fits | GFLOP | GB accessed | min GB | "
              "collectives (count, GB) | roofline ms | bound |", "|" + "---|" * 12]
@@ -530,6 +563,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passages-per-program", type=int, default=None, metavar="P",
                         help="passages whose candidates train in one program (overrides a knowledge or ReST-EM "
                              "config's passages_per_program; the training row then counts 1/P per passage)")
+    parser.add_argument("--train-mesh", default=None, metavar="MESH",
+                        help="another layout of the target's devices for the training programs (e.g. data=8; "
+                             "overrides the config's train_mesh, '' for none); each training call adds a "
+                             "<program>.placement row (the all-gather that places the weights)")
     parser.add_argument("--candidates", "-k", type=int, default=5, help="K (without a config)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(without a config)")
     parser.add_argument("--remat", default="minimal", choices=REMAT_POLICIES,
@@ -551,10 +588,12 @@ def main(args: argparse.Namespace) -> int:
         shapes = Shapes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shapes)})
         if args.config is not None:
             workload = workload_from_config(args.config, shapes, model=args.model, mesh=args.mesh,
-                                            passages=args.passages_per_program)
+                                            passages=args.passages_per_program, train_mesh=args.train_mesh)
         else:
             if args.passages_per_program is not None:
                 raise CompileError("--passages-per-program needs a run config (its K candidates per passage)")
+            if args.train_mesh:
+                raise CompileError("--train-mesh needs a run config")
             workload = workload_from_flags(args.model or "qwen3-8b", shapes, candidates=args.candidates,
                                            dtype=args.dtype, mesh=args.mesh, remat=args.remat,
                                            lora_rank=args.lora_rank, new_tokens=args.new_tokens)

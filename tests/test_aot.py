@@ -226,6 +226,30 @@ def test_passages_training_together_fill_the_lanes_one_passage_leaves_idle(capsy
     assert "needs a run config" in capsys.readouterr().err
 
 
+def test_training_on_its_own_mesh_layout(capsys):
+    """``--train-mesh data=8``: the training program compiles on the replicated layout (no collective), a
+    ``train.placement`` row (the all-gather that places the weights, once per training call) joins it, and
+    the training row's peak counts the weights that stay in the generation layout."""
+    shapes = aot.Shapes(sequences=2, seq_len=64)
+    workload = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes, model="tiny", mesh="data=2,fsdp=4",
+                                        train_mesh="data=8")
+    assert workload.train_mesh == "data=8"
+    report = aot.compile_workload(workload, "h100-8", only=["train", "answer"])
+    rows = {r["program"]: r for r in report["rows"]}
+    train, placement = rows["train"], rows["train.placement"]
+    assert train["mesh"] == "data=8" and train["collectives"] == {} and rows["answer.prefill"]["mesh"] == "data=2,fsdp=4"
+    weights = sum(math.prod(s) * 2 for s in param_shapes(TINY).values())  # bfloat16, split 4 ways by fsdp
+    assert weights / 4 <= train["resident_bytes"] <= weights / 2
+    assert train["peak_bytes"] == (train["argument_bytes"] + train["output_bytes"] + train["temp_bytes"]
+                                   - train["alias_bytes"] + train["resident_bytes"])
+    assert set(placement["collectives"]) == {"all-gather"} and placement["per_passage"] == train["per_passage"]
+    assert "training on data=8" in aot.format_rows(report)
+    assert aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes, model="tiny", train_mesh="").train_mesh is None
+    assert cli_main(["compile", "experiments/seal-qwen3-8b.toml", "--model", "tiny", "--target", "h100-8",
+                     "--train-mesh", "data=3"]) == 2
+    assert "train mesh 'data=3'" in capsys.readouterr().err
+
+
 def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     """``--search``: every sensible layout of the target compiled and ranked by roofline time among those
     that fit; each entry is the report a plain compile of that mesh gives."""
