@@ -94,8 +94,8 @@ def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None
     if mesh is None:
         raise shd.MeshError("train_mesh needs a mesh: it is another layout of the mesh's devices")
     devices = list(mesh.devices.flat)
-    if isinstance(train_mesh, str):
-        train_mesh = shd.make_mesh(train_mesh, devices=devices)
+    if isinstance(train_mesh, str):  # in the mesh's device order: the placement maps one layout onto the other
+        train_mesh = shd.make_mesh(train_mesh, devices=devices, keep_order=True)
     if {d.id for d in train_mesh.devices.flat} != {d.id for d in devices}:
         raise shd.MeshError(f"train_mesh {dict(train_mesh.shape)} must use the devices of the mesh "
                             f"{dict(mesh.shape)}: the base weights move between the two layouts")

@@ -78,12 +78,15 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None, *,
+              keep_order: bool = False) -> Mesh:
     """Build a ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices).
 
     Args:
       spec: sizes as ``"data=2,fsdp=2,tensor=2"`` or a dict; ``None`` puts every device on ``fsdp``.
       devices: the devices to use (their number must equal the product of the sizes).
+      keep_order: lay the devices out in the order given (another layout of an existing mesh's devices, so
+        that one program may take arrays of both), instead of JAX's topology-aware order.
     Returns:
       a :class:`jax.sharding.Mesh` with axis types ``Auto`` (sharding propagates through jit).
     """
@@ -102,6 +105,9 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
             "on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax"
         )
     shape = tuple(sizes[a] for a in MESH_AXES)
+    if keep_order:
+        return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES,
+                    axis_types=(jax.sharding.AxisType.Auto,) * 3)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
