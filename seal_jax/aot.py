@@ -8,7 +8,8 @@ search the proposals, fills and the generator's SFT — compiles it with the tar
 reports, per program and device:
 
 * compile seconds; argument / output / temporary / alias bytes and the peak (arguments + outputs +
-  temporaries − aliased) against the device's memory, and whether it fits. The TPU compiler refuses a
+  temporaries − aliased; for a training program on a ``train_mesh``, plus ``resident_bytes``, the weights
+  left in the generation layout) against the device's memory, and whether it fits. The TPU compiler refuses a
   program that does not fit (the row says so, with the compiler's message) and is the judge there (the
   sum of the parts can exceed HBM by what it overlaps); the GPU compiler checks nothing, so the peak is
   compared with the GPU's memory here.
@@ -129,6 +130,7 @@ class Workload:
     candidates: int
     source: str
     train_mesh: str | None = None
+    passages: int = 1  # passages per program (passages_per_program)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ def model_config(model: str) -> tuple[ModelConfig, str]:
 
 
 def _generate(name: str, batch: int, prompt_len: int, new: int, adapters: tuple[int, LoraSpec] | None = None,
-              per_passage: int = 1, note: str = "") -> Program:
+              per_passage: float = 1, note: str = "") -> Program:
     args: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "max_new_tokens": new}
     if adapters is not None:
         args["adapters"] = adapters
@@ -180,7 +182,7 @@ def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str]
     """The programs of one knowledge-incorporation passage (a ``RunConfig``) and its K trained candidates.
     ``passages`` (default: the config's ``passages_per_program``, P): the base model's answers, the
     self-edits and the training program hold P passages' rows and count 1/P per passage (the answers under
-    the adapters stay per passage; the judge is counted per passage, as for P = 1)."""
+    the adapters stay per passage; the judge shares the base answers' call, see :func:`_judge`)."""
     group = int(passages or getattr(config, "passages_per_program", 1))
     names = list(strategies or config.conditions)
     generating = [n for n in names if get_strategy(n).source in ("generate", "template")]
@@ -238,9 +240,10 @@ def cpt_programs(cfg: CptConfig, shapes: Shapes) -> list[Program]:
                   per_passage=0, note=f"answers under {n} stacked adapters, {cfg.eval_batch} passages per call"),
     ]
     if knowledge.grader in grading.JUDGE_GRADERS:  # one call for the base answers, one for the n adapters'
-        programs.append(_generate("judge", n * questions, shapes.judge_len, shapes.judge_new, per_passage=0,
+        programs.append(_generate("judge", min(JUDGE_BATCH, n * questions), shapes.judge_len, shapes.judge_new,
+                                  per_passage=0,
                                   note=f"the LLM judge of the {n} adapters' answers, {cfg.eval_batch} passages "
-                                       "per call (the base answers' call is n times smaller)"))
+                                       f"per grader call, sent {JUDGE_BATCH} at a time"))
     return programs
 
 
@@ -287,7 +290,8 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
         programs, k = knowledge_programs(knowledge, shapes, passages=passages)
     return Workload(Path(path).stem, config, knowledge.dtype, mesh if mesh is not None else knowledge.mesh,
                     knowledge.remat, tuple(programs), k, source,
-                    (train_mesh if train_mesh is not None else knowledge.train_mesh) or None)
+                    (train_mesh if train_mesh is not None else knowledge.train_mesh) or None,
+                    int(passages or getattr(knowledge, "passages_per_program", 1)) if k else 1)
 
 
 def workload_from_flags(model: str, shapes: Shapes, *, candidates: int, dtype: str, mesh: str | None, remat: str | bool,
@@ -420,7 +424,7 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
             if on_row is not None:
                 on_row(row)
     return {"workload": workload.name, "model": workload.source, "target": target.name, "mesh": spec,
-            "train_mesh": workload.train_mesh,
+            "train_mesh": workload.train_mesh, "passages": workload.passages,
             "dtype": workload.dtype, "candidates": workload.candidates, "rows": rows, "summary": summarize(rows, workload)}
 
 
@@ -537,8 +541,8 @@ def format_rows(report: dict[str, Any]) -> str:
         lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device (programs run once per "
                       "run, or once per call of several passages, are not counted in it)."]
     elif s.get("passage_seconds") is not None:
-        shared = min((r["per_passage"] for r in report["rows"] if 0 < r["per_passage"] < 1), default=None)
-        how = "one passage at a time" if shared is None else f"{round(1 / shared)} passages per program"
+        group = report.get("passages", 1)
+        how = "one passage at a time" if group == 1 else f"{group} passages per program"
         lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device; "
                       f"{s['evaluations_per_hour']:.0f} self-edit evaluations per hour on the whole mesh, {how} "
                       f"({report['candidates']} candidates per passage)."]
@@ -561,8 +565,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile on every sensible mesh layout of the target and rank those that fit by "
                              "roofline time (ignores --mesh)")
     parser.add_argument("--passages-per-program", type=int, default=None, metavar="P",
-                        help="passages whose candidates train in one program (overrides a knowledge or ReST-EM "
-                             "config's passages_per_program; the training row then counts 1/P per passage)")
+                        help="passages that share each program (overrides a knowledge or ReST-EM config's "
+                             "passages_per_program; the base answers, self-edits and training then count 1/P "
+                             "per passage)")
     parser.add_argument("--train-mesh", default=None, metavar="MESH",
                         help="another layout of the target's devices for the training programs (e.g. data=8; "
                              "overrides the config's train_mesh, '' for none); each training call adds a "

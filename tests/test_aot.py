@@ -177,7 +177,7 @@ def test_workloads_from_the_papers_configs():
     seal = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes)
     assert seal.config == preset("qwen3-8b") and "not on this machine" in seal.source
     # passage (1) + implications, rewrite, self_qa, replay (5 each) trained together
-    assert seal.candidates == 21
+    assert seal.candidates == 21 and seal.passages == 2 and seal.train_mesh == "data=8"
     assert [p.name for p in seal.programs] == ["answer", "self_edit", "train", "answer_k", "judge"]
     # 3 generating conditions, two passages' self-edits in one call (passages_per_program = 2)
     self_edit = next(p for p in seal.programs if p.name == "self_edit")
@@ -209,7 +209,7 @@ def test_passages_training_together_fill_the_lanes_one_passage_leaves_idle(capsy
     flops = {}
     for p in (1, 2):
         workload = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes, model="tiny", mesh="data=2,fsdp=4",
-                                            passages=p)
+                                            passages=p, train_mesh="")  # training on the mesh
         train, answer = (next(q for q in workload.programs if q.name == name) for name in ("train", "answer"))
         assert train.args["candidates"] == 21 * p and train.per_passage == 1 / p and workload.candidates == 21
         assert answer.args["batch"] == shapes.questions * p and answer.per_passage == 1 / p

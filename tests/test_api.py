@@ -164,6 +164,8 @@ def test_training_on_a_train_mesh_equals_training_on_the_mesh(tiny_hf):
     assert collectives(split) == {} and "all-reduce" in collectives(plain)
     assert "all-gather" in hlo.analyze(split.lower_train_placement().compile().as_text()).collectives
     assert plain.lower_train_placement() is None
+    with pytest.raises(shd.MeshError, match=r"train_mesh 'data=3' must be a layout of the mesh's 8 devices"):
+        sj.load(folder, mesh="data=2,tensor=4", train_mesh="data=3", progress=False)
     with pytest.raises(shd.MeshError, match="train_mesh needs a mesh"):
         sj.load(folder, train_mesh="data=8", progress=False)
     with pytest.raises(shd.MeshError, match="must use the devices of the mesh"):

@@ -11,7 +11,15 @@ from conftest import tiny_config
 import seal_jax as sj
 from seal_jax.selfedit.data import load_passages
 from seal_jax.selfedit.engine import LanguageModel
-from seal_jax.selfedit.episode import NO_SEQUENCES, Job, make_grader, score_base, train_and_score
+from seal_jax.selfedit.episode import (
+    NO_SEQUENCES,
+    Episode,
+    Job,
+    make_grader,
+    score_base,
+    train_and_score,
+    train_and_score_many,
+)
 from seal_jax.selfedit.results import Measure
 from seal_jax.selfedit.strategies import question_prompt
 
@@ -106,6 +114,67 @@ def test_train_and_score_trains_every_usable_job_in_one_call_and_keeps_row_order
     assert len(lm.scored) == 2 and lm.scored[1][2] is not None  # one teacher-forced pass under all K adapters
     assert train_and_score(lm, passage, jobs[1:2], config=config, grader=grader, before=Measure(0.5))[0]["failure"]
     assert len(lm.trained) == 1  # nothing usable: no training call
+
+
+class TaggedAdapters:
+    """Stand-in adapters that know which trained candidates they are (``ids``)."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+        self.losses = [[float(i), float(i) / 2] for i in self.ids]
+        self.failed = [None] * len(self.ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def take(self, indices):
+        return TaggedAdapters([self.ids[i] for i in indices])
+
+
+class GroupLM:
+    """Trains tagged adapters; an adapter with an even tag answers every question right, an odd one wrong."""
+
+    tokenizer = None
+
+    def __init__(self, golds):
+        self.golds, self.trained = golds, []
+
+    def train_adapters(self, sequences, lora=None, train=None, seed=0):
+        self.trained.append([s[0] for s in sequences])
+        return TaggedAdapters(range(len(sequences)))
+
+    def generate(self, prompts, params=None, adapters=None, chat=False, enable_thinking=False):
+        return [[f"It is {self.golds[p]}." if i % 2 == 0 else "no idea" for p in prompts] for i in adapters.ids]
+
+    def completion_logprobs(self, prompts, completions, adapters=None, chat=False, enable_thinking=False):
+        tokens = np.ones(len(completions))
+        return np.stack([-(i + 1.0) * tokens for i in adapters.ids]), tokens
+
+
+def test_passages_trained_together_keep_their_own_adapters_and_rows():
+    """``train_and_score_many``: one training call for every usable job of every passage, in order; each
+    passage's rows come from its own adapters, also when a passage between them has nothing to train."""
+    passages = load_passages("demo", n=3)
+    golds = {question_prompt(p.title, q.question): q.answer for p in passages for q in p.questions}
+    lm = GroupLM(golds)
+    config = tiny_config("m", grader="contains")
+    lora, train = config.lora_spec(), config.train_spec()
+
+    def job(c, text):
+        return Job("implications", c, text, [text] if text else [], lora, train, {"repeat": 0})
+
+    episodes = [Episode(passages[0], (job(0, "a0"), job(1, "a1")), Measure(0.5, -1.0)),
+                Episode(passages[1], (job(0, None),), Measure(0.25, -1.0)),
+                Episode(passages[2], (job(0, None), job(1, "c1"), job(2, "c2")), Measure(0.0, -1.0))]
+    rows = train_and_score_many(lm, episodes, config=config, grader=make_grader(config, lm))
+    assert lm.trained == [["a0", "a1", "c1", "c2"]]  # one call, every usable job in episode order
+    assert [[(r["candidate"], r["failure"]) for r in own] for own in rows] == [
+        [(0, None), (1, None)], [(0, NO_SEQUENCES)], [(0, NO_SEQUENCES), (1, None), (2, None)]]
+    tags = [[r["train_loss"][0] if r.get("train_loss") else None for r in own] for own in rows]
+    assert tags == [[0.0, 1.0], [None], [None, 2.0, 3.0]]  # trained candidates 0, 1 | none | 2, 3
+    assert [r["accuracy_after"] for r in rows[0] + rows[2]] == [1.0, 0.0, 0.0, 1.0, 0.0]  # even tags answer
+    assert rows[2][2]["gold_loglik_after"] == -4.0 and rows[1][0]["accuracy_after"] == 0.25
+    assert all(a["question"] in {q.question for q in passages[2].questions} for a in rows[2][1]["answers"])
 
 
 def test_the_engine_provides_what_the_loop_needs(tiny_chat_dir):

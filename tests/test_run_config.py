@@ -85,6 +85,9 @@ def test_resume_ignores_engine_settings_only():
     assert config_differences(older, {**base, "templates": {"variant": "archive", "seed_scores": "rescore"}}) == [
         "templates"]
     assert config_differences(base, {**base, "passages_per_program": 4}) == []  # results do not depend on it
+    assert config_differences(base, {**base, "train_mesh": "data=8"}) == []
+    with pytest.raises(RunConfigError, match="train_mesh must be a string"):
+        tiny_config("m", mesh="data=8", train_mesh={"data": 8})
     with pytest.raises(RunConfigError, match=r"remat must be one of \['none', 'minimal', 'full'\]"):
         tiny_config("m", remat="false")
     for value in ("none", "minimal", "full", True, False):

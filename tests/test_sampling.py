@@ -186,6 +186,10 @@ def test_sampler_greedy_seeds_and_rows():
     logits = jnp.log(jnp.asarray(np.tile(PROBS, (5, 1)), jnp.float32))
     key = jax.random.key(3)
     np.testing.assert_array_equal(sample_step(logits[:3], key, 1.0), sample_step(logits, key, 1.0)[:3])
+    # [B] keys are used as given: the per-row keys of one key are the key folded with each row's index
+    rows = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(5))
+    np.testing.assert_array_equal(sample_step(logits, rows, 1.0), sample_step(logits, key, 1.0))
+    assert sample_step(logits, jax.random.PRNGKey(3), 1.0).shape == (5,)  # a raw uint32[2] key is one key
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -95,7 +95,13 @@ def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None
         raise shd.MeshError("train_mesh needs a mesh: it is another layout of the mesh's devices")
     devices = list(mesh.devices.flat)
     if isinstance(train_mesh, str):  # in the mesh's device order: the placement maps one layout onto the other
-        train_mesh = shd.make_mesh(train_mesh, devices=devices, keep_order=True)
+        try:
+            train_mesh = shd.make_mesh(train_mesh, devices=devices, keep_order=True)
+        except shd.MeshError as error:
+            raise shd.MeshError(f"train_mesh {train_mesh!r} must be a layout of the mesh's {len(devices)} devices "
+                                f"(sizes whose product is {len(devices)}): {error}") from None
+    if not isinstance(train_mesh, Mesh):
+        raise shd.MeshError(f"train_mesh must be a Mesh or a spec like 'data=8', got {train_mesh!r}")
     if {d.id for d in train_mesh.devices.flat} != {d.id for d in devices}:
         raise shd.MeshError(f"train_mesh {dict(train_mesh.shape)} must use the devices of the mesh "
                             f"{dict(mesh.shape)}: the base weights move between the two layouts")
@@ -169,6 +175,7 @@ class LM:
         config = from_hf(folder)
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
+        train_mesh = _train_mesh(train_mesh, mesh)  # checked before minutes of loading
         dt = _dtype(dtype)
         params = weights.load_params(folder, config, dtype=dt, mesh=mesh, progress=progress)
         if tokenizer is None:
@@ -226,6 +233,7 @@ class LM:
             config = preset(config)
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
+        train_mesh = _train_mesh(train_mesh, mesh)
         dt = _dtype(dtype)
         params = weights.random_params(config, dtype=dt, mesh=mesh, seed=seed)
         return cls(build_model(config, params, dtype=dt, remat=remat), tokenizer, mesh=mesh, path=None,
@@ -534,9 +542,10 @@ class LM:
         sampling.as_lora(adapters, self.config)  # validate before compiling anything
         if seeds is not None:
             seeds = list(seeds)
-            if len(seeds) != len(rows) or not all(isinstance(x, int | np.integer) and 0 <= x < 2**32 for x in seeds):
+            bad = [x for x in seeds if not (isinstance(x, int | np.integer) and 0 <= x < 2**32)]
+            if len(seeds) != len(rows) or bad:
                 raise sampling.SamplingError(f"seeds: one integer in [0, 2**32) per prompt ({len(rows)}), got "
-                                             f"{len(seeds)} values")
+                                             f"{len(seeds)} values" + (f", among them {bad[:3]}" if bad else ""))
         return self._sampler.generate(self.state, self.config, rows, params, eos_ids=self._eos_ids(),
                                       pad_id=self._pad_id(), adapters=adapters, copies=self._decode_copies(),
                                       seeds=seeds, timings=timings)

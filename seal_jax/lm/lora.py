@@ -144,9 +144,11 @@ class Adapters:
         """Candidates ``indices`` (in that order) as a stack of their own: what one passage's candidates
         answer with after several passages trained together. Ranks stay padded to the stack's."""
         picked = [int(k) for k in indices]
+        if not picked:
+            raise IndexError("take needs at least one adapter index")
         bad = [k for k in picked if not 0 <= k < len(self)]
-        if bad or not picked:
-            raise IndexError(f"adapter indices {bad or picked} out of range for {len(self)} candidates")
+        if bad:
+            raise IndexError(f"adapter indices {bad} out of range for {len(self)} candidates (0 to {len(self) - 1})")
         if picked == list(range(len(self))):
             return self
         rows = np.asarray(picked)

@@ -179,7 +179,7 @@ def sample_step(logits: jax.Array, key: jax.Array, temperature: Any, top_k: Any 
     Args:
       logits: float ``[B, V]``.
       key: a PRNG key; row ``i`` draws with ``fold_in(key, i)``, so a row's draw does not depend on the
-        batch size. Or ``[B]`` keys, one per row, used as they are.
+        batch size. Or ``[B]`` typed keys (``jax.random.key``), one per row, used as they are.
       temperature, top_k, top_p, min_p: scalars (traced or not), see :class:`SamplingParams`;
         ``temperature == 0`` is greedy (argmax, the filters are skipped).
     Returns:
@@ -194,7 +194,8 @@ def sample_step(logits: jax.Array, key: jax.Array, temperature: Any, top_k: Any 
     def sampled() -> jax.Array:
         probs = jnp.exp(filter_logits(logits, temperature, top_k, top_p, min_p))
         cdf = jnp.cumsum(probs, axis=-1)
-        row_keys = key if jnp.ndim(key) == 1 else jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(b))
+        per_row = jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        row_keys = key if per_row else jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(b))
         u = jax.vmap(jax.random.uniform)(row_keys) * cdf[:, -1]
         # the first index whose cumulative mass exceeds u is a kept token (removed ones add no mass)
         first = _first_true(cdf > u[:, None])

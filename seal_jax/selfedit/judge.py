@@ -84,6 +84,7 @@ class JudgeRecord:
 # Prompts per ``generate`` call of the judge (a run grades a whole answer set in one grader call).
 JUDGE_BATCH = 32
 
+
 class JudgeGrader:
     """An LLM judge: asks a local model whether each answer conveys the gold answer without contradicting it.
 

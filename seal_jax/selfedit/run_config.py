@@ -165,6 +165,8 @@ class RunConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RunConfigError(f"{key} must be a positive integer, got {value!r}")
         check_data_table(self.data, "data")
+        if self.train_mesh is not None and not isinstance(self.train_mesh, str):
+            raise RunConfigError(f"train_mesh must be a string like 'data=8', got {self.train_mesh!r}")
         if self.train_mesh and not self.mesh:
             raise RunConfigError(f"train_mesh = {self.train_mesh!r} is another layout of the mesh's devices; set mesh too")
         if self.dtype not in DTYPE_NAMES:
