@@ -90,22 +90,17 @@ def test_passages_training_together_give_the_rows_they_give_alone(tiny_chat_dir,
     after its first group resumes with another group size."""
     config = tiny_config(tiny_chat_dir, data={"source": "demo", "n": 3})
     run_knowledge(config, tmp_path / "alone", lm=tiny_lm, progress=False)
-    calls = []
-    train = tiny_lm.train_adapters
+    def count(method):  # the batch size of every call of tiny_lm.<method>
+        sizes, real = [], getattr(tiny_lm, method)
 
-    def counting(sequences, *args, **kwargs):
-        calls.append(len(sequences))
-        return train(sequences, *args, **kwargs)
+        def counted(first, *args, **kwargs):
+            sizes.append(len(first))
+            return real(first, *args, **kwargs)
 
-    monkeypatch.setattr(tiny_lm, "train_adapters", counting)
-    generations = []
-    generate = tiny_lm.generate
+        monkeypatch.setattr(tiny_lm, method, counted)
+        return sizes
 
-    def counting_generate(prompts, *args, **kwargs):
-        generations.append(len(prompts))
-        return generate(prompts, *args, **kwargs)
-
-    monkeypatch.setattr(tiny_lm, "generate", counting_generate)
+    calls, generations = count("train_adapters"), count("generate")
     grouped = dataclasses.replace(config, passages_per_program=3)
     run_knowledge(grouped, tmp_path / "together", lm=tiny_lm, progress=False)
     assert calls == [3 * 3]  # one program: 3 passages x (passage + 2 implications)
