@@ -156,6 +156,8 @@ def test_training_on_a_train_mesh_equals_training_on_the_mesh(tiny_hf):
     for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
         assert y.sharding.is_equivalent_to(shd.replicated(split.mesh), y.ndim)
+    split.train_adapters(seqs[:1], lora[:1], spec)  # each call places the weights with the one program
+    assert split._place._cache_size() == 1
     params = sj.SamplingParams(max_new_tokens=6)
     assert split.generate_ids([[5, 9, 14]], params, adapters=b) == plain.generate_ids([[5, 9, 14]], params, adapters=a)
     # the training program on data=8 needs no collective; on the generation mesh it all-reduces
@@ -168,6 +170,9 @@ def test_training_on_a_train_mesh_equals_training_on_the_mesh(tiny_hf):
         sj.load(folder, mesh="data=2,tensor=4", train_mesh="data=3", progress=False)
     with pytest.raises(shd.MeshError, match="train_mesh needs a mesh"):
         sj.load(folder, train_mesh="data=8", progress=False)
+    with pytest.raises(shd.MeshError, match="in the mesh's order"):
+        sj.load(folder, mesh="data=2,tensor=4", train_mesh=shd.make_mesh("data=8", devices=jax.devices()[::-1]),
+                progress=False)
     with pytest.raises(shd.MeshError, match="must use the devices of the mesh"):
         sj.load(folder, mesh=shd.make_mesh("data=4", devices=jax.devices()[:4]), train_mesh=shd.make_mesh("data=8"),
                 progress=False)

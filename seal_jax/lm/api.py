@@ -105,6 +105,10 @@ def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None
     if {d.id for d in train_mesh.devices.flat} != {d.id for d in devices}:
         raise shd.MeshError(f"train_mesh {dict(train_mesh.shape)} must use the devices of the mesh "
                             f"{dict(mesh.shape)}: the base weights move between the two layouts")
+    if [d.id for d in train_mesh.devices.flat] != [d.id for d in devices]:
+        raise shd.MeshError(f"train_mesh {dict(train_mesh.shape)} must list the mesh's devices in the mesh's order "
+                            "(one program places the weights from one layout onto the other): build it with "
+                            "make_mesh(spec, devices=list(mesh.devices.flat), keep_order=True), or pass the spec")
     return train_mesh
 
 
@@ -131,6 +135,7 @@ class LM:
         self.is_abstract = False  # True for LM.abstract models (shapes only: lower and compile, no data)
         self.train_mesh = _train_mesh(train_mesh, mesh)
         self._train_graphdef: Any = None  # the model's structure on train_mesh, made at the first training
+        self._place: Any = None  # the jitted placement of the weights on train_mesh (see _placement)
 
     @property
     def config(self) -> ModelConfig:
@@ -290,34 +295,31 @@ class LM:
         runs first), or ``None`` without a train mesh."""
         if self.train_mesh is None:
             return None
-        target = self._train_shardings()
-        return jax.jit(lambda state: state, out_shardings=target).lower(self.state)
+        return self._placement().lower(self.state)
 
-    def _train_shardings(self) -> Any:
-        """The sharding of every base weight on :attr:`train_mesh`, in the state's structure."""
-        flat = {path: shd.param_sharding(self.train_mesh, path, x.shape)
-                for path, x in flatten(nnx.to_pure_dict(self.state)).items()}
-        state = nnx.clone(self.state)
-        nnx.replace_by_pure_dict(state, nest(flat))
-        return state
+    def _placement(self) -> Any:
+        """The jitted program that places the base weights on :attr:`train_mesh` (made once)."""
+        if self._place is None:
+            flat = {path: shd.param_sharding(self.train_mesh, path, x.shape)
+                    for path, x in flatten(nnx.to_pure_dict(self.state)).items()}
+            target = nnx.clone(self.state)
+            nnx.replace_by_pure_dict(target, nest(flat))
+            self._place = jax.jit(lambda state: state, out_shardings=target)
+        return self._place
 
     def _train_view(self) -> tuple[Any, Any, Mesh | None]:
         """``(graphdef, state, mesh)`` that LoRA training runs with: the model's own, or, with a
         :attr:`train_mesh`, its structure for that mesh and the base weights placed on it."""
         if self.train_mesh is None:
             return self.graphdef, self.state, self.mesh
-        flat = flatten(nnx.to_pure_dict(self.state))
-        placed = {}
-        for path, x in flat.items():
-            where = shd.param_sharding(self.train_mesh, path, x.shape)
-            placed[path] = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
-                            if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, where))
         if self._train_graphdef is None:
             model = nnx.merge(self.graphdef, self.state)
             model.attention_placement = attn.Placement(self.train_mesh)
             self._train_graphdef, _ = nnx.split(model)
-        state = nnx.clone(self.state)
-        nnx.replace_by_pure_dict(state, nest(placed))
+        if self.is_abstract:  # shapes placed as the placement program would place them
+            state = jax.eval_shape(self._placement(), self.state)
+        else:  # the program `seal-jax compile` reports as <program>.placement
+            state = self._placement()(self.state)
         return self._train_graphdef, state, self.train_mesh
 
     def params(self) -> dict[str, jax.Array]:
