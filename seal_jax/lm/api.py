@@ -87,6 +87,11 @@ def _check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> No
             raise sampling.SamplingError(f"{name.rstrip('s')} {i} is empty; every one needs some text")
 
 
+def _train_programs(graphdef: Any, mesh: Mesh | None) -> dict[Any, Any]:
+    """The compiled training programs shared by every LM with this structure on this mesh (see ``LM._shared``)."""
+    return _PROGRAMS.setdefault((graphdef, mesh), {}).setdefault("train", {})
+
+
 def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None:
     """``train_mesh`` as a :class:`Mesh` over the devices of ``mesh`` (see :meth:`LM.load`), or ``None``."""
     if train_mesh is None:
@@ -288,7 +293,7 @@ class LM:
             graphdef, state, flatten(nnx.to_pure_dict(state)), candidates=candidates, sequences=sequences,
             seq_len=seq_len, lora=LoraSpec.seal() if lora is None else lora,
             train=TrainSpec.seal() if train is None else train, seed=seed, mesh=mesh,
-            programs=_PROGRAMS.setdefault((graphdef, mesh), {}).setdefault("train", {}))  # shared as in _shared
+            programs=_train_programs(graphdef, mesh))
 
     def lower_train_placement(self) -> Any:
         """The lowered program that places the base weights on :attr:`train_mesh` (what each training call
@@ -482,7 +487,7 @@ class LM:
             graphdef, state, flatten(nnx.to_pure_dict(state)), self.tokenizer, sequences,
             LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
             seed=seed, eos_id=self._train_eos_id(), pad_id=self._pad_id(), mesh=mesh,
-            programs=_PROGRAMS.setdefault((graphdef, mesh), {}).setdefault("train", {}),
+            programs=_train_programs(graphdef, mesh),
         )
         if isinstance(out, Adapters) and mesh is not self.mesh:  # back to the mesh that generates with them
             out.weights = jax.device_put(out.weights, shd.replicated(self.mesh))

@@ -156,18 +156,11 @@ def condition_jobs(passage: Passage, config: RunConfig, generated: dict[str, lis
     return jobs, failed
 
 
-def passage_rows(lm: LanguageModel, passage: Passage, config: RunConfig, grader: BatchGrader,
-                 replay: dict[str, list[str]] | None, template: Template | None = None,
-                 template_failure: str | None = None) -> list[dict[str, Any]]:
-    """All result rows of one passage: ``base``, then every training condition's candidates, all trained in
-    one ``train_adapters`` call (:func:`~seal_jax.selfedit.episode.train_and_score`)."""
-    return group_rows(lm, [passage], config, grader, replay, template, template_failure)[0]
-
-
 def group_rows(lm: LanguageModel, passages: list[Passage], config: RunConfig, grader: BatchGrader,
                replay: dict[str, list[str]] | None, template: Template | None = None,
                template_failure: str | None = None) -> list[list[dict[str, Any]]]:
-    """:func:`passage_rows` of several passages (``config.passages_per_program``), per passage its rows.
+    """All result rows of several passages (``config.passages_per_program``; one passage: P = 1), per passage
+    its rows: ``base``, then every training condition's candidates.
 
     The passages share each program: the base model answers all their questions in one generation (and one
     grader call), each condition samples all their self-edits in one batch (each passage with its own
