@@ -556,7 +556,10 @@ def format_rows(report: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``seal-jax compile``."""
     parser.add_argument("config", nargs="?", default=None, help="a run config TOML (e.g. experiments/seal-qwen3-8b.toml)")
-    parser.add_argument("--target", required=True, help=f"one of: {', '.join(TARGETS)}")
+    names = ", ".join(f"{t.name} ({t.chips})" for t in TARGETS.values())
+    parser.add_argument("--target", required=True,
+                        help=f"one of: {names} (devices in brackets; TPU names are Cloud accelerator types, and a "
+                        "v5p's counts TensorCores, two per chip)")
     parser.add_argument("--mesh", default=None, help="mesh sizes (default: the config's, or data=<chips>)")
     parser.add_argument("--model", default=None, help="a preset (e.g. qwen3-8b) or HF folder; overrides the config's")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")

@@ -88,10 +88,10 @@ class Target:
     """A compile target: ``chips`` devices of one kind.
 
     Attributes:
-      name: e.g. ``tpu-v5p-8`` or ``h100-8``.
+      name: e.g. ``tpu-v5p-16`` or ``h100-8``.
       platform: ``"tpu"`` or ``"gpu"``.
       chip: the key of the chip's peaks in :data:`seal_jax.plan.HARDWARE`.
-      chips: number of devices.
+      chips: number of devices (chips; a v5p chip's two TensorCores are one JAX device).
       topology: the TPU topology name (``v5p:2x2x2``) or the GPU topology (``1x1x8``: partitions × hosts ×
         devices per host).
       gpu: the key of the GPU's facts in :data:`GPUS` (GPU targets only).
@@ -116,6 +116,10 @@ class Target:
         return GPUS[self.gpu].device_memory_size if self.gpu else int(self.hardware.hbm_bytes)
 
 
+# TPU names are Cloud TPU accelerator types, so a name here is what `gcloud compute tpus tpu-vm create
+# --accelerator-type` takes: v5e and v6e count chips, v5p counts TensorCores (two per chip, one JAX
+# device per chip), so `tpu-v5p-8` is one host of 4 chips and `tpu-v5p-16` is 8 chips on two hosts.
+# GPU names count GPUs.
 def _tpu(name: str, chip: str, chips: int, topology: str) -> Target:
     return Target(name, "tpu", chip, chips, topology)
 
@@ -128,8 +132,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     _tpu("tpu-v5e-4", "tpu-v5e", 4, "v5e:2x2"),
     _tpu("tpu-v5e-8", "tpu-v5e", 8, "v5e:2x4"),
     _tpu("tpu-v5e-256", "tpu-v5e", 256, "v5e:16x16"),
-    _tpu("tpu-v5p-8", "tpu-v5p", 8, "v5p:2x2x2"),
-    _tpu("tpu-v5p-128", "tpu-v5p", 128, "v5p:4x4x8"),
+    _tpu("tpu-v5p-8", "tpu-v5p", 4, "v5p:2x2x1"),
+    _tpu("tpu-v5p-16", "tpu-v5p", 8, "v5p:2x2x2"),
+    _tpu("tpu-v5p-128", "tpu-v5p", 64, "v5p:4x4x4"),
+    _tpu("tpu-v5p-256", "tpu-v5p", 128, "v5p:4x4x8"),
     _tpu("tpu-v6e-8", "tpu-v6e", 8, "v6e:2x4"),
     _tpu("tpu-v6e-256", "tpu-v6e", 256, "v6e:16x16"),
     _gpu("h100", 1), _gpu("h100", 8), _gpu("h200", 1), _gpu("h200", 8), _gpu("a100-80g", 8),
@@ -139,7 +145,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
 def get_target(name: str) -> Target:
     """The target called ``name`` (see :data:`TARGETS`)."""
     if name not in TARGETS:
-        raise TargetError(f"unknown target {name!r}; targets: {', '.join(TARGETS)}")
+        known = ", ".join(f"{t.name} ({t.chips} devices)" for t in TARGETS.values())
+        raise TargetError(f"unknown target {name!r}; targets: {known}")
     return TARGETS[name]
 
 

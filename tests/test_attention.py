@@ -160,7 +160,7 @@ def test_a_chunked_model_gives_the_einsum_models_hidden_states():
 
 @pytest.mark.parametrize("target, mesh_spec, kernel, call", [
     ("h100-1", "data=1", "triton", "__gpu$xla.gpu.triton"),
-    ("tpu-v5p-8", "data=2,tensor=4", "splash", "tpu_custom_call"),
+    ("tpu-v5p-16", "data=2,tensor=4", "splash", "tpu_custom_call"),
 ])
 def test_training_temporaries_grow_linearly_with_the_sequence(target, mesh_spec, kernel, call):
     """The training program compiled for an H100 and a TPU v5p slice (deviceless; on v5p two candidates on

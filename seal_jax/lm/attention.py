@@ -113,7 +113,7 @@ def head_axes(sizes: Mapping[str, int], kv_heads: int, fsdp: bool = True) -> tup
     """The mesh axis a fused kernel's ``shard_map`` splits the key/value heads over, as a tuple of one or
     none: ``tensor`` where it is larger than 1 and ``kv_heads`` divides by it, else (with ``fsdp``) ``fsdp``
     on the same terms, else none. Never both: compiled for Qwen3-8B with ``fsdp=2,tensor=4``, heads over both made
-    GSPMD reshard the projections around the kernel (training +33% FLOPs on v5p-8, roofline 9.9 -> 13.1 s),
+    GSPMD reshard the projections around the kernel (training +33% FLOPs on v5p-16, roofline 9.9 -> 13.1 s),
     where with ``fsdp`` alone (``fsdp=4``, 2,048 tokens on h100-8) splitting them cut the roofline
     17.3 -> 15.1 s. The planner divides the kernels' FLOPs by the same split."""
     for axis in ("tensor", "fsdp") if fsdp else ("tensor",):

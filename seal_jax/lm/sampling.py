@@ -25,7 +25,7 @@ in place and reads its slice, and libtpu reads the weights' slices where they li
 layers are *unrolled* over per-layer weight slices made once per call before the loop (on a CPU, copies
 kept between calls, see :mod:`seal_jax.lm.cpu_decode`) and one cache buffer per layer (``[B, KVH, S, Dh]``
 for keys and values): the CUDA compiler copies a slice taken inside the loop on every step, so the once-per-
-call copy is the cheaper one there. Measured with ``seal-jax compile`` for Qwen3-8B on ``tpu-v5p-8``
+call copy is the cheaper one there. Measured with ``seal-jax compile`` for Qwen3-8B on ``tpu-v5p-16``
 (``data=2,fsdp=4``): the scanned decode reads 1.06–1.08× its arguments per step (unrolled: 1.21–1.22×),
 its temporaries fall from 3.5 GB to 0.5–0.6 GB per device, and it compiles in 13–16 s instead of 26–55 s;
 under 21 stacked adapters it reads 3.4× (unrolled 3.9×).

@@ -1,0 +1,36 @@
+"""The compile targets: names that mean what a user rents, and devices that match them."""
+
+from __future__ import annotations
+
+import pytest
+
+from seal_jax import targets
+
+
+@pytest.mark.parametrize("name, chips, cores", [
+    ("tpu-v5p-8", 4, 8), ("tpu-v5p-16", 8, 16), ("tpu-v5p-128", 64, 128), ("tpu-v5p-256", 128, 256)])
+def test_v5p_names_count_tensorcores_like_cloud_tpu(name: str, chips: int, cores: int) -> None:
+    """A Cloud TPU `v5p-N` has N TensorCores, two per chip, and JAX sees one device per chip: the target
+    `tpu-v5p-8` is the one-host slice of 4 chips, not 8 (the `2x2x1` topology in Google's v5p table)."""
+    t = targets.get_target(name)
+    assert t.chips == chips == cores // 2
+    x, y, z = (int(n) for n in t.topology.split(":")[1].split("x"))
+    assert x * y * z == chips
+
+
+def test_v5e_and_gpu_names_count_devices() -> None:
+    for name in ("tpu-v5e-4", "tpu-v5e-8", "tpu-v6e-8", "h100-8", "h200-1"):
+        assert targets.get_target(name).chips == int(name.rsplit("-", 1)[1])
+
+
+def test_libtpu_gives_the_v5p_8_its_four_chips() -> None:
+    """The compiler agrees: the deviceless `v5p:2x2x1` topology has four devices, one per chip."""
+    pytest.importorskip("libtpu", reason="the [aot] extra (libtpu) is part of the test install")
+    devs = targets.devices("tpu-v5p-8")
+    assert len(devs) == 4
+    assert {d.device_kind for d in devs} == {"TPU v5"}
+
+
+def test_an_unknown_target_lists_the_known_ones_with_their_devices() -> None:
+    with pytest.raises(targets.TargetError, match=r"unknown target 'tpu-v5p-6'.*tpu-v5p-8 \(4 devices\)"):
+        targets.get_target("tpu-v5p-6")
