@@ -6,7 +6,7 @@ device and for each hardware in :data:`HARDWARE`:
 * **bytes** — base weights (sharded exactly as :mod:`seal_jax.lm.sharding` places them: the real
   :data:`~seal_jax.lm.sharding.PARAM_AXES` and :data:`~seal_jax.lm.sharding.RULES` through
   :func:`~seal_jax.lm.sharding.spec_for`), LoRA adapters and AdamW state (float32, kept on the lanes that
-  train them: a device holds its lanes' candidates, see ``training.LanePlan``), per-lane
+  train them: a device holds its lanes' candidates, see ``lanes.LanePlan``), per-lane
   gradient accumulators, training activations (per ``Decoder(remat=...)``: "none" keeps every layer's
   intermediates, "minimal" each layer's input and projection outputs, "full" only each layer's input
   ``[B, T, D]``; the last two recompute one layer's rest at a time), the chunked cross-entropy and the sampling KV cache ``[K, L, B, S, KVH, Dh]`` (batch over ``data``, KV heads over
@@ -225,7 +225,7 @@ def lanes_per_device(candidates: int, batch: int, mesh: Mapping[str, int]) -> tu
     trainer splits the ``data`` axis (:func:`~seal_jax.lm.training.data_layout`): K / data lanes of
     ``batch`` rows when K divides by ``data``; else all K lanes of ``batch / data`` rows when the batch
     divides (data parallelism within a candidate); else the lanes padded to a multiple of ``data``.
-    Candidates of equal length get one lane each (``training.assign_lanes``); unequal ones may share lanes,
+    Candidates of equal length get one lane each (``lanes.assign_lanes``); unequal ones may share lanes,
     so K lanes is the upper bound."""
     d = mesh["data"]
     if candidates % d == 0:

@@ -353,3 +353,48 @@ def test_no_program_all_reduces_full_vocabulary_logits():
         assert reduced, name  # the fsdp-split projections still all-reduce: the pattern finds them
         wide = [shape for shape in reduced if re.search(r"[\[,]256[\],]", shape)]
         assert not wide, (name, wide)
+
+
+def test_gpu_training_reads_each_layers_weights_where_they_lie():
+    """On an H100 the training program runs the layers unrolled over per-layer weights split once per call
+    (the LM's choice for GPUs): no layer weight is sliced (copied) inside the loop over steps, as the
+    scanned layers' every step does, and the program accesses fewer bytes by at least those copies."""
+    from flax import nnx
+
+    mesh = shd.make_mesh("data=1", devices=targets.devices("h100-1"))
+    config = TINY.replace(num_layers=5)  # a layer count no other axis has: the stacked shapes are the weights'
+    stacked = {tuple(shape) for path, shape in param_shapes(config).items() if path.startswith("layers.")}
+    stats, loop_slices = {}, {}
+    for form in ("unrolled", "scan"):
+        lm = sj.LM.abstract(config, mesh=mesh, dtype="bfloat16")
+        assert lm.model.train_layers == "unrolled"  # the GPU's choice
+        lm.model.train_layers = form
+        lm.graphdef, lm.state = nnx.split(lm.model)
+        text = lm.lower_train(2, 8, 64).compile().as_text()
+        stats[form] = hlo.analyze(text)
+        comps, entry = hlo.parse_module(text)
+        inside = set()  # computations that run inside a while loop (the steps, and the scanned layers)
+        for comp in comps.values():
+            for ins in comp.instrs:
+                if ins.opcode == "while":
+                    inside.add(hlo._attr(ins.attrs, "body"))
+        grow = True
+        while grow:  # and whatever they call
+            called = {c for name in inside for ins in comps[name].instrs for key in ("calls", "to_apply")
+                      if (c := hlo._attr(ins.attrs, key)) in comps}
+            called |= {b for name in inside for ins in comps[name].instrs
+                       for b in hlo._attr_list(ins.attrs, "branch_computations")}
+            grow = not called <= inside
+            inside |= called
+        loop_slices[form] = [ins.name for name in inside for ins in comps[name].instrs
+                             if ins.opcode in ("slice", "dynamic-slice")
+                             and tuple(hlo.shape_dims(comps[name].by_name[ins.operands[0]].shape)
+                                       if ins.operands[0] in comps[name].by_name else ()) in stacked]
+    assert loop_slices["scan"], "the pattern finds the scan's per-step weight slices"
+    assert not loop_slices["unrolled"], loop_slices["unrolled"]
+    # every step of the scan copies each layer's weights (a write and a read at least) that the unrolled
+    # layers read where they lie
+    steps = max(loop.trips or 0 for loop in stats["unrolled"].loops)
+    weights = sum(2 * math.prod(shape) for shape in stacked)  # bf16
+    assert steps >= 40 and stats["scan"].bytes - stats["unrolled"].bytes >= 2 * steps * weights
+    assert stats["unrolled"].flops <= stats["scan"].flops  # and no more arithmetic

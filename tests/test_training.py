@@ -307,19 +307,6 @@ def test_sharded_training_equals_unsharded(tiny, tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
-def test_lane_packing():
-    from seal_jax.lm.training import assign_lanes, length_buckets
-
-    steps = [48, 4, 8, 16, 8, 12, 8]
-    lanes = assign_lanes(steps)
-    assert sorted(c for lane in lanes for c in lane) == list(range(7))
-    assert len(lanes) == 3 and max(sum(steps[c] for c in lane) for lane in lanes) == 48
-    assert assign_lanes([5, 5, 5], lanes=3) == [[0], [1], [2]]
-    assert assign_lanes([5, 5, 5], lanes=1) == [[0, 1, 2]]
-    assert length_buckets(np.array([10, 20, 40, 300, 0]), 320) == (32, 64, 320)
-    assert length_buckets(np.array([10, 20, 40, 300]), 320, max_buckets=2)[-1] == 320
-
-
 def test_dense_lanes_equal_packed_lanes(tiny):
     _, lm = tiny
     loras = [LoraSpec(rank=2, alpha=4.0), LoraSpec(rank=4, alpha=4.0, dropout=0.1)]
@@ -501,3 +488,40 @@ def test_fused_attention_training_on_a_mesh_equals_the_einsum_unsharded(tiny, tm
         assert la == pytest.approx(lb, rel=1e-5)
     for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["minimal", "full", "none"])
+def test_unrolled_layers_train_what_the_scan_trains(tiny, tmp_path, monkeypatch, remat):
+    """GPUs train with the layers unrolled over per-layer weights (split once per call); the adapters, losses
+    and dropout masks are the scanned layers' (two heterogeneous candidates, one with LoRA dropout), under
+    each remat policy."""
+    hf_model, _ = tiny
+    hf_model.save_pretrained(tmp_path)
+    splits = []
+    real = sj.lm.model.Decoder.unstacked_layers
+    monkeypatch.setattr(sj.lm.model.Decoder, "unstacked_layers", lambda self: splits.append(1) or real(self))
+    lms = {}
+    for form in ("scan", "unrolled"):
+        lm = sj.load(tmp_path, progress=False)
+        assert lm.model.train_layers == "scan"  # the CPU's choice
+        lm.model.train_layers, lm.model.remat = form, remat
+        lm.graphdef, lm.state = nnx.split(lm.model)
+        lms[form] = lm
+    loras = [LoraSpec(rank=4, alpha=8.0), LoraSpec(rank=2, alpha=4.0, dropout=0.2)]
+    specs = [TrainSpec(learning_rate=1e-2, epochs=2, seed=1), TrainSpec(learning_rate=5e-3, epochs=1, seed=2)]
+    a = train(lms["scan"], [TEXTS[:2], TEXTS[2:]], loras, specs)
+    assert not splits
+    b = train(lms["unrolled"], [TEXTS[:2], TEXTS[2:]], loras, specs)
+    assert splits  # traced with the per-layer weights
+    for la, lb in zip(a.losses, b.losses, strict=True):
+        assert la == pytest.approx(lb, rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_train_layers_follow_the_platform():
+    from seal_jax.lm.model import Decoder, train_layers_for
+
+    assert [train_layers_for(p) for p in ("cpu", "tpu", "gpu")] == ["scan", "scan", "unrolled"]
+    with pytest.raises(ValueError, match="unknown train_layers 'loop'"):
+        Decoder(sj.lm.config.preset("tiny"), rngs=nnx.Rngs(0), train_layers="loop")

@@ -23,7 +23,7 @@ from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import token_nll
 from seal_jax.lm.lora import Adapters, LoraSpec
-from seal_jax.lm.model import Decoder, LoraInputs
+from seal_jax.lm.model import Decoder, LoraInputs, train_layers_for
 from seal_jax.lm.training import TrainSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -129,6 +129,8 @@ class LM:
         # the model was built with one
         if model.attention_impl is None:
             model.attention_impl = attn.implementation_for(shd.platform(mesh))
+        if model.train_layers is None:  # likewise how training runs the layers
+            model.train_layers = train_layers_for(shd.platform(mesh))
         model.attention_placement = attn.Placement(mesh)
         self.model = model
         self.tokenizer = tokenizer

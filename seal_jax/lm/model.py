@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -198,6 +198,16 @@ class LayerStack(nnx.Module):
         return {n: getattr(self, n)[...] for n in LAYER_PARAMS if hasattr(self, n)}
 
 
+# how LoRA training runs the layers (see Decoder's train_layers)
+TRAIN_LAYERS = ("scan", "unrolled")
+
+
+def train_layers_for(platform: str) -> str:
+    """How training runs the layers on ``platform`` (``"cpu"``, ``"tpu"``, ``"gpu"``): unrolled over
+    per-layer weights on GPUs, scanned elsewhere (see :class:`Decoder`)."""
+    return "unrolled" if platform == "gpu" else "scan"
+
+
 def unstack_layers(tree: Any, num_layers: int) -> list[Any]:
     """The ``num_layers`` per-layer pieces of a pytree whose leaves are stacked ``[L, ...]`` (copies)."""
     return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(num_layers)]
@@ -318,15 +328,25 @@ class Decoder(nnx.Module):
       attention_impl: how T tokens attend to their own keys (:data:`seal_jax.lm.attention.IMPLEMENTATIONS`),
         or None (the default): :class:`~seal_jax.LM` then chooses by its mesh's platform
         (``attention.implementation_for``), and the module alone uses ``"einsum"``.
+      train_layers: how LoRA training runs the layers, one of :data:`TRAIN_LAYERS`, or None (the default):
+        :class:`~seal_jax.LM` then chooses by its mesh's platform (:func:`train_layers_for`), and the module
+        alone scans. ``"scan"``: one compiled layer over the stacked weights, each step reading its layer's
+        slice where it lies (TPUs, CPUs). ``"unrolled"``: each training call first splits the weights into
+        per-layer arrays (one copy of them, kept for the call) and the layers are unrolled over those
+        (GPUs: the CUDA compiler copies a layer's slice taken inside the loop before every matmul, on every
+        step; the compile takes longer).
 
     ``attention_placement`` (an :class:`~seal_jax.lm.attention.Placement`, set by :class:`~seal_jax.LM` from
     its mesh) is where a kernel that runs in a ``shard_map`` (``"splash"``, ``"triton"``) runs.
     """
 
     def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, remat: str | bool = "minimal",
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, train_layers: str | None = None):
         if attention_impl is not None and attention_impl not in IMPLEMENTATIONS:
             raise AttentionError(f"unknown attention implementation {attention_impl!r}; choose one of {IMPLEMENTATIONS}")
+        if train_layers is not None and train_layers not in TRAIN_LAYERS:
+            raise ValueError(f"unknown train_layers {train_layers!r}; choose one of {TRAIN_LAYERS}")
+        self.train_layers = train_layers
         self.config = config
         self.dtype = dtype
         self.remat = remat_name(remat)
@@ -346,8 +366,13 @@ class Decoder(nnx.Module):
         lora: LoraInputs | None = None,
         positions: jax.Array | None = None,
         return_kv: bool = False,
+        layers: Sequence[dict[str, jax.Array]] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Final-norm hidden states ``[B, T, D]`` for token ids ``[B, T]`` (a scan over the stacked layers).
+
+        ``layers``: the base weights as per-layer arrays (:meth:`unstacked_layers`); the layers then run as
+        an unrolled loop over them, each under the same remat policy and with the same dropout keys as the
+        scan (see :attr:`train_layers`).
 
         ``attention_mask`` (``[B, T]``, 1 = real token, batches left-padded) sets both the keys that may be
         attended to and the rotary positions (``cumsum(mask) - 1``); ``positions`` (int ``[B, T]``)
@@ -378,9 +403,22 @@ class Decoder(nnx.Module):
         if self.remat != "none":
             policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "minimal" else None
             body = jax.checkpoint(body, prevent_cse=False, policy=policy)
-        xs = (self.layers.arrays(), None if lora is None else lora.weights, jnp.arange(c.num_layers))
-        x, kv = jax.lax.scan(body, x, xs)
+        if layers is not None:
+            adapters = [None] * c.num_layers if lora is None else unstack_layers(lora.weights, c.num_layers)
+            kvs = []
+            for i, (w, lw) in enumerate(zip(layers, adapters, strict=True)):
+                x, layer_kv = body(x, (w, lw, jnp.asarray(i)))
+                kvs.append(layer_kv)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if return_kv else None
+        else:
+            xs = (self.layers.arrays(), None if lora is None else lora.weights, jnp.arange(c.num_layers))
+            x, kv = jax.lax.scan(body, x, xs)
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps), kv
+
+    def unstacked_layers(self) -> list[dict[str, jax.Array]]:
+        """The stacked base weights as L per-layer dicts (copies; the form :meth:`hidden_states` takes as
+        ``layers``)."""
+        return unstack_layers(self.layers.arrays(), self.config.num_layers)
 
     def layer_params(self, lora: LoraInputs | None = None) -> list[tuple[dict[str, Any], Any]]:
         """Per layer, ``(weights, adapter slices or None)`` without the layer axis, for :meth:`extend`.
