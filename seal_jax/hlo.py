@@ -380,19 +380,42 @@ class _Analyzer:
         param_index = self._param_indices(callee)
         root = callee.root
         total = 0.0
-        in_place = None
-        if root.opcode == "dynamic-update-slice" and root.operands:
-            in_place = root.operands[0]
-            out_bytes = shape_bytes(self._operand_shape(callee, root.operands[1])) if len(root.operands) > 1 else 0
+        # an output that is a dynamic-update-slice of a parameter is that buffer updated in place: it writes
+        # the update only, and the parameter is not read (also as one element of a multi-output fusion's
+        # tuple, as libtpu writes a scanned layer's saved activations into their stacked buffer)
+        outputs = [callee.by_name.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
+        in_place: set[str] = set()
+        if any(o is not None and self._in_place_target(callee, o) for o in outputs):
+            out_bytes = 0
+            for o in outputs:
+                if o is None:
+                    continue
+                target = self._in_place_target(callee, o)
+                if target is None:
+                    out_bytes += hbm_bytes(o.shape)
+                else:
+                    in_place.add(target)
+                    out_bytes += shape_bytes(self._operand_shape(callee, o.operands[1])) if len(o.operands) > 1 else 0
         for pname, idx in param_index.items():
             if idx >= len(ins.operands):
                 continue
             full = hbm_bytes(self._operand_shape(comp, ins.operands[idx]))
-            if pname == in_place or full == 0:
+            if pname in in_place or full == 0:
                 continue
             sliced = self._sliced_read(callee, pname)
             total += full if sliced is None else min(full, sliced)
         return total + out_bytes
+
+    @staticmethod
+    def _in_place_target(comp: Computation, node: Instr) -> str | None:
+        """The parameter that ``node`` updates in place (a dynamic-update-slice of it, through bitcasts),
+        or None."""
+        if node.opcode != "dynamic-update-slice" or not node.operands:
+            return None
+        base = comp.by_name.get(node.operands[0])
+        while base is not None and base.opcode == "bitcast" and base.operands:
+            base = comp.by_name.get(base.operands[0])
+        return base.name if base is not None and base.opcode == "parameter" else None
 
     def _sliced_read(self, comp: Computation, name: str, depth: int = 0) -> float | None:
         """Bytes read of value ``name`` in ``comp`` when every use reads it through (dynamic-)slices or

@@ -138,3 +138,32 @@ def test_a_gather_reads_the_rows_it_gathers():
     assert hlo.analyze(text).bytes < 4 * rows + 4096  # not the 4 MB table
     whole, _ = compiled_text(lambda t, i: t[i].sum() + t.sum(), table, ids)
     assert hlo.analyze(whole).bytes >= 4096 * 256 * 4
+
+
+def test_an_in_place_update_in_a_multi_output_fusion_writes_only_the_update():
+    """libtpu writes a scanned layer's saved activations into their stacked buffer from the fusion that
+    computes them, returning both (a tuple root): the buffer is updated in place, so the fusion writes the
+    update and its other output, and does not read or rewrite the stacked buffer."""
+    text = """HloModule m, entry_computation_layout={(bf16[36,64,1024]{2,1,0}, bf16[64,1024]{1,0}, s32[])->(bf16[36,64,1024]{2,1,0}, bf16[64,1024]{1,0})}
+
+%fused_save (p0: bf16[36,64,1024], p1: bf16[64,1024], p2: s32[]) -> (bf16[36,64,1024], bf16[64,1024]) {
+  %p0 = bf16[36,64,1024]{2,1,0} parameter(0)
+  %p1 = bf16[64,1024]{1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %n = bf16[64,1024]{1,0} negate(%p1)
+  %b = bf16[1,64,1024]{2,1,0} bitcast(%n)
+  %z = s32[] constant(0)
+  %u = bf16[36,64,1024]{2,1,0} dynamic-update-slice(%p0, %b, %p2, %z, %z)
+  ROOT %t = (bf16[36,64,1024]{2,1,0}, bf16[64,1024]{1,0}) tuple(%u, %n)
+}
+
+ENTRY %main (stack: bf16[36,64,1024], x: bf16[64,1024], i: s32[]) -> (bf16[36,64,1024], bf16[64,1024]) {
+  %stack = bf16[36,64,1024]{2,1,0} parameter(0)
+  %x = bf16[64,1024]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  ROOT %f = (bf16[36,64,1024]{2,1,0}, bf16[64,1024]{1,0}) fusion(%stack, %x, %i), kind=kLoop, calls=%fused_save
+}
+"""
+    slab = 64 * 1024 * 2
+    # reads x and the index, writes the update and the second output: not 36 slabs read and 36 written
+    assert hlo.analyze(text).bytes == slab + 4 + slab + slab

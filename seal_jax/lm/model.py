@@ -3,7 +3,10 @@
 Every per-layer weight is stored once for all layers with a leading layer axis ``[L, ...]`` and the
 forward (:meth:`Decoder.hidden_states`, used for training, logits and the prompt of a generation) runs
 ``lax.scan`` over it, so compile time does not grow with depth. Projection kernels are kept as
-``[in, out]`` (Hugging Face stores ``[out, in]``; ``weights.py`` transposes).
+``[in, out]`` (Hugging Face stores ``[out, in]``; ``weights.py`` transposes). LoRA training on GPUs is the
+exception (:attr:`Decoder.train_layers`): the CUDA compiler copies a layer's slice taken inside a loop on
+every step, so there each training call splits the weights into per-layer arrays once and the layers run
+unrolled over them.
 
 Decoding is different. A decode step reads every weight once for a handful of tokens, so it is bound by
 memory bandwidth, and where it runs decides how the layers are read (:mod:`seal_jax.lm.sampling` chooses by
