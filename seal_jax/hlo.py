@@ -380,57 +380,72 @@ class _Analyzer:
         param_index = self._param_indices(callee)
         root = callee.root
         total = 0.0
-        # an output that is a dynamic-update-slice of a parameter is that buffer updated in place: it writes
-        # the update only, and the parameter is not read (also as one element of a multi-output fusion's
-        # tuple, as libtpu writes a scanned layer's saved activations into their stacked buffer)
+        # an output that is a dynamic-update-slice of a parameter (or a chain of them) is that buffer updated
+        # in place: it writes the updates only, and the updates do not read it (also as one element of a
+        # multi-output fusion's tuple, as libtpu writes a scanned layer's saved activations into their
+        # stacked buffer); the parameter's other uses in the fusion still read it
         outputs = [callee.by_name.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
+        updates = [self._in_place_updates(callee, o) if o is not None else None for o in outputs]
         in_place: set[str] = set()
-        if any(o is not None and self._in_place_target(callee, o) for o in outputs):
+        if any(updates):
             out_bytes = 0
-            for o in outputs:
+            for o, found in zip(outputs, updates, strict=True):
                 if o is None:
                     continue
-                target = self._in_place_target(callee, o)
-                if target is None:
+                if found is None or found[0] in in_place:  # not in place, or the same buffer returned twice
                     out_bytes += hbm_bytes(o.shape)
                 else:
-                    in_place.add(target)
-                    out_bytes += shape_bytes(self._operand_shape(callee, o.operands[1])) if len(o.operands) > 1 else 0
+                    in_place.add(found[0])
+                    out_bytes += found[1]
         for pname, idx in param_index.items():
             if idx >= len(ins.operands):
                 continue
             full = hbm_bytes(self._operand_shape(comp, ins.operands[idx]))
-            if pname in in_place or full == 0:
+            if full == 0:
                 continue
-            sliced = self._sliced_read(callee, pname)
+            sliced = self._sliced_read(callee, pname, updated=pname in in_place)
             total += full if sliced is None else min(full, sliced)
         return total + out_bytes
 
-    @staticmethod
-    def _in_place_target(comp: Computation, node: Instr) -> str | None:
-        """The parameter that ``node`` updates in place (a dynamic-update-slice of it, through bitcasts),
-        or None."""
-        if node.opcode != "dynamic-update-slice" or not node.operands:
-            return None
-        base = comp.by_name.get(node.operands[0])
-        while base is not None and base.opcode == "bitcast" and base.operands:
-            base = comp.by_name.get(base.operands[0])
-        return base.name if base is not None and base.opcode == "parameter" else None
+    def _in_place_updates(self, comp: Computation, node: Instr) -> tuple[str, int] | None:
+        """``(parameter, bytes written)`` when ``node`` (through bitcasts) is a chain of dynamic-update-slices
+        whose base is a parameter of ``comp``, else None."""
+        while node.opcode == "bitcast" and node.operands and node.operands[0] in comp.by_name:
+            node = comp.by_name[node.operands[0]]
+        written = 0
+        while node.opcode == "dynamic-update-slice" and len(node.operands) > 1:
+            written += shape_bytes(self._operand_shape(comp, node.operands[1]))
+            base = comp.by_name.get(node.operands[0])
+            while base is not None and base.opcode == "bitcast" and base.operands:
+                base = comp.by_name.get(base.operands[0])
+            if base is None:
+                return None
+            node = base
+        return (node.name, written) if written and node.opcode == "parameter" else None
 
-    def _sliced_read(self, comp: Computation, name: str, depth: int = 0) -> float | None:
+    def _sliced_read(self, comp: Computation, name: str, depth: int = 0, updated: bool = False) -> float | None:
         """Bytes read of value ``name`` in ``comp`` when every use reads it through (dynamic-)slices or
-        gathers, following bitcasts and nested fusions; ``None`` when some use reads all of it."""
+        gathers, following bitcasts and nested fusions; ``None`` when some use reads all of it. ``updated``:
+        ``name`` is a buffer the fusion updates in place, so being the base of a dynamic-update-slice (or
+        of a bitcast on the way to one) reads none of it."""
         if depth > 8:
             return None
         total = 0.0
         uses = [i for i in comp.instrs if name in i.operands]
-        if not uses:
-            return None
+        if not uses:  # returned as it is (a root), or not used
+            return 0.0 if updated or comp.root.name != name else None
         for u in uses:
             if u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == name:
                 total += shape_bytes(u.shape)
+            elif updated and u.opcode == "tuple" and u is comp.root:  # returned: the output, not a read
+                continue
+            elif updated and u.opcode == "dynamic-update-slice" and u.operands[0] == name:
+                inner = self._sliced_read(comp, u.name, depth + 1, updated=True)  # the updated buffer's reads
+                if inner is None:
+                    return None
+                total += inner
             elif u.opcode == "bitcast":
-                inner = self._sliced_read(comp, u.name, depth + 1)
+                inner = self._sliced_read(comp, u.name, depth + 1, updated)
                 if inner is None:
                     return None
                 total += inner

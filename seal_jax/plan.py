@@ -37,6 +37,7 @@ from typing import Any
 from seal_jax.lm.attention import KERNEL_BLOCK, TRITON_BACKWARD_BLOCK, causal_share, head_axes
 from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import chunk_length
+from seal_jax.lm.model import train_layers_for
 from seal_jax.lm.params import param_shapes, projection_shape
 from seal_jax.lm.sampling import batch_bucket
 from seal_jax.lm.sharding import MESH_AXES, PARAM_AXES, MeshError, parse_mesh_spec, spec_for
@@ -132,6 +133,9 @@ class Workload:
         (the projections' outputs), "full" (the layer input) or "none"; a bool means "full" / "none".
       cache_len: S, KV-cache slots when sampling (prompt + new tokens; default ``seq_len``).
       prompt_len: P, the padded prompt that prefill runs over (default ``cache_len``: the bound).
+      train_layers: how training runs the layers (``Decoder.train_layers``: "scan" or "unrolled"), or None
+        for the platform's choice (unrolled on GPUs, where each training call holds a per-layer copy of
+        the layer weights).
     """
 
     candidates: int = 5
@@ -144,6 +148,7 @@ class Workload:
     remat: str | bool = "minimal"
     cache_len: int | None = None
     prompt_len: int | None = None
+    train_layers: str | None = None
 
     @property
     def cache_slots(self) -> int:
@@ -213,6 +218,12 @@ def weight_bytes_per_device(config: ModelConfig, mesh: Mapping[str, int], dtype:
     for path, shape in param_shapes(config).items():
         total += math.prod(shard_shape(shape, PARAM_AXES[path], mesh))
     return total * DTYPE_BYTES[dtype]
+
+
+def layer_weight_bytes_per_device(config: ModelConfig, mesh: Mapping[str, int], dtype: str) -> int:
+    """Bytes of the decoder layers' weights on one device (the stacked ``layers.*`` parameters)."""
+    return sum(math.prod(shard_shape(shape, PARAM_AXES[path], mesh))
+               for path, shape in param_shapes(config).items() if path.startswith("layers.")) * DTYPE_BYTES[dtype]
 
 
 def lora_parameters(config: ModelConfig, rank: int, targets: Sequence[str]) -> int:
@@ -288,6 +299,7 @@ class MemoryPlan:
     lanes: int
     train: int
     sample: int
+    layer_copy: int = 0
 
     @property
     def peak(self) -> int:
@@ -295,8 +307,10 @@ class MemoryPlan:
         return max(self.train, self.sample)
 
 
-def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> MemoryPlan:
-    """Bytes per device of the base weights, the K-candidate LoRA trainer and the K-adapter sampler."""
+def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload,
+                platform: str | None = None) -> MemoryPlan:
+    """Bytes per device of the base weights, the K-candidate LoRA trainer and the K-adapter sampler, on
+    ``platform`` ("gpu", "tpu"; None: as a TPU or a CPU, where training scans the layers)."""
     act = DTYPE_BYTES[w.dtype]
     tensor = mesh["tensor"]
     weights = weight_bytes_per_device(config, mesh, w.dtype)
@@ -332,7 +346,10 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     tokens = chunk_length(w.batch, t, config.vocab_size)  # the code chunks by the head's global width
     per_chunk = (4 + act) if tokens >= t else (8 + act)
     logits = rows * tokens * vocab * per_chunk + rows * t * config.hidden_size * act
-    train = weights + lora_params + lora_state + accumulators + activations + logits
+    # GPUs train over per-layer weights split from the stacked ones for each call (Decoder.train_layers)
+    unrolled = (w.train_layers or train_layers_for(platform or "tpu")) == "unrolled"
+    layer_copy = layer_weight_bytes_per_device(config, mesh, w.dtype) if unrolled else 0
+    train = weights + layer_copy + lora_params + lora_state + accumulators + activations + logits
     b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
     kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
     s = w.cache_slots
@@ -346,7 +363,7 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload) -> Me
     prefill_mlp = 2 * 4 * w.candidates * (b_pad // mesh["data"]) * p_len * mlp
     sample = weights + w.candidates * p * LORA_BYTES + kv_cache + prompt_kv + prefill_mlp
     return MemoryPlan(weights, lora_params, lora_state, accumulators, activations, logits, kv_cache,
-                      prompt_kv, prefill_mlp, lanes, train, sample)
+                      prompt_kv, prefill_mlp, lanes, train, sample, layer_copy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,7 +437,7 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     prefill_mm = 2 * ((n_mm - n_head + n_lora) * p_len + n_head) / (f * tp)
     prefill = StepTime(srows * (prefill_mm + prefill_attn / attention_split(config, mesh, fsdp=False)) / hw.bf16_flops,
                        gathered / hw.hbm_bandwidth, gather_comm)
-    mem = memory_plan(config, mesh, w)
+    mem = memory_plan(config, mesh, w, hw.platform)
     reduce_width = config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size
     reduce_bytes = 2 * srows * config.num_layers * reduce_width * act * (f - 1) / f if f > 1 else 0.0
     decode_attn = 4 * s * config.q_dim * config.num_layers
@@ -443,7 +460,7 @@ class Verdict:
 
 def verdict(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Hardware) -> Verdict:
     """Fit check of :func:`memory_plan`'s peak against ``USABLE_FRACTION`` of ``hw``'s HBM."""
-    mem = memory_plan(config, mesh, w)
+    mem = memory_plan(config, mesh, w, hw.platform)
     usable = USABLE_FRACTION * hw.hbm_bytes
     gb = 1e9
     if mem.peak <= usable:
@@ -527,7 +544,8 @@ def make_plan(model: str, mesh: str | Mapping[str, int], workload: Workload, har
             warnings.append(f"{axis}={sizes[axis]} does not divide a width of {dim}: those weights are replicated")
     if workload.seq_len > config.max_position_embeddings:
         warnings.append(f"seq_len {workload.seq_len} exceeds the model's context {config.max_position_embeddings}")
-    mem = memory_plan(config, sizes, workload)
+    platforms = {hw.platform for hw in hws}  # the memory table's; each verdict uses its hardware's own
+    mem = memory_plan(config, sizes, workload, platforms.pop() if len(platforms) == 1 else None)
     times = {hw.name: step_times(config, sizes, workload, hw) for hw in hws}
     verdicts = {hw.name: verdict(config, sizes, workload, hw) for hw in hws}
     return Plan(model, config, sizes, workload, mem, times, verdicts, tuple(dict.fromkeys(warnings)))
@@ -560,6 +578,7 @@ def format_plan(plan: Plan) -> str:
         f"| gradient accumulators (per lane) | {_gb(mem.accumulators)} |",
         f"| training activations (remat {remat_name(w.remat)}, estimate) | {_gb(mem.activations)} |",
         f"| training cross-entropy (a chunk of float32 logits, the gradient direction) | {_gb(mem.logits)} |",
+        *([f"| per-layer copy of the layer weights (GPU training) | {_gb(mem.layer_copy)} |"] if mem.layer_copy else []),
         f"| **training total** | **{_gb(mem.train)}** |",
         f"| sampling KV cache (K adapters x {w.sample_batch} rows x {w.cache_slots} slots) | {_gb(mem.kv_cache)} |",
         f"| prompt keys and values before they fill the cache | {_gb(mem.prompt_kv)} |",

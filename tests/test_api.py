@@ -87,6 +87,9 @@ def test_merge_adapter_and_shared_programs(tiny_hf):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     assert np.abs(got - lm.logits(ids)).max() > 1e-2  # the adapter does something
     assert merged._logits_fn is lm._logits_fn and merged._sampler is lm._sampler
+    lm.model.attention_impl, lm.model.train_layers = "chunked", "unrolled"  # chosen by hand: kept when merging
+    kept = lm.merge_adapter(adapters, 1)
+    assert (kept.model.attention_impl, kept.model.train_layers) == ("chunked", "unrolled")
     with pytest.raises(IndexError, match="out of range"):
         lm.merge_adapter(adapters, 2)
     adapters.failed = [None, "non-finite loss at step 3"]

@@ -167,3 +167,53 @@ ENTRY %main (stack: bf16[36,64,1024], x: bf16[64,1024], i: s32[]) -> (bf16[36,64
     slab = 64 * 1024 * 2
     # reads x and the index, writes the update and the second output: not 36 slabs read and 36 written
     assert hlo.analyze(text).bytes == slab + 4 + slab + slab
+
+
+@pytest.mark.parametrize("body, expected_slabs", [
+    # two updates of one buffer in a chain, through a bitcast, returned through a bitcast: two slabs written
+    ("""  %u1 = bf16[36,64,1024]{2,1,0} dynamic-update-slice(%p0, %b, %p2, %z, %z)
+  %c = bf16[36,64,1024]{2,1,0} bitcast(%u1)
+  %u = bf16[36,64,1024]{2,1,0} dynamic-update-slice(%c, %b, %z, %z, %z)
+  %r = bf16[36,64,1024]{2,1,0} bitcast(%u)
+  ROOT %t = (bf16[36,64,1024]{2,1,0}, bf16[64,1024]{1,0}) tuple(%r, %n)""", 1 + 2 + 1),
+    # the buffer is also read whole (a reduction's input): that read counts
+    ("""  %u = bf16[36,64,1024]{2,1,0} dynamic-update-slice(%p0, %b, %p2, %z, %z)
+  %m = bf16[] constant(0)
+  %s = bf16[64,1024]{1,0} reduce(%p0, %m), dimensions={0}, to_apply=%add
+  %n2 = bf16[64,1024]{1,0} add(%n, %s)
+  ROOT %t = (bf16[36,64,1024]{2,1,0}, bf16[64,1024]{1,0}) tuple(%u, %n2)""", 1 + 36 + 1 + 1),
+    # the update is not of a parameter (a fresh buffer): the whole output is written
+    ("""  %zero = bf16[] constant(0)
+  %fresh = bf16[36,64,1024]{2,1,0} broadcast(%zero), dimensions={}
+  %u = bf16[36,64,1024]{2,1,0} dynamic-update-slice(%fresh, %b, %p2, %z, %z)
+  ROOT %t = (bf16[36,64,1024]{2,1,0}, bf16[64,1024]{1,0}) tuple(%u, %n)""", 1 + 36 + 1),
+])
+def test_in_place_updates_count_what_they_write_and_what_else_reads(body, expected_slabs):
+    text = """HloModule m, entry_computation_layout={(bf16[36,64,1024]{2,1,0}, bf16[64,1024]{1,0}, s32[])->(bf16[36,64,1024]{2,1,0}, bf16[64,1024]{1,0})}
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %s = bf16[] add(%a, %b)
+}
+
+%fused_save (p0: bf16[36,64,1024], p1: bf16[64,1024], p2: s32[]) -> (bf16[36,64,1024], bf16[64,1024]) {
+  %p0 = bf16[36,64,1024]{2,1,0} parameter(0)
+  %p1 = bf16[64,1024]{1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %n = bf16[64,1024]{1,0} negate(%p1)
+  %b = bf16[1,64,1024]{2,1,0} bitcast(%n)
+  %z = s32[] constant(0)
+""" + body + """
+}
+
+ENTRY %main (stack: bf16[36,64,1024], x: bf16[64,1024], i: s32[]) -> (bf16[36,64,1024], bf16[64,1024]) {
+  %stack = bf16[36,64,1024]{2,1,0} parameter(0)
+  %x = bf16[64,1024]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  ROOT %f = (bf16[36,64,1024]{2,1,0}, bf16[64,1024]{1,0}) fusion(%stack, %x, %i), kind=kLoop, calls=%fused_save
+}
+"""
+    slab = 64 * 1024 * 2
+    # x read (one slab), the index (4 bytes), the writes and reads listed per case
+    assert hlo.analyze(text).bytes == expected_slabs * slab + 4

@@ -29,9 +29,11 @@ def _plan(steps: list[int], lengths: list[int], full: int = 64) -> types.SimpleN
     attention = np.zeros((k, 2, full), np.int32)
     for c, n in enumerate(lengths):
         attention[c, :, :n] = 1
+    weights = attention.astype(np.float32)
+    weights[..., 0] = 0  # the first token is no target: a row needs its own length only
     return types.SimpleNamespace(order=order, active=active, boundary=active.copy(),
                                  lr=np.where(active, 1e-3, 0.0).astype(np.float32), attention=attention,
-                                 weights=attention.astype(np.float32), tokens=np.zeros((k, 2, full), np.int32))
+                                 weights=weights, tokens=np.zeros((k, 2, full), np.int32))
 
 
 def test_lane_plan_keeps_each_candidates_schedule_on_one_lane() -> None:
@@ -46,7 +48,9 @@ def test_lane_plan_keeps_each_candidates_schedule_on_one_lane() -> None:
         assert len(steps) == n and np.all(lp.active[steps, lane])
         assert np.array_equal(lp.step[steps, lane], np.arange(n))
         assert np.all(lp.slot[steps, lane] == slot)
-    assert lp.lengths[-1] == 64
+    assert lp.lengths[-1] == 64 and len(lp.lengths) > 1  # short steps get a shorter bucket
+    short = np.flatnonzero(lp.cand[:, lp.lane_of[0]] == 0)  # candidate 0's rows are 10 tokens
+    assert all(lp.lengths[lp.length_bucket[t]] < 64 for t in short if not (lp.cand[t] == 2).any())
     for t in range(lp.cand.shape[0]):  # each step's bucket covers the rows it trains on; idle steps skip
         if not lp.active[t].any():
             assert lp.length_bucket[t] == len(lp.lengths)

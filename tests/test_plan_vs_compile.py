@@ -46,7 +46,7 @@ def compiled(request):
 
 
 def test_weights_bytes_are_the_compiled_arguments(compiled):
-    mem = pl.memory_plan(compiled["config"], compiled["mesh"], compiled["workload"])
+    mem = pl.memory_plan(compiled["config"], compiled["mesh"], compiled["workload"], "gpu")
     ids = 2 * (4 // compiled["mesh"]["data"]) * 64 * 4  # the logits program's ids and mask (int32)
     assert compiled["logits"].memory_analysis().argument_size_in_bytes - ids == pytest.approx(mem.weights, rel=1e-3)
 
@@ -65,8 +65,8 @@ def test_flops_per_step_match_the_compiled_programs(compiled):
 
 
 def test_remat_policies_order_memory_as_planned(compiled):
-    """The three remat policies compiled: "none" within 10% of the plan ("minimal", the default, is held to
-    it in the test below), "full" the least memory; the planner orders them the same way."""
+    """The three remat policies compiled: "none" at most 10% above the plan ("minimal", the default, is held
+    to it both ways in the test below), "full" the least memory; the planner orders them the same way."""
     config, mesh = compiled["config"], compiled["mesh"]
     spec = ",".join(f"{k}={v}" for k, v in mesh.items())
     peaks = {"minimal": peak(compiled["train"])}
@@ -75,14 +75,21 @@ def test_remat_policies_order_memory_as_planned(compiled):
                             remat=remat)
         peaks[remat] = peak(lm.lower_train(K, SEQUENCES, compiled["workload"].seq_len, sj.LoraSpec(rank=32, alpha=64),
                                            sj.TrainSpec(epochs=1)).compile())
-    plans = {r: pl.memory_plan(config, mesh, dataclasses.replace(compiled["workload"], remat=r)).train for r in peaks}
+    plans = {r: pl.memory_plan(config, mesh, dataclasses.replace(compiled["workload"], remat=r), "gpu").train
+             for r in peaks}
     assert peaks["full"] < peaks["minimal"] < peaks["none"]
     assert plans["full"] < plans["minimal"] < plans["none"]
-    assert peaks["none"] == pytest.approx(plans["none"], rel=0.10)
+    # with the layers unrolled (GPU training, Decoder.train_layers) the compiler frees part of what remat
+    # "none" keeps per layer in a scan: the plan bounds it from above (42.1 vs 63.7 MB on small-fsdp4)
+    assert 0.6 * plans["none"] <= peaks["none"] <= 1.10 * plans["none"]
 
 
 def test_peak_memory_matches_the_compiled_programs(compiled):
-    mem = pl.memory_plan(compiled["config"], compiled["mesh"], compiled["workload"])
+    """The H100 programs' peaks as planned for a GPU (its training holds a per-layer copy of the layer
+    weights, Decoder.train_layers), and the planned copy is the difference from the scanned training."""
+    mem = pl.memory_plan(compiled["config"], compiled["mesh"], compiled["workload"], "gpu")
+    scanned = pl.memory_plan(compiled["config"], compiled["mesh"], compiled["workload"], "tpu")
+    assert mem.train - scanned.train == mem.layer_copy > 0 and scanned.layer_copy == 0
     assert peak(compiled["train"]) == pytest.approx(mem.train, rel=0.10)
     assert peak(compiled["prefill"]) == pytest.approx(mem.sample, rel=0.10)
     # The decode program also holds a per-call copy of the layer weights (Decoder.layer_params slices the

@@ -355,6 +355,7 @@ class LM:
             raise ValueError(f"adapter {k} failed in training ({adapters.failed[k]}); refusing to merge it")
         merged = adapters.merged_params(self.params(), k)
         model = build_model(self.config, merged, dtype=self.dtype, remat=self.model.remat)
+        model.attention_impl, model.train_layers = self.model.attention_impl, self.model.train_layers  # as chosen
         return LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh)
 
     # ------------------------------------------------------------------------------------------------
