@@ -435,9 +435,8 @@ class Decoder(nnx.Module):
         sampler does, with :func:`unstack_layers`, and on a CPU keeps them between calls).
         """
         n = self.config.num_layers
-        weights = unstack_layers(self.layers.arrays(), n)
         adapters = [None] * n if lora is None else unstack_layers(lora.weights, n)
-        return list(zip(weights, adapters, strict=True))
+        return list(zip(self.unstacked_layers(), adapters, strict=True))
 
     def extend(
         self,
