@@ -70,9 +70,13 @@ def test_distributed_two_processes_match_single_process(tiny_hf, tiny_chat_dir, 
             np.testing.assert_allclose(got[f"losses{k}"], history, rtol=1e-4)
         for p, ab in adapters.weights.items():
             for n, x in ab.items():  # gloo's cross-process sums round differently, and Adam's normalised steps
-                # amplify float noise in near-zero gradients: 2.9e-4 at most here after 4 steps at lr 1e-2 (the
-                # same size as between remat "none" and "minimal" in one process, 2.6e-4; measured 2026-12-05)
-                np.testing.assert_allclose(got[f"{p}.{n}"], np.asarray(x), atol=5e-4, rtol=0)
+                # amplify float noise in near-zero gradients: 2.9e-4 at most after 4 steps at lr 1e-2 on one
+                # machine, 6.2e-4 on an AMD EPYC (one element of 1,024; the same size as between remat "none"
+                # and "minimal" in one process, 2.6e-4). A tenth of one step bounds every element, and
+                # nearly all agree within 1e-4 (97.9% within 1e-5 on the EPYC).
+                diff = np.abs(got[f"{p}.{n}"] - np.asarray(x))
+                assert diff.max() <= 1e-3, (p, n, diff.max())
+                assert np.mean(diff <= 1e-4) >= 0.99, (p, n, np.mean(diff <= 1e-4))
         assert got["base"].tolist() == lm.generate_ids(prompts, greedy)
         # decoding under the two-process run's own adapters gives the same tokens in one process (its weights
         # differ from the single-process ones by gloo's rounding, which can flip a late greedy token)
