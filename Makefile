@@ -34,8 +34,11 @@ fetch: $(VENV)/.installed
 demo: fetch
 	$(VENV)/bin/seal-jax demo
 
+# two pytest-xdist workers: most tests are single-threaded compiles; tests/conftest.py keeps each file in one
+# worker and the libtpu files together. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(VENV)/.installed-test fetch
 	$(VENV)/bin/seal-jax bench --out bench-results/bench.json

@@ -153,8 +153,8 @@ def model_config(model: str) -> tuple[ModelConfig, str]:
 
 
 def _generate(name: str, batch: int, prompt_len: int, new: int, adapters: tuple[int, LoraSpec] | None = None,
-              per_passage: float = 1, note: str = "") -> Program:
-    args: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "max_new_tokens": new}
+              per_passage: float = 1, note: str = "", greedy: bool = True) -> Program:
+    args: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "max_new_tokens": new, "greedy": greedy}
     if adapters is not None:
         args["adapters"] = adapters
     return Program(name, "generate", args, per_passage, note)
@@ -198,7 +198,7 @@ def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str]
                           note=f"greedy answers of the base model{together}")]
     if generating:
         programs.append(_generate("self_edit", config.k * group, shapes.passage_len, int(sampling["max_new_tokens"]),
-                                  per_passage=len(generating) / group,
+                                  per_passage=len(generating) / group, greedy=sampling.get("temperature", 1.0) == 0,
                                   note=f"{config.k} self-edits per generating condition ({', '.join(generating)})"
                                        f"{together}"))
     if k:
@@ -229,7 +229,8 @@ def cpt_programs(cfg: CptConfig, shapes: Shapes) -> list[Program]:
     programs = []
     if generating:
         programs.append(_generate("self_edit", knowledge.k, shapes.passage_len, int(sampling["max_new_tokens"]),
-                                  per_passage=len(generating), note=f"{knowledge.k} self-edits per generating "
+                                  per_passage=len(generating), greedy=sampling.get("temperature", 1.0) == 0,
+                                  note=f"{knowledge.k} self-edits per generating "
                                   f"condition ({', '.join(generating)})"))
     programs += [
         _train("train", n, corpus, shapes.seq_len, lora, knowledge.train_spec(), per_passage=0,
@@ -266,10 +267,10 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
         lora = dataclasses.replace(knowledge.lora_spec(), rank=rank, alpha=2.0 * rank)
         programs = [
             _generate("proposal", cfg.templates_per_iteration, shapes.meta_prompt_len, cfg.proposal_max_new_tokens,
-                      per_passage=0, note="templates proposed once per iteration"),
+                      per_passage=0, greedy=False, note="templates proposed once per iteration"),
             _generate("answer", shapes.questions, shapes.question_len, knowledge.eval_max_new_tokens),
             _generate("fill", cfg.fills, shapes.passage_len, cfg.fill_max_new_tokens,
-                      per_passage=cfg.templates_per_iteration, note=f"{cfg.fills} fills per template"),
+                      per_passage=cfg.templates_per_iteration, greedy=False, note=f"{cfg.fills} fills per template"),
             _train("train", k, shapes.sequences, shapes.seq_len, lora, knowledge.train_spec(),
                    note=f"{k} (template, fill) candidates, ranks padded to {rank}"),
             _generate("answer_k", shapes.questions, shapes.question_len, knowledge.eval_max_new_tokens,
@@ -301,7 +302,7 @@ def workload_from_flags(model: str, shapes: Shapes, *, candidates: int, dtype: s
     lora = dataclasses.replace(LoraSpec.seal(), rank=lora_rank, alpha=2.0 * lora_rank)
     programs = (
         _generate("answer", shapes.questions, shapes.question_len, 64),
-        _generate("self_edit", candidates, shapes.passage_len, new_tokens),
+        _generate("self_edit", candidates, shapes.passage_len, new_tokens, greedy=False),
         _train("train", candidates, shapes.sequences, shapes.seq_len, lora, TrainSpec.seal()),
         _generate("answer_k", shapes.questions, shapes.question_len, 64, adapters=(candidates, lora)),
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from typing import Any
 
 from seal_jax.plan import HARDWARE, Hardware
@@ -150,6 +151,30 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
+LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"
+
+
+def _tpu_topology(topologies: Any, target: Target, tries: int = 5) -> Any:
+    """libtpu's topology for ``target``. Only one process at a time may hold libtpu (its lockfile); a
+    process starting beside another one's start can find the lockfile busy for a moment, so that is
+    tried again a few times (libtpu allows it) before it is reported."""
+    import jax  # deferred: importing this module must not start JAX
+
+    for attempt in range(tries):
+        try:
+            return topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+        except jax.errors.JaxRuntimeError as e:
+            if "lockfile" not in str(e):
+                raise
+            if attempt == tries - 1:
+                raise TargetError(
+                    f"compiling for {target.name} needs libtpu, and another process holds it (its lockfile "
+                    f"{LIBTPU_LOCKFILE}): one process at a time may compile for TPUs. Wait for it, or, when no "
+                    f"such process runs, remove {LIBTPU_LOCKFILE}. ({e})") from None
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
 @functools.cache
 def devices(name: str) -> tuple[Any, ...]:
     """The devices of target ``name``, for a mesh that compiles for it on this (CPU) host.
@@ -167,7 +192,7 @@ def devices(name: str) -> tuple[Any, ...]:
         except ImportError:
             raise TargetError(f"compiling for {name} needs libtpu: pip install 'seal-jax[aot]' "
                               "(or pip install 'jax[tpu]')") from None
-        desc = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+        desc = _tpu_topology(topologies, target)
     else:
         try:
             import jax_plugins.xla_cuda12  # noqa: F401  (deferred heavy optional dependency)

@@ -53,6 +53,10 @@ from seal_jax.ceilings import best_time, copy_bandwidth, matmul_flops, read_band
 from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import ConfigError, from_hf, preset
 
+# SEAL samples its self-edits (temperature 1, top-p 0.95): the suite's self-edit rows do, with the reference's
+# generate alike; answers are greedy
+SELF_EDIT_SAMPLING = {"temperature": 1.0, "top_p": 0.95}
+
 
 class BenchError(ValueError):
     """A benchmark request that cannot run (unknown preset, shapes beyond the model's context, bad mesh)."""
@@ -290,15 +294,17 @@ class Reference:
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
 
-    def generate(self, rows: list[list[int]], new_tokens: int) -> None:
-        """Greedy ``generate`` of exactly ``new_tokens`` tokens after each row (left-padded)."""
+    def generate(self, rows: list[list[int]], new_tokens: int, sampled: bool = False) -> None:
+        """``generate`` of exactly ``new_tokens`` tokens after each row (left-padded): greedy, or ``sampled``
+        as SEAL samples self-edits (:data:`SELF_EDIT_SAMPLING`)."""
         torch = self.torch
         width = max(len(r) for r in rows)
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         with torch.inference_mode():
-            self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, pad_token_id=self.pad_id)
+            knobs = dict(do_sample=True, **SELF_EDIT_SAMPLING) if sampled else dict(do_sample=False)
+            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, pad_token_id=self.pad_id, **knobs)
         self._sync()
 
     def train_seconds(self, sequences: list[list[int]], epochs: int, rank: int, warmup_steps: int = 1) -> float:
@@ -382,8 +388,9 @@ class Suite:
             print(f"reference {name} failed: {self.reference_errors[name]}", flush=True)
             return None
 
-    def _generate(self, rows: list[list[int]], new: int, adapters: Any = None) -> dict[str, float]:
-        params = self.sj.SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+    def _generate(self, rows: list[list[int]], new: int, adapters: Any = None, sampled: bool = False) -> dict[str, float]:
+        knobs = SELF_EDIT_SAMPLING if sampled else {"temperature": 0.0}
+        params = self.sj.SamplingParams(max_new_tokens=new, ignore_eos=True, **knobs)
         best: dict[str, float] = {}
         self.lm.generate_ids(rows, params, adapters)  # compile
         for _ in range(self.repeats):
@@ -395,11 +402,12 @@ class Suite:
                 best = timings
         return best
 
-    def _generate_rooflines(self, batch: int, prompt: int, new: int, k: int = 0) -> dict[str, dict[str, Any]] | None:
+    def _generate_rooflines(self, batch: int, prompt: int, new: int, k: int = 0,
+                            sampled: bool = False) -> dict[str, dict[str, Any]] | None:
         if not self.rooflines:
             return None
         adapters = self.lm.abstract_adapters(k, self.lora) if k else None
-        lowered = self.lm.lower_generate(batch, prompt, new, adapters=adapters)
+        lowered = self.lm.lower_generate(batch, prompt, new, adapters=adapters, greedy=not sampled)
         return {"prefill": roofline(lowered["prefill"], self.peaks),
                 "decode": roofline(lowered["decode"], self.peaks, unknown_trips=max(1, new - 1))}
 
@@ -446,8 +454,8 @@ class Suite:
 
         # the K self-edits: prefill row, then the whole generation
         passages = _tokens(self.rng, c.vocab_size, k, s.passage_len)
-        t = self._generate(passages, s.self_edit_tokens)
-        roof = self._generate_rooflines(k, s.passage_len, s.self_edit_tokens)
+        t = self._generate(passages, s.self_edit_tokens, sampled=True)
+        roof = self._generate_rooflines(k, s.passage_len, s.self_edit_tokens, sampled=True)
         flops = prefill_flops(c, k, s.passage_len)
         row = Row(name="prefill", seconds=t["prefill_s"], tokens=k * s.passage_len,
                   rate=k * s.passage_len / t["prefill_s"], useful_flops=flops,
@@ -458,7 +466,7 @@ class Suite:
             row.vs_roofline = row.seconds / row.roofline_s
             row.detail["roofline"] = roof["prefill"]
         emit(row)
-        ref_s = self._reference("self_edit", lambda: _timed(lambda: ref.generate(passages, s.self_edit_tokens),
+        ref_s = self._reference("self_edit", lambda: _timed(lambda: ref.generate(passages, s.self_edit_tokens, sampled=True),
                                                               self.repeats))
         if ref_s is not None:
             self.reference_parts["self_edit"] = ref_s
@@ -492,7 +500,7 @@ class Suite:
 
         # one whole self-edit evaluation, timed again in sequence
         start = time.perf_counter()
-        parts = {"self_edit": self._generate(passages, s.self_edit_tokens)["total_s"]}
+        parts = {"self_edit": self._generate(passages, s.self_edit_tokens, sampled=True)["total_s"]}
         parts["train"] = self._train_once()
         parts["answer_k"] = self._generate(questions, s.answer_tokens, self.adapters)["total_s"]
         wall = time.perf_counter() - start

@@ -174,7 +174,7 @@ def run_templates_mode(lm, model_dir: str, run_dir: str) -> None:
 
 def main() -> None:
     """Start this process of the pair, load the model on the global mesh and run the MODES."""
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # before jax starts (a fresh process)
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"  # before jax starts (a fresh process)
     import jax
 
     from seal_jax.lm.sharding import initialize_distributed

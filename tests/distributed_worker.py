@@ -13,7 +13,7 @@ import sys
 
 
 def main() -> None:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # before jax starts (a fresh process)
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"  # before jax starts (a fresh process)
     import jax
 
     from seal_jax.lm.sharding import initialize_distributed, to_host

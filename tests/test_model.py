@@ -14,6 +14,9 @@ from seal_jax.lm.config import preset
 from seal_jax.lm.model import (
     Decoder,
     apply_rope,
+    group_adapters,
+    project,
+    project_group,
     rms_norm,
     rope_tables,
 )
@@ -111,6 +114,30 @@ def test_building_blocks_against_torch():
                                     torch.tensor(np.asarray(cos)), torch.tensor(np.asarray(sin)))
     np.testing.assert_allclose(np.asarray(apply_rope(jnp.asarray(x), cos, sin)),
                                q_ref.transpose(1, 2).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("adapted", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "gate_proj"),
+                                     ("k_proj",), ("gate_proj", "up_proj")])
+def test_grouped_adapters_project_as_each_alone(adapted):
+    """A decode step's projections of one input with their adapters' ``a`` in one matmul (joined before the
+    loop by group_adapters, or here) equal each projection with its own adapter, for any adapted subset
+    and ranks that differ."""
+    rng = np.random.default_rng(7)
+    d = 16
+    x = jnp.asarray(rng.normal(size=(3, 2, d)), jnp.float32)
+    outs = {"q_proj": 24, "k_proj": 8, "v_proj": 8, "gate_proj": 20, "up_proj": 20}
+    w = {n: jnp.asarray(rng.normal(size=(d, o)), jnp.float32) for n, o in outs.items()}
+    lora = {n: {"a": jnp.asarray(rng.normal(size=(d, r)), jnp.float32),
+                "b": jnp.asarray(rng.normal(size=(r, outs[n])), jnp.float32)}
+            for n, r in zip(adapted, (4, 2, 4, 3), strict=False)}
+    for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        alone = [project(x, w[n], lora.get(n), 0.5, 0.0, None) for n in names]
+        for weights in (lora, group_adapters(lora)):
+            together = project_group(x, w, names, weights, 0.5)
+            for a, b in zip(alone, together, strict=True):
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    joined = group_adapters(lora)
+    assert ("q_proj+v_proj" in joined) == (adapted == ("q_proj", "v_proj"))
 
 
 def test_llama_with_more_layers_matches(tmp_path):

@@ -323,12 +323,13 @@ def test_many_calls_compile_once(tiny_hf, monkeypatch):
         rows = [rng.integers(3, 160, n).tolist() for n in rng.integers(1, 17, 3 + i % 2)]  # 3 or 4 rows
         lm.generate_ids(rows, SamplingParams(**{"max_new_tokens": 16, **k}))
     sampler = lm._sampler
-    # the per-layer weight copies (CPU) are made once, at the first generation
-    assert dict(sampler.traces) == {"prefill": 1, "decode": 1, "split": 1}
-    assert sampler.prefill._cache_size() == 1 and sampler.decode._cache_size() == 1
-    # a longer prompt bucket compiles one more prefill and decode
+    # the per-layer weight copies (CPU) are made once, at the first generation; greedy rows (temperature 0)
+    # have a decode program of their own, without the sampling, and every sampled call shares the other
+    assert dict(sampler.traces) == {"prefill": 1, "decode": 2, "split": 1}
+    assert sampler.prefill._cache_size() == 1 and sampler.decode._cache_size() == 2
+    # a longer prompt bucket compiles one more prefill and (greedy) decode
     lm.generate_ids([list(range(3, 40))], SamplingParams(max_new_tokens=16))
-    assert dict(sampler.traces) == {"prefill": 2, "decode": 2, "split": 1}
+    assert dict(sampler.traces) == {"prefill": 2, "decode": 3, "split": 1}
 
     # the decode program takes the prefill's cache over (donated: the input buffers are gone afterwards)
     ids, mask = pad_left(tiny_prompts() + [[3]], 0, 16)

@@ -34,3 +34,44 @@ def test_libtpu_gives_the_v5p_8_its_four_chips() -> None:
 def test_an_unknown_target_lists_the_known_ones_with_their_devices() -> None:
     with pytest.raises(targets.TargetError, match=r"unknown target 'tpu-v5p-6'.*tpu-v5p-8 \(4 devices\)"):
         targets.get_target("tpu-v5p-6")
+
+
+def test_a_busy_libtpu_lockfile_is_tried_again_then_named(monkeypatch) -> None:
+    """libtpu lets one process at a time hold it: a lockfile found busy (as by a process starting beside
+    this one) is tried again, and when it stays busy the error names the lockfile and what to do."""
+    import jax
+
+    monkeypatch.setattr(targets.time, "sleep", lambda s: None)
+    target = targets.get_target("tpu-v5e-4")
+
+    class Topologies:
+        def __init__(self, busy: int):
+            self.busy, self.calls = busy, 0
+
+        def get_topology_desc(self, **kwargs):
+            self.calls += 1
+            if self.calls <= self.busy:
+                raise jax.errors.JaxRuntimeError("ABORTED: Internal error when accessing libtpu multi-process lockfile.")
+            return "topology"
+
+    once = Topologies(busy=2)
+    assert targets._tpu_topology(once, target) == "topology" and once.calls == 3
+    always = Topologies(busy=99)
+    with pytest.raises(targets.TargetError, match="another process holds it.*remove /tmp/libtpu_lockfile"):
+        targets._tpu_topology(always, target, tries=3)
+    assert always.calls == 3
+
+
+def test_other_libtpu_errors_are_not_retried() -> None:
+    import jax
+
+    class Broken:
+        calls = 0
+
+        def get_topology_desc(self, **kwargs):
+            Broken.calls += 1
+            raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: unknown topology")
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="unknown topology"):
+        targets._tpu_topology(Broken(), targets.get_target("tpu-v5e-4"))
+    assert Broken.calls == 1

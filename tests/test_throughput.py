@@ -148,9 +148,9 @@ def test_suite_shapes_are_those_seal_jax_compile_predicts():
                                                                lora_rank=suite.lora_rank,
                                                                new_tokens=suite.self_edit_tokens).programs}
     assert programs["answer"] == {"batch": suite.questions, "prompt_len": suite.question_len,
-                                  "max_new_tokens": suite.answer_tokens}
+                                  "max_new_tokens": suite.answer_tokens, "greedy": True}  # the suite's answers
     assert programs["self_edit"] == {"batch": suite.candidates, "prompt_len": suite.passage_len,
-                                     "max_new_tokens": suite.self_edit_tokens}
+                                     "max_new_tokens": suite.self_edit_tokens, "greedy": False}
     train = programs["train"]
     assert (train["candidates"], train["sequences"], train["seq_len"]) == (suite.candidates, suite.sequences,
                                                                            suite.seq_len)

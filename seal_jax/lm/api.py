@@ -276,14 +276,15 @@ class LM:
         return self._logits_fn.lower(self.state, ids, ids)
 
     def lower_generate(self, batch: int, prompt_len: int, max_new_tokens: int,
-                       adapters: LoraInputs | Adapters | None = None) -> dict[str, Any]:
+                       adapters: LoraInputs | Adapters | None = None, greedy: bool = False) -> dict[str, Any]:
         """The lowered prefill and decode programs of :meth:`generate_ids` for ``batch`` prompts of up to
         ``prompt_len`` tokens and ``max_new_tokens`` new tokens, with ``adapters`` stacked (real, or shapes
-        from :meth:`abstract_adapters`) or none: ``{"prefill": Lowered, "decode": Lowered}``."""
+        from :meth:`abstract_adapters`) or none: ``{"prefill": Lowered, "decode": Lowered}``. ``greedy``:
+        the decode program that ``temperature == 0`` runs (no sampling in it)."""
         if isinstance(adapters, Adapters):
             adapters = adapters.as_inputs()
         return self._sampler.lower(self.state, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                                   adapters=adapters)
+                                   adapters=adapters, greedy=greedy)
 
     def lower_train(self, candidates: int, sequences: int, seq_len: int,
                     lora: LoraSpec | Sequence[LoraSpec] | None = None,

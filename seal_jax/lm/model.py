@@ -105,8 +105,55 @@ def project(x: jax.Array, kernel: Any, lora: dict[str, jax.Array] | None, scale:
         keep = 1.0 - dropout
         mask = jax.random.bernoulli(key, keep, x.shape)
         xin = jnp.where(mask, x / jnp.maximum(keep, 1e-6), 0).astype(x.dtype)
-    a, b = lora["a"].astype(x.dtype), lora["b"].astype(x.dtype)
-    return y + (scale * ((xin @ a) @ b)).astype(y.dtype)
+    return lora_up(y, xin @ lora["a"].astype(x.dtype), lora["b"], scale)
+
+
+def lora_up(y: jax.Array, down: jax.Array, b: jax.Array, scale: Any) -> jax.Array:
+    """``y`` plus the LoRA term ``scale * down @ b``, where ``down`` ``[..., r]`` is the input already
+    projected by the adapter's ``a``."""
+    return y + (scale * (down @ b.astype(down.dtype))).astype(y.dtype)
+
+
+# projections that read the same input: a decode step takes their adapters' ``a`` in one matmul
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def group_adapters(weights: dict[str, Any]) -> dict[str, Any]:
+    """``weights`` (one layer's adapters or stacked ones, any leading axes) plus, for each input that two or
+    more adapted projections read, their ``a`` matrices concatenated under ``"q_proj+v_proj"`` (say): what
+    :func:`project_group` reads. A decode makes it once per call, outside its loop over steps."""
+    out = dict(weights)
+    for names in INPUT_GROUPS:
+        have = [n for n in names if n in weights]
+        if len(have) > 1:
+            out["+".join(have)] = {"a": jnp.concatenate([weights[n]["a"] for n in have], axis=-1)}
+    return out
+
+
+def project_group(x: jax.Array, w: dict[str, Any], names: Sequence[str], lora: dict[str, Any],
+                  scale: Any) -> list[jax.Array]:
+    """The projections ``names`` of one input ``x`` with their adapters (no dropout), the adapters' ``a``
+    applied in one matmul over their concatenation (from :func:`group_adapters`, or made here). Equal to
+    :func:`project` per name.
+
+    Decode uses it, with the concatenation made before its loop: written apart, XLA's GPU compiler merges
+    the ``x @ a`` products itself and concatenates the ``a`` matrices inside the loop, on every step."""
+    pieces = [lora.get(n) for n in names]
+    have = [n for n, p in zip(names, pieces, strict=True) if p is not None]
+    if len(have) < 2:
+        return [project(x, w[n], p, scale, 0.0, None) for n, p in zip(names, pieces, strict=True)]
+    joined = lora.get("+".join(have))
+    a = joined["a"] if joined is not None else jnp.concatenate([lora[n]["a"] for n in have], axis=-1)
+    down = x @ a.astype(x.dtype)
+    out, start = [], 0
+    for n, p in zip(names, pieces, strict=True):
+        y = x @ w[n]
+        if p is not None:
+            r = p["a"].shape[-1]
+            y = lora_up(y, down[..., start:start + r], p["b"], scale)
+            start += r
+        out.append(y)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +199,19 @@ def decoder_layer(
         piece = None if lora is None else lora.get(name)
         return project(inp, w[name], piece, lora_scale, lora_dropout, key_of[name] if piece is not None else None)
 
+    # a decode step (a cache, no dropout) takes each input's adapters in one matmul (see project_group)
+    grouped = cache is not None and lora is not None and lora_key is None
+
+    def projs(names: tuple[str, ...], inp: jax.Array) -> list[jax.Array]:
+        if grouped:
+            return project_group(inp, w, names, lora, lora_scale)
+        return [proj(n, inp) for n in names]
+
     h = rms_norm(x, w["input_norm"], c.rms_norm_eps)
-    q = proj("q_proj", h).reshape(b, t, c.num_heads, c.head_dim)
-    k = proj("k_proj", h).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = proj("v_proj", h).reshape(b, t, c.num_kv_heads, c.head_dim)
+    q, k, v = projs(("q_proj", "k_proj", "v_proj"), h)
+    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     if c.qk_norm:
         q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
@@ -168,7 +224,8 @@ def decoder_layer(
         attn = cached_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed, cache.keys_transposed)
     x = x + proj("o_proj", attn.reshape(b, t, c.q_dim))
     h = rms_norm(x, w["post_attention_norm"], c.rms_norm_eps)
-    gated = jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)
+    gate, up = projs(("gate_proj", "up_proj"), h)
+    gated = jax.nn.silu(gate) * up
     x = x + proj("down_proj", gated)
     return x, (all_k, all_v)
 

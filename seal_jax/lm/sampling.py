@@ -74,7 +74,7 @@ from seal_jax.lm import cpu_decode
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig
-from seal_jax.lm.model import KVCache, LoraInputs, unstack_layers
+from seal_jax.lm.model import KVCache, LoraInputs, group_adapters, unstack_layers
 from seal_jax.lm.params import projection_shape
 from seal_jax.lm.types import PROJECTIONS, SamplingError, SamplingParams, is_int
 
@@ -172,6 +172,11 @@ def _first_true(mask: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(mask, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
+def greedy_step(logits: jax.Array) -> jax.Array:
+    """The greedy token of each row of ``logits`` ``[B, V]``: the first index of the row's maximum."""
+    return _first_true(logits == jnp.max(logits, axis=-1, keepdims=True))
+
+
 def sample_step(logits: jax.Array, key: jax.Array, temperature: Any, top_k: Any = 0, top_p: Any = 1.0,
                 min_p: Any = 0.0) -> jax.Array:
     """Draw one token per row.
@@ -189,7 +194,7 @@ def sample_step(logits: jax.Array, key: jax.Array, temperature: Any, top_k: Any 
     """
     logits = logits.astype(jnp.float32)
     b = logits.shape[0]
-    greedy = _first_true(logits == jnp.max(logits, axis=-1, keepdims=True))
+    greedy = greedy_step(logits)
 
     def sampled() -> jax.Array:
         probs = jnp.exp(filter_logits(logits, temperature, top_k, top_p, min_p))
@@ -384,7 +389,7 @@ class Sampler:
         self.scan_layers = self.platform == "tpu"
         self.traces: collections.Counter[str] = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
-        self.decode = jax.jit(self._decode, static_argnames=("out_len",), donate_argnames=("cache",))
+        self.decode = jax.jit(self._decode, static_argnames=("out_len", "greedy"), donate_argnames=("cache",))
         self.split = jax.jit(self._split)
 
     # -- placement -------------------------------------------------------------------------------
@@ -448,7 +453,7 @@ class Sampler:
 
     def _decode(self, state: Any, cache: KVCache, logits: jax.Array, lora_weights: Any, lora_scale: Any,
                 knobs: dict[str, jax.Array], stop_ids: jax.Array, done: jax.Array, copies: Any = None, *,
-                out_len: int) -> tuple[jax.Array, jax.Array, KVCache]:
+                out_len: int, greedy: bool = False) -> tuple[jax.Array, jax.Array, KVCache]:
         """Sample up to ``knobs["max_new_tokens"]`` (≤ ``out_len``) tokens after the prefill.
 
         Args:
@@ -458,6 +463,8 @@ class Sampler:
           stop_ids: int32 ``[M]``, padded with -1.
           done: bool ``[B]``, rows that must not generate (batch padding).
           copies: :meth:`split`'s output for ``state``, or ``None`` to slice the weights here.
+          greedy: every row is greedy (``temperature == 0``): the program takes the argmax and holds no
+            sampling (whose top-p search reads the vocabulary ~30 times per step) in a branch.
         Returns:
           ``(tokens [B, out_len], lengths [B], cache)``: row ``i``'s answer is ``tokens[i, :lengths[i]]``
           (stop token excluded); with stacked adapters every output has a leading K axis.
@@ -475,6 +482,10 @@ class Sampler:
         base = None
         if not cache.stacked:
             base = unstack_layers(model.layers.arrays(), n) if copies is None else list(copies[0])
+        # the adapters in the compute dtype, each input's `a` matrices joined (group_adapters): once per call,
+        # not on every step, where XLA would otherwise cast and concatenate them
+        if lora_weights is not None:
+            lora_weights = group_adapters(jax.tree.map(lambda a: a.astype(model.dtype), lora_weights))
         adapter = lora_weights
         if lora_weights is not None and not cache.stacked:
             slices = functools.partial(unstack_layers, num_layers=n)
@@ -497,6 +508,8 @@ class Sampler:
             return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), row)
 
         def sample(lg: jax.Array, step: jax.Array) -> jax.Array:  # every candidate draws the same numbers
+            if greedy:
+                return greedy_step(lg.astype(jnp.float32))
             keys = jax.vmap(row_key, in_axes=(0, 0, None))(knobs["seed"], knobs["row"], step)
             return sample_step(lg, keys, knobs["temperature"], knobs["top_k"], knobs["top_p"], knobs["min_p"])
 
@@ -550,7 +563,7 @@ class Sampler:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh, spec))
 
     def lower(self, state: Any, *, batch: int, prompt_len: int, max_new_tokens: int,
-              adapters: Any = None) -> dict[str, Any]:
+              adapters: Any = None, greedy: bool = False) -> dict[str, Any]:
         """Lower (without compiling or running) the prefill and decode programs of a generation of ``batch``
         prompts of up to ``prompt_len`` tokens and ``max_new_tokens`` new tokens, at the buckets
         :meth:`generate` uses.
@@ -560,6 +573,7 @@ class Sampler:
             (an abstract model, see :meth:`~seal_jax.lm.api.LM.abstract`).
           adapters: ``None`` or stacked adapters (``.weights`` leaves ``[K, L, ...]``, ``.scale`` ``[K]``),
             real or abstract.
+          greedy: the decode program of greedy sampling (``temperature == 0``), as :meth:`generate` runs it.
         Returns:
           ``{"prefill": jax.stages.Lowered, "decode": jax.stages.Lowered}``.
         """
@@ -584,7 +598,8 @@ class Sampler:
         knobs = {name: self._abstract(x.shape, x.dtype, None) for name, x in knob_arrays(SamplingParams(), 0, b).items()}
         stop_ids = self._abstract((MIN_STOP_SLOTS,), jnp.int32, None)
         done = self._abstract((b,), jnp.bool_, ("batch",))
-        decode = self.decode.lower(state, cache, logits, lw, ls, knobs, stop_ids, done, None, out_len=out_len)
+        decode = self.decode.lower(state, cache, logits, lw, ls, knobs, stop_ids, done, None, out_len=out_len,
+                                    greedy=greedy)
         return {"prefill": prefill, "decode": decode}
 
     # -- the host-side driver ----------------------------------------------------------------------
@@ -634,7 +649,8 @@ class Sampler:
             start = time.perf_counter()
         tokens, lengths, _ = self.decode(state, cache, logits, lw, ls, self.put_replicated(knobs),
                                          self.put_replicated(jnp.asarray(stop_ids)),
-                                         self.put_batch(done), copies, out_len=out_len)
+                                         self.put_batch(done), copies, out_len=out_len,
+                                         greedy=params.temperature == 0)
         tokens, lengths = shd.to_host(tokens), shd.to_host(lengths)
         if timings is not None:
             timings["decode_s"] = time.perf_counter() - start
