@@ -34,11 +34,13 @@ fetch: $(VENV)/.installed
 demo: fetch
 	$(VENV)/bin/seal-jax demo
 
-# two pytest-xdist workers: most tests are single-threaded compiles; tests/conftest.py keeps each file in one
-# worker and the libtpu files together. TEST_WORKERS=0 runs the suite in this process.
+# Two pytest-xdist workers (most tests are single-threaded compiles; tests/conftest.py keeps each file in one
+# worker), then the tests that compile for TPUs alone (libtpu: one process at a time).
+# TEST_WORKERS=0 runs the first part in this process.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not libtpu"
+	$(PY) -m pytest -q -m libtpu
 
 bench: $(VENV)/.installed-test fetch
 	$(VENV)/bin/seal-jax bench --out bench-results/bench.json

@@ -36,18 +36,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "seal-jax"))
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# Test files that compile for TPU topologies: one process at a time may hold libtpu, so under pytest-xdist
-# (`make test` runs two workers) they all run in one worker.
+# Test files that compile for TPU topologies: one process at a time may hold libtpu.
 LIBTPU_FILES = ("test_aot.py", "test_attention.py", "test_targets.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`): each test file runs whole in one worker (its module fixtures
-    are built once), the libtpu files together in one; the libtpu group is handed out first, as the longest."""
+    """The libtpu files' tests are marked ``libtpu``: `make test` runs them in a pytest of their own, after
+    the others under pytest-xdist (beside other test processes libtpu found its lockfile busy; the holder
+    was not found). Under xdist (`--dist loadgroup`) each test file runs whole in one worker, so its module
+    fixtures are built once."""
     for item in items:
         name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("libtpu" if name in LIBTPU_FILES else name))
-    items.sort(key=lambda item: item.path.name not in LIBTPU_FILES)  # stable: file order kept otherwise
+        if name in LIBTPU_FILES:
+            item.add_marker(pytest.mark.libtpu)
+        item.add_marker(pytest.mark.xdist_group(name))
 
 
 @pytest.fixture(scope="session")

@@ -338,9 +338,10 @@ def test_many_calls_compile_once(tiny_hf, monkeypatch):
                  seed=np.zeros((4,), np.uint32), row=np.arange(4, dtype=np.int32), max_new_tokens=np.int32(16),
                  pad_id=np.int32(0))
     tokens, lengths, _ = sampler.decode(lm.state, cache, logits, None, None, knobs, jnp.full((8,), -1, jnp.int32),
-                                        jnp.asarray([False, False, False, True]), lm._decode_copies(), out_len=16)
+                                        jnp.asarray([False, False, False, True]), lm._decode_copies(), out_len=16,
+                                        greedy=True)
     assert len(cache.k) == lm.config.num_layers and all(x.is_deleted() for x in (*cache.k, *cache.v))
-    assert dict(sampler.traces) == {"prefill": 2, "decode": 2, "split": 1}
+    assert dict(sampler.traces) == {"prefill": 2, "decode": 3, "split": 1}  # the first calls' greedy program
     assert np.asarray(lengths).tolist() == [16, 16, 16, 0]
 
 
