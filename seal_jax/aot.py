@@ -270,7 +270,9 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
                       per_passage=0, greedy=False, note="templates proposed once per iteration"),
             _generate("answer", shapes.questions, shapes.question_len, knowledge.eval_max_new_tokens),
             _generate("fill", cfg.fills, shapes.passage_len, cfg.fill_max_new_tokens,
-                      per_passage=cfg.templates_per_iteration, greedy=False, note=f"{cfg.fills} fills per template"),
+                      per_passage=cfg.templates_per_iteration,
+                      greedy=knowledge.selfedit_sampling.get("temperature", 1.0) == 0,  # fills sample as self-edits
+                      note=f"{cfg.fills} fills per template"),
             _train("train", k, shapes.sequences, shapes.seq_len, lora, knowledge.train_spec(),
                    note=f"{k} (template, fill) candidates, ranks padded to {rank}"),
             _generate("answer_k", shapes.questions, shapes.question_len, knowledge.eval_max_new_tokens,

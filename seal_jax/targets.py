@@ -160,6 +160,7 @@ def _tpu_topology(topologies: Any, target: Target, tries: int = 5) -> Any:
     tried again a few times (libtpu allows it) before it is reported."""
     import jax  # deferred: importing this module must not start JAX
 
+    tries = max(1, tries)
     for attempt in range(tries):
         try:
             return topologies.get_topology_desc(topology_name=target.topology, platform="tpu")

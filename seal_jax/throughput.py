@@ -302,7 +302,8 @@ class Reference:
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         with torch.inference_mode():
-            knobs = dict(do_sample=True, **SELF_EDIT_SAMPLING) if sampled else dict(do_sample=False)
+            # top_k=0: transformers' default top-k 50 off, as seal-jax (and SEAL's vLLM) sample with top-p alone
+            knobs = dict(do_sample=True, top_k=0, **SELF_EDIT_SAMPLING) if sampled else dict(do_sample=False)
             self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                 min_new_tokens=new_tokens, pad_token_id=self.pad_id, **knobs)
         self._sync()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # LLVM optimisation level 0 for the CPU code: the suite's programs are tiny, and optimising their machine
-# code cost more than it saved (the run tests 25% faster); the HLO, and so every compiled report, is the same
+# code cost more than it saved (the run tests 25% faster); the HLO, and so every compiled report, is the same.
+# The price: the CPU tests run unoptimised machine code (its float reduction order may differ from what
+# users run), so a fault of LLVM's optimised CPU code would not show here; `seal-jax bench` runs that.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # with libtpu/the CUDA plugin installed ([aot]): no device probing

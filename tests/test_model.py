@@ -138,6 +138,10 @@ def test_grouped_adapters_project_as_each_alone(adapted):
                 np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
     joined = group_adapters(lora)
     assert ("q_proj+v_proj" in joined) == (adapted == ("q_proj", "v_proj"))
+    if adapted == ("q_proj", "v_proj"):  # a join made before an adapter's rank changed is refused
+        stale = {**joined, "q_proj": {"a": lora["q_proj"]["a"][:, :2], "b": lora["q_proj"]["b"][:2]}}
+        with pytest.raises(ValueError, match="q_proj\\+v_proj has 6 columns, not the sum of its ranks"):
+            project_group(x, w, ("q_proj", "k_proj", "v_proj"), stale, 0.5)
 
 
 def test_llama_with_more_layers_matches(tmp_path):

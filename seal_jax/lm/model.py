@@ -78,7 +78,8 @@ class LoraInputs:
     """LoRA adapters as the forward sees them (one adapter; ``vmap`` adds a candidate axis outside).
 
     Attributes:
-      weights: ``{projection: {"a": [L, in, r], "b": [L, r, out]}}`` for the adapted projections.
+      weights: ``{projection: {"a": [L, in, r], "b": [L, r, out]}}`` for the adapted projections (in a
+        decode also ``{"q_proj+v_proj": {"a": [L, in, r_q + r_v]}}`` and the like: :func:`group_adapters`).
       scale: scalar, ``alpha / rank``.
       dropout: scalar rate of dropout on the adapter's input (0 at inference).
       key: PRNG key for that dropout, or ``None`` (no dropout).
@@ -144,6 +145,9 @@ def project_group(x: jax.Array, w: dict[str, Any], names: Sequence[str], lora: d
         return [project(x, w[n], p, scale, 0.0, None) for n, p in zip(names, pieces, strict=True)]
     joined = lora.get("+".join(have))
     a = joined["a"] if joined is not None else jnp.concatenate([lora[n]["a"] for n in have], axis=-1)
+    if a.shape[-1] != sum(lora[n]["a"].shape[-1] for n in have):
+        raise ValueError(f"the joined adapter {'+'.join(have)} has {a.shape[-1]} columns, not the sum of its "
+                         "ranks: join the adapters again (group_adapters) after changing them")
     down = x @ a.astype(x.dtype)
     out, start = [], 0
     for n, p in zip(names, pieces, strict=True):
@@ -208,7 +212,7 @@ def decoder_layer(
         return [proj(n, inp) for n in names]
 
     h = rms_norm(x, w["input_norm"], c.rms_norm_eps)
-    q, k, v = projs(("q_proj", "k_proj", "v_proj"), h)
+    q, k, v = projs(INPUT_GROUPS[0], h)
     q = q.reshape(b, t, c.num_heads, c.head_dim)
     k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -224,7 +228,7 @@ def decoder_layer(
         attn = cached_attention(q, all_k.astype(q.dtype), all_v.astype(q.dtype), allowed, cache.keys_transposed)
     x = x + proj("o_proj", attn.reshape(b, t, c.q_dim))
     h = rms_norm(x, w["post_attention_norm"], c.rms_norm_eps)
-    gate, up = projs(("gate_proj", "up_proj"), h)
+    gate, up = projs(INPUT_GROUPS[1], h)
     gated = jax.nn.silu(gate) * up
     x = x + proj("down_proj", gated)
     return x, (all_k, all_v)

@@ -5,8 +5,9 @@ How one call runs (see :class:`Sampler`):
 1. **Buckets.** Prompts are left-padded to ``T = tokenizer.bucket(longest prompt)``; the batch is padded to
    a power of two ``B`` with dummy rows (one token, already "stopped"); the number of new tokens is
    bucketed to ``N = tokenizer.bucket(max_new_tokens)`` and the KV cache holds ``S = T + N`` slots. Only
-   ``(B, T, N)``, the stop-id table size and "adapters stacked or not" are static, so a long run compiles
-   one prefill and one decode program per bucket. Every sampling knob (temperature, top-k, top-p, min-p,
+   ``(B, T, N)``, the stop-id table size, "adapters stacked or not" and "greedy or not" (``temperature ==
+   0``: a decode program without the sampling) are static, so a long run compiles one prefill and at most
+   two decode programs per bucket. Every other sampling knob (the temperature's value, top-k, top-p, min-p,
    seed, stop ids, the exact ``max_new_tokens``) is a traced argument: changing it does not recompile.
 2. **Prefill** (one jitted call): the whole padded batch goes through the scanned layers
    (:meth:`~seal_jax.lm.model.Decoder.prefill`), whose keys and values fill a fresh
@@ -27,8 +28,10 @@ kept between calls, see :mod:`seal_jax.lm.cpu_decode`) and one cache buffer per 
 for keys and values): the CUDA compiler copies a slice taken inside the loop on every step, so the once-per-
 call copy is the cheaper one there. Measured with ``seal-jax compile`` for Qwen3-8B on ``tpu-v5p-16``
 (``data=2,fsdp=4``): the scanned decode reads 1.06–1.08× its arguments per step (unrolled: 1.21–1.22×),
-its temporaries fall from 3.5 GB to 0.5–0.6 GB per device, and it compiles in 13–16 s instead of 26–55 s;
-under 21 stacked adapters it reads 3.4× (unrolled 3.9×).
+its temporaries fall from 3.5 GB to 0.5–0.6 GB per device, and it compiles in 13–16 s instead of 26–55 s.
+Under K stacked adapters the decode casts them and joins each input's ``a`` matrices once per call
+(:func:`~seal_jax.lm.model.group_adapters`): 21 adapters' greedy answers read 0.92–1.01× the arguments per
+step on v5p and 1.24× on h100-8 (BENCHMARKS.md, sixteenth session).
 
 CPU only: on a CPU the decode keeps per-layer weight copies between calls, cuts some of them into column
 blocks, lays a tied head out once per call and stores the keys transposed. All of it lives in :mod:`seal_jax.lm.cpu_decode`, behind its
@@ -349,7 +352,8 @@ def batch_bucket(n: int, mesh: Mesh | None = None) -> int:
 
 def knob_arrays(params: SamplingParams, pad_id: int, batch: int, seeds: Sequence[int] | None = None
                 ) -> dict[str, np.ndarray]:
-    """The traced arguments of the decode program (changing them does not recompile): scalars, and per row
+    """The traced arguments of the decode program (changing them does not recompile, except a temperature
+    that becomes or stops being 0, see ``greedy``): scalars, and per row
     of the padded ``batch`` its ``seed`` and ``row`` (its index among the rows of its seed). ``seeds``: one
     per real row (default: ``params.seed`` for all); padding rows take ``params.seed``."""
     given = [] if seeds is None else [int(x) for x in seeds]
@@ -650,7 +654,7 @@ class Sampler:
         tokens, lengths, _ = self.decode(state, cache, logits, lw, ls, self.put_replicated(knobs),
                                          self.put_replicated(jnp.asarray(stop_ids)),
                                          self.put_batch(done), copies, out_len=out_len,
-                                         greedy=params.temperature == 0)
+                                         greedy=bool(params.temperature == 0))
         tokens, lengths = shd.to_host(tokens), shd.to_host(lengths)
         if timings is not None:
             timings["decode_s"] = time.perf_counter() - start
