@@ -37,7 +37,7 @@ from typing import Any
 from seal_jax.lm.attention import KERNEL_BLOCK, TRITON_BACKWARD_BLOCK, causal_share, head_axes
 from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import chunk_length
-from seal_jax.lm.model import train_layers_for
+from seal_jax.lm.model import layer_storage_for, train_layers_for
 from seal_jax.lm.params import param_shapes, projection_shape
 from seal_jax.lm.sampling import batch_bucket
 from seal_jax.lm.sharding import MESH_AXES, PARAM_AXES, MeshError, parse_mesh_spec, spec_for
@@ -346,17 +346,20 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload,
     tokens = chunk_length(w.batch, t, config.vocab_size)  # the code chunks by the head's global width
     per_chunk = (4 + act) if tokens >= t else (8 + act)
     logits = rows * tokens * vocab * per_chunk + rows * t * config.hidden_size * act
-    # GPUs train over per-layer weights split from the stacked ones for each call (Decoder.train_layers)
-    unrolled = (w.train_layers or train_layers_for(platform or "tpu")) == "unrolled"
-    layer_copy = layer_weight_bytes_per_device(config, mesh, w.dtype) if unrolled else 0
+    # training unrolled over per-layer weights (Decoder.train_layers) copies them from stacked ones for each
+    # call, unless they are stored split (LayerStack: GPUs)
+    on = platform or "tpu"
+    unrolled = (w.train_layers or train_layers_for(on)) == "unrolled"
+    layer_copy = layer_weight_bytes_per_device(config, mesh, w.dtype) if unrolled and layer_storage_for(on) == "stacked" else 0
     train = weights + layer_copy + lora_params + lora_state + accumulators + activations + logits
     b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh))  # type: ignore[arg-type]
     kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
     s = w.cache_slots
     kv_cache = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * s * kv_heads * config.head_dim * act
     p_len = w.prompt_tokens
-    # prefill's scan also returns every layer's keys and values of the prompt before they fill the cache
-    prompt_kv = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * p_len * kv_heads * config.head_dim * act
+    # prefill's scan also returns every layer's keys and values of the prompt before they fill the cache;
+    # unrolled over split weights (GPUs, LayerStack), each layer's go straight into it
+    prompt_kv = 0 if layer_storage_for(on) == "split" else 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * p_len * kv_heads * config.head_dim * act
     # one layer's MLP intermediates for every prompt token at once: gate and its silu in float32 (the GPU
     # compiler computes bf16 element-wise work in float32), [K, rows, P, F / tensor] each
     mlp = config.intermediate_size // tensor if config.intermediate_size % tensor == 0 else config.intermediate_size

@@ -179,3 +179,58 @@ def test_training_on_a_train_mesh_equals_training_on_the_mesh(tiny_hf):
     with pytest.raises(shd.MeshError, match="must use the devices of the mesh"):
         sj.load(folder, mesh=shd.make_mesh("data=4", devices=jax.devices()[:4]), train_mesh=shd.make_mesh("data=8"),
                 progress=False)
+
+
+def test_layer_weights_stored_split_give_what_stacked_ones_give(tiny_hf, tmp_path):
+    """GPUs store the layer weights split into per-layer arrays (``layer_storage="split"``, model.LayerStack).
+    On 8 CPU devices (generation on ``data=2,tensor=4``, training placed on ``data=8``) such a model gives the
+    stacked one's logits (and transformers'), adapters, tokens, merged model, parameters and export."""
+    import jax
+    from safetensors.numpy import load_file
+
+    from seal_jax.lm import sharding as shd
+
+    hf_model, folder = tiny_hf("qwen3-mha")
+    lms = {s: sj.load(folder, mesh="data=2,tensor=4", train_mesh="data=8", progress=False, layer_storage=s)
+           for s in ("stacked", "split")}
+    stacked, split = lms["stacked"], lms["split"]
+    assert stacked.layer_storage == "stacked" and not stacked.model.layers.split  # the CPU's default
+    assert split.model.layers.split
+    per_layer = split.model.layers.per_layer()
+    assert len(per_layer) == 2 and per_layer[1]["q_proj"].shape == (64, 64)
+    # each per-layer array is split over the mesh as the stacked one is, less the layer axis
+    assert tuple(per_layer[1]["k_proj"].sharding.spec) == tuple(stacked.model.layers.k_proj[...].sharding.spec)[1:]
+    ids = np.array([[5, 9, 14, 3, 77, 21], [0, 0, 12, 40, 41, 42]])
+    mask = (ids > 0).astype(int)
+    got = split.logits(ids, mask)
+    np.testing.assert_allclose(got, stacked.logits(ids, mask), atol=1e-5, rtol=0)
+    assert np.abs(got - torch_logits(hf_model, ids, mask))[mask.astype(bool)].max() <= 1e-4
+    seqs = [[[5, 9, 14, 3, 77, 21, 8], [12, 40, 41, 42]], [[7, 7, 30, 31]]]
+    lora = [sj.LoraSpec(rank=4, alpha=8.0, dropout=0.1), sj.LoraSpec(rank=2, alpha=2.0, targets="all")]
+    spec = sj.TrainSpec(learning_rate=1e-2, epochs=2)
+    a, b = stacked.train_adapters(seqs, lora, spec), split.train_adapters(seqs, lora, spec)
+    for la, lb in zip(a.losses, b.losses, strict=True):
+        assert lb == pytest.approx(la, rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+    for params in (sj.SamplingParams(max_new_tokens=8), sj.SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)):
+        assert split.generate_ids([[5, 9, 14], [3]], params, adapters=b) == \
+            stacked.generate_ids([[5, 9, 14], [3]], params, adapters=a)
+    merged = split.merge_adapter(b, 1)
+    assert merged.layer_storage == "split" and merged.model.layers.split
+    np.testing.assert_allclose(merged.logits(ids, mask), stacked.merge_adapter(a, 1).logits(ids, mask), atol=1e-4)
+    want, have = stacked.params(), split.params()
+    assert sorted(have) == sorted(want)
+    for path, x in want.items():
+        np.testing.assert_array_equal(np.asarray(have[path]), np.asarray(x))
+        struct = split.param_structs()[path]
+        assert (struct.shape, struct.dtype) == (x.shape, x.dtype)
+        assert struct.sharding.is_equivalent_to(shd.param_sharding(split.mesh, path, x.shape), x.ndim)
+    exported = [load_file(next(lm.export(tmp_path / s).glob("*.safetensors"))) for s, lm in lms.items()]
+    assert sorted(exported[0]) == sorted(exported[1])
+    for name, x in exported[0].items():
+        np.testing.assert_array_equal(exported[1][name], x)
+    with pytest.raises(ValueError, match="unknown layer_storage 'rows'"):
+        sj.load(folder, progress=False, layer_storage="rows")
+    with pytest.raises(ValueError, match="stored split"):
+        sj.LM(split.model, None, layer_storage="stacked")

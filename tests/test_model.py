@@ -76,6 +76,36 @@ def test_compiled_program_does_not_grow_with_depth():
     assert program_size(2) == program_size(12)
 
 
+def test_layer_weights_stored_split_run_unrolled_with_the_same_logits():
+    """LayerStack.store_split (GPUs' storage): each weight becomes its L per-layer arrays, stacking them back
+    gives the stacked arrays, and the forward, now unrolled over them, gives the scanned forward's logits
+    and gradients of the adapters."""
+    cfg = preset("tiny").replace(num_layers=3)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    stacked = model.layers.arrays()
+    lora = sj.lm.model.LoraInputs(weights={"v_proj": {"a": jax.random.normal(jax.random.key(2), (3, cfg.hidden_size, 4)),
+                                                      "b": jax.random.normal(jax.random.key(3), (3, 4, cfg.kv_dim))}},
+                                  scale=jnp.float32(0.5))
+
+    def loss(weights, m):
+        return jnp.sum(m(ids, lora=sj.lm.model.LoraInputs(weights=weights, scale=lora.scale))[0] ** 2)
+
+    want, want_grad = model(ids, lora=lora)[0], jax.grad(loss)(lora.weights, model)
+    assert not model.layers.split
+    model.layers.store_split()
+    assert model.layers.split and isinstance(model.layers.q_proj.get_value(), tuple)
+    assert len(model.layers.q_proj.get_value()) == 3 and model.layers.per_layer()[2]["q_proj"].shape == stacked["q_proj"].shape[1:]
+    for name, x in model.layers.arrays().items():
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(stacked[name]))
+    np.testing.assert_allclose(model(ids, lora=lora)[0], want, atol=1e-5, rtol=0)
+    for g, w in zip(jax.tree.leaves(jax.grad(loss)(lora.weights, model)), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    graphdef, state = nnx.split(model)
+    text = jax.jit(lambda s: nnx.merge(graphdef, s)(ids)[0]).lower(state).as_text()
+    assert "while" not in text  # unrolled: no scan over the layers
+
+
 def test_remat_gives_the_same_gradients():
     cfg = preset("tiny")
     ids = jnp.arange(12, dtype=jnp.int32)[None] % cfg.vocab_size

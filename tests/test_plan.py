@@ -147,7 +147,7 @@ def test_fits_verdict_and_threshold():
     assert not v.fits and "does NOT fit" in v.message and "raise fsdp or tensor" in v.message
     host = {"data": 2, "fsdp": 4, "tensor": 1}
     assert pl.verdict(cfg, host, w, pl.HARDWARE["h100"]).fits
-    peak = pl.memory_plan(cfg, host, w).peak
+    peak = pl.memory_plan(cfg, host, w, "gpu").peak
     exact = dataclasses.replace(pl.HARDWARE["h100"], hbm_bytes=peak / pl.USABLE_FRACTION * (1 + 1e-9))
     short = dataclasses.replace(pl.HARDWARE["h100"], hbm_bytes=peak / pl.USABLE_FRACTION * (1 - 1e-6))
     assert pl.verdict(cfg, host, w, exact).fits

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from seal_jax.lm import attention as attn
 from seal_jax.lm import cpu_decode, sampling, training, weights
@@ -23,7 +23,14 @@ from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import token_nll
 from seal_jax.lm.lora import Adapters, LoraSpec
-from seal_jax.lm.model import Decoder, LoraInputs, train_layers_for
+from seal_jax.lm.model import (
+    LAYER_STORAGE,
+    Decoder,
+    LoraInputs,
+    layer_storage_for,
+    stack_leaf,
+    train_layers_for,
+)
 from seal_jax.lm.training import TrainSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -120,17 +127,30 @@ def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None
 class LM:
     """A loaded language model: config, tokenizer, parameters (possibly sharded) and jitted entry points.
 
-    Create it with :meth:`LM.load` (or :func:`seal_jax.load`).
+    Create it with :meth:`LM.load` (or :func:`seal_jax.load`). ``layer_storage`` (one of
+    ``model.LAYER_STORAGE``, default by the mesh's platform: ``"split"`` on GPUs, ``"stacked"`` elsewhere) is
+    how the layer weights are held on the devices (see :class:`~seal_jax.lm.model.LayerStack`); the programs'
+    results do not depend on it.
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None,
-                 train_mesh: Mesh | str | None = None):
+                 train_mesh: Mesh | str | None = None, layer_storage: str | None = None):
         # attention's implementation follows the platform the programs run on (the mesh's devices), unless
         # the model was built with one
         if model.attention_impl is None:
             model.attention_impl = attn.implementation_for(shd.platform(mesh))
         if model.train_layers is None:  # likewise how training runs the layers
             model.train_layers = train_layers_for(shd.platform(mesh))
+        # and how the layer weights are stored: split into per-layer arrays on GPUs (model.LayerStack)
+        layer_storage = layer_storage_for(shd.platform(mesh)) if layer_storage is None else layer_storage
+        if layer_storage not in LAYER_STORAGE:
+            raise ValueError(f"unknown layer_storage {layer_storage!r}; choose one of {LAYER_STORAGE}")
+        if layer_storage == "split":
+            model.layers.store_split()
+        elif model.layers.split:
+            raise ValueError("layer_storage='stacked' for a model whose layer weights are stored split; build "
+                             "the model again from LM.params()")
+        self.layer_storage = layer_storage
         model.attention_placement = attn.Placement(mesh)
         self.model = model
         self.tokenizer = tokenizer
@@ -165,6 +185,7 @@ class LM:
         remat: str | bool = "minimal",
         progress: bool = True,
         train_mesh: Mesh | str | None = None,
+        layer_storage: str | None = None,
     ) -> LM:
         """Load a Hugging Face-format model folder (or hub id, when online).
 
@@ -182,6 +203,7 @@ class LM:
             replicated, each device training its own candidates with no collective), where ``mesh`` suits
             generation (e.g. ``"data=2,tensor=4"``). Each training call places a copy of the base weights on
             it (one all-gather; the copy lives for the call). ``None``: train on ``mesh``.
+          layer_storage: ``"stacked"`` or ``"split"`` (see the class); default by the mesh's platform.
         """
         folder = weights.resolve_checkpoint(path_or_id)
         config = from_hf(folder)
@@ -189,17 +211,20 @@ class LM:
             mesh = shd.make_mesh(mesh)
         train_mesh = _train_mesh(train_mesh, mesh)  # checked before minutes of loading
         dt = _dtype(dtype)
-        params = weights.load_params(folder, config, dtype=dt, mesh=mesh, progress=progress)
         if tokenizer is None:
             tokenizer = tok.load_tokenizer(folder) if tok.has_tokenizer(folder) else None
         elif isinstance(tokenizer, (str, Path)):
             tokenizer = tok.load_tokenizer(tokenizer)
-        return cls(build_model(config, params, dtype=dt, remat=remat), tokenizer, mesh=mesh, path=folder,
-                   train_mesh=train_mesh)
+        # the model holds the only reference to the weights: splitting them (layer_storage) releases each
+        # stacked array as it goes
+        model = build_model(config, weights.load_params(folder, config, dtype=dt, mesh=mesh, progress=progress),
+                            dtype=dt, remat=remat)
+        return cls(model, tokenizer, mesh=mesh, path=folder, train_mesh=train_mesh, layer_storage=layer_storage)
 
     @classmethod
     def abstract(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
-                 remat: str | bool = "minimal", tokenizer: Any = None, train_mesh: Mesh | str | None = None) -> LM:
+                 remat: str | bool = "minimal", tokenizer: Any = None, train_mesh: Mesh | str | None = None,
+                 layer_storage: str | None = None) -> LM:
         """A model that exists only as shapes and shardings: every parameter is a ``jax.ShapeDtypeStruct``
         placed as :meth:`load` would place it on ``mesh``. Nothing is allocated; use it to lower and compile
         the engine's programs ahead of time (:meth:`lower_logits`, :meth:`lower_generate`,
@@ -209,7 +234,7 @@ class LM:
         Args:
           config: a :class:`ModelConfig` or a preset name (``"qwen3-8b"``; see ``lm.config.PRESETS``).
           mesh: a mesh or a spec such as ``"data=8"`` (over ``jax.devices()``); ``None`` for one device.
-          dtype, remat: as in :meth:`load`.
+          dtype, remat, train_mesh, layer_storage: as in :meth:`load`.
         """
         if isinstance(config, str):
             config = preset(config)
@@ -222,7 +247,8 @@ class LM:
         placed = {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=None if mesh is None else
                                              shd.param_sharding(mesh, path, x.shape)) for path, x in flat.items()}
         nnx.replace_by_pure_dict(state, nest(placed))
-        lm = cls(nnx.merge(graphdef, state), tokenizer, mesh=mesh, path=None, train_mesh=train_mesh)
+        lm = cls(nnx.merge(graphdef, state), tokenizer, mesh=mesh, path=None, train_mesh=train_mesh,
+                 layer_storage=layer_storage)
         lm.is_abstract = True
         return lm
 
@@ -247,9 +273,9 @@ class LM:
             mesh = shd.make_mesh(mesh)
         train_mesh = _train_mesh(train_mesh, mesh)
         dt = _dtype(dtype)
-        params = weights.random_params(config, dtype=dt, mesh=mesh, seed=seed)
-        return cls(build_model(config, params, dtype=dt, remat=remat), tokenizer, mesh=mesh, path=None,
-                   train_mesh=train_mesh)
+        model = build_model(config, weights.random_params(config, dtype=dt, mesh=mesh, seed=seed), dtype=dt,
+                            remat=remat)  # the only reference to the weights, as in load
+        return cls(model, tokenizer, mesh=mesh, path=None, train_mesh=train_mesh)
 
     def _require_weights(self, what: str) -> None:
         if self.is_abstract:
@@ -262,7 +288,7 @@ class LM:
         scale ``[K]``) as :meth:`train_adapters` returns them for these specs, for :meth:`lower_generate`."""
         specs = [lora] * k if isinstance(lora, LoraSpec) else list(lora)
         trains = [TrainSpec()] * len(specs)
-        params = {p: jax.ShapeDtypeStruct(x.shape, x.dtype) for p, x in self.params().items()}
+        params = {p: jax.ShapeDtypeStruct(x.shape, x.dtype) for p, x in self.param_structs().items()}
         weights = jax.eval_shape(lambda: training.initial_adapters(params, specs, trains, 0))
         return LoraInputs(weights=weights, scale=jax.ShapeDtypeStruct((len(specs),), jnp.float32))
 
@@ -293,7 +319,7 @@ class LM:
         training sequences of ``seq_len`` tokens each (SEAL's specs where ``lora``/``train`` are None)."""
         graphdef, state, mesh = self._train_view()
         return training.lower_train(
-            graphdef, state, flatten(nnx.to_pure_dict(state)), candidates=candidates, sequences=sequences,
+            graphdef, state, self.param_structs(), candidates=candidates, sequences=sequences,
             seq_len=seq_len, lora=LoraSpec.seal() if lora is None else lora,
             train=TrainSpec.seal() if train is None else train, seed=seed, mesh=mesh,
             programs=_train_programs(graphdef, mesh))
@@ -308,7 +334,7 @@ class LM:
     def _placement(self) -> Any:
         """The jitted program that places the base weights on :attr:`train_mesh` (made once)."""
         if self._place is None:
-            flat = {path: shd.param_sharding(self.train_mesh, path, x.shape)
+            flat = {path: self._sharding_on(self.train_mesh, path, x)
                     for path, x in flatten(nnx.to_pure_dict(self.state)).items()}
             target = nnx.clone(self.state)
             nnx.replace_by_pure_dict(target, nest(flat))
@@ -330,9 +356,27 @@ class LM:
             state = self._placement()(self.state)
         return self._train_graphdef, state, self.train_mesh
 
+    @staticmethod
+    def _sharding_on(mesh: Mesh, path: str, x: Any) -> Any:
+        """The sharding on ``mesh`` of the parameter at ``path`` held as ``x`` (an array, or per-layer ones)."""
+        if isinstance(x, tuple):  # split layer weights: the stacked one's, less the layer axis
+            stacked = shd.param_sharding(mesh, path, (len(x), *x[0].shape))
+            return (NamedSharding(mesh, PartitionSpec(*tuple(stacked.spec)[1:])),) * len(x)
+        return shd.param_sharding(mesh, path, x.shape)
+
     def params(self) -> dict[str, jax.Array]:
-        """The base parameters as ``{dotted path: array}``."""
-        return flatten(nnx.to_pure_dict(self.state))
+        """The base parameters as ``{dotted path: array}``, per-layer ones ``[L, ...]`` (where the layer weights
+        are stored split, stacked copies of them)."""
+        flat = flatten(nnx.to_pure_dict(self.state))
+        return {p: stack_leaf(x) if isinstance(x, tuple) else x for p, x in flat.items()}
+
+    def param_structs(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes, dtypes and shardings of :meth:`params`, without copying anything."""
+        def struct(x: Any) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+        flat = flatten(nnx.to_pure_dict(self.state))
+        return {p: stack_leaf([struct(v) for v in x]) if isinstance(x, tuple) else struct(x) for p, x in flat.items()}
 
     def export(self, out_dir: str | Path, *, dtype: Any = None) -> Path:
         """Write this model (weights, config, tokenizer) as a Hugging Face folder; returns the folder.
@@ -357,7 +401,8 @@ class LM:
         merged = adapters.merged_params(self.params(), k)
         model = build_model(self.config, merged, dtype=self.dtype, remat=self.model.remat)
         model.attention_impl, model.train_layers = self.model.attention_impl, self.model.train_layers  # as chosen
-        return LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh)
+        return LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh,
+                  layer_storage=self.layer_storage)
 
     # ------------------------------------------------------------------------------------------------
 
@@ -488,7 +533,7 @@ class LM:
         self._require_weights("training")
         graphdef, state, mesh = self._train_view()
         out = fn(
-            graphdef, state, flatten(nnx.to_pure_dict(state)), self.tokenizer, sequences,
+            graphdef, state, self.param_structs(), self.tokenizer, sequences,
             LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
             seed=seed, eos_id=self._train_eos_id(), pad_id=self._pad_id(), mesh=mesh,
             programs=_train_programs(graphdef, mesh),

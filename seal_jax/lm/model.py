@@ -1,21 +1,23 @@
-"""The decoder: Qwen3 / Llama in ``flax.nnx``, with the layers stacked and scanned.
+"""The decoder: Qwen3 / Llama in ``flax.nnx``, its layers stacked and scanned, or, on GPUs, split and unrolled.
 
-Every per-layer weight is stored once for all layers with a leading layer axis ``[L, ...]`` and the
-forward (:meth:`Decoder.hidden_states`, used for training, logits and the prompt of a generation) runs
-``lax.scan`` over it, so compile time does not grow with depth. Projection kernels are kept as
-``[in, out]`` (Hugging Face stores ``[out, in]``; ``weights.py`` transposes). LoRA training on GPUs is the
-exception (:attr:`Decoder.train_layers`): the CUDA compiler copies a layer's slice taken inside a loop on
-every step, so there each training call splits the weights into per-layer arrays once and the layers run
-unrolled over them.
+Every per-layer weight is declared once for all layers with a leading layer axis ``[L, ...]``
+(:mod:`seal_jax.lm.params`), and where the compiler reads a layer's slice of a stacked array in place (TPUs,
+CPUs) the forward (:meth:`Decoder.hidden_states`, used for training, logits and the prompt of a generation)
+runs ``lax.scan`` over the stacked arrays, so compile time does not grow with depth. Projection kernels are
+kept as ``[in, out]`` (Hugging Face stores ``[out, in]``; ``weights.py`` transposes).
 
-Decoding is different. A decode step reads every weight once for a handful of tokens, so it is bound by
-memory bandwidth, and where it runs decides how the layers are read (:mod:`seal_jax.lm.sampling` chooses by
-the mesh's platform). On a TPU :meth:`Decoder.extend` scans the stacked weights over a stacked cache and
-libtpu reads each layer's slice where it lies. The CUDA compiler and XLA:CPU instead copy a slice taken
-inside the decode loop on every step, so there :meth:`Decoder.extend` runs the layers as an unrolled Python
-loop over *per-layer* arrays: the sampler slices the weights once, outside the loop (:func:`unstack_layers`;
-the copy is paid once per generation, not per token), and the :class:`KVCache` holds one buffer per layer that
-each step updates in place.
+The CUDA compiler copies a slice of a stacked array before a matmul reads it: inside a loop on every step,
+outside it once per call, but then a second copy of the weights lives for the call. On GPUs the weights are
+therefore stored *split* (:class:`LayerStack`, :func:`layer_storage_for`; :class:`~seal_jax.LM` chooses by its
+mesh's platform): each parameter a tuple of L per-layer arrays, and every program runs the layers as an
+unrolled Python loop over them (compiles take longer).
+
+Decoding is bound by memory bandwidth: a step reads every weight once for a handful of tokens, and how it
+reads the layers depends on the platform (:mod:`seal_jax.lm.sampling` chooses by the mesh's). On a TPU
+:meth:`Decoder.extend` scans the stacked weights over a stacked cache and libtpu reads each layer's slice
+where it lies. On a GPU (split weights) and a CPU (per-layer copies kept between calls,
+:mod:`seal_jax.lm.cpu_decode`) :meth:`Decoder.extend` runs the layers unrolled over per-layer arrays, and the
+:class:`KVCache` holds one buffer per layer that each step updates in place.
 
 The arithmetic lives in small pure functions (``rms_norm``, ``apply_rope``; attention in
 :mod:`seal_jax.lm.attention`, its implementation an attribute of the model chosen from the platform); the
@@ -34,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from seal_jax.lm.attention import IMPLEMENTATIONS, AttentionError, Placement, attention, cached_attention
 from seal_jax.lm.config import ModelConfig
@@ -249,17 +252,79 @@ def new_param(decl: ParamDecl, config: ModelConfig, dtype: Any, rngs: nnx.Rngs) 
 LAYER_PARAMS = tuple(d.path.removeprefix("layers.") for d in PARAMS if d.per_layer)
 
 
+# how the per-layer weights are stored (see LayerStack)
+LAYER_STORAGE = ("stacked", "split")
+
+
+def layer_storage_for(platform: str) -> str:
+    """How the per-layer weights are stored on ``platform`` (``"cpu"``, ``"tpu"``, ``"gpu"``): ``"split"``
+    on GPUs, ``"stacked"`` elsewhere (see :class:`LayerStack`)."""
+    return "split" if platform == "gpu" else "stacked"
+
+
+def split_leaf(x: Any) -> tuple[Any, ...]:
+    """A stacked ``[L, ...]`` array (or ``jax.ShapeDtypeStruct``) as L per-layer ones, each on the stacked
+    one's devices with its split dimensions split alike (the layer axis is never split)."""
+    sharding = getattr(x, "sharding", None)
+    one = (NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+           if isinstance(sharding, NamedSharding) else None)
+    n = x.shape[0]
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return tuple(jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=one) for _ in range(n))
+    return jax.jit(lambda a: tuple(a[i] for i in range(n)), out_shardings=None if one is None else (one,) * n)(x)
+
+
+def stack_leaf(xs: Sequence[Any]) -> Any:
+    """The inverse of :func:`split_leaf`: L per-layer arrays (or shapes) as one ``[L, ...]`` (a copy)."""
+    if isinstance(xs[0], jax.ShapeDtypeStruct):
+        sharding = xs[0].sharding
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *tuple(sharding.spec)))
+        return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype, sharding=sharding)
+    return jnp.stack(xs)
+
+
 class LayerStack(nnx.Module):
-    """All decoder layers' weights, stacked on a leading layer axis ``[L, ...]``."""
+    """All decoder layers' weights, in one of two storages (:data:`LAYER_STORAGE`).
+
+    ``"stacked"`` (as built): each parameter one array with a leading layer axis ``[L, ...]``, which a
+    ``lax.scan`` reads a layer's slice of in place (TPUs; CPUs). ``"split"`` (:meth:`store_split`, chosen
+    for GPUs): each parameter a tuple of L per-layer arrays. The CUDA compiler copies a slice of a stacked
+    array before a matmul reads it, so stacked weights on a GPU cost a copy of every layer per step (scanned)
+    or of all layers per call (sliced once, held for the call: a second copy of the weights in memory);
+    per-layer arrays are read where they lie, by layers run unrolled.
+    """
 
     def __init__(self, config: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
         for decl in declared(config):
             if decl.per_layer:
                 setattr(self, decl.path.removeprefix("layers."), new_param(decl, config, dtype, rngs))
 
+    def _params(self) -> dict[str, nnx.Param]:
+        return {n: getattr(self, n) for n in LAYER_PARAMS if hasattr(self, n)}
+
+    @property
+    def split(self) -> bool:
+        """Whether the weights are stored split (per-layer arrays), see :meth:`store_split`."""
+        return any(isinstance(p.get_value(), tuple) for p in self._params().values())
+
+    def store_split(self) -> None:
+        """Store every weight as its L per-layer arrays instead of one stacked array (in place; each stacked
+        array is released once split, so the peak is one parameter's worth above the weights)."""
+        for p in self._params().values():
+            if not isinstance(p.get_value(), tuple):
+                p.set_value(split_leaf(p.get_value()))
+
     def arrays(self) -> dict[str, jax.Array]:
-        """The stacked weights as a plain dict of arrays ``{name: [L, ...]}``."""
-        return {n: getattr(self, n)[...] for n in LAYER_PARAMS if hasattr(self, n)}
+        """The weights as ``{name: [L, ...]}`` (split ones stacked: a copy)."""
+        return {n: stack_leaf(v) if isinstance(v, tuple) else v
+                for n, v in ((n, p.get_value()) for n, p in self._params().items())}
+
+    def per_layer(self) -> list[dict[str, jax.Array]]:
+        """The weights as L per-layer dicts ``{name: array}`` (stacked ones sliced: copies)."""
+        values = {n: p.get_value() for n, p in self._params().items()}
+        layers = len(next(iter(values.values())))  # a tuple's length or a stacked array's first dimension
+        return [{k: v[i] for k, v in values.items()} for i in range(layers)]
 
 
 # how LoRA training runs the layers (see Decoder's train_layers)
@@ -395,10 +460,9 @@ class Decoder(nnx.Module):
       train_layers: how LoRA training runs the layers, one of :data:`TRAIN_LAYERS`, or None (the default):
         :class:`~seal_jax.LM` then chooses by its mesh's platform (:func:`train_layers_for`), and the module
         alone scans. ``"scan"``: one compiled layer over the stacked weights, each step reading its layer's
-        slice where it lies (TPUs, CPUs). ``"unrolled"``: each training call first splits the weights into
-        per-layer arrays (one copy of them, kept for the call) and the layers are unrolled over those
-        (GPUs: the CUDA compiler copies a layer's slice taken inside the loop before every matmul, on every
-        step; the compile takes longer).
+        slice where it lies (TPUs, CPUs). ``"unrolled"``: the layers are unrolled over per-layer arrays
+        (GPUs): the weights themselves where stored split (:class:`LayerStack`), otherwise copies that each
+        training call makes first and keeps for the call. Split weights always run unrolled.
 
     ``attention_placement`` (an :class:`~seal_jax.lm.attention.Placement`, set by :class:`~seal_jax.LM` from
     its mesh) is where a kernel that runs in a ``shard_map`` (``"splash"``, ``"triton"``) runs.
@@ -437,7 +501,7 @@ class Decoder(nnx.Module):
 
         ``layers``: the base weights as per-layer arrays (:meth:`unstacked_layers`); the layers then run as
         an unrolled loop over them, each under the same remat policy and with the same dropout keys as the
-        scan (see :attr:`train_layers`).
+        scan (see :attr:`train_layers`). Weights stored split (:class:`LayerStack`) always run so.
 
         ``attention_mask`` (``[B, T]``, 1 = real token, batches left-padded) sets both the keys that may be
         attended to and the rotary positions (``cumsum(mask) - 1``); ``positions`` (int ``[B, T]``)
@@ -465,6 +529,8 @@ class Decoder(nnx.Module):
                 lkey, c, cos, sin, allowed, attend=attend)
             return h, (kv if return_kv else None)
 
+        if layers is None and self.layers.split:  # split weights run unrolled (a scan would stack them: a copy)
+            layers = self.layers.per_layer()
         if self.remat != "none":
             policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "minimal" else None
             # prevent_cse may be off safely only under a scan. Unrolled (GPU training), "full" needs it, or XLA
@@ -485,15 +551,16 @@ class Decoder(nnx.Module):
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps), kv
 
     def unstacked_layers(self) -> list[dict[str, jax.Array]]:
-        """The stacked base weights as L per-layer dicts (copies; the form :meth:`hidden_states` takes as
-        ``layers``)."""
-        return unstack_layers(self.layers.arrays(), self.config.num_layers)
+        """The base weights as L per-layer dicts (the form :meth:`hidden_states` takes as ``layers``): the
+        arrays themselves when stored split, copies of stacked ones' slices otherwise."""
+        return self.layers.per_layer()
 
     def layer_params(self, lora: LoraInputs | None = None) -> list[tuple[dict[str, Any], Any]]:
         """Per layer, ``(weights, adapter slices or None)`` without the layer axis, for :meth:`extend`.
 
-        Slicing copies the weights: inside a jitted decode loop, make the slices once before the loop (the
-        sampler does, with :func:`unstack_layers`, and on a CPU keeps them between calls).
+        Slicing stacked weights copies them: inside a jitted decode loop, take the per-layer weights once
+        before the loop (the sampler does; on a CPU it keeps copies between calls, and on a GPU the weights are
+        stored split, see :class:`LayerStack`).
         """
         n = self.config.num_layers
         adapters = [None] * n if lora is None else unstack_layers(lora.weights, n)

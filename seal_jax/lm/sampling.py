@@ -23,10 +23,10 @@ How one call runs (see :class:`Sampler`):
 Decode layouts. On a TPU the layers are *scanned* over the stacked ``[L, ...]`` weights and one stacked
 cache (keys laid out as the values, ``[L, B, KVH, S, Dh]``): each layer writes its new slots into the stack
 in place and reads its slice, and libtpu reads the weights' slices where they lie. On CPUs and GPUs the
-layers are *unrolled* over per-layer weight slices made once per call before the loop (on a CPU, copies
-kept between calls, see :mod:`seal_jax.lm.cpu_decode`) and one cache buffer per layer (``[B, KVH, S, Dh]``
-for keys and values): the CUDA compiler copies a slice taken inside the loop on every step, so the once-per-
-call copy is the cheaper one there. Measured with ``seal-jax compile`` for Qwen3-8B on ``tpu-v5p-16``
+layers are *unrolled* over per-layer weights and one cache buffer per layer (``[B, KVH, S, Dh]`` for keys
+and values): on a GPU the weights as stored (split into per-layer arrays, see
+:class:`~seal_jax.lm.model.LayerStack`: the CUDA compiler copies a slice of a stacked array before a matmul
+reads it), on a CPU per-layer copies kept between calls (:mod:`seal_jax.lm.cpu_decode`). Measured with ``seal-jax compile`` for Qwen3-8B on ``tpu-v5p-16``
 (``data=2,fsdp=4``): the scanned decode reads 1.06–1.08× its arguments per step (unrolled: 1.21–1.22×),
 its temporaries fall from 3.5 GB to 0.5–0.6 GB per device, and it compiles in 13–16 s instead of 26–55 s.
 Under K stacked adapters the decode casts them and joins each input's ``a`` matrices once per call
@@ -389,7 +389,7 @@ class Sampler:
         self.cpu_tricks = cpu_decode.applies(self.platform)  # the one switch of lm/cpu_decode.py
         # TPU: scan the layers in decode over the stacked weights and a stacked cache (libtpu reads each
         # layer's slice in place: no per-call weight copies, 4x shorter compiles); CPU and GPU unroll the
-        # layers over per-layer slices made once per call (see "Decode layouts" in the module docstring)
+        # layers over per-layer weights (see "Decode layouts" in the module docstring)
         self.scan_layers = self.platform == "tpu"
         self.traces: collections.Counter[str] = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
@@ -452,8 +452,7 @@ class Sampler:
         """The per-layer weight copies a CPU decode keeps between calls (:func:`cpu_decode.weight_copies`)."""
         self.traces["split"] += 1
         model = nnx.merge(self.graphdef, state)
-        return cpu_decode.weight_copies(unstack_layers(model.layers.arrays(), model.config.num_layers),
-                                        model.head_kernel())
+        return cpu_decode.weight_copies(model.layers.per_layer(), model.head_kernel())
 
     def _decode(self, state: Any, cache: KVCache, logits: jax.Array, lora_weights: Any, lora_scale: Any,
                 knobs: dict[str, jax.Array], stop_ids: jax.Array, done: jax.Array, copies: Any = None, *,
@@ -466,7 +465,7 @@ class Sampler:
             pad_id`` and per row ``seed`` and ``row``.
           stop_ids: int32 ``[M]``, padded with -1.
           done: bool ``[B]``, rows that must not generate (batch padding).
-          copies: :meth:`split`'s output for ``state``, or ``None`` to slice the weights here.
+          copies: :meth:`split`'s output for ``state``, or ``None`` to take the per-layer weights here.
           greedy: every row is greedy (``temperature == 0``): the program takes the argmax and holds no
             sampling (whose top-p search reads the vocabulary ~30 times per step) in a branch.
         Returns:
@@ -480,12 +479,12 @@ class Sampler:
         # K stacked adapters: the per-candidate work of a step runs under vmap *inside* one loop, so that the
         # loop's condition (every row of every candidate stopped) is one scalar; a vmap around the whole loop
         # would select every carried buffer (all the KV caches) between old and new on every step.
-        # Per-layer slices, made once per call (the base's unless kept from an earlier one, on a CPU); a
-        # stacked cache scans the stacked weights instead
+        # Per-layer weights: as stored where split (GPUs), else slices made once per call, unless kept from an
+        # earlier one (CPUs); a stacked cache scans the stacked weights instead
         n = model.config.num_layers
         base = None
         if not cache.stacked:
-            base = unstack_layers(model.layers.arrays(), n) if copies is None else list(copies[0])
+            base = model.layers.per_layer() if copies is None else list(copies[0])
         # the adapters in the compute dtype, each input's `a` matrices joined (group_adapters): once per call,
         # not on every step, where XLA would otherwise cast and concatenate them
         if lora_weights is not None:
@@ -494,9 +493,11 @@ class Sampler:
         if lora_weights is not None and not cache.stacked:
             slices = functools.partial(unstack_layers, num_layers=n)
             adapter = jax.vmap(slices)(lora_weights) if stacked else slices(lora_weights)
-        head_kernel = model.head_kernel() if copies is None else copies[1]
+        # the head taken inside the loop (None: model.head's own), where the compiler folds a tied embedding's
+        # transpose into the matmul; taken once per call outside the loop, the transpose is a copy of the table
+        head_kernel = None if copies is None else copies[1]
         if copies is None and self.cpu_tricks:
-            head_kernel = cpu_decode.head_once_per_call(head_kernel)
+            head_kernel = cpu_decode.head_once_per_call(model.head_kernel())
 
         def forward(cache: KVCache, token: jax.Array, finished: jax.Array, adapter: Any,
                     scale: Any) -> tuple[jax.Array, KVCache]:
