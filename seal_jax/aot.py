@@ -55,6 +55,7 @@ from seal_jax.selfedit import grading
 from seal_jax.selfedit.cpt import CptConfig
 from seal_jax.selfedit.judge import JUDGE_BATCH
 from seal_jax.selfedit.restem import RestemConfig
+from seal_jax.selfedit.run_config import SELFEDIT_SAMPLING
 from seal_jax.selfedit.runs import load_config
 from seal_jax.selfedit.strategies import get_strategy
 from seal_jax.selfedit.template_search import TemplateSearchConfig
@@ -191,14 +192,14 @@ def knowledge_programs(config: Any, shapes: Shapes, *, strategies: Sequence[str]
         s = get_strategy(n)
         if s.trains:
             k += (1 if s.source == "passage" else config.k) * config.repeats
-    sampling = {"max_new_tokens": 256, **config.selfedit_sampling}
+    sampling = {**SELFEDIT_SAMPLING, **config.selfedit_sampling}
     q = shapes.questions
     together = "" if group == 1 else f", {group} passages in one call"
     programs = [_generate("answer", q * group, shapes.question_len, config.eval_max_new_tokens, per_passage=1 / group,
                           note=f"greedy answers of the base model{together}")]
     if generating:
         programs.append(_generate("self_edit", config.k * group, shapes.passage_len, int(sampling["max_new_tokens"]),
-                                  per_passage=len(generating) / group, greedy=sampling.get("temperature", 1.0) == 0,
+                                  per_passage=len(generating) / group, greedy=sampling["temperature"] == 0,
                                   note=f"{config.k} self-edits per generating condition ({', '.join(generating)})"
                                        f"{together}"))
     if k:
@@ -225,11 +226,11 @@ def cpt_programs(cfg: CptConfig, shapes: Shapes) -> list[Program]:
     corpus = passages * (1 + knowledge.k * (shapes.sequences - 1))
     questions = cfg.eval_batch * shapes.questions
     lora = knowledge.lora_spec()
-    sampling = {"max_new_tokens": 256, **knowledge.selfedit_sampling}
+    sampling = {**SELFEDIT_SAMPLING, **knowledge.selfedit_sampling}
     programs = []
     if generating:
         programs.append(_generate("self_edit", knowledge.k, shapes.passage_len, int(sampling["max_new_tokens"]),
-                                  per_passage=len(generating), greedy=sampling.get("temperature", 1.0) == 0,
+                                  per_passage=len(generating), greedy=sampling["temperature"] == 0,
                                   note=f"{knowledge.k} self-edits per generating "
                                   f"condition ({', '.join(generating)})"))
     programs += [
@@ -271,7 +272,7 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
             _generate("answer", shapes.questions, shapes.question_len, knowledge.eval_max_new_tokens),
             _generate("fill", cfg.fills, shapes.passage_len, cfg.fill_max_new_tokens,
                       per_passage=cfg.templates_per_iteration,
-                      greedy=knowledge.selfedit_sampling.get("temperature", 1.0) == 0,  # fills sample as self-edits
+                      greedy={**SELFEDIT_SAMPLING, **knowledge.selfedit_sampling}["temperature"] == 0,  # as self-edits
                       note=f"{cfg.fills} fills per template"),
             _train("train", k, shapes.sequences, shapes.seq_len, lora, knowledge.train_spec(),
                    note=f"{k} (template, fill) candidates, ranks padded to {rank}"),

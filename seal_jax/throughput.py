@@ -52,10 +52,11 @@ from seal_jax import hlo, plan
 from seal_jax.ceilings import best_time, copy_bandwidth, matmul_flops, read_bandwidth
 from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import ConfigError, from_hf, preset
+from seal_jax.selfedit.run_config import SELFEDIT_SAMPLING
 
 # SEAL samples its self-edits (temperature 1, top-p 0.95): the suite's self-edit rows do, with the reference's
-# generate alike; answers are greedy
-SELF_EDIT_SAMPLING = {"temperature": 1.0, "top_p": 0.95}
+# generate alike (its own number of new tokens); answers are greedy
+SELF_EDIT_SAMPLING = {k: v for k, v in SELFEDIT_SAMPLING.items() if k != "max_new_tokens"}
 
 
 class BenchError(ValueError):

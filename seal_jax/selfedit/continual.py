@@ -38,6 +38,7 @@ from seal_jax.selfedit.episode import BatchGrader, accuracy, make_grader, scored
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.results import append_passage, read_rows
 from seal_jax.selfedit.run_config import (
+    SELFEDIT_SAMPLING,
     ExtendedConfig,
     RunConfig,
     RunConfigError,
@@ -121,7 +122,7 @@ def score_passages(lm: LanguageModel, passages: Sequence[Passage], config: RunCo
 def write_self_edit(lm: LanguageModel, passage: Passage, config: ContinualConfig, s: int) -> str:
     """The current model's self-edit of ``passage`` at sequence ``s``."""
     k = config.knowledge
-    params = SamplingParams(**{"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95, **k.selfedit_sampling,
+    params = SamplingParams(**{**SELFEDIT_SAMPLING, **k.selfedit_sampling,
                                "seed": derived_seed(k.seed, "continual", s, passage.id)})
     prompt = self_edit_prompt(get_strategy(config.strategy), passage, chat=k.chat)
     return lm.generate([prompt], params, chat=k.chat)[0]

@@ -59,7 +59,13 @@ from seal_jax.selfedit.results import (
     summarize,
     summary_markdown,
 )
-from seal_jax.selfedit.run_config import RunConfig, check_run_config, derived_seed, select_data
+from seal_jax.selfedit.run_config import (
+    SELFEDIT_SAMPLING,
+    RunConfig,
+    check_run_config,
+    derived_seed,
+    select_data,
+)
 from seal_jax.selfedit.strategies import (
     completions_for,
     fill_pieces,
@@ -94,8 +100,7 @@ def generate_self_edits_many(lm: LanguageModel, passages: Sequence[Passage], con
         else:
             continue
         seeds = [derived_seed(config.seed, p.id, name) for p in passages]
-        params = SamplingParams(**{"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95,
-                                   **config.selfedit_sampling, "seed": seeds[0]})
+        params = SamplingParams(**{**SELFEDIT_SAMPLING, **config.selfedit_sampling, "seed": seeds[0]})
         if length is not None:
             params = dataclasses.replace(params, max_new_tokens=int(length))
         rows = [prompt for prompt in prompts for _ in range(config.k)]

@@ -25,6 +25,9 @@ from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, get_strategy
 from seal_jax.selfedit.templates import Template
 
+# SEAL samples its self-edits: the defaults under a config's `selfedit_sampling`, which overrides them key by key
+SELFEDIT_SAMPLING: dict[str, Any] = {"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95}
+
 
 class RunConfigError(ValueError):
     """A run configuration that cannot be used."""
@@ -125,8 +128,7 @@ class RunConfig:
     k: int = 1
     repeats: int = 1
     passages_per_program: int = 1
-    selfedit_sampling: dict[str, Any] = dataclasses.field(
-        default_factory=lambda: {"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95})
+    selfedit_sampling: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(SELFEDIT_SAMPLING))
     include_passage: bool = True
     lora: dict[str, Any] = dataclasses.field(default_factory=dict)
     train: dict[str, Any] = dataclasses.field(default_factory=dict)

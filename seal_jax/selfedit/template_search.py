@@ -106,6 +106,7 @@ from seal_jax.selfedit.results import (
     write_jsonl,
 )
 from seal_jax.selfedit.run_config import (
+    SELFEDIT_SAMPLING,
     ExtendedConfig,
     RunConfig,
     RunConfigError,
@@ -315,7 +316,7 @@ def template_passage_rows(inner: LanguageModel, generator: LanguageModel, passag
     if not templates:
         return rows
     prompts = [fill_prompt(t, passage.title, passage.context) for _, t in templates for _ in range(config.fills)]
-    params = SamplingParams(**{"temperature": 1.0, "top_p": 0.95, **k.selfedit_sampling,
+    params = SamplingParams(**{**SELFEDIT_SAMPLING, **k.selfedit_sampling,
                                "max_new_tokens": config.fill_max_new_tokens,
                                "seed": derived_seed(k.seed, tag, iteration, passage.id, "fill")})
     jobs = []
