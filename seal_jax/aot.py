@@ -50,7 +50,7 @@ from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import PRESETS, ConfigError, ModelConfig, from_hf, preset
 from seal_jax.lm.lora import LoraSpec
 from seal_jax.lm.training import TrainSpec
-from seal_jax.lm.types import REMAT_POLICIES
+from seal_jax.lm.types import REMAT_POLICIES, TRAIN_WEIGHTS
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.cpt import CptConfig
 from seal_jax.selfedit.judge import JUDGE_BATCH
@@ -120,7 +120,8 @@ class Program:
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """A model, dtype, mesh and the programs of one run; ``train_mesh``: another layout of the devices that
-    the training programs run on (``LM.load(train_mesh=...)``), or None."""
+    the training programs run on (``LM.load(train_mesh=...)``), or None, and ``train_weights`` how the base
+    weights lie there (``LM.load(train_weights=...)``)."""
 
     name: str
     config: ModelConfig
@@ -132,6 +133,7 @@ class Workload:
     source: str
     train_mesh: str | None = None
     passages: int = 1  # passages per program (passages_per_program)
+    train_weights: str = "replicated"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,11 +253,11 @@ def cpt_programs(cfg: CptConfig, shapes: Shapes) -> list[Program]:
 
 def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None = None,
                          mesh: str | None = None, passages: int | None = None,
-                         train_mesh: str | None = None) -> Workload:
+                         train_mesh: str | None = None, train_weights: str | None = None) -> Workload:
     """The :class:`Workload` of a run config of any kind (knowledge, ReST-EM, template search, CPT; a CPT
     workload has no per-passage candidates: ``candidates`` is 0 and no evaluations per hour are given).
     ``passages`` overrides a knowledge or ReST-EM config's ``passages_per_program``, ``train_mesh`` its
-    ``train_mesh`` (``""``: none)."""
+    ``train_mesh`` (``""``: none), ``train_weights`` its ``train_weights``."""
     cfg = load_config(path)
     knowledge = getattr(cfg, "knowledge", cfg)
     if passages is not None and (passages < 1 or (knowledge is not cfg and not cfg.GROUPS_PASSAGES)):
@@ -295,7 +297,8 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
     return Workload(Path(path).stem, config, knowledge.dtype, mesh if mesh is not None else knowledge.mesh,
                     knowledge.remat, tuple(programs), k, source,
                     (train_mesh if train_mesh is not None else knowledge.train_mesh) or None,
-                    int(passages or getattr(knowledge, "passages_per_program", 1)) if k else 1)
+                    int(passages or getattr(knowledge, "passages_per_program", 1)) if k else 1,
+                    train_weights or knowledge.train_weights)
 
 
 def workload_from_flags(model: str, shapes: Shapes, *, candidates: int, dtype: str, mesh: str | None, remat: str | bool,
@@ -399,10 +402,10 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
                            f"pass --mesh with sizes whose product is {target.chips}") from None
     try:
         lm = sj.LM.abstract(workload.config, mesh=mesh, dtype=workload.dtype, remat=workload.remat,
-                            train_mesh=workload.train_mesh)
+                            train_mesh=workload.train_mesh, train_weights=workload.train_weights)
     except shd.MeshError as error:
         raise CompileError(f"train mesh {workload.train_mesh!r} on {target.name}: {error}") from None
-    resident = _weight_bytes(lm.params()) if workload.train_mesh else 0
+    resident = _weight_bytes(lm.param_structs()) if workload.train_mesh else 0
     placement = None
     rows = []
     for program in workload.programs:
@@ -428,7 +431,7 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
             if on_row is not None:
                 on_row(row)
     return {"workload": workload.name, "model": workload.source, "target": target.name, "mesh": spec,
-            "train_mesh": workload.train_mesh, "passages": workload.passages,
+            "train_mesh": workload.train_mesh, "train_weights": workload.train_weights, "passages": workload.passages,
             "dtype": workload.dtype, "candidates": workload.candidates, "rows": rows, "summary": summarize(rows, workload)}
 
 
@@ -525,6 +528,8 @@ def _gb(x: float | None) -> str:
 def format_rows(report: dict[str, Any]) -> str:
     """The report as a Markdown table plus its summary line."""
     training = f", training on {report['train_mesh']}" if report.get("train_mesh") else ""
+    if report.get("train_weights", "replicated") != "replicated":
+        training += f" (weights {report['train_weights']})"
     lines = [f"{report['workload']} on {report['target']} (mesh {report['mesh']}{training}, {report['dtype']}, "
              f"{report['model']}); per device",
              "", "| program | compile s | args GB | temp GB | peak GB | fits | GFLOP | GB accessed | min GB | "
@@ -579,6 +584,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another layout of the target's devices for the training programs (e.g. data=8; "
                              "overrides the config's train_mesh, '' for none); each training call adds a "
                              "<program>.placement row (the all-gather that places the weights)")
+    parser.add_argument("--train-weights", default=None, choices=TRAIN_WEIGHTS,
+                        help="how the base weights lie on the train mesh (overrides the config's train_weights): "
+                             "replicated, or fsdp (each layer's weights split over its data axis and gathered "
+                             "as the layer runs)")
     parser.add_argument("--candidates", "-k", type=int, default=5, help="K (without a config)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(without a config)")
     parser.add_argument("--remat", default="minimal", choices=REMAT_POLICIES,
@@ -600,12 +609,13 @@ def main(args: argparse.Namespace) -> int:
         shapes = Shapes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shapes)})
         if args.config is not None:
             workload = workload_from_config(args.config, shapes, model=args.model, mesh=args.mesh,
-                                            passages=args.passages_per_program, train_mesh=args.train_mesh)
+                                            passages=args.passages_per_program, train_mesh=args.train_mesh,
+                                            train_weights=args.train_weights)
         else:
             if args.passages_per_program is not None:
                 raise CompileError("--passages-per-program needs a run config (its K candidates per passage)")
-            if args.train_mesh:
-                raise CompileError("--train-mesh needs a run config")
+            if args.train_mesh or args.train_weights:
+                raise CompileError("--train-mesh and --train-weights need a run config")
             workload = workload_from_flags(args.model or "qwen3-8b", shapes, candidates=args.candidates,
                                            dtype=args.dtype, mesh=args.mesh, remat=args.remat,
                                            lora_rank=args.lora_rank, new_tokens=args.new_tokens)

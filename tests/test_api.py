@@ -234,3 +234,42 @@ def test_layer_weights_stored_split_give_what_stacked_ones_give(tiny_hf, tmp_pat
         sj.load(folder, progress=False, layer_storage="rows")
     with pytest.raises(ValueError, match="stored split"):
         sj.LM(split.model, None, layer_storage="stacked")
+
+
+def test_fsdp_training_gathers_each_layer_and_trains_what_a_replica_trains(tiny_hf):
+    """``train_weights="fsdp"``: on the train mesh (``data=8``) each layer's weights lie split over ``data``
+    and are all-gathered as the layer runs. The adapters and losses equal those trained on a replica (three
+    heterogeneous candidates, one with dropout), each device holds less than half the replica's arguments,
+    and the program's only collectives are those all-gathers (a replica's: none)."""
+    import jax
+
+    from seal_jax import hlo
+    from seal_jax.lm import sharding as shd
+
+    _, folder = tiny_hf("qwen3-mha")
+    kw = dict(mesh="data=2,tensor=4", train_mesh="data=8", progress=False)
+    replica, fsdp = sj.load(folder, **kw), sj.load(folder, train_weights="fsdp", **kw)
+    assert (replica.train_weights, fsdp.train_weights) == ("replicated", "fsdp")
+    placed = fsdp._placement()(fsdp.state)
+    assert tuple(placed["layers"]["q_proj"][...].sharding.spec) == (None, "data", None)  # [L, D, H]: D over data
+    assert placed["embedding"][...].sharding.is_fully_replicated
+    seqs = [[[5, 9, 14, 3, 77, 21, 8], [12, 40, 41, 42]], [[7, 7, 30, 31]], [[90, 91, 92, 93, 94]]]
+    lora = [sj.LoraSpec(rank=4, alpha=8.0), sj.LoraSpec(rank=2, alpha=2.0, targets="all"),
+            sj.LoraSpec(rank=4, dropout=0.1)]
+    spec = sj.TrainSpec(learning_rate=1e-2, epochs=2)
+    a, b = replica.train_adapters(seqs, lora, spec), fsdp.train_adapters(seqs, lora, spec)
+    for la, lb in zip(a.losses, b.losses, strict=True):
+        assert lb == pytest.approx(la, rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+        assert y.sharding.is_equivalent_to(shd.replicated(fsdp.mesh), y.ndim)  # back on the generation mesh
+    compiled = {lm.train_weights: lm.lower_train(candidates=8, sequences=2, seq_len=16).compile()
+                for lm in (replica, fsdp)}
+    collectives = {k: hlo.analyze(c.as_text()).collectives for k, c in compiled.items()}
+    assert collectives["replicated"] == {} and set(collectives["fsdp"]) == {"all-gather"}
+    args = {k: c.memory_analysis().argument_size_in_bytes for k, c in compiled.items()}
+    assert args["fsdp"] < 0.5 * args["replicated"], args
+    with pytest.raises(shd.MeshError, match="give a train_mesh with data > 1"):
+        sj.load(folder, mesh="data=2,tensor=4", train_weights="fsdp", progress=False)
+    with pytest.raises(ValueError, match="unknown train_weights 'zero3'"):
+        sj.load(folder, train_weights="zero3", progress=False)

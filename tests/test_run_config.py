@@ -88,6 +88,12 @@ def test_resume_ignores_engine_settings_only():
     assert config_differences(base, {**base, "train_mesh": "data=8"}) == []
     with pytest.raises(RunConfigError, match="train_mesh must be a string"):
         tiny_config("m", mesh="data=8", train_mesh={"data": 8})
+    assert config_differences(base, {**base, "train_weights": "fsdp"}) == []  # nor on how the weights lie
+    assert tiny_config("m", mesh="data=2,tensor=4", train_mesh="data=8", train_weights="fsdp").train_weights == "fsdp"
+    with pytest.raises(RunConfigError, match=r"train_weights must be one of \['replicated', 'fsdp'\]"):
+        tiny_config("m", mesh="data=8", train_mesh="data=8", train_weights="zero3")
+    with pytest.raises(RunConfigError, match="set train_mesh too"):
+        tiny_config("m", mesh="data=8", train_weights="fsdp")
     with pytest.raises(RunConfigError, match=r"remat must be one of \['none', 'minimal', 'full'\]"):
         tiny_config("m", remat="false")
     for value in ("none", "minimal", "full", True, False):

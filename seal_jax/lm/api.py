@@ -32,6 +32,7 @@ from seal_jax.lm.model import (
     train_layers_for,
 )
 from seal_jax.lm.training import TrainSpec
+from seal_jax.lm.types import TRAIN_WEIGHTS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -99,6 +100,16 @@ def _train_programs(graphdef: Any, mesh: Mesh | None) -> dict[Any, Any]:
     return _PROGRAMS.setdefault((graphdef, mesh), {}).setdefault("train", {})
 
 
+def _train_weights(train_weights: str, train_mesh: Mesh | None) -> str:
+    """``train_weights`` checked against the train mesh (see :meth:`LM.load`)."""
+    if train_weights not in TRAIN_WEIGHTS:
+        raise ValueError(f"unknown train_weights {train_weights!r}; choose one of {TRAIN_WEIGHTS}")
+    if train_weights == "fsdp" and (train_mesh is None or int(train_mesh.shape["data"]) == 1):
+        raise shd.MeshError("train_weights='fsdp' splits the layer weights over the train mesh's data axis: give a "
+                            "train_mesh with data > 1 (e.g. train_mesh='data=8')")
+    return train_weights
+
+
 def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None:
     """``train_mesh`` as a :class:`Mesh` over the devices of ``mesh`` (see :meth:`LM.load`), or ``None``."""
     if train_mesh is None:
@@ -134,7 +145,8 @@ class LM:
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None,
-                 train_mesh: Mesh | str | None = None, layer_storage: str | None = None):
+                 train_mesh: Mesh | str | None = None, layer_storage: str | None = None,
+                 train_weights: str = "replicated"):
         # attention's implementation follows the platform the programs run on (the mesh's devices), unless
         # the model was built with one
         if model.attention_impl is None:
@@ -161,6 +173,7 @@ class LM:
         self._keeps_copies: bool | None = None  # decided once, at the first generation
         self.is_abstract = False  # True for LM.abstract models (shapes only: lower and compile, no data)
         self.train_mesh = _train_mesh(train_mesh, mesh)
+        self.train_weights = _train_weights(train_weights, self.train_mesh)
         self._train_graphdef: Any = None  # the model's structure on train_mesh, made at the first training
         self._place: Any = None  # the jitted placement of the weights on train_mesh (see _placement)
 
@@ -186,6 +199,7 @@ class LM:
         progress: bool = True,
         train_mesh: Mesh | str | None = None,
         layer_storage: str | None = None,
+        train_weights: str = "replicated",
     ) -> LM:
         """Load a Hugging Face-format model folder (or hub id, when online).
 
@@ -204,12 +218,16 @@ class LM:
             generation (e.g. ``"data=2,tensor=4"``). Each training call places a copy of the base weights on
             it (one all-gather; the copy lives for the call). ``None``: train on ``mesh``.
           layer_storage: ``"stacked"`` or ``"split"`` (see the class); default by the mesh's platform.
+          train_weights: how the base weights lie on ``train_mesh``: ``"replicated"`` (default: a whole copy on
+            every device, no collective while training) or ``"fsdp"`` (each layer's weights split over the
+            train mesh's ``data`` axis along the model width and all-gathered before the layer runs, forward
+            and again backward: a replica's memory divided by ``data``, for chips too small for one).
         """
         folder = weights.resolve_checkpoint(path_or_id)
         config = from_hf(folder)
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
-        train_mesh = _train_mesh(train_mesh, mesh)  # checked before minutes of loading
+        _train_weights(train_weights, _train_mesh(train_mesh, mesh))  # checked before minutes of loading
         dt = _dtype(dtype)
         if tokenizer is None:
             tokenizer = tok.load_tokenizer(folder) if tok.has_tokenizer(folder) else None
@@ -219,12 +237,13 @@ class LM:
         # stacked array as it goes
         model = build_model(config, weights.load_params(folder, config, dtype=dt, mesh=mesh, progress=progress),
                             dtype=dt, remat=remat)
-        return cls(model, tokenizer, mesh=mesh, path=folder, train_mesh=train_mesh, layer_storage=layer_storage)
+        return cls(model, tokenizer, mesh=mesh, path=folder, train_mesh=train_mesh, layer_storage=layer_storage,
+                   train_weights=train_weights)
 
     @classmethod
     def abstract(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
                  remat: str | bool = "minimal", tokenizer: Any = None, train_mesh: Mesh | str | None = None,
-                 layer_storage: str | None = None) -> LM:
+                 layer_storage: str | None = None, train_weights: str = "replicated") -> LM:
         """A model that exists only as shapes and shardings: every parameter is a ``jax.ShapeDtypeStruct``
         placed as :meth:`load` would place it on ``mesh``. Nothing is allocated; use it to lower and compile
         the engine's programs ahead of time (:meth:`lower_logits`, :meth:`lower_generate`,
@@ -234,7 +253,7 @@ class LM:
         Args:
           config: a :class:`ModelConfig` or a preset name (``"qwen3-8b"``; see ``lm.config.PRESETS``).
           mesh: a mesh or a spec such as ``"data=8"`` (over ``jax.devices()``); ``None`` for one device.
-          dtype, remat, train_mesh, layer_storage: as in :meth:`load`.
+          dtype, remat, train_mesh, layer_storage, train_weights: as in :meth:`load`.
         """
         if isinstance(config, str):
             config = preset(config)
@@ -248,13 +267,14 @@ class LM:
                                              shd.param_sharding(mesh, path, x.shape)) for path, x in flat.items()}
         nnx.replace_by_pure_dict(state, nest(placed))
         lm = cls(nnx.merge(graphdef, state), tokenizer, mesh=mesh, path=None, train_mesh=train_mesh,
-                 layer_storage=layer_storage)
+                 layer_storage=layer_storage, train_weights=train_weights)
         lm.is_abstract = True
         return lm
 
     @classmethod
     def random(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
                seed: int = 0, train_mesh: Mesh | str | None = None, remat: str | bool = "minimal",
+               train_weights: str = "replicated",
                tokenizer: Any = None) -> LM:
         """A model with random weights, created on the devices in their shards (for benchmarks: the real
         programs at the real shapes without a checkpoint; see :func:`~seal_jax.lm.weights.random_params`).
@@ -271,11 +291,11 @@ class LM:
             config = preset(config)
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
-        train_mesh = _train_mesh(train_mesh, mesh)
+        _train_weights(train_weights, _train_mesh(train_mesh, mesh))
         dt = _dtype(dtype)
         model = build_model(config, weights.random_params(config, dtype=dt, mesh=mesh, seed=seed), dtype=dt,
                             remat=remat)  # the only reference to the weights, as in load
-        return cls(model, tokenizer, mesh=mesh, path=None, train_mesh=train_mesh)
+        return cls(model, tokenizer, mesh=mesh, path=None, train_mesh=train_mesh, train_weights=train_weights)
 
     def _require_weights(self, what: str) -> None:
         if self.is_abstract:
@@ -334,7 +354,9 @@ class LM:
     def _placement(self) -> Any:
         """The jitted program that places the base weights on :attr:`train_mesh` (made once)."""
         if self._place is None:
-            flat = {path: self._sharding_on(self.train_mesh, path, x)
+            fsdp = self.train_weights == "fsdp"
+            flat = {path: self._sharding_on(self.train_mesh, path, x,
+                                            shd.FSDP_LAYER_RULES if fsdp and path.startswith("layers.") else shd.RULES)
                     for path, x in flatten(nnx.to_pure_dict(self.state)).items()}
             target = nnx.clone(self.state)
             nnx.replace_by_pure_dict(target, nest(flat))
@@ -349,6 +371,8 @@ class LM:
         if self._train_graphdef is None:
             model = nnx.merge(self.graphdef, self.state)
             model.attention_placement = attn.Placement(self.train_mesh)
+            if self.train_weights == "fsdp":  # each layer's weights gathered before it runs
+                model.layer_gather = NamedSharding(self.train_mesh, PartitionSpec())
             self._train_graphdef, _ = nnx.split(model)
         if self.is_abstract:  # shapes placed as the placement program would place them
             state = jax.eval_shape(self._placement(), self.state)
@@ -357,12 +381,13 @@ class LM:
         return self._train_graphdef, state, self.train_mesh
 
     @staticmethod
-    def _sharding_on(mesh: Mesh, path: str, x: Any) -> Any:
-        """The sharding on ``mesh`` of the parameter at ``path`` held as ``x`` (an array, or per-layer ones)."""
+    def _sharding_on(mesh: Mesh, path: str, x: Any, rules: Any = shd.RULES) -> Any:
+        """The sharding on ``mesh`` by ``rules`` of the parameter at ``path`` held as ``x`` (an array, or
+        per-layer ones)."""
         if isinstance(x, tuple):  # split layer weights: the stacked one's, less the layer axis
-            stacked = shd.param_sharding(mesh, path, (len(x), *x[0].shape))
+            stacked = shd.param_sharding(mesh, path, (len(x), *x[0].shape), rules)
             return (NamedSharding(mesh, PartitionSpec(*tuple(stacked.spec)[1:])),) * len(x)
-        return shd.param_sharding(mesh, path, x.shape)
+        return shd.param_sharding(mesh, path, x.shape, rules)
 
     def params(self) -> dict[str, jax.Array]:
         """The base parameters as ``{dotted path: array}``, per-layer ones ``[L, ...]`` (where the layer weights
@@ -402,7 +427,7 @@ class LM:
         model = build_model(self.config, merged, dtype=self.dtype, remat=self.model.remat)
         model.attention_impl, model.train_layers = self.model.attention_impl, self.model.train_layers  # as chosen
         return LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh,
-                  layer_storage=self.layer_storage)
+                  layer_storage=self.layer_storage, train_weights=self.train_weights)
 
     # ------------------------------------------------------------------------------------------------
 

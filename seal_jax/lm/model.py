@@ -466,6 +466,9 @@ class Decoder(nnx.Module):
 
     ``attention_placement`` (an :class:`~seal_jax.lm.attention.Placement`, set by :class:`~seal_jax.LM` from
     its mesh) is where a kernel that runs in a ``shard_map`` (``"splash"``, ``"triton"``) runs.
+    ``layer_gather`` (set by :class:`~seal_jax.LM` for training with ``train_weights="fsdp"``): a sharding
+    (replicated over the mesh) to which :meth:`hidden_states` gathers each layer's weights before the layer
+    runs, or None (the weights are used where they lie).
     """
 
     def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, remat: str | bool = "minimal",
@@ -480,6 +483,7 @@ class Decoder(nnx.Module):
         self.remat = remat_name(remat)
         self.attention_impl = attention_impl
         self.attention_placement = Placement()
+        self.layer_gather: NamedSharding | None = None
         self.embedding = new_param(BY_PATH["embedding"], config, dtype, rngs)
         self.layers = LayerStack(config, dtype=dtype, rngs=rngs)
         for decl in declared(config):
@@ -523,6 +527,8 @@ class Decoder(nnx.Module):
 
         def body(h, xs):
             w, lw, idx = xs
+            if self.layer_gather is not None:  # FSDP: the layer's weights gathered where it runs (recomputed by remat)
+                w = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.layer_gather), w)
             lkey = jax.random.fold_in(lora.key, idx) if use_dropout else None
             h, kv = decoder_layer(
                 h, w, lw, None if lora is None else lora.scale, None if lora is None else lora.dropout,
@@ -537,7 +543,10 @@ class Decoder(nnx.Module):
             # merges the recomputation with the forward pass and keeps what remat means to drop (more memory
             # than "minimal"); "minimal" does without: the 8B SEAL training at 2,048 tokens peaks at 67.9 GB
             # without it and 76.6 GB with it (h100-8, data=8, two passages)
-            body = jax.checkpoint(body, prevent_cse=layers is not None and self.remat == "full", policy=policy)
+            # (FSDP needs it too: without it the backward pass reuses the forward's gathered weights, all of
+            # them kept alive, instead of gathering each layer's again)
+            cse = layers is not None and (self.remat == "full" or self.layer_gather is not None)
+            body = jax.checkpoint(body, prevent_cse=cse, policy=policy)
         if layers is not None:
             adapters = [None] * c.num_layers if lora is None else unstack_layers(lora.weights, c.num_layers)
             kvs = []

@@ -133,11 +133,17 @@ def spec_for(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int],
     return PartitionSpec(*out)
 
 
-def param_sharding(mesh: Mesh, path: str, shape: Sequence[int]) -> NamedSharding:
+# FSDP training (`LM(train_weights="fsdp")`): each layer's weights split over the train mesh's `data` axis along
+# the model width (gathered before the layer runs), the rest as RULES say
+FSDP_LAYER_RULES: dict[str, str | tuple[str, ...] | None] = {**RULES, "embed": "data"}
+
+
+def param_sharding(mesh: Mesh, path: str, shape: Sequence[int],
+                   rules: Mapping[str, str | tuple[str, ...] | None] = RULES) -> NamedSharding:
     """The sharding of the model parameter at dotted ``path`` (see :data:`PARAM_AXES`) with ``shape``."""
     if path not in PARAM_AXES:
         raise KeyError(f"no sharding rule for parameter {path!r}; known: {sorted(PARAM_AXES)}")
-    return NamedSharding(mesh, spec_for(mesh, PARAM_AXES[path], shape))
+    return NamedSharding(mesh, spec_for(mesh, PARAM_AXES[path], shape, rules))
 
 
 def platform(mesh: Mesh | None) -> str:

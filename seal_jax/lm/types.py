@@ -33,6 +33,10 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 #   "full"     only each layer's input; the whole layer is recomputed (about 1/3 more training compute).
 REMAT_POLICIES = ("none", "minimal", "full")
 
+# How the base weights lie on a train mesh (``seal_jax.load(..., train_weights=NAME)``): a whole copy on every
+# device, or each layer's split over its data axis and gathered as the layer runs (FSDP).
+TRAIN_WEIGHTS = ("replicated", "fsdp")
+
 
 def remat_name(value: Any) -> str:
     """A remat policy's name from ``value``: one of :data:`REMAT_POLICIES`, or a bool (``True`` = "full",

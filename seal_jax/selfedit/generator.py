@@ -133,7 +133,8 @@ class Models:
             c = self.config
             self.loaded[path] = (self.loader(path) if self.loader is not None else
                                  load_model(path, dtype=c.dtype, mesh=self.mesh, tokenizer=c.tokenizer, remat=c.remat,
-                                            progress=self.progress, train_mesh=c.train_mesh or None))
+                                            progress=self.progress, train_mesh=c.train_mesh or None,
+                                            train_weights=c.train_weights))
         return self.loaded[path]
 
     def keep(self, *paths: str) -> None:

@@ -251,7 +251,8 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
     passages, replay = select_data(config.data, replay="replay" in config.conditions)
     if lm is None:
         lm = load_model(config.model, dtype=config.dtype, mesh=config.mesh or None, tokenizer=config.tokenizer,
-                        remat=config.remat, train_mesh=config.train_mesh or None)
+                        remat=config.remat, train_mesh=config.train_mesh or None,
+                        train_weights=config.train_weights)
     grader = make_grader(config, lm)
     todo = [p for p in passages if p.id not in done]
     bar = tqdm(desc=f"{config.name}", unit="passage", disable=not progress, initial=len(passages) - len(todo),

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from seal_jax.lm.types import DTYPE_NAMES, LoraSpec, SamplingParams, TrainSpec, remat_name
+from seal_jax.lm.types import DTYPE_NAMES, TRAIN_WEIGHTS, LoraSpec, SamplingParams, TrainSpec, remat_name
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.data import DataError, Passage, load_passages, load_seal_selfedits, select_passages
 from seal_jax.selfedit.multihost import agree, is_writer
@@ -79,6 +79,8 @@ class RunConfig:
       dtype, mesh: engine settings (``mesh`` like ``"data=2,fsdp=4"``; empty for one device).
       train_mesh: another layout of the mesh's devices for LoRA training (e.g. ``"data=8"``: the base
         replicated, no collective while training), or None to train on ``mesh`` (``LM.load(train_mesh=...)``).
+      train_weights: how the base weights lie on ``train_mesh``: ``"replicated"`` (default) or ``"fsdp"``
+        (each layer's split over its ``data`` axis, gathered as the layer runs; ``LM.load(train_weights=...)``).
       remat: what LoRA training keeps of each layer for its backward pass (``LM.load(remat=...)``):
         ``"minimal"`` (default: the projections' outputs, the rest recomputed at little cost), ``"full"``
         (each layer's input only: least activation memory for about a third more training compute) or
@@ -121,6 +123,7 @@ class RunConfig:
     dtype: str = "float32"
     mesh: str | None = None
     train_mesh: str | None = None
+    train_weights: str = "replicated"
     remat: str | bool = "minimal"
     chat: bool = True
     data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"source": "demo"})
@@ -171,6 +174,11 @@ class RunConfig:
             raise RunConfigError(f"train_mesh must be a string like 'data=8', got {self.train_mesh!r}")
         if self.train_mesh and not self.mesh:
             raise RunConfigError(f"train_mesh = {self.train_mesh!r} is another layout of the mesh's devices; set mesh too")
+        if self.train_weights not in TRAIN_WEIGHTS:
+            raise RunConfigError(f"train_weights must be one of {list(TRAIN_WEIGHTS)}, got {self.train_weights!r}")
+        if self.train_weights != "replicated" and not self.train_mesh:
+            raise RunConfigError(f"train_weights = {self.train_weights!r} lays the weights out on the train mesh; "
+                                 "set train_mesh too (e.g. train_mesh = \"data=8\")")
         if self.dtype not in DTYPE_NAMES:
             raise RunConfigError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
         known = sorted(f.name for f in dataclasses.fields(SamplingParams))
@@ -354,7 +362,7 @@ class ExtendedConfig:
 
 # Settings that do not change a run's results: a run may be resumed with them changed (for example with
 # ``remat`` turned on after running out of memory). ``table.key`` names a key inside a table.
-RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch", "passages_per_program", "train_mesh"})
+RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch", "passages_per_program", "train_mesh", "train_weights"})
 
 
 # Keys added to a table after run folders were written, with the value those folders ran with: a saved
