@@ -388,8 +388,13 @@ def lower_program(lm: Any, program: Program) -> dict[str, Any]:
 
 
 def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
-                     on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Compile every program of ``workload`` for ``target_name``; returns ``{"rows", "summary", ...}``."""
+                     on_row: Callable[[dict[str, Any]], None] | None = None,
+                     cache: dict[tuple[Any, ...], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Compile every program of ``workload`` for ``target_name``; returns ``{"rows", "summary", ...}``.
+
+    ``cache``: rows compiled before, reused where the same program ran on the same layout (a generation
+    program on the same mesh; a training program on the same train mesh with the same ``train_weights``,
+    whatever the generation mesh), and filled with the new ones (:func:`search_layouts` shares one)."""
     import seal_jax as sj  # deferred: the facade imports JAX, which must be told to stay on the CPU first
 
     target = get_target(target_name)
@@ -412,13 +417,24 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
         if only and program.name not in only:
             continue
         trips = max(1, program.args.get("max_new_tokens", 1) - 1)
-        lowered_rows = lower_program(lm, program)
-        if program.kind == "train" and workload.train_mesh:  # each training call first places the weights
+        trains_apart = program.kind == "train" and workload.train_mesh
+        key = ((program.name, "train", workload.train_mesh, workload.train_weights) if trains_apart
+               else (program.name, spec, workload.train_mesh if program.kind == "train" else None))
+        if cache is not None and key in cache:
+            lowered_rows = {name: None for name in cache[key]}
+        else:
+            lowered_rows = lower_program(lm, program)
+        if trains_apart:  # each training call first places the weights (from this mesh: not cached)
             placement = placement or lm.lower_train_placement()
             lowered_rows[f"{program.name}.placement"] = placement
         for name, lowered in lowered_rows.items():
-            row = compile_row(name, lowered, target, unknown_trips=trips if name.endswith(".decode") else 1,
-                              note=program.note, per_passage=program.per_passage)
+            if lowered is None:  # the same program compiled before
+                row = dict(cache[key][name])
+            else:
+                row = compile_row(name, lowered, target, unknown_trips=trips if name.endswith(".decode") else 1,
+                                  note=program.note, per_passage=program.per_passage)
+                if cache is not None and not name.endswith(".placement"):
+                    cache.setdefault(key, {})[name] = dict(row)
             row["mesh"] = spec
             if program.kind == "train" and workload.train_mesh and name == program.name:
                 # the weights in the generation layout stay where they are while the copy trains
@@ -428,7 +444,7 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
                     row["peak_bytes"] += resident
                     row["fits"] = row["fits"] and row["peak_bytes"] <= target.hbm_bytes
             rows.append(row)
-            if on_row is not None:
+            if on_row is not None and lowered is not None:  # (a reused row was shown when it compiled)
                 on_row(row)
     return {"workload": workload.name, "model": workload.source, "target": target.name, "mesh": spec,
             "train_mesh": workload.train_mesh, "train_weights": workload.train_weights, "passages": workload.passages,
@@ -475,49 +491,72 @@ def layout_time(report: dict[str, Any]) -> float | None:
     return sum(r["roofline_s"] * (r["per_passage"] or 1) for r in report["rows"])
 
 
-def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
-                   meshes: Sequence[str] | None = None,
-                   on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Compile ``workload`` on each mesh of ``meshes`` (default :func:`candidate_meshes` of the target) and
-    rank them: layouts whose every program fits, fastest by :func:`layout_time` first, then the others.
+def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, str]]:
+    """The ways to lay the training programs out that a search tries beside each generation mesh, as
+    ``(train_mesh, train_weights)``: the workload's own; on the generation mesh itself; and on
+    ``data=<chips>``, the candidates' lanes over every device, with the base replicated or split FSDP-style."""
+    options = [(workload.train_mesh, workload.train_weights), (None, "replicated")]
+    if chips > 1 and any(p.kind == "train" for p in workload.programs):
+        options += [(f"data={chips}", "replicated"), (f"data={chips}", "fsdp")]
+    return list(dict.fromkeys(options))
 
-    Returns one entry per mesh: ``{"mesh", "fits", "seconds", "peak_bytes" (the largest program's),
-    "collective_bytes" (summed over programs), "collective_share" (of the roofline time, by the link
-    bandwidth), "report"}``; a layout the compiler rejects is an entry with ``"error"`` (and no report)."""
+
+def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
+                   meshes: Sequence[str] | None = None, train_layouts: Sequence[tuple[str | None, str]] | None = None,
+                   on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Compile ``workload`` on each mesh of ``meshes`` (default :func:`candidate_meshes` of the target), with
+    the training programs on each of ``train_layouts`` (default :func:`training_layouts`; the generation
+    programs compile once per mesh, each training layout's programs once), and rank the pairs: those whose
+    every program fits, fastest by :func:`layout_time` first, then the others.
+
+    Returns one entry per mesh and training layout: ``{"mesh", "train_mesh", "train_weights", "fits",
+    "seconds", "peak_bytes" (the largest program's), "collective_bytes" (summed over programs),
+    "collective_share" (of the roofline time, by the link bandwidth), "report"}``; a layout the compiler
+    rejects is an entry with ``"error"`` (and no report)."""
     target = get_target(target_name)
     out = []
+    cache: dict[tuple[Any, ...], dict[str, Any]] = {}
     for spec in meshes or candidate_meshes(target.chips, workload.config):
-        try:
-            report = compile_workload(dataclasses.replace(workload, mesh=spec), target_name, only=only, on_row=on_row)
-        except Exception as error:  # one layout the compiler rejects must not end the search
-            message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-            out.append({"mesh": spec, "fits": False, "seconds": None, "peak_bytes": 0, "collective_bytes": 0.0,
-                        "collective_share": None, "error": message, "report": None})
-            continue
-        rows = report["rows"]
-        seconds = layout_time(report)
-        comm = sum(r.get("collective_bytes", 0.0) * (r["per_passage"] or 1) for r in rows)
-        link = target.hardware.link_bandwidth / 2
-        out.append({"mesh": spec, "fits": bool(rows) and all(r.get("fits") for r in rows), "seconds": seconds,
-                    "peak_bytes": max((r.get("peak_bytes") or 0 for r in rows), default=0),
-                    "collective_bytes": comm,
-                    "collective_share": (comm / link) / seconds if seconds else None, "report": report})
+        for train_mesh, train_weights in train_layouts or training_layouts(workload, target.chips):
+            entry = {"mesh": spec, "train_mesh": train_mesh, "train_weights": train_weights}
+            layout = dataclasses.replace(workload, mesh=spec, train_mesh=train_mesh, train_weights=train_weights)
+            try:
+                report = compile_workload(layout, target_name, only=only, on_row=on_row, cache=cache)
+            except Exception as error:  # one layout the compiler rejects must not end the search
+                message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+                out.append({**entry, "fits": False, "seconds": None, "peak_bytes": 0, "collective_bytes": 0.0,
+                            "collective_share": None, "error": message, "report": None})
+                continue
+            rows = report["rows"]
+            seconds = layout_time(report)
+            comm = sum(r.get("collective_bytes", 0.0) * (r["per_passage"] or 1) for r in rows)
+            link = target.hardware.link_bandwidth / 2
+            out.append({**entry, "fits": bool(rows) and all(r.get("fits") for r in rows), "seconds": seconds,
+                        "peak_bytes": max((r.get("peak_bytes") or 0 for r in rows), default=0),
+                        "collective_bytes": comm,
+                        "collective_share": (comm / link) / seconds if seconds else None, "report": report})
     return sorted(out, key=lambda e: (not e["fits"], e["seconds"] if e["seconds"] is not None else math.inf))
+
+
+def _training_label(entry: dict[str, Any]) -> str:
+    if not entry.get("train_mesh"):
+        return "on the mesh"
+    return f"`{entry['train_mesh']}`" + (", FSDP" if entry.get("train_weights") == "fsdp" else ", replicated")
 
 
 def format_search(entries: Sequence[dict[str, Any]], target: str, workload: str) -> str:
     """The ranked layouts as a Markdown table."""
     lines = [f"{workload} on {target}: mesh layouts ranked by roofline time (programs weighted by how often a "
-             "passage runs them)", "", "| rank | mesh | fits | peak GB | roofline s | collectives GB | "
-             "collectives' share |", "|---:|---|---|---:|---:|---:|---:|"]
+             "passage runs them)", "", "| rank | mesh | training | fits | peak GB | roofline s | collectives GB | "
+             "collectives' share |", "|---:|---|---|---|---:|---:|---:|---:|"]
     for i, e in enumerate(entries, 1):
         share = "–" if e["collective_share"] is None else f"{100 * e['collective_share']:.0f}%"
         secs = "–" if e["seconds"] is None else f"{e['seconds']:.2f}"
         fits = "yes" if e["fits"] else f"**no** ({e['error'][:60]})" if e.get("error") else "**no**"
-        lines.append(f"| {i if e['fits'] else '–'} | `{e['mesh']}` | {fits} | "
+        lines.append(f"| {i if e['fits'] else '–'} | `{e['mesh']}` | {_training_label(e)} | {fits} | "
                      f"{e['peak_bytes'] / 1e9:.2f} | {secs} | {e['collective_bytes'] / 1e9:.2f} | {share} |")
     best = next((e for e in entries if e["fits"]), None)
-    lines += ["", f"Best: `{best['mesh']}`." if best else "No layout fits."]
+    lines += ["", f"Best: `{best['mesh']}`, training {_training_label(best)}." if best else "No layout fits."]
     return "\n".join(lines)
 
 

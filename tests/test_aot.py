@@ -251,8 +251,9 @@ def test_training_on_its_own_mesh_layout(capsys):
 
 
 def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
-    """``--search``: every sensible layout of the target compiled and ranked by roofline time among those
-    that fit; each entry is the report a plain compile of that mesh gives."""
+    """``--search``: every sensible layout of the target, each with the training programs on it and on
+    ``data=8`` (replicated and FSDP), compiled and ranked by roofline time among those that fit; each entry is
+    the report a plain compile of that layout gives."""
     assert aot.candidate_meshes(8, preset("qwen3-8b")) == [
         "data=8,fsdp=1,tensor=1", "data=4,fsdp=2,tensor=1", "data=2,fsdp=4,tensor=1", "data=1,fsdp=8,tensor=1",
         "data=4,fsdp=1,tensor=2", "data=2,fsdp=2,tensor=2", "data=1,fsdp=4,tensor=2", "data=2,fsdp=1,tensor=4",
@@ -260,22 +261,34 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     assert all("tensor=4" not in m and "tensor=8" not in m for m in aot.candidate_meshes(8, TINY))  # 2 KV heads
     workload = tiny_workload(TINY, "qwen3")
     meshes = ["data=1,fsdp=8,tensor=1", "data=8,fsdp=1,tensor=1", "data=2,fsdp=4,tensor=1"]
-    entries = aot.search_layouts(workload, "h100-8", only=["train"], meshes=meshes)
-    assert sorted(e["mesh"] for e in entries) == sorted(meshes) and all(e["fits"] for e in entries)
+    # beside each mesh the training programs also run on data=8, with the base replicated and FSDP-split
+    assert aot.training_layouts(workload, 8) == [(None, "replicated"), ("data=8", "replicated"), ("data=8", "fsdp")]
+    compiled = []
+    entries = aot.search_layouts(workload, "h100-8", only=["train"], meshes=meshes, on_row=compiled.append)
+    assert len(entries) == 9 and all(e["fits"] for e in entries)
     assert [e["seconds"] for e in entries] == sorted(e["seconds"] for e in entries)
-    by_mesh = {e["mesh"]: e for e in entries}
+    # each training layout compiled once (on data=8 whatever the mesh), each placement once per mesh
+    assert sum(r["program"] == "train" for r in compiled) == 3 + 2
+    assert sum(r["program"] == "train.placement" for r in compiled) == 3 * 2
+    by = {(e["mesh"], e["train_mesh"], e["train_weights"]): e for e in entries}
     direct = aot.compile_workload(dataclasses.replace(workload, mesh="data=2,fsdp=4,tensor=1"), "h100-8",
                                   only=["train"])
-    assert by_mesh["data=2,fsdp=4,tensor=1"]["seconds"] == pytest.approx(aot.layout_time(direct), rel=1e-9)
+    assert by["data=2,fsdp=4,tensor=1", None, "replicated"]["seconds"] == pytest.approx(aot.layout_time(direct), rel=1e-9)
     # the base replicated over data=8 moves far fewer bytes between chips than one split 8 ways
-    assert by_mesh["data=8,fsdp=1,tensor=1"]["collective_bytes"] < by_mesh["data=1,fsdp=8,tensor=1"]["collective_bytes"]
+    assert (by["data=8,fsdp=1,tensor=1", None, "replicated"]["collective_bytes"]
+            < by["data=1,fsdp=8,tensor=1", None, "replicated"]["collective_bytes"])
+    # FSDP training gathers the layers' weights (and nothing else) and holds less than a replica
+    fsdp = {r["program"]: r for r in by["data=1,fsdp=8,tensor=1", "data=8", "fsdp"]["report"]["rows"]}
+    replica = {r["program"]: r for r in by["data=1,fsdp=8,tensor=1", "data=8", "replicated"]["report"]["rows"]}
+    assert set(fsdp["train"]["collectives"]) == {"all-gather"} and replica["train"]["collectives"] == {}
+    assert fsdp["train"]["argument_bytes"] < replica["train"]["argument_bytes"]
     out = tmp_path / "search.json"
     assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "-k", "2", "--only", "train",
                      "--sequences", "2", "--seq-len", "32", "--search", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     ranked = json.loads(out.read_text())
-    assert len(ranked) == len(aot.candidate_meshes(8, TINY)) and f"Best: `{ranked[0]['mesh']}`." in printed
-    assert "| 1 | `" in printed
+    assert len(ranked) == len(aot.candidate_meshes(8, TINY)) * 3
+    assert f"Best: `{ranked[0]['mesh']}`, training " in printed and "| 1 | `" in printed and "FSDP" in printed
 
 
 def test_roofline_picks_the_bound():
