@@ -495,7 +495,13 @@ def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, s
     """The ways to lay the training programs out that a search tries beside each generation mesh, as
     ``(train_mesh, train_weights)``: the workload's own; on the generation mesh itself; and on
     ``data=<chips>``, the candidates' lanes over every device, with the base replicated or split FSDP-style."""
-    options = [(workload.train_mesh, workload.train_weights), (None, "replicated")]
+    own = (workload.train_mesh, workload.train_weights)
+    if workload.train_mesh:  # a config's train mesh for another device count (data=8 on 4 chips) is left out
+        sizes = shd.parse_mesh_spec(workload.train_mesh)
+        known = math.prod(v for v in sizes.values() if v != -1)
+        if not (known == chips or (-1 in sizes.values() and chips % known == 0)):
+            own = (None, "replicated")
+    options = [own, (None, "replicated")]
     if chips > 1 and any(p.kind == "train" for p in workload.programs):
         options += [(f"data={chips}", "replicated"), (f"data={chips}", "fsdp")]
     return list(dict.fromkeys(options))

@@ -263,6 +263,9 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     meshes = ["data=1,fsdp=8,tensor=1", "data=8,fsdp=1,tensor=1", "data=2,fsdp=4,tensor=1"]
     # beside each mesh the training programs also run on data=8, with the base replicated and FSDP-split
     assert aot.training_layouts(workload, 8) == [(None, "replicated"), ("data=8", "replicated"), ("data=8", "fsdp")]
+    own = dataclasses.replace(workload, train_mesh="data=8", train_weights="fsdp")
+    assert aot.training_layouts(own, 8)[0] == ("data=8", "fsdp")
+    assert aot.training_layouts(own, 4) == [(None, "replicated"), ("data=4", "replicated"), ("data=4", "fsdp")]
     compiled = []
     entries = aot.search_layouts(workload, "h100-8", only=["train"], meshes=meshes, on_row=compiled.append)
     assert len(entries) == 9 and all(e["fits"] for e in entries)
