@@ -50,7 +50,7 @@ from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import PRESETS, ConfigError, ModelConfig, from_hf, preset
 from seal_jax.lm.lora import LoraSpec
 from seal_jax.lm.training import TrainSpec
-from seal_jax.lm.types import REMAT_POLICIES, TRAIN_WEIGHTS
+from seal_jax.lm.types import REMAT_POLICIES, TRAIN_WEIGHTS, remat_name
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.cpt import CptConfig
 from seal_jax.selfedit.judge import JUDGE_BATCH
@@ -294,11 +294,12 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
                                per_passage=0, note="the generator's SFT, once per round"))
     else:
         programs, k = knowledge_programs(knowledge, shapes, passages=passages)
+    trains_on = (train_mesh if train_mesh is not None else knowledge.train_mesh) or None
+    # a config's FSDP training lies on its train mesh: with none (--train-mesh ''), training is on the mesh
+    weights = train_weights or (knowledge.train_weights if trains_on else "replicated")
     return Workload(Path(path).stem, config, knowledge.dtype, mesh if mesh is not None else knowledge.mesh,
-                    knowledge.remat, tuple(programs), k, source,
-                    (train_mesh if train_mesh is not None else knowledge.train_mesh) or None,
-                    int(passages or getattr(knowledge, "passages_per_program", 1)) if k else 1,
-                    train_weights or knowledge.train_weights)
+                    knowledge.remat, tuple(programs), k, source, trains_on,
+                    int(passages or getattr(knowledge, "passages_per_program", 1)) if k else 1, weights)
 
 
 def workload_from_flags(model: str, shapes: Shapes, *, candidates: int, dtype: str, mesh: str | None, remat: str | bool,
@@ -427,14 +428,15 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
         if trains_apart:  # each training call first places the weights (from this mesh: not cached)
             placement = placement or lm.lower_train_placement()
             lowered_rows[f"{program.name}.placement"] = placement
+        fresh = {}  # cached once every row of the program has compiled (an error leaves no partial entry)
         for name, lowered in lowered_rows.items():
             if lowered is None:  # the same program compiled before
                 row = dict(cache[key][name])
             else:
                 row = compile_row(name, lowered, target, unknown_trips=trips if name.endswith(".decode") else 1,
                                   note=program.note, per_passage=program.per_passage)
-                if cache is not None and not name.endswith(".placement"):
-                    cache.setdefault(key, {})[name] = dict(row)
+                if not name.endswith(".placement"):
+                    fresh[name] = dict(row)
             row["mesh"] = spec
             if program.kind == "train" and workload.train_mesh and name == program.name:
                 # the weights in the generation layout stay where they are while the copy trains
@@ -446,13 +448,15 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
             rows.append(row)
             if on_row is not None and lowered is not None:  # (a reused row was shown when it compiled)
                 on_row(row)
+        if cache is not None and fresh:
+            cache[key] = fresh
     return {"workload": workload.name, "model": workload.source, "target": target.name, "mesh": spec,
             "train_mesh": workload.train_mesh, "train_weights": workload.train_weights, "passages": workload.passages,
             "dtype": workload.dtype, "candidates": workload.candidates, "rows": rows, "summary": summarize(rows, workload)}
 
 
 def _weight_bytes(params: dict[str, Any]) -> int:
-    """Bytes per device of an abstract model's weights (``LM.params()``: each one's shard)."""
+    """Bytes per device of an abstract model's weights (``LM.param_structs()``: each one's shard)."""
     total = 0
     for x in params.values():
         shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
@@ -494,16 +498,21 @@ def layout_time(report: dict[str, Any]) -> float | None:
 def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, str]]:
     """The ways to lay the training programs out that a search tries beside each generation mesh, as
     ``(train_mesh, train_weights)``: the workload's own; on the generation mesh itself; and on
-    ``data=<chips>``, the candidates' lanes over every device, with the base replicated or split FSDP-style."""
+    ``data=<chips>``, the candidates' lanes over every device, with the base replicated or (with remat) split
+    FSDP-style."""
     own = (workload.train_mesh, workload.train_weights)
     if workload.train_mesh:  # a config's train mesh for another device count (data=8 on 4 chips) is left out
         sizes = shd.parse_mesh_spec(workload.train_mesh)
         known = math.prod(v for v in sizes.values() if v != -1)
         if not (known == chips or (-1 in sizes.values() and chips % known == 0)):
             own = (None, "replicated")
+    if not any(p.kind == "train" for p in workload.programs):  # nothing trains: one layout is enough
+        return [own]
     options = [own, (None, "replicated")]
-    if chips > 1 and any(p.kind == "train" for p in workload.programs):
-        options += [(f"data={chips}", "replicated"), (f"data={chips}", "fsdp")]
+    if chips > 1:
+        options.append((f"data={chips}", "replicated"))
+        if remat_name(workload.remat) != "none":  # (without remat FSDP keeps every gathered layer: no saving)
+            options.append((f"data={chips}", "fsdp"))
     return list(dict.fromkeys(options))
 
 
@@ -522,8 +531,9 @@ def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] 
     target = get_target(target_name)
     out = []
     cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+    compiled = dataclasses.replace(workload, programs=tuple(p for p in workload.programs if not only or p.name in only))
     for spec in meshes or candidate_meshes(target.chips, workload.config):
-        for train_mesh, train_weights in train_layouts or training_layouts(workload, target.chips):
+        for train_mesh, train_weights in train_layouts or training_layouts(compiled, target.chips):
             entry = {"mesh": spec, "train_mesh": train_mesh, "train_weights": train_weights}
             layout = dataclasses.replace(workload, mesh=spec, train_mesh=train_mesh, train_weights=train_weights)
             try:

@@ -122,7 +122,7 @@ def bench_decode(lm: Any, hf_model: Any, *, batch: int, new_tokens: int, repeats
     ref_t = None
     if hf_model is not None:
         ref_t = best_time(lambda: _hf_generate(hf_model, rows, new_tokens, lm._pad_id()), max(1, repeats - 1))
-    weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in lm.params().values())
+    weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in lm.param_structs().values())
     steps_limit = bandwidth / weight_bytes
     return BenchRow(
         name=f"decode_b{batch}", ours=batch * new_tokens / ours_t, reference=_rate(batch * new_tokens, ref_t),

@@ -6,8 +6,9 @@ Three sweeps, each row appended to ``DIR/scaling.jsonl`` as it is measured, then
   data size per candidate): wall seconds after compilation, compile seconds, tokens/s;
 * ``seq_len`` — one candidate, sequences of T = 32 … 512 tokens;
 * ``depth`` — random decoders of the same width with L = 2 … 32 layers: compile seconds of the forward
-  (``jit(...).lower(...).compile()``) and of the K-candidate training program. The decoder scans over a
-  stacked layer axis, so compile time should stay about flat as L grows.
+  (``jit(...).lower(...).compile()``) and of the K-candidate training program. On a CPU (and a TPU) the
+  decoder scans over a stacked layer axis, so compile time should stay about flat as L grows; GPUs store
+  the layers split and unroll them (``model.LayerStack``), where it grows with L.
 """
 
 from __future__ import annotations

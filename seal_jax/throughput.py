@@ -366,7 +366,7 @@ class Suite:
         self.config = lm.config
         self.rng = np.random.default_rng(0)
         self.act_bytes = int(np.dtype(lm.dtype).itemsize)
-        self.weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in lm.params().values())
+        self.weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in lm.param_structs().values())
         self.lora = sj.LoraSpec(rank=shapes.lora_rank, alpha=2.0 * shapes.lora_rank)
         self.total_flops = peaks.flops * peaks.devices
         self.total_bandwidth = peaks.bandwidth * peaks.devices
@@ -639,7 +639,7 @@ def main(args: argparse.Namespace) -> int:
     except shd.MeshError as error:
         raise BenchError(f"--mesh {spec}: {error}") from None
     lm, source = _load(args, dtype, mesh)
-    weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in lm.params().values())
+    weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in lm.param_structs().values())
     ceilings = measure_ceilings(platform_, dtype, quick, working_set=weight_bytes)
     peaks = device_peaks(list(mesh.devices.flat) if mesh is not None else devices[:1], ceilings)
     shapes.check(lm.config.max_position_embeddings)

@@ -259,10 +259,11 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
         "data=4,fsdp=1,tensor=2", "data=2,fsdp=2,tensor=2", "data=1,fsdp=4,tensor=2", "data=2,fsdp=1,tensor=4",
         "data=1,fsdp=2,tensor=4", "data=1,fsdp=1,tensor=8"]
     assert all("tensor=4" not in m and "tensor=8" not in m for m in aot.candidate_meshes(8, TINY))  # 2 KV heads
-    workload = tiny_workload(TINY, "qwen3")
+    workload = dataclasses.replace(tiny_workload(TINY, "qwen3"), remat="minimal")
     meshes = ["data=1,fsdp=8,tensor=1", "data=8,fsdp=1,tensor=1", "data=2,fsdp=4,tensor=1"]
     # beside each mesh the training programs also run on data=8, with the base replicated and FSDP-split
     assert aot.training_layouts(workload, 8) == [(None, "replicated"), ("data=8", "replicated"), ("data=8", "fsdp")]
+    assert ("data=8", "fsdp") not in aot.training_layouts(dataclasses.replace(workload, remat="none"), 8)
     own = dataclasses.replace(workload, train_mesh="data=8", train_weights="fsdp")
     assert aot.training_layouts(own, 8)[0] == ("data=8", "fsdp")
     assert aot.training_layouts(own, 4) == [(None, "replicated"), ("data=4", "replicated"), ("data=4", "fsdp")]
@@ -280,6 +281,18 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     # the base replicated over data=8 moves far fewer bytes between chips than one split 8 ways
     assert (by["data=8,fsdp=1,tensor=1", None, "replicated"]["collective_bytes"]
             < by["data=1,fsdp=8,tensor=1", None, "replicated"]["collective_bytes"])
+    # a training row reused on another mesh is what compiling that layout alone gives (the weights that stay
+    # in that mesh's layout counted again)
+    alone = aot.compile_workload(dataclasses.replace(workload, mesh="data=2,fsdp=4,tensor=1", train_mesh="data=8"),
+                                 "h100-8", only=["train"])
+    reused = by["data=2,fsdp=4,tensor=1", "data=8", "replicated"]
+    assert reused["seconds"] == pytest.approx(aot.layout_time(alone), rel=1e-9)
+    for got, want in zip(reused["report"]["rows"], alone["rows"], strict=True):
+        assert {k: got.get(k) for k in ("program", "peak_bytes", "resident_bytes", "fits")} == \
+            {k: want.get(k) for k in ("program", "peak_bytes", "resident_bytes", "fits")}
+    # nothing trains (--only of generation programs): one layout per mesh
+    generation = dataclasses.replace(workload, programs=tuple(p for p in workload.programs if p.kind != "train"))
+    assert aot.training_layouts(generation, 8) == [(None, "replicated")]
     # FSDP training gathers the layers' weights (and nothing else) and holds less than a replica
     fsdp = {r["program"]: r for r in by["data=1,fsdp=8,tensor=1", "data=8", "fsdp"]["report"]["rows"]}
     replica = {r["program"]: r for r in by["data=1,fsdp=8,tensor=1", "data=8", "replicated"]["report"]["rows"]}

@@ -269,6 +269,16 @@ def test_fsdp_training_gathers_each_layer_and_trains_what_a_replica_trains(tiny_
     assert collectives["replicated"] == {} and set(collectives["fsdp"]) == {"all-gather"}
     args = {k: c.memory_analysis().argument_size_in_bytes for k, c in compiled.items()}
     assert args["fsdp"] < 0.5 * args["replicated"], args
+    # on a train mesh with tensor too, FSDP gathers the data split only: the heads stay split over tensor
+    both = sj.load(folder, mesh="data=2,tensor=4", train_mesh="data=4,tensor=2", train_weights="fsdp", progress=False)
+    assert tuple(both._placement()(both.state)["layers"]["q_proj"][...].sharding.spec) == (None, "data", "tensor")
+    c = both.train_adapters(seqs, lora, spec)
+    for la, lc in zip(a.losses, c.losses, strict=True):
+        assert lc == pytest.approx(la, rel=1e-5)
+    text = both.lower_train(candidates=4, sequences=2, seq_len=16).compile().as_text()
+    assert "all-gather" in text and "all-reduce" in text  # the width gathered; tensor's partial sums reduced
+    with pytest.raises(ValueError, match="needs remat 'minimal' or 'full'"):
+        sj.load(folder, train_weights="fsdp", remat="none", **kw)
     with pytest.raises(shd.MeshError, match="give a train_mesh with data > 1"):
         sj.load(folder, mesh="data=2,tensor=4", train_weights="fsdp", progress=False)
     with pytest.raises(ValueError, match="unknown train_weights 'zero3'"):

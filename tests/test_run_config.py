@@ -92,6 +92,8 @@ def test_resume_ignores_engine_settings_only():
     assert tiny_config("m", mesh="data=2,tensor=4", train_mesh="data=8", train_weights="fsdp").train_weights == "fsdp"
     with pytest.raises(RunConfigError, match=r"train_weights must be one of \['replicated', 'fsdp'\]"):
         tiny_config("m", mesh="data=8", train_mesh="data=8", train_weights="zero3")
+    with pytest.raises(RunConfigError, match="needs remat"):
+        tiny_config("m", mesh="data=8", train_mesh="data=8", train_weights="fsdp", remat="none")
     with pytest.raises(RunConfigError, match="set train_mesh too"):
         tiny_config("m", mesh="data=8", train_weights="fsdp")
     with pytest.raises(RunConfigError, match=r"remat must be one of \['none', 'minimal', 'full'\]"):

@@ -100,6 +100,14 @@ def _train_programs(graphdef: Any, mesh: Mesh | None) -> dict[Any, Any]:
     return _PROGRAMS.setdefault((graphdef, mesh), {}).setdefault("train", {})
 
 
+def _layer_storage(layer_storage: str | None, mesh: Mesh | None) -> str:
+    """``layer_storage`` checked, or the default for the mesh's platform (see :meth:`LM.load`)."""
+    layer_storage = layer_storage_for(shd.platform(mesh)) if layer_storage is None else layer_storage
+    if layer_storage not in LAYER_STORAGE:
+        raise ValueError(f"unknown layer_storage {layer_storage!r}; choose one of {LAYER_STORAGE}")
+    return layer_storage
+
+
 def _train_weights(train_weights: str, train_mesh: Mesh | None) -> str:
     """``train_weights`` checked against the train mesh (see :meth:`LM.load`)."""
     if train_weights not in TRAIN_WEIGHTS:
@@ -154,14 +162,14 @@ class LM:
         if model.train_layers is None:  # likewise how training runs the layers
             model.train_layers = train_layers_for(shd.platform(mesh))
         # and how the layer weights are stored: split into per-layer arrays on GPUs (model.LayerStack)
-        layer_storage = layer_storage_for(shd.platform(mesh)) if layer_storage is None else layer_storage
-        if layer_storage not in LAYER_STORAGE:
-            raise ValueError(f"unknown layer_storage {layer_storage!r}; choose one of {LAYER_STORAGE}")
+        chosen = layer_storage is not None
+        layer_storage = _layer_storage(layer_storage, mesh)
         if layer_storage == "split":
             model.layers.store_split()
         elif model.layers.split:
-            raise ValueError("layer_storage='stacked' for a model whose layer weights are stored split; build "
-                             "the model again from LM.params()")
+            how = "given" if chosen else f"the default on {shd.platform(mesh)}"
+            raise ValueError(f"layer_storage='stacked' ({how}) for a model whose layer weights are stored split; "
+                             "build the model again from LM.params(), or pass layer_storage='split'")
         self.layer_storage = layer_storage
         model.attention_placement = attn.Placement(mesh)
         self.model = model
@@ -174,6 +182,9 @@ class LM:
         self.is_abstract = False  # True for LM.abstract models (shapes only: lower and compile, no data)
         self.train_mesh = _train_mesh(train_mesh, mesh)
         self.train_weights = _train_weights(train_weights, self.train_mesh)
+        if self.train_weights == "fsdp" and model.remat == "none":
+            raise ValueError("train_weights='fsdp' needs remat 'minimal' or 'full': without remat the backward "
+                             "pass keeps every layer's gathered weights, a whole replica")
         self._train_graphdef: Any = None  # the model's structure on train_mesh, made at the first training
         self._place: Any = None  # the jitted placement of the weights on train_mesh (see _placement)
 
@@ -216,7 +227,8 @@ class LM:
           train_mesh: another layout of the same devices for LoRA training (e.g. ``"data=8"``: the base
             replicated, each device training its own candidates with no collective), where ``mesh`` suits
             generation (e.g. ``"data=2,tensor=4"``). Each training call places a copy of the base weights on
-            it (one all-gather; the copy lives for the call). ``None``: train on ``mesh``.
+            it (one all-gather; the copy lives for the call; with ``train_weights="fsdp"`` a split of it).
+            ``None``: train on ``mesh``.
           layer_storage: ``"stacked"`` or ``"split"`` (see the class); default by the mesh's platform.
           train_weights: how the base weights lie on ``train_mesh``: ``"replicated"`` (default: a whole copy on
             every device, no collective while training) or ``"fsdp"`` (each layer's weights split over the
@@ -228,6 +240,7 @@ class LM:
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
         _train_weights(train_weights, _train_mesh(train_mesh, mesh))  # checked before minutes of loading
+        _layer_storage(layer_storage, mesh)
         dt = _dtype(dtype)
         if tokenizer is None:
             tokenizer = tok.load_tokenizer(folder) if tok.has_tokenizer(folder) else None
@@ -274,8 +287,7 @@ class LM:
     @classmethod
     def random(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
                seed: int = 0, train_mesh: Mesh | str | None = None, remat: str | bool = "minimal",
-               train_weights: str = "replicated",
-               tokenizer: Any = None) -> LM:
+               train_weights: str = "replicated", tokenizer: Any = None, layer_storage: str | None = None) -> LM:
         """A model with random weights, created on the devices in their shards (for benchmarks: the real
         programs at the real shapes without a checkpoint; see :func:`~seal_jax.lm.weights.random_params`).
 
@@ -284,6 +296,7 @@ class LM:
           mesh: a mesh or a spec such as ``"data=8"``; ``None`` for one device.
           dtype: ``"bfloat16"`` (default) or ``"float32"``.
           seed: the weights depend on the seed only (not on the mesh).
+          train_mesh, remat, train_weights, layer_storage: as in :meth:`load`.
           tokenizer: optional; without one, use the id-level methods (``generate_ids``, ``logits``, and
             ``train_adapters`` with token-id sequences).
         """
@@ -292,10 +305,12 @@ class LM:
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
         _train_weights(train_weights, _train_mesh(train_mesh, mesh))
+        _layer_storage(layer_storage, mesh)
         dt = _dtype(dtype)
         model = build_model(config, weights.random_params(config, dtype=dt, mesh=mesh, seed=seed), dtype=dt,
                             remat=remat)  # the only reference to the weights, as in load
-        return cls(model, tokenizer, mesh=mesh, path=None, train_mesh=train_mesh, train_weights=train_weights)
+        return cls(model, tokenizer, mesh=mesh, path=None, train_mesh=train_mesh, train_weights=train_weights,
+                   layer_storage=layer_storage)
 
     def _require_weights(self, what: str) -> None:
         if self.is_abstract:
@@ -372,7 +387,7 @@ class LM:
             model = nnx.merge(self.graphdef, self.state)
             model.attention_placement = attn.Placement(self.train_mesh)
             if self.train_weights == "fsdp":  # each layer's weights gathered before it runs
-                model.layer_gather = NamedSharding(self.train_mesh, PartitionSpec())
+                model.layer_gather = self.train_mesh
             self._train_graphdef, _ = nnx.split(model)
         if self.is_abstract:  # shapes placed as the placement program would place them
             state = jax.eval_shape(self._placement(), self.state)
@@ -423,8 +438,10 @@ class LM:
             raise IndexError(f"adapter index {k} is out of range for {len(adapters.specs)} adapter(s)")
         if adapters.failed and adapters.failed[k]:
             raise ValueError(f"adapter {k} failed in training ({adapters.failed[k]}); refusing to merge it")
-        merged = adapters.merged_params(self.params(), k)
-        model = build_model(self.config, merged, dtype=self.dtype, remat=self.model.remat)
+        # the new model holds the only reference to the merged weights: splitting them (layer_storage) releases
+        # each stacked array as it goes
+        model = build_model(self.config, adapters.merged_params(self.params(), k), dtype=self.dtype,
+                            remat=self.model.remat)
         model.attention_impl, model.train_layers = self.model.attention_impl, self.model.train_layers  # as chosen
         return LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh,
                   layer_storage=self.layer_storage, train_weights=self.train_weights)

@@ -1,9 +1,10 @@
 """The decoder: Qwen3 / Llama in ``flax.nnx``, its layers stacked and scanned, or, on GPUs, split and unrolled.
 
 Every per-layer weight is declared once for all layers with a leading layer axis ``[L, ...]``
-(:mod:`seal_jax.lm.params`), and where the compiler reads a layer's slice of a stacked array in place (TPUs,
-CPUs) the forward (:meth:`Decoder.hidden_states`, used for training, logits and the prompt of a generation)
-runs ``lax.scan`` over the stacked arrays, so compile time does not grow with depth. Projection kernels are
+(:mod:`seal_jax.lm.params`). On TPUs and CPUs the forward (:meth:`Decoder.hidden_states`, used for
+training, logits and the prompt of a generation) runs ``lax.scan`` over the stacked arrays, each step
+reading its layer's slice where it lies, so compile time does not grow with depth (a decode loop is another
+matter, below). Projection kernels are
 kept as ``[in, out]`` (Hugging Face stores ``[out, in]``; ``weights.py`` transposes).
 
 The CUDA compiler copies a slice of a stacked array before a matmul reads it: inside a loop on every step,
@@ -36,11 +37,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from seal_jax.lm.attention import IMPLEMENTATIONS, AttentionError, Placement, attention, cached_attention
 from seal_jax.lm.config import ModelConfig
 from seal_jax.lm.params import BY_PATH, PARAMS, ParamDecl, declared
+from seal_jax.lm.sharding import PARAM_AXES, spec_for
 from seal_jax.lm.types import PROJECTIONS, remat_name
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,6 +254,14 @@ def new_param(decl: ParamDecl, config: ModelConfig, dtype: Any, rngs: nnx.Rngs) 
 LAYER_PARAMS = tuple(d.path.removeprefix("layers.") for d in PARAMS if d.per_layer)
 
 
+def gather_layer(w: dict[str, jax.Array], mesh: Mesh) -> dict[str, jax.Array]:
+    """One layer's weights ``{name: array}`` (no layer axis) constrained to their sharding on ``mesh`` by
+    :data:`~seal_jax.lm.sharding.RULES`: under FSDP (split over ``data`` along the width) an all-gather of
+    that split only; a split over ``tensor`` stays."""
+    return {n: jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, spec_for(mesh, PARAM_AXES[f"layers.{n}"][1:], x.shape))) for n, x in w.items()}
+
+
 # how the per-layer weights are stored (see LayerStack)
 LAYER_STORAGE = ("stacked", "split")
 
@@ -271,7 +281,14 @@ def split_leaf(x: Any) -> tuple[Any, ...]:
     n = x.shape[0]
     if isinstance(x, jax.ShapeDtypeStruct):
         return tuple(jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=one) for _ in range(n))
-    return jax.jit(lambda a: tuple(a[i] for i in range(n)), out_shardings=None if one is None else (one,) * n)(x)
+    return _splitter(n, one)(x)
+
+
+@functools.lru_cache(maxsize=64)
+def _splitter(n: int, sharding: NamedSharding | None) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
+    """The jitted program that splits a stacked array into its ``n`` layers (one per count and sharding, so
+    loading and merging reuse it)."""
+    return jax.jit(lambda a: tuple(a[i] for i in range(n)), out_shardings=None if sharding is None else (sharding,) * n)
 
 
 def stack_leaf(xs: Sequence[Any]) -> Any:
@@ -466,9 +483,9 @@ class Decoder(nnx.Module):
 
     ``attention_placement`` (an :class:`~seal_jax.lm.attention.Placement`, set by :class:`~seal_jax.LM` from
     its mesh) is where a kernel that runs in a ``shard_map`` (``"splash"``, ``"triton"``) runs.
-    ``layer_gather`` (set by :class:`~seal_jax.LM` for training with ``train_weights="fsdp"``): a sharding
-    (replicated over the mesh) to which :meth:`hidden_states` gathers each layer's weights before the layer
-    runs, or None (the weights are used where they lie).
+    ``layer_gather`` (set by :class:`~seal_jax.LM` for training with ``train_weights="fsdp"``): the mesh on
+    which :meth:`hidden_states` gathers each layer's weights to their usual sharding (:func:`gather_layer`)
+    before the layer runs, or None (the weights are used where they lie).
     """
 
     def __init__(self, config: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, remat: str | bool = "minimal",
@@ -483,7 +500,7 @@ class Decoder(nnx.Module):
         self.remat = remat_name(remat)
         self.attention_impl = attention_impl
         self.attention_placement = Placement()
-        self.layer_gather: NamedSharding | None = None
+        self.layer_gather: Mesh | None = None
         self.embedding = new_param(BY_PATH["embedding"], config, dtype, rngs)
         self.layers = LayerStack(config, dtype=dtype, rngs=rngs)
         for decl in declared(config):
@@ -527,8 +544,8 @@ class Decoder(nnx.Module):
 
         def body(h, xs):
             w, lw, idx = xs
-            if self.layer_gather is not None:  # FSDP: the layer's weights gathered where it runs (recomputed by remat)
-                w = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.layer_gather), w)
+            if self.layer_gather is not None:  # FSDP: the layer's weights gathered where it runs (again under remat)
+                w = gather_layer(w, self.layer_gather)
             lkey = jax.random.fold_in(lora.key, idx) if use_dropout else None
             h, kv = decoder_layer(
                 h, w, lw, None if lora is None else lora.scale, None if lora is None else lora.dropout,

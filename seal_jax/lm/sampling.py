@@ -440,7 +440,8 @@ class Sampler:
             # that split them over `fsdp` as well would have them all-gathered back
             model.attention_placement = dataclasses.replace(model.attention_placement, heads_over_fsdp=False)
             lora = None if lw is None else LoraInputs(weights=lw, scale=ls)
-            x, cache = model.prefill(ids, mask, cache_len, lora=lora, stacked=self.scan_layers,
+            # (split weights, whatever the platform, decode unrolled: a scan would stack them on every step)
+            x, cache = model.prefill(ids, mask, cache_len, lora=lora, stacked=self.scan_layers and not model.layers.split,
                                      keys_transposed=self.cpu_tricks and not self.scan_layers)
             return model.head(x[:, -1]), self._constrain_cache(cache)
 

@@ -396,7 +396,8 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     Returns ``(lora_w [M, R, ...], loss per step and lane [S, M], failed micro-step [M, R])``.
     """
     model = nnx.merge(graphdef, state)
-    # split once here, outside the loop over steps: a slice taken inside it is copied on every step on GPUs
+    # per-layer weights, taken here outside the loop over steps (a slice of a stacked array taken inside it is
+    # copied on every step on GPUs, where the weights are stored split and this takes them as they lie)
     layers = model.unstacked_layers() if model.train_layers == "unrolled" else None
     m = schedule.cand.shape[1]
     if layout.lanes is not None:  # the lanes take `data`: an attention kernel keeps each lane's rows whole

@@ -176,6 +176,9 @@ class RunConfig:
             raise RunConfigError(f"train_mesh = {self.train_mesh!r} is another layout of the mesh's devices; set mesh too")
         if self.train_weights not in TRAIN_WEIGHTS:
             raise RunConfigError(f"train_weights must be one of {list(TRAIN_WEIGHTS)}, got {self.train_weights!r}")
+        if self.train_weights == "fsdp" and remat_name(self.remat) == "none":
+            raise RunConfigError("train_weights = \"fsdp\" needs remat \"minimal\" or \"full\": without remat the "
+                                 "backward pass keeps every layer's gathered weights")
         if self.train_weights != "replicated" and not self.train_mesh:
             raise RunConfigError(f"train_weights = {self.train_weights!r} lays the weights out on the train mesh; "
                                  "set train_mesh too (e.g. train_mesh = \"data=8\")")
