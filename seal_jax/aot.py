@@ -518,7 +518,8 @@ def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, s
 
 def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
                    meshes: Sequence[str] | None = None, train_layouts: Sequence[tuple[str | None, str]] | None = None,
-                   on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                   on_row: Callable[[dict[str, Any]], None] | None = None,
+                   on_entry: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Compile ``workload`` on each mesh of ``meshes`` (default :func:`candidate_meshes` of the target), with
     the training programs on each of ``train_layouts`` (default :func:`training_layouts`; the generation
     programs compile once per mesh, each training layout's programs once), and rank the pairs: those whose
@@ -527,7 +528,8 @@ def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] 
     Returns one entry per mesh and training layout: ``{"mesh", "train_mesh", "train_weights", "fits",
     "seconds", "peak_bytes" (the largest program's), "collective_bytes" (summed over programs),
     "collective_share" (of the roofline time, by the link bandwidth), "report"}``; a layout the compiler
-    rejects is an entry with ``"error"`` (and no report)."""
+    rejects is an entry with ``"error"`` (and no report). ``on_entry`` is called with the entries ranked so far
+    after each layout (the CLI writes its JSON then: a search killed part way keeps what it compiled)."""
     target = get_target(target_name)
     out = []
     cache: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -542,6 +544,8 @@ def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] 
                 message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
                 out.append({**entry, "fits": False, "seconds": None, "peak_bytes": 0, "collective_bytes": 0.0,
                             "collective_share": None, "error": message, "report": None})
+                if on_entry is not None:
+                    on_entry(_ranked(out))
                 continue
             rows = report["rows"]
             seconds = layout_time(report)
@@ -551,7 +555,13 @@ def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] 
                         "peak_bytes": max((r.get("peak_bytes") or 0 for r in rows), default=0),
                         "collective_bytes": comm,
                         "collective_share": (comm / link) / seconds if seconds else None, "report": report})
-    return sorted(out, key=lambda e: (not e["fits"], e["seconds"] if e["seconds"] is not None else math.inf))
+            if on_entry is not None:
+                on_entry(_ranked(out))
+    return _ranked(out)
+
+
+def _ranked(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(entries, key=lambda e: (not e["fits"], e["seconds"] if e["seconds"] is not None else math.inf))
 
 
 def _training_label(entry: dict[str, Any]) -> str:
@@ -685,7 +695,13 @@ def main(args: argparse.Namespace) -> int:
                   f"{verdict}", file=sys.stderr, flush=True)
 
         if args.search:
-            entries = search_layouts(workload, args.target, only=only, on_row=show)
+            def save(entries: list[dict[str, Any]]) -> None:  # after each layout: a killed search keeps its rows
+                print(f"  {len(entries)} layouts compiled", file=sys.stderr, flush=True)
+                if args.json:
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps(entries, indent=1, default=_json_default))
+
+            entries = search_layouts(workload, args.target, only=only, on_row=show, on_entry=save)
         else:
             report = compile_workload(workload, args.target, only=only, on_row=show)
     except (CompileError, TargetError, ConfigError, FileNotFoundError, ValueError) as error:

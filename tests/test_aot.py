@@ -301,9 +301,12 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     out = tmp_path / "search.json"
     assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "-k", "2", "--only", "train",
                      "--sequences", "2", "--seq-len", "32", "--search", "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     ranked = json.loads(out.read_text())
     assert len(ranked) == len(aot.candidate_meshes(8, TINY)) * 3
+    # the JSON was written after each layout (a killed search keeps what it compiled)
+    assert "  1 layouts compiled" in captured.err and f"  {len(ranked)} layouts compiled" in captured.err
     assert f"Best: `{ranked[0]['mesh']}`, training " in printed and "| 1 | `" in printed and "FSDP" in printed
 
 
