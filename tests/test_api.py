@@ -16,6 +16,16 @@ TEXT = (
 )
 
 
+def assert_same_adapters(a, b):
+    """Two trainings gave the same losses (relative 1e-5) and adapter weights (absolute 1e-5)."""
+    import jax
+
+    for la, lb in zip(a.losses, b.losses, strict=True):
+        assert lb == pytest.approx(la, rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+
+
 def test_bundled_model_matches_transformers(bundled_lm, bundled_hf):
     lm = bundled_lm
     assert (lm.config.family, lm.config.num_layers, lm.config.hidden_size) == ("llama", 30, 576)
@@ -185,7 +195,6 @@ def test_layer_weights_stored_split_give_what_stacked_ones_give(tiny_hf, tmp_pat
     """GPUs store the layer weights split into per-layer arrays (``layer_storage="split"``, model.LayerStack).
     On 8 CPU devices (generation on ``data=2,tensor=4``, training placed on ``data=8``) such a model gives the
     stacked one's logits (and transformers'), adapters, tokens, merged model, parameters and export."""
-    import jax
     from safetensors.numpy import load_file
 
     from seal_jax.lm import sharding as shd
@@ -209,10 +218,7 @@ def test_layer_weights_stored_split_give_what_stacked_ones_give(tiny_hf, tmp_pat
     lora = [sj.LoraSpec(rank=4, alpha=8.0, dropout=0.1), sj.LoraSpec(rank=2, alpha=2.0, targets="all")]
     spec = sj.TrainSpec(learning_rate=1e-2, epochs=2)
     a, b = stacked.train_adapters(seqs, lora, spec), split.train_adapters(seqs, lora, spec)
-    for la, lb in zip(a.losses, b.losses, strict=True):
-        assert lb == pytest.approx(la, rel=1e-5)
-    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+    assert_same_adapters(a, b)
     for params in (sj.SamplingParams(max_new_tokens=8), sj.SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)):
         assert split.generate_ids([[5, 9, 14], [3]], params, adapters=b) == \
             stacked.generate_ids([[5, 9, 14], [3]], params, adapters=a)
@@ -258,10 +264,8 @@ def test_fsdp_training_gathers_each_layer_and_trains_what_a_replica_trains(tiny_
             sj.LoraSpec(rank=4, dropout=0.1)]
     spec = sj.TrainSpec(learning_rate=1e-2, epochs=2)
     a, b = replica.train_adapters(seqs, lora, spec), fsdp.train_adapters(seqs, lora, spec)
-    for la, lb in zip(a.losses, b.losses, strict=True):
-        assert lb == pytest.approx(la, rel=1e-5)
-    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+    assert_same_adapters(a, b)
+    for y in jax.tree.leaves(b.weights):
         assert y.sharding.is_equivalent_to(shd.replicated(fsdp.mesh), y.ndim)  # back on the generation mesh
     compiled = {lm.train_weights: lm.lower_train(candidates=8, sequences=2, seq_len=16).compile()
                 for lm in (replica, fsdp)}
@@ -272,9 +276,7 @@ def test_fsdp_training_gathers_each_layer_and_trains_what_a_replica_trains(tiny_
     # on a train mesh with tensor too, FSDP gathers the data split only: the heads stay split over tensor
     both = sj.load(folder, mesh="data=2,tensor=4", train_mesh="data=4,tensor=2", train_weights="fsdp", progress=False)
     assert tuple(both._placement()(both.state)["layers"]["q_proj"][...].sharding.spec) == (None, "data", "tensor")
-    c = both.train_adapters(seqs, lora, spec)
-    for la, lc in zip(a.losses, c.losses, strict=True):
-        assert lc == pytest.approx(la, rel=1e-5)
+    assert_same_adapters(a, both.train_adapters(seqs, lora, spec))
     text = both.lower_train(candidates=4, sequences=2, seq_len=16).compile().as_text()
     assert "all-gather" in text and "all-reduce" in text  # the width gathered; tensor's partial sums reduced
     with pytest.raises(ValueError, match="needs remat 'minimal' or 'full'"):
