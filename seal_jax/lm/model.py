@@ -4,8 +4,8 @@ Every per-layer weight is declared once for all layers with a leading layer axis
 (:mod:`seal_jax.lm.params`). On TPUs and CPUs the forward (:meth:`Decoder.hidden_states`, used for
 training, logits and the prompt of a generation) runs ``lax.scan`` over the stacked arrays, each step
 reading its layer's slice where it lies, so compile time does not grow with depth (a decode loop is another
-matter, below). Projection kernels are
-kept as ``[in, out]`` (Hugging Face stores ``[out, in]``; ``weights.py`` transposes).
+matter, below). Projection kernels are kept as ``[in, out]`` (Hugging Face stores ``[out, in]``;
+``weights.py`` transposes).
 
 The CUDA compiler copies a slice of a stacked array before a matmul reads it: inside a loop on every step,
 outside it once per call, but then a second copy of the weights lives for the call. On GPUs the weights are
