@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from seal_jax.lm import attention as attn
 from seal_jax.lm import cpu_decode, sampling, training, weights
@@ -400,8 +400,7 @@ class LM:
         """The sharding on ``mesh`` by ``rules`` of the parameter at ``path`` held as ``x`` (an array, or
         per-layer ones)."""
         if isinstance(x, tuple):  # split layer weights: the stacked one's, less the layer axis
-            stacked = shd.param_sharding(mesh, path, (len(x), *x[0].shape), rules)
-            return (NamedSharding(mesh, PartitionSpec(*tuple(stacked.spec)[1:])),) * len(x)
+            return (shd.layer_slice_sharding(shd.param_sharding(mesh, path, (len(x), *x[0].shape), rules)),) * len(x)
         return shd.param_sharding(mesh, path, x.shape, rules)
 
     def params(self) -> dict[str, jax.Array]:

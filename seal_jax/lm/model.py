@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from seal_jax.lm.attention import IMPLEMENTATIONS, AttentionError, Placement, attention, cached_attention
 from seal_jax.lm.config import ModelConfig
 from seal_jax.lm.params import BY_PATH, PARAMS, ParamDecl, declared
-from seal_jax.lm.sharding import PARAM_AXES, spec_for
+from seal_jax.lm.sharding import PARAM_AXES, layer_slice_sharding, spec_for
 from seal_jax.lm.types import PROJECTIONS, remat_name
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,9 +275,7 @@ def layer_storage_for(platform: str) -> str:
 def split_leaf(x: Any) -> tuple[Any, ...]:
     """A stacked ``[L, ...]`` array (or ``jax.ShapeDtypeStruct``) as L per-layer ones, each on the stacked
     one's devices with its split dimensions split alike (the layer axis is never split)."""
-    sharding = getattr(x, "sharding", None)
-    one = (NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
-           if isinstance(sharding, NamedSharding) else None)
+    one = layer_slice_sharding(getattr(x, "sharding", None))
     n = x.shape[0]
     if isinstance(x, jax.ShapeDtypeStruct):
         return tuple(jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=one) for _ in range(n))

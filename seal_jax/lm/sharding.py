@@ -138,6 +138,14 @@ def spec_for(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int],
 FSDP_LAYER_RULES: dict[str, str | tuple[str, ...] | None] = {**RULES, "embed": "data"}
 
 
+def layer_slice_sharding(sharding: Any) -> NamedSharding | None:
+    """The sharding of one layer's slice of a stacked ``[L, ...]`` array placed with ``sharding`` (the layer
+    axis, never split, dropped), or None where ``sharding`` is not a :class:`NamedSharding`."""
+    if not isinstance(sharding, NamedSharding):
+        return None
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
 def param_sharding(mesh: Mesh, path: str, shape: Sequence[int],
                    rules: Mapping[str, str | tuple[str, ...] | None] = RULES) -> NamedSharding:
     """The sharding of the model parameter at dotted ``path`` (see :data:`PARAM_AXES`) with ``shape``."""

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
@@ -145,12 +145,6 @@ def _place(array: np.ndarray, sharding: NamedSharding | None, dtype: Any) -> jax
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
-def _slice_sharding(sharding: NamedSharding | None) -> NamedSharding | None:
-    if sharding is None:
-        return None
-    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
-
-
 def load_params(
     folder: str | Path,
     config: ModelConfig,
@@ -195,7 +189,7 @@ def load_params(
             setters[target.path] = jax.jit(
                 lambda st, x, i: jax.lax.dynamic_update_index_in_dim(st, x, i, 0),
                 donate_argnums=0, out_shardings=full)
-        piece = _place(array, _slice_sharding(shardings[target.path]), dtype)
+        piece = _place(array, shd.layer_slice_sharding(shardings[target.path]), dtype)
         stacked[target.path] = setters[target.path](stacked[target.path], piece, target.layer)
     params.update(stacked)
     return params
