@@ -191,12 +191,13 @@ def test_training_on_a_train_mesh_equals_training_on_the_mesh(tiny_hf):
                 progress=False)
 
 
-def test_layer_weights_stored_split_give_what_stacked_ones_give(tiny_hf, tmp_path):
+def test_layer_weights_stored_split_give_what_stacked_ones_give(tiny_hf, tmp_path, monkeypatch):
     """GPUs store the layer weights split into per-layer arrays (``layer_storage="split"``, model.LayerStack).
     On 8 CPU devices (generation on ``data=2,tensor=4``, training placed on ``data=8``) such a model gives the
     stacked one's logits (and transformers'), adapters, tokens, merged model, parameters and export."""
     from safetensors.numpy import load_file
 
+    from seal_jax.lm import api
     from seal_jax.lm import sharding as shd
 
     hf_model, folder = tiny_hf("qwen3-mha")
@@ -222,8 +223,12 @@ def test_layer_weights_stored_split_give_what_stacked_ones_give(tiny_hf, tmp_pat
     for params in (sj.SamplingParams(max_new_tokens=8), sj.SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)):
         assert split.generate_ids([[5, 9, 14], [3]], params, adapters=b) == \
             stacked.generate_ids([[5, 9, 14], [3]], params, adapters=a)
-    merged = split.merge_adapter(b, 1)
+    with monkeypatch.context() as patch:  # merged layer by layer, never stacked
+        patch.setattr(api, "stack_leaf", lambda xs: pytest.fail("the merge stacked the split weights"))
+        merged = split.merge_adapter(b, 1)
     assert merged.layer_storage == "split" and merged.model.layers.split
+    # the weights the adapter leaves alone are shared, not copied
+    assert merged.model.layers.input_norm.get_value()[0] is split.model.layers.input_norm.get_value()[0]
     np.testing.assert_allclose(merged.logits(ids, mask), stacked.merge_adapter(a, 1).logits(ids, mask), atol=1e-4)
     want, have = stacked.params(), split.params()
     assert sorted(have) == sorted(want)
@@ -232,7 +237,9 @@ def test_layer_weights_stored_split_give_what_stacked_ones_give(tiny_hf, tmp_pat
         struct = split.param_structs()[path]
         assert (struct.shape, struct.dtype) == (x.shape, x.dtype)
         assert struct.sharding.is_equivalent_to(shd.param_sharding(split.mesh, path, x.shape), x.ndim)
-    exported = [load_file(next(lm.export(tmp_path / s).glob("*.safetensors"))) for s, lm in lms.items()]
+    with monkeypatch.context() as patch:  # the split weights go to the host layer by layer, never stacked
+        patch.setattr(api, "stack_leaf", lambda xs: pytest.fail("export stacked the split weights"))
+        exported = [load_file(next(lm.export(tmp_path / s).glob("*.safetensors"))) for s, lm in lms.items()]
     assert sorted(exported[0]) == sorted(exported[1])
     for name, x in exported[0].items():
         np.testing.assert_array_equal(exported[1][name], x)

@@ -596,21 +596,27 @@ def test_stacked_decode_donates_its_whole_cache(qwen):
 def test_the_tpu_generation_with_splash_attention_gives_the_cpu_tokens(qwen, sharded_qwen, monkeypatch):
     """The TPU's whole generation path run here on the CPU: prompts of more than one 128-token tile through
     splash attention (Pallas, in interpret mode, in its shard_map), layers scanned, keys in the values'
-    layout: the CPU's tokens, greedy and sampled, with and without stacked adapters (the prefill's vmap
-    over candidates around the shard_map), on one device and sharded."""
-    from seal_jax.lm import sampling
+    layout, the weights and the cache in a TPU's memory layouts (lm/layouts.py): the CPU's tokens, greedy
+    and sampled, with and without stacked adapters (the prefill's vmap over candidates around the
+    shard_map), on one device and sharded; the cache comes out of the prefill and the decode in its layout."""
+    from seal_jax.lm import layouts, sampling
 
     calls = []
     kernel = attn.splash_attention
     monkeypatch.setattr(attn, "splash_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
     _, lm = qwen
     rows, adapters = tiny_prompts([(150, 1), (131, 2), (140, 3)]), make_adapters(lm)
+    laid_out = None
     for model in (lm, sharded_qwen):
-        module = nnx.merge(model.graphdef, model.state)
+        module = nnx.merge(model.graphdef, jax.tree.map(lambda x: x, model.state))  # (its own variables)
         module.attention_impl = "splash"
+        module.lay_out("tpu")
+        assert module.layers.k_proj.get_value().format.layout.major_to_minor == (0, 2, 1)
+        assert module.lm_head.get_value().format.layout.major_to_minor == (1, 0)
         graphdef, state = nnx.split(module)
         tpu = sampling.Sampler(graphdef, model.mesh)
-        tpu.scan_layers, tpu.cpu_tricks = True, False
+        tpu.scan_layers, tpu.cpu_tricks, tpu.platform = True, False, "tpu"
+        laid_out = laid_out or (tpu, state)  # (the one-device model's, for the cache below)
         for params, ad in [(SamplingParams(max_new_tokens=12, ignore_eos=True), None),
                            (SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True), adapters)]:
             run = dict(eos_ids=model._eos_ids(), pad_id=model._pad_id(), adapters=ad)
@@ -618,3 +624,17 @@ def test_the_tpu_generation_with_splash_attention_gives_the_cpu_tokens(qwen, sha
                                                copies=model._decode_copies(), **run)
             assert tpu.generate(state, model.config, rows, params, **run) == expected
     assert calls  # the prompts went through the kernel, not the einsum
+    # the cache in the layout the decode reads, from the prefill, and back from the decode (donated through).
+    # (On one device: XLA:CPU drops a layout constraint under SPMD; libtpu keeps it, see test_aot.)
+    tpu, state = laid_out
+    ids, mask = pad_left(rows[:2], 0, 256)
+    for ad, order in [(None, (0, 3, 2, 1, 4)), (adapters, (1, 4, 0, 3, 2, 5))]:
+        lw, ls = (None, None) if ad is None else (ad.weights, ad.scale)
+        ids_, mask_ = jnp.asarray(ids), jnp.asarray(mask)
+        logits, cache = tpu.prefill_program(state, ids_, lw, ls, 272)(state, ids_, mask_, lw, ls, cache_len=272)
+        assert cache.k.format.layout.major_to_minor == cache.v.format.layout.major_to_minor == order
+        assert layouts.cache_layout("tpu", ("candidates",) * (ad is not None) + ("layers",)).major_to_minor == order
+        knobs = tpu.put_replicated(sampling.knob_arrays(SamplingParams(max_new_tokens=4), 0, 2))
+        _, _, cache = tpu.decode_program(cache)(state, cache, logits, lw, ls, knobs, jnp.full((8,), -1, jnp.int32),
+                                 jnp.zeros((2,), bool), out_len=4)
+        assert cache.k.format.layout.major_to_minor == order

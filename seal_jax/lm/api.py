@@ -171,6 +171,7 @@ class LM:
             raise ValueError(f"layer_storage='stacked' ({how}) for a model whose layer weights are stored split; "
                              "build the model again from LM.params(), or pass layer_storage='split'")
         self.layer_storage = layer_storage
+        model.lay_out(shd.platform(mesh), shd.device_kind(mesh))  # each weight in the layout its chip's programs read
         model.attention_placement = attn.Placement(mesh)
         self.model = model
         self.tokenizer = tokenizer
@@ -421,8 +422,9 @@ class LM:
         """Write this model (weights, config, tokenizer) as a Hugging Face folder; returns the folder.
 
         In a multi-host run every process must call it (the weights are gathered from all processes);
-        process 0 writes the folder."""
-        return weights.export_hf(self.params(), self.config, out_dir, dtype=dtype, tokenizer=self.tokenizer)
+        process 0 writes the folder. Weights stored split go to the host layer by layer, never stacked."""
+        return weights.export_hf(flatten(nnx.to_pure_dict(self.state)), self.config, out_dir, dtype=dtype,
+                                 tokenizer=self.tokenizer)
 
     def merge_adapter(self, adapters: Adapters, k: int = 0) -> LM:
         """A new :class:`LM` whose base weights have adapter ``k`` of ``adapters`` folded in
@@ -437,10 +439,10 @@ class LM:
             raise IndexError(f"adapter index {k} is out of range for {len(adapters.specs)} adapter(s)")
         if adapters.failed and adapters.failed[k]:
             raise ValueError(f"adapter {k} failed in training ({adapters.failed[k]}); refusing to merge it")
-        # the new model holds the only reference to the merged weights: splitting them (layer_storage) releases
-        # each stacked array as it goes
-        model = build_model(self.config, adapters.merged_params(self.params(), k), dtype=self.dtype,
-                            remat=self.model.remat)
+        # the new model holds the only reference to the merged weights (weights stored split are merged layer by
+        # layer, without a stacked copy) and shares the ones the adapter leaves alone
+        model = build_model(self.config, adapters.merged_params(flatten(nnx.to_pure_dict(self.state)), k),
+                            dtype=self.dtype, remat=self.model.remat)
         model.attention_impl, model.train_layers = self.model.attention_impl, self.model.train_layers  # as chosen
         return LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh,
                   layer_storage=self.layer_storage, train_weights=self.train_weights)

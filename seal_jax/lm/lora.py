@@ -88,14 +88,21 @@ def init_adapters(params: dict[str, Any], specs: Sequence[LoraSpec], keys: Seque
 def merge(params: dict[str, jax.Array], weights: dict[str, dict[str, jax.Array]], scale: float) -> dict[str, jax.Array]:
     """Base params with one adapter folded in: ``W + scale * a @ b`` for every adapted projection.
 
-    ``weights`` is one adapter (no K axis): ``{projection: {"a": [L, in, r], "b": [L, r, out]}}``.
-    Returns new params ``{dotted path: array}`` in the base dtype.
+    ``weights`` is one adapter (no K axis): ``{projection: {"a": [L, in, r], "b": [L, r, out]}}``. A per-layer
+    parameter is stacked ``[L, ...]`` or split (a tuple of its L per-layer arrays: merged layer by layer, so
+    nothing is stacked). Returns new params ``{dotted path: array}`` in the base dtype (and the base's form).
     """
+    def merged(w: jax.Array, a: jax.Array, b: jax.Array, subscripts: str) -> jax.Array:
+        delta = jnp.einsum(subscripts, a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+        return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
     out = dict(params)
     for p, ab in weights.items():
         base = params[f"layers.{p}"]
-        delta = jnp.einsum("lir,lro->lio", ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32)) * scale
-        out[f"layers.{p}"] = (base.astype(jnp.float32) + delta).astype(base.dtype)
+        if isinstance(base, tuple):
+            out[f"layers.{p}"] = tuple(merged(w, ab["a"][i], ab["b"][i], "ir,ro->io") for i, w in enumerate(base))
+        else:
+            out[f"layers.{p}"] = merged(base, ab["a"], ab["b"], "lir,lro->lio")
     return out
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from seal_jax.lm import layouts
 from seal_jax.lm.attention import IMPLEMENTATIONS, AttentionError, Placement, attention, cached_attention
 from seal_jax.lm.config import ModelConfig
 from seal_jax.lm.params import BY_PATH, PARAMS, ParamDecl, declared
@@ -504,6 +505,19 @@ class Decoder(nnx.Module):
         for decl in declared(config):
             if not decl.per_layer and decl.path != "embedding":
                 setattr(self, decl.path, new_param(decl, config, dtype, rngs))
+
+    def lay_out(self, platform: str, device_kind: str = "") -> None:
+        """Give each weight the memory layout it has on ``platform``'s chips of ``device_kind``
+        (:func:`layouts.weight_layout`: a TPU's for some, the default elsewhere), in place, one at a time."""
+        params = {f"layers.{n}": p for n, p in self.layers._params().items()}
+        params.update({d.path: getattr(self, d.path) for d in declared(self.config) if not d.per_layer})
+        for path, p in params.items():
+            value = p.get_value()
+            if isinstance(value, tuple):
+                p.set_value(tuple(layouts.place(x, layouts.weight_layout(platform, path, x.ndim, device_kind))
+                                  for x in value))
+            else:
+                p.set_value(layouts.place(value, layouts.weight_layout(platform, path, value.ndim, device_kind)))
 
     def hidden_states(
         self,

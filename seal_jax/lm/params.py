@@ -33,6 +33,10 @@ PROJECTION_AXES = {
 }
 
 
+# the projections a TPU keeps with their input dimension minor-most (measured: see seal_jax.lm.layouts)
+TPU_INPUT_MINOR = ("k_proj", "v_proj")
+
+
 def projection_shape(config: ModelConfig, name: str) -> tuple[int, int]:
     """``(in, out)`` widths of the projection ``name`` (one of :data:`PROJECTIONS`)."""
     d, f = config.hidden_size, config.intermediate_size
@@ -55,7 +59,9 @@ class ParamDecl:
     """One parameter: ``path`` (dotted, e.g. ``layers.q_proj``), ``shape`` (of a config; per-layer ones
     include the leading layer axis), logical ``axes`` (one per dimension), ``init`` (``"normal"``: N(0, 0.02);
     ``"ones"``), Hugging Face ``hf_name`` (``{layer}`` for per-layer ones), ``transposed`` (Hugging Face
-    stores the reverse of our shape) and ``present`` (whether a config has it)."""
+    stores the reverse of our shape), ``present`` (whether a config has it) and ``tpu_input_minor`` (on a
+    TPU it lies in memory with its input dimension minor-most, as libtpu's decode reads it: see
+    :mod:`seal_jax.lm.layouts`)."""
 
     path: str
     shape: Callable[[ModelConfig], tuple[int, ...]]
@@ -64,6 +70,7 @@ class ParamDecl:
     hf_name: str
     transposed: bool = False
     present: Callable[[ModelConfig], bool] = _always
+    tpu_input_minor: bool = False
 
     @property
     def per_layer(self) -> bool:
@@ -89,7 +96,8 @@ class ParamDecl:
 def _projection(name: str) -> ParamDecl:
     return ParamDecl(
         f"layers.{name}", lambda c: (c.num_layers, *projection_shape(c, name)), ("layers", *PROJECTION_AXES[name]),
-        "normal", f"model.layers.{{layer}}.{PROJECTION_PARENT[name]}.{name}.weight", transposed=True)
+        "normal", f"model.layers.{{layer}}.{PROJECTION_PARENT[name]}.{name}.weight", transposed=True,
+        tpu_input_minor=name in TPU_INPUT_MINOR)
 
 
 def _has_qk_norm(config: ModelConfig) -> bool:
@@ -115,7 +123,7 @@ PARAMS: tuple[ParamDecl, ...] = (
     ParamDecl("final_norm", lambda c: (c.hidden_size,), (None,), "ones", "model.norm.weight"),
     # the output head is split over the vocabulary, not its input width (see sharding.RULES["head_vocab"])
     ParamDecl("lm_head", lambda c: (c.hidden_size, c.vocab_size), (None, "head_vocab"), "normal", "lm_head.weight",
-              transposed=True, present=_untied),
+              transposed=True, present=_untied, tpu_input_minor=True),
 )
 BY_PATH: dict[str, ParamDecl] = {d.path: d for d in PARAMS}
 

@@ -29,6 +29,9 @@ and values): on a GPU the weights as stored (split into per-layer arrays, see
 reads it), on a CPU per-layer copies kept between calls (:mod:`seal_jax.lm.cpu_decode`). Measured with ``seal-jax compile`` for Qwen3-8B on ``tpu-v5p-16``
 (``data=2,fsdp=4``): the scanned decode reads 1.06–1.08× its arguments per step (unrolled: 1.21–1.22×),
 its temporaries fall from 3.5 GB to 0.5–0.6 GB per device, and it compiles in 13–16 s instead of 26–55 s.
+A TPU also keeps some weights and the cache in memory layouts of its own (:mod:`seal_jax.lm.layouts`): the
+prefill writes the cache in the decode's layout and the decode hands it back in it
+(:meth:`Sampler.prefill_program`, :meth:`Sampler.decode_program`), so that nothing is copied per call.
 Under K stacked adapters the decode casts them and joins each input's ``a`` matrices once per call
 (:func:`~seal_jax.lm.model.group_adapters`): 21 adapters' greedy answers read 0.92–1.01× the arguments per
 step on v5p and 1.24× on h100-8 (BENCHMARKS.md, sixteenth session).
@@ -71,9 +74,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.layout import Format
 from jax.sharding import Mesh, NamedSharding
 
-from seal_jax.lm import cpu_decode
+from seal_jax.lm import cpu_decode, layouts
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig
@@ -394,6 +398,7 @@ class Sampler:
         self.traces: collections.Counter[str] = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
         self.decode = jax.jit(self._decode, static_argnames=("out_len", "greedy"), donate_argnames=("cache",))
+        self._laid_out: dict[Any, Any] = {}  # see prefill_program and decode_program
         self.split = jax.jit(self._split)
 
     # -- placement -------------------------------------------------------------------------------
@@ -411,6 +416,66 @@ class Sampler:
                        valid=put(cache.valid, ("batch", "length")),
                        positions=put(cache.positions, ("batch",)), index=cache.index,
                        keys_transposed=cache.keys_transposed)
+
+    def _cache_formats(self, cache: KVCache, candidates: bool) -> KVCache | None:
+        """Where the mesh's platform lays the KV cache out (a TPU: ``layouts.cache_layout``), the formats
+        (layout and sharding) of the keys and values of a cache shaped as ``cache`` (``candidates``: with a
+        leading K axis), in a ``KVCache`` whose other fields are ``None``, for a program's ``out_shardings``;
+        ``None`` elsewhere."""
+        if cache.keys_transposed:  # (a CPU's form)
+            return None
+        layout = layouts.cache_layout(self.platform, ("candidates",) * candidates + ("layers",) * cache.stacked)
+        if layout is None:
+            return None
+        lead = (None,) * candidates
+        keys, values = cache_axes(cache)
+
+        def formats(tree: Any, axes: tuple[str | None, ...]) -> Any:
+            return jax.tree.map(lambda x: Format(layout, self._sharding(x.shape, lead + axes)), tree)
+
+        return dataclasses.replace(cache, k=formats(cache.k, keys), v=formats(cache.v, values), valid=None,
+                                   positions=None, index=None)
+
+    def prefill_program(self, state: Any, ids: Any, lora_weights: Any, lora_scale: Any, cache_len: int) -> Any:
+        """The jitted prefill for these arguments (arrays or shapes). Where the platform lays the cache out
+        (:meth:`_cache_formats`), one that writes it in the layout the decode reads (one per shape: the
+        layout goes into the program's result, where the SPMD partitioner keeps the sharding; a layout
+        constraint inside the program made it gather the whole cache on a TPU). Elsewhere :attr:`prefill`."""
+        if layouts.cache_layout(self.platform, ()) is None:
+            return self.prefill
+        key = (ids.shape, cache_len, jax.tree.structure(lora_weights),
+               tuple(x.shape for x in jax.tree.leaves((lora_weights, lora_scale))))
+        if key not in self._laid_out:
+            _, cache = jax.eval_shape(functools.partial(self._prefill, cache_len=cache_len), state, ids, ids,
+                                      lora_weights, lora_scale)
+            formats = self._cache_formats(cache, lora_scale is not None and lora_scale.ndim == 1)
+            self._laid_out[key] = self.prefill if formats is None else jax.jit(
+                self._prefill, static_argnames=("cache_len",), out_shardings=(None, formats))
+        return self._laid_out[key]
+
+    def decode_program(self, cache: KVCache) -> Any:
+        """The jitted decode for ``cache`` (arrays or shapes, as the prefill gave them). Where its keys and
+        values have a layout of their own (a TPU's, see :meth:`prefill_program`), a program that hands them
+        back in it: the donated cache is then updated in place, where the default layout of an unspecified
+        output would cost a copy in and out on every call. Elsewhere :attr:`decode`."""
+        if layouts.cache_layout(self.platform, ()) is None or cache.keys_transposed:
+            return self.decode
+        formats = dataclasses.replace(cache, k=jax.tree.map(lambda x: x.format, cache.k),
+                                      v=jax.tree.map(lambda x: x.format, cache.v), valid=None, positions=None, index=None)
+        leaves, tree = jax.tree.flatten(formats, is_leaf=lambda x: x is None)
+        key = (str(tree), tuple(leaves))
+        if key not in self._laid_out:
+            self._laid_out[key] = jax.jit(self._decode, static_argnames=("out_len", "greedy"),
+                                          donate_argnames=("cache",), out_shardings=(None, None, formats))
+        return self._laid_out[key]
+
+    def _sharding(self, shape: tuple[int, ...], logical: tuple[str | None, ...] | None) -> Any:
+        """Where the driver places an array of ``shape`` (``logical`` axes, or replicated when ``None``): on
+        the mesh, or without one on JAX's default device."""
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        spec = shd.spec_for(self.mesh, logical, shape) if logical is not None else jax.sharding.PartitionSpec()
+        return NamedSharding(self.mesh, spec)
 
     def put_batch(self, array: np.ndarray) -> jax.Array:
         """Place a batch-major host array ``[B, ...]`` (batch over ``data`` under a mesh)."""
@@ -590,13 +655,20 @@ class Sampler:
         if lw is not None:
             lw, ls = jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, None), (lw, ls))
         ids = self._abstract((b, t), jnp.int32, ("batch", None))
-        prefill = self.prefill.lower(state, ids, ids, lw, ls, cache_len=t + out_len)
+        prefill = self.prefill_program(state, ids, lw, ls, t + out_len).lower(state, ids, ids, lw, ls,
+                                                                                 cache_len=t + out_len)
         logits, cache = jax.eval_shape(functools.partial(self._prefill, cache_len=t + out_len), state, ids, ids, lw, ls)
         lead = (None,) if ls is not None and ls.ndim == 1 else ()
         keys, values = cache_axes(cache)
+        laid_out = self._cache_formats(cache, bool(lead))  # as the prefill's output lies
+        if laid_out is None:
+            k = jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, lead + keys), cache.k)
+            v = jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, lead + values), cache.v)
+        else:
+            k, v = (jax.tree.map(lambda x, f: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=f), xs, fs)
+                    for xs, fs in ((cache.k, laid_out.k), (cache.v, laid_out.v)))
         cache = KVCache(
-            k=jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, lead + keys), cache.k),
-            v=jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, lead + values), cache.v),
+            k=k, v=v,
             valid=self._abstract(cache.valid.shape, cache.valid.dtype, lead + ("batch", "length")),
             positions=self._abstract(cache.positions.shape, cache.positions.dtype, lead + ("batch",)),
             index=self._abstract(cache.index.shape, cache.index.dtype, None), keys_transposed=cache.keys_transposed)
@@ -604,8 +676,8 @@ class Sampler:
         knobs = {name: self._abstract(x.shape, x.dtype, None) for name, x in knob_arrays(SamplingParams(), 0, b).items()}
         stop_ids = self._abstract((MIN_STOP_SLOTS,), jnp.int32, None)
         done = self._abstract((b,), jnp.bool_, ("batch",))
-        decode = self.decode.lower(state, cache, logits, lw, ls, knobs, stop_ids, done, None, out_len=out_len,
-                                    greedy=greedy)
+        decode = self.decode_program(cache).lower(state, cache, logits, lw, ls, knobs, stop_ids, done, None,
+                                                  out_len=out_len, greedy=greedy)
         return {"prefill": prefill, "decode": decode}
 
     # -- the host-side driver ----------------------------------------------------------------------
@@ -648,12 +720,14 @@ class Sampler:
         knobs = knob_arrays(params, pad_id, b, seeds)
         lw, ls = (None, None) if lora is None else self.put_replicated((lora.weights, lora.scale))
         start = time.perf_counter()
-        logits, cache = self.prefill(state, self.put_batch(ids), self.put_batch(mask), lw, ls, cache_len=t + out_len)
+        ids, mask = self.put_batch(ids), self.put_batch(mask)
+        prefill = self.prefill_program(state, ids, lw, ls, t + out_len)
+        logits, cache = prefill(state, ids, mask, lw, ls, cache_len=t + out_len)
         if timings is not None:
             jax.block_until_ready(cache)
             timings["prefill_s"] = time.perf_counter() - start
             start = time.perf_counter()
-        tokens, lengths, _ = self.decode(state, cache, logits, lw, ls, self.put_replicated(knobs),
+        tokens, lengths, _ = self.decode_program(cache)(state, cache, logits, lw, ls, self.put_replicated(knobs),
                                          self.put_replicated(jnp.asarray(stop_ids)),
                                          self.put_batch(done), copies, out_len=out_len,
                                          greedy=bool(params.temperature == 0))

@@ -164,6 +164,12 @@ def platform(mesh: Mesh | None) -> str:
     return "gpu" if name in ("cuda", "rocm") else name
 
 
+def device_kind(mesh: Mesh | None) -> str:
+    """The kind of chip programs for ``mesh`` run on (JAX's ``device_kind``, e.g. ``"TPU v5 lite"``), from the
+    mesh's devices as :func:`platform`; without a mesh, JAX's default device's."""
+    return (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).device_kind
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Sharding for a batch-major array ``[B, ...]``: the batch over ``data``, the rest replicated."""
     return NamedSharding(mesh, spec_for(mesh, ("batch",) + (None,) * (len(shape) - 1), shape))

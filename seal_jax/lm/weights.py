@@ -257,8 +257,9 @@ def iter_hf_tensors(params: dict[str, jax.Array], config: ModelConfig,
                     dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(Hugging Face name, numpy array)`` for every tensor of a checkpoint of ``params``.
 
-    ``params`` is ``{dotted path: array}`` as returned by :func:`load_params`; one tensor is brought to
-    the host at a time. ``dtype`` converts on the way (default: keep).
+    ``params`` is ``{dotted path: array}`` as returned by :func:`load_params` (a per-layer parameter stacked
+    ``[L, ...]``, or split: a tuple of its L per-layer arrays); one tensor is brought to the host at a time.
+    ``dtype`` converts on the way (default: keep).
     """
     for name, target in hf_names(config).items():
         value = params[target.path]
