@@ -72,6 +72,9 @@ TINY_MODELS = {
     "qwen3-headdim": ("qwen3", dict(head_dim=40, num_attention_heads=4, num_key_value_heads=2)),
     "qwen3-mha": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=4)),
     "llama": ("llama", dict(tie_word_embeddings=True)),
+    # wide enough for a TPU's weight layouts (lm/layouts.py) to pad no more than the default ones
+    "qwen3-wide": ("qwen3", dict(tie_word_embeddings=False, hidden_size=128, intermediate_size=128, vocab_size=256,
+                                 head_dim=32)),
 }
 
 

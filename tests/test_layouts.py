@@ -15,21 +15,26 @@ from seal_jax.lm import sharding as shd
 
 
 def test_a_tpu_keeps_the_key_value_and_head_weights_input_minor():
-    assert layouts.weight_layout("tpu", "layers.k_proj", 3).major_to_minor == (0, 2, 1)  # stacked [L, in, out]
-    assert layouts.weight_layout("tpu", "layers.v_proj", 2).major_to_minor == (1, 0)  # one layer's, split
-    assert layouts.weight_layout("tpu", "lm_head", 2).major_to_minor == (1, 0)
+    kv, head = (36, 4096, 256), (4096, 37984)  # Qwen3-8B's on a device of tensor=4
+    assert layouts.weight_layout("tpu", "layers.k_proj", kv).major_to_minor == (0, 2, 1)  # stacked [L, in, out]
+    assert layouts.weight_layout("tpu", "layers.v_proj", kv[1:]).major_to_minor == (1, 0)  # one layer's, split
+    assert layouts.weight_layout("tpu", "lm_head", head).major_to_minor == (1, 0)
     for path in ("layers.q_proj", "layers.o_proj", "layers.gate_proj", "layers.down_proj", "embedding"):
-        assert layouts.weight_layout("tpu", path, 3) is None, path
-    assert layouts.weight_layout("tpu", "layers.input_norm", 2) is None
-    assert layouts.weight_layout("tpu", "not.a.param", 2) is None
+        assert layouts.weight_layout("tpu", path, kv) is None, path
+    assert layouts.weight_layout("tpu", "layers.input_norm", (36, 4096)) is None
+    assert layouts.weight_layout("tpu", "not.a.param", head) is None
+    # not where it would take more (8 x 128) tiles than the default order: [32, 64] pads 64 -> 128 either way,
+    # but [64, 32] input-minor pads 32 -> 128 on twice the rows
+    assert layouts.weight_layout("tpu", "layers.k_proj", (2, 32, 64)) is None
+    assert layouts.weight_layout("tpu", "layers.k_proj", (2, 128, 64)).major_to_minor == (0, 2, 1)
     # a lite chip (v5e, v6e) reads the projections faster in the default order; the head as any TPU
-    assert layouts.weight_layout("tpu", "layers.k_proj", 3, "TPU v5 lite") is None
-    assert layouts.weight_layout("tpu", "layers.v_proj", 3, "TPU v6 lite") is None
-    assert layouts.weight_layout("tpu", "lm_head", 2, "TPU v5 lite").major_to_minor == (1, 0)
-    assert layouts.weight_layout("tpu", "layers.k_proj", 3, "TPU v5").major_to_minor == (0, 2, 1)
+    assert layouts.weight_layout("tpu", "layers.k_proj", kv, "TPU v5 lite") is None
+    assert layouts.weight_layout("tpu", "layers.v_proj", kv, "TPU v6 lite") is None
+    assert layouts.weight_layout("tpu", "lm_head", head, "TPU v5 lite").major_to_minor == (1, 0)
+    assert layouts.weight_layout("tpu", "layers.k_proj", kv, "TPU v5").major_to_minor == (0, 2, 1)
     for platform in ("cpu", "gpu"):
-        assert layouts.weight_layout(platform, "layers.k_proj", 3) is None
-        assert layouts.weight_layout(platform, "lm_head", 2) is None
+        assert layouts.weight_layout(platform, "layers.k_proj", kv) is None
+        assert layouts.weight_layout(platform, "lm_head", head) is None
 
 
 def test_a_tpu_cache_has_the_slots_major_and_the_batch_beside_the_head_dimension():
@@ -47,7 +52,7 @@ def test_placed_arrays_keep_their_values_and_sharding():
     mesh = shd.make_mesh("data=2,tensor=4")
     sharding = NamedSharding(mesh, PartitionSpec(None, None, "tensor"))
     x = jax.device_put(jnp.arange(2 * 6 * 8, dtype=jnp.float32).reshape(2, 6, 8), sharding)
-    layout = layouts.weight_layout("tpu", "layers.k_proj", 3)
+    layout = layouts.weight_layout("tpu", "layers.k_proj", (2, 128, 128))
     y = layouts.place(x, layout)
     assert y.format.layout.major_to_minor == (0, 2, 1) and y.sharding == sharding
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
@@ -73,7 +78,7 @@ def test_the_engine_gives_the_same_results_over_weights_in_a_tpus_layouts(tiny_h
     from seal_jax.lm.api import LM
     from seal_jax.lm.sampling import SamplingParams
 
-    _, folder = tiny_hf("qwen3-untied")
+    _, folder = tiny_hf("qwen3-wide")
     lm = sj.load(folder, progress=False)
     module = nnx.merge(lm.graphdef, jax.tree.map(lambda x: x, lm.state))  # new variables, the same arrays
     module.lay_out("tpu")

@@ -511,13 +511,14 @@ class Decoder(nnx.Module):
         (:func:`layouts.weight_layout`: a TPU's for some, the default elsewhere), in place, one at a time."""
         params = {f"layers.{n}": p for n, p in self.layers._params().items()}
         params.update({d.path: getattr(self, d.path) for d in declared(self.config) if not d.per_layer})
+        def laid_out(path: str, x: Any) -> Any:
+            sharding = getattr(x, "sharding", None)
+            shape = x.shape if sharding is None else sharding.shard_shape(x.shape)  # (one device's)
+            return layouts.place(x, layouts.weight_layout(platform, path, shape, device_kind))
+
         for path, p in params.items():
             value = p.get_value()
-            if isinstance(value, tuple):
-                p.set_value(tuple(layouts.place(x, layouts.weight_layout(platform, path, x.ndim, device_kind))
-                                  for x in value))
-            else:
-                p.set_value(layouts.place(value, layouts.weight_layout(platform, path, value.ndim, device_kind)))
+            p.set_value(tuple(laid_out(path, x) for x in value) if isinstance(value, tuple) else laid_out(path, value))
 
     def hidden_states(
         self,
