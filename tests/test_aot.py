@@ -387,6 +387,9 @@ def test_tpu_decode_reads_the_weights_and_the_cache_in_their_layouts(monkeypatch
         read = [f.layout.major_to_minor for f in jax.tree.leaves(decode.input_formats[0][1])][:len(written)]
         handed_back = [f.layout.major_to_minor for f in jax.tree.leaves(decode.output_formats[2])][:len(written)]
         assert written[:2] == read[:2] == handed_back[:2], (written, read, handed_back)
+        k_proj, head = decode.input_formats[0][0]["layers"]["k_proj"], decode.input_formats[0][0]["lm_head"]
+        assert (k_proj.layout.major_to_minor, head.layout.major_to_minor) == (
+            ((0, 2, 1), (1, 0)) if layouts.LAID_OUT else ((0, 1, 2), (0, 1)))
         memory = decode.memory_analysis()
         return memory.temp_size_in_bytes / memory.argument_size_in_bytes
 

@@ -23,15 +23,15 @@ def test_a_tpu_keeps_the_key_value_and_head_weights_input_minor():
         assert layouts.weight_layout("tpu", path, kv) is None, path
     assert layouts.weight_layout("tpu", "layers.input_norm", (36, 4096)) is None
     assert layouts.weight_layout("tpu", "not.a.param", head) is None
-    # not where it would take more (8 x 128) tiles than the default order: [32, 64] pads 64 -> 128 either way,
-    # but [64, 32] input-minor pads 32 -> 128 on twice the rows
+    # not where it would take more memory tiles (16 x 128 in bfloat16) than the default order: [32, 64] in
+    # the default order pads 64 -> 128 on 32 rows, input-minor 32 -> 128 on 64 rows
     assert layouts.weight_layout("tpu", "layers.k_proj", (2, 32, 64)) is None
     assert layouts.weight_layout("tpu", "layers.k_proj", (2, 128, 64)).major_to_minor == (0, 2, 1)
     # a lite chip (v5e, v6e) reads the projections faster in the default order; the head as any TPU
-    assert layouts.weight_layout("tpu", "layers.k_proj", kv, "TPU v5 lite") is None
-    assert layouts.weight_layout("tpu", "layers.v_proj", kv, "TPU v6 lite") is None
-    assert layouts.weight_layout("tpu", "lm_head", head, "TPU v5 lite").major_to_minor == (1, 0)
-    assert layouts.weight_layout("tpu", "layers.k_proj", kv, "TPU v5").major_to_minor == (0, 2, 1)
+    assert layouts.weight_layout("tpu", "layers.k_proj", kv, device_kind="TPU v5 lite") is None
+    assert layouts.weight_layout("tpu", "layers.v_proj", kv, device_kind="TPU v6 lite") is None
+    assert layouts.weight_layout("tpu", "lm_head", head, device_kind="TPU v5 lite").major_to_minor == (1, 0)
+    assert layouts.weight_layout("tpu", "layers.k_proj", kv, device_kind="TPU v5").major_to_minor == (0, 2, 1)
     for platform in ("cpu", "gpu"):
         assert layouts.weight_layout(platform, "layers.k_proj", kv) is None
         assert layouts.weight_layout(platform, "lm_head", head) is None

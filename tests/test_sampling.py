@@ -606,7 +606,6 @@ def test_the_tpu_generation_with_splash_attention_gives_the_cpu_tokens(qwen, sha
     monkeypatch.setattr(attn, "splash_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
     _, lm = qwen
     rows, adapters = tiny_prompts([(150, 1), (131, 2), (140, 3)]), make_adapters(lm)
-    laid_out = None
     for model in (lm, sharded_qwen):
         module = nnx.merge(model.graphdef, jax.tree.map(lambda x: x, model.state))  # (its own variables)
         module.attention_impl = "splash"
@@ -615,7 +614,7 @@ def test_the_tpu_generation_with_splash_attention_gives_the_cpu_tokens(qwen, sha
         graphdef, state = nnx.split(module)
         tpu = sampling.Sampler(graphdef, model.mesh)
         tpu.scan_layers, tpu.cpu_tricks, tpu.platform = True, False, "tpu"
-        laid_out = laid_out or (tpu, state)  # (the one-device model's, for the cache below)
+        laid_out = (tpu, state)  # (the sharded model's, for the cache below: layouts need a mesh)
         for params, ad in [(SamplingParams(max_new_tokens=12, ignore_eos=True), None),
                            (SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True), adapters)]:
             run = dict(eos_ids=model._eos_ids(), pad_id=model._pad_id(), adapters=ad)
@@ -623,8 +622,7 @@ def test_the_tpu_generation_with_splash_attention_gives_the_cpu_tokens(qwen, sha
                                                copies=model._decode_copies(), **run)
             assert tpu.generate(state, model.config, rows, params, **run) == expected
     assert calls  # the prompts went through the kernel, not the einsum
-    # the cache in the layout the decode reads, from the prefill, and back from the decode (donated through).
-    # (On one device: XLA:CPU drops a layout constraint under SPMD; libtpu keeps it, see test_aot.)
+    # the cache in the layout the decode reads, from the prefill, and back from the decode (donated through)
     tpu, state = laid_out
     ids, mask = pad_left(rows[:2], 0, 256)
     for ad, order in [(None, (0, 3, 2, 1, 4)), (adapters, (1, 4, 0, 3, 2, 5))]:

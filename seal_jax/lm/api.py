@@ -171,7 +171,8 @@ class LM:
             raise ValueError(f"layer_storage='stacked' ({how}) for a model whose layer weights are stored split; "
                              "build the model again from LM.params(), or pass layer_storage='split'")
         self.layer_storage = layer_storage
-        model.lay_out(shd.platform(mesh), shd.device_kind(mesh))  # each weight in the layout its chip's programs read
+        if mesh is not None:  # each weight in the layout its chip's programs read (layouts.py: under a mesh)
+            model.lay_out(shd.platform(mesh), shd.device_kind(mesh))
         model.attention_placement = attn.Placement(mesh)
         self.model = model
         self.tokenizer = tokenizer

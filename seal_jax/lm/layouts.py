@@ -12,14 +12,17 @@ argument whose layout is not the one a TPU program reads makes libtpu copy it in
   query projection is left in the default order: the decode under stacked adapters reads it so, and copied it
   back otherwise. The "lite" chips (v5e, v6e) keep the key and value projections in the default order: there
   the copy is smaller than what reading them input-minor adds to every decode step (1.8% of its bytes).
-  Nor does a weight whose input-minor order would pad it to more (8 × 128) tiles (a toy model's widths).
+  Nor does a weight whose input-minor order would pad it to more memory tiles (a toy model's widths).
 - **The KV cache.** The decode writes one slot of every row per step. libtpu keeps the cache with the batch
   next to the head dimension (the slots major), so that a step's writes fill whole tiles; the prefill wrote
   it in the default order and the decode copied it in and out on every call (:func:`cache_layout`).
 
-Only TPUs get these layouts (the platform of the mesh's devices, :func:`seal_jax.lm.sharding.platform`);
-CPUs and GPUs keep the default row-major layouts. The weights are laid out once, as the model is built
-(``LM``), and the prefill writes the cache in the layout that the decode reads and returns.
+Only TPUs get these layouts (the platform of the mesh's devices, :func:`seal_jax.lm.sharding.platform`), and
+only under a mesh (the engine places nothing itself without one); CPUs and GPUs keep the default row-major
+layouts. The weights are laid out once, as the model is built
+(``LM``), and the prefill writes the cache in the layout that the decode reads and returns. (A training
+call on another layout of the devices, ``train_mesh``, places its copy of the weights in the default
+layouts, as it places them anyway.)
 """
 
 from __future__ import annotations
@@ -42,27 +45,31 @@ TPU_CACHE_ORDER = ("layers", "length", "candidates", "kv_heads", "batch", "head_
 CACHE_DIMS = ("batch", "kv_heads", "length", "head_dim")
 
 
-def weight_layout(platform: str, path: str, shape: tuple[int, ...], device_kind: str = "") -> Layout | None:
+def weight_layout(platform: str, path: str, shape: tuple[int, ...], itemsize: int = 2,
+                  device_kind: str = "") -> Layout | None:
     """The layout of the weight at ``path`` (dotted, as in :data:`~seal_jax.lm.params.PARAMS`) whose array on
-    one device has ``shape`` (a per-layer one's without the layer axis when split), on ``platform`` and chips
-    of ``device_kind`` (``sharding.device_kind``), or ``None`` for the default. On a TPU, a weight declared
-    ``tpu_input_minor`` has its input dimension minor-most (a lite chip's projections excepted), unless that
-    would pad it to more tiles than the default order does (small widths, as in tests' toy models)."""
+    one device has ``shape`` (a per-layer one's without the layer axis when split) and elements of
+    ``itemsize`` bytes, on ``platform`` and chips of ``device_kind`` (``sharding.device_kind``), or ``None``
+    for the default. On a TPU, a weight declared ``tpu_input_minor`` has its input dimension minor-most (a
+    lite chip's projections excepted), unless that would pad it to more memory tiles than the default order
+    does (small widths, as in tests' toy models)."""
     decl = BY_PATH.get(path)
     if platform not in LAID_OUT or decl is None or not decl.tpu_input_minor or len(shape) < 2:
         return None
     if decl.per_layer and any(kind in device_kind.lower() for kind in PROJECTIONS_IN_DEFAULT_ORDER):
         return None
     rows, cols = shape[-2:]
-    if _tiled(cols, rows) > _tiled(rows, cols):
+    if _tiled(cols, rows, itemsize) > _tiled(rows, cols, itemsize):
         return None
     n = len(shape)
     return Layout((*range(n - 2), n - 1, n - 2))
 
 
-def _tiled(second_minor: int, minor: int) -> int:
-    """Elements of a matrix in memory, padded to whole TPU tiles (8 × 128)."""
-    return -(-second_minor // 8) * 8 * -(-minor // 128) * 128
+def _tiled(second_minor: int, minor: int, itemsize: int) -> int:
+    """Elements of a matrix in a TPU's memory, padded to whole tiles (8 rows of 32-bit words × 128: 16 rows
+    of bfloat16)."""
+    rows = 8 * max(1, 4 // itemsize)
+    return -(-second_minor // rows) * rows * -(-minor // 128) * 128
 
 
 def cache_layout(platform: str, lead: tuple[str, ...]) -> Layout | None:

@@ -85,7 +85,7 @@ def init_adapters(params: dict[str, Any], specs: Sequence[LoraSpec], keys: Seque
     return out
 
 
-def merge(params: dict[str, jax.Array], weights: dict[str, dict[str, jax.Array]], scale: float) -> dict[str, jax.Array]:
+def merge(params: dict[str, Any], weights: dict[str, dict[str, jax.Array]], scale: float) -> dict[str, Any]:
     """Base params with one adapter folded in: ``W + scale * a @ b`` for every adapted projection.
 
     ``weights`` is one adapter (no K axis): ``{projection: {"a": [L, in, r], "b": [L, r, out]}}``. A per-layer
@@ -189,7 +189,7 @@ class Adapters:
                 out[p] = {"a": np.asarray(ab["a"][k, :, :, :spec.rank]), "b": np.asarray(ab["b"][k, :, :spec.rank, :])}
         return out
 
-    def merged_params(self, params: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    def merged_params(self, params: dict[str, Any], k: int) -> dict[str, Any]:
         """Base ``params`` with candidate ``k`` merged in (see :func:`merge`)."""
         weights = {p: {n: jnp.asarray(v) for n, v in ab.items()} for p, ab in self.unpadded(k).items()}
         return merge(params, weights, self.specs[k].scale)

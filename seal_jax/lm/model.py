@@ -514,7 +514,7 @@ class Decoder(nnx.Module):
         def laid_out(path: str, x: Any) -> Any:
             sharding = getattr(x, "sharding", None)
             shape = x.shape if sharding is None else sharding.shard_shape(x.shape)  # (one device's)
-            return layouts.place(x, layouts.weight_layout(platform, path, shape, device_kind))
+            return layouts.place(x, layouts.weight_layout(platform, path, shape, x.dtype.itemsize, device_kind))
 
         for path, p in params.items():
             value = p.get_value()

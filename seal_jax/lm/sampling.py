@@ -29,9 +29,10 @@ and values): on a GPU the weights as stored (split into per-layer arrays, see
 reads it), on a CPU per-layer copies kept between calls (:mod:`seal_jax.lm.cpu_decode`). Measured with ``seal-jax compile`` for Qwen3-8B on ``tpu-v5p-16``
 (``data=2,fsdp=4``): the scanned decode reads 1.06–1.08× its arguments per step (unrolled: 1.21–1.22×),
 its temporaries fall from 3.5 GB to 0.5–0.6 GB per device, and it compiles in 13–16 s instead of 26–55 s.
-A TPU also keeps some weights and the cache in memory layouts of its own (:mod:`seal_jax.lm.layouts`): the
-prefill writes the cache in the decode's layout and the decode hands it back in it
-(:meth:`Sampler.prefill_program`, :meth:`Sampler.decode_program`), so that nothing is copied per call.
+Under a mesh, a TPU also keeps some weights and the cache in memory layouts of its own
+(:mod:`seal_jax.lm.layouts`): the prefill writes the cache in the decode's layout and the decode hands it
+back in it (:meth:`Sampler.prefill_program`, :meth:`Sampler.decode_program`), so that the v5p decodes copy
+neither per call (answers under many adapters with few rows per device still copy the cache: BENCHMARKS.md).
 Under K stacked adapters the decode casts them and joins each input's ``a`` matrices once per call
 (:func:`~seal_jax.lm.model.group_adapters`): 21 adapters' greedy answers read 0.92–1.01× the arguments per
 step on v5p and 1.24× on h100-8 (BENCHMARKS.md, sixteenth session).
@@ -441,13 +442,12 @@ class Sampler:
         (:meth:`_cache_formats`), one that writes it in the layout the decode reads (one per shape: the
         layout goes into the program's result, where the SPMD partitioner keeps the sharding; a layout
         constraint inside the program made it gather the whole cache on a TPU). Elsewhere :attr:`prefill`."""
-        if layouts.cache_layout(self.platform, ()) is None:
+        if self.mesh is None or layouts.cache_layout(self.platform, ()) is None:
             return self.prefill
-        key = (ids.shape, cache_len, jax.tree.structure(lora_weights),
+        key = ("prefill", jax.tree.structure(state), ids.shape, cache_len, jax.tree.structure(lora_weights),
                tuple(x.shape for x in jax.tree.leaves((lora_weights, lora_scale))))
         if key not in self._laid_out:
-            _, cache = jax.eval_shape(functools.partial(self._prefill, cache_len=cache_len), state, ids, ids,
-                                      lora_weights, lora_scale)
+            _, cache = self._prefill_shapes(state, ids, lora_weights, lora_scale, cache_len)
             formats = self._cache_formats(cache, lora_scale is not None and lora_scale.ndim == 1)
             self._laid_out[key] = self.prefill if formats is None else jax.jit(
                 self._prefill, static_argnames=("cache_len",), out_shardings=(None, formats))
@@ -458,22 +458,29 @@ class Sampler:
         values have a layout of their own (a TPU's, see :meth:`prefill_program`), a program that hands them
         back in it: the donated cache is then updated in place, where the default layout of an unspecified
         output would cost a copy in and out on every call. Elsewhere :attr:`decode`."""
-        if layouts.cache_layout(self.platform, ()) is None or cache.keys_transposed:
+        if self.mesh is None or layouts.cache_layout(self.platform, ()) is None or cache.keys_transposed:
             return self.decode
         formats = dataclasses.replace(cache, k=jax.tree.map(lambda x: x.format, cache.k),
                                       v=jax.tree.map(lambda x: x.format, cache.v), valid=None, positions=None, index=None)
         leaves, tree = jax.tree.flatten(formats, is_leaf=lambda x: x is None)
-        key = (str(tree), tuple(leaves))
+        key = ("decode", tree, tuple(leaves))
         if key not in self._laid_out:
             self._laid_out[key] = jax.jit(self._decode, static_argnames=("out_len", "greedy"),
                                           donate_argnames=("cache",), out_shardings=(None, None, formats))
         return self._laid_out[key]
 
-    def _sharding(self, shape: tuple[int, ...], logical: tuple[str | None, ...] | None) -> Any:
-        """Where the driver places an array of ``shape`` (``logical`` axes, or replicated when ``None``): on
-        the mesh, or without one on JAX's default device."""
-        if self.mesh is None:
-            return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    def _prefill_shapes(self, state: Any, ids: Any, lora_weights: Any, lora_scale: Any,
+                        cache_len: int) -> tuple[Any, KVCache]:
+        """The shapes of :meth:`_prefill`'s results for these arguments (a trace not counted in :attr:`traces`)."""
+        count = self.traces["prefill"]
+        out = jax.eval_shape(functools.partial(self._prefill, cache_len=cache_len), state, ids, ids, lora_weights,
+                             lora_scale)
+        self.traces["prefill"] = count
+        return out
+
+    def _sharding(self, shape: tuple[int, ...], logical: tuple[str | None, ...] | None) -> NamedSharding:
+        """Where the driver places an array of ``shape`` on the mesh (``logical`` axes, or replicated when
+        ``None``)."""
         spec = shd.spec_for(self.mesh, logical, shape) if logical is not None else jax.sharding.PartitionSpec()
         return NamedSharding(self.mesh, spec)
 
@@ -630,8 +637,7 @@ class Sampler:
         replicated when ``None``)."""
         if self.mesh is None:
             return jax.ShapeDtypeStruct(shape, dtype)
-        spec = shd.spec_for(self.mesh, logical, shape) if logical is not None else jax.sharding.PartitionSpec()
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh, spec))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding(shape, logical))
 
     def lower(self, state: Any, *, batch: int, prompt_len: int, max_new_tokens: int,
               adapters: Any = None, greedy: bool = False) -> dict[str, Any]:
@@ -657,7 +663,7 @@ class Sampler:
         ids = self._abstract((b, t), jnp.int32, ("batch", None))
         prefill = self.prefill_program(state, ids, lw, ls, t + out_len).lower(state, ids, ids, lw, ls,
                                                                                  cache_len=t + out_len)
-        logits, cache = jax.eval_shape(functools.partial(self._prefill, cache_len=t + out_len), state, ids, ids, lw, ls)
+        logits, cache = self._prefill_shapes(state, ids, lw, ls, t + out_len)
         lead = (None,) if ls is not None and ls.ndim == 1 else ()
         keys, values = cache_axes(cache)
         laid_out = self._cache_formats(cache, bool(lead))  # as the prefill's output lies

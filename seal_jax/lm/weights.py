@@ -253,7 +253,7 @@ def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, mesh: Mesh 
     return jax.jit(make, out_shardings=shardings)()
 
 
-def iter_hf_tensors(params: dict[str, jax.Array], config: ModelConfig,
+def iter_hf_tensors(params: dict[str, Any], config: ModelConfig,
                     dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(Hugging Face name, numpy array)`` for every tensor of a checkpoint of ``params``.
 
@@ -274,7 +274,7 @@ def iter_hf_tensors(params: dict[str, jax.Array], config: ModelConfig,
 
 
 def export_hf(
-    params: dict[str, jax.Array],
+    params: dict[str, Any],
     config: ModelConfig,
     out_dir: str | Path,
     *,
