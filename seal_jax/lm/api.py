@@ -374,7 +374,7 @@ class LM:
             fsdp = self.train_weights == "fsdp"
             flat = {path: self._sharding_on(self.train_mesh, path, x,
                                             shd.FSDP_LAYER_RULES if fsdp and path.startswith("layers.") else shd.RULES)
-                    for path, x in flatten(nnx.to_pure_dict(self.state)).items()}
+                    for path, x in self._stored_params().items()}
             target = nnx.clone(self.state)
             nnx.replace_by_pure_dict(target, nest(flat))
             self._place = jax.jit(lambda state: state, out_shardings=target)
@@ -405,10 +405,15 @@ class LM:
             return (shd.layer_slice_sharding(shd.param_sharding(mesh, path, (len(x), *x[0].shape), rules)),) * len(x)
         return shd.param_sharding(mesh, path, x.shape, rules)
 
+    def _stored_params(self) -> dict[str, Any]:
+        """The base parameters as stored: ``{dotted path: array}``, split layer weights as tuples of their
+        per-layer arrays (no copy)."""
+        return flatten(nnx.to_pure_dict(self.state))
+
     def params(self) -> dict[str, jax.Array]:
         """The base parameters as ``{dotted path: array}``, per-layer ones ``[L, ...]`` (where the layer weights
         are stored split, stacked copies of them)."""
-        flat = flatten(nnx.to_pure_dict(self.state))
+        flat = self._stored_params()
         return {p: stack_leaf(x) if isinstance(x, tuple) else x for p, x in flat.items()}
 
     def param_structs(self) -> dict[str, jax.ShapeDtypeStruct]:
@@ -416,7 +421,7 @@ class LM:
         def struct(x: Any) -> jax.ShapeDtypeStruct:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
-        flat = flatten(nnx.to_pure_dict(self.state))
+        flat = self._stored_params()
         return {p: stack_leaf([struct(v) for v in x]) if isinstance(x, tuple) else struct(x) for p, x in flat.items()}
 
     def export(self, out_dir: str | Path, *, dtype: Any = None) -> Path:
@@ -424,8 +429,7 @@ class LM:
 
         In a multi-host run every process must call it (the weights are gathered from all processes);
         process 0 writes the folder. Weights stored split go to the host layer by layer, never stacked."""
-        return weights.export_hf(flatten(nnx.to_pure_dict(self.state)), self.config, out_dir, dtype=dtype,
-                                 tokenizer=self.tokenizer)
+        return weights.export_hf(self._stored_params(), self.config, out_dir, dtype=dtype, tokenizer=self.tokenizer)
 
     def merge_adapter(self, adapters: Adapters, k: int = 0) -> LM:
         """A new :class:`LM` whose base weights have adapter ``k`` of ``adapters`` folded in
@@ -442,7 +446,7 @@ class LM:
             raise ValueError(f"adapter {k} failed in training ({adapters.failed[k]}); refusing to merge it")
         # the new model holds the only reference to the merged weights (weights stored split are merged layer by
         # layer, without a stacked copy) and shares the ones the adapter leaves alone
-        model = build_model(self.config, adapters.merged_params(flatten(nnx.to_pure_dict(self.state)), k),
+        model = build_model(self.config, adapters.merged_params(self._stored_params(), k),
                             dtype=self.dtype, remat=self.model.remat)
         model.attention_impl, model.train_layers = self.model.attention_impl, self.model.train_layers  # as chosen
         return LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh,

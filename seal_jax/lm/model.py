@@ -511,6 +511,7 @@ class Decoder(nnx.Module):
         (:func:`layouts.weight_layout`: a TPU's for some, the default elsewhere), in place, one at a time."""
         params = {f"layers.{n}": p for n, p in self.layers._params().items()}
         params.update({d.path: getattr(self, d.path) for d in declared(self.config) if not d.per_layer})
+
         def laid_out(path: str, x: Any) -> Any:
             sharding = getattr(x, "sharding", None)
             shape = x.shape if sharding is None else sharding.shard_shape(x.shape)  # (one device's)

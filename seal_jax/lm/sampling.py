@@ -409,8 +409,7 @@ class Sampler:
             return cache
 
         def put(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
-            spec = shd.spec_for(self.mesh, logical, x.shape)
-            return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+            return jax.lax.with_sharding_constraint(x, self._sharding(x.shape, logical))
 
         keys, values = cache_axes(cache)
         return KVCache(k=jax.tree.map(lambda x: put(x, keys), cache.k), v=jax.tree.map(lambda x: put(x, values), cache.v),
@@ -733,10 +732,10 @@ class Sampler:
             jax.block_until_ready(cache)
             timings["prefill_s"] = time.perf_counter() - start
             start = time.perf_counter()
-        tokens, lengths, _ = self.decode_program(cache)(state, cache, logits, lw, ls, self.put_replicated(knobs),
-                                         self.put_replicated(jnp.asarray(stop_ids)),
-                                         self.put_batch(done), copies, out_len=out_len,
-                                         greedy=bool(params.temperature == 0))
+        decode = self.decode_program(cache)
+        tokens, lengths, _ = decode(state, cache, logits, lw, ls, self.put_replicated(knobs),
+                                    self.put_replicated(jnp.asarray(stop_ids)), self.put_batch(done), copies,
+                                    out_len=out_len, greedy=bool(params.temperature == 0))
         tokens, lengths = shd.to_host(tokens), shd.to_host(lengths)
         if timings is not None:
             timings["decode_s"] = time.perf_counter() - start
