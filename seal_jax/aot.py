@@ -253,12 +253,14 @@ def cpt_programs(cfg: CptConfig, shapes: Shapes) -> list[Program]:
 
 def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None = None,
                          mesh: str | None = None, passages: int | None = None,
-                         train_mesh: str | None = None, train_weights: str | None = None) -> Workload:
+                         train_mesh: str | None = None, train_weights: str | None = None,
+                         target: str | None = None) -> Workload:
     """The :class:`Workload` of a run config of any kind (knowledge, ReST-EM, template search, CPT; a CPT
-    workload has no per-passage candidates: ``candidates`` is 0 and no evaluations per hour are given).
-    ``passages`` overrides a knowledge or ReST-EM config's ``passages_per_program``, ``train_mesh`` its
-    ``train_mesh`` (``""``: none), ``train_weights`` its ``train_weights``."""
-    cfg = load_config(path)
+    workload has no per-passage candidates: ``candidates`` is 0 and no evaluations per hour are given), with
+    the settings of its ``[hardware.<target>]`` table when it has one. ``passages`` overrides a knowledge or
+    ReST-EM config's ``passages_per_program``, ``train_mesh`` its ``train_mesh`` (``""``: none),
+    ``train_weights`` its ``train_weights``."""
+    cfg = load_config(path).on_target(target)
     knowledge = getattr(cfg, "knowledge", cfg)
     if passages is not None and (passages < 1 or (knowledge is not cfg and not cfg.GROUPS_PASSAGES)):
         raise CompileError(f"--passages-per-program {passages}: a positive number, for knowledge and ReST-EM "
@@ -675,7 +677,7 @@ def main(args: argparse.Namespace) -> int:
         if args.config is not None:
             workload = workload_from_config(args.config, shapes, model=args.model, mesh=args.mesh,
                                             passages=args.passages_per_program, train_mesh=args.train_mesh,
-                                            train_weights=args.train_weights)
+                                            train_weights=args.train_weights, target=args.target)
         else:
             if args.passages_per_program is not None:
                 raise CompileError("--passages-per-program needs a run config (its K candidates per passage)")

@@ -153,6 +153,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     initialize_distributed()  # multi-host: from SEAL_JAX_* / JAX_* / srun / TPU slice; no-op for one process
     config, out = _run_config(args.config, args.out)
+    config, applied = runs.on_hardware(config, args.target)
+    if applied:
+        print(applied)
     _say_if_nothing_to_resume(args.resume, out)
     t0 = time.perf_counter()
     summary = runs.run(config, out, resume=args.resume)
@@ -281,6 +284,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("config", help="a TOML file, e.g. experiments/demo.toml or experiments/restem-demo.toml")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue after the last finished passage")
+    p.add_argument("--target", default=None, metavar="NAME",
+                   help="use the config's [hardware.NAME] settings (mesh, train_mesh, remat …; NAME as for "
+                        "`seal-jax compile --target`); default: those of the target these devices are, if any")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="table and bar chart of a run folder")

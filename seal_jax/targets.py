@@ -20,9 +20,11 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from seal_jax.plan import HARDWARE, Hardware
+if TYPE_CHECKING:
+    from seal_jax.plan import Hardware
 
 
 class TargetError(ValueError):
@@ -108,13 +110,33 @@ class Target:
     @property
     def hardware(self) -> Hardware:
         """The chip's published peaks (FLOP/s, HBM bytes and bandwidth, interconnect)."""
+        from seal_jax.plan import HARDWARE  # deferred: plan imports the engine (jax); the table must not
+
         return HARDWARE[self.chip]
+
+    def runs_on(self, platform: str, device_kind: str, count: int) -> bool:
+        """Whether ``count`` devices of ``platform`` reporting ``device_kind`` (JAX's) are this target."""
+        kinds = DEVICE_KINDS[self.chip]
+        same_kind = device_kind in kinds if platform == "tpu" else device_kind.startswith(kinds)
+        return platform == self.platform and count == self.chips and same_kind
 
     @property
     def hbm_bytes(self) -> int:
         """Memory per device the compiler plans against (the GPU spec's device memory; the TPU figure of
         :data:`~seal_jax.plan.HARDWARE`)."""
         return GPUS[self.gpu].device_memory_size if self.gpu else int(self.hardware.hbm_bytes)
+
+
+# What JAX's ``device_kind`` says on each chip (TPU kinds exactly, as Pallas's ``tpu_info`` matches them; GPU
+# kinds by prefix, the CUDA device name: "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", ...).
+DEVICE_KINDS: dict[str, tuple[str, ...]] = {
+    "tpu-v5e": ("TPU v5 lite", "TPU v5e"),
+    "tpu-v5p": ("TPU v5", "TPU v5p"),
+    "tpu-v6e": ("TPU v6 lite", "TPU v6e"),
+    "h100": ("NVIDIA H100",),
+    "h200": ("NVIDIA H200",),
+    "a100-80g": ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB"),
+}
 
 
 # TPU names are Cloud TPU accelerator types, so a name here is what `gcloud compute tpus tpu-vm create
@@ -149,6 +171,25 @@ def get_target(name: str) -> Target:
         known = ", ".join(f"{t.name} ({t.chips} devices)" for t in TARGETS.values())
         raise TargetError(f"unknown target {name!r}; targets: {known}")
     return TARGETS[name]
+
+
+def target_of(platform: str, device_kind: str, count: int) -> Target | None:
+    """The target that ``count`` devices of ``platform`` and ``device_kind`` are, or None when none is."""
+    return next((t for t in TARGETS.values() if t.runs_on(platform, device_kind, count)), None)
+
+
+def target_of_devices(devs: Sequence[Any]) -> Target | None:
+    """The target that JAX devices ``devs`` (all of a slice's or host group's) are, or None."""
+    platform = "gpu" if devs[0].platform in ("cuda", "rocm") else devs[0].platform
+    return target_of(platform, devs[0].device_kind, len(devs))
+
+
+def running_target() -> Target | None:
+    """The target this process's devices (all hosts') are, or None (a CPU, or a slice not in
+    :data:`TARGETS`). Call it after ``jax.distributed.initialize``, which must come before JAX's devices."""
+    import jax  # deferred: importing this module must not start JAX
+
+    return target_of_devices(jax.devices())
 
 
 LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"

@@ -30,15 +30,19 @@ def write_config(path: Path, model_dir: Path, **extra: str) -> Path:
 
 def test_run_prints_the_table_and_refuses_to_overwrite(tiny_chat_dir, tmp_path, capsys):
     config = write_config(tmp_path / "cli.toml", tiny_chat_dir)
+    config.write_text(config.read_text() + '[hardware.h100-1]\nremat = "full"\n')
     out = tmp_path / "run"
-    assert main(["run", str(config), "--out", str(out), "--resume"]) == 0  # nothing to resume: a new run
+    # nothing to resume: a new run, with the settings of the target named
+    assert main(["run", str(config), "--out", str(out), "--resume", "--target", "h100-1"]) == 0
     captured = capsys.readouterr()
     printed = captured.out
     assert f"--resume: {out} holds no run yet; starting a new one" in captured.err
+    assert "h100-1: [hardware.h100-1] sets remat = 'full'" in printed
     assert "| base |" in printed and "| passage |" in printed and f"results in {out}/" in printed
     rows = read_rows(out / "results.jsonl")
     assert [r["condition"] for r in rows] == ["base", "passage"]
-    assert json.loads((out / "run_config.json").read_text())["name"] == "cli"
+    saved = json.loads((out / "run_config.json").read_text())
+    assert (saved["name"], saved["remat"], saved["hardware"]) == ("cli", "full", {})  # what the run ran with
 
     assert main(["run", str(config), "--out", str(out)]) == 1  # a second run into the same folder
     err = capsys.readouterr().err
@@ -47,6 +51,7 @@ def test_run_prints_the_table_and_refuses_to_overwrite(tiny_chat_dir, tmp_path, 
 
     assert main(["run", str(config), "--out", str(out), "--resume"]) == 0  # nothing left: same rows
     assert read_rows(out / "results.jsonl") == rows
+    assert "these devices are none of the targets with a [hardware] table (h100-1)" in capsys.readouterr().out
 
 
 def test_run_config_mistakes_are_one_line_errors(tmp_path, tiny_chat_dir, capsys):
@@ -59,6 +64,10 @@ def test_run_config_mistakes_are_one_line_errors(tmp_path, tiny_chat_dir, capsys
     config = write_config(tmp_path / "nomodel.toml", tmp_path / "no-such-model")
     assert main(["run", str(config), "--out", str(tmp_path / "o2")]) == 1
     assert "no-such-model" in capsys.readouterr().err
+    config = write_config(tmp_path / "target.toml", tiny_chat_dir)
+    assert main(["run", str(config), "--out", str(tmp_path / "o3"), "--target", "v5p-8"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown target 'v5p-8'; targets: [" in err and "Traceback" not in err
 
 
 def test_demo_replaces_only_its_own_folder(tmp_path, capsys):

@@ -156,3 +156,55 @@ def test_reward_option_and_resuming_folders_written_before_it():
     assert load_config_from(raw).rescore_seeds  # the template search scores its seeds itself in nats/token
     with pytest.raises(RunConfigError, match="seed_scores = 'paper' gives the seeds accuracies"):
         load_config_from({**raw, "templates": {"variant": "archive", "seed_scores": "paper"}})
+
+
+def test_hardware_tables_set_the_engine_settings_of_one_target():
+    """``[hardware.<target>]`` gives a target its own mesh, train mesh, remat and passages per program over
+    the top-level keys; a target without a table, or none, keeps the top-level ones."""
+    hardware = {"tpu-v5p-8": {"mesh": "data=1,tensor=4", "train_mesh": "data=2,tensor=2", "passages_per_program": 1},
+                "tpu-v5e-8": {"train_mesh": "", "remat": "full"}}
+    config = tiny_config("m", mesh="data=1,tensor=8", train_mesh="data=8", passages_per_program=2, hardware=hardware)
+    v5p = config.on_target("tpu-v5p-8")
+    assert (v5p.mesh, v5p.train_mesh, v5p.remat, v5p.passages_per_program) == ("data=1,tensor=4", "data=2,tensor=2",
+                                                                             "minimal", 1)
+    v5e = config.on_target("tpu-v5e-8")
+    assert (v5e.mesh, v5e.train_mesh, v5e.remat, v5e.passages_per_program) == ("data=1,tensor=8", "", "full", 2)
+    assert config.on_target("h100-8") is config and config.on_target(None) is config
+    assert v5p.hardware == {}  # the config of a run on that target (its run_config.json)
+    # the settings a target gets are compared at the top level when a run resumes, not the tables
+    assert config_differences(config.to_json(), {**config.to_json(), "hardware": {}}) == []
+    assert config_differences(config.to_json(), v5p.to_json()) == ["mesh"]
+    with pytest.raises(RunConfigError, match="unknown target 'h100-4'"):
+        config.on_target("h100-4")
+
+
+@pytest.mark.parametrize("hardware, message", [
+    ({"h100-4": {"mesh": "data=4"}}, r"\[hardware.h100-4\]: unknown target 'h100-4'; targets: \["),
+    ({"h100-8": {"mesh": "data=8", "dtype": "float32"}}, r"unknown keys \['dtype'\]; a target's table may set"),
+    ({"tpu-v5p-8": {"mesh": "data=8"}}, r"its mesh 'data=8' lays out 8 devices; tpu-v5p-8 has 4"),
+    ({"tpu-v5p-8": {"remat": "full"}}, r"the top-level mesh 'data=2,tensor=4' lays out 8 devices; tpu-v5p-8 has 4"),
+    ({"h100-8": {"train_weights": "zero3"}}, r"\[hardware.h100-8\]: train_weights must be one of"),
+    ({"h100-8": {"train_mesh": "", "train_weights": "fsdp"}}, r"\[hardware.h100-8\]: .*set train_mesh too"),
+    ({"h100-8": "data=8"}, r"hardware must hold one table per target, like \[hardware.tpu-v5p-16\]"),
+])
+def test_hardware_table_mistakes_name_the_table(hardware, message):
+    with pytest.raises(RunConfigError, match=message):
+        tiny_config("m", mesh="data=2,tensor=4", train_mesh="data=8", hardware=hardware)
+
+
+def test_hardware_tables_in_extension_configs(tmp_path):
+    """A ReST-EM config's tables resolve through its knowledge config; a run kind that does not group passages
+    refuses ``passages_per_program`` in a hardware table as at the top level."""
+    experiments = Path(__file__).parents[1] / "experiments"
+    shared = f'"{experiments.parent.parent}/shared/'
+    for name, groups in (("restem-demo", True), ("cpt-demo", False)):
+        text = (experiments / f"{name}.toml").read_text().replace('"../shared/', shared)
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text + "\n[hardware.h100-1]\npassages_per_program = 2\nremat = \"full\"\n")
+        if groups:
+            resolved = load_config(path).on_target("h100-1")
+            assert (resolved.knowledge.passages_per_program, resolved.knowledge.remat) == (2, "full")
+            assert resolved.rounds == load_config(path).rounds
+        else:
+            with pytest.raises(RunConfigError, match="passages_per_program is for knowledge and ReST-EM runs"):
+                load_config(path)

@@ -108,3 +108,31 @@ def test_accelerator_configs_carry_the_protocol():
         assert search.eval_data["subset"] == "selfedits"
         assert fields_of(search.sft_lora_spec(), SEAL_SFT_LORA) == expected(SEAL_SFT_LORA)
         assert fields_of(search.sft_train_spec(), SEAL_SFT_TRAIN) == expected(SEAL_SFT_TRAIN)
+
+
+def test_on_hardware_applies_the_table_of_the_devices_target(monkeypatch):
+    """``seal-jax run`` asks which target its devices are only for a config with ``[hardware]`` tables, applies
+    that target's table, and says so; ``--target`` names one instead."""
+    from conftest import tiny_config
+
+    from seal_jax import targets
+
+    plain = tiny_config("m", mesh="data=8")
+    monkeypatch.setattr(runs, "running_target", lambda: pytest.fail("a config without tables asks no device"))
+    assert runs.on_hardware(plain) == (plain, None)
+    config = tiny_config("m", mesh="data=1,tensor=8", train_mesh="data=8",
+                         hardware={"tpu-v5p-16": {"mesh": "data=1,fsdp=2,tensor=4", "train_mesh": ""}})
+    monkeypatch.setattr(runs, "running_target", lambda: targets.get_target("tpu-v5p-16"))
+    resolved, said = runs.on_hardware(config)
+    assert (resolved.mesh, resolved.train_mesh) == ("data=1,fsdp=2,tensor=4", "")
+    assert said == "tpu-v5p-16: [hardware.tpu-v5p-16] sets mesh = 'data=1,fsdp=2,tensor=4', train_mesh = ''"
+    monkeypatch.setattr(runs, "running_target", lambda: targets.get_target("h100-8"))
+    assert runs.on_hardware(config) == (config, "h100-8: the config has no [hardware.h100-8] table; the top-level "
+                                                 "settings apply")
+    monkeypatch.setattr(runs, "running_target", lambda: None)  # a CPU, or a slice no target describes
+    resolved, said = runs.on_hardware(config)
+    assert resolved is config and said.startswith("these devices are none of the targets with a [hardware] table "
+                                                  "(tpu-v5p-16)")
+    assert runs.on_hardware(config, "tpu-v5p-16")[0].mesh == "data=1,fsdp=2,tensor=4"  # named, no device asked
+    with pytest.raises(RunConfigError, match="unknown target 'v5p'"):
+        runs.on_hardware(config, "v5p")

@@ -29,6 +29,26 @@ def test_libtpu_gives_the_v5p_8_its_four_chips() -> None:
     devs = targets.devices("tpu-v5p-8")
     assert len(devs) == 4
     assert {d.device_kind for d in devs} == {"TPU v5"}
+    assert targets.target_of_devices(devs).name == "tpu-v5p-8"  # a run on them finds its [hardware] table
+
+
+def test_the_deviceless_gpus_are_their_target() -> None:
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="the [aot] extra (the CUDA plugin) is part of the test install")
+    assert targets.target_of_devices(targets.devices("h100-8")).name == "h100-8"
+
+
+@pytest.mark.parametrize("platform, kind, count, name", [
+    ("tpu", "TPU v5", 8, "tpu-v5p-16"), ("tpu", "TPU v5p", 4, "tpu-v5p-8"), ("tpu", "TPU v5 lite", 8, "tpu-v5e-8"),
+    ("tpu", "TPU v6 lite", 8, "tpu-v6e-8"), ("gpu", "NVIDIA H100 80GB HBM3", 8, "h100-8"),
+    ("gpu", "NVIDIA H100 PCIe", 1, "h100-1"), ("gpu", "NVIDIA H200", 8, "h200-8"),
+    ("gpu", "NVIDIA A100-SXM4-80GB", 8, "a100-80g-8"),
+    ("gpu", "NVIDIA A100-SXM4-40GB", 8, None), ("tpu", "TPU v5", 6, None), ("gpu", "NVIDIA H100 80GB HBM3", 4, None),
+    ("cpu", "cpu", 8, None), ("tpu", "TPU v5 lite", 16, None)])
+def test_devices_are_matched_to_their_target_by_kind_and_count(platform, kind, count, name) -> None:
+    """What JAX's devices say on a rented slice names the target whose settings a config gives it; a kind
+    or count that no target has (an A100 40GB, a 4-GPU host) is none."""
+    found = targets.target_of(platform, kind, count)
+    assert (found.name if found else None) == name
 
 
 def test_an_unknown_target_lists_the_known_ones_with_their_devices() -> None:

@@ -24,6 +24,7 @@ from seal_jax.selfedit.data import DataError, Passage, load_passages, load_seal_
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, get_strategy
 from seal_jax.selfedit.templates import Template
+from seal_jax.targets import TARGETS
 
 # SEAL samples its self-edits: the defaults under a config's `selfedit_sampling`, which overrides them key by key
 SELFEDIT_SAMPLING: dict[str, Any] = {"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95}
@@ -37,6 +38,23 @@ TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
     "archive": True, "proposal_max_new_tokens": 512, "max_retries": 2, "candidates": 1, "fill_max_new_tokens": None,
     "fill_fallback": "none", "max_epochs": None,
 }
+
+
+# The settings a config's [hardware.<target>] table may set for that hardware (RunConfig.hardware).
+HARDWARE_KEYS = ("mesh", "train_mesh", "train_weights", "remat", "passages_per_program")
+
+
+def mesh_devices(spec: str) -> int | None:
+    """The number of devices a mesh spec like ``"data=2,tensor=4"`` lays out (1 for ``""``), or None when it
+    does not parse (the engine's mesh parser then says why)."""
+    try:
+        sizes = [int(part.split("=")[1]) for part in spec.split(",") if part.strip()]
+    except (IndexError, ValueError):
+        return None
+    size = 1
+    for n in sizes:
+        size *= n
+    return size
 
 
 # What a results row's ``reward`` measures (RunConfig.reward).
@@ -86,6 +104,11 @@ class RunConfig:
         (each layer's input only: least activation memory for about a third more training compute) or
         ``"none"``; ``true``/``false`` mean "full"/"none". ``seal-jax plan`` says when a model and sequence
         length need "full".
+      hardware: settings for particular hardware: ``{target: {key: value}}``, a target being a name
+        ``seal-jax compile --target`` knows (``"h100-8"``, ``"tpu-v5p-16"`` …) and the keys those of
+        :data:`HARDWARE_KEYS` (``[hardware.tpu-v5p-16]`` in TOML). :meth:`on_target` applies one over the
+        top-level keys: ``seal-jax run`` for the target its devices are, ``seal-jax compile --target``
+        for the one it compiles for.
       chat: format prompts with the tokenizer's chat template (instruct models).
       data: ``{"source", "n", "start", "shuffle", "seed"}`` for :func:`load_passages`, ``"selfedits"``
         (SEAL's released self-edits, for ``replay``), ``"subset"`` (``"selfedits"``: SEAL's evaluation
@@ -125,6 +148,7 @@ class RunConfig:
     train_mesh: str | None = None
     train_weights: str = "replicated"
     remat: str | bool = "minimal"
+    hardware: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     chat: bool = True
     data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"source": "demo"})
     conditions: tuple[str, ...] = ("base", "passage", "implications")
@@ -184,6 +208,7 @@ class RunConfig:
                                  "set train_mesh too (e.g. train_mesh = \"data=8\")")
         if self.dtype not in DTYPE_NAMES:
             raise RunConfigError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
+        self._check_hardware()
         known = sorted(f.name for f in dataclasses.fields(SamplingParams))
         try:
             SamplingParams(**self.selfedit_sampling)
@@ -202,6 +227,38 @@ class RunConfig:
                 raise RunConfigError(f"[{table}]: {e}; {hint}") from None
             except ValueError as e:
                 raise RunConfigError(f"[{table}]: {e}") from None
+
+    def _check_hardware(self) -> None:
+        """Check the ``[hardware.<target>]`` tables: known targets and keys, and the settings each gives."""
+        if not isinstance(self.hardware, dict) or not all(isinstance(t, dict) for t in self.hardware.values()):
+            raise RunConfigError("hardware must hold one table per target, like [hardware.tpu-v5p-16] with "
+                                 f"mesh = \"data=1,fsdp=2,tensor=4\", got {self.hardware!r}")
+        for name, table in self.hardware.items():
+            if name not in TARGETS:
+                raise RunConfigError(f"[hardware.{name}]: unknown target {name!r}; targets: {sorted(TARGETS)}")
+            unknown = sorted(set(table) - set(HARDWARE_KEYS))
+            if unknown:
+                raise RunConfigError(f"[hardware.{name}]: unknown keys {unknown}; a target's table may set "
+                                     f"{list(HARDWARE_KEYS)}")
+            mesh = table.get("mesh", self.mesh) or ""
+            size, chips = mesh_devices(mesh), TARGETS[name].chips
+            if mesh and size is not None and size != chips:
+                where = "its" if "mesh" in table else "the top-level"
+                raise RunConfigError(f"[hardware.{name}]: {where} mesh {mesh!r} lays out {size} devices; {name} "
+                                     f"has {chips}: set mesh in [hardware.{name}] to sizes whose product is {chips}")
+            try:
+                dataclasses.replace(self, hardware={}, **table)
+            except RunConfigError as e:
+                raise RunConfigError(f"[hardware.{name}]: {e}") from None
+
+    def on_target(self, name: str | None) -> RunConfig:
+        """This config with the settings of its ``[hardware.<name>]`` table, if it has one, over the
+        top-level ones, and without the tables: the config of a run on that hardware, as its
+        ``run_config.json`` records it (``name`` None, or a target without a table: unchanged)."""
+        if name is not None and name not in TARGETS:
+            raise RunConfigError(f"unknown target {name!r}; targets: {sorted(TARGETS)}")
+        table = self.hardware.get(name or "", {})
+        return dataclasses.replace(self, hardware={}, **table) if table else self
 
     def lora_spec(self) -> LoraSpec:
         """The run's :class:`~seal_jax.LoraSpec` (SEAL's defaults for missing fields)."""
@@ -341,7 +398,8 @@ class ExtendedConfig:
         raw, table = split_extension_table(raw, cls.TABLE, known, where=where, kind=cls.KIND,
                                            conditions_note=cls.CONDITIONS_NOTE)
         knowledge = RunConfig.from_dict({**raw, "conditions": cls.conditions_of(table)}, where=where)
-        if knowledge.passages_per_program != 1 and not cls.GROUPS_PASSAGES:
+        grouped = [knowledge.passages_per_program] + [t.get("passages_per_program", 1) for t in knowledge.hardware.values()]
+        if any(p != 1 for p in grouped) and not cls.GROUPS_PASSAGES:
             raise RunConfigError(f"{where}: passages_per_program is for knowledge and ReST-EM runs; a {cls.KIND} "
                                  "run trains its own way: remove the key")
         data = knowledge.data
@@ -357,6 +415,10 @@ class ExtendedConfig:
         """Read the run's config TOML file."""
         return cls.from_dict(read_toml(path), where=str(path))
 
+    def on_target(self, name: str | None) -> Any:
+        """This config with its knowledge config's :meth:`RunConfig.on_target`."""
+        return dataclasses.replace(self, knowledge=self.knowledge.on_target(name))  # type: ignore[call-arg]
+
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict: the knowledge config's keys plus the extension's table (the form :meth:`from_dict`
         reads)."""
@@ -365,7 +427,9 @@ class ExtendedConfig:
 
 # Settings that do not change a run's results: a run may be resumed with them changed (for example with
 # ``remat`` turned on after running out of memory). ``table.key`` names a key inside a table.
-RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch", "passages_per_program", "train_mesh", "train_weights"})
+# ``hardware`` is among them because the settings it gives are compared where they apply, at the top level.
+RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch", "passages_per_program", "train_mesh", "train_weights",
+                              "hardware"})
 
 
 # Keys added to a table after run folders were written, with the value those folders ran with: a saved

@@ -22,6 +22,7 @@ from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
 from seal_jax.selfedit.results import summary_markdown
 from seal_jax.selfedit.run_config import RunConfig, RunConfigError, read_toml
 from seal_jax.selfedit.template_search import TemplateSearchConfig, run_template_search, template_markdown
+from seal_jax.targets import running_target
 
 KINDS = ("knowledge", "restem", "templates", "cpt", "continual")
 AnyConfig = RunConfig | RestemConfig | TemplateSearchConfig | CptConfig | ContinualConfig
@@ -54,6 +55,29 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> AnyConfig:
 def load_config(path: str | Path) -> AnyConfig:
     """Read a run config TOML file of any kind; errors name the file."""
     return config_from_dict(read_toml(path), where=str(path))
+
+
+def on_hardware(config: AnyConfig, target: str | None = None) -> tuple[AnyConfig, str | None]:
+    """``config`` with the settings of its ``[hardware.<target>]`` table over the top-level ones, and a line
+    saying what applies (None for a config without such tables and no ``target``).
+
+    ``target`` is a ``seal-jax compile --target`` name; without it, the target this process's devices are
+    (:func:`seal_jax.targets.running_target`, asked only of a config with ``[hardware]`` tables, so call
+    this after ``jax.distributed.initialize``)."""
+    tables = getattr(config, "knowledge", config).hardware
+    if target is None:
+        if not tables:
+            return config, None
+        found = running_target()
+        if found is None:
+            return config, (f"these devices are none of the targets with a [hardware] table ({', '.join(tables)}): "
+                            "the top-level settings apply (seal-jax run --target NAME picks a table)")
+        target = found.name
+    resolved = config.on_target(target)
+    if target not in tables:
+        return resolved, f"{target}: the config has no [hardware.{target}] table; the top-level settings apply"
+    settings = ", ".join(f"{k} = {v!r}" for k, v in tables[target].items())
+    return resolved, f"{target}: [hardware.{target}] sets {settings}"
 
 
 def run(config: AnyConfig, out_dir: str | Path, *, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
