@@ -499,9 +499,10 @@ def layout_time(report: dict[str, Any]) -> float | None:
 
 def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, str]]:
     """The ways to lay the training programs out that a search tries beside each generation mesh, as
-    ``(train_mesh, train_weights)``: the workload's own; on the generation mesh itself; and on
-    ``data=<chips>``, the candidates' lanes over every device, with the base replicated or (with remat) split
-    FSDP-style."""
+    ``(train_mesh, train_weights)``: the workload's own; on the generation mesh itself; on ``data=<chips>``,
+    the candidates' lanes over every device, with the base replicated or (with remat) split FSDP-style; and on
+    each tensor-parallel mesh without ``fsdp`` (``data=2,tensor=4`` …), which may train faster than the mesh
+    that generates fastest (:func:`search_layouts` leaves out the one that is the generation mesh itself)."""
     own = (workload.train_mesh, workload.train_weights)
     if workload.train_mesh:  # a config's train mesh for another device count (data=8 on 4 chips) is left out
         sizes = shd.parse_mesh_spec(workload.train_mesh)
@@ -515,7 +516,17 @@ def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, s
         options.append((f"data={chips}", "replicated"))
         if remat_name(workload.remat) != "none":  # (without remat FSDP keeps every gathered layer: no saving)
             options.append((f"data={chips}", "fsdp"))
+    for spec in candidate_meshes(chips, workload.config):
+        sizes = shd.parse_mesh_spec(spec)
+        if sizes["fsdp"] == 1 and sizes["tensor"] > 1:
+            options.append((f"data={sizes['data']},tensor={sizes['tensor']}", "replicated"))
     return list(dict.fromkeys(options))
+
+
+def _same_layout(a: str | None, b: str) -> bool:
+    """Whether mesh specs ``a`` and ``b`` give every axis the same size (``"data=2,tensor=4"`` is
+    ``"data=2,fsdp=1,tensor=4"``)."""
+    return a is not None and shd.parse_mesh_spec(a) == shd.parse_mesh_spec(b)
 
 
 def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
@@ -538,6 +549,8 @@ def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] 
     compiled = dataclasses.replace(workload, programs=tuple(p for p in workload.programs if not only or p.name in only))
     for spec in meshes or candidate_meshes(target.chips, workload.config):
         for train_mesh, train_weights in train_layouts or training_layouts(compiled, target.chips):
+            if train_weights == "replicated" and _same_layout(train_mesh, spec):
+                continue  # training on the mesh itself, tried as such
             entry = {"mesh": spec, "train_mesh": train_mesh, "train_weights": train_weights}
             layout = dataclasses.replace(workload, mesh=spec, train_mesh=train_mesh, train_weights=train_weights)
             try:

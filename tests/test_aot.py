@@ -177,7 +177,7 @@ def test_workloads_from_the_papers_configs():
     seal = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes)
     assert seal.config == preset("qwen3-8b") and "not on this machine" in seal.source
     # passage (1) + implications, rewrite, self_qa, replay (5 each) trained together
-    assert seal.candidates == 21 and seal.passages == 2 and seal.train_mesh == "data=8"
+    assert seal.candidates == 21 and seal.passages == 2 and seal.train_mesh == "data=4,tensor=2"
     assert [p.name for p in seal.programs] == ["answer", "self_edit", "train", "answer_k", "judge"]
     # 3 generating conditions, two passages' self-edits in one call (passages_per_program = 2)
     self_edit = next(p for p in seal.programs if p.name == "self_edit")
@@ -186,6 +186,15 @@ def test_workloads_from_the_papers_configs():
     # call each), then 21 x 8 answers under the adapters in 6 calls per passage
     judge = next(p for p in seal.programs if p.name == "judge")
     assert judge.args["batch"] == 32 and judge.per_passage == 0.5 + 6
+    # a target with a [hardware] table compiles with its settings; one without, with the top-level ones
+    v5e = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes, target="tpu-v5e-8")
+    assert (v5e.mesh, v5e.train_mesh, v5e.remat, v5e.passages) == (seal.mesh, None, "full", 1)
+    assert next(p for p in v5e.programs if p.name == "train").args["candidates"] == 21
+    v5p = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes, target="tpu-v5p-8")
+    assert (v5p.mesh, v5p.train_mesh, v5p.remat, v5p.passages) == ("data=1,fsdp=1,tensor=4", "data=2,tensor=2",
+                                                                   "minimal", 2)
+    h100 = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes, target="h100-8")
+    assert (h100.mesh, h100.train_mesh, h100.passages) == (seal.mesh, seal.train_mesh, 2)
     search = aot.workload_from_config("experiments/templates-archive-qwen3-8b.toml", shapes)
     assert search.candidates == 15
     assert {"proposal", "fill", "train", "answer_k", "sft"} <= {p.name for p in search.programs}
@@ -260,20 +269,28 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
         "data=1,fsdp=2,tensor=4", "data=1,fsdp=1,tensor=8"]
     assert all("tensor=4" not in m and "tensor=8" not in m for m in aot.candidate_meshes(8, TINY))  # 2 KV heads
     workload = dataclasses.replace(tiny_workload(TINY, "qwen3"), remat="minimal")
-    meshes = ["data=1,fsdp=8,tensor=1", "data=8,fsdp=1,tensor=1", "data=2,fsdp=4,tensor=1"]
-    # beside each mesh the training programs also run on data=8, with the base replicated and FSDP-split
-    assert aot.training_layouts(workload, 8) == [(None, "replicated"), ("data=8", "replicated"), ("data=8", "fsdp")]
+    meshes = ["data=1,fsdp=8,tensor=1", "data=8,fsdp=1,tensor=1", "data=2,fsdp=4,tensor=1", "data=4,fsdp=1,tensor=2"]
+    # beside each mesh the training programs also run on data=8, with the base replicated and FSDP-split, and
+    # on each tensor-parallel mesh without fsdp (the tiny model's 2 KV heads allow tensor=2)
+    assert aot.training_layouts(workload, 8) == [(None, "replicated"), ("data=8", "replicated"), ("data=8", "fsdp"),
+                                                 ("data=4,tensor=2", "replicated")]
     assert ("data=8", "fsdp") not in aot.training_layouts(dataclasses.replace(workload, remat="none"), 8)
     own = dataclasses.replace(workload, train_mesh="data=8", train_weights="fsdp")
     assert aot.training_layouts(own, 8)[0] == ("data=8", "fsdp")
-    assert aot.training_layouts(own, 4) == [(None, "replicated"), ("data=4", "replicated"), ("data=4", "fsdp")]
+    assert aot.training_layouts(own, 4) == [(None, "replicated"), ("data=4", "replicated"), ("data=4", "fsdp"),
+                                            ("data=2,tensor=2", "replicated")]
     compiled = []
     entries = aot.search_layouts(workload, "h100-8", only=["train"], meshes=meshes, on_row=compiled.append)
-    assert len(entries) == 9 and all(e["fits"] for e in entries)
+    # a mesh trains on itself once: not again as its own train mesh (data=8 replicated, data=4,tensor=2)
+    assert len(entries) == 4 * 4 - 2 and all(e["fits"] for e in entries)
+    assert not any(e["mesh"] == meshes[3] and e["train_mesh"] == "data=4,tensor=2" for e in entries)
+    assert not any(e["mesh"] == meshes[1] and e["train_mesh"] == "data=8" and e["train_weights"] == "replicated"
+                   for e in entries)
     assert [e["seconds"] for e in entries] == sorted(e["seconds"] for e in entries)
-    # each training layout compiled once (on data=8 whatever the mesh), each placement once per mesh
-    assert sum(r["program"] == "train" for r in compiled) == 3 + 2
-    assert sum(r["program"] == "train.placement" for r in compiled) == 3 * 2
+    # each training layout compiled once (on data=8 or data=4,tensor=2 whatever the mesh), each placement once
+    # per mesh
+    assert sum(r["program"] == "train" for r in compiled) == 4 + 3
+    assert sum(r["program"] == "train.placement" for r in compiled) == 3 + 3 + 2 + 2
     by = {(e["mesh"], e["train_mesh"], e["train_weights"]): e for e in entries}
     direct = aot.compile_workload(dataclasses.replace(workload, mesh="data=2,fsdp=4,tensor=1"), "h100-8",
                                   only=["train"])
@@ -304,7 +321,7 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     ranked = json.loads(out.read_text())
-    assert len(ranked) == len(aot.candidate_meshes(8, TINY)) * 3
+    assert len(ranked) == len(aot.candidate_meshes(8, TINY)) * 4 - 2  # as above
     # the JSON was written after each layout (a killed search keeps what it compiled)
     assert "  1 layouts compiled" in captured.err and f"  {len(ranked)} layouts compiled" in captured.err
     assert f"Best: `{ranked[0]['mesh']}`, training " in printed and "| 1 | `" in printed and "FSDP" in printed

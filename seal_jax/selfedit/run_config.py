@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,10 +52,7 @@ def mesh_devices(spec: str) -> int | None:
         sizes = [int(part.split("=")[1]) for part in spec.split(",") if part.strip()]
     except (IndexError, ValueError):
         return None
-    size = 1
-    for n in sizes:
-        size *= n
-    return size
+    return math.prod(sizes)
 
 
 # What a results row's ``reward`` measures (RunConfig.reward).
