@@ -50,12 +50,12 @@ from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import PRESETS, ConfigError, ModelConfig, from_hf, preset
 from seal_jax.lm.lora import LoraSpec
 from seal_jax.lm.training import TrainSpec
-from seal_jax.lm.types import REMAT_POLICIES, TRAIN_WEIGHTS, remat_name
+from seal_jax.lm.types import REMAT_POLICIES, TRAIN_WEIGHTS, mesh_lays_out, remat_name
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.cpt import CptConfig
 from seal_jax.selfedit.judge import JUDGE_BATCH
 from seal_jax.selfedit.restem import RestemConfig
-from seal_jax.selfedit.run_config import SELFEDIT_SAMPLING
+from seal_jax.selfedit.run_config import SELFEDIT_SAMPLING, hardware_settings
 from seal_jax.selfedit.runs import load_config
 from seal_jax.selfedit.strategies import get_strategy
 from seal_jax.selfedit.template_search import TemplateSearchConfig
@@ -260,7 +260,11 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
     the settings of its ``[hardware.<target>]`` table when it has one. ``passages`` overrides a knowledge or
     ReST-EM config's ``passages_per_program``, ``train_mesh`` its ``train_mesh`` (``""``: none),
     ``train_weights`` its ``train_weights``."""
-    cfg = load_config(path).on_target(target)
+    cfg = load_config(path)
+    table = getattr(cfg, "knowledge", cfg).hardware.get(target or "")
+    if table:  # the settings the run gets on that target
+        print(f"  [hardware.{target}] of {path}: {hardware_settings(table)}", file=sys.stderr, flush=True)
+    cfg = cfg.on_target(target)
     knowledge = getattr(cfg, "knowledge", cfg)
     if passages is not None and (passages < 1 or (knowledge is not cfg and not cfg.GROUPS_PASSAGES)):
         raise CompileError(f"--passages-per-program {passages}: a positive number, for knowledge and ReST-EM "
@@ -504,11 +508,8 @@ def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, s
     each tensor-parallel mesh without ``fsdp`` (``data=2,tensor=4`` …), which may train faster than the mesh
     that generates fastest (:func:`search_layouts` leaves out the one that is the generation mesh itself)."""
     own = (workload.train_mesh, workload.train_weights)
-    if workload.train_mesh:  # a config's train mesh for another device count (data=8 on 4 chips) is left out
-        sizes = shd.parse_mesh_spec(workload.train_mesh)
-        known = math.prod(v for v in sizes.values() if v != -1)
-        if not (known == chips or (-1 in sizes.values() and chips % known == 0)):
-            own = (None, "replicated")
+    if workload.train_mesh and not mesh_lays_out(shd.parse_mesh_spec(workload.train_mesh), chips):
+        own = (None, "replicated")  # a config's train mesh for another device count (data=8 on 4 chips)
     if not any(p.kind == "train" for p in workload.programs):  # nothing trains: one layout is enough
         return [own]
     options = [own, (None, "replicated")]
@@ -520,7 +521,10 @@ def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, s
         sizes = shd.parse_mesh_spec(spec)
         if sizes["fsdp"] == 1 and sizes["tensor"] > 1:
             options.append((f"data={sizes['data']},tensor={sizes['tensor']}", "replicated"))
-    return list(dict.fromkeys(options))
+    unique: dict[tuple[Any, ...], tuple[str | None, str]] = {}  # one per layout, however its spec is written
+    for mesh, weights in options:
+        unique.setdefault((tuple(shd.parse_mesh_spec(mesh).items()) if mesh else None, weights), (mesh, weights))
+    return list(unique.values())
 
 
 def _same_layout(a: str | None, b: str) -> bool:

@@ -149,11 +149,13 @@ def _say_if_nothing_to_resume(resume: bool, out: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) an experiment from a TOML config (knowledge incorporation, ReST-EM or template search)."""
+    import jax  # deferred: jax loads only for the commands that run a model
+
     from seal_jax.lm.sharding import initialize_distributed  # deferred: lm.sharding imports jax
 
     initialize_distributed()  # multi-host: from SEAL_JAX_* / JAX_* / srun / TPU slice; no-op for one process
     config, out = _run_config(args.config, args.out)
-    config, applied = runs.on_hardware(config, args.target)
+    config, applied = runs.on_hardware(config, args.target, devices=jax.device_count())
     if applied:
         print(applied)
     _say_if_nothing_to_resume(args.resume, out)

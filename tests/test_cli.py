@@ -37,7 +37,7 @@ def test_run_prints_the_table_and_refuses_to_overwrite(tiny_chat_dir, tmp_path, 
     captured = capsys.readouterr()
     printed = captured.out
     assert f"--resume: {out} holds no run yet; starting a new one" in captured.err
-    assert "h100-1: [hardware.h100-1] sets remat = 'full'" in printed
+    assert 'h100-1: [hardware.h100-1] sets remat = "full"' in printed
     assert "| base |" in printed and "| passage |" in printed and f"results in {out}/" in printed
     rows = read_rows(out / "results.jsonl")
     assert [r["condition"] for r in rows] == ["base", "passage"]
@@ -67,7 +67,7 @@ def test_run_config_mistakes_are_one_line_errors(tmp_path, tiny_chat_dir, capsys
     config = write_config(tmp_path / "target.toml", tiny_chat_dir)
     assert main(["run", str(config), "--out", str(tmp_path / "o3"), "--target", "v5p-8"]) == 1
     err = capsys.readouterr().err
-    assert "unknown target 'v5p-8'; targets: [" in err and "Traceback" not in err
+    assert "--target: unknown target 'v5p-8'; targets: " in err and "Traceback" not in err
 
 
 def test_demo_replaces_only_its_own_folder(tmp_path, capsys):

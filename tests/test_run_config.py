@@ -158,7 +158,7 @@ def test_reward_option_and_resuming_folders_written_before_it():
         load_config_from({**raw, "templates": {"variant": "archive", "seed_scores": "paper"}})
 
 
-def test_hardware_tables_set_the_engine_settings_of_one_target():
+def test_hardware_tables_set_the_engine_settings_of_one_target(tmp_path):
     """``[hardware.<target>]`` gives a target its own mesh, train mesh, remat and passages per program over
     the top-level keys; a target without a table, or none, keeps the top-level ones."""
     hardware = {"tpu-v5p-8": {"mesh": "data=1,tensor=4", "train_mesh": "data=2,tensor=2", "passages_per_program": 1},
@@ -169,27 +169,39 @@ def test_hardware_tables_set_the_engine_settings_of_one_target():
                                                                              "minimal", 1)
     v5e = config.on_target("tpu-v5e-8")
     assert (v5e.mesh, v5e.train_mesh, v5e.remat, v5e.passages_per_program) == ("data=1,tensor=8", "", "full", 2)
-    assert config.on_target("h100-8") is config and config.on_target(None) is config
+    for other in (config.on_target("h100-8"), config.on_target(None)):  # the top-level settings, no tables
+        assert other == dataclasses.replace(config, hardware={})
     assert v5p.hardware == {}  # the config of a run on that target (its run_config.json)
     # the settings a target gets are compared at the top level when a run resumes, not the tables
     assert config_differences(config.to_json(), {**config.to_json(), "hardware": {}}) == []
     assert config_differences(config.to_json(), v5p.to_json()) == ["mesh"]
-    with pytest.raises(RunConfigError, match="unknown target 'h100-4'"):
+    with pytest.raises(RunConfigError, match=r"--target: unknown target 'h100-4'; targets: .*h100-8 \(8 devices\)"):
         config.on_target("h100-4")
+    # a resumed run whose mesh differs (another target's table) is told where meshes come from
+    from seal_jax.selfedit.run_config import save_run_config
+
+    save_run_config(tmp_path, v5p.to_json(), resume=False)
+    with pytest.raises(RunConfigError, match=r"differs in \['mesh'\] \(the mesh may come from a \[hardware"):
+        save_run_config(tmp_path, config.on_target("tpu-v5e-8").to_json(), resume=True)
 
 
 @pytest.mark.parametrize("hardware, message", [
-    ({"h100-4": {"mesh": "data=4"}}, r"\[hardware.h100-4\]: unknown target 'h100-4'; targets: \["),
-    ({"h100-8": {"mesh": "data=8", "dtype": "float32"}}, r"unknown keys \['dtype'\]; a target's table may set"),
-    ({"tpu-v5p-8": {"mesh": "data=8"}}, r"its mesh 'data=8' lays out 8 devices; tpu-v5p-8 has 4"),
-    ({"tpu-v5p-8": {"remat": "full"}}, r"the top-level mesh 'data=2,tensor=4' lays out 8 devices; tpu-v5p-8 has 4"),
+    ({"h100-4": {"mesh": "data=4"}}, r"\[hardware.h100-4\]: unknown target 'h100-4'; targets: .*h100-8 \(8 devices\)"),
+    ({"h100-8": {"mesh": "data=8", "dtype": "float32"}}, r"unknown keys \['dtype'\]; .*keep the \[hardware\] tables after"),
+    ({"tpu-v5p-8": {"mesh": "data=8", "train_mesh": "data=4"}}, r"its mesh 'data=8' does not lay out tpu-v5p-8's 4 devices"),
+    ({"tpu-v5p-8": {"remat": "full"}}, r"the top-level mesh 'data=2,tensor=4' does not lay out tpu-v5p-8's 4 devices"),
+    ({"tpu-v5p-8": {"mesh": "data=1,tensor=4"}}, r"the top-level train_mesh 'data=8' does not lay out .*\(\"\" to train on"),
+    ({"tpu-v5p-8": {"mesh": "data=-1,tensor=4", "train_mesh": "data=3,tensor=2"}}, r"its train_mesh 'data=3,tensor=2'"),
+    ({"h100-8": {"mesh": "data=2,tensr=4"}}, r"\[hardware.h100-8\]: mesh: unknown mesh axes \['tensr'\]"),
+    ({"h100-8": {"mesh": 8}}, r"\[hardware.h100-8\]: mesh must be a string like"),
     ({"h100-8": {"train_weights": "zero3"}}, r"\[hardware.h100-8\]: train_weights must be one of"),
-    ({"h100-8": {"train_mesh": "", "train_weights": "fsdp"}}, r"\[hardware.h100-8\]: .*set train_mesh too"),
+    ({"h100-1": {"mesh": "", "train_mesh": ""}}, r"\[hardware.h100-1\]: train_mesh = \"\" trains on the mesh, .*"
+                                                r"set train_weights = \"replicated\" in \[hardware.h100-1\] too"),
     ({"h100-8": "data=8"}, r"hardware must hold one table per target, like \[hardware.tpu-v5p-16\]"),
 ])
 def test_hardware_table_mistakes_name_the_table(hardware, message):
     with pytest.raises(RunConfigError, match=message):
-        tiny_config("m", mesh="data=2,tensor=4", train_mesh="data=8", hardware=hardware)
+        tiny_config("m", mesh="data=2,tensor=4", train_mesh="data=8", train_weights="fsdp", hardware=hardware)
 
 
 def test_hardware_tables_in_extension_configs(tmp_path):

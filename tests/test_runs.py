@@ -112,27 +112,39 @@ def test_accelerator_configs_carry_the_protocol():
 
 def test_on_hardware_applies_the_table_of_the_devices_target(monkeypatch):
     """``seal-jax run`` asks which target its devices are only for a config with ``[hardware]`` tables, applies
-    that target's table, and says so; ``--target`` names one instead."""
+    that target's table, says so, and checks that the mesh lays out its devices; ``--target`` names one."""
+    import dataclasses
+
     from conftest import tiny_config
 
     from seal_jax import targets
 
     plain = tiny_config("m", mesh="data=8")
     monkeypatch.setattr(runs, "running_target", lambda: pytest.fail("a config without tables asks no device"))
-    assert runs.on_hardware(plain) == (plain, None)
+    assert runs.on_hardware(plain, devices=8) == (plain, None)
+    with pytest.raises(RunConfigError, match=r"mesh 'data=8' \(from the top level of the config\) does not lay out "
+                                             r"this run's 4 devices"):
+        runs.on_hardware(plain, devices=4)
     config = tiny_config("m", mesh="data=1,tensor=8", train_mesh="data=8",
-                         hardware={"tpu-v5p-16": {"mesh": "data=1,fsdp=2,tensor=4", "train_mesh": ""}})
+                         hardware={"tpu-v5p-16": {"mesh": "data=1,fsdp=2,tensor=4", "train_mesh": ""},
+                                   "tpu-v5p-8": {"mesh": "data=1,tensor=4", "train_mesh": ""}})
+    top = dataclasses.replace(config, hardware={})  # what a run records: its settings, not the tables
     monkeypatch.setattr(runs, "running_target", lambda: targets.get_target("tpu-v5p-16"))
-    resolved, said = runs.on_hardware(config)
-    assert (resolved.mesh, resolved.train_mesh) == ("data=1,fsdp=2,tensor=4", "")
-    assert said == "tpu-v5p-16: [hardware.tpu-v5p-16] sets mesh = 'data=1,fsdp=2,tensor=4', train_mesh = ''"
+    resolved, said = runs.on_hardware(config, devices=8)
+    assert (resolved.mesh, resolved.train_mesh, resolved.hardware) == ("data=1,fsdp=2,tensor=4", "", {})
+    assert said == 'tpu-v5p-16: [hardware.tpu-v5p-16] sets mesh = "data=1,fsdp=2,tensor=4", train_mesh = ""'
     monkeypatch.setattr(runs, "running_target", lambda: targets.get_target("h100-8"))
-    assert runs.on_hardware(config) == (config, "h100-8: the config has no [hardware.h100-8] table; the top-level "
-                                                 "settings apply")
+    assert runs.on_hardware(config) == (top, "h100-8: the config has no [hardware.h100-8] table; the top-level "
+                                             "settings apply")
     monkeypatch.setattr(runs, "running_target", lambda: None)  # a CPU, or a slice no target describes
-    resolved, said = runs.on_hardware(config)
-    assert resolved is config and said.startswith("these devices are none of the targets with a [hardware] table "
-                                                  "(tpu-v5p-16)")
+    resolved, said = runs.on_hardware(config, devices=8)
+    assert resolved == top and said.startswith("these devices are none of the targets with a [hardware] table "
+                                                "(tpu-v5p-16, tpu-v5p-8)")
+    with pytest.raises(RunConfigError, match=r"mesh 'data=1,tensor=8' \(from the top level"):
+        runs.on_hardware(config, devices=2)
     assert runs.on_hardware(config, "tpu-v5p-16")[0].mesh == "data=1,fsdp=2,tensor=4"  # named, no device asked
-    with pytest.raises(RunConfigError, match="unknown target 'v5p'"):
+    with pytest.raises(RunConfigError, match=r"mesh 'data=1,tensor=4' \(from \[hardware.tpu-v5p-8\] of the config\) "
+                                             r"does not lay out this run's 8 devices"):
+        runs.on_hardware(config, "tpu-v5p-8", devices=8)  # a table named for other devices
+    with pytest.raises(RunConfigError, match="--target: unknown target 'v5p'"):
         runs.on_hardware(config, "v5p")

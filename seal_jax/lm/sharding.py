@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,8 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from seal_jax.lm.params import PARAMS
-
-MESH_AXES = ("data", "fsdp", "tensor")
+from seal_jax.lm.types import MESH_AXES, MeshError, parse_mesh_spec
 
 # Logical axes of every parameter of `model.Decoder` (dotted path -> one name per dimension), from the one
 # table of parameters.
@@ -47,35 +45,6 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 log = logging.getLogger(__name__)
-
-
-class MeshError(ValueError):
-    """A mesh specification that cannot be built on the available devices."""
-
-
-def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
-    """Parse ``"data=2,fsdp=4,tensor=1"`` into ``{"data": 2, "fsdp": 4, "tensor": 1}``.
-
-    Missing axes get size 1; at most one axis may be ``-1`` ("whatever is left").
-    """
-    if isinstance(spec, Mapping):
-        items = dict(spec)
-    else:
-        items = {}
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            m = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", part)
-            if not m:
-                raise MeshError(f"bad mesh spec part {part!r} in {spec!r}; expected e.g. 'data=2,fsdp=4,tensor=1'")
-            items[m.group(1)] = int(m.group(2))
-    unknown = set(items) - set(MESH_AXES)
-    if unknown:
-        raise MeshError(f"unknown mesh axes {sorted(unknown)} in {spec!r}; axes are {list(MESH_AXES)}")
-    sizes = {a: int(items.get(a, 1)) for a in MESH_AXES}
-    if sum(v == -1 for v in sizes.values()) > 1:
-        raise MeshError(f"at most one mesh axis may be -1 in {spec!r}")
-    if any(v == 0 or v < -1 for v in sizes.values()):
-        raise MeshError(f"mesh axis sizes must be positive (or -1) in {spec!r}")
-    return sizes
 
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None, *,

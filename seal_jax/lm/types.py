@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -252,3 +253,46 @@ class TrainSpec:
     def seal(cls, **changes: Any) -> TrainSpec:
         """SEAL's inner loop: lr 1e-3, 10 epochs, batch 1, linear decay, AdamW (plus ``changes``)."""
         return dataclasses.replace(cls(learning_rate=1e-3, epochs=10, batch_size=1, grad_accum=1), **changes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mesh specifications ("data=2,fsdp=1,tensor=4"): parsed here, without jax, so that a run config's meshes
+# are checked when it is read; ``lm.sharding`` builds the meshes.
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class MeshError(ValueError):
+    """A mesh specification that cannot be built on the available devices."""
+
+
+def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
+    """Parse ``"data=2,fsdp=4,tensor=1"`` into ``{"data": 2, "fsdp": 4, "tensor": 1}``.
+
+    Missing axes get size 1; at most one axis may be ``-1`` ("whatever is left").
+    """
+    if isinstance(spec, Mapping):
+        items = dict(spec)
+    else:
+        items = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            m = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", part)
+            if not m:
+                raise MeshError(f"bad mesh spec part {part!r} in {spec!r}; expected e.g. 'data=2,fsdp=4,tensor=1'")
+            items[m.group(1)] = int(m.group(2))
+    unknown = set(items) - set(MESH_AXES)
+    if unknown:
+        raise MeshError(f"unknown mesh axes {sorted(unknown)} in {spec!r}; axes are {list(MESH_AXES)}")
+    sizes = {a: int(items.get(a, 1)) for a in MESH_AXES}
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise MeshError(f"at most one mesh axis may be -1 in {spec!r}")
+    if any(v == 0 or v < -1 for v in sizes.values()):
+        raise MeshError(f"mesh axis sizes must be positive (or -1) in {spec!r}")
+    return sizes
+
+
+def mesh_lays_out(sizes: Mapping[str, int], devices: int) -> bool:
+    """Whether a parsed mesh (:func:`parse_mesh_spec`) lays out exactly ``devices`` devices (an axis of -1
+    taking whatever the others leave)."""
+    known = math.prod(v for v in sizes.values() if v != -1)
+    return known == devices or (-1 in sizes.values() and devices % known == 0)

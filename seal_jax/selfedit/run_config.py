@@ -13,19 +13,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from seal_jax.lm.types import DTYPE_NAMES, TRAIN_WEIGHTS, LoraSpec, SamplingParams, TrainSpec, remat_name
+from seal_jax.lm.types import (
+    DTYPE_NAMES,
+    TRAIN_WEIGHTS,
+    LoraSpec,
+    MeshError,
+    SamplingParams,
+    TrainSpec,
+    mesh_lays_out,
+    parse_mesh_spec,
+    remat_name,
+)
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.data import DataError, Passage, load_passages, load_seal_selfedits, select_passages
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, get_strategy
 from seal_jax.selfedit.templates import Template
-from seal_jax.targets import TARGETS
+from seal_jax.targets import TargetError, get_target
 
 # SEAL samples its self-edits: the defaults under a config's `selfedit_sampling`, which overrides them key by key
 SELFEDIT_SAMPLING: dict[str, Any] = {"max_new_tokens": 256, "temperature": 1.0, "top_p": 0.95}
@@ -43,16 +52,6 @@ TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
 
 # The settings a config's [hardware.<target>] table may set for that hardware (RunConfig.hardware).
 HARDWARE_KEYS = ("mesh", "train_mesh", "train_weights", "remat", "passages_per_program")
-
-
-def mesh_devices(spec: str) -> int | None:
-    """The number of devices a mesh spec like ``"data=2,tensor=4"`` lays out (1 for ``""``), or None when it
-    does not parse (the engine's mesh parser then says why)."""
-    try:
-        sizes = [int(part.split("=")[1]) for part in spec.split(",") if part.strip()]
-    except (IndexError, ValueError):
-        return None
-    return math.prod(sizes)
 
 
 # What a results row's ``reward`` measures (RunConfig.reward).
@@ -83,6 +82,20 @@ def check_data_table(table: Any, where: str) -> None:
         value = table.get(key)
         if value is not None and (not isinstance(value, kinds) or (kinds is int and isinstance(value, bool))):
             raise RunConfigError(f"{where}.{key} must be {what}, got {value!r}")
+
+
+def hardware_settings(table: dict[str, Any]) -> str:
+    """A ``[hardware.<target>]`` table's settings as TOML writes them: ``mesh = "data=1,tensor=4", remat = "full"``."""
+    return ", ".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
+
+
+def _target(name: str, where: str) -> Any:
+    """The target called ``name`` (:func:`seal_jax.targets.get_target`); an unknown one is a
+    :class:`RunConfigError` naming ``where`` it was given and listing the targets."""
+    try:
+        return get_target(name)
+    except TargetError as e:
+        raise RunConfigError(f"{where}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,36 +240,49 @@ class RunConfig:
                 raise RunConfigError(f"[{table}]: {e}") from None
 
     def _check_hardware(self) -> None:
-        """Check the ``[hardware.<target>]`` tables: known targets and keys, and the settings each gives."""
+        """Check the ``[hardware.<target>]`` tables: known targets and keys, meshes that lay out the target's
+        devices, and the settings each gives."""
         if not isinstance(self.hardware, dict) or not all(isinstance(t, dict) for t in self.hardware.values()):
             raise RunConfigError("hardware must hold one table per target, like [hardware.tpu-v5p-16] with "
                                  f"mesh = \"data=1,fsdp=2,tensor=4\", got {self.hardware!r}")
         for name, table in self.hardware.items():
-            if name not in TARGETS:
-                raise RunConfigError(f"[hardware.{name}]: unknown target {name!r}; targets: {sorted(TARGETS)}")
+            where = f"[hardware.{name}]"
+            chips = _target(name, where).chips
             unknown = sorted(set(table) - set(HARDWARE_KEYS))
             if unknown:
-                raise RunConfigError(f"[hardware.{name}]: unknown keys {unknown}; a target's table may set "
-                                     f"{list(HARDWARE_KEYS)}")
-            mesh = table.get("mesh", self.mesh) or ""
-            size, chips = mesh_devices(mesh), TARGETS[name].chips
-            if mesh and size is not None and size != chips:
-                where = "its" if "mesh" in table else "the top-level"
-                raise RunConfigError(f"[hardware.{name}]: {where} mesh {mesh!r} lays out {size} devices; {name} "
-                                     f"has {chips}: set mesh in [hardware.{name}] to sizes whose product is {chips}")
+                raise RunConfigError(f"{where}: unknown keys {unknown}; a target's table may set {list(HARDWARE_KEYS)} "
+                                     "(in TOML the keys after a table's header belong to it: keep the [hardware] "
+                                     "tables after the top-level keys)")
+            for key in ("mesh", "train_mesh"):
+                spec = table.get(key, getattr(self, key))
+                if not spec:
+                    continue
+                if not isinstance(spec, str):
+                    raise RunConfigError(f"{where}: {key} must be a string like \"data=2,tensor=4\", got {spec!r}")
+                try:
+                    sizes = parse_mesh_spec(spec)
+                except MeshError as e:
+                    raise RunConfigError(f"{where}: {key}: {e}") from None
+                if not mesh_lays_out(sizes, chips):
+                    origin = "its" if key in table else "the top-level"
+                    empty = " (\"\" to train on the mesh)" if key == "train_mesh" else ""
+                    raise RunConfigError(f"{where}: {origin} {key} {spec!r} does not lay out {name}'s {chips} devices: "
+                                         f"set {key} in {where} to sizes whose product is {chips}{empty}")
+            if "train_mesh" in table and not table["train_mesh"] and table.get("train_weights", self.train_weights) != "replicated":
+                raise RunConfigError(f"{where}: train_mesh = \"\" trains on the mesh, where the weights are not laid "
+                                     f"out FSDP-style: set train_weights = \"replicated\" in {where} too")
             try:
                 dataclasses.replace(self, hardware={}, **table)
             except RunConfigError as e:
-                raise RunConfigError(f"[hardware.{name}]: {e}") from None
+                raise RunConfigError(f"{where}: {e}") from None
 
     def on_target(self, name: str | None) -> RunConfig:
         """This config with the settings of its ``[hardware.<name>]`` table, if it has one, over the
         top-level ones, and without the tables: the config of a run on that hardware, as its
-        ``run_config.json`` records it (``name`` None, or a target without a table: unchanged)."""
-        if name is not None and name not in TARGETS:
-            raise RunConfigError(f"unknown target {name!r}; targets: {sorted(TARGETS)}")
-        table = self.hardware.get(name or "", {})
-        return dataclasses.replace(self, hardware={}, **table) if table else self
+        ``run_config.json`` records it (``name`` None, or a target without a table: the top-level settings).
+        """
+        table = self.hardware.get(_target(name, "--target").name, {}) if name is not None else {}
+        return dataclasses.replace(self, hardware={}, **table) if self.hardware else self
 
     def lora_spec(self) -> LoraSpec:
         """The run's :class:`~seal_jax.LoraSpec` (SEAL's defaults for missing fields)."""
@@ -464,7 +490,9 @@ def check_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) ->
     if resume and config_file.is_file():
         changed = config_differences(json.loads(config_file.read_text()), config_json)
         if changed:
-            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
+            hint = (" (the mesh may come from a [hardware.<target>] table: resume on the hardware the run started "
+                    "on, or set its mesh in the config)") if "mesh" in changed else ""
+            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}{hint}")
 
 
 def save_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:

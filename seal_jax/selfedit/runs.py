@@ -15,12 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from seal_jax.lm.types import mesh_lays_out, parse_mesh_spec
 from seal_jax.selfedit.continual import ContinualConfig, continual_markdown, run_continual
 from seal_jax.selfedit.cpt import CptConfig, run_cpt
 from seal_jax.selfedit.knowledge import run_knowledge
 from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
 from seal_jax.selfedit.results import summary_markdown
-from seal_jax.selfedit.run_config import RunConfig, RunConfigError, read_toml
+from seal_jax.selfedit.run_config import RunConfig, RunConfigError, hardware_settings, read_toml
 from seal_jax.selfedit.template_search import TemplateSearchConfig, run_template_search, template_markdown
 from seal_jax.targets import running_target
 
@@ -57,27 +58,39 @@ def load_config(path: str | Path) -> AnyConfig:
     return config_from_dict(read_toml(path), where=str(path))
 
 
-def on_hardware(config: AnyConfig, target: str | None = None) -> tuple[AnyConfig, str | None]:
-    """``config`` with the settings of its ``[hardware.<target>]`` table over the top-level ones, and a line
-    saying what applies (None for a config without such tables and no ``target``).
+def on_hardware(config: AnyConfig, target: str | None = None, *, devices: int | None = None
+                ) -> tuple[AnyConfig, str | None]:
+    """``config`` with the settings of its ``[hardware.<target>]`` table over the top-level ones (and without
+    the tables: the config a run records), and a line saying what applies (None for a config without such
+    tables and no ``target``).
 
     ``target`` is a ``seal-jax compile --target`` name; without it, the target this process's devices are
     (:func:`seal_jax.targets.running_target`, asked only of a config with ``[hardware]`` tables, so call
-    this after ``jax.distributed.initialize``)."""
+    this after ``jax.distributed.initialize``). ``devices``: the number of devices the run has, to check
+    that the mesh it gets lays them out.
+
+    Raises:
+      RunConfigError: an unknown target, or a mesh for another number of devices (naming where it came from).
+    """
     tables = getattr(config, "knowledge", config).hardware
-    if target is None:
-        if not tables:
-            return config, None
+    said = None
+    if target is None and tables:
         found = running_target()
-        if found is None:
-            return config, (f"these devices are none of the targets with a [hardware] table ({', '.join(tables)}): "
-                            "the top-level settings apply (seal-jax run --target NAME picks a table)")
-        target = found.name
+        target = found.name if found else None
+        if target is None:
+            said = (f"these devices are none of the targets with a [hardware] table ({', '.join(tables)}): the "
+                    "top-level settings apply (seal-jax run --target NAME picks a table)")
     resolved = config.on_target(target)
-    if target not in tables:
-        return resolved, f"{target}: the config has no [hardware.{target}] table; the top-level settings apply"
-    settings = ", ".join(f"{k} = {v!r}" for k, v in tables[target].items())
-    return resolved, f"{target}: [hardware.{target}] sets {settings}"
+    if target is not None:
+        table = tables.get(target)
+        said = (f"{target}: [hardware.{target}] sets {hardware_settings(table)}" if table else
+                f"{target}: the config has no [hardware.{target}] table; the top-level settings apply")
+    mesh = getattr(resolved, "knowledge", resolved).mesh
+    if devices is not None and mesh and not mesh_lays_out(parse_mesh_spec(mesh), devices):
+        origin = f"[hardware.{target}]" if target in tables and "mesh" in tables[target] else "the top level"
+        raise RunConfigError(f"mesh {mesh!r} (from {origin} of the config) does not lay out this run's {devices} "
+                             "devices: set mesh for them (a [hardware.<target>] table, or the top-level mesh)")
+    return resolved, said
 
 
 def run(config: AnyConfig, out_dir: str | Path, *, resume: bool = False, **kwargs: Any) -> dict[str, Any]:
