@@ -177,7 +177,7 @@ def test_workloads_from_the_papers_configs():
     seal = aot.workload_from_config("experiments/seal-qwen3-8b.toml", shapes)
     assert seal.config == preset("qwen3-8b") and "not on this machine" in seal.source
     # passage (1) + implications, rewrite, self_qa, replay (5 each) trained together
-    assert seal.candidates == 21 and seal.passages == 2 and seal.train_mesh == "data=4,tensor=2"
+    assert seal.candidates == 21 and seal.passages == 2 and seal.train_mesh == "data=8"
     assert [p.name for p in seal.programs] == ["answer", "self_edit", "train", "answer_k", "judge"]
     # 3 generating conditions, two passages' self-edits in one call (passages_per_program = 2)
     self_edit = next(p for p in seal.programs if p.name == "self_edit")
@@ -287,6 +287,12 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     assert not any(e["mesh"] == meshes[1] and e["train_mesh"] == "data=8" and e["train_weights"] == "replicated"
                    for e in entries)
     assert [e["seconds"] for e in entries] == sorted(e["seconds"] for e in entries)
+    # the pessimistic twin adds each program's communication time to its work: more, unless nothing is sent
+    for e in entries:
+        if e["collective_bytes"] == 0:
+            assert e["no_overlap_seconds"] == pytest.approx(e["seconds"], rel=1e-9)
+        else:
+            assert e["no_overlap_seconds"] > e["seconds"]
     # each training layout compiled once (on data=8 or data=4,tensor=2 whatever the mesh), each placement once
     # per mesh
     assert sum(r["program"] == "train" for r in compiled) == 4 + 3
@@ -330,6 +336,20 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
 def test_roofline_picks_the_bound():
     t = targets.get_target("h100-8")
     hw = t.hardware
+    # no overlap: compute (1 s) or memory (2 s), whichever is larger, plus communication (3 s), per program
+    rows = [{"flops": hw.bf16_flops, "bytes": 2 * hw.hbm_bandwidth, "collective_bytes": 1.5 * hw.link_bandwidth,
+             "per_passage": 0.5}, {"flops": 0, "bytes": 0, "collective_bytes": 0, "per_passage": None}]
+    assert aot.no_overlap_seconds(rows, t) == pytest.approx(0.5 * (2 + 3))
+    assert aot.no_overlap_seconds([{"program": "train", "error": "RESOURCE_EXHAUSTED"}], t) is None
+    # the search names the best by each bound when they differ
+    common = {"fits": True, "peak_bytes": 1e9, "collective_bytes": 1e9, "collective_share": 0.5, "train_weights": "replicated"}
+    entries = [{**common, "mesh": "tensor=8", "train_mesh": "data=4,tensor=2", "seconds": 1.0, "no_overlap_seconds": 3.0},
+               {**common, "mesh": "tensor=8", "train_mesh": "data=8", "seconds": 1.5, "no_overlap_seconds": 2.0}]
+    text = aot.format_search(entries, "h100-8", "w")
+    assert "Best: `tensor=8`, training `data=4,tensor=2`, replicated." in text
+    assert ("If no collective overlapped the work: `tensor=8`, training `data=8`, replicated (2.00 s against 3.00 s)."
+            in text)
+    assert "If no collective" not in aot.format_search(entries[1:], "h100-8", "w")
     assert aot.roofline(hw.bf16_flops, 0, 0, t) == (1.0, "compute")
     assert aot.roofline(0, 2 * hw.hbm_bandwidth, 0, t) == (2.0, "memory")
     seconds, bound = aot.roofline(0, 0, hw.link_bandwidth, t)
