@@ -541,14 +541,14 @@ def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, s
             options.append((f"data={sizes['data']},tensor={sizes['tensor']}", "replicated"))
     unique: dict[tuple[Any, ...], tuple[str | None, str]] = {}  # one per layout, however its spec is written
     for mesh, weights in options:
-        unique.setdefault((tuple(shd.parse_mesh_spec(mesh).items()) if mesh else None, weights), (mesh, weights))
+        unique.setdefault((_layout_key(mesh), weights), (mesh, weights))
     return list(unique.values())
 
 
-def _same_layout(a: str | None, b: str) -> bool:
-    """Whether mesh specs ``a`` and ``b`` give every axis the same size (``"data=2,tensor=4"`` is
-    ``"data=2,fsdp=1,tensor=4"``)."""
-    return a is not None and shd.parse_mesh_spec(a) == shd.parse_mesh_spec(b)
+def _layout_key(spec: str | None) -> tuple[tuple[str, int], ...] | None:
+    """A mesh spec's axis sizes, equal for specs that lay the devices out alike (``"data=2,tensor=4"`` and
+    ``"data=2,fsdp=1,tensor=4"``); None for none."""
+    return tuple(shd.parse_mesh_spec(spec).items()) if spec else None
 
 
 def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
@@ -571,7 +571,7 @@ def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] 
     compiled = dataclasses.replace(workload, programs=tuple(p for p in workload.programs if not only or p.name in only))
     for spec in meshes or candidate_meshes(target.chips, workload.config):
         for train_mesh, train_weights in train_layouts or training_layouts(compiled, target.chips):
-            if train_weights == "replicated" and _same_layout(train_mesh, spec):
+            if train_weights == "replicated" and train_mesh and _layout_key(train_mesh) == _layout_key(spec):
                 continue  # training on the mesh itself, tried as such
             entry = {"mesh": spec, "train_mesh": train_mesh, "train_weights": train_weights}
             layout = dataclasses.replace(workload, mesh=spec, train_mesh=train_mesh, train_weights=train_weights)
