@@ -34,13 +34,13 @@ fetch: $(VENV)/.installed
 demo: fetch
 	$(VENV)/bin/seal-jax demo
 
-# Two pytest-xdist workers (most tests are single-threaded compiles; tests/conftest.py keeps each file in one
-# worker), then the tests that compile for TPUs alone (libtpu: one process at a time).
-# TEST_WORKERS=0 runs the first part in this process.
+# Two pytest-xdist workers (most tests are single-threaded compiles), each test file whole in one worker (its
+# module fixtures built once) and the files that compile for TPUs all in the same one (libtpu: one process at
+# a time): tests/conftest.py, pytest_xdist_make_scheduler.
+# TEST_WORKERS=0 runs every test in this process.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not libtpu"
-	$(PY) -m pytest -q -m libtpu
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(VENV)/.installed-test fetch
 	$(VENV)/bin/seal-jax bench --out bench-results/bench.json

@@ -42,16 +42,42 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 LIBTPU_FILES = ("test_aot.py", "test_attention.py", "test_targets.py")
 
 
+# The units of work that take longest (about 7 and 9 minutes here): under xdist they start first, one on each
+# worker, so that neither is left running alone at the end.
+SLOW_FIRST = ("libtpu", "test_distributed.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The libtpu files' tests are marked ``libtpu``: `make test` runs them in a pytest of their own, after
-    the others under pytest-xdist (beside other test processes libtpu found its lockfile busy; the holder
-    was not found). Under xdist (`--dist loadgroup`) each test file runs whole in one worker, so its module
-    fixtures are built once."""
+    """The libtpu files' tests are marked ``libtpu`` (``pytest -m libtpu`` runs them alone)."""
     for item in items:
-        name = item.path.name
-        if name in LIBTPU_FILES:
+        if item.path.name in LIBTPU_FILES:
             item.add_marker(pytest.mark.libtpu)
-        item.add_marker(pytest.mark.xdist_group(name))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s `--dist loadfile`, with the libtpu files as one unit of work: each test file runs whole
+    in one worker (its module fixtures built once), the libtpu files all in the same one (one process at a
+    time may hold libtpu), and the slowest units first. Any other `--dist` is xdist's own.
+
+    (An ``xdist_group`` per file under `--dist loadgroup` no longer keeps a file in one worker with pytest
+    9.2, whose node ids pytest-xdist 3.8 cannot tag with the group: each file's tests were spread over both
+    workers, and module fixtures such as test_throughput's device script ran twice.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling  # deferred: pytest-xdist is there only when -n is given
+
+    class ByFile(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "libtpu" if Path(scope).name in LIBTPU_FILES else scope
+
+        def _assign_work_unit(self, node) -> None:
+            for name in reversed(SLOW_FIRST):
+                for scope in [s for s in self.workqueue if Path(s).name == name]:
+                    self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return ByFile(config, log)
 
 
 @pytest.fixture(scope="session")
