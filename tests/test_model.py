@@ -14,12 +14,24 @@ from seal_jax.lm.config import preset
 from seal_jax.lm.model import (
     Decoder,
     apply_rope,
+    embed_tokens,
     group_adapters,
     project,
     project_group,
     rms_norm,
     rope_tables,
 )
+
+
+def test_embed_tokens_takes_the_rows_of_the_ids_in_any_shape():
+    """One token (looked up as two, so that a vocabulary-split table is not gathered whole: test_aot) or
+    many, the rows of the table in the shape of the ids."""
+    table = jnp.asarray(np.random.default_rng(0).normal(size=(11, 4)), jnp.float32)
+    for ids in ([[7]], [3], [[1, 2, 3], [4, 5, 10]], 5):
+        ids = jnp.asarray(ids, jnp.int32)
+        got = jax.jit(embed_tokens)(table, ids)
+        assert got.shape == (*ids.shape, 4)
+        np.testing.assert_array_equal(got, np.asarray(table)[np.asarray(ids)])
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))

@@ -72,6 +72,20 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: Any) -
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
+def embed_tokens(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows ``ids`` (int ``[...]``) of the embedding ``table`` ``[V, D]``: ``[..., D]``.
+
+    One token (a batch of one row, decoding) is looked up as two: XLA rewrites a gather of one index as a
+    dynamic slice, and a table split over the vocabulary (``tensor``) must then be all-gathered whole on every
+    step to take it (1.2 GB a step for Qwen3-8B on ``tensor=8``); a gather of several rows is split by the
+    compiler as it should be, each device taking the rows it holds.
+    """
+    if ids.size == 1:
+        flat = ids.reshape(1)
+        return table[jnp.concatenate([flat, flat])][:1].reshape(*ids.shape, table.shape[-1])
+    return table[ids]
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate ``x`` ``[B, T, H, Dh]`` by the tables ``[B, T, Dh]`` (rotate-half convention)."""
     half = x.shape[-1] // 2
@@ -550,7 +564,7 @@ class Decoder(nnx.Module):
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
         allowed = causal[None] & mask[:, None, :]
-        x = self.embedding[...][ids]
+        x = embed_tokens(self.embedding[...], ids)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
         use_dropout = lora is not None and lora.key is not None
         attend = functools.partial(attention, impl=self.attention_impl or "einsum", segments=mask,
@@ -637,7 +651,7 @@ class Decoder(nnx.Module):
         key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
         causal = jnp.arange(cache.valid.shape[1])[None, :] <= (cache.index + jnp.arange(t))[:, None]
         allowed = causal[None] & key_valid[:, None, :]
-        x = self.embedding[...][ids]
+        x = embed_tokens(self.embedding[...], ids)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, self.dtype)
         scale = None if lora is None else lora.scale
         if cache.stacked:
