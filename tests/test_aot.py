@@ -200,7 +200,16 @@ def test_workloads_from_the_papers_configs():
     assert {"proposal", "fill", "train", "answer_k", "sft"} <= {p.name for p in search.programs}
     restem = aot.workload_from_config("experiments/restem-qwen3-8b.toml", shapes)
     assert "sft" in [p.name for p in restem.programs]
+    # the configs whose passages are SEAL's take its layout, and its tables; CPT trains on data=2,tensor=4
+    for workload in (restem, search):
+        assert (workload.mesh, workload.train_mesh) == (seal.mesh, seal.train_mesh)
+    for name in ("restem", "templates-archive"):
+        on_v5p = aot.workload_from_config(f"experiments/{name}-qwen3-8b.toml", shapes, target="tpu-v5p-8")
+        assert (on_v5p.mesh, on_v5p.train_mesh) == (v5p.mesh, v5p.train_mesh)
+    continual = aot.workload_from_config("experiments/continual-qwen3-8b.toml", shapes)
+    assert (continual.mesh, continual.train_mesh) == (seal.mesh, None)
     cpt = aot.workload_from_config("experiments/cpt-qwen3-8b.toml", shapes)
+    assert (cpt.mesh, cpt.train_mesh) == (seal.mesh, "data=2,tensor=4")
     train = next(p for p in cpt.programs if p.name == "train")
     # 3 conditions' adapters on SEAL's 200 passages, each with its text and 5 self-edits of 15 sequences
     assert cpt.candidates == 0 and train.args["candidates"] == 3 and train.args["sequences"] == 200 * 76

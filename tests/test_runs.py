@@ -110,6 +110,29 @@ def test_accelerator_configs_carry_the_protocol():
         assert fields_of(search.sft_train_spec(), SEAL_SFT_TRAIN) == expected(SEAL_SFT_TRAIN)
 
 
+def test_every_qwen3_8b_config_lays_out_each_target_the_readme_runs_it_on():
+    """Each Qwen3-8B config runs as it stands on h100-8, tpu-v5p-16, the 4-chip tpu-v5p-8 and tpu-v5e-8:
+    its top-level meshes or its ``[hardware.<target>]`` table's lay out that target's devices (``seal-jax
+    run`` would stop at once otherwise)."""
+    from seal_jax.lm.types import mesh_lays_out, parse_mesh_spec
+    from seal_jax.targets import get_target
+
+    paths = sorted(EXPERIMENTS.glob("*-qwen3-8b.toml"))
+    assert len(paths) == 7
+    for path in paths:
+        config = runs.load_config(path)
+        for name in ("h100-8", "tpu-v5p-16", "tpu-v5p-8", "tpu-v5e-8"):
+            chips = get_target(name).chips
+            resolved, _ = runs.on_hardware(config, name, devices=chips)
+            knowledge = getattr(resolved, "knowledge", resolved)
+            for mesh in (knowledge.mesh, knowledge.train_mesh):
+                assert not mesh or mesh_lays_out(parse_mesh_spec(mesh), chips), (path.name, name, mesh)
+    # a config whose mesh is for 8 devices and has no table for the 4-chip v5p-8 would stop there
+    bare = RunConfig.from_dict({"name": "r", "model": "m", "mesh": "data=2,fsdp=1,tensor=4"})
+    with pytest.raises(RunConfigError, match="does not lay out this run's 4 devices"):
+        runs.on_hardware(bare, "tpu-v5p-8", devices=get_target("tpu-v5p-8").chips)
+
+
 def test_on_hardware_applies_the_table_of_the_devices_target(monkeypatch):
     """``seal-jax run`` asks which target its devices are only for a config with ``[hardware]`` tables, applies
     that target's table, says so, and checks that the mesh lays out its devices; ``--target`` names one."""
