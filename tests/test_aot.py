@@ -8,6 +8,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -494,21 +495,41 @@ def test_no_program_all_reduces_full_vocabulary_logits():
         assert not wide, (name, wide)
 
 
-def test_decoding_one_row_takes_its_token_from_the_split_embedding_without_gathering_it():
-    """A batch of one row (continual learning's self-edits) on a tensor-split mesh: each decode step looks up
-    one token's embedding, and the program does so without all-gathering the vocabulary-split table (as a
-    one-index lookup compiles to a dynamic slice, it did: 1.2 GB a step for Qwen3-8B on h100-8's tensor=8)."""
+def test_one_token_is_taken_from_the_split_embedding_without_gathering_it():
+    """A decode step of one row looks up one token's embedding. Compiled for 8 H100s with the table split over
+    the vocabulary, ``embed_tokens`` takes it where it lies (an all-reduce of the row) where plain indexing
+    all-gathers the table (XLA lowers a one-index lookup to a dynamic slice: 1.2 GB a step for Qwen3-8B on
+    tensor=8, when continual learning's one-row self-edits decoded there). A GPU decodes one row as two
+    (``batch_bucket``), so this is the lookup TPUs and a one-row prefill do."""
     import re
 
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from seal_jax.lm.model import embed_tokens
+
     mesh = shd.make_mesh("data=1,fsdp=4,tensor=2", devices=targets.devices("h100-8"))
-    lm = sj.LM.abstract(TINY, mesh=mesh, dtype="bfloat16")
-    rows = f"[{TINY.vocab_size},"  # an array of vocabulary rows: the table, or its fsdp-split columns
-    for batch in (1, 2):
-        text = lm.lower_generate(batch, 16, 8)["decode"].compile().as_text()
-        # the shapes of every all-gather (an async one's tuple holds its operand's and its result's)
-        gathered = re.findall(r"= (\(?[^=]*?) all-gather(?:-start)?\(", text)
-        assert gathered, batch  # sampling still gathers each row's [V] logits: the pattern finds all-gathers
-        assert not [g for g in gathered if rows in g], (batch, gathered)
+    table = jax.ShapeDtypeStruct((256, 64), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("tensor", "fsdp")))
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+
+    def gathered(fn):  # the shapes of every all-gather (an async one's tuple holds its operand's and result's)
+        return re.findall(r"= (\(?[^=]*?) all-gather(?:-start)?\(", jax.jit(fn).lower(table, ids).compile().as_text())
+
+    assert [g for g in gathered(lambda t, i: t[i]) if "[256," in g]  # plain indexing gathers the table's rows
+    assert gathered(embed_tokens) == []
+
+
+def test_a_gpu_decodes_one_row_as_two():
+    """On a GPU a one-row generation runs the two-row program (its matmuls as GEMMs: a one-row step's are
+    multiply-and-reduce fusions that write weight-sized products, 2.2x the bytes of a two-row step for
+    Qwen3-8B on h100-8); on TPUs and CPUs it stays one row."""
+    from seal_jax.lm import sampling
+
+    gpu = shd.make_mesh("data=1,fsdp=4,tensor=2", devices=targets.devices("h100-8"))
+    assert [sampling.batch_bucket(n, gpu) for n in (1, 2, 3)] == [2, 2, 4]
+    assert sampling.batch_bucket(1, shd.make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])) == 1
+    lm = sj.LM.abstract(TINY, mesh=gpu, dtype="bfloat16")
+    one, two = (lm.lower_generate(b, 16, 8)["decode"].as_text() for b in (1, 2))
+    assert one == two
 
 
 def test_gpu_training_reads_each_layers_weights_where_they_lie():
