@@ -54,6 +54,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.libtpu)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: without the plugin, nothing to check it against
 def pytest_xdist_make_scheduler(config, log):
     """`make test`'s `--dist loadfile`, with the libtpu files as one unit of work: each test file runs whole
     in one worker (its module fixtures built once), the libtpu files all in the same one (one process at a
@@ -64,7 +65,7 @@ def pytest_xdist_make_scheduler(config, log):
     workers, and module fixtures such as test_throughput's device script ran twice.)"""
     if config.getvalue("dist") != "loadfile":
         return None
-    from xdist.scheduler import LoadFileScheduling  # deferred: pytest-xdist is there only when -n is given
+    from xdist.scheduler import LoadFileScheduling  # deferred: called only when pytest-xdist runs workers
 
     class ByFile(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:

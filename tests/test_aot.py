@@ -499,8 +499,8 @@ def test_one_token_is_taken_from_the_split_embedding_without_gathering_it():
     """A decode step of one row looks up one token's embedding. Compiled for 8 H100s with the table split over
     the vocabulary, ``embed_tokens`` takes it where it lies (an all-reduce of the row) where plain indexing
     all-gathers the table (XLA lowers a one-index lookup to a dynamic slice: 1.2 GB a step for Qwen3-8B on
-    tensor=8, when continual learning's one-row self-edits decoded there). A GPU decodes one row as two
-    (``batch_bucket``), so this is the lookup TPUs and a one-row prefill do."""
+    tensor=8, when continual learning's one-row self-edits decoded there). A GPU now decodes one row as two
+    (``batch_bucket``); a TPU's one-row decode takes its token this way."""
     import re
 
     from jax.sharding import NamedSharding, PartitionSpec
@@ -521,12 +521,15 @@ def test_one_token_is_taken_from_the_split_embedding_without_gathering_it():
 def test_a_gpu_decodes_one_row_as_two():
     """On a GPU a one-row generation runs the two-row program (its matmuls as GEMMs: a one-row step's are
     multiply-and-reduce fusions that write weight-sized products, 2.2x the bytes of a two-row step for
-    Qwen3-8B on h100-8); on TPUs and CPUs it stays one row."""
+    Qwen3-8B on h100-8); on CPUs (and TPUs) it stays one row."""
     from seal_jax.lm import sampling
 
     gpu = shd.make_mesh("data=1,fsdp=4,tensor=2", devices=targets.devices("h100-8"))
     assert [sampling.batch_bucket(n, gpu) for n in (1, 2, 3)] == [2, 2, 4]
+    assert sampling.batch_bucket(1, gpu, decode=False) == 1  # rows scored whole: a matmul row per token
     assert sampling.batch_bucket(1, shd.make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])) == 1
+    # the planner, given mesh sizes only, is told the platform
+    assert [sampling.batch_bucket(1, None, platform=p) for p in ("gpu", "tpu", "cpu")] == [2, 1, 1]
     lm = sj.LM.abstract(TINY, mesh=gpu, dtype="bfloat16")
     one, two = (lm.lower_generate(b, 16, 8)["decode"].as_text() for b in (1, 2))
     assert one == two

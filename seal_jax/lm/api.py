@@ -747,7 +747,7 @@ class LM:
         targets = np.zeros_like(mask)
         for i, t in enumerate(tails):
             targets[i, width - len(t):] = 1
-        b = sampling.batch_bucket(len(rows), self.mesh)  # dummy rows (one token, scored nothing) fill the batch
+        b = sampling.batch_bucket(len(rows), self.mesh, decode=False)  # dummy rows (one token, scored nothing) fill the batch
         if b > len(rows):
             pad = b - len(rows)
             ids = np.concatenate([ids, np.full((pad, width), self._pad_id(), ids.dtype)])

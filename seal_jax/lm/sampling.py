@@ -346,14 +346,19 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def batch_bucket(n: int, mesh: Mesh | None = None) -> int:
-    """The padded batch size for ``n`` rows: a power of two, and a multiple of the mesh's ``data`` axis; on a
-    GPU at least two. (The GPU compiler lowers a one-row step's matmuls to multiply-and-reduce fusions that
-    write every weight-sized product before summing it: Qwen3-8B's one-row decode step on h100-8's
-    ``tensor=8`` moves 4.36 GB, a two-row one 2.02 GB.)"""
+def batch_bucket(n: int, mesh: Mesh | None = None, *, decode: bool = True, platform: str | None = None) -> int:
+    """The padded batch size for ``n`` rows: a power of two, and a multiple of the mesh's ``data`` axis; for
+    decoding on a GPU at least two. (The GPU compiler lowers a one-row step's matmuls to multiply-and-reduce
+    fusions that write every weight-sized product before summing it: Qwen3-8B's one-row decode step on
+    h100-8's ``tensor=8`` moves 4.36 GB, a two-row one 2.02 GB.) ``decode=False``: rows scored whole, whose
+    matmuls have a row per token. ``platform``: the mesh's (:func:`~seal_jax.lm.sharding.platform`) unless
+    given, as the planner does for a mesh of sizes only."""
     b = _pow2(n)
-    if (mesh is None or isinstance(mesh, Mesh)) and shd.platform(mesh) == "gpu":
-        b = max(b, 2)
+    if decode and b < 2:
+        if platform is None and (mesh is None or isinstance(mesh, Mesh)):
+            platform = shd.platform(mesh)
+        if platform == "gpu":
+            b = 2
     if mesh is not None:
         d = int(mesh.shape["data"])
         b = -(-b // d) * d
