@@ -352,7 +352,7 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload,
     unrolled = (w.train_layers or train_layers_for(on)) == "unrolled"
     layer_copy = layer_weight_bytes_per_device(config, mesh, w.dtype) if unrolled and layer_storage_for(on) == "stacked" else 0
     train = weights + layer_copy + lora_params + lora_state + accumulators + activations + logits
-    b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh), platform=on)  # type: ignore[arg-type]
+    b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh), platform=on, stacked=w.candidates)  # type: ignore[arg-type]
     kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
     s = w.cache_slots
     kv_cache = 2 * config.num_layers * w.candidates * (b_pad // mesh["data"]) * s * kv_heads * config.head_dim * act
@@ -432,7 +432,7 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
                      (passes - 1) * gathered / hw.hbm_bandwidth,
                      (passes - 1) * gather_comm)
 
-    b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh), platform=hw.platform)  # type: ignore[arg-type]
+    b_pad = batch_bucket(w.sample_batch, _MeshShape(mesh), platform=hw.platform, stacked=w.candidates)  # type: ignore[arg-type]
     srows = w.candidates * b_pad // mesh["data"]
     s, p_len = w.cache_slots, w.prompt_tokens
     prefill_attn = 2 * kernel_matmul(p_len)

@@ -532,9 +532,14 @@ def test_a_gpu_decodes_one_row_as_two():
     assert sampling.batch_bucket(1, shd.make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])) == 1
     # the planner, given mesh sizes only, is told the platform
     assert [sampling.batch_bucket(1, None, platform=p) for p in ("gpu", "tpu", "cpu")] == [2, 1, 1]
+    # one row under K >= 2 stacked adapters already gives the matmuls K rows: no padding
+    assert [sampling.batch_bucket(1, gpu, stacked=k) for k in (1, 2, 4)] == [2, 1, 1]
     lm = sj.LM.abstract(TINY, mesh=gpu, dtype="bfloat16")
     one, two = (lm.lower_generate(b, 16, 8)["decode"].as_text() for b in (1, 2))
     assert one == two
+    adapters = lm.abstract_adapters(3, LoraSpec(rank=4, targets=("q_proj", "v_proj")))
+    one, two = (lm.lower_generate(b, 16, 8, adapters=adapters)["decode"].as_text() for b in (1, 2))
+    assert one != two and "tensor<3x1xi1>" in one  # the rows' done flags, [K, 1]
 
 
 def test_gpu_training_reads_each_layers_weights_where_they_lie():

@@ -346,15 +346,18 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def batch_bucket(n: int, mesh: Mesh | None = None, *, decode: bool = True, platform: str | None = None) -> int:
+def batch_bucket(n: int, mesh: Mesh | None = None, *, decode: bool = True, platform: str | None = None,
+                 stacked: int = 1) -> int:
     """The padded batch size for ``n`` rows: a power of two, and a multiple of the mesh's ``data`` axis; for
-    decoding on a GPU at least two. (The GPU compiler lowers a one-row step's matmuls to multiply-and-reduce
-    fusions that write every weight-sized product before summing it: Qwen3-8B's one-row decode step on
-    h100-8's ``tensor=8`` moves 4.36 GB, a two-row one 2.02 GB.) ``decode=False``: rows scored whole, whose
-    matmuls have a row per token. ``platform``: the mesh's (:func:`~seal_jax.lm.sharding.platform`) unless
-    given, as the planner does for a mesh of sizes only."""
+    decoding on a GPU at least two matmul rows. (The GPU compiler lowers a one-row step's matmuls to
+    multiply-and-reduce fusions that write every weight-sized product before summing it: Qwen3-8B's one-row
+    decode step on h100-8's ``tensor=8`` moves 4.36 GB, a two-row one 2.02 GB.) ``decode=False``: rows scored
+    whole, whose matmuls have a row per token. ``stacked``: the K adapters the rows are decoded under
+    (stacked, each one's rows join the base's matmuls, so one row under K >= 2 adapters needs no padding).
+    ``platform``: the mesh's (:func:`~seal_jax.lm.sharding.platform`) unless given, as the planner does for
+    a mesh of sizes only."""
     b = _pow2(n)
-    if decode and b < 2:
+    if decode and b * max(stacked, 1) < 2:
         if platform is None and (mesh is None or isinstance(mesh, Mesh)):
             platform = shd.platform(mesh)
         if platform == "gpu":
@@ -363,6 +366,11 @@ def batch_bucket(n: int, mesh: Mesh | None = None, *, decode: bool = True, platf
         d = int(mesh.shape["data"])
         b = -(-b // d) * d
     return b
+
+
+def stacked_count(lora_scale: Any) -> int:
+    """How many stacked adapters a ``scale`` leaf holds: K for a ``[K]`` one, 1 for one adapter or none."""
+    return int(lora_scale.shape[0]) if lora_scale is not None and getattr(lora_scale, "ndim", 0) == 1 else 1
 
 
 def knob_arrays(params: SamplingParams, pad_id: int, batch: int, seeds: Sequence[int] | None = None
@@ -663,7 +671,7 @@ class Sampler:
         Returns:
           ``{"prefill": jax.stages.Lowered, "decode": jax.stages.Lowered}``.
         """
-        b = batch_bucket(batch, self.mesh)
+        b = batch_bucket(batch, self.mesh, stacked=stacked_count(None if adapters is None else adapters.scale))
         t = tok.bucket(prompt_len)
         out_len = tok.bucket(max_new_tokens)
         lw, ls = (None, None) if adapters is None else (adapters.weights, adapters.scale)
@@ -720,7 +728,7 @@ class Sampler:
         """
         lora = as_lora(adapters, config)
         n = len(prompt_ids)
-        b = batch_bucket(n, self.mesh)
+        b = batch_bucket(n, self.mesh, stacked=stacked_count(None if lora is None else lora.scale))
         t = tok.bucket(max(len(p) for p in prompt_ids))
         out_len = tok.bucket(params.max_new_tokens)
         rows = [list(p) for p in prompt_ids] + [[pad_id]] * (b - n)
