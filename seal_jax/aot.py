@@ -523,8 +523,9 @@ def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, s
     """The ways to lay the training programs out that a search tries beside each generation mesh, as
     ``(train_mesh, train_weights)``: the workload's own; on the generation mesh itself; on ``data=<chips>``,
     the candidates' lanes over every device, with the base replicated or (with remat) split FSDP-style; and on
-    each tensor-parallel mesh without ``fsdp`` (``data=2,tensor=4`` …), which may train faster than the mesh
-    that generates fastest (:func:`search_layouts` leaves out the one that is the generation mesh itself)."""
+    each other mesh of :func:`candidate_meshes` (``data=2,tensor=4``, ``data=4,fsdp=2``, …, the base split by
+    the mesh's own rules), which may train faster than the mesh that generates fastest
+    (:func:`search_layouts` leaves out the one that is the generation mesh itself)."""
     own = (workload.train_mesh, workload.train_weights)
     if workload.train_mesh and not mesh_lays_out(shd.parse_mesh_spec(workload.train_mesh), chips):
         own = (None, "replicated")  # a config's train mesh for another device count (data=8 on 4 chips)
@@ -537,8 +538,9 @@ def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, s
             options.append((f"data={chips}", "fsdp"))
     for spec in candidate_meshes(chips, workload.config):
         sizes = shd.parse_mesh_spec(spec)
-        if sizes["fsdp"] == 1 and sizes["tensor"] > 1:
-            options.append((f"data={sizes['data']},tensor={sizes['tensor']}", "replicated"))
+        if sizes["fsdp"] > 1 or sizes["tensor"] > 1:  # (data=<chips> is above)
+            options.append((",".join(f"{axis}={n}" for axis, n in sizes.items() if axis == "data" or n > 1),
+                            "replicated"))
     unique: dict[tuple[Any, ...], tuple[str | None, str]] = {}  # one per layout, however its spec is written
     for mesh, weights in options:
         unique.setdefault((_layout_key(mesh), weights), (mesh, weights))
@@ -689,8 +691,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--only", default=None, help="comma-separated program names (answer, self_edit, train, …)")
     parser.add_argument("--search", action="store_true",
-                        help="compile on every sensible mesh layout of the target and rank those that fit by "
-                             "roofline time (ignores --mesh)")
+                        help="compile on every sensible mesh layout of the target, each with the training "
+                             "programs on every training layout, and rank those that fit by roofline time; with "
+                             "--mesh, that generation mesh only (its training layouts searched)")
     parser.add_argument("--passages-per-program", type=int, default=None, metavar="P",
                         help="passages that share each program (overrides a knowledge or ReST-EM config's "
                              "passages_per_program; the base answers, self-edits and training then count 1/P "
@@ -751,7 +754,8 @@ def main(args: argparse.Namespace) -> int:
                     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                     Path(args.json).write_text(json.dumps(entries, indent=1, default=_json_default))
 
-            entries = search_layouts(workload, args.target, only=only, on_row=show, on_entry=save)
+            entries = search_layouts(workload, args.target, only=only, meshes=[args.mesh] if args.mesh else None,
+                                     on_row=show, on_entry=save)
         else:
             report = compile_workload(workload, args.target, only=only, on_row=show)
     except (CompileError, TargetError, ConfigError, FileNotFoundError, ValueError) as error:

@@ -281,16 +281,24 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     workload = dataclasses.replace(tiny_workload(TINY, "qwen3"), remat="minimal")
     meshes = ["data=1,fsdp=8,tensor=1", "data=8,fsdp=1,tensor=1", "data=2,fsdp=4,tensor=1", "data=4,fsdp=1,tensor=2"]
     # beside each mesh the training programs also run on data=8, with the base replicated and FSDP-split, and
-    # on each tensor-parallel mesh without fsdp (the tiny model's 2 KV heads allow tensor=2)
-    assert aot.training_layouts(workload, 8) == [(None, "replicated"), ("data=8", "replicated"), ("data=8", "fsdp"),
-                                                 ("data=4,tensor=2", "replicated")]
+    # on each other mesh the model splits on (the tiny model's 2 KV heads allow tensor=2), written short
+    assert aot.training_layouts(workload, 8) == [
+        (None, "replicated"), ("data=8", "replicated"), ("data=8", "fsdp"),
+        ("data=4,fsdp=2", "replicated"), ("data=2,fsdp=4", "replicated"), ("data=1,fsdp=8", "replicated"),
+        ("data=4,tensor=2", "replicated"), ("data=2,fsdp=2,tensor=2", "replicated"),
+        ("data=1,fsdp=4,tensor=2", "replicated")]
     assert ("data=8", "fsdp") not in aot.training_layouts(dataclasses.replace(workload, remat="none"), 8)
     own = dataclasses.replace(workload, train_mesh="data=8", train_weights="fsdp")
     assert aot.training_layouts(own, 8)[0] == ("data=8", "fsdp")
     assert aot.training_layouts(own, 4) == [(None, "replicated"), ("data=4", "replicated"), ("data=4", "fsdp"),
-                                            ("data=2,tensor=2", "replicated")]
+                                            ("data=2,fsdp=2", "replicated"), ("data=1,fsdp=4", "replicated"),
+                                            ("data=2,tensor=2", "replicated"), ("data=1,fsdp=2,tensor=2", "replicated")]
+    assert all(aot.mesh_lays_out(shd.parse_mesh_spec(m), 8) for m, _ in aot.training_layouts(workload, 8) if m)
     compiled = []
-    entries = aot.search_layouts(workload, "h100-8", only=["train"], meshes=meshes, on_row=compiled.append)
+    # (four of them here, to keep the test short; the search takes them all by default)
+    layouts = [(None, "replicated"), ("data=8", "replicated"), ("data=8", "fsdp"), ("data=4,tensor=2", "replicated")]
+    entries = aot.search_layouts(workload, "h100-8", only=["train"], meshes=meshes, train_layouts=layouts,
+                                 on_row=compiled.append)
     # a mesh trains on itself once: not again as its own train mesh (data=8 replicated, data=4,tensor=2)
     assert len(entries) == 4 * 4 - 2 and all(e["fits"] for e in entries)
     assert not any(e["mesh"] == meshes[3] and e["train_mesh"] == "data=4,tensor=2" for e in entries)
@@ -332,12 +340,17 @@ def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     assert set(fsdp["train"]["collectives"]) == {"all-gather"} and replica["train"]["collectives"] == {}
     assert fsdp["train"]["argument_bytes"] < replica["train"]["argument_bytes"]
     out = tmp_path / "search.json"
+    # --mesh with --search: that generation mesh, with every training layout but itself
     assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "-k", "2", "--only", "train",
-                     "--sequences", "2", "--seq-len", "32", "--search", "--json", str(out)]) == 0
+                     "--sequences", "2", "--seq-len", "32", "--search", "--mesh", "data=2,fsdp=4",
+                     "--json", str(out)]) == 0
     captured = capsys.readouterr()
     printed = captured.out
     ranked = json.loads(out.read_text())
-    assert len(ranked) == len(aot.candidate_meshes(8, TINY)) * 4 - 2  # as above
+    assert {e["mesh"] for e in ranked} == {"data=2,fsdp=4"}
+    assert len(ranked) == 9 - 1  # the nine training layouts above (remat minimal, the CLI's default)
+    assert not any(e["train_mesh"] == "data=2,fsdp=4" for e in ranked) and any(e["train_mesh"] == "data=4,fsdp=2"
+                                                                               for e in ranked)
     # the JSON was written after each layout (a killed search keeps what it compiled)
     assert "  1 layouts compiled" in captured.err and f"  {len(ranked)} layouts compiled" in captured.err
     assert f"Best: `{ranked[0]['mesh']}`, training " in printed and "| 1 | `" in printed and "FSDP" in printed
