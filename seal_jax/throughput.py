@@ -50,8 +50,10 @@ import numpy as np
 import seal_jax as sj
 from seal_jax import hlo, plan
 from seal_jax.ceilings import best_time, copy_bandwidth, matmul_flops, read_bandwidth
+from seal_jax.lm import attention as attn
 from seal_jax.lm import sharding as shd
-from seal_jax.lm.config import ConfigError, from_hf, preset
+from seal_jax.lm import weights
+from seal_jax.lm.config import ConfigError, ModelConfig, from_hf, preset
 from seal_jax.selfedit.run_config import SELFEDIT_SAMPLING
 
 # SEAL samples its self-edits (temperature 1, top-p 0.95): the suite's self-edit rows do, with the reference's
@@ -570,6 +572,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: data = number of devices)")
     parser.add_argument("--candidates", type=int, default=None, help="K self-edits per passage (default 5, SEAL)")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default on GPU/TPU) or float32 (default on CPU)")
+    parser.add_argument("--attention", default=None, choices=attn.IMPLEMENTATIONS,
+                        help="attention implementation (default: the platform's, einsum on CPU, splash on TPU, "
+                             "triton on GPU; a fused kernel is first checked against the einsum on this machine "
+                             "and, if it fails, chunked runs instead)")
     parser.add_argument("--no-roofline", action="store_true",
                         help="skip compiling each program again for its roofline (saves compile time)")
 
@@ -580,24 +586,46 @@ def wants_suite(args: argparse.Namespace) -> bool:
                 or getattr(args, "candidates", None) or getattr(args, "mesh", None))
 
 
-def _load(args: argparse.Namespace, dtype: str, mesh: Any) -> tuple[Any, str]:
+def _config(args: argparse.Namespace) -> ModelConfig:
+    """The architecture the suite runs: the preset's, or the model folder's ``config.json``."""
     if args.preset and not args.random_weights:
         raise BenchError(f"--preset {args.preset} has no weights: add --random-weights, or pass --model DIR")
+    try:
+        if args.preset:
+            return preset(args.preset)
+        return from_hf(args.model if args.random_weights else weights.resolve_checkpoint(args.model))
+    except ConfigError as error:
+        raise BenchError(str(error)) from None
+
+
+def _load(args: argparse.Namespace, config: ModelConfig, dtype: str, mesh: Any, attention: str | None) -> tuple[Any, str]:
     if args.random_weights:
-        try:
-            if args.preset:
-                return sj.LM.random(preset(args.preset), mesh=mesh, dtype=dtype), f"preset {args.preset}, random weights"
-            return sj.LM.random(from_hf(args.model), mesh=mesh, dtype=dtype), f"{args.model}/config.json, random weights"
-        except ConfigError as error:
-            raise BenchError(str(error)) from None
-    return sj.load(args.model, dtype=dtype, mesh=mesh), f"{args.model}"
+        what = f"preset {args.preset}" if args.preset else f"{args.model}/config.json"
+        return sj.LM.random(config, mesh=mesh, dtype=dtype, attention=attention), f"{what}, random weights"
+    return sj.load(args.model, dtype=dtype, mesh=mesh, attention=attention), f"{args.model}"
+
+
+def choose_attention(requested: str | None, platform_: str, check: Callable[[str], str | None]
+                     ) -> tuple[str | None, str | None]:
+    """The attention implementation the suite builds its model with, and why it is not the platform's
+    default (or None): the one ``requested``; else, on a TPU or GPU, the platform's fused kernel if
+    ``check(kernel)`` (:func:`~seal_jax.lm.attention.check_kernel` on this machine) finds nothing wrong, and
+    ``"chunked"`` if it does, so that one run on a machine whose JAX rejects the kernel still measures
+    everything."""
+    if requested is not None or platform_ not in ("tpu", "gpu"):
+        return requested, None
+    kernel = attn.implementation_for(platform_)
+    reason = check(kernel)
+    if reason is None:
+        return None, None
+    return "chunked", f"the {kernel} kernel failed its check on this machine ({reason}); ran chunked"
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The rows as a Markdown table, with the machine and the evaluations per hour."""
     m = report["machine"]
     lines = [f"{report['model']} on {m['devices']} × {m['device_kind']} ({m['platform']}, mesh {report['mesh']}, "
-             f"{report['dtype']}); peaks per device {m['peak_flops'] / 1e12:.3g} TFLOP/s, "
+             f"{report['dtype']}, attention {report.get('attention')}); peaks per device {m['peak_flops'] / 1e12:.3g} TFLOP/s, "
              f"{m['peak_bandwidth'] / 1e9:.4g} GB/s ({m['peak_source'].split(':')[0]}); measured: matmul "
              f"{m['ceilings']['matmul_flops'] / 1e12:.3g} TFLOP/s, read {m['ceilings']['read_bandwidth'] / 1e9:.4g} "
              f"GB/s, copy {m['ceilings']['copy_bandwidth'] / 1e9:.4g} GB/s",
@@ -615,6 +643,8 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{pct(r['bandwidth_fraction'])} | {num(r['roofline_s'])} | {num(r['vs_roofline'], '.2f')} | "
                      f"{num(r['reference_s'])} | {num(r['ratio'], '.2f', '×')} |")
     summary = report.get("summary") or {}
+    if report.get("attention_note"):
+        lines.append(f"\nattention: {report['attention_note']}")
     if summary.get("evaluations_per_hour"):
         lines.append(f"\none passage (K = {summary['candidates']}): {summary['evaluation_seconds']:.3g} s → "
                      f"{summary['evaluations_per_hour']:.4g} self-edit evaluations per hour on this machine")
@@ -638,7 +668,15 @@ def main(args: argparse.Namespace) -> int:
         mesh = shd.make_mesh(spec) if len(devices) > 1 or args.mesh else None
     except shd.MeshError as error:
         raise BenchError(f"--mesh {spec}: {error}") from None
-    lm, source = _load(args, dtype, mesh)
+    config = _config(args)
+    first = list(mesh.devices.flat)[0] if mesh is not None else devices[0]
+    attention, fallback = choose_attention(
+        args.attention, platform_,
+        lambda kernel: attn.check_kernel(kernel, heads=config.num_heads, kv_heads=config.num_kv_heads,
+                                         head_dim=config.head_dim, dtype=dtype, device=first))
+    if fallback:
+        print(f"attention: {fallback}", flush=True)
+    lm, source = _load(args, config, dtype, mesh, attention)
     weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in lm.param_structs().values())
     ceilings = measure_ceilings(platform_, dtype, quick, working_set=weight_bytes)
     peaks = device_peaks(list(mesh.devices.flat) if mesh is not None else devices[:1], ceilings)
@@ -665,7 +703,8 @@ def main(args: argparse.Namespace) -> int:
                "ceilings": ceilings, "host": platform.node(), "cpu": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "jax": jax.__version__}
     report: dict[str, Any] = {"suite": "seal-workload", "model": source, "mesh": spec if mesh is not None else "one device",
-                              "dtype": dtype, "shapes": dataclasses.asdict(shapes), "machine": machine,
+                              "dtype": dtype, "attention": lm.model.attention_impl, "attention_note": fallback,
+                              "shapes": dataclasses.asdict(shapes), "machine": machine,
                               "reference": None if reference is None else f"transformers on {reference.device}",
                               "rows": [], "summary": None}
 

@@ -90,6 +90,38 @@ def test_dispatch_by_platform_and_errors():
     # a model built with an implementation keeps it
     assert sj.LM(Decoder(preset("tiny"), rngs=nnx.Rngs(0), attention_impl="chunked"), None).model.attention_impl == (
         "chunked")
+    # one given to the LM overrides the platform's (a machine whose JAX rejects the kernel runs "chunked")
+    assert sj.LM.abstract("tiny", mesh=gpu, attention="chunked").model.attention_impl == "chunked"
+    assert sj.LM.random("tiny", dtype="float32", attention="chunked").model.attention_impl == "chunked"
+    with pytest.raises(AttentionError, match="attention 'flash' is not an implementation; choose one of"):
+        sj.LM.random("tiny", attention="flash")
+
+
+def test_a_kernel_is_checked_against_the_einsum_on_the_machine(monkeypatch):
+    """``check_kernel``: None where the kernel runs and agrees (here Pallas' interpreter), else the reason in one
+    line: a kernel that gives wrong numbers, or one that a new JAX rejects."""
+    shape = dict(heads=4, kv_heads=2, head_dim=64, dtype=jnp.float32)
+    assert attn.check_kernel("triton", **shape) is None
+    assert attn.check_kernel("splash", **shape) is None
+    # the backward pass is checked too: a kernel whose gradients are wrong is found
+    real_local = attn._triton_local
+
+    @jax.custom_vjp
+    def wrong_grads(q, k, v, seg):
+        return real_local(q, k, v, seg, interpret=True)
+
+    wrong_grads.defvjp(lambda q, k, v, seg: (wrong_grads(q, k, v, seg), (q, k, v, seg)),
+                       lambda res, g: (jnp.zeros_like(res[0]), jnp.zeros_like(res[1]), jnp.zeros_like(res[2]), None))
+    monkeypatch.setattr(attn, "_triton_local", lambda q, k, v, seg, interpret: wrong_grads(q, k, v, seg))
+    assert attn.check_kernel("triton", **shape).startswith("its dq differs from the einsum's by 1 of the largest")
+
+    def rejected(q, k, v, seg, interpret):
+        raise TypeError("mha() got an unexpected keyword argument 'sm_scale'")
+
+    monkeypatch.setattr(attn, "_triton_local", rejected)
+    assert attn.check_kernel("triton", **shape) == "TypeError: mha() got an unexpected keyword argument 'sm_scale'"
+    with pytest.raises(AttentionError, match="check_kernel takes a fused kernel"):
+        attn.check_kernel("einsum", **shape)
 
 
 # no mesh; heads over tensor; heads over fsdp (no tensor); rows over data kept whole and split

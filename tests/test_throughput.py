@@ -124,6 +124,29 @@ def test_device_kinds_map_to_the_peak_table():
     assert throughput.hardware_for("cpu") is None
 
 
+def test_a_kernel_that_fails_its_check_leaves_the_suite_on_chunked_attention(report):
+    """On a TPU or GPU the suite checks the platform's fused attention kernel on the machine first and runs
+    "chunked" if it fails (one run on a machine whose JAX rejects the kernel still measures everything);
+    --attention chooses; a CPU runs its einsum unchecked. The report says which ran, and why."""
+    data, _ = report
+    assert data["attention"] == "einsum" and data["attention_note"] is None
+    asked = []
+
+    def failing(kernel):
+        asked.append(kernel)
+        return "TypeError: mha() got an unexpected keyword argument"
+
+    assert throughput.choose_attention(None, "gpu", failing) == (
+        "chunked", "the triton kernel failed its check on this machine (TypeError: mha() got an unexpected keyword "
+        "argument); ran chunked")
+    assert throughput.choose_attention(None, "tpu", lambda kernel: None) == (None, None)
+    assert throughput.choose_attention("einsum", "gpu", failing) == ("einsum", None)
+    assert throughput.choose_attention(None, "cpu", failing) == (None, None)
+    assert asked == ["triton"]
+    table = throughput.format_table({**data, "attention": "chunked", "attention_note": "the triton kernel failed"})
+    assert "attention chunked)" in table and "\nattention: the triton kernel failed" in table
+
+
 def test_bad_requests_are_named(capsys):
     with pytest.raises(throughput.BenchError, match="exceeds the model's context of 512 tokens; use --quick"):
         throughput.SuiteShapes().check(preset("tiny").max_position_embeddings)

@@ -143,21 +143,33 @@ def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None
     return train_mesh
 
 
+def _attention(attention: str | None) -> str | None:
+    if attention is not None and attention not in attn.IMPLEMENTATIONS:
+        raise attn.AttentionError(f"attention {attention!r} is not an implementation; choose one of "
+                                  f"{list(attn.IMPLEMENTATIONS)}, or None for the platform's default")
+    return attention
+
+
 class LM:
     """A loaded language model: config, tokenizer, parameters (possibly sharded) and jitted entry points.
 
     Create it with :meth:`LM.load` (or :func:`seal_jax.load`). ``layer_storage`` (one of
     ``model.LAYER_STORAGE``, default by the mesh's platform: ``"split"`` on GPUs, ``"stacked"`` elsewhere) is
     how the layer weights are held on the devices (see :class:`~seal_jax.lm.model.LayerStack`); the programs'
-    results do not depend on it.
+    results do not depend on it. ``attention`` (one of ``attention.IMPLEMENTATIONS``, default by the mesh's
+    platform: ``"einsum"`` on CPUs, the fused kernels ``"splash"`` on TPUs and ``"triton"`` on GPUs) is how T
+    tokens attend to their own keys; ``"chunked"`` runs anywhere without a kernel, for a machine whose
+    JAX rejects one (``attention.check_kernel`` says).
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None,
                  train_mesh: Mesh | str | None = None, layer_storage: str | None = None,
-                 train_weights: str = "replicated"):
+                 train_weights: str = "replicated", attention: str | None = None):
         # attention's implementation follows the platform the programs run on (the mesh's devices), unless
-        # the model was built with one
-        if model.attention_impl is None:
+        # given or the model was built with one
+        if attention is not None:
+            model.attention_impl = _attention(attention)
+        elif model.attention_impl is None:
             model.attention_impl = attn.implementation_for(shd.platform(mesh))
         if model.train_layers is None:  # likewise how training runs the layers
             model.train_layers = train_layers_for(shd.platform(mesh))
@@ -213,6 +225,7 @@ class LM:
         train_mesh: Mesh | str | None = None,
         layer_storage: str | None = None,
         train_weights: str = "replicated",
+        attention: str | None = None,
     ) -> LM:
         """Load a Hugging Face-format model folder (or hub id, when online).
 
@@ -236,8 +249,11 @@ class LM:
             every device, no collective while training) or ``"fsdp"`` (each layer's weights split over the
             train mesh's ``data`` axis along the model width and all-gathered before the layer runs, forward
             and again backward: a replica's memory divided by ``data``, for chips too small for one).
+          attention: how T tokens attend to their own keys (see the class): ``None`` for the platform's
+            default, or one of ``"einsum"``, ``"chunked"``, ``"splash"``, ``"triton"``.
         """
         folder = weights.resolve_checkpoint(path_or_id)
+        _attention(attention)
         config = from_hf(folder)
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
@@ -253,12 +269,13 @@ class LM:
         model = build_model(config, weights.load_params(folder, config, dtype=dt, mesh=mesh, progress=progress),
                             dtype=dt, remat=remat)
         return cls(model, tokenizer, mesh=mesh, path=folder, train_mesh=train_mesh, layer_storage=layer_storage,
-                   train_weights=train_weights)
+                   train_weights=train_weights, attention=attention)
 
     @classmethod
     def abstract(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
                  remat: str | bool = "minimal", tokenizer: Any = None, train_mesh: Mesh | str | None = None,
-                 layer_storage: str | None = None, train_weights: str = "replicated") -> LM:
+                 layer_storage: str | None = None, train_weights: str = "replicated",
+                 attention: str | None = None) -> LM:
         """A model that exists only as shapes and shardings: every parameter is a ``jax.ShapeDtypeStruct``
         placed as :meth:`load` would place it on ``mesh``. Nothing is allocated; use it to lower and compile
         the engine's programs ahead of time (:meth:`lower_logits`, :meth:`lower_generate`,
@@ -268,7 +285,7 @@ class LM:
         Args:
           config: a :class:`ModelConfig` or a preset name (``"qwen3-8b"``; see ``lm.config.PRESETS``).
           mesh: a mesh or a spec such as ``"data=8"`` (over ``jax.devices()``); ``None`` for one device.
-          dtype, remat, train_mesh, layer_storage, train_weights: as in :meth:`load`.
+          dtype, remat, train_mesh, layer_storage, train_weights, attention: as in :meth:`load`.
         """
         if isinstance(config, str):
             config = preset(config)
@@ -282,14 +299,15 @@ class LM:
                                              shd.param_sharding(mesh, path, x.shape)) for path, x in flat.items()}
         nnx.replace_by_pure_dict(state, nest(placed))
         lm = cls(nnx.merge(graphdef, state), tokenizer, mesh=mesh, path=None, train_mesh=train_mesh,
-                 layer_storage=layer_storage, train_weights=train_weights)
+                 layer_storage=layer_storage, train_weights=train_weights, attention=attention)
         lm.is_abstract = True
         return lm
 
     @classmethod
     def random(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
                seed: int = 0, train_mesh: Mesh | str | None = None, remat: str | bool = "minimal",
-               train_weights: str = "replicated", tokenizer: Any = None, layer_storage: str | None = None) -> LM:
+               train_weights: str = "replicated", tokenizer: Any = None, layer_storage: str | None = None,
+               attention: str | None = None) -> LM:
         """A model with random weights, created on the devices in their shards (for benchmarks: the real
         programs at the real shapes without a checkpoint; see :func:`~seal_jax.lm.weights.random_params`).
 
@@ -298,7 +316,7 @@ class LM:
           mesh: a mesh or a spec such as ``"data=8"``; ``None`` for one device.
           dtype: ``"bfloat16"`` (default) or ``"float32"``.
           seed: the weights depend on the seed only (not on the mesh).
-          train_mesh, remat, train_weights, layer_storage: as in :meth:`load`.
+          train_mesh, remat, train_weights, layer_storage, attention: as in :meth:`load`.
           tokenizer: optional; without one, use the id-level methods (``generate_ids``, ``logits``, and
             ``train_adapters`` with token-id sequences).
         """
@@ -308,11 +326,12 @@ class LM:
             mesh = shd.make_mesh(mesh)
         _train_weights(train_weights, _train_mesh(train_mesh, mesh))
         _layer_storage(layer_storage, mesh)
+        _attention(attention)
         dt = _dtype(dtype)
         model = build_model(config, weights.random_params(config, dtype=dt, mesh=mesh, seed=seed), dtype=dt,
                             remat=remat)  # the only reference to the weights, as in load
         return cls(model, tokenizer, mesh=mesh, path=None, train_mesh=train_mesh, train_weights=train_weights,
-                   layer_storage=layer_storage)
+                   layer_storage=layer_storage, attention=attention)
 
     def _require_weights(self, what: str) -> None:
         if self.is_abstract:

@@ -46,6 +46,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from seal_jax.lm import sharding as shd
@@ -323,3 +324,54 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: 
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b, kvh, t * g, s)
     out = jax.lax.dot_general(probs, values, (((3,), (2,)), batch))
     return out.reshape(b, kvh, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h, dh).astype(q.dtype)
+
+
+def check_kernel(impl: str, *, heads: int, kv_heads: int, head_dim: int, dtype: jax.typing.DTypeLike = jnp.bfloat16,
+                 device: jax.Device | None = None) -> str | None:
+    """Run kernel ``impl`` (``"splash"`` or ``"triton"``) once on ``device`` (default: JAX's first) against the
+    einsum, forward and backward, and say what went wrong: ``None`` when it compiles, runs and agrees, else the
+    reason in one line. A check for a machine nobody has compiled this JAX's kernels on (a new jaxlib or
+    driver may reject them); where it fails, build the model with ``attention="chunked"``.
+
+    Two rows of 2 x :data:`KERNEL_BLOCK` tokens (one left-padded), the model's query-per-key head group and
+    head size (one key/value head); agreement within 5% of the reference's largest value (bfloat16) or 1e-3
+    (float32), compared on the real tokens' rows."""
+    if impl not in ("splash", "triton"):
+        raise AttentionError(f"check_kernel takes a fused kernel ('splash' or 'triton'), got {impl!r}")
+    if heads % kv_heads:
+        raise AttentionError(f"{heads} query heads do not divide into {kv_heads} key/value heads")
+    g = heads // kv_heads
+    b, t, pad = 2, 2 * KERNEL_BLOCK, 37
+    device = device or jax.devices()[0]
+    placement = Placement(shd.make_mesh("data=1", devices=[device]))
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, cot = (jax.random.normal(x, (b, t, g, head_dim), jnp.float32) for x in (keys[0], keys[3]))
+    k, v = (jax.random.normal(x, (b, t, 1, head_dim), jnp.float32) for x in keys[1:3])
+    real = jnp.arange(t)[None, :] >= jnp.array([0, pad])[:, None]  # row 1: `pad` tokens of left padding
+    allowed = real[:, None, :] & (jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :])
+    inputs = jax.device_put((q, k, v, cot * real[:, :, None, None], real, allowed), device)
+
+    def outputs(kind: str, q_: jax.Array, k_: jax.Array, v_: jax.Array, cot_: jax.Array, real_: jax.Array,
+                allowed_: jax.Array) -> tuple[jax.Array, ...]:
+        def f(q_: jax.Array, k_: jax.Array, v_: jax.Array) -> jax.Array:
+            out = attention(q_.astype(dtype), k_.astype(dtype), v_.astype(dtype), allowed_, kind,
+                            segments=real_.astype(jnp.int32), placement=placement)
+            return out.astype(jnp.float32)
+
+        out, pull = jax.vjp(f, q_, k_, v_)
+        return (out, *pull(cot_))
+
+    try:
+        got = jax.device_get(jax.jit(functools.partial(outputs, impl))(*inputs))
+        want = jax.device_get(jax.jit(functools.partial(outputs, "einsum"))(*inputs))
+    except Exception as error:  # any failure to trace, lower, compile or run is the answer
+        return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    tol = 1e-3 if jnp.dtype(dtype) == jnp.float32 else 5e-2
+    rows = np.asarray(real)[:, :, None, None]
+    for name, x, y in zip(("output", "dq", "dk", "dv"), got, want, strict=True):
+        x, y = (np.where(rows, a, 0.0) for a in (np.asarray(x), np.asarray(y)))
+        scale = max(float(np.abs(y).max()), 1e-6)
+        err = float(np.abs(x - y).max()) / scale
+        if not np.isfinite(err) or err > tol:
+            return f"its {name} differs from the einsum's by {err:.3g} of the largest value (tolerance {tol:g})"
+    return None
