@@ -121,7 +121,8 @@ class Program:
 class Workload:
     """A model, dtype, mesh and the programs of one run; ``train_mesh``: another layout of the devices that
     the training programs run on (``LM.load(train_mesh=...)``), or None, and ``train_weights`` how the base
-    weights lie there (``LM.load(train_weights=...)``)."""
+    weights lie there (``LM.load(train_weights=...)``); ``attention`` the config's attention implementation
+    (``LM.load(attention=...)``; None: the target platform's)."""
 
     name: str
     config: ModelConfig
@@ -134,6 +135,7 @@ class Workload:
     train_mesh: str | None = None
     passages: int = 1  # passages per program (passages_per_program)
     train_weights: str = "replicated"
+    attention: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,7 +307,8 @@ def workload_from_config(path: str | Path, shapes: Shapes, *, model: str | None 
     weights = train_weights or (knowledge.train_weights if trains_on else "replicated")
     return Workload(Path(path).stem, config, knowledge.dtype, mesh if mesh is not None else knowledge.mesh,
                     knowledge.remat, tuple(programs), k, source, trains_on,
-                    int(passages or getattr(knowledge, "passages_per_program", 1)) if k else 1, weights)
+                    int(passages or getattr(knowledge, "passages_per_program", 1)) if k else 1, weights,
+                    knowledge.attention)
 
 
 def workload_from_flags(model: str, shapes: Shapes, *, candidates: int, dtype: str, mesh: str | None, remat: str | bool,
@@ -432,7 +435,8 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
                            f"pass --mesh with sizes whose product is {target.chips}") from None
     try:
         lm = sj.LM.abstract(workload.config, mesh=mesh, dtype=workload.dtype, remat=workload.remat,
-                            train_mesh=workload.train_mesh, train_weights=workload.train_weights)
+                            train_mesh=workload.train_mesh, train_weights=workload.train_weights,
+                            attention=workload.attention)
     except shd.MeshError as error:
         raise CompileError(f"train mesh {workload.train_mesh!r} on {target.name}: {error}") from None
     resident = _weight_bytes(lm.param_structs()) if workload.train_mesh else 0

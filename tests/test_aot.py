@@ -269,6 +269,21 @@ def test_training_on_its_own_mesh_layout(capsys):
     assert "train mesh 'data=3'" in capsys.readouterr().err
 
 
+def test_a_configs_attention_is_what_its_programs_compile_with(tmp_path, capsys):
+    """``attention = "chunked"`` in a run config (the way out where a machine's JAX rejects the fused kernel)
+    reaches the compiled programs: no Triton kernel in them, where the GPU's default calls it."""
+    config = tmp_path / "chunked.toml"
+    config.write_text('attention = "chunked"\n' + open("experiments/seal-qwen3-8b.toml").read())
+    shapes = aot.Shapes()
+    kernel = "__gpu$xla.gpu.triton"
+    for path, want in (("experiments/seal-qwen3-8b.toml", None), (config, "chunked")):
+        workload = aot.workload_from_config(path, shapes, model="tiny", mesh="data=1", train_mesh="")
+        assert workload.attention == want
+        row = next(r for r in aot.compile_workload(workload, "h100-1", only=["answer"])["rows"]
+                   if r["program"] == "answer.prefill")
+        assert (row["custom_calls"].get(kernel, 0) > 0) == (want is None), row["custom_calls"]
+
+
 def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
     """``--search``: every sensible layout of the target, each with the training programs on it and on
     ``data=8`` (replicated and FSDP), compiled and ranked by roofline time among those that fit; each entry is

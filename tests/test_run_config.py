@@ -100,6 +100,11 @@ def test_resume_ignores_engine_settings_only():
         tiny_config("m", remat="false")
     for value in ("none", "minimal", "full", True, False):
         assert tiny_config("m", remat=value).remat == value
+    # attention: the platform's unless named; how it is computed does not change results
+    assert tiny_config("m").attention is None and tiny_config("m", attention="chunked").attention == "chunked"
+    assert config_differences(base, {**base, "attention": "chunked"}) == []
+    with pytest.raises(RunConfigError, match=r"attention must be one of \['einsum', 'chunked', 'splash', 'triton'\]"):
+        tiny_config("m", attention="flash")
 
 
 def test_passages_per_program_is_for_knowledge_and_restem_runs(tmp_path):
@@ -162,13 +167,14 @@ def test_hardware_tables_set_the_engine_settings_of_one_target(tmp_path):
     """``[hardware.<target>]`` gives a target its own mesh, train mesh, remat and passages per program over
     the top-level keys; a target without a table, or none, keeps the top-level ones."""
     hardware = {"tpu-v5p-8": {"mesh": "data=1,tensor=4", "train_mesh": "data=2,tensor=2", "passages_per_program": 1},
-                "tpu-v5e-8": {"train_mesh": "", "remat": "full"}}
+                "tpu-v5e-8": {"train_mesh": "", "remat": "full", "attention": "chunked"}}
     config = tiny_config("m", mesh="data=1,tensor=8", train_mesh="data=8", passages_per_program=2, hardware=hardware)
     v5p = config.on_target("tpu-v5p-8")
     assert (v5p.mesh, v5p.train_mesh, v5p.remat, v5p.passages_per_program) == ("data=1,tensor=4", "data=2,tensor=2",
                                                                              "minimal", 1)
     v5e = config.on_target("tpu-v5e-8")
     assert (v5e.mesh, v5e.train_mesh, v5e.remat, v5e.passages_per_program) == ("data=1,tensor=8", "", "full", 2)
+    assert (v5e.attention, v5p.attention) == ("chunked", None)
     for other in (config.on_target("h100-8"), config.on_target(None)):  # the top-level settings, no tables
         assert other == dataclasses.replace(config, hardware={})
     assert v5p.hardware == {}  # the config of a run on that target (its run_config.json)
@@ -195,6 +201,7 @@ def test_hardware_tables_set_the_engine_settings_of_one_target(tmp_path):
     ({"h100-8": {"mesh": "data=2,tensr=4"}}, r"\[hardware.h100-8\]: mesh: unknown mesh axes \['tensr'\]"),
     ({"h100-8": {"mesh": 8}}, r"\[hardware.h100-8\]: mesh must be a string like"),
     ({"h100-8": {"train_weights": "zero3"}}, r"\[hardware.h100-8\]: train_weights must be one of"),
+    ({"h100-8": {"attention": "flash"}}, r"\[hardware.h100-8\]: attention must be one of"),
     ({"h100-1": {"mesh": "", "train_mesh": ""}}, r"\[hardware.h100-1\]: train_mesh = \"\" trains on the mesh, .*"
                                                 r"set train_weights = \"replicated\" in \[hardware.h100-1\] too"),
     ({"h100-8": "data=8"}, r"hardware must hold one table per target, like \[hardware.tpu-v5p-16\]"),

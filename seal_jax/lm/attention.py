@@ -50,8 +50,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from seal_jax.lm import sharding as shd
+from seal_jax.lm.types import ATTENTION_IMPLEMENTATIONS
 
-IMPLEMENTATIONS = ("einsum", "chunked", "splash", "triton")
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 # Queries per block of "chunked" (its scores: B x H x 512 x S float32 at a time), used from CHUNKED_FROM
 # tokens on. Compiled for SEAL's Qwen3-8B training (BENCHMARKS.md, "Attention by platform"): at T = 1024,
 # blocks of 512 saved 1.9 GB of 12 on a v5e chip and cost 17% more roofline time (the blocks' recompute

@@ -38,6 +38,10 @@ REMAT_POLICIES = ("none", "minimal", "full")
 # device, or each layer's split over its data axis and gathered as the layer runs (FSDP).
 TRAIN_WEIGHTS = ("replicated", "fsdp")
 
+# How T tokens attend to their own keys (``seal_jax.load(..., attention=NAME)``; seal_jax.lm.attention): the
+# float32 einsum (CPUs' default), blocks of queries, the TPU (splash) and GPU (Triton) fused kernels.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "chunked", "splash", "triton")
+
 
 def remat_name(value: Any) -> str:
     """A remat policy's name from ``value``: one of :data:`REMAT_POLICIES`, or a bool (``True`` = "full",

@@ -249,7 +249,8 @@ def run_continual(config: ContinualConfig, out_dir: str | Path, *, resume: bool 
     pool = pool_passages(k.data)
     if lm is None:
         lm = load_model(k.model, dtype=k.dtype, mesh=k.mesh or None, tokenizer=k.tokenizer, remat=k.remat,
-                        progress=progress, train_mesh=k.train_mesh or None, train_weights=k.train_weights)
+                        progress=progress, train_mesh=k.train_mesh or None, train_weights=k.train_weights,
+                        attention=k.attention)
     graders: dict[int, BatchGrader] = {}
 
     def grader_of(model: LanguageModel) -> BatchGrader:  # a judge asks the current model

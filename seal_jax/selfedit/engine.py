@@ -77,12 +77,12 @@ class LanguageModel(Protocol):
 
 def load_model(path: str, *, dtype: str = "float32", mesh: Any = None, tokenizer: str | None = None,
                remat: str | bool = "minimal", progress: bool = True, train_mesh: Any = None,
-               train_weights: str = "replicated") -> LanguageModel:
+               train_weights: str = "replicated", attention: str | None = None) -> LanguageModel:
     """Load a Hugging Face-format folder (or hub id, online) with the engine: ``seal_jax.load``."""
     from seal_jax.lm.api import load  # deferred: jax and the engine load only when a run loads a model
 
     return load(path, dtype=dtype, mesh=mesh, tokenizer=tokenizer, remat=remat, progress=progress,
-                train_mesh=train_mesh, train_weights=train_weights)
+                train_mesh=train_mesh, train_weights=train_weights, attention=attention)
 
 
 def load_adapters(path: str | Path) -> Any:

@@ -134,7 +134,7 @@ class Models:
             self.loaded[path] = (self.loader(path) if self.loader is not None else
                                  load_model(path, dtype=c.dtype, mesh=self.mesh, tokenizer=c.tokenizer, remat=c.remat,
                                             progress=self.progress, train_mesh=c.train_mesh or None,
-                                            train_weights=c.train_weights))
+                                            train_weights=c.train_weights, attention=c.attention))
         return self.loaded[path]
 
     def keep(self, *paths: str) -> None:

@@ -252,7 +252,7 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
     if lm is None:
         lm = load_model(config.model, dtype=config.dtype, mesh=config.mesh or None, tokenizer=config.tokenizer,
                         remat=config.remat, train_mesh=config.train_mesh or None,
-                        train_weights=config.train_weights)
+                        train_weights=config.train_weights, attention=config.attention)
     grader = make_grader(config, lm)
     todo = [p for p in passages if p.id not in done]
     bar = tqdm(desc=f"{config.name}", unit="passage", disable=not progress, initial=len(passages) - len(todo),

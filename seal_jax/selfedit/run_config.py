@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from seal_jax.lm.types import (
+    ATTENTION_IMPLEMENTATIONS,
     DTYPE_NAMES,
     TRAIN_WEIGHTS,
     LoraSpec,
@@ -51,7 +52,7 @@ TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
 
 
 # The settings a config's [hardware.<target>] table may set for that hardware (RunConfig.hardware).
-HARDWARE_KEYS = ("mesh", "train_mesh", "train_weights", "remat", "passages_per_program")
+HARDWARE_KEYS = ("mesh", "train_mesh", "train_weights", "remat", "passages_per_program", "attention")
 
 
 # What a results row's ``reward`` measures (RunConfig.reward).
@@ -115,6 +116,9 @@ class RunConfig:
         (each layer's input only: least activation memory for about a third more training compute) or
         ``"none"``; ``true``/``false`` mean "full"/"none". ``seal-jax plan`` says when a model and sequence
         length need "full".
+      attention: how T tokens attend to their own keys (``LM.load(attention=...)``): ``None`` (default) for
+        the platform's (the fused kernel on TPUs and GPUs), or ``"chunked"`` (no kernel: for a machine whose
+        JAX rejects it, as ``seal-jax bench`` reports), ``"einsum"``, ``"splash"``, ``"triton"``.
       hardware: settings for particular hardware: ``{target: {key: value}}``, a target being a name
         ``seal-jax compile --target`` knows (``"h100-8"``, ``"tpu-v5p-16"`` …) and the keys those of
         :data:`HARDWARE_KEYS` (``[hardware.tpu-v5p-16]`` in TOML). :meth:`on_target` applies one over the
@@ -159,6 +163,7 @@ class RunConfig:
     train_mesh: str | None = None
     train_weights: str = "replicated"
     remat: str | bool = "minimal"
+    attention: str | None = None
     hardware: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     chat: bool = True
     data: dict[str, Any] = dataclasses.field(default_factory=lambda: {"source": "demo"})
@@ -219,6 +224,9 @@ class RunConfig:
                                  "set train_mesh too (e.g. train_mesh = \"data=8\")")
         if self.dtype not in DTYPE_NAMES:
             raise RunConfigError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.attention is not None and self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise RunConfigError(f"attention must be one of {list(ATTENTION_IMPLEMENTATIONS)} (or left out for the "
+                                 f"platform's), got {self.attention!r}")
         self._check_hardware()
         known = sorted(f.name for f in dataclasses.fields(SamplingParams))
         try:
@@ -453,7 +461,7 @@ class ExtendedConfig:
 # ``remat`` turned on after running out of memory). ``table.key`` names a key inside a table.
 # ``hardware`` is among them because the settings it gives are compared where they apply, at the top level.
 RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch", "passages_per_program", "train_mesh", "train_weights",
-                              "hardware"})
+                              "attention", "hardware"})
 
 
 # Keys added to a table after run folders were written, with the value those folders ran with: a saved
