@@ -1,4 +1,4 @@
-"""``seal-jax compile``: every program a run executes, compiled ahead of time for a TPU or GPU target.
+"""Every program a run executes, compiled ahead of time for a TPU or GPU target (``seal-jax compile``).
 
 From a run config (or a preset and a few workload flags) this builds an abstract model on a mesh of the
 target's devices (:func:`seal_jax.targets.devices`), lowers each program the run executes at the config's
@@ -27,16 +27,13 @@ Shapes that a config does not fix (questions per passage, prompt and training-se
 :class:`Shapes`, whose defaults describe SEAL's SQuAD passages; each is a flag of ``seal-jax compile``.
 
 ``seal-jax compile CONFIG --target T --search`` compiles the same programs on every mesh layout that makes
-sense for the target (:func:`candidate_meshes`: ``data × fsdp × tensor`` = the chips, ``tensor`` dividing the
-KV heads, ``fsdp`` the model width) and ranks the layouts that fit by their roofline time
-(:func:`search_layouts`).
+sense for the target and ranks those that fit (:mod:`seal_jax.layout_search`); the command itself is
+:mod:`seal_jax.compile_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -47,10 +44,9 @@ from typing import Any
 
 from seal_jax import hlo
 from seal_jax.lm import sharding as shd
-from seal_jax.lm.config import PRESETS, ConfigError, ModelConfig, from_hf, preset
+from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
 from seal_jax.lm.lora import LoraSpec
 from seal_jax.lm.training import TrainSpec
-from seal_jax.lm.types import REMAT_POLICIES, TRAIN_WEIGHTS, mesh_lays_out, remat_name
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.cpt import CptConfig
 from seal_jax.selfedit.judge import JUDGE_BATCH
@@ -59,7 +55,7 @@ from seal_jax.selfedit.run_config import SELFEDIT_SAMPLING, hardware_settings
 from seal_jax.selfedit.runs import load_config
 from seal_jax.selfedit.strategies import get_strategy
 from seal_jax.selfedit.template_search import TemplateSearchConfig
-from seal_jax.targets import TARGETS, Target, TargetError, devices, get_target
+from seal_jax.targets import Target, devices, get_target
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -353,7 +349,7 @@ def roofline(flops: float, bytes_: float, collective_bytes: float, target: Targe
 
 def no_overlap_seconds(rows: Sequence[dict[str, Any]], target: Target) -> float | None:
     """One passage's seconds if no collective overlapped the work (each program's larger of compute and
-    memory time plus its communication time, weighted as :func:`layout_time`): the roofline's pessimistic
+    memory time plus its communication time, weighted as :func:`~seal_jax.layout_search.layout_time`): the roofline's pessimistic
     twin, for layouts whose collectives sit on the critical path (a tensor-parallel layer's all-reduce)."""
     if not all("flops" in r for r in rows):
         return None
@@ -422,7 +418,7 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
 
     ``cache``: rows compiled before, reused where the same program ran on the same layout (a generation
     program on the same mesh; a training program on the same train mesh with the same ``train_weights``,
-    whatever the generation mesh), and filled with the new ones (:func:`search_layouts` shares one)."""
+    whatever the generation mesh), and filled with the new ones (:func:`~seal_jax.layout_search.search_layouts` shares one)."""
     import seal_jax as sj  # deferred: the facade imports JAX, which must be told to stay on the CPU first
 
     target = get_target(target_name)
@@ -480,7 +476,8 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
             cache[key] = fresh
     return {"workload": workload.name, "model": workload.source, "target": target.name, "mesh": spec,
             "train_mesh": workload.train_mesh, "train_weights": workload.train_weights, "passages": workload.passages,
-            "dtype": workload.dtype, "candidates": workload.candidates, "rows": rows, "summary": summarize(rows, workload)}
+            "dtype": workload.dtype, "attention": lm.model.attention_impl, "candidates": workload.candidates,
+            "rows": rows, "summary": summarize(rows, workload)}
 
 
 def _weight_bytes(params: dict[str, Any]) -> int:
@@ -503,145 +500,6 @@ def summarize(rows: Sequence[dict[str, Any]], workload: Workload) -> dict[str, A
     return {"fits": fits, "passage_seconds": seconds, "evaluations_per_hour": per_hour}
 
 
-def candidate_meshes(chips: int, config: ModelConfig) -> list[str]:
-    """Every ``data=…,fsdp=…,tensor=…`` over ``chips`` devices that the model can be split on: ``tensor``
-    dividing the KV heads (and so the query heads), ``fsdp`` dividing the width; ``data`` takes the rest
-    (the candidates and rows, with the base replicated across it)."""
-    out = []
-    for tensor in (t for t in range(1, chips + 1) if chips % t == 0 and config.num_kv_heads % t == 0):
-        for fsdp in (f for f in range(1, chips // tensor + 1) if (chips // tensor) % f == 0
-                     and config.hidden_size % f == 0):
-            out.append(f"data={chips // (tensor * fsdp)},fsdp={fsdp},tensor={tensor}")
-    return out
-
-
-def layout_time(report: dict[str, Any]) -> float | None:
-    """A report's roofline seconds, each program weighted by how often a passage runs it (a program run
-    once per run, iteration or round counts once); None when a program did not compile."""
-    if not all("roofline_s" in r for r in report["rows"]):
-        return None
-    return sum(r["roofline_s"] * (r["per_passage"] or 1) for r in report["rows"])
-
-
-def training_layouts(workload: Workload, chips: int) -> list[tuple[str | None, str]]:
-    """The ways to lay the training programs out that a search tries beside each generation mesh, as
-    ``(train_mesh, train_weights)``: the workload's own; on the generation mesh itself; on ``data=<chips>``,
-    the candidates' lanes over every device, with the base replicated or (with remat) split FSDP-style; and on
-    each other mesh of :func:`candidate_meshes` (``data=2,tensor=4``, ``data=4,fsdp=2``, …, the base split by
-    the mesh's own rules), which may train faster than the mesh that generates fastest
-    (:func:`search_layouts` leaves out the one that is the generation mesh itself)."""
-    own = (workload.train_mesh, workload.train_weights)
-    if workload.train_mesh and not mesh_lays_out(shd.parse_mesh_spec(workload.train_mesh), chips):
-        own = (None, "replicated")  # a config's train mesh for another device count (data=8 on 4 chips)
-    if not any(p.kind == "train" for p in workload.programs):  # nothing trains: one layout is enough
-        return [own]
-    options = [own, (None, "replicated")]
-    if chips > 1:
-        options.append((f"data={chips}", "replicated"))
-        if remat_name(workload.remat) != "none":  # (without remat FSDP keeps every gathered layer: no saving)
-            options.append((f"data={chips}", "fsdp"))
-    for spec in candidate_meshes(chips, workload.config):
-        sizes = shd.parse_mesh_spec(spec)
-        if sizes["fsdp"] > 1 or sizes["tensor"] > 1:  # (data=<chips> is above)
-            options.append((",".join(f"{axis}={n}" for axis, n in sizes.items() if axis == "data" or n > 1),
-                            "replicated"))
-    unique: dict[tuple[Any, ...], tuple[str | None, str]] = {}  # one per layout, however its spec is written
-    for mesh, weights in options:
-        unique.setdefault((_layout_key(mesh), weights), (mesh, weights))
-    return list(unique.values())
-
-
-def _layout_key(spec: str | None) -> tuple[tuple[str, int], ...] | None:
-    """A mesh spec's axis sizes, equal for specs that lay the devices out alike (``"data=2,tensor=4"`` and
-    ``"data=2,fsdp=1,tensor=4"``); None for none."""
-    return tuple(shd.parse_mesh_spec(spec).items()) if spec else None
-
-
-def search_layouts(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
-                   meshes: Sequence[str] | None = None, train_layouts: Sequence[tuple[str | None, str]] | None = None,
-                   on_row: Callable[[dict[str, Any]], None] | None = None,
-                   on_entry: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
-    """Compile ``workload`` on each mesh of ``meshes`` (default :func:`candidate_meshes` of the target), with
-    the training programs on each of ``train_layouts`` (default :func:`training_layouts`; the generation
-    programs compile once per mesh, each training layout's programs once), and rank the pairs: those whose
-    every program fits, fastest by :func:`layout_time` first, then the others.
-
-    Returns one entry per mesh and training layout: ``{"mesh", "train_mesh", "train_weights", "fits",
-    "seconds", "peak_bytes" (the largest program's), "collective_bytes" (summed over programs),
-    "collective_share" (of the roofline time, by the link bandwidth), "report"}``; a layout the compiler
-    rejects is an entry with ``"error"`` (and no report). ``on_entry`` is called with the entries ranked so far
-    after each layout (the CLI writes its JSON then: a search killed part way keeps what it compiled)."""
-    target = get_target(target_name)
-    out = []
-    cache: dict[tuple[Any, ...], dict[str, Any]] = {}
-    compiled = dataclasses.replace(workload, programs=tuple(p for p in workload.programs if not only or p.name in only))
-    for spec in meshes or candidate_meshes(target.chips, workload.config):
-        for train_mesh, train_weights in train_layouts or training_layouts(compiled, target.chips):
-            if train_weights == "replicated" and train_mesh and _layout_key(train_mesh) == _layout_key(spec):
-                continue  # training on the mesh itself, tried as such
-            entry = {"mesh": spec, "train_mesh": train_mesh, "train_weights": train_weights}
-            layout = dataclasses.replace(workload, mesh=spec, train_mesh=train_mesh, train_weights=train_weights)
-            try:
-                report = compile_workload(layout, target_name, only=only, on_row=on_row, cache=cache)
-            except Exception as error:  # one layout the compiler rejects must not end the search
-                message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-                out.append({**entry, "fits": False, "seconds": None, "no_overlap_seconds": None, "peak_bytes": 0,
-                            "collective_bytes": 0.0,
-                            "collective_share": None, "error": message, "report": None})
-                if on_entry is not None:
-                    on_entry(_ranked(out))
-                continue
-            rows = report["rows"]
-            seconds = layout_time(report)
-            comm = sum(r.get("collective_bytes", 0.0) * (r["per_passage"] or 1) for r in rows)
-            link = target.hardware.link_bandwidth / 2
-            out.append({**entry, "fits": bool(rows) and all(r.get("fits") for r in rows), "seconds": seconds,
-                        "no_overlap_seconds": no_overlap_seconds(rows, target),
-                        "peak_bytes": max((r.get("peak_bytes") or 0 for r in rows), default=0),
-                        "collective_bytes": comm,
-                        "collective_share": (comm / link) / seconds if seconds else None, "report": report})
-            if on_entry is not None:
-                on_entry(_ranked(out))
-    return _ranked(out)
-
-
-def _ranked(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(entries, key=lambda e: (not e["fits"], e["seconds"] if e["seconds"] is not None else math.inf))
-
-
-def _training_label(entry: dict[str, Any]) -> str:
-    if not entry.get("train_mesh"):
-        return "on the mesh"
-    return f"`{entry['train_mesh']}`" + (", FSDP" if entry.get("train_weights") == "fsdp" else ", replicated")
-
-
-def format_search(entries: Sequence[dict[str, Any]], target: str, workload: str) -> str:
-    """The ranked layouts as a Markdown table, with the best by the roofline and, where another, the best
-    if no collective overlapped the work."""
-    lines = [f"{workload} on {target}: mesh layouts ranked by roofline time (programs weighted by how often a "
-             "passage runs them; \"no overlap\": if no collective overlapped the work)", "",
-             "| rank | mesh | training | fits | peak GB | roofline s | no overlap s | collectives GB | "
-             "collectives' share |", "|---:|---|---|---|---:|---:|---:|---:|---:|"]
-    for i, e in enumerate(entries, 1):
-        share = "–" if e["collective_share"] is None else f"{100 * e['collective_share']:.0f}%"
-        secs = "–" if e["seconds"] is None else f"{e['seconds']:.2f}"
-        serial = "–" if e.get("no_overlap_seconds") is None else f"{e['no_overlap_seconds']:.2f}"
-        fits = "yes" if e["fits"] else f"**no** ({e['error'][:60]})" if e.get("error") else "**no**"
-        lines.append(f"| {i if e['fits'] else '–'} | `{e['mesh']}` | {_training_label(e)} | {fits} | "
-                     f"{e['peak_bytes'] / 1e9:.2f} | {secs} | {serial} | {e['collective_bytes'] / 1e9:.2f} | {share} |")
-    fitting = [e for e in entries if e["fits"]]
-    if not fitting:
-        return "\n".join(lines + ["", "No layout fits."])
-    best = fitting[0]
-    lines += ["", f"Best: `{best['mesh']}`, training {_training_label(best)}."]
-    timed = [e for e in fitting if e.get("no_overlap_seconds") is not None]
-    safe = min(timed, key=lambda e: e["no_overlap_seconds"]) if timed else best
-    if safe is not best and best.get("no_overlap_seconds") is not None:
-        lines.append(f"If no collective overlapped the work: `{safe['mesh']}`, training {_training_label(safe)} "
-                     f"({safe['no_overlap_seconds']:.2f} s against {best['no_overlap_seconds']:.2f} s).")
-    return "\n".join(lines)
-
-
 def _gb(x: float | None) -> str:
     return "–" if x is None else f"{x / 1e9:.2f}"
 
@@ -652,7 +510,7 @@ def format_rows(report: dict[str, Any]) -> str:
     if report.get("train_weights", "replicated") != "replicated":
         training += f" (weights {report['train_weights']})"
     lines = [f"{report['workload']} on {report['target']} (mesh {report['mesh']}{training}, {report['dtype']}, "
-             f"{report['model']}); per device",
+             f"attention {report.get('attention')}, {report['model']}); per device",
              "", "| program | compile s | args GB | temp GB | peak GB | fits | GFLOP | GB accessed | min GB | "
              "collectives (count, GB) | roofline ms | bound |", "|" + "---|" * 12]
     for r in report["rows"]:
@@ -677,113 +535,3 @@ def format_rows(report: dict[str, Any]) -> str:
                       f"{s['evaluations_per_hour']:.0f} self-edit evaluations per hour on the whole mesh, {how} "
                       f"({report['candidates']} candidates per passage)."]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``seal-jax compile``."""
-    parser.add_argument("config", nargs="?", default=None, help="a run config TOML (e.g. experiments/seal-qwen3-8b.toml)")
-    names = ", ".join(f"{t.name} ({t.chips})" for t in TARGETS.values())
-    parser.add_argument("--target", required=True,
-                        help=f"one of: {names} (devices in brackets; TPU names are Cloud accelerator types, and a "
-                        "v5p's counts TensorCores, two per chip)")
-    parser.add_argument("--mesh", default=None, help="mesh sizes (default: the config's, or data=<chips>)")
-    parser.add_argument("--model", default=None, help="a preset (e.g. qwen3-8b) or HF folder; overrides the config's")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
-    parser.add_argument("--only", default=None, help="comma-separated program names (answer, self_edit, train, …)")
-    parser.add_argument("--search", action="store_true",
-                        help="compile on every sensible mesh layout of the target, each with the training "
-                             "programs on every training layout, and rank those that fit by roofline time; with "
-                             "--mesh, that generation mesh only (its training layouts searched)")
-    parser.add_argument("--passages-per-program", type=int, default=None, metavar="P",
-                        help="passages that share each program (overrides a knowledge or ReST-EM config's "
-                             "passages_per_program; the base answers, self-edits and training then count 1/P "
-                             "per passage)")
-    parser.add_argument("--train-mesh", default=None, metavar="MESH",
-                        help="another layout of the target's devices for the training programs (e.g. data=8; "
-                             "overrides the config's train_mesh, '' for none); each training call adds a "
-                             "<program>.placement row (the all-gather that places the weights)")
-    parser.add_argument("--train-weights", default=None, choices=TRAIN_WEIGHTS,
-                        help="how the base weights lie on the train mesh (overrides the config's train_weights): "
-                             "replicated, or fsdp (each layer's weights split over its data axis and gathered "
-                             "as the layer runs)")
-    parser.add_argument("--candidates", "-k", type=int, default=5, help="K (without a config)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="(without a config)")
-    parser.add_argument("--remat", default="minimal", choices=REMAT_POLICIES,
-                        help="what training keeps per layer for the backward pass (without a config; default "
-                             "minimal)")
-    parser.add_argument("--lora-rank", type=int, default=32, help="(without a config)")
-    parser.add_argument("--new-tokens", type=int, default=1024, help="self-edit length (without a config)")
-    for f in dataclasses.fields(Shapes):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
-                            help=f"workload shape (default {f.default})")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``seal-jax compile``; exit code 3 when a program does not fit its device."""
-    import jax  # deferred: only this command pins JAX to the host CPU (the targets' compilers do the rest)
-
-    jax.config.update("jax_platforms", "cpu")
-    try:
-        shapes = Shapes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Shapes)})
-        if args.config is not None:
-            workload = workload_from_config(args.config, shapes, model=args.model, mesh=args.mesh,
-                                            passages=args.passages_per_program, train_mesh=args.train_mesh,
-                                            train_weights=args.train_weights, target=args.target)
-        else:
-            if args.passages_per_program is not None:
-                raise CompileError("--passages-per-program needs a run config (its K candidates per passage)")
-            if args.train_mesh or args.train_weights:
-                raise CompileError("--train-mesh and --train-weights need a run config")
-            workload = workload_from_flags(args.model or "qwen3-8b", shapes, candidates=args.candidates,
-                                           dtype=args.dtype, mesh=args.mesh, remat=args.remat,
-                                           lora_rank=args.lora_rank, new_tokens=args.new_tokens)
-        only = [s.strip() for s in args.only.split(",")] if args.only else None
-        known = {p.name for p in workload.programs}
-        if only and set(only) - known:
-            raise CompileError(f"unknown program(s) {sorted(set(only) - known)} in --only; this run has {sorted(known)}")
-
-        def show(row: dict[str, Any]) -> None:
-            verdict = "fits" if row.get("fits") else "DOES NOT FIT"
-            print(f"  compiled {row['program']} for {row['target']} (mesh {row['mesh']}) in {row['compile_s']} s: "
-                  f"{verdict}", file=sys.stderr, flush=True)
-
-        if args.search:
-            def save(entries: list[dict[str, Any]]) -> None:  # after each layout: a killed search keeps its rows
-                print(f"  {len(entries)} layouts compiled", file=sys.stderr, flush=True)
-                if args.json:
-                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.json).write_text(json.dumps(entries, indent=1, default=_json_default))
-
-            entries = search_layouts(workload, args.target, only=only, meshes=[args.mesh] if args.mesh else None,
-                                     on_row=show, on_entry=save)
-        else:
-            report = compile_workload(workload, args.target, only=only, on_row=show)
-    except (CompileError, TargetError, ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"seal-jax compile: {error}", file=sys.stderr)
-        return 2
-    if args.search:
-        print(format_search(entries, args.target, workload.name))
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(entries, indent=1, default=_json_default))
-        return 0 if any(e["fits"] for e in entries) else EXIT_DOES_NOT_FIT
-    print(format_rows(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1, default=_json_default))
-    bad = [r for r in report["rows"] if not r.get("fits")]
-    for r in bad:
-        peak = r.get("peak_bytes")
-        what = f"needs {peak / 1e9:.2f} GB of {r['hbm_bytes'] / 1e9:.2f} GB" if peak else r.get("error", "")
-        print(f"seal-jax compile: {r['program']} does not fit one {r['target']} device: {what}", file=sys.stderr)
-    return EXIT_DOES_NOT_FIT if bad else 0
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)

@@ -223,10 +223,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    """Compile a run's programs ahead of time for a TPU/GPU target and report them (see :mod:`seal_jax.aot`)."""
-    from seal_jax import aot  # deferred: aot imports jax and the engine; the other commands do not
+    """Compile a run's programs ahead of time for a TPU/GPU target and report them (see :mod:`seal_jax.compile_cli`)."""
+    from seal_jax import compile_cli  # deferred: it imports jax and the engine; the other commands do not
 
-    return aot.main(args)
+    return compile_cli.main(args)
 
 
 def cmd_templates_stats(args: argparse.Namespace) -> int:
@@ -338,7 +338,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                        "FLOPs, bytes, collectives and roofline time per program",
                        epilog="exit code 3: a program does not fit its device; 2: a bad config, mesh or target")
     if engine("compile"):
-        from seal_jax.aot import add_arguments as add_compile_arguments  # deferred: aot imports jax, as bench
+        from seal_jax.compile_cli import (
+            add_arguments as add_compile_arguments,  # deferred: it imports jax, as bench
+        )
 
         add_compile_arguments(p)
     p.set_defaults(func=cmd_compile)

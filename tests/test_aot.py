@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 import seal_jax as sj
-from seal_jax import aot, hlo, targets
+from seal_jax import aot, hlo, layout_search, targets
 from seal_jax.cli import main as cli_main
 from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import preset
@@ -236,7 +237,7 @@ def test_passages_training_together_fill_the_lanes_one_passage_leaves_idle(capsy
         row = report["rows"][0]
         flops[p] = row["flops"] * row["per_passage"]
         assert report["summary"]["passage_seconds"] == pytest.approx(row["roofline_s"] / p)
-        assert aot.layout_time(report) == pytest.approx(row["roofline_s"] / p)
+        assert layout_search.layout_time(report) == pytest.approx(row["roofline_s"] / p)
         assert ("2 passages per program" in aot.format_rows(report)) == (p == 2)
     assert flops[2] / flops[1] == pytest.approx(21 / 22, rel=0.02)
     with pytest.raises(aot.CompileError, match="knowledge and ReST-EM configs only"):
@@ -270,105 +271,25 @@ def test_training_on_its_own_mesh_layout(capsys):
 
 
 def test_a_configs_attention_is_what_its_programs_compile_with(tmp_path, capsys):
-    """``attention = "chunked"`` in a run config (the way out where a machine's JAX rejects the fused kernel)
-    reaches the compiled programs: no Triton kernel in them, where the GPU's default calls it."""
+    """``attention = "chunked"`` in a run config, or ``--attention chunked`` (the way out where a machine's JAX
+    rejects the fused kernel), reaches the compiled programs: no Triton kernel in them, where the GPU's
+    default calls it; the report says which attention compiled."""
     config = tmp_path / "chunked.toml"
-    config.write_text('attention = "chunked"\n' + open("experiments/seal-qwen3-8b.toml").read())
-    shapes = aot.Shapes()
+    config.write_text('attention = "chunked"\n' + Path("experiments/seal-qwen3-8b.toml").read_text())
+    assert aot.workload_from_config(config, aot.Shapes(), model="tiny").attention == "chunked"
     kernel = "__gpu$xla.gpu.triton"
-    for path, want in (("experiments/seal-qwen3-8b.toml", None), (config, "chunked")):
-        workload = aot.workload_from_config(path, shapes, model="tiny", mesh="data=1", train_mesh="")
-        assert workload.attention == want
-        row = next(r for r in aot.compile_workload(workload, "h100-1", only=["answer"])["rows"]
-                   if r["program"] == "answer.prefill")
-        assert (row["custom_calls"].get(kernel, 0) > 0) == (want is None), row["custom_calls"]
-
-
-def test_layout_search_ranks_the_meshes_that_fit(tmp_path, capsys):
-    """``--search``: every sensible layout of the target, each with the training programs on it and on
-    ``data=8`` (replicated and FSDP), compiled and ranked by roofline time among those that fit; each entry is
-    the report a plain compile of that layout gives."""
-    assert aot.candidate_meshes(8, preset("qwen3-8b")) == [
-        "data=8,fsdp=1,tensor=1", "data=4,fsdp=2,tensor=1", "data=2,fsdp=4,tensor=1", "data=1,fsdp=8,tensor=1",
-        "data=4,fsdp=1,tensor=2", "data=2,fsdp=2,tensor=2", "data=1,fsdp=4,tensor=2", "data=2,fsdp=1,tensor=4",
-        "data=1,fsdp=2,tensor=4", "data=1,fsdp=1,tensor=8"]
-    assert all("tensor=4" not in m and "tensor=8" not in m for m in aot.candidate_meshes(8, TINY))  # 2 KV heads
-    workload = dataclasses.replace(tiny_workload(TINY, "qwen3"), remat="minimal")
-    meshes = ["data=1,fsdp=8,tensor=1", "data=8,fsdp=1,tensor=1", "data=2,fsdp=4,tensor=1", "data=4,fsdp=1,tensor=2"]
-    # beside each mesh the training programs also run on data=8, with the base replicated and FSDP-split, and
-    # on each other mesh the model splits on (the tiny model's 2 KV heads allow tensor=2), written short
-    assert aot.training_layouts(workload, 8) == [
-        (None, "replicated"), ("data=8", "replicated"), ("data=8", "fsdp"),
-        ("data=4,fsdp=2", "replicated"), ("data=2,fsdp=4", "replicated"), ("data=1,fsdp=8", "replicated"),
-        ("data=4,tensor=2", "replicated"), ("data=2,fsdp=2,tensor=2", "replicated"),
-        ("data=1,fsdp=4,tensor=2", "replicated")]
-    assert ("data=8", "fsdp") not in aot.training_layouts(dataclasses.replace(workload, remat="none"), 8)
-    own = dataclasses.replace(workload, train_mesh="data=8", train_weights="fsdp")
-    assert aot.training_layouts(own, 8)[0] == ("data=8", "fsdp")
-    assert aot.training_layouts(own, 4) == [(None, "replicated"), ("data=4", "replicated"), ("data=4", "fsdp"),
-                                            ("data=2,fsdp=2", "replicated"), ("data=1,fsdp=4", "replicated"),
-                                            ("data=2,tensor=2", "replicated"), ("data=1,fsdp=2,tensor=2", "replicated")]
-    assert all(aot.mesh_lays_out(shd.parse_mesh_spec(m), 8) for m, _ in aot.training_layouts(workload, 8) if m)
-    compiled = []
-    # (four of them here, to keep the test short; the search takes them all by default)
-    layouts = [(None, "replicated"), ("data=8", "replicated"), ("data=8", "fsdp"), ("data=4,tensor=2", "replicated")]
-    entries = aot.search_layouts(workload, "h100-8", only=["train"], meshes=meshes, train_layouts=layouts,
-                                 on_row=compiled.append)
-    # a mesh trains on itself once: not again as its own train mesh (data=8 replicated, data=4,tensor=2)
-    assert len(entries) == 4 * 4 - 2 and all(e["fits"] for e in entries)
-    assert not any(e["mesh"] == meshes[3] and e["train_mesh"] == "data=4,tensor=2" for e in entries)
-    assert not any(e["mesh"] == meshes[1] and e["train_mesh"] == "data=8" and e["train_weights"] == "replicated"
-                   for e in entries)
-    assert [e["seconds"] for e in entries] == sorted(e["seconds"] for e in entries)
-    # the pessimistic twin adds each program's communication time to its work: more, unless nothing is sent
-    for e in entries:
-        if e["collective_bytes"] == 0:
-            assert e["no_overlap_seconds"] == pytest.approx(e["seconds"], rel=1e-9)
-        else:
-            assert e["no_overlap_seconds"] > e["seconds"]
-    # each training layout compiled once (on data=8 or data=4,tensor=2 whatever the mesh), each placement once
-    # per mesh
-    assert sum(r["program"] == "train" for r in compiled) == 4 + 3
-    assert sum(r["program"] == "train.placement" for r in compiled) == 3 + 3 + 2 + 2
-    by = {(e["mesh"], e["train_mesh"], e["train_weights"]): e for e in entries}
-    direct = aot.compile_workload(dataclasses.replace(workload, mesh="data=2,fsdp=4,tensor=1"), "h100-8",
-                                  only=["train"])
-    assert by["data=2,fsdp=4,tensor=1", None, "replicated"]["seconds"] == pytest.approx(aot.layout_time(direct), rel=1e-9)
-    # the base replicated over data=8 moves far fewer bytes between chips than one split 8 ways
-    assert (by["data=8,fsdp=1,tensor=1", None, "replicated"]["collective_bytes"]
-            < by["data=1,fsdp=8,tensor=1", None, "replicated"]["collective_bytes"])
-    # a training row reused on another mesh is what compiling that layout alone gives (the weights that stay
-    # in that mesh's layout counted again)
-    alone = aot.compile_workload(dataclasses.replace(workload, mesh="data=2,fsdp=4,tensor=1", train_mesh="data=8"),
-                                 "h100-8", only=["train"])
-    reused = by["data=2,fsdp=4,tensor=1", "data=8", "replicated"]
-    assert reused["seconds"] == pytest.approx(aot.layout_time(alone), rel=1e-9)
-    for got, want in zip(reused["report"]["rows"], alone["rows"], strict=True):
-        assert {k: got.get(k) for k in ("program", "peak_bytes", "resident_bytes", "fits")} == \
-            {k: want.get(k) for k in ("program", "peak_bytes", "resident_bytes", "fits")}
-    # nothing trains (--only of generation programs): one layout per mesh
-    generation = dataclasses.replace(workload, programs=tuple(p for p in workload.programs if p.kind != "train"))
-    assert aot.training_layouts(generation, 8) == [(None, "replicated")]
-    # FSDP training gathers the layers' weights (and nothing else) and holds less than a replica
-    fsdp = {r["program"]: r for r in by["data=1,fsdp=8,tensor=1", "data=8", "fsdp"]["report"]["rows"]}
-    replica = {r["program"]: r for r in by["data=1,fsdp=8,tensor=1", "data=8", "replicated"]["report"]["rows"]}
-    assert set(fsdp["train"]["collectives"]) == {"all-gather"} and replica["train"]["collectives"] == {}
-    assert fsdp["train"]["argument_bytes"] < replica["train"]["argument_bytes"]
-    out = tmp_path / "search.json"
-    # --mesh with --search: that generation mesh, with every training layout but itself
-    assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "-k", "2", "--only", "train",
-                     "--sequences", "2", "--seq-len", "32", "--search", "--mesh", "data=2,fsdp=4",
-                     "--json", str(out)]) == 0
-    captured = capsys.readouterr()
-    printed = captured.out
-    ranked = json.loads(out.read_text())
-    assert {e["mesh"] for e in ranked} == {"data=2,fsdp=4"}
-    assert len(ranked) == 9 - 1  # the nine training layouts above (remat minimal, the CLI's default)
-    assert not any(e["train_mesh"] == "data=2,fsdp=4" for e in ranked) and any(e["train_mesh"] == "data=4,fsdp=2"
-                                                                               for e in ranked)
-    # the JSON was written after each layout (a killed search keeps what it compiled)
-    assert "  1 layouts compiled" in captured.err and f"  {len(ranked)} layouts compiled" in captured.err
-    assert f"Best: `{ranked[0]['mesh']}`, training " in printed and "| 1 | `" in printed and "FSDP" in printed
+    workload = aot.workload_from_config("experiments/seal-qwen3-8b.toml", aot.Shapes(), model="tiny", mesh="data=1",
+                                        train_mesh="")
+    assert workload.attention is None
+    report = aot.compile_workload(workload, "h100-1", only=["answer"])
+    assert report["attention"] == "triton" and "attention triton" in aot.format_rows(report)
+    assert report["rows"][0]["program"] == "answer.prefill" and report["rows"][0]["custom_calls"].get(kernel, 0) > 0
+    out = tmp_path / "chunked.json"
+    assert cli_main(["compile", "--model", "tiny", "--target", "h100-1", "--mesh", "data=1", "--only", "answer",
+                     "--attention", "chunked", "--json", str(out)]) == 0
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["attention"] == "chunked" and report["rows"][0]["custom_calls"].get(kernel, 0) == 0
 
 
 def test_roofline_picks_the_bound():
@@ -379,15 +300,6 @@ def test_roofline_picks_the_bound():
              "per_passage": 0.5}, {"flops": 0, "bytes": 0, "collective_bytes": 0, "per_passage": None}]
     assert aot.no_overlap_seconds(rows, t) == pytest.approx(0.5 * (2 + 3))
     assert aot.no_overlap_seconds([{"program": "train", "error": "RESOURCE_EXHAUSTED"}], t) is None
-    # the search names the best by each bound when they differ
-    common = {"fits": True, "peak_bytes": 1e9, "collective_bytes": 1e9, "collective_share": 0.5, "train_weights": "replicated"}
-    entries = [{**common, "mesh": "tensor=8", "train_mesh": "data=4,tensor=2", "seconds": 1.0, "no_overlap_seconds": 3.0},
-               {**common, "mesh": "tensor=8", "train_mesh": "data=8", "seconds": 1.5, "no_overlap_seconds": 2.0}]
-    text = aot.format_search(entries, "h100-8", "w")
-    assert "Best: `tensor=8`, training `data=4,tensor=2`, replicated." in text
-    assert ("If no collective overlapped the work: `tensor=8`, training `data=8`, replicated (2.00 s against 3.00 s)."
-            in text)
-    assert "If no collective" not in aot.format_search(entries[1:], "h100-8", "w")
     assert aot.roofline(hw.bf16_flops, 0, 0, t) == (1.0, "compute")
     assert aot.roofline(0, 2 * hw.hbm_bandwidth, 0, t) == (2.0, "memory")
     seconds, bound = aot.roofline(0, 0, hw.link_bandwidth, t)

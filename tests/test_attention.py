@@ -95,6 +95,13 @@ def test_dispatch_by_platform_and_errors():
     assert sj.LM.random("tiny", dtype="float32", attention="chunked").model.attention_impl == "chunked"
     with pytest.raises(AttentionError, match="attention 'flash' is not an implementation; choose one of"):
         sj.LM.random("tiny", attention="flash")
+    # a kernel only on its own platform (or a CPU, where Pallas interprets it: the tests)
+    with pytest.raises(AttentionError, match="attention 'splash' is the TPU kernel and this mesh's devices are GPUs"):
+        sj.LM.abstract("tiny", mesh=gpu, attention="splash")
+    tpu = shd.make_mesh("data=4", devices=targets.devices("tpu-v5p-8"))
+    with pytest.raises(AttentionError, match="'triton' is the GPU kernel .* are TPUs; leave attention out"):
+        sj.LM.abstract("tiny", mesh=tpu, attention="triton")
+    assert sj.LM.abstract("tiny", attention="splash").model.attention_impl == "splash"  # interpreted on a CPU
 
 
 def test_a_kernel_is_checked_against_the_einsum_on_the_machine(monkeypatch):

@@ -147,6 +147,27 @@ def test_a_kernel_that_fails_its_check_leaves_the_suite_on_chunked_attention(rep
     assert "attention chunked)" in table and "\nattention: the triton kernel failed" in table
 
 
+def test_the_chosen_attention_builds_the_model_and_is_reported(tmp_path, monkeypatch, capsys):
+    """--attention reaches the model the suite measures and the report (the pieces themselves stubbed)."""
+    built = []
+
+    class Pieces:
+        def __init__(self, lm, *args, **kwargs):
+            built.append(lm.model.attention_impl)
+
+        def run(self, emit):
+            return {"candidates": 5, "evaluation_seconds": 1.0, "evaluations_per_hour": 18000.0}
+
+    monkeypatch.setattr(throughput, "Suite", Pieces)
+    from seal_jax.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["bench", "--preset", "tiny", "--random-weights", "--quick", "--no-reference", "--no-roofline",
+                 "--attention", "chunked", "--out", str(out)]) == 0
+    assert built == ["chunked"] and json.loads(out.read_text())["attention"] == "chunked"
+    assert "attention chunked)" in capsys.readouterr().out
+
+
 def test_bad_requests_are_named(capsys):
     with pytest.raises(throughput.BenchError, match="exceeds the model's context of 512 tokens; use --quick"):
         throughput.SuiteShapes().check(preset("tiny").max_position_embeddings)

@@ -143,10 +143,17 @@ def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None
     return train_mesh
 
 
-def _attention(attention: str | None) -> str | None:
+def _attention(attention: str | None, platform: str | None = None) -> str | None:
+    """``attention`` checked: a known implementation, and a fused kernel only on its platform (or a CPU, where
+    Pallas interprets it)."""
     if attention is not None and attention not in attn.IMPLEMENTATIONS:
         raise attn.AttentionError(f"attention {attention!r} is not an implementation; choose one of "
                                   f"{list(attn.IMPLEMENTATIONS)}, or None for the platform's default")
+    home = {"splash": "tpu", "triton": "gpu"}.get(attention or "")
+    if home and platform not in (home, "cpu", None):
+        raise attn.AttentionError(f"attention {attention!r} is the {home.upper()} kernel and this mesh's devices "
+                                  f"are {platform.upper()}s; leave attention out for the platform's kernel, or "
+                                  "choose 'chunked'")
     return attention
 
 
@@ -168,7 +175,7 @@ class LM:
         # attention's implementation follows the platform the programs run on (the mesh's devices), unless
         # given or the model was built with one
         if attention is not None:
-            model.attention_impl = _attention(attention)
+            model.attention_impl = _attention(attention, shd.platform(mesh))
         elif model.attention_impl is None:
             model.attention_impl = attn.implementation_for(shd.platform(mesh))
         if model.train_layers is None:  # likewise how training runs the layers

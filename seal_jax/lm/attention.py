@@ -335,8 +335,9 @@ def check_kernel(impl: str, *, heads: int, kv_heads: int, head_dim: int, dtype: 
     driver may reject them); where it fails, build the model with ``attention="chunked"``.
 
     Two rows of 2 x :data:`KERNEL_BLOCK` tokens (one left-padded), the model's query-per-key head group and
-    head size (one key/value head); agreement within 5% of the reference's largest value (bfloat16) or 1e-3
-    (float32), compared on the real tokens' rows."""
+    head size (one key/value head); agreement within 5% of the reference's largest value (bfloat16), 1% (float32
+    on an accelerator) or 0.1% (float32 on a CPU), compared on the real tokens' rows. A failure that ends the
+    process (a compiler crash) is not caught."""
     if impl not in ("splash", "triton"):
         raise AttentionError(f"check_kernel takes a fused kernel ('splash' or 'triton'), got {impl!r}")
     if heads % kv_heads:
@@ -344,7 +345,7 @@ def check_kernel(impl: str, *, heads: int, kv_heads: int, head_dim: int, dtype: 
     g = heads // kv_heads
     b, t, pad = 2, 2 * KERNEL_BLOCK, 37
     device = device or jax.devices()[0]
-    placement = Placement(shd.make_mesh("data=1", devices=[device]))
+    placement = Placement(shd.make_mesh("data=1", devices=[device], keep_order=True))
     keys = jax.random.split(jax.random.key(0), 4)
     q, cot = (jax.random.normal(x, (b, t, g, head_dim), jnp.float32) for x in (keys[0], keys[3]))
     k, v = (jax.random.normal(x, (b, t, 1, head_dim), jnp.float32) for x in keys[1:3])
@@ -362,12 +363,13 @@ def check_kernel(impl: str, *, heads: int, kv_heads: int, head_dim: int, dtype: 
         out, pull = jax.vjp(f, q_, k_, v_)
         return (out, *pull(cot_))
 
+    want = jax.device_get(jax.jit(functools.partial(outputs, "einsum"))(*inputs))
     try:
         got = jax.device_get(jax.jit(functools.partial(outputs, impl))(*inputs))
-        want = jax.device_get(jax.jit(functools.partial(outputs, "einsum"))(*inputs))
     except Exception as error:  # any failure to trace, lower, compile or run is the answer
         return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-    tol = 1e-3 if jnp.dtype(dtype) == jnp.float32 else 5e-2
+    # float32 on an accelerator: its matmuls may round (TF32 on GPUs, bf16 passes on TPUs), each its own way
+    tol = 5e-2 if jnp.dtype(dtype) != jnp.float32 else 1e-3 if device.platform == "cpu" else 1e-2
     rows = np.asarray(real)[:, :, None, None]
     for name, x, y in zip(("output", "dq", "dk", "dv"), got, want, strict=True):
         x, y = (np.where(rows, a, 0.0) for a in (np.asarray(x), np.asarray(y)))
