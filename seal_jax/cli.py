@@ -338,9 +338,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                        "FLOPs, bytes, collectives and roofline time per program",
                        epilog="exit code 3: a program does not fit its device; 2: a bad config, mesh or target")
     if engine("compile"):
-        from seal_jax.compile_cli import (
-            add_arguments as add_compile_arguments,  # deferred: it imports jax, as bench
-        )
+        from seal_jax.compile_cli import add_arguments as add_compile_arguments  # deferred: jax, as bench
 
         add_compile_arguments(p)
     p.set_defaults(func=cmd_compile)
