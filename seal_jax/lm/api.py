@@ -143,20 +143,6 @@ def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None
     return train_mesh
 
 
-def _attention(attention: str | None, platform: str | None = None) -> str | None:
-    """``attention`` checked: a known implementation, and a fused kernel only on its platform (or a CPU, where
-    Pallas interprets it)."""
-    if attention is not None and attention not in attn.IMPLEMENTATIONS:
-        raise attn.AttentionError(f"attention {attention!r} is not an implementation; choose one of "
-                                  f"{list(attn.IMPLEMENTATIONS)}, or None for the platform's default")
-    home = {"splash": "tpu", "triton": "gpu"}.get(attention or "")
-    if home and platform not in (home, "cpu", None):
-        raise attn.AttentionError(f"attention {attention!r} is the {home.upper()} kernel and this mesh's devices "
-                                  f"are {platform.upper()}s; leave attention out for the platform's kernel, or "
-                                  "choose 'chunked'")
-    return attention
-
-
 class LM:
     """A loaded language model: config, tokenizer, parameters (possibly sharded) and jitted entry points.
 
@@ -175,7 +161,7 @@ class LM:
         # attention's implementation follows the platform the programs run on (the mesh's devices), unless
         # given or the model was built with one
         if attention is not None:
-            model.attention_impl = _attention(attention, shd.platform(mesh))
+            model.attention_impl = attn.chosen(attention, shd.platform(mesh))
         elif model.attention_impl is None:
             model.attention_impl = attn.implementation_for(shd.platform(mesh))
         if model.train_layers is None:  # likewise how training runs the layers
@@ -260,7 +246,7 @@ class LM:
             default, or one of ``"einsum"``, ``"chunked"``, ``"splash"``, ``"triton"``.
         """
         folder = weights.resolve_checkpoint(path_or_id)
-        _attention(attention)
+        attn.chosen(attention)
         config = from_hf(folder)
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
@@ -333,7 +319,7 @@ class LM:
             mesh = shd.make_mesh(mesh)
         _train_weights(train_weights, _train_mesh(train_mesh, mesh))
         _layer_storage(layer_storage, mesh)
-        _attention(attention)
+        attn.chosen(attention)
         dt = _dtype(dtype)
         model = build_model(config, weights.random_params(config, dtype=dt, mesh=mesh, seed=seed), dtype=dt,
                             remat=remat)  # the only reference to the weights, as in load

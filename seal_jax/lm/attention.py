@@ -82,6 +82,19 @@ def implementation_for(platform: str) -> str:
     return {"cpu": "einsum", "tpu": "splash", "gpu": "triton"}.get(platform, "chunked")
 
 
+def chosen(attention: str | None, platform: str | None = None) -> str | None:
+    """``attention`` as given to a model (``LM.load(attention=...)``), checked: ``None`` (the platform's) or a
+    known implementation, and a fused kernel only on its own platform or a CPU (where Pallas interprets it)."""
+    if attention is not None and attention not in IMPLEMENTATIONS:
+        raise AttentionError(f"attention {attention!r} is not an implementation; choose one of "
+                             f"{list(IMPLEMENTATIONS)}, or None for the platform's default")
+    home = {"splash": "tpu", "triton": "gpu"}.get(attention or "")
+    if home and platform not in (home, "cpu", None):
+        raise AttentionError(f"attention {attention!r} is the {home.upper()} kernel and this mesh's devices are "
+                             f"{platform.upper()}s; leave attention out for the platform's kernel, or choose 'chunked'")
+    return attention
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where a kernel that GSPMD cannot split runs (:func:`splash_attention`, :func:`triton_attention`): its
