@@ -403,7 +403,7 @@ def lower_program(lm: Any, program: Program) -> dict[str, Any]:
         if adapters is not None:
             adapters = lm.abstract_adapters(*adapters)
         lowered = lm.lower_generate(adapters=adapters, **args)
-        return {f"{program.name}.prefill": lowered["prefill"], f"{program.name}.decode": lowered["decode"]}
+        return {f"{program.name}.{part}": program_ for part, program_ in lowered.items()}
     if program.kind == "train":
         return {program.name: lm.lower_train(**args)}
     if program.kind == "logits":

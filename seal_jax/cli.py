@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from seal_jax.assets import fetch_model
+from seal_jax.lm.types import ATTENTION_IMPLEMENTATIONS
 from seal_jax.report import report as run_report
 from seal_jax.selfedit import calibration, grading, runs
 from seal_jax.selfedit.judge import JudgeGrader
@@ -78,9 +79,9 @@ def cmd_smoke(args: argparse.Namespace) -> int:
               "the repository's root", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    lm = sj.load(str(folder) if hub_id else folder, dtype=args.dtype)
+    lm = sj.load(str(folder) if hub_id else folder, dtype=args.dtype, attention=args.attention)
     print(f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:.0f}M parameters) "
-          f"in {time.perf_counter() - t0:.1f}s on {len(jax.devices())} device(s)")
+          f"in {time.perf_counter() - t0:.1f}s on {len(jax.devices())} device(s), attention {lm.model.attention_impl}")
     params = sj.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
     t0 = time.perf_counter()
     answers = lm.generate(list(SMOKE_PROMPTS), params, chat=True)
@@ -111,7 +112,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         folder = _model_dir(args.model)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no judge model at {folder}; pass --model FOLDER (a local Hugging Face folder)")
-        judge = JudgeGrader(sj.load(folder, dtype=args.dtype), rules_first=grading.JUDGE_GRADERS[args.grader],
+        judge = JudgeGrader(sj.load(folder, dtype=args.dtype, attention=args.attention), rules_first=grading.JUDGE_GRADERS[args.grader],
                             batch_size=args.batch_size)
         verdicts: list[bool] = []
         for start in tqdm(range(0, len(part), args.batch_size), desc=f"judging ({args.grader})", unit="batch"):
@@ -249,6 +250,12 @@ def command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _attention_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", default=None, choices=ATTENTION_IMPLEMENTATIONS,
+                   help="attention implementation (default: the platform's; a fused kernel only on its own "
+                        "platform, or interpreted on a CPU)")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser of the ``seal-jax`` command.
 
@@ -307,6 +314,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="judge model folder or name under checkpoints/")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch-size", type=int, default=32, help="judge prompts per generation call")
+    _attention_argument(p)
     p.add_argument("--out", default=None, help="also write the report as JSON")
     p.set_defaults(func=cmd_calibrate)
 
@@ -314,6 +322,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or name under checkpoints/")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-new-tokens", type=int, default=48)
+    _attention_argument(p)
     p.set_defaults(func=cmd_smoke)
 
     p = sub.add_parser("bench", help="benchmarks against transformers on PyTorch, same process and threads")

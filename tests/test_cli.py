@@ -107,6 +107,15 @@ def test_smoke_without_a_model_says_how_to_fetch_one(tmp_path, capsys):
     assert "seal-jax fetch smollm2-135m-instruct" in capsys.readouterr().err
 
 
+def test_smoke_answers_with_the_attention_asked_for(tiny_chat_dir, capsys):
+    assert main(["smoke", "--model", str(tiny_chat_dir), "--attention", "chunked", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "attention chunked" in out and "prompts, greedy, up to 2 new tokens" in out
+    with pytest.raises(SystemExit):  # an unknown implementation is refused by the parser
+        main(["smoke", "--model", str(tiny_chat_dir), "--attention", "flash"])
+    assert "invalid choice: 'flash'" in capsys.readouterr().err
+
+
 def test_fetch_the_sentence_encoder(embeddings_dir, tmp_path, capsys):
     assert main(["fetch", "all-minilm-l6-v2", "--root", str(embeddings_dir.parent)]) == 0
     assert capsys.readouterr().out.strip() == f"all-minilm-l6-v2: {embeddings_dir}"
