@@ -3,8 +3,7 @@
 From a run config (or a preset and a few workload flags) this builds an abstract model on a mesh of the
 target's devices (:func:`seal_jax.targets.devices`), lowers each program the run executes at the config's
 shapes — answering questions (prefill + the whole decode loop), sampling self-edits, the K-candidate
-training program, answering with the K trained adapters stacked (and the small program that readies
-them for the decode once per call, ``<program>.adapters``), the LLM judge, and for ReST-EM / template
+training program, answering with the K trained adapters stacked, the LLM judge, and for ReST-EM / template
 search the proposals, fills and the generator's SFT — compiles it with the target's real compiler and
 reports, per program and device:
 
@@ -404,7 +403,7 @@ def lower_program(lm: Any, program: Program) -> dict[str, Any]:
         if adapters is not None:
             adapters = lm.abstract_adapters(*adapters)
         lowered = lm.lower_generate(adapters=adapters, **args)
-        return {f"{program.name}.{part}": program_ for part, program_ in lowered.items()}
+        return {f"{program.name}.prefill": lowered["prefill"], f"{program.name}.decode": lowered["decode"]}
     if program.kind == "train":
         return {program.name: lm.lower_train(**args)}
     if program.kind == "logits":

@@ -81,7 +81,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     lm = sj.load(str(folder) if hub_id else folder, dtype=args.dtype, attention=args.attention)
     print(f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:.0f}M parameters) "
-          f"in {time.perf_counter() - t0:.1f}s on {len(jax.devices())} device(s), attention {lm.model.attention_impl}")
+          f"in {time.perf_counter() - t0:.1f}s on {len(jax.devices())} device(s), "
+          f"attention {lm.model.attention_impl}")
     params = sj.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
     t0 = time.perf_counter()
     answers = lm.generate(list(SMOKE_PROMPTS), params, chat=True)
@@ -112,7 +113,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         folder = _model_dir(args.model)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no judge model at {folder}; pass --model FOLDER (a local Hugging Face folder)")
-        judge = JudgeGrader(sj.load(folder, dtype=args.dtype, attention=args.attention), rules_first=grading.JUDGE_GRADERS[args.grader],
+        judge = JudgeGrader(sj.load(folder, dtype=args.dtype, attention=args.attention),
+                            rules_first=grading.JUDGE_GRADERS[args.grader],
                             batch_size=args.batch_size)
         verdicts: list[bool] = []
         for start in tqdm(range(0, len(part), args.batch_size), desc=f"judging ({args.grader})", unit="batch"):

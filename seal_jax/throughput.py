@@ -412,11 +412,8 @@ class Suite:
             return None
         adapters = self.lm.abstract_adapters(k, self.lora) if k else None
         lowered = self.lm.lower_generate(batch, prompt, new, adapters=adapters, greedy=not sampled)
-        out = {"prefill": roofline(lowered["prefill"], self.peaks),
-               "decode": roofline(lowered["decode"], self.peaks, unknown_trips=max(1, new - 1))}
-        if "adapters" in lowered:  # readying the adapters for the decode, once per call (in the prefill's time)
-            out["adapters"] = roofline(lowered["adapters"], self.peaks)
-        return out
+        return {"prefill": roofline(lowered["prefill"], self.peaks),
+                "decode": roofline(lowered["decode"], self.peaks, unknown_trips=max(1, new - 1))}
 
     def _decode_row(self, name: str, rows: list[list[int]], new: int, k: int = 0,
                     reference_s: float | None = None) -> tuple[Row, dict[str, float]]:

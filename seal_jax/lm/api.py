@@ -354,9 +354,8 @@ class LM:
                        adapters: LoraInputs | Adapters | None = None, greedy: bool = False) -> dict[str, Any]:
         """The lowered prefill and decode programs of :meth:`generate_ids` for ``batch`` prompts of up to
         ``prompt_len`` tokens and ``max_new_tokens`` new tokens, with ``adapters`` stacked (real, or shapes
-        from :meth:`abstract_adapters`) or none: ``{"prefill": Lowered, "decode": Lowered}``, with adapters
-        also ``"adapters"``, the program that readies them for the decode once per call. ``greedy``: the
-        decode program that ``temperature == 0`` runs (no sampling in it)."""
+        from :meth:`abstract_adapters`) or none: ``{"prefill": Lowered, "decode": Lowered}``. ``greedy``:
+        the decode program that ``temperature == 0`` runs (no sampling in it)."""
         if isinstance(adapters, Adapters):
             adapters = adapters.as_inputs()
         return self._sampler.lower(self.state, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,

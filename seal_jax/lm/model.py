@@ -99,8 +99,7 @@ class LoraInputs:
 
     Attributes:
       weights: ``{projection: {"a": [L, in, r], "b": [L, r, out]}}`` for the adapted projections (in a
-        decode ``{"q_proj+v_proj": {"a": [L, in, r_q + r_v]}}`` and the like in place of the joined
-        projections' own ``a``: :func:`group_adapters`).
+        decode also ``{"q_proj+v_proj": {"a": [L, in, r_q + r_v]}}`` and the like: :func:`group_adapters`).
       scale: scalar, ``alpha / rank``.
       dropout: scalar rate of dropout on the adapter's input (0 at inference).
       key: PRNG key for that dropout, or ``None`` (no dropout).
@@ -140,26 +139,16 @@ def lora_up(y: jax.Array, down: jax.Array, b: jax.Array, scale: Any) -> jax.Arra
 INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def group_adapters(weights: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
-    """``weights`` (one layer's adapters or stacked ones, any leading axes) as a decode reads them: cast to
-    ``dtype`` (when given) and, for each input that two or more adapted projections read, their ``a``
-    matrices concatenated under ``"q_proj+v_proj"`` (say) in place of their own: what :func:`project_group`
-    reads. A generation makes it once per call, before its prefill and decode (``Sampler.ready``)."""
-    if dtype is not None:
-        weights = jax.tree.map(lambda x: x.astype(dtype), weights)
-    out = {n: dict(p) for n, p in weights.items()}
+def group_adapters(weights: dict[str, Any]) -> dict[str, Any]:
+    """``weights`` (one layer's adapters or stacked ones, any leading axes) plus, for each input that two or
+    more adapted projections read, their ``a`` matrices concatenated under ``"q_proj+v_proj"`` (say): what
+    :func:`project_group` reads. A decode makes it once per call, outside its loop over steps."""
+    out = dict(weights)
     for names in INPUT_GROUPS:
-        have = [n for n in names if n in weights and "a" in weights[n]]
+        have = [n for n in names if n in weights]
         if len(have) > 1:
             out["+".join(have)] = {"a": jnp.concatenate([weights[n]["a"] for n in have], axis=-1)}
-            for n in have:
-                del out[n]["a"]
     return out
-
-
-def _rank(piece: dict[str, Any]) -> int:
-    """An adapter's rank, from its ``b`` (its ``a`` may be joined with others: :func:`group_adapters`)."""
-    return piece["b"].shape[-2]
 
 
 def project_group(x: jax.Array, w: dict[str, Any], names: Sequence[str], lora: dict[str, Any],
@@ -176,7 +165,7 @@ def project_group(x: jax.Array, w: dict[str, Any], names: Sequence[str], lora: d
         return [project(x, w[n], p, scale, 0.0, None) for n, p in zip(names, pieces, strict=True)]
     joined = lora.get("+".join(have))
     a = joined["a"] if joined is not None else jnp.concatenate([lora[n]["a"] for n in have], axis=-1)
-    if a.shape[-1] != sum(_rank(lora[n]) for n in have):
+    if a.shape[-1] != sum(lora[n]["a"].shape[-1] for n in have):
         raise ValueError(f"the joined adapter {'+'.join(have)} has {a.shape[-1]} columns, not the sum of its "
                          "ranks: join the adapters again (group_adapters) after changing them")
     down = x @ a.astype(x.dtype)
@@ -184,7 +173,7 @@ def project_group(x: jax.Array, w: dict[str, Any], names: Sequence[str], lora: d
     for n, p in zip(names, pieces, strict=True):
         y = x @ w[n]
         if p is not None:
-            r = _rank(p)
+            r = p["a"].shape[-1]
             y = lora_up(y, down[..., start:start + r], p["b"], scale)
             start += r
         out.append(y)

@@ -33,10 +33,9 @@ Under a mesh, a TPU also keeps some weights and the cache in memory layouts of i
 (:mod:`seal_jax.lm.layouts`): the prefill writes the cache in the decode's layout and the decode hands it
 back in it (:meth:`Sampler.prefill_program`, :meth:`Sampler.decode_program`), so that the v5p decodes copy
 neither per call (answers under many adapters with few rows per device still copy the cache: BENCHMARKS.md).
-Adapters reach the decode as it reads them: a small program of their own (:meth:`Sampler.ready`), run once
-per call before the prefill, casts them to the compute dtype and joins each input's ``a`` matrices
-(:func:`~seal_jax.lm.model.group_adapters`), so that the decode neither does it on every step nor holds
-a copy of them among its temporaries (BENCHMARKS.md, sixteenth and twenty-second sessions).
+Under K stacked adapters the decode casts them and joins each input's ``a`` matrices once per call
+(:func:`~seal_jax.lm.model.group_adapters`): 21 adapters' greedy answers read 0.92–1.01× the arguments per
+step on v5p and 1.24× on h100-8 (BENCHMARKS.md, sixteenth session).
 
 CPU only: on a CPU the decode keeps per-layer weight copies between calls, cuts some of them into column
 blocks, lays a tied head out once per call and stores the keys transposed. All of it lives in :mod:`seal_jax.lm.cpu_decode`, behind its
@@ -420,7 +419,6 @@ class Sampler:
         self.decode = jax.jit(self._decode, static_argnames=("out_len", "greedy"), donate_argnames=("cache",))
         self._laid_out: dict[Any, Any] = {}  # see prefill_program and decode_program
         self.split = jax.jit(self._split)
-        self.ready = jax.jit(self._ready)
 
     # -- placement -------------------------------------------------------------------------------
 
@@ -532,7 +530,7 @@ class Sampler:
             model.attention_placement = dataclasses.replace(model.attention_placement, heads_over_fsdp=False)
             lora = None if lw is None else LoraInputs(weights=lw, scale=ls)
             # (split weights, whatever the platform, decode unrolled: a scan would stack them on every step)
-            x, cache = model.prefill(ids, mask, cache_len, lora=lora, stacked=self._scans(model),
+            x, cache = model.prefill(ids, mask, cache_len, lora=lora, stacked=self.scan_layers and not model.layers.split,
                                      keys_transposed=self.cpu_tricks and not self.scan_layers)
             return model.head(x[:, -1]), self._constrain_cache(cache)
 
@@ -546,25 +544,6 @@ class Sampler:
         model = nnx.merge(self.graphdef, state)
         return cpu_decode.weight_copies(model.layers.per_layer(), model.head_kernel())
 
-    def _scans(self, model: Any) -> bool:
-        """Whether this model's decode scans its layers over one stacked cache (else it runs them unrolled
-        over per-layer buffers: see "Decode layouts" in the module docstring)."""
-        return self.scan_layers and not model.layers.split
-
-    def _ready(self, state: Any, lora_weights: Any) -> Any:
-        """The adapters as :meth:`_decode` reads them: in the model's compute dtype with each input's ``a``
-        matrices joined (:func:`~seal_jax.lm.model.group_adapters`), and for a decode that runs its layers
-        unrolled, one piece per layer (:func:`~seal_jax.lm.model.unstack_layers`). Made once per call: in the
-        decode, the GPU compiler held a copy of the joined and sliced adapters among its temporaries."""
-        self.traces["ready"] += 1
-        model = nnx.merge(self.graphdef, state)
-        weights = group_adapters(lora_weights, model.dtype)
-        if self._scans(model):
-            return weights
-        per_layer = functools.partial(unstack_layers, num_layers=model.config.num_layers)
-        stacked = jax.tree.leaves(lora_weights)[0].ndim == 4  # [K, L, in, r]
-        return jax.vmap(per_layer)(weights) if stacked else per_layer(weights)
-
     def _decode(self, state: Any, cache: KVCache, logits: jax.Array, lora_weights: Any, lora_scale: Any,
                 knobs: dict[str, jax.Array], stop_ids: jax.Array, done: jax.Array, copies: Any = None, *,
                 out_len: int, greedy: bool = False) -> tuple[jax.Array, jax.Array, KVCache]:
@@ -572,7 +551,6 @@ class Sampler:
 
         Args:
           cache, logits: from :meth:`_prefill` (``logits`` ``[B, V]``).
-          lora_weights: the adapters as :meth:`ready` gives them, or ``None``.
           knobs: :func:`knob_arrays`: traced scalars ``temperature, top_k, top_p, min_p, max_new_tokens,
             pad_id`` and per row ``seed`` and ``row``.
           stop_ids: int32 ``[M]``, padded with -1.
@@ -597,7 +575,14 @@ class Sampler:
         base = None
         if not cache.stacked:
             base = model.layers.per_layer() if copies is None else list(copies[0])
-        adapter = lora_weights  # (per layer where the layers run unrolled: ready)
+        # the adapters in the compute dtype, each input's `a` matrices joined (group_adapters): once per call,
+        # not on every step, where XLA would otherwise cast and concatenate them
+        if lora_weights is not None:
+            lora_weights = group_adapters(jax.tree.map(lambda a: a.astype(model.dtype), lora_weights))
+        adapter = lora_weights
+        if lora_weights is not None and not cache.stacked:
+            slices = functools.partial(unstack_layers, num_layers=n)
+            adapter = jax.vmap(slices)(lora_weights) if stacked else slices(lora_weights)
         # the head taken inside the loop (None: model.head's own), where the compiler folds a tied embedding's
         # transpose into the matmul; taken once per call outside the loop, the transpose is a copy of the table
         head_kernel = None if copies is None else copies[1]
@@ -684,8 +669,7 @@ class Sampler:
             real or abstract.
           greedy: the decode program of greedy sampling (``temperature == 0``), as :meth:`generate` runs it.
         Returns:
-          ``{"prefill": jax.stages.Lowered, "decode": jax.stages.Lowered}``, with ``adapters`` also
-          ``"adapters"``: the program that readies them for the decode (:meth:`ready`), run once per call.
+          ``{"prefill": jax.stages.Lowered, "decode": jax.stages.Lowered}``.
         """
         b = batch_bucket(batch, self.mesh, stacked=stacked_count(None if adapters is None else adapters.scale))
         t = tok.bucket(prompt_len)
@@ -715,16 +699,9 @@ class Sampler:
         knobs = {name: self._abstract(x.shape, x.dtype, None) for name, x in knob_arrays(SamplingParams(), 0, b).items()}
         stop_ids = self._abstract((MIN_STOP_SLOTS,), jnp.int32, None)
         done = self._abstract((b,), jnp.bool_, ("batch",))
-        ready = None
-        if lw is not None:
-            count = self.traces["ready"]
-            ready = jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, None), jax.eval_shape(self._ready, state, lw))
-            self.traces["ready"] = count
-        decode = self.decode_program(cache).lower(state, cache, logits, ready, ls, knobs, stop_ids, done, None,
+        decode = self.decode_program(cache).lower(state, cache, logits, lw, ls, knobs, stop_ids, done, None,
                                                   out_len=out_len, greedy=greedy)
-        if lw is None:
-            return {"prefill": prefill, "decode": decode}
-        return {"adapters": self.ready.lower(state, lw), "prefill": prefill, "decode": decode}
+        return {"prefill": prefill, "decode": decode}
 
     # -- the host-side driver ----------------------------------------------------------------------
 
@@ -767,7 +744,6 @@ class Sampler:
         lw, ls = (None, None) if lora is None else self.put_replicated((lora.weights, lora.scale))
         start = time.perf_counter()
         ids, mask = self.put_batch(ids), self.put_batch(mask)
-        ready = None if lw is None else self.ready(state, lw)  # (dispatched before the prefill: they overlap)
         prefill = self.prefill_program(state, ids, lw, ls, t + out_len)
         logits, cache = prefill(state, ids, mask, lw, ls, cache_len=t + out_len)
         if timings is not None:
@@ -775,7 +751,7 @@ class Sampler:
             timings["prefill_s"] = time.perf_counter() - start
             start = time.perf_counter()
         decode = self.decode_program(cache)
-        tokens, lengths, _ = decode(state, cache, logits, ready, ls, self.put_replicated(knobs),
+        tokens, lengths, _ = decode(state, cache, logits, lw, ls, self.put_replicated(knobs),
                                     self.put_replicated(jnp.asarray(stop_ids)), self.put_batch(done), copies,
                                     out_len=out_len, greedy=bool(params.temperature == 0))
         tokens, lengths = shd.to_host(tokens), shd.to_host(lengths)
