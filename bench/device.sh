@@ -3,6 +3,9 @@
 #
 #   bash bench/device.sh                          # Qwen3-8B with random bf16 weights: a few minutes on an H200
 #   SEAL_BENCH_PRESET=tiny bash bench/device.sh   # the tiny preset, --quick shapes: about a minute on a CPU
+#   OUT=bench-results/no-split-k XLA_FLAGS=--xla_gpu_experimental_force_split_k=1 bash bench/device.sh
+#                                                 # on a GPU, the same without XLA's split-K rewrite of the
+#                                                 # decode's matmuls (BENCHMARKS.md, twenty-second session)
 #
 # It installs this checkout into the Python it is given (pip install --no-deps -e .: the machine's image
 # brings jax, flax, optax, orbax, transformers, peft and torch, and there may be no network), prints the
