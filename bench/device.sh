@@ -10,7 +10,8 @@
 # It installs this checkout into the Python it is given (pip install --no-deps -e .: the machine's image
 # brings jax, flax, optax, orbax, transformers, peft and torch, and there may be no network), prints the
 # versions, runs `seal-jax bench --preset $SEAL_BENCH_PRESET --random-weights` (plus the PyTorch reference
-# on a CUDA GPU when torch sees it), prints a table last and writes the JSON report and the log under $OUT.
+# on a CUDA GPU when torch sees it), prints a table last and writes the JSON report and the log under $OUT
+# (bench-$SEAL_BENCH_PRESET.json and .log; after a crash, bench-$SEAL_BENCH_PRESET-chunked.* as well).
 #
 # Environment: PYTHON (default python3), OUT (default bench-results/), SEAL_BENCH_PRESET (default qwen3-8b),
 # SEAL_BENCH_ARGS (more `seal-jax bench` flags, e.g. "--candidates 8 --no-reference"), SEAL_BENCH_INSTALL=0
@@ -50,9 +51,28 @@ import jax
 print("devices:", ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices()))
 PYEOF
 
-log="$OUT/bench-$PRESET.log"
-# shellcheck disable=SC2086  # ARGS is a list of flags
-"$PY" -m seal_jax.cli bench --preset "$PRESET" --random-weights --out "$OUT/bench-$PRESET.json" $ARGS 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
-echo "device.sh: report in $OUT/bench-$PRESET.json, log in $log (exit $status)"
+bench() {  # bench NAME [FLAGS...]: the suite, its report in $OUT/NAME.json and its log in $OUT/NAME.log
+  local name="$1"; shift
+  set +e  # the suite's exit status is read, not acted on by -e
+  # shellcheck disable=SC2086  # ARGS is a list of flags
+  "$PY" -m seal_jax.cli bench --preset "$PRESET" --random-weights --out "$OUT/$name.json" $ARGS "$@" 2>&1 \
+    | tee "$OUT/$name.log"
+  status=${PIPESTATUS[0]}
+  set -e
+  echo "device.sh: report in $OUT/$name.json, log in $OUT/$name.log (exit $status)"
+}
+
+bench "bench-$PRESET"
+# Killed by SIGILL, SIGABRT, SIGBUS, SIGFPE or SIGSEGV: a compiler or kernel crash, which the suite's own
+# kernel check (a child process on a GPU) cannot catch where it happens at the model's shapes. Unless the
+# attention was chosen, run the suite again on "chunked" attention (no fused kernel), so the one run on a
+# lent machine still measures everything; the first report keeps the rows it finished.
+case "$status" in
+  132|134|135|136|139)
+    if [[ " $ARGS " != *" --attention"* ]]; then
+      echo "device.sh: the suite died of signal $((status - 128)); running it again with --attention chunked" >&2
+      bench "bench-$PRESET-chunked" --attention chunked
+    fi
+    ;;
+esac
 exit "$status"

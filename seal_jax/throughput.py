@@ -48,7 +48,7 @@ import jax
 import numpy as np
 
 import seal_jax as sj
-from seal_jax import hlo, plan
+from seal_jax import hlo, kernel_check, plan
 from seal_jax.ceilings import best_time, copy_bandwidth, matmul_flops, read_bandwidth
 from seal_jax.lm import attention as attn
 from seal_jax.lm import sharding as shd
@@ -605,6 +605,23 @@ def _load(args: argparse.Namespace, config: ModelConfig, dtype: str, mesh: Any, 
     return sj.load(args.model, dtype=dtype, mesh=mesh, attention=attention), f"{args.model}"
 
 
+def kernel_checker(config: ModelConfig, dtype: str, device: Any) -> Callable[[str], str | None]:
+    """``check(kernel)`` for :func:`choose_attention`: :func:`~seal_jax.lm.attention.check_kernel` at the
+    model's head group and head size on ``device``, in a child process on a GPU (:mod:`seal_jax.kernel_check`:
+    a kernel compiler that aborts or hangs must not end the suite), in this one elsewhere (a TPU serves one
+    process at a time)."""
+    shape = {"heads": config.num_heads, "kv_heads": config.num_kv_heads, "head_dim": config.head_dim}
+
+    def check(kernel: str) -> str | None:
+        if device.platform == "gpu":
+            print(f"attention: checking the {kernel} kernel in a process of its own (at most "
+                  f"{kernel_check.CHECK_SECONDS:g} s)", flush=True)
+            return kernel_check.isolated(kernel, dtype=dtype, **shape)
+        return attn.check_kernel(kernel, dtype=dtype, device=device, **shape)
+
+    return check
+
+
 def choose_attention(requested: str | None, platform_: str, check: Callable[[str], str | None]
                      ) -> tuple[str | None, str | None]:
     """The attention implementation the suite builds its model with, and why it is not the platform's
@@ -670,10 +687,7 @@ def main(args: argparse.Namespace) -> int:
         raise BenchError(f"--mesh {spec}: {error}") from None
     config = _config(args)
     first = list(mesh.devices.flat)[0] if mesh is not None else devices[0]
-    attention, fallback = choose_attention(
-        args.attention, platform_,
-        lambda kernel: attn.check_kernel(kernel, heads=config.num_heads, kv_heads=config.num_kv_heads,
-                                         head_dim=config.head_dim, dtype=dtype, device=first))
+    attention, fallback = choose_attention(args.attention, platform_, kernel_checker(config, dtype, first))
     if fallback:
         print(f"attention: {fallback}", flush=True)
     lm, source = _load(args, config, dtype, mesh, attention)

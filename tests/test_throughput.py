@@ -200,3 +200,39 @@ def test_suite_shapes_are_those_seal_jax_compile_predicts():
                                                                            suite.seq_len)
     assert train["train"].epochs == suite.epochs and train["lora"].rank == suite.lora_rank
     assert programs["answer_k"]["adapters"][0] == suite.candidates
+
+
+def test_device_script_runs_the_suite_again_on_chunked_attention_after_a_crash(tmp_path):
+    """A suite that dies of a crash signal (a kernel compiler's abort at the model's shapes) is run once more
+    on chunked attention, its report and log beside the first; not where the attention was chosen. (A stand-in
+    Python dies of SIGSEGV in place of the suite.)"""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+if [[ " $* " == *" -m seal_jax.cli bench "* ]]; then
+  if [[ " $* " == *" --attention chunked"* ]]; then echo "| piece | (chunked)"; exit 0; fi
+  kill -SEGV $$
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "SEAL_BENCH_PRESET": "tiny", "JAX_PLATFORMS": "cpu",
+           "SEAL_BENCH_INSTALL": "0"}
+    run = subprocess.run(["bash", str(REPO / "bench" / "device.sh")], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "the suite died of signal 11; running it again with --attention chunked" in run.stderr
+    benches = [line for line in calls.read_text().splitlines() if "seal_jax.cli bench" in line]
+    assert benches == [f"-m seal_jax.cli bench --preset tiny --random-weights --out {out}/bench-tiny.json --quick",
+                       f"-m seal_jax.cli bench --preset tiny --random-weights --out {out}/bench-tiny-chunked.json "
+                       "--quick --attention chunked"]
+    assert run.stdout.rstrip().endswith(f"log in {out}/bench-tiny-chunked.log (exit 0)")
+    assert (out / "bench-tiny.log").is_file() and "(chunked)" in (out / "bench-tiny-chunked.log").read_text()
+    calls.unlink()
+    env["SEAL_BENCH_ARGS"] = "--attention triton"
+    run = subprocess.run(["bash", str(REPO / "bench" / "device.sh")], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=300)
+    assert run.returncode == 139 and "running it again" not in run.stderr
+    assert len([line for line in calls.read_text().splitlines() if "seal_jax.cli bench" in line]) == 1

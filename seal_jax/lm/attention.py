@@ -350,7 +350,8 @@ def check_kernel(impl: str, *, heads: int, kv_heads: int, head_dim: int, dtype: 
     Two rows of 2 x :data:`KERNEL_BLOCK` tokens (one left-padded), the model's query-per-key head group and
     head size (one key/value head); agreement within 5% of the reference's largest value (bfloat16), 1% (float32
     on an accelerator) or 0.1% (float32 on a CPU), compared on the real tokens' rows. A failure that ends the
-    process (a compiler crash) is not caught."""
+    process (a compiler crash) is not caught here: ``python -m seal_jax.kernel_check`` runs this check in a
+    process of its own for that."""
     if impl not in ("splash", "triton"):
         raise AttentionError(f"check_kernel takes a fused kernel ('splash' or 'triton'), got {impl!r}")
     if heads % kv_heads:
