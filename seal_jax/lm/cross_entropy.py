@@ -95,8 +95,14 @@ def _token_nll_fwd(hidden: Any, kernel: Any, targets: Any) -> tuple[jax.Array, j
     h, w, y = hidden.value, kernel.value, targets.value
 
     def chunk(hc: jax.Array, yc: jax.Array) -> tuple[jax.Array, jax.Array]:
-        nll, logits = _nll_chunk(hc, w, yc)
-        probs = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(yc, w.shape[-1], dtype=jnp.float32)
+        # one exponential of the logits serves both the log-sum-exp and the softmax
+        logits = _logits(hc, w)
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        e = jnp.exp(logits - top)
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        picked = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
+        nll = (top + jnp.log(total))[..., 0] - picked
+        probs = e / total - jax.nn.one_hot(yc, w.shape[-1], dtype=jnp.float32)
         direction = jnp.einsum("btv,dv->btd", probs.astype(w.dtype), w, preferred_element_type=jnp.float32)
         return nll, direction.astype(h.dtype)
 
