@@ -48,6 +48,13 @@ for name in ("jax", "jaxlib", "flax", "optax", "transformers", "peft", "torch"):
     except ImportError:
         print(f"{name} not installed")
 import jax
+try:  # the engine is Flax NNX; an image whose flax predates its jax fails here, in seconds, not in the suite
+    from flax import nnx  # noqa: F401
+except Exception as error:
+    import flax
+    raise SystemExit(f"device.sh: flax {flax.__version__} cannot load flax.nnx with jax {jax.__version__} "
+                     f"({type(error).__name__}: {error}); install a flax release made for this jax "
+                     "(flax 0.12.12 is made for jax 0.11.1 and later)")
 print("devices:", ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices()))
 PYEOF
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import time
 from collections.abc import Sequence
@@ -218,6 +219,14 @@ def _tpu_topology(topologies: Any, target: Target, tries: int = 5) -> Any:
 
 
 @functools.cache
+def _has_module(name: str) -> bool:
+    """Whether ``name`` is importable here (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # its parent package is missing
+        return False
+
+
 def devices(name: str) -> tuple[Any, ...]:
     """The devices of target ``name``, for a mesh that compiles for it on this (CPU) host.
 
@@ -236,11 +245,9 @@ def devices(name: str) -> tuple[Any, ...]:
                               "(or pip install 'jax[tpu]')") from None
         desc = _tpu_topology(topologies, target)
     else:
-        try:
-            import jax_plugins.xla_cuda12  # noqa: F401  (deferred heavy optional dependency)
-        except ImportError:
+        if not any(_has_module(f"jax_plugins.xla_cuda{v}") for v in (13, 12)):  # either registers "cuda"
             raise TargetError(f"compiling for {name} needs the CUDA PJRT plugin: pip install 'seal-jax[aot]' "
-                              "(or pip install 'jax[cuda12-local]')") from None
+                              "(or pip install 'jax[cuda12-local]')")
         desc = topologies.get_topology_desc(platform="cuda", target_config=GPUS[target.gpu].target_config(),
                                             topology=target.topology)
     devs = tuple(desc.devices)

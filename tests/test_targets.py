@@ -37,6 +37,23 @@ def test_the_deviceless_gpus_are_their_target() -> None:
     assert targets.target_of_devices(targets.devices("h100-8")).name == "h100-8"
 
 
+def test_either_cuda_plugin_compiles_for_gpus_and_neither_is_named(monkeypatch) -> None:
+    """The CUDA 12 or the CUDA 13 PJRT plugin (JAX 0.11 images bring the latter) registers the "cuda"
+    platform the deviceless GPUs are compiled with; without either, the error says what to install."""
+    seen, real = [], targets._has_module
+    assert real("seal_jax.targets") and not real("no_such_package.module")
+
+    def has(name: str) -> bool:
+        seen.append(name)
+        return False
+
+    monkeypatch.setattr(targets, "_has_module", has)
+    with pytest.raises(targets.TargetError, match=r"compiling for h100-8 needs the CUDA PJRT plugin: pip install "
+                                                  r"'seal-jax\[aot\]'"):
+        targets.devices("h100-8")
+    assert seen == ["jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"]
+
+
 @pytest.mark.parametrize("platform, kind, count, name", [
     ("tpu", "TPU v5", 8, "tpu-v5p-16"), ("tpu", "TPU v5p", 4, "tpu-v5p-8"), ("tpu", "TPU v5 lite", 8, "tpu-v5e-8"),
     ("tpu", "TPU v6 lite", 8, "tpu-v6e-8"), ("gpu", "NVIDIA H100 80GB HBM3", 8, "h100-8"),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from seal_jax import plan, throughput
+from seal_jax import hlo, plan, throughput
 from seal_jax.lm.config import preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,6 +152,8 @@ def test_the_chosen_attention_builds_the_model_and_is_reported(tmp_path, monkeyp
     built = []
 
     class Pieces:
+        roofline_error = None
+
         def __init__(self, lm, *args, **kwargs):
             built.append(lm.model.attention_impl)
 
@@ -236,3 +238,46 @@ exec {sys.executable} "$@"
                          cwd=REPO, timeout=300)
     assert run.returncode == 139 and "running it again" not in run.stderr
     assert len([line for line in calls.read_text().splitlines() if "seal_jax.cli bench" in line]) == 1
+
+
+def test_hlo_this_module_cannot_read_leaves_the_rows_without_rooflines(report, capsys):
+    """A newer JAX whose compiled HLO :mod:`seal_jax.hlo` cannot read costs the rooflines, not the run: the
+    first failure is said once (and kept for the report), and no more rooflines are compiled."""
+    data, _ = report
+    assert data["roofline_note"] is None
+    suite = throughput.Suite.__new__(throughput.Suite)
+    suite.rooflines, suite.roofline_error = True, None
+    tried = []
+
+    def unreadable():
+        tried.append(1)
+        raise hlo.HloParseError("unknown element type f4e2m1fn")
+
+    assert suite._rooflines_of(unreadable) is None and suite._rooflines_of(unreadable) is None
+    assert tried == [1] and suite.roofline_error == (
+        "seal_jax.hlo cannot read this JAX's compiled HLO (unknown element type f4e2m1fn)")
+    assert capsys.readouterr().out.count("roofline: none from here on") == 1
+    assert suite._rooflines_of(lambda: {"roofline_s": 1.0}) is None  # compiles no more
+    table = throughput.format_table({**data, "roofline_note": suite.roofline_error})
+    assert table.endswith("\nroofline: " + suite.roofline_error) or "\nroofline: seal_jax.hlo cannot" in table
+
+
+def test_device_script_stops_at_once_where_flax_cannot_load_with_the_machines_jax(tmp_path):
+    """An image whose flax predates its jax (flax 0.12.8's NNX with jax 0.11.2) fails in the version check,
+    in seconds, with what to install, before any suite runs. (A stand-in flax whose NNX fails to import.)"""
+    fake = tmp_path / "site" / "flax"
+    (fake / "nnx").mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "0.12.8"\n')
+    (fake / "nnx" / "__init__.py").write_text(
+        "raise AttributeError(\"module 'jax.experimental.hijax' has no attribute 'HiPrimitive'\")\n")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "SEAL_BENCH_PRESET": "tiny",
+           "JAX_PLATFORMS": "cpu", "SEAL_BENCH_INSTALL": "0", "PYTHONPATH": str(tmp_path / "site")}
+    run = subprocess.run(["bash", str(REPO / "bench" / "device.sh")], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=300)
+    assert run.returncode == 1
+    import jax
+
+    assert (f"device.sh: flax 0.12.8 cannot load flax.nnx with jax {jax.__version__} (AttributeError: module "
+            "'jax.experimental.hijax' has no attribute 'HiPrimitive'); install a flax release made for this jax"
+            ) in run.stderr.replace("\n", " ")
+    assert not (tmp_path / "out" / "bench-tiny.log").exists()
