@@ -51,8 +51,11 @@ import jax
 try:  # the engine is Flax NNX; an image whose flax predates its jax fails here, in seconds, not in the suite
     from flax import nnx  # noqa: F401
 except Exception as error:
-    import flax
-    raise SystemExit(f"device.sh: flax {flax.__version__} cannot load flax.nnx with jax {jax.__version__} "
+    import sys
+    version = getattr(sys.modules.get("flax"), "__version__", None)
+    if version is None:
+        raise SystemExit(f"device.sh: flax is not installed in {sys.executable} ({error}); the engine needs it")
+    raise SystemExit(f"device.sh: flax {version} cannot load flax.nnx with jax {jax.__version__} "
                      f"({type(error).__name__}: {error}); install a flax release made for this jax "
                      "(flax 0.12.12 is made for jax 0.11.1 and later)")
 print("devices:", ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices()))
@@ -72,8 +75,10 @@ bench() {  # bench NAME [FLAGS...]: the suite, its report in $OUT/NAME.json and 
 bench "bench-$PRESET"
 # Killed by SIGILL, SIGABRT, SIGBUS, SIGFPE or SIGSEGV: a compiler or kernel crash, which the suite's own
 # kernel check (a child process on a GPU) cannot catch where it happens at the model's shapes. Unless the
-# attention was chosen, run the suite again on "chunked" attention (no fused kernel), so the one run on a
-# lent machine still measures everything; the first report keeps the rows it finished.
+# attention was chosen, run the whole suite again on "chunked" attention (no fused kernel: the crash may
+# have been elsewhere, and then this costs a second run's time), so the one run on a lent machine still
+# measures everything; the first report keeps the rows it finished, the second run's exit status is the
+# script's, and the first one's signal is on stderr.
 case "$status" in
   132|134|135|136|139)
     if [[ " $ARGS " != *" --attention"* ]]; then

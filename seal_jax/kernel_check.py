@@ -38,29 +38,24 @@ def command(kernel: str, *, heads: int, kv_heads: int, head_dim: int, dtype: str
 
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "nothing on stderr"
+    return lines[-1][:300] if lines else "no output"
 
 
-def run(argv: Sequence[str], *, timeout: float = CHECK_SECONDS, env: dict[str, str] | None = None) -> str | None:
-    """Run a check's child ``argv`` and read its verdict: ``None`` where the kernel compiled, ran and agreed
-    with the einsum, else the reason in one line, the child's own failure included (killed by a signal,
-    a non-zero exit, no result within ``timeout`` seconds, no result line)."""
-    try:
-        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return f"the check's process gave no result in {timeout:g} s (a compiler that hangs?)"
-    except OSError as error:
-        return f"the check's process could not start: {error}"
-    if done.returncode < 0:
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _verdict(returncode: int, stdout: str, stderr: str) -> str | None:
+    """What a finished child said: its verdict line, else what became of it."""
+    if returncode < 0:
         try:
-            name = signal.Signals(-done.returncode).name
+            name = signal.Signals(-returncode).name
         except ValueError:
-            name = f"signal {-done.returncode}"
-        return f"the check's process was killed by {name} ({_last_line(done.stderr)})"
-    if done.returncode > 0:
-        return f"the check's process exited with status {done.returncode} ({_last_line(done.stderr)})"
-    for line in reversed(done.stdout.splitlines()):
+            name = f"signal {-returncode}"
+        return f"the check's process was killed by {name} ({_last_line(stderr)})"
+    if returncode > 0:
+        return f"the check's process exited with status {returncode} ({_last_line(stderr)})"
+    for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
             try:
                 verdict = json.loads(line)
@@ -70,7 +65,31 @@ def run(argv: Sequence[str], *, timeout: float = CHECK_SECONDS, env: dict[str, s
                 reason = verdict["reason"]
                 return None if reason is None else str(reason)
             break
-    return f"the check's process printed no result ({_last_line(done.stdout)})"
+    return f"the check's process printed no result ({_last_line(stderr or stdout)})"
+
+
+def run(argv: Sequence[str], *, timeout: float = CHECK_SECONDS, env: dict[str, str] | None = None) -> str | None:
+    """Run a check's child ``argv`` and read its verdict: ``None`` where the kernel compiled, ran and agreed
+    with the einsum, else the reason in one line, the child's own failure included (killed by a signal,
+    a non-zero exit, no result within ``timeout`` seconds, no result line). Where the child failed, the last
+    lines of its stderr go to this process's stderr: on a lent machine they are the evidence. The child
+    runs in a session of its own, so a timeout ends whatever it started too (a ``ptxas``, say)."""
+    try:
+        child = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as error:
+        return f"the check's process could not start: {error}"
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        stdout, stderr = child.communicate()
+        reason: str | None = f"the check's process gave no result in {timeout:g} s (a compiler that hangs?)"
+    else:
+        reason = _verdict(child.returncode, stdout, stderr)
+    if reason is not None and reason.startswith("the check's process") and stderr.strip():
+        print(f"the kernel check's process, last lines of its stderr:\n{_tail(stderr)}", file=sys.stderr, flush=True)
+    return reason
 
 
 def isolated(kernel: str, *, heads: int, kv_heads: int, head_dim: int, dtype: str,

@@ -218,7 +218,6 @@ def _tpu_topology(topologies: Any, target: Target, tries: int = 5) -> Any:
     raise AssertionError("unreachable")
 
 
-@functools.cache
 def _has_module(name: str) -> bool:
     """Whether ``name`` is importable here (without importing it)."""
     try:
@@ -227,6 +226,7 @@ def _has_module(name: str) -> bool:
         return False
 
 
+@functools.cache
 def devices(name: str) -> tuple[Any, ...]:
     """The devices of target ``name``, for a mesh that compiles for it on this (CPU) host.
 
@@ -247,7 +247,7 @@ def devices(name: str) -> tuple[Any, ...]:
     else:
         if not any(_has_module(f"jax_plugins.xla_cuda{v}") for v in (13, 12)):  # either registers "cuda"
             raise TargetError(f"compiling for {name} needs the CUDA PJRT plugin: pip install 'seal-jax[aot]' "
-                              "(or pip install 'jax[cuda12-local]')")
+                              "(or pip install 'jax[cuda12-local]', or 'jax[cuda13-local]' with JAX 0.11)")
         desc = topologies.get_topology_desc(platform="cuda", target_config=GPUS[target.gpu].target_config(),
                                             topology=target.topology)
     devs = tuple(desc.devices)

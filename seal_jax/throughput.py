@@ -751,6 +751,7 @@ def main(args: argparse.Namespace) -> int:
 
     def emit(row: Row) -> None:
         report["rows"].append(dataclasses.asdict(row))
+        report["roofline_note"] = suite.roofline_error  # in every report written, a killed run's too
         extra = "" if row.mfu is None else f", MFU {100 * row.mfu:.1f}%"
         if row.bandwidth_fraction is not None:
             extra += f", bandwidth {100 * row.bandwidth_fraction:.1f}%"
@@ -760,7 +761,6 @@ def main(args: argparse.Namespace) -> int:
     suite = Suite(lm, shapes, peaks, repeats=1 if quick else 3, reference=reference,
                   rooflines=not getattr(args, "no_roofline", False))
     report["summary"] = suite.run(emit)
-    report["roofline_note"] = suite.roofline_error
     write()
     print()
     print(format_table(report))

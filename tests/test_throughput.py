@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -259,7 +260,7 @@ def test_hlo_this_module_cannot_read_leaves_the_rows_without_rooflines(report, c
     assert capsys.readouterr().out.count("roofline: none from here on") == 1
     assert suite._rooflines_of(lambda: {"roofline_s": 1.0}) is None  # compiles no more
     table = throughput.format_table({**data, "roofline_note": suite.roofline_error})
-    assert table.endswith("\nroofline: " + suite.roofline_error) or "\nroofline: seal_jax.hlo cannot" in table
+    assert "\nroofline: seal_jax.hlo cannot read this JAX's compiled HLO (unknown element type f4e2m1fn)" in table
 
 
 def test_device_script_stops_at_once_where_flax_cannot_load_with_the_machines_jax(tmp_path):
@@ -281,3 +282,24 @@ def test_device_script_stops_at_once_where_flax_cannot_load_with_the_machines_ja
             "'jax.experimental.hijax' has no attribute 'HiPrimitive'); install a flax release made for this jax"
             ) in run.stderr.replace("\n", " ")
     assert not (tmp_path / "out" / "bench-tiny.log").exists()
+    (fake / "__init__.py").write_text('raise ImportError("No module named \'flax\'")\n')  # no flax at all
+    run = subprocess.run(["bash", str(REPO / "bench" / "device.sh")], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=300)
+    assert run.returncode == 1 and f"device.sh: flax is not installed in {sys.executable}" in run.stderr
+
+
+def test_a_gpu_checks_in_a_child_and_a_tpu_in_the_suite_process(monkeypatch, capsys):
+    """The suite's checker: a child process on a GPU, which allocates device memory as it needs it beside the
+    suite; ``check_kernel`` itself elsewhere (a TPU serves one process at a time)."""
+    calls = []
+    monkeypatch.setattr(throughput.kernel_check, "run", lambda argv, timeout, env: calls.append((argv, env)) or "killed")
+    monkeypatch.setattr(throughput.attn, "check_kernel", lambda kernel, **kw: calls.append((kernel, kw)) or None)
+    config = preset("qwen3-8b")
+    gpu, tpu = SimpleNamespace(platform="gpu"), SimpleNamespace(platform="tpu")
+    assert throughput.kernel_checker(config, "bfloat16", gpu)("triton") == "killed"
+    argv, env = calls.pop()
+    assert argv[-9:] == ["triton", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--dtype", "bfloat16"]
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert "checking the triton kernel in a process of its own" in capsys.readouterr().out
+    assert throughput.kernel_checker(config, "bfloat16", tpu)("splash") is None
+    assert calls == [("splash", {"dtype": "bfloat16", "device": tpu, "heads": 32, "kv_heads": 8, "head_dim": 128})]

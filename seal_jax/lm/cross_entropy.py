@@ -98,6 +98,7 @@ def _token_nll_fwd(hidden: Any, kernel: Any, targets: Any) -> tuple[jax.Array, j
         # one exponential of the logits serves both the log-sum-exp and the softmax
         logits = _logits(hc, w)
         top = jnp.max(logits, axis=-1, keepdims=True)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)  # as jax.nn.logsumexp: an infinite logit gives inf, not NaN
         e = jnp.exp(logits - top)
         total = jnp.sum(e, axis=-1, keepdims=True)
         picked = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
