@@ -58,10 +58,15 @@ def _logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _nll_chunk(h: jax.Array, kernel: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One chunk's ``-log p(y)`` ``[B, c]`` and its logits ``[B, c, V]`` (float32)."""
+    """One chunk's ``-log p(y)`` ``[B, c]`` and softmax ``[B, c, V]`` (float32), both from one exponential of
+    the logits (where only the loss is used, the compiler drops the softmax)."""
     logits = _logits(h, kernel)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # as jax.nn.logsumexp: an infinite logit gives inf, not NaN
+    e = jnp.exp(logits - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
     picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked, logits
+    return (top + jnp.log(total))[..., 0] - picked, e / total
 
 
 def _scan_chunks(fn: Any, hidden: jax.Array, targets: jax.Array, vocab: int) -> Any:
@@ -95,15 +100,8 @@ def _token_nll_fwd(hidden: Any, kernel: Any, targets: Any) -> tuple[jax.Array, j
     h, w, y = hidden.value, kernel.value, targets.value
 
     def chunk(hc: jax.Array, yc: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # one exponential of the logits serves both the log-sum-exp and the softmax
-        logits = _logits(hc, w)
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        top = jnp.where(jnp.isfinite(top), top, 0.0)  # as jax.nn.logsumexp: an infinite logit gives inf, not NaN
-        e = jnp.exp(logits - top)
-        total = jnp.sum(e, axis=-1, keepdims=True)
-        picked = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
-        nll = (top + jnp.log(total))[..., 0] - picked
-        probs = e / total - jax.nn.one_hot(yc, w.shape[-1], dtype=jnp.float32)
+        nll, softmax = _nll_chunk(hc, w, yc)
+        probs = softmax - jax.nn.one_hot(yc, w.shape[-1], dtype=jnp.float32)
         direction = jnp.einsum("btv,dv->btd", probs.astype(w.dtype), w, preferred_element_type=jnp.float32)
         return nll, direction.astype(h.dtype)
 
