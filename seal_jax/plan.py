@@ -4,7 +4,7 @@
 device and for each hardware in :data:`HARDWARE`:
 
 * **bytes** — base weights (sharded exactly as :mod:`seal_jax.lm.sharding` places them: the real
-  :data:`~seal_jax.lm.sharding.PARAM_AXES` and :data:`~seal_jax.lm.sharding.RULES` through
+  :func:`~seal_jax.lm.params.param_axes` and :data:`~seal_jax.lm.sharding.RULES` through
   :func:`~seal_jax.lm.sharding.spec_for`), LoRA adapters and AdamW state (float32, kept on the lanes that
   train them: a device holds its lanes' candidates, see ``lanes.LanePlan``), per-lane
   gradient accumulators, training activations (per ``Decoder(remat=...)``: "none" keeps every layer's
@@ -38,9 +38,9 @@ from seal_jax.lm.attention import KERNEL_BLOCK, TRITON_BACKWARD_BLOCK, causal_sh
 from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import chunk_length
 from seal_jax.lm.model import layer_storage_for, train_layers_for
-from seal_jax.lm.params import param_shapes, projection_shape
+from seal_jax.lm.params import param_axes, param_shapes, projection_shape
 from seal_jax.lm.sampling import batch_bucket
-from seal_jax.lm.sharding import MESH_AXES, PARAM_AXES, MeshError, parse_mesh_spec, spec_for
+from seal_jax.lm.sharding import MESH_AXES, MeshError, parse_mesh_spec, spec_for
 from seal_jax.lm.types import PROJECTIONS, REMAT_POLICIES, remat_name
 
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float32": 4, "fp32": 4}
@@ -213,16 +213,16 @@ def shard_shape(shape: Sequence[int], logical: Sequence[str | None], mesh: Mappi
 
 def weight_bytes_per_device(config: ModelConfig, mesh: Mapping[str, int], dtype: str) -> int:
     """Bytes of base weights on one device: every parameter of ``param_shapes(config)`` sharded by
-    :data:`PARAM_AXES` and :data:`RULES` (a dimension that does not divide is replicated)."""
+    :func:`~seal_jax.lm.params.param_axes` and :data:`RULES` (a dimension that does not divide is replicated)."""
     total = 0
     for path, shape in param_shapes(config).items():
-        total += math.prod(shard_shape(shape, PARAM_AXES[path], mesh))
+        total += math.prod(shard_shape(shape, param_axes(path, config), mesh))
     return total * DTYPE_BYTES[dtype]
 
 
 def layer_weight_bytes_per_device(config: ModelConfig, mesh: Mapping[str, int], dtype: str) -> int:
     """Bytes of the decoder layers' weights on one device (the stacked ``layers.*`` parameters)."""
-    return sum(math.prod(shard_shape(shape, PARAM_AXES[path], mesh))
+    return sum(math.prod(shard_shape(shape, param_axes(path, config), mesh))
                for path, shape in param_shapes(config).items() if path.startswith("layers.")) * DTYPE_BYTES[dtype]
 
 
@@ -335,17 +335,15 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload,
         activations = config.num_layers * rows * t * saved * act
     else:
         activations = config.num_layers * one_layer
-    # an untied head is split over the vocabulary on fsdp x tensor (sharding.RULES["head_vocab"]), and so are
-    # its logits; a tied head is the embedding, its vocabulary over tensor
-    # (a vocabulary its axes do not divide is replicated: sharding.spec_for)
-    ways = tensor if config.tie_word_embeddings else mesh["fsdp"] * tensor
-    vocab = config.vocab_size // ways if config.vocab_size % ways == 0 else config.vocab_size
+    # the head, tied or not, is split over the vocabulary on fsdp x tensor (sharding.RULES["head_vocab"]), and
+    # so are its logits (a vocabulary its axes do not divide is replicated: sharding.spec_for)
+    vocab = shard_shape((config.vocab_size,), ("head_vocab",), mesh)[0]
     # the chunked cross-entropy (lm/cross_entropy.py): per lane one chunk's float32 logits and its softmax in
-    # the activation dtype (over several chunks a second float32 logits buffer: the compiled scan holds two,
-    # measured on the H100 compile), and the loss's gradient direction [rows, T, D] kept for the backward pass
+    # the activation dtype (a second float32 buffer, held over several chunks on the H100 compile, was the
+    # all-reduce of a tied head's partial logits: gone since the tied embedding is split as the head is), and
+    # the loss's gradient direction [rows, T, D] kept for the backward pass
     tokens = chunk_length(w.batch, t, config.vocab_size)  # the code chunks by the head's global width
-    per_chunk = (4 + act) if tokens >= t else (8 + act)
-    logits = rows * tokens * vocab * per_chunk + rows * t * config.hidden_size * act
+    logits = rows * tokens * vocab * (4 + act) + rows * t * config.hidden_size * act
     # training unrolled over per-layer weights (Decoder.train_layers) copies them from stacked ones for each
     # call, unless they are stored split (LayerStack: GPUs)
     on = platform or "tpu"

@@ -19,8 +19,7 @@ from seal_jax.cli import main as cli_main
 from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import preset
 from seal_jax.lm.lora import LoraSpec
-from seal_jax.lm.params import param_shapes, projection_shape
-from seal_jax.lm.sharding import PARAM_AXES
+from seal_jax.lm.params import param_axes, param_shapes, projection_shape
 from seal_jax.lm.training import TrainSpec
 from seal_jax.lm.types import PROJECTIONS
 
@@ -81,11 +80,11 @@ def test_every_program_compiles_and_reports(reports):
 
 def hand_argument_bytes(config, mesh_sizes: dict[str, int], dtype_bytes: int) -> int:
     """Per-device bytes of the base weights, sharded by hand: every weight with an embedding axis is split
-    over fsdp, and the output head over fsdp by its vocabulary (the tiny widths all divide); norms are
-    replicated."""
+    over fsdp, and the output head (a tied embedding too) over fsdp by its vocabulary (the tiny widths all
+    divide); norms are replicated."""
     total = 0
     for path, shape in param_shapes(config).items():
-        split = mesh_sizes["fsdp"] if {"embed", "head_vocab"} & set(PARAM_AXES[path]) else 1
+        split = mesh_sizes["fsdp"] if {"embed", "head_vocab"} & set(param_axes(path, config)) else 1
         total += math.prod(shape) * dtype_bytes // split
     return total
 
@@ -415,16 +414,19 @@ def test_gpu_decode_under_stacked_adapters_moves_about_its_minimum():
     assert stacked.lower_generate(4, 32, 16, greedy=True)["decode"].compile().memory_analysis().temp_size_in_bytes >= layers
 
 
-def test_no_program_all_reduces_full_vocabulary_logits():
+@pytest.mark.parametrize("config", [TINY, TINY_LLAMA], ids=["untied", "tied"])
+def test_no_program_all_reduces_full_vocabulary_logits(config):
     """The output head is split over its vocabulary: the logits, training and prefill programs compiled for
     8 H100s (data=4, fsdp=2) all-reduce nothing as wide as the vocabulary (256 in the tiny config, a width
     nothing else has). With the head split over its input width, as before, each of them all-reduced
-    partial logits ``[B, T, V]``. (The decode step gathers one ``[V]`` row per sequence to sample from.)"""
+    partial logits ``[B, T, V]``; so did a tied head, the embedding split over its width, until the
+    embedding of a tied model was split as the head is. (The decode step gathers one ``[V]`` row per
+    sequence to sample from.)"""
     import re
 
     mesh = shd.make_mesh("data=4,fsdp=2", devices=targets.devices("h100-8"))
-    lm = sj.LM.abstract(TINY, mesh=mesh, dtype="bfloat16")
-    assert TINY.vocab_size == 256 and 256 not in (TINY.hidden_size, TINY.intermediate_size, TINY.q_dim)
+    lm = sj.LM.abstract(config, mesh=mesh, dtype="bfloat16")
+    assert config.vocab_size == 256 and 256 not in (config.hidden_size, config.intermediate_size, config.q_dim)
     programs = {"logits": lm.lower_logits(4, 32), "train": lm.lower_train(4, 4, 32),
                 "prefill": lm.lower_generate(4, 16, 8)["prefill"]}
     for name, lowered in programs.items():
@@ -436,9 +438,11 @@ def test_no_program_all_reduces_full_vocabulary_logits():
 
 
 @pytest.mark.parametrize("target,mesh_spec", [("h100-8", "data=1,fsdp=4,tensor=2"), ("tpu-v5p-8", "data=1,fsdp=2,tensor=2")])
-def test_one_token_is_taken_from_the_split_embedding_without_gathering_it(target, mesh_spec):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_one_token_is_taken_from_the_split_embedding_without_gathering_it(target, mesh_spec, tied):
     """A decode step of one row looks up one token's embedding. Compiled with the table split over the
-    vocabulary, ``embed_tokens`` takes it where it lies (an all-reduce of the row). For 8 H100s plain indexing
+    vocabulary (over ``tensor`` and its width over ``fsdp``; tied to the head, over both and its width
+    whole), ``embed_tokens`` takes it where it lies (an all-reduce of the row). For 8 H100s plain indexing
     all-gathers the table instead (the GPU compiler lowers a one-index lookup to a dynamic slice: 1.2 GB a step
     for Qwen3-8B on tensor=8, when continual learning's one-row self-edits decoded there); libtpu does not.
     A GPU now also decodes one row as two (``batch_bucket``)."""
@@ -449,7 +453,10 @@ def test_one_token_is_taken_from_the_split_embedding_without_gathering_it(target
     from seal_jax.lm.model import embed_tokens
 
     mesh = shd.make_mesh(mesh_spec, devices=targets.devices(target))
-    table = jax.ShapeDtypeStruct((256, 64), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("tensor", "fsdp")))
+    config = TINY_LLAMA if tied else TINY
+    spec = shd.param_sharding(mesh, "embedding", (256, 64), config).spec
+    assert tuple(spec) == ((("fsdp", "tensor"), None) if tied else ("tensor", "fsdp"))
+    table = jax.ShapeDtypeStruct((256, 64), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
 
     def gathered(fn):  # the shapes of every all-gather (an async one's tuple holds its operand's and result's)

@@ -236,7 +236,7 @@ def test_layer_weights_stored_split_give_what_stacked_ones_give(tiny_hf, tmp_pat
         np.testing.assert_array_equal(np.asarray(have[path]), np.asarray(x))
         struct = split.param_structs()[path]
         assert (struct.shape, struct.dtype) == (x.shape, x.dtype)
-        assert struct.sharding.is_equivalent_to(shd.param_sharding(split.mesh, path, x.shape), x.ndim)
+        assert struct.sharding.is_equivalent_to(shd.param_sharding(split.mesh, path, x.shape, split.config), x.ndim)
     with monkeypatch.context() as patch:  # the split weights go to the host layer by layer, never stacked
         patch.setattr(api, "stack_leaf", lambda xs: pytest.fail("export stacked the split weights"))
         exported = [load_file(next(lm.export(tmp_path / s).glob("*.safetensors"))) for s, lm in lms.items()]

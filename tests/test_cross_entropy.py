@@ -32,13 +32,18 @@ def data(dtype=jnp.float32):
     return hidden, kernel, targets, weights
 
 
+@pytest.mark.parametrize("vocab_major", [False, True], ids=["head", "table"])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_loss_and_hidden_gradient_equal_the_plain_formulation(chunked, request):
+def test_loss_and_hidden_gradient_equal_the_plain_formulation(chunked, vocab_major, request):
+    """The head given as ``[D, V]``, or as a ``[V, D]`` table (a tied embedding, ``vocab_major``): the same
+    loss and gradient."""
     if chunked:
         request.getfixturevalue("small_chunks")
     hidden, kernel, targets, weights = data()
-    np.testing.assert_allclose(ce.token_nll(hidden, kernel, targets), reference(hidden, kernel, targets), atol=1e-5)
-    got = jax.jit(jax.grad(lambda h: jnp.sum(ce.token_nll(h, kernel, targets) * weights)))(hidden)
+    given = kernel.T if vocab_major else kernel
+    np.testing.assert_allclose(ce.token_nll(hidden, given, targets, vocab_major), reference(hidden, kernel, targets),
+                               atol=1e-5)
+    got = jax.jit(jax.grad(lambda h: jnp.sum(ce.token_nll(h, given, targets, vocab_major) * weights)))(hidden)
     want = jax.grad(lambda h: jnp.sum(reference(h, kernel, targets) * weights))(hidden)
     np.testing.assert_allclose(got, want, atol=1e-5)
 

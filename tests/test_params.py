@@ -35,7 +35,7 @@ def test_the_decoder_has_exactly_the_declared_parameters(preset):
     built = {".".join(str(p) for p in path): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert built == param_shapes(config)
     for path, shape in built.items():
-        axes = param_axes(path)
+        axes = param_axes(path, config)
         assert len(axes) == len(shape), path
         assert all(a is None or a in RULES for a in axes), (path, axes)
 
@@ -51,4 +51,4 @@ def test_peft_module_names_and_unknown_paths():
     assert peft_module("v_proj", 3) == "base_model.model.model.layers.3.self_attn.v_proj"
     assert peft_module("down_proj", 0) == "base_model.model.model.layers.0.mlp.down_proj"
     with pytest.raises(KeyError, match="no parameter 'layers.qkv'"):
-        param_axes("layers.qkv")
+        param_axes("layers.qkv", PRESETS["tiny"])

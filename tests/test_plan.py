@@ -37,14 +37,17 @@ def test_weight_bytes_are_params_times_dtype_over_shards():
 
 
 def test_weight_bytes_match_jax_shard_shapes_on_a_real_mesh():
-    # a vocabulary that does not divide by tensor=4: the embedding and head must be replicated on that axis
-    cfg = preset("tiny").replace(vocab_size=250)
-    mesh = make_mesh("data=1,fsdp=2,tensor=4")
-    expected = 0
-    for path, shape in param_shapes(cfg).items():
-        expected += math.prod(param_sharding(mesh, path, shape).shard_shape(shape)) * 4
-    assert pl.weight_bytes_per_device(cfg, {"data": 1, "fsdp": 2, "tensor": 4}, "float32") == expected
-    assert pl.shard_shape((250, 64), ("vocab", "embed"), dict(mesh.shape)) == (250, 32)
+    # a vocabulary that does not divide by tensor=4: the embedding and head must be replicated on that axis;
+    # tied, the embedding is split as the head (sharding.param_axes)
+    for tied in (False, True):
+        cfg = preset("tiny").replace(vocab_size=250, tie_word_embeddings=tied)
+        for spec in ("data=1,fsdp=2,tensor=4", "data=2,fsdp=4,tensor=1"):
+            mesh = make_mesh(spec)
+            expected = 0
+            for path, shape in param_shapes(cfg).items():
+                expected += math.prod(param_sharding(mesh, path, shape, cfg).shard_shape(shape)) * 4
+            assert pl.weight_bytes_per_device(cfg, dict(mesh.shape), "float32") == expected, (tied, spec)
+    assert pl.shard_shape((250, 64), ("vocab", "embed"), {"data": 1, "fsdp": 2, "tensor": 4}) == (250, 32)
 
 
 def test_lora_bytes_by_hand_and_against_real_adapters():

@@ -9,18 +9,20 @@ import numpy as np
 import pytest
 
 import seal_jax as sj
-from seal_jax.lm.params import param_shapes
+from seal_jax.lm.params import param_axes, param_shapes
 from seal_jax.lm.sharding import (
     MESH_AXES,
-    PARAM_AXES,
     Launch,
     MeshError,
     detect_launch,
     initialize_distributed,
     make_mesh,
+    param_sharding,
     parse_mesh_spec,
     spec_for,
 )
+
+HEAD = param_axes("lm_head", sj.lm.preset("qwen3-8b"))
 
 
 def test_eight_fake_devices():
@@ -52,19 +54,32 @@ def test_rules_replicate_what_does_not_divide():
     assert tuple(spec_for(mesh, ("layers", "embed", "heads"), (4, 64, 64))) == (None, "fsdp", "tensor")
     assert tuple(spec_for(mesh, ("layers", "embed", "heads"), (4, 63, 64))) == (None, None, "tensor")
     assert tuple(spec_for(mesh, ("vocab", "embed"), (151, 64))) == (None, "fsdp")
-    assert set(PARAM_AXES) >= set(param_shapes(sj.lm.preset("qwen3-8b")))
+    qwen = sj.lm.preset("qwen3-8b")
+    assert all(len(param_axes(path, qwen)) == len(shape) for path, shape in param_shapes(qwen).items())
 
 
 def test_the_output_head_is_split_over_its_vocabulary():
     """lm_head [D, V]: the vocabulary over fsdp × tensor (their product; only the axes of size > 1), the
     width whole, so no program all-reduces partial full-vocabulary logits."""
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
-    assert tuple(spec_for(mesh, PARAM_AXES["lm_head"], (64, 256))) == (None, ("fsdp", "tensor"))
-    assert tuple(spec_for(make_mesh("data=2,fsdp=4"), PARAM_AXES["lm_head"], (64, 256))) == (None, "fsdp")
-    assert tuple(spec_for(make_mesh("data=8"), PARAM_AXES["lm_head"], (64, 256))) == (None, None)
-    assert tuple(spec_for(mesh, PARAM_AXES["lm_head"], (64, 250))) == (None, None)  # 250 % 4: replicated
+    assert HEAD == (None, "head_vocab")
+    assert tuple(spec_for(mesh, HEAD, (64, 256))) == (None, ("fsdp", "tensor"))
+    assert tuple(spec_for(make_mesh("data=2,fsdp=4"), HEAD, (64, 256))) == (None, "fsdp")
+    assert tuple(spec_for(make_mesh("data=8"), HEAD, (64, 256))) == (None, None)
+    assert tuple(spec_for(mesh, HEAD, (64, 250))) == (None, None)  # 250 % 4: replicated
     # an axis an earlier dimension took is left out of a product
     assert tuple(spec_for(mesh, ("heads", "head_vocab"), (64, 256))) == ("tensor", "fsdp")
+
+
+def test_a_tied_embedding_is_split_as_the_output_head():
+    """Tied to the head, the embedding ``[V, D]`` is split over its vocabulary on fsdp × tensor and whole in
+    its width, as ``lm_head``'s ``[D, V]`` is; untied, its vocabulary over tensor and its width over fsdp."""
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    tied, untied = sj.lm.preset("smollm2-135m"), sj.lm.preset("qwen3-8b")
+    assert tied.tie_word_embeddings and not untied.tie_word_embeddings
+    assert param_axes("embedding", tied) == tuple(reversed(param_axes("lm_head", untied)))
+    assert tuple(param_sharding(mesh, "embedding", (256, 64), tied).spec) == (("fsdp", "tensor"), None)
+    assert tuple(param_sharding(mesh, "embedding", (256, 64), untied).spec) == ("tensor", "fsdp")
 
 
 @pytest.mark.parametrize("spec", ["data=2,fsdp=2,tensor=2", "fsdp=8", "tensor=8", "data=8", "data=2,fsdp=4"])

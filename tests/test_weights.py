@@ -169,7 +169,7 @@ def test_random_weights_are_the_same_on_any_mesh_and_placed_by_the_rules():
     assert set(alone) == set(param_shapes(config))
     for path, x in alone.items():
         assert x.shape == param_shapes(config)[path]
-        assert sharded[path].sharding == param_sharding(mesh, path, x.shape), path
+        assert sharded[path].sharding == param_sharding(mesh, path, x.shape, config), path
         np.testing.assert_array_equal(np.asarray(sharded[path]), np.asarray(x))
         values = np.asarray(x)
         if path.endswith("norm"):

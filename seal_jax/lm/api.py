@@ -289,7 +289,7 @@ class LM:
         graphdef, state = nnx.split(model)
         flat = flatten(nnx.to_pure_dict(state))
         placed = {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=None if mesh is None else
-                                             shd.param_sharding(mesh, path, x.shape)) for path, x in flat.items()}
+                                             shd.param_sharding(mesh, path, x.shape, config)) for path, x in flat.items()}
         nnx.replace_by_pure_dict(state, nest(placed))
         lm = cls(nnx.merge(graphdef, state), tokenizer, mesh=mesh, path=None, train_mesh=train_mesh,
                  layer_storage=layer_storage, train_weights=train_weights, attention=attention)
@@ -409,13 +409,13 @@ class LM:
             state = self._placement()(self.state)
         return self._train_graphdef, state, self.train_mesh
 
-    @staticmethod
-    def _sharding_on(mesh: Mesh, path: str, x: Any, rules: Any = shd.RULES) -> Any:
+    def _sharding_on(self, mesh: Mesh, path: str, x: Any, rules: Any = shd.RULES) -> Any:
         """The sharding on ``mesh`` by ``rules`` of the parameter at ``path`` held as ``x`` (an array, or
         per-layer ones)."""
         if isinstance(x, tuple):  # split layer weights: the stacked one's, less the layer axis
-            return (shd.layer_slice_sharding(shd.param_sharding(mesh, path, (len(x), *x[0].shape), rules)),) * len(x)
-        return shd.param_sharding(mesh, path, x.shape, rules)
+            stacked = shd.param_sharding(mesh, path, (len(x), *x[0].shape), self.config, rules)
+            return (shd.layer_slice_sharding(stacked),) * len(x)
+        return shd.param_sharding(mesh, path, x.shape, self.config, rules)
 
     def _stored_params(self) -> dict[str, Any]:
         """The base parameters as stored: ``{dotted path: array}``, split layer weights as tuples of their
@@ -720,7 +720,8 @@ class LM:
             model = nnx.merge(graphdef, state)
             lora = None if weights is None else LoraInputs(weights=weights, scale=scale)
             x = model.hidden_states(ids, mask, lora=lora)[0][:, -tail - 1:-1]  # the positions that predict the tail
-            logp = -token_nll(x, model.head_kernel(), ids[:, -tail:])  # the head only where a completion token is scored
+            head, vocab_major = model.head_as_stored()  # the head only where a completion token is scored:
+            logp = -token_nll(x, head, ids[:, -tail:], vocab_major)
             return jnp.sum(jnp.where(targets[:, -tail:] > 0, logp, 0.0), axis=-1)
 
         return jax.jit(total, static_argnames="tail")

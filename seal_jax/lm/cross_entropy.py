@@ -16,6 +16,7 @@ recomputed. The same function, undifferentiated, scores completions (:meth:`LM.c
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -53,14 +54,19 @@ def _unchunked(x: jax.Array, length: int) -> jax.Array:
     return x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])[:, :length]
 
 
-def _logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jnp.matmul(h, kernel, preferred_element_type=jnp.float32)
+def _vocab(kernel: jax.Array, vocab_major: bool) -> int:
+    return kernel.shape[0] if vocab_major else kernel.shape[-1]
 
 
-def _nll_chunk(h: jax.Array, kernel: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _logits(h: jax.Array, kernel: jax.Array, vocab_major: bool) -> jax.Array:
+    return jnp.einsum("...d,vd->...v" if vocab_major else "...d,dv->...v", h, kernel,
+                      preferred_element_type=jnp.float32)
+
+
+def _nll_chunk(h: jax.Array, kernel: jax.Array, y: jax.Array, vocab_major: bool) -> tuple[jax.Array, jax.Array]:
     """One chunk's ``-log p(y)`` ``[B, c]`` and softmax ``[B, c, V]`` (float32), both from one exponential of
     the logits (where only the loss is used, the compiler drops the softmax)."""
-    logits = _logits(h, kernel)
+    logits = _logits(h, kernel, vocab_major)
     top = jnp.max(logits, axis=-1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)  # as jax.nn.logsumexp: an infinite logit gives inf, not NaN
     e = jnp.exp(logits - top)
@@ -80,18 +86,21 @@ def _scan_chunks(fn: Any, hidden: jax.Array, targets: jax.Array, vocab: int) -> 
     return jax.tree.map(lambda x: _unchunked(x, t), out)
 
 
-@jax.custom_vjp
-def token_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def token_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, vocab_major: bool = False) -> jax.Array:
     """Per-token negative log-likelihood ``-log softmax(hidden @ kernel)[targets]``, float32 ``[B, T]``.
 
-    hidden: ``[B, T, D]`` (the states that *predict* ``targets``); kernel: the head ``[D, V]``;
-    targets: int ``[B, T]``. Differentiable in ``hidden`` only: the head is treated as frozen, and
-    differentiating it raises :class:`HeadGradientError`. Batch axes beyond the first come from ``vmap``.
+    hidden: ``[B, T, D]`` (the states that *predict* ``targets``); kernel: the head ``[D, V]``, or with
+    ``vocab_major`` ``[V, D]`` (a tied embedding as stored: each chunk's matmul reads it so, where a
+    transpose taken before the loop over chunks would be a copy of the table); targets: int ``[B, T]``.
+    Differentiable in ``hidden`` only: the head is treated as frozen, and differentiating it raises
+    :class:`HeadGradientError`. Batch axes beyond the first come from ``vmap``.
     """
-    return _scan_chunks(lambda h, y: _nll_chunk(h, kernel, y)[0], hidden, targets, kernel.shape[-1])
+    return _scan_chunks(lambda h, y: _nll_chunk(h, kernel, y, vocab_major)[0], hidden, targets,
+                        _vocab(kernel, vocab_major))
 
 
-def _token_nll_fwd(hidden: Any, kernel: Any, targets: Any) -> tuple[jax.Array, jax.Array]:
+def _token_nll_fwd(hidden: Any, kernel: Any, targets: Any, vocab_major: bool) -> tuple[jax.Array, jax.Array]:
     """The loss and, per token, the gradient direction ``(softmax - onehot) @ W.T`` (the residual)."""
     if kernel.perturbed:
         raise HeadGradientError(
@@ -99,16 +108,19 @@ def _token_nll_fwd(hidden: Any, kernel: Any, targets: Any) -> tuple[jax.Array, j
             "jax.lax.stop_gradient, or use a plain log_softmax to train the head")
     h, w, y = hidden.value, kernel.value, targets.value
 
+    vocab = _vocab(w, vocab_major)
+
     def chunk(hc: jax.Array, yc: jax.Array) -> tuple[jax.Array, jax.Array]:
-        nll, softmax = _nll_chunk(hc, w, yc)
-        probs = softmax - jax.nn.one_hot(yc, w.shape[-1], dtype=jnp.float32)
-        direction = jnp.einsum("btv,dv->btd", probs.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        nll, softmax = _nll_chunk(hc, w, yc, vocab_major)
+        probs = softmax - jax.nn.one_hot(yc, vocab, dtype=jnp.float32)
+        direction = jnp.einsum("btv,vd->btd" if vocab_major else "btv,dv->btd", probs.astype(w.dtype), w,
+                               preferred_element_type=jnp.float32)
         return nll, direction.astype(h.dtype)
 
-    return _scan_chunks(chunk, h, y, w.shape[-1])
+    return _scan_chunks(chunk, h, y, vocab)
 
 
-def _token_nll_bwd(direction: jax.Array, cotangent: Any) -> tuple[jax.Array | None, None, None]:
+def _token_nll_bwd(vocab_major: bool, direction: jax.Array, cotangent: Any) -> tuple[jax.Array | None, None, None]:
     """``d hidden = cotangent * direction``; no cotangent for the (frozen) head or the integer targets."""
     if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):  # the loss was not used
         return None, None, None

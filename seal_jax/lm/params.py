@@ -59,9 +59,10 @@ class ParamDecl:
     """One parameter: ``path`` (dotted, e.g. ``layers.q_proj``), ``shape`` (of a config; per-layer ones
     include the leading layer axis), logical ``axes`` (one per dimension), ``init`` (``"normal"``: N(0, 0.02);
     ``"ones"``), Hugging Face ``hf_name`` (``{layer}`` for per-layer ones), ``transposed`` (Hugging Face
-    stores the reverse of our shape), ``present`` (whether a config has it) and ``tpu_input_minor`` (on a
+    stores the reverse of our shape), ``present`` (whether a config has it), ``tpu_input_minor`` (on a
     TPU it lies in memory with its input dimension minor-most, as libtpu's decode reads it: see
-    :mod:`seal_jax.lm.layouts`)."""
+    :mod:`seal_jax.lm.layouts`) and ``tied_axes`` (its logical axes instead of ``axes`` in a config whose
+    output head is the embedding: :meth:`axes_for`)."""
 
     path: str
     shape: Callable[[ModelConfig], tuple[int, ...]]
@@ -71,6 +72,13 @@ class ParamDecl:
     transposed: bool = False
     present: Callable[[ModelConfig], bool] = _always
     tpu_input_minor: bool = False
+    tied_axes: tuple[str | None, ...] | None = None
+
+    def axes_for(self, config: ModelConfig) -> tuple[str | None, ...]:
+        """Its logical axes in a model of ``config``."""
+        if self.tied_axes is not None and config.tie_word_embeddings:
+            return self.tied_axes
+        return self.axes
 
     @property
     def per_layer(self) -> bool:
@@ -109,8 +117,12 @@ def _untied(config: ModelConfig) -> bool:
 
 
 PARAMS: tuple[ParamDecl, ...] = (
+    # tied to the output head, the embedding is split as the head is, over the vocabulary on fsdp x tensor
+    # (sharding.RULES["head_vocab"]): split over its width on fsdp, the head's matmul would contract over
+    # that split and all-reduce full-vocabulary float32 logits on every training micro-step. A lookup from
+    # it all-reduces the [B, T, D] rows it gathers instead.
     ParamDecl("embedding", lambda c: (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal",
-              "model.embed_tokens.weight"),
+              "model.embed_tokens.weight", tied_axes=("head_vocab", None)),
     *(_projection(name) for name in PROJECTIONS),
     ParamDecl("layers.input_norm", lambda c: (c.num_layers, c.hidden_size), ("layers", None), "ones",
               "model.layers.{layer}.input_layernorm.weight"),
@@ -138,11 +150,11 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {d.path: d.shape(config) for d in declared(config)}
 
 
-def param_axes(path: str) -> tuple[str | None, ...]:
-    """The logical axes of the parameter at ``path``."""
+def param_axes(path: str, config: ModelConfig) -> tuple[str | None, ...]:
+    """The logical axes of the parameter at ``path`` in a model of ``config``."""
     if path not in BY_PATH:
         raise KeyError(f"no parameter {path!r}; parameters: {sorted(BY_PATH)}")
-    return BY_PATH[path].axes
+    return BY_PATH[path].axes_for(config)
 
 
 def peft_module(projection: str, layer: int) -> str:

@@ -2,7 +2,7 @@
 
 The mesh has three axes: ``data`` (batch and LoRA candidates), ``fsdp`` (weights split along the model
 width) and ``tensor`` (weights split along heads / MLP / vocabulary). Every parameter names its
-*logical* axes in :data:`seal_jax.lm.params.PARAMS` (:data:`PARAM_AXES` here); :data:`RULES` maps logical
+*logical* axes in :data:`seal_jax.lm.params.PARAMS` (:func:`~seal_jax.lm.params.param_axes`); :data:`RULES` maps logical
 axes to mesh axes. A dimension that does not divide evenly by its mesh axis is replicated instead (see
 :func:`spec_for`).
 """
@@ -20,12 +20,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from seal_jax.lm.params import PARAMS
+from seal_jax.lm.config import ModelConfig
+from seal_jax.lm.params import param_axes
 from seal_jax.lm.types import MESH_AXES, MeshError, parse_mesh_spec
-
-# Logical axes of every parameter of `model.Decoder` (dotted path -> one name per dimension), from the one
-# table of parameters.
-PARAM_AXES: dict[str, tuple[str | None, ...]] = {d.path: d.axes for d in PARAMS}
 
 # Logical axis -> mesh axis, or several (split over their product), or None (replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -115,12 +112,11 @@ def layer_slice_sharding(sharding: Any) -> NamedSharding | None:
     return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
 
 
-def param_sharding(mesh: Mesh, path: str, shape: Sequence[int],
+def param_sharding(mesh: Mesh, path: str, shape: Sequence[int], config: ModelConfig,
                    rules: Mapping[str, str | tuple[str, ...] | None] = RULES) -> NamedSharding:
-    """The sharding of the model parameter at dotted ``path`` (see :data:`PARAM_AXES`) with ``shape``."""
-    if path not in PARAM_AXES:
-        raise KeyError(f"no sharding rule for parameter {path!r}; known: {sorted(PARAM_AXES)}")
-    return NamedSharding(mesh, spec_for(mesh, PARAM_AXES[path], shape, rules))
+    """The sharding of the parameter at dotted ``path`` with ``shape`` in a model of ``config`` (its logical
+    axes: :func:`param_axes`)."""
+    return NamedSharding(mesh, spec_for(mesh, param_axes(path, config), shape, rules))
 
 
 def platform(mesh: Mesh | None) -> str:

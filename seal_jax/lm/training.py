@@ -194,7 +194,8 @@ def token_loss_sum(model: Decoder, lora: LoraInputs, tokens: jax.Array, attentio
     """
     hidden, _ = model.hidden_states(tokens, attention, lora=lora, positions=positions, layers=layers)
     # chunked over tokens, gradient formed in the forward pass: no [T, V] logits are kept for the backward
-    nll = token_nll(hidden[:, :-1], jax.lax.stop_gradient(model.head_kernel()), tokens[:, 1:])
+    head, vocab_major = model.head_as_stored()
+    nll = token_nll(hidden[:, :-1], jax.lax.stop_gradient(head), tokens[:, 1:], vocab_major)
     w = weights[:, 1:]
     return jnp.sum(nll * w), jnp.sum(w)
 

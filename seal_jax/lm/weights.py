@@ -168,7 +168,7 @@ def load_params(
     files = checkpoint_files(folder)
     targets = check_checkpoint(config, files)
     shapes = param_shapes(config)
-    shardings = {p: (shd.param_sharding(mesh, p, s) if mesh is not None else None) for p, s in shapes.items()}
+    shardings = {p: (shd.param_sharding(mesh, p, s, config) if mesh is not None else None) for p, s in shapes.items()}
     dtype = jnp.dtype(dtype)
 
     stacked: dict[str, jax.Array] = {}
@@ -249,7 +249,7 @@ def random_params(config: ModelConfig, *, dtype: Any = jnp.bfloat16, mesh: Mesh 
         return {p: jnp.ones(s, dtype) if p.endswith("norm") else _random_tensor(s, salts[p], dtype, std)
                 for p, s in shapes.items()}
 
-    shardings = None if mesh is None else {p: shd.param_sharding(mesh, p, s) for p, s in shapes.items()}
+    shardings = None if mesh is None else {p: shd.param_sharding(mesh, p, s, config) for p, s in shapes.items()}
     return jax.jit(make, out_shardings=shardings)()
 
 
