@@ -632,7 +632,7 @@ def kernel_checker(config: ModelConfig, dtype: str, device: Any) -> Callable[[st
         if device.platform == "gpu":
             print(f"attention: checking the {kernel} kernel in a process of its own (at most "
                   f"{kernel_check.CHECK_SECONDS:g} s)", flush=True)
-            return kernel_check.isolated(kernel, dtype=dtype, **shape)
+            return kernel_check.isolated(kernel, dtype=dtype, gpu=getattr(device, "local_hardware_id", None), **shape)
         return attn.check_kernel(kernel, dtype=dtype, device=device, **shape)
 
     return check

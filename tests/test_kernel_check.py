@@ -27,6 +27,13 @@ def test_a_child_checks_the_kernel_and_answers_in_one_json_line():
     assert kernel_check.run(child(verdict)) == "its dq differs from the einsum's by 1"
 
 
+def test_the_child_sees_only_the_gpu_it_checks():
+    """On a host of several GPUs the child starts one: CUDA ordinal ``gpu`` among those this process sees."""
+    assert kernel_check.child_env(None, {"PATH": "/bin"}) == {"PATH": "/bin", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    assert kernel_check.child_env(2, {})["CUDA_VISIBLE_DEVICES"] == "2"
+    assert kernel_check.child_env(1, {"CUDA_VISIBLE_DEVICES": "4, 6,7"})["CUDA_VISIBLE_DEVICES"] == "6"
+
+
 def test_a_child_that_dies_hangs_fails_or_says_nothing_is_the_answer(tmp_path, capsys):
     abort = 'import os, sys; sys.stderr.write("LLVM ERROR: Cannot select: intrinsic\\n"); sys.stderr.flush(); os.abort()'
     assert kernel_check.run(child(abort)) == (

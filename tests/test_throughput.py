@@ -292,14 +292,16 @@ def test_a_gpu_checks_in_a_child_and_a_tpu_in_the_suite_process(monkeypatch, cap
     """The suite's checker: a child process on a GPU, which allocates device memory as it needs it beside the
     suite; ``check_kernel`` itself elsewhere (a TPU serves one process at a time)."""
     calls = []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(throughput.kernel_check, "run", lambda argv, timeout, env: calls.append((argv, env)) or "killed")
     monkeypatch.setattr(throughput.attn, "check_kernel", lambda kernel, **kw: calls.append((kernel, kw)) or None)
     config = preset("qwen3-8b")
-    gpu, tpu = SimpleNamespace(platform="gpu"), SimpleNamespace(platform="tpu")
+    gpu, tpu = SimpleNamespace(platform="gpu", local_hardware_id=3), SimpleNamespace(platform="tpu")
     assert throughput.kernel_checker(config, "bfloat16", gpu)("triton") == "killed"
     argv, env = calls.pop()
     assert argv[-9:] == ["triton", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--dtype", "bfloat16"]
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"  # the suite's first device's CUDA ordinal: the child sees it alone
     assert "checking the triton kernel in a process of its own" in capsys.readouterr().out
     assert throughput.kernel_checker(config, "bfloat16", tpu)("splash") is None
     assert calls == [("splash", {"dtype": "bfloat16", "device": tpu, "heads": 32, "kv_heads": 8, "head_dim": 128})]
