@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import seal_jax as sj
-from seal_jax import scaling, throughput
+from seal_jax import provenance, scaling, throughput
 from seal_jax.ceilings import best_time, matmul_flops, read_bandwidth
 from seal_jax.scaling import text_chunks
 from seal_jax.selfedit.knowledge import run_knowledge
@@ -325,6 +325,7 @@ def main(args: argparse.Namespace) -> int:
     with_reference = not getattr(args, "no_reference", False)
     repeats = 1 if smoke else 2 if args.quick else 5
     warmup = 0 if smoke else 1
+    code = provenance.code()
     machine: dict[str, Any] = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
@@ -359,7 +360,7 @@ def main(args: argparse.Namespace) -> int:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps({"machine": machine, "rows": [dataclasses.asdict(r) for r in done]}, indent=2))
+            tmp.write_text(json.dumps({"code": code, "machine": machine, "rows": [dataclasses.asdict(r) for r in done]}, indent=2))
             tmp.replace(out)
 
     rows = Rows()

@@ -48,7 +48,7 @@ import jax
 import numpy as np
 
 import seal_jax as sj
-from seal_jax import hlo, kernel_check, plan
+from seal_jax import hlo, kernel_check, plan, provenance
 from seal_jax.ceilings import best_time, copy_bandwidth, matmul_flops, read_bandwidth
 from seal_jax.lm import attention as attn
 from seal_jax.lm import sharding as shd
@@ -734,7 +734,7 @@ def main(args: argparse.Namespace) -> int:
                "peak_flops": peaks.flops, "peak_bandwidth": peaks.bandwidth, "peak_source": peaks.source,
                "ceilings": ceilings, "host": platform.node(), "cpu": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "jax": jax.__version__}
-    report: dict[str, Any] = {"suite": "seal-workload", "model": source, "mesh": spec if mesh is not None else "one device",
+    report: dict[str, Any] = {"code": provenance.code(), "suite": "seal-workload", "model": source, "mesh": spec if mesh is not None else "one device",
                               "dtype": dtype, "attention": lm.model.attention_impl, "attention_note": fallback,
                               "roofline_note": None,
                               "shapes": dataclasses.asdict(shapes), "machine": machine,

@@ -15,6 +15,7 @@ NAMES = ["prefill", "decode_b1", "decode_b8", "decode_b32", "lora_train", "candi
 
 def _check_rows(data: dict, with_reference: bool) -> None:
     assert {"matmul_flops", "matmul_flops_bf16", "read_bandwidth", "cores"} <= set(data["machine"])
+    assert data["code"]["seal_jax"] and data["code"]["source"]  # which tree was measured (seal_jax.provenance)
     assert data["machine"]["matmul_flops"] > 0 and data["machine"]["matmul_flops_bf16"] > 0
     assert [r["name"] for r in data["rows"]] == NAMES
     for row in data["rows"]:

@@ -42,6 +42,7 @@ def test_device_script_prints_the_table_last_and_writes_the_report(report):
     assert "evaluation" in tail and "self-edit evaluations per hour" in tail
     assert data["suite"] == "seal-workload" and data["dtype"] == "float32"
     assert data["model"] == "preset tiny, random weights"
+    assert data["code"]["seal_jax"] and data["code"]["source"]  # which tree was measured (seal_jax.provenance)
     machine = data["machine"]
     assert machine["platform"] == "cpu" and machine["devices"] == 1
     assert machine["peak_flops"] == machine["ceilings"]["matmul_flops"] > 0
