@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 
@@ -92,25 +92,29 @@ def run(argv: Sequence[str], *, timeout: float = CHECK_SECONDS, env: dict[str, s
     return reason
 
 
-def child_env(gpu: int | None = None, environ: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(gpu: int | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The child's environment: this one's, device memory allocated as needed
     (``XLA_PYTHON_CLIENT_PREALLOCATE=false``: the parent holds its share), and with ``gpu`` (a CUDA ordinal
     among the GPUs this process sees) only that GPU visible, so that on an 8-GPU host the child starts one
-    device, not eight (``CUDA_VISIBLE_DEVICES``, read through this process's own list where it has one)."""
+    device, not eight (``CUDA_VISIBLE_DEVICES``, read through this process's own list where it has one; an
+    ordinal beyond that list leaves it as it is)."""
     env = {**(os.environ if environ is None else environ), "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     if gpu is not None:
+        listed = "CUDA_VISIBLE_DEVICES" in env
         visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-        env["CUDA_VISIBLE_DEVICES"] = visible[gpu] if gpu < len(visible) else str(gpu)
+        if gpu < len(visible):
+            env["CUDA_VISIBLE_DEVICES"] = visible[gpu]
+        elif not listed:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     return env
 
 
-def isolated(kernel: str, *, heads: int, kv_heads: int, head_dim: int, dtype: str, gpu: int | None = None,
-             timeout: float = CHECK_SECONDS) -> str | None:
+def isolated(kernel: str, *, heads: int, kv_heads: int, head_dim: int, dtype: str,
+             gpu: int | None = None) -> str | None:
     """:func:`seal_jax.lm.attention.check_kernel` of ``kernel`` in a child process (see the module's note) on
-    the GPU of CUDA ordinal ``gpu`` (:func:`child_env`; None: every device, the child checks the first):
-    ``None`` where it passed, else the reason."""
-    return run(command(kernel, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype),
-               timeout=timeout, env=child_env(gpu))
+    the GPU of CUDA ordinal ``gpu`` (:func:`child_env`; None: every device, the child checks the first),
+    within :data:`CHECK_SECONDS`: ``None`` where it passed, else the reason."""
+    return run(command(kernel, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype), env=child_env(gpu))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -339,11 +339,13 @@ def memory_plan(config: ModelConfig, mesh: Mapping[str, int], w: Workload,
     # so are its logits (a vocabulary its axes do not divide is replicated: sharding.spec_for)
     vocab = shard_shape((config.vocab_size,), ("head_vocab",), mesh)[0]
     # the chunked cross-entropy (lm/cross_entropy.py): per lane one chunk's float32 logits and its softmax in
-    # the activation dtype (a second float32 buffer, held over several chunks on the H100 compile, was the
-    # all-reduce of a tied head's partial logits: gone since the tied embedding is split as the head is), and
-    # the loss's gradient direction [rows, T, D] kept for the backward pass
+    # the activation dtype, and the loss's gradient direction [rows, T, D] kept for the backward pass; a tied
+    # table whose vocabulary fsdp x tensor does not divide keeps its width split over fsdp, and its partial
+    # logits are all-reduced (a second float32 buffer, seen on the H100 compile before tied tables were split
+    # over the vocabulary)
     tokens = chunk_length(w.batch, t, config.vocab_size)  # the code chunks by the head's global width
-    logits = rows * tokens * vocab * (4 + act) + rows * t * config.hidden_size * act
+    reduced = config.tie_word_embeddings and vocab == config.vocab_size and mesh["fsdp"] > 1
+    logits = rows * tokens * vocab * (4 + act + (4 if reduced else 0)) + rows * t * config.hidden_size * act
     # training unrolled over per-layer weights (Decoder.train_layers) copies them from stacked ones for each
     # call, unless they are stored split (LayerStack: GPUs)
     on = platform or "tpu"

@@ -16,15 +16,19 @@ import seal_jax
 
 def code() -> dict[str, Any]:
     """``{"seal_jax": version, "source": the folder it was imported from, "commit": the git commit of that
-    folder (a ``+`` where the tree has uncommitted changes), or None outside a git checkout}``."""
+    folder (a ``+`` where ``seal_jax/`` has changes not committed, a ``?`` where git could not tell), or None
+    outside a git checkout}``."""
     source = Path(seal_jax.__file__).resolve().parent.parent
     return {"seal_jax": seal_jax.__version__, "source": str(source), "commit": _commit(source)}
 
 
 def _commit(folder: Path) -> str | None:
     def git(*args: str) -> str | None:
+        # no optional locks: a status beside a running commit must not take the index lock; safe.directory:
+        # a checkout owned by another user (a container's) is still read
+        argv = ["git", "--no-optional-locks", "-c", f"safe.directory={folder}", "-C", str(folder), *args]
         try:
-            done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
@@ -35,5 +39,5 @@ def _commit(folder: Path) -> str | None:
     head = git("rev-parse", "--short=12", "HEAD")
     if head is None:
         return None
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "seal_jax")
-    return head + ("+" if dirty else "")
+    dirty = git("status", "--porcelain", "--", "seal_jax")  # untracked modules count: an A/B imports them
+    return head + ("?" if dirty is None else "+" if dirty else "")

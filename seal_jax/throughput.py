@@ -688,6 +688,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run the suite; print a table last; write the JSON report to ``args.out`` as rows finish."""
+    code = provenance.code()  # before the run: the tree as it was measured
     if not getattr(args, "no_reference", False):  # before JAX starts: leave half of a GPU to the PyTorch reference
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
     devices = jax.devices()
@@ -734,7 +735,7 @@ def main(args: argparse.Namespace) -> int:
                "peak_flops": peaks.flops, "peak_bandwidth": peaks.bandwidth, "peak_source": peaks.source,
                "ceilings": ceilings, "host": platform.node(), "cpu": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "jax": jax.__version__}
-    report: dict[str, Any] = {"code": provenance.code(), "suite": "seal-workload", "model": source, "mesh": spec if mesh is not None else "one device",
+    report: dict[str, Any] = {"code": code, "suite": "seal-workload", "model": source, "mesh": spec if mesh is not None else "one device",
                               "dtype": dtype, "attention": lm.model.attention_impl, "attention_note": fallback,
                               "roofline_note": None,
                               "shapes": dataclasses.asdict(shapes), "machine": machine,

@@ -32,6 +32,7 @@ def test_the_child_sees_only_the_gpu_it_checks():
     assert kernel_check.child_env(None, {"PATH": "/bin"}) == {"PATH": "/bin", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     assert kernel_check.child_env(2, {})["CUDA_VISIBLE_DEVICES"] == "2"
     assert kernel_check.child_env(1, {"CUDA_VISIBLE_DEVICES": "4, 6,7"})["CUDA_VISIBLE_DEVICES"] == "6"
+    assert kernel_check.child_env(3, {"CUDA_VISIBLE_DEVICES": "4,6"})["CUDA_VISIBLE_DEVICES"] == "4,6"  # not ours
 
 
 def test_a_child_that_dies_hangs_fails_or_says_nothing_is_the_answer(tmp_path, capsys):

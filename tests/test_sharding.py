@@ -73,13 +73,15 @@ def test_the_output_head_is_split_over_its_vocabulary():
 
 def test_a_tied_embedding_is_split_as_the_output_head():
     """Tied to the head, the embedding ``[V, D]`` is split over its vocabulary on fsdp × tensor and whole in
-    its width, as ``lm_head``'s ``[D, V]`` is; untied, its vocabulary over tensor and its width over fsdp."""
+    its width, as ``lm_head``'s ``[D, V]`` is; untied, its vocabulary over tensor and its width over fsdp.
+    A tied vocabulary that fsdp × tensor does not divide keeps the width split (not a whole table)."""
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
     tied, untied = sj.lm.preset("smollm2-135m"), sj.lm.preset("qwen3-8b")
     assert tied.tie_word_embeddings and not untied.tie_word_embeddings
-    assert param_axes("embedding", tied) == tuple(reversed(param_axes("lm_head", untied)))
     assert tuple(param_sharding(mesh, "embedding", (256, 64), tied).spec) == (("fsdp", "tensor"), None)
+    assert tuple(spec_for(mesh, HEAD, (64, 256))) == (None, ("fsdp", "tensor"))  # the head's split
     assert tuple(param_sharding(mesh, "embedding", (256, 64), untied).spec) == ("tensor", "fsdp")
+    assert tuple(param_sharding(mesh, "embedding", (250, 64), tied).spec) == (None, "fsdp")  # 250 % 4
 
 
 @pytest.mark.parametrize("spec", ["data=2,fsdp=2,tensor=2", "fsdp=8", "tensor=8", "data=8", "data=2,fsdp=4"])

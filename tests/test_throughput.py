@@ -294,7 +294,7 @@ def test_a_gpu_checks_in_a_child_and_a_tpu_in_the_suite_process(monkeypatch, cap
     suite; ``check_kernel`` itself elsewhere (a TPU serves one process at a time)."""
     calls = []
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(throughput.kernel_check, "run", lambda argv, timeout, env: calls.append((argv, env)) or "killed")
+    monkeypatch.setattr(throughput.kernel_check, "run", lambda argv, env, timeout=None: calls.append((argv, env)) or "killed")
     monkeypatch.setattr(throughput.attn, "check_kernel", lambda kernel, **kw: calls.append((kernel, kw)) or None)
     config = preset("qwen3-8b")
     gpu, tpu = SimpleNamespace(platform="gpu", local_hardware_id=3), SimpleNamespace(platform="tpu")

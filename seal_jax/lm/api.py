@@ -720,8 +720,8 @@ class LM:
             model = nnx.merge(graphdef, state)
             lora = None if weights is None else LoraInputs(weights=weights, scale=scale)
             x = model.hidden_states(ids, mask, lora=lora)[0][:, -tail - 1:-1]  # the positions that predict the tail
-            head, vocab_major = model.head_as_stored()  # the head only where a completion token is scored:
-            logp = -token_nll(x, head, ids[:, -tail:], vocab_major)
+            head, vocab_major = model.head_as_stored()
+            logp = -token_nll(x, head, ids[:, -tail:], vocab_major)  # the head only where a completion token is scored
             return jnp.sum(jnp.where(targets[:, -tail:] > 0, logp, 0.0), axis=-1)
 
         return jax.jit(total, static_argnames="tail")

@@ -76,9 +76,9 @@ def embed_tokens(table: jax.Array, ids: jax.Array) -> jax.Array:
     """Rows ``ids`` (int ``[...]``) of the embedding ``table`` ``[V, D]``: ``[..., D]``.
 
     One token (a batch of one row, decoding) is looked up as two: XLA rewrites a gather of one index as a
-    dynamic slice, and a table split over the vocabulary (``tensor``) must then be all-gathered whole on every
-    step to take it (1.2 GB a step for Qwen3-8B on ``tensor=8``); a gather of several rows is split by the
-    compiler as it should be, each device taking the rows it holds.
+    dynamic slice, and a table split over the vocabulary (``tensor``; a tied one over ``fsdp`` × ``tensor``)
+    must then be all-gathered whole on every step to take it (1.2 GB a step for Qwen3-8B on ``tensor=8``); a
+    gather of several rows is split by the compiler as it should be, each device taking the rows it holds.
     """
     if ids.size == 1:
         flat = ids.reshape(1)

@@ -120,9 +120,10 @@ PARAMS: tuple[ParamDecl, ...] = (
     # tied to the output head, the embedding is split as the head is, over the vocabulary on fsdp x tensor
     # (sharding.RULES["head_vocab"]): split over its width on fsdp, the head's matmul would contract over
     # that split and all-reduce full-vocabulary float32 logits on every training micro-step. A lookup from
-    # it all-reduces the [B, T, D] rows it gathers instead.
+    # it all-reduces the [B, T, D] rows it gathers instead. Where fsdp x tensor does not divide the
+    # vocabulary, its width is split over fsdp as before (the vocabulary took fsdp otherwise: spec_for).
     ParamDecl("embedding", lambda c: (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal",
-              "model.embed_tokens.weight", tied_axes=("head_vocab", None)),
+              "model.embed_tokens.weight", tied_axes=("head_vocab", "embed")),
     *(_projection(name) for name in PROJECTIONS),
     ParamDecl("layers.input_norm", lambda c: (c.num_layers, c.hidden_size), ("layers", None), "ones",
               "model.layers.{layer}.input_layernorm.weight"),
