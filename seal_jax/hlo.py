@@ -10,7 +10,9 @@ module reads the optimised HLO (``compiled.as_text()``) of any backend and count
   every row has stopped) has no static trip count: it is counted ``unknown_trips`` times (default 1) and
   listed in :attr:`HloStats.loops` with ``trips=None``, so a caller can report per-iteration figures.
 * **FLOPs** are matrix FLOPs: ``2 × output elements × contracted size`` of every ``dot`` and
-  ``convolution`` (TPU lowers dots to convolutions), inside fusions too. Element-wise work is not counted:
+  ``convolution`` (TPU lowers dots to convolutions), inside fusions too, and of a sum that a compiler made
+  of a dot (a ``reduce`` with an add whose metadata names a ``dot_general``: libtpu lowers a one-row
+  matmul, a decode step of one row per chip, to a multiply and a reduce). Element-wise work is not counted:
   for a language model it is a fraction of a percent of the matmuls, and the matrix units set the peak.
   Custom calls count 0 and are listed in :attr:`HloStats.custom_calls`, except the fused attention kernels
   seal-jax calls (:data:`ATTENTION_KERNELS`: JAX's Pallas splash attention on TPU, its Triton flash
@@ -370,6 +372,13 @@ class _Analyzer:
         return 2.0 * _convolution_fmas(ins.attrs, self._operand_shape(comp, ins.operands[0]),
                                        self._operand_shape(comp, ins.operands[1]), ins.shape)
 
+    def _is_dot_sum(self, ins: Instr) -> bool:
+        """A ``reduce`` a compiler made of a ``dot_general`` (the products' sum): one array summed with an
+        add, its metadata naming the dot it came from."""
+        reducer = self.comps.get(_attr(ins.attrs, "to_apply") or "")
+        return (len(ins.operands) == 2 and reducer is not None and reducer.root.opcode == "add"
+                and re.search(r'op_name="[^"]*dot_general"', ins.attrs) is not None)
+
     # -- bytes of one top-level instruction -------------------------------------------------------
 
     def _fusion_bytes(self, comp: Computation, ins: Instr) -> float:
@@ -515,6 +524,8 @@ class _Analyzer:
             op = ins.opcode
             if op in ("dot", "convolution"):
                 total.flops += self._dot_flops(comp, ins)
+            elif op == "reduce" and self._is_dot_sum(ins):
+                total.flops += 2.0 * math.prod(shape_dims(self._operand_shape(comp, ins.operands[0])))
             elif op == "fusion":
                 callee = _attr(ins.attrs, "calls")
                 if callee in self.comps:

@@ -525,3 +525,31 @@ def test_train_layers_follow_the_platform():
     assert [train_layers_for(p) for p in ("cpu", "tpu", "gpu")] == ["scan", "scan", "unrolled"]
     with pytest.raises(ValueError, match="unknown train_layers 'loop'"):
         Decoder(sj.lm.config.preset("tiny"), rngs=nnx.Rngs(0), train_layers="loop")
+
+
+def _table_transposes(lowered, vocab: int, width: int) -> int:
+    """How many transposes of a ``[vocab, width]`` table the lowered program's StableHLO takes."""
+    table = f"tensor<{vocab}x{width}x"
+    return sum(1 for line in lowered.as_text().splitlines()
+               if "stablehlo.transpose" in line and f"({table}" in line)
+
+
+def test_a_tied_models_loss_reads_the_embedding_as_it_lies(monkeypatch):
+    """The loss of a tied model takes the ``[V, D]`` embedding as stored (``Decoder.head_as_stored``): its
+    transpose, taken once per call before the chunk loop, was a copy of the table (BENCHMARKS.md, "Tied
+    heads split over the vocabulary"). The same program through the transposed head takes it."""
+    from seal_jax.lm.model import Decoder
+
+    config = sj.lm.config.preset("tiny").replace(tie_word_embeddings=True, vocab_size=384)
+    lm = sj.LM.abstract(config, dtype="float32")
+
+    def transposes() -> int:
+        return _table_transposes(lm.lower_train(2, 2, 32, LoraSpec(rank=4, alpha=8.0)), 384, config.hidden_size)
+
+    assert transposes() == 0
+    monkeypatch.setattr(Decoder, "head_as_stored", lambda self: (self.head_kernel(), False))
+    jax.clear_caches()  # the training program's trace is cached
+    try:
+        assert transposes() >= 1  # the check sees the copy where the loss takes the [D, V] form
+    finally:
+        jax.clear_caches()  # no later test may reuse the patched trace
