@@ -467,20 +467,37 @@ def test_one_token_is_taken_from_the_split_embedding_without_gathering_it(target
     assert gathered(embed_tokens) == []
 
 
-def test_a_gpu_decodes_one_row_as_two():
-    """On a GPU a one-row generation runs the two-row program (its matmuls as GEMMs: a one-row step's are
-    multiply-and-reduce fusions that write weight-sized products, 2.2x the bytes of a two-row step for
-    Qwen3-8B on h100-8); on CPUs (and TPUs) it stays one row."""
+def test_an_accelerator_decodes_one_row_per_device_as_two():
+    """On a GPU a decode of one row per device runs the two-row program (its matmuls as GEMMs: a one-row
+    step's are multiply-and-reduce fusions that write weight-sized products, 2.2x the bytes of a two-row step
+    for Qwen3-8B on h100-8's tensor=8); on a TPU where a device holds at least half of each weight (libtpu
+    copies the projections into another layout on every one-row step: 1.25x the roofline time on v5p-8's
+    data=4); CPUs, and TPUs whose weights are split four ways or more, keep one row
+    (``sampling.pads_one_row``)."""
     from seal_jax.lm import sampling
 
     gpu = shd.make_mesh("data=1,fsdp=4,tensor=2", devices=targets.devices("h100-8"))
     assert [sampling.batch_bucket(n, gpu) for n in (1, 2, 3)] == [2, 2, 4]
     assert sampling.batch_bucket(1, gpu, decode=False) == 1  # rows scored whole: a matmul row per token
     assert sampling.batch_bucket(1, shd.make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])) == 1
+    # two rows on each device of a data axis: 8 questions on data=8, or 2 on data=2
+    data8 = shd.make_mesh("data=8", devices=targets.devices("h100-8"))
+    assert [sampling.batch_bucket(n, data8) for n in (1, 8, 9)] == [16, 16, 16]
+    assert sampling.batch_bucket(8, data8, decode=False) == 8
+    data2 = shd.make_mesh("data=2,tensor=4", devices=targets.devices("h100-8"))
+    assert [sampling.batch_bucket(n, data2) for n in (1, 2, 3)] == [4, 4, 4]
     # the planner, given mesh sizes only, is told the platform
-    assert [sampling.batch_bucket(1, None, platform=p) for p in ("gpu", "tpu", "cpu")] == [2, 1, 1]
+    assert [sampling.batch_bucket(1, None, platform=p) for p in ("gpu", "tpu", "cpu")] == [2, 2, 1]
+    # a TPU pads where a device holds half of each weight or more, not where they are split four ways
+    sizes = {"data=4": 8, "data=2,tensor=2": 4, "data=1,tensor=4": 1, "data=1,fsdp=2,tensor=2": 1,
+             "data=2,fsdp=2": 4}
+    tpu = {spec: sampling.batch_bucket(n, shd.make_mesh(spec, devices=targets.devices("tpu-v5p-8")))
+           for spec, n in (("data=4", 4), ("data=2,tensor=2", 2), ("data=1,tensor=4", 1),
+                           ("data=1,fsdp=2,tensor=2", 1), ("data=2,fsdp=2", 2))}
+    assert tpu == sizes
     # one row under K >= 2 stacked adapters already gives the matmuls K rows: no padding
     assert [sampling.batch_bucket(1, gpu, stacked=k) for k in (1, 2, 4)] == [2, 1, 1]
+    assert sampling.batch_bucket(8, data8, stacked=5) == 8
     lm = sj.LM.abstract(TINY, mesh=gpu, dtype="bfloat16")
     one, two = (lm.lower_generate(b, 16, 8)["decode"].as_text() for b in (1, 2))
     assert one == two

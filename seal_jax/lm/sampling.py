@@ -349,23 +349,38 @@ def _pow2(n: int) -> int:
 def batch_bucket(n: int, mesh: Mesh | None = None, *, decode: bool = True, platform: str | None = None,
                  stacked: int = 1) -> int:
     """The padded batch size for ``n`` rows: a power of two, and a multiple of the mesh's ``data`` axis; for
-    decoding on a GPU at least two matmul rows. (The GPU compiler lowers a one-row step's matmuls to
-    multiply-and-reduce fusions that write every weight-sized product before summing it: Qwen3-8B's one-row
-    decode step on h100-8's ``tensor=8`` moves 4.36 GB, a two-row one 2.02 GB.) ``decode=False``: rows scored
-    whole, whose matmuls have a row per token. ``stacked``: the K adapters the rows are decoded under
-    (stacked, each one's rows join the base's matmuls, so one row under K >= 2 adapters needs no padding).
-    ``platform``: the mesh's (:func:`~seal_jax.lm.sharding.platform`) unless given, as the planner does for
-    a mesh of sizes only."""
+    decoding on an accelerator at least two matmul rows on each device (:func:`pads_one_row`).
+    ``decode=False``: rows scored whole, whose matmuls have a row per token. ``stacked``: the K adapters the
+    rows are decoded under (stacked, each one's rows join the base's matmuls, so one row under K >= 2
+    adapters needs no padding). ``platform``: the mesh's (:func:`~seal_jax.lm.sharding.platform`) unless
+    given, as the planner does for a mesh of sizes only."""
     b = _pow2(n)
-    if decode and b * max(stacked, 1) < 2:
+    d = 1 if mesh is None else int(mesh.shape["data"])
+    b = -(-b // d) * d
+    if decode and (b // d) * max(stacked, 1) < 2:
         if platform is None and (mesh is None or isinstance(mesh, Mesh)):
             platform = shd.platform(mesh)
-        if platform == "gpu":
-            b = 2
-    if mesh is not None:
-        d = int(mesh.shape["data"])
-        b = -(-b // d) * d
+        if pads_one_row(platform, mesh):
+            b = 2 * d
     return b
+
+
+def pads_one_row(platform: str | None, mesh: Any = None) -> bool:
+    """Whether a decode of one row per device runs as two rows instead (the second is padding and stops at
+    once). Compiled for Qwen3-8B (BENCHMARKS.md, twenty-fifth session), a one-row step's matmuls are not
+    GEMMs: the GPU compiler makes multiply-and-reduce fusions that write weight-sized products (on h100-8's
+    ``tensor=8`` 4.36 GB a step against 2.02 GB for two rows; on ``data=2,tensor=4`` 88.7 against 72.4 ms
+    by the roofline), and libtpu multiplies and reduces with the query, key and value projections copied into
+    another layout on every step where a device holds at least half of each weight (tpu-v5p-8 ``data=4``
+    435.6 against 347.8 ms; ``data=2,tensor=2`` 217.9 against 174.0 ms), but not where the weights are split
+    four or eight ways (``tensor=4``: 1,432 against 1,467 ms for two rows; ``tensor=8``: 43.4 against 43.7).
+    So: on every GPU; on a TPU where ``tensor × fsdp <= 2``; never on a CPU."""
+    if platform == "gpu":
+        return True
+    if platform != "tpu":
+        return False
+    sizes = {} if mesh is None else mesh.shape
+    return int(sizes.get("tensor", 1)) * int(sizes.get("fsdp", 1)) <= 2
 
 
 def stacked_count(lora_scale: Any) -> int:
