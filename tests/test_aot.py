@@ -420,8 +420,8 @@ def test_no_program_all_reduces_full_vocabulary_logits(config):
     8 H100s (data=4, fsdp=2) all-reduce nothing as wide as the vocabulary (256 in the tiny config, a width
     nothing else has). With the head split over its input width, as before, each of them all-reduced
     partial logits ``[B, T, V]``; so did a tied head, the embedding split over its width, until the
-    embedding of a tied model was split as the head is. (The decode step gathers one ``[V]`` row per
-    sequence to sample from.)"""
+    embedding of a tied model was split as the head is. (A sampled decode step gathers no ``[V]`` row
+    either: ``tests/test_next_token.py``.)"""
     import re
 
     mesh = shd.make_mesh("data=4,fsdp=2", devices=targets.devices("h100-8"))

@@ -1,5 +1,5 @@
-"""Sampling: HF greedy parity, the per-step sampler's support and frequencies, stop ids, adapters under
-vmap, a sharded mesh, compile counts and input errors."""
+"""Sampling: HF greedy parity, stop ids, adapters under vmap, a sharded mesh, compile counts and input errors
+(the per-step sampler's support and frequencies: tests/test_next_token.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from scipy import stats
 
 import seal_jax as sj
 from seal_jax.lm import attention as attn
 from seal_jax.lm.api import LM, build_model
 from seal_jax.lm.model import LoraInputs
-from seal_jax.lm.sampling import SamplingError, SamplingParams, check_prompt_ids, filter_logits, sample_step
+from seal_jax.lm.sampling import SamplingError, SamplingParams, check_prompt_ids
 from seal_jax.lm.tokenizer import TokenizerError, format_chat, pad_left
 
 RNG_PROMPTS = [(7, 0), (3, 1), (12, 2)]  # (length, seed) of the tiny models' prompts
@@ -85,111 +84,6 @@ def test_sampling_params_defaults_and_normalisation():
     assert sj.SamplingParams is SamplingParams and sj.lm.SamplingParams is SamplingParams
     with pytest.raises(SamplingError, match="top_p"):
         p.replace(top_p=2.0)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The per-step sampler on a tiny vocabulary with fixed logits
-
-PROBS = np.array([0.35, 0.25, 0.15, 0.1, 0.07, 0.05, 0.02, 0.01])
-N_DRAWS = 4000
-
-
-@jax.jit
-def _draw(key, temperature, top_k, top_p, min_p):
-    logits = jnp.broadcast_to(jnp.log(jnp.asarray(PROBS, jnp.float32)) + 1.5, (N_DRAWS, PROBS.size))
-    return sample_step(logits, key, temperature, top_k, top_p, min_p)
-
-
-def draws(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0) -> np.ndarray:
-    return np.asarray(_draw(jax.random.key(seed), temperature, top_k, top_p, min_p))
-
-
-def reference(temperature, top_k=0, top_p=1.0, min_p=0.0, logits=None) -> np.ndarray:
-    """The filtered distribution (float64) computed by transformers' own warpers, chained as `generate`
-    chains them: temperature, then top-k (when > 0), top-p (when < 1) and min-p (when > 0)."""
-    import torch
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        MinPLogitsWarper,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    logits = np.log(PROBS) if logits is None else np.asarray(logits, np.float64)
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
-    if top_k > 0:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    if min_p > 0.0:
-        warpers.append(MinPLogitsWarper(min_p))
-    scores = warpers(torch.zeros((1, 0), dtype=torch.long), torch.tensor(logits[None], dtype=torch.float64))
-    return torch.softmax(scores, dim=-1)[0].numpy()
-
-
-@pytest.mark.parametrize("knobs, support", [
-    (dict(temperature=1.0), range(8)),
-    (dict(temperature=0.5), None),
-    (dict(temperature=2.0), range(8)),
-    (dict(temperature=1.0, top_k=3), {0, 1, 2}),
-    (dict(temperature=1.0, top_k=1), {0}),
-    (dict(temperature=1.0, top_p=0.55), {0, 1}),
-    (dict(temperature=1.0, top_p=0.7), {0, 1, 2}),
-    (dict(temperature=1.0, top_p=0.01), {0}),
-    (dict(temperature=1.0, min_p=0.3), {0, 1, 2}),
-    (dict(temperature=1.0, min_p=0.5), {0, 1}),
-    (dict(temperature=1.5, top_k=6, top_p=0.9, min_p=0.1), None),
-])
-def test_sampler_support_and_frequencies(knobs, support):
-    expected = reference(**knobs)
-    if support is not None:
-        assert set(np.flatnonzero(expected)) == set(support), "the reference itself disagrees with the test table"
-    got = draws(**knobs)
-    counts = np.bincount(got, minlength=PROBS.size)
-    allowed = expected > 0
-    assert counts[~allowed].sum() == 0, f"drew tokens outside the support: {counts}"
-    exp_counts = expected * N_DRAWS
-    assert (counts[exp_counts >= 20] > 0).all(), f"a likely token never appeared: {counts} vs {exp_counts}"
-    # chi-square over cells with >= 5 expected draws, the rare ones pooled into one cell
-    big = exp_counts >= 5
-    obs = list(counts[big]) + ([counts[allowed & ~big].sum()] if (allowed & ~big).any() else [])
-    exp = list(exp_counts[big]) + ([exp_counts[allowed & ~big].sum()] if (allowed & ~big).any() else [])
-    if len(obs) > 1:
-        assert stats.chisquare(obs, exp).pvalue > 1e-4, f"frequencies {counts} do not fit {exp_counts}"
-
-
-@pytest.mark.parametrize("knobs", [
-    dict(temperature=1.0, top_k=1), dict(temperature=1.0, top_k=37), dict(temperature=0.7, top_p=0.9),
-    dict(temperature=1.3, top_p=0.3), dict(temperature=1.0, min_p=0.05), dict(temperature=2.0, min_p=0.5),
-    dict(temperature=0.6, top_k=50, top_p=0.95, min_p=0.1), dict(temperature=1.3, top_k=200, top_p=0.95),
-    dict(temperature=1e-3, top_p=0.99), dict(temperature=1.0, top_k=5000),
-])
-def test_filters_keep_exactly_the_reference_set(knobs):
-    logits = np.random.default_rng(0).normal(0, 3, (6, 1000)).astype(np.float32)
-    logits[5, 10:20] = -np.inf  # masked vocabulary entries stay out
-    kept = np.isfinite(np.asarray(jax.jit(filter_logits)(jnp.asarray(logits), **knobs)))
-    for row in range(logits.shape[0]):
-        ref = reference(logits=logits[row], **knobs) > 0
-        np.testing.assert_array_equal(kept[row], ref, err_msg=f"row {row}")
-        assert kept[row, np.argmax(logits[row])]
-
-
-def test_sampler_greedy_seeds_and_rows():
-    # temperature 0 is argmax whatever the other knobs; a tiny temperature behaves like it (no NaN)
-    assert (draws(temperature=0.0, top_k=5, top_p=0.3, min_p=0.2) == 0).all()
-    assert (draws(temperature=1e-30) == 0).all()
-    a, b, c = draws(seed=1), draws(seed=1), draws(seed=2)
-    np.testing.assert_array_equal(a, b)
-    assert (a != c).mean() > 0.3
-    # a row's draw depends on its index, not on the batch size (padding rows does not change draws)
-    logits = jnp.log(jnp.asarray(np.tile(PROBS, (5, 1)), jnp.float32))
-    key = jax.random.key(3)
-    np.testing.assert_array_equal(sample_step(logits[:3], key, 1.0), sample_step(logits, key, 1.0)[:3])
-    # [B] keys are used as given: the per-row keys of one key are the key folded with each row's index
-    rows = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(5))
-    np.testing.assert_array_equal(sample_step(logits, rows, 1.0), sample_step(logits, key, 1.0))
-    assert sample_step(logits, jax.random.PRNGKey(3), 1.0).shape == (5,)  # a raw uint32[2] key is one key
 
 
 # ----------------------------------------------------------------------------------------------------
