@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # seal-jax's SEAL-workload benchmark in one command, for a machine with one accelerator (GPU or TPU).
 #
-#   bash bench/device.sh                          # Qwen3-8B with random bf16 weights: a few minutes on an H200
+#   bash bench/device.sh                          # Qwen3-8B with random bf16 weights: minutes on an H100 or H200
 #   SEAL_BENCH_PRESET=tiny bash bench/device.sh   # the tiny preset, --quick shapes: about a minute on a CPU
 #   OUT=bench-results/no-split-k XLA_FLAGS=--xla_gpu_experimental_force_split_k=1 bash bench/device.sh
 #                                                 # on a GPU, the same without XLA's split-K rewrite of the
