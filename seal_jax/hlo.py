@@ -11,8 +11,9 @@ module reads the optimised HLO (``compiled.as_text()``) of any backend and count
   listed in :attr:`HloStats.loops` with ``trips=None``, so a caller can report per-iteration figures.
 * **FLOPs** are matrix FLOPs: ``2 × output elements × contracted size`` of every ``dot`` and
   ``convolution`` (TPU lowers dots to convolutions), inside fusions too, and of a sum that a compiler made
-  of a dot (a ``reduce`` with an add whose metadata names a ``dot_general``: libtpu lowers a one-row
-  matmul, a decode step of one row per chip, to a multiply and a reduce). Element-wise work is not counted:
+  of a dot (a ``reduce`` with an add of a ``multiply`` whose metadata names a ``dot_general``: libtpu,
+  and the GPU compiler, lower a one-row matmul, a decode step of one row per chip, to a multiply and a
+  reduce). Element-wise work is not counted:
   for a language model it is a fraction of a percent of the matmuls, and the matrix units set the peak.
   Custom calls count 0 and are listed in :attr:`HloStats.custom_calls`, except the fused attention kernels
   seal-jax calls (:data:`ATTENTION_KERNELS`: JAX's Pallas splash attention on TPU, its Triton flash
@@ -372,12 +373,19 @@ class _Analyzer:
         return 2.0 * _convolution_fmas(ins.attrs, self._operand_shape(comp, ins.operands[0]),
                                        self._operand_shape(comp, ins.operands[1]), ins.shape)
 
-    def _is_dot_sum(self, ins: Instr) -> bool:
-        """A ``reduce`` a compiler made of a ``dot_general`` (the products' sum): one array summed with an
-        add, its metadata naming the dot it came from."""
+    def _is_dot_sum(self, comp: Computation, ins: Instr) -> bool:
+        """A ``reduce`` a compiler made of a ``dot_general``: one array of products (a ``multiply``, seen
+        through converts, bitcasts, copies and reshapes) summed with an add, its metadata naming the dot it
+        came from. A sum of a dot's partial results (a GPU's split-K) or of another sum's (a reduction in two
+        stages) reads no ``multiply`` and is not counted again."""
         reducer = self.comps.get(_attr(ins.attrs, "to_apply") or "")
-        return (len(ins.operands) == 2 and reducer is not None and reducer.root.opcode == "add"
-                and re.search(r'op_name="[^"]*dot_general"', ins.attrs) is not None)
+        if (len(ins.operands) != 2 or reducer is None or reducer.root.opcode != "add"
+                or re.search(r'op_name="[^"]*dot_general"', ins.attrs) is None):
+            return False
+        operand = comp.by_name.get(ins.operands[0])
+        while operand is not None and operand.opcode in ("convert", "bitcast", "copy", "reshape"):
+            operand = comp.by_name.get(operand.operands[0]) if operand.operands else None
+        return operand is not None and operand.opcode == "multiply"
 
     # -- bytes of one top-level instruction -------------------------------------------------------
 
@@ -524,7 +532,7 @@ class _Analyzer:
             op = ins.opcode
             if op in ("dot", "convolution"):
                 total.flops += self._dot_flops(comp, ins)
-            elif op == "reduce" and self._is_dot_sum(ins):
+            elif op == "reduce" and self._is_dot_sum(comp, ins):
                 total.flops += 2.0 * math.prod(shape_dims(self._operand_shape(comp, ins.operands[0])))
             elif op == "fusion":
                 callee = _attr(ins.attrs, "calls")

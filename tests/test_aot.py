@@ -445,7 +445,7 @@ def test_one_token_is_taken_from_the_split_embedding_without_gathering_it(target
     whole), ``embed_tokens`` takes it where it lies (an all-reduce of the row). For 8 H100s plain indexing
     all-gathers the table instead (the GPU compiler lowers a one-index lookup to a dynamic slice: 1.2 GB a step
     for Qwen3-8B on tensor=8, when continual learning's one-row self-edits decoded there); libtpu does not.
-    A GPU now also decodes one row as two (``batch_bucket``)."""
+    A GPU now also decodes one row per device as two (``sampling.pads_one_row``)."""
     import re
 
     from jax.sharding import NamedSharding, PartitionSpec

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,3 +245,19 @@ def test_a_dot_made_into_a_multiply_and_a_sum_counts_its_flops():
     on tpu-v5p-16 ``data=8`` counted 7.1 GFLOP for 63 steps before, 961 after). A plain sum counts none."""
     stats = hlo.analyze(DOT_AS_SUM)
     assert stats.flops == 2 * 64 * 32
+
+
+@pytest.mark.parametrize("m,k,n", [(2, 4096, 12288), (1, 12288, 4096), (168, 4096, 6144)])
+def test_a_gpu_matmul_counts_its_flops_once(m, k, n):
+    """Compiled for 8 H100s (the weight split over 8 by columns), the GPU compiler splits these matmuls'
+    contraction (split-K: a dot of partial sums, then their reduce) or makes a one-row one a multiply and
+    a sum in two stages; each reduce still names the ``dot_general``. The count is the matmul's, once."""
+    from seal_jax import targets
+    from seal_jax.lm import sharding as shd
+
+    mesh = shd.make_mesh("data=1,fsdp=1,tensor=8", devices=targets.devices("h100-8"))
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    w = jax.ShapeDtypeStruct((k, n), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "tensor")))
+    text = jax.jit(lambda a, b: a @ b).lower(x, w).compile().as_text()
+    assert re.search(r" reduce\(.*dot_general", text)  # the compiler's sums carry the dot's name
+    assert hlo.analyze(text).flops == 2 * m * k * n // 8

@@ -148,6 +148,17 @@ def test_inverse_cdf_is_the_first_index_past_the_mass(vocab):
     assert (probs[np.arange(rows), got] > 0).all()
 
 
+def test_inverse_cdf_where_rounding_leaves_no_token_past_the_mass():
+    """Where the running sums never pass the target (``u`` at 1, or a row of NaN), the draw takes the last
+    token with mass, never a removed one, or answers ``V`` (``sample_step`` then takes the greedy token)."""
+    probs = np.zeros((3, 384), np.float32)
+    probs[0, [3, 200, 381]] = [1.0, 2.0, 3.0]  # mass in the last of 128 blocks (tokens 381-383)
+    probs[1, [3, 200]] = [1.0, 2.0]  # none there
+    probs[2, :] = np.nan
+    got = np.asarray(jax.jit(inverse_cdf)(jnp.asarray(probs), jnp.ones((3,), jnp.float32)))
+    assert got.tolist() == [381, 384, 384]
+
+
 def test_a_sampled_decode_step_gathers_no_vocabulary_split_over_the_mesh():
     """The head split over the vocabulary (``fsdp`` of 8 H100s): the sampled decode program all-gathers no
     row of ``[B, V]`` logits or probabilities (it did: a cumulative sum over the vocabulary, which XLA ran

@@ -347,6 +347,9 @@ def test_sharded_sampling_equals_unsharded(tiny_hf, qwen):
     assert sharded.generate_ids(rows, greedy) == lm.generate_ids(rows, greedy)
     adapters = make_adapters(lm)
     assert sharded.generate_ids(rows, greedy, adapters=adapters) == lm.generate_ids(rows, greedy, adapters=adapters)
+    # sampled, the vocabulary split over fsdp x tensor: the draw (next_token.inverse_cdf) per block of it
+    sampled = SamplingParams(max_new_tokens=16, ignore_eos=True, temperature=1.0, top_p=0.9, seed=5)
+    assert sharded.generate_ids(rows, sampled) == lm.generate_ids(rows, sampled)
 
     # the prefill places the batch and the cache's batch axis over `data`, KV heads over `tensor`
     s = sharded._sampler
@@ -357,6 +360,38 @@ def test_sharded_sampling_equals_unsharded(tiny_hf, qwen):
         assert spec + (None,) * (4 - len(spec)) == ("data", "tensor", None, None)
     assert cache.k[0].shape == (len(rows) + 1, lm.config.num_kv_heads, lm.config.head_dim, 32)
     assert cache.v[0].shape == (len(rows) + 1, lm.config.num_kv_heads, 32, lm.config.head_dim)
+
+
+class MeshSizes:
+    """A mesh of sizes only, as the planner passes it to ``batch_bucket``."""
+
+    def __init__(self, **sizes: int):
+        self.shape = {"data": 1, "fsdp": 1, "tensor": 1, **sizes}
+
+
+def test_batch_buckets_give_accelerators_two_rows_per_device():
+    """``batch_bucket`` for a mesh of sizes: a power of two, a multiple of ``data``; a decode of one row per
+    device runs two per device on a GPU, and on a TPU where a device holds at least half of each weight
+    (``pads_one_row``; measured in BENCHMARKS.md, twenty-fifth session); CPUs never pad, nor do rows
+    scored whole, nor one row per device under K >= 2 stacked adapters."""
+    from seal_jax.lm.sampling import batch_bucket
+
+    def bucket(n, platform, decode=True, stacked=1, **sizes):
+        return batch_bucket(n, MeshSizes(**sizes), decode=decode, platform=platform, stacked=stacked)
+
+    assert [bucket(n, "cpu", data=8) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
+    assert [bucket(n, "gpu", data=8) for n in (1, 8, 9, 16)] == [16, 16, 16, 16]
+    assert [bucket(n, "gpu", tensor=8) for n in (1, 2, 3)] == [2, 2, 4]
+    assert [bucket(n, "gpu", data=2, tensor=4) for n in (1, 2, 3, 5)] == [4, 4, 4, 8]
+    assert bucket(8, "gpu", decode=False, data=8) == 8
+    assert bucket(8, "gpu", stacked=5, data=8) == 8 and bucket(1, "gpu", stacked=2) == 1
+    tpu = {spec: bucket(n, "tpu", **spec_sizes) for spec, n, spec_sizes in (
+        ("data=4", 4, {"data": 4}), ("data=2,tensor=2", 2, {"data": 2, "tensor": 2}),
+        ("data=2,fsdp=2", 2, {"data": 2, "fsdp": 2}), ("tensor=4", 1, {"tensor": 4}),
+        ("fsdp=2,tensor=2", 1, {"fsdp": 2, "tensor": 2}), ("tensor=8", 1, {"tensor": 8}))}
+    assert tpu == {"data=4": 8, "data=2,tensor=2": 4, "data=2,fsdp=2": 4, "tensor=4": 1, "fsdp=2,tensor=2": 1,
+                   "tensor=8": 1}
+    assert batch_bucket(3, None) == 4  # no mesh: a power of two on the platform of the default devices (CPU)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ filters find their cut-offs by bisection instead of a sort (see :func:`filter_lo
 
 Everything here is element-wise work and reductions over the vocabulary, so where the output head is split
 over the vocabulary (``sharding``: ``head_vocab`` over ``fsdp × tensor``) each device works on the logits
-it computed, and the devices exchange per-row scalars and one row's block of probabilities: no program
-gathers a ``[B, V]`` row of logits (``tests/test_next_token.py`` compiles a step for 8 H100s). A cumulative
-sum over the whole vocabulary did: XLA all-gathered the float32 probabilities on every sampled decode step
-(Qwen3-8B on h100-8 ``tensor=8``: 9.7 MB a step, BENCHMARKS.md, twenty-fifth session).
+it computed, and the devices exchange per-row scalars and one row's block of probabilities. So no
+program gathers a ``[B, V]`` row of logits (``tests/test_next_token.py`` compiles a step for 8 H100s),
+where each device holds whole blocks of :func:`inverse_cdf`: the vocabulary split over a power of two of
+devices, at most :data:`DRAW_BLOCKS`, that divides it. A cumulative sum over the whole vocabulary did: XLA
+all-gathered the float32 probabilities on every sampled decode step (Qwen3-8B on h100-8 ``tensor=8``:
+9.7 MB a step, BENCHMARKS.md, twenty-fifth session).
 """
 
 from __future__ import annotations

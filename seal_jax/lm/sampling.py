@@ -3,8 +3,10 @@
 How one call runs (see :class:`Sampler`):
 
 1. **Buckets.** Prompts are left-padded to ``T = tokenizer.bucket(longest prompt)``; the batch is padded to
-   a power of two ``B`` with dummy rows (one token, already "stopped"); the number of new tokens is
-   bucketed to ``N = tokenizer.bucket(max_new_tokens)`` and the KV cache holds ``S = T + N`` slots. Only
+   ``B`` rows (:func:`batch_bucket`: a power of two, a multiple of the mesh's ``data`` axis, and on an
+   accelerator two rows per device where one would be) with dummy rows (one token, already "stopped"); the
+   number of new tokens is bucketed to ``N = tokenizer.bucket(max_new_tokens)`` and the KV cache holds
+   ``S = T + N`` slots. Only
    ``(B, T, N)``, the stop-id table size, "adapters stacked or not" and "greedy or not" (``temperature ==
    0``: a decode program without the sampling) are static, so a long run compiles one prefill and at most
    two decode programs per bucket. Every other sampling knob (the temperature's value, top-k, top-p, min-p,
@@ -249,14 +251,14 @@ def batch_bucket(n: int, mesh: Mesh | None = None, *, decode: bool = True, platf
 
 
 def pads_one_row(platform: str | None, mesh: Any = None) -> bool:
-    """Whether a decode of one row per device runs as two rows instead (the second is padding and stops at
-    once). Compiled for Qwen3-8B (BENCHMARKS.md, twenty-fifth session), a one-row step's matmuls are not
+    """Whether a decode of one row per device runs as two rows per device instead (the padding rows are
+    stopped from the start). Compiled for Qwen3-8B (BENCHMARKS.md, twenty-fifth session), a one-row step's matmuls are not
     GEMMs: the GPU compiler makes multiply-and-reduce fusions that write weight-sized products (on h100-8's
     ``tensor=8`` 4.36 GB a step against 2.02 GB for two rows; on ``data=2,tensor=4`` 88.7 against 72.4 ms
     by the roofline), and libtpu multiplies and reduces with the query, key and value projections copied into
     another layout on every step where a device holds at least half of each weight (tpu-v5p-8 ``data=4``
     435.6 against 347.8 ms; ``data=2,tensor=2`` 217.9 against 174.0 ms), but not where the weights are split
-    four or eight ways (``tensor=4``: 1,432 against 1,467 ms for two rows; ``tensor=8``: 43.4 against 43.7).
+    four or eight ways (``tensor=4``: 1,432 against 1,468 ms for two rows; ``tensor=8``: 43.4 against 43.7).
     So: on every GPU; on a TPU where ``tensor × fsdp <= 2``; never on a CPU."""
     if platform == "gpu":
         return True
