@@ -163,7 +163,7 @@ def test_a_sampled_decode_step_gathers_no_vocabulary_split_over_the_mesh():
     """The head split over the vocabulary (``fsdp`` of 8 H100s): the sampled decode program all-gathers no
     row of ``[B, V]`` logits or probabilities (it did: a cumulative sum over the vocabulary, which XLA ran
     on the gathered row; 9.7 MB a step for Qwen3-8B's self-edits on h100-8), only the ``[B, 128]`` masses
-    of the draw's blocks; the greedy program gathers nothing."""
+    of the draw's blocks (JAX 0.10) or less (0.11); the greedy program gathers nothing as wide."""
     config = preset("tiny").replace(vocab_size=1024)
     assert 1024 not in (config.hidden_size, config.intermediate_size, config.q_dim)
     lm = sj.LM.abstract(config, mesh=shd.make_mesh("data=4,fsdp=2", devices=targets.devices("h100-8")),
@@ -175,5 +175,5 @@ def test_a_sampled_decode_step_gathers_no_vocabulary_split_over_the_mesh():
 
     sampled = gathered(False)
     assert not [g for g in sampled if re.search(r"[\[,]1024[\],]", g)], sampled
-    assert any("128]" in g for g in sampled), sampled  # the pattern sees the blocks' masses gathered
+    assert sampled  # the pattern sees the program's all-gathers (the blocks' masses, or less)
     assert not [g for g in gathered(True) if re.search(r"[\[,](1024|128)[\],]", g)]
