@@ -257,8 +257,9 @@ def pads_one_row(platform: str | None, mesh: Any = None) -> bool:
     ``tensor=8`` 4.36 GB a step against 2.02 GB for two rows; on ``data=2,tensor=4`` 88.7 against 72.4 ms
     by the roofline), and libtpu multiplies and reduces with the query, key and value projections copied into
     another layout on every step where a device holds at least half of each weight (tpu-v5p-8 ``data=4``
-    435.6 against 347.8 ms; ``data=2,tensor=2`` 217.9 against 174.0 ms), but not where the weights are split
-    four or eight ways (``tensor=4``: 1,432 against 1,468 ms for two rows; ``tensor=8``: 43.4 against 43.7).
+    435.6 against 347.8 ms; ``data=2,tensor=2`` 217.9 against 174.0 ms; ``data=2,fsdp=2`` 215.0 against
+    175.0 ms), but not where the weights are split four or eight ways (``tensor=4``: 1,432 against 1,468 ms
+    for two rows; ``fsdp=4``: 87.2 against 88.5 ms; ``tensor=8``: 43.4 against 43.7).
     So: on every GPU; on a TPU where ``tensor × fsdp <= 2``; never on a CPU."""
     if platform == "gpu":
         return True
