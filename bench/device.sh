@@ -3,9 +3,9 @@
 #
 #   bash bench/device.sh                          # Qwen3-8B with random bf16 weights: minutes on an H100 or H200
 #   SEAL_BENCH_PRESET=tiny bash bench/device.sh   # the tiny preset, --quick shapes: about a minute on a CPU
-#   OUT=bench-results/no-split-k XLA_FLAGS=--xla_gpu_experimental_force_split_k=1 bash bench/device.sh
-#                                                 # on a GPU, the same without XLA's split-K rewrite of the
-#                                                 # decode's matmuls (BENCHMARKS.md, twenty-second session)
+#
+# Each decode row is timed twice, the second time without XLA's split-K rewrite of the GPU matmuls
+# (--split-k-ab: BENCHMARKS.md, twenty-second session; SEAL_BENCH_SPLIT_K_AB=0 leaves it out).
 #
 # It installs this checkout into the Python it is given (pip install --no-deps -e .: the machine's image
 # brings jax, flax, optax, orbax, transformers, peft and torch, and there may be no network), prints the
@@ -15,7 +15,7 @@
 #
 # Environment: PYTHON (default python3), OUT (default bench-results/), SEAL_BENCH_PRESET (default qwen3-8b),
 # SEAL_BENCH_ARGS (more `seal-jax bench` flags, e.g. "--candidates 8 --no-reference"), SEAL_BENCH_INSTALL=0
-# (run from the source tree without installing).
+# (run from the source tree without installing), SEAL_BENCH_SPLIT_K_AB=0 (no second decode timing).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +26,9 @@ PRESET="${SEAL_BENCH_PRESET:-qwen3-8b}"
 ARGS="${SEAL_BENCH_ARGS:-}"
 if [ "$PRESET" = tiny ]; then
   ARGS="--quick $ARGS"  # the tiny preset's context (512 tokens) is shorter than SEAL's default shapes
+fi
+if [ "${SEAL_BENCH_SPLIT_K_AB:-1}" = 1 ]; then
+  ARGS="--split-k-ab $ARGS"
 fi
 mkdir -p "$OUT"
 

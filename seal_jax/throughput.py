@@ -26,8 +26,10 @@ adapters forward and backward (6 per adapter parameter and token).
 Peaks: the published figures of :data:`seal_jax.plan.HARDWARE` for GPUs and TPUs (by the devices' kind);
 on a CPU, the ceilings this run measures (a large matmul in the run's dtype, a large copy). The measured
 ceilings are reported on every platform. Where PyTorch, transformers and PEFT are installed (CPU, or a CUDA
-GPU), reference rows run the same shapes with random weights: ``generate`` and PEFT + AdamW training (one
-candidate after another, as that stack trains them). Not on TPU: there the roofline is the reference.
+GPU), reference rows run the same shapes with random weights (:mod:`seal_jax.torch_reference`): ``generate``
+and PEFT + AdamW training (one candidate after another, as that stack trains them). Not on TPU: there the
+roofline is the reference. ``--split-k-ab`` times each decode row a second time with XLA's split-K rewrite of
+GPU matmuls off (``LM.generation_options``), which only a GPU can judge.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import math
 import os
 import platform
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,14 @@ from seal_jax.lm import sharding as shd
 from seal_jax.lm import weights
 from seal_jax.lm.config import ConfigError, ModelConfig, from_hf, preset
 from seal_jax.selfedit.run_config import SELFEDIT_SAMPLING
+from seal_jax.torch_reference import Reference
 
 # SEAL samples its self-edits (temperature 1, top-p 0.95): the suite's self-edit rows do, with the reference's
 # generate alike (its own number of new tokens); answers are greedy
 SELF_EDIT_SAMPLING = {k: v for k, v in SELFEDIT_SAMPLING.items() if k != "max_new_tokens"}
+# XLA's split-K rewrite of the small-row matmuls of a GPU decode, turned off (BENCHMARKS.md, twenty-second
+# session): `--split-k-ab` times every decode row again with the generation programs compiled so
+SPLIT_K_OFF = {"xla_gpu_experimental_force_split_k": 1}
 
 
 class BenchError(ValueError):
@@ -266,84 +271,6 @@ def _sum_rooflines(*parts: dict[str, Any] | None) -> float | None:
     return None if any(p is None for p in parts) else sum(p["roofline_s"] for p in parts)  # type: ignore[index]
 
 
-# ----------------------------------------------------------------------------------------------------
-# The PyTorch reference
-
-
-class Reference:
-    """transformers + PEFT + torch AdamW on the same shapes with random weights (CPU or one CUDA GPU)."""
-
-    def __init__(self, config: Any, dtype: str, device: str, threads: int | None = None):
-        import torch  # deferred: torch is optional (the test extra); only the reference uses it
-        from transformers import AutoConfig, AutoModelForCausalLM  # deferred: ~1 s to import, as torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
-        self.device = device
-        self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-        hf = config.to_hf_dict()
-        hf_config = AutoConfig.for_model(hf.pop("model_type"), **{k: v for k, v in hf.items() if k != "architectures"})
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)  # created in the run's dtype (no float32 copy of an 8B model)
-        try:
-            with torch.device(device):
-                self.model = AutoModelForCausalLM.from_config(hf_config).eval()
-        finally:
-            torch.set_default_dtype(default)
-        self.pad_id = int(config.pad_token_id or 0)
-
-    def _sync(self) -> None:
-        if self.device.startswith("cuda"):
-            self.torch.cuda.synchronize()
-
-    def generate(self, rows: list[list[int]], new_tokens: int, sampled: bool = False) -> None:
-        """``generate`` of exactly ``new_tokens`` tokens after each row (left-padded): greedy, or ``sampled``
-        as SEAL samples self-edits (:data:`SELF_EDIT_SAMPLING`)."""
-        torch = self.torch
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        with torch.inference_mode():
-            # top_k=0: transformers' default top-k 50 off, as seal-jax (and SEAL's vLLM) sample with top-p alone
-            knobs = dict(do_sample=True, top_k=0, **SELF_EDIT_SAMPLING) if sampled else dict(do_sample=False)
-            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, pad_token_id=self.pad_id, **knobs)
-        self._sync()
-
-    def train_seconds(self, sequences: list[list[int]], epochs: int, rank: int, warmup_steps: int = 1) -> float:
-        """Seconds of one candidate's LoRA (q/v) + AdamW training, batch 1, ``epochs`` over ``sequences``."""
-        from peft import LoraConfig, get_peft_model  # deferred: optional reference dependency
-
-        torch = self.torch
-        with warnings.catch_warnings():  # PEFT calls a transformers method that warns of its own deprecation
-            warnings.simplefilter("ignore", FutureWarning)
-            model = get_peft_model(self.model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                          target_modules=["q_proj", "v_proj"]))
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-        batches = [torch.tensor([s], device=self.device) for s in sequences]
-
-        def step(ids: Any) -> None:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-
-        for ids in batches[:warmup_steps]:
-            step(ids)
-        self._sync()
-        start = time.perf_counter()
-        for _ in range(epochs):
-            for ids in batches:
-                step(ids)
-        self._sync()
-        seconds = time.perf_counter() - start
-        self.model = model.unload()  # the base model again, without adapter layers
-        self.model.eval()
-        return seconds
-
-
 def _timed(fn: Callable[[], Any], repeats: int) -> float:
     return best_time(fn, repeats, warmup=1)
 
@@ -361,8 +288,9 @@ class Suite:
     """Runs the pieces on an LM and returns :class:`Row`s (see the module docstring)."""
 
     def __init__(self, lm: Any, shapes: SuiteShapes, peaks: Peaks, *, repeats: int, reference: Reference | None,
-                 rooflines: bool = True):
+                 rooflines: bool = True, variants: dict[str, dict[str, Any]] | None = None):
         self.sj = sj
+        self.variants = dict(variants or {})  # name -> XLA options each decode row is also timed with
         self.lm, self.shapes, self.peaks, self.repeats = lm, shapes, peaks, repeats
         self.reference, self.rooflines = reference, rooflines
         self.config = lm.config
@@ -455,7 +383,27 @@ class Suite:
         if reference_s is not None:
             row.reference_s, row.ratio = reference_s, reference_s / t["total_s"]
             row.detail["reference"] = "transformers generate, same prompts and new tokens (prefill + decode)"
+        for variant, options in self.variants.items():
+            row.detail.setdefault("variants", {})[variant] = self._variant(options, rows, new, k, t["decode_s"])
         return row, t
+
+    def _variant(self, options: dict[str, Any], rows: list[list[int]], new: int, k: int,
+                 decode_s: float) -> dict[str, Any]:
+        """The decode of ``rows`` again, its programs compiled with the XLA ``options`` (``LM.generation_options``):
+        seconds, speed against the row's (``speedup`` > 1: faster) and, compiled likewise, its roofline."""
+        kept = self.lm.generation_options
+        self.lm.generation_options = dict(options)
+        try:
+            t = self._generate(rows, new, self.adapters if k else None)
+            roof = self._generate_rooflines(len(rows), len(rows[0]), new, k)
+        finally:
+            self.lm.generation_options = kept
+        out = {"options": dict(options), "decode_s": t["decode_s"], "step_s": t["decode_s"] / max(1, new - 1),
+               "speedup": decode_s / t["decode_s"]}
+        if roof is not None:
+            out["roofline_s"] = roof["decode"]["roofline_s"]
+            out["vs_roofline"] = t["decode_s"] / out["roofline_s"]
+        return out
 
     def run(self, emit: Callable[[Row], None]) -> dict[str, Any]:
         """Run every piece, handing each finished row to ``emit``; returns the summary."""
@@ -485,7 +433,7 @@ class Suite:
             row.vs_roofline = row.seconds / row.roofline_s
             row.detail["roofline"] = roof["prefill"]
         emit(row)
-        ref_s = self._reference("self_edit", lambda: _timed(lambda: ref.generate(passages, s.self_edit_tokens, sampled=True),
+        ref_s = self._reference("self_edit", lambda: _timed(lambda: ref.generate(passages, s.self_edit_tokens, SELF_EDIT_SAMPLING),
                                                               self.repeats))
         if ref_s is not None:
             self.reference_parts["self_edit"] = ref_s
@@ -594,6 +542,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on this machine: chunked runs where it fails)")
     parser.add_argument("--no-roofline", action="store_true",
                         help="skip compiling each program again for its roofline (saves compile time)")
+    parser.add_argument("--split-k-ab", action="store_true",
+                        help="also time (and compile for its roofline) each decode row with XLA's split-K rewrite "
+                             "of GPU matmuls off (xla_gpu_experimental_force_split_k=1): the row's "
+                             "detail.variants.split_k_off")
 
 
 def wants_suite(args: argparse.Namespace) -> bool:
@@ -680,6 +632,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"\nattention: {report['attention_note']}")
     if report.get("roofline_note"):
         lines.append(f"\nroofline: {report['roofline_note']}")
+    for r in report["rows"]:
+        for name, v in (r["detail"].get("variants") or {}).items():
+            roof = "" if v.get("roofline_s") is None else f"; roofline {v['roofline_s']:.3g} s"
+            lines.append(f"\n{r['name']} with {name}: decode {v['decode_s']:.4g} s against {r['seconds']:.4g} s "
+                         f"({v['speedup']:.2f}× its speed{roof})")
     if summary.get("evaluations_per_hour"):
         lines.append(f"\none passage (K = {summary['candidates']}): {summary['evaluation_seconds']:.3g} s → "
                      f"{summary['evaluations_per_hour']:.4g} self-edit evaluations per hour on this machine")
@@ -760,7 +717,8 @@ def main(args: argparse.Namespace) -> int:
         write()
 
     suite = Suite(lm, shapes, peaks, repeats=1 if quick else 3, reference=reference,
-                  rooflines=not getattr(args, "no_roofline", False))
+                  rooflines=not getattr(args, "no_roofline", False),
+                  variants={"split_k_off": SPLIT_K_OFF} if getattr(args, "split_k_ab", False) else None)
     report["summary"] = suite.run(emit)
     write()
     print()

@@ -97,6 +97,24 @@ def test_evaluations_per_hour_follow_from_the_measured_pieces(report):
     assert ref["answer"] == pytest.approx(k * rows["decode_b8"]["reference_s"])
 
 
+def test_device_script_times_each_decode_again_without_split_k(report):
+    """bench/device.sh passes --split-k-ab: each decode row also holds its decode timed, and compiled for its
+    roofline, with the generation programs compiled without XLA's split-K rewrite (``LM.generation_options``:
+    a GPU's option, so here the same CPU programs), and the table says so; no other row has it."""
+    data, stdout = report
+    for r in data["rows"]:
+        variants = r["detail"].get("variants")
+        if not r["name"].startswith("decode"):
+            assert variants is None, r["name"]
+            continue
+        v = variants["split_k_off"]
+        assert v["options"] == throughput.SPLIT_K_OFF == {"xla_gpu_experimental_force_split_k": 1}
+        assert v["decode_s"] > 0 and v["speedup"] == pytest.approx(r["seconds"] / v["decode_s"]), r["name"]
+        assert v["vs_roofline"] == pytest.approx(v["decode_s"] / v["roofline_s"])
+        assert v["roofline_s"] == pytest.approx(r["roofline_s"], rel=1e-6), r["name"]  # a CPU ignores it
+        assert f"{r['name']} with split_k_off: decode {v['decode_s']:.4g} s" in stdout[stdout.index("| piece |"):]
+
+
 def test_useful_flops_are_the_hand_count():
     c = preset("qwen3-8b")
     n_mm = plan.matmul_parameters(c)
@@ -229,9 +247,10 @@ exec {sys.executable} "$@"
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "the suite died of signal 11; running it again with --attention chunked" in run.stderr
     benches = [line for line in calls.read_text().splitlines() if "seal_jax.cli bench" in line]
-    assert benches == [f"-m seal_jax.cli bench --preset tiny --random-weights --out {out}/bench-tiny.json --quick",
+    assert benches == [f"-m seal_jax.cli bench --preset tiny --random-weights --out {out}/bench-tiny.json "
+                       "--split-k-ab --quick",
                        f"-m seal_jax.cli bench --preset tiny --random-weights --out {out}/bench-tiny-chunked.json "
-                       "--quick --attention chunked"]
+                       "--split-k-ab --quick --attention chunked"]
     assert run.stdout.rstrip().endswith(f"log in {out}/bench-tiny-chunked.log (exit 0)")
     assert (out / "bench-tiny.log").is_file() and "(chunked)" in (out / "bench-tiny-chunked.log").read_text()
     calls.unlink()

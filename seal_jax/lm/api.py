@@ -6,7 +6,7 @@ through this class.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ def build_model(config: ModelConfig, params: dict[str, jax.Array], *, dtype: Any
     return nnx.merge(graphdef, state)
 
 
-_PROGRAMS: dict[tuple[Any, Any], dict[str, Any]] = {}  # (graphdef, mesh) -> compiled programs, see LM._shared
+_PROGRAMS: dict[tuple[Any, Any], dict[Any, Any]] = {}  # (graphdef, mesh) -> compiled programs, see LM._shared
 
 def _check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> None:
     """Raise unless ``texts`` is a non-empty list of non-empty strings and there is a tokenizer."""
@@ -152,7 +152,9 @@ class LM:
     results do not depend on it. ``attention`` (one of ``attention.IMPLEMENTATIONS``, default by the mesh's
     platform: ``"einsum"`` on CPUs, the fused kernels ``"splash"`` on TPUs and ``"triton"`` on GPUs) is how T
     tokens attend to their own keys; ``"chunked"`` runs anywhere without a kernel, for a machine whose
-    JAX rejects one (``attention.check_kernel`` says).
+    JAX rejects one (``attention.check_kernel`` says). ``generation_options`` (an attribute, default ``{}``)
+    are XLA options the generation programs are compiled with (``jax.jit``'s ``compiler_options``), e.g.
+    ``{"xla_gpu_experimental_force_split_k": 1}``: no split-K rewrite of a GPU decode's matmuls.
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None,
@@ -194,6 +196,7 @@ class LM:
                              "pass keeps every layer's gathered weights, a whole replica")
         self._train_graphdef: Any = None  # the model's structure on train_mesh, made at the first training
         self._place: Any = None  # the jitted placement of the weights on train_mesh (see _placement)
+        self.generation_options: dict[str, Any] = {}  # XLA options of the generation programs (see the class)
 
     @property
     def config(self) -> ModelConfig:
@@ -461,12 +464,14 @@ class LM:
         model = build_model(self.config, adapters.merged_params(self._stored_params(), k),
                             dtype=self.dtype, remat=self.model.remat)
         model.attention_impl, model.train_layers = self.model.attention_impl, self.model.train_layers  # as chosen
-        return LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh,
-                  layer_storage=self.layer_storage, train_weights=self.train_weights)
+        merged = LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh,
+                    layer_storage=self.layer_storage, train_weights=self.train_weights)
+        merged.generation_options = dict(self.generation_options)
+        return merged
 
     # ------------------------------------------------------------------------------------------------
 
-    def _shared(self, name: str, make: Any) -> Any:
+    def _shared(self, name: Hashable, make: Any) -> Any:
         """A compiled-program holder shared by every LM with the same structure (graphdef) and mesh.
 
         The programs take the weights as arguments, so a model with new weights of the same shapes (a
@@ -615,7 +620,9 @@ class LM:
 
     @property
     def _sampler(self) -> sampling.Sampler:
-        return self._shared("sampler", lambda: sampling.Sampler(self.graphdef, self.mesh))
+        options = dict(self.generation_options)  # programs of their own per set of options
+        return self._shared(("sampler", *sorted(options.items())),
+                            lambda: sampling.Sampler(self.graphdef, self.mesh, compiler_options=options))
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.config.eos_token_ids)

@@ -302,13 +302,16 @@ class Sampler:
       graphdef: the model's ``nnx`` graph definition (the state is passed to every call).
       mesh: the mesh the weights live on, or ``None``; batch-major arrays are placed with the batch over
         ``data`` and the KV cache is constrained to the same layout.
+      compiler_options: XLA options every program is compiled with (``jax.jit``'s ``compiler_options``),
+        e.g. ``{"xla_gpu_experimental_force_split_k": 1}``; ``None``: the compiler's defaults.
 
     ``traces`` counts how many times each program was traced (= compiled), for tests and benchmarks.
     """
 
-    def __init__(self, graphdef: Any, mesh: Mesh | None = None):
+    def __init__(self, graphdef: Any, mesh: Mesh | None = None, compiler_options: dict[str, Any] | None = None):
         self.graphdef = graphdef
         self.mesh = mesh
+        self.compiler_options = dict(compiler_options) if compiler_options else None
         self.platform = shd.platform(mesh)  # platform choices follow the mesh's devices, not the host
         self.cpu_tricks = cpu_decode.applies(self.platform)  # the one switch of lm/cpu_decode.py
         # TPU: scan the layers in decode over the stacked weights and a stacked cache (libtpu reads each
@@ -316,10 +319,14 @@ class Sampler:
         # layers over per-layer weights (see "Decode layouts" in the module docstring)
         self.scan_layers = self.platform == "tpu"
         self.traces: collections.Counter[str] = collections.Counter()
-        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
-        self.decode = jax.jit(self._decode, static_argnames=("out_len", "greedy"), donate_argnames=("cache",))
+        self.prefill = self._jit(self._prefill, static_argnames=("cache_len",))
+        self.decode = self._jit(self._decode, static_argnames=("out_len", "greedy"), donate_argnames=("cache",))
         self._laid_out: dict[Any, Any] = {}  # see prefill_program and decode_program
-        self.split = jax.jit(self._split)
+        self.split = self._jit(self._split)
+
+    def _jit(self, fn: Any, **kwargs: Any) -> Any:
+        """``jax.jit(fn, **kwargs)`` with the sampler's compiler options."""
+        return jax.jit(fn, compiler_options=self.compiler_options, **kwargs)
 
     # -- placement -------------------------------------------------------------------------------
 
@@ -367,7 +374,7 @@ class Sampler:
         if key not in self._laid_out:
             _, cache = self._prefill_shapes(state, ids, lora_weights, lora_scale, cache_len)
             formats = self._cache_formats(cache, lora_scale is not None and lora_scale.ndim == 1)
-            self._laid_out[key] = self.prefill if formats is None else jax.jit(
+            self._laid_out[key] = self.prefill if formats is None else self._jit(
                 self._prefill, static_argnames=("cache_len",), out_shardings=(None, formats))
         return self._laid_out[key]
 
@@ -383,8 +390,8 @@ class Sampler:
         leaves, tree = jax.tree.flatten(formats, is_leaf=lambda x: x is None)
         key = ("decode", tree, tuple(leaves))
         if key not in self._laid_out:
-            self._laid_out[key] = jax.jit(self._decode, static_argnames=("out_len", "greedy"),
-                                          donate_argnames=("cache",), out_shardings=(None, None, formats))
+            self._laid_out[key] = self._jit(self._decode, static_argnames=("out_len", "greedy"),
+                                            donate_argnames=("cache",), out_shardings=(None, None, formats))
         return self._laid_out[key]
 
     def _prefill_shapes(self, state: Any, ids: Any, lora_weights: Any, lora_scale: Any,
