@@ -512,16 +512,19 @@ def format_rows(report: dict[str, Any]) -> str:
     lines = [f"{report['workload']} on {report['target']} (mesh {report['mesh']}{training}, {report['dtype']}, "
              f"attention {report.get('attention')}, {report['model']}); per device",
              "", "| program | compile s | args GB | temp GB | peak GB | fits | GFLOP | GB accessed | min GB | "
-             "collectives (count, GB) | roofline ms | bound |", "|" + "---|" * 12]
+             "GB a step (÷ min) | collectives (count, GB) | roofline ms | bound |", "|" + "---|" * 13]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['program']} | {r['compile_s']} | – | – | – | **no** | – | – | – | – | – | "
+            lines.append(f"| {r['program']} | {r['compile_s']} | – | – | – | **no** | – | – | – | – | – | – | "
                          f"{r['error'][:80]} |")
             continue
         coll = ", ".join(f"{k} {int(v['count'])} {v['bytes'] / 1e9:.3f}" for k, v in r["collectives"].items()) or "none"
+        step = r.get("per_step")  # a decode's step against its minimum (weights, cache and adapters read once)
+        step = "–" if not step else f"{_gb(step['bytes'])} ({step['bytes'] / r['min_bytes']:.2f}×)"
         lines.append(f"| {r['program']} | {r['compile_s']} | {_gb(r['argument_bytes'])} | {_gb(r['temp_bytes'])} | "
                      f"{_gb(r['peak_bytes'])} | {'yes' if r['fits'] else '**no**'} | {r['flops'] / 1e9:.1f} | "
-                     f"{_gb(r['bytes'])} | {_gb(r['min_bytes'])} | {coll} | {r['roofline_s'] * 1e3:.2f} | {r['bound']} |")
+                     f"{_gb(r['bytes'])} | {_gb(r['min_bytes'])} | {step} | {coll} | {r['roofline_s'] * 1e3:.2f} | "
+                     f"{r['bound']} |")
     s = report["summary"]
     if not s.get("passage_seconds") and s.get("evaluations_per_hour") is None:
         pass  # nothing runs once per passage (a CPT run without generated self-edits)

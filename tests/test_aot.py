@@ -76,6 +76,12 @@ def test_every_program_compiles_and_reports(reports):
         decode = next(r for r in report["rows"] if r["program"] == "answer.decode")
         assert decode["per_step"]["steps"] == 15  # max_new_tokens - 1 loop trips after the first token
         assert decode["flops"] == pytest.approx(decode["per_step"]["flops"] * 15, rel=0.05)
+        # the table gives each decode's bytes a step against its minimum, and nothing of the kind elsewhere
+        table = {line.split(" | ")[0][2:]: line.split(" | ") for line in aot.format_rows(report).splitlines()
+                 if line.startswith("| ") and not line.startswith("| program")}
+        ratio = decode["per_step"]["bytes"] / decode["min_bytes"]
+        assert table["answer.decode"][9] == f"{decode['per_step']['bytes'] / 1e9:.2f} ({ratio:.2f}×)"
+        assert table["train"][9] == "–" and len(table["train"]) == 13
     json.dumps(out["qwen3"])  # the JSON rows are plain data
 
 
