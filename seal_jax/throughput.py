@@ -28,8 +28,8 @@ on a CPU, the ceilings this run measures (a large matmul in the run's dtype, a l
 ceilings are reported on every platform. Where PyTorch, transformers and PEFT are installed (CPU, or a CUDA
 GPU), reference rows run the same shapes with random weights (:mod:`seal_jax.torch_reference`): ``generate``
 and PEFT + AdamW training (one candidate after another, as that stack trains them). Not on TPU: there the
-roofline is the reference. ``--split-k-ab`` times each decode row a second time with XLA's split-K rewrite of
-GPU matmuls off (``LM.generation_options``), which only a GPU can judge.
+roofline is the reference. ``--split-k-ab`` times each decode row and the training row a second time with
+XLA's split-K rewrite of GPU matmuls off (``LM.compiler_options``), which only a GPU can judge.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ from seal_jax.torch_reference import Reference
 # SEAL samples its self-edits (temperature 1, top-p 0.95): the suite's self-edit rows do, with the reference's
 # generate alike (its own number of new tokens); answers are greedy
 SELF_EDIT_SAMPLING = {k: v for k, v in SELFEDIT_SAMPLING.items() if k != "max_new_tokens"}
-# XLA's split-K rewrite of the small-row matmuls of a GPU decode, turned off (BENCHMARKS.md, twenty-second
-# session): `--split-k-ab` times every decode row again with the generation programs compiled so
+# XLA's split-K rewrite of a GPU's matmuls of few rows, turned off (BENCHMARKS.md, twenty-second and
+# twenty-sixth sessions): `--split-k-ab` times the decode and training rows again with the programs compiled so
 SPLIT_K_OFF = {"xla_gpu_experimental_force_split_k": 1}
 
 
@@ -383,26 +383,28 @@ class Suite:
         if reference_s is not None:
             row.reference_s, row.ratio = reference_s, reference_s / t["total_s"]
             row.detail["reference"] = "transformers generate, same prompts and new tokens (prefill + decode)"
+
+        def decode() -> tuple[float, float | None]:
+            again = self._generate_rooflines(batch, prompt, new, k)
+            return self._generate(rows, new, adapters)["decode_s"], None if again is None else again["decode"]["roofline_s"]
+
         for variant, options in self.variants.items():
-            row.detail.setdefault("variants", {})[variant] = self._variant(options, rows, new, k, t["decode_s"])
+            row.detail.setdefault("variants", {})[variant] = self._variant(options, decode, row.seconds)
         return row, t
 
-    def _variant(self, options: dict[str, Any], rows: list[list[int]], new: int, k: int,
-                 decode_s: float) -> dict[str, Any]:
-        """The decode of ``rows`` again, its programs compiled with the XLA ``options`` (``LM.generation_options``):
-        seconds, speed against the row's (``speedup`` > 1: faster) and, compiled likewise, its roofline."""
-        kept = self.lm.generation_options
-        self.lm.generation_options = dict(options)
+    def _variant(self, options: dict[str, Any], measure: Callable[[], tuple[float, float | None]],
+                 seconds: float) -> dict[str, Any]:
+        """``measure()`` (a piece's seconds and roofline) again with the model's programs compiled with the
+        XLA ``options`` (``LM.compiler_options``); ``speedup`` > 1: faster than the row's ``seconds``."""
+        kept = self.lm.compiler_options
+        self.lm.compiler_options = dict(options)
         try:
-            t = self._generate(rows, new, self.adapters if k else None)
-            roof = self._generate_rooflines(len(rows), len(rows[0]), new, k)
+            took, roofline_s = measure()
         finally:
-            self.lm.generation_options = kept
-        out = {"options": dict(options), "decode_s": t["decode_s"], "step_s": t["decode_s"] / max(1, new - 1),
-               "speedup": decode_s / t["decode_s"]}
-        if roof is not None:
-            out["roofline_s"] = roof["decode"]["roofline_s"]
-            out["vs_roofline"] = t["decode_s"] / out["roofline_s"]
+            self.lm.compiler_options = kept
+        out = {"options": dict(options), "seconds": took, "speedup": seconds / took}
+        if roofline_s is not None:
+            out["roofline_s"], out["vs_roofline"] = roofline_s, took / roofline_s
         return out
 
     def run(self, emit: Callable[[Row], None]) -> dict[str, Any]:
@@ -509,6 +511,18 @@ class Suite:
         if roof is not None:
             row.roofline_s, row.vs_roofline = roof["roofline_s"], seconds / roof["roofline_s"]
             row.detail["roofline"] = roof
+
+        def train() -> tuple[float, float | None]:
+            kept = self.adapters  # the row's own adapters answer later
+            self._train_once()  # compile
+            took = min(self._train_once() for _ in range(max(1, self.repeats - 1)))
+            self.adapters = kept
+            again = self._rooflines_of(lambda: roofline(
+                self.lm.lower_train(s.candidates, s.sequences, s.seq_len, self.lora, spec), self.peaks))
+            return took, None if again is None else again["roofline_s"]
+
+        for variant, options in self.variants.items():
+            row.detail.setdefault("variants", {})[variant] = self._variant(options, train, seconds)
         eos = self.config.eos_token_ids[0] if self.config.eos_token_ids else 0
         one = self._reference("train", lambda: self.reference.train_seconds(
             [x + [eos] for x in self.train_data[0]], s.epochs, s.lora_rank))
@@ -543,9 +557,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-roofline", action="store_true",
                         help="skip compiling each program again for its roofline (saves compile time)")
     parser.add_argument("--split-k-ab", action="store_true",
-                        help="also time (and compile for its roofline) each decode row with XLA's split-K rewrite "
-                             "of GPU matmuls off (xla_gpu_experimental_force_split_k=1): the row's "
-                             "detail.variants.split_k_off")
+                        help="also time (and compile for its roofline) each decode row and the training row with "
+                             "XLA's split-K rewrite of GPU matmuls off (xla_gpu_experimental_force_split_k=1): the "
+                             "row's detail.variants.split_k_off")
 
 
 def wants_suite(args: argparse.Namespace) -> bool:
@@ -635,7 +649,7 @@ def format_table(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         for name, v in (r["detail"].get("variants") or {}).items():
             roof = "" if v.get("roofline_s") is None else f"; roofline {v['roofline_s']:.3g} s"
-            lines.append(f"\n{r['name']} with {name}: decode {v['decode_s']:.4g} s against {r['seconds']:.4g} s "
+            lines.append(f"\n{r['name']} with {name}: {v['seconds']:.4g} s against {r['seconds']:.4g} s "
                          f"({v['speedup']:.2f}× its speed{roof})")
     if summary.get("evaluations_per_hour"):
         lines.append(f"\none passage (K = {summary['candidates']}): {summary['evaluation_seconds']:.3g} s → "

@@ -421,33 +421,40 @@ def test_gpu_decode_under_stacked_adapters_moves_about_its_minimum():
     assert stacked.lower_generate(4, 32, 16, greedy=True)["decode"].compile().memory_analysis().temp_size_in_bytes >= layers
 
 
-def test_generation_options_compile_the_gpu_decode_without_split_k():
-    """``LM.generation_options`` are the XLA options of the generation programs: on an H100 a 4-row decode's
-    matmuls are split along their inner dimension by default (float32 partial sums written and read back),
-    and not with ``xla_gpu_experimental_force_split_k=1`` (``seal-jax bench --split-k-ab`` times both); the
-    default programs stay the LM's when the options are put back."""
+def test_compiler_options_compile_the_gpu_programs_without_split_k():
+    """``LM.compiler_options`` are the XLA options of every program of the model: on an H100 the matmuls
+    of a 4-row decode and of a training step are split along their inner dimension by default (float32
+    partial sums written and read back), and not with ``xla_gpu_experimental_force_split_k=1`` (``seal-jax
+    bench --split-k-ab`` times both); the default programs stay the LM's when the options are put back."""
     config = TINY.replace(vocab_size=8192, hidden_size=2048, intermediate_size=8192, num_layers=2, num_heads=16,
                           num_kv_heads=8, head_dim=128)
     mesh = shd.make_mesh("data=1", devices=targets.devices("h100-1"))
     lm = sj.LM.abstract(config, mesh=mesh, dtype="bfloat16")
     default = lm._sampler
-
-    def step_bytes() -> tuple[float, str]:
-        lowered = lm.lower_generate(4, 32, 16, greedy=True)["decode"]
-        row = aot.compile_row("decode", lowered, targets.get_target("h100-1"), unknown_trips=15)
-        return row["per_step"]["bytes"], lowered.compile().as_text()
-
-    split, split_text = step_bytes()
-    lm.generation_options = {"xla_gpu_experimental_force_split_k": 1}
-    assert lm._sampler is not default and lm._sampler.compiler_options == lm.generation_options
-    whole, whole_text = step_bytes()
-    lm.generation_options = {}
-    assert lm._sampler is default
+    h100 = targets.get_target("h100-1")
     # a split matmul: a dot batched over the splits (the weight's reshaped inner dimension), float32 out
     split_dot = re.compile(r"= f32\[[^]]*\]\{[^}]*\} dot\(.*rhs_batch_dims=\{1\}")
-    assert any(map(split_dot.search, split_text.splitlines()))
-    assert not any(map(split_dot.search, whole_text.splitlines()))
-    assert whole < split, (whole, split)  # the partial sums written and read back
+
+    def compiled() -> dict[str, tuple[float, bool]]:
+        """Bytes a decode step and a training program access, and whether each holds a split matmul."""
+        decode = lm.lower_generate(4, 32, 16, greedy=True)["decode"]
+        train = lm.lower_train(1, 2, 64, LoraSpec.seal(), TrainSpec.seal(epochs=1))
+        out = {}
+        for name, lowered in (("decode", decode), ("train", train)):
+            row = aot.compile_row(name, lowered, h100, unknown_trips=15)
+            split = any(map(split_dot.search, lowered.compile().as_text().splitlines()))
+            out[name] = (row["per_step"]["bytes"] if name == "decode" else row["bytes"], split)
+        return out
+
+    by_default = compiled()
+    lm.compiler_options = {"xla_gpu_experimental_force_split_k": 1}
+    assert lm._sampler is not default and lm._sampler.compiler_options == lm.compiler_options
+    unsplit = compiled()
+    lm.compiler_options = {}
+    assert lm._sampler is default
+    for name in ("decode", "train"):
+        assert by_default[name][1] and not unsplit[name][1], name
+        assert unsplit[name][0] < by_default[name][0], (name, unsplit, by_default)  # no partial sums
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_LLAMA], ids=["untied", "tied"])

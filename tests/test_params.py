@@ -7,7 +7,7 @@ from flax import nnx
 
 from seal_jax.lm.config import PRESETS, from_hf
 from seal_jax.lm.model import Decoder
-from seal_jax.lm.params import BY_PATH, PARAMS, declared, param_axes, param_shapes, peft_module
+from seal_jax.lm.params import BY_PATH, PARAMS, declared, flatten, nest, param_axes, param_shapes, peft_module
 from seal_jax.lm.sharding import RULES
 from seal_jax.lm.weights import IGNORED, hf_target
 
@@ -38,6 +38,16 @@ def test_the_decoder_has_exactly_the_declared_parameters(preset):
         axes = param_axes(path, config)
         assert len(axes) == len(shape), path
         assert all(a is None or a in RULES for a in axes), (path, axes)
+
+
+def test_dotted_paths_nest_as_the_decoders_state_and_back():
+    config = PRESETS["qwen3-8b"]
+    model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat = flatten(state)
+    assert set(flat) == set(param_shapes(config))  # the table's paths are the model's
+    assert nest(flat) == state and flatten(nest(flat)) == flat
+    assert nest({"a.b.c": 1, "a.d": 2, "e": 3}) == {"a": {"b": {"c": 1}, "d": 2}, "e": 3}
 
 
 def test_optional_parameters_follow_the_config():

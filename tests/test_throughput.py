@@ -97,22 +97,27 @@ def test_evaluations_per_hour_follow_from_the_measured_pieces(report):
     assert ref["answer"] == pytest.approx(k * rows["decode_b8"]["reference_s"])
 
 
-def test_device_script_times_each_decode_again_without_split_k(report):
-    """bench/device.sh passes --split-k-ab: each decode row also holds its decode timed, and compiled for its
-    roofline, with the generation programs compiled without XLA's split-K rewrite (``LM.generation_options``:
-    a GPU's option, so here the same CPU programs), and the table says so; no other row has it."""
+def test_device_script_times_decodes_and_training_again_without_split_k(report):
+    """bench/device.sh passes --split-k-ab: each decode row and the training row also hold their piece timed,
+    and compiled for its roofline, with the model's programs compiled without XLA's split-K rewrite
+    (``LM.compiler_options``: a GPU's option, so here the same CPU programs), and the table says so; no other
+    row has it."""
     data, stdout = report
+    varied = []
     for r in data["rows"]:
         variants = r["detail"].get("variants")
-        if not r["name"].startswith("decode"):
+        if not r["name"].startswith(("decode", "train")):
             assert variants is None, r["name"]
             continue
+        varied.append(r["name"])
         v = variants["split_k_off"]
         assert v["options"] == throughput.SPLIT_K_OFF == {"xla_gpu_experimental_force_split_k": 1}
-        assert v["decode_s"] > 0 and v["speedup"] == pytest.approx(r["seconds"] / v["decode_s"]), r["name"]
-        assert v["vs_roofline"] == pytest.approx(v["decode_s"] / v["roofline_s"])
+        assert v["seconds"] > 0 and v["speedup"] == pytest.approx(r["seconds"] / v["seconds"]), r["name"]
+        assert v["vs_roofline"] == pytest.approx(v["seconds"] / v["roofline_s"])
         assert v["roofline_s"] == pytest.approx(r["roofline_s"], rel=1e-6), r["name"]  # a CPU ignores it
-        assert f"{r['name']} with split_k_off: decode {v['decode_s']:.4g} s" in stdout[stdout.index("| piece |"):]
+        assert f"{r['name']} with split_k_off: {v['seconds']:.4g} s" in stdout[stdout.index("| piece |"):]
+    k, q = data["shapes"]["candidates"], data["shapes"]["questions"]
+    assert varied == ["decode_b1", f"decode_b{q}", f"train_k{k}", f"decode_k{k}x{q}"]
 
 
 def test_useful_flops_are_the_hand_count():

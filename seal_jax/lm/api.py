@@ -31,6 +31,7 @@ from seal_jax.lm.model import (
     stack_leaf,
     train_layers_for,
 )
+from seal_jax.lm.params import flatten, nest
 from seal_jax.lm.training import TrainSpec
 from seal_jax.lm.types import TRAIN_WEIGHTS
 
@@ -43,30 +44,6 @@ def _dtype(dtype: Any) -> Any:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         return DTYPES[dtype]
     return jnp.dtype(dtype).type
-
-
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"layers.q_proj": x}`` -> ``{"layers": {"q_proj": x}}``."""
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Inverse of :func:`nest`."""
-    out: dict[str, Any] = {}
-    for k, v in nested.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def build_model(config: ModelConfig, params: dict[str, jax.Array], *, dtype: Any = jnp.float32,
@@ -95,9 +72,11 @@ def _check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> No
             raise sampling.SamplingError(f"{name.rstrip('s')} {i} is empty; every one needs some text")
 
 
-def _train_programs(graphdef: Any, mesh: Mesh | None) -> dict[Any, Any]:
-    """The compiled training programs shared by every LM with this structure on this mesh (see ``LM._shared``)."""
-    return _PROGRAMS.setdefault((graphdef, mesh), {}).setdefault("train", {})
+def _train_programs(graphdef: Any, mesh: Mesh | None, options: dict[str, Any]) -> dict[Any, Any]:
+    """The compiled training programs shared by every LM with this structure on this mesh and these compiler
+    options (see ``LM._shared``)."""
+    return _PROGRAMS.setdefault((graphdef, mesh), {}).setdefault(("train", *sorted(options.items())),
+                                                                 training.TrainPrograms(options))
 
 
 def _layer_storage(layer_storage: str | None, mesh: Mesh | None) -> str:
@@ -152,9 +131,10 @@ class LM:
     results do not depend on it. ``attention`` (one of ``attention.IMPLEMENTATIONS``, default by the mesh's
     platform: ``"einsum"`` on CPUs, the fused kernels ``"splash"`` on TPUs and ``"triton"`` on GPUs) is how T
     tokens attend to their own keys; ``"chunked"`` runs anywhere without a kernel, for a machine whose
-    JAX rejects one (``attention.check_kernel`` says). ``generation_options`` (an attribute, default ``{}``)
-    are XLA options the generation programs are compiled with (``jax.jit``'s ``compiler_options``), e.g.
-    ``{"xla_gpu_experimental_force_split_k": 1}``: no split-K rewrite of a GPU decode's matmuls.
+    JAX rejects one (``attention.check_kernel`` says). ``compiler_options`` (an attribute, default ``{}``)
+    are XLA options every program of the model is compiled with (``jax.jit``'s ``compiler_options``:
+    logits, generation, training), e.g. ``{"xla_gpu_experimental_force_split_k": 1}``: no split-K rewrite
+    of a GPU's matmuls; each set of options has programs of its own.
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None,
@@ -196,7 +176,7 @@ class LM:
                              "pass keeps every layer's gathered weights, a whole replica")
         self._train_graphdef: Any = None  # the model's structure on train_mesh, made at the first training
         self._place: Any = None  # the jitted placement of the weights on train_mesh (see _placement)
-        self.generation_options: dict[str, Any] = {}  # XLA options of the generation programs (see the class)
+        self.compiler_options: dict[str, Any] = {}  # XLA options of every program (see the class)
 
     @property
     def config(self) -> ModelConfig:
@@ -374,7 +354,7 @@ class LM:
             graphdef, state, self.param_structs(), candidates=candidates, sequences=sequences,
             seq_len=seq_len, lora=LoraSpec.seal() if lora is None else lora,
             train=TrainSpec.seal() if train is None else train, seed=seed, mesh=mesh,
-            programs=_train_programs(graphdef, mesh))
+            programs=_train_programs(graphdef, mesh, self.compiler_options))
 
     def lower_train_placement(self) -> Any:
         """The lowered program that places the base weights on :attr:`train_mesh` (what each training call
@@ -466,22 +446,28 @@ class LM:
         model.attention_impl, model.train_layers = self.model.attention_impl, self.model.train_layers  # as chosen
         merged = LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh,
                     layer_storage=self.layer_storage, train_weights=self.train_weights)
-        merged.generation_options = dict(self.generation_options)
+        merged.compiler_options = dict(self.compiler_options)
         return merged
 
     # ------------------------------------------------------------------------------------------------
 
     def _shared(self, name: Hashable, make: Any) -> Any:
-        """A compiled-program holder shared by every LM with the same structure (graphdef) and mesh.
+        """A compiled-program holder shared by every LM with the same structure (graphdef), mesh and
+        :attr:`compiler_options` (``make`` compiles with them).
 
         The programs take the weights as arguments, so a model with new weights of the same shapes (a
         merged generator, a reloaded checkpoint) reuses the programs already compiled instead of
         compiling them again.
         """
         programs = _PROGRAMS.setdefault((self.graphdef, self.mesh), {})
-        if name not in programs:
-            programs[name] = make()
-        return programs[name]
+        key = (name, *sorted(self.compiler_options.items()))
+        if key not in programs:
+            programs[key] = make()
+        return programs[key]
+
+    def _jit(self, fn: Any, **kwargs: Any) -> Any:
+        """``jax.jit(fn, **kwargs)`` with this model's :attr:`compiler_options` (for :meth:`_shared` makers)."""
+        return jax.jit(fn, compiler_options=self.compiler_options or None, **kwargs)
 
     @property
     def _logits_fn(self) -> Any:
@@ -494,7 +480,7 @@ class LM:
             model = nnx.merge(graphdef, state)
             return model(ids, mask)[0]
 
-        return jax.jit(run)
+        return self._jit(run)
 
     @property
     def _adapter_logits_fn(self) -> Any:
@@ -507,7 +493,7 @@ class LM:
             model = nnx.merge(graphdef, state)
             return model(ids, mask, lora=LoraInputs(weights=weights, scale=scale))[0]
 
-        return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0, 0)))
+        return self._jit(jax.vmap(one, in_axes=(None, None, None, 0, 0)))
 
     def _put_batch(self, array: np.ndarray) -> jax.Array:
         if self.mesh is None:
@@ -601,7 +587,7 @@ class LM:
             graphdef, state, self.param_structs(), self.tokenizer, sequences,
             LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
             seed=seed, eos_id=self._train_eos_id(), pad_id=self._pad_id(), mesh=mesh,
-            programs=_train_programs(graphdef, mesh),
+            programs=_train_programs(graphdef, mesh, self.compiler_options),
         )
         if isinstance(out, Adapters) and mesh is not self.mesh:  # back to the mesh that generates with them
             out.weights = jax.device_put(out.weights, shd.replicated(self.mesh))
@@ -620,9 +606,8 @@ class LM:
 
     @property
     def _sampler(self) -> sampling.Sampler:
-        options = dict(self.generation_options)  # programs of their own per set of options
-        return self._shared(("sampler", *sorted(options.items())),
-                            lambda: sampling.Sampler(self.graphdef, self.mesh, compiler_options=options))
+        return self._shared("sampler", lambda: sampling.Sampler(self.graphdef, self.mesh,
+                                                                 compiler_options=self.compiler_options))
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.config.eos_token_ids)
@@ -731,7 +716,7 @@ class LM:
             logp = -token_nll(x, head, ids[:, -tail:], vocab_major)  # the head only where a completion token is scored
             return jnp.sum(jnp.where(targets[:, -tail:] > 0, logp, 0.0), axis=-1)
 
-        return jax.jit(total, static_argnames="tail")
+        return self._jit(total, static_argnames="tail")
 
     def completion_logprobs(self, prompts: list[str], completions: list[str], adapters: Adapters | None = None,
                             chat: bool = False, enable_thinking: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ table: :func:`param_shapes`, the sharding of each parameter, the checkpoint name
 
 Per-layer parameters are stacked on a leading ``layers`` axis; their Hugging Face name has a ``{layer}``
 field. Projection kernels are ``[in, out]``; Hugging Face keeps ``[out, in]`` (``transposed``).
+:func:`nest` and :func:`flatten` turn ``{dotted path: array}`` into the model's nested dicts and back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from seal_jax.lm.config import ModelConfig
 from seal_jax.lm.types import PROJECTIONS
@@ -163,3 +165,27 @@ def peft_module(projection: str, layer: int) -> str:
     module's name): its tensors are ``<module>.lora_A.weight`` and ``<module>.lora_B.weight``."""
     hf = BY_PATH[f"layers.{projection}"].hf_name.format(layer=layer)
     return "base_model.model." + hf.removesuffix(".weight")
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"layers.q_proj": x}`` -> ``{"layers": {"q_proj": x}}``."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Inverse of :func:`nest`."""
+    out: dict[str, Any] = {}
+    for k, v in nested.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

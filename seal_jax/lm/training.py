@@ -444,9 +444,19 @@ def train_lanes(graphdef: Any, layout: TrainLayout, state: Any, lora_w: Any, dat
     return trainees.weights, losses, trainees.failed_at
 
 
-def make_train_program(graphdef: Any, layout: TrainLayout) -> Any:
+class TrainPrograms(dict):
+    """Compiled lane trainers by :class:`TrainLayout`, all compiled with the XLA ``compiler_options``
+    (``jax.jit``'s; ``None``: the compiler's defaults). The LM facade keeps one per set of options."""
+
+    def __init__(self, compiler_options: dict[str, Any] | None = None):
+        super().__init__()
+        self.compiler_options = dict(compiler_options) if compiler_options else None
+
+
+def make_train_program(graphdef: Any, layout: TrainLayout, compiler_options: dict[str, Any] | None = None) -> Any:
     """The jitted lane trainer for one :class:`TrainLayout` (see :func:`train_lanes`)."""
-    return jax.jit(functools.partial(train_lanes, graphdef, layout), donate_argnums=(1,))
+    return jax.jit(functools.partial(train_lanes, graphdef, layout), donate_argnums=(1,),
+                   compiler_options=compiler_options)
 
 
 def _candidate_sharding(mesh: Any, shape: Sequence[int]) -> Any:
@@ -549,9 +559,9 @@ def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Seque
     lane_state = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")) if lanes_split else None)
     layout = TrainLayout(lp.lengths, any(s.dropout > 0 for s in specs_l), rows, lane_state)
     if programs is None:
-        programs = {}
+        programs = TrainPrograms()
     if layout not in programs:
-        programs[layout] = make_train_program(graphdef, layout)
+        programs[layout] = make_train_program(graphdef, layout, getattr(programs, "compiler_options", None))
     length_bucket = (jax.ShapeDtypeStruct(lp.length_bucket.shape, jnp.int32,
                                           sharding=None if mesh is None else shd.replicated(mesh))
                      if abstract else jnp.asarray(lp.length_bucket))
