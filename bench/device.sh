@@ -4,8 +4,9 @@
 #   bash bench/device.sh                          # Qwen3-8B with random bf16 weights: minutes on an H100 or H200
 #   SEAL_BENCH_PRESET=tiny bash bench/device.sh   # the tiny preset, --quick shapes: about a minute on a CPU
 #
-# Each decode row is timed twice, the second time without XLA's split-K rewrite of the GPU matmuls
-# (--split-k-ab: BENCHMARKS.md, twenty-second session; SEAL_BENCH_SPLIT_K_AB=0 leaves it out).
+# Each decode row and the training row are timed twice, the second time without XLA's split-K rewrite of
+# the GPU matmuls (--split-k-ab: BENCHMARKS.md, twenty-second and twenty-sixth sessions;
+# SEAL_BENCH_SPLIT_K_AB=0 leaves it out; a run again after a crash leaves it out too).
 #
 # It installs this checkout into the Python it is given (pip install --no-deps -e .: the machine's image
 # brings jax, flax, optax, orbax, transformers, peft and torch, and there may be no network), prints the
@@ -15,7 +16,7 @@
 #
 # Environment: PYTHON (default python3), OUT (default bench-results/), SEAL_BENCH_PRESET (default qwen3-8b),
 # SEAL_BENCH_ARGS (more `seal-jax bench` flags, e.g. "--candidates 8 --no-reference"), SEAL_BENCH_INSTALL=0
-# (run from the source tree without installing), SEAL_BENCH_SPLIT_K_AB=0 (no second decode timing).
+# (run from the source tree without installing), SEAL_BENCH_SPLIT_K_AB=0 (no second timing without split-K).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,8 +28,9 @@ ARGS="${SEAL_BENCH_ARGS:-}"
 if [ "$PRESET" = tiny ]; then
   ARGS="--quick $ARGS"  # the tiny preset's context (512 tokens) is shorter than SEAL's default shapes
 fi
+AB=""
 if [ "${SEAL_BENCH_SPLIT_K_AB:-1}" = 1 ]; then
-  ARGS="--split-k-ab $ARGS"
+  AB="--split-k-ab"
 fi
 mkdir -p "$OUT"
 
@@ -75,13 +77,14 @@ bench() {  # bench NAME [FLAGS...]: the suite, its report in $OUT/NAME.json and 
   echo "device.sh: report in $OUT/$name.json, log in $OUT/$name.log (exit $status)"
 }
 
-bench "bench-$PRESET"
+bench "bench-$PRESET" $AB
 # Killed by SIGILL, SIGABRT, SIGBUS, SIGFPE or SIGSEGV: a compiler or kernel crash, which the suite's own
 # kernel check (a child process on a GPU) cannot catch where it happens at the model's shapes. Unless the
-# attention was chosen, run the whole suite again on "chunked" attention (no fused kernel: the crash may
-# have been elsewhere, and then this costs a second run's time), so the one run on a lent machine still
-# measures everything; the first report keeps the rows it finished, the second run's exit status is the
-# script's, and the first one's signal is on stderr.
+# attention was chosen, run the whole suite again on "chunked" attention and without the split-K timings
+# (no fused kernel, no second compile of each program: the crash may have been elsewhere, and then this
+# costs a second run's time), so the one run on a lent machine still measures everything; the first report
+# keeps the rows it finished, the second run's exit status is the script's, and the first one's signal is
+# on stderr.
 case "$status" in
   132|134|135|136|139)
     if [[ " $ARGS " != *" --attention"* ]]; then

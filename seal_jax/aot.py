@@ -19,7 +19,9 @@ reports, per program and device:
   times: the cost of a call whose rows all run to the end.
 * collectives per kind (count and bytes per device, from the HLO);
 * ``min_bytes``, what the program must move at least: its arguments (weights, adapters, cache, inputs) read
-  once and its outputs written once (``arguments + outputs − aliased``);
+  once and its outputs written once (``arguments + outputs − aliased``); for a decode, ``per_step``, one
+  step's FLOPs and bytes, which the table sets against that minimum (a step reads the weights, adapters
+  and cache once);
 * the roofline time ``max(FLOPs / peak, bytes / HBM bandwidth, collective bytes / link bandwidth)`` with
   what bounds it (link bandwidth: one direction, half the published bidirectional figure).
 

@@ -290,7 +290,7 @@ class Suite:
     def __init__(self, lm: Any, shapes: SuiteShapes, peaks: Peaks, *, repeats: int, reference: Reference | None,
                  rooflines: bool = True, variants: dict[str, dict[str, Any]] | None = None):
         self.sj = sj
-        self.variants = dict(variants or {})  # name -> XLA options each decode row is also timed with
+        self.variants = dict(variants or {})  # name -> XLA options the decode and training rows are also timed with
         self.lm, self.shapes, self.peaks, self.repeats = lm, shapes, peaks, repeats
         self.reference, self.rooflines = reference, rooflines
         self.config = lm.config
@@ -397,9 +397,12 @@ class Suite:
         """``measure()`` (a piece's seconds and roofline) again with the model's programs compiled with the
         XLA ``options`` (``LM.compiler_options``); ``speedup`` > 1: faster than the row's ``seconds``."""
         kept = self.lm.compiler_options
-        self.lm.compiler_options = dict(options)
+        self.lm.compiler_options = options
         try:
             took, roofline_s = measure()
+        except Exception as error:  # an option this JAX rejects, or no memory for it: the row keeps its figures
+            print(f"with {options}: {type(error).__name__}: {str(error).strip()[:300]}", flush=True)
+            return {"options": dict(options), "error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
         finally:
             self.lm.compiler_options = kept
         out = {"options": dict(options), "seconds": took, "speedup": seconds / took}
@@ -514,9 +517,11 @@ class Suite:
 
         def train() -> tuple[float, float | None]:
             kept = self.adapters  # the row's own adapters answer later
-            self._train_once()  # compile
-            took = min(self._train_once() for _ in range(max(1, self.repeats - 1)))
-            self.adapters = kept
+            try:
+                self._train_once()  # compile
+                took = min(self._train_once() for _ in range(max(1, self.repeats - 1)))
+            finally:
+                self.adapters = kept
             again = self._rooflines_of(lambda: roofline(
                 self.lm.lower_train(s.candidates, s.sequences, s.seq_len, self.lora, spec), self.peaks))
             return took, None if again is None else again["roofline_s"]
@@ -559,7 +564,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-k-ab", action="store_true",
                         help="also time (and compile for its roofline) each decode row and the training row with "
                              "XLA's split-K rewrite of GPU matmuls off (xla_gpu_experimental_force_split_k=1): the "
-                             "row's detail.variants.split_k_off")
+                             "row's detail.variants.split_k_off (not on TPUs)")
 
 
 def wants_suite(args: argparse.Namespace) -> bool:
@@ -648,6 +653,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"\nroofline: {report['roofline_note']}")
     for r in report["rows"]:
         for name, v in (r["detail"].get("variants") or {}).items():
+            if "error" in v:
+                lines.append(f"\n{r['name']} with {name}: failed ({v['error']})")
+                continue
             roof = "" if v.get("roofline_s") is None else f"; roofline {v['roofline_s']:.3g} s"
             lines.append(f"\n{r['name']} with {name}: {v['seconds']:.4g} s against {r['seconds']:.4g} s "
                          f"({v['speedup']:.2f}× its speed{roof})")
@@ -730,9 +738,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"{row.name}: {row.rate:.4g} {row.unit} ({row.seconds:.3g} s{extra})", flush=True)
         write()
 
+    split_k_ab = getattr(args, "split_k_ab", False) and platform_ != "tpu"  # CPUs run it: the path is tested
+    if getattr(args, "split_k_ab", False) and not split_k_ab:
+        print("--split-k-ab: not on a TPU (split-K is a GPU compiler's rewrite)", flush=True)
     suite = Suite(lm, shapes, peaks, repeats=1 if quick else 3, reference=reference,
                   rooflines=not getattr(args, "no_roofline", False),
-                  variants={"split_k_off": SPLIT_K_OFF} if getattr(args, "split_k_ab", False) else None)
+                  variants={"split_k_off": SPLIT_K_OFF} if split_k_ab else None)
     report["summary"] = suite.run(emit)
     write()
     print()

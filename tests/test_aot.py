@@ -446,12 +446,13 @@ def test_compiler_options_compile_the_gpu_programs_without_split_k():
             out[name] = (row["per_step"]["bytes"] if name == "decode" else row["bytes"], split)
         return out
 
-    by_default = compiled()
+    by_default, logits = compiled(), lm._logits_fn
     lm.compiler_options = {"xla_gpu_experimental_force_split_k": 1}
     assert lm._sampler is not default and lm._sampler.compiler_options == lm.compiler_options
+    assert lm._logits_fn is not logits
     unsplit = compiled()
     lm.compiler_options = {}
-    assert lm._sampler is default
+    assert lm._sampler is default and lm._logits_fn is logits
     for name in ("decode", "train"):
         assert by_default[name][1] and not unsplit[name][1], name
         assert unsplit[name][0] < by_default[name][0], (name, unsplit, by_default)  # no partial sums

@@ -6,8 +6,9 @@ through this class.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -72,11 +73,13 @@ def _check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> No
             raise sampling.SamplingError(f"{name.rstrip('s')} {i} is empty; every one needs some text")
 
 
-def _train_programs(graphdef: Any, mesh: Mesh | None, options: dict[str, Any]) -> dict[Any, Any]:
+def _train_programs(graphdef: Any, mesh: Mesh | None, options: Mapping[str, Any]) -> dict[Any, Any]:
     """The compiled training programs shared by every LM with this structure on this mesh and these compiler
     options (see ``LM._shared``)."""
-    return _PROGRAMS.setdefault((graphdef, mesh), {}).setdefault(("train", *sorted(options.items())),
-                                                                 training.TrainPrograms(options))
+    programs, key = _PROGRAMS.setdefault((graphdef, mesh), {}), ("train", *sorted(options.items()))
+    if key not in programs:
+        programs[key] = training.TrainPrograms(dict(options))
+    return programs[key]
 
 
 def _layer_storage(layer_storage: str | None, mesh: Mesh | None) -> str:
@@ -131,10 +134,8 @@ class LM:
     results do not depend on it. ``attention`` (one of ``attention.IMPLEMENTATIONS``, default by the mesh's
     platform: ``"einsum"`` on CPUs, the fused kernels ``"splash"`` on TPUs and ``"triton"`` on GPUs) is how T
     tokens attend to their own keys; ``"chunked"`` runs anywhere without a kernel, for a machine whose
-    JAX rejects one (``attention.check_kernel`` says). ``compiler_options`` (an attribute, default ``{}``)
-    are XLA options every program of the model is compiled with (``jax.jit``'s ``compiler_options``:
-    logits, generation, training), e.g. ``{"xla_gpu_experimental_force_split_k": 1}``: no split-K rewrite
-    of a GPU's matmuls; each set of options has programs of its own.
+    JAX rejects one (``attention.check_kernel`` says). :attr:`compiler_options` (default ``{}``) are XLA
+    options the model's compute programs are compiled with (logits, log-probs, generation, training).
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None,
@@ -176,7 +177,21 @@ class LM:
                              "pass keeps every layer's gathered weights, a whole replica")
         self._train_graphdef: Any = None  # the model's structure on train_mesh, made at the first training
         self._place: Any = None  # the jitted placement of the weights on train_mesh (see _placement)
-        self.compiler_options: dict[str, Any] = {}  # XLA options of every program (see the class)
+        self.compiler_options = {}
+
+    @property
+    def compiler_options(self) -> Mapping[str, Any]:
+        """XLA options (``jax.jit``'s ``compiler_options``) of the model's compute programs, read-only; assign
+        a new dict to change them, e.g. ``{"xla_gpu_experimental_force_split_k": 1}`` (no split-K rewrite of
+        a GPU's matmuls). Each set of options has compiled programs of its own."""
+        return MappingProxyType(self._compiler_options)
+
+    @compiler_options.setter
+    def compiler_options(self, options: Mapping[str, Any]) -> None:
+        bad = {k: v for k, v in options.items() if not isinstance(k, str) or not isinstance(v, str | bool | int | float)}
+        if bad:
+            raise ValueError(f"compiler_options take XLA option names with str, bool, int or float values; got {bad}")
+        self._compiler_options = dict(options)
 
     @property
     def config(self) -> ModelConfig:
@@ -467,7 +482,7 @@ class LM:
 
     def _jit(self, fn: Any, **kwargs: Any) -> Any:
         """``jax.jit(fn, **kwargs)`` with this model's :attr:`compiler_options` (for :meth:`_shared` makers)."""
-        return jax.jit(fn, compiler_options=self.compiler_options or None, **kwargs)
+        return jax.jit(fn, compiler_options=dict(self.compiler_options) or None, **kwargs)
 
     @property
     def _logits_fn(self) -> Any:
