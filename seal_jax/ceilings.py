@@ -37,12 +37,23 @@ def matmul_flops(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048), 
     return best
 
 
-def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """The machine's measured memory read bandwidth in bytes/s (a jitted sum over a large array)."""
+def read_program(passes: int = 1) -> Callable[[jax.Array], jax.Array]:
+    """A jitted program that reads its array ``passes`` times (a sum of ``x + i`` for each pass ``i``: nothing
+    to hoist out of the loop), all inside one call."""
+    if passes == 1:
+        return jax.jit(jnp.sum)
+    return jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda i, acc: acc + jnp.sum(x + i.astype(x.dtype)),
+                                               jnp.zeros((), x.dtype)))
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5, passes: int = 1) -> float:
+    """The machine's measured memory read bandwidth in bytes/s (a jitted sum over an array of ``megabytes``,
+    ``passes`` times in one call: a small array, which the caches hold, takes several passes to outweigh a
+    call's own cost, as a decode loop's steps do in one program)."""
     x = jnp.ones((megabytes * 1024 * 1024 // 4,), jnp.float32)
-    f = jax.jit(jnp.sum)
+    f = read_program(passes)
     t = best_time(lambda: f(x).block_until_ready(), repeats)
-    return x.nbytes / t
+    return passes * x.nbytes / t
 
 
 def copy_bandwidth(megabytes: int, dtype: str = "float32", repeats: int = 5) -> float:
