@@ -435,14 +435,15 @@ def test_compiler_options_compile_the_gpu_programs_without_split_k():
     # a split matmul: a dot batched over the splits (the weight's reshaped inner dimension), float32 out
     split_dot = re.compile(r"= f32\[[^]]*\]\{[^}]*\} dot\(.*rhs_batch_dims=\{1\}")
 
-    def compiled() -> dict[str, tuple[float, bool]]:
-        """Bytes a decode step and a training program access, and whether each holds a split matmul."""
+    def compiled() -> dict[str, tuple[float, int]]:
+        """Bytes a decode step and a training program access, and how many float32 dots batched like a split
+        matmul each holds (attention's backward has such dots too, under JAX 0.11's XLA)."""
         decode = lm.lower_generate(4, 32, 16, greedy=True)["decode"]
         train = lm.lower_train(1, 2, 64, LoraSpec.seal(), TrainSpec.seal(epochs=1))
         out = {}
         for name, lowered in (("decode", decode), ("train", train)):
             row = aot.compile_row(name, lowered, h100, unknown_trips=15)
-            split = any(map(split_dot.search, lowered.compile().as_text().splitlines()))
+            split = sum(map(bool, map(split_dot.search, lowered.compile().as_text().splitlines())))
             out[name] = (row["per_step"]["bytes"] if name == "decode" else row["bytes"], split)
         return out
 
@@ -454,7 +455,8 @@ def test_compiler_options_compile_the_gpu_programs_without_split_k():
     lm.compiler_options = {}
     assert lm._sampler is default and lm._logits_fn is logits
     for name in ("decode", "train"):
-        assert by_default[name][1] and not unsplit[name][1], name
+        assert by_default[name][1] > unsplit[name][1], (name, unsplit, by_default)
+        assert name == "train" or unsplit[name][1] == 0, unsplit
         assert unsplit[name][0] < by_default[name][0], (name, unsplit, by_default)  # no partial sums
 
 
