@@ -500,19 +500,24 @@ class Suite:
         self.adapters = self.lm.train_adapters(self.train_data, self.lora, spec)
         return time.perf_counter() - start
 
-    def _train_row(self) -> Row:
-        s, c = self.shapes, self.config
+    def _timed_training(self) -> tuple[float, dict[str, Any] | None]:
+        """The K-candidate training's seconds (best of the repeats after a compiling call) and its roofline."""
+        s = self.shapes
         self._train_once()  # compile
         seconds = min(self._train_once() for _ in range(max(1, self.repeats - 1)))
+        spec = self.sj.TrainSpec.seal(epochs=s.epochs, max_len=s.seq_len)
+        return seconds, self._rooflines_of(lambda: roofline(
+            self.lm.lower_train(s.candidates, s.sequences, s.seq_len, self.lora, spec), self.peaks))
+
+    def _train_row(self) -> Row:
+        s, c = self.shapes, self.config
+        seconds, roof = self._timed_training()
         n_seq = s.candidates * s.sequences * s.epochs
         flops = train_flops(c, n_seq, s.seq_len, s.lora_rank)
         row = Row(name=f"train_k{s.candidates}", seconds=seconds, tokens=n_seq * s.seq_len,
                   rate=n_seq * s.seq_len / seconds, useful_flops=flops, mfu=flops / seconds / self.total_flops,
                   detail={"candidates": s.candidates, "sequences": s.sequences, "seq_len": s.seq_len,
                           "epochs": s.epochs, "lora": f"q/v rank {s.lora_rank}", "limit": "compute: peak FLOP/s"})
-        spec = self.sj.TrainSpec.seal(epochs=s.epochs, max_len=s.seq_len)
-        roof = self._rooflines_of(lambda: roofline(
-            self.lm.lower_train(s.candidates, s.sequences, s.seq_len, self.lora, spec), self.peaks))
         if roof is not None:
             row.roofline_s, row.vs_roofline = roof["roofline_s"], seconds / roof["roofline_s"]
             row.detail["roofline"] = roof
@@ -520,12 +525,9 @@ class Suite:
         def train() -> tuple[float, float | None]:
             kept = self.adapters  # the row's own adapters answer later
             try:
-                self._train_once()  # compile
-                took = min(self._train_once() for _ in range(max(1, self.repeats - 1)))
+                took, again = self._timed_training()
             finally:
                 self.adapters = kept
-            again = self._rooflines_of(lambda: roofline(
-                self.lm.lower_train(s.candidates, s.sequences, s.seq_len, self.lora, spec), self.peaks))
             return took, None if again is None else again["roofline_s"]
 
         for variant, options in self.variants.items():
