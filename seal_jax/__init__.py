@@ -21,14 +21,15 @@ from seal_jax.selfedit import grading, templates
 
 if TYPE_CHECKING:
     from seal_jax.lm.api import LM, load
-    from seal_jax.lm.lora import Adapters
+    from seal_jax.lm.lora import Adapters, ReadyAdapters
 
 __version__ = "0.1.0"
 
-_ENGINE = {"LM": "seal_jax.lm.api", "load": "seal_jax.lm.api", "Adapters": "seal_jax.lm.lora"}
+_ENGINE = {"LM": "seal_jax.lm.api", "load": "seal_jax.lm.api", "Adapters": "seal_jax.lm.lora",
+           "ReadyAdapters": "seal_jax.lm.lora"}
 
 __all__ = [
-    "LM", "Adapters", "ConfigError", "LoraError", "LoraSpec", "ModelConfig", "SamplingParams", "TrainError",
+    "LM", "Adapters", "ReadyAdapters", "ConfigError", "LoraError", "LoraSpec", "ModelConfig", "SamplingParams", "TrainError",
     "TrainSpec", "WeightsError", "assets", "grading", "load", "templates", "__version__",
 ]
 

@@ -403,7 +403,7 @@ def lower_program(lm: Any, program: Program) -> dict[str, Any]:
     if program.kind == "generate":
         adapters = args.pop("adapters", None)
         if adapters is not None:
-            adapters = lm.abstract_adapters(*adapters)
+            adapters = lm.abstract_adapters(*adapters, ready=True)  # as the loop answers with them
         lowered = lm.lower_generate(adapters=adapters, **args)
         return {f"{program.name}.prefill": lowered["prefill"], f"{program.name}.decode": lowered["decode"]}
     if program.kind == "train":

@@ -245,10 +245,11 @@ def train_flops(config: Any, sequences: int, seq_len: int, lora_rank: int) -> fl
 
 def decode_min_bytes(config: Any, weight_bytes: int, rows: int, context: float, act_bytes: int, adapters: int = 0,
                      lora_rank: int = 0) -> float:
-    """Bytes one decode step must read at least: the weights once, the adapters once (float32) and the
-    filled part of the KV cache of every row."""
+    """Bytes one decode step must read at least: the weights once, the adapters once (in the compute dtype,
+    readied as the loop answers with them: ``LM.ready_adapters``) and the filled part of the KV cache of
+    every row."""
     kv = rows * context * 2 * config.kv_dim * config.num_layers * act_bytes
-    return weight_bytes + adapters * _lora_params(config, lora_rank) * 4 + kv
+    return weight_bytes + adapters * _lora_params(config, lora_rank) * act_bytes + kv
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -353,7 +354,7 @@ class Suite:
     def _generate_rooflines(self, batch: int, prompt: int, new: int, k: int = 0,
                             sampled: bool = False) -> dict[str, dict[str, Any]] | None:
         def make() -> dict[str, dict[str, Any]]:
-            adapters = self.lm.abstract_adapters(k, self.lora) if k else None
+            adapters = self.lm.abstract_adapters(k, self.lora, ready=True) if k else None
             lowered = self.lm.lower_generate(batch, prompt, new, adapters=adapters, greedy=not sampled)
             return {"prefill": roofline(lowered["prefill"], self.peaks),
                     "decode": roofline(lowered["decode"], self.peaks, unknown_trips=max(1, new - 1))}
@@ -497,8 +498,10 @@ class Suite:
         s = self.shapes
         spec = self.sj.TrainSpec.seal(epochs=s.epochs, max_len=s.seq_len)
         start = time.perf_counter()
-        self.adapters = self.lm.train_adapters(self.train_data, self.lora, spec)
-        return time.perf_counter() - start
+        adapters = self.lm.train_adapters(self.train_data, self.lora, spec)
+        seconds = time.perf_counter() - start
+        self.adapters = self.lm.ready_adapters(adapters)  # as the loop answers with them
+        return seconds
 
     def _timed_training(self) -> tuple[float, dict[str, Any] | None]:
         """The K-candidate training's seconds (best of the repeats after a compiling call) and its roofline."""

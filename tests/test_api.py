@@ -296,3 +296,48 @@ def test_fsdp_training_gathers_each_layer_and_trains_what_a_replica_trains(tiny_
         sj.load(folder, mesh="data=2,tensor=4", train_weights="fsdp", progress=False)
     with pytest.raises(ValueError, match="unknown train_weights 'zero3'"):
         sj.load(folder, train_weights="zero3", progress=False)
+
+
+@pytest.mark.parametrize("storage", ["stacked", "split"])
+def test_ready_adapters_answer_score_and_give_logits_as_the_float32_ones(tiny_chat_dir, storage):
+    """``LM.ready_adapters`` gives the adapters as inference reads them (compute dtype, each input's ``a``
+    joined, per layer where the layers are stored split): generation, log-probabilities and logits equal
+    the float32 adapters', on an 8-device mesh; taking candidates works on them; another model's layout,
+    merging and readying twice are refused."""
+    import jax
+
+    from seal_jax.lm.types import SamplingError
+
+    lm = sj.load(tiny_chat_dir, mesh="data=2,tensor=4", progress=False, layer_storage=storage)
+    lora = [sj.LoraSpec(rank=4, alpha=8.0), sj.LoraSpec(rank=2, alpha=2.0, targets="all"), sj.LoraSpec(rank=4)]
+    seqs = [[[5, 9, 14, 3, 77, 21, 8]], [[7, 7, 30, 31]], [[12, 40, 41, 42, 43]]]
+    adapters = lm.train_adapters(seqs, lora, sj.TrainSpec(learning_rate=3e-2, epochs=3))
+    ready = lm.ready_adapters(adapters)
+    assert isinstance(ready, sj.ReadyAdapters) and len(ready) == 3 and ready.losses == adapters.losses
+    per_layer = storage == "split"
+    assert isinstance(ready.weights, list) == per_layer
+    first = ready.weights[0] if per_layer else ready.weights
+    # q/k/v's `a` joined (the stack adapts q and v, and the second candidate every projection), gate/up's too
+    assert {"q_proj+k_proj+v_proj", "gate_proj+up_proj"} <= set(first) and "a" not in first["q_proj"]
+    assert "a" in first["o_proj"] and "b" in first["q_proj"]
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(ready.weights))
+    prompts = [[5, 9, 14], [3]]
+    for params in (sj.SamplingParams(max_new_tokens=8), sj.SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)):
+        assert lm.generate_ids(prompts, params, adapters=ready) == lm.generate_ids(prompts, params, adapters=adapters)
+    assert lm.generate_ids(prompts, adapters=ready) != lm.generate_ids(prompts)  # the adapters do something
+    assert lm.generate_ids([[3, 4]], adapters=ready.take([2, 0])) == lm.generate_ids([[3, 4]], adapters=adapters.take([2, 0]))
+    assert lm.generate_ids([[3, 4]], adapters=ready[1]) == lm.generate_ids([[3, 4]], adapters=adapters[1])
+    texts = (["The lighthouse keeper", "Vallemor is"], [" kept a logbook", " a village"])
+    for a, b in zip(lm.completion_logprobs(*texts, adapters=ready), lm.completion_logprobs(*texts, adapters=adapters),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    ids = np.array([[5, 9, 14, 3, 77, 21], [0, 0, 12, 40, 41, 42]])
+    mask = (ids > 0).astype(int)
+    want = lm.logits(ids, mask, adapter=adapters)
+    np.testing.assert_allclose(lm.logits(ids, mask, adapter=ready), want, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(SamplingError, match="readied for a model with"):
+        sj.load(tiny_chat_dir, dtype="bfloat16", progress=False).generate_ids([[3]], adapters=ready)
+    with pytest.raises(TypeError, match="merge_adapter takes seal_jax.Adapters"):
+        lm.merge_adapter(ready, 0)
+    with pytest.raises(TypeError, match="ready_adapters takes seal_jax.Adapters"):
+        lm.ready_adapters(ready)

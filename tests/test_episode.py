@@ -69,6 +69,9 @@ class ScriptedLM:
         self.trained.append((sequences, lora, train, seed))
         return SimpleNamespace(losses=[[2.0, 1.5, 0.5], []], failed=[None, "loss is not finite"])
 
+    def ready_adapters(self, adapters):
+        return SimpleNamespace(losses=adapters.losses, failed=adapters.failed, readied=adapters)
+
     def completion_logprobs(self, prompts, completions, adapters=None, chat=False, enable_thinking=False):
         self.scored.append((prompts, completions, adapters, chat))
         tokens = np.array([len(c.split()) for c in completions])
@@ -111,7 +114,8 @@ def test_train_and_score_trains_every_usable_job_in_one_call_and_keeps_row_order
     assert rows[2]["train_loss"] is None and rows[2]["reward"] == 0.0
     assert rows[1]["normalized_gain"] == 1.0 and rows[2]["normalized_gain"] == pytest.approx(-1 / 3)
     assert [(r["gold_loglik_before"], r["gold_loglik_after"]) for r in rows] == [(-1.5, -1.5), (-1.5, -0.5), (-1.5, -2.0)]
-    assert len(lm.scored) == 2 and lm.scored[1][2] is not None  # one teacher-forced pass under all K adapters
+    # one teacher-forced pass under all K adapters, readied for inference
+    assert len(lm.scored) == 2 and lm.scored[1][2].readied is not None
     assert train_and_score(lm, passage, jobs[1:2], config=config, grader=grader, before=Measure(0.5))[0]["failure"]
     assert len(lm.trained) == 1  # nothing usable: no training call
 
@@ -142,6 +146,9 @@ class GroupLM:
     def train_adapters(self, sequences, lora=None, train=None, seed=0):
         self.trained.append([s[0] for s in sequences])
         return TaggedAdapters(range(len(sequences)))
+
+    def ready_adapters(self, adapters):
+        return adapters
 
     def generate(self, prompts, params=None, adapters=None, chat=False, enable_thinking=False):
         return [[f"It is {self.golds[p]}." if i % 2 == 0 else "no idea" for p in prompts] for i in adapters.ids]

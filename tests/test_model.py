@@ -16,6 +16,7 @@ from seal_jax.lm.model import (
     apply_rope,
     embed_tokens,
     group_adapters,
+    is_grouped,
     project,
     project_group,
     rms_norm,
@@ -180,6 +181,17 @@ def test_grouped_adapters_project_as_each_alone(adapted):
                 np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
     joined = group_adapters(lora)
     assert ("q_proj+v_proj" in joined) == (adapted == ("q_proj", "v_proj"))
+    # a joined projection keeps its `b` only (inference reads its `a` in the join), the dtype is the one asked
+    # for, and joining again changes nothing (the adapted projections that share their input with no other
+    # keep their own `a`)
+    alone = {("q_proj", "v_proj"): set(), ("q_proj", "k_proj", "v_proj", "gate_proj"): {"gate_proj"},
+             ("k_proj",): {"k_proj"}, ("gate_proj", "up_proj"): set()}[adapted]
+    assert {n for n in adapted if "a" in joined[n]} == alone
+    assert is_grouped(joined) == (alone != set(adapted)) and not is_grouped(lora)
+    halves = group_adapters(lora, jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(halves)} == {jnp.dtype(jnp.bfloat16)} and halves.keys() == joined.keys()
+    again = group_adapters(halves, jnp.bfloat16)
+    assert jax.tree.structure(again) == jax.tree.structure(halves)
     if adapted == ("q_proj", "v_proj"):  # a join made before an adapter's rank changed is refused
         stale = {**joined, "q_proj": {"a": lora["q_proj"]["a"][:, :2], "b": lora["q_proj"]["b"][:2]}}
         with pytest.raises(ValueError, match="q_proj\\+v_proj has 6 columns, not the sum of its ranks"):

@@ -15,11 +15,12 @@ from seal_jax.lm.types import LoraSpec, SamplingParams, TrainSpec
 
 if TYPE_CHECKING:
     from seal_jax.lm.api import LM, load
-    from seal_jax.lm.lora import Adapters
+    from seal_jax.lm.lora import Adapters, ReadyAdapters
 
-_ENGINE = {"LM": "seal_jax.lm.api", "load": "seal_jax.lm.api", "Adapters": "seal_jax.lm.lora"}
+_ENGINE = {"LM": "seal_jax.lm.api", "load": "seal_jax.lm.api", "Adapters": "seal_jax.lm.lora",
+           "ReadyAdapters": "seal_jax.lm.lora"}
 
-__all__ = ["LM", "Adapters", "ConfigError", "LoraSpec", "ModelConfig", "SamplingParams", "TrainSpec", "from_hf",
+__all__ = ["LM", "Adapters", "ReadyAdapters", "ConfigError", "LoraSpec", "ModelConfig", "SamplingParams", "TrainSpec", "from_hf",
            "load", "preset"]
 
 

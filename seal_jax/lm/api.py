@@ -23,7 +23,7 @@ from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import token_nll
-from seal_jax.lm.lora import Adapters, LoraSpec
+from seal_jax.lm.lora import Adapters, LoraSpec, ReadyAdapters
 from seal_jax.lm.model import (
     LAYER_STORAGE,
     Decoder,
@@ -58,21 +58,6 @@ def build_model(config: ModelConfig, params: dict[str, jax.Array], *, dtype: Any
 
 _PROGRAMS: dict[tuple[Any, Any], dict[Any, Any]] = {}  # (graphdef, mesh) -> compiled programs, see LM._shared
 
-def _check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> None:
-    """Raise unless ``texts`` is a non-empty list of non-empty strings and there is a tokenizer."""
-    if tokenizer is None:
-        raise tok.TokenizerError(no_tokenizer)
-    if isinstance(texts, str):
-        raise sampling.SamplingError(f"{name} must be a list of strings, not a single string (wrap it: [text])")
-    if not isinstance(texts, (list, tuple)) or len(texts) == 0:
-        raise sampling.SamplingError(f"{name} must be a non-empty list of strings")
-    for i, p in enumerate(texts):
-        if not isinstance(p, str):
-            raise sampling.SamplingError(f"{name}[{i}] must be a str, got {type(p).__name__}")
-        if not p:
-            raise sampling.SamplingError(f"{name.rstrip('s')} {i} is empty; every one needs some text")
-
-
 def _train_programs(graphdef: Any, mesh: Mesh | None, options: Mapping[str, Any]) -> dict[Any, Any]:
     """The compiled training programs shared by every LM with this structure on this mesh and these compiler
     options (see ``LM._shared``)."""
@@ -98,31 +83,6 @@ def _train_weights(train_weights: str, train_mesh: Mesh | None) -> str:
         raise shd.MeshError("train_weights='fsdp' splits the layer weights over the train mesh's data axis: give a "
                             "train_mesh with data > 1 (e.g. train_mesh='data=8')")
     return train_weights
-
-
-def _train_mesh(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None:
-    """``train_mesh`` as a :class:`Mesh` over the devices of ``mesh`` (see :meth:`LM.load`), or ``None``."""
-    if train_mesh is None:
-        return None
-    if mesh is None:
-        raise shd.MeshError("train_mesh needs a mesh: it is another layout of the mesh's devices")
-    devices = list(mesh.devices.flat)
-    if isinstance(train_mesh, str):  # in the mesh's device order: the placement maps one layout onto the other
-        try:
-            train_mesh = shd.make_mesh(train_mesh, devices=devices, keep_order=True)
-        except shd.MeshError as error:
-            raise shd.MeshError(f"train_mesh {train_mesh!r} must be a layout of the mesh's {len(devices)} devices "
-                                f"(sizes whose product is {len(devices)}): {error}") from None
-    if not isinstance(train_mesh, Mesh):
-        raise shd.MeshError(f"train_mesh must be a Mesh or a spec like 'data=8', got {train_mesh!r}")
-    if {d.id for d in train_mesh.devices.flat} != {d.id for d in devices}:
-        raise shd.MeshError(f"train_mesh {dict(train_mesh.shape)} must use the devices of the mesh "
-                            f"{dict(mesh.shape)}: the base weights move between the two layouts")
-    if [d.id for d in train_mesh.devices.flat] != [d.id for d in devices]:
-        raise shd.MeshError(f"train_mesh {dict(train_mesh.shape)} must list the mesh's devices in the mesh's order "
-                            "(one program places the weights from one layout onto the other): build it with "
-                            "make_mesh(spec, devices=list(mesh.devices.flat), keep_order=True), or pass the spec")
-    return train_mesh
 
 
 class LM:
@@ -170,7 +130,7 @@ class LM:
         self._weight_copies: Any = None  # Sampler.split's output, made at the first generation (CPU only)
         self._keeps_copies: bool | None = None  # decided once, at the first generation
         self.is_abstract = False  # True for LM.abstract models (shapes only: lower and compile, no data)
-        self.train_mesh = _train_mesh(train_mesh, mesh)
+        self.train_mesh = shd.train_mesh_of(train_mesh, mesh)
         self.train_weights = _train_weights(train_weights, self.train_mesh)
         if self.train_weights == "fsdp" and model.remat == "none":
             raise ValueError("train_weights='fsdp' needs remat 'minimal' or 'full': without remat the backward "
@@ -248,7 +208,7 @@ class LM:
         config = from_hf(folder)
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
-        _train_weights(train_weights, _train_mesh(train_mesh, mesh))  # checked before minutes of loading
+        _train_weights(train_weights, shd.train_mesh_of(train_mesh, mesh))  # checked before minutes of loading
         _layer_storage(layer_storage, mesh)
         dt = _dtype(dtype)
         if tokenizer is None:
@@ -315,7 +275,7 @@ class LM:
             config = preset(config)
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
-        _train_weights(train_weights, _train_mesh(train_mesh, mesh))
+        _train_weights(train_weights, shd.train_mesh_of(train_mesh, mesh))
         _layer_storage(layer_storage, mesh)
         attn.chosen(attention)
         dt = _dtype(dtype)
@@ -330,13 +290,18 @@ class LM:
                              "and compile its programs with lower_logits / lower_generate / lower_train, or load "
                              "a checkpoint with seal_jax.load")
 
-    def abstract_adapters(self, k: int, lora: LoraSpec | Sequence[LoraSpec]) -> LoraInputs:
+    def abstract_adapters(self, k: int, lora: LoraSpec | Sequence[LoraSpec], ready: bool = False) -> LoraInputs:
         """Shapes of K stacked adapters (``{projection: {"a": [K, L, in, R], "b": [K, L, R, out]}}``, float32,
-        scale ``[K]``) as :meth:`train_adapters` returns them for these specs, for :meth:`lower_generate`."""
+        scale ``[K]``) as :meth:`train_adapters` returns them for these specs, or with ``ready`` as
+        :meth:`ready_adapters` gives them, for :meth:`lower_generate`."""
         specs = [lora] * k if isinstance(lora, LoraSpec) else list(lora)
         trains = [TrainSpec()] * len(specs)
         params = {p: jax.ShapeDtypeStruct(x.shape, x.dtype) for p, x in self.param_structs().items()}
         weights = jax.eval_shape(lambda: training.initial_adapters(params, specs, trains, 0))
+        if ready:
+            count = self._sampler.traces["ready"]
+            weights = jax.eval_shape(self._sampler._ready, self.state, weights)
+            self._sampler.traces["ready"] = count
         return LoraInputs(weights=weights, scale=jax.ShapeDtypeStruct((len(specs),), jnp.float32))
 
     def lower_logits(self, batch: int, length: int) -> Any:
@@ -464,6 +429,29 @@ class LM:
         merged.compiler_options = dict(self.compiler_options)
         return merged
 
+    def ready_adapters(self, adapters: Adapters) -> ReadyAdapters:
+        """``adapters`` as this model's generation, log-probabilities and logits read them: in its compute
+        dtype, each input's ``a`` matrices joined, one piece per layer where the layers are stored split
+        (GPUs). Answering with them costs no per-call cast or copy; drop the float32 ``adapters`` afterwards
+        to free their memory (training, merging and saving take those). Their shapes, for
+        :meth:`lower_generate`: :meth:`abstract_adapters` with ``ready=True``."""
+        self._require_weights("ready_adapters")
+        if not isinstance(adapters, Adapters):
+            raise TypeError(f"ready_adapters takes seal_jax.Adapters (from train_adapters), got {type(adapters).__name__}")
+        weights = self._sampler.ready(self.state, self._sampler.put_replicated(adapters.weights))
+        return ReadyAdapters(weights, adapters.specs, adapters.losses, adapters.failed, adapters.single,
+                             layout=self._ready_layout())
+
+    def _ready_layout(self) -> tuple[Any, ...]:
+        return self.config.num_layers, jnp.dtype(self.dtype).name, self.model.layers.split
+
+    def _check_ready(self, adapters: Any) -> None:
+        """Refuse adapters readied for another model's layout (:meth:`ready_adapters`)."""
+        if isinstance(adapters, ReadyAdapters) and adapters.layout != self._ready_layout():
+            raise sampling.SamplingError(
+                f"these adapters were readied for a model with (layers, dtype, per-layer) = {adapters.layout}, and "
+                f"this one reads {self._ready_layout()}: ready the float32 Adapters with this model's ready_adapters")
+
     # ------------------------------------------------------------------------------------------------
 
     def _shared(self, name: Hashable, make: Any) -> Any:
@@ -538,8 +526,10 @@ class LM:
         if adapter is None:
             out = self._logits_fn(self.state, ids_d, mask_d)
         else:
-            if not isinstance(adapter, Adapters):
-                raise TypeError(f"adapter must be seal_jax.Adapters (from train_adapters), got {type(adapter).__name__}")
+            if not isinstance(adapter, Adapters | ReadyAdapters):
+                raise TypeError(f"adapter must be seal_jax.Adapters (from train_adapters) or ReadyAdapters (from "
+                                f"ready_adapters), got {type(adapter).__name__}")
+            self._check_ready(adapter)
             out = self._adapter_logits_fn(self.state, ids_d, mask_d, adapter.weights, adapter.scales)
             if adapter.single:
                 out = out[0]
@@ -645,7 +635,7 @@ class LM:
           prompt_ids: B non-empty lists of token ids (no padding; rows may differ in length).
           params: a :class:`~seal_jax.lm.sampling.SamplingParams` (default: greedy, 64 new tokens).
           adapters: ``None``; :class:`~seal_jax.lm.lora.Adapters` (K candidates, always treated as a stack,
-            so ``adapters[k]`` gives a list of one); one raw adapter (``.weights`` leaves ``a [L, in, r]``,
+            so ``adapters[k]`` gives a list of one) or the same readied (:meth:`ready_adapters`); one raw adapter (``.weights`` leaves ``a [L, in, r]``,
             ``b [L, r, out]``, scalar ``.scale``, e.g. :class:`~seal_jax.lm.model.LoraInputs`); or K raw
             stacked adapters (leaves with a leading K axis, ``.scale`` ``[K]``). Stacks run under ``vmap``.
           timings: if a dict, receives ``prefill_s`` and ``decode_s``, the wall seconds of the two programs
@@ -662,6 +652,7 @@ class LM:
         self._require_weights("generate")
         params = sampling.SamplingParams() if params is None else params
         rows = sampling.check_prompt_ids(prompt_ids, params, self.config)
+        self._check_ready(adapters)
         sampling.as_lora(adapters, self.config)  # validate before compiling anything
         if seeds is not None:
             seeds = list(seeds)
@@ -696,8 +687,9 @@ class LM:
         Returns:
           B strings decoded with ``skip_special_tokens=True``; with K stacked adapters, K lists of B.
         """
-        _check_texts(prompts, "prompts", self.tokenizer, "generate() needs a tokenizer and this LM has none: load it "
+        sampling.check_texts(prompts, "prompts", self.tokenizer, "generate() needs a tokenizer and this LM has none: load it "
                      "with tokenizer=FOLDER, or use generate_ids() with token ids")
+        self._check_ready(adapters)
         lora = sampling.as_lora(adapters, self.config)  # validate before tokenizing
         out = self.generate_ids(self._prompt_ids(prompts, chat, enable_thinking), params, adapters, seeds=seeds)
 
@@ -749,11 +741,12 @@ class LM:
           ``[K, B]`` with K stacked adapters), and int ``[B]`` token counts (divide for nats per token).
         """
         self._require_weights("completion_logprobs")
-        _check_texts(prompts, "prompts", self.tokenizer, "completion_logprobs() needs a tokenizer and this LM has "
+        sampling.check_texts(prompts, "prompts", self.tokenizer, "completion_logprobs() needs a tokenizer and this LM has "
                      "none: load it with tokenizer=FOLDER")
-        _check_texts(completions, "completions", self.tokenizer, "")
+        sampling.check_texts(completions, "completions", self.tokenizer, "")
         if len(prompts) != len(completions):
             raise sampling.SamplingError(f"{len(prompts)} prompts but {len(completions)} completions; give one each")
+        self._check_ready(adapters)
         lora = sampling.as_lora(adapters, self.config)
         heads = self._prompt_ids(prompts, chat, enable_thinking)
         tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]

@@ -5,7 +5,8 @@ K candidate adapters are stacked on a leading axis: for every adapted projection
 A candidate of smaller rank has zero columns of ``a`` and zero rows of ``b`` past its rank, and a
 candidate that does not adapt a projection has zero ``a`` and ``b`` there; both stay exactly zero under
 training (their gradients are zero). Each candidate's scale ``alpha / rank`` and dropout rate are arrays
-``[K]``. :class:`Adapters` bundles all of it with the specs, the loss histories and PEFT / orbax I/O.
+``[K]``. :class:`Adapters` bundles all of it with the specs, the loss histories and PEFT / orbax I/O;
+:class:`ReadyAdapters` holds the same adapters as one model's inference reads them (``LM.ready_adapters``).
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ def merge(params: dict[str, Any], weights: dict[str, dict[str, jax.Array]], scal
 
 
 @dataclasses.dataclass
-class Adapters:
-    """K trained (or hand-made) LoRA adapters stacked on a leading axis.
+class AdapterStack:
+    """K LoRA adapters stacked on a leading axis, with what training said of each: the part that
+    :class:`Adapters` (float32, as trained) and :class:`ReadyAdapters` (readied for inference) share.
 
     Attributes:
-      weights: ``{projection: {"a": [K, L, in, R], "b": [K, L, R, out]}}`` float32.
+      weights: the adapters' arrays, every leaf with a leading K axis.
       specs: one :class:`LoraSpec` per candidate.
       losses: per candidate, the training loss at every optimizer step (mean over its micro-batches).
       failed: per candidate, ``None`` or the reason training stopped (e.g. a non-finite loss).
@@ -119,7 +121,7 @@ class Adapters:
         ``LM.logits`` then answer without the K axis. The arrays keep a leading axis of 1 either way.
     """
 
-    weights: dict[str, dict[str, jax.Array]]
+    weights: Any
     specs: tuple[LoraSpec, ...]
     losses: list[list[float]] = dataclasses.field(default_factory=list)
     failed: list[str | None] = dataclasses.field(default_factory=list)
@@ -128,9 +130,6 @@ class Adapters:
     def __post_init__(self) -> None:
         self.specs = tuple(self.specs)
         k = len(self.specs)
-        for p, ab in self.weights.items():
-            if ab["a"].shape[0] != k or ab["b"].shape[0] != k:
-                raise LoraError(f"adapter {p}: leading axis {ab['a'].shape[0]} != {k} specs")
         if not self.losses:
             self.losses = [[] for _ in range(k)]
         if not self.failed:
@@ -139,15 +138,20 @@ class Adapters:
     def __len__(self) -> int:
         return len(self.specs)
 
-    def __getitem__(self, k: int) -> Adapters:
+    def _picked(self, weights: Any, picked: Sequence[int], single: bool = False) -> Any:
+        """The candidates ``picked`` (their ``weights`` already taken) as a stack of this class."""
+        return dataclasses.replace(self, weights=weights, specs=tuple(self.specs[k] for k in picked),
+                                   losses=[list(self.losses[k]) for k in picked],
+                                   failed=[self.failed[k] for k in picked], single=single)
+
+    def __getitem__(self, k: int) -> Any:
         """Candidate ``k`` as one adapter (``single=True``; arrays keep a leading axis of 1 and the stack's rank)."""
         if not -len(self) <= k < len(self):
             raise IndexError(f"adapter index {k} out of range for {len(self)} candidates")
         k = k % len(self)
-        weights = jax.tree.map(lambda x: x[k:k + 1], self.weights)
-        return Adapters(weights, (self.specs[k],), [list(self.losses[k])], [self.failed[k]], single=True)
+        return self._picked(jax.tree.map(lambda x: x[k:k + 1], self.weights), [k], single=True)
 
-    def take(self, indices: Sequence[int]) -> Adapters:
+    def take(self, indices: Sequence[int]) -> Any:
         """Candidates ``indices`` (in that order) as a stack of their own: what one passage's candidates
         answer with after several passages trained together. Ranks stay padded to the stack's."""
         picked = [int(k) for k in indices]
@@ -159,19 +163,12 @@ class Adapters:
         if picked == list(range(len(self))):
             return self
         rows = np.asarray(picked)
-        weights = jax.tree.map(lambda x: x[rows], self.weights)
-        return Adapters(weights, tuple(self.specs[k] for k in picked), [list(self.losses[k]) for k in picked],
-                        [self.failed[k] for k in picked])
+        return self._picked(jax.tree.map(lambda x: x[rows], self.weights), picked)
 
     @property
     def scales(self) -> jax.Array:
         """``alpha / rank`` per candidate, float32 ``[K]``."""
         return jnp.asarray([s.scale for s in self.specs], jnp.float32)
-
-    @property
-    def dropouts(self) -> jax.Array:
-        """Dropout rate per candidate, float32 ``[K]``."""
-        return jnp.asarray([s.dropout for s in self.specs], jnp.float32)
 
     def as_inputs(self) -> LoraInputs:
         """The adapters as the model's :class:`LoraInputs`, no dropout: leaves ``[K, ...]`` and scale ``[K]``
@@ -179,6 +176,44 @@ class Adapters:
         if self.single:
             return LoraInputs(weights=jax.tree.map(lambda x: x[0], self.weights), scale=self.scales[0])
         return LoraInputs(weights=self.weights, scale=self.scales)
+
+
+@dataclasses.dataclass
+class ReadyAdapters(AdapterStack):
+    """Adapters readied for one model's inference by ``LM.ready_adapters``: in its compute dtype, each
+    input's ``a`` matrices joined (``model.group_adapters``), and where the model stores its layers split
+    (GPUs) a list of per-layer pieces. Generation, log-probabilities and logits read them as they are, with
+    no per-call cast or copy; training, merging and saving take the float32 :class:`Adapters`.
+
+    Attributes:
+      layout: what the model they were readied for reads: ``(layers, dtype name, per_layer)``.
+    """
+
+    layout: tuple[Any, ...] = ()
+
+
+@dataclasses.dataclass
+class Adapters(AdapterStack):
+    """K trained (or hand-made) LoRA adapters stacked on a leading axis, in float32.
+
+    Attributes:
+      weights: ``{projection: {"a": [K, L, in, R], "b": [K, L, R, out]}}`` float32.
+      (the others: :class:`AdapterStack`)
+    """
+
+    weights: dict[str, dict[str, jax.Array]]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        k = len(self.specs)
+        for p, ab in self.weights.items():
+            if ab["a"].shape[0] != k or ab["b"].shape[0] != k:
+                raise LoraError(f"adapter {p}: leading axis {ab['a'].shape[0]} != {k} specs")
+
+    @property
+    def dropouts(self) -> jax.Array:
+        """Dropout rate per candidate, float32 ``[K]``."""
+        return jnp.asarray([s.dropout for s in self.specs], jnp.float32)
 
     def unpadded(self, k: int) -> dict[str, dict[str, np.ndarray]]:
         """Candidate ``k``'s own weights, trimmed to its rank and its targets: ``{p: {"a": [L, in, r], "b": [L, r, out]}}``."""

@@ -98,8 +98,9 @@ class LoraInputs:
     """LoRA adapters as the forward sees them (one adapter; ``vmap`` adds a candidate axis outside).
 
     Attributes:
-      weights: ``{projection: {"a": [L, in, r], "b": [L, r, out]}}`` for the adapted projections (in a
-        decode also ``{"q_proj+v_proj": {"a": [L, in, r_q + r_v]}}`` and the like: :func:`group_adapters`).
+      weights: ``{projection: {"a": [L, in, r], "b": [L, r, out]}}`` for the adapted projections; readied
+        for inference (:func:`group_adapters`), ``{"q_proj+v_proj": {"a": [L, in, r_q + r_v]}}`` and the like
+        in place of the joined projections' own ``a``, and for layers stored split a list of L such dicts.
       scale: scalar, ``alpha / rank``.
       dropout: scalar rate of dropout on the adapter's input (0 at inference).
       key: PRNG key for that dropout, or ``None`` (no dropout).
@@ -139,16 +140,34 @@ def lora_up(y: jax.Array, down: jax.Array, b: jax.Array, scale: Any) -> jax.Arra
 INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def group_adapters(weights: dict[str, Any]) -> dict[str, Any]:
-    """``weights`` (one layer's adapters or stacked ones, any leading axes) plus, for each input that two or
-    more adapted projections read, their ``a`` matrices concatenated under ``"q_proj+v_proj"`` (say): what
-    :func:`project_group` reads. A decode makes it once per call, outside its loop over steps."""
-    out = dict(weights)
+def group_adapters(weights: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
+    """``weights`` (one layer's adapters or stacked ones, any leading axes) as inference reads them: cast to
+    ``dtype`` (when given) and, for each input that two or more adapted projections read, their ``a``
+    matrices concatenated under ``"q_proj+v_proj"`` (say) in place of their own: what :func:`project_group`
+    reads. A decode makes it once per call, outside its loop over steps, unless the adapters come readied
+    (``LM.ready_adapters``). Idempotent."""
+    if dtype is not None:
+        weights = jax.tree.map(lambda x: x.astype(dtype), weights)
+    out = {n: dict(p) for n, p in weights.items()}
     for names in INPUT_GROUPS:
-        have = [n for n in names if n in weights]
+        have = [n for n in names if n in weights and "a" in weights[n]]
         if len(have) > 1:
             out["+".join(have)] = {"a": jnp.concatenate([weights[n]["a"] for n in have], axis=-1)}
+            for n in have:
+                del out[n]["a"]
     return out
+
+
+def is_grouped(weights: Any) -> bool:
+    """Whether adapter ``weights`` (one layer's, stacked, or a list of per-layer ones) hold joined ``a``
+    matrices (:func:`group_adapters`)."""
+    first = weights[0] if isinstance(weights, list | tuple) else weights
+    return any("+" in name for name in first)
+
+
+def _rank(piece: dict[str, Any]) -> int:
+    """An adapter's rank, from its ``b`` (its ``a`` may be joined with others: :func:`group_adapters`)."""
+    return piece["b"].shape[-2]
 
 
 def project_group(x: jax.Array, w: dict[str, Any], names: Sequence[str], lora: dict[str, Any],
@@ -165,7 +184,7 @@ def project_group(x: jax.Array, w: dict[str, Any], names: Sequence[str], lora: d
         return [project(x, w[n], p, scale, 0.0, None) for n, p in zip(names, pieces, strict=True)]
     joined = lora.get("+".join(have))
     a = joined["a"] if joined is not None else jnp.concatenate([lora[n]["a"] for n in have], axis=-1)
-    if a.shape[-1] != sum(lora[n]["a"].shape[-1] for n in have):
+    if a.shape[-1] != sum(_rank(lora[n]) for n in have):
         raise ValueError(f"the joined adapter {'+'.join(have)} has {a.shape[-1]} columns, not the sum of its "
                          "ranks: join the adapters again (group_adapters) after changing them")
     down = x @ a.astype(x.dtype)
@@ -173,7 +192,7 @@ def project_group(x: jax.Array, w: dict[str, Any], names: Sequence[str], lora: d
     for n, p in zip(names, pieces, strict=True):
         y = x @ w[n]
         if p is not None:
-            r = p["a"].shape[-1]
+            r = _rank(p)
             y = lora_up(y, down[..., start:start + r], p["b"], scale)
             start += r
         out.append(y)
@@ -223,8 +242,9 @@ def decoder_layer(
         piece = None if lora is None else lora.get(name)
         return project(inp, w[name], piece, lora_scale, lora_dropout, key_of[name] if piece is not None else None)
 
-    # a decode step (a cache, no dropout) takes each input's adapters in one matmul (see project_group)
-    grouped = cache is not None and lora is not None and lora_key is None
+    # a decode step (a cache, no dropout) and readied adapters take each input's adapters in one matmul
+    # (see project_group)
+    grouped = lora is not None and lora_key is None and (cache is not None or is_grouped(lora))
 
     def projs(names: tuple[str, ...], inp: jax.Array) -> list[jax.Array]:
         if grouped:
@@ -368,7 +388,12 @@ def train_layers_for(platform: str) -> str:
 
 
 def unstack_layers(tree: Any, num_layers: int) -> list[Any]:
-    """The ``num_layers`` per-layer pieces of a pytree whose leaves are stacked ``[L, ...]`` (copies)."""
+    """The ``num_layers`` per-layer pieces of a pytree whose leaves are stacked ``[L, ...]`` (copies), or
+    ``tree`` itself when it is already a list of them (adapters readied for split layers)."""
+    if isinstance(tree, list | tuple):
+        if len(tree) != num_layers:
+            raise ValueError(f"{len(tree)} per-layer pieces for a model of {num_layers} layers")
+        return list(tree)
     return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(num_layers)]
 
 

@@ -37,7 +37,9 @@ back in it (:meth:`Sampler.prefill_program`, :meth:`Sampler.decode_program`), so
 neither per call (answers under many adapters with few rows per device still copy the cache: BENCHMARKS.md).
 Under K stacked adapters the decode casts them and joins each input's ``a`` matrices once per call
 (:func:`~seal_jax.lm.model.group_adapters`): 21 adapters' greedy answers read 0.92–1.01× the arguments per
-step on v5p and 1.24× on h100-8 (BENCHMARKS.md, sixteenth session).
+step on v5p and 1.24× on h100-8 (BENCHMARKS.md, sixteenth session). That copy is held among the decode's
+temporaries, unless the adapters come readied (``LM.ready_adapters``, :meth:`Sampler.ready`: cast, joined
+and, for layers stored split, one piece per layer), as the research loop answers with them.
 
 CPU only: on a CPU the decode keeps per-layer weight copies between calls, cuts some of them into column
 blocks, lays a tied head out once per call and stores the keys transposed. All of it lives in :mod:`seal_jax.lm.cpu_decode`, behind its
@@ -83,6 +85,7 @@ from seal_jax.lm import cpu_decode, layouts
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig
+from seal_jax.lm.lora import ReadyAdapters
 from seal_jax.lm.model import KVCache, LoraInputs, group_adapters, unstack_layers
 from seal_jax.lm.next_token import greedy_step, sample_step
 from seal_jax.lm.params import projection_shape
@@ -100,6 +103,22 @@ def cache_axes(cache: KVCache) -> tuple[tuple[str | None, ...], tuple[str | None
         return (None, *CACHE_AXES), (None, *CACHE_AXES)
     keys = ("batch", "kv_heads", None, "length") if cache.keys_transposed else CACHE_AXES
     return keys, CACHE_AXES
+
+
+def check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> None:
+    """Raise unless ``texts`` (the facade's prompts or completions, called ``name``) is a non-empty list of
+    non-empty strings and there is a tokenizer (else ``no_tokenizer`` says what to do)."""
+    if tokenizer is None:
+        raise tok.TokenizerError(no_tokenizer)
+    if isinstance(texts, str):
+        raise SamplingError(f"{name} must be a list of strings, not a single string (wrap it: [text])")
+    if not isinstance(texts, (list, tuple)) or len(texts) == 0:
+        raise SamplingError(f"{name} must be a non-empty list of strings")
+    for i, p in enumerate(texts):
+        if not isinstance(p, str):
+            raise SamplingError(f"{name}[{i}] must be a str, got {type(p).__name__}")
+        if not p:
+            raise SamplingError(f"{name.rstrip('s')} {i} is empty; every one needs some text")
 
 
 def check_prompt_ids(prompt_ids: Any, params: SamplingParams, config: ModelConfig) -> list[list[int]]:
@@ -173,6 +192,9 @@ def as_lora(adapters: Any, config: ModelConfig) -> _Lora | None:
     """
     if adapters is None:
         return None
+    if isinstance(adapters, ReadyAdapters):  # made by the engine for this model (the LM checks its layout)
+        inputs = adapters.as_inputs()
+        return _Lora(weights=inputs.weights, scale=jnp.asarray(inputs.scale, jnp.float32), stacked=not adapters.single)
     if hasattr(adapters, "as_inputs"):  # seal_jax.lm.lora.Adapters
         adapters = adapters.as_inputs()
     if not hasattr(adapters, "weights") or not hasattr(adapters, "scale"):
@@ -323,6 +345,8 @@ class Sampler:
         self.decode = self._jit(self._decode, static_argnames=("out_len", "greedy"), donate_argnames=("cache",))
         self._laid_out: dict[Any, Any] = {}  # see prefill_program and decode_program
         self.split = self._jit(self._split)
+        replicated = None if mesh is None else shd.replicated(mesh)
+        self.ready = self._jit(self._ready, out_shardings=replicated)
 
     def _jit(self, fn: Any, **kwargs: Any) -> Any:
         """``jax.jit(fn, **kwargs)`` with the sampler's compiler options."""
@@ -452,6 +476,19 @@ class Sampler:
         model = nnx.merge(self.graphdef, state)
         return cpu_decode.weight_copies(model.layers.per_layer(), model.head_kernel())
 
+    def _ready(self, state: Any, lora_weights: Any) -> Any:
+        """K stacked adapters (leaves ``[K, L, ...]``) as inference reads them (``LM.ready_adapters``): in
+        the model's compute dtype with each input's ``a`` matrices joined (:func:`group_adapters`), and where
+        the layer weights are stored split (GPUs), whose programs run the layers unrolled, one piece per
+        layer: a decode that took them otherwise holds a copy of them among its temporaries (cast and
+        joined on a TPU, also sliced per layer on a GPU: BENCHMARKS.md, twenty-second session)."""
+        self.traces["ready"] += 1
+        model = nnx.merge(self.graphdef, state)
+        weights = group_adapters(lora_weights, model.dtype)
+        if not model.layers.split:
+            return weights
+        return jax.vmap(functools.partial(unstack_layers, num_layers=model.config.num_layers))(weights)
+
     def _decode(self, state: Any, cache: KVCache, logits: jax.Array, lora_weights: Any, lora_scale: Any,
                 knobs: dict[str, jax.Array], stop_ids: jax.Array, done: jax.Array, copies: Any = None, *,
                 out_len: int, greedy: bool = False) -> tuple[jax.Array, jax.Array, KVCache]:
@@ -484,11 +521,13 @@ class Sampler:
         if not cache.stacked:
             base = model.layers.per_layer() if copies is None else list(copies[0])
         # the adapters in the compute dtype, each input's `a` matrices joined (group_adapters): once per call,
-        # not on every step, where XLA would otherwise cast and concatenate them
-        if lora_weights is not None:
-            lora_weights = group_adapters(jax.tree.map(lambda a: a.astype(model.dtype), lora_weights))
+        # not on every step, where XLA would otherwise cast and concatenate them (a no-op on readied ones);
+        # readied for split layers, they come as a list of per-layer pieces
+        per_layer = isinstance(lora_weights, list)
+        if lora_weights is not None and not per_layer:
+            lora_weights = group_adapters(lora_weights, model.dtype)
         adapter = lora_weights
-        if lora_weights is not None and not cache.stacked:
+        if lora_weights is not None and not cache.stacked and not per_layer:
             slices = functools.partial(unstack_layers, num_layers=n)
             adapter = jax.vmap(slices)(lora_weights) if stacked else slices(lora_weights)
         # the head taken inside the loop (None: model.head's own), where the compiler folds a tied embedding's

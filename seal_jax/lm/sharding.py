@@ -104,6 +104,32 @@ def spec_for(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int],
 FSDP_LAYER_RULES: dict[str, str | tuple[str, ...] | None] = {**RULES, "embed": "data"}
 
 
+def train_mesh_of(train_mesh: Mesh | str | None, mesh: Mesh | None) -> Mesh | None:
+    """``train_mesh`` (a :class:`Mesh` or a spec such as ``"data=8"``) checked as another layout of the devices
+    of ``mesh``, in their order (``LM.load``'s ``train_mesh``), or ``None``."""
+    if train_mesh is None:
+        return None
+    if mesh is None:
+        raise MeshError("train_mesh needs a mesh: it is another layout of the mesh's devices")
+    devices = list(mesh.devices.flat)
+    if isinstance(train_mesh, str):  # in the mesh's device order: the placement maps one layout onto the other
+        try:
+            train_mesh = make_mesh(train_mesh, devices=devices, keep_order=True)
+        except MeshError as error:
+            raise MeshError(f"train_mesh {train_mesh!r} must be a layout of the mesh's {len(devices)} devices "
+                                f"(sizes whose product is {len(devices)}): {error}") from None
+    if not isinstance(train_mesh, Mesh):
+        raise MeshError(f"train_mesh must be a Mesh or a spec like 'data=8', got {train_mesh!r}")
+    if {d.id for d in train_mesh.devices.flat} != {d.id for d in devices}:
+        raise MeshError(f"train_mesh {dict(train_mesh.shape)} must use the devices of the mesh "
+                            f"{dict(mesh.shape)}: the base weights move between the two layouts")
+    if [d.id for d in train_mesh.devices.flat] != [d.id for d in devices]:
+        raise MeshError(f"train_mesh {dict(train_mesh.shape)} must list the mesh's devices in the mesh's order "
+                            "(one program places the weights from one layout onto the other): build it with "
+                            "make_mesh(spec, devices=list(mesh.devices.flat), keep_order=True), or pass the spec")
+    return train_mesh
+
+
 def layer_slice_sharding(sharding: Any) -> NamedSharding | None:
     """The sharding of one layer's slice of a stacked ``[L, ...]`` array placed with ``sharding`` (the layer
     axis, never split, dropped), or None where ``sharding`` is not a :class:`NamedSharding`."""

@@ -60,6 +60,11 @@ class LanguageModel(Protocol):
         """K adapters, one per list of training items, trained together."""
         ...
 
+    def ready_adapters(self, adapters: Any) -> Any:
+        """``adapters`` as the model's inference reads them (``seal_jax.ReadyAdapters``: the same
+        ``losses``, ``failed``, ``len`` and ``take``); the loop answers with these and drops the float32 ones."""
+        ...
+
     def completion_logprobs(self, prompts: list[str], completions: list[str], adapters: Any = None,
                             chat: bool = False, enable_thinking: bool = False) -> tuple[Any, Any]:
         """Teacher-forced log-likelihood sums of each completion after its prompt (``[B]``, or ``[K, B]``

@@ -9,7 +9,7 @@ Every run kind scores self-edits the same way (knowledge runs, ReST-EM's E-step,
    training sequences, its :class:`~seal_jax.LoraSpec` and :class:`~seal_jax.TrainSpec`, and the row
    fields it adds.
 3. :func:`train_and_score` — every job with training data trains in ONE ``train_adapters`` call, all
-   adapters answer at once (K stacked), the grader scores each candidate and the gold answers are scored
+   adapters, readied for inference (``ready_adapters``), answer at once (K stacked), the grader scores each candidate and the gold answers are scored
    under every adapter (one teacher-forced pass for all K): one results row per job
    (:func:`~seal_jax.selfedit.results.result_row`); a job without training data is a row that says so.
    :func:`train_and_score_many` does the same for several passages' :class:`Episode` records, all their
@@ -195,8 +195,9 @@ def train_and_score_many(lm: LanguageModel, episodes: Sequence[Episode], *, conf
     flat = [j for jobs in usable for j in jobs]
     if not flat:
         return out
-    adapters = lm.train_adapters([j.sequences for j in flat], [j.lora for j in flat], [j.train for j in flat],
-                                 seed=config.seed)
+    # readied for answering at once: the float32 adapters are freed before any question is answered
+    adapters = lm.ready_adapters(lm.train_adapters([j.sequences for j in flat], [j.lora for j in flat],
+                                                   [j.train for j in flat], seed=config.seed))
     start = 0
     for e, jobs, rows in zip(episodes, usable, out, strict=True):
         if not jobs:
