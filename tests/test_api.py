@@ -298,17 +298,23 @@ def test_fsdp_training_gathers_each_layer_and_trains_what_a_replica_trains(tiny_
         sj.load(folder, train_weights="zero3", progress=False)
 
 
-@pytest.mark.parametrize("storage", ["stacked", "split"])
-def test_ready_adapters_answer_score_and_give_logits_as_the_float32_ones(tiny_chat_dir, storage):
+@pytest.mark.parametrize("storage", ["stacked", "split", "tpu layouts"])
+def test_ready_adapters_answer_score_and_give_logits_as_the_float32_ones(tiny_chat_dir, storage, monkeypatch):
     """``LM.ready_adapters`` gives the adapters as inference reads them (compute dtype, each input's ``a``
-    joined, per layer where the layers are stored split): generation, log-probabilities and logits equal
-    the float32 adapters', on an 8-device mesh; taking candidates works on them; another model's layout,
+    joined, per layer where the layers are stored split, in a TPU's layouts where the platform has them,
+    here the CPU made to take them): generation, log-probabilities and logits equal the float32 adapters',
+    on an 8-device mesh; taking candidates works on them and keeps their layouts; another model's layout,
     merging and readying twice are refused."""
     import jax
 
+    from seal_jax.lm import api, layouts
     from seal_jax.lm.types import SamplingError
 
-    lm = sj.load(tiny_chat_dir, mesh="data=2,tensor=4", progress=False, layer_storage=storage)
+    if storage == "tpu layouts":  # (and programs of its own: the others were compiled for no layouts)
+        monkeypatch.setattr(layouts, "LAID_OUT", ("tpu", "cpu"))
+        monkeypatch.setattr(api, "_PROGRAMS", {})
+    lm = sj.load(tiny_chat_dir, mesh="data=2,tensor=4", progress=False,
+                 layer_storage="split" if storage == "split" else "stacked")
     lora = [sj.LoraSpec(rank=4, alpha=8.0), sj.LoraSpec(rank=2, alpha=2.0, targets="all"), sj.LoraSpec(rank=4)]
     seqs = [[[5, 9, 14, 3, 77, 21, 8]], [[7, 7, 30, 31]], [[12, 40, 41, 42, 43]]]
     adapters = lm.train_adapters(seqs, lora, sj.TrainSpec(learning_rate=3e-2, epochs=3))
@@ -321,6 +327,14 @@ def test_ready_adapters_answer_score_and_give_logits_as_the_float32_ones(tiny_ch
     assert {"q_proj+k_proj+v_proj", "gate_proj+up_proj"} <= set(first) and "a" not in first["q_proj"]
     assert "a" in first["o_proj"] and "b" in first["q_proj"]
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(ready.weights))
+    orders = [x.format.layout.major_to_minor for x in jax.tree.leaves(ready.weights)]
+    if storage == "tpu layouts":  # the layers major (and a narrow rank before the input dimension)
+        assert orders == [layouts.adapter_layout("cpu", x.shape).major_to_minor for x in jax.tree.leaves(ready.weights)]
+        assert {o[:2] for o in orders} == {(1, 0)}
+        taken = ready.take([2, 0])
+        assert [x.format.layout.major_to_minor for x in jax.tree.leaves(taken.weights)] == orders
+    else:
+        assert all(o == tuple(range(len(o))) for o in orders)
     prompts = [[5, 9, 14], [3]]
     for params in (sj.SamplingParams(max_new_tokens=8), sj.SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)):
         assert lm.generate_ids(prompts, params, adapters=ready) == lm.generate_ids(prompts, params, adapters=adapters)

@@ -48,6 +48,17 @@ def test_a_tpu_cache_has_the_slots_major_and_the_batch_beside_the_head_dimension
         layouts.cache_layout("tpu", ("experts",))
 
 
+def test_a_tpu_keeps_readied_adapters_layer_major_and_narrow_ranks_major():
+    # [K, L, rows, cols]: the layers outermost, then the candidates; an `a` [in, r] of rank 32 (bfloat16
+    # tiles of 16 x 128 pad 32 -> 128 minor-most) with its rank major, a `b` [r, out] as it is
+    assert layouts.adapter_layout("tpu", (21, 36, 4096, 64)).major_to_minor == (1, 0, 3, 2)
+    assert layouts.adapter_layout("tpu", (21, 36, 64, 1024)).major_to_minor == (1, 0, 2, 3)
+    assert layouts.adapter_layout("tpu", (15, 36, 4096, 128)).major_to_minor == (1, 0, 2, 3)
+    assert layouts.adapter_layout("tpu", (36, 4096, 64)) is None  # (one adapter: no candidate axis)
+    assert layouts.adapter_layout("cpu", (21, 36, 4096, 64)) is None
+    assert layouts.adapter_layout("gpu", (21, 36, 4096, 64)) is None
+
+
 def test_placed_arrays_keep_their_values_and_sharding():
     mesh = shd.make_mesh("data=2,tensor=4")
     sharding = NamedSharding(mesh, PartitionSpec(None, None, "tensor"))

@@ -57,6 +57,8 @@ def build_model(config: ModelConfig, params: dict[str, jax.Array], *, dtype: Any
 
 
 _PROGRAMS: dict[tuple[Any, Any], dict[Any, Any]] = {}  # (graphdef, mesh) -> compiled programs, see LM._shared
+# candidate k of stacked adapters in one dispatch (readied ones for split layers have a leaf per layer)
+_candidate = jax.jit(lambda weights, k: jax.tree.map(lambda x: x[k], weights))
 
 def _train_programs(graphdef: Any, mesh: Mesh | None, options: Mapping[str, Any]) -> dict[Any, Any]:
     """The compiled training programs shared by every LM with this structure on this mesh and these compiler
@@ -302,6 +304,9 @@ class LM:
             count = self._sampler.traces["ready"]
             weights = jax.eval_shape(self._sampler._ready, self.state, weights)
             self._sampler.traces["ready"] = count
+            formats = self._sampler.ready_formats(weights)
+            if formats is not None:
+                weights = jax.tree.map(lambda x, f: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=f), weights, formats)
         return LoraInputs(weights=weights, scale=jax.ShapeDtypeStruct((len(specs),), jnp.float32))
 
     def lower_logits(self, batch: int, length: int) -> Any:
@@ -773,8 +778,8 @@ class LM:
         if lora is None:
             sums = shd.to_host(fn(self.state, *args, None, None, tail=tail))
         else:  # one adapter per call: memory and compiled programs do not grow with K
-            sums = np.stack([shd.to_host(fn(self.state, *args, jax.tree.map(lambda w, k=k: w[k], adapters.weights),
-                                            adapters.scales[k], tail=tail)) for k in range(len(adapters.specs))])
+            sums = np.stack([shd.to_host(fn(self.state, *args, _candidate(adapters.weights, k), adapters.scales[k],
+                                            tail=tail)) for k in range(len(adapters.specs))])
             sums = sums[0] if adapters.single else sums
         return sums[..., :len(rows)].astype(np.float64), np.array([len(t) for t in tails])
 

@@ -16,6 +16,10 @@ argument whose layout is not the one a TPU program reads makes libtpu copy it in
 - **The KV cache.** The decode writes one slot of every row per step. libtpu keeps the cache with the batch
   next to the head dimension (the slots major), so that a step's writes fill whole tiles; the prefill wrote
   it in the default order and the decode copied it in and out on every call (:func:`cache_layout`).
+- **Readied adapters** (``LM.ready_adapters``, K stacked ``[K, L, ...]``). The decode scans the layers and
+  reads each layer's slice of every candidate's adapters: libtpu keeps them layer-major, and copied all of
+  them into that order on every call (0.79 GB for the templates config's 15 adapters of rank 64, 13% of
+  its arguments); the readying program writes them so (:func:`adapter_layout`).
 
 Only TPUs get these layouts (the platform of the mesh's devices, :func:`seal_jax.lm.sharding.platform`), and
 only under a mesh (the engine places nothing itself without one); CPUs and GPUs keep the default row-major
@@ -82,6 +86,19 @@ def cache_layout(platform: str, lead: tuple[str, ...]) -> Layout | None:
     if unknown:
         raise ValueError(f"unknown cache axes {sorted(unknown)}; known: {TPU_CACHE_ORDER}")
     return Layout(tuple(dims.index(name) for name in TPU_CACHE_ORDER if name in dims))
+
+
+def adapter_layout(platform: str, shape: tuple[int, ...], itemsize: int = 2) -> Layout | None:
+    """The layout of a leaf of readied stacked adapters (``[K, L, rows, cols]``: an ``a`` ``[in, r]`` or a
+    ``b`` ``[r, out]`` of every layer and candidate) on ``platform``, or ``None`` for the default: on a TPU
+    the layers major, then the candidates, then the matrix, its rank dimension major where a rank narrower
+    than a tile would pad it (an ``a`` of rank 32, say; libtpu reads it so)."""
+    if platform not in LAID_OUT or len(shape) != 4:
+        return None
+    rows, cols = shape[-2:]
+    if _tiled(cols, rows, itemsize) < _tiled(rows, cols, itemsize):
+        return Layout((1, 0, 3, 2))
+    return Layout((1, 0, 2, 3))
 
 
 def place(x: Any, layout: Layout | None) -> Any:

@@ -191,6 +191,13 @@ class ReadyAdapters(AdapterStack):
 
     layout: tuple[Any, ...] = ()
 
+    def _picked(self, weights: Any, picked: Sequence[int], single: bool = False) -> Any:
+        """As :meth:`AdapterStack._picked`, the taken arrays kept where and as the stack's lie (a TPU's
+        layout, ``layouts.adapter_layout``), so that the programs read them without a copy."""
+        weights = jax.tree.map(lambda y, x: jax.device_put(y, x.format) if isinstance(x, jax.Array) else y,
+                               weights, self.weights)
+        return super()._picked(weights, picked, single)
+
 
 @dataclasses.dataclass
 class Adapters(AdapterStack):

@@ -682,7 +682,11 @@ class Decoder(nnx.Module):
         if cache.stacked:
             def body(carry: Any, xs: Any) -> tuple[Any, None]:
                 x, ck, cv = carry
-                w, lw, i = xs
+                w, i = xs
+                # the layer's adapters indexed here, not scanned over: under vmap over K candidates, scanned
+                # adapters [K, L, ...] are first transposed to [L, K, ...], a copy of them all on every call
+                lw = None if lora is None else jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                                                            lora.weights)
                 stacks = {}
 
                 def write(k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -695,7 +699,7 @@ class Decoder(nnx.Module):
                 x, _ = decoder_layer(x, w, lw, scale, None, None, c, cos, sin, allowed, CacheWrite(write))
                 return (x, stacks["k"], stacks["v"]), None
 
-            xs = (self.layers.arrays(), None if lora is None else lora.weights, jnp.arange(c.num_layers))
+            xs = (self.layers.arrays(), jnp.arange(c.num_layers))
             (x, new_k, new_v), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
         else:
             ks, vs = [], []

@@ -174,6 +174,7 @@ class _Lora:
     weights: dict[str, dict[str, jax.Array]]
     scale: jax.Array
     stacked: bool
+    ready: bool = False  # readied by LM.ready_adapters (placed already)
 
     @property
     def num_candidates(self) -> int:
@@ -194,7 +195,8 @@ def as_lora(adapters: Any, config: ModelConfig) -> _Lora | None:
         return None
     if isinstance(adapters, ReadyAdapters):  # made by the engine for this model (the LM checks its layout)
         inputs = adapters.as_inputs()
-        return _Lora(weights=inputs.weights, scale=jnp.asarray(inputs.scale, jnp.float32), stacked=not adapters.single)
+        return _Lora(weights=inputs.weights, scale=jnp.asarray(inputs.scale, jnp.float32), stacked=not adapters.single,
+                     ready=True)
     if hasattr(adapters, "as_inputs"):  # seal_jax.lm.lora.Adapters
         adapters = adapters.as_inputs()
     if not hasattr(adapters, "weights") or not hasattr(adapters, "scale"):
@@ -345,8 +347,6 @@ class Sampler:
         self.decode = self._jit(self._decode, static_argnames=("out_len", "greedy"), donate_argnames=("cache",))
         self._laid_out: dict[Any, Any] = {}  # see prefill_program and decode_program
         self.split = self._jit(self._split)
-        replicated = None if mesh is None else shd.replicated(mesh)
-        self.ready = self._jit(self._ready, out_shardings=replicated)
 
     def _jit(self, fn: Any, **kwargs: Any) -> Any:
         """``jax.jit(fn, **kwargs)`` with the sampler's compiler options."""
@@ -475,6 +475,32 @@ class Sampler:
         self.traces["split"] += 1
         model = nnx.merge(self.graphdef, state)
         return cpu_decode.weight_copies(model.layers.per_layer(), model.head_kernel())
+
+    def ready_formats(self, weights: Any) -> Any:
+        """Where readied adapters shaped as ``weights`` lie: replicated on the mesh, on a TPU in the layout its
+        decode reads (:func:`layouts.adapter_layout`), as a pytree of ``Format`` (or shardings); ``None``
+        without a mesh."""
+        if self.mesh is None:
+            return None
+        replicated = shd.replicated(self.mesh)
+
+        def one(x: Any) -> Any:
+            layout = layouts.adapter_layout(self.platform, x.shape, x.dtype.itemsize)
+            return replicated if layout is None else Format(layout, replicated)
+
+        return jax.tree.map(one, weights)
+
+    def ready(self, state: Any, lora_weights: Any) -> Any:
+        """:meth:`_ready`, run (one program per adapter structure), its results placed by
+        :meth:`ready_formats`."""
+        key = ("ready", jax.tree.structure(state), jax.tree.structure(lora_weights),
+               tuple(x.shape for x in jax.tree.leaves(lora_weights)))
+        if key not in self._laid_out:
+            count = self.traces["ready"]
+            shapes = jax.eval_shape(self._ready, state, lora_weights)
+            self.traces["ready"] = count
+            self._laid_out[key] = self._jit(self._ready, out_shardings=self.ready_formats(shapes))
+        return self._laid_out[key](state, lora_weights)
 
     def _ready(self, state: Any, lora_weights: Any) -> Any:
         """K stacked adapters (leaves ``[K, L, ...]``) as inference reads them (``LM.ready_adapters``): in
@@ -622,8 +648,9 @@ class Sampler:
         t = tok.bucket(prompt_len)
         out_len = tok.bucket(max_new_tokens)
         lw, ls = (None, None) if adapters is None else (adapters.weights, adapters.scale)
-        if lw is not None:
-            lw, ls = jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, None), (lw, ls))
+        if lw is not None:  # replicated, unless placed already (readied adapters: LM.abstract_adapters)
+            lw, ls = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None
+                                  else self._abstract(x.shape, x.dtype, None), (lw, ls))
         ids = self._abstract((b, t), jnp.int32, ("batch", None))
         prefill = self.prefill_program(state, ids, lw, ls, t + out_len).lower(state, ids, ids, lw, ls,
                                                                                  cache_len=t + out_len)
@@ -689,6 +716,8 @@ class Sampler:
 
         knobs = knob_arrays(params, pad_id, b, seeds)
         lw, ls = (None, None) if lora is None else self.put_replicated((lora.weights, lora.scale))
+        if lora is not None and lora.ready:  # (placed as readied, in their layout)
+            lw = lora.weights
         start = time.perf_counter()
         ids, mask = self.put_batch(ids), self.put_batch(mask)
         prefill = self.prefill_program(state, ids, lw, ls, t + out_len)
