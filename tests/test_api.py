@@ -329,7 +329,8 @@ def test_ready_adapters_answer_score_and_give_logits_as_the_float32_ones(tiny_ch
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(ready.weights))
     orders = [x.format.layout.major_to_minor for x in jax.tree.leaves(ready.weights)]
     if storage == "tpu layouts":  # the layers major (and a narrow rank before the input dimension)
-        assert orders == [layouts.adapter_layout("cpu", x.shape).major_to_minor for x in jax.tree.leaves(ready.weights)]
+        assert orders == [layouts.adapter_layout("cpu", x.shape, x.dtype.itemsize).major_to_minor
+                          for x in jax.tree.leaves(ready.weights)]
         assert {o[:2] for o in orders} == {(1, 0)}
         taken = ready.take([2, 0])
         assert [x.format.layout.major_to_minor for x in jax.tree.leaves(taken.weights)] == orders
@@ -349,8 +350,16 @@ def test_ready_adapters_answer_score_and_give_logits_as_the_float32_ones(tiny_ch
     mask = (ids > 0).astype(int)
     want = lm.logits(ids, mask, adapter=adapters)
     np.testing.assert_allclose(lm.logits(ids, mask, adapter=ready), want, atol=1e-5 * np.abs(want).max())
+    assert lm._sampler.traces["ready"] == 1 and lm.ready_adapters(adapters) is not ready  # compiled once
+    assert lm._sampler.traces["ready"] == 1
+    half = sj.load(tiny_chat_dir, dtype="bfloat16", progress=False)
     with pytest.raises(SamplingError, match="readied for a model with"):
-        sj.load(tiny_chat_dir, dtype="bfloat16", progress=False).generate_ids([[3]], adapters=ready)
+        half.generate_ids([[3]], adapters=ready)
+    with pytest.raises(SamplingError, match="readied for a model with"):  # the same model on another mesh
+        sj.load(tiny_chat_dir, mesh="data=8", progress=False, layer_storage=lm.layer_storage).logits(ids, adapter=ready)
+    halves = half.ready_adapters(adapters)  # cast to the model's dtype, answering as the float32 ones
+    assert {x.dtype for x in jax.tree.leaves(halves.weights)} == {np.dtype(jax.numpy.bfloat16)}
+    assert half.generate_ids(prompts, adapters=halves) == half.generate_ids(prompts, adapters=adapters)
     with pytest.raises(TypeError, match="merge_adapter takes seal_jax.Adapters"):
         lm.merge_adapter(ready, 0)
     with pytest.raises(TypeError, match="ready_adapters takes seal_jax.Adapters"):

@@ -127,12 +127,15 @@ class TaggedAdapters:
         self.ids = list(ids)
         self.losses = [[float(i), float(i) / 2] for i in self.ids]
         self.failed = [None] * len(self.ids)
+        self.readied = False
 
     def __len__(self):
         return len(self.ids)
 
     def take(self, indices):
-        return TaggedAdapters([self.ids[i] for i in indices])
+        taken = TaggedAdapters([self.ids[i] for i in indices])
+        taken.readied = self.readied
+        return taken
 
 
 class GroupLM:
@@ -148,9 +151,11 @@ class GroupLM:
         return TaggedAdapters(range(len(sequences)))
 
     def ready_adapters(self, adapters):
+        adapters.readied = True
         return adapters
 
     def generate(self, prompts, params=None, adapters=None, chat=False, enable_thinking=False):
+        assert adapters.readied  # the loop answers with readied adapters
         return [[f"It is {self.golds[p]}." if i % 2 == 0 else "no idea" for p in prompts] for i in adapters.ids]
 
     def completion_logprobs(self, prompts, completions, adapters=None, chat=False, enable_thinking=False):

@@ -49,8 +49,9 @@ def test_a_tpu_cache_has_the_slots_major_and_the_batch_beside_the_head_dimension
 
 
 def test_a_tpu_keeps_readied_adapters_layer_major_and_narrow_ranks_major():
-    # [K, L, rows, cols]: the layers outermost, then the candidates; an `a` [in, r] of rank 32 (bfloat16
-    # tiles of 16 x 128 pad 32 -> 128 minor-most) with its rank major, a `b` [r, out] as it is
+    # [K, L, rows, cols]: the layers outermost, then the candidates; an `a` [in, r] whose rank is narrower
+    # than a tile (a joined q/v `a` of rank 32: 64 columns, padded to 128 minor-most) with its rank major,
+    # a `b` [r, out] as it is
     assert layouts.adapter_layout("tpu", (21, 36, 4096, 64)).major_to_minor == (1, 0, 3, 2)
     assert layouts.adapter_layout("tpu", (21, 36, 64, 1024)).major_to_minor == (1, 0, 2, 3)
     assert layouts.adapter_layout("tpu", (15, 36, 4096, 128)).major_to_minor == (1, 0, 2, 3)

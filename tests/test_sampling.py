@@ -455,16 +455,20 @@ def test_scanned_decode_gives_the_tokens_of_the_unrolled_one(qwen, sharded_qwen)
     _, lm = qwen
     sharded = sharded_qwen
     rows, adapters = tiny_prompts(), make_adapters(lm)
+    stack = sj.Adapters(adapters.weights, (sj.LoraSpec(rank=4, alpha=8.0, targets=TARGETS),) * 2)
     for model in (lm, sharded):
         scanned = sampling.Sampler(model.graphdef, model.mesh)
         assert not scanned.scan_layers  # CPU: unrolled unless asked
         scanned.scan_layers = True
-        for params, ad in [(SamplingParams(max_new_tokens=12, ignore_eos=True), None),
-                           (SamplingParams(max_new_tokens=12, ignore_eos=True), adapters),
-                           (SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True), adapters)]:
+        greedy, sampled = (SamplingParams(max_new_tokens=12, ignore_eos=True),
+                           SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True))
+        for params, ad in [(greedy, None), (greedy, adapters), (sampled, adapters), (greedy, stack)]:
             run = dict(eos_ids=model._eos_ids(), pad_id=model._pad_id(), adapters=ad)
             expected = model._sampler.generate(model.state, model.config, rows, params, copies=None, **run)
             assert scanned.generate(model.state, model.config, rows, params, **run) == expected
+            if ad is stack:  # readied adapters (cast, joined), each layer's indexed inside the scan
+                ready = dict(run, adapters=model.ready_adapters(stack))
+                assert scanned.generate(model.state, model.config, rows, params, **ready) == expected
     # the stacked cache holds what the per-layer one holds, keys in the values' layout
     ids, mask = pad_left(rows, 0, 16)
     _, per_layer = lm._sampler.prefill(lm.state, jnp.asarray(ids), jnp.asarray(mask), None, None, cache_len=32)

@@ -23,7 +23,7 @@ from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import token_nll
-from seal_jax.lm.lora import Adapters, LoraSpec, ReadyAdapters
+from seal_jax.lm.lora import Adapters, AdapterStack, LoraSpec, ReadyAdapters
 from seal_jax.lm.model import (
     LAYER_STORAGE,
     Decoder,
@@ -319,12 +319,13 @@ class LM:
         return self._logits_fn.lower(self.state, ids, ids)
 
     def lower_generate(self, batch: int, prompt_len: int, max_new_tokens: int,
-                       adapters: LoraInputs | Adapters | None = None, greedy: bool = False) -> dict[str, Any]:
+                       adapters: LoraInputs | AdapterStack | None = None, greedy: bool = False) -> dict[str, Any]:
         """The lowered prefill and decode programs of :meth:`generate_ids` for ``batch`` prompts of up to
         ``prompt_len`` tokens and ``max_new_tokens`` new tokens, with ``adapters`` stacked (real, or shapes
         from :meth:`abstract_adapters`) or none: ``{"prefill": Lowered, "decode": Lowered}``. ``greedy``:
         the decode program that ``temperature == 0`` runs (no sampling in it)."""
-        if isinstance(adapters, Adapters):
+        if isinstance(adapters, AdapterStack):  # (Adapters, or ReadyAdapters)
+            self._check_ready(adapters)
             adapters = adapters.as_inputs()
         return self._sampler.lower(self.state, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                                    adapters=adapters, greedy=greedy)
@@ -448,14 +449,18 @@ class LM:
                              layout=self._ready_layout())
 
     def _ready_layout(self) -> tuple[Any, ...]:
-        return self.config.num_layers, jnp.dtype(self.dtype).name, self.model.layers.split
+        """What readied adapters depend on: the shapes of the model, its dtype, its layer storage, its mesh."""
+        c, mesh = self.config, self.mesh
+        return (f"{c.num_layers} layers", f"width {c.hidden_size}/{c.intermediate_size}", f"heads {c.num_heads}/"
+                f"{c.num_kv_heads}x{c.head_dim}", jnp.dtype(self.dtype).name, self.layer_storage,
+                None if mesh is None else f"mesh {dict(mesh.shape)} on {[d.id for d in mesh.devices.flat]}")
 
     def _check_ready(self, adapters: Any) -> None:
-        """Refuse adapters readied for another model's layout (:meth:`ready_adapters`)."""
+        """Refuse adapters readied for another model (:meth:`ready_adapters`)."""
         if isinstance(adapters, ReadyAdapters) and adapters.layout != self._ready_layout():
             raise sampling.SamplingError(
-                f"these adapters were readied for a model with (layers, dtype, per-layer) = {adapters.layout}, and "
-                f"this one reads {self._ready_layout()}: ready the float32 Adapters with this model's ready_adapters")
+                f"these adapters were readied for a model with {adapters.layout}, and this one has "
+                f"{self._ready_layout()}: ready the float32 Adapters with this model's ready_adapters")
 
     # ------------------------------------------------------------------------------------------------
 
@@ -508,7 +513,7 @@ class LM:
             return jnp.asarray(array)
         return jax.device_put(array, shd.batch_sharding(self.mesh, array.shape))
 
-    def forward(self, ids: Any, attention_mask: Any = None, adapter: Adapters | None = None) -> jax.Array:
+    def forward(self, ids: Any, attention_mask: Any = None, adapter: AdapterStack | None = None) -> jax.Array:
         """Like :meth:`logits` but returns the device array (padded length trimmed), without a host copy."""
         self._require_weights("logits")
         ids = np.asarray(ids)
@@ -540,15 +545,15 @@ class LM:
                 out = out[0]
         return out if tb == t else out[..., :t, :]
 
-    def logits(self, ids: Any, attention_mask: Any = None, adapter: Adapters | None = None) -> np.ndarray:
+    def logits(self, ids: Any, attention_mask: Any = None, adapter: AdapterStack | None = None) -> np.ndarray:
         """Next-token logits for a batch of token ids.
 
         Args:
           ids: int ``[B, T]`` (left-padded when rows differ in length).
           attention_mask: ``[B, T]``, 1 on real tokens (default: all ones). Rotary positions count real
             tokens only, so a left-padded row gives the same logits as the row alone.
-          adapter: LoRA :class:`~seal_jax.lm.lora.Adapters`; one adapter (``adapters[k]``) gives
-            ``[B, T, V]``, a stack of K (even K = 1) gives ``[K, B, T, V]``.
+          adapter: LoRA :class:`~seal_jax.lm.lora.Adapters` (or readied, :meth:`ready_adapters`); one
+            adapter (``adapters[k]``) gives ``[B, T, V]``, a stack of K (even K = 1) gives ``[K, B, T, V]``.
         Returns:
           float32 numpy ``[B, T, V]`` (or ``[K, B, T, V]``).
         """
@@ -730,7 +735,7 @@ class LM:
 
         return self._jit(total, static_argnames="tail")
 
-    def completion_logprobs(self, prompts: list[str], completions: list[str], adapters: Adapters | None = None,
+    def completion_logprobs(self, prompts: list[str], completions: list[str], adapters: AdapterStack | None = None,
                             chat: bool = False, enable_thinking: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Log-likelihood of each completion after its prompt, by teacher forcing (no sampling).
 
@@ -740,7 +745,8 @@ class LM:
 
         Args:
           prompts, completions: B non-empty strings each.
-          adapters: none (the base model) or :class:`Adapters` (K stacked, or one).
+          adapters: none (the base model) or :class:`Adapters` (K stacked, or one; or readied:
+            :meth:`ready_adapters`).
         Returns:
           ``(logprobs, tokens)``: float64 sums of the completion tokens' log-probabilities, ``[B]`` (or
           ``[K, B]`` with K stacked adapters), and int ``[B]`` token counts (divide for nats per token).

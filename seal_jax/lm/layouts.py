@@ -3,8 +3,8 @@
 An array's *layout* is the order of its dimensions in memory (JAX's :class:`~jax.experimental.layout.Layout`,
 ``major_to_minor``), apart from its logical shape, which every program and test sees unchanged. An entry
 argument whose layout is not the one a TPU program reads makes libtpu copy it into that layout on every call
-(a temporary as large as the argument). Two did so, measured with ``seal-jax compile`` for Qwen3-8B on
-``tpu-v5p-8`` (``data=1,tensor=4``; BENCHMARKS.md, eighteenth session):
+(a temporary as large as the argument). Three did so, measured with ``seal-jax compile`` for Qwen3-8B on
+``tpu-v5p-8`` (``data=1,tensor=4``; BENCHMARKS.md, eighteenth and twenty-seventh sessions):
 
 - **Weights.** A decode step multiplies a few rows by each weight. For the key and value projections and the
   output head libtpu reads the weight with its *input* (contracted) dimension minor-most — the order in which

@@ -107,6 +107,10 @@ def merge(params: dict[str, Any], weights: dict[str, dict[str, jax.Array]], scal
     return out
 
 
+# rows of every leaf of stacked adapters, in one program (a per-layer form has a leaf per layer)
+_gather = jax.jit(lambda weights, rows: jax.tree.map(lambda x: x[rows], weights))
+
+
 @dataclasses.dataclass
 class AdapterStack:
     """K LoRA adapters stacked on a leading axis, with what training said of each: the part that
@@ -138,8 +142,9 @@ class AdapterStack:
     def __len__(self) -> int:
         return len(self.specs)
 
-    def _picked(self, weights: Any, picked: Sequence[int], single: bool = False) -> Any:
-        """The candidates ``picked`` (their ``weights`` already taken) as a stack of this class."""
+    def _picked(self, picked: Sequence[int], single: bool = False) -> Any:
+        """The candidates ``picked`` as a stack of this class (their arrays gathered in one program)."""
+        weights = _gather(self.weights, np.asarray(picked, np.int32))
         return dataclasses.replace(self, weights=weights, specs=tuple(self.specs[k] for k in picked),
                                    losses=[list(self.losses[k]) for k in picked],
                                    failed=[self.failed[k] for k in picked], single=single)
@@ -148,8 +153,7 @@ class AdapterStack:
         """Candidate ``k`` as one adapter (``single=True``; arrays keep a leading axis of 1 and the stack's rank)."""
         if not -len(self) <= k < len(self):
             raise IndexError(f"adapter index {k} out of range for {len(self)} candidates")
-        k = k % len(self)
-        return self._picked(jax.tree.map(lambda x: x[k:k + 1], self.weights), [k], single=True)
+        return self._picked([k % len(self)], single=True)
 
     def take(self, indices: Sequence[int]) -> Any:
         """Candidates ``indices`` (in that order) as a stack of their own: what one passage's candidates
@@ -162,8 +166,7 @@ class AdapterStack:
             raise IndexError(f"adapter indices {bad} out of range for {len(self)} candidates (0 to {len(self) - 1})")
         if picked == list(range(len(self))):
             return self
-        rows = np.asarray(picked)
-        return self._picked(jax.tree.map(lambda x: x[rows], self.weights), picked)
+        return self._picked(picked)
 
     @property
     def scales(self) -> jax.Array:
@@ -191,12 +194,12 @@ class ReadyAdapters(AdapterStack):
 
     layout: tuple[Any, ...] = ()
 
-    def _picked(self, weights: Any, picked: Sequence[int], single: bool = False) -> Any:
-        """As :meth:`AdapterStack._picked`, the taken arrays kept where and as the stack's lie (a TPU's
+    def _picked(self, picked: Sequence[int], single: bool = False) -> Any:
+        """As :meth:`AdapterStack._picked`, the taken arrays placed where and as the stack's lie (a TPU's
         layout, ``layouts.adapter_layout``), so that the programs read them without a copy."""
-        weights = jax.tree.map(lambda y, x: jax.device_put(y, x.format) if isinstance(x, jax.Array) else y,
-                               weights, self.weights)
-        return super()._picked(weights, picked, single)
+        out = super()._picked(picked, single)
+        out.weights = jax.device_put(out.weights, jax.tree.map(lambda x: x.format, self.weights))
+        return out
 
 
 @dataclasses.dataclass

@@ -176,8 +176,9 @@ def project_group(x: jax.Array, w: dict[str, Any], names: Sequence[str], lora: d
     applied in one matmul over their concatenation (from :func:`group_adapters`, or made here). Equal to
     :func:`project` per name.
 
-    Decode uses it, with the concatenation made before its loop: written apart, XLA's GPU compiler merges
-    the ``x @ a`` products itself and concatenates the ``a`` matrices inside the loop, on every step."""
+    Decode uses it, with the concatenation made before its loop (written apart, XLA's GPU compiler merges
+    the ``x @ a`` products itself and concatenates the ``a`` matrices inside the loop, on every step), and
+    every inference over readied adapters (``LM.ready_adapters``), whose joined ``a`` replace their own."""
     pieces = [lora.get(n) for n in names]
     have = [n for n, p in zip(names, pieces, strict=True) if p is not None]
     if len(have) < 2:

@@ -185,7 +185,8 @@ def as_lora(adapters: Any, config: ModelConfig) -> _Lora | None:
     """Check and normalise ``adapters`` (``None``, one adapter, or K stacked; see the module docstring).
 
     :class:`~seal_jax.lm.lora.Adapters` (anything with ``as_inputs()``) is a stack, except one taken out
-    of a stack with ``adapters[k]``, which is one adapter. A plain ``weights``/``scale`` object is stacked
+    of a stack with ``adapters[k]``, which is one adapter. :class:`~seal_jax.lm.lora.ReadyAdapters` are
+    taken as they are (the ``LM`` checks that they were readied for its model). A plain ``weights``/``scale`` object is stacked
     when its leaves have the extra leading K axis.
 
     Raises:
@@ -715,9 +716,11 @@ class Sampler:
         stop_ids[:len(stops)] = stops
 
         knobs = knob_arrays(params, pad_id, b, seeds)
-        lw, ls = (None, None) if lora is None else self.put_replicated((lora.weights, lora.scale))
+        lw, ls = None, None
         if lora is not None and lora.ready:  # (placed as readied, in their layout)
-            lw = lora.weights
+            lw, ls = lora.weights, self.put_replicated(lora.scale)
+        elif lora is not None:
+            lw, ls = self.put_replicated((lora.weights, lora.scale))
         start = time.perf_counter()
         ids, mask = self.put_batch(ids), self.put_batch(mask)
         prefill = self.prefill_program(state, ids, lw, ls, t + out_len)

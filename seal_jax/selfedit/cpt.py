@@ -220,10 +220,11 @@ class _Cpt:
         ``stop_after`` ran out first."""
         k, results = self.config.knowledge, self.out / "results.jsonl"
         lm = self.models(k.model)
-        adapters = lm.ready_adapters(adapters)  # answering reads these; the float32 ones (saved) can go
         grader = make_grader(k, lm)
         done = set(agree(lambda: passages_done(results)))
         todo = [p for p in self.passages if p.id not in done]
+        if todo:  # answering reads these; the float32 ones (saved) can go
+            adapters = lm.ready_adapters(adapters)
         bar = tqdm(total=len(self.passages), initial=len(self.passages) - len(todo), desc=f"{self.config.name} "
                    "evaluation", unit="passage", disable=not self.progress)
         while todo:
