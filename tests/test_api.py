@@ -350,6 +350,9 @@ def test_ready_adapters_answer_score_and_give_logits_as_the_float32_ones(tiny_ch
     mask = (ids > 0).astype(int)
     want = lm.logits(ids, mask, adapter=adapters)
     np.testing.assert_allclose(lm.logits(ids, mask, adapter=ready), want, atol=1e-5 * np.abs(want).max())
+    lowered = lm.lower_generate(2, 8, 8, adapters=ready)  # lowered where and as they lie
+    read = [f.layout.major_to_minor for f in jax.tree.leaves(lowered["decode"].compile().input_formats[0][3])]
+    assert read == orders
     assert lm._sampler.traces["ready"] == 1 and lm.ready_adapters(adapters) is not ready  # compiled once
     assert lm._sampler.traces["ready"] == 1
     half = sj.load(tiny_chat_dir, dtype="bfloat16", progress=False)

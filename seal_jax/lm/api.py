@@ -23,7 +23,7 @@ from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf, preset
 from seal_jax.lm.cross_entropy import token_nll
-from seal_jax.lm.lora import Adapters, AdapterStack, LoraSpec, ReadyAdapters
+from seal_jax.lm.lora import Adapters, AdapterStack, LoraSpec, ReadyAdapters, ready_layout
 from seal_jax.lm.model import (
     LAYER_STORAGE,
     Decoder,
@@ -324,9 +324,13 @@ class LM:
         ``prompt_len`` tokens and ``max_new_tokens`` new tokens, with ``adapters`` stacked (real, or shapes
         from :meth:`abstract_adapters`) or none: ``{"prefill": Lowered, "decode": Lowered}``. ``greedy``:
         the decode program that ``temperature == 0`` runs (no sampling in it)."""
-        if isinstance(adapters, AdapterStack):  # (Adapters, or ReadyAdapters)
+        if isinstance(adapters, AdapterStack):  # (Adapters, or ReadyAdapters: these lowered where and as they lie)
             self._check_ready(adapters)
+            ready = isinstance(adapters, ReadyAdapters) and self.mesh is not None
             adapters = adapters.as_inputs()
+            if ready:
+                adapters = LoraInputs(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.format),
+                                                   adapters.weights), adapters.scale)
         return self._sampler.lower(self.state, batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                                    adapters=adapters, greedy=greedy)
 
@@ -448,19 +452,12 @@ class LM:
         return ReadyAdapters(weights, adapters.specs, adapters.losses, adapters.failed, adapters.single,
                              layout=self._ready_layout())
 
-    def _ready_layout(self) -> tuple[Any, ...]:
-        """What readied adapters depend on: the shapes of the model, its dtype, its layer storage, its mesh."""
-        c, mesh = self.config, self.mesh
-        return (f"{c.num_layers} layers", f"width {c.hidden_size}/{c.intermediate_size}", f"heads {c.num_heads}/"
-                f"{c.num_kv_heads}x{c.head_dim}", jnp.dtype(self.dtype).name, self.layer_storage,
-                None if mesh is None else f"mesh {dict(mesh.shape)} on {[d.id for d in mesh.devices.flat]}")
+    def _ready_layout(self) -> tuple[str | None, ...]:
+        return ready_layout(self.config, self.dtype, self.layer_storage, self.mesh)
 
     def _check_ready(self, adapters: Any) -> None:
-        """Refuse adapters readied for another model (:meth:`ready_adapters`)."""
-        if isinstance(adapters, ReadyAdapters) and adapters.layout != self._ready_layout():
-            raise sampling.SamplingError(
-                f"these adapters were readied for a model with {adapters.layout}, and this one has "
-                f"{self._ready_layout()}: ready the float32 Adapters with this model's ready_adapters")
+        if isinstance(adapters, ReadyAdapters):  # refused when readied for another model
+            adapters.check(self._ready_layout())
 
     # ------------------------------------------------------------------------------------------------
 

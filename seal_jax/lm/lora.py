@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 from seal_jax.lm.model import LoraInputs
 from seal_jax.lm.params import peft_module
-from seal_jax.lm.types import PROJECTIONS, LoraError, LoraSpec
+from seal_jax.lm.types import PROJECTIONS, LoraError, LoraSpec, SamplingError
 
 
 def projection_dims(params: dict[str, Any], name: str) -> tuple[int, int, int]:
@@ -105,6 +105,15 @@ def merge(params: dict[str, Any], weights: dict[str, dict[str, jax.Array]], scal
         else:
             out[f"layers.{p}"] = merged(base, ab["a"], ab["b"], "lir,lro->lio")
     return out
+
+
+def ready_layout(config: Any, dtype: Any, layer_storage: str, mesh: Any) -> tuple[str | None, ...]:
+    """What adapters readied for a model depend on (``ReadyAdapters.layout``): its shapes, dtype, layer
+    storage and mesh."""
+    c = config
+    return (f"{c.num_layers} layers", f"width {c.hidden_size}/{c.intermediate_size}",
+            f"heads {c.num_heads}/{c.num_kv_heads}x{c.head_dim}", jnp.dtype(dtype).name, layer_storage,
+            None if mesh is None else f"mesh {dict(mesh.shape)} on {[d.id for d in mesh.devices.flat]}")
 
 
 # rows of every leaf of stacked adapters, in one program (a per-layer form has a leaf per layer)
@@ -193,6 +202,12 @@ class ReadyAdapters(AdapterStack):
     """
 
     layout: tuple[Any, ...] = ()
+
+    def check(self, layout: tuple[Any, ...]) -> None:
+        """Raise unless these adapters were readied for a model of ``layout`` (:func:`ready_layout`)."""
+        if self.layout != layout:
+            raise SamplingError(f"these adapters were readied for a model with {self.layout}, and this one has "
+                                f"{layout}: ready the float32 Adapters with this model's ready_adapters")
 
     def _picked(self, picked: Sequence[int], single: bool = False) -> Any:
         """As :meth:`AdapterStack._picked`, the taken arrays placed where and as the stack's lie (a TPU's

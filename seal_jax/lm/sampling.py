@@ -649,8 +649,8 @@ class Sampler:
         t = tok.bucket(prompt_len)
         out_len = tok.bucket(max_new_tokens)
         lw, ls = (None, None) if adapters is None else (adapters.weights, adapters.scale)
-        if lw is not None:  # replicated, unless placed already (readied adapters: LM.abstract_adapters)
-            lw, ls = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None
+        if lw is not None:  # replicated, unless shapes placed already (readied adapters: LM.abstract_adapters)
+            lw, ls = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
                                   else self._abstract(x.shape, x.dtype, None), (lw, ls))
         ids = self._abstract((b, t), jnp.int32, ("batch", None))
         prefill = self.prefill_program(state, ids, lw, ls, t + out_len).lower(state, ids, ids, lw, ls,
