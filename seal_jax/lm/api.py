@@ -533,7 +533,7 @@ class LM:
         if adapter is None:
             out = self._logits_fn(self.state, ids_d, mask_d)
         else:
-            if not isinstance(adapter, Adapters | ReadyAdapters):
+            if not isinstance(adapter, AdapterStack):
                 raise TypeError(f"adapter must be seal_jax.Adapters (from train_adapters) or ReadyAdapters (from "
                                 f"ready_adapters), got {type(adapter).__name__}")
             self._check_ready(adapter)

@@ -198,7 +198,8 @@ class ReadyAdapters(AdapterStack):
     no per-call cast or copy; training, merging and saving take the float32 :class:`Adapters`.
 
     Attributes:
-      layout: what the model they were readied for reads: ``(layers, dtype name, per_layer)``.
+      layout: the model they were readied for (:func:`ready_layout`: its shapes, dtype, layer storage and
+        mesh); another model refuses them.
     """
 
     layout: tuple[Any, ...] = ()
