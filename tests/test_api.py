@@ -63,6 +63,25 @@ def test_logits_input_errors(tiny_hf):
         lm.logits(np.ones((1, 3), int), np.ones((1, 4), int))
     with pytest.raises(ValueError, match="exceeds the model's context"):
         lm.logits(np.ones((1, 300), int))
+    with pytest.raises(ValueError, match="ids must be integer token ids, got dtype float64"):
+        lm.logits(np.array([[1.5, 2.0]]))
+
+
+def test_adapters_of_another_model_are_refused_naming_the_shapes():
+    """Adapters trained on one model and given to another of other shapes: readying, logits and merging say
+    which shapes differ (as generation does), instead of failing deep inside a program."""
+    small = sj.LM.random("tiny", dtype="float32", seed=0)
+    deeper = sj.LM.random(small.config.replace(num_layers=small.config.num_layers + 1), dtype="float32", seed=0)
+    foreign = deeper.train_adapters([[[5, 9, 14, 3, 7]]], sj.LoraSpec(rank=2, alpha=4.0),
+                                    sj.TrainSpec(epochs=1, learning_rate=1e-2))
+    expected = r"adapters.weights\['q_proj'\]: expected a .* for this model, got a"
+    for use in (lambda: small.ready_adapters(foreign), lambda: small.logits(np.ones((1, 4), int), adapter=foreign),
+                lambda: small.logits(np.ones((1, 4), int), adapter=foreign[0]), lambda: small.merge_adapter(foreign)):
+        with pytest.raises(sj.lm.sampling.SamplingError, match=expected):
+            use()
+    ready = deeper.ready_adapters(foreign)
+    with pytest.raises(sj.lm.sampling.SamplingError, match="readied for a model with"):
+        small.logits(np.ones((1, 4), int), adapter=ready)
 
 
 def test_unknown_dtype(tiny_hf):

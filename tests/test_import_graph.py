@@ -135,3 +135,11 @@ def test_the_engine_facade_still_loads_on_first_use():
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "True", "seal_jax.lm.api", "seal_jax.lm.api", "seal_jax.lm.lora"]
+    # the engine's modules too, as the README's ahead-of-time example reaches them (sj.lm.sharding.make_mesh)
+    code = ("import seal_jax as sj; print(sj.lm.sharding.make_mesh.__module__, sj.lm.layouts.__name__)\n"
+            "try:\n    sj.lm.no_such_module\nexcept AttributeError as e:\n    print('refused:', e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["seal_jax.lm.sharding seal_jax.lm.layouts",
+                                       "refused: module 'seal_jax.lm' has no attribute 'no_such_module'"]

@@ -93,6 +93,10 @@ def test_slice_and_stack(base):
     assert both[1].specs == (b.specs[0],) and len(both[-1]) == 1
     with pytest.raises(IndexError, match="out of range for 3"):
         both[3]
+    for bad in (lambda: both.save_peft("unused", 7), lambda: both.unpadded(-4)):
+        with pytest.raises(IndexError, match="adapter index -?[47] out of range for 3 candidates"):
+            bad()
+    np.testing.assert_array_equal(both.unpadded(-1)["q_proj"]["a"], both.unpadded(2)["q_proj"]["a"])
     np.testing.assert_allclose(np.asarray(both.scales), [1.0, 1 / 3, 1 / 3])
 
 

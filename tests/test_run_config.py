@@ -42,8 +42,22 @@ def test_config_errors(tmp_path, tiny_chat_dir):
         tiny_config(tiny_chat_dir, selfedit_sampling={"top_p": 1.5})
     with pytest.raises(RunConfigError, match=r"\[train\]: .*'eopchs'; known keys: \[.*'epochs'"):
         tiny_config(tiny_chat_dir, train={"eopchs": 3})
-    with pytest.raises(RunConfigError, match=r"\[train\]: .*check the types of its values"):
+    with pytest.raises(RunConfigError, match=r"\[train\]: TrainSpec.learning_rate must be a number, got '3e-3'"):
         tiny_config(tiny_chat_dir, train={"learning_rate": "3e-3"})
+    with pytest.raises(RunConfigError, match=r"\[lora\]: LoraSpec.alpha must be a number, got '16'"):
+        tiny_config(tiny_chat_dir, lora={"alpha": "16"})
+    # keys whose every use is a truth test or a path: a quoted "false" would be true, "../x" a folder elsewhere
+    for key, value, message in (("chat", "false", "chat must be true or false"),
+                                ("include_passage", "no", "include_passage must be true or false"),
+                                ("seed", "0", "seed must be an integer, got '0'"), ("seed", 1.5, "seed must be an integer"),
+                                ("name", "../../etc", "use a plain name without '/'"), ("name", "", "name must be a non-empty"),
+                                ("model", 3, "model must be a non-empty string, got 3"),
+                                ("conditions", [], "conditions is empty"),
+                                ("conditions", ["base", "rewrite", "rewrite"], r"names \['rewrite'\] more than once"),
+                                ("data", {"source": "demo", "n": 0}, "data.n must be at least 1"),
+                                ("data", {"source": "demo", "start": -1}, "data.start must be >= 0")):
+        with pytest.raises(RunConfigError, match=message):
+            tiny_config(tiny_chat_dir, **{key: value})
     with pytest.raises(RunConfigError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'fp32'"):
         tiny_config(tiny_chat_dir, dtype="fp32")
     with pytest.raises(RunConfigError, match=r"data.n must be an integer, got '5'"):

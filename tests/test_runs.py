@@ -171,3 +171,7 @@ def test_on_hardware_applies_the_table_of_the_devices_target(monkeypatch):
         runs.on_hardware(config, "tpu-v5p-8", devices=8)  # a table named for other devices
     with pytest.raises(RunConfigError, match="--target: unknown target 'v5p'"):
         runs.on_hardware(config, "v5p")
+    # a target named for devices of another count: the run goes on, and says so
+    assert runs.on_hardware(plain, "h100-1", devices=8)[1] == (
+        "h100-1: the config has no [hardware.h100-1] table; the top-level settings apply (note: h100-1 has 1 "
+        "device and this run has 8)")

@@ -36,6 +36,8 @@ def test_parse_mesh_spec():
         parse_mesh_spec("model=2")
     with pytest.raises(MeshError, match="bad mesh spec part"):
         parse_mesh_spec("data:2")
+    with pytest.raises(MeshError, match="mesh axis 'data' is given twice in 'data=2,data=4'"):
+        parse_mesh_spec("data=2,data=4")
     with pytest.raises(MeshError, match="at most one"):
         parse_mesh_spec("data=-1,fsdp=-1")
 

@@ -243,6 +243,26 @@ def test_spec_validation_and_input_errors(tiny):
         LoraSpec(targets=("qkv",))
     with pytest.raises(sj.lm.lora.LoraError, match="dropout must lie in"):
         LoraSpec(dropout=1.0)
+    # a value of another type is named, not a bare TypeError from a comparison
+    with pytest.raises(TrainError, match="TrainSpec.learning_rate must be a number, got '1e-3'"):
+        TrainSpec(learning_rate="1e-3")
+    with pytest.raises(TrainError, match="TrainSpec.shuffle must be true or false, got 'no'"):
+        TrainSpec(shuffle="no")
+    with pytest.raises(TrainError, match="TrainSpec.epochs must be a positive integer, got True"):
+        TrainSpec(epochs=True)
+    with pytest.raises(TrainError, match="TrainSpec.seed must be an integer, got '0'"):
+        TrainSpec(seed="0")
+    with pytest.raises(sj.lm.lora.LoraError, match="LoraSpec.alpha must be a number, got '8'"):
+        LoraSpec(alpha="8")
+    with pytest.raises(sj.lm.lora.LoraError, match=r"got the string 'q_proj' \(one projection is a list of one: \['q_proj'\]\)"):
+        LoraSpec(targets="q_proj")
+    assert LoraSpec(targets="all").targets == LoraSpec(targets=("all",)).targets and len(LoraSpec(targets="all").targets) == 7
+    with pytest.raises(TrainError, match=r"lora must be a seal_jax.LoraSpec \(or a list of them, one per candidate\), got dict"):
+        train(lm, [TEXTS], {"rank": 4}, TrainSpec())
+    with pytest.raises(TrainError, match=r"train must be a seal_jax.TrainSpec \(or a list of them, one per candidate\), got dict"):
+        train(lm, [TEXTS], LoraSpec(), {"epochs": 1})
+    with pytest.raises(TypeError, match="seed must be an integer, got '0'"):
+        lm.train_adapters([TEXTS], LoraSpec(), TrainSpec(), seed="0")
     assert LoraSpec.seal() == LoraSpec(32, 64.0, 0.0, ("q_proj", "v_proj"))
     assert TrainSpec.seal().learning_rate == 1e-3 and TrainSpec.seal().epochs == 10
     with pytest.raises(TrainError, match="of lists of strings"):

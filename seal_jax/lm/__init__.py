@@ -8,6 +8,7 @@ does not start jax.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from seal_jax.lm.config import ConfigError, ModelConfig, from_hf, preset
@@ -25,12 +26,16 @@ __all__ = ["LM", "Adapters", "ReadyAdapters", "ConfigError", "LoraSpec", "ModelC
 
 
 def __getattr__(name: str) -> Any:
-    """``LM``, ``load`` and ``Adapters``: the engine (and jax) is imported on first use."""
+    """``LM``, ``load``, ``Adapters`` and ``ReadyAdapters``, and the engine's modules (``seal_jax.lm.sharding``
+    …): the engine (and jax) is imported on first use."""
     if name in _ENGINE:
         value = getattr(importlib.import_module(_ENGINE[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'seal_jax.lm' has no attribute {name!r}")
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'seal_jax.lm' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

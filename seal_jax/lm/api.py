@@ -325,7 +325,7 @@ class LM:
         from :meth:`abstract_adapters`) or none: ``{"prefill": Lowered, "decode": Lowered}``. ``greedy``:
         the decode program that ``temperature == 0`` runs (no sampling in it)."""
         if isinstance(adapters, AdapterStack):  # (Adapters, or ReadyAdapters: these lowered where and as they lie)
-            self._check_ready(adapters)
+            self._lora(adapters)
             ready = isinstance(adapters, ReadyAdapters) and self.mesh is not None
             adapters = adapters.as_inputs()
             if ready:
@@ -429,6 +429,7 @@ class LM:
             raise IndexError(f"adapter index {k} is out of range for {len(adapters.specs)} adapter(s)")
         if adapters.failed and adapters.failed[k]:
             raise ValueError(f"adapter {k} failed in training ({adapters.failed[k]}); refusing to merge it")
+        self._lora(adapters)
         # the new model holds the only reference to the merged weights (weights stored split are merged layer by
         # layer, without a stacked copy) and shares the ones the adapter leaves alone
         model = build_model(self.config, adapters.merged_params(self._stored_params(), k),
@@ -448,6 +449,7 @@ class LM:
         self._require_weights("ready_adapters")
         if not isinstance(adapters, Adapters):
             raise TypeError(f"ready_adapters takes seal_jax.Adapters (from train_adapters), got {type(adapters).__name__}")
+        self._lora(adapters)
         weights = self._sampler.ready(self.state, self._sampler.put_replicated(adapters.weights))
         return ReadyAdapters(weights, adapters.specs, adapters.losses, adapters.failed, adapters.single,
                              layout=self._ready_layout())
@@ -455,9 +457,12 @@ class LM:
     def _ready_layout(self) -> tuple[str | None, ...]:
         return ready_layout(self.config, self.dtype, self.layer_storage, self.mesh)
 
-    def _check_ready(self, adapters: Any) -> None:
-        if isinstance(adapters, ReadyAdapters):  # refused when readied for another model
+    def _lora(self, adapters: Any) -> Any:
+        """``adapters`` checked for this model (readied ones by the model they were readied for, others by
+        their shapes: an error saying which differ) and normalised (``sampling.as_lora``)."""
+        if isinstance(adapters, ReadyAdapters):
             adapters.check(self._ready_layout())
+        return sampling.as_lora(adapters, self.config)
 
     # ------------------------------------------------------------------------------------------------
 
@@ -516,6 +521,8 @@ class LM:
         ids = np.asarray(ids)
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"ids must be a non-empty int array [B, T], got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
@@ -536,7 +543,7 @@ class LM:
             if not isinstance(adapter, AdapterStack):
                 raise TypeError(f"adapter must be seal_jax.Adapters (from train_adapters) or ReadyAdapters (from "
                                 f"ready_adapters), got {type(adapter).__name__}")
-            self._check_ready(adapter)
+            self._lora(adapter)
             out = self._adapter_logits_fn(self.state, ids_d, mask_d, adapter.weights, adapter.scales)
             if adapter.single:
                 out = out[0]
@@ -594,6 +601,8 @@ class LM:
         """``fn`` (``training.train_adapters`` or ``training.training_memory``) called with this model's
         weights, tokenizer, ids, mesh and programs, and SEAL's specs where ``lora``/``train`` are None."""
         self._require_weights("training")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
         graphdef, state, mesh = self._train_view()
         out = fn(
             graphdef, state, self.param_structs(), self.tokenizer, sequences,
@@ -659,8 +668,7 @@ class LM:
         self._require_weights("generate")
         params = sampling.SamplingParams() if params is None else params
         rows = sampling.check_prompt_ids(prompt_ids, params, self.config)
-        self._check_ready(adapters)
-        sampling.as_lora(adapters, self.config)  # validate before compiling anything
+        self._lora(adapters)  # validate before compiling anything
         if seeds is not None:
             seeds = list(seeds)
             bad = [x for x in seeds if not (isinstance(x, int | np.integer) and 0 <= x < 2**32)]
@@ -696,8 +704,7 @@ class LM:
         """
         sampling.check_texts(prompts, "prompts", self.tokenizer, "generate() needs a tokenizer and this LM has none: load it "
                      "with tokenizer=FOLDER, or use generate_ids() with token ids")
-        self._check_ready(adapters)
-        lora = sampling.as_lora(adapters, self.config)  # validate before tokenizing
+        lora = self._lora(adapters)  # validate before tokenizing
         out = self.generate_ids(self._prompt_ids(prompts, chat, enable_thinking), params, adapters, seeds=seeds)
 
         def decode(rows: list[list[int]]) -> list[str]:
@@ -754,8 +761,7 @@ class LM:
         sampling.check_texts(completions, "completions", self.tokenizer, "")
         if len(prompts) != len(completions):
             raise sampling.SamplingError(f"{len(prompts)} prompts but {len(completions)} completions; give one each")
-        self._check_ready(adapters)
-        lora = sampling.as_lora(adapters, self.config)
+        lora = self._lora(adapters)
         heads = self._prompt_ids(prompts, chat, enable_thinking)
         tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
         rows = [h + t for h, t in zip(heads, tails, strict=True)]

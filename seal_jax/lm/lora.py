@@ -158,11 +158,15 @@ class AdapterStack:
                                    losses=[list(self.losses[k]) for k in picked],
                                    failed=[self.failed[k] for k in picked], single=single)
 
-    def __getitem__(self, k: int) -> Any:
-        """Candidate ``k`` as one adapter (``single=True``; arrays keep a leading axis of 1 and the stack's rank)."""
+    def _index(self, k: int) -> int:
+        """``k`` as an index from 0 (negative ones count from the end); out of range is an IndexError."""
         if not -len(self) <= k < len(self):
             raise IndexError(f"adapter index {k} out of range for {len(self)} candidates")
-        return self._picked([k % len(self)], single=True)
+        return k % len(self)
+
+    def __getitem__(self, k: int) -> Any:
+        """Candidate ``k`` as one adapter (``single=True``; arrays keep a leading axis of 1 and the stack's rank)."""
+        return self._picked([self._index(k)], single=True)
 
     def take(self, indices: Sequence[int]) -> Any:
         """Candidates ``indices`` (in that order) as a stack of their own: what one passage's candidates
@@ -243,6 +247,7 @@ class Adapters(AdapterStack):
 
     def unpadded(self, k: int) -> dict[str, dict[str, np.ndarray]]:
         """Candidate ``k``'s own weights, trimmed to its rank and its targets: ``{p: {"a": [L, in, r], "b": [L, r, out]}}``."""
+        k = self._index(k)
         spec = self.specs[k]
         out = {}
         for p, ab in self.weights.items():
@@ -262,7 +267,7 @@ class Adapters(AdapterStack):
         (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` ``[r, in]``, ``lora_B`` ``[out, r]``);
         ``peft.PeftModel.from_pretrained(base, path)`` loads it. Returns the folder.
         """
-        spec = self.specs[k]
+        spec = self.specs[self._index(k)]
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, np.ndarray] = {}

@@ -511,6 +511,12 @@ class TrainCall:
 def check_specs(k: int, lora: LoraSpec | Sequence[LoraSpec],
                 train: TrainSpec | Sequence[TrainSpec]) -> tuple[list[LoraSpec], list[TrainSpec]]:
     """One :class:`LoraSpec` and :class:`TrainSpec` per candidate (a single spec is repeated K times)."""
+    for name, given, kind in (("lora", lora, LoraSpec), ("train", train, TrainSpec)):
+        wrong = [given] if not isinstance(given, (list, tuple)) else given
+        wrong = next((s for s in wrong if not isinstance(s, kind)), None)
+        if wrong is not None:
+            raise TrainError(f"{name} must be a seal_jax.{kind.__name__} (or a list of them, one per candidate), "
+                             f"got {type(wrong).__name__} {wrong!r}: e.g. seal_jax.{kind.__name__}(**{{...}})")
     specs_l = [lora] * k if isinstance(lora, LoraSpec) else list(lora)
     specs_t = [train] * k if isinstance(train, TrainSpec) else list(train)
     if len(specs_l) != k or len(specs_t) != k:

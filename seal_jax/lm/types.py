@@ -136,6 +136,12 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
 
+def _check_number(owner: str, name: str, value: Any, error: type[ValueError]) -> None:
+    """Raise ``error`` naming ``owner.name`` unless ``value`` is a real number (not a string or a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise error(f"{owner}.{name} must be a number, got {value!r}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # LoRA
 
@@ -158,10 +164,15 @@ class LoraSpec:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self) -> None:
+        if isinstance(self.targets, str) and self.targets != "all":
+            raise LoraError(f"LoraSpec.targets must be a list of projection names or 'all', got the string "
+                            f"{self.targets!r} (one projection is a list of one: [{self.targets!r}])")
         targets = tuple(PROJECTIONS) if self.targets in ("all", ("all",)) else tuple(self.targets)
         object.__setattr__(self, "targets", targets)
-        if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
             raise LoraError(f"LoraSpec.rank must be a positive integer, got {self.rank!r}")
+        _check_number("LoraSpec", "alpha", self.alpha, LoraError)
+        _check_number("LoraSpec", "dropout", self.dropout, LoraError)
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise LoraError(f"LoraSpec.alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -236,12 +247,21 @@ class TrainSpec:
     shuffle: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("learning_rate", "weight_decay"):
+            _check_number("TrainSpec", name, getattr(self, name), TrainError)
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise TrainError(f"TrainSpec.learning_rate must be positive, got {self.learning_rate!r}")
         for name in ("epochs", "batch_size", "grad_accum", "max_len"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise TrainError(f"TrainSpec.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TrainError(f"TrainSpec.{name} must be an integer, got {value!r}")
+        for name in ("append_eos", "shuffle"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TrainError(f"TrainSpec.{name} must be true or false, got {getattr(self, name)!r}")
         if self.max_len < 2:
             raise TrainError(f"TrainSpec.max_len must be at least 2, got {self.max_len}")
         if self.warmup < 0:
@@ -283,6 +303,8 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
             m = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", part)
             if not m:
                 raise MeshError(f"bad mesh spec part {part!r} in {spec!r}; expected e.g. 'data=2,fsdp=4,tensor=1'")
+            if m.group(1) in items:
+                raise MeshError(f"mesh axis {m.group(1)!r} is given twice in {spec!r}; give each axis once")
             items[m.group(1)] = int(m.group(2))
     unknown = set(items) - set(MESH_AXES)
     if unknown:

@@ -83,6 +83,10 @@ def check_data_table(table: Any, where: str) -> None:
         value = table.get(key)
         if value is not None and (not isinstance(value, kinds) or (kinds is int and isinstance(value, bool))):
             raise RunConfigError(f"{where}.{key} must be {what}, got {value!r}")
+    if table.get("n") is not None and table["n"] < 1:
+        raise RunConfigError(f"{where}.n must be at least 1 (or left out for every passage), got {table['n']}")
+    if table.get("start") is not None and table["start"] < 0:
+        raise RunConfigError(f"{where}.start must be >= 0, got {table['start']}")
 
 
 def hardware_settings(table: dict[str, Any]) -> str:
@@ -182,8 +186,15 @@ class RunConfig:
     template_condition: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         for c in self.conditions:
             get_strategy(c)
+        if not self.conditions:
+            raise RunConfigError("conditions is empty: name at least one strategy, e.g. conditions = [\"base\", "
+                                 "\"implications\"] (\"base\" alone evaluates the model without self-edits)")
+        repeated = sorted({c for c in self.conditions if self.conditions.count(c) > 1})
+        if repeated:
+            raise RunConfigError(f"conditions names {repeated} more than once; name each condition once")
         unknown = sorted(set(self.template_condition) - set(TEMPLATE_CONDITION_DEFAULTS))
         if unknown:
             raise RunConfigError(f"unknown keys in [template_condition]: {unknown}; known keys: "
@@ -246,6 +257,26 @@ class RunConfig:
                 raise RunConfigError(f"[{table}]: {e}; {hint}") from None
             except ValueError as e:
                 raise RunConfigError(f"[{table}]: {e}") from None
+
+    def _check_types(self) -> None:
+        """Check the keys whose every use is a truth test or a path, where a value of another type would not
+        fail but do something else (``chat = "false"`` is true; ``name = "../x"`` leaves the runs folder)."""
+        for key in ("name", "model"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise RunConfigError(f"{key} must be a non-empty string, got {value!r}")
+        if self.name in (".", "..") or any(c in self.name for c in "/\\"):
+            raise RunConfigError(f"name {self.name!r} names the run's folder under checkpoints/runs/: use a plain "
+                                 "name without '/' (--out chooses another folder)")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
+            raise RunConfigError(f"tokenizer must be a folder (a non-empty string) or left out, got {self.tokenizer!r}")
+        for key in ("chat", "include_passage"):
+            if not isinstance(getattr(self, key), bool):
+                raise RunConfigError(f"{key} must be true or false (unquoted in TOML), got {getattr(self, key)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise RunConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.conditions, (tuple, list)) or not all(isinstance(c, str) for c in self.conditions):
+            raise RunConfigError(f"conditions must be a list of strategy names, got {self.conditions!r}")
 
     def _check_hardware(self) -> None:
         """Check the ``[hardware.<target>]`` tables: known targets and keys, meshes that lay out the target's

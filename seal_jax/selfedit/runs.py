@@ -23,7 +23,7 @@ from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
 from seal_jax.selfedit.results import summary_markdown
 from seal_jax.selfedit.run_config import RunConfig, RunConfigError, hardware_settings, read_toml
 from seal_jax.selfedit.template_search import TemplateSearchConfig, run_template_search, template_markdown
-from seal_jax.targets import running_target
+from seal_jax.targets import get_target, running_target
 
 KINDS = ("knowledge", "restem", "templates", "cpt", "continual")
 AnyConfig = RunConfig | RestemConfig | TemplateSearchConfig | CptConfig | ContinualConfig
@@ -85,6 +85,9 @@ def on_hardware(config: AnyConfig, target: str | None = None, *, devices: int | 
         table = tables.get(target)
         said = (f"{target}: [hardware.{target}] sets {hardware_settings(table)}" if table else
                 f"{target}: the config has no [hardware.{target}] table; the top-level settings apply")
+        chips = get_target(target).chips
+        if devices is not None and chips != devices:
+            said += f" (note: {target} has {chips} device{'s' if chips > 1 else ''} and this run has {devices})"
     mesh = getattr(resolved, "knowledge", resolved).mesh
     if devices is not None and mesh and not mesh_lays_out(parse_mesh_spec(mesh), devices):
         origin = f"[hardware.{target}]" if target in tables and "mesh" in tables[target] else "the top level"
