@@ -163,6 +163,25 @@ def test_extension_table_split_and_json():
     assert out["extra"] == {"rounds": 3} and "conditions" not in out and out["model"] == "m"
 
 
+@pytest.mark.parametrize("file, table, key, value, message", [
+    ("restem-demo", "restem", "positive_gain_only", "no", "restem.positive_gain_only must be true or false, got 'no'"),
+    ("restem-demo", "restem", "rounds", "2", "restem.rounds must be an integer, got '2'"),
+    ("templates-archive-demo", "templates", "sft", "false", "templates.sft must be true or false, got 'false'"),
+    ("templates-archive-demo", "templates", "max_epochs", 2.5, "templates.max_epochs must be an integer or absent"),
+    ("cpt-demo", "cpt", "eval_batch", True, "cpt.eval_batch must be an integer, got True"),
+    ("continual-demo", "continual", "strategy", 3, "continual.strategy must be a string, got 3"),
+])
+def test_extension_tables_check_the_types_their_fields_declare(file, table, key, value, message):
+    """A quoted "false" in TOML is a string that every truth test takes as true: refused, naming the key."""
+    import tomllib
+
+    raw = tomllib.loads((Path(__file__).parents[1] / "experiments" / f"{file}.toml").read_text())
+    load_config_from(raw, f"{file}.toml")  # as written, it loads
+    raw[table][key] = value
+    with pytest.raises(RunConfigError, match=f"{file}.toml: {message}"):
+        load_config_from(raw, f"{file}.toml")
+
+
 def test_reward_option_and_resuming_folders_written_before_it():
     assert tiny_config("m").reward == "accuracy" and tiny_config("m", reward="gold_loglik").reward == "gold_loglik"
     with pytest.raises(RunConfigError, match=r"reward must be one of \('accuracy', 'gold_loglik'\), got 'loss'"):

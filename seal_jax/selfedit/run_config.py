@@ -89,6 +89,32 @@ def check_data_table(table: Any, where: str) -> None:
         raise RunConfigError(f"{where}.start must be >= 0, got {table['start']}")
 
 
+_SCALARS: dict[str, tuple[type, str]] = {"bool": (bool, "true or false"), "int": (int, "an integer"),
+                                         "str": (str, "a string"), "float": ((int, float), "a number")}  # type: ignore[dict-item]
+
+
+def check_field_types(cls: Any, table: dict[str, Any], prefix: str) -> None:
+    """Check a table's values against the scalar types its dataclass ``cls`` declares (``bool``, ``int``,
+    ``str``, ``float``, each optionally ``| None``): TOML gives a quoted ``"false"`` as a string, which every
+    truth test would take as true.
+
+    Raises:
+      RunConfigError: ``prefix`` + the key, what it must be and what it got.
+    """
+    for field in dataclasses.fields(cls):
+        if field.name not in table:
+            continue
+        declared = str(field.type).replace(" ", "")
+        optional = declared.endswith("|None")
+        kind = _SCALARS.get(declared.removesuffix("|None"))
+        value = table[field.name]
+        if kind is None or (optional and value is None):
+            continue
+        types, what = kind
+        if not isinstance(value, types) or (types is not bool and isinstance(value, bool)):
+            raise RunConfigError(f"{prefix}{field.name} must be {what}{' or absent' if optional else ''}, got {value!r}")
+
+
 def hardware_settings(table: dict[str, Any]) -> str:
     """A ``[hardware.<target>]`` table's settings as TOML writes them: ``mesh = "data=1,tensor=4", remat = "full"``."""
     return ", ".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
@@ -460,6 +486,7 @@ class ExtendedConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"knowledge"}  # type: ignore[arg-type]
         raw, table = split_extension_table(raw, cls.TABLE, known, where=where, kind=cls.KIND,
                                            conditions_note=cls.CONDITIONS_NOTE)
+        check_field_types(cls, table, f"{where}: {cls.TABLE}.")
         knowledge = RunConfig.from_dict({**raw, "conditions": cls.conditions_of(table)}, where=where)
         grouped = [knowledge.passages_per_program] + [t.get("passages_per_program", 1) for t in knowledge.hardware.values()]
         if any(p != 1 for p in grouped) and not cls.GROUPS_PASSAGES:
