@@ -567,7 +567,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=None, help="K self-edits per passage (default 5, SEAL)")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default on GPU/TPU) or float32 (default on CPU)")
     parser.add_argument("--attention", default=None, choices=attn.IMPLEMENTATIONS,
-                        help="attention implementation, used as given (default: the platform's, einsum on CPU, "
+                        help="attention implementation, used as given (default: the platform's, causal_blocks on CPU, "
                              "and on TPU / GPU its fused kernel, splash / triton, checked first against the einsum "
                              "on this machine: chunked runs where it fails)")
     parser.add_argument("--no-roofline", action="store_true",

@@ -19,6 +19,7 @@ from seal_jax.lm.attention import (
     Placement,
     attention,
     cached_attention,
+    causal_block_attention,
     chunked_attention,
     einsum_attention,
     implementation_for,
@@ -68,8 +69,34 @@ def test_sequences_of_one_block_use_the_einsum_and_the_cache_path_agrees():
         np.testing.assert_allclose(np.asarray(got), np.asarray(einsum_attention(q, k, v, allowed)), atol=1e-5, rtol=0)
 
 
+def test_causal_blocks_equal_the_einsum_with_padding_and_gqa():
+    """CPU's "causal_blocks": each query block over the keys up to its end; equal to the einsum on every row
+    that has a key (a padding row without one averages its block's values instead of all), and so are the
+    gradients."""
+    q, k, v, allowed = inputs(t=128, s=128)
+    rows = np.asarray(allowed).any(-1)[:, :, None, None]  # [B, T, 1, 1]: rows with at least one key
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32) * rows
+
+    def run(fn):
+        out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, allowed), q, k, v)
+        return (out * rows, *pull(cot))
+
+    want = run(einsum_attention)
+    for blocks in (4, 2, 3):  # 3 does not divide 128: one block
+        got = run(lambda *a, blocks=blocks: causal_block_attention(*a, blocks=blocks))
+        for name, x, y in zip(("output", "dq", "dk", "dv"), got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=0, err_msg=f"{blocks}: {name}")
+    np.testing.assert_array_equal(np.asarray(attention(q, k, v, allowed, "causal_blocks")),
+                                  np.asarray(causal_block_attention(q, k, v, allowed)))
+    short = inputs()  # below BLOCKS_FROM: one block, no padding row differs
+    np.testing.assert_allclose(np.asarray(causal_block_attention(*short)), np.asarray(einsum_attention(*short)),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(AttentionError, match="T queries over their own T keys, got 16 and 20"):
+        causal_block_attention(*inputs(t=16, s=20))
+
+
 def test_dispatch_by_platform_and_errors():
-    assert implementation_for("cpu") == "einsum"
+    assert implementation_for("cpu") == "causal_blocks"
     assert implementation_for("tpu") == "splash" and implementation_for("gpu") == "triton"
     assert implementation_for("an unknown platform") == "chunked"
     q, k, v, allowed = inputs()
@@ -83,7 +110,7 @@ def test_dispatch_by_platform_and_errors():
     with pytest.raises(AttentionError, match="unknown attention implementation"):
         Decoder(preset("tiny"), rngs=nnx.Rngs(0), attention_impl="flash")
     # the LM picks the implementation from its mesh's devices, not from the host
-    assert sj.LM.abstract("tiny").model.attention_impl == "einsum"
+    assert sj.LM.abstract("tiny").model.attention_impl == "causal_blocks"
     gpu = shd.make_mesh("data=8", devices=targets.devices("h100-8"))
     assert sj.LM.abstract("tiny", mesh=gpu).model.attention_impl == "triton"
     assert sj.LM.abstract("tiny", mesh=gpu).model.attention_placement == Placement(gpu)

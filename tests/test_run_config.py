@@ -117,7 +117,7 @@ def test_resume_ignores_engine_settings_only():
     # attention: the platform's unless named; how it is computed does not change results
     assert tiny_config("m").attention is None and tiny_config("m", attention="chunked").attention == "chunked"
     assert config_differences(base, {**base, "attention": "chunked"}) == []
-    with pytest.raises(RunConfigError, match=r"attention must be one of \['einsum', 'chunked', 'splash', 'triton'\]"):
+    with pytest.raises(RunConfigError, match=r"attention must be one of \['einsum', 'causal_blocks', 'chunked', 'splash', 'triton'\]"):
         tiny_config("m", attention="flash")
 
 

@@ -186,9 +186,9 @@ def test_device_kinds_map_to_the_peak_table():
 def test_a_kernel_that_fails_its_check_leaves_the_suite_on_chunked_attention(report):
     """On a TPU or GPU the suite checks the platform's fused attention kernel on the machine first and runs
     "chunked" if it fails (one run on a machine whose JAX rejects the kernel still measures everything);
-    --attention chooses; a CPU runs its einsum unchecked. The report says which ran, and why."""
+    --attention chooses; a CPU runs its own ("causal_blocks") unchecked. The report says which ran, and why."""
     data, _ = report
-    assert data["attention"] == "einsum" and data["attention_note"] is None
+    assert data["attention"] == "causal_blocks" and data["attention_note"] is None
     asked = []
 
     def failing(kernel):

@@ -94,7 +94,7 @@ class LM:
     ``model.LAYER_STORAGE``, default by the mesh's platform: ``"split"`` on GPUs, ``"stacked"`` elsewhere) is
     how the layer weights are held on the devices (see :class:`~seal_jax.lm.model.LayerStack`); the programs'
     results do not depend on it. ``attention`` (one of ``attention.IMPLEMENTATIONS``, default by the mesh's
-    platform: ``"einsum"`` on CPUs, the fused kernels ``"splash"`` on TPUs and ``"triton"`` on GPUs) is how T
+    platform: ``"causal_blocks"`` on CPUs, the fused kernels ``"splash"`` on TPUs and ``"triton"`` on GPUs) is how T
     tokens attend to their own keys; ``"chunked"`` runs anywhere without a kernel, for a machine whose
     JAX rejects one (``attention.check_kernel`` says). :attr:`compiler_options` (default ``{}``) are XLA
     options the model's compute programs are compiled with (logits, log-probs, generation, training).
@@ -203,7 +203,7 @@ class LM:
             train mesh's ``data`` axis along the model width and all-gathered before the layer runs, forward
             and again backward: a replica's memory divided by ``data``, for chips too small for one).
           attention: how T tokens attend to their own keys (see the class): ``None`` for the platform's
-            default, or one of ``"einsum"``, ``"chunked"``, ``"splash"``, ``"triton"``.
+            default, or one of ``"einsum"``, ``"causal_blocks"``, ``"chunked"``, ``"splash"``, ``"triton"``.
         """
         folder = weights.resolve_checkpoint(path_or_id)
         attn.chosen(attention)

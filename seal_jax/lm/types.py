@@ -40,7 +40,7 @@ TRAIN_WEIGHTS = ("replicated", "fsdp")
 
 # How T tokens attend to their own keys (``seal_jax.load(..., attention=NAME)``; seal_jax.lm.attention): the
 # float32 einsum (CPUs' default), blocks of queries, the TPU (splash) and GPU (Triton) fused kernels.
-ATTENTION_IMPLEMENTATIONS = ("einsum", "chunked", "splash", "triton")
+ATTENTION_IMPLEMENTATIONS = ("einsum", "causal_blocks", "chunked", "splash", "triton")
 
 
 def remat_name(value: Any) -> str:

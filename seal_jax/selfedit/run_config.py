@@ -148,7 +148,8 @@ class RunConfig:
         length need "full".
       attention: how T tokens attend to their own keys (``LM.load(attention=...)``): ``None`` (default) for
         the platform's (the fused kernel on TPUs and GPUs), or ``"chunked"`` (no kernel: for a machine whose
-        JAX rejects it, as ``seal-jax bench`` reports), ``"einsum"``, ``"splash"``, ``"triton"``.
+        JAX rejects it, as ``seal-jax bench`` reports), ``"einsum"``, ``"causal_blocks"``, ``"splash"``,
+        ``"triton"``.
       hardware: settings for particular hardware: ``{target: {key: value}}``, a target being a name
         ``seal-jax compile --target`` knows (``"h100-8"``, ``"tpu-v5p-16"`` …) and the keys those of
         :data:`HARDWARE_KEYS` (``[hardware.tpu-v5p-16]`` in TOML). :meth:`on_target` applies one over the
