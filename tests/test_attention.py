@@ -86,7 +86,7 @@ def test_causal_blocks_equal_the_einsum_with_padding_and_gqa():
         got = run(lambda *a, blocks=blocks: causal_block_attention(*a, blocks=blocks))
         for name, x, y in zip(("output", "dq", "dk", "dv"), got, want, strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=0, err_msg=f"{blocks}: {name}")
-    np.testing.assert_array_equal(np.asarray(attention(q, k, v, allowed, "causal_blocks")),
+    np.testing.assert_array_equal(np.asarray(attention(q, k, v, allowed, "causal_blocks")),  # the dispatch
                                   np.asarray(causal_block_attention(q, k, v, allowed)))
     short = inputs()  # below BLOCKS_FROM: one block, no padding row differs
     np.testing.assert_allclose(np.asarray(causal_block_attention(*short)), np.asarray(einsum_attention(*short)),
@@ -210,6 +210,21 @@ def test_fused_kernels_equal_the_einsum_with_padding_gqa_and_a_mesh(impl):
         with jax.default_matmul_precision("default"):
             assert attn.splash_attention_applies(16, Placement()) and not attn.splash_attention_applies(16, tpu)
             assert attn.splash_attention_applies(64, tpu)
+
+
+def test_a_causal_blocks_model_gives_the_einsum_models_hidden_states_on_real_tokens():
+    """A whole decoder over 256 tokens (four blocks of 64) with left padding: the CPU's causal blocks = the
+    einsum on every real token (a padding token's row averages fewer values; nothing reads it)."""
+    config = preset("tiny")
+    einsum = Decoder(config, rngs=nnx.Rngs(3), attention_impl="einsum")
+    blocks = Decoder(config, rngs=nnx.Rngs(3), attention_impl="causal_blocks")
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 256)))
+    mask = jnp.ones((2, 256), jnp.int32).at[1, :100].set(0)
+    a, _ = einsum.hidden_states(ids, mask)
+    b, _ = blocks.hidden_states(ids, mask)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(b)[real], np.asarray(a)[real], atol=2e-5, rtol=0)
+    assert not np.allclose(np.asarray(b)[~real], np.asarray(a)[~real])  # the padding rows do differ
 
 
 def test_a_chunked_model_gives_the_einsum_models_hidden_states():

@@ -53,6 +53,7 @@ def test_config_errors(tmp_path, tiny_chat_dir):
                                 ("name", "../../etc", "use a plain name without '/'"), ("name", "", "name must be a non-empty"),
                                 ("model", 3, "model must be a non-empty string, got 3"),
                                 ("conditions", [], "conditions is empty"),
+                                ("conditions", "implications", "conditions must be a list of strategy names"),
                                 ("conditions", ["base", "rewrite", "rewrite"], r"names \['rewrite'\] more than once"),
                                 ("data", {"source": "demo", "n": 0}, "data.n must be at least 1"),
                                 ("data", {"source": "demo", "start": -1}, "data.start must be >= 0")):
@@ -161,6 +162,16 @@ def test_extension_table_split_and_json():
     knowledge = RunConfig.from_dict({"name": "x", "model": "m", "conditions": ["base"]})
     out = extension_json(knowledge, Extended(knowledge, rounds=3), "extra")
     assert out["extra"] == {"rounds": 3} and "conditions" not in out and out["model"] == "m"
+
+
+def test_a_strategy_of_base_is_refused_by_its_own_table():
+    import tomllib
+
+    for file, table in (("restem-demo", "restem"), ("continual-demo", "continual")):
+        raw = tomllib.loads((Path(__file__).parents[1] / "experiments" / f"{file}.toml").read_text())
+        raw[table]["strategy"] = "base"
+        with pytest.raises(RunConfigError, match=f"{table}.strategy 'base' does not (generate|write) self-edits"):
+            load_config_from(raw, f"{file}.toml")
 
 
 @pytest.mark.parametrize("file, table, key, value, message", [

@@ -481,11 +481,11 @@ def test_lanes_holding_several_candidates_split_over_data(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("impl, mesh", [("splash", "data=2,fsdp=2,tensor=2"), ("triton", "data=8,fsdp=1,tensor=1")])
-def test_fused_attention_training_on_a_mesh_equals_the_einsum_unsharded(tiny, tmp_path, monkeypatch, impl, mesh):
+def test_fused_attention_training_on_a_mesh_equals_the_cpus_unsharded(tiny, tmp_path, monkeypatch, impl, mesh):
     """The TPU's and GPU's attention kernels (Pallas splash and Triton, run here in interpret mode) inside
     their shard_map: two candidates whose lanes split `data` (2 devices; the vmap over lanes names `data` to
     the shard_map), and one candidate whose micro-batch rows split `data` (8 devices), train the adapters
-    the einsum trains without a mesh, on sequences of more than one 128-token tile."""
+    the CPU's attention ("causal_blocks") trains without a mesh, on sequences of more than one 128-token tile."""
     calls = []
     kernel = getattr(attn, f"{impl}_attention")
     monkeypatch.setattr(attn, f"{impl}_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))

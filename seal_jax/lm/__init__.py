@@ -30,7 +30,7 @@ def __getattr__(name: str) -> Any:
     …): the engine (and jax) is imported on first use."""
     if name in _ENGINE:
         value = getattr(importlib.import_module(_ENGINE[name]), name)
-    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    elif name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
         value = importlib.import_module(f"{__name__}.{name}")
     else:
         raise AttributeError(f"module 'seal_jax.lm' has no attribute {name!r}")

@@ -6,13 +6,13 @@ once per model from the platform of its mesh's devices (``sharding.platform``; f
 compiled on a CPU host it is the target's platform, never the host's), and stored on the ``Decoder``:
 
 - ``"einsum"``: one grouped-query einsum with a float32 ``[B, KVH, G, T, S]`` score matrix: the reference,
-  and what the others use below their lengths.
+  and what ``"chunked"`` and the kernels run below their lengths.
 - ``"causal_blocks"`` (CPU): the causal square cut into :data:`CAUSAL_BLOCKS` blocks of queries, each
   attending to the keys up to its own end only, so the blocks above the diagonal are never computed, each
   block's scores and output two batched matmuls with their batch axes leading (:func:`cached_attention`'s
   form, which XLA:CPU runs faster than the einsum's). SEAL's scores are small on a CPU and stay whole per
-  block; LoRA training of the bundled model at 4 x 256 tokens runs ~12% faster than with the einsum
-  (BENCHMARKS.md). From :data:`BLOCKS_FROM` tokens on; shorter sequences are one block.
+  block; LoRA training of the bundled model at 4 x 256 tokens runs faster than with the einsum (BENCHMARKS.md,
+  "Causal blocks for CPU attention"). From :data:`BLOCKS_FROM` tokens on; shorter sequences are one block.
 - ``"chunked"`` (where neither kernel applies: see their limits below): the same arithmetic over
   blocks of :data:`QUERY_CHUNK` queries (a ``lax.map``), each block's scores recomputed in the backward
   pass (``jax.checkpoint``). So no ``[T, S]`` float32 matrix exists, neither in the forward nor in the

@@ -67,7 +67,8 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
     total = int(np.prod(list(sizes.values())))
     if total != len(devices):
         hint = ("on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax"
-                if all(d.platform == "cpu" for d in devices) else f"give sizes whose product is {len(devices)}")
+                if total > len(devices) and all(d.platform == "cpu" for d in devices)
+                else f"give sizes whose product is {len(devices)}")
         raise MeshError(f"mesh {sizes} needs {total} devices but {len(devices)} are available; {hint}")
     shape = tuple(sizes[a] for a in MESH_AXES)
     if keep_order:

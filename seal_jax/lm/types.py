@@ -39,7 +39,8 @@ REMAT_POLICIES = ("none", "minimal", "full")
 TRAIN_WEIGHTS = ("replicated", "fsdp")
 
 # How T tokens attend to their own keys (``seal_jax.load(..., attention=NAME)``; seal_jax.lm.attention): the
-# float32 einsum (CPUs' default), blocks of queries, the TPU (splash) and GPU (Triton) fused kernels.
+# float32 einsum (the reference), causal blocks of queries (CPUs' default), blocks of queries with their scores
+# recomputed in the backward pass, the TPU (splash) and GPU (Triton) fused kernels.
 ATTENTION_IMPLEMENTATIONS = ("einsum", "causal_blocks", "chunked", "splash", "triton")
 
 

@@ -85,7 +85,7 @@ class ContinualConfig(ExtendedConfig):
 
     @classmethod
     def conditions_of(cls, table: dict[str, Any]) -> list[str]:
-        return ["base", table.get("strategy", cls.strategy)]
+        return list(dict.fromkeys(["base", table.get("strategy", cls.strategy)]))  # ("base": refused by the table's check)
 
 
 def sequence_passages(pool: Sequence[Passage], config: ContinualConfig, s: int) -> list[Passage]:

@@ -134,7 +134,7 @@ class RestemConfig(ExtendedConfig):
 
     @classmethod
     def conditions_of(cls, table: dict[str, Any]) -> list[str]:
-        return ["base", table.get("strategy", cls.strategy)]
+        return list(dict.fromkeys(["base", table.get("strategy", cls.strategy)]))  # ("base": refused by the table's check)
 
 
 # ----------------------------------------------------------------------------------------------------

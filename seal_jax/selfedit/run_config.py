@@ -387,6 +387,9 @@ class RunConfig:
             raise RunConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
         raw = dict(raw)
         if "conditions" in raw:
+            if not isinstance(raw["conditions"], (list, tuple)):
+                raise RunConfigError(f"{where}: conditions must be a list of strategy names, like [\"base\", "
+                                     f"\"implications\"], got {raw['conditions']!r}")
             raw["conditions"] = tuple(raw["conditions"])
         try:
             return cls(**raw)
