@@ -51,7 +51,7 @@ def test_config_errors(tmp_path, tiny_chat_dir):
                                 ("include_passage", "no", "include_passage must be true or false"),
                                 ("seed", "0", "seed must be an integer, got '0'"), ("seed", 1.5, "seed must be an integer"),
                                 ("name", "../../etc", "use a plain name without '/'"), ("name", "", "name must be a non-empty"),
-                                ("model", 3, "model must be a non-empty string, got 3"),
+                                ("model", 3, "model must be a string, got 3"),
                                 ("conditions", [], "conditions is empty"),
                                 ("conditions", "implications", "conditions must be a list of strategy names"),
                                 ("conditions", ["base", "rewrite", "rewrite"], r"names \['rewrite'\] more than once"),

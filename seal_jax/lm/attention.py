@@ -68,7 +68,7 @@ IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 QUERY_CHUNK = 512
 CHUNKED_FROM = 2048
 # "causal_blocks": query blocks per sequence from BLOCKS_FROM tokens on (measured on the bundled model's
-# LoRA training at 256 tokens, 2 cores: 2 blocks +10%, 4 +12%, 8 +8% over one)
+# LoRA training at 256 tokens, 2 cores: 2 blocks +10%, 4 +12%, 8 +8% over the einsum)
 CAUSAL_BLOCKS = 4
 BLOCKS_FROM = 128
 # the fused kernels' tiles (queries and keys per block); a length they do not divide is padded to whole tiles

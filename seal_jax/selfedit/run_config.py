@@ -288,20 +288,14 @@ class RunConfig:
     def _check_types(self) -> None:
         """Check the keys whose every use is a truth test or a path, where a value of another type would not
         fail but do something else (``chat = "false"`` is true; ``name = "../x"`` leaves the runs folder)."""
-        for key in ("name", "model"):
-            value = getattr(self, key)
-            if not isinstance(value, str) or not value.strip():
-                raise RunConfigError(f"{key} must be a non-empty string, got {value!r}")
+        check_field_types(RunConfig, {k: getattr(self, k) for k in ("name", "model", "tokenizer", "chat",
+                                                                  "include_passage", "seed")}, "")
+        for key in ("name", "model", "tokenizer"):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                raise RunConfigError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
         if self.name in (".", "..") or any(c in self.name for c in "/\\"):
             raise RunConfigError(f"name {self.name!r} names the run's folder under checkpoints/runs/: use a plain "
                                  "name without '/' (--out chooses another folder)")
-        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
-            raise RunConfigError(f"tokenizer must be a folder (a non-empty string) or left out, got {self.tokenizer!r}")
-        for key in ("chat", "include_passage"):
-            if not isinstance(getattr(self, key), bool):
-                raise RunConfigError(f"{key} must be true or false (unquoted in TOML), got {getattr(self, key)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise RunConfigError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.conditions, (tuple, list)) or not all(isinstance(c, str) for c in self.conditions):
             raise RunConfigError(f"conditions must be a list of strategy names, got {self.conditions!r}")
 
