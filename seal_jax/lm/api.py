@@ -34,7 +34,7 @@ from seal_jax.lm.model import (
 )
 from seal_jax.lm.params import flatten, nest
 from seal_jax.lm.training import TrainSpec
-from seal_jax.lm.types import TRAIN_WEIGHTS
+from seal_jax.lm.types import TRAIN_WEIGHTS, is_int
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -601,7 +601,7 @@ class LM:
         """``fn`` (``training.train_adapters`` or ``training.training_memory``) called with this model's
         weights, tokenizer, ids, mesh and programs, and SEAL's specs where ``lora``/``train`` are None."""
         self._require_weights("training")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not is_int(seed):
             raise TypeError(f"seed must be an integer, got {seed!r}")
         graphdef, state, mesh = self._train_view()
         out = fn(

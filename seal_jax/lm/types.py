@@ -170,7 +170,7 @@ class LoraSpec:
                             f"{self.targets!r} (one projection is a list of one: [{self.targets!r}])")
         targets = tuple(PROJECTIONS) if self.targets in ("all", ("all",)) else tuple(self.targets)
         object.__setattr__(self, "targets", targets)
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+        if not is_int(self.rank) or self.rank < 1:
             raise LoraError(f"LoraSpec.rank must be a positive integer, got {self.rank!r}")
         _check_number("LoraSpec", "alpha", self.alpha, LoraError)
         _check_number("LoraSpec", "dropout", self.dropout, LoraError)
@@ -254,11 +254,11 @@ class TrainSpec:
             raise TrainError(f"TrainSpec.learning_rate must be positive, got {self.learning_rate!r}")
         for name in ("epochs", "batch_size", "grad_accum", "max_len"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not is_int(value) or value < 1:
                 raise TrainError(f"TrainSpec.{name} must be a positive integer, got {value!r}")
         for name in ("warmup", "seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if not is_int(value):
                 raise TrainError(f"TrainSpec.{name} must be an integer, got {value!r}")
         for name in ("append_eos", "shuffle"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
