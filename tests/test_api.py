@@ -119,11 +119,12 @@ def test_merge_adapter_and_shared_programs(tiny_hf):
     lm.model.attention_impl, lm.model.train_layers = "chunked", "unrolled"  # chosen by hand: kept when merging
     kept = lm.merge_adapter(adapters, 1)
     assert (kept.model.attention_impl, kept.model.train_layers) == ("chunked", "unrolled")
+    np.testing.assert_array_equal(lm.merge_adapter(adapters, -1).logits(ids), kept.logits(ids))  # as adapters[-1]
     with pytest.raises(IndexError, match="out of range"):
         lm.merge_adapter(adapters, 2)
     adapters.failed = [None, "non-finite loss at step 3"]
-    with pytest.raises(ValueError, match="failed in training"):
-        lm.merge_adapter(adapters, 1)
+    with pytest.raises(ValueError, match="adapter 1 failed in training"):
+        lm.merge_adapter(adapters, -1)
 
 
 def test_completion_logprobs_equal_transformers_on_the_bundled_model(bundled_lm, bundled_hf, tmp_path):

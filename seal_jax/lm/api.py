@@ -425,8 +425,7 @@ class LM:
         """
         if not isinstance(adapters, Adapters):
             raise TypeError(f"merge_adapter takes seal_jax.Adapters, got {type(adapters).__name__}")
-        if not 0 <= k < len(adapters.specs):
-            raise IndexError(f"adapter index {k} is out of range for {len(adapters.specs)} adapter(s)")
+        k = adapters._index(k)  # negative k counts from the end, as adapters[k] and save_peft do
         if adapters.failed and adapters.failed[k]:
             raise ValueError(f"adapter {k} failed in training ({adapters.failed[k]}); refusing to merge it")
         self._lora(adapters)
