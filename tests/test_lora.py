@@ -98,6 +98,15 @@ def test_slice_and_stack(base):
             bad()
     np.testing.assert_array_equal(both.unpadded(-1)["q_proj"]["a"], both.unpadded(2)["q_proj"]["a"])
     np.testing.assert_allclose(np.asarray(both.scales), [1.0, 1 / 3, 1 / 3])
+    one = both[1]  # a single adapter is sliced once, not on every call; new weights are sliced anew
+    inputs = one.as_inputs()
+    assert one.as_inputs() is inputs and inputs.weights["q_proj"]["a"].shape == (2, 64, 6)
+    np.testing.assert_array_equal(inputs.weights["o_proj"]["b"], both.weights["o_proj"]["b"][1])
+    one.weights = jax.tree.map(lambda x: x * 2, one.weights)
+    np.testing.assert_array_equal(one.as_inputs().weights["o_proj"]["b"], 2 * inputs.weights["o_proj"]["b"])
+    one.weights["o_proj"]["b"] = jnp.zeros_like(one.weights["o_proj"]["b"])  # a leaf replaced in place
+    assert float(jnp.abs(one.as_inputs().weights["o_proj"]["b"]).max()) == 0.0
+    assert both.as_inputs().weights is both.weights  # a stack's arrays as they are
 
 
 def test_take_makes_a_stack_of_the_chosen_candidates(base):

@@ -139,6 +139,9 @@ class AdapterStack:
     losses: list[list[float]] = dataclasses.field(default_factory=list)
     failed: list[str | None] = dataclasses.field(default_factory=list)
     single: bool = False
+    # a single adapter's as_inputs, with the leaves and specs it was made from: its leaves are sliced once,
+    # not on every generate/logits call
+    _inputs: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.specs = tuple(self.specs)
@@ -189,9 +192,16 @@ class AdapterStack:
     def as_inputs(self) -> LoraInputs:
         """The adapters as the model's :class:`LoraInputs`, no dropout: leaves ``[K, ...]`` and scale ``[K]``
         for a stack; leaves without the K axis and a scalar scale when :attr:`single`."""
-        if self.single:
-            return LoraInputs(weights=jax.tree.map(lambda x: x[0], self.weights), scale=self.scales[0])
-        return LoraInputs(weights=self.weights, scale=self.scales)
+        if not self.single:
+            return LoraInputs(weights=self.weights, scale=self.scales)
+        leaves = tuple(jax.tree.leaves(self.weights))
+        made = self._inputs
+        if made is not None and made[1] == self.specs and len(made[0]) == len(leaves) \
+                and all(a is b for a, b in zip(made[0], leaves, strict=True)):
+            return made[2]
+        inputs = LoraInputs(weights=jax.tree.map(lambda x: x[0], self.weights), scale=self.scales[0])
+        self._inputs = (leaves, self.specs, inputs)
+        return inputs
 
 
 @dataclasses.dataclass
