@@ -79,7 +79,7 @@ def test_killed_run_resumes_to_the_same_rows(tiny_chat_dir, tiny_lm, tmp_path):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
     assert strip(read_rows(part / "results.jsonl")) == strip(read_rows(full / "results.jsonl"))
-    with pytest.raises(RunConfigError, match=r"config differs in \['k'\]"):
+    with pytest.raises(RunConfigError, match=r"config differs in \['k'\] \(saved -> now: k 2 -> 3\)"):
         run_knowledge(tiny_config(tiny_chat_dir, k=3), part, lm=tiny_lm, progress=False, resume=True)
 
 
@@ -140,7 +140,7 @@ def test_a_config_built_in_python_resumes(tiny_chat_dir, tiny_lm, tmp_path):
     assert config.to_json() == json.loads(json.dumps(config.to_json()))
     run_knowledge(config, tmp_path, lm=tiny_lm, progress=False)
     config2 = dataclasses.replace(config, data={"source": "demo", "n": 2})
-    with pytest.raises(RunConfigError, match=r"differs in \['data'\]"):
+    with pytest.raises(RunConfigError, match=r"differs in \['data'\] \(saved -> now: data.n 1 -> 2\)"):
         run_knowledge(config2, tmp_path, lm=tiny_lm, progress=False, resume=True)
     run_knowledge(config, tmp_path, lm=tiny_lm, progress=False, resume=True)  # nothing left to do, no error
     assert len(read_rows(tmp_path / "results.jsonl")) == 1
@@ -228,7 +228,7 @@ class CannedTemplateLM:
         return getattr(self.lm, name)
 
 
-def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, tiny_lm, tmp_path):
+def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, tiny_lm, tmp_path, capsys):
     config = tiny_config(tiny_chat_dir, conditions=["base", "passage", "template"],
                          template_condition={"max_epochs": 3, "max_retries": 0})
     lm = CannedTemplateLM(tiny_lm)
@@ -271,5 +271,13 @@ def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, t
     failed = [r for r in rows if r["condition"] == "template"]
     assert len(failed) == 4 and all(r["failure"].startswith("no valid template: no JSON object") for r in failed)
     assert all(r["accuracy_after"] == r["accuracy_before"] for r in failed)
+    # a new run into that folder (not resumed) proposes again: the failed template was an earlier run's
+    (tmp_path / "bad" / "results.jsonl").write_text("")
+    good = CannedTemplateLM(tiny_lm)
+    capsys.readouterr()
+    run_knowledge(bad_config, tmp_path / "bad", lm=good, progress=True, stop_after=0)
+    assert good.meta == 1 and json.loads((tmp_path / "bad" / "template.json").read_text())["failure"] is None
+    err = capsys.readouterr().err
+    assert "up to 2 attempt(s) of 2 proposals" in err and "template ready" in err
     with pytest.raises(RunConfigError, match="template_condition"):
         tiny_config(tiny_chat_dir, template_condition={"fallback": "lines"})

@@ -12,6 +12,7 @@ from seal_jax.selfedit.run_config import (
     RunConfig,
     RunConfigError,
     config_differences,
+    describe_differences,
     extension_json,
     split_extension_table,
 )
@@ -68,6 +69,18 @@ def test_config_errors(tmp_path, tiny_chat_dir):
     for key, value in (("k", 2.0), ("repeats", 0), ("k", True), ("eval_max_new_tokens", "64")):
         with pytest.raises(RunConfigError, match=f"{key} must be a positive integer"):
             tiny_config(tiny_chat_dir, **{key: value})
+    # [template_condition]: a quoted "false" would show the archive; -1 retries would never propose
+    for key, value, message in (("archive", "false", "archive must be true or false, got 'false'"),
+                                ("max_retries", -1, "max_retries must be an integer >= 0, got -1"),
+                                ("max_epochs", 2.5, "max_epochs must be an integer >= 1 or absent, got 2.5"),
+                                ("max_epochs", "3", "max_epochs must be an integer >= 1 or absent, got '3'"),
+                                ("proposal_max_new_tokens", 0, "proposal_max_new_tokens must be an integer >= 1"),
+                                ("fill_max_new_tokens", "256", "fill_max_new_tokens must be an integer >= 1 or absent"),
+                                ("candidates", True, "candidates must be an integer >= 1, got True")):
+        with pytest.raises(RunConfigError, match=f"template_condition.{message}"):
+            tiny_config(tiny_chat_dir, template_condition={key: value})
+    assert tiny_config(tiny_chat_dir, template_condition={"max_epochs": None, "max_retries": 0}).template_options()[
+        "max_retries"] == 0
 
 
 def test_experiment_configs_parse():
@@ -100,6 +113,13 @@ def test_resume_ignores_engine_settings_only():
     assert config_differences(older, {**base, "templates": {"variant": "archive", "seed_scores": "rescore"}}) == [
         "templates"]
     assert config_differences(base, {**base, "passages_per_program": 4}) == []  # results do not depend on it
+    # the message names each differing entry of a table, saved value first
+    changed = {**base, "k": 3, "data": {**base["data"], "n": base["data"]["n"] + 1}}
+    assert describe_differences(base, changed) == f"data.n {base['data']['n']} -> {base['data']['n'] + 1}, k {base['k']} -> 3"
+    assert describe_differences(older, {**base, "templates": {"variant": "archive", "seed_scores": "rescore"}}) == (
+        "templates.seed_scores None -> 'rescore'")
+    many = {**base, "train": {k: 7 for k in base["train"]}}
+    assert describe_differences(base, many, limit=2).endswith(f" and {len(base['train']) - 2} more")
     assert config_differences(base, {**base, "train_mesh": "data=8"}) == []
     with pytest.raises(RunConfigError, match="train_mesh must be a string"):
         tiny_config("m", mesh="data=8", train_mesh={"data": 8})
@@ -231,7 +251,7 @@ def test_hardware_tables_set_the_engine_settings_of_one_target(tmp_path):
     from seal_jax.selfedit.run_config import save_run_config
 
     save_run_config(tmp_path, v5p.to_json(), resume=False)
-    with pytest.raises(RunConfigError, match=r"differs in \['mesh'\] \(the mesh may come from a \[hardware"):
+    with pytest.raises(RunConfigError, match=r"differs in \['mesh'\] \(saved -> now: mesh 'data=1,tensor=4' -> 'data=1,tensor=8'\) \(the mesh may come from a \[hardware"):
         save_run_config(tmp_path, config.on_target("tpu-v5e-8").to_json(), resume=True)
 
 

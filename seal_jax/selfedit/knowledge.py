@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -246,6 +247,8 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
 
     rows = agree(finished_rows)
     if is_writer():  # checked above (resume) or new
+        if not resume:  # a template an earlier run proposed in this folder is not this config's
+            (out / "template.json").unlink(missing_ok=True)
         (out / "run_config.json").write_text(json.dumps(config_json, indent=2))
     done = {r["passage_id"] for r in rows}
     passages, replay = select_data(config.data, replay="replay" in config.conditions)
@@ -259,7 +262,15 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
                total=len(passages))
     template, template_failure = None, None
     if "template" in config.conditions and todo:
+        t0 = time.perf_counter()
+        if progress and not (out / "template.json").is_file():
+            options = config.template_options()
+            bar.write(f"{config.name}: the template condition's template: up to {int(options['max_retries']) + 1} "
+                      f"attempt(s) of {int(options['candidates'])} proposals", file=sys.stderr)
         template, template_failure = propose_run_template(lm, config, out)
+        if progress:
+            bar.write(f"{config.name}: template {'ready' if template else 'failed: ' + str(template_failure)} "
+                      f"({time.perf_counter() - t0:.0f}s; {out / 'template.json'})", file=sys.stderr)
     size = config.passages_per_program
     for count in range(0, len(todo), size):
         if stop_after is not None and count >= stop_after:

@@ -50,6 +50,12 @@ TEMPLATE_CONDITION_DEFAULTS: dict[str, Any] = {
     "fill_fallback": "none", "max_epochs": None,
 }
 
+# [template_condition]: each key's type, its least value (None: no bound) and whether it may be absent (None)
+_TEMPLATE_CONDITION_CHECKS: dict[str, tuple[type, int | None, bool]] = {
+    "archive": (bool, None, False), "proposal_max_new_tokens": (int, 1, False), "max_retries": (int, 0, False),
+    "candidates": (int, 1, False), "fill_max_new_tokens": (int, 1, True), "fill_fallback": (str, None, False),
+    "max_epochs": (int, 1, True)}
+
 
 # The settings a config's [hardware.<target>] table may set for that hardware (RunConfig.hardware).
 HARDWARE_KEYS = ("mesh", "train_mesh", "train_weights", "remat", "passages_per_program", "attention")
@@ -230,10 +236,16 @@ class RunConfig:
         if options["fill_fallback"] not in FILL_FALLBACKS:
             raise RunConfigError(f"template_condition.fill_fallback must be one of {FILL_FALLBACKS}, got "
                                  f"{options['fill_fallback']!r}")
-        if not isinstance(options["candidates"], int) or options["candidates"] < 1:
-            raise RunConfigError(f"template_condition.candidates must be a positive integer, got {options['candidates']}")
-        if options["max_epochs"] is not None and options["max_epochs"] < 1:
-            raise RunConfigError(f"template_condition.max_epochs must be >= 1 or absent, got {options['max_epochs']}")
+        for key, (kind, least, optional) in _TEMPLATE_CONDITION_CHECKS.items():
+            value = options[key]
+            if optional and value is None:
+                continue
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or (
+                    least is not None and value < least):
+                what = {bool: "true or false", int: "an integer", str: "a string"}[kind]
+                what += f" >= {least}" if least is not None else ""
+                raise RunConfigError(f"template_condition.{key} must be {what}{' or absent' if optional else ''}, "
+                                     f"got {value!r}")
         if "template" in self.conditions and self.train.get("batch_size", 1) != 1:
             raise RunConfigError("the template condition trains with batch size 1 (the paper's) in the same call "
                                  "as the other conditions; set train.batch_size = 1")
@@ -543,6 +555,25 @@ def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> lis
                   != _results_part(k, current.get(k, defaults.get(k))))
 
 
+_UNSET = object()  # a table entry one of two saved configs lacks
+
+
+def describe_differences(previous: dict[str, Any], current: dict[str, Any], *, limit: int = 6) -> str:
+    """What :func:`config_differences` finds, as ``"templates.iterations 2 -> 3, k 5 -> 3"``: each differing
+    entry of a table by its dotted key, with the saved value first (at most ``limit`` entries)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    parts = []
+    for key in config_differences(previous, current):
+        old, new = (_results_part(key, c.get(key, defaults.get(key))) for c in (previous, current))
+        if isinstance(old, dict) and isinstance(new, dict):
+            parts += [f"{key}.{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+                      for k in sorted(set(old) | set(new)) if old.get(k, _UNSET) != new.get(k, _UNSET)]
+        else:
+            parts.append(f"{key} {old!r} -> {new!r}")
+    more = f" and {len(parts) - limit} more" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
 def check_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
     """When resuming, check that ``config_json`` equals the config saved in ``out/run_config.json``
     (up to :data:`RESUME_FREE_KEYS`).
@@ -552,11 +583,14 @@ def check_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) ->
     """
     config_file = out / "run_config.json"
     if resume and config_file.is_file():
-        changed = config_differences(json.loads(config_file.read_text()), config_json)
+        saved = json.loads(config_file.read_text())
+        changed = config_differences(saved, config_json)
         if changed:
             hint = (" (the mesh may come from a [hardware.<target>] table: resume on the hardware the run started "
                     "on, or set its mesh in the config)") if "mesh" in changed else ""
-            raise RunConfigError(f"cannot resume {out}: the config differs in {changed}{hint}")
+            raise RunConfigError(f"cannot resume {out}: the config differs in {changed} (saved -> now: "
+                                 f"{describe_differences(saved, config_json)}){hint}; a run resumes only with the "
+                                 "config it started with: run a changed config into another --out")
 
 
 def save_run_config(out: Path, config_json: dict[str, Any], *, resume: bool) -> None:
