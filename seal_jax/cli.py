@@ -19,13 +19,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from seal_jax.assets import fetch_model
 from seal_jax.lm.types import ATTENTION_IMPLEMENTATIONS
 from seal_jax.report import report as run_report
-from seal_jax.selfedit import calibration, grading, runs
+from seal_jax.selfedit import calibration, grading, run_config, runs
 from seal_jax.selfedit.judge import JudgeGrader
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -188,10 +189,36 @@ def _is_run_folder_of(folder: Path, name: str) -> bool:
     return isinstance(saved, dict) and saved.get("name") == name
 
 
+def _continues_demo(out: Path, config: Any) -> bool:
+    """Whether ``out`` holds results of a demo run with ``config`` (a ``make demo`` that was stopped, or one
+    that finished): the demo then continues it instead of starting over. Says which, or why not."""
+    results = out / "results.jsonl"
+    try:
+        saved = json.loads((out / "run_config.json").read_text())
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return False
+    if not rows or not isinstance(saved, dict):
+        return False
+    changed = run_config.config_differences(saved, config.to_json())
+    if changed:
+        print(f"{out} holds a demo run of another config (saved -> now: "
+              f"{run_config.describe_differences(saved, config.to_json())}); starting over", file=sys.stderr)
+        return False
+    done = len({r.get("passage_id") for r in rows if isinstance(r, dict)})
+    print(f"{out} holds this demo's results for {done} passage(s): continuing it (`seal-jax demo --restart` "
+          "starts over)", file=sys.stderr)
+    return True
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: the bundled model on the built-in passages (experiments/demo.toml)."""
+    """The main job: the bundled model on the built-in passages (experiments/demo.toml). A folder holding
+    this config's demo is continued (``--restart`` starts it over); any other folder is refused."""
+    if args.resume and args.restart:
+        raise ValueError("--resume and --restart contradict each other; pass one")
     config, out = _run_config(args.config, args.out)
-    if not args.resume and out.exists():
+    resume = args.resume
+    if not resume and out.exists():
         if not _is_run_folder_of(out, config.name):
             raise FileExistsError(
                 f"{out} exists and is not a run folder of {config.name!r} (no run_config.json naming it), so the "
@@ -200,10 +227,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise FileExistsError(
                 f"{out} holds a run of {args.config}; `seal-jax demo` starts over only with its own config "
                 f"({DEMO_CONFIG}). Pass --resume to continue it, or choose another --out")
-        shutil.rmtree(out)
+        resume = not args.restart and _continues_demo(out, config)
+        if not resume:
+            shutil.rmtree(out)
     _say_if_nothing_to_resume(args.resume, out)
     t0 = time.perf_counter()
-    runs.run(config, out, resume=args.resume)
+    runs.run(config, out, resume=resume)
     markdown, png = run_report(out)
     print("\n" + markdown)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s; results, summary and {png.name} in {out}/")
@@ -292,10 +321,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: the bundled model on the built-in passages (12-19 minutes on 2 cores)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help=f"run config (default {DEMO_CONFIG})")
-    p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/demo)")
+    p.add_argument("--out", default=None, help="output folder (default checkpoints/runs/<the config's name>, "
+                   "checkpoints/runs/demo for the demo's own)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted demo instead of starting over (without it, a previous demo "
-                        "folder is replaced; any other existing folder is refused)")
+                   help="continue the run in --out (also another config's); an error if its config differs")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: replace the demo folder even if it holds this config's results (without it, "
+                        "they are continued, and a demo of an earlier config is replaced; any other existing "
+                        "folder is refused)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run an experiment from a TOML config (knowledge incorporation, ReST-EM, template search, CPT or "

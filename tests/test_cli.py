@@ -102,6 +102,35 @@ def test_demo_replaces_only_its_own_folder(tmp_path, capsys):
     assert not _is_run_folder_of(tmp_path / "broken", "demo")
 
 
+def test_demo_continues_its_own_results_and_restarts_when_asked(tmp_path, capsys, monkeypatch):
+    """A `make demo` stopped and run again continues where it was; --restart (or an earlier config) starts over."""
+    import seal_jax.cli as cli
+    from seal_jax.selfedit import runs
+
+    calls = []
+    monkeypatch.setattr(cli.runs, "run", lambda config, out, resume: calls.append(resume))
+    monkeypatch.setattr(cli, "run_report", lambda out: ("| table |", Path(out) / "accuracy.png"))
+    config = runs.load_config(REPO / "experiments" / "demo.toml")
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps(config.to_json()))
+    (out / "results.jsonl").write_text('{"passage_id": "a"}\n{"passage_id": "a"}\n{"passage_id": "b"}\n')
+    assert main(["demo", "--out", str(out)]) == 0 and calls == [True]
+    assert "holds this demo's results for 2 passage(s): continuing it" in capsys.readouterr().err
+    assert (out / "results.jsonl").is_file()
+    (out / "run_config.json").write_text(json.dumps({**config.to_json(), "k": 5}))  # an earlier demo.toml
+    assert main(["demo", "--out", str(out)]) == 0 and calls[-1] is False
+    assert f"{out} holds a demo run of another config (saved -> now: k 5 -> {config.k}); starting over" in (
+        capsys.readouterr().err)
+    assert not out.exists()  # replaced (the patched run wrote nothing)
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps(config.to_json()))
+    (out / "results.jsonl").write_text('{"passage_id": "a"}\n')
+    assert main(["demo", "--out", str(out), "--restart"]) == 0 and calls[-1] is False and not out.exists()
+    assert main(["demo", "--out", str(out), "--restart", "--resume"]) == 1
+    assert "--resume and --restart contradict" in capsys.readouterr().err
+
+
 def test_smoke_without_a_model_says_how_to_fetch_one(tmp_path, capsys):
     assert main(["smoke", "--model", str(tmp_path / "smollm2-135m-instruct")]) == 2
     assert "run `seal-jax fetch smollm2-135m-instruct` first" in capsys.readouterr().err
