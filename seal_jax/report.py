@@ -27,18 +27,53 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    """The run's summary, recomputed from ``results.jsonl`` (so a run still in progress reports too)."""
+    """The run's summary, recomputed from ``results.jsonl`` (so a run still in progress reports too), its
+    conditions in the run config's order.
+
+    Raises:
+      FileNotFoundError: no such folder, or a folder that is no run folder (neither ``run_config.json`` nor
+        ``results.jsonl``).
+      ValueError: a knowledge or CPT run that has not finished a passage yet (the message says how far it
+        is and how to continue it).
+    """
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"no folder {run}; pass a run folder written by `seal-jax run` (e.g. checkpoints/runs/demo)")
     results = run / "results.jsonl"
-    if not results.is_file():
-        raise FileNotFoundError(f"{run} holds no results.jsonl; pass a run folder written by `seal-jax run`")
     config = json.loads((run / "run_config.json").read_text()) if (run / "run_config.json").is_file() else {}
+    if not results.is_file() and not config:
+        raise FileNotFoundError(f"{run} holds no results.jsonl; pass a run folder written by `seal-jax run`")
     rows = read_rows(results, repair=False)  # a run may still be writing: never change its file
     if not rows:
-        raise ValueError(f"{results} is empty: the run has not finished a passage yet")
-    return summarize(rows, config.get("model", "?"))
+        raise ValueError(_not_started(run, config, results))
+    return summarize(rows, config.get("model", "?"), conditions=config_conditions(config))
+
+
+def config_conditions(config: dict[str, Any]) -> list[str]:
+    """The conditions of a knowledge or CPT run's ``run_config.json``, in the order the run writes them
+    (a CPT run: ``base``, ``cpt.conditions``, then ``cpt.generators``); ``[]`` when it names none."""
+    if "cpt" in config:
+        table = config["cpt"] or {}
+        return ["base", *(c for c in table.get("conditions") or () if c != "base"), *(table.get("generators") or {})]
+    return [c for c in config.get("conditions") or () if isinstance(c, str)]
+
+
+def _not_started(run: Path, config: dict[str, Any], results: Path) -> str:
+    """Why a knowledge or CPT run folder has no results rows yet, and how to continue it."""
+    resume = f"`seal-jax run CONFIG --out {run} --resume` continues it"
+    state = f"{results.name} is empty" if results.is_file() else f"no {results.name} yet"
+    if "cpt" in config:
+        if (run / "training.json").is_file():
+            phase = "its adapters are trained; the evaluation has not finished a passage"
+        elif (run / "selfedits.jsonl").is_file():
+            written = len(read_rows(run / "selfedits.jsonl", repair=False))
+            phase = (f"it writes self-edits (for {written} passage{'s' if written != 1 else ''} so far), then trains "
+                     "one adapter per condition before it evaluates any passage")
+        else:
+            phase = "it has not written a self-edit yet"
+        return f"{run} is a CPT run that has not finished a passage yet ({state}): {phase}; {resume}"
+    name = f" {config['name']!r}" if config.get("name") else ""
+    return f"{run} is a knowledge run{name} that has not finished a passage yet ({state}); {resume}"
 
 
 def _unfinished_note(run: Path, summary: dict[str, Any]) -> str:
@@ -59,21 +94,36 @@ def _unfinished_note(run: Path, summary: dict[str, Any]) -> str:
 
 
 def plot_accuracy(summary: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """Bar chart of accuracy per condition with error bars (std over passages); writes a PNG."""
+    """Bar chart of accuracy per condition with error bars (std over passages); writes a PNG. A condition
+    with no result (every row failed) gets no bar but a "no result" mark at its place."""
     import matplotlib  # deferred: matplotlib takes ~0.5 s to import and only the charts need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # deferred: as matplotlib, once the Agg backend is chosen
 
+    def percent(value: Any) -> float:
+        return np.nan if value is None else 100 * float(value)  # None, or NaN from an older summary
+
     names = list(summary["conditions"])
-    acc = np.array([100 * summary["conditions"][n]["accuracy"] for n in names])
-    err = np.array([100 * summary["conditions"][n]["accuracy_std"] for n in names])
+    acc = np.array([percent(summary["conditions"][n]["accuracy"]) for n in names])
+    err = np.array([percent(summary["conditions"][n]["accuracy_std"]) for n in names])
+    missing = np.isnan(acc)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 1), 3.6), dpi=120)
-    bars = ax.bar(names, acc, yerr=err, capsize=4, color="#4c72b0", edgecolor="black", linewidth=0.6)
-    for bar, value in zip(bars, acc, strict=True):
-        ax.text(bar.get_x() + bar.get_width() / 2, value + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
+    bars = ax.bar(names, np.where(missing, 0.0, acc), color="#4c72b0", edgecolor="black", linewidth=0.6)
+    shown = ~missing & ~np.isnan(err)
+    if shown.any():
+        ax.errorbar(np.arange(len(names))[shown], acc[shown], yerr=err[shown], fmt="none", ecolor="black", capsize=4,
+                    linewidth=1.0)
+    for bar, value, gone in zip(bars, acc, missing, strict=True):
+        x = bar.get_x() + bar.get_width() / 2
+        if gone:
+            bar.set_visible(False)
+            ax.text(x, 1, "no result\n(every row failed)", ha="center", va="bottom", fontsize=7, color="#b03030")
+        else:
+            ax.text(x, value + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("accuracy (%), bars: std over passages")
-    ax.set_ylim(0, min(100, max(acc + err, default=0) + 15))
+    top = np.nan_to_num(acc + np.nan_to_num(err), nan=0.0)
+    ax.set_ylim(0, min(100, max(top, default=0) + 15))
     ax.set_title(title or f"{summary['model']}", fontsize=9)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     ax.spines[["top", "right"]].set_visible(False)
@@ -90,7 +140,8 @@ def plot_rounds(summary: dict[str, Any], path: str | Path, title: str = "") -> P
     s = summary["strategy"]
     fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=120)
     for part, key, style in (("eval", s, "-o"), ("eval", "base", "--o"), ("train", s, ":s")):
-        points = [(e["round"], 100 * e[part][key]) for e in summary["rounds"] if e.get(part) and key in e[part]]
+        points = [(e["round"], 100 * e[part][key]) for e in summary["rounds"]
+                  if e.get(part) and e[part].get(key) is not None]
         if points:
             label = f"{'held-out' if part == 'eval' else 'training passages'}: {key}"
             ax.plot(*zip(*points, strict=True), style, label=label)

@@ -13,6 +13,7 @@ from seal_jax.report import report
 from seal_jax.selfedit import runs
 from seal_jax.selfedit.continual import (
     ContinualConfig,
+    continual_markdown,
     run_continual,
     score_passages,
     sequence_passages,
@@ -80,6 +81,8 @@ def test_matrix_layout_row_zero_and_resume(tiny_chat_dir, tiny_lm, tmp_path):
     assert resumed == summary
     markdown, png = report(full)
     assert "| step 2 |" in markdown and png.name == "forgetting.png" and png.is_file()
+    gold = summary["gold_loglik_mean_over_sequences"]
+    assert (f"| step 0 | {gold[1][0]:.3f} ({gold[1][0] - gold[0][0]:+.3f}) |  |  |") in markdown.splitlines()
 
 
 def test_a_merged_step_equals_the_base_with_its_adapter(tiny_chat_dir, tiny_lm):
@@ -109,3 +112,21 @@ def test_continual_configs_and_errors(tiny_chat_dir):
         ContinualConfig.from_dict({**continual_raw(tiny_chat_dir), "data": {"source": "demo", "n": 4}})
     with pytest.raises(RunConfigError, match="the passage pool has"):
         sequence_passages(pool_passages({"source": "demo"})[:2], ContinualConfig.from_dict(continual_raw(tiny_chat_dir)), 0)
+
+
+def test_the_table_shows_the_gold_loglik_and_its_change_over_the_untouched_model():
+    summary = {"model": "m", "strategy": "implications", "passages": 2, "sequences": 1,
+               "mean_over_sequences": [[0.5, 0.0], [1.0, None], [0.5, 1.0]],
+               "std_over_sequences": [[0.0, 0.0], [0.0, None], [0.0, 0.0]],
+               "gold_loglik_mean_over_sequences": [[-2.0, -3.0], [-1.25, None], [-1.5, -2.5]],
+               "gold_loglik_std_over_sequences": [[0.0, 0.0], [0.0, None], [0.0, 0.0]]}
+    lines = continual_markdown(summary).splitlines()
+    accuracy = lines.index("| untouched | 50.0% (0.0) | 0.0% (0.0) |")
+    gold = lines.index("| untouched | -2.000 | -3.000 |")
+    assert accuracy < gold and lines[accuracy + 1] == "| step 0 | 100.0% (0.0) |  |"
+    assert lines[gold - 2:gold] == ["| after | d0 | d1 |", "|---|---:|---:|"]
+    assert lines[gold - 4].startswith("Mean log-likelihood of the gold answers (nats/token")
+    assert lines[gold + 1:] == ["| step 0 | -1.250 (+0.750) |  |", "| step 1 | -1.500 (+0.500) | -2.500 (+0.500) |"]
+    older = {k: v for k, v in summary.items() if not k.startswith("gold_loglik_")}  # a matrix.json without them
+    assert "log-likelihood" not in continual_markdown(older) and "| step 1 | 50.0% (0.0) | 100.0% (0.0) |" in \
+        continual_markdown(older)

@@ -40,8 +40,61 @@ def test_report_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.jsonl"):
         report(tmp_path)
     write_run(tmp_path / "empty", [])
-    with pytest.raises(ValueError, match="is empty"):
+    with pytest.raises(ValueError, match=r"knowledge run that has not finished a passage yet \(results.jsonl is "
+                                         r"empty\); `seal-jax run CONFIG --out .*empty --resume` continues it"):
         report(tmp_path / "empty")
+
+
+def test_report_of_a_run_before_its_first_passage(tmp_path, capsys):
+    """A knowledge or CPT folder with only its run_config.json is a run that has not finished a passage yet
+    (not "no run folder"), as the template-search and continual branches say; the command exits 1."""
+    knowledge = tmp_path / "knowledge"
+    knowledge.mkdir()
+    (knowledge / "run_config.json").write_text(json.dumps({"name": "demo", "model": "m", "conditions": ["base"]}))
+    expected = (f"{knowledge} is a knowledge run 'demo' that has not finished a passage yet (no results.jsonl yet); "
+                f"`seal-jax run CONFIG --out {knowledge} --resume` continues it")
+    with pytest.raises(ValueError) as error:
+        report(knowledge)
+    assert str(error.value) == expected
+    assert main(["report", str(knowledge)]) == 1
+    assert capsys.readouterr().err == f"seal-jax report: ValueError: {expected}\n"
+    cpt = tmp_path / "cpt"
+    cpt.mkdir()
+    (cpt / "run_config.json").write_text(json.dumps({"model": "m", "cpt": {"conditions": ["passage"]}}))
+    with pytest.raises(ValueError, match=r"is a CPT run that has not finished a passage yet \(no results.jsonl yet\): "
+                                         r"it has not written a self-edit yet; `seal-jax run CONFIG --out .*cpt --resume`"):
+        report(cpt)
+    (cpt / "selfedits.jsonl").write_text(json.dumps({"passage_id": "a", "selfedits": {}}) + "\n")
+    with pytest.raises(ValueError, match=r"it writes self-edits \(for 1 passage so far\), then trains one adapter per "
+                                         "condition before it evaluates any passage"):
+        report(cpt)
+    (cpt / "training.json").write_text("{}")
+    with pytest.raises(ValueError, match="its adapters are trained; the evaluation has not finished a passage"):
+        report(cpt)
+    assert not (knowledge / "report.md").exists() and not (cpt / "report.md").exists()
+
+
+def test_report_of_a_condition_without_result(tmp_path, monkeypatch):
+    """Every row of ``template`` failed (no valid template): the table shows "–", the chart marks the
+    condition "no result" instead of a bar at 0, and the conditions keep the config's order."""
+    import seal_jax.report as report_module
+
+    failed = {**row("a", "template", 0.5, 0.5), "answers": [], "failure": "no valid template: not JSON"}
+    run = tmp_path / "run"
+    write_run(run, [row("a", "base", 0.5, 0.5), failed, {**failed, "candidate": 1}, row("a", "rewrite", 0.5, 1.0)])
+    (run / "run_config.json").write_text(json.dumps({"model": "m", "conditions": ["base", "rewrite", "template"]}))
+    figures = []
+    original = report_module._save
+    monkeypatch.setattr(report_module, "_save", lambda fig, path: (figures.append(fig), original(fig, path))[1])
+    markdown, png = report(run)
+    assert markdown.splitlines()[-3:] == ["| base | 50.0% | 0.0 | 2 | 1 | +0.0 | 0 |",
+                                          "| rewrite | 100.0% | 0.0 | 2 | 1 | +50.0 | 0 |",
+                                          "| template | – | – | 0 | 1 | – | 2 |"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "rewrite", "template"]
+    assert [t.get_text() for t in ax.texts] == ["50.0", "100.0", "no result\n(every row failed)"]
+    assert [bar.get_visible() for bar in ax.patches] == [True, True, False]
 
 
 def test_report_restem_rounds(tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from seal_jax.selfedit.data import Passage
@@ -12,6 +14,7 @@ from seal_jax.selfedit.results import (
     append_rows,
     read_rows,
     result_row,
+    scored,
     summarize,
     summary_markdown,
 )
@@ -31,9 +34,10 @@ def test_summary_numbers_by_hand():
             row("b", "passage", 0.0, [], failure="self-edit produced no training sequence")]
     s = summarize(rows, "m")
     assert s["model"] == "m" and list(s["conditions"]) == ["base", "passage"]
-    # passage: 4 of 8 answers right; per passage a = (1 + 0.5) / 2, b = (0.25 + 0) / 2; gains 0.5, 0, 0.25, 0
+    # passage: 4 of 8 answers right; the failed row trained nothing and is left out of every mean: per passage
+    # a = (1 + 0.5) / 2, b = 0.25 (not (0.25 + 0) / 2); gains 0.5, 0, 0.25 (not also the failed row's 0)
     assert s["conditions"]["passage"] == pytest.approx({
-        "accuracy": 0.5, "accuracy_std": 0.3125, "n_questions": 8, "n_passages": 2, "mean_gain": 0.1875,
+        "accuracy": 0.5, "accuracy_std": 0.25, "n_questions": 8, "n_passages": 2, "mean_gain": 0.25,
         "failures": 1})
     assert s["conditions"]["base"] == pytest.approx({
         "accuracy": 1 / 6, "accuracy_std": 0.25, "n_questions": 6, "n_passages": 2, "mean_gain": 0.0, "failures": 0})
@@ -100,3 +104,45 @@ def test_gold_loglik_is_summarised_where_rows_measure_it():
     assert "Δ gold nats/token" in table and "| -1.000 | +1.000 |" in table
     unmeasured = result_row(passage, "base", 0, None, 0, Measure(0.5), Measure(0.5), [ANSWER], None)
     assert "gold_loglik_before" not in unmeasured and "gold" not in summary_markdown(summarize([unmeasured], "m"))
+
+
+def test_a_condition_whose_rows_all_failed_shows_no_result():
+    """A ``template`` condition without a valid template: its rows trained nothing and carry the values before
+    (gold_loglik_after = before). No mean may look measured: accuracy, std, gain and Δ gold are "–" (None in
+    the JSON summary), the failures are counted, and the conditions follow the config's order."""
+    a, b = Passage("a", "T", "ctx", ()), Passage("b", "T", "ctx", ())
+    before = Measure(0.5, -2.0)
+    rows = []
+    for p in (a, b):  # the order a knowledge run writes: base, the failed rows, then the trained candidates
+        rows.append(result_row(p, "base", 0, None, 0, before, before, [ANSWER, {**ANSWER, "correct": False}], None))
+        rows += [result_row(p, "template", c, None, 0, before, before, [], "no valid template: not JSON")
+                 for c in range(2)]
+        rows.append(result_row(p, "passage", 0, None, 1, before, Measure(1.0, -1.0), [ANSWER, ANSWER], None))
+    s = summarize(rows, "m", conditions=["base", "passage", "template"])
+    assert list(s["conditions"]) == ["base", "passage", "template"]
+    assert list(summarize(rows, "m")["conditions"]) == ["base", "template", "passage"]  # rows' order without it
+    assert s["conditions"]["template"] == {"accuracy": None, "accuracy_std": None, "n_questions": 0, "n_passages": 2,
+                                           "mean_gain": None, "failures": 4, "gold_loglik": None,
+                                           "gold_loglik_change": None}
+    assert s["conditions"]["passage"]["gold_loglik_change"] == pytest.approx(1.0)
+    assert json.loads(json.dumps(s, allow_nan=False)) == s  # strict JSON: no NaN in summary.json
+    lines = summary_markdown(s).splitlines()
+    assert lines[-3:] == ["| base | 50.0% | 0.0 | 4 | 2 | +0.0 | 0 | -2.000 | +0.000 |",
+                          "| passage | 100.0% | 0.0 | 4 | 2 | +50.0 | 0 | -1.000 | +1.000 |",
+                          "| template | – | – | 0 | 2 | – | 4 | – | – |"]
+    assert [scored(r) for r in rows[:4]] == [True, False, False, True]
+
+
+def test_failed_rows_leave_the_means_of_a_condition_with_results():
+    """A failed row beside scored ones of the same condition: the means are over the scored rows only, a
+    diverged candidate that was answered (a failure with answers) counts, and the failure count has both."""
+    p = Passage("p", "T", "ctx", ())
+    before = Measure(0.0, -3.0)
+    rows = [result_row(p, "implications", 0, "e", 2, before, Measure(1.0, -1.0), [ANSWER], None),
+            result_row(p, "implications", 1, None, 0, before, before, [], "self-edit produced no training sequence"),
+            result_row(p, "implications", 2, "e", 2, before, Measure(0.0, -2.0), [{**ANSWER, "correct": False}],
+                       "loss or gradients became non-finite at optimiser step 3 of 10")]
+    c = summarize(rows, "m")["conditions"]["implications"]
+    assert c["accuracy"] == 0.5 and c["mean_gain"] == 0.5 and c["accuracy_std"] == 0.0
+    assert c["gold_loglik"] == pytest.approx(-1.5) and c["gold_loglik_change"] == pytest.approx(1.5)
+    assert c["failures"] == 2 and c["n_questions"] == 2 and c["n_passages"] == 1

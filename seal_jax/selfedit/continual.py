@@ -218,17 +218,37 @@ def matrices(out: str | Path, config: ContinualConfig | dict[str, Any]) -> dict[
 
 
 def continual_markdown(summary: dict[str, Any]) -> str:
-    """The mean accuracy matrix as a Markdown table (rows: after step; columns: passage of the sequence)."""
+    """The mean accuracy matrix as a Markdown table (rows: after step; columns: passage of the sequence),
+    then, where ``matrix.json`` has it, the mean gold log-likelihood matrix with each cell's change over the
+    untouched model on the same passage."""
     n = summary["passages"]
+    head = ["| after | " + " | ".join(f"d{j}" for j in range(n)) + " |", "|---|" + "---:|" * n]
     lines = [f"Model: `{summary['model']}` · strategy `{summary['strategy']}` · {summary['sequences']} finished "
              f"sequence(s) of {n} passages; mean accuracy (std) after each step on the passages seen so far", "",
-             "| after | " + " | ".join(f"d{j}" for j in range(n)) + " |", "|---|" + "---:|" * n]
+             *head]
     mean, std = summary.get("mean_over_sequences"), summary.get("std_over_sequences")
     if mean is None:
         return "\n".join(lines[:1]) + "\n\nNo sequence has finished yet.\n"
+
+    def step(i: int) -> str:
+        return "untouched" if i == 0 else f"step {i - 1}"
+
     for i, (line, spread) in enumerate(zip(mean, std, strict=True)):
         cells = ["" if x is None else f"{100 * x:.1f}% ({100 * d:.1f})" for x, d in zip(line, spread, strict=True)]
-        lines.append(f"| {'untouched' if i == 0 else f'step {i - 1}'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {step(i)} | " + " | ".join(cells) + " |")
+    gold = summary.get("gold_loglik_mean_over_sequences")
+    if gold is not None:
+        lines += ["", "Mean log-likelihood of the gold answers (nats/token, no passage in context) after each step; "
+                  "in parentheses its change over the untouched model on the same passage", "", *head]
+        untouched = gold[0]
+
+        def gold_cell(i: int, j: int, x: float | None) -> str:
+            if x is None:
+                return ""
+            return f"{x:.3f}" if i == 0 or untouched[j] is None else f"{x:.3f} ({x - untouched[j]:+.3f})"
+
+        for i, line in enumerate(gold):
+            lines.append(f"| {step(i)} | " + " | ".join(gold_cell(i, j, x) for j, x in enumerate(line)) + " |")
     return "\n".join(lines) + "\n"
 
 

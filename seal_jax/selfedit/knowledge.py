@@ -284,7 +284,7 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
             rows.extend(new)
         bar.update(len(group))
     bar.close()
-    summary = summarize(rows, config.model)
+    summary = summarize(rows, config.model, conditions=config.conditions)
     if is_writer():
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "summary.md").write_text(summary_markdown(summary))

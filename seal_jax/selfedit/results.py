@@ -2,7 +2,8 @@
 
 A run appends each passage's rows in one write (:func:`append_passage`); :func:`read_rows` gives back the
 whole passages in a file and, on the resume path, cuts off a passage a kill tore. :func:`summarize` and
-:func:`summary_markdown` turn rows into the per-condition table of a knowledge run.
+:func:`summary_markdown` turn rows into the per-condition table of a knowledge run: its means are over the
+rows that produced a result (:func:`scored`), its conditions in the run config's order.
 """
 
 from __future__ import annotations
@@ -188,44 +189,79 @@ def passages_done(path: Path) -> list[str]:
     return list(dict.fromkeys(r["passage_id"] for r in read_rows(path)))
 
 
-def summarize(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
-    """``{"model", "conditions": {name: {accuracy, accuracy_std, n_questions, n_passages, mean_gain,
-    failures}}}``.
+def scored(row: dict[str, Any]) -> bool:
+    """Whether a results row produced a result: its adapter (or the base model) answered the passage's
+    questions. A row that trained nothing (no usable self-edit, no valid template, a fill that does not
+    parse) has no answers, and its ``accuracy_after``/``gold_loglik_after`` merely repeat the values before;
+    a row whose training stopped early (a non-finite loss) was answered with its last finite adapter and
+    counts."""
+    return bool(row.get("answers"))
 
-    ``accuracy`` is correct answers over all answered questions of the condition (every candidate and
-    repeat counts); ``accuracy_std`` is the standard deviation over passages of the per-passage accuracy;
-    ``mean_gain`` is the mean of ``accuracy_after - accuracy_before`` over rows; ``failures`` counts the
-    rows with a ``failure`` (no adapter trained: no usable self-edit, an invalid template, …). Where the rows
-    carry the gold answers' log-likelihood (:class:`Measure`), ``gold_loglik`` is its mean after the update
-    and ``gold_loglik_change`` the mean change, in nats per token.
+
+def condition_order(names: Sequence[str], conditions: Sequence[str] | None = None) -> list[str]:
+    """``names`` (conditions found in rows) in the run config's order: first those of ``conditions`` (the
+    config's, in its order), then any other in the order given."""
+    present = list(dict.fromkeys(names))
+    first = [c for c in dict.fromkeys(conditions or ()) if c in present]
+    return first + [c for c in present if c not in first]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def summarize(rows: Sequence[dict[str, Any]], model: str, *, conditions: Sequence[str] | None = None
+              ) -> dict[str, Any]:
+    """``{"model", "conditions": {name: {accuracy, accuracy_std, n_questions, n_passages, mean_gain,
+    failures}}}``, the conditions in the order of ``conditions`` (the run config's; without it, or for
+    conditions it does not name, the order the rows first show them).
+
+    Every mean is over the rows that produced a result (:func:`scored`): ``accuracy`` is correct answers
+    over all answered questions of the condition (every candidate and repeat counts); ``accuracy_std`` is
+    the standard deviation over passages of the per-passage mean accuracy; ``mean_gain`` is the mean of
+    ``accuracy_after - accuracy_before``. ``failures`` counts all rows with a ``failure`` (no adapter
+    trained: no usable self-edit, an invalid template, …; or a training that stopped at a non-finite loss);
+    ``n_questions`` counts the answered questions and ``n_passages`` the passages with a row of the
+    condition, scored or not. Where the rows carry the gold answers' log-likelihood (:class:`Measure`),
+    ``gold_loglik`` is its mean after the update and ``gold_loglik_change`` the mean change, in nats per
+    token. A mean with no scored row to take it over is ``None`` (a condition whose every row failed).
     """
-    conditions: dict[str, Any] = {}
-    for name in dict.fromkeys(r["condition"] for r in rows):
+    out: dict[str, Any] = {}
+    for name in condition_order([r["condition"] for r in rows], conditions):
         sel = [r for r in rows if r["condition"] == name]
-        n_q = sum(len(r["answers"]) for r in sel)
-        correct = sum(sum(a["correct"] for a in r["answers"]) for r in sel)
+        good = [r for r in sel if scored(r)]
+        n_q = sum(len(r["answers"]) for r in good)
+        correct = sum(sum(a["correct"] for a in r["answers"]) for r in good)
         per_passage: dict[str, list[float]] = {}
-        for r in sel:
+        for r in good:
             per_passage.setdefault(r["passage_id"], []).append(r["accuracy_after"])
         means = [float(np.mean(v)) for v in per_passage.values()]
-        conditions[name] = {
-            "accuracy": correct / n_q if n_q else float("nan"),
-            "accuracy_std": float(np.std(means)) if means else float("nan"),
+        out[name] = {
+            "accuracy": correct / n_q if n_q else None,
+            "accuracy_std": float(np.std(means)) if means else None,
             "n_questions": n_q,
-            "n_passages": len(per_passage),
-            "mean_gain": float(np.mean([r["accuracy_after"] - r["accuracy_before"] for r in sel])),
+            "n_passages": len({r["passage_id"] for r in sel}),
+            "mean_gain": _mean([r["accuracy_after"] - r["accuracy_before"] for r in good]),
             "failures": sum(1 for r in sel if r.get("failure")),
         }
-        dense = [r for r in sel if r.get("gold_loglik_after") is not None]
-        if dense:
-            conditions[name]["gold_loglik"] = float(np.mean([r["gold_loglik_after"] for r in dense]))
-            conditions[name]["gold_loglik_change"] = float(np.mean([r["gold_loglik_after"] - r["gold_loglik_before"]
-                                                                    for r in dense]))
-    return {"model": model, "conditions": conditions}
+        if any(r.get("gold_loglik_after") is not None for r in sel):
+            dense = [r for r in good if r.get("gold_loglik_after") is not None]
+            out[name]["gold_loglik"] = _mean([r["gold_loglik_after"] for r in dense])
+            out[name]["gold_loglik_change"] = _mean([r["gold_loglik_after"] - r["gold_loglik_before"] for r in dense])
+    return {"model": model, "conditions": out}
+
+
+def number_cell(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    """A table cell: ``value`` times ``scale`` in the format ``spec`` followed by ``suffix``, or "–" where
+    there is no value (``None``, or the NaN of a summary written by an older seal-jax)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{scale * value:{spec}}{suffix}"
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The summary as a Markdown table (with the gold answers' log-likelihood when the run measured it)."""
+    """The summary as a Markdown table (with the gold answers' log-likelihood when the run measured it);
+    "–" where a condition has no row that produced a result."""
     dense = any("gold_loglik" in c for c in summary["conditions"].values())
     extra_head, extra_rule = (" gold nats/token | Δ gold nats/token |", "---:|---:|") if dense else ("", "")
     lines = [f"Model: `{summary['model']}`", "",
@@ -234,7 +270,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for name, c in summary["conditions"].items():
         extra = ""
         if dense:
-            extra = (f" {c['gold_loglik']:.3f} | {c['gold_loglik_change']:+.3f} |" if "gold_loglik" in c else " – | – |")
-        lines.append(f"| {name} | {100 * c['accuracy']:.1f}% | {100 * c['accuracy_std']:.1f} | {c['n_questions']} | "
-                     f"{c['n_passages']} | {100 * c['mean_gain']:+.1f} | {c.get('failures', 0)} |{extra}")
+            extra = (f" {number_cell(c.get('gold_loglik'), '.3f')} | "
+                     f"{number_cell(c.get('gold_loglik_change'), '+.3f')} |")
+        lines.append(f"| {name} | {number_cell(c['accuracy'], '.1f', 100, '%')} | "
+                     f"{number_cell(c['accuracy_std'], '.1f', 100)} | {c['n_questions']} | {c['n_passages']} | "
+                     f"{number_cell(c['mean_gain'], '+.1f', 100)} | {c.get('failures', 0)} |{extra}")
     return "\n".join(lines) + "\n"
