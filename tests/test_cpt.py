@@ -4,6 +4,7 @@ mesh, the configs."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def test_the_corpus_is_every_passage_and_its_self_edits_shuffled():
     assert passage_sequences(passages[1], []) == [passages[1].text]
 
 
-def test_cpt_run_rows_training_and_resume(tiny_chat_dir, tiny_lm, tmp_path):
+def test_cpt_run_rows_training_and_resume(tiny_chat_dir, tiny_lm, tmp_path, capsys):
     config = CptConfig.from_dict(cpt_raw(tiny_chat_dir))
     full = tmp_path / "full"
     summary = run_cpt(config, full, lm=tiny_lm, progress=False)
@@ -91,9 +92,20 @@ def test_cpt_run_rows_training_and_resume(tiny_chat_dir, tiny_lm, tmp_path):
     assert len(read_rows(part / "selfedits.jsonl")) == 2 and not (part / "training.json").exists()
     with pytest.raises(FileExistsError, match="--resume"):
         run_cpt(config, part, lm=tiny_lm, progress=False)
-    run_cpt(config, part, lm=tiny_lm, progress=False, resume=True, stop_after=2)  # self-edits, training, 1 passage
+    assert "tiny-cpt: training" not in capsys.readouterr().err  # progress=False: quiet
+    run_cpt(config, part, lm=tiny_lm, progress=True, resume=True, stop_after=2)  # self-edits, training, 1 passage
     assert len(read_rows(part / "results.jsonl")) == 3
-    run_cpt(config, part, lm=tiny_lm, progress=False, resume=True)  # the adapters are read back
+    # the one pooled training call is silent: what it trains is said before it, its seconds after
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tiny-cpt: ")]
+    n = info["sequences"]
+    spec = config.knowledge.train_spec()
+    assert (spec.epochs, spec.batch_size, spec.grad_accum) == (1, 1, 1)  # so one optimiser step per sequence
+    assert said[0] == (f"tiny-cpt: training 2 adapters (passage, implications) in one call: {n['passage']}/"
+                       f"{n['implications']} sequences, {n['passage']}/{n['implications']} optimiser steps ...")
+    assert re.fullmatch(rf"tiny-cpt: adapters trained in \d+\.\d s; saving to {re.escape(str(part / 'adapters'))}",
+                        said[1]) and len(said) == 2
+    run_cpt(config, part, lm=tiny_lm, progress=True, resume=True)  # the adapters are read back
+    assert "tiny-cpt: training" not in capsys.readouterr().err
     assert_same_rows(read_rows(part / "results.jsonl"), read_rows(full / "results.jsonl"))
     assert json.loads((part / "training.json").read_text()) == info
 

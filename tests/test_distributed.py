@@ -190,7 +190,7 @@ def test_distributed_restem_and_template_search_write_once(tiny_chat_dir, tmp_pa
                 generator_loads(folder / f"round-{r}" / "generator")
             assert (part / f"round-{r}" / "generator" / "model.safetensors").read_bytes() == (
                 full / f"round-{r}" / "generator" / "model.safetensors").read_bytes()
-    assert json.loads((full / "round-2" / "round.json").read_text())["trained_from"] == str(full / "round-1" / "generator")
+    assert json.loads((full / "round-2" / "round.json").read_text())["trained_from"] == "round-1/generator"
     same_json(part, full, "summary.json")
     assert [e["round"] for e in json.loads((full / "summary.json").read_text())["rounds"]] == [0, 1, 2]
 

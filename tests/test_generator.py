@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import seal_jax as sj
-from seal_jax.selfedit.generator import GeneratorError, sft_generator, sft_lora_spec, sft_train_spec
+from seal_jax.selfedit.generator import (
+    GeneratorError,
+    resolved_generator_path,
+    sft_generator,
+    sft_lora_spec,
+    sft_train_spec,
+    stored_generator_path,
+    train_and_export,
+)
 from seal_jax.selfedit.restem import RestemError
 from seal_jax.selfedit.template_search import TemplateSearchError
 
@@ -95,3 +106,61 @@ def test_sft_specs_default_to_seal_and_errors_name_the_run_kind(tiny_chat_dir):
     with pytest.raises(GeneratorError, match=r"templates\.sft_train\.max_len = 4") as info:
         sft_generator(lm, rows, sj.LoraSpec(rank=4, alpha=8.0), sj.TrainSpec(max_len=4), 0, table="templates")
     assert type(info.value) is GeneratorError
+
+
+def test_train_and_export_says_each_long_step_with_its_seconds_and_folder(tiny_chat_dir, tmp_path, capsys):
+    """SFT, merge and export are silent calls (an 8B export writes ~16 GB): with progress each is announced
+    on stderr before it starts and with its seconds after; the export with its size and folder."""
+    import re
+
+    lm = sj.load(tiny_chat_dir, progress=False)
+    rows = [{"prompt": "Write about Velmora.", "completion": " Velmora is a harbour town with ferries."},
+            {"prompt": "Write about Ostrel.", "completion": " Ostrel makes glass."}]
+    lora, train = sft_lora_spec({"rank": 4, "alpha": 8.0}), sft_train_spec({"epochs": 1, "max_len": 256})
+    capsys.readouterr()
+    result = train_and_export(lm, rows, lora, train, seed=0, target=tmp_path / "generator", table="restem",
+                              label="demo round 1")
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout stays for tables
+    lines = captured.err.splitlines()
+    patterns = [r"demo round 1: generator SFT on 2 rows \(LoRA r=4, alpha=8, 7 projections; lr 0\.0003, 1 epochs\) \.\.\.",
+                r"demo round 1: generator SFT trained in \d+\.\d s \(loss [\d.]+ -> [\d.]+\); merging the adapter into "
+                r"the weights \.\.\.",
+                r"demo round 1: adapter merged in \d+\.\d s",
+                rf"demo round 1: exporting the merged generator to {re.escape(str(tmp_path / 'generator'))} \.\.\.",
+                rf"demo round 1: generator exported in \d+\.\d s \((\d+\.\d) MB\) to {re.escape(str(tmp_path / 'generator'))}"]
+    assert len(lines) == len(patterns), lines
+    for line, pattern in zip(lines, patterns, strict=True):
+        assert re.fullmatch(pattern, line), (line, pattern)
+    written = sum(f.stat().st_size for f in (tmp_path / "generator").iterdir())
+    assert float(re.fullmatch(patterns[-1], lines[-1]).group(1)) == pytest.approx(written / 1e6, abs=0.05)
+    assert result.generator == str(tmp_path / "generator") and (tmp_path / "generator" / "config.json").is_file()
+    # the label defaults to the table; progress=False says nothing
+    train_and_export(lm, rows, lora, train, seed=0, target=tmp_path / "again", table="templates")
+    assert capsys.readouterr().err.splitlines()[0].startswith("templates: generator SFT on 2 rows")
+    train_and_export(lm, rows, lora, train, seed=0, target=tmp_path / "quiet", table="templates", progress=False)
+    assert capsys.readouterr().err == "" and (tmp_path / "quiet" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("step", ["round", "iteration"])
+def test_run_generators_are_stored_relative_to_the_run_folder(tmp_path, monkeypatch, step):
+    """ReST-EM's round.json and template search's iteration.json name the run's own generators relative to
+    the run folder, so that a moved or copied folder, or a resume from another directory, finds them."""
+    monkeypatch.chdir(tmp_path)
+    out = Path("runs/search")  # as `--out` was typed: relative to the working directory
+    mine = out / f"{step}-2" / "generator"
+    mine.mkdir(parents=True)
+    assert stored_generator_path(out, mine, step) == f"{step}-2/generator"
+    assert stored_generator_path(tmp_path / "runs" / ".." / "runs" / "search", str(mine.resolve()), step) == (
+        f"{step}-2/generator")
+    for other in ("Qwen/Qwen3-8B", "checkpoints/smollm2-135m-instruct", str(tmp_path / "base"),
+                  str(out / f"{step}-2"), str(out / "seeds" / "generator")):  # not one the run exported: as given
+        assert stored_generator_path(out, other, step) == other
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "runs" / "search", moved)
+    assert resolved_generator_path(moved, f"{step}-2/generator", step) == str(moved / f"{step}-2" / "generator")
+    assert resolved_generator_path(moved, "Qwen/Qwen3-8B", step) == "Qwen/Qwen3-8B"
+    # an older run stored the path as typed: taken under the run folder where that folder holds it
+    for old in (str(tmp_path / "runs" / "search" / f"{step}-2" / "generator"), f"runs/search/{step}-2/generator"):
+        assert resolved_generator_path(moved, old, step) == str(moved / f"{step}-2" / "generator")
+        assert resolved_generator_path(tmp_path / "empty", old, step) == old  # nothing there instead: as stored

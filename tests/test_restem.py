@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import seal_jax as sj
+from seal_jax.selfedit import restem
 from seal_jax.selfedit.data import load_passages
+from seal_jax.selfedit.generator import Models, SftResult
 from seal_jax.selfedit.restem import (
     RestemConfig,
     eval_passages,
@@ -16,8 +21,9 @@ from seal_jax.selfedit.restem import (
     run_restem,
     select_best,
     sft_rows,
+    summarize_restem,
 )
-from seal_jax.selfedit.results import read_rows
+from seal_jax.selfedit.results import Measure, append_passage, read_rows, result_row, summarize
 from seal_jax.selfedit.run_config import RunConfigError
 
 
@@ -89,7 +95,7 @@ def restem_raw(model_dir, **restem):
                 eval_max_new_tokens=8, restem=table)
 
 
-def test_restem_run_layout_and_resume(tiny_chat_dir, tmp_path):
+def test_restem_run_layout_and_resume(tiny_chat_dir, tmp_path, monkeypatch):
     from transformers import AutoConfig
 
     config = RestemConfig.from_dict(restem_raw(tiny_chat_dir))
@@ -110,7 +116,7 @@ def test_restem_run_layout_and_resume(tiny_chat_dir, tmp_path):
     ids2 = {r["passage_id"] for r in read_rows(full / "round-2" / "results.jsonl")}
     assert ids1 == {"demo-0", "demo-1"} and ids2 == {"demo-2", "demo-3"}
     info = json.loads((full / "round-2" / "round.json").read_text())
-    assert info["trained_from"] == str(full / "round-1" / "generator")
+    assert info["trained_from"] == "round-1/generator" and info["generator"] == "round-2/generator"  # run-relative
     assert [e["round"] for e in summary["rounds"]] == [0, 1, 2]
     assert all(e["eval"] is not None and 0 <= e["eval"]["implications"] <= 1 for e in summary["rounds"])
     assert "| 2 |" in restem_markdown(summary)
@@ -130,6 +136,19 @@ def test_restem_run_layout_and_resume(tiny_chat_dir, tmp_path):
         a = (part / f"round-{r}" / "generator" / "model.safetensors").read_bytes()
         b = (full / f"round-{r}" / "generator" / "model.safetensors").read_bytes()
         assert a == b
+        assert (part / f"round-{r}" / "round.json").read_text() == (full / f"round-{r}" / "round.json").read_text()
+    # the run folder moved (the old place gone) and resumed from another working directory: the round-2
+    # evaluation, redone, loads round 2's generator from where the folder is now
+    evaluated = read_rows(full / "round-2" / "eval" / "results.jsonl")
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(full, moved)
+    shutil.rmtree(moved / "round-2" / "eval")
+    monkeypatch.chdir(moved.parent)
+    again = run_restem(config, "moved", lm=lm, progress=False, resume=True)
+    strip = lambda rows: [{k: v for k, v in x.items() if k != "seconds"} for x in rows]  # noqa: E731
+    assert strip(read_rows(moved / "round-2" / "eval" / "results.jsonl")) == strip(evaluated)
+    assert again["rounds"][2]["eval"] == summary["rounds"][2]["eval"]
 
 
 def test_training_rounds_skip_the_evaluation_passages(tiny_chat_dir, shared_data):
@@ -205,3 +224,77 @@ def test_a_round_folder_of_the_older_layout_resumes(tiny_chat_dir, tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps(other))
     _adopt_id_selection(tmp_path, cfg)
     assert json.loads((tmp_path / "run_config.json").read_text()) == other
+
+
+def test_train_round_says_what_it_does_and_stores_run_relative_paths(tiny_chat_dir, tmp_path, monkeypatch, capsys):
+    """The E-step's rows are there (its knowledge run is skipped) and the SFT is a stand-in: round.json names
+    the generators relative to the run folder, and stderr says what the long SFT/merge/export step does."""
+    config = RestemConfig.from_dict({**restem_raw(tiny_chat_dir), "chat": False})
+    blocks = round_passages(config, eval_passages(config))
+    calls = []
+
+    def fake_sft(lm, rows, config, target, *, progress, label):
+        calls.append((len(rows), target, progress, label))
+        target.mkdir(parents=True)
+        return SftResult(str(target), [2.0, 1.0])
+
+    monkeypatch.setattr(restem, "train_generator", fake_sft)
+    monkeypatch.chdir(tmp_path)
+    out = Path("runs/r")
+    for r, block in ((1, blocks[0]), (2, blocks[1])):
+        (out / f"round-{r}").mkdir(parents=True)
+        for p in block:
+            before = Measure(0.0)
+            append_passage(out / f"round-{r}" / "results.jsonl", [
+                result_row(p, "base", 0, None, 0, before, before, [], None),
+                result_row(p, "implications", 0, "1. A fact.", 2, before, Measure(0.5), [], None)])
+    start = SimpleNamespace(tokenizer=None)
+    models = Models(config.knowledge, start, what="the ReST-EM generator", progress=False, loader=lambda path: start)
+    rounds = restem._Rounds(config, out, models, [], blocks, None, True)
+    assert rounds.train_round(1, config.knowledge.model)
+    assert rounds.train_round(2, str(out / "round-1" / "generator"))
+    one, two = (json.loads((out / f"round-{r}" / "round.json").read_text()) for r in (1, 2))
+    assert (one["trained_from"], one["generator"]) == (str(tiny_chat_dir), "round-1/generator")
+    assert (two["trained_from"], two["generator"]) == ("round-1/generator", "round-2/generator")
+    assert calls[0] == (2, out / "round-1" / "generator", True, "tiny-restem ReST-EM round 1")
+    err = capsys.readouterr().err
+    assert ("tiny-restem ReST-EM round 1: 2 of 2 passages kept their best self-edit; the generator learns them "
+            "(SFT, merge, export to runs/r/round-1/generator) ...") in err
+    assert "tiny-restem ReST-EM round 2: new generator in runs/r/round-2/generator (SFT, merge and export took " in err
+    rounds.progress = False
+    shutil.rmtree(out / "round-2" / "generator")
+    (out / "round-2" / "round.json").unlink()
+    assert rounds.train_round(2, str(out / "round-1" / "generator")) and capsys.readouterr().err == ""
+    assert calls[-1][2] is False
+
+
+def test_restem_summary_and_table_show_the_gold_loglik(tmp_path):
+    """Rows measuring the gold answers' log-likelihood put it (and its change over the base) in every round's
+    summary and in the table, held-out and training passages alike."""
+    p = load_passages("demo", n=1)[0]
+
+    def rows(after_gold):
+        before = Measure(0.5, -2.0)
+        return [result_row(p, "base", 0, None, 0, before, before, [{"correct": True}, {"correct": False}], None),
+                result_row(p, "rewrite", 0, "e", 1, before, Measure(1.0, after_gold),
+                           [{"correct": True}, {"correct": True}], None),
+                result_row(p, "rewrite", 1, None, 0, before, before, [], "self-edit produced no training sequence")]
+
+    run = tmp_path / "run"
+    for r, gold in ((0, -1.5), (1, -1.0)):
+        (run / f"round-{r}" / "eval").mkdir(parents=True)
+        (run / f"round-{r}" / "eval" / "summary.json").write_text(json.dumps(summarize(rows(gold), "m")))
+    append_passage(run / "round-1" / "results.jsonl", rows(-0.75))
+    summary = summarize_restem(run, "m", "rewrite", 2)
+    zero, one, two = summary["rounds"]
+    assert zero["eval_gold"] == {"base": {"gold_loglik": -2.0, "gold_loglik_change": 0.0},
+                                 "rewrite": {"gold_loglik": -1.5, "gold_loglik_change": 0.5}}
+    assert zero["train_gold"] is None and two["eval_gold"] is None and two["train_gold"] is None
+    assert one["train_gold"]["rewrite"] == {"gold_loglik": -0.75, "gold_loglik_change": 1.25}  # the failed row: out
+    lines = restem_markdown(summary).splitlines()
+    assert lines[2].endswith("| mean SFT reward | held-out gold rewrite (Δ vs base) | train gold rewrite (Δ vs base) |")
+    assert "| 0 | 50.0% | 100.0% | – | – | – | – | -1.500 (+0.500) | – |" in lines
+    assert "| 1 | 50.0% | 100.0% | 50.0% | 100.0% | – | – | -1.000 (+1.000) | -0.750 (+1.250) |" in lines
+    assert "| 2 | – | – | – | – | – | – | – | – |" in lines
+    unmeasured = {**summary, "rounds": [{**e, "eval_gold": None, "train_gold": None} for e in summary["rounds"]]}
+    assert "gold" not in restem_markdown(unmeasured)

@@ -8,6 +8,9 @@ fill generations return fixed valid text; training, answering and grading run on
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +24,7 @@ from seal_jax.selfedit.template_search import (
     TemplateSearchConfig,
     eval_passages,
     run_template_search,
+    summarize_template_search,
     template_scores,
     training_passages,
 )
@@ -89,10 +93,12 @@ def tiny_lm(tiny_chat_dir):
     return sj.load(tiny_chat_dir, progress=False)
 
 
-def canned_loader(made: list):
+def canned_loader(made: list, paths: list | None = None):
     def load(path):
         lm = CannedLM(sj.load(path, progress=False))
         made.append(lm)
+        if paths is not None:
+            paths.append(path)
         return lm
     return load
 
@@ -191,7 +197,10 @@ def test_sft_rows_and_the_next_generator(archive_run, tiny_chat_dir):
     AutoConfig.from_pretrained(out / "iteration-1" / "generator")
     info1 = json.loads((out / "iteration-1" / "iteration.json").read_text())
     info2 = json.loads((out / "iteration-2" / "iteration.json").read_text())
-    assert info1["next_generator"] == str(out / "iteration-1" / "generator") == info2["generator"]
+    # saved relative to the run folder (the folder may move); the starting model as the config names it
+    assert info1["next_generator"] == "iteration-1/generator" == info2["generator"] == info2["inner_model"]
+    assert info1["generator"] == info1["inner_model"] == config.knowledge.model == str(tiny_chat_dir)
+    assert info2["next_generator"] == "iteration-1/generator"  # no SFT after the last iteration: carried over
     assert not (out / "iteration-2" / "sft_rows.jsonl").exists()  # no SFT after the last iteration
     assert len(later) == 1 and later[0].train_calls  # the SFT'd generator trained iteration 2's candidates
 
@@ -312,7 +321,7 @@ def test_killed_search_resumes_to_the_same_results(tiny_chat_dir, tiny_lm, tmp_p
         run_template_search(changed, part, lm=tiny_lm, progress=False, resume=True)
 
 
-def test_resume_reads_the_meta_prompt_back(tiny_chat_dir, tiny_lm, tmp_path, monkeypatch):
+def test_resume_reads_the_meta_prompt_back(tiny_chat_dir, tiny_lm, tmp_path, monkeypatch, capsys):
     """A resumed iteration keeps the meta-prompt its saved proposals answered, even when rebuilding it now
     would give another text (``novelty`` with backend ``auto`` after the MiniLM weights appeared or vanished):
     the SFT must pair the templates with the prompt the generator saw."""
@@ -328,14 +337,99 @@ def test_resume_reads_the_meta_prompt_back(tiny_chat_dir, tiny_lm, tmp_path, mon
     changed = "\n(rebuilt on resume with another similarity backend)"
     monkeypatch.setattr(template_search, "meta_prompt",
                         lambda shown, reward="accuracy": original(shown, reward) + changed)
-    # finishes iteration 1 (its SFT) and stops in iteration 2 before any passage
-    run_template_search(config, out, lm=CannedLM(tiny_lm), progress=False, resume=True, stop_after=1,
+    assert "tiny-search iteration" not in capsys.readouterr().err  # progress=False: no step lines
+    # finishes iteration 1 (its SFT) and stops in iteration 2 before any passage; says each silent step
+    run_template_search(config, out, lm=CannedLM(tiny_lm), progress=True, resume=True, stop_after=1,
                         loader=canned_loader([]))
+    said = [line for line in capsys.readouterr().err.splitlines() if re.match(r"tiny-search iteration \d+: ", line)]
+    generator = out / "iteration-1" / "generator"
+    patterns = [r"tiny-search iteration 1: generator SFT on \d+ rows \(LoRA r=4, alpha=8, 7 projections; lr 0\.001, "
+                r"1 epochs\) \.\.\.",
+                r"tiny-search iteration 1: generator SFT trained in \d+\.\d s \(loss .*\); merging the adapter .*",
+                r"tiny-search iteration 1: adapter merged in \d+\.\d s",
+                rf"tiny-search iteration 1: exporting the merged generator to {re.escape(str(generator))} \.\.\.",
+                rf"tiny-search iteration 1: generator exported in \d+\.\d s \(.*B\) to {re.escape(str(generator))}",
+                r"tiny-search iteration 2: proposing 2 templates \.\.\.",
+                r"tiny-search iteration 2: 2 valid templates of 3 attempts in \d+\.\d s"]
+    assert len(said) == len(patterns), said
+    for line, pattern in zip(said, patterns, strict=True):
+        assert re.fullmatch(pattern, line), (line, pattern)
     info = json.loads((out / "iteration-1" / "iteration.json").read_text())
     assert (out / "iteration-1" / "meta_prompt.txt").read_text() == meta1 == info["meta_prompt"]
     prompts = {r["prompt"] for r in read_rows(out / "iteration-1" / "sft_rows.jsonl") if r["kind"] == "template"}
     assert prompts == {format_chat(tiny_lm.tokenizer, meta1)}
     assert (out / "iteration-2" / "meta_prompt.txt").read_text().endswith(changed)  # the patch was in effect
+
+
+def test_a_moved_run_folder_resumes_from_its_own_generator(archive_run, tiny_lm, tmp_path, monkeypatch, capsys):
+    """The next generator is found under the run folder where it is now: the folder copied elsewhere and
+    resumed from another working directory with a relative --out, also when iteration.json holds the
+    absolute path an older run saved (which still exists: the copy must not load the original)."""
+    config, out, _, _, _ = archive_run
+    moved = tmp_path / "copies" / "moved"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns("iteration-2"))
+    marker = moved / "iteration-1" / "iteration.json"
+    info = json.loads(marker.read_text())
+    assert info["next_generator"] == "iteration-1/generator"
+    marker.write_text(json.dumps({**info, "next_generator": str(out / "iteration-1" / "generator")}))  # old style
+    monkeypatch.chdir(tmp_path / "copies")
+    paths: list[str] = []
+    capsys.readouterr()
+    run_template_search(config, "moved", lm=CannedLM(tiny_lm), progress=False, resume=True, stop_after=1,
+                        loader=canned_loader([], paths))
+    assert paths == [str(Path("moved") / "iteration-1" / "generator")]
+    assert len(read_rows(moved / "iteration-2" / "results.jsonl")) == 1 + 2 * 2  # one passage scored
+    assert "tiny-search iteration" not in capsys.readouterr().err  # progress=False: no step lines
+
+
+def test_similarity_backend_is_checked_at_config_load(tiny_chat_dir, monkeypatch, tmp_path):
+    from seal_jax.selfedit import embeddings
+
+    for variant in ("noarchive", "archive", "novelty"):
+        with pytest.raises(RunConfigError, match=r"templates.similarity_backend must be one of \('auto', "
+                                                 r"'embeddings', 'tfidf'\), got 'foo'"):
+            TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, variant=variant, similarity_backend="foo"))
+    # "embeddings" without the encoder loads (to compile or plan elsewhere) but a run here refuses to start
+    monkeypatch.setattr(embeddings, "available", lambda: False)
+    for variant in ("noarchive", "archive", "novelty"):
+        config = TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, variant=variant,
+                                                           similarity_backend="embeddings"))
+        with pytest.raises(RunConfigError, match=r"'embeddings' needs the all-minilm-l6-v2 sentence encoder, which "
+                                                 r"is not on this machine: fetch it with `seal-jax fetch "
+                                                 r"all-minilm-l6-v2`"):
+            run_template_search(config, tmp_path / variant, lm=None, progress=False)
+        assert not (tmp_path / variant).exists()  # refused before anything is written
+    assert TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, similarity_backend="auto"))  # falls back itself
+
+
+def test_a_folder_written_with_a_bad_backend_still_reports(archive_run, tmp_path, capsys):
+    """A folder whose run_config.json names a backend this machine cannot use (written before the config
+    refused it) reports with TF-IDF similarities and a note instead of failing for good."""
+    from seal_jax.cli import main
+
+    _, out, summary, _, _ = archive_run
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad, ignore=shutil.ignore_patterns("generator"))
+    raw = json.loads((bad / "run_config.json").read_text())
+    raw["templates"]["similarity_backend"] = "foo"
+    (bad / "run_config.json").write_text(json.dumps(raw))
+    got = summarize_template_search(bad, raw)
+    assert [e["instruction_similarity"] for e in got["iterations"]] == pytest.approx(
+        [e["instruction_similarity"] for e in summary["iterations"]])  # the tfidf run's figures
+    assert {e["similarity_backend"] for e in got["iterations"]} == {"tfidf"}
+    assert len(got["notes"]) == 1 and "'foo' cannot be used here" in got["notes"][0] and summary["notes"] == []
+    capsys.readouterr()
+    assert main(["report", str(bad)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 | 2/3 | 8/8 |" in printed and "Note: templates.similarity_backend 'foo' cannot be used here" in printed
+    assert "Note:" in (bad / "report.md").read_text()
+    # outside novelty the backend changes no row: the finished run resumes with a backend the config accepts
+    fixed = TemplateSearchConfig.from_dict({**raw, "templates": {**raw["templates"], "similarity_backend": "tfidf"}})
+    resumed = run_template_search(fixed, bad, resume=True, progress=False)
+    assert resumed["notes"] == [] and json.loads((bad / "run_config.json").read_text()) == fixed.to_json()
+    with pytest.raises(RunConfigError, match="differs in"):  # any other change still refuses
+        run_template_search(TemplateSearchConfig.from_dict({**fixed.to_json(), "templates": {
+            **fixed.to_json()["templates"], "fills": 3}}), bad, resume=True, progress=False)
 
 
 def test_config_parsing_and_errors(tiny_chat_dir):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.engine import LanguageModel, TrainedAdapters, load_adapters
 from seal_jax.selfedit.episode import make_grader, score_adapters_many, score_base_many
-from seal_jax.selfedit.generator import Models
+from seal_jax.selfedit.generator import Models, say
 from seal_jax.selfedit.knowledge import generate_self_edits
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.results import (
@@ -201,7 +202,15 @@ class _Cpt:
         names = self.config.all_conditions
         corpora = [corpus(self.passages, selfedits, name, k.seed) for name in names]
         trains = [k.train_spec(seed=derived_seed(k.seed, "cpt", name)) for name in names]
+        if self.progress:  # one silent call (~700 s at 8B): say what it trains
+            steps = [math.ceil(math.ceil(len(c) / t.batch_size) / t.grad_accum) * t.epochs
+                     for c, t in zip(corpora, trains, strict=True)]
+            say(f"{self.config.name}: training {len(names)} adapters ({', '.join(names)}) in one call: "
+                f"{'/'.join(str(len(c)) for c in corpora)} sequences, {'/'.join(map(str, steps))} optimiser steps ...")
+        t0 = time.perf_counter()
         adapters = self.models(k.model).train_adapters(corpora, k.lora_spec(), trains, seed=k.seed)
+        if self.progress:
+            say(f"{self.config.name}: adapters trained in {time.perf_counter() - t0:.1f} s; saving to {folder}")
         if is_writer():
             adapters.save(folder)
             info = {"conditions": list(names), "sequences": {n: len(c) for n, c in zip(names, corpora, strict=True)},

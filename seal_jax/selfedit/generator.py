@@ -5,15 +5,23 @@ both end a round by fine-tuning the generator on ``{prompt, completion}`` rows w
 completion only; SEAL's r=64, alpha=128 on all projections, lr 3e-4, 2 epochs by default), merging the
 adapter into the weights and exporting them in Hugging Face format into the run folder, from which the next
 round loads the new generator (:class:`Models`).
+
+These steps are long at scale (an 8B generator's export writes ~16 GB) and show no bar of their own, so
+:func:`train_and_export` says on stderr what it starts and how long each step took (:func:`say`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from seal_jax.lm.types import LoraSpec, TrainError, TrainSpec
 from seal_jax.selfedit.engine import LanguageModel, TrainedAdapters, load_model
@@ -23,6 +31,48 @@ from seal_jax.selfedit.run_config import RunConfig
 
 class GeneratorError(RuntimeError):
     """The generator's SFT cannot start or diverged."""
+
+
+def say(message: str) -> None:
+    """One progress line on stderr, written by process 0 only (through tqdm, so it never tears a bar)."""
+    if is_writer():
+        tqdm.write(message, file=sys.stderr)
+
+
+def folder_size(folder: Path) -> str:
+    """The bytes of the files under ``folder``, for people: ``"16.07 GB"``, ``"3.2 MB"``."""
+    n = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _run_generator(step: str) -> re.Pattern[str]:
+    """A generator a run exported, as its ``round.json``/``iteration.json`` stores it: ``<step>-N/generator``."""
+    return re.compile(rf"{re.escape(step)}-\d+/generator")
+
+
+def stored_generator_path(out: Path, path: str | Path, step: str) -> str:
+    """How a run folder's ``round.json`` (``step="round"``) or ``iteration.json`` (``"iteration"``) stores
+    a model path: a generator the run exported (``<step>-N/generator``) relative to the run folder ``out``,
+    so that the folder can be moved, copied or resumed from another working directory; any other model (the
+    config's, a hub id) as given."""
+    try:
+        inside = Path(path).resolve().relative_to(Path(out).resolve()).as_posix()
+    except (OSError, ValueError):
+        return str(path)
+    return inside if _run_generator(step).fullmatch(inside) else str(path)
+
+
+def resolved_generator_path(out: Path, stored: str, step: str) -> str:
+    """The model a path stored by :func:`stored_generator_path` names, for the run folder ``out`` where it
+    is now: ``<step>-N/generator`` under ``out``. A path an older run stored as typed (absolute, or relative
+    to its working directory) that ends in ``<step>-N/generator`` is taken under ``out`` too where ``out``
+    holds that folder (the run folder moved, was copied, or is resumed from elsewhere); any other model is
+    returned as stored."""
+    pattern, out = _run_generator(step), Path(out)
+    if pattern.fullmatch(stored):
+        return str(out / stored)
+    tail = "/".join(Path(stored).parts[-2:])
+    return str(out / tail) if pattern.fullmatch(tail) and (out / tail).is_dir() else stored
 
 
 def sft_lora_spec(fields: dict[str, Any]) -> LoraSpec:
@@ -61,15 +111,21 @@ def _prompt_length_hint(lm: LanguageModel, rows: Sequence[dict[str, Any]], train
 
 
 def sft_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], lora: LoraSpec, train: TrainSpec, seed: int, *,
-                  table: str, error: type[Exception] = GeneratorError) -> tuple[LanguageModel, TrainedAdapters]:
+                  table: str, error: type[Exception] = GeneratorError, label: str | None = None
+                  ) -> tuple[LanguageModel, TrainedAdapters]:
     """SFT of ``lm`` on ``{prompt, completion}`` rows (loss on the completion only), merged into the base.
 
     ``table`` names the config table in error messages (e.g. ``"restem"``); ``error`` is the exception
     raised when the SFT cannot start (the :class:`~seal_jax.TrainError`'s message, plus a ``max_len`` hint
-    when prompts fill ``train.max_len``) or its loss turned non-finite.
+    when prompts fill ``train.max_len``) or its loss turned non-finite. With ``label`` (e.g.
+    ``"templates iteration 1"``) the training and the merge are announced on stderr with their seconds.
     Returns ``(merged LM, adapters)``.
     """
     pairs = [(r["prompt"], r["completion"]) for r in rows]
+    if label:
+        say(f"{label}: generator SFT on {len(pairs)} rows (LoRA r={lora.rank}, alpha={lora.alpha:g}, "
+            f"{len(lora.targets)} projections; lr {train.learning_rate:g}, {train.epochs} epochs) ...")
+    t0 = time.perf_counter()
     try:
         adapters = lm.train_adapters([pairs], lora, train, seed=seed)
     except TrainError as e:
@@ -77,7 +133,16 @@ def sft_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], lora: LoraS
     if adapters.failed[0]:
         raise error(f"the generator's SFT failed: {adapters.failed[0]}; lower {table}.sft_train.learning_rate "
                     f"(now {train.learning_rate})")
-    return lm.merge_adapter(adapters, 0), adapters
+    if label:
+        losses = adapters.losses[0]
+        loss = f" (loss {losses[0]:.4f} -> {losses[-1]:.4f})" if losses else ""
+        say(f"{label}: generator SFT trained in {time.perf_counter() - t0:.1f} s{loss}; merging the adapter into "
+            "the weights ...")
+    t0 = time.perf_counter()
+    merged = lm.merge_adapter(adapters, 0)
+    if label:
+        say(f"{label}: adapter merged in {time.perf_counter() - t0:.1f} s")
+    return merged, adapters
 
 
 def export_generator(model: LanguageModel, target: Path) -> Path:
@@ -103,10 +168,23 @@ class SftResult:
 
 
 def train_and_export(lm: LanguageModel, rows: Sequence[dict[str, Any]], lora: LoraSpec, train: TrainSpec, *,
-                     seed: int, target: Path, table: str, error: type[Exception] = GeneratorError) -> SftResult:
-    """:func:`sft_generator` then :func:`export_generator` into ``target``; the merged model is dropped."""
-    merged, adapters = sft_generator(lm, rows, lora, train, seed, table=table, error=error)
+                     seed: int, target: Path, table: str, error: type[Exception] = GeneratorError,
+                     label: str | None = None, progress: bool = True) -> SftResult:
+    """:func:`sft_generator` then :func:`export_generator` into ``target``; the merged model is dropped.
+
+    With ``progress`` each long step (SFT, merge, export) is announced on stderr before it starts and
+    again with its seconds when it ends (the export with the bytes it wrote and its folder); ``label``
+    starts those lines (default: ``table``).
+    """
+    label = (label or table) if progress else None
+    merged, adapters = sft_generator(lm, rows, lora, train, seed, table=table, error=error, label=label)
+    if label:
+        say(f"{label}: exporting the merged generator to {target} ...")
+    t0 = time.perf_counter()
     export_generator(merged, target)
+    if label:
+        say(f"{label}: generator exported in {time.perf_counter() - t0:.1f} s "
+            f"({folder_size(target) if is_writer() else '?'}) to {target}")
     del merged
     losses = adapters.losses[0]
     return SftResult(str(target), [losses[0], losses[-1]] if losses else None)

@@ -22,13 +22,17 @@ adapts itself), on fresh passages: round N takes training passages ``[start + (N
 the selection. A killed run resumes inside a round: the E-step resumes after its last finished passage, the
 selection is recomputed from the rows, and a finished generator (marked by ``round-N/round.json``, written
 last) is not trained again. Seeds derive from the run's seed, never from the order of work, so a resumed
-run gives the same rows and the same generator as an uninterrupted one.
+run gives the same rows and the same generator as an uninterrupted one. ``round.json`` names the run's
+generators relative to the run folder (``round-N/generator``), so a folder that was moved or copied, or is
+resumed from another working directory, still finds them. The SFT, merge and export between rounds show no
+bar: with ``progress`` each is announced on stderr before it starts and when it ends.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,13 +47,16 @@ from seal_jax.selfedit.generator import (
     GeneratorError,
     Models,
     SftResult,
+    resolved_generator_path,
+    say,
     sft_lora_spec,
     sft_train_spec,
+    stored_generator_path,
     train_and_export,
 )
 from seal_jax.selfedit.knowledge import run_knowledge
 from seal_jax.selfedit.multihost import agree, is_writer
-from seal_jax.selfedit.results import passages_done, read_rows, summarize, write_jsonl
+from seal_jax.selfedit.results import number_cell, passages_done, read_rows, summarize, write_jsonl
 from seal_jax.selfedit.run_config import (
     ExtendedConfig,
     RunConfig,
@@ -235,12 +242,13 @@ def _summary_of(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def train_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], config: RestemConfig, target: Path
-                    ) -> SftResult:
+def train_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], config: RestemConfig, target: Path, *,
+                    progress: bool = True, label: str | None = None) -> SftResult:
     """SFT of ``lm`` on ``(prompt, completion)`` rows with the run's SFT specs, merged and exported to
-    ``target`` (see :func:`~seal_jax.selfedit.generator.train_and_export`)."""
+    ``target`` (see :func:`~seal_jax.selfedit.generator.train_and_export`; with ``progress`` each step is
+    announced on stderr, its lines starting with ``label``)."""
     return train_and_export(lm, rows, config.sft_lora_spec(), config.sft_train_spec(), seed=config.knowledge.seed,
-                            target=target, table="restem", error=RestemError)
+                            target=target, table="restem", error=RestemError, label=label, progress=progress)
 
 
 def _adopt_id_selection(folder: Path, cfg: RunConfig) -> None:
@@ -319,13 +327,26 @@ class _Rounds:
         rows = sft_rows(best, {p.id: p for p in passages}, config.strategy, chat=k.chat, tokenizer=lm.tokenizer)
         if is_writer():
             write_jsonl(folder / "sft_rows.jsonl", rows)
-        info: dict[str, Any] = {"round": r, "trained_from": generator, "sft_rows": len(rows),
+        info: dict[str, Any] = {"round": r, "trained_from": stored_generator_path(self.out, generator, "round"),
+                                "sft_rows": len(rows),
                                 "mean_sft_reward": float(np.mean([x["reward"] for x in rows])) if rows else None}
+        label = f"{config.name} ReST-EM round {r}"
         if rows:
-            sft = train_generator(lm, rows, config, folder / "generator")
-            info.update(generator=sft.generator, sft_loss=sft.sft_loss)
+            target = folder / "generator"
+            if self.progress:
+                say(f"{label}: {len(rows)} of {len(passages)} passages kept their best self-edit; the generator "
+                    f"learns them (SFT, merge, export to {target}) ...")
+            t0 = time.perf_counter()
+            sft = train_generator(lm, rows, config, target, progress=self.progress, label=label)
+            if self.progress:
+                say(f"{label}: new generator in {sft.generator} (SFT, merge and export took "
+                    f"{time.perf_counter() - t0:.0f}s)")
+            info.update(generator=stored_generator_path(self.out, sft.generator, "round"), sft_loss=sft.sft_loss)
         else:  # nothing to learn from: the generator carries over unchanged
-            info.update(generator=generator, sft_loss=None, note="no self-edit was kept; the generator is unchanged")
+            if self.progress:
+                say(f"{label}: no self-edit was kept; no SFT, the generator carries over unchanged")
+            info.update(generator=stored_generator_path(self.out, generator, "round"), sft_loss=None,
+                        note="no self-edit was kept; the generator is unchanged")
         if is_writer():
             (folder / ROUND_FILE).write_text(json.dumps(info, indent=2))
         return True
@@ -361,8 +382,9 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
         if not agree(marker.is_file) and not run.train_round(r, generator):
             return _write_summary(config, out)
         info = agree(lambda m=marker: json.loads(m.read_text()))  # (also waits for process 0's generator export)
-        if info["generator"] != generator:
-            generator = info["generator"]
+        trained = resolved_generator_path(out, info["generator"], "round")
+        if trained != generator:
+            generator = trained
             run.models.keep()  # the next use loads the new generator
         if not run.evaluate(r, generator):
             return _write_summary(config, out)
@@ -378,34 +400,48 @@ def _write_summary(config: RestemConfig, out: Path) -> dict[str, Any]:
     return summary
 
 
+def _gold_of(conditions: dict[str, Any]) -> dict[str, dict[str, float | None]] | None:
+    """Per condition of a knowledge summary, its gold log-likelihood after the update and the mean change
+    over the base model (``None`` when the rows did not measure it)."""
+    gold = {name: {"gold_loglik": c.get("gold_loglik"), "gold_loglik_change": c.get("gold_loglik_change")}
+            for name, c in conditions.items() if "gold_loglik" in c}
+    return gold or None
+
+
 def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int, *, reward: str = "accuracy"
                      ) -> dict[str, Any]:
-    """Accuracy per round from a run folder, finished or not; never changes the folder.
+    """Accuracy and gold log-likelihood per round from a run folder, finished or not; never changes the folder.
 
     ``train`` is the accuracy per condition over the rows of ``round-N/results.jsonl`` present now (with
     ``passages``, how many passages they cover: fewer than ``passages_per_round`` while the round's E-step
     is unfinished, e.g. after ``stop_after``; a torn last passage is left out); ``eval`` is
     ``round-N/eval/summary.json``, which the evaluation writes also when it stops early, so it may cover
-    only part of the held-out passages (``passages`` again says how many); ``generator``, ``sft_rows``,
-    ``mean_sft_reward`` and ``sft_loss`` come from ``round.json`` and stay ``None`` until the round's SFT
-    has finished. A part that has not started is ``None``.
+    only part of the held-out passages (``passages`` again says how many); ``train_gold`` and ``eval_gold``
+    are the same parts' ``{condition: {gold_loglik, gold_loglik_change}}``: the gold answers' mean
+    log-likelihood after the update and its mean change over the base model, in nats per token (``None``
+    where the rows do not measure it; see :func:`~seal_jax.selfedit.results.summarize`). ``generator``,
+    ``sft_rows``, ``mean_sft_reward`` and ``sft_loss`` come from ``round.json`` and stay ``None`` until the
+    round's SFT has finished; ``generator`` is as ``round.json`` stores it (the run's own generators
+    relative to the run folder, e.g. ``round-1/generator``). A part that has not started is ``None``.
 
     Returns ``{"model", "strategy", "reward", "rounds": [{"round", "generator", "train": {...} | None,
-    "sft_rows", "mean_sft_reward", "sft_loss", "eval": {condition: accuracy} | None}]}``; round 0 is the
-    starting model (evaluation only).
+    "train_gold", "sft_rows", "mean_sft_reward", "sft_loss", "eval": {condition: accuracy} | None,
+    "eval_gold"}]}``; round 0 is the starting model (evaluation only).
     """
     out = Path(out)
     table = []
     for r in range(rounds + 1):
         folder = out / f"round-{r}"
         entry: dict[str, Any] = {"round": r, "generator": model if r == 0 else None, "train": None,
-                                 "sft_rows": None, "mean_sft_reward": None, "sft_loss": None, "eval": None}
+                                 "train_gold": None, "sft_rows": None, "mean_sft_reward": None, "sft_loss": None,
+                                 "eval": None, "eval_gold": None}
         if r > 0:
             rows = read_rows(folder / "results.jsonl", repair=False)  # the run may still be writing
             if rows:
-                conditions = summarize(rows, model)["conditions"]
+                conditions = summarize(rows, model, conditions=("base", strategy))["conditions"]
                 entry["train"] = {name: c["accuracy"] for name, c in conditions.items()}
                 entry["train"]["passages"] = conditions.get("base", {}).get("n_passages", 0)
+                entry["train_gold"] = _gold_of(conditions)
             if (folder / ROUND_FILE).is_file():
                 info = json.loads((folder / ROUND_FILE).read_text())
                 entry.update(generator=info["generator"], sft_rows=info["sft_rows"],
@@ -414,25 +450,40 @@ def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int, *,
         if evaluation is not None:
             entry["eval"] = {name: c["accuracy"] for name, c in evaluation["conditions"].items()}
             entry["eval"]["passages"] = evaluation["conditions"].get("base", {}).get("n_passages", 0)
+            entry["eval_gold"] = _gold_of(evaluation["conditions"])
         table.append(entry)
     return {"model": model, "strategy": strategy, "reward": reward, "rounds": table}
 
 
 def restem_markdown(summary: dict[str, Any]) -> str:
-    """The ReST-EM summary as a Markdown table (accuracy per round; ``–`` where a part has not run)."""
+    """The ReST-EM summary as a Markdown table (accuracy per round; ``–`` where a part has not run), with
+    the strategy's gold log-likelihood (and its change over the base model) where the rows measured it."""
     s = summary["strategy"]
 
     def pct(part: dict[str, Any] | None, key: str) -> str:
-        return f"{100 * part[key]:.1f}%" if part and part.get(key) is not None else "–"
+        return number_cell(part.get(key) if part else None, ".1f", 100, "%")
 
+    def gold(part: dict[str, Any] | None) -> str:
+        c = (part or {}).get(s) or {}
+        after, change = c.get("gold_loglik"), c.get("gold_loglik_change")
+        if number_cell(after, ".3f") == "–":
+            return "–"
+        return f"{number_cell(after, '.3f')} ({number_cell(change, '+.3f')})"
+
+    dense = any(e.get("train_gold") or e.get("eval_gold") for e in summary["rounds"])
+    head = f" held-out gold {s} (Δ vs base) | train gold {s} (Δ vs base) |" if dense else ""
     lines = [f"Model: `{summary['model']}` · strategy `{s}`", "",
-             f"| round | held-out base | held-out {s} | train base | train {s} | SFT rows | mean SFT reward |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| round | held-out base | held-out {s} | train base | train {s} | SFT rows | mean SFT reward |{head}",
+             "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if dense else "")]
     for e in summary["rounds"]:
         reward = "–" if e.get("mean_sft_reward") is None else (
             f"{100 * e['mean_sft_reward']:.1f}%" if summary.get("reward", "accuracy") == "accuracy"
             else f"{e['mean_sft_reward']:.3f} nats/token")
         rows = e["sft_rows"] if e.get("sft_rows") is not None else "–"
+        extra = f" {gold(e.get('eval_gold'))} | {gold(e.get('train_gold'))} |" if dense else ""
         lines.append(f"| {e['round']} | {pct(e['eval'], 'base')} | {pct(e['eval'], s)} | {pct(e['train'], 'base')} | "
-                     f"{pct(e['train'], s)} | {rows} | {reward} |")
+                     f"{pct(e['train'], s)} | {rows} | {reward} |{extra}")
+    if dense:
+        lines += ["", "gold: the gold answers' mean log-likelihood after the update, in nats per token (no passage in "
+                  "context); Δ vs base: its mean change over the same round's model without the update."]
     return "\n".join(lines) + "\n"

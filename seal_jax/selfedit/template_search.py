@@ -81,6 +81,7 @@ from seal_jax.lm.types import LoraSpec, SamplingParams, TrainSpec
 from seal_jax.selfedit.archive import Archive, ArchiveEntry, NoveltyArchive, seed_templates, select_top
 from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.diversity import (
+    BACKENDS,
     hyperparameter_similarity,
     instruction_similarity_with_backend,
     mean_sequence_chars,
@@ -91,20 +92,17 @@ from seal_jax.selfedit.generator import (
     GeneratorError,
     Models,
     SftResult,
+    resolved_generator_path,
+    say,
     sft_lora_spec,
     sft_train_spec,
+    stored_generator_path,
     train_and_export,
 )
 from seal_jax.selfedit.meta_prompts import PROPOSAL_SCHEDULE, fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
-from seal_jax.selfedit.results import (
-    passages_done,
-    read_rows,
-    record_passage,
-    result_row,
-    write_jsonl,
-)
+from seal_jax.selfedit.results import passages_done, read_rows, record_passage, result_row, write_jsonl
 from seal_jax.selfedit.run_config import (
     SELFEDIT_SAMPLING,
     ExtendedConfig,
@@ -113,6 +111,7 @@ from seal_jax.selfedit.run_config import (
     check_data_table,
     config_differences,
     derived_seed,
+    describe_differences,
     pool_passages,
     select_data,
 )
@@ -133,6 +132,24 @@ class TemplateSearchError(GeneratorError):
     """A template search that cannot go on (e.g. the generator's SFT diverged)."""
 
 
+def check_similarity_backend(backend: Any, *, here: bool = False) -> None:
+    """Raise :class:`RunConfigError` for a backend not in ``BACKENDS``; with ``here`` (a run about to start on
+    this machine) also for ``"embeddings"`` while the MiniLM encoder's files are not on this machine (a look
+    for the files, no model load). A config loaded to be compiled or planned elsewhere needs no encoder."""
+    if backend not in BACKENDS:
+        raise RunConfigError(f"templates.similarity_backend must be one of {BACKENDS}, got {backend!r}")
+    if here and backend == "embeddings":
+        # deferred: the encoder's module imports jax; only this backend needs it
+        from seal_jax.selfedit import embeddings
+
+        if not embeddings.available():
+            raise RunConfigError(
+                f"templates.similarity_backend = 'embeddings' needs the {embeddings.ENCODER_NAME} sentence encoder, "
+                f"which is not on this machine: fetch it with `seal-jax fetch {embeddings.ENCODER_NAME}` (or point "
+                f"{embeddings.ENV_VAR} at its folder), or set 'auto' (the encoder when fetched, else TF-IDF) or "
+                "'tfidf'")
+
+
 @dataclasses.dataclass(frozen=True)
 class TemplateSearchConfig(ExtendedConfig):
     """A template-search run: knowledge-run keys at the top level plus a ``[templates]`` table.
@@ -151,7 +168,8 @@ class TemplateSearchConfig(ExtendedConfig):
       max_epochs: cap on a template's epochs (CPU budgets), or ``None`` for the template's own.
       novelty: ``{k, weight, lam}`` of the :class:`~seal_jax.selfedit.archive.NoveltyArchive`.
       similarity_backend: instruction embeddings for the diversity metrics and novelty: ``auto`` (MiniLM
-        when fetched, else TF-IDF), ``embeddings`` or ``tfidf``.
+        when fetched, else TF-IDF), ``embeddings`` (a run refuses to start unless MiniLM is fetched) or
+        ``tfidf``.
       inner_model: ``generator`` (the evolving model takes the LoRA updates) or ``base``.
       sft: ReST-EM SFT of the generator between iterations; sft_top_k: templates kept per passage;
         sft_positive_gain_only: keep only fills whose reward (accuracy or gold log-likelihood) beat the one
@@ -203,6 +221,7 @@ class TemplateSearchConfig(ExtendedConfig):
             raise RunConfigError(f"templates.inner_model must be one of {INNER_MODELS}, got {self.inner_model!r}")
         if self.fill_fallback not in FILL_FALLBACKS:
             raise RunConfigError(f"templates.fill_fallback must be one of {FILL_FALLBACKS}, got {self.fill_fallback!r}")
+        check_similarity_backend(self.similarity_backend)
         for name in ("iterations", "templates_per_iteration", "fills", "passages", "proposal_max_new_tokens",
                      "fill_max_new_tokens", "sft_top_k"):
             value = getattr(self, name)
@@ -412,13 +431,15 @@ def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], temp
     return select_top(candidates, k=k)
 
 
-def train_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], config: TemplateSearchConfig, target: Path
-                    ) -> SftResult:
+def train_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], config: TemplateSearchConfig, target: Path,
+                    *, label: str | None = None, progress: bool = True) -> SftResult:
     """SFT of ``lm`` on ``(prompt, completion)`` rows (loss on the completion only), merged and exported to
-    ``target`` (see :func:`~seal_jax.selfedit.generator.train_and_export`); raises
-    :class:`TemplateSearchError` if the SFT cannot start or diverged."""
+    ``target`` (see :func:`~seal_jax.selfedit.generator.train_and_export`, which announces each step on
+    stderr with ``progress``, its lines starting with ``label``); raises :class:`TemplateSearchError` if
+    the SFT cannot start or diverged."""
     return train_and_export(lm, rows, config.sft_lora_spec(), config.sft_train_spec(), seed=config.knowledge.seed,
-                            target=target, table="templates", error=TemplateSearchError)
+                            target=target, table="templates", error=TemplateSearchError, label=label,
+                            progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,6 +448,8 @@ def train_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], config: T
 
 def _entries_of(info: dict[str, Any]) -> list[ArchiveEntry]:
     return [ArchiveEntry.from_dict(e) for e in info.get("entries", [])]
+
+
 
 
 @dataclasses.dataclass
@@ -484,8 +507,14 @@ class _Search:
         if saved is not None:
             return meta, [Proposal.from_dict(r) for r in saved]
         kinds = schedule(config.templates_per_iteration, PROPOSAL_SCHEDULE)
-        records = propose(self.models(generator), meta, kinds, max_new_tokens=config.proposal_max_new_tokens,
+        lm, t0 = self.models(generator), time.perf_counter()
+        if self.progress:
+            say(f"{config.name} iteration {it}: proposing {len(kinds)} templates ...")
+        records = propose(lm, meta, kinds, max_new_tokens=config.proposal_max_new_tokens,
                           max_retries=config.max_retries, seed=derived_seed(k.seed, "iteration", it), chat=k.chat)
+        if self.progress:
+            say(f"{config.name} iteration {it}: {len(chosen(records))} valid templates of {len(records)} attempts in "
+                f"{time.perf_counter() - t0:.1f} s")
         if is_writer():  # the prompt first: proposals.jsonl marks the step done
             meta_file.write_text(meta, encoding="utf-8")
             write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
@@ -543,10 +572,15 @@ class _Search:
             if not self.score(self.held_out, folder / "eval" / "results.jsonl", [(best.name, best.template)], it,
                               "eval", inner, generator):
                 return None
-        info: dict[str, Any] = {"iteration": it, "generator": generator, "inner_model": inner, "meta_prompt": meta,
+        def stored(path: str) -> str:  # the run's own generators relative to its folder (iteration.json)
+            return stored_generator_path(self.out, path, "iteration")
+
+        info: dict[str, Any] = {"iteration": it, "generator": stored(generator), "inner_model": stored(inner),
+                                "meta_prompt": meta,
                                 "shown": [e.name for e in archive.shown()] if config.variant != "noarchive" else [],
                                 "entries": [e.to_dict() for e in new_entries], "scores": scores,
-                                "best": best.name if best else None, "next_generator": generator,
+                                "best": best.name if best else None,
+                                "next_generator": stored(generator),
                                 "sft_rows": None, "sft_loss": None}
         if config.sft and it < config.iterations:
             by_id = {p.id: p for p in [*self.training, *self.held_out]}
@@ -557,8 +591,9 @@ class _Search:
                 write_jsonl(folder / "sft_rows.jsonl", pairs)
             info["sft_rows"] = len(pairs)
             if pairs:
-                sft = train_generator(self.models(generator), pairs, config, folder / "generator")
-                info.update(next_generator=sft.generator, sft_loss=sft.sft_loss)
+                sft = train_generator(self.models(generator), pairs, config, folder / "generator",
+                                      label=f"{config.name} iteration {it}", progress=self.progress)
+                info.update(next_generator=stored(sft.generator), sft_loss=sft.sft_loss)
             else:
                 info["note"] = "no fill was selected for SFT; the generator is unchanged"
         if is_writer():
@@ -580,6 +615,7 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     process 0 writes and every process follows process 0's folder (:mod:`seal_jax.selfedit.multihost`); the
     folder must be shared, since every process loads the next generator from it.
     """
+    check_similarity_backend(config.similarity_backend, here=True)
     out = Path(out_dir)
     if is_writer():
         out.mkdir(parents=True, exist_ok=True)
@@ -591,9 +627,15 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
             if not resume and any(out.glob("iteration-*")):
                 raise FileExistsError(f"{out} already holds a template search; pass --resume to continue it or "
                                       "choose another --out")
+            saved = previous.get("templates") or {}
+            if "novelty" not in (config.variant, saved.get("variant")):  # the backend then changes no row, only
+                # the summary: a run started with a backend now refused resumes with another
+                previous = {**previous, "templates": {**saved, "similarity_backend": config.similarity_backend}}
             changed = config_differences(previous, config.to_json())
             if resume and changed:
-                raise RunConfigError(f"cannot resume {out}: the config differs in {changed}")
+                raise RunConfigError(f"cannot resume {out}: the config differs in {changed} (saved -> now: "
+                                     f"{describe_differences(previous, config.to_json())}); a run resumes only "
+                                     "with the config it started with: run a changed config into another --out")
 
     agree(check_folder)
     if is_writer():
@@ -615,7 +657,7 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
                 return _write_summary(config, out)
             agree(lambda: None)  # the other processes wait for process 0's generator before loading it
         entries.extend(_entries_of(info))
-        generator = info["next_generator"]
+        generator = agree(lambda i=info: resolved_generator_path(out, i["next_generator"], "iteration"))
     if is_writer():
         config.make_archive(entries, seeds).to_jsonl(out / "archive.jsonl")
     return _write_summary(config, out)
@@ -634,13 +676,18 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
     Returns ``{"model", "variant", "reward", "iterations": [{iteration, finished, proposals,
     valid_templates, fills, valid_fills, fallback_fills, passages, base_accuracy, base_score, best_score,
     mean_score, best_gain, mean_gain, best_template, hyperparameter_similarity, instruction_similarity,
-    similarity_backend, mean_sequence_chars, eval, sft_rows}]}``; scores, gains, ``base_score`` and the
-    eval's ``base`` and ``score`` are in the run's ``reward`` unit (accuracy, or gold nats/token).
+    similarity_backend, mean_sequence_chars, eval, sft_rows}], "notes": [str]}``; scores, gains,
+    ``base_score`` and the eval's ``base`` and ``score`` are in the run's ``reward`` unit (accuracy, or gold
+    nats/token). A ``similarity_backend`` this machine cannot use (a folder written before the config
+    refused it, or ``embeddings`` without the encoder here) gives TF-IDF instruction similarities and a
+    note instead of an error, so such a folder still reports.
     """
     raw = config.to_json() if isinstance(config, TemplateSearchConfig) else config
     table, reward = raw["templates"], raw.get("reward", "accuracy")
     measure = "accuracy" if reward == "accuracy" else "gold_loglik"
     out = Path(out)
+    backend = table.get("similarity_backend", "auto")
+    notes: list[str] = []
     iterations = []
     for it in range(1, table["iterations"] + 1):
         folder = out / f"iteration-{it}"
@@ -669,7 +716,12 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
             entry.update(best_score=scores[best]["score"], best_gain=scores[best]["gain"], best_template=best,
                          mean_score=float(np.mean([s["score"] for s in scores.values()])),
                          mean_gain=float(np.mean([s["gain"] for s in scores.values()])))
-        entry.update(diversity(list(templates.values()), fills, table.get("similarity_backend", "auto")))
+        try:
+            entry.update(diversity(list(templates.values()), fills, backend))
+        except TemplateError as e:  # a backend this machine cannot use: TF-IDF, with a note
+            notes.append(f"templates.similarity_backend {backend!r} cannot be used here ({e}); TF-IDF instead")
+            backend = "tfidf"
+            entry.update(diversity(list(templates.values()), fills, backend))
         eval_rows = read_rows(folder / "eval" / "results.jsonl", repair=False)
         if eval_rows:
             eval_scores = template_scores(eval_rows, reward)
@@ -681,7 +733,8 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
         if entry["finished"]:
             entry["sft_rows"] = json.loads((folder / ITERATION_FILE).read_text()).get("sft_rows")
         iterations.append(entry)
-    return {"model": raw["model"], "variant": table["variant"], "reward": reward, "iterations": iterations}
+    return {"model": raw["model"], "variant": table["variant"], "reward": reward, "iterations": iterations,
+            "notes": notes}
 
 
 def template_markdown(summary: dict[str, Any]) -> str:
@@ -715,6 +768,8 @@ def template_markdown(summary: dict[str, Any]) -> str:
         top = max(best, key=lambda e: e["best_score"])
         lines += ["", f"Best template: `{top['best_template']}` ({pct(top['best_score'])}). Valid templates are "
                   "counted over all proposal attempts (retries included)."]
+    if summary.get("notes"):
+        lines += ["", *(f"Note: {note}" for note in summary["notes"])]
     return "\n".join(lines) + "\n"
 
 
