@@ -81,7 +81,7 @@ class ScriptedLM:
     def merge_adapter(self, adapters, k=0):
         return self
 
-    def export(self, out_dir, *, dtype=None):
+    def export(self, out_dir, *, dtype=None, progress=False):
         return out_dir
 
 

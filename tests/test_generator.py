@@ -122,7 +122,10 @@ def test_train_and_export_says_each_long_step_with_its_seconds_and_folder(tiny_c
                               label="demo round 1")
     captured = capsys.readouterr()
     assert captured.out == ""  # stdout stays for tables
-    lines = captured.err.splitlines()
+    # the export's bar (over its tensors; \r-separated, cleared when done) aside, one line a step
+    assert re.search(r"exporting to \S*generator\.tmp: .*tensor", captured.err)
+    lines = [piece for line in captured.err.splitlines() for piece in line.split("\r")[-1:]
+             if piece.strip() and "tensor/s" not in piece]
     patterns = [r"demo round 1: generator SFT on 2 rows \(LoRA r=4, alpha=8, 7 projections; lr 0\.0003, 1 epochs\) \.\.\.",
                 r"demo round 1: generator SFT trained in \d+\.\d s \(loss [\d.]+ -> [\d.]+\); merging the adapter into "
                 r"the weights \.\.\.",

@@ -115,12 +115,15 @@ def test_export_round_trip_through_transformers(tiny_hf, tmp_path, name):
     np.testing.assert_allclose(sj.load(out, progress=False).logits(ids), lm.logits(ids), atol=1e-6, rtol=0)
 
 
-def test_export_in_shards(tiny_hf, tmp_path):
-    from seal_jax.lm.weights import export_hf
+def test_export_in_shards(tiny_hf, tmp_path, capsys):
+    from seal_jax.lm.weights import export_hf, hf_names
 
     _, folder = tiny_hf("qwen3-tied")
     lm = sj.load(folder, progress=False)
-    out = export_hf(lm.params(), lm.config, tmp_path / "sharded", max_shard_bytes=30_000)
+    out = export_hf(lm.params(), lm.config, tmp_path / "sharded", max_shard_bytes=30_000, progress=True)
+    n = len(hf_names(lm.config))
+    assert f"exporting to {out}" in capsys.readouterr().err and len(json.loads(
+        (out / "model.safetensors.index.json").read_text())["weight_map"]) == n  # a bar over the n tensors
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     assert not (out / "model.safetensors").exists()

@@ -409,12 +409,14 @@ class LM:
         flat = self._stored_params()
         return {p: stack_leaf([struct(v) for v in x]) if isinstance(x, tuple) else struct(x) for p, x in flat.items()}
 
-    def export(self, out_dir: str | Path, *, dtype: Any = None) -> Path:
+    def export(self, out_dir: str | Path, *, dtype: Any = None, progress: bool = False) -> Path:
         """Write this model (weights, config, tokenizer) as a Hugging Face folder; returns the folder.
 
         In a multi-host run every process must call it (the weights are gathered from all processes);
-        process 0 writes the folder. Weights stored split go to the host layer by layer, never stacked."""
-        return weights.export_hf(self._stored_params(), self.config, out_dir, dtype=dtype, tokenizer=self.tokenizer)
+        process 0 writes the folder (a bar over its tensors with ``progress``). Weights stored split go to
+        the host layer by layer, never stacked."""
+        return weights.export_hf(self._stored_params(), self.config, out_dir, dtype=dtype, tokenizer=self.tokenizer,
+                                 progress=progress)
 
     def merge_adapter(self, adapters: Adapters, k: int = 0) -> LM:
         """A new :class:`LM` whose base weights have adapter ``k`` of ``adapters`` folded in

@@ -281,13 +281,15 @@ def export_hf(
     dtype: Any = None,
     max_shard_bytes: int = 4 * 1024**3,
     tokenizer: Any = None,
+    progress: bool = False,
 ) -> Path:
     """Write ``params`` as a Hugging Face model folder that transformers and :func:`seal_jax.load` read.
 
     Writes ``config.json``, ``model.safetensors`` (or numbered shards plus
     ``model.safetensors.index.json`` past ``max_shard_bytes``) and, if given, the tokenizer's files.
     In a multi-host run every process must call it (the weights are gathered from all of them) and
-    process 0 writes the folder. Returns the folder.
+    process 0 writes the folder, with a bar over the tensors brought to the host when ``progress``.
+    Returns the folder.
     """
     out = Path(out_dir)
     np_dtype = None if dtype is None else jnp.dtype(dtype)
@@ -301,7 +303,9 @@ def export_hf(
     shard_names: list[str] = []
     weight_map: dict[str, str] = {}
     total = 0
-    for name, array in iter_hf_tensors(params, config, np_dtype):
+    bar = tqdm(iter_hf_tensors(params, config, np_dtype), total=len(hf_names(config)), unit="tensor",
+               desc=f"exporting to {out}", disable=not progress, leave=False)
+    for name, array in bar:
         if size and size + array.nbytes > max_shard_bytes:
             shard_names.append(_write_shard(out, shards[-1], len(shard_names), save_file))
             shards.append({})

@@ -75,8 +75,9 @@ class LanguageModel(Protocol):
         """A new model with adapter ``k`` merged into the weights."""
         ...
 
-    def export(self, out_dir: str | Path, *, dtype: Any = None) -> Path:
-        """The weights (and tokenizer) as a Hugging Face-format folder."""
+    def export(self, out_dir: str | Path, *, dtype: Any = None, progress: bool = False) -> Path:
+        """The weights (and tokenizer) as a Hugging Face-format folder (a bar over its tensors with
+        ``progress``)."""
         ...
 
 

@@ -145,14 +145,14 @@ def sft_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], lora: LoraS
     return merged, adapters
 
 
-def export_generator(model: LanguageModel, target: Path) -> Path:
+def export_generator(model: LanguageModel, target: Path, *, progress: bool = False) -> Path:
     """Export ``model`` to ``target`` (Hugging Face format): written beside it, then renamed, so a kill
     never leaves half a generator under the final name. Every process takes part in gathering the
-    weights; process 0 writes."""
+    weights; process 0 writes (with a bar over the tensors when ``progress``)."""
     tmp = target.with_name(target.name + ".tmp")
     if is_writer():
         shutil.rmtree(tmp, ignore_errors=True)
-    model.export(tmp)
+    model.export(tmp, progress=progress)
     if is_writer():
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -181,7 +181,7 @@ def train_and_export(lm: LanguageModel, rows: Sequence[dict[str, Any]], lora: Lo
     if label:
         say(f"{label}: exporting the merged generator to {target} ...")
     t0 = time.perf_counter()
-    export_generator(merged, target)
+    export_generator(merged, target, progress=label is not None)
     if label:
         say(f"{label}: generator exported in {time.perf_counter() - t0:.1f} s "
             f"({folder_size(target) if is_writer() else '?'}) to {target}")
