@@ -233,6 +233,8 @@ def plot_iterations(summary: dict[str, Any], path: str | Path, title: str = "") 
     if held:
         axes[0].plot(*zip(*held, strict=True), "-^", label="held-out best")
     axes[0].set_ylabel("gold log-likelihood (nats/token)" if dense else "accuracy (%)")
+    if not dense:  # accuracy from 0 (all-zero scores would otherwise get an axis of ±0.04%)
+        axes[0].set_ylim(0, max(5.0, axes[0].get_ylim()[1]))
     axes[0].legend(fontsize=7)
     line(axes[1], "hyperparameter_similarity", "hyperparameters")
     line(axes[2], "instruction_similarity", "instructions")

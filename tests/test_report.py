@@ -131,3 +131,19 @@ def test_report_says_when_a_run_has_not_finished(tmp_path):
     config["data"]["n"] = 1
     (run / "run_config.json").write_text(json.dumps(config))
     assert "passages done" not in report(run)[0]
+
+
+def test_iterations_chart_of_all_zero_accuracy_starts_at_zero(tmp_path, monkeypatch):
+    """A 135M model's template search often scores 0% everywhere: the score axis still reads 0 to a few
+    percent, not -0.04 to 0.04."""
+    import seal_jax.report as report_module
+
+    figures = []
+    original = report_module._save
+    monkeypatch.setattr(report_module, "_save", lambda fig, path: (figures.append(fig), original(fig, path))[1])
+    rows = [{"iteration": i, "best_score": 0.0, "mean_score": 0.0, "base_accuracy": 0.0, "eval": None,
+             "hyperparameter_similarity": 0.5, "instruction_similarity": 0.2, "mean_sequence_chars": 300.0,
+             "similarity_backend": "tfidf"} for i in (1, 2)]
+    report_module.plot_iterations({"model": "m", "variant": "archive", "iterations": rows}, tmp_path / "it.png")
+    low, high = figures[0].axes[0].get_ylim()
+    assert low == 0 and high >= 5

@@ -25,6 +25,7 @@ from seal_jax.selfedit.template_search import (
     eval_passages,
     run_template_search,
     summarize_template_search,
+    template_markdown,
     template_scores,
     training_passages,
 )
@@ -225,6 +226,11 @@ def test_summary_and_report(archive_run, capsys):
     printed = capsys.readouterr().out
     assert "| 1 | 2/3 | 8/8 |" in printed and "variant `archive`" in printed
     assert (out / "iterations.png").read_bytes()[:4] == b"\x89PNG"
+    # an iteration still running with no fill scored yet: no characters per fill to show
+    running = {**e, "finished": False, "valid_fills": 0, "fills": 0, "mean_sequence_chars": 0.0, "best_template": None}
+    (row,) = [line for line in template_markdown({**summary, "iterations": [running]}).splitlines()
+              if line.startswith("| 1 (running)")]
+    assert "(tfidf) | – | " in row
 
 
 def test_noarchive_and_novelty_variants(tiny_chat_dir, tiny_lm, tmp_path):

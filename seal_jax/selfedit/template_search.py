@@ -758,11 +758,12 @@ def template_markdown(summary: dict[str, Any]) -> str:
         backend = f" ({e['similarity_backend']})" if e.get("similarity_backend") else ""
         fallback = f", {e['fallback_fills']} by lines" if e.get("fallback_fills") else ""
         held = "–" if not e.get("eval") else f"{pct(e['eval']['score'])} ({pct(e['eval']['base'])})"
+        chars = f"{e['mean_sequence_chars']:.0f}" if e.get("valid_fills") else "–"  # no fill yet: nothing to measure
         lines.append(
             f"| {e['iteration']}{'' if e['finished'] else ' (running)'} | {e['valid_templates']}/{e['proposals']} | "
             f"{e['valid_fills']}/{e['fills']}{fallback} | {pct(e.get('base_score', e['base_accuracy']))} | {pct(e['best_score'])} | "
             f"{pct(e['mean_score'])} | {num(e['best_gain'])} | {num(e['hyperparameter_similarity'])} | "
-            f"{num(e['instruction_similarity'])}{backend} | {e['mean_sequence_chars']:.0f} | {held} |")
+            f"{num(e['instruction_similarity'])}{backend} | {chars} | {held} |")
     best = [e for e in summary["iterations"] if e.get("best_template")]
     if best:
         top = max(best, key=lambda e: e["best_score"])
