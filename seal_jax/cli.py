@@ -28,6 +28,7 @@ from seal_jax.lm.types import ATTENTION_IMPLEMENTATIONS
 from seal_jax.report import report as run_report
 from seal_jax.selfedit import calibration, grading, run_config, runs
 from seal_jax.selfedit.judge import JudgeGrader
+from seal_jax.selfedit.results import read_rows
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CHECKPOINTS = Path("checkpoints")
@@ -190,24 +191,24 @@ def _is_run_folder_of(folder: Path, name: str) -> bool:
 
 
 def _continues_demo(out: Path, config: Any) -> bool:
-    """Whether ``out`` holds results of a demo run with ``config`` (a ``make demo`` that was stopped, or one
-    that finished): the demo then continues it instead of starting over. Says which, or why not."""
-    results = out / "results.jsonl"
+    """Whether ``out`` holds a demo run of ``config`` (a ``make demo`` that was stopped, at any point, or
+    one that finished): the demo then continues it instead of starting over. Says which, or why not. A
+    results file damaged before its last line is an error (``ResultsFileError``), not a reason to delete."""
     try:
         saved = json.loads((out / "run_config.json").read_text())
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return False
-    if not rows or not isinstance(saved, dict):
+    if not isinstance(saved, dict):
         return False
     changed = run_config.config_differences(saved, config.to_json())
     if changed:
         print(f"{out} holds a demo run of another config (saved -> now: "
               f"{run_config.describe_differences(saved, config.to_json())}); starting over", file=sys.stderr)
         return False
-    done = len({r.get("passage_id") for r in rows if isinstance(r, dict)})
-    print(f"{out} holds this demo's results for {done} passage(s): continuing it (`seal-jax demo --restart` "
-          "starts over)", file=sys.stderr)
+    done = len({r["passage_id"] for r in read_rows(out / "results.jsonl", repair=False)})  # whole ones: a torn
+    # last passage is redone; a file damaged before its last line is a ResultsFileError
+    print(f"{out} holds this demo's run, {done} passage(s) done: continuing it (`seal-jax demo --restart` starts "
+          "over)", file=sys.stderr)
     return True
 
 

@@ -138,12 +138,15 @@ def test_restem_run_layout_and_resume(tiny_chat_dir, tmp_path, monkeypatch):
         assert a == b
         assert (part / f"round-{r}" / "round.json").read_text() == (full / f"round-{r}" / "round.json").read_text()
     # the run folder moved (the old place gone) and resumed from another working directory: the round-2
-    # evaluation, redone, loads round 2's generator from where the folder is now
+    # evaluation, part-done (its run_config.json names the generator where it was), is taken up again and
+    # loads round 2's generator from where the folder is now
     evaluated = read_rows(full / "round-2" / "eval" / "results.jsonl")
     moved = tmp_path / "elsewhere" / "moved"
     moved.parent.mkdir()
     shutil.move(full, moved)
-    shutil.rmtree(moved / "round-2" / "eval")
+    assert json.loads((moved / "round-2" / "eval" / "run_config.json").read_text())["model"] == str(
+        full / "round-2" / "generator")
+    (moved / "round-2" / "eval" / "results.jsonl").write_text("")
     monkeypatch.chdir(moved.parent)
     again = run_restem(config, "moved", lm=lm, progress=False, resume=True)
     strip = lambda rows: [{k: v for k, v in x.items() if k != "seconds"} for x in rows]  # noqa: E731

@@ -118,6 +118,7 @@ def test_resume_ignores_engine_settings_only():
     assert describe_differences(base, changed) == f"data.n {base['data']['n']} -> {base['data']['n'] + 1}, k {base['k']} -> 3"
     assert describe_differences(older, {**base, "templates": {"variant": "archive", "seed_scores": "rescore"}}) == (
         "templates.seed_scores None -> 'rescore'")
+    assert describe_differences(base, {**base, "train": {**base["train"], "warmup": 3}}) == "train.warmup (unset) -> 3"
     many = {**base, "train": {k: 7 for k in base["train"]}}
     assert describe_differences(base, many, limit=2).endswith(f" and {len(base['train']) - 2} more")
     assert config_differences(base, {**base, "train_mesh": "data=8"}) == []

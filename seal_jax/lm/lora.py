@@ -140,7 +140,7 @@ class AdapterStack:
     failed: list[str | None] = dataclasses.field(default_factory=list)
     single: bool = False
     # a single adapter's as_inputs, with the leaves and specs it was made from: its leaves are sliced once,
-    # not on every generate/logits call
+    # not on every generate/logits call (the price: one more copy of this one adapter while it lives)
     _inputs: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.engine import LanguageModel, TrainedAdapters, load_adapters
 from seal_jax.selfedit.episode import make_grader, score_adapters_many, score_base_many
-from seal_jax.selfedit.generator import Models, say
+from seal_jax.selfedit.generator import Models
 from seal_jax.selfedit.knowledge import generate_self_edits
-from seal_jax.selfedit.multihost import agree, is_writer
+from seal_jax.selfedit.multihost import agree, is_writer, say
 from seal_jax.selfedit.results import (
     append_passage,
     passages_done,

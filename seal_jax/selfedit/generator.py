@@ -7,7 +7,7 @@ adapter into the weights and exporting them in Hugging Face format into the run 
 round loads the new generator (:class:`Models`).
 
 These steps are long at scale (an 8B generator's export writes ~16 GB) and show no bar of their own, so
-:func:`train_and_export` says on stderr what it starts and how long each step took (:func:`say`).
+:func:`train_and_export` says on stderr what it starts and how long each step took (:func:`~seal_jax.selfedit.multihost.say`).
 """
 
 from __future__ import annotations
@@ -15,28 +15,19 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from seal_jax.lm.types import LoraSpec, TrainError, TrainSpec
 from seal_jax.selfedit.engine import LanguageModel, TrainedAdapters, load_model
-from seal_jax.selfedit.multihost import is_writer, require_visible
+from seal_jax.selfedit.multihost import is_writer, require_visible, say
 from seal_jax.selfedit.run_config import RunConfig
 
 
 class GeneratorError(RuntimeError):
     """The generator's SFT cannot start or diverged."""
-
-
-def say(message: str) -> None:
-    """One progress line on stderr, written by process 0 only (through tqdm, so it never tears a bar)."""
-    if is_writer():
-        tqdm.write(message, file=sys.stderr)
 
 
 def folder_size(folder: Path) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +49,7 @@ from seal_jax.selfedit.episode import (
     train_and_score_many,
 )
 from seal_jax.selfedit.meta_prompts import fill_prompt, meta_prompt
-from seal_jax.selfedit.multihost import agree, is_writer
+from seal_jax.selfedit.multihost import agree, is_writer, say
 from seal_jax.selfedit.proposals import Proposal, chosen, propose
 from seal_jax.selfedit.results import (
     Measure,
@@ -265,12 +264,12 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
         t0 = time.perf_counter()
         if progress and not (out / "template.json").is_file():
             options = config.template_options()
-            bar.write(f"{config.name}: the template condition's template: up to {int(options['max_retries']) + 1} "
-                      f"attempt(s) of {int(options['candidates'])} proposals", file=sys.stderr)
+            say(f"{config.name}: the template condition's template: up to {int(options['max_retries']) + 1} "
+                f"attempt(s) of {int(options['candidates'])} proposals")
         template, template_failure = propose_run_template(lm, config, out)
         if progress:
-            bar.write(f"{config.name}: template {'ready' if template else 'failed: ' + str(template_failure)} "
-                      f"({time.perf_counter() - t0:.0f}s; {out / 'template.json'})", file=sys.stderr)
+            say(f"{config.name}: template {'ready' if template else 'failed: ' + str(template_failure)} "
+                f"({time.perf_counter() - t0:.0f}s; {out / 'template.json'})")
     size = config.passages_per_program
     for count in range(0, len(todo), size):
         if stop_after is not None and count >= stop_after:

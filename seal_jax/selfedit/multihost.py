@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+from tqdm.auto import tqdm
 
 T = TypeVar("T")
 
@@ -40,6 +41,12 @@ def process_count() -> int:
 def is_writer() -> bool:
     """True on the process that writes run folders (process 0; the only process of a one-host run)."""
     return process_index() == 0
+
+
+def say(message: str) -> None:
+    """One progress line on stderr, written by process 0 only (through tqdm, so it never tears a bar)."""
+    if is_writer():
+        tqdm.write(message, file=sys.stderr)
 
 
 def require_visible(path: str | Path, what: str) -> None:

@@ -48,14 +48,13 @@ from seal_jax.selfedit.generator import (
     Models,
     SftResult,
     resolved_generator_path,
-    say,
     sft_lora_spec,
     sft_train_spec,
     stored_generator_path,
     train_and_export,
 )
 from seal_jax.selfedit.knowledge import run_knowledge
-from seal_jax.selfedit.multihost import agree, is_writer
+from seal_jax.selfedit.multihost import agree, is_writer, say
 from seal_jax.selfedit.results import number_cell, passages_done, read_rows, summarize, write_jsonl
 from seal_jax.selfedit.run_config import (
     ExtendedConfig,
@@ -265,6 +264,21 @@ def _adopt_id_selection(folder: Path, cfg: RunConfig) -> None:
         path.write_text(json.dumps({**saved, "data": cfg.to_json()["data"]}, indent=2))
 
 
+def _adopt_moved_generator(folder: Path, cfg: RunConfig, out: Path) -> None:
+    """An E-step or evaluation folder saved its generator's path as it was then (``model``); when the run
+    folder ``out`` has since moved (or is resumed with ``--out`` written another way), that path names this
+    run's ``round-N/generator`` where it is now, ``cfg.model``: save the new path, so the part-done step
+    resumes instead of refusing a config that did not change (process 0 writes)."""
+    path = folder / "run_config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    model = saved.get("model")
+    if isinstance(model, str) and model != cfg.model and resolved_generator_path(out, model, "round") == cfg.model \
+            and is_writer():
+        path.write_text(json.dumps({**saved, "model": cfg.model}, indent=2))
+
+
 def changes_only_sft_settings(out: Path, config_json: dict[str, Any]) -> bool:
     """Whether resuming ``out`` with ``config_json`` changes nothing but ``restem.sft_lora``/``sft_train``
     while no round's SFT has finished (no ``round-N/round.json``): such a change cannot alter any row
@@ -300,6 +314,7 @@ class _Rounds:
             return False
         lm = self.models(cfg.model)
         agree(lambda: _adopt_id_selection(folder, cfg))
+        agree(lambda: _adopt_moved_generator(folder, cfg, self.out))
         before = _passages_done(folder)
         run_knowledge(cfg, folder, resume=True, lm=lm, progress=self.progress, stop_after=self.budget)
         if self.budget is not None:

@@ -558,6 +558,10 @@ def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> lis
 _UNSET = object()  # a table entry one of two saved configs lacks
 
 
+def _shown(table: dict[str, Any], key: str) -> str:
+    return repr(table[key]) if key in table else "(unset)"
+
+
 def describe_differences(previous: dict[str, Any], current: dict[str, Any], *, limit: int = 6) -> str:
     """What :func:`config_differences` finds, as ``"templates.iterations 2 -> 3, k 5 -> 3"``: each differing
     entry of a table by its dotted key, with the saved value first (at most ``limit`` entries)."""
@@ -566,7 +570,7 @@ def describe_differences(previous: dict[str, Any], current: dict[str, Any], *, l
     for key in config_differences(previous, current):
         old, new = (_results_part(key, c.get(key, defaults.get(key))) for c in (previous, current))
         if isinstance(old, dict) and isinstance(new, dict):
-            parts += [f"{key}.{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+            parts += [f"{key}.{k} {_shown(old, k)} -> {_shown(new, k)}"
                       for k in sorted(set(old) | set(new)) if old.get(k, _UNSET) != new.get(k, _UNSET)]
         else:
             parts.append(f"{key} {old!r} -> {new!r}")

@@ -93,14 +93,13 @@ from seal_jax.selfedit.generator import (
     Models,
     SftResult,
     resolved_generator_path,
-    say,
     sft_lora_spec,
     sft_train_spec,
     stored_generator_path,
     train_and_export,
 )
 from seal_jax.selfedit.meta_prompts import PROPOSAL_SCHEDULE, fill_prompt, meta_prompt
-from seal_jax.selfedit.multihost import agree, is_writer
+from seal_jax.selfedit.multihost import agree, is_writer, say
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
 from seal_jax.selfedit.results import passages_done, read_rows, record_passage, result_row, write_jsonl
 from seal_jax.selfedit.run_config import (
@@ -615,7 +614,8 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     process 0 writes and every process follows process 0's folder (:mod:`seal_jax.selfedit.multihost`); the
     folder must be shared, since every process loads the next generator from it.
     """
-    check_similarity_backend(config.similarity_backend, here=True)
+    # process 0 (which writes the summary) looks for the encoder; its verdict reaches every process
+    agree(lambda: check_similarity_backend(config.similarity_backend, here=True))
     out = Path(out_dir)
     if is_writer():
         out.mkdir(parents=True, exist_ok=True)
@@ -719,6 +719,8 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
         try:
             entry.update(diversity(list(templates.values()), fills, backend))
         except TemplateError as e:  # a backend this machine cannot use: TF-IDF, with a note
+            if backend == "tfidf":  # not the backend's fault
+                raise
             notes.append(f"templates.similarity_backend {backend!r} cannot be used here ({e}); TF-IDF instead")
             backend = "tfidf"
             entry.update(diversity(list(templates.values()), fills, backend))
