@@ -349,16 +349,13 @@ def test_resume_reads_the_meta_prompt_back(tiny_chat_dir, tiny_lm, tmp_path, mon
                         loader=canned_loader([]))
     said = [line for line in capsys.readouterr().err.splitlines() if re.match(r"tiny-search iteration \d+: ", line)]
     generator = out / "iteration-1" / "generator"
-    patterns = [r"tiny-search iteration 1: generator SFT on \d+ rows \(LoRA r=4, alpha=8, 7 projections; lr 0\.001, "
-                r"1 epochs\) \.\.\.",
-                r"tiny-search iteration 1: generator SFT trained in \d+\.\d s \(loss .*\); merging the adapter .*",
-                r"tiny-search iteration 1: adapter merged in \d+\.\d s",
-                rf"tiny-search iteration 1: exporting the merged generator to {re.escape(str(generator))} \.\.\.",
-                rf"tiny-search iteration 1: generator exported in \d+\.\d s \(.*B\) to {re.escape(str(generator))}",
-                r"tiny-search iteration 2: proposing 2 templates \.\.\.",
+    # the generator's SFT, merge and export (test_generator holds their wording) under the iteration's label
+    sft = [line for line in said if line.startswith("tiny-search iteration 1: ")]
+    assert len(sft) == 5 and "generator SFT on" in sft[0] and sft[-1].endswith(f"to {generator}")
+    patterns = [r"tiny-search iteration 2: proposing 2 templates \.\.\.",
                 r"tiny-search iteration 2: 2 valid templates of 3 attempts in \d+\.\d s"]
-    assert len(said) == len(patterns), said
-    for line, pattern in zip(said, patterns, strict=True):
+    assert said[5:] == [line for line in said if line.startswith("tiny-search iteration 2: ")] and len(said) == 7
+    for line, pattern in zip(said[5:], patterns, strict=True):
         assert re.fullmatch(pattern, line), (line, pattern)
     info = json.loads((out / "iteration-1" / "iteration.json").read_text())
     assert (out / "iteration-1" / "meta_prompt.txt").read_text() == meta1 == info["meta_prompt"]
