@@ -546,13 +546,19 @@ def _results_part(key: str, value: Any) -> Any:
     return value
 
 
+def _compared(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Per top-level key except :data:`RESUME_FREE_KEYS`, the two saved configs' values as a resume compares
+    them (:func:`_results_part`; a key one of them lacks counts as :class:`RunConfig`'s default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    keys = (set(previous) | set(current)) - RESUME_FREE_KEYS
+    return {k: (_results_part(k, previous.get(k, defaults.get(k))), _results_part(k, current.get(k, defaults.get(k))))
+            for k in keys}
+
+
 def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Top-level keys whose values differ between two saved configs, except :data:`RESUME_FREE_KEYS`. A key
     one of them lacks (a folder written before the key existed) counts as :class:`RunConfig`'s default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
-    keys = (set(previous) | set(current)) - RESUME_FREE_KEYS
-    return sorted(k for k in keys if _results_part(k, previous.get(k, defaults.get(k)))
-                  != _results_part(k, current.get(k, defaults.get(k))))
+    return sorted(k for k, (old, new) in _compared(previous, current).items() if old != new)
 
 
 _UNSET = object()  # a table entry one of two saved configs lacks
@@ -565,10 +571,10 @@ def _shown(table: dict[str, Any], key: str) -> str:
 def describe_differences(previous: dict[str, Any], current: dict[str, Any], *, limit: int = 6) -> str:
     """What :func:`config_differences` finds, as ``"templates.iterations 2 -> 3, k 5 -> 3"``: each differing
     entry of a table by its dotted key, with the saved value first (at most ``limit`` entries)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
     parts = []
-    for key in config_differences(previous, current):
-        old, new = (_results_part(key, c.get(key, defaults.get(key))) for c in (previous, current))
+    for key, (old, new) in sorted(_compared(previous, current).items()):
+        if old == new:
+            continue
         if isinstance(old, dict) and isinstance(new, dict):
             parts += [f"{key}.{k} {_shown(old, k)} -> {_shown(new, k)}"
                       for k in sorted(set(old) | set(new)) if old.get(k, _UNSET) != new.get(k, _UNSET)]
