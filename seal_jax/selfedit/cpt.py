@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -203,10 +202,10 @@ class _Cpt:
         corpora = [corpus(self.passages, selfedits, name, k.seed) for name in names]
         trains = [k.train_spec(seed=derived_seed(k.seed, "cpt", name)) for name in names]
         if self.progress:  # one silent call (~700 s at 8B): say what it trains
-            steps = [math.ceil(math.ceil(len(c) / t.batch_size) / t.grad_accum) * t.epochs
-                     for c, t in zip(corpora, trains, strict=True)]
+            t = trains[0]  # the conditions share the run's batching and epochs (their seeds differ)
             say(f"{self.config.name}: training {len(names)} adapters ({', '.join(names)}) in one call: "
-                f"{'/'.join(str(len(c)) for c in corpora)} sequences, {'/'.join(map(str, steps))} optimiser steps ...")
+                f"{'/'.join(str(len(c)) for c in corpora)} sequences, batch {t.batch_size} x {t.grad_accum} "
+                f"accumulated, {t.epochs} epoch(s) ...")
         t0 = time.perf_counter()
         adapters = self.models(k.model).train_adapters(corpora, k.lora_spec(), trains, seed=k.seed)
         if self.progress:
