@@ -101,7 +101,14 @@ from seal_jax.selfedit.generator import (
 from seal_jax.selfedit.meta_prompts import PROPOSAL_SCHEDULE, fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer, say
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
-from seal_jax.selfedit.results import passages_done, read_rows, record_passage, result_row, write_jsonl
+from seal_jax.selfedit.results import (
+    number_cell,
+    passages_done,
+    read_rows,
+    record_passage,
+    result_row,
+    write_jsonl,
+)
 from seal_jax.selfedit.run_config import (
     SELFEDIT_SAMPLING,
     ExtendedConfig,
@@ -744,12 +751,10 @@ def template_markdown(summary: dict[str, Any]) -> str:
     dense = summary.get("reward", "accuracy") != "accuracy"
 
     def pct(x: Any) -> str:  # a score in the run's unit
-        if x is None:
-            return "–"
-        return f"{x:.3f}" if dense else f"{100 * x:.1f}%"
+        return number_cell(x, ".3f") if dense else number_cell(x, ".1f", 100, "%")
 
     def num(x: Any) -> str:
-        return "–" if x is None else f"{x:.3f}"
+        return number_cell(x, ".3f")
 
     unit = " · scores: gold answers' log-likelihood, nats/token (gain: its change)" if dense else ""
     lines = [f"Model: `{summary['model']}` · variant `{summary['variant']}`{unit}", "",
