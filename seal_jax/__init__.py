@@ -1,12 +1,13 @@
 """seal-jax: self-adapting language models in JAX/Flax.
 
 The public API (see DESIGN.md): ``sj.load`` -> ``sj.LM`` (``logits``, ``generate``, ``generate_ids``,
-``train_adapters``), ``sj.SamplingParams``, ``sj.LoraSpec``, ``sj.TrainSpec``, ``sj.Adapters``,
+``completion_logprobs``, ``train_adapters``, ``ready_adapters``, ``merge_adapter``, ``export``),
+``sj.SamplingParams``, ``sj.LoraSpec``, ``sj.TrainSpec``, ``sj.Adapters``, ``sj.ReadyAdapters``,
 ``sj.ModelConfig``, and the modules ``sj.assets``, ``sj.grading`` and ``sj.templates``.
 
 The value types, errors and the loop's modules import without jax (``seal_jax.lm.types``); ``LM``,
-``load`` and ``Adapters`` bring in the engine, and with it jax, on first use (PEP 562 ``__getattr__``), so
-``import seal_jax`` is cheap and reading a config or grading answers never starts jax.
+``load``, ``Adapters`` and ``ReadyAdapters`` bring in the engine, and with it jax, on first use (PEP 562
+``__getattr__``), so ``import seal_jax`` is cheap and reading a config or grading answers never starts jax.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``LM``, ``load`` and ``Adapters``: the engine (and jax) is imported on first use."""
+    """``LM``, ``load``, ``Adapters`` and ``ReadyAdapters``: the engine (and jax) is imported on first use."""
     if name in _ENGINE:
         value = getattr(importlib.import_module(_ENGINE[name]), name)
         globals()[name] = value

@@ -379,7 +379,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="bytes per device, step times and a fits/does-not-fit verdict per accelerator",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        epilog="exit code 3: the plan does not fit some of the hardware asked about")
     if engine("plan"):
         from seal_jax.plan import add_arguments as add_plan_arguments  # deferred: plan imports jax, as bench

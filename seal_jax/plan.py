@@ -612,23 +612,30 @@ def format_plan(plan: Plan) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``seal-jax plan`` options to ``parser``."""
-    parser.add_argument("--model", default="qwen3-8b", help="a preset (e.g. qwen3-8b) or an HF model folder")
-    parser.add_argument("--mesh", default="data=2,fsdp=4,tensor=1", help="mesh sizes, e.g. data=2,fsdp=4,tensor=1")
-    parser.add_argument("--candidates", "-k", type=int, default=4, help="K LoRA candidates trained together")
-    parser.add_argument("--seq-len", type=int, default=2048, help="padded training sequence length T")
+    parser.add_argument("--model", default="qwen3-8b",
+                        help="a preset (e.g. qwen3-8b) or an HF model folder (default: %(default)s)")
+    parser.add_argument("--mesh", default="data=2,fsdp=4,tensor=1", help="mesh sizes (default: %(default)s)")
+    parser.add_argument("--candidates", "-k", type=int, default=4,
+                        help="K LoRA candidates trained together (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=2048,
+                        help="padded training sequence length T (default: %(default)s)")
     parser.add_argument("--cache-len", type=int, default=None,
                         help="KV-cache slots S when sampling (prompt + new tokens; default: --seq-len)")
     parser.add_argument("--prompt-len", type=int, default=None,
                         help="padded prompt length P that prefill runs over (default: --cache-len)")
-    parser.add_argument("--batch", type=int, default=1, help="training micro-batch per candidate (SEAL: 1)")
-    parser.add_argument("--sample-batch", type=int, default=8, help="prompts per candidate when sampling")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="weights and activations")
-    parser.add_argument("--lora-rank", type=int, default=32)
-    parser.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projections")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="training micro-batch per candidate (default: %(default)s, as SEAL)")
+    parser.add_argument("--sample-batch", type=int, default=8,
+                        help="prompts per candidate when sampling (default: %(default)s)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES),
+                        help="weights and activations (default: %(default)s)")
+    parser.add_argument("--lora-rank", type=int, default=32, help="(default: %(default)s)")
+    parser.add_argument("--lora-targets", default="q_proj,v_proj",
+                        help="comma-separated projections (default: %(default)s)")
     parser.add_argument("--remat", nargs="?", const="full", default="minimal", choices=REMAT_POLICIES,
-                        help="what training keeps per layer for the backward pass (default minimal; --remat "
+                        help="what training keeps per layer for the backward pass (default: %(default)s; --remat "
                              "alone = full)")
-    parser.add_argument("--hardware", default="all", help=f"one of {', '.join(HARDWARE)} or all")
+    parser.add_argument("--hardware", default="all", help=f"one of {', '.join(HARDWARE)} or all (default: all)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
 
 

@@ -184,7 +184,7 @@ class LM:
 
         Args:
           path_or_id: a folder with ``config.json``, safetensors weights and (usually) tokenizer files.
-          dtype: ``"float32"`` (CPU, exact parity) or ``"bfloat16"`` (accelerators).
+          dtype: ``"float32"`` (CPU, exact parity), ``"bfloat16"`` (accelerators) or ``"float16"``.
           mesh: a :class:`~jax.sharding.Mesh` or a spec like ``"data=2,fsdp=2,tensor=2"``; weights are
             placed sharded as they are read.
           tokenizer: a tokenizer, or a folder to load one from (default: the model folder's, if it has
