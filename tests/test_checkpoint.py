@@ -21,6 +21,13 @@ def test_adapters_round_trip(tmp_path):
     assert back.specs == specs and back.losses == ads.losses and back.failed == ads.failed
     for x, y in zip(jax.tree.leaves(back.weights), jax.tree.leaves(ads.weights), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not back.single and back.base_model is None
+    # one adapter taken out of a stack stays one adapter (generate and logits answer without the K axis),
+    # and the model it was trained on is kept for save_peft
+    ads.base_model = "/models/base"
+    ads[1].save(tmp_path / "one")
+    one = Adapters.load(tmp_path / "one")
+    assert one.single and len(one) == 1 and one.specs == (specs[1],) and one.base_model == "/models/base"
 
 
 def test_pytree_round_trip_and_overwrite(tmp_path):

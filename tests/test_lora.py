@@ -122,8 +122,20 @@ def test_take_makes_a_stack_of_the_chosen_candidates(base):
     ids = np.arange(1, 9).reshape(1, 8)
     np.testing.assert_allclose(lm.logits(ids, adapter=two)[1], lm.logits(ids, adapter=ads)[0], atol=1e-6)
     assert ads.take([0, 1, 2]) is ads  # all of them, in order: the stack itself
+    assert ads.take([-1, 0]).specs == (specs[2], specs[0])  # negative indices count from the end, as ads[-1]
     with pytest.raises(IndexError, match=r"\[3\] out of range for 3"):
         ads.take([0, 3])
+    with pytest.raises(IndexError, match=r"\[-4\] out of range for 3"):
+        ads.take([-4])
+
+
+def test_stacking_adapters_of_different_models_names_the_mismatch(base):
+    _, _, lm = base
+    ads = random_adapters(lm, [LoraSpec(rank=2, alpha=2.0)])
+    other = Adapters({p: {"a": ab["a"][:, :1], "b": ab["b"][:, :1]} for p, ab in ads.weights.items()}, ads.specs)
+    with pytest.raises(LoraError, match=r"cannot stack adapters of different models: q_proj has \(layers, in, out\) "
+                                        r"\[\(1, 64, 64\), \(2, 64, 64\)\]"):
+        Adapters.stack([ads, other])
 
 
 def test_adapters_validate_stack_shape(base):
@@ -163,3 +175,21 @@ def test_peft_export_on_the_bundled_model(bundled_lm, bundled_dir, tmp_path):
     ours = lm.logits(ids, adapter=ads[0])
     assert np.abs(ours - ref).max() <= 1e-3
     assert np.abs(ours - lm.logits(ids)).max() > 0.05
+
+
+def test_trained_adapters_export_for_auto_peft_without_naming_the_base(base, tmp_path):
+    """Adapters remember the folder their model was loaded from: AutoPeftModelForCausalLM then loads
+    the base from base_model_name_or_path (it was null, and PEFT tried the hub for 'None')."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    _, folder, lm = base
+    ads = lm.train_adapters([[[5, 9, 17, 33, 65, 129]]], LoraSpec(rank=2, alpha=4.0),
+                            sj.TrainSpec(epochs=1, learning_rate=1e-2))  # token ids: this model has no tokenizer
+    assert ads.base_model == str(folder.resolve())
+    out = ads.save_peft(tmp_path / "peft", 0)
+    model = AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = np.arange(2, 12)[None]
+    np.testing.assert_allclose(lm.logits(ids, adapter=ads[0]), torch_logits(model, ids), atol=1e-4)
+    assert np.abs(lm.logits(ids, adapter=ads[0]) - lm.logits(ids)).max() > 1e-3  # the adapter is not a no-op
+    assert ads[0].base_model == ads.base_model and Adapters.stack([ads, ads]).base_model == ads.base_model

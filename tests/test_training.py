@@ -263,6 +263,22 @@ def test_spec_validation_and_input_errors(tiny):
         train(lm, [TEXTS], LoraSpec(), {"epochs": 1})
     with pytest.raises(TypeError, match="seed must be an integer, got '0'"):
         lm.train_adapters([TEXTS], LoraSpec(), TrainSpec(), seed="0")
+    # seeds outside the PRNG's uint32 range are refused up front, not deep in numpy or jax.random.fold_in
+    for bad in (-1, 2**32):
+        with pytest.raises(TrainError, match=rf"TrainSpec.seed must be in \[0, 2\*\*32\).*got {bad}"):
+            TrainSpec(seed=bad)
+        with pytest.raises(TrainError, match=rf"seed must be in \[0, 2\*\*32\).*got {bad}"):
+            lm.train_adapters([[[3, 4, 5]]], LoraSpec(), TrainSpec(), seed=bad)
+    assert TrainSpec(seed=2**32 - 1).seed == 2**32 - 1
+    # rows past the model's context (max_position_embeddings; the row below + its EOS) are refused, as logits
+    # and generate refuse them
+    context = lm.config.max_position_embeddings
+    with pytest.raises(TrainError, match=rf"candidate 1 has a training row of {context + 7} tokens, past this "
+                                         rf"model's context of {context}.*TrainSpec.max_len <= {context}"):
+        lm.train_adapters([[[3, 4, 5]], [[3 + i % 50 for i in range(context + 6)]]], LoraSpec(), TrainSpec(max_len=4096))
+    with pytest.raises(TrainError, match=rf"loss 'seal_padded' pads every row to TrainSpec.max_len = 2048.*context "
+                                         rf"of {context}"):
+        lm.train_adapters([[[3, 4, 5]]], LoraSpec(), TrainSpec(loss="seal_padded"))
     assert LoraSpec.seal() == LoraSpec(32, 64.0, 0.0, ("q_proj", "v_proj"))
     assert TrainSpec.seal().learning_rate == 1e-3 and TrainSpec.seal().epochs == 10
     with pytest.raises(TrainError, match="of lists of strings"):

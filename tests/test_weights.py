@@ -115,6 +115,21 @@ def test_export_round_trip_through_transformers(tiny_hf, tmp_path, name):
     np.testing.assert_allclose(sj.load(out, progress=False).logits(ids), lm.logits(ids), atol=1e-6, rtol=0)
 
 
+def test_export_refuses_dtypes_transformers_cannot_read_and_abstract_models(tiny_hf, tmp_path):
+    _, folder = tiny_hf("llama")
+    lm = sj.load(folder, progress=False)
+    for bad in ("int8", "foo", np.int32):
+        with pytest.raises(ValueError, match=r"cannot export weights as dtype .*choose one of \['float32', 'bfloat16', 'float16'\]"):
+            lm.export(tmp_path / "bad", dtype=bad)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    out = lm.export(tmp_path / "half", dtype="float16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    abstract = sj.LM.abstract(lm.config)
+    with pytest.raises(ValueError, match="export needs weights, and this LM is abstract"):
+        abstract.export(tmp_path / "abstract")
+    assert not (tmp_path / "abstract").exists()
+
+
 def test_export_in_shards(tiny_hf, tmp_path, capsys):
     from seal_jax.lm.weights import export_hf, hf_names
 

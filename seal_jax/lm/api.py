@@ -34,7 +34,7 @@ from seal_jax.lm.model import (
 )
 from seal_jax.lm.params import flatten, nest
 from seal_jax.lm.training import TrainSpec
-from seal_jax.lm.types import TRAIN_WEIGHTS, is_int
+from seal_jax.lm.types import TRAIN_WEIGHTS, TrainError, is_int
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -415,6 +415,9 @@ class LM:
         In a multi-host run every process must call it (the weights are gathered from all processes);
         process 0 writes the folder (a bar over its tensors with ``progress``). Weights stored split go to
         the host layer by layer, never stacked."""
+        self._require_weights("export")
+        if dtype is not None:
+            weights.export_dtype(dtype)  # checked before anything is gathered or written
         return weights.export_hf(self._stored_params(), self.config, out_dir, dtype=dtype, tokenizer=self.tokenizer,
                                  progress=progress)
 
@@ -427,6 +430,7 @@ class LM:
         """
         if not isinstance(adapters, Adapters):
             raise TypeError(f"merge_adapter takes seal_jax.Adapters, got {type(adapters).__name__}")
+        self._require_weights("merge_adapter")
         k = adapters._index(k)  # negative k counts from the end, as adapters[k] and save_peft do
         if adapters.failed and adapters.failed[k]:
             raise ValueError(f"adapter {k} failed in training ({adapters.failed[k]}); refusing to merge it")
@@ -582,7 +586,10 @@ class LM:
         Returns:
           :class:`Adapters` (K stacked; ``adapters[k]``, ``adapters.losses``, ``adapters.failed``).
         """
-        return self._with_training_args(training.train_adapters, sequences, lora, train, seed)
+        adapters = self._with_training_args(training.train_adapters, sequences, lora, train, seed)
+        # for save_peft's config: an absolute folder, so that the adapter folder loads from anywhere
+        adapters.base_model = None if self.path is None else str(Path(self.path).resolve())
+        return adapters
 
     def training_memory(
         self,
@@ -604,12 +611,15 @@ class LM:
         self._require_weights("training")
         if not is_int(seed):
             raise TypeError(f"seed must be an integer, got {seed!r}")
+        if not 0 <= seed < 2**32:
+            raise TrainError(f"seed must be in [0, 2**32) (the call's seed, mixed with each TrainSpec.seed), got {seed}")
         graphdef, state, mesh = self._train_view()
         out = fn(
             graphdef, state, self.param_structs(), self.tokenizer, sequences,
             LoraSpec.seal() if lora is None else lora, TrainSpec.seal() if train is None else train,
             seed=seed, eos_id=self._train_eos_id(), pad_id=self._pad_id(), mesh=mesh,
             programs=_train_programs(graphdef, mesh, self.compiler_options),
+            context=self.config.max_position_embeddings,
         )
         if isinstance(out, Adapters) and mesh is not self.mesh:  # back to the mesh that generates with them
             out.weights = jax.device_put(out.weights, shd.replicated(self.mesh))

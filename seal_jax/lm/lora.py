@@ -177,9 +177,11 @@ class AdapterStack:
         picked = [int(k) for k in indices]
         if not picked:
             raise IndexError("take needs at least one adapter index")
-        bad = [k for k in picked if not 0 <= k < len(self)]
+        bad = [k for k in picked if not -len(self) <= k < len(self)]
         if bad:
-            raise IndexError(f"adapter indices {bad} out of range for {len(self)} candidates (0 to {len(self) - 1})")
+            raise IndexError(f"adapter indices {bad} out of range for {len(self)} candidates (0 to {len(self) - 1}, "
+                             "or negative from the end)")
+        picked = [k % len(self) for k in picked]  # negative ones count from the end, as adapters[k]
         if picked == list(range(len(self))):
             return self
         return self._picked(picked)
@@ -238,10 +240,13 @@ class Adapters(AdapterStack):
 
     Attributes:
       weights: ``{projection: {"a": [K, L, in, R], "b": [K, L, R, out]}}`` float32.
+      base_model: the folder (or hub id) of the model they were trained on, when it was loaded from one:
+        :meth:`save_peft` writes it as ``base_model_name_or_path``.
       (the others: :class:`AdapterStack`)
     """
 
     weights: dict[str, dict[str, jax.Array]]
+    base_model: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -275,9 +280,12 @@ class Adapters(AdapterStack):
 
         Writes ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's tensor names
         (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` ``[r, in]``, ``lora_B`` ``[out, r]``);
-        ``peft.PeftModel.from_pretrained(base, path)`` loads it. Returns the folder.
+        ``peft.PeftModel.from_pretrained(base, path)`` loads it, and ``AutoPeftModelForCausalLM`` too where
+        ``base_model_name_or_path`` names the base: ``base_model``, by default :attr:`base_model` (the folder
+        the training model was loaded from). Returns the folder.
         """
         spec = self.specs[self._index(k)]
+        base_model = self.base_model if base_model is None else base_model
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, np.ndarray] = {}
@@ -304,7 +312,8 @@ class Adapters(AdapterStack):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_pytree(path / "weights", self.weights)
-        meta = {"specs": [dataclasses.asdict(s) for s in self.specs], "losses": self.losses, "failed": self.failed}
+        meta = {"specs": [dataclasses.asdict(s) for s in self.specs], "losses": self.losses, "failed": self.failed,
+                "single": self.single, "base_model": self.base_model}
         (path / "adapters.json").write_text(json.dumps(meta, indent=2))
         return path
 
@@ -323,13 +332,20 @@ class Adapters(AdapterStack):
             raise CheckpointError(f"{meta_file} is corrupt ({e}); delete the folder and save again") from None
         weights = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restore_pytree(path / "weights"))
         specs = tuple(LoraSpec(**{**s, "targets": tuple(s["targets"])}) for s in meta["specs"])
-        return cls(weights, specs, meta["losses"], meta["failed"])
+        return cls(weights, specs, meta["losses"], meta["failed"], single=bool(meta.get("single", False)),
+                   base_model=meta.get("base_model"))
 
     @staticmethod
     def stack(items: Sequence[Adapters]) -> Adapters:
         """Concatenate several stacks into one (ranks padded to the largest, targets united)."""
         if not items:
             raise LoraError("nothing to stack")
+        for p in PROJECTIONS:  # adapters of one model: the same layers and widths for each projection
+            shapes = {(int(it.weights[p]["a"].shape[1]), int(it.weights[p]["a"].shape[2]),
+                       int(it.weights[p]["b"].shape[3])) for it in items if p in it.weights}
+            if len(shapes) > 1:
+                raise LoraError(f"cannot stack adapters of different models: {p} has (layers, in, out) "
+                                f"{sorted(shapes)}; stack only adapters trained on the same base model")
         rank = max(int(ab["a"].shape[-1]) for it in items for ab in it.weights.values())
         targets = [p for p in PROJECTIONS if any(p in it.weights for it in items)]
         weights: dict[str, dict[str, jax.Array]] = {}
@@ -347,5 +363,7 @@ class Adapters(AdapterStack):
                     parts_a.append(jnp.zeros((k, *ref["a"].shape[1:3], rank), jnp.float32))
                     parts_b.append(jnp.zeros((k, ref["b"].shape[1], rank, ref["b"].shape[3]), jnp.float32))
             weights[p] = {"a": jnp.concatenate(parts_a), "b": jnp.concatenate(parts_b)}
+        bases = {it.base_model for it in items}
         return Adapters(weights, tuple(s for it in items for s in it.specs),
-                        [h for it in items for h in it.losses], [f for it in items for f in it.failed])
+                        [h for it in items for h in it.losses], [f for it in items for f in it.failed],
+                        base_model=bases.pop() if len(bases) == 1 else None)

@@ -583,10 +583,29 @@ def _assemble(graphdef: Any, state: Any, params: dict[str, Any], examples: Seque
     return TrainCall(programs[layout], args, plan, lp, specs_l, specs_t)
 
 
+def check_context(examples: Sequence[Sequence[Example]], specs: Sequence[TrainSpec], context: int) -> None:
+    """Refuse rows longer than the model's context (``max_position_embeddings``), as logits and generation
+    do: past it the rotary positions are ones the model never saw.
+
+    Raises:
+      TrainError: the first candidate whose longest row (or ``seal_padded`` rows' ``max_len``) exceeds it.
+    """
+    for i, (ex, spec) in enumerate(zip(examples, specs, strict=True)):
+        if spec.loss == "seal_padded" and spec.max_len > context:
+            raise TrainError(f"candidate {i}: loss 'seal_padded' pads every row to TrainSpec.max_len = {spec.max_len} "
+                             f"tokens, past this model's context of {context} (max_position_embeddings); set "
+                             f"max_len <= {context}")
+        longest = max(len(e.ids) for e in ex)
+        if longest > context:
+            raise TrainError(f"candidate {i} has a training row of {longest} tokens, past this model's context of "
+                             f"{context} (max_position_embeddings); set TrainSpec.max_len <= {context} to truncate "
+                             "rows, or split the text")
+
+
 def prepare_call(graphdef: Any, state: Any, params: dict[str, jax.Array], tokenizer: Any,
                  sequences: Sequence[Sequence[Item]], lora: LoraSpec | Sequence[LoraSpec],
                  train: TrainSpec | Sequence[TrainSpec], *, seed: int, eos_id: int, pad_id: int, mesh: Any,
-                 programs: dict[Any, Any] | None, lanes: int | None) -> TrainCall:
+                 programs: dict[Any, Any] | None, lanes: int | None, context: int | None = None) -> TrainCall:
     """Validate and tokenise a training call, build its plans, and place its arguments (see
     :func:`train_adapters` for the arguments). Raises :class:`TrainError` on bad input."""
     k = len(sequences)
@@ -607,7 +626,10 @@ def prepare_call(graphdef: Any, state: Any, params: dict[str, jax.Array], tokeni
                              "training items must be ids of this model's vocabulary")
     empty = [i for i, ex in enumerate(examples) if not ex]
     if empty:
-        raise TrainError(f"candidates {empty} have no usable training sequence (empty texts?)")
+        raise TrainError(f"candidates {empty} have no usable training sequence (empty texts, or prompts that fill "
+                         "TrainSpec.max_len?)")
+    if context is not None:
+        check_context(examples, specs_t, context)
     return _assemble(graphdef, state, params, examples, specs_l, specs_t, seed=seed, eos_id=eos_id, pad_id=pad_id,
                      mesh=mesh, programs=programs, lanes=lanes, abstract=False)
 
@@ -645,6 +667,7 @@ def train_adapters(
     mesh: Any = None,
     programs: dict[Any, Any] | None = None,
     lanes: int | None = None,
+    context: int | None = None,
 ) -> Adapters:
     """Train K LoRA adapters (one per list of sequences) in one compiled program.
 
@@ -660,11 +683,12 @@ def train_adapters(
       lanes: how many candidates train side by side (default: as few lanes as keep the run as short as
         its longest candidate; ``lanes=K`` runs every candidate in its own lane); raised to a multiple of
         the mesh's ``data`` size when the lanes are padded.
+      context: the model's ``max_position_embeddings``; a longer row is a :class:`TrainError`.
     Returns:
       :class:`Adapters` with K candidates, their loss histories and failure reasons.
     """
     call = prepare_call(graphdef, state, params, tokenizer, sequences, lora, train, seed=seed, eos_id=eos_id,
-                        pad_id=pad_id, mesh=mesh, programs=programs, lanes=lanes)
+                        pad_id=pad_id, mesh=mesh, programs=programs, lanes=lanes, context=context)
     plan, lp, specs_l, specs_t, k = call.plan, call.lanes, call.loras, call.trains, len(sequences)
     trained, losses, failed_at = call.program(*call.args)
     where = (lp.lane_of[:k], lp.slot_of[:k])  # each candidate's slot in the lanes' layout
@@ -693,13 +717,13 @@ def training_memory(graphdef: Any, state: Any, params: dict[str, jax.Array], tok
                     sequences: Sequence[Sequence[Item]], lora: LoraSpec | Sequence[LoraSpec],
                     train: TrainSpec | Sequence[TrainSpec], *, seed: int = 0, eos_id: int, pad_id: int,
                     mesh: Any = None, programs: dict[Any, Any] | None = None,
-                    lanes: int | None = None) -> dict[str, int]:
+                    lanes: int | None = None, context: int | None = None) -> dict[str, int]:
     """Bytes the compiled program of a :func:`train_adapters` call needs, from XLA's memory analysis
     (compiles, does not train): ``{"arguments", "outputs", "temporaries", "total"}`` per device, where
     ``arguments`` include the base weights and ``temporaries`` are activations, gradients and optimiser
     work space."""
     call = prepare_call(graphdef, state, params, tokenizer, sequences, lora, train, seed=seed, eos_id=eos_id,
-                        pad_id=pad_id, mesh=mesh, programs=programs, lanes=lanes)
+                        pad_id=pad_id, mesh=mesh, programs=programs, lanes=lanes, context=context)
     m = call.program.lower(*call.args).compile().memory_analysis()
     out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
            "temporaries": int(m.temp_size_in_bytes)}

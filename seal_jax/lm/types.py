@@ -260,6 +260,9 @@ class TrainSpec:
             value = getattr(self, name)
             if not is_int(value):
                 raise TrainError(f"TrainSpec.{name} must be an integer, got {value!r}")
+        if not 0 <= self.seed < 2**32:
+            raise TrainError(f"TrainSpec.seed must be in [0, 2**32) (it seeds the LoRA init, dropout and data "
+                             f"order), got {self.seed}")
         for name in ("append_eos", "shuffle"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TrainError(f"TrainSpec.{name} must be true or false, got {getattr(self, name)!r}")

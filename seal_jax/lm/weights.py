@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import ModelConfig
 from seal_jax.lm.params import BY_PATH, PARAMS, declared, param_shapes
-from seal_jax.lm.types import WeightsError
+from seal_jax.lm.types import DTYPE_NAMES, WeightsError
 
 # (Hugging Face name pattern, parameter path, transposed), from the one table of parameters. Group 1, when
 # present, is the layer index.
@@ -273,6 +273,22 @@ def iter_hf_tensors(params: dict[str, Any], config: ModelConfig,
         yield name, array
 
 
+def export_dtype(dtype: Any) -> np.dtype:
+    """The floating dtype an export writes: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or those dtypes).
+
+    Raises:
+      ValueError: any other dtype (an integer one would truncate every weight; transformers reads only these).
+    """
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in DTYPE_NAMES:
+        raise ValueError(f"cannot export weights as dtype {dtype!r}; choose one of {list(DTYPE_NAMES)} "
+                         "(or leave dtype out to keep the model's)")
+    return resolved
+
+
 def export_hf(
     params: dict[str, Any],
     config: ModelConfig,
@@ -292,7 +308,7 @@ def export_hf(
     Returns the folder.
     """
     out = Path(out_dir)
-    np_dtype = None if dtype is None else jnp.dtype(dtype)
+    np_dtype = None if dtype is None else export_dtype(dtype)
     if jax.process_index() != 0:
         for _ in iter_hf_tensors(params, config, np_dtype):  # take part in the gathers, write nothing
             pass
