@@ -49,6 +49,7 @@ from seal_jax.lm import sharding as shd
 from seal_jax.lm.config import PRESETS, ModelConfig, from_hf, preset
 from seal_jax.lm.lora import LoraSpec
 from seal_jax.lm.training import TrainSpec
+from seal_jax.lm.types import mesh_lays_out
 from seal_jax.selfedit import grading
 from seal_jax.selfedit.cpt import CptConfig
 from seal_jax.selfedit.judge import JUDGE_BATCH
@@ -335,16 +336,18 @@ def _memory(compiled: Any) -> dict[str, int]:
     return out
 
 
-def _times(flops: float, bytes_: float, collective_bytes: float, target: Target) -> dict[str, float]:
-    hw = target.hardware
-    return {"compute": flops / hw.bf16_flops, "memory": bytes_ / hw.hbm_bandwidth,
+def _times(flops: float, bytes_: float, collective_bytes: float, target: Target,
+           dtype: str = "bfloat16") -> dict[str, float]:
+    hw = target.hardware  # (compute at the chip's matmul peak for dtype: TF32 for float32 on NVIDIA GPUs)
+    return {"compute": flops / hw.matmul_flops(dtype), "memory": bytes_ / hw.hbm_bandwidth,
             "collectives": collective_bytes / (hw.link_bandwidth / 2)}
 
 
-def roofline(flops: float, bytes_: float, collective_bytes: float, target: Target) -> tuple[float, str]:
+def roofline(flops: float, bytes_: float, collective_bytes: float, target: Target,
+             dtype: str = "bfloat16") -> tuple[float, str]:
     """``(seconds, bound)``: the largest of compute, memory and communication time on one ``target`` chip
-    (each hidden under the largest)."""
-    times = _times(flops, bytes_, collective_bytes, target)
+    (each hidden under the largest) for a program in ``dtype``."""
+    times = _times(flops, bytes_, collective_bytes, target, dtype)
     bound = max(times, key=lambda k: times[k])
     return times[bound], bound
 
@@ -357,7 +360,7 @@ def no_overlap_seconds(rows: Sequence[dict[str, Any]], target: Target) -> float 
         return None
     total = 0.0
     for r in rows:
-        t = _times(r["flops"], r["bytes"], r.get("collective_bytes", 0.0), target)
+        t = _times(r["flops"], r["bytes"], r.get("collective_bytes", 0.0), target, r.get("dtype", "bfloat16"))
         total += (max(t["compute"], t["memory"]) + t["collectives"]) * (r["per_passage"] or 1)
     return total
 
@@ -366,10 +369,11 @@ _HBM_ERROR = re.compile(r"RESOURCE_EXHAUSTED|exceeds (the )?(available|capacity)
 
 
 def compile_row(name: str, lowered: Any, target: Target, *, unknown_trips: int = 1, note: str = "",
-                per_passage: float = 1) -> dict[str, Any]:
-    """Compile one lowered program for ``target`` and return its report row (see the module docstring)."""
+                per_passage: float = 1, dtype: str = "bfloat16") -> dict[str, Any]:
+    """Compile one lowered program (weights and activations in ``dtype``) for ``target`` and return its report
+    row (see the module docstring)."""
     row: dict[str, Any] = {"program": name, "target": target.name, "per_passage": per_passage, "note": note,
-                           "hbm_bytes": target.hbm_bytes}
+                           "hbm_bytes": target.hbm_bytes, "dtype": dtype}
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -389,7 +393,7 @@ def compile_row(name: str, lowered: Any, target: Target, *, unknown_trips: int =
     row.update(flops=stats.flops, bytes=stats.bytes, collectives=stats.collectives,
                collective_bytes=stats.collective_bytes, custom_calls=stats.custom_calls,
                min_bytes=row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"])
-    row["roofline_s"], row["bound"] = roofline(stats.flops, stats.bytes, stats.collective_bytes, target)
+    row["roofline_s"], row["bound"] = roofline(stats.flops, stats.bytes, stats.collective_bytes, target, dtype)
     data_loops = [loop for loop in stats.loops if loop.trips is None]
     if data_loops:
         loop = data_loops[0]
@@ -427,10 +431,13 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
     devs = devices(target_name)
     spec = workload.mesh or f"data={target.chips}"
     try:
-        mesh = shd.make_mesh(spec, devices=devs)
+        sizes = shd.parse_mesh_spec(spec)
     except shd.MeshError as error:
-        raise CompileError(f"mesh {spec!r} does not fit target {target.name} ({target.chips} devices): {error}; "
-                           f"pass --mesh with sizes whose product is {target.chips}") from None
+        raise CompileError(f"mesh {spec!r}: {error}") from None
+    if not mesh_lays_out(sizes, target.chips):
+        raise CompileError(f"mesh {spec!r} does not lay out target {target.name}'s {target.chips} devices; pass "
+                           f"--mesh with sizes whose product is {target.chips}")
+    mesh = shd.make_mesh(sizes, devices=devs)
     try:
         lm = sj.LM.abstract(workload.config, mesh=mesh, dtype=workload.dtype, remat=workload.remat,
                             train_mesh=workload.train_mesh, train_weights=workload.train_weights,
@@ -460,7 +467,7 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
                 row = dict(cache[key][name])
             else:
                 row = compile_row(name, lowered, target, unknown_trips=trips if name.endswith(".decode") else 1,
-                                  note=program.note, per_passage=program.per_passage)
+                                  note=program.note, per_passage=program.per_passage, dtype=workload.dtype)
                 if not name.endswith(".placement"):
                     fresh[name] = dict(row)
             row["mesh"] = spec
@@ -479,7 +486,7 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
     return {"workload": workload.name, "model": workload.source, "target": target.name, "mesh": spec,
             "train_mesh": workload.train_mesh, "train_weights": workload.train_weights, "passages": workload.passages,
             "dtype": workload.dtype, "attention": lm.model.attention_impl, "candidates": workload.candidates,
-            "rows": rows, "summary": summarize(rows, workload)}
+            "rows": rows, "summary": summarize(rows, workload, only=only)}
 
 
 def _weight_bytes(params: dict[str, Any]) -> int:
@@ -491,15 +498,18 @@ def _weight_bytes(params: dict[str, Any]) -> int:
     return int(total)
 
 
-def summarize(rows: Sequence[dict[str, Any]], workload: Workload) -> dict[str, Any]:
+def summarize(rows: Sequence[dict[str, Any]], workload: Workload, *,
+              only: Sequence[str] | None = None) -> dict[str, Any]:
     """Roofline seconds of one passage (each program times how often a passage runs it) and the
-    self-edit evaluations per hour that gives (K candidates per passage)."""
+    self-edit evaluations per hour that gives (K candidates per passage); ``left_out``: the programs a passage
+    runs that ``only`` left out, whose rows are missing (then neither figure is given)."""
     fits = all(r.get("fits", False) for r in rows)
-    if not all("roofline_s" in r for r in rows):
-        return {"fits": fits, "passage_seconds": None, "evaluations_per_hour": None}
+    left_out = [p.name for p in workload.programs if p.per_passage and only and p.name not in only]
+    if left_out or not all("roofline_s" in r for r in rows):
+        return {"fits": fits, "passage_seconds": None, "evaluations_per_hour": None, "left_out": left_out}
     seconds = sum(r["roofline_s"] * r["per_passage"] for r in rows)
     per_hour = workload.candidates * 3600 / seconds if seconds > 0 and workload.candidates else None
-    return {"fits": fits, "passage_seconds": seconds, "evaluations_per_hour": per_hour}
+    return {"fits": fits, "passage_seconds": seconds, "evaluations_per_hour": per_hour, "left_out": []}
 
 
 def _gb(x: float | None) -> str:
@@ -528,7 +538,10 @@ def format_rows(report: dict[str, Any]) -> str:
                      f"{_gb(r['bytes'])} | {_gb(r['min_bytes'])} | {step} | {coll} | {r['roofline_s'] * 1e3:.2f} | "
                      f"{r['bound']} |")
     s = report["summary"]
-    if not s.get("passage_seconds") and s.get("evaluations_per_hour") is None:
+    if s.get("left_out"):
+        lines += ["", f"Partial: --only left out {', '.join(s['left_out'])}, which a passage also runs, so no "
+                      "passage time or evaluations per hour are given (run without --only for them)."]
+    elif not s.get("passage_seconds") and s.get("evaluations_per_hour") is None:
         pass  # nothing runs once per passage (a CPT run without generated self-edits)
     elif s.get("passage_seconds") is not None and s.get("evaluations_per_hour") is None:
         lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device (programs run once per "
@@ -537,6 +550,6 @@ def format_rows(report: dict[str, Any]) -> str:
         group = report.get("passages", 1)
         how = "one passage at a time" if group == 1 else f"{group} passages per program"
         lines += ["", f"One passage by roofline: {s['passage_seconds']:.2f} s per device; "
-                      f"{s['evaluations_per_hour']:.0f} self-edit evaluations per hour on the whole mesh, {how} "
+                      f"{s['evaluations_per_hour']:,.0f} self-edit evaluations per hour on the whole mesh, {how} "
                       f"({report['candidates']} candidates per passage)."]
     return "\n".join(lines)

@@ -264,6 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fewer repeats and smaller shapes; skips e2e_demo unless --only names it")
     parser.add_argument("--out", default=None, help="write the JSON rows to this file")
     parser.add_argument("--only", default=None, help=f"comma-separated benchmark names to run ({', '.join(BENCHMARKS)}; "
+                        "with --preset or --random-weights, the SEAL-workload suite's rows: "
+                        f"{', '.join(throughput.SuiteShapes().row_names())}, the 5 being K (--candidates); "
                         "with --scaling: candidates, seq_len, depth)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, one repeat, no warm-up: checks that every entry runs (tests), not speed")

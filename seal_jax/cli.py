@@ -379,7 +379,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="bytes per device, step times and a fits/does-not-fit verdict per accelerator",
-                       epilog="exit code 3: the plan does not fit some of the hardware asked about")
+                       epilog="exit code 3: the plan does not fit some of the hardware asked about; 2: a request the "
+                              "planner cannot evaluate (unknown model or hardware, bad mesh or sizes)")
     if engine("plan"):
         from seal_jax.plan import add_arguments as add_plan_arguments  # deferred: plan imports jax, as bench
 

@@ -12,7 +12,8 @@ device and for each hardware in :data:`HARDWARE`:
   ``[B, T, D]``; the last two recompute one layer's rest at a time), the chunked cross-entropy and the sampling KV cache ``[K, L, B, S, KVH, Dh]`` (batch over ``data``, KV heads over
   ``tensor``);
 * **time** — a roofline estimate of one training micro-step (all candidate lanes), one prefill and one
-  decode step: the largest of compute (FLOPs / peak bf16 FLOP/s), memory (bytes / HBM bandwidth) and
+  decode step: the largest of compute (FLOPs / the dtype's peak matmul FLOP/s:
+  bf16, or for float32 TF32 on NVIDIA GPUs and one bf16 pass on TPUs), memory (bytes / HBM bandwidth) and
   communication (bytes / interconnect bandwidth); latency, kernel efficiency and overlap are ignored, so
   real steps are slower;
 * **verdict** — whether the peak of training and sampling fits in :data:`USABLE_FRACTION` of HBM.
@@ -30,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,10 @@ class Hardware:
 
     Attributes:
       name: the key in :data:`HARDWARE`.
-      bf16_flops: peak dense bf16 matmul FLOP/s.
+      bf16_flops: peak dense bf16 matmul FLOP/s (float16 runs at the same peak).
+      fp32_flops: peak dense float32 matmul FLOP/s at JAX's default matmul precision, which the engine keeps
+        (it sets no ``jax_default_matmul_precision``): TF32 tensor cores on NVIDIA GPUs, one bf16 pass on a
+        TPU's MXU (so a TPU's figure is its bf16 peak).
       hbm_bytes: HBM capacity in bytes.
       hbm_bandwidth: HBM bandwidth in bytes/s.
       link_bandwidth: chip-to-chip bandwidth in bytes/s, bidirectional, as published (NVLink / ICI);
@@ -66,6 +71,7 @@ class Hardware:
 
     name: str
     bf16_flops: float
+    fp32_flops: float
     hbm_bytes: float
     hbm_bandwidth: float
     link_bandwidth: float
@@ -78,37 +84,49 @@ class Hardware:
         """``"tpu"`` or ``"gpu"``."""
         return "tpu" if self.name.startswith("tpu") else "gpu"
 
+    def matmul_flops(self, dtype: str) -> float:
+        """Peak dense matmul FLOP/s for weights and activations of ``dtype`` (a key of :data:`DTYPE_BYTES`)."""
+        return self.fp32_flops if DTYPE_BYTES[dtype] == 4 else self.bf16_flops
+
+    def peak_name(self, dtype: str) -> str:
+        """Which peak :meth:`matmul_flops` takes for ``dtype``."""
+        if DTYPE_BYTES[dtype] != 4:
+            return "bf16"
+        return "TF32" if self.platform == "gpu" else "bf16 one-pass"  # JAX's default precision on the MXU
+
 
 HARDWARE: dict[str, Hardware] = {
     "h100": Hardware(
-        "h100", bf16_flops=989e12, hbm_bytes=80e9, hbm_bandwidth=3.35e12, link_bandwidth=900e9,
+        "h100", bf16_flops=989e12, fp32_flops=494.7e12, hbm_bytes=80e9, hbm_bandwidth=3.35e12, link_bandwidth=900e9,
         link="NVLink 4", chips_per_host=8,
-        source="NVIDIA H100 Tensor Core GPU datasheet, SXM5: BF16 1,979 TFLOPS with sparsity (989 dense), "
+        source="NVIDIA H100 Tensor Core GPU datasheet, SXM5: BF16 1,979 TFLOPS with sparsity (989 dense), TF32 989 "
+               "with sparsity (494.7 dense), "
                "80 GB HBM3, 3.35 TB/s, NVLink 900 GB/s"),
     "h200": Hardware(
-        "h200", bf16_flops=989e12, hbm_bytes=141e9, hbm_bandwidth=4.8e12, link_bandwidth=900e9,
+        "h200", bf16_flops=989e12, fp32_flops=494.7e12, hbm_bytes=141e9, hbm_bandwidth=4.8e12, link_bandwidth=900e9,
         link="NVLink 4", chips_per_host=8,
-        source="NVIDIA H200 Tensor Core GPU datasheet, SXM: BF16 1,979 TFLOPS with sparsity (989 dense), "
+        source="NVIDIA H200 Tensor Core GPU datasheet, SXM: BF16 1,979 TFLOPS with sparsity (989 dense), TF32 989 "
+               "with sparsity (494.7 dense), "
                "141 GB HBM3e, 4.8 TB/s, NVLink 900 GB/s"),
     "tpu-v5e": Hardware(
-        "tpu-v5e", bf16_flops=197e12, hbm_bytes=16e9, hbm_bandwidth=819e9, link_bandwidth=400e9,
+        "tpu-v5e", bf16_flops=197e12, fp32_flops=197e12, hbm_bytes=16e9, hbm_bandwidth=819e9, link_bandwidth=400e9,
         link="ICI", chips_per_host=8,
         source="Google Cloud TPU v5e documentation (cloud.google.com/tpu/docs/v5e): 197 TFLOPS bf16, "
                "16 GB HBM2 at 819 GBps, bidirectional ICI 400 GBps (1,600 Gbps) per chip; 8 chips per host"),
     "tpu-v5p": Hardware(
-        "tpu-v5p", bf16_flops=459e12, hbm_bytes=95e9, hbm_bandwidth=2765e9, link_bandwidth=1200e9,
+        "tpu-v5p", bf16_flops=459e12, fp32_flops=459e12, hbm_bytes=95e9, hbm_bandwidth=2765e9, link_bandwidth=1200e9,
         link="ICI", chips_per_host=4,
         source="Google Cloud TPU v5p documentation (cloud.google.com/tpu/docs/v5p): 459 TFLOPS bf16, "
                "95 GB HBM2e at 2,765 GBps, bidirectional ICI 1,200 GBps (4,800 Gbps) per chip; 4 chips per host"),
     "tpu-v6e": Hardware(
-        "tpu-v6e", bf16_flops=918e12, hbm_bytes=32e9, hbm_bandwidth=1640e9, link_bandwidth=448e9,
+        "tpu-v6e", bf16_flops=918e12, fp32_flops=918e12, hbm_bytes=32e9, hbm_bandwidth=1640e9, link_bandwidth=448e9,
         link="ICI", chips_per_host=8,
         source="Google Cloud TPU v6e (Trillium) documentation (cloud.google.com/tpu/docs/v6e): 918 TFLOPS bf16, "
                "32 GB HBM at 1,640 GBps, ICI 3,584 Gbps (448 GBps) per chip"),
     "a100-80g": Hardware(
-        "a100-80g", bf16_flops=312e12, hbm_bytes=80e9, hbm_bandwidth=2.039e12, link_bandwidth=600e9,
+        "a100-80g", bf16_flops=312e12, fp32_flops=156e12, hbm_bytes=80e9, hbm_bandwidth=2.039e12, link_bandwidth=600e9,
         link="NVLink 3", chips_per_host=8,
-        source="NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM: BF16 312 TFLOPS dense, 80 GB HBM2e, "
+        source="NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM: BF16 312 TFLOPS dense, TF32 156 dense, 80 GB HBM2e, "
                "2,039 GB/s, NVLink 600 GB/s"),
 }
 
@@ -158,7 +176,7 @@ class Workload:
     @property
     def prompt_tokens(self) -> int:
         """P: ``prompt_len`` or, if unset, the cache slots."""
-        return self.cache_slots if self.prompt_len is None else min(self.prompt_len, self.cache_slots)
+        return self.cache_slots if self.prompt_len is None else self.prompt_len
 
     def __post_init__(self) -> None:
         for name in ("cache_len", "prompt_len"):
@@ -167,6 +185,12 @@ class Workload:
         for name in ("candidates", "seq_len", "batch", "sample_batch", "lora_rank"):
             if int(getattr(self, name)) < 1:
                 raise PlanError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.prompt_len is not None and self.prompt_len > self.cache_slots:
+            cache = (f"cache_len {self.cache_len}" if self.cache_len is not None
+                     else f"cache_len {self.cache_slots} (the default: seq_len)")
+            raise PlanError(f"prompt_len {self.prompt_len} exceeds {cache}: the prompt fills the KV cache, so "
+                            f"raise --cache-len to at least {self.prompt_len} (prompt + new tokens) or lower "
+                            "--prompt-len")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPE_BYTES)}")
         try:
@@ -406,6 +430,7 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     of the projections that contract over the ``fsdp``-sharded width.
     """
     act = DTYPE_BYTES[w.dtype]
+    peak = hw.matmul_flops(w.dtype)
     f, tp = mesh["fsdp"], mesh["tensor"]
     n_mm = matmul_parameters(config)
     n_lora = lora_parameters(config, w.lora_rank, w.lora_targets)
@@ -428,7 +453,7 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     attention = ((2 + (0 if remat == "none" else 2)) * kernel_matmul(t)
                  + KERNEL_BACKWARD_MATMULS * kernel_matmul(t, KERNEL_BACKWARD_TILE[hw.platform]))
     train_flops = rows * ((base_passes * 2 * n_mm * t + 3 * 2 * n_lora * t) / (f * tp) + attention / split)
-    train = StepTime(train_flops / hw.bf16_flops,
+    train = StepTime(train_flops / peak,
                      (passes - 1) * gathered / hw.hbm_bandwidth,
                      (passes - 1) * gather_comm)
 
@@ -438,13 +463,13 @@ def step_times(config: ModelConfig, mesh: Mapping[str, int], w: Workload, hw: Ha
     prefill_attn = 2 * kernel_matmul(p_len)
     n_head = config.vocab_size * config.hidden_size  # prefill applies the head to the last position only
     prefill_mm = 2 * ((n_mm - n_head + n_lora) * p_len + n_head) / (f * tp)
-    prefill = StepTime(srows * (prefill_mm + prefill_attn / attention_split(config, mesh, fsdp=False)) / hw.bf16_flops,
+    prefill = StepTime(srows * (prefill_mm + prefill_attn / attention_split(config, mesh, fsdp=False)) / peak,
                        gathered / hw.hbm_bandwidth, gather_comm)
     mem = memory_plan(config, mesh, w, hw.platform)
     reduce_width = config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size
     reduce_bytes = 2 * srows * config.num_layers * reduce_width * act * (f - 1) / f if f > 1 else 0.0
     decode_attn = 4 * s * config.q_dim * config.num_layers
-    decode = StepTime(srows * (2 * (n_mm + n_lora) / (f * tp) + decode_attn / tp) / hw.bf16_flops,
+    decode = StepTime(srows * (2 * (n_mm + n_lora) / (f * tp) + decode_attn / tp) / peak,
                       (mem.weights + mem.kv_cache) / hw.hbm_bandwidth,
                       reduce_bytes / link)
     return {"train_step": train, "prefill": prefill, "decode_token": decode}
@@ -507,6 +532,7 @@ class Plan:
                                  for k, s in times.items()} for h, times in self.times.items()},
             "verdicts": {h: dataclasses.asdict(v) for h, v in self.verdicts.items()},
             "hardware": {h: dataclasses.asdict(HARDWARE[h]) for h in self.verdicts},
+            "peak_flops": {h: HARDWARE[h].matmul_flops(self.workload.dtype) for h in self.verdicts},
             "warnings": list(self.warnings),
         }
 
@@ -604,9 +630,11 @@ def format_plan(plan: Plan) -> str:
     for warning in plan.warnings:
         lines.append(f"- warning: {warning}")
     lines += ["", "Times are roofline bounds (max of compute, HBM and interconnect time; no latency, no kernel "
-              "inefficiency). Peak figures:"]
+              f"inefficiency); compute time uses each chip's dense matmul peak for {w.dtype}. Peak figures:"]
     for name in plan.verdicts:
-        lines.append(f"- {name}: {HARDWARE[name].source}")
+        hw = HARDWARE[name]
+        lines.append(f"- {name} ({w.dtype} at the {hw.peak_name(w.dtype)} peak, {hw.matmul_flops(w.dtype) / 1e12:g} "
+                     f"TFLOP/s): {hw.source}")
     return "\n".join(lines)
 
 
@@ -640,13 +668,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Print the plan; return 0 if it fits every requested hardware, 3 if it does not fit some."""
+    """Print the plan; return 0 if it fits every requested hardware, 3 if it does not fit some, 2 for a
+    request it cannot plan (:class:`PlanError`: unknown model or hardware, bad mesh or sizes)."""
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
-    workload = Workload(candidates=args.candidates, seq_len=args.seq_len, batch=args.batch,
-                        sample_batch=args.sample_batch, dtype=dtype, lora_rank=args.lora_rank,
-                        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-                        remat=args.remat, cache_len=args.cache_len,
-                        prompt_len=args.prompt_len)
-    plan = make_plan(args.model, args.mesh, workload, args.hardware)
+    try:
+        workload = Workload(candidates=args.candidates, seq_len=args.seq_len, batch=args.batch,
+                            sample_batch=args.sample_batch, dtype=dtype, lora_rank=args.lora_rank,
+                            lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+                            remat=args.remat, cache_len=args.cache_len,
+                            prompt_len=args.prompt_len)
+        plan = make_plan(args.model, args.mesh, workload, args.hardware)
+    except PlanError as error:
+        print(f"seal-jax plan: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0 if all(v.fits for v in plan.verdicts.values()) else 3

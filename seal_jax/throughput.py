@@ -41,7 +41,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,12 @@ class SuiteShapes:
         """Small shapes for a fast check (and for models with a short context)."""
         return cls(candidates=candidates, question_len=64, answer_tokens=16, passage_len=128, self_edit_tokens=32,
                    sequences=4, seq_len=64, epochs=2)
+
+    def row_names(self) -> tuple[str, ...]:
+        """The names of the suite's rows at these shapes, in the order it runs them (what ``--only`` picks from)."""
+        k, q = self.candidates, self.questions
+        return tuple(dict.fromkeys(("decode_b1", f"decode_b{q}", "prefill", "self_edit", f"train_k{k}",
+                                    f"decode_k{k}x{q}", "evaluation")))
 
     def check(self, context: int) -> None:
         """Raise :class:`BenchError` for a non-positive size or prompts that do not fit ``context`` tokens."""
@@ -291,8 +297,10 @@ class Suite:
     """Runs the pieces on an LM and returns :class:`Row`s (see the module docstring)."""
 
     def __init__(self, lm: Any, shapes: SuiteShapes, peaks: Peaks, *, repeats: int, reference: Reference | None,
-                 rooflines: bool = True, variants: dict[str, dict[str, Any]] | None = None):
+                 rooflines: bool = True, variants: dict[str, dict[str, Any]] | None = None,
+                 only: Collection[str] | None = None):
         self.sj = sj
+        self.only = set(shapes.row_names() if only is None else only)  # the rows to run (default: all)
         self.variants = dict(variants or {})  # name -> XLA options the decode and training rows are also timed with
         self.lm, self.shapes, self.peaks, self.repeats = lm, shapes, peaks, repeats
         self.reference, self.rooflines = reference, rooflines
@@ -415,66 +423,46 @@ class Suite:
         return out
 
     def run(self, emit: Callable[[Row], None]) -> dict[str, Any]:
-        """Run every piece, handing each finished row to ``emit``; returns the summary."""
-        s, c, ref = self.shapes, self.config, self.reference
+        """Run every piece (or those :attr:`only` names), handing each finished row to ``emit``; returns the
+        summary (without evaluations per hour when the ``evaluation`` row did not run)."""
+        s, c, ref, wanted = self.shapes, self.config, self.reference, self.only
         k = s.candidates
         questions = _tokens(self.rng, c.vocab_size, s.questions, s.question_len)
+        passages = _tokens(self.rng, c.vocab_size, k, s.passage_len)
 
         # decode of the base model: 1 and 8 questions
+        one_adapter_reference = None
         for batch in (1, s.questions):
+            if f"decode_b{batch}" not in wanted:
+                continue
             ref_s = self._reference(f"decode_b{batch}", lambda b=batch: _timed(
                 lambda: ref.generate(questions[:b], s.answer_tokens), self.repeats))
             row, _ = self._decode_row(f"decode_b{batch}", questions[:batch], s.answer_tokens, reference_s=ref_s)
             emit(row)
-        one_adapter_reference = ref_s
+            if batch == s.questions:
+                one_adapter_reference = ref_s
 
-        # the K self-edits: prefill row, then the whole generation
-        passages = _tokens(self.rng, c.vocab_size, k, s.passage_len)
-        t = self._generate(passages, s.self_edit_tokens, sampled=True)
-        roof = self._generate_rooflines(k, s.passage_len, s.self_edit_tokens, sampled=True)
-        flops = prefill_flops(c, k, s.passage_len)
-        row = Row(name="prefill", seconds=t["prefill_s"], tokens=k * s.passage_len,
-                  rate=k * s.passage_len / t["prefill_s"], useful_flops=flops,
-                  mfu=flops / t["prefill_s"] / self.total_flops,
-                  detail={"batch": k, "prompt_len": s.passage_len, "limit": "compute: peak FLOP/s"})
-        if roof is not None:
-            row.roofline_s = roof["prefill"]["roofline_s"]
-            row.vs_roofline = row.seconds / row.roofline_s
-            row.detail["roofline"] = roof["prefill"]
-        emit(row)
-        ref_s = self._reference("self_edit", lambda: _timed(lambda: ref.generate(passages, s.self_edit_tokens, SELF_EDIT_SAMPLING),
-                                                              self.repeats))
-        if ref_s is not None:
-            self.reference_parts["self_edit"] = ref_s
-        steps = max(1, s.self_edit_tokens - 1)
-        dflops = decode_flops(c, k, s.passage_len, steps)
-        row = Row(name="self_edit", seconds=t["total_s"], tokens=k * s.self_edit_tokens,
-                  rate=k * s.self_edit_tokens / t["total_s"], useful_flops=flops + dflops,
-                  mfu=(flops + dflops) / t["total_s"] / self.total_flops,
-                  min_bytes=decode_min_bytes(c, self.weight_bytes, k, s.passage_len + s.self_edit_tokens / 2,
-                                             self.act_bytes),
-                  roofline_s=_sum_rooflines(*(roof or {}).values()) if roof else None,
-                  detail={"batch": k, "prompt_len": s.passage_len, "new_tokens": s.self_edit_tokens, **t})
-        row.bandwidth_fraction = row.min_bytes * steps / t["decode_s"] / self.total_bandwidth
-        if row.roofline_s:
-            row.vs_roofline = row.seconds / row.roofline_s
-        if ref_s is not None:
-            row.reference_s, row.ratio = ref_s, ref_s / t["total_s"]
-        emit(row)
-
-        # the K-candidate training program
-        emit(self._train_row())
-
-        # answers under the K adapters
-        ref_s = None
-        if one_adapter_reference is not None:  # PyTorch answers under one adapter at a time: K generates
-            ref_s = self.reference_parts["answer"] = k * one_adapter_reference
-        row, _ = self._decode_row(f"decode_k{k}x{s.questions}", questions, s.answer_tokens, k=k, reference_s=ref_s)
-        if ref_s is not None:
-            row.detail["reference"] = "K × transformers generate of the questions (one adapter at a time)"
-        emit(row)
+        if wanted & {"prefill", "self_edit"}:
+            self._self_edit_rows(passages, emit)
+        if f"train_k{k}" in wanted:  # the K-candidate training program
+            emit(self._train_row())
+        if f"decode_k{k}x{s.questions}" in wanted:  # answers under the K adapters
+            if self.adapters is None:  # (the training row did not run: adapters to answer with, untimed)
+                self._train_once()
+            ref_s = None
+            if one_adapter_reference is not None:  # PyTorch answers under one adapter at a time: K generates
+                ref_s = self.reference_parts["answer"] = k * one_adapter_reference
+            row, _ = self._decode_row(f"decode_k{k}x{s.questions}", questions, s.answer_tokens, k=k, reference_s=ref_s)
+            if ref_s is not None:
+                row.detail["reference"] = "K × transformers generate of the questions (one adapter at a time)"
+            emit(row)
+        if "evaluation" not in wanted:
+            return {"evaluation_seconds": None, "evaluations_per_hour": None, "candidates": k,
+                    "reference_errors": self.reference_errors}
 
         # one whole self-edit evaluation, timed again in sequence
+        if self.adapters is None:  # nothing trained yet (--only): compile the training first, as its row would
+            self._train_once()
         start = time.perf_counter()
         parts = {"self_edit": self._generate(passages, s.self_edit_tokens, sampled=True)["total_s"]}
         parts["train"] = self._train_once() + self.ready_s  # (and the adapters readied, as the loop does)
@@ -494,6 +482,45 @@ class Suite:
         emit(row)
         return {"evaluation_seconds": seconds, "evaluations_per_hour": per_hour, "candidates": k,
                 "reference_errors": self.reference_errors}
+
+    def _self_edit_rows(self, passages: list[list[int]], emit: Callable[[Row], None]) -> None:
+        """The K self-edits: the ``prefill`` row, then the whole generation (``self_edit``), as :attr:`only` asks."""
+        s, c, ref = self.shapes, self.config, self.reference
+        k = s.candidates
+        t = self._generate(passages, s.self_edit_tokens, sampled=True)
+        roof = self._generate_rooflines(k, s.passage_len, s.self_edit_tokens, sampled=True)
+        flops = prefill_flops(c, k, s.passage_len)
+        row = Row(name="prefill", seconds=t["prefill_s"], tokens=k * s.passage_len,
+                  rate=k * s.passage_len / t["prefill_s"], useful_flops=flops,
+                  mfu=flops / t["prefill_s"] / self.total_flops,
+                  detail={"batch": k, "prompt_len": s.passage_len, "limit": "compute: peak FLOP/s"})
+        if roof is not None:
+            row.roofline_s = roof["prefill"]["roofline_s"]
+            row.vs_roofline = row.seconds / row.roofline_s
+            row.detail["roofline"] = roof["prefill"]
+        if "prefill" in self.only:
+            emit(row)
+        if "self_edit" not in self.only:
+            return
+        ref_s = self._reference("self_edit", lambda: _timed(lambda: ref.generate(passages, s.self_edit_tokens, SELF_EDIT_SAMPLING),
+                                                              self.repeats))
+        if ref_s is not None:
+            self.reference_parts["self_edit"] = ref_s
+        steps = max(1, s.self_edit_tokens - 1)
+        dflops = decode_flops(c, k, s.passage_len, steps)
+        row = Row(name="self_edit", seconds=t["total_s"], tokens=k * s.self_edit_tokens,
+                  rate=k * s.self_edit_tokens / t["total_s"], useful_flops=flops + dflops,
+                  mfu=(flops + dflops) / t["total_s"] / self.total_flops,
+                  min_bytes=decode_min_bytes(c, self.weight_bytes, k, s.passage_len + s.self_edit_tokens / 2,
+                                             self.act_bytes),
+                  roofline_s=_sum_rooflines(*(roof or {}).values()) if roof else None,
+                  detail={"batch": k, "prompt_len": s.passage_len, "new_tokens": s.self_edit_tokens, **t})
+        row.bandwidth_fraction = row.min_bytes * steps / t["decode_s"] / self.total_bandwidth
+        if row.roofline_s:
+            row.vs_roofline = row.seconds / row.roofline_s
+        if ref_s is not None:
+            row.reference_s, row.ratio = ref_s, ref_s / t["total_s"]
+        emit(row)
 
     def _train_once(self) -> float:
         s = self.shapes
@@ -581,7 +608,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def wants_suite(args: argparse.Namespace) -> bool:
     """Whether ``seal-jax bench`` arguments ask for this suite rather than the CPU comparison."""
     return bool(getattr(args, "preset", None) or getattr(args, "random_weights", False)
-                or getattr(args, "candidates", None) or getattr(args, "mesh", None))
+                or getattr(args, "candidates", None) is not None or getattr(args, "mesh", None))
 
 
 def _config(args: argparse.Namespace) -> ModelConfig:
@@ -687,8 +714,14 @@ def main(args: argparse.Namespace) -> int:
     if dtype not in ("float32", "bfloat16"):
         raise BenchError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     quick = bool(getattr(args, "quick", False) or getattr(args, "smoke", False))
-    k = args.candidates or 5
+    k = 5 if args.candidates is None else args.candidates
+    if k < 1:
+        raise BenchError(f"--candidates must be at least 1 (K self-edits per passage), got {k}")
     shapes = SuiteShapes.quick(k) if quick else SuiteShapes(candidates=k)
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if getattr(args, "only", None) else None
+    if only is not None and set(only) - set(shapes.row_names()):
+        raise BenchError(f"unknown row(s) {sorted(set(only) - set(shapes.row_names()))} in --only; with --preset "
+                         f"the suite's rows are {', '.join(shapes.row_names())}")
     spec = args.mesh or f"data={len(devices)}"
     try:
         mesh = shd.make_mesh(spec) if len(devices) > 1 or args.mesh else None
@@ -754,11 +787,12 @@ def main(args: argparse.Namespace) -> int:
         print("--split-k-ab: not on a TPU (split-K is a GPU compiler's rewrite)", flush=True)
     suite = Suite(lm, shapes, peaks, repeats=1 if quick else 3, reference=reference,
                   rooflines=not getattr(args, "no_roofline", False),
-                  variants={"split_k_off": SPLIT_K_OFF} if split_k_ab else None)
+                  variants={"split_k_off": SPLIT_K_OFF} if split_k_ab else None, only=only)
     report["summary"] = suite.run(emit)
     write()
     print()
     print(format_table(report))
-    if not math.isfinite(report["summary"]["evaluations_per_hour"]):
+    per_hour = report["summary"]["evaluations_per_hour"]
+    if per_hour is not None and not math.isfinite(per_hour):
         return 1
     return 0

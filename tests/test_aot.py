@@ -172,11 +172,19 @@ def test_cli_json_and_errors(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["target"] == "h100-8" and [r["program"] for r in report["rows"]] == ["train"]
     assert ROW_KEYS <= set(report["rows"][0])
-    assert "| train |" in capsys.readouterr().out
+    # --only left out programs a passage runs: no passage time or evaluations per hour from the train row alone
+    assert report["summary"] == {"fits": True, "passage_seconds": None, "evaluations_per_hour": None,
+                                 "left_out": ["answer", "self_edit", "answer_k"]}
+    out = capsys.readouterr().out
+    assert "| train |" in out and "One passage by roofline" not in out
+    assert "Partial: --only left out answer, self_edit, answer_k, which a passage also runs" in out
     assert cli_main(["compile", "--model", "tiny", "--target", "tpu-v9-1"]) == 2
     assert "unknown target 'tpu-v9-1'" in capsys.readouterr().err
     assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--mesh", "data=4"]) == 2
-    assert "product is 8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mesh 'data=4' does not lay out target h100-8's 8 devices" in err and err.count("product is 8") == 1
+    assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--mesh", "data=3,fsdp=-1"]) == 2
+    assert "pass --mesh with sizes whose product is 8" in capsys.readouterr().err
     assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--only", "nope"]) == 2
 
 
@@ -242,9 +250,11 @@ def test_passages_training_together_fill_the_lanes_one_passage_leaves_idle(capsy
         report = aot.compile_workload(workload, "h100-8", only=["train"])
         row = report["rows"][0]
         flops[p] = row["flops"] * row["per_passage"]
-        assert report["summary"]["passage_seconds"] == pytest.approx(row["roofline_s"] / p)
+        assert report["summary"]["passage_seconds"] is None and "answer" in report["summary"]["left_out"]
+        whole = aot.summarize(report["rows"], workload)  # as if the train row were all a passage runs
+        assert whole["passage_seconds"] == pytest.approx(row["roofline_s"] / p)
         assert layout_search.layout_time(report) == pytest.approx(row["roofline_s"] / p)
-        assert ("2 passages per program" in aot.format_rows(report)) == (p == 2)
+        assert ("2 passages per program" in aot.format_rows({**report, "summary": whole})) == (p == 2)
     assert flops[2] / flops[1] == pytest.approx(21 / 22, rel=0.02)
     with pytest.raises(aot.CompileError, match="knowledge and ReST-EM configs only"):
         aot.workload_from_config("experiments/templates-archive-qwen3-8b.toml", shapes, passages=2)
@@ -298,6 +308,14 @@ def test_a_configs_attention_is_what_its_programs_compile_with(tmp_path, capsys)
     assert report["attention"] == "chunked" and report["rows"][0]["custom_calls"].get(kernel, 0) == 0
 
 
+def test_summary_line_counts_with_thousands_separators():
+    report = {"workload": "seal-qwen3-8b", "target": "h100-8", "mesh": "data=8", "dtype": "bfloat16",
+              "model": "preset qwen3-8b", "rows": [], "passages": 1, "candidates": 21,
+              "summary": {"fits": True, "passage_seconds": 0.0246, "evaluations_per_hour": 3070027.4, "left_out": []}}
+    assert ("One passage by roofline: 0.02 s per device; 3,070,027 self-edit evaluations per hour on the whole "
+            "mesh, one passage at a time (21 candidates per passage).") in aot.format_rows(report)
+
+
 def test_roofline_picks_the_bound():
     t = targets.get_target("h100-8")
     hw = t.hardware
@@ -307,6 +325,10 @@ def test_roofline_picks_the_bound():
     assert aot.no_overlap_seconds(rows, t) == pytest.approx(0.5 * (2 + 3))
     assert aot.no_overlap_seconds([{"program": "train", "error": "RESOURCE_EXHAUSTED"}], t) is None
     assert aot.roofline(hw.bf16_flops, 0, 0, t) == (1.0, "compute")
+    # float32 programs at the TF32 peak on NVIDIA GPUs (JAX's default matmul precision), half the bf16 one
+    assert aot.roofline(hw.bf16_flops, 0, 0, t, "float32") == (pytest.approx(989 / 494.7), "compute")
+    assert aot.no_overlap_seconds([{"flops": hw.bf16_flops, "bytes": 0, "per_passage": 1, "dtype": "float32"}],
+                                  t) == pytest.approx(989 / 494.7)
     assert aot.roofline(0, 2 * hw.hbm_bandwidth, 0, t) == (2.0, "memory")
     seconds, bound = aot.roofline(0, 0, hw.link_bandwidth, t)
     assert bound == "collectives" and seconds == pytest.approx(2.0)

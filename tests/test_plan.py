@@ -227,5 +227,36 @@ def test_cli_plan_exit_codes_and_json(capsys):
     assert data["parameters"] == QWEN3_8B_PARAMS and data["devices"] == 8
     assert set(data["verdicts"]) == set(pl.HARDWARE)
     assert data["verdicts"]["h200"]["fits"] and not data["verdicts"]["tpu-v5e"]["fits"]
-    assert cli_main(["plan", "--mesh", "data=-1"]) == 1
-    assert "no devices to fill a -1" in capsys.readouterr().err
+    assert cli_main(["plan", "--mesh", "data=-1"]) == 2  # a bad request, as `seal-jax compile` answers one
+    assert capsys.readouterr().err.startswith("seal-jax plan: mesh 'data=-1': the planner has no devices to fill")
+
+
+def test_float32_times_use_the_float32_matmul_peak(capsys):
+    """fp32 matmuls run at JAX's default precision: TF32 on NVIDIA GPUs (half the bf16 peak on an H100), one
+    bf16 pass on a TPU; the footer says which peak the times use."""
+    cfg = preset("qwen3-8b")
+    mesh = {"data": 2, "fsdp": 4, "tensor": 1}
+    bf16 = pl.Workload(candidates=4, seq_len=1024, dtype="bfloat16")
+    fp32 = dataclasses.replace(bf16, dtype="float32")
+    for name, ratio in (("h100", 989 / 494.7), ("a100-80g", 2.0), ("tpu-v5p", 1.0)):
+        hw = pl.HARDWARE[name]
+        for step in ("train_step", "prefill", "decode_token"):
+            slow, fast = pl.step_times(cfg, mesh, fp32, hw)[step], pl.step_times(cfg, mesh, bf16, hw)[step]
+            assert slow.compute == pytest.approx(ratio * fast.compute), (name, step)
+    assert cli_main(["plan", "--dtype", "fp32", "--hardware", "h100"]) in (0, 3)
+    out = capsys.readouterr().out
+    assert "compute time uses each chip's dense matmul peak for float32" in out
+    assert "- h100 (float32 at the TF32 peak, 494.7 TFLOP/s):" in out
+    assert cli_main(["plan", "--hardware", "tpu-v5p", "--json"]) in (0, 3)
+    assert json.loads(capsys.readouterr().out)["peak_flops"] == {"tpu-v5p": 459e12}
+
+
+def test_a_prompt_longer_than_the_cache_is_refused(capsys):
+    with pytest.raises(pl.PlanError, match="prompt_len 100 exceeds cache_len 10"):
+        pl.Workload(prompt_len=100, cache_len=10)
+    with pytest.raises(pl.PlanError, match=r"prompt_len 300 exceeds cache_len 256 \(the default: seq_len\)"):
+        pl.Workload(seq_len=256, prompt_len=300)
+    assert pl.Workload(seq_len=256, prompt_len=256).prompt_tokens == 256
+    assert cli_main(["plan", "--prompt-len", "100", "--cache-len", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt_len 100 exceeds cache_len 10" in err and "--cache-len" in err

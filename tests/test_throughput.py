@@ -242,6 +242,26 @@ def test_bad_requests_are_named(capsys):
     assert "unknown preset 'qwen9'" in capsys.readouterr().err
 
 
+def test_only_runs_the_named_rows_and_k_must_be_positive(tmp_path, capsys):
+    """--only picks the suite's own rows (their names carry K), refusing others before any model is built;
+    --candidates 0 is refused, not taken for the default K = 5."""
+    from seal_jax.cli import main
+
+    base = ["bench", "--preset", "tiny", "--random-weights", "--quick", "--no-reference", "--no-roofline"]
+    assert main(base + ["--only", "bogus,prefill"]) == 1
+    assert ("unknown row(s) ['bogus'] in --only; with --preset the suite's rows are decode_b1, decode_b8, prefill, "
+            "self_edit, train_k5, decode_k5x8, evaluation") in capsys.readouterr().err
+    assert main(base + ["--candidates", "0"]) == 1
+    assert "--candidates must be at least 1" in capsys.readouterr().err
+    assert throughput.wants_suite(SimpleNamespace(candidates=0))  # K = 0 reaches the suite, which refuses it
+    out = tmp_path / "report.json"
+    assert main(base + ["--candidates", "3", "--only", "decode_k3x8,prefill", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["rows"]] == ["prefill", "decode_k3x8"]  # the suite's order
+    assert data["summary"]["evaluations_per_hour"] is None and data["summary"]["candidates"] == 3
+    assert "self-edit evaluations per hour" not in capsys.readouterr().out
+
+
 def test_suite_shapes_are_those_seal_jax_compile_predicts():
     """`seal-jax compile --model P -k 5 --new-tokens 256` compiles the suite's programs at the suite's shapes,
     so its roofline predictions (BENCHMARKS.md) compare with the measured rows."""

@@ -34,7 +34,7 @@ from seal_jax.lm.model import (
 )
 from seal_jax.lm.params import flatten, nest
 from seal_jax.lm.training import TrainSpec
-from seal_jax.lm.types import TRAIN_WEIGHTS, TrainError, is_int
+from seal_jax.lm.types import TRAIN_WEIGHTS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -415,9 +415,7 @@ class LM:
         In a multi-host run every process must call it (the weights are gathered from all processes);
         process 0 writes the folder (a bar over its tensors with ``progress``). Weights stored split go to
         the host layer by layer, never stacked."""
-        self._require_weights("export")
-        if dtype is not None:
-            weights.export_dtype(dtype)  # checked before anything is gathered or written
+        self._require_weights("export")  # (export_hf checks the dtype before it gathers or writes anything)
         return weights.export_hf(self._stored_params(), self.config, out_dir, dtype=dtype, tokenizer=self.tokenizer,
                                  progress=progress)
 
@@ -473,11 +471,8 @@ class LM:
 
     def _shared(self, name: Hashable, make: Any) -> Any:
         """A compiled-program holder shared by every LM with the same structure (graphdef), mesh and
-        :attr:`compiler_options` (``make`` compiles with them).
-
-        The programs take the weights as arguments, so a model with new weights of the same shapes (a
-        merged generator, a reloaded checkpoint) reuses the programs already compiled instead of
-        compiling them again.
+        :attr:`compiler_options` (``make`` compiles with them). The programs take the weights as arguments,
+        so a model with new weights of the same shapes (a merged generator, a reloaded checkpoint) reuses them.
         """
         programs = _PROGRAMS.setdefault((self.graphdef, self.mesh), {})
         key = (name, *sorted(self.compiler_options.items()))
@@ -587,8 +582,7 @@ class LM:
           :class:`Adapters` (K stacked; ``adapters[k]``, ``adapters.losses``, ``adapters.failed``).
         """
         adapters = self._with_training_args(training.train_adapters, sequences, lora, train, seed)
-        # for save_peft's config: an absolute folder, so that the adapter folder loads from anywhere
-        adapters.base_model = None if self.path is None else str(Path(self.path).resolve())
+        adapters.base_model = None if self.path is None else str(Path(self.path).resolve())  # save_peft's base
         return adapters
 
     def training_memory(
@@ -609,10 +603,6 @@ class LM:
         """``fn`` (``training.train_adapters`` or ``training.training_memory``) called with this model's
         weights, tokenizer, ids, mesh and programs, and SEAL's specs where ``lora``/``train`` are None."""
         self._require_weights("training")
-        if not is_int(seed):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
-        if not 0 <= seed < 2**32:
-            raise TrainError(f"seed must be in [0, 2**32) (the call's seed, mixed with each TrainSpec.seed), got {seed}")
         graphdef, state, mesh = self._train_view()
         out = fn(
             graphdef, state, self.param_structs(), self.tokenizer, sequences,

@@ -45,7 +45,7 @@ from seal_jax.lm.lanes import LanePlan, make_lane_plan
 from seal_jax.lm.lora import Adapters, candidate_key, init_adapters
 from seal_jax.lm.model import Decoder, LoraInputs
 from seal_jax.lm.tokenizer import bucket
-from seal_jax.lm.types import LoraSpec, TrainError, TrainSpec
+from seal_jax.lm.types import LoraSpec, TrainError, TrainSpec, is_int
 
 
 def lr_at(spec: TrainSpec, step: int, total_steps: int) -> float:
@@ -608,6 +608,10 @@ def prepare_call(graphdef: Any, state: Any, params: dict[str, jax.Array], tokeni
                  programs: dict[Any, Any] | None, lanes: int | None, context: int | None = None) -> TrainCall:
     """Validate and tokenise a training call, build its plans, and place its arguments (see
     :func:`train_adapters` for the arguments). Raises :class:`TrainError` on bad input."""
+    if not is_int(seed):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise TrainError(f"seed must be in [0, 2**32) (the call's seed, mixed with each TrainSpec.seed), got {seed}")
     k = len(sequences)
     if k == 0:
         raise TrainError("sequences is empty: pass a list (K candidates) of lists of training strings")
