@@ -71,6 +71,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     import seal_jax as sj  # deferred: sj.load below brings in the engine (and jax), as above
     from seal_jax.lm.weights import HUB_ID  # deferred: lm.weights imports jax, as above
 
+    if args.max_new_tokens < 1:  # before the model loads
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     folder = _model_dir(args.model)
     hub_id = not folder.exists() and HUB_ID.fullmatch(args.model) and not Path(Path(args.model).parts[0]).is_dir()
     if hub_id:
@@ -87,8 +89,9 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         print(f"{what}; {hint}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    lm = sj.load(str(folder) if hub_id else folder, dtype=args.dtype, attention=args.attention)
-    print(f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:.0f}M parameters) "
+    lm = sj.load(str(folder) if hub_id else folder, dtype=args.dtype, attention=args.attention,
+                 tokenizer=args.tokenizer)
+    print(f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:.3g}M parameters) "
           f"in {time.perf_counter() - t0:.1f}s on {len(jax.devices())} device(s), "
           f"attention {lm.model.attention_impl}")
     params = sj.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
@@ -364,8 +367,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("smoke", help="load a model and answer a few chat prompts greedily")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or name under checkpoints/")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a folder with the tokenizer's files, for a model folder without them")
     _attention_argument(p)
     p.set_defaults(func=cmd_smoke)
 

@@ -158,6 +158,20 @@ def test_smoke_answers_with_the_attention_asked_for(tiny_chat_dir, capsys):
     assert "invalid choice: 'flash'" in capsys.readouterr().err
 
 
+def test_smoke_takes_the_tokenizer_from_another_folder(tiny_chat_dir, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "weights-only"  # config and weights, no tokenizer files
+    bare.mkdir()
+    for f in tiny_chat_dir.iterdir():
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            shutil.copy(f, bare / f.name)
+    assert main(["smoke", "--model", str(bare), "--tokenizer", str(tiny_chat_dir), "--max-new-tokens", "2"]) == 0
+    assert "prompts, greedy, up to 2 new tokens" in capsys.readouterr().out
+    assert main(["smoke", "--model", str(tmp_path / "none"), "--max-new-tokens", "0"]) == 1  # before any loading
+    assert "--max-new-tokens must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_fetch_the_sentence_encoder(embeddings_dir, tmp_path, capsys):
     assert main(["fetch", "all-minilm-l6-v2", "--root", str(embeddings_dir.parent)]) == 0
     assert capsys.readouterr().out.strip() == f"all-minilm-l6-v2: {embeddings_dir}"
