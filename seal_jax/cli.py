@@ -72,7 +72,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from seal_jax.lm.weights import HUB_ID  # deferred: lm.weights imports jax, as above
 
     if args.max_new_tokens < 1:  # before the model loads
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        print(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}", file=sys.stderr)
+        return 2
     folder = _model_dir(args.model)
     hub_id = not folder.exists() and HUB_ID.fullmatch(args.model) and not Path(Path(args.model).parts[0]).is_dir()
     if hub_id:
@@ -91,7 +92,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     lm = sj.load(str(folder) if hub_id else folder, dtype=args.dtype, attention=args.attention,
                  tokenizer=args.tokenizer)
-    print(f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:.3g}M parameters) "
+    print(f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:,.{0 if lm.config.num_parameters() >= 1e8 else 2}f}M parameters) "
           f"in {time.perf_counter() - t0:.1f}s on {len(jax.devices())} device(s), "
           f"attention {lm.model.attention_impl}")
     params = sj.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)

@@ -189,7 +189,7 @@ class Workload:
             cache = (f"cache_len {self.cache_len}" if self.cache_len is not None
                      else f"cache_len {self.cache_slots} (the default: seq_len)")
             raise PlanError(f"prompt_len {self.prompt_len} exceeds {cache}: the prompt fills the KV cache, so "
-                            f"raise --cache-len to at least {self.prompt_len} (prompt + new tokens) or lower "
+                            f"raise --cache-len to {self.prompt_len} + the new tokens or lower "
                             "--prompt-len")
         if self.dtype not in DTYPE_BYTES:
             raise PlanError(f"unknown dtype {self.dtype!r}; choose from {sorted(DTYPE_BYTES)}")

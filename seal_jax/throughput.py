@@ -197,14 +197,15 @@ def measure_ceilings(platform_: str, dtype: str, quick: bool, working_set: int =
     return out
 
 
-def device_peaks(devices: list[Any], ceilings: dict[str, float]) -> Peaks:
-    """Peaks per device: the published table for a GPU/TPU kind it knows, else (CPU, unknown chips) the
-    measured ceilings. CPU "devices" (``--xla_force_host_platform_device_count``) share the same cores,
+def device_peaks(devices: list[Any], ceilings: dict[str, float], dtype: str = "bfloat16") -> Peaks:
+    """Peaks per device: the published table for a GPU/TPU kind it knows (the matmul peak for ``dtype``, as
+    ``seal-jax compile`` takes it), else (CPU, unknown chips) the measured ceilings. CPU "devices" (``--xla_force_host_platform_device_count``) share the same cores,
     so the measured ceilings are divided among them."""
     kind = devices[0].device_kind
     hw = hardware_for(kind) if devices[0].platform != "cpu" else None
     if hw is not None:
-        return Peaks(devices[0].platform, kind, len(devices), hw.bf16_flops, hw.hbm_bandwidth, hw.link_bandwidth / 2,
+        return Peaks(devices[0].platform, kind, len(devices), hw.matmul_flops(dtype), hw.hbm_bandwidth,
+                     hw.link_bandwidth / 2,
                      f"published ({hw.name}): {hw.source}")
     share = len(devices) if devices[0].platform == "cpu" else 1
     return Peaks(devices[0].platform, kind, len(devices), ceilings["matmul_flops"] / share,
@@ -718,10 +719,10 @@ def main(args: argparse.Namespace) -> int:
     if k < 1:
         raise BenchError(f"--candidates must be at least 1 (K self-edits per passage), got {k}")
     shapes = SuiteShapes.quick(k) if quick else SuiteShapes(candidates=k)
-    only = [name.strip() for name in args.only.split(",") if name.strip()] if getattr(args, "only", None) else None
+    only = [name.strip() for name in (getattr(args, "only", None) or "").split(",") if name.strip()] or None
     if only is not None and set(only) - set(shapes.row_names()):
-        raise BenchError(f"unknown row(s) {sorted(set(only) - set(shapes.row_names()))} in --only; with --preset "
-                         f"the suite's rows are {', '.join(shapes.row_names())}")
+        raise BenchError(f"unknown row(s) {sorted(set(only) - set(shapes.row_names()))} in --only; the SEAL-workload "
+                         f"suite's rows are {', '.join(shapes.row_names())}")
     spec = args.mesh or f"data={len(devices)}"
     try:
         mesh = shd.make_mesh(spec) if len(devices) > 1 or args.mesh else None
@@ -735,7 +736,7 @@ def main(args: argparse.Namespace) -> int:
     lm, source = _load(args, config, dtype, mesh, attention)
     weight_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in lm.param_structs().values())
     ceilings = measure_ceilings(platform_, dtype, quick, working_set=weight_bytes)
-    peaks = device_peaks(list(mesh.devices.flat) if mesh is not None else devices[:1], ceilings)
+    peaks = device_peaks(list(mesh.devices.flat) if mesh is not None else devices[:1], ceilings, dtype)
     shapes.check(lm.config.max_position_embeddings)
     reference = None
     if not getattr(args, "no_reference", False) and platform_ in ("cpu", "gpu"):
@@ -788,6 +789,7 @@ def main(args: argparse.Namespace) -> int:
     suite = Suite(lm, shapes, peaks, repeats=1 if quick else 3, reference=reference,
                   rooflines=not getattr(args, "no_roofline", False),
                   variants={"split_k_off": SPLIT_K_OFF} if split_k_ab else None, only=only)
+    report["only"] = only  # None: every row of the suite
     report["summary"] = suite.run(emit)
     write()
     print()

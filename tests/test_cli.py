@@ -168,7 +168,7 @@ def test_smoke_takes_the_tokenizer_from_another_folder(tiny_chat_dir, tmp_path, 
             shutil.copy(f, bare / f.name)
     assert main(["smoke", "--model", str(bare), "--tokenizer", str(tiny_chat_dir), "--max-new-tokens", "2"]) == 0
     assert "prompts, greedy, up to 2 new tokens" in capsys.readouterr().out
-    assert main(["smoke", "--model", str(tmp_path / "none"), "--max-new-tokens", "0"]) == 1  # before any loading
+    assert main(["smoke", "--model", str(tmp_path / "none"), "--max-new-tokens", "0"]) == 2  # before any loading
     assert "--max-new-tokens must be at least 1, got 0" in capsys.readouterr().err
 
 

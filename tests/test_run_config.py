@@ -51,6 +51,7 @@ def test_config_errors(tmp_path, tiny_chat_dir):
     for key, value, message in (("chat", "false", "chat must be true or false"),
                                 ("include_passage", "no", "include_passage must be true or false"),
                                 ("seed", "0", "seed must be an integer, got '0'"), ("seed", 1.5, "seed must be an integer"),
+                                ("seed", -1, r"seed must be in \[0, 2\*\*32\), got -1"),
                                 ("name", "../../etc", "use a plain name without '/'"), ("name", "", "name must be a non-empty"),
                                 ("model", 3, "model must be a string, got 3"),
                                 ("conditions", [], "conditions is empty"),

@@ -249,7 +249,7 @@ def test_only_runs_the_named_rows_and_k_must_be_positive(tmp_path, capsys):
 
     base = ["bench", "--preset", "tiny", "--random-weights", "--quick", "--no-reference", "--no-roofline"]
     assert main(base + ["--only", "bogus,prefill"]) == 1
-    assert ("unknown row(s) ['bogus'] in --only; with --preset the suite's rows are decode_b1, decode_b8, prefill, "
+    assert ("unknown row(s) ['bogus'] in --only; the SEAL-workload suite's rows are decode_b1, decode_b8, prefill, "
             "self_edit, train_k5, decode_k5x8, evaluation") in capsys.readouterr().err
     assert main(base + ["--candidates", "0"]) == 1
     assert "--candidates must be at least 1" in capsys.readouterr().err

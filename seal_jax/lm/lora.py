@@ -240,8 +240,8 @@ class Adapters(AdapterStack):
 
     Attributes:
       weights: ``{projection: {"a": [K, L, in, R], "b": [K, L, R, out]}}`` float32.
-      base_model: the folder (or hub id) of the model they were trained on, when it was loaded from one:
-        :meth:`save_peft` writes it as ``base_model_name_or_path``.
+      base_model: the folder of the model they were trained on, when it was loaded from one (for a hub id,
+        its local snapshot): :meth:`save_peft` writes it as ``base_model_name_or_path``.
       (the others: :class:`AdapterStack`)
     """
 

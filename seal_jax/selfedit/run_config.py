@@ -251,6 +251,8 @@ class RunConfig:
                                  "as the other conditions; set train.batch_size = 1")
         if self.reward not in REWARDS:
             raise RunConfigError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        if not 0 <= self.seed < 2**32:  # (an int: _check_types) the engine's PRNG seeds are uint32
+            raise RunConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         try:
             remat_name(self.remat)
         except ValueError as e:
