@@ -74,6 +74,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:  # before the model loads
         print(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}", file=sys.stderr)
         return 2
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        print(f"--adapter {args.adapter}: no adapter_config.json there; give a PEFT LoRA adapter folder",
+              file=sys.stderr)
+        return 2
     folder = _model_dir(args.model)
     hub_id = not folder.exists() and HUB_ID.fullmatch(args.model) and not Path(Path(args.model).parts[0]).is_dir()
     if hub_id:
@@ -95,9 +99,15 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     print(f"loaded {folder} ({lm.config.family}, {lm.config.num_parameters() / 1e6:,.{0 if lm.config.num_parameters() >= 1e8 else 2}f}M parameters) "
           f"in {time.perf_counter() - t0:.1f}s on {len(jax.devices())} device(s), "
           f"attention {lm.model.attention_impl}")
+    adapter = None
+    if args.adapter is not None:
+        adapter = sj.Adapters.load_peft(args.adapter, config=lm.config)
+        spec = adapter.specs[0]
+        print(f"answering with the PEFT adapter {args.adapter} (r={spec.rank}, alpha={spec.alpha:g}, "
+              f"{', '.join(spec.targets)})")
     params = sj.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
     t0 = time.perf_counter()
-    answers = lm.generate(list(SMOKE_PROMPTS), params, chat=True)
+    answers = lm.generate(list(SMOKE_PROMPTS), params, chat=True, adapters=adapter)
     dt = time.perf_counter() - t0
     for prompt, answer in zip(SMOKE_PROMPTS, answers, strict=True):
         print(f"\n> {prompt}\n{answer.strip()}")
@@ -372,6 +382,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="a folder with the tokenizer's files, for a model folder without them")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="answer with this PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)")
     _attention_argument(p)
     p.set_defaults(func=cmd_smoke)
 

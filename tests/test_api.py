@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import torch_logits
@@ -65,6 +68,60 @@ def test_logits_input_errors(tiny_hf):
         lm.logits(np.ones((1, 300), int))
     with pytest.raises(ValueError, match="ids must be integer token ids, got dtype float64"):
         lm.logits(np.array([[1.5, 2.0]]))
+
+
+def test_attention_mask_values_other_than_0_and_1_are_refused(tiny_hf):
+    """A mask of 0/1 (or False/True) as Hugging Face's; anything else (a 2, a -1, a 0.5, NaN, text) is refused
+    naming the values, by logits and forward alike, before anything runs."""
+    lm = sj.load(tiny_hf("qwen3-untied")[1], progress=False)
+    ids = np.array([[0, 5, 9, 14], [3, 77, 21, 8]])
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(lm.logits(ids, mask.astype(bool)), lm.logits(ids, mask))
+    np.testing.assert_array_equal(lm.logits(ids, mask.astype(np.float32)), lm.logits(ids, mask))
+    for bad, shown in ((mask * 2, r"\[2\]"), (mask - 1, r"\[-1\]"), (mask * 0.5, r"\[0.5\]"),
+                       (np.where(mask, np.nan, 0.0), r"\[nan\]")):
+        for use in (lm.logits, lm.forward):
+            with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(padding\) and 1 \(real tokens\), "
+                                                 r"like Hugging Face's; got " + shown):
+                use(ids, bad)
+    with pytest.raises(ValueError, match="attention_mask must hold 0 .* like Hugging Face's; got dtype <U1"):
+        lm.logits(ids, np.full(ids.shape, "1"))
+
+
+def test_lowering_refuses_empty_sizes():
+    """``lower_generate`` and ``lower_logits`` need at least one row, one prompt token and one new token."""
+    lm = sj.LM.abstract("tiny", dtype="float32")
+    assert set(lm.lower_generate(1, 1, 1)) == {"prefill", "decode"}
+    for args, named in (((0, 8, 8), "batch=0"), ((2, 0, 8), "prompt_len=0"), ((2, 8, 0), "max_new_tokens=0"),
+                        ((2, -1, -3), "prompt_len=-1, max_new_tokens=-3"), ((2.0, 8, 8), "batch=2.0")):
+        with pytest.raises(ValueError, match=r"lower_generate needs batch, prompt_len, max_new_tokens of at least 1 "
+                                             r"each \(whole numbers\), got " + named + "$"):
+            lm.lower_generate(*args)
+    with pytest.raises(ValueError, match=r"lower_logits needs batch, length of at least 1 each .*got batch=0$"):
+        lm.lower_logits(0, 16)
+    with pytest.raises(ValueError, match=r"got length=0$"):
+        lm.lower_logits(2, 0)
+
+
+def test_source_names_the_checkpoint_and_is_the_adapters_base_model(tiny_hf, tmp_path, monkeypatch):
+    """A folder's absolute path (even when given relative), a hub id as given (the adapters' base model for
+    PEFT, not the hub cache's snapshot folder), and none for a random model."""
+    from seal_jax.lm import weights
+
+    _, folder = tiny_hf("qwen3-untied")
+    monkeypatch.chdir(folder.parent)
+    lm = sj.load(folder.name, progress=False)
+    assert lm.source == str(folder.resolve()) and lm.path == Path(folder.name)
+    seqs, lora, spec = [[[5, 9, 14, 3, 7]]], sj.LoraSpec(rank=2, alpha=4.0), sj.TrainSpec(epochs=1)
+    assert lm.train_adapters(seqs, lora, spec).base_model == str(folder.resolve())
+    monkeypatch.setattr(weights, "resolve_checkpoint", lambda path_or_id: folder)  # the hub's download, offline
+    hub = sj.load("some-org/tiny-qwen3", progress=False)
+    assert (hub.source, hub.path) == ("some-org/tiny-qwen3", folder)
+    adapters = hub.train_adapters(seqs, lora, spec)
+    assert adapters.base_model == "some-org/tiny-qwen3"
+    config = json.loads((adapters.save_peft(tmp_path / "peft") / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "some-org/tiny-qwen3"
+    assert sj.LM.random("tiny", dtype="float32").source is None
 
 
 def test_adapters_of_another_model_are_refused_naming_the_shapes():

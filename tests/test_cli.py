@@ -172,6 +172,23 @@ def test_smoke_takes_the_tokenizer_from_another_folder(tiny_chat_dir, tmp_path, 
     assert "--max-new-tokens must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_smoke_answers_with_a_peft_adapter(tiny_chat_dir, tmp_path, capsys):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["smoke", "--model", str(tiny_chat_dir), "--adapter", str(tmp_path / "adapter"),
+                 "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"answering with the PEFT adapter {tmp_path / 'adapter'} (r=4, alpha=8, q_proj, v_proj)" in out
+    assert "prompts, greedy, up to 2 new tokens" in out
+    assert main(["smoke", "--model", str(tiny_chat_dir), "--adapter", str(tmp_path)]) == 2  # before loading
+    assert f"--adapter {tmp_path}: no adapter_config.json there" in capsys.readouterr().err
+
+
 def test_fetch_the_sentence_encoder(embeddings_dir, tmp_path, capsys):
     assert main(["fetch", "all-minilm-l6-v2", "--root", str(embeddings_dir.parent)]) == 0
     assert capsys.readouterr().out.strip() == f"all-minilm-l6-v2: {embeddings_dir}"

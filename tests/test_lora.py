@@ -193,3 +193,108 @@ def test_trained_adapters_export_for_auto_peft_without_naming_the_base(base, tmp
     np.testing.assert_allclose(lm.logits(ids, adapter=ads[0]), torch_logits(model, ids), atol=1e-4)
     assert np.abs(lm.logits(ids, adapter=ads[0]) - lm.logits(ids)).max() > 1e-3  # the adapter is not a no-op
     assert ads[0].base_model == ads.base_model and Adapters.stack([ads, ads]).base_model == ads.base_model
+
+
+def _peft_folder(tmp_path, name, seed=0, **lora_kwargs):
+    """A PEFT adapter on the module's base model, with non-zero lora_B (as if trained), saved by PEFT."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_hf_model("llama", seed=21), LoraConfig(**lora_kwargs))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn_like(p))
+    model.eval()
+    out = tmp_path / name
+    model.save_pretrained(out)
+    return model, out
+
+
+@pytest.mark.parametrize("lora_kwargs", [
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.1),
+    dict(r=4, lora_alpha=6, target_modules=["k_proj", "up_proj"], use_rslora=True, layers_to_transform=[1]),
+    dict(r=2, lora_alpha=4, target_modules=r".*\.(o_proj|gate_proj)"),
+], ids=["list", "rslora-one-layer", "pattern"])
+def test_peft_adapter_loads_with_peft_logits(base, tmp_path, lora_kwargs):
+    """An adapter trained and saved by HF PEFT answers in seal-jax as it does in PEFT."""
+    _, folder, lm = base
+    peft_model, out = _peft_folder(tmp_path, "peft", **lora_kwargs)
+    ads = Adapters.load_peft(out, config=lm.config)
+    assert len(ads) == 1 and ads.single and ads.specs[0].rank == lora_kwargs["r"]
+    ids = np.random.default_rng(1).integers(2, 160, (2, 9))
+    ref = torch_logits(peft_model, ids)
+    np.testing.assert_allclose(lm.logits(ids, adapter=ads), ref, atol=1e-4)
+    assert np.abs(ref - lm.logits(ids)).max() > 1e-3  # the adapter is not a no-op
+    if "layers_to_transform" not in lora_kwargs:  # the layer count read from the tensors gives the same adapter
+        again = Adapters.load_peft(out)
+        for p, ab in ads.weights.items():
+            np.testing.assert_array_equal(np.asarray(again.weights[p]["a"]), np.asarray(ab["a"]))
+    else:
+        with pytest.raises(LoraError, match=r"adapts only layers \[1\]: pass config=lm.config"):
+            Adapters.load_peft(out)
+
+
+def test_save_peft_then_load_peft_is_the_same_adapter(base, tmp_path):
+    _, folder, lm = base
+    spec = LoraSpec(rank=3, alpha=5.0, dropout=0.05, targets=("v_proj", "q_proj", "down_proj"))
+    ads = random_adapters(lm, [LoraSpec(rank=6, alpha=2.0), spec], seed=4)  # candidate 1 padded to rank 6
+    back = Adapters.load_peft(ads.save_peft(tmp_path / "p", 1, base_model=str(folder)), config=lm.config)
+    assert back.specs == (LoraSpec(rank=3, alpha=5.0, dropout=0.05, targets=("q_proj", "v_proj", "down_proj")),)
+    assert back.base_model == str(folder)
+    want = ads.unpadded(1)
+    assert set(back.weights) == set(want)
+    for p, ab in want.items():
+        np.testing.assert_array_equal(np.asarray(back.weights[p]["a"][0]), ab["a"])
+        np.testing.assert_array_equal(np.asarray(back.weights[p]["b"][0]), ab["b"])
+    ids = np.arange(3, 14)[None]
+    np.testing.assert_allclose(lm.logits(ids, adapter=back), lm.logits(ids, adapter=ads[1]), atol=1e-5)
+    assert len(Adapters.stack([back, ads])) == 3  # a loaded adapter stacks with trained ones
+
+
+def test_load_peft_refuses_what_it_cannot_read(base, tmp_path):
+    import json
+
+    from safetensors.numpy import save_file
+
+    _, _, lm = base
+    with pytest.raises(FileNotFoundError, match="no folder .*nowhere"):
+        Adapters.load_peft(tmp_path / "nowhere")
+    good = random_adapters(lm, [LoraSpec(rank=2, alpha=4.0)]).save_peft(tmp_path / "good")
+    config = json.loads((good / "adapter_config.json").read_text())
+
+    def variant(name, tensors=None, **changes):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        if tensors is not None:
+            save_file(tensors, str(out / "adapter_model.safetensors"))
+        return out
+
+    bin_only = variant("bin")
+    (bin_only / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(LoraError, match="adapter_model.bin .* save it again as safetensors"):
+        Adapters.load_peft(bin_only)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(good / "adapter_model.safetensors")
+    for name, changes, message in [
+        ("dora", {"use_dora": True}, "uses DoRA"),
+        ("bias", {"bias": "lora_only"}, "trains biases"),
+        ("ia3", {"peft_type": "IA3"}, "is a IA3 adapter"),
+        ("pattern", {"rank_pattern": {"q_proj": 8}}, "per-module rank_pattern"),
+        ("targets", {"target_modules": ["q_proj"]}, r"targets \['q_proj'\] and its tensors adapt \['q_proj', 'v_proj'\]"),
+        ("rank", {"r": 3}, r"q_proj of layer 0 has lora_A \(2, 64\)"),
+    ]:
+        with pytest.raises(LoraError, match=message):
+            Adapters.load_peft(variant(name, tensors, **changes), config=lm.config)
+    head = {**tensors, "base_model.model.lm_head.lora_A.weight": np.zeros((2, 64), np.float32)}
+    with pytest.raises(LoraError, match="'base_model.model.lm_head.lora_A.weight' is not LoRA on one of the projections"):
+        Adapters.load_peft(variant("head", head))
+    short = {k: v for k, v in tensors.items() if ".layers.1." not in k or "lora_B" not in k or "v_proj" not in k}
+    with pytest.raises(LoraError, match="v_proj lacks lora_B of layer 1"):
+        Adapters.load_peft(variant("short", short), config=lm.config)
+    other = make_hf_model("llama", seed=21, hidden_size=32, head_dim=8).config
+    with pytest.raises(LoraError, match="the model's q_proj maps 32 -> 32"):
+        Adapters.load_peft(good, config=sj.lm.config.from_hf_dict(other.to_dict()))

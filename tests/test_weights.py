@@ -81,6 +81,29 @@ def test_folder_without_weights(tmp_path, tiny_hf):
         sj.load(tmp_path, progress=False)
 
 
+def test_folder_with_pytorch_bin_weights_says_to_convert_them(tmp_path, tiny_hf):
+    """A folder with PyTorch's pytorch_model.bin (no safetensors): seal-jax does not read it (no torch
+    dependency) and the error says so and how to convert it; a sharded one names its index too."""
+    import torch
+
+    model, folder = tiny_hf("llama")
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"holds PyTorch .bin weights \(pytorch_model.bin\) and no safetensors; "
+                       r"seal-jax reads safetensors only \(it has no torch dependency\).*save_pretrained\("
+                       r".*safe_serialization=True\)"):
+        sj.load(tmp_path, progress=False)
+    (tmp_path / "pytorch_model.bin").rename(tmp_path / "pytorch_model-00001-of-00001.bin")
+    (tmp_path / "pytorch_model.bin.index.json").write_text("{}")
+    with pytest.raises(WeightsError, match=r"\(pytorch_model-00001-of-00001.bin, pytorch_model.bin.index.json\)"):
+        sj.load(tmp_path, progress=False)
+    (tmp_path / "training_args.bin").write_bytes(b"")  # a Trainer's file beside safetensors is no PyTorch model
+    for f in tmp_path.glob("pytorch_model*"):
+        f.unlink()
+    with pytest.raises(WeightsError, match="no model.safetensors.*is this a Hugging Face model folder"):
+        sj.load(tmp_path, progress=False)
+
+
 def test_path_that_does_not_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*seal-jax fetch"):
         sj.load(tmp_path / "no-such-model")
@@ -113,6 +136,39 @@ def test_export_round_trip_through_transformers(tiny_hf, tmp_path, name):
     ids = np.random.default_rng(3).integers(0, 160, (2, 9))
     np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(model, ids), atol=1e-6, rtol=0)
     np.testing.assert_allclose(sj.load(out, progress=False).logits(ids), lm.logits(ids), atol=1e-6, rtol=0)
+
+
+def test_export_writes_the_source_folders_generation_config(tiny_hf, tmp_path):
+    """The folder's generation_config.json (eos/bos/pad ids, sampling defaults) is written again by export,
+    also for a model merged from it, so transformers' generate on the export stops where the source's does;
+    a folder without one exports none, and a broken one is refused naming the file."""
+    import jax
+    from transformers import GenerationConfig
+
+    from seal_jax.lm.lora import init_adapters
+
+    folder = _copy(tiny_hf("llama")[1], tmp_path)
+    generation = {"bos_token_id": 2, "eos_token_id": [1, 7], "pad_token_id": 0, "do_sample": True, "temperature": 0.6}
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    lm = sj.load(folder, progress=False)
+    assert lm.generation_config == generation
+    out = lm.export(tmp_path / "export")
+    assert json.loads((out / "generation_config.json").read_text()) == generation
+    read = GenerationConfig.from_pretrained(out)
+    assert (read.eos_token_id, read.bos_token_id, read.pad_token_id, read.temperature) == ([1, 7], 2, 0, 0.6)
+    lora = sj.LoraSpec(rank=2, alpha=4.0)
+    adapters = sj.Adapters(weights=init_adapters(lm.params(), [lora], [jax.random.key(0)]), specs=(lora,))
+    merged = lm.merge_adapter(adapters, 0)
+    assert json.loads((merged.export(tmp_path / "merged") / "generation_config.json").read_text()) == generation
+    (folder / "generation_config.json").unlink()
+    bare = sj.load(folder, progress=False)
+    assert bare.generation_config is None and not (bare.export(tmp_path / "bare") / "generation_config.json").exists()
+    (folder / "generation_config.json").write_text("{'eos_token_id': 1}")
+    with pytest.raises(WeightsError, match=r"generation_config.json is not valid JSON .*fix it, or delete it"):
+        sj.load(folder, progress=False)
+    (folder / "generation_config.json").write_text("[1]")
+    with pytest.raises(WeightsError, match=r"generation_config.json must hold a JSON object, got list"):
+        sj.load(folder, progress=False)
 
 
 def test_export_refuses_dtypes_transformers_cannot_read_and_abstract_models(tiny_hf, tmp_path):

@@ -18,11 +18,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from seal_jax.lm import attention as attn
-from seal_jax.lm import cpu_decode, sampling, training, weights
+from seal_jax.lm import cpu_decode, sampling, scoring, training, weights
 from seal_jax.lm import sharding as shd
 from seal_jax.lm import tokenizer as tok
 from seal_jax.lm.config import ModelConfig, from_hf, preset
-from seal_jax.lm.cross_entropy import token_nll
 from seal_jax.lm.lora import Adapters, AdapterStack, LoraSpec, ReadyAdapters, ready_layout
 from seal_jax.lm.model import (
     LAYER_STORAGE,
@@ -57,8 +56,7 @@ def build_model(config: ModelConfig, params: dict[str, jax.Array], *, dtype: Any
 
 
 _PROGRAMS: dict[tuple[Any, Any], dict[Any, Any]] = {}  # (graphdef, mesh) -> compiled programs, see LM._shared
-# candidate k of stacked adapters in one dispatch (readied ones for split layers have a leaf per layer)
-_candidate = jax.jit(lambda weights, k: jax.tree.map(lambda x: x[k], weights))
+
 
 def _train_programs(graphdef: Any, mesh: Mesh | None, options: Mapping[str, Any]) -> dict[Any, Any]:
     """The compiled training programs shared by every LM with this structure on this mesh and these compiler
@@ -87,6 +85,14 @@ def _train_weights(train_weights: str, train_mesh: Mesh | None) -> str:
     return train_weights
 
 
+def _check_sizes(what: str, **sizes: Any) -> None:
+    """Raise ``ValueError`` unless every one of ``sizes`` is a whole number of at least 1 (``what``: the method)."""
+    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1}
+    if bad:
+        raise ValueError(f"{what} needs {', '.join(sizes)} of at least 1 each (whole numbers), got "
+                         + ", ".join(f"{k}={v!r}" for k, v in bad.items()))
+
+
 class LM:
     """A loaded language model: config, tokenizer, parameters (possibly sharded) and jitted entry points.
 
@@ -98,10 +104,12 @@ class LM:
     tokens attend to their own keys; ``"chunked"`` runs anywhere without a kernel, for a machine whose
     JAX rejects one (``attention.check_kernel`` says). :attr:`compiler_options` (default ``{}``) are XLA
     options the model's compute programs are compiled with (logits, log-probs, generation, training).
+    :attr:`source` (the hub id as given, or the folder's absolute path) is the adapters' base model;
+    :attr:`generation_config`, the folder's ``generation_config.json`` (or ``None``), what :meth:`export` writes.
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, mesh: Mesh | None = None, path: Path | None = None,
-                 train_mesh: Mesh | str | None = None, layer_storage: str | None = None,
+                 source: str | None = None, train_mesh: Mesh | str | None = None, layer_storage: str | None = None,
                  train_weights: str = "replicated", attention: str | None = None):
         # attention's implementation follows the platform the programs run on (the mesh's devices), unless
         # given or the model was built with one
@@ -128,6 +136,8 @@ class LM:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.path = path
+        self.source = str(Path(path).resolve()) if source is None and path is not None else source
+        self.generation_config: dict[str, Any] | None = None
         self.graphdef, self.state = nnx.split(model)
         self._weight_copies: Any = None  # Sampler.split's output, made at the first generation (CPU only)
         self._keeps_copies: bool | None = None  # decided once, at the first generation
@@ -183,7 +193,8 @@ class LM:
         """Load a Hugging Face-format model folder (or hub id, when online).
 
         Args:
-          path_or_id: a folder with ``config.json``, safetensors weights and (usually) tokenizer files.
+          path_or_id: a folder with ``config.json``, safetensors weights and (usually) tokenizer files, or a
+            hub id (``"Qwen/Qwen3-0.6B"``, downloaded to the hub's cache; :attr:`source` keeps the id).
           dtype: ``"float32"`` (CPU, exact parity), ``"bfloat16"`` (accelerators) or ``"float16"``.
           mesh: a :class:`~jax.sharding.Mesh` or a spec like ``"data=2,fsdp=2,tensor=2"``; weights are
             placed sharded as they are read.
@@ -205,9 +216,11 @@ class LM:
           attention: how T tokens attend to their own keys (see the class): ``None`` for the platform's
             default, or one of ``"einsum"``, ``"causal_blocks"``, ``"chunked"``, ``"splash"``, ``"triton"``.
         """
+        hub_id = not Path(path_or_id).expanduser().is_dir()  # (resolve_checkpoint: a local folder comes first)
         folder = weights.resolve_checkpoint(path_or_id)
         attn.chosen(attention)
         config = from_hf(folder)
+        generation_config = weights.read_generation_config(folder)  # (checked before minutes of loading)
         if isinstance(mesh, str):
             mesh = shd.make_mesh(mesh)
         _train_weights(train_weights, shd.train_mesh_of(train_mesh, mesh))  # checked before minutes of loading
@@ -221,8 +234,10 @@ class LM:
         # stacked array as it goes
         model = build_model(config, weights.load_params(folder, config, dtype=dt, mesh=mesh, progress=progress),
                             dtype=dt, remat=remat)
-        return cls(model, tokenizer, mesh=mesh, path=folder, train_mesh=train_mesh, layer_storage=layer_storage,
-                   train_weights=train_weights, attention=attention)
+        lm = cls(model, tokenizer, mesh=mesh, path=folder, source=str(path_or_id) if hub_id else None,
+                 train_mesh=train_mesh, layer_storage=layer_storage, train_weights=train_weights, attention=attention)
+        lm.generation_config = generation_config
+        return lm
 
     @classmethod
     def abstract(cls, config: ModelConfig | str, *, mesh: Mesh | str | None = None, dtype: Any = "bfloat16",
@@ -312,6 +327,7 @@ class LM:
     def lower_logits(self, batch: int, length: int) -> Any:
         """The lowered program of :meth:`logits` for ``[batch, length]`` ids (length bucketed as
         :meth:`forward` does); a ``jax.stages.Lowered`` to ``.compile()``."""
+        _check_sizes("lower_logits", batch=batch, length=length)
         tb = tok.bucket(length)
         shape = (batch, tb)
         sharding = None if self.mesh is None else shd.batch_sharding(self.mesh, shape)
@@ -324,6 +340,7 @@ class LM:
         ``prompt_len`` tokens and ``max_new_tokens`` new tokens, with ``adapters`` stacked (real, or shapes
         from :meth:`abstract_adapters`) or none: ``{"prefill": Lowered, "decode": Lowered}``. ``greedy``:
         the decode program that ``temperature == 0`` runs (no sampling in it)."""
+        _check_sizes("lower_generate", batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
         if isinstance(adapters, AdapterStack):  # (Adapters, or ReadyAdapters: these lowered where and as they lie)
             self._lora(adapters)
             ready = isinstance(adapters, ReadyAdapters) and self.mesh is not None
@@ -410,14 +427,15 @@ class LM:
         return {p: stack_leaf([struct(v) for v in x]) if isinstance(x, tuple) else struct(x) for p, x in flat.items()}
 
     def export(self, out_dir: str | Path, *, dtype: Any = None, progress: bool = False) -> Path:
-        """Write this model (weights, config, tokenizer) as a Hugging Face folder; returns the folder.
+        """Write this model (weights, config, tokenizer, and :attr:`generation_config` where it has one) as a
+        Hugging Face folder; returns the folder.
 
         In a multi-host run every process must call it (the weights are gathered from all processes);
         process 0 writes the folder (a bar over its tensors with ``progress``). Weights stored split go to
         the host layer by layer, never stacked."""
         self._require_weights("export")  # (export_hf checks the dtype before it gathers or writes anything)
         return weights.export_hf(self._stored_params(), self.config, out_dir, dtype=dtype, tokenizer=self.tokenizer,
-                                 progress=progress)
+                                 generation_config=self.generation_config, progress=progress)
 
     def merge_adapter(self, adapters: Adapters, k: int = 0) -> LM:
         """A new :class:`LM` whose base weights have adapter ``k`` of ``adapters`` folded in
@@ -441,6 +459,7 @@ class LM:
         merged = LM(model, self.tokenizer, mesh=self.mesh, path=None, train_mesh=self.train_mesh,
                     layer_storage=self.layer_storage, train_weights=self.train_weights)
         merged.compiler_options = dict(self.compiler_options)
+        merged.generation_config = self.generation_config  # (the same eos/bos/pad ids: export writes it again)
         return merged
 
     def ready_adapters(self, adapters: Adapters) -> ReadyAdapters:
@@ -484,31 +503,15 @@ class LM:
         """``jax.jit(fn, **kwargs)`` with this model's :attr:`compiler_options` (for :meth:`_shared` makers)."""
         return jax.jit(fn, compiler_options=dict(self.compiler_options) or None, **kwargs)
 
+    # Scoring given tokens (see seal_jax.lm.scoring for the checks, batches and programs)
+
+    @property
+    def _scorer(self) -> scoring.Scorer:
+        return self._shared("scorer", lambda: scoring.Scorer(self.graphdef, self._jit))
+
     @property
     def _logits_fn(self) -> Any:
-        return self._shared("logits", self._make_logits_fn)
-
-    def _make_logits_fn(self) -> Any:
-        graphdef = self.graphdef
-
-        def run(state: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-            model = nnx.merge(graphdef, state)
-            return model(ids, mask)[0]
-
-        return self._jit(run)
-
-    @property
-    def _adapter_logits_fn(self) -> Any:
-        return self._shared("adapter_logits", self._make_adapter_logits_fn)
-
-    def _make_adapter_logits_fn(self) -> Any:
-        graphdef = self.graphdef
-
-        def one(state: Any, ids: jax.Array, mask: jax.Array, weights: Any, scale: jax.Array) -> jax.Array:
-            model = nnx.merge(graphdef, state)
-            return model(ids, mask, lora=LoraInputs(weights=weights, scale=scale))[0]
-
-        return self._jit(jax.vmap(one, in_axes=(None, None, None, 0, 0)))
+        return self._scorer.logits_program
 
     def _put_batch(self, array: np.ndarray) -> jax.Array:
         if self.mesh is None:
@@ -518,44 +521,22 @@ class LM:
     def forward(self, ids: Any, attention_mask: Any = None, adapter: AdapterStack | None = None) -> jax.Array:
         """Like :meth:`logits` but returns the device array (padded length trimmed), without a host copy."""
         self._require_weights("logits")
-        ids = np.asarray(ids)
-        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"ids must be a non-empty int array [B, T], got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask shape {mask.shape} differs from ids shape {ids.shape}")
-        b, t = ids.shape
-        if t > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {t} exceeds the model's context ({self.config.max_position_embeddings})")
-        # Right-pad the length to a bucket: causal attention keeps real tokens blind to the padding.
-        tb = tok.bucket(t)
-        ids_p = np.zeros((b, tb), np.int32)
-        mask_p = np.zeros((b, tb), np.int32)
-        ids_p[:, :t], mask_p[:, :t] = ids, mask
-        ids_d, mask_d = self._put_batch(ids_p), self._put_batch(mask_p)
-        if adapter is None:
-            out = self._logits_fn(self.state, ids_d, mask_d)
-        else:
+        ids, mask = scoring.check_ids(ids, attention_mask, self.config)
+        if adapter is not None:
             if not isinstance(adapter, AdapterStack):
                 raise TypeError(f"adapter must be seal_jax.Adapters (from train_adapters) or ReadyAdapters (from "
                                 f"ready_adapters), got {type(adapter).__name__}")
             self._lora(adapter)
-            out = self._adapter_logits_fn(self.state, ids_d, mask_d, adapter.weights, adapter.scales)
-            if adapter.single:
-                out = out[0]
-        return out if tb == t else out[..., :t, :]
+        return self._scorer.logits(self.state, ids, mask, adapter, self._put_batch)
 
     def logits(self, ids: Any, attention_mask: Any = None, adapter: AdapterStack | None = None) -> np.ndarray:
         """Next-token logits for a batch of token ids.
 
         Args:
           ids: int ``[B, T]`` (left-padded when rows differ in length).
-          attention_mask: ``[B, T]``, 1 on real tokens (default: all ones). Rotary positions count real
-            tokens only, so a left-padded row gives the same logits as the row alone.
+          attention_mask: ``[B, T]``, 1 on real tokens and 0 on padding, as Hugging Face's (default: all ones;
+            other values are refused). Rotary positions count real tokens only, so a left-padded row gives the
+            same logits as the row alone.
           adapter: LoRA :class:`~seal_jax.lm.lora.Adapters` (or readied, :meth:`ready_adapters`); one
             adapter (``adapters[k]``) gives ``[B, T, V]``, a stack of K (even K = 1) gives ``[K, B, T, V]``.
         Returns:
@@ -582,7 +563,7 @@ class LM:
           :class:`Adapters` (K stacked; ``adapters[k]``, ``adapters.losses``, ``adapters.failed``).
         """
         adapters = self._with_training_args(training.train_adapters, sequences, lora, train, seed)
-        adapters.base_model = None if self.path is None else str(Path(self.path).resolve())  # save_peft's base
+        adapters.base_model = self.source  # save_peft's base_model_name_or_path: the hub id, or the folder
         return adapters
 
     def training_memory(
@@ -722,24 +703,6 @@ class LM:
             return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         return [self.tokenizer(p)["input_ids"] for p in prompts]
 
-    @property
-    def _logprob_fn(self) -> Any:
-        return self._shared("completion_logprobs", self._make_logprob_fn)
-
-    def _make_logprob_fn(self) -> Any:
-        graphdef = self.graphdef
-
-        def total(state: Any, ids: jax.Array, mask: jax.Array, targets: jax.Array, weights: Any, scale: Any,
-                  tail: int) -> jax.Array:
-            model = nnx.merge(graphdef, state)
-            lora = None if weights is None else LoraInputs(weights=weights, scale=scale)
-            x = model.hidden_states(ids, mask, lora=lora)[0][:, -tail - 1:-1]  # the positions that predict the tail
-            head, vocab_major = model.head_as_stored()
-            logp = -token_nll(x, head, ids[:, -tail:], vocab_major)  # the head only where a completion token is scored
-            return jnp.sum(jnp.where(targets[:, -tail:] > 0, logp, 0.0), axis=-1)
-
-        return self._jit(total, static_argnames="tail")
-
     def completion_logprobs(self, prompts: list[str], completions: list[str], adapters: AdapterStack | None = None,
                             chat: bool = False, enable_thinking: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Log-likelihood of each completion after its prompt, by teacher forcing (no sampling).
@@ -757,41 +720,14 @@ class LM:
           ``[K, B]`` with K stacked adapters), and int ``[B]`` token counts (divide for nats per token).
         """
         self._require_weights("completion_logprobs")
-        sampling.check_texts(prompts, "prompts", self.tokenizer, "completion_logprobs() needs a tokenizer and this LM has "
-                     "none: load it with tokenizer=FOLDER")
-        sampling.check_texts(completions, "completions", self.tokenizer, "")
-        if len(prompts) != len(completions):
-            raise sampling.SamplingError(f"{len(prompts)} prompts but {len(completions)} completions; give one each")
+        scoring.check_completions(prompts, completions, self.tokenizer)
         lora = self._lora(adapters)
         heads = self._prompt_ids(prompts, chat, enable_thinking)
         tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
-        rows = [h + t for h, t in zip(heads, tails, strict=True)]
-        longest = max(map(len, rows))
-        if longest > self.config.max_position_embeddings:
-            raise ValueError(f"a prompt with its completion has {longest} tokens, more than the model's context "
-                             f"({self.config.max_position_embeddings})")
-        width = tok.bucket(longest)
-        ids, mask = tok.pad_left(rows, self._pad_id(), width)
-        targets = np.zeros_like(mask)
-        for i, t in enumerate(tails):
-            targets[i, width - len(t):] = 1
-        b = sampling.batch_bucket(len(rows), self.mesh, decode=False)  # dummy rows (one token, scored nothing) fill the batch
-        if b > len(rows):
-            pad = b - len(rows)
-            ids = np.concatenate([ids, np.full((pad, width), self._pad_id(), ids.dtype)])
-            mask = np.concatenate([mask, np.zeros((pad, width), mask.dtype)])
-            mask[len(rows):, -1] = 1
-            targets = np.concatenate([targets, np.zeros((pad, width), targets.dtype)])
-        args = [self._put_batch(a.astype(np.int32)) for a in (ids, mask, targets)]
-        tail = min(width - 1, -(-max(map(len, tails)) // 16) * 16)  # completions bucketed to 16 tokens
-        fn = self._logprob_fn
-        if lora is None:
-            sums = shd.to_host(fn(self.state, *args, None, None, tail=tail))
-        else:  # one adapter per call: memory and compiled programs do not grow with K
-            sums = np.stack([shd.to_host(fn(self.state, *args, _candidate(adapters.weights, k), adapters.scales[k],
-                                            tail=tail)) for k in range(len(adapters.specs))])
-            sums = sums[0] if adapters.single else sums
-        return sums[..., :len(rows)].astype(np.float64), np.array([len(t) for t in tails])
+        batch = scoring.completion_batch(heads, tails, pad_id=self._pad_id(),
+                                         context=self.config.max_position_embeddings, mesh=self.mesh)
+        sums = self._scorer.completion_logprobs(self.state, batch, self._put_batch, None if lora is None else adapters)
+        return sums, np.array([len(t) for t in tails])
 
 
 def load(path_or_id: str | Path, dtype: Any = "float32", mesh: Mesh | str | None = None, **kwargs: Any) -> LM:

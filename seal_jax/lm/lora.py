@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from seal_jax.lm.config import ModelConfig
 from seal_jax.lm.model import LoraInputs
-from seal_jax.lm.params import peft_module
+from seal_jax.lm.params import BY_PATH, peft_module, projection_shape
 from seal_jax.lm.types import PROJECTIONS, LoraError, LoraSpec, SamplingError
 
 
@@ -240,8 +243,8 @@ class Adapters(AdapterStack):
 
     Attributes:
       weights: ``{projection: {"a": [K, L, in, R], "b": [K, L, R, out]}}`` float32.
-      base_model: the folder of the model they were trained on, when it was loaded from one (for a hub id,
-        its local snapshot): :meth:`save_peft` writes it as ``base_model_name_or_path``.
+      base_model: the model they were trained on (``LM.source``: its folder's absolute path, or the hub id it
+        was loaded by; a PEFT folder's ``base_model_name_or_path``): :meth:`save_peft` writes it there.
       (the others: :class:`AdapterStack`)
     """
 
@@ -305,6 +308,78 @@ class Adapters(AdapterStack):
         (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
         return out
 
+    @classmethod
+    def load_peft(cls, path: str | Path, *, config: ModelConfig | None = None) -> Adapters:
+        """Read a Hugging Face PEFT LoRA adapter folder (``adapter_config.json`` and
+        ``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` writes) as one adapter
+        (``single=True``: ``lm.generate(..., adapters=it)`` answers with it).
+
+        ``config`` (``lm.config``) checks the adapter's layers and widths against the model and is needed
+        when the adapter covers only some layers (``layers_to_transform``); without it, the layer count is
+        read from the tensors. Plain LoRA only: DoRA, trained biases, ``modules_to_save``, per-module
+        ``rank_pattern`` / ``alpha_pattern``, ``fan_in_fan_out`` and LoRA on modules other than the seven
+        projections are refused with a :class:`LoraError` naming the setting. rsLoRA (scale
+        ``alpha / sqrt(r)``) is read as ``alpha * sqrt(r)`` so that :attr:`LoraSpec.scale` is the same.
+        """
+        folder = Path(path)
+        meta_file, tensor_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+        if not meta_file.is_file():
+            what = f"{folder} has no adapter_config.json" if folder.is_dir() else f"no folder {folder}"
+            raise FileNotFoundError(f"{what}: give a PEFT adapter folder (what PeftModel.save_pretrained writes)")
+        if not tensor_file.is_file():
+            if (folder / "adapter_model.bin").is_file():
+                raise LoraError(f"{folder} holds its weights as adapter_model.bin (a PyTorch pickle), which seal-jax "
+                                "does not read: load it with PEFT and save it again as safetensors "
+                                "(PeftModel.from_pretrained(base, folder).save_pretrained(new_folder))")
+            raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise LoraError(f"{meta_file} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise LoraError(f"{meta_file} is not a JSON object")
+        found: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+        with safe_open(str(tensor_file), "numpy") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+                projection, layer, part = _peft_tensor(name, tensor_file)
+                found.setdefault(projection, {"A": {}, "B": {}})[part][layer] = np.asarray(f.get_tensor(name), np.float32)
+        if not found:
+            raise LoraError(f"{tensor_file} has no LoRA tensors")
+        spec, kept = _peft_spec(meta, meta_file, list(found))
+        seen = {layer for ab in found.values() for part in ab.values() for layer in part}
+        if config is None and kept is not None:
+            raise LoraError(f"{meta_file} adapts only layers {kept}: pass config=lm.config so that the model's "
+                            "layer count is known (the others get zero adapters)")
+        layers = config.num_layers if config is not None else max(seen) + 1
+        if max(seen) >= layers:
+            raise LoraError(f"{tensor_file} has LoRA tensors for layer {max(seen)}, and the model has {layers} layers")
+        regex = isinstance(meta.get("target_modules"), str)
+        weights: dict[str, dict[str, jax.Array]] = {}
+        for p, ab in found.items():
+            # the layers this projection must have: layers_to_transform's, all, or (a pattern) those present
+            wanted = kept if kept is not None else sorted(set(ab["A"]) | set(ab["B"])) if regex else range(layers)
+            missing = [f"lora_{part} of layer {i}" for i in wanted for part in "AB" if i not in ab[part]]
+            extra = sorted((set(ab["A"]) | set(ab["B"])) - set(wanted))
+            if extra:
+                raise LoraError(f"{tensor_file} has {p} tensors for layers {extra}, outside layers_to_transform {kept}")
+            if missing:
+                raise LoraError(f"{tensor_file}: {p} lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")
+            first = next(iter(wanted))
+            want_in, want_out = (projection_shape(config, p) if config is not None
+                                 else (ab["A"][first].shape[-1], ab["B"][first].shape[0]))
+            a = np.zeros((1, layers, want_in, spec.rank), np.float32)
+            b = np.zeros((1, layers, spec.rank, want_out), np.float32)
+            for i in wanted:
+                if ab["A"][i].shape != (spec.rank, want_in) or ab["B"][i].shape != (want_out, spec.rank):
+                    raise LoraError(f"{tensor_file}: {p} of layer {i} has lora_A {ab['A'][i].shape} and lora_B "
+                                    f"{ab['B'][i].shape}, expected {(spec.rank, want_in)} and {(want_out, spec.rank)} "
+                                    f"(r = {spec.rank}; the {'model' if config is not None else 'first layer'}'s "
+                                    f"{p} maps {want_in} -> {want_out})")
+                a[0, i], b[0, i] = ab["A"][i].T, ab["B"][i].T
+            weights[p] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
+        base = meta.get("base_model_name_or_path")
+        return cls(weights, (spec,), single=True, base_model=base if isinstance(base, str) else None)
+
     def save(self, path: str | Path) -> Path:
         """Save all K adapters (weights with orbax, specs/losses/failures as JSON) under ``path``."""
         from seal_jax.lm.checkpoint import save_pytree  # deferred: orbax loads only when adapters are saved
@@ -367,3 +442,64 @@ class Adapters(AdapterStack):
         return Adapters(weights, tuple(s for it in items for s in it.specs),
                         [h for it in items for h in it.losses], [f for it in items for f in it.failed],
                         base_model=bases.pop() if len(bases) == 1 else None)
+
+
+# PEFT's tensor names: base_model.model.<Hugging Face module>.lora_A.weight (some writers keep the adapter's
+# name: lora_A.default.weight)
+_PEFT_TENSOR = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[\w-]+)?\.weight")
+_PEFT_MODULES = [(p, BY_PATH[f"layers.{p}"].hf_pattern()) for p in PROJECTIONS]
+
+
+def _peft_tensor(name: str, where: Path) -> tuple[str, int, str]:
+    """``(projection, layer, "A" or "B")`` of a PEFT tensor name; anything else is a LoraError."""
+    m = _PEFT_TENSOR.fullmatch(name)
+    if m is not None:
+        for p, pattern in _PEFT_MODULES:
+            hit = pattern.fullmatch(m["module"] + ".weight")
+            if hit is not None:
+                return p, int(hit[1]), m["part"]
+    raise LoraError(f"{where}: tensor {name!r} is not LoRA on one of the projections {list(PROJECTIONS)} of a "
+                    "decoder layer; seal-jax reads plain LoRA on those only")
+
+
+def _peft_spec(meta: Any, where: Path, found: Sequence[str]) -> tuple[LoraSpec, list[int] | None]:
+    """The :class:`LoraSpec` of a PEFT ``adapter_config.json`` whose tensors adapt the projections ``found``,
+    and the layers it adapts (``None``: every layer that has tensors)."""
+    kind = str(meta.get("peft_type", "")).upper()
+    if kind != "LORA":
+        raise LoraError(f"{where} is a {kind or 'untyped'} adapter (peft_type); seal-jax reads LoRA adapters only")
+    refused = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (GPT-2 style Conv1D weights)",
+               "modules_to_save": "modules_to_save (fully trained modules)",
+               "rank_pattern": "a per-module rank_pattern", "alpha_pattern": "a per-module alpha_pattern"}
+    for key, what in refused.items():
+        if meta.get(key):
+            raise LoraError(f"{where} uses {what} ({key} = {meta[key]!r}); seal-jax reads plain LoRA with one rank "
+                            "and alpha for every module")
+    if meta.get("bias", "none") != "none":
+        raise LoraError(f"{where} trains biases (bias = {meta['bias']!r}); seal-jax reads LoRA with bias 'none'")
+    targets = meta.get("target_modules")
+    if isinstance(targets, str):  # a regular expression over module names (PEFT): the tensors say what it hit
+        targets = [p for p in PROJECTIONS if p in found]
+    elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise LoraError(f"{where}: target_modules {targets!r} is neither a list of module names nor a pattern")
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if unknown:
+        raise LoraError(f"{where}: target_modules {unknown} are not among the projections {list(PROJECTIONS)}; "
+                        "seal-jax adapts those only")
+    if sorted(targets) != sorted(found):
+        raise LoraError(f"{where} targets {sorted(targets)} and its tensors adapt {sorted(found)}")
+    rank, alpha = meta.get("r"), meta.get("lora_alpha", meta.get("r"))
+    if meta.get("use_rslora") and isinstance(rank, int) and isinstance(alpha, int | float) and rank > 0:
+        alpha = float(alpha) * math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r); LoraSpec.scale is alpha / rank
+    try:
+        spec = LoraSpec(rank=rank, alpha=alpha, dropout=meta.get("lora_dropout", 0.0) or 0.0,
+                        targets=tuple(p for p in PROJECTIONS if p in targets))
+    except (LoraError, TypeError) as e:
+        raise LoraError(f"{where}: {e}") from None
+    kept = meta.get("layers_to_transform")
+    if kept is None:
+        return spec, None
+    kept = [kept] if isinstance(kept, int) else kept
+    if not isinstance(kept, list) or not kept or not all(isinstance(i, int) and i >= 0 for i in kept):
+        raise LoraError(f"{where}: layers_to_transform {meta['layers_to_transform']!r} is not a list of layer indices")
+    return spec, sorted(set(kept))

@@ -85,6 +85,14 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         with safe_open(single, "numpy") as f:
             return {name: single for name in f.keys()}  # noqa: SIM118
     found = sorted(p.name for p in folder.glob("*.safetensors"))
+    torch_files = sorted(p.name for p in folder.glob("pytorch_model*.bin*"))  # one file, or shards and their index
+    if torch_files and not found:
+        listed = ", ".join(torch_files[:4]) + (", …" if len(torch_files) > 4 else "")
+        raise WeightsError(
+            f"{folder} holds PyTorch .bin weights ({listed}) and no safetensors; seal-jax reads safetensors only (it "
+            "has no torch dependency). Convert them once with transformers: AutoModelForCausalLM.from_pretrained("
+            f"'{folder}').save_pretrained('{folder}', safe_serialization=True)"
+        )
     raise WeightsError(
         f"no model.safetensors or model.safetensors.index.json in {folder}"
         + (f" (found {found}; add the index file)" if found else "; is this a Hugging Face model folder?")
@@ -131,6 +139,26 @@ def check_checkpoint(config: ModelConfig, files: dict[str, Path]) -> dict[str, T
             f"hidden {config.hidden_size}): " + "; ".join(problems)
         )
     return expected
+
+
+GENERATION_CONFIG = "generation_config.json"  # Hugging Face's generation defaults: eos/bos/pad ids, sampling
+
+
+def read_generation_config(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's ``generation_config.json`` as a dict (for :func:`export_hf` to write again), or ``None``
+    without one. Raises :class:`WeightsError` if the file is not a JSON object."""
+    path = Path(folder) / GENERATION_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON ({e}); fix it, or delete it to use config.json's "
+                           "eos/bos/pad ids") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} must hold a JSON object, got {type(data).__name__}; fix it, or delete it to "
+                           "use config.json's eos/bos/pad ids")
+    return data
 
 
 def _read(files: dict[str, Path], name: str) -> np.ndarray:
@@ -297,12 +325,14 @@ def export_hf(
     dtype: Any = None,
     max_shard_bytes: int = 4 * 1024**3,
     tokenizer: Any = None,
+    generation_config: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> Path:
     """Write ``params`` as a Hugging Face model folder that transformers and :func:`seal_jax.load` read.
 
     Writes ``config.json``, ``model.safetensors`` (or numbered shards plus
-    ``model.safetensors.index.json`` past ``max_shard_bytes``) and, if given, the tokenizer's files.
+    ``model.safetensors.index.json`` past ``max_shard_bytes``) and, if given, the tokenizer's files and
+    ``generation_config.json`` (``generation_config``: its contents, e.g. :func:`read_generation_config`'s).
     In a multi-host run every process must call it (the weights are gathered from all of them) and
     process 0 writes the folder, with a bar over the tensors brought to the host when ``progress``.
     Returns the folder.
@@ -349,6 +379,8 @@ def export_hf(
     sample = next(iter(params.values()))
     hf["torch_dtype"] = hf["dtype"] = str(np_dtype or sample.dtype)
     (out / "config.json").write_text(json.dumps(hf, indent=2))
+    if generation_config is not None:  # transformers' generate reads its eos/bos/pad ids (and sampling) here
+        (out / GENERATION_CONFIG).write_text(json.dumps(generation_config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
