@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import seal_jax as sj
-from seal_jax import provenance, scaling, throughput
+from seal_jax import provenance, scaling, throughput, throughput_cli
 from seal_jax.ceilings import best_time, matmul_flops, read_bandwidth
 from seal_jax.scaling import text_chunks
 from seal_jax.selfedit.knowledge import run_knowledge
@@ -278,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
     )
-    throughput.add_arguments(parser)  # the SEAL-workload suite's options (--preset, --random-weights, ...)
+    throughput_cli.add_arguments(parser)  # the SEAL-workload suite's options (--preset, --random-weights, ...)
 
 
 BENCHMARKS = ("prefill", "decode_b1", "decode_b8", "decode_b32", "lora_train", "candidates_k8", "e2e_demo")
@@ -286,8 +286,9 @@ BENCHMARKS = ("prefill", "decode_b1", "decode_b8", "decode_b32", "lora_train", "
 
 def print_table(rows: list[BenchRow], machine: dict[str, Any]) -> None:
     """Print the rows as a Markdown table."""
+    cores = "core" if machine["cores"] == 1 else "cores"
     print(
-        f"\nmachine: {machine['cpu']}, {machine['cores']} cores; matmul float32 "
+        f"\nmachine: {machine['cpu']}, {machine['cores']} {cores}; matmul float32 "
         f"{machine['matmul_flops'] / 1e9:.1f} GFLOP/s, bfloat16 {machine['matmul_flops_bf16'] / 1e9:.1f} GFLOP/s; "
         f"read bandwidth {machine['read_bandwidth'] / 1e9:.1f} GB/s"
     )
@@ -314,8 +315,8 @@ def main(args: argparse.Namespace) -> int:
     """
     if getattr(args, "scaling", None):
         return scaling.main(args)
-    if throughput.wants_suite(args):
-        return throughput.main(args)
+    if throughput_cli.wants_suite(args):
+        return throughput_cli.main(args)
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no model at {folder}; run `seal-jax fetch smollm2-135m-instruct` first")

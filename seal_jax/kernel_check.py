@@ -5,8 +5,8 @@
 hangs stalls it: on a machine lent for one run, the whole run. ``seal-jax bench`` on a GPU therefore asks
 a child process, which shares the GPU with it, and reads back one JSON line. A child that dies, outlives
 its time or prints no result is an answer too, in one line, and the suite goes on with ``chunked``
-attention (:func:`seal_jax.throughput.choose_attention`). On a TPU the check stays in the suite's process:
-a TPU serves one process at a time.
+attention (:func:`seal_jax.throughput_cli.choose_attention`). On a TPU the check stays in the suite's
+process: a TPU serves one process at a time.
 """
 
 from __future__ import annotations

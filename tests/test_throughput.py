@@ -3,7 +3,8 @@
 bench/device.sh is what a GPU machine runs; here it runs end to end with the tiny preset (the same CLI path,
 ``seal-jax bench --preset tiny --random-weights --quick``, PyTorch reference included), and the report it
 writes is checked: schema, MFU and bandwidth fractions in (0, 1], rooflines from the compiled programs, and
-the evaluations per hour equal to what the measured pieces give.
+the evaluations per hour equal to what the measured pieces give. The command line's own parts (options,
+attention choice, the table) are tests/test_throughput_cli.py's.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
+import jax
 import pytest
 
 import seal_jax as sj
@@ -55,6 +56,9 @@ def test_device_script_prints_the_table_last_and_writes_the_report(report):
     names = [r["name"] for r in data["rows"]]
     assert names == ["decode_b1", f"decode_b{data['shapes']['questions']}", "prefill", "self_edit", f"train_k{k}",
                      f"decode_k{k}x{data['shapes']['questions']}", "evaluation"]
+    assert data["only"] is None  # every row
+    # a CPU runs its own attention, unchecked (a GPU or TPU checks its fused kernel first: test_throughput_cli)
+    assert data["attention"] == "causal_blocks" and data["attention_note"] is None
 
 
 def test_every_row_has_its_fractions_roofline_and_reference(report):
@@ -88,7 +92,8 @@ def test_evaluations_per_hour_follow_from_the_measured_pieces(report):
     assert set(parts) == {"self_edit", "train", "answer_k"}
     assert row["seconds"] == pytest.approx(sum(parts.values()))
     assert row["rate"] == pytest.approx(3600 * k / row["seconds"])
-    assert data["summary"]["evaluations_per_hour"] == pytest.approx(row["rate"])
+    assert data["summary"] == {"evaluation_seconds": row["seconds"], "evaluations_per_hour": row["rate"],
+                               "candidates": k, "reference_errors": {}}
     assert row["detail"]["wall_s"] >= row["seconds"] * 0.999
     # each piece of the evaluation takes about as long as its own row (same programs, warm)
     rows = {r["name"]: r for r in data["rows"]}
@@ -183,83 +188,14 @@ def test_device_kinds_map_to_the_peak_table():
     assert throughput.hardware_for("cpu") is None
 
 
-def test_a_kernel_that_fails_its_check_leaves_the_suite_on_chunked_attention(report):
-    """On a TPU or GPU the suite checks the platform's fused attention kernel on the machine first and runs
-    "chunked" if it fails (one run on a machine whose JAX rejects the kernel still measures everything);
-    --attention chooses; a CPU runs its own ("causal_blocks") unchecked. The report says which ran, and why."""
-    data, _ = report
-    assert data["attention"] == "causal_blocks" and data["attention_note"] is None
-    asked = []
-
-    def failing(kernel):
-        asked.append(kernel)
-        return "TypeError: mha() got an unexpected keyword argument"
-
-    assert throughput.choose_attention(None, "gpu", failing) == (
-        "chunked", "the triton kernel failed its check on this machine (TypeError: mha() got an unexpected keyword "
-        "argument); ran chunked")
-    assert throughput.choose_attention(None, "tpu", lambda kernel: None) == (None, None)
-    assert throughput.choose_attention("einsum", "gpu", failing) == ("einsum", None)
-    assert throughput.choose_attention(None, "cpu", failing) == (None, None)
-    assert asked == ["triton"]
-    table = throughput.format_table({**data, "attention": "chunked", "attention_note": "the triton kernel failed"})
-    assert "attention chunked)" in table and "\nattention: the triton kernel failed" in table
-
-
-def test_the_chosen_attention_builds_the_model_and_is_reported(tmp_path, monkeypatch, capsys):
-    """--attention reaches the model the suite measures and the report (the pieces themselves stubbed)."""
-    built = []
-
-    class Pieces:
-        roofline_error = None
-
-        def __init__(self, lm, *args, **kwargs):
-            built.append(lm.model.attention_impl)
-
-        def run(self, emit):
-            return {"candidates": 5, "evaluation_seconds": 1.0, "evaluations_per_hour": 18000.0}
-
-    monkeypatch.setattr(throughput, "Suite", Pieces)
-    from seal_jax.cli import main
-
-    out = tmp_path / "report.json"
-    assert main(["bench", "--preset", "tiny", "--random-weights", "--quick", "--no-reference", "--no-roofline",
-                 "--attention", "chunked", "--out", str(out)]) == 0
-    assert built == ["chunked"] and json.loads(out.read_text())["attention"] == "chunked"
-    assert "attention chunked)" in capsys.readouterr().out
-
-
-def test_bad_requests_are_named(capsys):
+def test_shapes_the_model_cannot_hold_are_named():
     with pytest.raises(throughput.BenchError, match="exceeds the model's context of 512 tokens; use --quick"):
         throughput.SuiteShapes().check(preset("tiny").max_position_embeddings)
+    with pytest.raises(throughput.BenchError, match=r"passage_len \+ self_edit_tokens = 2 exceeds the model's "
+                                                    "context of 1 token; use --quick"):
+        throughput.SuiteShapes(passage_len=1, self_edit_tokens=1).check(1)
     with pytest.raises(throughput.BenchError, match="candidates must be a positive integer"):
         throughput.SuiteShapes(candidates=0).check(4096)
-    from seal_jax.cli import main
-
-    assert main(["bench", "--preset", "tiny", "--no-reference", "--quick"]) != 0
-    assert "--preset tiny has no weights: add --random-weights, or pass --model DIR" in capsys.readouterr().err
-    assert main(["bench", "--preset", "qwen9", "--random-weights", "--no-reference", "--quick"]) != 0
-    assert "unknown preset 'qwen9'" in capsys.readouterr().err
-
-
-def test_only_runs_the_named_rows_and_k_must_be_positive(tmp_path, capsys):
-    """--only picks the suite's own rows (their names carry K), refusing others before any model is built;
-    --candidates 0 is refused, not taken for the default K = 5."""
-    from seal_jax.cli import main
-
-    base = ["bench", "--preset", "tiny", "--random-weights", "--quick", "--no-reference", "--no-roofline"]
-    assert main(base + ["--only", "bogus,prefill"]) == 1
-    assert ("unknown row(s) ['bogus'] in --only; the SEAL-workload suite's rows are decode_b1, decode_b8, prefill, "
-            "self_edit, train_k5, decode_k5x8, evaluation") in capsys.readouterr().err
-    assert main(base + ["--candidates", "0"]) == 1
-    assert "--candidates must be at least 1" in capsys.readouterr().err
-    assert throughput.wants_suite(SimpleNamespace(candidates=0))  # K = 0 reaches the suite, which refuses it
-    out = tmp_path / "report.json"
-    assert main(base + ["--candidates", "3", "--only", "decode_k3x8,prefill", "--out", str(out)]) == 0
-    data = json.loads(out.read_text())
-    assert [r["name"] for r in data["rows"]] == ["prefill", "decode_k3x8"]  # the suite's order
-    assert data["summary"]["evaluations_per_hour"] is None and data["summary"]["candidates"] == 3
-    assert "self-edit evaluations per hour" not in capsys.readouterr().out
 
 
 def test_suite_shapes_are_those_seal_jax_compile_predicts():
@@ -339,8 +275,6 @@ def test_hlo_this_module_cannot_read_leaves_the_rows_without_rooflines(report, c
         "seal_jax.hlo cannot read this JAX's compiled HLO (unknown element type f4e2m1fn)")
     assert capsys.readouterr().out.count("roofline: none from here on") == 1
     assert suite._rooflines_of(lambda: {"roofline_s": 1.0}) is None  # compiles no more
-    table = throughput.format_table({**data, "roofline_note": suite.roofline_error})
-    assert "\nroofline: seal_jax.hlo cannot read this JAX's compiled HLO (unknown element type f4e2m1fn)" in table
 
 
 def test_device_script_stops_at_once_where_flax_cannot_load_with_the_machines_jax(tmp_path):
@@ -368,20 +302,43 @@ def test_device_script_stops_at_once_where_flax_cannot_load_with_the_machines_ja
     assert run.returncode == 1 and f"device.sh: flax is not installed in {sys.executable}" in run.stderr
 
 
-def test_a_gpu_checks_in_a_child_and_a_tpu_in_the_suite_process(monkeypatch, capsys):
-    """The suite's checker: a child process on a GPU, which allocates device memory as it needs it beside the
-    suite; ``check_kernel`` itself elsewhere (a TPU serves one process at a time)."""
-    calls = []
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(throughput.kernel_check, "run", lambda argv, env, timeout=None: calls.append((argv, env)) or "killed")
-    monkeypatch.setattr(throughput.attn, "check_kernel", lambda kernel, **kw: calls.append((kernel, kw)) or None)
-    config = preset("qwen3-8b")
-    gpu, tpu = SimpleNamespace(platform="gpu", local_hardware_id=3), SimpleNamespace(platform="tpu")
-    assert throughput.kernel_checker(config, "bfloat16", gpu)("triton") == "killed"
-    argv, env = calls.pop()
-    assert argv[-9:] == ["triton", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--dtype", "bfloat16"]
-    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-    assert env["CUDA_VISIBLE_DEVICES"] == "3"  # the suite's first device's CUDA ordinal: the child sees it alone
-    assert "checking the triton kernel in a process of its own" in capsys.readouterr().out
-    assert throughput.kernel_checker(config, "bfloat16", tpu)("splash") is None
-    assert calls == [("splash", {"dtype": "bfloat16", "device": tpu, "heads": 32, "kv_heads": 8, "head_dim": 128})]
+def test_a_partial_runs_evaluation_compiles_its_programs_before_its_clock_starts(report, monkeypatch):
+    """`--only evaluation`: no earlier row compiled the evaluation's programs (as a full run's do), so the
+    suite compiles them first, untimed; the section its ``wall_s`` times compiles nothing, in either kind of
+    run. The summary has a full run's keys, its figures the row's."""
+    config = preset("tiny").replace(num_layers=1)  # programs no other test of this process compiled
+    lm = sj.LM.random(config, dtype="float32")
+    peaks = throughput.Peaks("cpu", "cpu", 1, 1e11, 1e10, 1e9, "test")
+    suite = throughput.Suite(lm, throughput.SuiteShapes.quick(), peaks, repeats=1, reference=None,
+                             rooflines=False, only=["evaluation"])
+    compiles, timing = [], []
+
+    def compiled(event: str, seconds: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append("timed" if timing else "before")
+
+    parts = suite._evaluation_parts
+
+    def timed(*args):
+        timing.append(True)
+        try:
+            return parts(*args)
+        finally:
+            timing.clear()
+
+    monkeypatch.setattr(suite, "_evaluation_parts", timed)
+    rows = []
+    jax.monitoring.register_event_duration_secs_listener(compiled)
+    try:
+        summary = suite.run(rows.append)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(compiled)
+    assert "before" in compiles and "timed" not in compiles
+    [row] = rows
+    assert row.name == "evaluation" and set(row.detail["parts_s"]) == {"self_edit", "train", "answer_k"}
+    assert row.detail["wall_s"] >= row.seconds * 0.999
+    assert "wall_s: the section that times the parts, end to end, its programs compiled before it" in row.detail[
+        "what"]
+    assert summary == {"evaluation_seconds": row.seconds, "evaluations_per_hour": row.rate, "candidates": 5,
+                       "reference_errors": {}}
+    assert list(summary) == list(report[0]["summary"])  # a full run's keys, in its order
