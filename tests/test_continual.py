@@ -130,3 +130,20 @@ def test_the_table_shows_the_gold_loglik_and_its_change_over_the_untouched_model
     older = {k: v for k, v in summary.items() if not k.startswith("gold_loglik_")}  # a matrix.json without them
     assert "log-likelihood" not in continual_markdown(older) and "| step 1 | 50.0% (0.0) | 100.0% (0.0) |" in \
         continual_markdown(older)
+
+
+def test_a_pool_too_small_fails_before_the_model_loads(tiny_chat_dir, tmp_path, monkeypatch):
+    """The pool is checked against continual.passages first: a run that cannot draw its sequences stops at once,
+    without loading the model or writing its folder."""
+    import seal_jax.selfedit.continual as continual
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the pool was checked")
+
+    monkeypatch.setattr(continual, "load_model", load_model)
+    size = len(pool_passages({"source": "demo"}))
+    config = ContinualConfig.from_dict({**continual_raw(tiny_chat_dir), "data": {"source": "demo", "start": size - 2}})
+    with pytest.raises(RunConfigError, match=r"the passage pool has 2 passages \(data.source 'demo' from data.start = "
+                                             rf"{size - 2}\), fewer than continual.passages = 3: lower continual.passages"):
+        run_continual(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

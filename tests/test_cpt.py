@@ -162,3 +162,19 @@ def test_cpt_configs_and_errors(tiny_chat_dir):
         CptConfig.from_dict({**cpt_raw(tiny_chat_dir), "conditions": ["base"]})
     with pytest.raises(RunConfigError, match=r"at most one of .* not both \[restem\] and \[cpt\]"):
         runs.config_from_dict({"name": "x", "model": "m", "restem": {}, "cpt": {}})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("generators", "x", r"cpt.generators must be a table .*\[cpt.generators\] in TOML"),
+    ("generators", ["/models/x"], "cpt.generators must be a table"),
+    ("conditions", "passage", r"cpt.conditions must be a list of condition names, like \[\"passage\", "
+                              r"\"implications\"\], got 'passage'"),
+    ("conditions", ["passage", 3], "cpt.conditions must be a list of condition names"),
+])
+def test_the_cpt_table_is_type_checked(tiny_chat_dir, key, value, message):
+    """``generators = "x"`` was an AttributeError, ``conditions = "passage"`` the strategies 'p', 'a', … ."""
+    with pytest.raises(RunConfigError, match=f"^cpt.toml: {message}"):
+        CptConfig.from_dict(cpt_raw(tiny_chat_dir, **{key: value}), "cpt.toml")
+    knowledge = CptConfig.from_dict(cpt_raw(tiny_chat_dir)).knowledge
+    with pytest.raises(RunConfigError, match=f"^{message}"):  # built in Python, without from_dict's checks
+        CptConfig(knowledge=knowledge, **{key: value})

@@ -293,3 +293,108 @@ def test_hardware_tables_in_extension_configs(tmp_path):
         else:
             with pytest.raises(RunConfigError, match="passages_per_program is for knowledge and ReST-EM runs"):
                 load_config(path)
+
+
+def test_the_mesh_is_checked_when_the_config_is_read(tmp_path):
+    """A mesh that is no string, or no mesh spec, is refused with the file and the key when the config is read,
+    not as a raw traceback (``mesh = 3``) or at run time (``mesh = "bogus"``)."""
+    for line, message in (("mesh = 3", 'mesh must be a string like "data=2,tensor=4", got 3'),
+                          ('mesh = "bogus"', "mesh: bad mesh spec part 'bogus'"),
+                          ('mesh = "data=2,tensr=4"', r"mesh: unknown mesh axes \['tensr'\]"),
+                          ('mesh = "data=8"\ntrain_mesh = "data=0"', "train_mesh: mesh axis sizes must be positive")):
+        path = tmp_path / "mesh.toml"
+        path.write_text(f'{line}\nname = "x"\nmodel = "m"\n')
+        with pytest.raises(RunConfigError, match=f"{path}: {message}"):
+            RunConfig.from_toml(path)
+    assert tiny_config("m", mesh="data=2,tensor=4").mesh == "data=2,tensor=4" and tiny_config("m", mesh="").mesh == ""
+
+
+def _experiment(file):
+    import tomllib
+
+    return tomllib.loads((Path(__file__).parents[1] / "experiments" / f"{file}.toml").read_text())
+
+
+@pytest.mark.parametrize("file, table, key, value, message", [
+    ("restem-demo", "restem", "sft_lora", {"rank": -1}, "restem.sft_lora: LoraSpec.rank must be a positive integer, got -1"),
+    ("restem-demo", "restem", "sft_lora", "x", r"restem.sft_lora must be a table \(\[restem.sft_lora\] in TOML"),
+    ("restem-demo", "restem", "sft_train", {"epochs": 0}, "restem.sft_train: TrainSpec.epochs must be"),
+    ("restem-demo", "restem", "rounds", 0, "restem.rounds and restem.passages_per_round must be >= 1"),
+    ("templates-archive-demo", "templates", "sft_lora", "x", r"templates.sft_lora must be a table"),
+    ("templates-archive-demo", "templates", "sft_train", ["x"], r"templates.sft_train must be a table"),
+    ("templates-archive-demo", "templates", "sft_lora", {"rnk": 3}, r".*templates.sft_lora.*'rnk'"),
+    ("templates-archive-demo", "templates", "novelty", "x", "templates.novelty must be a table"),
+    ("templates-archive-demo", "templates", "iterations", 0, "templates.iterations must be a positive integer, got 0"),
+    ("cpt-demo", "cpt", "eval_batch", 0, "cpt.eval_batch must be a positive integer"),
+    ("continual-demo", "continual", "passages", 0, "continual.passages must be a positive integer, got 0"),
+])
+def test_extension_table_errors_name_the_file_and_the_table(file, table, key, value, message):
+    """Errors of an extension table, its sub-tables included, name the file as the top-level keys' do, and
+    are RunConfigErrors (not a LoraError without a table, or a ValueError from dict())."""
+    raw = _experiment(file)
+    raw[table][key] = value
+    with pytest.raises(RunConfigError, match=f"^{file}.toml: {message}"):
+        load_config_from(raw, f"{file}.toml")
+
+
+@pytest.mark.parametrize("file, section, key, value, message", [
+    ("templates-archive-demo", None, "k", 3, "k = 3 is ignored by a template-search run: templates.fills sets"),
+    ("templates-archive-demo", None, "repeats", 2, "repeats = 2 is ignored by a template-search run"),
+    ("templates-archive-demo", "lora", "rank", 8, r"lora.rank = 8 is ignored .*each template sets its own LoRA rank"),
+    ("templates-archive-demo", "lora", "alpha", 16.0, "lora.alpha = 16.0 is ignored"),
+    ("templates-archive-demo", "lora", "dropout", 0.1, "lora.dropout = 0.1 is ignored"),
+    ("templates-archive-demo", "train", "learning_rate", 1e-3, "train.learning_rate = 0.001 is ignored .*own learning rate"),
+    ("templates-archive-demo", "train", "epochs", 3, "train.epochs = 3 is ignored .*templates.max_epochs caps"),
+    ("templates-archive-demo", "train", "grad_accum", 2, "train.grad_accum = 2 is ignored"),
+    ("templates-archive-demo", "selfedit_sampling", "max_new_tokens", 64,
+     "selfedit_sampling.max_new_tokens = 64 is ignored .*templates.fill_max_new_tokens"),
+    ("templates-archive-demo", None, "template_condition", {"max_retries": 1}, r"\[template_condition\] is ignored"),
+    ("continual-demo", None, "k", 3, "k = 3 is ignored by a continual run: each step writes one self-edit"),
+    ("continual-demo", None, "repeats", 3, "repeats = 3 is ignored by a continual run"),
+    ("cpt-demo", None, "repeats", 3, "repeats = 3 is ignored by a CPT run: each condition trains one adapter"),
+    ("cpt-demo", None, "include_passage", False, "include_passage = False is ignored by a CPT run"),
+    ("restem-demo", None, "template_condition", {"archive": False}, r"\[template_condition\] is ignored by a ReST-EM"),
+])
+def test_keys_a_run_kind_ignores_are_refused(file, section, key, value, message):
+    """A knowledge key that a run kind's loop never reads (the run sets that value itself) is an error saying
+    what sets it, as ``passages_per_program`` is, rather than a setting silently ignored; its default (which
+    every saved ``run_config.json`` holds) passes."""
+    raw = _experiment(file)
+    (raw.setdefault(section, {}) if section else raw)[key] = value
+    with pytest.raises(RunConfigError, match=f"{file}.toml: {message}"):
+        load_config_from(raw, f"{file}.toml")
+    config = load_config_from(_experiment(file), f"{file}.toml")
+    assert load_config_from(config.to_json(), "run_config.json") == config  # k = 1, repeats = 1 … as saved
+
+
+def test_seeds_in_the_train_and_sampling_tables_are_refused(tiny_chat_dir):
+    """Every adapter's and every self-edit's seed derives from the run's seed: a seed in [train] or
+    [selfedit_sampling] would be overwritten, so it is refused, and the known keys no longer offer it."""
+    with pytest.raises(RunConfigError, match="train.seed is ignored: each adapter's training seed derives from the "
+                                             "run's top-level seed; remove train.seed"):
+        tiny_config(tiny_chat_dir, train={"seed": 3})
+    with pytest.raises(RunConfigError, match="selfedit_sampling.seed is ignored"):
+        tiny_config(tiny_chat_dir, selfedit_sampling={"temperature": 1.0, "seed": 3})
+    with pytest.raises(RunConfigError, match="selfedit_sampling.seed is ignored"):
+        load_config_from({**_experiment("continual-demo"), "selfedit_sampling": {"seed": 1}}, "continual-demo.toml")
+    with pytest.raises(RunConfigError, match=r"known keys: \[[^\]]*\]$") as known:
+        tiny_config(tiny_chat_dir, selfedit_sampling={"temprature": 0.5})
+    assert "'seed'" not in str(known.value)
+
+
+def test_empty_ids_and_the_selfedits_message(tiny_chat_dir):
+    from seal_jax.selfedit.run_config import select_data
+
+    with pytest.raises(RunConfigError, match="data.ids is empty, which selects no passage"):
+        tiny_config(tiny_chat_dir, data={"source": "demo", "ids": []})
+    with pytest.raises(RunConfigError, match=r"data.ids must be a list of passage ids \(strings\), got \[1\]"):
+        tiny_config(tiny_chat_dir, data={"source": "demo", "ids": [1]})
+    # the message names only what needs the self-edits file
+    with pytest.raises(RunConfigError, match="^data.subset = 'selfedits' needs data.selfedits") as subset:
+        select_data({"source": "demo", "subset": "selfedits"})
+    assert "replay" not in str(subset.value)
+    with pytest.raises(RunConfigError, match="^the self-edits of condition 'replay' need data.selfedits") as replay:
+        select_data({"source": "demo"}, replay=True)
+    assert "subset" not in str(replay.value)
+    with pytest.raises(RunConfigError, match="condition 'replay' and data.subset = 'selfedits' need data.selfedits"):
+        select_data({"source": "demo", "subset": "selfedits"}, replay=True)

@@ -91,7 +91,10 @@ class ContinualConfig(ExtendedConfig):
 def sequence_passages(pool: Sequence[Passage], config: ContinualConfig, s: int) -> list[Passage]:
     """Sequence ``s``'s ``n`` passages: drawn from the pool without replacement, in a random order."""
     if len(pool) < config.passages:
-        raise RunConfigError(f"the passage pool has {len(pool)} passages; continual.passages = {config.passages}")
+        data = config.knowledge.data
+        raise RunConfigError(f"the passage pool has {len(pool)} passages (data.source {data.get('source', 'demo')!r} "
+                             f"from data.start = {data.get('start', 0)}), fewer than continual.passages = "
+                             f"{config.passages}: lower continual.passages or give [data] a larger pool")
     rng = np.random.default_rng(derived_seed(config.knowledge.seed, "continual", s))
     return [pool[i] for i in rng.choice(len(pool), size=config.passages, replace=False)]
 
@@ -264,9 +267,10 @@ def run_continual(config: ContinualConfig, out_dir: str | Path, *, resume: bool 
     if not resume and agree(lambda: any(out.glob("sequence-*"))):
         raise FileExistsError(f"{out} already holds a continual run; pass --resume to continue it or choose "
                               "another --out")
-    save_run_config(out, config.to_json(), resume=resume)
     k = config.knowledge
     pool = pool_passages(k.data)
+    plan = [sequence_passages(pool, config, s) for s in range(config.sequences)]  # a small pool fails here, at once
+    save_run_config(out, config.to_json(), resume=resume)
     if lm is None:
         lm = load_model(k.model, dtype=k.dtype, mesh=k.mesh or None, tokenizer=k.tokenizer, remat=k.remat,
                         progress=progress, train_mesh=k.train_mesh or None, train_weights=k.train_weights,
@@ -280,8 +284,7 @@ def run_continual(config: ContinualConfig, out_dir: str | Path, *, resume: bool 
         return graders[id(model)]
 
     budget = [stop_after]
-    for s in range(config.sequences):
-        passages = sequence_passages(pool, config, s)
+    for s, passages in enumerate(plan):
         if not run_sequence(lm, config, passages, out / f"sequence-{s}", s, grader_of, budget, progress):
             break
     summary = agree(lambda: matrices(out, config))

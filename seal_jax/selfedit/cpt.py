@@ -93,7 +93,10 @@ class CptConfig(ExtendedConfig):
     CONDITIONS_NOTE = "sets cpt.conditions (and cpt.generators), not conditions (base is always evaluated)"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "conditions", tuple(self.conditions))  # a TOML/JSON list
+        object.__setattr__(self, "conditions", tuple(_condition_names(self.conditions)))  # a TOML/JSON list
+        if not isinstance(self.generators, dict):
+            raise RunConfigError("cpt.generators must be a table of name = \"model folder\" ([cpt.generators] in "
+                                 f"TOML), got {self.generators!r}")
         if not self.conditions and not self.generators:
             raise RunConfigError("cpt.conditions and cpt.generators are both empty: name at least one condition")
         for name in self.conditions:
@@ -120,7 +123,19 @@ class CptConfig(ExtendedConfig):
 
     @classmethod
     def conditions_of(cls, table: dict[str, Any]) -> list[str]:
-        return ["base", *(c for c in table.get("conditions", cls.conditions) if c != "base")]
+        return ["base", *(c for c in _condition_names(table.get("conditions", cls.conditions)) if c != "base")]
+
+
+def _condition_names(value: Any) -> Sequence[str]:
+    """``cpt.conditions`` checked: a list of condition names (a string would be read letter by letter).
+
+    Raises:
+      RunConfigError: naming ``cpt.conditions``.
+    """
+    if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
+        raise RunConfigError(f"cpt.conditions must be a list of condition names, like [\"passage\", "
+                             f"\"implications\"], got {value!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -93,6 +93,12 @@ def check_data_table(table: Any, where: str) -> None:
         raise RunConfigError(f"{where}.n must be at least 1 (or left out for every passage), got {table['n']}")
     if table.get("start") is not None and table["start"] < 0:
         raise RunConfigError(f"{where}.start must be >= 0, got {table['start']}")
+    ids = table.get("ids")
+    if ids is not None and not all(isinstance(i, str) for i in ids):
+        raise RunConfigError(f"{where}.ids must be a list of passage ids (strings), got {ids!r}")
+    if ids == []:
+        raise RunConfigError(f"{where}.ids is empty, which selects no passage: list the passages to run, or leave "
+                             "ids out to select them with n and start")
 
 
 _SCALARS: dict[str, tuple[type, str]] = {"bool": (bool, "true or false"), "int": (int, "an integer"),
@@ -119,6 +125,10 @@ def check_field_types(cls: Any, table: dict[str, Any], prefix: str) -> None:
         types, what = kind
         if not isinstance(value, types) or (types is not bool and isinstance(value, bool)):
             raise RunConfigError(f"{prefix}{field.name} must be {what}{' or absent' if optional else ''}, got {value!r}")
+
+
+# What a run derives from its top-level seed instead of a ``seed`` in these tables (RunConfig's check).
+_SEEDED = {"train": "adapter's training", "selfedit_sampling": "self-edit's sampling"}
 
 
 def hardware_settings(table: dict[str, Any]) -> str:
@@ -262,8 +272,15 @@ class RunConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RunConfigError(f"{key} must be a positive integer, got {value!r}")
         check_data_table(self.data, "data")
-        if self.train_mesh is not None and not isinstance(self.train_mesh, str):
-            raise RunConfigError(f"train_mesh must be a string like 'data=8', got {self.train_mesh!r}")
+        for key, example in (("mesh", "data=2,tensor=4"), ("train_mesh", "data=8")):
+            spec = getattr(self, key)
+            if spec is not None and not isinstance(spec, str):
+                raise RunConfigError(f"{key} must be a string like \"{example}\", got {spec!r}")
+            if spec:
+                try:
+                    parse_mesh_spec(spec)
+                except MeshError as e:
+                    raise RunConfigError(f"{key}: {e}") from None
         if self.train_mesh and not self.mesh:
             raise RunConfigError(f"train_mesh = {self.train_mesh!r} is another layout of the mesh's devices; set mesh too")
         if self.train_weights not in TRAIN_WEIGHTS:
@@ -280,7 +297,11 @@ class RunConfig:
             raise RunConfigError(f"attention must be one of {list(ATTENTION_IMPLEMENTATIONS)} (or left out for the "
                                  f"platform's), got {self.attention!r}")
         self._check_hardware()
-        known = sorted(f.name for f in dataclasses.fields(SamplingParams))
+        for table in ("train", "selfedit_sampling"):
+            if isinstance(getattr(self, table), dict) and "seed" in getattr(self, table):
+                raise RunConfigError(f"{table}.seed is ignored: each {_SEEDED[table]} seed derives from the run's "
+                                     f"top-level seed; remove {table}.seed (the top-level seed changes them all)")
+        known = sorted(f.name for f in dataclasses.fields(SamplingParams) if f.name != "seed")
         try:
             SamplingParams(**self.selfedit_sampling)
         except (TypeError, ValueError) as e:
@@ -463,6 +484,72 @@ def extension_json(knowledge: RunConfig, extension: Any, table_name: str) -> dic
     return json.loads(json.dumps({**out, table_name: table}))  # as run_config.json reads back (lists, not tuples)
 
 
+# Knowledge keys that a run kind extending RunConfig reads nowhere, by its extension table: its loop sets
+# what they would set. A value other than RunConfig's default is an error saying what sets it instead
+# (:func:`check_ignored_keys`), not a setting silently ignored. ``table.key`` names a key inside a knowledge
+# table. (``passages_per_program``, which [hardware] tables may set too, is ExtendedConfig.GROUPS_PASSAGES.)
+_TEMPLATE_LORA = "each template sets its own LoRA rank, alpha and dropout ([lora] gives only the targets)"
+_TEMPLATE_TRAIN = ("each template sets its own learning rate, epochs and grad-accum (templates.max_epochs caps the "
+                   "epochs; [train] gives the other fields, such as max_len)")
+IGNORED_KEYS: dict[str, dict[str, str]] = {
+    "templates": {
+        "k": "templates.fills sets the fills per template and passage",
+        "repeats": "each (template, fill) trains one adapter",
+        "lora.rank": _TEMPLATE_LORA, "lora.alpha": _TEMPLATE_LORA, "lora.dropout": _TEMPLATE_LORA,
+        "train.learning_rate": _TEMPLATE_TRAIN, "train.epochs": _TEMPLATE_TRAIN, "train.grad_accum": _TEMPLATE_TRAIN,
+        "selfedit_sampling.max_new_tokens": "templates.fill_max_new_tokens sets the fills' length",
+        "template_condition": "the templates are the conditions: templates.proposal_max_new_tokens, max_retries, "
+                              "fill_fallback and max_epochs set the search's options",
+    },
+    "continual": {
+        "k": "each step writes one self-edit (continual.passages and continual.sequences set the steps)",
+        "repeats": "each step trains and merges one adapter",
+        "template_condition": "its conditions are base and continual.strategy",
+    },
+    "cpt": {
+        "repeats": "each condition trains one adapter, on the pooled corpus",
+        "include_passage": "each condition's corpus holds every passage's text once, beside its self-edits' sequences",
+        "template_condition": "'template' is no CPT condition",
+    },
+    "restem": {
+        "template_condition": "its conditions are base and restem.strategy",
+    },
+}
+
+_ABSENT = object()  # a key a table lacks
+
+
+def _field_default(cls: Any, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name`` (a fresh one for a ``default_factory``)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def check_ignored_keys(knowledge: RunConfig, table_name: str, kind: str, where: str) -> None:
+    """Refuse the :data:`IGNORED_KEYS` of the run kind whose extension table is ``table_name`` when
+    ``knowledge`` gives one a value other than :class:`RunConfig`'s default (a saved ``run_config.json``
+    holds every top-level key with its default).
+
+    Raises:
+      RunConfigError: ``where``, the key, that this run kind ignores it and what sets that value instead.
+    """
+    for key, instead in IGNORED_KEYS.get(table_name, {}).items():
+        top, _, inner = key.partition(".")
+        value, default = getattr(knowledge, top), _field_default(RunConfig, top)
+        if inner:
+            value, default = value.get(inner, _ABSENT), default.get(inner, _ABSENT)
+        if value is not _ABSENT and value != default:
+            given = f"[{key}]" if isinstance(value, dict) else f"{key} = {value!r}"
+            raise RunConfigError(f"{where}: {given} is ignored by a {kind} run: {instead}; remove it")
+
+
+def _table_fields(cls: Any) -> list[str]:
+    """The fields of an :class:`ExtendedConfig` subclass whose default is a table (``restem.sft_lora``,
+    ``templates.novelty``, ``cpt.generators`` …)."""
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory(), dict)]
+
+
 class ExtendedConfig:
     """What every run kind that extends :class:`RunConfig` with one TOML table shares (ReST-EM's
     ``[restem]``, template search's ``[templates]``, CPT's ``[cpt]``, continual's ``[continual]``): reading
@@ -472,7 +559,13 @@ class ExtendedConfig:
     A subclass is a frozen dataclass whose first field is ``knowledge: RunConfig`` and sets ``TABLE``,
     ``KIND`` (for messages), ``CONDITIONS_NOTE`` (why it has no ``conditions`` key), :meth:`conditions_of`
     (the knowledge config's conditions) and, when ``[data]`` is a pool it draws from, ``POOL_HINT`` (what to
-    set instead of ``data.n``, ``ids`` or ``subset``).
+    set instead of ``data.n``, ``ids`` or ``subset``). The knowledge keys its loop ignores are
+    :data:`IGNORED_KEYS`, under its ``TABLE``.
+
+    :meth:`from_dict` names the file in every error: a field whose default is a table (``sft_lora``,
+    ``novelty`` …) must be one, and an error from building the config (its ``__post_init__``, a
+    ``LoraSpec``/``TrainSpec`` of its tables) becomes a :class:`RunConfigError` naming the file and, when it
+    comes from one of those tables, the table.
     """
 
     TABLE: ClassVar[str]
@@ -499,18 +592,45 @@ class ExtendedConfig:
         raw, table = split_extension_table(raw, cls.TABLE, known, where=where, kind=cls.KIND,
                                            conditions_note=cls.CONDITIONS_NOTE)
         check_field_types(cls, table, f"{where}: {cls.TABLE}.")
-        knowledge = RunConfig.from_dict({**raw, "conditions": cls.conditions_of(table)}, where=where)
+        for name in _table_fields(cls):
+            if name in table and not isinstance(table[name], dict):
+                raise RunConfigError(f"{where}: {cls.TABLE}.{name} must be a table ([{cls.TABLE}.{name}] in TOML, "
+                                     f"with one key = value per line), got {table[name]!r}")
+        try:
+            conditions = cls.conditions_of(table)
+        except ValueError as e:
+            raise RunConfigError(f"{where}: {e}") from None
+        knowledge = RunConfig.from_dict({**raw, "conditions": conditions}, where=where)
         grouped = [knowledge.passages_per_program] + [t.get("passages_per_program", 1) for t in knowledge.hardware.values()]
         if any(p != 1 for p in grouped) and not cls.GROUPS_PASSAGES:
             raise RunConfigError(f"{where}: passages_per_program is for knowledge and ReST-EM runs; a {cls.KIND} "
                                  "run trains its own way: remove the key")
+        check_ignored_keys(knowledge, cls.TABLE, cls.KIND, where)
         data = knowledge.data
         if cls.POOL_HINT and (data.get("n") is not None or data.get("subset") or "ids" in data):
             raise RunConfigError(f"{where}: [data] is the pool of passages this run draws from; {cls.POOL_HINT}")
         try:
             return cls(knowledge=knowledge, **table)
-        except TypeError as e:
+        except RunConfigError as e:  # its message names the key
             raise RunConfigError(f"{where}: {e}") from None
+        except (ValueError, TypeError) as e:  # LoraError, TrainError …: from one of its tables
+            raise RunConfigError(f"{where}: {cls._culprit(knowledge, table, e)}: {e}") from None
+
+    @classmethod
+    def _culprit(cls, knowledge: RunConfig, table: dict[str, Any], error: Exception) -> str:
+        """Which of the table's sub-tables (:func:`_table_fields`, e.g. ``restem.sft_lora``) ``error``, raised
+        by building the config, comes from: the first whose default in its place makes the error go;
+        ``[TABLE]`` when none does."""
+        for name in _table_fields(cls):
+            if name not in table:
+                continue
+            try:
+                cls(knowledge=knowledge, **{**table, name: _field_default(cls, name)})  # type: ignore[call-arg]
+            except (ValueError, TypeError) as again:
+                if type(again) is type(error) and str(again) == str(error):
+                    continue
+            return f"{cls.TABLE}.{name}"
+        return f"[{cls.TABLE}]"
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Any:
@@ -649,8 +769,11 @@ def select_data(d: dict[str, Any], *, where: str = "data", replay: bool = False
     everything = load_passages(source) if (replay or subset or "ids" in d) else []
     if replay or subset:
         if not d.get("selfedits"):
-            raise RunConfigError(f"condition 'replay' and {where}.subset = 'selfedits' need {where}.selfedits "
-                                 "(SEAL's seal_base_selfedits_val.json)")
+            needs = [what for what, asked in (("the self-edits of condition 'replay'", replay),
+                                              (f"{where}.subset = 'selfedits'", subset)) if asked]
+            verb = "needs" if not replay else "need"  # the subset alone is one thing; the self-edits are several
+            raise RunConfigError(f"{' and '.join(needs)} {verb} {where}.selfedits (SEAL's released self-edits, "
+                                 "seal_base_selfedits_val.json)")
         try:
             selfedits = load_seal_selfedits(d["selfedits"], passages=everything)
         except DataError as e:
