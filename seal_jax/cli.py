@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -43,6 +45,25 @@ SMOKE_PROMPTS = (
 )
 
 
+def _folder_problem(flag: str, path: Path) -> str | None:
+    """Why ``path`` cannot be the folder an option names (it, or a folder it would be made in, is a file),
+    as a line for the user; None when it can."""
+    if path.exists() and not path.is_dir():
+        return f"{flag} {path} is a file; give a folder"
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"{flag} {path}: {blocker} is a file, so no folder can be made there; give another folder"
+    return None
+
+
+def _file_problem(flag: str, path: Path) -> str | None:
+    """Why ``path`` cannot be the file an option names (it is a folder, or a folder it would be made in is a
+    file), as a line for the user; None when it can."""
+    if path.is_dir():
+        return f"{flag} {path} is a folder; give a file name"
+    return _folder_problem(flag, path.parent) if path.parent != path else None
+
+
 def _model_dir(name_or_path: str) -> Path:
     """A model folder: the path itself, or a bare name (no ``/``) under ``checkpoints/``."""
     path = Path(name_or_path)
@@ -55,6 +76,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     """Download and convert a bundled model (or the sentence encoder) into ``checkpoints/NAME``."""
     from seal_jax.selfedit import embeddings  # deferred: the sentence encoder is a JAX model
 
+    problem = _folder_problem("--root", Path(args.root))
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     source = Path(args.source) if args.source else None
     if args.name == embeddings.ENCODER_NAME:
         out = embeddings.fetch_weights(Path(args.root), source=source)
@@ -116,11 +141,27 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``calibrate``'s arguments (a line for the user), or None."""
+    if args.batch_size < 1:
+        return f"--batch-size must be at least 1, got {args.batch_size}"
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be at least 1, got {args.limit}"
+    if args.split == "all" and args.seed != 0:
+        return (f"--seed {args.seed} chooses the tune/held-out split, but --split all grades every row whatever the "
+                "seed; drop --seed, or pass --split held-out or --split tune")
+    if args.out is not None:
+        return _file_problem("--out", Path(args.out))
+    return None
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Agreement of a grader with the reference verdicts of a calibration file (a split of it, see
     ``calibration.split_calibration``); LLM judges load ``--model`` and judge in batches with a progress bar."""
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise ValueError(f"--batch-size and --limit must be at least 1, got {args.batch_size} and {args.limit}")
+    problem = _calibrate_argument_problem(args)
+    if problem:  # before the file is read or a judge model loads
+        print(problem, file=sys.stderr)
+        return 2
     rows = calibration.load_calibration(args.file)
     tune, held_out = calibration.split_calibration(rows, seed=args.seed)
     part = {"held-out": held_out, "tune": tune, "all": rows}[args.split]
@@ -146,17 +187,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                  "malformed_replies": len(judge.malformed)}
     else:
         report = calibration.calibration_report(part, grading.get_grader(args.grader))
-    print(f"{args.grader} on the {args.split} split of {args.file} ({report['n']} rows, seed {args.seed}):")
+    which = f"all of {args.file}" if args.split == "all" else f"the {args.split} split of {args.file}"
+    seed = None if args.split == "all" else args.seed  # the seed only chooses the split
+    print(f"{args.grader} on {which} ({report['n']} rows{'' if seed is None else f', seed {seed}'}):")
     print("| grader | agreement | precision | recall | Cohen's kappa |\n|---|---:|---:|---:|---:|")
+    cell = calibration.ratio_cell
     for name, r in ((args.grader, report), ("contains (baseline)", report["baseline"])):
-        print(f"| {name} | {r['agreement']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cohen_kappa']:.3f} |")
+        print(f"| {name} | {cell(r['agreement'])} | {cell(r['precision'])} | {cell(r['recall'])} | "
+              f"{cell(r['cohen_kappa'])} |")
+    if any(r[k] is None for r in (report, report["baseline"]) for k in ("precision", "recall")):
+        print("–: undefined (precision of a grader that never said yes, recall without a reference yes)")
     for key, value in extra.items():
         print(f"{key}: {value}")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"grader": args.grader, "file": str(args.file), "split": args.split,
-                                   "seed": args.seed, **extra, **report}, indent=2) + "\n")
+                                   "seed": seed, **extra, **report}, indent=2, allow_nan=False) + "\n")
         print(f"wrote {out}")
     return 0
 
@@ -175,12 +222,20 @@ def _say_if_nothing_to_resume(resume: bool, out: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run (or resume) an experiment from a TOML config (knowledge incorporation, ReST-EM, template search, CPT or
     continual self-edits)."""
+    problem = _folder_problem("--out", Path(args.out)) if args.out else None
+    if problem:  # before jax and the distributed start-up
+        print(problem, file=sys.stderr)
+        return 2
     import jax  # deferred: jax loads only for the commands that run a model
 
     from seal_jax.lm.sharding import initialize_distributed  # deferred: lm.sharding imports jax
 
     initialize_distributed()  # multi-host: from SEAL_JAX_* / JAX_* / srun / TPU slice; no-op for one process
     config, out = _run_config(args.config, args.out)
+    problem = _folder_problem("--out", out)  # the default folder, checkpoints/runs/NAME
+    if problem:
+        print(f"{problem} (the default --out of {args.config})", file=sys.stderr)
+        return 2
     config, applied = runs.on_hardware(config, args.target, devices=jax.device_count())
     if applied:
         print(applied)
@@ -232,6 +287,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.resume and args.restart:
         raise ValueError("--resume and --restart contradict each other; pass one")
     config, out = _run_config(args.config, args.out)
+    problem = _folder_problem("--out", out)
+    if problem:
+        print(problem if args.out else f"{problem} (the default --out of {args.config})", file=sys.stderr)
+        return 2
     resume = args.resume
     if not resume and out.exists():
         if not _is_run_folder_of(out, config.name):
@@ -264,6 +323,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmarks (see :mod:`seal_jax.bench`)."""
+    scaling, out = getattr(args, "scaling", None), getattr(args, "out", None)
+    problem = ((_folder_problem("--scaling", Path(scaling)) if scaling else None)
+               or (_file_problem("--out", Path(out)) if out else None))
+    if problem:  # before the benchmarks run for minutes
+        print(problem, file=sys.stderr)
+        return 2
     from seal_jax import bench  # deferred: bench imports jax; the other commands do not need it
 
     return bench.main(args)
@@ -287,10 +352,11 @@ def cmd_templates_stats(args: argparse.Namespace) -> int:
     """Per-iteration diversity of a file of templates (see :mod:`seal_jax.selfedit.template_stats`)."""
     from seal_jax.selfedit import template_stats  # deferred: numpy and the templates, only for this command
 
-    groups, skipped = template_stats.read_templates_by_iteration(args.file)
+    groups, skipped, cut_off = template_stats.read_templates_file(args.file)
     n = sum(len(t) for t in groups.values())
     print(f"{args.file}: {n} templates in {len(groups)} iteration(s)"
-          + (f"; {skipped} row(s) without a template skipped" if skipped else ""))
+          + (f"; {skipped} row(s) without a template skipped" if skipped else "")
+          + (f"; its last line ({cut_off}) is cut off (a run still writing it?) and left out" if cut_off else ""))
     print(template_stats.template_stats_markdown(template_stats.template_stats(groups, backend=args.backend)))
     return 0
 
@@ -427,11 +493,35 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # a shell's exit status for a process stopped by SIGINT (128 + 2)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What to type to continue a run or demo stopped by Ctrl-C (as the README gives it), or "" for the
+    commands that keep nothing to continue."""
+    out = ["--out", str(args.out)] if getattr(args, "out", None) else []
+    if args.command == "run":
+        target = ["--target", args.target] if args.target else []
+        command = ["seal-jax", "run", str(args.config), *out, *target, "--resume"]
+    elif args.command == "demo":
+        own = Path(args.config).resolve() == DEMO_CONFIG.resolve()  # its own config: `seal-jax demo` continues
+        config = [] if own else ["--config", str(args.config)]
+        command = ["seal-jax", "demo", *config, *out, *([] if own and not args.resume else ["--resume"])]
+    else:
+        return ""
+    return f"; rows written so far are kept: `{shlex.join(command)}` continues"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``seal-jax`` console script; returns the exit code."""
+    """Entry point of the ``seal-jax`` console script; returns the exit code (130 after Ctrl-C, with one line
+    saying how to continue a run or demo instead of a traceback)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(only=command_of(argv) or "").parse_args(argv)
+    try:
+        args = build_parser(only=command_of(argv) or "").parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while an engine command's module imports
+        print("seal-jax: interrupted", file=sys.stderr)
+        return INTERRUPTED
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # inside the try: a reader that left shows up here, not at interpreter exit
@@ -439,9 +529,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `seal-jax plan --json | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: one line, not JAX's traceback; said below, once the exception is gone
+        pass
     except (OSError, ValueError, RuntimeError) as e:
         print(f"seal-jax {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    gc.collect()  # the progress bars the interrupted frames held close now (each prints its last state), not after
+    print(f"seal-jax {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+    return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from seal_jax.selfedit.continual import continual_markdown, matrices
+from seal_jax.selfedit.continual import STEPS_FILE, continual_markdown, matrices
 from seal_jax.selfedit.restem import restem_markdown, summarize_restem
 from seal_jax.selfedit.results import read_rows, summarize, summary_markdown
 from seal_jax.selfedit.run_config import RunConfig, select_data
@@ -58,9 +58,19 @@ def config_conditions(config: dict[str, Any]) -> list[str]:
     return [c for c in config.get("conditions") or () if isinstance(c, str)]
 
 
+def _resume(run: Path) -> str:
+    """The command that continues the run in ``run``."""
+    return f"`seal-jax run CONFIG --out {run} --resume` continues it"
+
+
+def _passages_in(results: Path) -> int:
+    """How many passages a results file holds whole (read without changing it: a run may be writing it)."""
+    return len({r.get("passage_id") for r in read_rows(results, repair=False)})
+
+
 def _not_started(run: Path, config: dict[str, Any], results: Path) -> str:
     """Why a knowledge or CPT run folder has no results rows yet, and how to continue it."""
-    resume = f"`seal-jax run CONFIG --out {run} --resume` continues it"
+    resume = _resume(run)
     state = f"{results.name} is empty" if results.is_file() else f"no {results.name} yet"
     if "cpt" in config:
         if (run / "training.json").is_file():
@@ -89,8 +99,26 @@ def _unfinished_note(run: Path, summary: dict[str, Any]) -> str:
     done = max((c["n_passages"] for c in summary["conditions"].values()), default=0)
     if done >= planned:
         return ""
-    return (f"\n\n{done} of {planned} passages done: the run has not finished (`seal-jax run CONFIG --out {run} "
-            "--resume` continues it).")
+    return f"\n\n{done} of {planned} passages done: the run has not finished ({_resume(run)})."
+
+
+def knowledge_units(summary: dict[str, Any]) -> str:
+    """The line under a knowledge (or CPT) run's table that says each column's unit."""
+    dense = any("gold_loglik" in c for c in summary["conditions"].values())
+    gold = ("; gold nats/token: the gold answers' mean log-likelihood after the question (no passage in context), "
+            "Δ its change over the update" if dense else "")
+    return ("Units: accuracy in %; std over passages and mean gain (accuracy after the update minus before, "
+            f"mean over the rows) in percentage points{gold}.")
+
+
+def template_units(summary: dict[str, Any]) -> str:
+    """The line under a template search's table that says the unit of its gain and similarities."""
+    if summary.get("reward", "accuracy") != "accuracy":  # the table's title line gives the scores' unit
+        return "Units: hyperparameter and instruction similarity from 0 to 1."
+    return ("Units: base, best, mean and held-out scores are accuracy in %; best gain is not in %: it is the best "
+            "template's mean normalized gain, (accuracy after − before) / (1 − before), the fraction of the base "
+            "model's missing accuracy its update recovers (at most 1; 0.125: an eighth); hyperparameter and "
+            "instruction similarity from 0 to 1.")
 
 
 def plot_accuracy(summary: dict[str, Any], path: str | Path, title: str = "") -> Path:
@@ -148,7 +176,8 @@ def plot_rounds(summary: dict[str, Any], path: str | Path, title: str = "") -> P
     ax.set_xlabel("round (0 = starting model)")
     ax.set_ylabel("accuracy (%)")
     ax.set_xticks([e["round"] for e in summary["rounds"]])
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # (no line, no legend: a report says first that nothing ran)
+        ax.legend(fontsize=7)
     ax.set_title(title or summary["model"], fontsize=9)
     ax.spines[["top", "right"]].set_visible(False)
     return _save(fig, path)
@@ -182,25 +211,104 @@ def plot_forgetting(summary: dict[str, Any], path: str | Path, title: str = "") 
     return _save(fig, path)
 
 
+def _continual_progress(run: Path, config: dict[str, Any]) -> tuple[int, int, str]:
+    """``(finished sequences, sequences, how far the unfinished ones got)`` of a continual run folder."""
+    n, total = config["continual"]["passages"], config["continual"]["sequences"]
+    finished, notes = 0, []
+    for s in range(total):
+        rows = read_rows(run / f"sequence-{s}" / STEPS_FILE, repair=False)  # the run may be writing it
+        if len(rows) == n + 1:
+            finished += 1
+        elif rows:  # row 0 scores the untouched model, then one row per step
+            notes.append(f"sequence {s}: {len(rows) - 1} of {n} step{'s' if n != 1 else ''} done")
+    if not notes and finished < total:
+        notes.append(f"sequence {finished}: the untouched model not scored yet")
+    return finished, total, "; ".join(notes)
+
+
 def report_continual(run_dir: str | Path) -> tuple[str, Path]:
-    """``report.md`` and ``forgetting.png`` of a continual-self-edit run folder."""
+    """``report.md`` and ``forgetting.png`` of a continual-self-edit run folder; an unfinished run's report
+    says how far it got and how to continue it.
+
+    Raises:
+      ValueError: no sequence has finished yet (the message says how far the run got and how to continue it).
+    """
     run = Path(run_dir)
-    summary = matrices(run, json.loads((run / "run_config.json").read_text()))
+    config = json.loads((run / "run_config.json").read_text())
+    summary = matrices(run, config)
+    finished, total, progress = _continual_progress(run, config)
     if summary["mean_over_sequences"] is None:
-        raise ValueError(f"{run} has no finished sequence yet")
+        name = f" {config['name']!r}" if config.get("name") else ""
+        raise ValueError(f"{run} is a continual run{name} with no finished sequence yet ({progress}); {_resume(run)}")
     markdown = continual_markdown(summary)
+    if finished < total:
+        markdown += (f"\n{finished} of {total} sequences done ({progress}): the run has not finished "
+                     f"({_resume(run)}).\n")
     png = plot_forgetting(summary, run / "forgetting.png", title=run.name)
     (run / "report.md").write_text(markdown + f"\n![accuracy matrix and forgetting]({png.name})\n")
     return markdown, png
 
 
+def _held_out_passages(eval_data: dict[str, Any]) -> int | None:
+    """How many held-out passages a ReST-EM run evaluates each generator on (None when that cannot be told
+    here: a hub source, or a data file that is not at hand)."""
+    try:
+        if str(eval_data.get("source", "")).startswith("hub:"):
+            return None  # a report does not go to the network to count passages
+        return len(select_data(eval_data, where="restem.eval_data")[0])
+    except Exception:  # a report never fails over its progress line
+        return None
+
+
+def _restem_progress(run: Path, config: dict[str, Any]) -> str | None:
+    """The first step of a ReST-EM run that has not finished, as a phrase, or None when every step has
+    (the evaluation of the starting model, then per round: E-step, SFT of the generator, its evaluation)."""
+    table = config.get("restem") or {}
+    rounds, per_round = int(table.get("rounds", 0)), table.get("passages_per_round")
+    eval_data = table.get("eval_data")
+    held = _held_out_passages(eval_data) if eval_data is not None else 0
+
+    def evaluation(r: int) -> str | None:
+        if not held:  # no evaluation, or one this report cannot count: passed over
+            return None
+        done = _passages_in(run / f"round-{r}" / "eval" / "results.jsonl")
+        who = "the starting model" if r == 0 else f"round {r}'s generator"
+        return None if done >= held else f"{who} on the held-out passages: {done} of {held} done"
+
+    steps = [lambda: evaluation(0)]
+    for r in range(1, rounds + 1):
+        def e_step(r: int = r) -> str | None:
+            done = _passages_in(run / f"round-{r}" / "results.jsonl")
+            if (run / f"round-{r}" / "round.json").is_file():
+                return None
+            if per_round is None or done < per_round:
+                return f"round {r}'s E-step: {done}{'' if per_round is None else f' of {per_round}'} passages done"
+            return f"round {r}'s E-step is done; its SFT of the generator has not finished"
+
+        steps += [e_step, lambda r=r: evaluation(r)]
+    return next((phrase for step in steps if (phrase := step()) is not None), None)
+
+
 def report_restem(run_dir: str | Path) -> tuple[str, Path]:
-    """``report.md`` and ``rounds.png`` of a ReST-EM run folder (recomputed from its rounds)."""
+    """``report.md`` and ``rounds.png`` of a ReST-EM run folder (recomputed from its rounds); an unfinished
+    run's report says where it is and how to continue it.
+
+    Raises:
+      ValueError: nothing to report yet, neither an evaluation nor an E-step row (the message says how far
+        the run got and how to continue it); no table and no chart are written.
+    """
     run = Path(run_dir)
     config = json.loads((run / "run_config.json").read_text())
     summary = summarize_restem(run, config["model"], config["restem"]["strategy"], config["restem"]["rounds"],
                                reward=config.get("reward", "accuracy"))
+    progress = _restem_progress(run, config)
+    if not any(e.get("eval") or e.get("train") for e in summary["rounds"]):
+        name = f" {config['name']!r}" if config.get("name") else ""
+        where = f" ({progress})" if progress else ""
+        raise ValueError(f"{run} is a ReST-EM run{name} where no round has finished yet{where}; {_resume(run)}")
     markdown = restem_markdown(summary)
+    if progress:
+        markdown += f"\nThe run has not finished: {progress} ({_resume(run)}).\n"
     png = plot_rounds(summary, run / "rounds.png", title=run.name)
     (run / "report.md").write_text(markdown + f"\n![accuracy per round]({png.name})\n")
     return markdown, png
@@ -260,7 +368,7 @@ def report_templates(run_dir: str | Path) -> tuple[str, Path]:
     summary = summarize_template_search(run, config)
     if not summary["iterations"]:
         raise ValueError(f"{run} has no proposals yet: the search has not finished its first proposal step")
-    markdown = template_markdown(summary)
+    markdown = template_markdown(summary) + "\n" + template_units(summary) + "\n"
     png = plot_iterations(summary, run / "iterations.png", title=run.name)
     (run / "report.md").write_text(markdown + f"\n![scores and diversity per iteration]({png.name})\n")
     return markdown, png
@@ -281,7 +389,7 @@ def report(run_dir: str | Path) -> tuple[str, Path]:
     if kind == "continual":
         return report_continual(run)
     summary = load_summary(run)
-    markdown = summary_markdown(summary) + _unfinished_note(run, summary)
+    markdown = summary_markdown(summary) + "\n" + knowledge_units(summary) + _unfinished_note(run, summary)
     png = plot_accuracy(summary, run / "accuracy.png", title=run.name)
     (run / "report.md").write_text(markdown + f"\n![accuracy per condition]({png.name})\n")
     return markdown, png

@@ -120,8 +120,48 @@ def test_calibrate_command(shared_data, calibration, tmp_path, capsys):
     assert f"| offline | {want['agreement']:.3f} |" in capsys.readouterr().out
     assert cli_main(["calibrate", str(tmp_path / "missing.jsonl")]) == 1
     assert "calibration file not found" in capsys.readouterr().err
-    assert cli_main(["calibrate", "--batch-size", "0"]) == 1
-    assert "--batch-size and --limit must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--split", "all", "--seed", "3"], "--seed 3 chooses the tune/held-out split, but --split all grades every row"),
+    (["--out", "."], "--out . is a folder; give a file name"),
+])
+def test_calibrate_bad_arguments_exit_2(argv, message, tmp_path, capsys):
+    """Bad arguments are refused before anything is read (exit 2, as `smoke` does); a seed that would not
+    change anything (--split all) is refused rather than silently ignored."""
+    from seal_jax.cli import main as cli_main
+
+    assert cli_main(["calibrate", str(tmp_path / "not-read.jsonl"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "not found" not in err
+
+
+def test_undefined_ratios_are_none_and_json_null(tmp_path, capsys):
+    """A grader that never says yes has no precision: None in the report, `–` in the table, null in the JSON
+    file (NaN is not JSON: strict parsers refuse it)."""
+    from seal_jax.cli import main as cli_main
+
+    rows = [{"question": "Where?", "gold": "Paris", "prediction": p, "verdict": v}
+            for p, v in [("It was Paris, I think.", True), ("Lyon.", False), ("Paris is the one.", True)]]
+    report = calibration_report(rows, grader=lambda q, g, p: False)
+    assert report["precision"] is None and report["recall"] == 0.0 and report["agreement"] == pytest.approx(1 / 3)
+    empty = calibration_report([])
+    assert empty["n"] == 0 and {empty[k] for k in ("agreement", "precision", "recall", "cohen_kappa")} == {None}
+    path = tmp_path / "cal.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "report.json"
+    assert cli_main(["calibrate", str(path), "--split", "all", "--grader", "exact_match", "--out", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    saved = json.loads(out.read_text(), parse_constant=refuse)  # strict: NaN/Infinity would raise
+    assert saved["precision"] is None and saved["recall"] == 0.0 and saved["seed"] is None
+    printed = capsys.readouterr().out
+    assert f"exact_match on all of {path} (3 rows):" in printed  # no seed: --split all does not use one
+    assert "| exact_match | 0.333 | – | 0.000 | 0.000 |" in printed and "nan" not in printed
 
 
 def test_calibrate_command_with_a_judge_model(tiny_chat_dir, tmp_path, capsys):

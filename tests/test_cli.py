@@ -253,6 +253,15 @@ def test_templates_stats_prints_similarity_and_ranges_per_iteration(tmp_path, ca
     assert err.startswith("seal-jax templates: TemplateError: ") and 'has no "iteration"' in err
     assert "Traceback" not in err
 
+    path.write_text('{"1": []}')   # no template: an error, as an empty file is (not "0 templates", exit 0)
+    assert main(["templates", "stats", str(path), "--backend", "tfidf"]) == 1
+    assert f"{path}: no template found; give a file of templates" in capsys.readouterr().err
+    rows = [json.dumps({"iteration": 1, "template": x}) for x in first]
+    path.write_text(rows[0] + "\n" + rows[1] + "\n" + rows[1][:50])   # a search still writing its last row
+    assert main(["templates", "stats", str(path), "--backend", "tfidf"]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"{path}: 2 templates in 1 iteration(s); its last line (3) is cut off (a run still writing it?) and left out\n")
+
 
 @pytest.mark.parametrize("argv, imports_jax", [(["--help"], False), (["report", "--help"], False),
                                                (["templates", "stats", "--help"], False), (["plan", "--help"], True)])
@@ -266,3 +275,65 @@ def test_commands_that_need_no_engine_start_without_jax(argv, imports_jax):
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"JAX {imports_jax}" in out.stdout
     assert ("--hardware" in out.stdout) is (argv[0] == "plan")  # plan's own options are listed for plan --help
+
+
+INTERRUPT = """
+import contextlib, io, json, sys
+from seal_jax import cli
+
+def stop(*args, **kwargs):
+    raise KeyboardInterrupt  # what Ctrl-C raises wherever the run is (inside JAX, it surfaces in Python)
+
+cli.runs.run = cli.run_report = stop
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_ctrl_c_prints_one_line_with_the_command_that_continues(tmp_path):
+    """Ctrl-C: exit 130 and one line, for `run` and `demo` the command that continues them (README: `run
+    --resume`; a stopped demo continues when run again, another config's with --resume), not a traceback."""
+    other = write_config(tmp_path / "my config.toml", tmp_path / "no-model")
+    out = tmp_path / "out"
+    cases = [["run", str(other), "--out", str(out)], ["run", str(other), "--target", "h100-1"],
+             ["demo", "--out", str(out / "demo")], ["demo", "--restart"],
+             ["demo", "--config", str(other), "--out", str(out / "d2")], ["report", str(out)]]
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.splitlines()[-1])
+    assert [code for code, _ in results] == [130] * len(cases)
+    kept = "interrupted; rows written so far are kept: "
+    quoted = f"'{other}'"  # the path has a space: quoted to be pasted back
+    assert [err.strip() for _, err in results] == [
+        f"seal-jax run: {kept}`seal-jax run {quoted} --out {out} --resume` continues",
+        f"seal-jax run: {kept}`seal-jax run {quoted} --target h100-1 --resume` continues",
+        f"seal-jax demo: {kept}`seal-jax demo --out {out / 'demo'}` continues",
+        f"seal-jax demo: {kept}`seal-jax demo` continues",  # not --restart: that would start over
+        f"seal-jax demo: {kept}`seal-jax demo --config {quoted} --out {out / 'd2'} --resume` continues",
+        "seal-jax report: interrupted"]
+
+
+def test_a_file_where_a_folder_goes_is_refused(tmp_path, capsys):
+    """`--out FILE` (and the other folder options) say it must be a folder, exit 2, before anything runs."""
+    config = write_config(tmp_path / "cli.toml", tmp_path / "no-model")
+    file = tmp_path / "taken"
+    file.write_text("not a folder")
+    assert main(["run", str(config), "--out", str(file)]) == 2
+    assert capsys.readouterr().err == f"--out {file} is a file; give a folder\n"
+    assert main(["run", str(config), "--out", str(file / "sub")]) == 2
+    assert f"--out {file / 'sub'}: {file} is a file, so no folder can be made there" in capsys.readouterr().err
+    assert main(["demo", "--out", str(file)]) == 2
+    assert capsys.readouterr().err == f"--out {file} is a file; give a folder\n"
+    assert file.read_text() == "not a folder"
+    assert main(["fetch", "--root", str(file)]) == 2
+    assert capsys.readouterr().err == f"--root {file} is a file; give a folder\n"
+    assert main(["bench", "--scaling", str(file)]) == 2
+    assert capsys.readouterr().err == f"--scaling {file} is a file; give a folder\n"
+    assert main(["bench", "--out", str(tmp_path)]) == 2  # a file's option given a folder
+    assert capsys.readouterr().err == f"--out {tmp_path} is a folder; give a file name\n"

@@ -32,6 +32,9 @@ class FakeLM:
     ("yes", True), ("Yes.", True), ("YES, it does", True), ("  no", False), ("No, it contradicts.", False),
     ("Answer: yes", True), ("<think>the reference says no</think>Yes", True),
     ("I think no, not really", False),
+    # a negated yes/no gives no verdict (a malformed reply, counted as a no), not the word it negates
+    ("Not yes", None), ("not no", None), ("It is NOT  yes.", None), ("It isn't yes", None), ("never yes", None),
+    ("It does not. No.", False), ("Not really. Yes", True), ("Yes, not no", True),
     ("Nope", None), ("", None), ("The answer is correct.", None), ("yesterday", None), ("know", None),
     ("<think>still thinking about whether yes", None), (None, None), (3, None),
 ])

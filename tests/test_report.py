@@ -29,6 +29,8 @@ def test_report_table_and_chart(tmp_path, capsys):
                     row("b", "rewrite", 0.5, 0.5)])
     markdown, png = report(run)
     assert "| base | 25.0% |" in markdown and "| rewrite | 75.0% |" in markdown
+    assert markdown.rstrip().endswith("Units: accuracy in %; std over passages and mean gain (accuracy after the "
+                                      "update minus before, mean over the rows) in percentage points.")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert main(["report", str(run)]) == 0
     assert "rewrite" in capsys.readouterr().out
@@ -87,7 +89,8 @@ def test_report_of_a_condition_without_result(tmp_path, monkeypatch):
     original = report_module._save
     monkeypatch.setattr(report_module, "_save", lambda fig, path: (figures.append(fig), original(fig, path))[1])
     markdown, png = report(run)
-    assert markdown.splitlines()[-3:] == ["| base | 50.0% | 0.0 | 2 | 1 | +0.0 | 0 |",
+    assert [line for line in markdown.splitlines() if line.startswith("| ")][-3:] == [
+                                          "| base | 50.0% | 0.0 | 2 | 1 | +0.0 | 0 |",
                                           "| rewrite | 100.0% | 0.0 | 2 | 1 | +50.0 | 0 |",
                                           "| template | – | – | 0 | 1 | – | 2 |"]
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -147,3 +150,129 @@ def test_iterations_chart_of_all_zero_accuracy_starts_at_zero(tmp_path, monkeypa
     report_module.plot_iterations({"model": "m", "variant": "archive", "iterations": rows}, tmp_path / "it.png")
     low, high = figures[0].axes[0].get_ylim()
     assert low == 0 and high >= 5
+
+
+def test_units_under_the_template_table():
+    """The template table's best gain is a normalized gain, not a percentage like the scores beside it: the
+    line under the table says so (and nothing about % for a dense reward, whose title line gives its unit)."""
+    from seal_jax.report import template_units
+
+    line = template_units({"reward": "accuracy"})
+    assert "scores are accuracy in %" in line and "best gain is not in %" in line
+    assert "(accuracy after − before) / (1 − before)" in line
+    assert "%" not in template_units({"reward": "gold_loglik"})
+
+
+def restem_folder(tmp_path, eval_data=True):
+    run = tmp_path / "restem"
+    run.mkdir(parents=True)
+    table = {"strategy": "rewrite", "rounds": 1, "passages_per_round": 2,
+             "eval_data": {"source": "demo", "start": 10, "n": 2} if eval_data else None}
+    (run / "run_config.json").write_text(json.dumps({"name": "r", "model": "m", "restem": table}))
+    return run
+
+
+def test_report_of_a_restem_run_before_any_round(tmp_path, capsys):
+    """No round finished and nothing evaluated: an error that says how far the run got and how to continue
+    it, no all-"–" table and no empty chart (matplotlib's "No artists with labels" warning)."""
+    import warnings
+
+    run = restem_folder(tmp_path)
+    resume = f"`seal-jax run CONFIG --out {run} --resume` continues it"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError) as error:
+            report(run)
+        assert str(error.value) == (f"{run} is a ReST-EM run 'r' where no round has finished yet (the starting model "
+                                    f"on the held-out passages: 0 of 2 done); {resume}")
+        write_run(run / "round-0" / "eval", [row("demo-10", "base", 0.5, 0.5), row("demo-10", "rewrite", 0.5, 1.0)])
+        assert main(["report", str(run)]) == 1  # killed during the evaluation: its summary.json not written
+        err = capsys.readouterr().err
+        assert "no round has finished yet (the starting model on the held-out passages: 1 of 2 done)" in err
+        assert "Traceback" not in err
+    assert not (run / "rounds.png").exists() and not (run / "report.md").exists()
+
+    no_eval = restem_folder(tmp_path / "plain", eval_data=False)
+    with pytest.raises(ValueError, match=r"no round has finished yet \(round 1's E-step: 0 of 2 passages done\)"):
+        report(no_eval)
+
+
+def test_report_of_an_unfinished_restem_run_says_where_it_is(tmp_path):
+    """Something to show: the table and chart, then where the run is and how to continue it."""
+    import warnings
+
+    from seal_jax.selfedit.results import read_rows, summarize
+
+    run = restem_folder(tmp_path)
+    resume = f"`seal-jax run CONFIG --out {run} --resume` continues it"
+    evaluation = run / "round-0" / "eval"
+    write_run(evaluation, [row(p, c, 0.5, 0.5) for p in ("demo-10", "demo-11") for c in ("base", "rewrite")])
+    (evaluation / "summary.json").write_text(json.dumps(summarize(read_rows(evaluation / "results.jsonl"), "m")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        markdown, png = report(run)
+    assert "| 0 | 50.0% | 50.0% | – | – | – | – |" in markdown.splitlines()
+    assert markdown.rstrip().endswith(f"The run has not finished: round 1's E-step: 0 of 2 passages done ({resume}).")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    write_run(run / "round-1", [row(p, c, 0.0, 1.0) for p in ("a", "b") for c in ("base", "rewrite")])
+    assert "The run has not finished: round 1's E-step is done; its SFT of the generator has not finished" in (
+        report(run)[0])
+    (run / "round-1" / "round.json").write_text(json.dumps({"generator": "round-1/generator", "sft_rows": 2,
+                                                           "mean_sft_reward": 1.0}))
+    assert "The run has not finished: round 1's generator on the held-out passages: 0 of 2 done" in report(run)[0]
+    write_run(run / "round-1" / "eval", [row(p, c, 0.5, 1.0) for p in ("demo-10", "demo-11") for c in ("base", "rewrite")])
+    assert "has not finished" not in report(run)[0]
+
+
+def test_rounds_chart_without_a_point_has_no_legend(tmp_path):
+    import warnings
+
+    from seal_jax.report import plot_rounds
+
+    summary = {"model": "m", "strategy": "rewrite", "rounds": [{"round": 0, "eval": None, "train": None}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib: "No artists with labels found to put in legend"
+        assert plot_rounds(summary, tmp_path / "rounds.png").is_file()
+
+
+def continual_folder(tmp_path, sequences, steps):
+    """A continual run of 3 passages; ``steps[s]``: how many rows sequence ``s`` has written (4 = finished)."""
+    run = tmp_path / "continual"
+    run.mkdir(parents=True)
+    (run / "run_config.json").write_text(json.dumps(
+        {"name": "cont", "model": "m", "continual": {"strategy": "implications", "passages": 3,
+                                                     "sequences": sequences}}))
+    for s, count in enumerate(steps):
+        rows = [{"step": i - 1, "passage_id": "untouched" if i == 0 else f"demo-{i}", "sequence": s,
+                 "accuracy": [0.5] * (3 if i == 0 else i), "gold_loglik": [-5.0] * (3 if i == 0 else i),
+                 "passage_rows": 1} for i in range(count)]
+        (run / f"sequence-{s}").mkdir()
+        (run / f"sequence-{s}" / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_report_of_a_continual_run_killed_partway(tmp_path, capsys):
+    """No finished sequence: how far the run got and how to continue it, as the knowledge report says."""
+    run = continual_folder(tmp_path, 1, [3])
+    expected = (f"{run} is a continual run 'cont' with no finished sequence yet (sequence 0: 2 of 3 steps done); "
+                f"`seal-jax run CONFIG --out {run} --resume` continues it")
+    with pytest.raises(ValueError) as error:
+        report(run)
+    assert str(error.value) == expected
+    assert main(["report", str(run)]) == 1
+    assert capsys.readouterr().err == f"seal-jax report: ValueError: {expected}\n"
+    (run / "sequence-0" / "steps.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"no finished sequence yet \(sequence 0: the untouched model not scored "
+                                         r"yet\); `seal-jax run CONFIG --out .* --resume` continues it"):
+        report(run)
+    assert not (run / "report.md").exists()
+
+
+def test_report_of_a_continual_run_with_sequences_left(tmp_path):
+    run = continual_folder(tmp_path, 2, [4, 2])
+    markdown, png = report(run)
+    assert "| step 2 | 50.0% (0.0) | 50.0% (0.0) | 50.0% (0.0) |" in markdown
+    assert markdown.rstrip().endswith(f"1 of 2 sequences done (sequence 1: 1 of 3 steps done): the run has not "
+                                      f"finished (`seal-jax run CONFIG --out {run} --resume` continues it).")
+    assert png.name == "forgetting.png"
+    assert "has not finished" not in report(continual_folder(tmp_path / "done", 1, [4]))[0]

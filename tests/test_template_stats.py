@@ -12,6 +12,7 @@ from seal_jax.selfedit.archive import Archive, ArchiveEntry
 from seal_jax.selfedit.diversity import hyperparameter_similarity, instruction_similarity
 from seal_jax.selfedit.template_stats import (
     read_templates_by_iteration,
+    read_templates_file,
     template_stats,
     template_stats_markdown,
     templates_by_iteration,
@@ -72,7 +73,10 @@ def test_a_run_archive_reads_with_the_seeds_as_iteration_zero(tmp_path):
      "iteration '1', template 0: num_epochs must be a number"),
     ([{"iteration": 1, "template": {**PAPER, "lora_rank": 8}}], "lora_rank is 16 under"),
     ([{"iteration": 1, "template": {"hyperparameters": PAPER["hyperparameters"]}}], "missing"),
-    ("text", "expected a JSON object or list"), ([], "no template found"),
+    ("text", "expected a JSON object or list"), ([], "no template found; give a file of templates"),
+    ({"1": []}, "no template found; give a file of templates"),  # as an empty list, not "0 templates"
+    ({"1": [{"template": None}]}, r"no template found \(only 1 row\(s\) without a template"),
+    ([{"iteration": 1, "template": None}], r"no template found \(only 1 row\(s\) without a template"),
 ])
 def test_malformed_files_say_where(data, reason):
     with pytest.raises(TemplateError, match=reason):
@@ -110,3 +114,33 @@ def test_values_are_read_as_written_and_clamping_is_counted():
     assert stats[0]["ranges"]["lora_rank"] == (16, 128) and stats[0]["ranges"]["learning_rate"] == (1e-4, 0.01)
     assert stats[0]["clamped"] == 1
     assert "seal-jax would clamp 1 of these templates" in template_stats_markdown(stats)
+
+
+def test_files_without_templates_are_errors_alike(tmp_path):
+    """An empty file, an empty JSON object's iteration and only rejected proposals all say the file holds no
+    template (before, ``{"1": []}`` gave "0 templates in 0 iteration(s)" and an empty table)."""
+    for name, text in [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("by-key.json", '{"1": []}'),
+                       ("rejected.jsonl", json.dumps({"iteration": 1, "template": None}) + "\n")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(TemplateError, match=f"{name}: no template found"):
+            read_templates_by_iteration(tmp_path / name)
+
+
+def test_a_cut_off_last_line_is_left_out(tmp_path):
+    """A search still writing its proposals.jsonl (or killed mid-write) leaves a cut-off last line: it is left
+    out, as results.read_rows does; a damaged line before the last one is still an error."""
+    rows = [{"iteration": 1, "template": PAPER}, {"iteration": 1, "template": THIRD}, {"iteration": 2, "template": LONE}]
+    lines = [json.dumps(r) for r in rows]
+    path = tmp_path / "proposals.jsonl"
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # the last write cut short
+    groups, skipped, cut_off = read_templates_file(path)
+    assert (list(groups), [len(g) for g in groups.values()], skipped, cut_off) == ([1], [2], 0, 3)
+    assert read_templates_by_iteration(path) == (groups, 1)  # counted with the rows left out
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40] + "\n\n")  # cut, then blank lines
+    assert read_templates_file(path)[2] == 3
+    path.write_text(lines[0] + "\n" + lines[1][:40] + "\n" + lines[2] + "\n")  # a damaged middle line
+    with pytest.raises(TemplateError, match=r"proposals.jsonl:2 is not JSON: .*not the cut-off last line"):
+        read_templates_file(path)
+    path.write_text(lines[0][:40])  # one cut line: not JSONL rows, an error as before
+    with pytest.raises(TemplateError, match="proposals.jsonl:1 is not JSON"):
+        read_templates_file(path)

@@ -17,7 +17,7 @@ from typing import Any
 
 from seal_jax.selfedit.grading import Grader, contains_gold, grade
 
-__all__ = ["CalibrationError", "calibration_report", "load_calibration", "split_calibration"]
+__all__ = ["CalibrationError", "calibration_report", "load_calibration", "ratio_cell", "split_calibration"]
 
 
 
@@ -103,7 +103,9 @@ def split_calibration(rows: Sequence[Mapping], seed: int = 0,
 
 
 def _agreement_stats(pairs: Iterable[tuple[bool, bool]]) -> dict[str, Any]:
-    """Agreement, precision, recall and Cohen's kappa of (grader, reference) verdict pairs."""
+    """Agreement, precision, recall and Cohen's kappa of (grader, reference) verdict pairs; a ratio whose
+    denominator is zero (precision of a grader that never says yes, recall without a reference yes, anything
+    of no pairs) is ``None``, which JSON writes as ``null`` (NaN is not JSON)."""
     tp = fp = fn = tn = 0
     for ours, ref in pairs:
         if ours and ref:
@@ -116,8 +118,8 @@ def _agreement_stats(pairs: Iterable[tuple[bool, bool]]) -> dict[str, Any]:
             tn += 1
     n = tp + fp + fn + tn
     if n == 0:
-        return {"n": 0, "agreement": float("nan"), "precision": float("nan"), "recall": float("nan"),
-                "cohen_kappa": float("nan"), "tp": 0, "fp": 0, "fn": 0, "tn": 0}
+        return {"n": 0, "agreement": None, "precision": None, "recall": None, "cohen_kappa": None,
+                "tp": 0, "fp": 0, "fn": 0, "tn": 0}
     observed = (tp + tn) / n
     # chance agreement from the two raters' own yes rates
     ours_yes, ref_yes = (tp + fp) / n, (tp + fn) / n
@@ -126,8 +128,8 @@ def _agreement_stats(pairs: Iterable[tuple[bool, bool]]) -> dict[str, Any]:
     return {
         "n": n,
         "agreement": observed,
-        "precision": tp / (tp + fp) if tp + fp else float("nan"),
-        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
         "cohen_kappa": kappa,
         "tp": tp, "fp": fp, "fn": fn, "tn": tn,
     }
@@ -139,7 +141,8 @@ def calibration_report(rows: Sequence[Mapping], grader: Grader = grade, *,
     calibration ``rows``.
 
     Returns ``{n, agreement, precision, recall, cohen_kappa, tp, fp, fn, tn, baseline}``: precision and
-    recall treat the reference "yes" as the positive class, kappa is Cohen's (observed agreement
+    recall treat the reference "yes" as the positive class (``None`` where undefined: a grader that never
+    says yes has no precision, rows without a reference yes no recall), kappa is Cohen's (observed agreement
     corrected for the agreement expected from the two yes rates), and ``baseline`` holds the same
     numbers for :func:`contains_gold` (normalised gold contained in the normalised prediction).
     ``verdicts`` (e.g. a :class:`JudgeGrader`'s, computed in batches) replaces calling ``grader``.
@@ -154,3 +157,8 @@ def calibration_report(rows: Sequence[Mapping], grader: Grader = grade, *,
     report = _agreement_stats(zip(ours, refs, strict=True))
     report["baseline"] = _agreement_stats(zip(base, refs, strict=True))
     return report
+
+
+def ratio_cell(value: float | None) -> str:
+    """A ratio of :func:`calibration_report` as a table cell: three decimals, or ``–`` where undefined."""
+    return "–" if value is None else f"{round(value, 3) + 0.0:.3f}"  # (+ 0.0: no "-0.000" for a rounded -1e-17)

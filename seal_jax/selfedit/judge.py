@@ -37,6 +37,8 @@ own knowledge. Reply with one word: yes or no."""
 
 _THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
 _YES_NO_WORD = re.compile(r"\b(yes|no)\b", re.I)
+# a negation right before the yes/no word ("Not yes", "not no", "isn't yes", "never yes"): no verdict to read
+_NEGATED = re.compile(r"(?:\b(?:not|never)|n't|n’t)\s+$", re.I)
 _MAX_JUDGED_CHARS = 2000
 
 
@@ -53,6 +55,8 @@ def parse_judge_reply(reply: object) -> bool | None:
     """The verdict in a judge's reply: its first "yes" or "no" word (case-insensitive), else None.
 
     A ``<think>…</think>`` block is skipped; an unfinished one (the reply was cut while thinking) gives None.
+    So does a first yes/no word negated by the word before it ("Not yes", "not no", "isn't yes"): such a
+    reply gives no verdict, and :class:`JudgeGrader` counts it as a malformed reply, a no.
     """
     if not isinstance(reply, str):
         return None
@@ -60,7 +64,7 @@ def parse_judge_reply(reply: object) -> bool | None:
     if "<think>" in text.lower():
         return None
     m = _YES_NO_WORD.search(text)
-    if m is None:
+    if m is None or _NEGATED.search(text, 0, m.start()):
         return None
     return m.group(1).lower() == "yes"
 

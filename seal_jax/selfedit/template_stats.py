@@ -10,7 +10,8 @@ of these shapes:
   ``"iteration"`` key; seal-jax's ``archive.jsonl`` (iteration 0 = the human seeds) and an iteration's
   ``proposals.jsonl`` are such rows. Rows whose ``template`` is null (rejected proposals, base rows) are
   skipped and counted; rows with a ``template_id`` count once per (iteration, template id), so a
-  ``results.jsonl`` (one row per passage × template × fill) gives each template once.
+  ``results.jsonl`` (one row per passage × template × fill) gives each template once. A cut-off last
+  JSONL line (a search still writing the file) is left out; a file without any template is an error.
 
 Values are read as written, not clamped to seal-jax's ranges (a file of another system's templates keeps
 its own numbers); each template needs a ``data_creation_instruction`` string and the six hyperparameters
@@ -29,7 +30,8 @@ from seal_jax.selfedit.diversity import hyperparameter_similarity, instruction_s
 from seal_jax.selfedit.template_errors import _flat_template, _number
 from seal_jax.selfedit.templates import HYPERPARAMETERS, HYPERPARAMETERS_KEY, Template, TemplateError
 
-__all__ = ["read_templates_by_iteration", "template_stats", "template_stats_markdown", "templates_by_iteration"]
+__all__ = ["read_templates_by_iteration", "read_templates_file", "template_stats", "template_stats_markdown",
+           "templates_by_iteration"]
 
 _ITERATION_KEY = re.compile(r"(?:(?:iteration|iter|it)[-_ ]?)?(\d+)", re.IGNORECASE)
 
@@ -63,6 +65,13 @@ def _checked(template: Any, where: str) -> dict[str, Any]:
         raise TemplateError(f"{where}: {error}") from None
 
 
+def _no_template(where: str, skipped: int) -> str:
+    """The error of a file (or value) that holds no template."""
+    rows = f" (only {skipped} row(s) without a template, e.g. rejected proposals)" if skipped else ""
+    return (f"{where}: no template found{rows}; give a file of templates by iteration, e.g. a template "
+            "search's archive.jsonl")
+
+
 def templates_by_iteration(data: Any, where: str = "templates") -> tuple[dict[int, list[dict[str, Any]]], int]:
     """``({iteration: [template, …]}, skipped rows)`` from parsed JSON in one of the module's shapes.
 
@@ -86,6 +95,8 @@ def templates_by_iteration(data: Any, where: str = "templates") -> tuple[dict[in
                     skipped += 1
                     continue
                 groups.setdefault(it, []).append(_checked(template, here))
+        if not groups:
+            raise TemplateError(_no_template(where, skipped))
         return dict(sorted(groups.items())), skipped
     rows = [data] if isinstance(data, Mapping) else data
     if not isinstance(rows, list):
@@ -114,25 +125,44 @@ def templates_by_iteration(data: Any, where: str = "templates") -> tuple[dict[in
             seen.add(key)
         groups.setdefault(it, []).append(_checked(template, f"{here} (iteration {it})"))
     if not groups:
-        raise TemplateError(f"{where}: no template found")
+        raise TemplateError(_no_template(where, skipped))
     return dict(sorted(groups.items())), skipped
 
 
-def read_templates_by_iteration(path: str | Path) -> tuple[dict[int, list[dict[str, Any]]], int]:
+def read_templates_file(path: str | Path) -> tuple[dict[int, list[dict[str, Any]]], int, int | None]:
     """:func:`templates_by_iteration` of a JSON or JSONL file (a file that is not one JSON value is read
-    as JSONL, one value a line)."""
+    as JSONL, one value a line): ``(groups, skipped rows, number of the cut-off last line or None)``.
+
+    As :func:`~seal_jax.selfedit.results.read_rows` does, a JSONL file's last line that does not parse is
+    left out: a search still writing its ``proposals.jsonl`` (or one killed mid-write) leaves such a line.
+    A line before the last one that does not parse is an error, and so is a file without any template
+    (empty, ``{"1": []}``, only rejected proposals).
+    """
     text = Path(path).read_text(encoding="utf-8")
+    cut_off = None
     try:
         data: Any = json.loads(text)
     except ValueError:
         data = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    data.append(json.loads(line))
-                except ValueError as error:
-                    raise TemplateError(f"{path}:{number} is not JSON: {error}") from None
-    return templates_by_iteration(data, where=str(path))
+        numbered = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for i, (number, line) in enumerate(numbered):
+            try:
+                data.append(json.loads(line))
+            except ValueError as error:
+                if 0 < i == len(numbered) - 1:  # JSONL rows, then a torn last write
+                    cut_off = number
+                    break
+                raise TemplateError(f"{path}:{number} is not JSON: {error}; it is not the cut-off last line of "
+                                    "JSONL rows, so the file is damaged (or not JSON/JSONL)") from None
+    groups, skipped = templates_by_iteration(data, where=str(path))
+    return groups, skipped, cut_off
+
+
+def read_templates_by_iteration(path: str | Path) -> tuple[dict[int, list[dict[str, Any]]], int]:
+    """``({iteration: [template, …]}, skipped rows)`` of a JSON or JSONL file (:func:`read_templates_file`;
+    a cut-off last line counts as a skipped row)."""
+    groups, skipped, cut_off = read_templates_file(path)
+    return groups, skipped + (cut_off is not None)
 
 
 def template_stats(groups: Mapping[int, Sequence[Any]], backend: str = "auto") -> list[dict[str, Any]]:
