@@ -10,10 +10,14 @@ from conftest import tiny_config
 
 import seal_jax as sj
 from seal_jax.lm.types import remat_name
+from seal_jax.selfedit import knowledge
+from seal_jax.selfedit.data import DataError
 from seal_jax.selfedit.grading import grade
-from seal_jax.selfedit.knowledge import run_knowledge
+from seal_jax.selfedit.knowledge import condition_jobs, propose_run_template, run_knowledge
 from seal_jax.selfedit.results import (
     ROW_FIELDS,
+    Measure,
+    StateFileError,
     read_rows,
 )
 from seal_jax.selfedit.run_config import (
@@ -21,8 +25,13 @@ from seal_jax.selfedit.run_config import (
     RunConfigError,
     select_data,
 )
+from seal_jax.selfedit.templates import Template
 
 SUMMARY_FIELDS = {"accuracy", "accuracy_std", "n_questions", "n_passages", "mean_gain"}
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("no model may load here")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +70,7 @@ def test_run_rows_and_summary_schema(tiny_chat_dir, tiny_lm, tmp_path):
     assert json.loads((tmp_path / "run_config.json").read_text())["model"] == str(tiny_chat_dir)
 
 
-def test_killed_run_resumes_to_the_same_rows(tiny_chat_dir, tiny_lm, tmp_path):
+def test_killed_run_resumes_to_the_same_rows(tiny_chat_dir, tiny_lm, tmp_path, monkeypatch):
     config = tiny_config(tiny_chat_dir)
     full = tmp_path / "full"
     run_knowledge(config, full, lm=tiny_lm, progress=False)
@@ -81,6 +90,26 @@ def test_killed_run_resumes_to_the_same_rows(tiny_chat_dir, tiny_lm, tmp_path):
     assert strip(read_rows(part / "results.jsonl")) == strip(read_rows(full / "results.jsonl"))
     with pytest.raises(RunConfigError, match=r"config differs in \['k'\] \(saved -> now: k 2 -> 3\)"):
         run_knowledge(tiny_config(tiny_chat_dir, k=3), part, lm=tiny_lm, progress=False, resume=True)
+    # resumed once more with no passage left: no model loads and no grader is made; the summary is written again
+    monkeypatch.setattr(knowledge, "load_model", no_model)
+    monkeypatch.setattr(knowledge, "make_grader", no_model)
+    (part / "summary.json").unlink()
+    summary = run_knowledge(config, part, progress=False, resume=True)
+    assert summary == json.loads((full / "summary.json").read_text()) == json.loads((part / "summary.json").read_text())
+    assert strip(read_rows(part / "results.jsonl")) == strip(read_rows(full / "results.jsonl"))
+
+
+@pytest.mark.parametrize(("data", "error", "match"), [
+    ({"source": "demo", "n": 3, "start": 100}, DataError, "start=100 is past the end"),
+    ({"source": "no-such-passages.json"}, DataError, "no such file"),
+    ({"source": "demo", "ids": ["nope"]}, RunConfigError, "no passage 'nope'"),
+])
+def test_a_refused_data_selection_writes_no_run_folder(tiny_chat_dir, tmp_path, monkeypatch, data, error, match):
+    """The data is checked before the folder is made: a report on it would call it a run to resume."""
+    monkeypatch.setattr(knowledge, "load_model", no_model)
+    with pytest.raises(error, match=match):
+        run_knowledge(tiny_config(tiny_chat_dir, data=data), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_passages_training_together_give_the_rows_they_give_alone(tiny_chat_dir, tiny_lm, tmp_path, monkeypatch):
@@ -281,3 +310,49 @@ def test_template_condition_trains_next_to_the_human_strategies(tiny_chat_dir, t
     assert "up to 2 attempt(s) of 2 proposals" in err and "template ready" in err
     with pytest.raises(RunConfigError, match="template_condition"):
         tiny_config(tiny_chat_dir, template_condition={"fallback": "lines"})
+
+
+def test_damaged_state_files_are_named_before_the_model_loads(tiny_chat_dir, tiny_lm, tmp_path, monkeypatch):
+    config = tiny_config(tiny_chat_dir, conditions=["base", "template"], template_condition={"max_retries": 0})
+    run = tmp_path / "run"
+    run_knowledge(config, run, lm=CannedTemplateLM(tiny_lm), progress=False, stop_after=0)  # the template, no row
+    saved = (run / "template.json").read_text()
+    assert json.loads(saved)["template"] and not list(run.glob("*.tmp"))
+    monkeypatch.setattr(knowledge, "load_model", no_model)
+    (run / "template.json").write_text(saved[:40])  # cut off by a kill (an older seal-jax wrote it in place)
+    with pytest.raises(StateFileError, match=r"template\.json is not valid JSON \(.*\): delete it and resume to "
+                                             r"propose the template condition's template again"):
+        run_knowledge(config, run, progress=False, resume=True)
+    (run / "template.json").write_text(json.dumps({**json.loads(saved), "template": {"lora_rank": 8}}))
+    with pytest.raises(StateFileError, match=r"template\.json: its template is not valid \(.*\): delete it"):
+        run_knowledge(config, run, progress=False, resume=True)
+    (run / "template.json").write_text(saved)
+    (run / "run_config.json").write_text('{"name": "ti')
+    with pytest.raises(StateFileError, match=r"run_config\.json is not valid JSON .*the config the run started with"):
+        run_knowledge(config, run, progress=False, resume=True)
+
+
+class CutOffLM:
+    """Every answer stops in the middle, as at the token limit."""
+
+    def generate(self, prompts, params, chat=False, **kwargs):
+        return ['{"data_creation_instruction": "State each fact'] * len(prompts)
+
+
+def test_cut_off_answers_name_the_key_that_sets_their_length(tiny_chat_dir, tmp_path):
+    config = tiny_config(tiny_chat_dir, conditions=["base", "template"], template_condition={"max_retries": 0})
+    template, failure = propose_run_template(CutOffLM(), config, tmp_path)
+    assert template is None and "cut off (raise template_condition.proposal_max_new_tokens)" in failure
+    proposals = json.loads((tmp_path / "template.json").read_text())["proposals"]
+    assert proposals and all("(raise template_condition.proposal_max_new_tokens)" in p["reason"] for p in proposals)
+    passage = select_data(config.data)[0][0]
+    cut = {"template": ['{"training_sequences": ["A first fa'] * config.k}
+    jobs, failed = condition_jobs(passage, config, cut, None, Template.from_dict(CannedTemplateLM.TEMPLATE), None,
+                                  Measure(0.5))
+    assert not jobs and len(failed) == config.k
+    assert all("cut off (raise template_condition.fill_max_new_tokens, which is selfedit_sampling.max_new_tokens "
+               "when unset)" in r["failure"] for r in failed)
+    set_length = tiny_config(tiny_chat_dir, conditions=["base", "template"], template_condition={"fill_max_new_tokens": 64})
+    _, failed = condition_jobs(passage, set_length, cut, None, Template.from_dict(CannedTemplateLM.TEMPLATE), None,
+                               Measure(0.5))
+    assert all(r["failure"].endswith("(raise template_condition.fill_max_new_tokens) or is malformed") for r in failed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 import seal_jax as sj
-from seal_jax.selfedit import restem
+from seal_jax.selfedit import generator, knowledge, restem
 from seal_jax.selfedit.data import load_passages
 from seal_jax.selfedit.generator import Models, SftResult
 from seal_jax.selfedit.restem import (
@@ -23,8 +24,19 @@ from seal_jax.selfedit.restem import (
     sft_rows,
     summarize_restem,
 )
-from seal_jax.selfedit.results import Measure, append_passage, read_rows, result_row, summarize
+from seal_jax.selfedit.results import (
+    Measure,
+    StateFileError,
+    append_passage,
+    read_rows,
+    result_row,
+    summarize,
+)
 from seal_jax.selfedit.run_config import RunConfigError
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("no model may load here")
 
 
 def row(pid, cand, reward, before=0.25, edit="an edit", failure=None, condition="implications", repeat=0):
@@ -152,6 +164,12 @@ def test_restem_run_layout_and_resume(tiny_chat_dir, tmp_path, monkeypatch):
     strip = lambda rows: [{k: v for k, v in x.items() if k != "seconds"} for x in rows]  # noqa: E731
     assert strip(read_rows(moved / "round-2" / "eval" / "results.jsonl")) == strip(evaluated)
     assert again["rounds"][2]["eval"] == summary["rounds"][2]["eval"]
+    # resumed once more, finished: no model loads, and an evaluation's lost summary.json is written again
+    monkeypatch.setattr(generator, "load_model", no_model)
+    monkeypatch.setattr(knowledge, "load_model", no_model)
+    (moved / "round-1" / "eval" / "summary.json").unlink()
+    assert run_restem(config, "moved", progress=False, resume=True) == again
+    assert (moved / "round-1" / "eval" / "summary.json").is_file()
 
 
 def test_training_rounds_skip_the_evaluation_passages(tiny_chat_dir, shared_data):
@@ -194,6 +212,55 @@ def test_restem_config_errors(tiny_chat_dir, tmp_path):
     too_many = RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "passages_per_round": 20}})
     with pytest.raises(RunConfigError, match="need 40"):
         run_restem(too_many, tmp_path / "y", progress=False)
+    assert not (tmp_path / "y").exists()  # the data is checked before the folder is written
+    unknown = RestemConfig.from_dict({**raw, "restem": {**raw["restem"], "eval_data": {"source": "demo", "ids": ["x"]}}})
+    with pytest.raises(RunConfigError, match="no passage 'x'"):
+        run_restem(unknown, tmp_path / "z", progress=False)
+    assert not (tmp_path / "z").exists()
+    # the generator's SFT tables: a table of the spec's fields, each error naming the table
+    config = RestemConfig.from_dict(raw)
+    for key, value, match in [
+            ("sft_lora", "x", r"restem\.sft_lora must be a table"),
+            ("sft_lora", {"rank": -1}, r"^restem\.sft_lora: LoraSpec\.rank must be a positive integer"),
+            ("sft_lora", {"ranks": 4}, r"unknown keys in \[restem\.sft_lora\]: \['ranks'\]"),
+            ("sft_train", 3, r"restem\.sft_train must be a table"),
+            ("sft_train", {"learning_rate": -1.0}, r"^restem\.sft_train: TrainSpec\.learning_rate must be positive"),
+            ("sft_train", {"lr": 1e-3}, r"unknown keys in \[restem\.sft_train\]: \['lr'\]")]:
+        with pytest.raises(RunConfigError, match=match):  # built in Python
+            dataclasses.replace(config, **{key: value})
+        with pytest.raises(RunConfigError, match=match.removeprefix("^")):  # read from a config file
+            RestemConfig.from_dict({**raw, "restem": {**raw["restem"], key: value}})
+
+
+def test_damaged_state_files_are_named_before_a_model_loads(tiny_chat_dir, tmp_path, monkeypatch):
+    config = RestemConfig.from_dict(restem_raw(tiny_chat_dir))
+    monkeypatch.setattr(generator, "load_model", no_model)
+    monkeypatch.setattr(knowledge, "load_model", no_model)
+    out = tmp_path / "run"
+    (out / "round-1" / "eval").mkdir(parents=True)
+    (out / "run_config.json").write_text(json.dumps(config.to_json()))
+    (out / "round-1" / "round.json").write_text('{"round": 1, "trained_fr')  # cut off by a kill
+    with pytest.raises(StateFileError, match=r"round-1/round\.json is not valid JSON .*: delete it and resume: the "
+                                             r"round's E-step rows are kept"):
+        run_restem(config, out, progress=False, resume=True)
+    (out / "round-1" / "round.json").write_text('{"round": 1}')
+    with pytest.raises(StateFileError, match=r"round\.json lacks \['generator'\]"):
+        run_restem(config, out, progress=False, resume=True)
+    (out / "round-1" / "round.json").unlink()
+    (out / "round-1" / "eval" / "summary.json").write_text('{"model": "m", "cond')
+    for read in (lambda: run_restem(config, out, progress=False, resume=True),
+                 lambda: summarize_restem(out, config.knowledge.model, config.strategy, config.rounds)):
+        with pytest.raises(StateFileError, match=r"eval/summary\.json is not valid JSON .*: delete it and resume: "
+                                                 r"the run writes it again"):
+            read()
+    (out / "round-1" / "eval" / "summary.json").unlink()
+    (out / "round-1" / "eval" / "run_config.json").write_text("{")
+    with pytest.raises(StateFileError, match=r"eval/run_config\.json is not valid JSON"):
+        run_restem(config, out, progress=False, resume=True)
+    (out / "round-1" / "eval" / "run_config.json").unlink()
+    (out / "run_config.json").write_text('{"name": "tiny')
+    with pytest.raises(StateFileError, match=r"run/run_config\.json is not valid JSON .*the config the run started"):
+        run_restem(config, out, progress=False, resume=True)
 
 
 def test_sft_settings_may_change_on_resume_until_an_sft_has_run(tiny_chat_dir, tmp_path):

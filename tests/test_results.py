@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -10,13 +11,17 @@ from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.results import (
     Measure,
     ResultsFileError,
+    StateFileError,
     append_passage,
     append_rows,
     read_rows,
+    read_state,
     result_row,
     scored,
     summarize,
     summary_markdown,
+    write_json,
+    write_text,
 )
 
 ANSWER = {"question": "q", "gold": "g", "prediction": "p", "correct": True}
@@ -146,3 +151,38 @@ def test_failed_rows_leave_the_means_of_a_condition_with_results():
     assert c["accuracy"] == 0.5 and c["mean_gain"] == 0.5 and c["accuracy_std"] == 0.0
     assert c["gold_loglik"] == pytest.approx(-1.5) and c["gold_loglik_change"] == pytest.approx(1.5)
     assert c["failures"] == 2 and c["n_questions"] == 2 and c["n_passages"] == 1
+
+
+def test_state_files_are_replaced_whole_and_a_damaged_one_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "round.json"
+    write_json(path, {"generator": "round-1/generator", "note": "é"})
+    assert read_state(path, "redo it", keys=("generator",)) == {"generator": "round-1/generator", "note": "é"}
+    write_json(path, {"note": "é"}, ensure_ascii=True)
+    assert "\\u00e9" in path.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["round.json"]  # no temporary file left
+    # a write killed half-way leaves the old file whole (the new text went to a temporary file)
+    real_write = os.write
+
+    def killed(fd, data):
+        real_write(fd, bytes(data[:5]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_text(path, json.dumps({"generator": "x" * 100}))
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"note": "é"}
+    assert read_state(tmp_path / "absent.json", "redo it") is None
+    # a cut-off, non-object, incomplete or non-UTF-8 file: an error naming the file, the fault and the remedy
+    path.write_text('{"meta_prompt": "You are desig')
+    with pytest.raises(StateFileError, match=r"round\.json is not valid JSON \(Unterminated string.*: delete it"):
+        read_state(path, "delete it to redo the step")
+    path.write_text("[1, 2]")
+    with pytest.raises(StateFileError, match=r"round\.json holds a JSON list, not an object: redo"):
+        read_state(path, "redo")
+    path.write_text('{"note": 1}')
+    with pytest.raises(StateFileError, match=r"round\.json lacks \['generator'\]: redo"):
+        read_state(path, "redo", keys=("generator", "note"))
+    path.write_bytes(b'{"note": "\xff"}')
+    with pytest.raises(StateFileError, match=r"round\.json is not UTF-8 text"):
+        read_state(path, "redo")

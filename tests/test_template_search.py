@@ -7,25 +7,32 @@ fill generations return fixed valid text; training, answering and grading run on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import seal_jax as sj
+from seal_jax.selfedit import template_search
 from seal_jax.selfedit.archive import Archive, ArchiveEntry
-from seal_jax.selfedit.results import ROW_FIELDS, read_rows
+from seal_jax.selfedit.data import DataError
+from seal_jax.selfedit.generator import Models
+from seal_jax.selfedit.results import ROW_FIELDS, Measure, StateFileError, read_rows
 from seal_jax.selfedit.run_config import RunConfigError
 from seal_jax.selfedit.runs import config_from_dict, kind_of
 from seal_jax.selfedit.template_search import (
     TEMPLATE_ROW_FIELDS,
     TemplateSearchConfig,
+    _Search,
     eval_passages,
     run_template_search,
     summarize_template_search,
     template_markdown,
+    template_passage_rows,
     template_scores,
     training_passages,
 )
@@ -475,6 +482,29 @@ def test_config_parsing_and_errors(tiny_chat_dir):
     too_many = TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, passages=500))
     with pytest.raises(RunConfigError, match="templates.passages = 500"):
         training_passages(too_many)
+    # the generator's SFT tables: a table of the spec's fields, each error naming the table
+    for key, value, match in [
+            ("sft_lora", "x", r"templates\.sft_lora must be a table"),
+            ("sft_lora", {"rank": -1}, r"^templates\.sft_lora: LoraSpec\.rank must be a positive integer"),
+            ("sft_lora", {"ranks": 4}, r"unknown keys in \[templates\.sft_lora\]: \['ranks'\]"),
+            ("sft_train", [1], r"templates\.sft_train must be a table"),
+            ("sft_train", {"epochs": 0}, r"^templates\.sft_train: TrainSpec\.epochs must be a positive integer"),
+            ("sft_train", {"lr": 1e-3}, r"unknown keys in \[templates\.sft_train\]: \['lr'\]")]:
+        with pytest.raises(RunConfigError, match=match):  # built in Python
+            dataclasses.replace(config, **{key: value})
+        with pytest.raises(RunConfigError, match=match.removeprefix("^")):  # read from a config file
+            TemplateSearchConfig.from_dict({**raw, "templates": {**raw["templates"], key: value}})
+    # [templates.novelty]: only for the novelty variant, every knob in its range
+    with pytest.raises(RunConfigError, match=r"variant is 'archive', which does not use it"):
+        TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, novelty={"k": 2}))
+    for knobs, match in [({"k": 0}, r"novelty\.k .* positive integer, got 0"), ({"k": True}, r"novelty\.k"),
+                         ({"lam": -1}, r"novelty\.lam .* must be >= 0, got -1"),
+                         ({"lam": "0.5"}, r"novelty\.lam must be a finite number"),
+                         ({"weight": 1.5}, r"novelty\.weight .* \[0, 1\], got 1\.5"), ("x", r"novelty must be a table")]:
+        with pytest.raises(RunConfigError, match=match):
+            TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, variant="novelty", novelty=knobs))
+    assert TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, variant="novelty", novelty={
+        "k": 1, "lam": 0, "weight": 1.0})).make_archive().k == 1
 
 
 def test_held_out_evaluation_of_the_best_template(tiny_chat_dir, tiny_lm, tmp_path):
@@ -575,3 +605,62 @@ def test_gold_loglik_reward_rescored_seeds_and_resume(tiny_chat_dir, tiny_lm, tm
     run_template_search(config, part, lm=CannedLM(tiny_lm), progress=False, resume=True)
     assert strip(read_rows(part / "seeds" / "results.jsonl")) == strip(seed_rows)
     assert (part / "archive.jsonl").read_text() == (tmp_path / "full" / "archive.jsonl").read_text()
+
+
+def test_a_refused_passage_selection_writes_no_run_folder(tiny_chat_dir, tmp_path):
+    beyond = TemplateSearchConfig.from_dict({**search_raw(tiny_chat_dir), "data": {"source": "demo", "start": 100}})
+    with pytest.raises(DataError, match="start=100 is past the end"):
+        run_template_search(beyond, tmp_path / "beyond", progress=False)
+    unknown = TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, eval_data={"source": "demo", "ids": ["nope"]}))
+    with pytest.raises(RunConfigError, match="no passage 'nope'"):
+        run_template_search(unknown, tmp_path / "unknown", progress=False)
+    assert not (tmp_path / "beyond").exists() and not (tmp_path / "unknown").exists()
+
+
+def test_a_finished_search_resumes_without_a_model_and_a_damaged_marker_is_named(archive_run, tmp_path):
+    config, out, summary, _, _ = archive_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+
+    def no_model(path):
+        raise AssertionError(f"no model may load here ({path})")
+
+    assert run_template_search(config, copy, resume=True, progress=False, loader=no_model) == summary
+    marker = copy / "iteration-2" / "iteration.json"
+    marker.write_text(marker.read_text()[:60])  # cut off by a kill (an older seal-jax wrote it in place)
+    with pytest.raises(StateFileError, match=r"iteration-2/iteration\.json is not valid JSON .*: delete it and resume"):
+        run_template_search(config, copy, resume=True, progress=False, loader=no_model)
+    with pytest.raises(StateFileError, match=r"iteration\.json"):  # the report names it too
+        summarize_template_search(copy, config)
+    marker.write_text("{}")
+    with pytest.raises(StateFileError, match=r"iteration\.json lacks \['next_generator'\]"):
+        run_template_search(config, copy, resume=True, progress=False, loader=no_model)
+    (copy / "run_config.json").write_text("{")
+    with pytest.raises(StateFileError, match=r"run_config\.json is not valid JSON"):
+        run_template_search(config, copy, resume=True, progress=False, loader=no_model)
+
+
+class CutOffLM:
+    """Every proposal and fill stops in the middle, as at the token limit."""
+
+    def generate(self, prompts, params, chat=False, **kwargs):
+        if prompts[0].startswith("Passage:\n"):
+            return ['{"training_sequences": ["A first fa'] * len(prompts)
+        return ['{"data_creation_instruction": "State each fact'] * len(prompts)
+
+
+def test_cut_off_answers_name_the_key_that_sets_their_length(tiny_chat_dir, tmp_path, monkeypatch):
+    config = TemplateSearchConfig.from_dict(search_raw(tiny_chat_dir, iterations=1, passages=1, fills=1))
+    lm = CutOffLM()
+    search = _Search(config, tmp_path, Models(config.knowledge, lm, what="a test", progress=False), [], [], None,
+                     False)
+    _, records = search.propose(1, tmp_path, config.make_archive(), config.knowledge.model)
+    assert records and all("cut off (raise templates.proposal_max_new_tokens)" in r.reason for r in records)
+    assert all("(raise templates.proposal_max_new_tokens)" in p["reason"] for p in read_rows(tmp_path / "proposals.jsonl"))
+    monkeypatch.setattr(template_search, "score_base", lambda *args: SimpleNamespace(measure=Measure(0.5), answers=[]))
+    monkeypatch.setattr(template_search, "train_and_score", lambda *args, **kwargs: [])
+    passage = training_passages(config)[0]
+    rows = template_passage_rows(lm, lm, passage, [("it1-t0", Template.from_dict(TEMPLATE_A))], config, None,
+                                 iteration=1)
+    assert [r["template_id"] for r in rows] == [None, "it1-t0"]
+    assert "cut off (raise templates.fill_max_new_tokens)" in rows[1]["failure"]

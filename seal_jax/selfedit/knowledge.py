@@ -28,7 +28,6 @@ reason (accuracy after = before: nothing was trained).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,12 +51,17 @@ from seal_jax.selfedit.meta_prompts import fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer, say
 from seal_jax.selfedit.proposals import Proposal, chosen, propose
 from seal_jax.selfedit.results import (
+    RUN_CONFIG_REMEDY,
     Measure,
+    StateFileError,
     read_rows,
+    read_state,
     record_passage,
     result_row,
     summarize,
     summary_markdown,
+    write_json,
+    write_text,
 )
 from seal_jax.selfedit.run_config import (
     SELFEDIT_SAMPLING,
@@ -74,7 +78,20 @@ from seal_jax.selfedit.strategies import (
     self_edit_prompt,
     training_sequences,
 )
+from seal_jax.selfedit.template_errors import name_length_key
 from seal_jax.selfedit.templates import Template
+
+TEMPLATE_FILE = "template.json"
+# What to do about a damaged template.json in a run folder (see results.read_state).
+TEMPLATE_REMEDY = ("delete it and resume to propose the template condition's template again (from the same seeds), "
+                   "or run the config into a new --out")
+
+
+def fill_length_key(config: RunConfig) -> str:
+    """The config key that sets the template condition's fill length (for hints about cut-off fills)."""
+    if config.template_options()["fill_max_new_tokens"] is None:
+        return "template_condition.fill_max_new_tokens, which is selfedit_sampling.max_new_tokens when unset"
+    return "template_condition.fill_max_new_tokens"
 
 
 def generate_self_edits(lm: LanguageModel, passage: Passage, config: RunConfig,
@@ -141,7 +158,8 @@ def condition_jobs(passage: Passage, config: RunConfig, generated: dict[str, lis
                 try:
                     pieces, fallback = fill_pieces(text, options["fill_fallback"])
                 except ValueError as error:
-                    failed.extend(result_row(passage, name, c, text, 0, before, before, [], f"fill: {error}",
+                    reason = name_length_key(f"fill: {error}", fill_length_key(config))
+                    failed.extend(result_row(passage, name, c, text, 0, before, before, [], reason,
                                              reward=config.reward, repeat=r, fill_fallback=False)
                                   for r in range(config.repeats))
                     continue
@@ -190,17 +208,40 @@ def group_rows(lm: LanguageModel, passages: list[Passage], config: RunConfig, gr
     return [own + more for own, more in zip(rows, trained, strict=True)]
 
 
+def read_run_template(out: Path) -> tuple[Template | None, str | None] | None:
+    """The ``template`` condition's template a run wrote to ``out/template.json``: ``(Template or None,
+    failure reason or None)``, or ``None`` when there is no such file. Process 0 reads it, for every
+    process.
+
+    Raises:
+      StateFileError: the file is damaged or its template does not validate; the message names the file
+        and says what to do.
+    """
+    path = out / TEMPLATE_FILE
+    saved = agree(lambda: read_state(path, TEMPLATE_REMEDY))
+    if saved is None:
+        return None
+    if not saved.get("template"):
+        failure = saved.get("failure")
+        return None, failure if isinstance(failure, str) else None
+    try:
+        return Template.from_dict(saved["template"]), None
+    except (ValueError, TypeError) as e:
+        raise StateFileError(f"{path}: its template is not valid ({e}): {TEMPLATE_REMEDY}") from None
+
+
 def propose_run_template(lm: LanguageModel, config: RunConfig, out: Path) -> tuple[Template | None, str | None]:
     """The ``template`` condition's template for a run folder: read from ``out/template.json`` when a
-    previous (killed) run wrote it, else proposed by ``lm`` and written there.
+    previous (killed) run wrote it (:func:`read_run_template`), else proposed by ``lm`` and written there
+    (atomically). A proposal cut off by the length limit is said to be so with the key that sets it,
+    ``template_condition.proposal_max_new_tokens``.
 
     Returns ``(Template or None, failure reason or None)``.
     """
-    path = out / "template.json"
-    saved = agree(lambda: json.loads(path.read_text()) if path.is_file() else None)
+    saved = read_run_template(out)
     if saved is not None:
-        template = Template.from_dict(saved["template"]) if saved.get("template") else None
-        return template, saved.get("failure")
+        return saved
+    path = out / TEMPLATE_FILE
     options = config.template_options()
     prompt = meta_prompt(Archive.seeded().shown() if options["archive"] else None)
     records: list[Proposal] = []
@@ -208,7 +249,8 @@ def propose_run_template(lm: LanguageModel, config: RunConfig, out: Path) -> tup
         batch = propose(lm, prompt, ["exploit"] * int(options["candidates"]),
                         max_new_tokens=int(options["proposal_max_new_tokens"]), max_retries=0,
                         seed=derived_seed(config.seed, "template-condition", attempt), chat=config.chat)
-        records += [dataclasses.replace(r, attempt=attempt) for r in batch]
+        records += [dataclasses.replace(r, attempt=attempt, reason=name_length_key(
+            r.reason, "template_condition.proposal_max_new_tokens")) for r in batch]
         if chosen(batch):
             break
     template = next((r.template for r in records if r.template is not None), None)
@@ -216,60 +258,35 @@ def propose_run_template(lm: LanguageModel, config: RunConfig, out: Path) -> tup
     saved = {"meta_prompt": prompt, "template": template.to_dict() if template else None, "failure": failure,
              "proposals": [Proposal.to_dict(r) for r in records]}
     if is_writer():
-        path.write_text(json.dumps(saved, indent=2, ensure_ascii=False))
+        write_json(path, saved)
     return template, failure
 
 
-def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = False, lm: LanguageModel | None = None,
-                  progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
-    """Run (or resume) a knowledge-incorporation experiment into ``out_dir``.
-
-    Writes ``run_config.json``, ``results.jsonl`` (appended passage by passage), ``summary.json`` and
-    ``summary.md``. ``resume=True`` continues an existing folder after its last finished passage (the
-    config must match); without it an existing non-empty ``results.jsonl`` is an error. ``lm`` reuses a
-    loaded model; ``stop_after`` ends after that many new passages (for tests of resumption).
-    In a multi-host run only process 0 writes, and every process resumes from process 0's folder
-    (:mod:`seal_jax.selfedit.multihost`). Returns the summary.
-    """
-    out = Path(out_dir)
-    if is_writer():
-        out.mkdir(parents=True, exist_ok=True)
+def _run_passages(lm: LanguageModel, config: RunConfig, out: Path, todo: list[Passage],
+                  replay: dict[str, list[str]] | None, saved_template: tuple[Template | None, str | None] | None, *,
+                  finished: int, progress: bool, stop_after: int | None) -> list[dict[str, Any]]:
+    """The rows of the passages ``todo`` (appended to ``out/results.jsonl`` passage by passage), up to
+    ``stop_after`` of them; first the ``template`` condition's template (``saved_template`` when the run
+    folder has one, else proposed). ``finished``: passages done before (for the bar)."""
     results = out / "results.jsonl"
-    config_json = config.to_json()
-
-    def finished_rows() -> list[dict[str, Any]]:
-        if results.exists() and results.stat().st_size and not resume:
-            raise FileExistsError(f"{results} already holds results; pass --resume to continue it or choose "
-                                  "another --out")
-        check_run_config(out, config_json, resume=resume)
-        return read_rows(results)
-
-    rows = agree(finished_rows)
-    if is_writer():  # checked above (resume) or new
-        if not resume:  # a template an earlier run proposed in this folder is not this config's
-            (out / "template.json").unlink(missing_ok=True)
-        (out / "run_config.json").write_text(json.dumps(config_json, indent=2))
-    done = {r["passage_id"] for r in rows}
-    passages, replay = select_data(config.data, replay="replay" in config.conditions)
-    if lm is None:
-        lm = load_model(config.model, dtype=config.dtype, mesh=config.mesh or None, tokenizer=config.tokenizer,
-                        remat=config.remat, train_mesh=config.train_mesh or None,
-                        train_weights=config.train_weights, attention=config.attention)
     grader = make_grader(config, lm)
-    todo = [p for p in passages if p.id not in done]
-    bar = tqdm(desc=f"{config.name}", unit="passage", disable=not progress, initial=len(passages) - len(todo),
-               total=len(passages))
+    bar = tqdm(desc=f"{config.name}", unit="passage", disable=not progress, initial=finished,
+               total=finished + len(todo))
     template, template_failure = None, None
-    if "template" in config.conditions and todo:
+    if "template" in config.conditions:
         t0 = time.perf_counter()
-        if progress and not (out / "template.json").is_file():
-            options = config.template_options()
-            say(f"{config.name}: the template condition's template: up to {int(options['max_retries']) + 1} "
-                f"attempt(s) of {int(options['candidates'])} proposals")
-        template, template_failure = propose_run_template(lm, config, out)
+        if saved_template is not None:
+            template, template_failure = saved_template
+        else:
+            if progress:
+                options = config.template_options()
+                say(f"{config.name}: the template condition's template: up to {int(options['max_retries']) + 1} "
+                    f"attempt(s) of {int(options['candidates'])} proposals")
+            template, template_failure = propose_run_template(lm, config, out)
         if progress:
             say(f"{config.name}: template {'ready' if template else 'failed: ' + str(template_failure)} "
-                f"({time.perf_counter() - t0:.0f}s; {out / 'template.json'})")
+                f"({time.perf_counter() - t0:.0f}s; {out / TEMPLATE_FILE})")
+    rows: list[dict[str, Any]] = []
     size = config.passages_per_program
     for count in range(0, len(todo), size):
         if stop_after is not None and count >= stop_after:
@@ -283,8 +300,59 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
             rows.extend(new)
         bar.update(len(group))
     bar.close()
+    return rows
+
+
+def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = False, lm: LanguageModel | None = None,
+                  progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) a knowledge-incorporation experiment into ``out_dir``.
+
+    Writes ``run_config.json``, ``results.jsonl`` (appended passage by passage), ``summary.json`` and
+    ``summary.md``. ``resume=True`` continues an existing folder after its last finished passage (the
+    config must match); without it an existing non-empty ``results.jsonl`` is an error. ``lm`` reuses a
+    loaded model; ``stop_after`` ends after that many new passages (for tests of resumption).
+    In a multi-host run only process 0 writes, and every process resumes from process 0's folder
+    (:mod:`seal_jax.selfedit.multihost`). Returns the summary.
+
+    Everything that can refuse the run is checked before the folder is written and the model loaded: the
+    data selection, the folder (``--resume``, the saved config) and the state files it resumes from
+    (``run_config.json``, ``template.json``; a damaged one is a :class:`StateFileError` naming it). A
+    resumed run with no passage left loads no model: it writes the summary again and returns it.
+    """
+    out = Path(out_dir)
+    passages, replay = select_data(config.data, replay="replay" in config.conditions)  # before the folder exists
+    results = out / "results.jsonl"
+    config_json = config.to_json()
+
+    def finished_rows() -> list[dict[str, Any]]:
+        if results.exists() and results.stat().st_size and not resume:
+            raise FileExistsError(f"{results} already holds results; pass --resume to continue it or choose "
+                                  "another --out")
+        if resume:
+            read_state(out / "run_config.json", RUN_CONFIG_REMEDY)  # a damaged one: an error naming it
+        check_run_config(out, config_json, resume=resume)
+        return read_rows(results)
+
+    rows = agree(finished_rows)
+    done = {r["passage_id"] for r in rows}
+    todo = [p for p in passages if p.id not in done]
+    saved_template = None
+    if resume and todo and "template" in config.conditions:  # read back (a damaged one refused) before the load
+        saved_template = read_run_template(out)
+    if is_writer():  # checked above (resume) or new
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a template an earlier run proposed in this folder is not this config's
+            (out / TEMPLATE_FILE).unlink(missing_ok=True)
+        write_json(out / "run_config.json", config_json, ensure_ascii=True)
+    if todo:  # a finished run resumed loads nothing
+        if lm is None:
+            lm = load_model(config.model, dtype=config.dtype, mesh=config.mesh or None, tokenizer=config.tokenizer,
+                            remat=config.remat, train_mesh=config.train_mesh or None,
+                            train_weights=config.train_weights, attention=config.attention)
+        rows.extend(_run_passages(lm, config, out, todo, replay, saved_template, finished=len(passages) - len(todo),
+                                  progress=progress, stop_after=stop_after))
     summary = summarize(rows, config.model, conditions=config.conditions)
     if is_writer():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "summary.md").write_text(summary_markdown(summary))
+        write_json(out / "summary.json", summary, ensure_ascii=True)
+        write_text(out / "summary.md", summary_markdown(summary))
     return summary

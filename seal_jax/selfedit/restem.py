@@ -31,7 +31,6 @@ bar: with ``progress`` each is announced on stderr before it starts and when it 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,21 +54,59 @@ from seal_jax.selfedit.generator import (
 )
 from seal_jax.selfedit.knowledge import run_knowledge
 from seal_jax.selfedit.multihost import agree, is_writer, say
-from seal_jax.selfedit.results import number_cell, passages_done, read_rows, summarize, write_jsonl
+from seal_jax.selfedit.results import (
+    RUN_CONFIG_REMEDY,
+    number_cell,
+    passages_done,
+    read_rows,
+    read_state,
+    summarize,
+    write_json,
+    write_jsonl,
+    write_text,
+)
 from seal_jax.selfedit.run_config import (
     ExtendedConfig,
     RunConfig,
     RunConfigError,
     check_data_table,
+    check_run_config,
     config_differences,
     pool_passages,
-    save_run_config,
     select_data,
 )
 from seal_jax.selfedit.strategies import get_strategy, self_edit_prompt
 
 SFT_ROW_FIELDS = ("passage_id", "prompt", "completion", "reward")
 ROUND_FILE = "round.json"
+# What to do about a damaged state file of a ReST-EM run folder (see results.read_state).
+ROUND_REMEDY = ("delete it and resume: the round's E-step rows are kept, and its selection and SFT are done again "
+                "from them (the same seeds give the same generator)")
+EVAL_SUMMARY_REMEDY = "delete it and resume: the run writes it again from the results.jsonl beside it (no model loads)"
+
+
+def sft_spec(table: str, key: str, fields: Any) -> LoraSpec | TrainSpec:
+    """The generator's SFT spec of a config's ``[TABLE.sft_lora]`` (a :class:`~seal_jax.LoraSpec`) or
+    ``[TABLE.sft_train]`` (a :class:`~seal_jax.TrainSpec`) table, over SEAL's defaults
+    (:func:`~seal_jax.selfedit.generator.sft_lora_spec`, :func:`~seal_jax.selfedit.generator.sft_train_spec`).
+
+    Raises:
+      RunConfigError: ``fields`` is not a table, names a key the spec lacks, or gives a value the spec
+        refuses; the message starts with ``TABLE.KEY``.
+    """
+    spec, make = (LoraSpec, sft_lora_spec) if key == "sft_lora" else (TrainSpec, sft_train_spec)
+    where = f"{table}.{key}"
+    known = sorted(f.name for f in dataclasses.fields(spec))
+    if not isinstance(fields, dict):
+        raise RunConfigError(f"{where} must be a table of {spec.__name__} fields (a [{where}] section with keys "
+                             f"from {known}), got {fields!r}")
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise RunConfigError(f"unknown keys in [{where}]: {unknown}; known keys: {known}")
+    try:
+        return make(fields)
+    except (TypeError, ValueError) as e:
+        raise RunConfigError(f"{where}: {e}") from None
 
 
 class RestemError(GeneratorError):
@@ -122,12 +159,18 @@ class RestemConfig(ExtendedConfig):
         self.sft_train_spec()
 
     def sft_lora_spec(self) -> LoraSpec:
-        """The generator's SFT :class:`~seal_jax.LoraSpec` (see :func:`~seal_jax.selfedit.generator.sft_lora_spec`)."""
-        return sft_lora_spec(self.sft_lora)
+        """The generator's SFT :class:`~seal_jax.LoraSpec` (see :func:`sft_spec`; an invalid table is a
+        :class:`RunConfigError` naming ``restem.sft_lora``)."""
+        spec = sft_spec("restem", "sft_lora", self.sft_lora)
+        assert isinstance(spec, LoraSpec)
+        return spec
 
     def sft_train_spec(self) -> TrainSpec:
-        """The generator's SFT :class:`~seal_jax.TrainSpec` (see :func:`~seal_jax.selfedit.generator.sft_train_spec`)."""
-        return sft_train_spec(self.sft_train)
+        """The generator's SFT :class:`~seal_jax.TrainSpec` (see :func:`sft_spec`; an invalid table is a
+        :class:`RunConfigError` naming ``restem.sft_train``)."""
+        spec = sft_spec("restem", "sft_train", self.sft_train)
+        assert isinstance(spec, TrainSpec)
+        return spec
 
     def round_config(self, model: str, passages: Sequence[Passage] = (), *, data: dict[str, Any] | None = None,
                      name: str | None = None) -> RunConfig:
@@ -237,8 +280,22 @@ def _passages_done(folder: Path) -> int:
 
 
 def _summary_of(folder: Path) -> dict[str, Any] | None:
-    path = folder / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_state(folder / "summary.json", EVAL_SUMMARY_REMEDY, keys=("conditions",))
+
+
+def _round_info(folder: Path) -> dict[str, Any] | None:
+    """A round's ``round.json`` (None before its SFT has finished)."""
+    return read_state(folder / ROUND_FILE, ROUND_REMEDY, keys=("generator",))
+
+
+def _check_state_files(out: Path) -> None:
+    """Read every state file a resumed run reads back, so that a damaged one is an error naming it (and what
+    to do) before any model loads."""
+    for folder in sorted(out.glob("round-*")):
+        for config_file in (folder / "run_config.json", folder / "eval" / "run_config.json"):
+            read_state(config_file, RUN_CONFIG_REMEDY)
+        _round_info(folder)
+        _summary_of(folder / "eval")
 
 
 def train_generator(lm: LanguageModel, rows: Sequence[dict[str, Any]], config: RestemConfig, target: Path, *,
@@ -254,14 +311,16 @@ def _adopt_id_selection(folder: Path, cfg: RunConfig) -> None:
     """A round folder started by an older seal-jax saved its passages as ``{source, start, n}``; when that
     selects exactly ``cfg``'s ``ids``, save the ids instead, so the round resumes (process 0 writes)."""
     path = folder / "run_config.json"
-    if "ids" not in cfg.data or not path.is_file():
+    if "ids" not in cfg.data:
         return
-    saved = json.loads(path.read_text())
+    saved = read_state(path, RUN_CONFIG_REMEDY)
+    if saved is None:
+        return
     data = saved.get("data") or {}
     if "ids" in data or [p.id for p in select_data(data)[0]] != cfg.data["ids"]:
         return
     if is_writer():
-        path.write_text(json.dumps({**saved, "data": cfg.to_json()["data"]}, indent=2))
+        write_json(path, {**saved, "data": cfg.to_json()["data"]}, ensure_ascii=True)
 
 
 def _adopt_moved_generator(folder: Path, cfg: RunConfig, out: Path) -> None:
@@ -270,13 +329,13 @@ def _adopt_moved_generator(folder: Path, cfg: RunConfig, out: Path) -> None:
     run's ``round-N/generator`` where it is now, ``cfg.model``: save the new path, so the part-done step
     resumes instead of refusing a config that did not change (process 0 writes)."""
     path = folder / "run_config.json"
-    if not path.is_file():
+    saved = read_state(path, RUN_CONFIG_REMEDY)
+    if saved is None:
         return
-    saved = json.loads(path.read_text())
     model = saved.get("model")
     if isinstance(model, str) and model != cfg.model and resolved_generator_path(out, model, "round") == cfg.model \
             and is_writer():
-        path.write_text(json.dumps({**saved, "model": cfg.model}, indent=2))
+        write_json(path, {**saved, "model": cfg.model}, ensure_ascii=True)
 
 
 def changes_only_sft_settings(out: Path, config_json: dict[str, Any]) -> bool:
@@ -285,9 +344,11 @@ def changes_only_sft_settings(out: Path, config_json: dict[str, Any]) -> bool:
     written so far, so the run may go on with the new SFT settings (e.g. a larger ``sft_train.max_len``
     after the SFT could not start)."""
     path = out / "run_config.json"
-    if not path.is_file() or any(out.glob(f"round-*/{ROUND_FILE}")):
+    if any(out.glob(f"round-*/{ROUND_FILE}")):
         return False
-    saved = json.loads(path.read_text())
+    saved = read_state(path, RUN_CONFIG_REMEDY)
+    if saved is None:
+        return False
     restem = dict(saved.get("restem") or {})
     for key in ("sft_lora", "sft_train"):
         restem[key] = config_json.get("restem", {}).get(key)
@@ -307,12 +368,15 @@ class _Rounds:
     progress: bool
 
     def knowledge(self, cfg: RunConfig, folder: Path, passages: Sequence[Passage]) -> bool:
-        """Run (or resume) one E-step or evaluation into ``folder``; False when ``stop_after`` ran out first."""
-        if _finished(folder, passages):
+        """Run (or resume) one E-step or evaluation into ``folder``; False when ``stop_after`` ran out first.
+        A finished one is left alone, unless its ``summary.json`` is missing: that is written again (no
+        model loads)."""
+        finished = _finished(folder, passages)
+        if finished and agree((folder / "summary.json").is_file):
             return True
-        if self.budget is not None and self.budget <= 0:
+        if not finished and self.budget is not None and self.budget <= 0:
             return False
-        lm = self.models(cfg.model)
+        lm = None if finished else self.models(cfg.model)
         agree(lambda: _adopt_id_selection(folder, cfg))
         agree(lambda: _adopt_moved_generator(folder, cfg, self.out))
         before = _passages_done(folder)
@@ -363,7 +427,7 @@ class _Rounds:
             info.update(generator=stored_generator_path(self.out, generator, "round"), sft_loss=None,
                         note="no self-edit was kept; the generator is unchanged")
         if is_writer():
-            (folder / ROUND_FILE).write_text(json.dumps(info, indent=2))
+            write_json(folder / ROUND_FILE, info, ensure_ascii=True)
         return True
 
 
@@ -379,16 +443,26 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
     since every process loads the round's generator from it.
     """
     out = Path(out_dir)
-    if is_writer():
-        out.mkdir(parents=True, exist_ok=True)
+    held_out = eval_passages(config)  # the data first: a refused selection writes no folder
+    training = round_passages(config, held_out)
     if not resume and agree(lambda: any(out.glob("round-*"))):
         raise FileExistsError(f"{out} already holds a ReST-EM run; pass --resume to continue it or choose another --out")
     config_json = config.to_json()
-    sft_only = resume and agree(lambda: changes_only_sft_settings(out, config_json))
-    save_run_config(out, config_json, resume=resume and not sft_only)
-    held_out = eval_passages(config)
+
+    def check_folder() -> bool:  # whether only the SFT settings changed; every state file read back
+        if resume:
+            read_state(out / "run_config.json", RUN_CONFIG_REMEDY)
+            _check_state_files(out)
+        sft_only = resume and changes_only_sft_settings(out, config_json)
+        check_run_config(out, config_json, resume=resume and not sft_only)
+        return sft_only
+
+    agree(check_folder)
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run_config.json", config_json, ensure_ascii=True)
     run = _Rounds(config, out, Models(config.knowledge, lm, what="the ReST-EM generator", progress=progress),
-                  held_out, round_passages(config, held_out), stop_after, progress)
+                  held_out, training, stop_after, progress)
     generator = config.knowledge.model
     if not run.evaluate(0, generator):
         return _write_summary(config, out)
@@ -396,7 +470,7 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
         marker = out / f"round-{r}" / ROUND_FILE
         if not agree(marker.is_file) and not run.train_round(r, generator):
             return _write_summary(config, out)
-        info = agree(lambda m=marker: json.loads(m.read_text()))  # (also waits for process 0's generator export)
+        info = agree(lambda f=marker.parent: _round_info(f))  # (also waits for process 0's generator export)
         trained = resolved_generator_path(out, info["generator"], "round")
         if trained != generator:
             generator = trained
@@ -410,8 +484,8 @@ def _write_summary(config: RestemConfig, out: Path) -> dict[str, Any]:
     summary = agree(lambda: summarize_restem(out, config.knowledge.model, config.strategy, config.rounds,
                                              reward=config.knowledge.reward))
     if is_writer():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "summary.md").write_text(restem_markdown(summary))
+        write_json(out / "summary.json", summary, ensure_ascii=True)
+        write_text(out / "summary.md", restem_markdown(summary))
     return summary
 
 
@@ -457,8 +531,8 @@ def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int, *,
                 entry["train"] = {name: c["accuracy"] for name, c in conditions.items()}
                 entry["train"]["passages"] = conditions.get("base", {}).get("n_passages", 0)
                 entry["train_gold"] = _gold_of(conditions)
-            if (folder / ROUND_FILE).is_file():
-                info = json.loads((folder / ROUND_FILE).read_text())
+            info = _round_info(folder)
+            if info is not None:
                 entry.update(generator=info["generator"], sft_rows=info["sft_rows"],
                              mean_sft_reward=info["mean_sft_reward"], sft_loss=info.get("sft_loss"))
         evaluation = _summary_of(folder / "eval")

@@ -184,6 +184,67 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+# What to do about a damaged run_config.json (see :func:`read_state`).
+RUN_CONFIG_REMEDY = ("it holds the config the run started with: delete it and resume with exactly that config (it is "
+                     "saved again, but cannot be checked against the rows then), or run the config into a new --out")
+
+
+class StateFileError(ValueError):
+    """A run's JSON state file (``run_config.json``, ``template.json``, ``iteration.json``, ``round.json`` …)
+    that cannot be read back; the message names the file and says what to do."""
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) atomically: written to ``NAME.tmp`` beside it, fsynced, then
+    renamed over it, so a run killed mid-write leaves the old file or the new one, never a cut-off one."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = text.encode("utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value: Any, *, ensure_ascii: bool = False) -> None:
+    """Replace ``path`` with ``value`` as indented JSON (UTF-8; with ``ensure_ascii`` non-ASCII characters
+    escaped), atomically (:func:`write_text`)."""
+    write_text(path, json.dumps(value, indent=2, ensure_ascii=ensure_ascii))
+
+
+def read_state(path: Path, remedy: str, *, keys: Sequence[str] = ()) -> dict[str, Any] | None:
+    """The JSON object a run wrote to ``path`` to resume from, or ``None`` when there is no such file.
+
+    Args:
+      remedy: what to do when the file is damaged (e.g. "delete it and resume to redo the round's SFT"),
+        for the error.
+      keys: keys the object must hold.
+
+    Raises:
+      StateFileError: the file is not valid UTF-8 JSON, not a JSON object, or lacks one of ``keys``; the
+        message names the file, what is wrong and ``remedy``.
+    """
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise StateFileError(f"{path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}; cut off by a "
+                             f"kill while it was written, or edited): {remedy}") from None
+    except UnicodeDecodeError as e:
+        raise StateFileError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): {remedy}") from None
+    if not isinstance(value, dict):
+        raise StateFileError(f"{path} holds a JSON {type(value).__name__}, not an object: {remedy}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise StateFileError(f"{path} lacks {missing}: {remedy}")
+    return value
+
+
 def passages_done(path: Path) -> list[str]:
     """The ids of the passages whose rows are whole in a results file (see :func:`read_rows`), in order."""
     return list(dict.fromkeys(r["passage_id"] for r in read_rows(path)))

@@ -87,6 +87,17 @@ def _flat_template(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return flat, sorted(unknown)
 
 
+# The hint of a template or fill answer cut off by the length limit; the run replaces it with the config
+# key that sets that limit (:func:`name_length_key`).
+CUT_OFF_HINT = "(raise max_new_tokens)"
+
+
+def name_length_key(reason: str | None, key: str) -> str | None:
+    """``reason`` (a rejection reason, or None) with :data:`CUT_OFF_HINT` naming the config ``key`` that
+    sets the answer's length, e.g. ``templates.proposal_max_new_tokens``."""
+    return None if reason is None else reason.replace(CUT_OFF_HINT, f"(raise {key})")
+
+
 def _shown(value: Any) -> str:
     """``repr(value)`` cut to 40 characters (model output can be long)."""
     text = repr(value)

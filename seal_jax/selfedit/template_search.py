@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -93,21 +94,24 @@ from seal_jax.selfedit.generator import (
     Models,
     SftResult,
     resolved_generator_path,
-    sft_lora_spec,
-    sft_train_spec,
     stored_generator_path,
     train_and_export,
 )
 from seal_jax.selfedit.meta_prompts import PROPOSAL_SCHEDULE, fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer, say
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
+from seal_jax.selfedit.restem import sft_spec
 from seal_jax.selfedit.results import (
+    RUN_CONFIG_REMEDY,
     number_cell,
     passages_done,
     read_rows,
+    read_state,
     record_passage,
     result_row,
+    write_json,
     write_jsonl,
+    write_text,
 )
 from seal_jax.selfedit.run_config import (
     SELFEDIT_SAMPLING,
@@ -122,6 +126,7 @@ from seal_jax.selfedit.run_config import (
     select_data,
 )
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, fill_pieces, pieces_to_sequences
+from seal_jax.selfedit.template_errors import name_length_key
 from seal_jax.selfedit.templates import Template, TemplateError
 
 VARIANTS = ("noarchive", "archive", "novelty")
@@ -132,6 +137,50 @@ TEMPLATE_ROW_FIELDS = ("template_id", "fill_index", "normalized_gain", "template
 NOVELTY_DEFAULTS: dict[str, Any] = {"k": 3, "weight": 0.5, "lam": 0.25}
 SEED_SCORE_CHOICES = ("paper", "rescore")
 SEEDS_FILE = "seeds.json"
+# What to do about a damaged state file of a template-search folder (see results.read_state).
+ITERATION_REMEDY = ("delete it and resume: the iteration's proposals and rows are kept, and its end (scores, archive "
+                    "entries, SFT) is done again from them")
+SEEDS_REMEDY = "delete it and resume: the seeds' scores are computed again from seeds/results.jsonl beside it"
+
+
+def check_novelty(novelty: Any, variant: str) -> None:
+    """Check a ``[templates.novelty]`` table: only for the ``novelty`` variant, its keys those of
+    :data:`NOVELTY_DEFAULTS`, ``k`` (nearest neighbours a novelty averages over) a positive integer,
+    ``weight`` (the instruction's share of a distance) in [0, 1], ``lam`` (novelty's weight in a rank) a
+    finite number >= 0.
+
+    Raises:
+      RunConfigError: naming the key and what it must be.
+    """
+    if not isinstance(novelty, dict):
+        raise RunConfigError(f"templates.novelty must be a table with keys from {sorted(NOVELTY_DEFAULTS)}, "
+                             f"got {novelty!r}")
+    if novelty and variant != "novelty":
+        raise RunConfigError(f"[templates.novelty] sets the novelty archive, but templates.variant is {variant!r}, "
+                             "which does not use it: remove the table, or set variant = 'novelty'")
+    unknown = sorted(set(novelty) - set(NOVELTY_DEFAULTS))
+    if unknown:
+        raise RunConfigError(f"unknown keys in [templates.novelty]: {unknown}; known keys: {sorted(NOVELTY_DEFAULTS)}")
+
+    def number(key: str) -> float | None:
+        value = novelty.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RunConfigError(f"templates.novelty.{key} must be a finite number, got {value!r}")
+        return float(value)
+
+    k = novelty.get("k")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise RunConfigError(f"templates.novelty.k (the nearest entries a novelty averages over) must be a positive "
+                             f"integer, got {k!r}")
+    weight, lam = number("weight"), number("lam")
+    if weight is not None and not 0.0 <= weight <= 1.0:
+        raise RunConfigError(f"templates.novelty.weight (the instruction's share of a distance) must lie in [0, 1], "
+                             f"got {weight!r}")
+    if lam is not None and lam < 0:
+        raise RunConfigError(f"templates.novelty.lam (novelty's weight in score + lam * novelty) must be >= 0, got "
+                             f"{lam!r}")
 
 
 class TemplateSearchError(GeneratorError):
@@ -237,9 +286,7 @@ class TemplateSearchConfig(ExtendedConfig):
             raise RunConfigError(f"templates.max_retries must be an integer >= 0, got {self.max_retries!r}")
         if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):
             raise RunConfigError(f"templates.max_epochs must be a positive integer or absent, got {self.max_epochs!r}")
-        unknown = sorted(set(self.novelty) - set(NOVELTY_DEFAULTS))
-        if unknown:
-            raise RunConfigError(f"unknown keys in [templates.novelty]: {unknown}; known keys: {sorted(NOVELTY_DEFAULTS)}")
+        check_novelty(self.novelty, self.variant)
         if self.seed_scores not in (None, *SEED_SCORE_CHOICES):
             raise RunConfigError(f"templates.seed_scores must be one of {SEED_SCORE_CHOICES}, got {self.seed_scores!r}")
         if self.knowledge.reward != "accuracy" and self.seed_scores == "paper":
@@ -278,12 +325,18 @@ class TemplateSearchConfig(ExtendedConfig):
         return archive
 
     def sft_lora_spec(self) -> LoraSpec:
-        """The generator's SFT :class:`~seal_jax.LoraSpec` (SEAL: r=64, alpha=128, all projections)."""
-        return sft_lora_spec(self.sft_lora)
+        """The generator's SFT :class:`~seal_jax.LoraSpec` (SEAL: r=64, alpha=128, all projections; an
+        invalid table is a :class:`RunConfigError` naming ``templates.sft_lora``)."""
+        spec = sft_spec("templates", "sft_lora", self.sft_lora)
+        assert isinstance(spec, LoraSpec)
+        return spec
 
     def sft_train_spec(self) -> TrainSpec:
-        """The generator's SFT :class:`~seal_jax.TrainSpec` (SEAL: lr 3e-4, 2 epochs, batch 1)."""
-        return sft_train_spec(self.sft_train)
+        """The generator's SFT :class:`~seal_jax.TrainSpec` (SEAL: lr 3e-4, 2 epochs, batch 1; an invalid
+        table is a :class:`RunConfigError` naming ``templates.sft_train``)."""
+        spec = sft_spec("templates", "sft_train", self.sft_train)
+        assert isinstance(spec, TrainSpec)
+        return spec
 
     @classmethod
     def conditions_of(cls, table: dict[str, Any]) -> list[str]:
@@ -351,7 +404,8 @@ def template_passage_rows(inner: LanguageModel, generator: LanguageModel, passag
         try:
             pieces, fallback = fill_pieces(text, config.fill_fallback)
         except ValueError as error:
-            rows.append(result_row(passage, tid, f, text, 0, before, before, [], f"fill: {error}", reward=k.reward,
+            reason = name_length_key(f"fill: {error}", "templates.fill_max_new_tokens")
+            rows.append(result_row(passage, tid, f, text, 0, before, before, [], reason, reward=k.reward,
                                    fill_sequences=None, fill_fallback=False, template_id=tid, fill_index=f,
                                    template=template.to_dict(), **common))
             continue
@@ -456,6 +510,11 @@ def _entries_of(info: dict[str, Any]) -> list[ArchiveEntry]:
     return [ArchiveEntry.from_dict(e) for e in info.get("entries", [])]
 
 
+def _iteration_info(out: Path, it: int) -> dict[str, Any] | None:
+    """Iteration ``it``'s ``iteration.json`` (None until the iteration has finished)."""
+    return read_state(out / f"iteration-{it}" / ITERATION_FILE, ITERATION_REMEDY, keys=("next_generator",))
+
+
 
 
 @dataclasses.dataclass
@@ -518,11 +577,13 @@ class _Search:
             say(f"{config.name} iteration {it}: proposing {len(kinds)} templates ...")
         records = propose(lm, meta, kinds, max_new_tokens=config.proposal_max_new_tokens,
                           max_retries=config.max_retries, seed=derived_seed(k.seed, "iteration", it), chat=k.chat)
+        records = [dataclasses.replace(r, reason=name_length_key(r.reason, "templates.proposal_max_new_tokens"))
+                   for r in records]
         if self.progress:
             say(f"{config.name} iteration {it}: {len(chosen(records))} valid templates of {len(records)} attempts in "
                 f"{time.perf_counter() - t0:.1f} s")
         if is_writer():  # the prompt first: proposals.jsonl marks the step done
-            meta_file.write_text(meta, encoding="utf-8")
+            write_text(meta_file, meta)
             write_jsonl(proposals_file, [{"iteration": it, **r.to_dict()} for r in records])
         return meta, records
 
@@ -537,7 +598,7 @@ class _Search:
             return None if k.reward == "accuracy" else []  # the paper's seeds are accuracies: none here
         folder = self.out / "seeds"
         marker = folder / SEEDS_FILE
-        saved = agree(lambda: json.loads(marker.read_text()) if marker.is_file() else None)
+        saved = agree(lambda: read_state(marker, SEEDS_REMEDY, keys=("entries",)))
         if saved is None:
             if is_writer():
                 folder.mkdir(parents=True, exist_ok=True)
@@ -549,7 +610,7 @@ class _Search:
                        for name, t in templates]
             saved = {"reward": k.reward, "entries": [e.to_dict() for e in entries], "scores": scores}
             if is_writer():
-                marker.write_text(json.dumps(saved, indent=2, ensure_ascii=False))
+                write_json(marker, saved)
         return _entries_of(saved)
 
     def iteration(self, it: int, generator: str, entries: Sequence[ArchiveEntry],
@@ -603,7 +664,7 @@ class _Search:
             else:
                 info["note"] = "no fill was selected for SFT; the generator is unchanged"
         if is_writer():
-            (folder / ITERATION_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False))
+            write_json(folder / ITERATION_FILE, info)
             config.make_archive([*entries, *new_entries], seeds).to_jsonl(self.out / "archive.jsonl")
         return info
 
@@ -624,13 +685,13 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     # process 0 (which writes the summary) looks for the encoder; its verdict reaches every process
     agree(lambda: check_similarity_backend(config.similarity_backend, here=True))
     out = Path(out_dir)
-    if is_writer():
-        out.mkdir(parents=True, exist_ok=True)
+    held_out = eval_passages(config)  # the data first: a refused selection writes no folder
+    training = training_passages(config, held_out)
     config_file = out / "run_config.json"
 
     def check_folder() -> None:
-        if config_file.is_file():
-            previous = json.loads(config_file.read_text())
+        previous = read_state(config_file, RUN_CONFIG_REMEDY)
+        if previous is not None:
             if not resume and any(out.glob("iteration-*")):
                 raise FileExistsError(f"{out} already holds a template search; pass --resume to continue it or "
                                       "choose another --out")
@@ -643,21 +704,24 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
                 raise RunConfigError(f"cannot resume {out}: the config differs in {changed} (saved -> now: "
                                      f"{describe_differences(previous, config.to_json())}); a run resumes only "
                                      "with the config it started with: run a changed config into another --out")
+        if resume:  # every state file the run reads back, before a model loads
+            read_state(out / "seeds" / SEEDS_FILE, SEEDS_REMEDY, keys=("entries",))
+            for it in range(1, config.iterations + 1):
+                _iteration_info(out, it)
 
     agree(check_folder)
     if is_writer():
-        config_file.write_text(json.dumps(config.to_json(), indent=2))
-    held_out = eval_passages(config)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(config_file, config.to_json(), ensure_ascii=True)
     models = Models(config.knowledge, lm, what="the template-search generator", progress=progress, loader=loader)
-    search = _Search(config, out, models, training_passages(config, held_out), held_out, stop_after, progress)
+    search = _Search(config, out, models, training, held_out, stop_after, progress)
     generator = config.knowledge.model
     entries: list[ArchiveEntry] = []
     seeds = search.seed_entries()
     if seeds is False:
         return _write_summary(config, out)
     for it in range(1, config.iterations + 1):
-        marker = out / f"iteration-{it}" / ITERATION_FILE
-        info = agree(lambda m=marker: json.loads(m.read_text()) if m.is_file() else None)
+        info = agree(lambda i=it: _iteration_info(out, i))
         if info is None:
             info = search.iteration(it, generator, entries, seeds)
             if info is None:
@@ -739,8 +803,9 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
                                                     if r["condition"] == "base"])),
                              "score": next(iter(eval_scores.values()))["score"] if eval_scores else None,
                              "passages": len({r["passage_id"] for r in eval_rows})}
-        if entry["finished"]:
-            entry["sft_rows"] = json.loads((folder / ITERATION_FILE).read_text()).get("sft_rows")
+        info = _iteration_info(out, it)
+        if info is not None:
+            entry["sft_rows"] = info.get("sft_rows")
         iterations.append(entry)
     return {"model": raw["model"], "variant": table["variant"], "reward": reward, "iterations": iterations,
             "notes": notes}
@@ -784,6 +849,6 @@ def template_markdown(summary: dict[str, Any]) -> str:
 def _write_summary(config: TemplateSearchConfig, out: Path) -> dict[str, Any]:
     summary = agree(lambda: summarize_template_search(out, config))
     if is_writer():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "summary.md").write_text(template_markdown(summary))
+        write_json(out / "summary.json", summary, ensure_ascii=True)
+        write_text(out / "summary.md", template_markdown(summary))
     return summary
