@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from seal_jax.assets import fetch_model
 from seal_jax.lm.types import ATTENTION_IMPLEMENTATIONS
 from seal_jax.report import report as run_report
-from seal_jax.selfedit import calibration, grading, run_config, runs
+from seal_jax.selfedit import calibration, grading, runs
 from seal_jax.selfedit.judge import JudgeGrader
 from seal_jax.selfedit.results import read_rows
+from seal_jax.selfedit.resume import config_differences, describe_differences
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CHECKPOINTS = Path("checkpoints")
@@ -269,10 +270,10 @@ def _continues_demo(out: Path, config: Any) -> bool:
         return False
     if not isinstance(saved, dict):
         return False
-    changed = run_config.config_differences(saved, config.to_json())
+    changed = config_differences(saved, config.to_json())
     if changed:
         print(f"{out} holds a demo run of another config (saved -> now: "
-              f"{run_config.describe_differences(saved, config.to_json())}); starting over", file=sys.stderr)
+              f"{describe_differences(saved, config.to_json())}); starting over", file=sys.stderr)
         return False
     done = len({r["passage_id"] for r in read_rows(out / "results.jsonl", repair=False)})  # whole ones: a torn
     # last passage is redone; a file damaged before its last line is a ResultsFileError

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +9,18 @@ import numpy as np
 
 from seal_jax.selfedit.continual import STEPS_FILE, continual_markdown, matrices
 from seal_jax.selfedit.restem import restem_markdown, summarize_restem
-from seal_jax.selfedit.results import read_rows, summarize, summary_markdown
+from seal_jax.selfedit.results import RUN_CONFIG_REMEDY, read_rows, read_state, summarize, summary_markdown
 from seal_jax.selfedit.run_config import RunConfig, select_data
 from seal_jax.selfedit.runs import run_kind
 from seal_jax.selfedit.template_search import summarize_template_search, template_markdown
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    """The run's ``run_config.json`` (an error naming it when it is missing or damaged)."""
+    config = read_state(run / "run_config.json", RUN_CONFIG_REMEDY)
+    if config is None:
+        raise FileNotFoundError(f"{run} has no run_config.json: is it a seal-jax run folder?")
+    return config
 
 
 def _save(fig: Any, path: str | Path) -> Path:
@@ -40,7 +47,7 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     if not run.is_dir():
         raise FileNotFoundError(f"no folder {run}; pass a run folder written by `seal-jax run` (e.g. checkpoints/runs/demo)")
     results = run / "results.jsonl"
-    config = json.loads((run / "run_config.json").read_text()) if (run / "run_config.json").is_file() else {}
+    config = read_state(run / "run_config.json", RUN_CONFIG_REMEDY) or {}
     if not results.is_file() and not config:
         raise FileNotFoundError(f"{run} holds no results.jsonl; pass a run folder written by `seal-jax run`")
     rows = read_rows(results, repair=False)  # a run may still be writing: never change its file
@@ -90,7 +97,7 @@ def _unfinished_note(run: Path, summary: dict[str, Any]) -> str:
     """A line saying how many of the run's passages are done, when it has not finished them all ("" when it
     has, or when its passages cannot be listed here, e.g. its data file is on another machine)."""
     try:
-        config = RunConfig.from_dict(json.loads((run / "run_config.json").read_text()))
+        config = RunConfig.from_dict(_run_config(run))
         if str(config.data.get("source", "")).startswith("hub:"):
             return ""  # a report does not go to the network to count passages
         planned = len(select_data(config.data, replay="replay" in config.conditions)[0])
@@ -234,7 +241,7 @@ def report_continual(run_dir: str | Path) -> tuple[str, Path]:
       ValueError: no sequence has finished yet (the message says how far the run got and how to continue it).
     """
     run = Path(run_dir)
-    config = json.loads((run / "run_config.json").read_text())
+    config = _run_config(run)
     summary = matrices(run, config)
     finished, total, progress = _continual_progress(run, config)
     if summary["mean_over_sequences"] is None:
@@ -298,7 +305,7 @@ def report_restem(run_dir: str | Path) -> tuple[str, Path]:
         the run got and how to continue it); no table and no chart are written.
     """
     run = Path(run_dir)
-    config = json.loads((run / "run_config.json").read_text())
+    config = _run_config(run)
     summary = summarize_restem(run, config["model"], config["restem"]["strategy"], config["restem"]["rounds"],
                                reward=config.get("reward", "accuracy"))
     progress = _restem_progress(run, config)
@@ -364,7 +371,7 @@ def plot_iterations(summary: dict[str, Any], path: str | Path, title: str = "") 
 def report_templates(run_dir: str | Path) -> tuple[str, Path]:
     """``report.md`` and ``iterations.png`` of a template-search run folder (recomputed from its files)."""
     run = Path(run_dir)
-    config = json.loads((run / "run_config.json").read_text())
+    config = _run_config(run)
     summary = summarize_template_search(run, config)
     if not summary["iterations"]:
         raise ValueError(f"{run} has no proposals yet: the search has not finished its first proposal step")

@@ -45,6 +45,9 @@ def test_report_errors(tmp_path):
     with pytest.raises(ValueError, match=r"knowledge run that has not finished a passage yet \(results.jsonl is "
                                          r"empty\); `seal-jax run CONFIG --out .*empty --resume` continues it"):
         report(tmp_path / "empty")
+    (tmp_path / "empty" / "run_config.json").write_text('{"model": "checkpoints/smol')  # cut off mid-write
+    with pytest.raises(ValueError, match=r"empty/run_config.json is not valid JSON .*run the config into a new --out"):
+        report(tmp_path / "empty")
 
 
 def test_report_of_a_run_before_its_first_passage(tmp_path, capsys):

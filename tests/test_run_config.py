@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from seal_jax.selfedit.run_config import (
-    RunConfig,
-    RunConfigError,
-    config_differences,
-    describe_differences,
-    extension_json,
-    split_extension_table,
-)
+from seal_jax.selfedit.resume import config_differences, describe_differences
+from seal_jax.selfedit.run_config import RunConfig, RunConfigError, extension_json, split_extension_table
 from seal_jax.selfedit.runs import config_from_dict as load_config_from
 from seal_jax.selfedit.runs import load_config
 
@@ -250,7 +244,7 @@ def test_hardware_tables_set_the_engine_settings_of_one_target(tmp_path):
     with pytest.raises(RunConfigError, match=r"--target: unknown target 'h100-4'; targets: .*h100-8 \(8 devices\)"):
         config.on_target("h100-4")
     # a resumed run whose mesh differs (another target's table) is told where meshes come from
-    from seal_jax.selfedit.run_config import save_run_config
+    from seal_jax.selfedit.resume import save_run_config
 
     save_run_config(tmp_path, v5p.to_json(), resume=False)
     with pytest.raises(RunConfigError, match=r"differs in \['mesh'\] \(saved -> now: mesh 'data=1,tensor=4' -> 'data=1,tensor=8'\) \(the mesh may come from a \[hardware"):

@@ -33,9 +33,9 @@ from seal_jax.selfedit.template_search import (
     summarize_template_search,
     template_markdown,
     template_passage_rows,
-    template_scores,
     training_passages,
 )
+from seal_jax.selfedit.template_stats import template_scores
 from seal_jax.selfedit.templates import Template
 
 TEMPLATE_A = {"data_creation_instruction": "List every fact of the passage as short separate sentences.",

@@ -22,7 +22,6 @@ merging again with the same seeds gives the same weights, without generating or 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,8 @@ from seal_jax.selfedit.data import Passage
 from seal_jax.selfedit.engine import LanguageModel, load_model
 from seal_jax.selfedit.episode import BatchGrader, accuracy, make_grader, scored_answers
 from seal_jax.selfedit.multihost import agree, is_writer
-from seal_jax.selfedit.results import append_passage, read_rows
+from seal_jax.selfedit.results import append_passage, read_rows, write_json, write_text
+from seal_jax.selfedit.resume import save_run_config
 from seal_jax.selfedit.run_config import (
     SELFEDIT_SAMPLING,
     ExtendedConfig,
@@ -44,7 +44,6 @@ from seal_jax.selfedit.run_config import (
     RunConfigError,
     derived_seed,
     pool_passages,
-    save_run_config,
 )
 from seal_jax.selfedit.strategies import get_strategy, question_prompt, self_edit_prompt, training_sequences
 
@@ -289,7 +288,7 @@ def run_continual(config: ContinualConfig, out_dir: str | Path, *, resume: bool 
             break
     summary = agree(lambda: matrices(out, config))
     if is_writer():
-        (out / MATRIX_FILE).write_text(json.dumps(summary, indent=2))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "summary.md").write_text(continual_markdown(summary))
+        write_json(out / MATRIX_FILE, summary, ensure_ascii=True)
+        write_json(out / "summary.json", summary, ensure_ascii=True)
+        write_text(out / "summary.md", continual_markdown(summary))
     return summary

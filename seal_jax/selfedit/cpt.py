@@ -28,7 +28,6 @@ from ``adapters/``. Seeds derive from the run's seed, so a resumed run gives the
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,15 +50,11 @@ from seal_jax.selfedit.results import (
     result_row,
     summarize,
     summary_markdown,
+    write_json,
+    write_text,
 )
-from seal_jax.selfedit.run_config import (
-    ExtendedConfig,
-    RunConfig,
-    RunConfigError,
-    derived_seed,
-    save_run_config,
-    select_data,
-)
+from seal_jax.selfedit.resume import save_run_config
+from seal_jax.selfedit.run_config import ExtendedConfig, RunConfig, RunConfigError, derived_seed, select_data
 from seal_jax.selfedit.strategies import completions_for, get_strategy, training_sequences
 
 TRAINING_FILE = "training.json"
@@ -231,7 +226,7 @@ class _Cpt:
                     "train_loss": {n: ([loss[0], loss[-1]] if loss else None)
                                    for n, loss in zip(names, adapters.losses, strict=True)},
                     "failed": dict(zip(names, adapters.failed, strict=True))}
-            marker.write_text(json.dumps(info, indent=2))
+            write_json(marker, info)  # whole or not at all: the marker says the adapters are saved
         return adapters
 
     def _eval_group(self) -> int:
@@ -300,6 +295,6 @@ def run_cpt(config: CptConfig, out_dir: str | Path, *, resume: bool = False, lm:
 def _write_summary(config: CptConfig, out: Path) -> dict[str, Any]:
     summary = summarize(agree(lambda: read_rows(out / "results.jsonl", repair=False)), config.knowledge.model)
     if is_writer():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "summary.md").write_text(summary_markdown(summary))
+        write_json(out / "summary.json", summary, ensure_ascii=True)
+        write_text(out / "summary.md", summary_markdown(summary))
     return summary

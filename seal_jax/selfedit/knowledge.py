@@ -63,13 +63,8 @@ from seal_jax.selfedit.results import (
     write_json,
     write_text,
 )
-from seal_jax.selfedit.run_config import (
-    SELFEDIT_SAMPLING,
-    RunConfig,
-    check_run_config,
-    derived_seed,
-    select_data,
-)
+from seal_jax.selfedit.resume import check_run_config
+from seal_jax.selfedit.run_config import SELFEDIT_SAMPLING, RunConfig, derived_seed, select_data
 from seal_jax.selfedit.strategies import (
     completions_for,
     fill_pieces,

@@ -65,13 +65,12 @@ from seal_jax.selfedit.results import (
     write_jsonl,
     write_text,
 )
+from seal_jax.selfedit.resume import check_run_config, config_differences
 from seal_jax.selfedit.run_config import (
     ExtendedConfig,
     RunConfig,
     RunConfigError,
     check_data_table,
-    check_run_config,
-    config_differences,
     pool_passages,
     select_data,
 )

@@ -11,7 +11,6 @@ none of them a knowledge-incorporation run
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from seal_jax.selfedit.continual import ContinualConfig, continual_markdown, run
 from seal_jax.selfedit.cpt import CptConfig, run_cpt
 from seal_jax.selfedit.knowledge import run_knowledge
 from seal_jax.selfedit.restem import RestemConfig, restem_markdown, run_restem
-from seal_jax.selfedit.results import summary_markdown
+from seal_jax.selfedit.results import RUN_CONFIG_REMEDY, read_state, summary_markdown
 from seal_jax.selfedit.run_config import RunConfig, RunConfigError, hardware_settings, read_toml
 from seal_jax.selfedit.template_search import TemplateSearchConfig, run_template_search, template_markdown
 from seal_jax.targets import get_target, running_target
@@ -125,4 +124,4 @@ def run_kind(run_dir: str | Path) -> str:
     path = Path(run_dir) / "run_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no run_config.json; pass a folder written by `seal-jax run`")
-    return kind_of(json.loads(path.read_text()))
+    return kind_of(read_state(path, RUN_CONFIG_REMEDY) or {})

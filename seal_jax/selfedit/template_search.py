@@ -81,12 +81,6 @@ from seal_jax.lm.tokenizer import format_chat
 from seal_jax.lm.types import LoraSpec, SamplingParams, TrainSpec
 from seal_jax.selfedit.archive import Archive, ArchiveEntry, NoveltyArchive, seed_templates, select_top
 from seal_jax.selfedit.data import Passage
-from seal_jax.selfedit.diversity import (
-    BACKENDS,
-    hyperparameter_similarity,
-    instruction_similarity_with_backend,
-    mean_sequence_chars,
-)
 from seal_jax.selfedit.engine import LanguageModel
 from seal_jax.selfedit.episode import BatchGrader, Job, make_grader, score_base, train_and_score
 from seal_jax.selfedit.generator import (
@@ -113,20 +107,20 @@ from seal_jax.selfedit.results import (
     write_jsonl,
     write_text,
 )
+from seal_jax.selfedit.resume import config_differences, describe_differences
 from seal_jax.selfedit.run_config import (
     SELFEDIT_SAMPLING,
     ExtendedConfig,
     RunConfig,
     RunConfigError,
     check_data_table,
-    config_differences,
     derived_seed,
-    describe_differences,
     pool_passages,
     select_data,
 )
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, fill_pieces, pieces_to_sequences
 from seal_jax.selfedit.template_errors import name_length_key
+from seal_jax.selfedit.template_stats import check_similarity_backend, diversity, template_scores
 from seal_jax.selfedit.templates import Template, TemplateError
 
 VARIANTS = ("noarchive", "archive", "novelty")
@@ -185,24 +179,6 @@ def check_novelty(novelty: Any, variant: str) -> None:
 
 class TemplateSearchError(GeneratorError):
     """A template search that cannot go on (e.g. the generator's SFT diverged)."""
-
-
-def check_similarity_backend(backend: Any, *, here: bool = False) -> None:
-    """Raise :class:`RunConfigError` for a backend not in ``BACKENDS``; with ``here`` (a run about to start on
-    this machine) also for ``"embeddings"`` while the MiniLM encoder's files are not on this machine (a look
-    for the files, no model load). A config loaded to be compiled or planned elsewhere needs no encoder."""
-    if backend not in BACKENDS:
-        raise RunConfigError(f"templates.similarity_backend must be one of {BACKENDS}, got {backend!r}")
-    if here and backend == "embeddings":
-        # deferred: the encoder's module imports jax; only this backend needs it
-        from seal_jax.selfedit import embeddings
-
-        if not embeddings.available():
-            raise RunConfigError(
-                f"templates.similarity_backend = 'embeddings' needs the {embeddings.ENCODER_NAME} sentence encoder, "
-                f"which is not on this machine: fetch it with `seal-jax fetch {embeddings.ENCODER_NAME}` (or point "
-                f"{embeddings.ENV_VAR} at its folder), or set 'auto' (the encoder when fetched, else TF-IDF) or "
-                "'tfidf'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,43 +394,7 @@ def template_passage_rows(inner: LanguageModel, generator: LanguageModel, passag
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scores, diversity, SFT rows
-
-
-def template_scores(rows: Sequence[dict[str, Any]], reward: str = "accuracy") -> dict[str, dict[str, Any]]:
-    """Per template id: ``{score, gain, fills, valid_fills, fallback_fills, passages}`` from its rows.
-
-    ``score``: mean ``accuracy_after`` over the template's fills and passages (fills without training
-    data count with the accuracy before), or with ``reward = "gold_loglik"`` the mean
-    ``gold_loglik_after``; ``gain``: mean normalized gain, or the mean change of the gold log-likelihood;
-    ``valid_fills``: fills that gave training data; ``fallback_fills``: of those, how many needed the
-    ``lines`` fallback.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for tid in dict.fromkeys(r["template_id"] for r in rows if r.get("template_id")):
-        sel = [r for r in rows if r.get("template_id") == tid]
-        if reward == "accuracy":
-            score, gain = [r["accuracy_after"] for r in sel], [r["normalized_gain"] for r in sel]
-        else:
-            score = [r["gold_loglik_after"] for r in sel]
-            gain = [r["gold_loglik_after"] - r["gold_loglik_before"] for r in sel]
-        out[tid] = {"score": float(np.mean(score)), "gain": float(np.mean(gain)),
-                    "fills": len(sel), "valid_fills": sum(1 for r in sel if r["n_sequences"] > 0),
-                    "fallback_fills": sum(1 for r in sel if r.get("fill_fallback")),
-                    "passages": len({r["passage_id"] for r in sel})}
-    return out
-
-
-def diversity(templates: Sequence[Template], fills: Sequence[Sequence[str]], backend: str = "auto"
-              ) -> dict[str, Any]:
-    """Diversity of one iteration's templates: ``{hyperparameter_similarity, instruction_similarity,
-    similarity_backend, mean_sequence_chars}`` (similarities ``None`` for fewer than two templates)."""
-    hyper = instr = used = None
-    if len(templates) >= 2:
-        hyper = hyperparameter_similarity(templates)
-        instr, used = instruction_similarity_with_backend(templates, backend)
-    return {"hyperparameter_similarity": hyper, "instruction_similarity": instr, "similarity_backend": used,
-            "mean_sequence_chars": mean_sequence_chars(fills)}
+# SFT rows (the scores and diversity it reports: template_stats)
 
 
 def sft_pairs(rows: Sequence[dict[str, Any]], passages: dict[str, Passage], templates: dict[str, Template],

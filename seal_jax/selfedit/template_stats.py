@@ -16,6 +16,10 @@ of these shapes:
 Values are read as written, not clamped to seal-jax's ranges (a file of another system's templates keeps
 its own numbers); each template needs a ``data_creation_instruction`` string and the six hyperparameters
 as finite numbers. Nothing in the file is executed.
+
+Here too, what a template search reports of each iteration from its rows: each template's score and gain
+(:func:`template_scores`), the iteration's diversity (:func:`diversity`), and the check of its
+``similarity_backend`` (:func:`check_similarity_backend`).
 """
 
 from __future__ import annotations
@@ -26,12 +30,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from seal_jax.selfedit.diversity import hyperparameter_similarity, instruction_similarity_with_backend
+import numpy as np
+
+from seal_jax.selfedit.diversity import (
+    BACKENDS,
+    hyperparameter_similarity,
+    instruction_similarity_with_backend,
+    mean_sequence_chars,
+)
+from seal_jax.selfedit.run_config import RunConfigError
 from seal_jax.selfedit.template_errors import _flat_template, _number
 from seal_jax.selfedit.templates import HYPERPARAMETERS, HYPERPARAMETERS_KEY, Template, TemplateError
 
-__all__ = ["read_templates_by_iteration", "read_templates_file", "template_stats", "template_stats_markdown",
-           "templates_by_iteration"]
+__all__ = ["check_similarity_backend", "diversity", "read_templates_by_iteration", "read_templates_file",
+           "template_scores", "template_stats", "template_stats_markdown", "templates_by_iteration"]
 
 _ITERATION_KEY = re.compile(r"(?:(?:iteration|iter|it)[-_ ]?)?(\d+)", re.IGNORECASE)
 
@@ -219,3 +231,61 @@ def template_stats_markdown(stats: Sequence[Mapping[str, Any]]) -> str:
         lines += ["", f"Values as written; seal-jax would clamp {clamped} of these templates into its ranges and "
                   f"refuse {rejected} (see seal_jax.selfedit.templates)."]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# A template search's scores and diversity, per iteration (template_search reports them)
+
+
+def template_scores(rows: Sequence[dict[str, Any]], reward: str = "accuracy") -> dict[str, dict[str, Any]]:
+    """Per template id: ``{score, gain, fills, valid_fills, fallback_fills, passages}`` from its rows.
+
+    ``score``: mean ``accuracy_after`` over the template's fills and passages (fills without training
+    data count with the accuracy before), or with ``reward = "gold_loglik"`` the mean
+    ``gold_loglik_after``; ``gain``: mean normalized gain, or the mean change of the gold log-likelihood;
+    ``valid_fills``: fills that gave training data; ``fallback_fills``: of those, how many needed the
+    ``lines`` fallback.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for tid in dict.fromkeys(r["template_id"] for r in rows if r.get("template_id")):
+        sel = [r for r in rows if r.get("template_id") == tid]
+        if reward == "accuracy":
+            score, gain = [r["accuracy_after"] for r in sel], [r["normalized_gain"] for r in sel]
+        else:
+            score = [r["gold_loglik_after"] for r in sel]
+            gain = [r["gold_loglik_after"] - r["gold_loglik_before"] for r in sel]
+        out[tid] = {"score": float(np.mean(score)), "gain": float(np.mean(gain)),
+                    "fills": len(sel), "valid_fills": sum(1 for r in sel if r["n_sequences"] > 0),
+                    "fallback_fills": sum(1 for r in sel if r.get("fill_fallback")),
+                    "passages": len({r["passage_id"] for r in sel})}
+    return out
+
+
+def diversity(templates: Sequence[Template], fills: Sequence[Sequence[str]], backend: str = "auto"
+              ) -> dict[str, Any]:
+    """Diversity of one iteration's templates: ``{hyperparameter_similarity, instruction_similarity,
+    similarity_backend, mean_sequence_chars}`` (similarities ``None`` for fewer than two templates)."""
+    hyper = instr = used = None
+    if len(templates) >= 2:
+        hyper = hyperparameter_similarity(templates)
+        instr, used = instruction_similarity_with_backend(templates, backend)
+    return {"hyperparameter_similarity": hyper, "instruction_similarity": instr, "similarity_backend": used,
+            "mean_sequence_chars": mean_sequence_chars(fills)}
+
+
+def check_similarity_backend(backend: Any, *, here: bool = False) -> None:
+    """Raise :class:`RunConfigError` for a backend not in ``BACKENDS``; with ``here`` (a run about to start on
+    this machine) also for ``"embeddings"`` while the MiniLM encoder's files are not on this machine (a look
+    for the files, no model load). A config loaded to be compiled or planned elsewhere needs no encoder."""
+    if backend not in BACKENDS:
+        raise RunConfigError(f"templates.similarity_backend must be one of {BACKENDS}, got {backend!r}")
+    if here and backend == "embeddings":
+        # deferred: the encoder's module imports jax; only this backend needs it
+        from seal_jax.selfedit import embeddings
+
+        if not embeddings.available():
+            raise RunConfigError(
+                f"templates.similarity_backend = 'embeddings' needs the {embeddings.ENCODER_NAME} sentence encoder, "
+                f"which is not on this machine: fetch it with `seal-jax fetch {embeddings.ENCODER_NAME}` (or point "
+                f"{embeddings.ENV_VAR} at its folder), or set 'auto' (the encoder when fetched, else TF-IDF) or "
+                "'tfidf'")
