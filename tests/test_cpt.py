@@ -178,3 +178,12 @@ def test_the_cpt_table_is_type_checked(tiny_chat_dir, key, value, message):
     knowledge = CptConfig.from_dict(cpt_raw(tiny_chat_dir)).knowledge
     with pytest.raises(RunConfigError, match=f"^{message}"):  # built in Python, without from_dict's checks
         CptConfig(knowledge=knowledge, **{key: value})
+
+
+def test_a_refused_data_selection_writes_no_run_folder(tiny_chat_dir, tmp_path):
+    from seal_jax.selfedit.data import DataError
+
+    config = CptConfig.from_dict(cpt_raw(tiny_chat_dir) | {"data": {"source": "demo", "start": 100}})
+    with pytest.raises(DataError):
+        run_cpt(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -295,6 +295,10 @@ def test_load_peft_refuses_what_it_cannot_read(base, tmp_path):
     short = {k: v for k, v in tensors.items() if ".layers.1." not in k or "lora_B" not in k or "v_proj" not in k}
     with pytest.raises(LoraError, match="v_proj lacks lora_B of layer 1"):
         Adapters.load_peft(variant("short", short), config=lm.config)
+    cut = variant("cut")
+    (cut / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes()[:40])
+    with pytest.raises(LoraError, match="cut/adapter_model.safetensors is not a readable safetensors file"):
+        Adapters.load_peft(cut)
     other = make_hf_model("llama", seed=21, hidden_size=32, head_dim=8).config
     with pytest.raises(LoraError, match="the model's q_proj maps 32 -> 32"):
         Adapters.load_peft(good, config=sj.lm.config.from_hf_dict(other.to_dict()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 from seal_jax.selfedit.results import StateFileError
 from seal_jax.selfedit.resume import check_run_config, save_run_config
@@ -36,3 +36,21 @@ def test_a_damaged_saved_config_is_named_with_what_to_do(tmp_path):
                                              r"that config"):
         check_run_config(tmp_path, tiny_config("m").to_json(), resume=True)
     check_run_config(tmp_path, tiny_config("m").to_json(), resume=False)  # a new run does not read it
+
+
+def test_keys_a_run_kind_ignored_do_not_stop_an_older_folder_resuming():
+    """Older versions accepted (and ignored) keys that a config now refuses: a folder that saved one resumes
+    with the config that leaves it out, and a key that does count still stops it."""
+    from seal_jax.selfedit.resume import config_differences
+    from seal_jax.selfedit.run_config import read_toml
+    from seal_jax.selfedit.runs import config_from_dict
+
+    raw = read_toml(REPO / "experiments" / "templates-archive-demo.toml")
+    now = config_from_dict(raw).to_json()
+    older = {**now, "k": 3, "lora": {**now["lora"], "rank": 16}, "train": {**now["train"], "seed": 5},
+             "templates": {**now["templates"], "novelty": {"k": 2}}}
+    assert config_differences(older, now) == []
+    assert config_differences({**older, "data": {**now["data"], "start": 9}}, now) == ["data"]
+    knowledge = tiny_config("m").to_json()  # a knowledge run reads k and [lora] rank
+    assert config_differences({**knowledge, "k": knowledge["k"] + 1}, knowledge) == ["k"]
+    assert config_differences({**knowledge, "train": {**knowledge["train"], "seed": 3}}, knowledge) == []

@@ -141,7 +141,7 @@ def test_export_round_trip_through_transformers(tiny_hf, tmp_path, name):
 def test_export_writes_the_source_folders_generation_config(tiny_hf, tmp_path):
     """The folder's generation_config.json (eos/bos/pad ids, sampling defaults) is written again by export,
     also for a model merged from it, so transformers' generate on the export stops where the source's does;
-    a folder without one exports none, and a broken one is refused naming the file."""
+    a folder without one exports none, and a broken one is a warning naming the file."""
     import jax
     from transformers import GenerationConfig
 
@@ -163,12 +163,12 @@ def test_export_writes_the_source_folders_generation_config(tiny_hf, tmp_path):
     (folder / "generation_config.json").unlink()
     bare = sj.load(folder, progress=False)
     assert bare.generation_config is None and not (bare.export(tmp_path / "bare") / "generation_config.json").exists()
-    (folder / "generation_config.json").write_text("{'eos_token_id': 1}")
-    with pytest.raises(WeightsError, match=r"generation_config.json is not valid JSON .*fix it, or delete it"):
-        sj.load(folder, progress=False)
+    (folder / "generation_config.json").write_text("{'eos_token_id': 1}")  # damaged: the model still loads
+    with pytest.warns(UserWarning, match=r"generation_config.json is not valid JSON .*an export of this model leaves it out"):
+        assert sj.load(folder, progress=False).generation_config is None
     (folder / "generation_config.json").write_text("[1]")
-    with pytest.raises(WeightsError, match=r"generation_config.json must hold a JSON object, got list"):
-        sj.load(folder, progress=False)
+    with pytest.warns(UserWarning, match=r"generation_config.json must hold a JSON object, got list"):
+        assert sj.load(folder, progress=False).generation_config is None
 
 
 def test_export_refuses_dtypes_transformers_cannot_read_and_abstract_models(tiny_hf, tmp_path):

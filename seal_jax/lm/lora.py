@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from seal_jax.lm.config import ModelConfig
@@ -284,8 +284,8 @@ class Adapters(AdapterStack):
         Writes ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's tensor names
         (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` ``[r, in]``, ``lora_B`` ``[out, r]``);
         ``peft.PeftModel.from_pretrained(base, path)`` loads it, and ``AutoPeftModelForCausalLM`` too where
-        ``base_model_name_or_path`` names the base: ``base_model``, by default :attr:`base_model` (the folder
-        the training model was loaded from). Returns the folder.
+        ``base_model_name_or_path`` names the base: ``base_model``, by default :attr:`base_model` (the training
+        model's folder, or the hub id it was loaded by). Returns the folder.
         """
         spec = self.specs[self._index(k)]
         base_model = self.base_model if base_model is None else base_model
@@ -339,10 +339,14 @@ class Adapters(AdapterStack):
         if not isinstance(meta, dict):
             raise LoraError(f"{meta_file} is not a JSON object")
         found: dict[str, dict[str, dict[int, np.ndarray]]] = {}
-        with safe_open(str(tensor_file), "numpy") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
-                projection, layer, part = _peft_tensor(name, tensor_file)
-                found.setdefault(projection, {"A": {}, "B": {}})[part][layer] = np.asarray(f.get_tensor(name), np.float32)
+        try:
+            with safe_open(str(tensor_file), "numpy") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+                    projection, layer, part = _peft_tensor(name, tensor_file)
+                    tensor = np.asarray(f.get_tensor(name), np.float32)
+                    found.setdefault(projection, {"A": {}, "B": {}})[part][layer] = tensor
+        except SafetensorError as e:  # (not an OSError: a cut-off or empty file)
+            raise LoraError(f"{tensor_file} is not a readable safetensors file ({e}); save the adapter again") from None
         if not found:
             raise LoraError(f"{tensor_file} has no LoRA tensors")
         spec, kept = _peft_spec(meta, meta_file, list(found))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,19 +147,22 @@ GENERATION_CONFIG = "generation_config.json"  # Hugging Face's generation defaul
 
 def read_generation_config(folder: str | Path) -> dict[str, Any] | None:
     """The folder's ``generation_config.json`` as a dict (for :func:`export_hf` to write again), or ``None``
-    without one. Raises :class:`WeightsError` if the file is not a JSON object."""
+    without one. seal-jax's own generation does not read it, so a damaged one is a warning (and ``None``:
+    an export leaves it out), not a reason to refuse the model."""
     path = Path(folder) / GENERATION_CONFIG
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path} is not valid JSON ({e}); fix it, or delete it to use config.json's "
-                           "eos/bos/pad ids") from None
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path} must hold a JSON object, got {type(data).__name__}; fix it, or delete it to "
-                           "use config.json's eos/bos/pad ids")
-    return data
+        problem = f"is not valid JSON ({e})"
+    else:
+        if isinstance(data, dict):
+            return data
+        problem = f"must hold a JSON object, got {type(data).__name__}"
+    warnings.warn(f"{path} {problem}: seal-jax does not read it, and an export of this model leaves it out; fix it "
+                  "for transformers' generate (its eos/bos/pad ids and sampling defaults)", stacklevel=3)
+    return None
 
 
 def _read(files: dict[str, Path], name: str) -> np.ndarray:

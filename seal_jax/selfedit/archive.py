@@ -42,6 +42,7 @@ from seal_jax.selfedit.diversity import (
     instruction_embeddings_with_backend,
     pairwise_hyperparameter_similarity,
 )
+from seal_jax.selfedit.results import write_text
 from seal_jax.selfedit.templates import SEAL_HYPERPARAMETERS, Template, TemplateError
 
 __all__ = [
@@ -231,7 +232,7 @@ class Archive:
     def to_jsonl(self, path: str | Path) -> None:
         """Write the entries to ``path``, one JSON row a line (the file is replaced)."""
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.to_rows())
-        Path(path).write_text(text, encoding="utf-8")
+        write_text(Path(path), text)  # whole or not at all: a search resumes from it
 
     @classmethod
     def from_jsonl(cls, path: str | Path, **kwargs: Any) -> Archive:

@@ -281,9 +281,9 @@ def run_cpt(config: CptConfig, out_dir: str | Path, *, resume: bool = False, lm:
     out = Path(out_dir)
     if not resume and agree(lambda: (out / SELFEDITS_FILE).exists()):
         raise FileExistsError(f"{out} already holds a CPT run; pass --resume to continue it or choose another --out")
-    save_run_config(out, config.to_json(), resume=resume)
     k = config.knowledge
-    passages, replay = select_data(k.data, replay="replay" in config.conditions)
+    passages, replay = select_data(k.data, replay="replay" in config.conditions)  # (before the folder is made)
+    save_run_config(out, config.to_json(), resume=resume)
     run = _Cpt(config, out, Models(k, lm, what="a CPT generator", progress=progress), passages, replay, stop_after,
                progress)
     selfedits = run.selfedits()

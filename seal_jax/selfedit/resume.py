@@ -13,7 +13,7 @@ from typing import Any
 
 from seal_jax.selfedit.multihost import agree, is_writer
 from seal_jax.selfedit.results import RUN_CONFIG_REMEDY, read_state, write_json
-from seal_jax.selfedit.run_config import RunConfig, RunConfigError
+from seal_jax.selfedit.run_config import IGNORED_KEYS, RunConfig, RunConfigError
 
 # Settings that do not change a run's results: a run may be resumed with them changed (for example with
 # ``remat`` turned on after running out of memory). ``table.key`` names a key inside a table.
@@ -27,22 +27,35 @@ RESUME_FREE_KEYS = frozenset({"remat", "cpt.eval_batch", "passages_per_program",
 TABLE_KEY_DEFAULTS: dict[str, Any] = {"templates.seed_scores": None}
 
 
-def _results_part(key: str, value: Any) -> Any:
+def _free_keys(previous: dict[str, Any], current: dict[str, Any]) -> frozenset[str]:
+    """:data:`RESUME_FREE_KEYS` and the keys the two configs' run kind ignores: what older versions accepted
+    and ignored (:data:`~seal_jax.selfedit.run_config.IGNORED_KEYS`, the ``seed`` of ``[train]`` and
+    ``[selfedit_sampling]``, ``[templates.novelty]`` beside another variant) never changed a result, so a
+    folder that saved one resumes with a config that now leaves it out."""
+    table = next((t for t in IGNORED_KEYS if t in previous or t in current), None)
+    extra = {"train.seed", "selfedit_sampling.seed", *IGNORED_KEYS.get(table, {})}
+    if table == "templates" and (current.get("templates") or {}).get("variant") != "novelty":
+        extra.add("templates.novelty")
+    return RESUME_FREE_KEYS | extra
+
+
+def _results_part(key: str, value: Any, free: frozenset[str]) -> Any:
     """``value`` of top-level ``key`` with :data:`TABLE_KEY_DEFAULTS` filled in and without the table
-    entries that :data:`RESUME_FREE_KEYS` names."""
+    entries that ``free`` (:func:`_free_keys`) names."""
     if isinstance(value, dict):
         defaults = {k.split(".", 1)[1]: v for k, v in TABLE_KEY_DEFAULTS.items() if k.startswith(f"{key}.")}
-        return {k: v for k, v in {**defaults, **value}.items() if f"{key}.{k}" not in RESUME_FREE_KEYS}
+        return {k: v for k, v in {**defaults, **value}.items() if f"{key}.{k}" not in free}
     return value
 
 
 def _compared(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Per top-level key except :data:`RESUME_FREE_KEYS`, the two saved configs' values as a resume compares
-    them (:func:`_results_part`; a key one of them lacks counts as :class:`RunConfig`'s default)."""
+    """Per top-level key except the free ones (:func:`_free_keys`), the two saved configs' values as a resume
+    compares them (:func:`_results_part`; a key one of them lacks counts as :class:`RunConfig`'s default)."""
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
-    keys = (set(previous) | set(current)) - RESUME_FREE_KEYS
-    return {k: (_results_part(k, previous.get(k, defaults.get(k))), _results_part(k, current.get(k, defaults.get(k))))
-            for k in keys}
+    free = _free_keys(previous, current)
+    keys = (set(previous) | set(current)) - free
+    return {k: (_results_part(k, previous.get(k, defaults.get(k)), free),
+                _results_part(k, current.get(k, defaults.get(k)), free)) for k in keys}
 
 
 def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:

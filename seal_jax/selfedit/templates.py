@@ -54,6 +54,7 @@ import numpy as np
 from seal_jax.lm.types import LoraSpec, TrainSpec
 from seal_jax.selfedit.diversity import hyperparameter_similarity, instruction_similarity
 from seal_jax.selfedit.template_errors import (
+    CUT_OFF_HINT,
     HYPERPARAMETER_NAMES,
     HYPERPARAMETERS_KEY,
     TemplateError,
@@ -404,7 +405,7 @@ def parse_template(text: str) -> Template:
         raise TemplateError(f"found {seen} JSON object(s) but none has the template fields; {_SHAPE}")
     if "{" in body and any(f'"{name}"' in body for name in FIELDS):
         raise TemplateError("the output starts a template but holds no complete JSON object: it was cut off "
-                            "(raise max_new_tokens) or is malformed")
+                            f"{CUT_OFF_HINT} or is malformed")
     raise TemplateError(f"no JSON object found in the output; the answer must be one JSON object: {_SHAPE}")
 
 
@@ -463,5 +464,5 @@ def parse_fill(text: str, *, allow_truncated: bool = True) -> list[str]:
             return sequences
     if reason is None and _SEQUENCES_KEY.search(body):
         reason = ("the output starts a training_sequences list but holds no complete string in it: it was cut "
-                  "off (raise max_new_tokens) or is malformed")
+                  f"off {CUT_OFF_HINT} or is malformed")
     raise TemplateError(reason or 'no {"training_sequences": [...]} object found in the fill output')
