@@ -51,7 +51,6 @@ from seal_jax.selfedit.meta_prompts import fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer, say
 from seal_jax.selfedit.proposals import Proposal, chosen, propose
 from seal_jax.selfedit.results import (
-    RUN_CONFIG_REMEDY,
     Measure,
     StateFileError,
     read_rows,
@@ -323,9 +322,7 @@ def run_knowledge(config: RunConfig, out_dir: str | Path, *, resume: bool = Fals
         if results.exists() and results.stat().st_size and not resume:
             raise FileExistsError(f"{results} already holds results; pass --resume to continue it or choose "
                                   "another --out")
-        if resume:
-            read_state(out / "run_config.json", RUN_CONFIG_REMEDY)  # a damaged one: an error naming it
-        check_run_config(out, config_json, resume=resume)
+        check_run_config(out, config_json, resume=resume)  # (a damaged run_config.json: an error naming it)
         return read_rows(results)
 
     rows = agree(finished_rows)

@@ -448,13 +448,12 @@ def run_restem(config: RestemConfig, out_dir: str | Path, *, resume: bool = Fals
         raise FileExistsError(f"{out} already holds a ReST-EM run; pass --resume to continue it or choose another --out")
     config_json = config.to_json()
 
-    def check_folder() -> bool:  # whether only the SFT settings changed; every state file read back
+    def check_folder() -> None:  # the saved config (or only the SFT settings changed); every state file read back
         if resume:
             read_state(out / "run_config.json", RUN_CONFIG_REMEDY)
             _check_state_files(out)
         sft_only = resume and changes_only_sft_settings(out, config_json)
         check_run_config(out, config_json, resume=resume and not sft_only)
-        return sft_only
 
     agree(check_folder)
     if is_writer():
