@@ -215,9 +215,15 @@ def _run_config(path: str, out: str | None) -> tuple[object, Path]:
 
 
 def _say_if_nothing_to_resume(resume: bool, out: Path) -> None:
-    """With ``--resume`` on a folder that holds no run, say that a new run starts (not an error)."""
+    """With ``--resume`` on a folder without ``run_config.json``, say what happens (not an error): a new run
+    starts in an empty (or absent) folder; one that holds a run's files (its config deleted, as a damaged
+    one's message says to do) continues with this config, saved as its ``run_config.json``."""
     if resume and not (out / "run_config.json").is_file():
-        print(f"--resume: {out} holds no run yet; starting a new one", file=sys.stderr)
+        if out.is_dir() and any(out.iterdir()):
+            print(f"--resume: {out} has no run_config.json; continuing the run there with the config "
+                  "given (saved as its run_config.json; it must be the one the run started with)", file=sys.stderr)
+        else:
+            print(f"--resume: {out} holds no run yet; starting a new one", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -109,25 +109,6 @@ def _unfinished_note(run: Path, summary: dict[str, Any]) -> str:
     return f"\n\n{done} of {planned} passages done: the run has not finished ({_resume(run)})."
 
 
-def knowledge_units(summary: dict[str, Any]) -> str:
-    """The line under a knowledge (or CPT) run's table that says each column's unit."""
-    dense = any("gold_loglik" in c for c in summary["conditions"].values())
-    gold = ("; gold nats/token: the gold answers' mean log-likelihood after the question (no passage in context), "
-            "Δ its change over the update" if dense else "")
-    return ("Units: accuracy in %; std over passages and mean gain (accuracy after the update minus before, "
-            f"mean over the rows) in percentage points{gold}.")
-
-
-def template_units(summary: dict[str, Any]) -> str:
-    """The line under a template search's table that says the unit of its gain and similarities."""
-    if summary.get("reward", "accuracy") != "accuracy":  # the table's title line gives the scores' unit
-        return "Units: hyperparameter and instruction similarity from 0 to 1."
-    return ("Units: base, best, mean and held-out scores are accuracy in %; best gain is not in %: it is the best "
-            "template's mean normalized gain, (accuracy after − before) / (1 − before), the fraction of the base "
-            "model's missing accuracy its update recovers (at most 1; 0.125: an eighth); hyperparameter and "
-            "instruction similarity from 0 to 1.")
-
-
 def plot_accuracy(summary: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Bar chart of accuracy per condition with error bars (std over passages); writes a PNG. A condition
     with no result (every row failed) gets no bar but a "no result" mark at its place."""
@@ -375,7 +356,7 @@ def report_templates(run_dir: str | Path) -> tuple[str, Path]:
     summary = summarize_template_search(run, config)
     if not summary["iterations"]:
         raise ValueError(f"{run} has no proposals yet: the search has not finished its first proposal step")
-    markdown = template_markdown(summary) + "\n" + template_units(summary) + "\n"
+    markdown = template_markdown(summary)
     png = plot_iterations(summary, run / "iterations.png", title=run.name)
     (run / "report.md").write_text(markdown + f"\n![scores and diversity per iteration]({png.name})\n")
     return markdown, png
@@ -396,7 +377,7 @@ def report(run_dir: str | Path) -> tuple[str, Path]:
     if kind == "continual":
         return report_continual(run)
     summary = load_summary(run)
-    markdown = summary_markdown(summary) + "\n" + knowledge_units(summary) + _unfinished_note(run, summary)
+    markdown = summary_markdown(summary) + _unfinished_note(run, summary)
     png = plot_accuracy(summary, run / "accuracy.png", title=run.name)
     (run / "report.md").write_text(markdown + f"\n![accuracy per condition]({png.name})\n")
     return markdown, png

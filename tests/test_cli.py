@@ -337,3 +337,22 @@ def test_a_file_where_a_folder_goes_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err == f"--scaling {file} is a file; give a folder\n"
     assert main(["bench", "--out", str(tmp_path)]) == 2  # a file's option given a folder
     assert capsys.readouterr().err == f"--out {tmp_path} is a folder; give a file name\n"
+
+
+def test_resume_without_run_config_says_whether_a_run_starts_or_continues(tmp_path, capsys):
+    """--resume on an empty folder starts a run; on one whose run_config.json was deleted (as a damaged one's
+    message says to do) the run there continues, and the line says so rather than "starting a new one"."""
+    from seal_jax.cli import _say_if_nothing_to_resume
+
+    out = tmp_path / "run"
+    _say_if_nothing_to_resume(True, out)
+    assert capsys.readouterr().err == f"--resume: {out} holds no run yet; starting a new one\n"
+    out.mkdir()
+    (out / "results.jsonl").write_text("{}\n")
+    _say_if_nothing_to_resume(True, out)
+    err = capsys.readouterr().err
+    assert "has no run_config.json; continuing the run there" in err and "starting a new one" not in err
+    (out / "run_config.json").write_text("{}")
+    _say_if_nothing_to_resume(True, out)
+    _say_if_nothing_to_resume(False, tmp_path / "other")
+    assert capsys.readouterr().err == ""

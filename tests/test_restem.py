@@ -368,3 +368,25 @@ def test_restem_summary_and_table_show_the_gold_loglik(tmp_path):
     assert "| 2 | – | – | – | – | – | – | – | – |" in lines
     unmeasured = {**summary, "rounds": [{**e, "eval_gold": None, "train_gold": None} for e in summary["rounds"]]}
     assert "gold" not in restem_markdown(unmeasured)
+
+
+def test_an_evaluation_killed_before_its_summary_shows_its_rows_so_far(tmp_path):
+    """A held-out evaluation killed before writing summary.json (SIGKILL, out of memory) left its rows: the
+    summary takes them as they are, with how many passages they cover, rather than showing nothing."""
+    p, q = load_passages("demo", n=2)
+    before = Measure(0.5, None)
+
+    def rows(passage, correct):
+        return [result_row(passage, "base", 0, None, 0, before, before, [{"correct": False}], None),
+                result_row(passage, "rewrite", 0, "e", 1, before, before, [{"correct": correct}], None)]
+
+    run = tmp_path / "run"
+    (run / "round-0" / "eval").mkdir(parents=True)
+    append_passage(run / "round-0" / "eval" / "results.jsonl", rows(p, True))
+    append_passage(run / "round-0" / "eval" / "results.jsonl", rows(q, False))
+    with open(run / "round-0" / "eval" / "results.jsonl", "a") as f:
+        f.write('{"passage_id": "torn')  # the passage being written when it was killed
+    zero, one = summarize_restem(run, "m", "rewrite", 1)["rounds"]
+    assert zero["eval"] == {"base": 0.0, "rewrite": 0.5, "passages": 2} and one["eval"] is None
+    assert "| 0 | 0.0% | 50.0% |" in restem_markdown({"strategy": "rewrite", "rounds": [zero, one], "model": "m",
+                                                      "reward": "accuracy"})

@@ -14,6 +14,7 @@ from seal_jax.selfedit.results import (
     StateFileError,
     append_passage,
     append_rows,
+    knowledge_units,
     read_rows,
     read_state,
     result_row,
@@ -132,7 +133,8 @@ def test_a_condition_whose_rows_all_failed_shows_no_result():
     assert s["conditions"]["passage"]["gold_loglik_change"] == pytest.approx(1.0)
     assert json.loads(json.dumps(s, allow_nan=False)) == s  # strict JSON: no NaN in summary.json
     lines = summary_markdown(s).splitlines()
-    assert lines[-3:] == ["| base | 50.0% | 0.0 | 4 | 2 | +0.0 | 0 | -2.000 | +0.000 |",
+    assert lines[-2:] == ["", knowledge_units(s)] and knowledge_units(s).startswith("Units: accuracy in %")
+    assert lines[-5:-2] == ["| base | 50.0% | 0.0 | 4 | 2 | +0.0 | 0 | -2.000 | +0.000 |",
                           "| passage | 100.0% | 0.0 | 4 | 2 | +50.0 | 0 | -1.000 | +1.000 |",
                           "| template | – | – | 0 | 2 | – | 4 | – | – |"]
     assert [scored(r) for r in rows[:4]] == [True, False, False, True]

@@ -54,3 +54,18 @@ def test_keys_a_run_kind_ignored_do_not_stop_an_older_folder_resuming():
     knowledge = tiny_config("m").to_json()  # a knowledge run reads k and [lora] rank
     assert config_differences({**knowledge, "k": knowledge["k"] + 1}, knowledge) == ["k"]
     assert config_differences({**knowledge, "train": {**knowledge["train"], "seed": 3}}, knowledge) == []
+
+
+def test_a_template_searchs_similarity_backend_matters_only_to_the_novelty_variant():
+    """Outside the novelty variant the similarity backend changes only a template search's summary, so a
+    resume may change it; with novelty (saved or now) it scores the archive and must stay."""
+    from seal_jax.selfedit.resume import config_differences
+
+    base = tiny_config("m").to_json()
+    saved = {**base, "templates": {"variant": "archive", "similarity_backend": "embeddings"}}
+    now = {**base, "templates": {"variant": "archive", "similarity_backend": "tfidf"}}
+    assert config_differences(saved, now) == []
+    for old, new in (("novelty", "novelty"), ("novelty", "archive"), ("archive", "novelty")):
+        a = {**saved, "templates": {**saved["templates"], "variant": old}}
+        b = {**now, "templates": {**now["templates"], "variant": new}}
+        assert config_differences(a, b) == ["templates"], (old, new)

@@ -23,7 +23,7 @@ from typing import Any
 from seal_jax.lm.types import LoraSpec, TrainError, TrainSpec
 from seal_jax.selfedit.engine import LanguageModel, TrainedAdapters, load_model
 from seal_jax.selfedit.multihost import is_writer, require_visible, say
-from seal_jax.selfedit.run_config import RunConfig
+from seal_jax.selfedit.run_config import RunConfig, RunConfigError
 
 
 class GeneratorError(RuntimeError):
@@ -80,6 +80,30 @@ def sft_train_spec(fields: dict[str, Any]) -> TrainSpec:
     ``fields``."""
     defaults = dataclasses.asdict(TrainSpec(learning_rate=3e-4, epochs=2, batch_size=1, grad_accum=1))
     return TrainSpec(**{**defaults, **fields})
+
+
+def sft_spec(table: str, key: str, fields: Any) -> LoraSpec | TrainSpec:
+    """The generator's SFT spec of a config's ``[TABLE.sft_lora]`` (a :class:`~seal_jax.LoraSpec`) or
+    ``[TABLE.sft_train]`` (a :class:`~seal_jax.TrainSpec`) table, over SEAL's defaults
+    (:func:`~seal_jax.selfedit.generator.sft_lora_spec`, :func:`~seal_jax.selfedit.generator.sft_train_spec`).
+
+    Raises:
+      RunConfigError: ``fields`` is not a table, names a key the spec lacks, or gives a value the spec
+        refuses; the message starts with ``TABLE.KEY``.
+    """
+    spec, make = (LoraSpec, sft_lora_spec) if key == "sft_lora" else (TrainSpec, sft_train_spec)
+    where = f"{table}.{key}"
+    known = sorted(f.name for f in dataclasses.fields(spec))
+    if not isinstance(fields, dict):
+        raise RunConfigError(f"{where} must be a table of {spec.__name__} fields (a [{where}] section with keys "
+                             f"from {known}), got {fields!r}")
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise RunConfigError(f"unknown keys in [{where}]: {unknown}; known keys: {known}")
+    try:
+        return make(fields)
+    except (TypeError, ValueError) as e:
+        raise RunConfigError(f"{where}: {e}") from None
 
 
 def _prompt_length_hint(lm: LanguageModel, rows: Sequence[dict[str, Any]], train: TrainSpec, table: str) -> str:

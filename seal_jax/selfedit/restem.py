@@ -47,8 +47,7 @@ from seal_jax.selfedit.generator import (
     Models,
     SftResult,
     resolved_generator_path,
-    sft_lora_spec,
-    sft_train_spec,
+    sft_spec,
     stored_generator_path,
     train_and_export,
 )
@@ -82,30 +81,6 @@ ROUND_FILE = "round.json"
 ROUND_REMEDY = ("delete it and resume: the round's E-step rows are kept, and its selection and SFT are done again "
                 "from them (the same seeds give the same generator)")
 EVAL_SUMMARY_REMEDY = "delete it and resume: the run writes it again from the results.jsonl beside it (no model loads)"
-
-
-def sft_spec(table: str, key: str, fields: Any) -> LoraSpec | TrainSpec:
-    """The generator's SFT spec of a config's ``[TABLE.sft_lora]`` (a :class:`~seal_jax.LoraSpec`) or
-    ``[TABLE.sft_train]`` (a :class:`~seal_jax.TrainSpec`) table, over SEAL's defaults
-    (:func:`~seal_jax.selfedit.generator.sft_lora_spec`, :func:`~seal_jax.selfedit.generator.sft_train_spec`).
-
-    Raises:
-      RunConfigError: ``fields`` is not a table, names a key the spec lacks, or gives a value the spec
-        refuses; the message starts with ``TABLE.KEY``.
-    """
-    spec, make = (LoraSpec, sft_lora_spec) if key == "sft_lora" else (TrainSpec, sft_train_spec)
-    where = f"{table}.{key}"
-    known = sorted(f.name for f in dataclasses.fields(spec))
-    if not isinstance(fields, dict):
-        raise RunConfigError(f"{where} must be a table of {spec.__name__} fields (a [{where}] section with keys "
-                             f"from {known}), got {fields!r}")
-    unknown = sorted(set(fields) - set(known))
-    if unknown:
-        raise RunConfigError(f"unknown keys in [{where}]: {unknown}; known keys: {known}")
-    try:
-        return make(fields)
-    except (TypeError, ValueError) as e:
-        raise RunConfigError(f"{where}: {e}") from None
 
 
 class RestemError(GeneratorError):
@@ -495,6 +470,23 @@ def _gold_of(conditions: dict[str, Any]) -> dict[str, dict[str, float | None]] |
     return gold or None
 
 
+def _rows_summary(folder: Path, model: str, strategy: str) -> dict[str, Any] | None:
+    """The knowledge summary of ``folder/results.jsonl`` as it is now (the run may still be writing it: a
+    torn last line is left out), ``None`` without rows."""
+    rows = read_rows(folder / "results.jsonl", repair=False)
+    return summarize(rows, model, conditions=("base", strategy)) if rows else None
+
+
+def _part(summary: dict[str, Any] | None) -> tuple[dict[str, Any] | None, Any]:
+    """A round's part of :func:`summarize_restem` from a knowledge summary: ``{condition: accuracy,
+    "passages": n}`` and its gold log-likelihoods (:func:`_gold_of`); ``(None, None)`` without one."""
+    if summary is None:
+        return None, None
+    conditions = summary["conditions"]
+    accuracy = {name: c["accuracy"] for name, c in conditions.items()}
+    return {**accuracy, "passages": conditions.get("base", {}).get("n_passages", 0)}, _gold_of(conditions)
+
+
 def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int, *, reward: str = "accuracy"
                      ) -> dict[str, Any]:
     """Accuracy and gold log-likelihood per round from a run folder, finished or not; never changes the folder.
@@ -502,8 +494,9 @@ def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int, *,
     ``train`` is the accuracy per condition over the rows of ``round-N/results.jsonl`` present now (with
     ``passages``, how many passages they cover: fewer than ``passages_per_round`` while the round's E-step
     is unfinished, e.g. after ``stop_after``; a torn last passage is left out); ``eval`` is
-    ``round-N/eval/summary.json``, which the evaluation writes also when it stops early, so it may cover
-    only part of the held-out passages (``passages`` again says how many); ``train_gold`` and ``eval_gold``
+    ``round-N/eval/summary.json``, which the evaluation writes also when it stops early (or, where a killed
+    evaluation left none, its ``results.jsonl`` as it is), so it may cover only part of the held-out
+    passages (``passages`` again says how many); ``train_gold`` and ``eval_gold``
     are the same parts' ``{condition: {gold_loglik, gold_loglik_change}}``: the gold answers' mean
     log-likelihood after the update and its mean change over the base model, in nats per token (``None``
     where the rows do not measure it; see :func:`~seal_jax.selfedit.results.summarize`). ``generator``,
@@ -523,21 +516,15 @@ def summarize_restem(out: str | Path, model: str, strategy: str, rounds: int, *,
                                  "train_gold": None, "sft_rows": None, "mean_sft_reward": None, "sft_loss": None,
                                  "eval": None, "eval_gold": None}
         if r > 0:
-            rows = read_rows(folder / "results.jsonl", repair=False)  # the run may still be writing
-            if rows:
-                conditions = summarize(rows, model, conditions=("base", strategy))["conditions"]
-                entry["train"] = {name: c["accuracy"] for name, c in conditions.items()}
-                entry["train"]["passages"] = conditions.get("base", {}).get("n_passages", 0)
-                entry["train_gold"] = _gold_of(conditions)
+            entry["train"], entry["train_gold"] = _part(_rows_summary(folder, model, strategy))
             info = _round_info(folder)
             if info is not None:
                 entry.update(generator=info["generator"], sft_rows=info["sft_rows"],
                              mean_sft_reward=info["mean_sft_reward"], sft_loss=info.get("sft_loss"))
         evaluation = _summary_of(folder / "eval")
-        if evaluation is not None:
-            entry["eval"] = {name: c["accuracy"] for name, c in evaluation["conditions"].items()}
-            entry["eval"]["passages"] = evaluation["conditions"].get("base", {}).get("n_passages", 0)
-            entry["eval_gold"] = _gold_of(evaluation["conditions"])
+        if evaluation is None:  # an evaluation killed before its summary: its rows so far
+            evaluation = _rows_summary(folder / "eval", model, strategy)
+        entry["eval"], entry["eval_gold"] = _part(evaluation)
         table.append(entry)
     return {"model": model, "strategy": strategy, "reward": reward, "rounds": table}
 

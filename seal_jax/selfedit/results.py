@@ -320,9 +320,19 @@ def number_cell(value: Any, spec: str, scale: float = 1.0, suffix: str = "") -> 
     return f"{scale * value:{spec}}{suffix}"
 
 
+def knowledge_units(summary: dict[str, Any]) -> str:
+    """The line under a knowledge (or CPT) run's table that says each column's unit."""
+    dense = any("gold_loglik" in c for c in summary["conditions"].values())
+    gold = ("; gold nats/token: the gold answers' mean log-likelihood after the question (no passage in context), "
+            "Δ its change over the update" if dense else "")
+    return ("Units: accuracy in %; std over passages and mean gain (accuracy after the update minus before, "
+            f"mean over the rows) in percentage points{gold}.")
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown table (with the gold answers' log-likelihood when the run measured it);
-    "–" where a condition has no row that produced a result."""
+    "–" where a condition has no row that produced a result; the line under it says each column's unit
+    (:func:`knowledge_units`)."""
     dense = any("gold_loglik" in c for c in summary["conditions"].values())
     extra_head, extra_rule = (" gold nats/token | Δ gold nats/token |", "---:|---:|") if dense else ("", "")
     lines = [f"Model: `{summary['model']}`", "",
@@ -336,4 +346,4 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | {number_cell(c['accuracy'], '.1f', 100, '%')} | "
                      f"{number_cell(c['accuracy_std'], '.1f', 100)} | {c['n_questions']} | {c['n_passages']} | "
                      f"{number_cell(c['mean_gain'], '+.1f', 100)} | {c.get('failures', 0)} |{extra}")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", knowledge_units(summary)]) + "\n"

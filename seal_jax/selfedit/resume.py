@@ -31,11 +31,16 @@ def _free_keys(previous: dict[str, Any], current: dict[str, Any]) -> frozenset[s
     """:data:`RESUME_FREE_KEYS` and the keys the two configs' run kind ignores: what older versions accepted
     and ignored (:data:`~seal_jax.selfedit.run_config.IGNORED_KEYS`, the ``seed`` of ``[train]`` and
     ``[selfedit_sampling]``, ``[templates.novelty]`` beside another variant) never changed a result, so a
-    folder that saved one resumes with a config that now leaves it out."""
+    folder that saved one resumes with a config that now leaves it out; a template search's
+    ``similarity_backend`` changes only its summary unless either config is the novelty variant."""
     table = next((t for t in IGNORED_KEYS if t in previous or t in current), None)
     extra = {"train.seed", "selfedit_sampling.seed", *IGNORED_KEYS.get(table, {})}
-    if table == "templates" and (current.get("templates") or {}).get("variant") != "novelty":
-        extra.add("templates.novelty")
+    variants = {(config.get("templates") or {}).get("variant") for config in (previous, current)}
+    if "templates" in previous or "templates" in current:
+        if (current.get("templates") or {}).get("variant") != "novelty":
+            extra.add("templates.novelty")
+        if "novelty" not in variants:  # the backend then changes no row, only the summary: a run started with a
+            extra.add("templates.similarity_backend")  # backend now refused resumes with another
     return RESUME_FREE_KEYS | extra
 
 

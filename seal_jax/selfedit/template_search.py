@@ -88,15 +88,14 @@ from seal_jax.selfedit.generator import (
     Models,
     SftResult,
     resolved_generator_path,
+    sft_spec,
     stored_generator_path,
     train_and_export,
 )
 from seal_jax.selfedit.meta_prompts import PROPOSAL_SCHEDULE, fill_prompt, meta_prompt
 from seal_jax.selfedit.multihost import agree, is_writer, say
 from seal_jax.selfedit.proposals import Proposal, chosen, propose, schedule
-from seal_jax.selfedit.restem import sft_spec
 from seal_jax.selfedit.results import (
-    RUN_CONFIG_REMEDY,
     number_cell,
     passages_done,
     read_rows,
@@ -107,7 +106,7 @@ from seal_jax.selfedit.results import (
     write_jsonl,
     write_text,
 )
-from seal_jax.selfedit.resume import config_differences, describe_differences
+from seal_jax.selfedit.resume import check_run_config
 from seal_jax.selfedit.run_config import (
     SELFEDIT_SAMPLING,
     ExtendedConfig,
@@ -120,7 +119,12 @@ from seal_jax.selfedit.run_config import (
 )
 from seal_jax.selfedit.strategies import FILL_FALLBACKS, fill_pieces, pieces_to_sequences
 from seal_jax.selfedit.template_errors import name_length_key
-from seal_jax.selfedit.template_stats import check_similarity_backend, diversity, template_scores
+from seal_jax.selfedit.template_stats import (
+    check_similarity_backend,
+    diversity,
+    template_scores,
+    template_units,
+)
 from seal_jax.selfedit.templates import Template, TemplateError
 
 VARIANTS = ("noarchive", "archive", "novelty")
@@ -630,20 +634,10 @@ def run_template_search(config: TemplateSearchConfig, out_dir: str | Path, *, re
     config_file = out / "run_config.json"
 
     def check_folder() -> None:
-        previous = read_state(config_file, RUN_CONFIG_REMEDY)
-        if previous is not None:
-            if not resume and any(out.glob("iteration-*")):
-                raise FileExistsError(f"{out} already holds a template search; pass --resume to continue it or "
-                                      "choose another --out")
-            saved = previous.get("templates") or {}
-            if "novelty" not in (config.variant, saved.get("variant")):  # the backend then changes no row, only
-                # the summary: a run started with a backend now refused resumes with another
-                previous = {**previous, "templates": {**saved, "similarity_backend": config.similarity_backend}}
-            changed = config_differences(previous, config.to_json())
-            if resume and changed:
-                raise RunConfigError(f"cannot resume {out}: the config differs in {changed} (saved -> now: "
-                                     f"{describe_differences(previous, config.to_json())}); a run resumes only "
-                                     "with the config it started with: run a changed config into another --out")
+        if not resume and config_file.is_file() and any(out.glob("iteration-*")):
+            raise FileExistsError(f"{out} already holds a template search; pass --resume to continue it or "
+                                  "choose another --out")
+        check_run_config(out, config.to_json(), resume=resume)  # (a damaged run_config.json: an error naming it)
         if resume:  # every state file the run reads back, before a model loads
             read_state(out / "seeds" / SEEDS_FILE, SEEDS_REMEDY, keys=("entries",))
             for it in range(1, config.iterations + 1):
@@ -752,7 +746,8 @@ def summarize_template_search(out: str | Path, config: TemplateSearchConfig | di
 
 
 def template_markdown(summary: dict[str, Any]) -> str:
-    """The template-search summary as a Markdown table (one line per iteration; ``–`` where undefined)."""
+    """The template-search summary as a Markdown table (one line per iteration; ``–`` where undefined), with
+    the line that says its units (:func:`~seal_jax.selfedit.template_stats.template_units`)."""
     dense = summary.get("reward", "accuracy") != "accuracy"
 
     def pct(x: Any) -> str:  # a score in the run's unit
@@ -781,6 +776,7 @@ def template_markdown(summary: dict[str, Any]) -> str:
         top = max(best, key=lambda e: e["best_score"])
         lines += ["", f"Best template: `{top['best_template']}` ({pct(top['best_score'])}). Valid templates are "
                   "counted over all proposal attempts (retries included)."]
+    lines += ["", template_units(summary)]
     if summary.get("notes"):
         lines += ["", *(f"Note: {note}" for note in summary["notes"])]
     return "\n".join(lines) + "\n"

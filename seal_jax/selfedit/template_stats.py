@@ -289,3 +289,13 @@ def check_similarity_backend(backend: Any, *, here: bool = False) -> None:
                 f"which is not on this machine: fetch it with `seal-jax fetch {embeddings.ENCODER_NAME}` (or point "
                 f"{embeddings.ENV_VAR} at its folder), or set 'auto' (the encoder when fetched, else TF-IDF) or "
                 "'tfidf'")
+
+
+def template_units(summary: dict[str, Any]) -> str:
+    """The line under a template search's table that says the unit of its gain and similarities."""
+    if summary.get("reward", "accuracy") != "accuracy":  # the table's title line gives the scores' unit
+        return "Units: hyperparameter and instruction similarity from 0 to 1."
+    return ("Units: base, best, mean and held-out scores are accuracy in %; best gain is not in %: it is the best "
+            "template's mean normalized gain, (accuracy after − before) / (1 − before), the fraction of the base "
+            "model's missing accuracy its update recovers (at most 1; 0.125: an eighth); hyperparameter and "
+            "instruction similarity from 0 to 1.")
