@@ -417,6 +417,22 @@ def lower_program(lm: Any, program: Program) -> dict[str, Any]:
     raise CompileError(f"unknown program kind {program.kind!r}")
 
 
+def _check_context(workload: Workload, only: Sequence[str] | None) -> None:
+    """Raise a :class:`CompileError` naming the first generation program (of those ``only`` keeps) whose
+    prompt and new tokens exceed the model's context, before anything compiles."""
+    context = workload.config.max_position_embeddings
+    for program in workload.programs:
+        if program.kind != "generate" or (only and program.name not in only):
+            continue
+        prompt, new = program.args["prompt_len"], program.args["max_new_tokens"]
+        if prompt + new > context:
+            raise CompileError(
+                f"{program.name}: a {prompt}-token prompt and {new} new tokens exceed the model's context of "
+                f"{context} tokens; compile with shorter prompts (--passage-len, --question-len, --judge-len, "
+                "--meta-prompt-len), fewer new tokens (the config's, or --new-tokens), a model with a longer "
+                "context, or --only the programs that fit")
+
+
 def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str] | None = None,
                      on_row: Callable[[dict[str, Any]], None] | None = None,
                      cache: dict[tuple[Any, ...], dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -444,6 +460,7 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
                             attention=workload.attention)
     except shd.MeshError as error:
         raise CompileError(f"train mesh {workload.train_mesh!r} on {target.name}: {error}") from None
+    _check_context(workload, only)
     resident = _weight_bytes(lm.param_structs()) if workload.train_mesh else 0
     placement = None
     rows = []

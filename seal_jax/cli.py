@@ -26,6 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from seal_jax.assets import fetch_model
+from seal_jax.interrupts import INTERRUPTED, SecondPressQuits
 from seal_jax.lm.types import ATTENTION_IMPLEMENTATIONS
 from seal_jax.report import report as run_report
 from seal_jax.selfedit import calibration, grading, runs
@@ -500,7 +501,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-INTERRUPTED = 130  # a shell's exit status for a process stopped by SIGINT (128 + 2)
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
@@ -521,8 +521,10 @@ def _resume_hint(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``seal-jax`` console script; returns the exit code (130 after Ctrl-C, with one line
-    saying how to continue a run or demo instead of a traceback)."""
+    saying how to continue a run or demo instead of a traceback; a second Ctrl-C ends the process at once,
+    also inside a long XLA call: :mod:`seal_jax.interrupts`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    console = argv is None  # the console script (or python -m seal_jax.cli), not a caller in Python
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser(only=command_of(argv) or "").parse_args(argv)
@@ -530,8 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("seal-jax: interrupted", file=sys.stderr)
         return INTERRUPTED
     try:
-        code = int(args.func(args) or 0)
-        sys.stdout.flush()  # inside the try: a reader that left shows up here, not at interpreter exit
+        with SecondPressQuits(lambda: f"seal-jax {args.command}: interrupted again: stopped at once"
+                                      f"{_resume_hint(args)}"):
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # inside the try: a reader that left shows up here, not at interpreter exit
         return code
     except BrokenPipeError:  # `seal-jax plan --json | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -543,6 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     gc.collect()  # the progress bars the interrupted frames held close now (each prints its last state), not after
     print(f"seal-jax {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+    if console:  # the interpreter's teardown with XLA's threads stopped mid-call can crash (exit 139, not 130):
+        sys.stdout.flush()  # end here, everything written (results and state files are whole on disk already)
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)
     return INTERRUPTED
 
 

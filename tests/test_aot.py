@@ -186,6 +186,11 @@ def test_cli_json_and_errors(tmp_path, capsys):
     assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--mesh", "data=3,fsdp=-1"]) == 2
     assert "pass --mesh with sizes whose product is 8" in capsys.readouterr().err
     assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--only", "nope"]) == 2
+    capsys.readouterr()
+    # the tiny model's 512-token context holds no 512-token passage and its self-edit: named before compiling
+    assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--mesh", "data=8"]) == 2
+    assert ("self_edit: a 512-token prompt and 1024 new tokens exceed the model's context of 512 tokens"
+            in capsys.readouterr().err)
 
 
 def test_workloads_from_the_papers_configs():

@@ -103,6 +103,23 @@ def test_lowering_refuses_empty_sizes():
         lm.lower_logits(2, 0)
 
 
+def test_lowering_refuses_a_generation_past_the_context():
+    """``lower_generate`` refuses a ``prompt_len`` that with ``max_new_tokens`` exceeds the model's context
+    (``max_position_embeddings``) with the check ``generate_ids`` makes, instead of lowering programs that no
+    generation runs; a prompt that fills the context exactly is lowered."""
+    from seal_jax.lm.types import SamplingError
+
+    lm = sj.LM.random("tiny", dtype="float32")
+    context = lm.config.max_position_embeddings
+    tail = (rf"has {context - 7} tokens; with max_new_tokens=8 that exceeds the model's context of {context} "
+            "tokens: shorten the prompt or lower max_new_tokens$")
+    with pytest.raises(SamplingError, match=r"^prompt 0 " + tail):
+        lm.generate_ids([[3] * (context - 7)], sj.SamplingParams(max_new_tokens=8))
+    with pytest.raises(SamplingError, match=r"^lower_generate's prompt \(prompt_len\) " + tail):
+        lm.lower_generate(1, context - 7, 8)
+    assert set(lm.lower_generate(1, context - 8, 8)) == {"prefill", "decode"}
+
+
 def test_source_names_the_checkpoint_and_is_the_adapters_base_model(tiny_hf, tmp_path, monkeypatch):
     """A folder's absolute path (even when given relative), a hub id as given (the adapters' base model for
     PEFT, not the hub cache's snapshot folder), and none for a random model."""
@@ -432,6 +449,14 @@ def test_ready_adapters_answer_score_and_give_logits_as_the_float32_ones(tiny_ch
     assert read == orders
     assert lm._sampler.traces["ready"] == 1 and lm.ready_adapters(adapters) is not ready  # compiled once
     assert lm._sampler.traces["ready"] == 1
+    # one candidate taken out of the readied stack lies where and as the same candidate readied alone does (the
+    # stack's layouts: the taking program's results are placed again), and answers as it does
+    one, alone = ready[1], lm.ready_adapters(adapters[1])
+    assert one.single and alone.single
+    for got, want in ((one.weights, alone.weights), (one.as_inputs().weights, alone.as_inputs().weights)):
+        assert [x.format for x in jax.tree.leaves(got)] == [x.format for x in jax.tree.leaves(want)]
+    assert [x.format.layout.major_to_minor for x in jax.tree.leaves(one.weights)] == orders
+    assert lm.generate_ids(prompts, adapters=one) == lm.generate_ids(prompts, adapters=alone)
     half = sj.load(tiny_chat_dir, dtype="bfloat16", progress=False)
     with pytest.raises(SamplingError, match="readied for a model with"):
         half.generate_ids([[3]], adapters=ready)

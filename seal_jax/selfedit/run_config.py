@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -281,6 +282,12 @@ class RunConfig:
                     raise RunConfigError(f"{key}: {e}") from None
         if self.train_mesh and not self.mesh:
             raise RunConfigError(f"train_mesh = {self.train_mesh!r} is another layout of the mesh's devices; set mesh too")
+        if self.train_mesh:
+            devices = [math.prod(parse_mesh_spec(spec).values()) for spec in (self.mesh, self.train_mesh)]
+            if min(devices) > 0 and devices[0] != devices[1]:  # (an axis of -1 fills whatever there is)
+                raise RunConfigError(f"train_mesh = {self.train_mesh!r} lays out {devices[1]} devices but mesh = "
+                                     f"{self.mesh!r} {devices[0]}: the train mesh is another layout of the mesh's "
+                                     "devices; give both the same number (e.g. both grown to every host's devices)")
         if self.train_weights not in TRAIN_WEIGHTS:
             raise RunConfigError(f"train_weights must be one of {list(TRAIN_WEIGHTS)}, got {self.train_weights!r}")
         if self.train_weights == "fsdp" and remat_name(self.remat) == "none":
