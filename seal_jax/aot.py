@@ -417,9 +417,10 @@ def lower_program(lm: Any, program: Program) -> dict[str, Any]:
     raise CompileError(f"unknown program kind {program.kind!r}")
 
 
-def _check_context(workload: Workload, only: Sequence[str] | None) -> None:
+def check_context(workload: Workload, only: Sequence[str] | None = None) -> None:
     """Raise a :class:`CompileError` naming the first generation program (of those ``only`` keeps) whose
-    prompt and new tokens exceed the model's context, before anything compiles."""
+    prompt and new tokens exceed the model's context, before anything compiles (:func:`compile_workload`
+    checks it; ``seal-jax compile --search`` before its layouts)."""
     context = workload.config.max_position_embeddings
     for program in workload.programs:
         if program.kind != "generate" or (only and program.name not in only):
@@ -460,7 +461,7 @@ def compile_workload(workload: Workload, target_name: str, *, only: Sequence[str
                             attention=workload.attention)
     except shd.MeshError as error:
         raise CompileError(f"train mesh {workload.train_mesh!r} on {target.name}: {error}") from None
-    _check_context(workload, only)
+    check_context(workload, only)
     resident = _weight_bytes(lm.param_structs()) if workload.train_mesh else 0
     placement = None
     rows = []

@@ -501,8 +501,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def _resume_hint(args: argparse.Namespace) -> str:
     """What to type to continue a run or demo stopped by Ctrl-C (as the README gives it), or "" for the
     commands that keep nothing to continue."""
@@ -520,37 +518,41 @@ def _resume_hint(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``seal-jax`` console script; returns the exit code (130 after Ctrl-C, with one line
-    saying how to continue a run or demo instead of a traceback; a second Ctrl-C ends the process at once,
-    also inside a long XLA call: :mod:`seal_jax.interrupts`)."""
+    """Entry point of the ``seal-jax`` console script; returns the exit code.
+
+    After Ctrl-C: one line saying how to continue a run or demo instead of a traceback, and exit code 130;
+    a second Ctrl-C, also while a long XLA call runs or while the first is cleaned up, ends the process at
+    once (:mod:`seal_jax.interrupts`). With ``argv=None`` (the console script, ``python -m seal_jax.cli``)
+    an interrupted command ends the process with 130 itself rather than returning: the interpreter's
+    teardown, with XLA's threads stopped mid-call, could crash.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    console = argv is None  # the console script (or python -m seal_jax.cli), not a caller in Python
+    console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser(only=command_of(argv) or "").parse_args(argv)
     except KeyboardInterrupt:  # Ctrl-C while an engine command's module imports
         print("seal-jax: interrupted", file=sys.stderr)
         return INTERRUPTED
-    try:
-        with SecondPressQuits(lambda: f"seal-jax {args.command}: interrupted again: stopped at once"
-                                      f"{_resume_hint(args)}"):
+    with SecondPressQuits(lambda: f"seal-jax {args.command}: interrupted again: stopped at once{_resume_hint(args)}"):
+        try:
             code = int(args.func(args) or 0)
             sys.stdout.flush()  # inside the try: a reader that left shows up here, not at interpreter exit
-        return code
-    except BrokenPipeError:  # `seal-jax plan --json | head`: the reader left; no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except KeyboardInterrupt:  # Ctrl-C: one line, not JAX's traceback; said below, once the exception is gone
-        pass
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"seal-jax {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    gc.collect()  # the progress bars the interrupted frames held close now (each prints its last state), not after
-    print(f"seal-jax {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
-    if console:  # the interpreter's teardown with XLA's threads stopped mid-call can crash (exit 139, not 130):
-        sys.stdout.flush()  # end here, everything written (results and state files are whole on disk already)
-        sys.stderr.flush()
-        os._exit(INTERRUPTED)
+            return code
+        except BrokenPipeError:  # `seal-jax plan --json | head`: the reader left; no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C: one line, not JAX's traceback; said below, once the exception is gone
+            pass
+        except (OSError, ValueError, RuntimeError) as e:
+            print(f"seal-jax {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        gc.collect()  # the progress bars the interrupted frames held close now (each prints its last state)
+        print(f"seal-jax {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        if console:  # end here, everything written (results and state files are whole on disk already)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)
     return INTERRUPTED
 
 

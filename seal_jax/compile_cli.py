@@ -15,6 +15,7 @@ from seal_jax.aot import (
     EXIT_DOES_NOT_FIT,
     CompileError,
     Shapes,
+    check_context,
     compile_workload,
     format_rows,
     workload_from_config,
@@ -110,6 +111,8 @@ def main(args: argparse.Namespace) -> int:
             raise CompileError(f"--mesh {args.mesh!r} does not lay out {args.target}'s {get_target(args.target).chips} "
                                "devices (sizes whose product is that count); leave it out to search every mesh")
         if args.search:
+            get_target(args.target)  # (an unknown target first)
+            check_context(workload, only)  # once here: the search would give it for every layout
             def save(entries: list[dict[str, Any]]) -> None:  # after each layout: a killed search keeps its rows
                 print(f"  {len(entries)} layouts compiled", file=sys.stderr, flush=True)
                 if args.json:

@@ -6,7 +6,10 @@ Python runs a signal's handler only when the main thread is back in Python bytec
 garbage-collection callback can swallow the ``KeyboardInterrupt`` altogether, so that a run goes on as if
 nothing was pressed. The C-level handler, though, writes each signal's number to the wakeup file
 descriptor the moment it arrives (:func:`signal.set_wakeup_fd`): :class:`SecondPressQuits` reads it on a
-thread of its own, and on the second press says what it does and exits, whatever the main thread is doing.
+thread of its own, and on the second press says what it does and exits while the main thread waits in
+XLA (compiles and executions release the GIL; a C call that holds it, such as a large host copy, delays the
+exit until it returns). An asyncio loop that sets signal handlers inside the context takes the wakeup
+descriptor over, and the second press then goes unseen; seal-jax runs none.
 The run folders survive that: results are appended a passage at a time and every state file is replaced
 whole, so a resume takes up at the last finished passage.
 """

@@ -377,7 +377,7 @@ def report(run_dir: str | Path) -> tuple[str, Path]:
     if kind == "continual":
         return report_continual(run)
     summary = load_summary(run)
-    markdown = summary_markdown(summary) + _unfinished_note(run, summary)
+    markdown = summary_markdown(summary).rstrip("\n") + _unfinished_note(run, summary)
     png = plot_accuracy(summary, run / "accuracy.png", title=run.name)
     (run / "report.md").write_text(markdown + f"\n![accuracy per condition]({png.name})\n")
     return markdown, png

@@ -191,6 +191,8 @@ def test_cli_json_and_errors(tmp_path, capsys):
     assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--mesh", "data=8"]) == 2
     assert ("self_edit: a 512-token prompt and 1024 new tokens exceed the model's context of 512 tokens"
             in capsys.readouterr().err)
+    assert cli_main(["compile", "--model", "tiny", "--target", "h100-8", "--search"]) == 2  # once, not per layout
+    assert capsys.readouterr().err.count("exceed the model's context") == 1
 
 
 def test_workloads_from_the_papers_configs():

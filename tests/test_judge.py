@@ -34,7 +34,7 @@ class FakeLM:
     ("I think no, not really", False),
     # a negated yes/no gives no verdict (a malformed reply, counted as a no), not the word it negates
     ("Not yes", None), ("not no", None), ("It is NOT  yes.", None), ("It isn't yes", None), ("never yes", None),
-    ("not a yes", None), ("I would not say yes", None), ("It is not quite a yes", None),
+    ("not a yes", None), ("I would not say yes", None), ("It is not quite a yes", None), ("I cannot say yes", None),
     ("It does not. No.", False), ("Not really. Yes", True), ("Yes, not no", True), ("Not sure, but yes", True),
     ("It doesn't matter: yes", True),
     ("Nope", None), ("", None), ("The answer is correct.", None), ("yesterday", None), ("know", None),

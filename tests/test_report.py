@@ -177,7 +177,8 @@ def restem_folder(tmp_path, eval_data=True):
 
 def test_report_of_a_restem_run_before_any_round(tmp_path, capsys):
     """No round finished and nothing evaluated: an error that says how far the run got and how to continue
-    it, no all-"–" table and no empty chart (matplotlib's "No artists with labels" warning)."""
+    it, no all-"–" table and no empty chart (matplotlib's "No artists with labels" warning). An evaluation
+    killed before its summary.json: a table of its rows so far and where the run is."""
     import warnings
 
     run = restem_folder(tmp_path)

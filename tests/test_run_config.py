@@ -129,7 +129,7 @@ def test_resume_ignores_engine_settings_only():
         tiny_config("m", mesh="data=8", train_weights="fsdp")
     # the mesh grown to two hosts' 16 devices, the train mesh left at one host's 8: refused when read
     with pytest.raises(RunConfigError, match=r"train_mesh = 'data=8' lays out 8 devices but mesh = "
-                                             r"'data=2,tensor=8' 16: .* give both the same number"):
+                                             r"'data=2,tensor=8' lays out 16: .* give both the same number"):
         tiny_config("m", mesh="data=2,tensor=8", train_mesh="data=8")
     assert tiny_config("m", mesh="data=2,tensor=8", train_mesh="data=16").train_mesh == "data=16"
     assert tiny_config("m", mesh="data=-1,tensor=8", train_mesh="data=8").train_mesh == "data=8"  # -1: any

@@ -216,7 +216,7 @@ def test_export_writes_the_source_folders_generation_config(tiny_hf, tmp_path):
 def test_export_without_a_generation_config_removes_an_earlier_exports(tiny_hf, tmp_path):
     """A model without a generation config exported into a folder that holds an earlier export's
     ``generation_config.json`` removes that file (transformers would otherwise stop and sample by another
-    model's ids and defaults there); the other files beside the export stay."""
+    model's ids and defaults there); the other files beside the export stay, and so does a damaged one."""
     folder = _copy(tiny_hf("llama")[1], tmp_path)
     generation = {"bos_token_id": 2, "eos_token_id": [1, 7], "pad_token_id": 0}
     (folder / "generation_config.json").write_text(json.dumps(generation))
@@ -228,6 +228,10 @@ def test_export_without_a_generation_config_removes_an_earlier_exports(tiny_hf, 
     assert bare.generation_config is None and bare.export(out) == out
     assert not (out / "generation_config.json").exists() and (out / "notes.txt").read_text() == "mine"
     assert sj.load(out, progress=False).generation_config is None
+    # a damaged one (which loading warned about, saying to fix it) is the user's to mend: it stays
+    (out / "generation_config.json").write_text("{not json")
+    bare.export(out)
+    assert (out / "generation_config.json").read_text() == "{not json"
 
 
 def test_export_refuses_dtypes_transformers_cannot_read_and_abstract_models(tiny_hf, tmp_path):

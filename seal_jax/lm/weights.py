@@ -396,11 +396,19 @@ def export_hf(
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     if generation_config is not None:  # transformers' generate reads its eos/bos/pad ids (and sampling) here
         (out / GENERATION_CONFIG).write_text(json.dumps(generation_config, indent=2) + "\n")
-    elif (out / GENERATION_CONFIG).is_file():  # an earlier export's, not this model's: transformers would read it
-        (out / GENERATION_CONFIG).unlink()
+    elif _readable_json(out / GENERATION_CONFIG):  # an earlier export's, not this model's: transformers would
+        (out / GENERATION_CONFIG).unlink()      # read it (a damaged one, which loading warned about, stays)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def _readable_json(path: Path) -> bool:
+    """Whether ``path`` is a file holding a JSON object."""
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _write_shard(out: Path, tensors: dict[str, np.ndarray], i: int, save_file: Any) -> str:
@@ -417,7 +425,8 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
     """A local model folder for ``path_or_id``: the folder itself, or a hub id downloaded when online.
 
     Raises ``FileNotFoundError`` for a local path that does not exist, and for a hub id that cannot be
-    downloaded (offline, unknown repo), saying to pass a local folder instead.
+    downloaded (offline, unknown repo), saying to pass a local folder instead; ``WeightsError`` for a hub
+    repo whose weights are PyTorch ``.bin`` files only, saying how to convert them.
     """
     p = Path(path_or_id).expanduser()
     if p.is_dir():

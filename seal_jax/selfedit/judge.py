@@ -38,8 +38,8 @@ own knowledge. Reply with one word: yes or no."""
 _THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
 _YES_NO_WORD = re.compile(r"\b(yes|no)\b", re.I)
 # a negation before the yes/no word, at most two plain words between ("Not yes", "isn't yes", "not a yes",
-# "I would not say yes"; not "Not really. Yes" or "not sure, but yes"): no verdict to read
-_NEGATED = re.compile(r"(?:\b(?:not|never)|n't|n’t)(?:\s+[a-z]+){0,2}\s+$", re.I)
+# "I would not say yes", "cannot say yes"; not "Not really. Yes" or "not sure, but yes"): no verdict to read
+_NEGATED = re.compile(r"(?:\b(?:not|never|cannot)|n't|n’t)(?:\s+[a-z]+){0,2}\s+$", re.I)
 _MAX_JUDGED_CHARS = 2000
 
 
@@ -56,9 +56,9 @@ def parse_judge_reply(reply: object) -> bool | None:
     """The verdict in a judge's reply: its first "yes" or "no" word (case-insensitive), else None.
 
     A ``<think>…</think>`` block is skipped; an unfinished one (the reply was cut while thinking) gives None.
-    So does a first yes/no word negated by a word at most two words before it ("Not yes", "isn't yes",
-    "not a yes", "I would not say yes"; a comma or full stop between ends the negation): such a reply gives no
-    verdict, and :class:`JudgeGrader` counts it as a malformed reply, a no.
+    So does a first yes/no word negated with at most two words between ("Not yes", "isn't yes", "not a yes",
+    "I would not say yes", "cannot say yes"; a comma or full stop between ends the negation, so "not sure,
+    but yes" is a yes and "not sure but yes" none): such a reply gives no verdict, and :class:`JudgeGrader` counts it as a malformed reply, a no.
     """
     if not isinstance(reply, str):
         return None

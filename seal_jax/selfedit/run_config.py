@@ -286,8 +286,9 @@ class RunConfig:
             devices = [math.prod(parse_mesh_spec(spec).values()) for spec in (self.mesh, self.train_mesh)]
             if min(devices) > 0 and devices[0] != devices[1]:  # (an axis of -1 fills whatever there is)
                 raise RunConfigError(f"train_mesh = {self.train_mesh!r} lays out {devices[1]} devices but mesh = "
-                                     f"{self.mesh!r} {devices[0]}: the train mesh is another layout of the mesh's "
-                                     "devices; give both the same number (e.g. both grown to every host's devices)")
+                                     f"{self.mesh!r} lays out {devices[0]}: the train mesh is another layout of the "
+                                     "mesh's devices; give both the same number (e.g. both grown to every host's "
+                                     "devices)")
         if self.train_weights not in TRAIN_WEIGHTS:
             raise RunConfigError(f"train_weights must be one of {list(TRAIN_WEIGHTS)}, got {self.train_weights!r}")
         if self.train_weights == "fsdp" and remat_name(self.remat) == "none":
