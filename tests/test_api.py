@@ -456,7 +456,8 @@ def test_ready_adapters_answer_score_and_give_logits_as_the_float32_ones(tiny_ch
     for got, want in ((one.weights, alone.weights), (one.as_inputs().weights, alone.as_inputs().weights)):
         assert [x.format for x in jax.tree.leaves(got)] == [x.format for x in jax.tree.leaves(want)]
     assert [x.format.layout.major_to_minor for x in jax.tree.leaves(one.weights)] == orders
-    assert lm.generate_ids(prompts, adapters=one) == lm.generate_ids(prompts, adapters=alone)
+    if storage == "tpu layouts":  # (where the two could differ: one program's compile, not three)
+        assert lm.generate_ids(prompts, adapters=one) == lm.generate_ids(prompts, adapters=alone)
     half = sj.load(tiny_chat_dir, dtype="bfloat16", progress=False)
     with pytest.raises(SamplingError, match="readied for a model with"):
         half.generate_ids([[3]], adapters=ready)

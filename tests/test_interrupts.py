@@ -12,11 +12,16 @@ import textwrap
 import pytest
 from conftest import REPO
 
+# IGNORED: a process started in the background by a non-interactive shell (`make test &`, some CI runners)
+# inherits SIGINT ignored, and Python then installs no handler of its own; each child here installs
+# Python's, as an interactive terminal gives it.
+
 # The main thread swallows every KeyboardInterrupt, as JAX's garbage-collection callback can: only the
 # second press, seen by the watching thread, ends it. The child says each step from inside its try, so the
 # driver's next press, sent once it has read that line, always lands in the try.
 SWALLOWING = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (see IGNORED)
     from seal_jax.interrupts import SecondPressQuits
     presses = int(sys.argv[1])
     with SecondPressQuits(lambda: "stopped at once", presses=presses):
@@ -84,7 +89,8 @@ def test_the_console_script_ends_with_130_after_ctrl_c(tmp_path, children):
     the command that continues it, without the interpreter's teardown (which could crash after XLA's
     threads were stopped mid-call)."""
     code = textwrap.dedent(f"""
-        import sys
+        import signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # (see IGNORED)
         from seal_jax import cli
         def pressed(*args, **kwargs):
             raise KeyboardInterrupt
