@@ -155,24 +155,30 @@ def check_checkpoint(config: ModelConfig, files: dict[str, Path]) -> dict[str, T
 GENERATION_CONFIG = "generation_config.json"  # Hugging Face's generation defaults: eos/bos/pad ids, sampling
 
 
+def _load_generation_config(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``path`` read as a generation config: ``(the dict, None)``, ``(None, what is wrong with it)``, or
+    ``(None, None)`` without such a file."""
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"is not valid JSON ({e})"
+    if isinstance(data, dict):
+        return data, None
+    return None, f"must hold a JSON object, got {type(data).__name__}"
+
+
 def read_generation_config(folder: str | Path) -> dict[str, Any] | None:
     """The folder's ``generation_config.json`` as a dict (for :func:`export_hf` to write again), or ``None``
     without one. seal-jax's own generation does not read it, so a damaged one is a warning (and ``None``:
     an export leaves it out), not a reason to refuse the model."""
     path = Path(folder) / GENERATION_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        problem = f"is not valid JSON ({e})"
-    else:
-        if isinstance(data, dict):
-            return data
-        problem = f"must hold a JSON object, got {type(data).__name__}"
-    warnings.warn(f"{path} {problem}: seal-jax does not read it, and an export of this model leaves it out; fix it "
-                  "for transformers' generate (its eos/bos/pad ids and sampling defaults)", stacklevel=3)
-    return None
+    data, problem = _load_generation_config(path)
+    if problem is not None:
+        warnings.warn(f"{path} {problem}: seal-jax does not read it, and an export of this model leaves it out; fix "
+                      "it for transformers' generate (its eos/bos/pad ids and sampling defaults)", stacklevel=3)
+    return data
 
 
 def _read(files: dict[str, Path], name: str) -> np.ndarray:
@@ -396,19 +402,11 @@ def export_hf(
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     if generation_config is not None:  # transformers' generate reads its eos/bos/pad ids (and sampling) here
         (out / GENERATION_CONFIG).write_text(json.dumps(generation_config, indent=2) + "\n")
-    elif _readable_json(out / GENERATION_CONFIG):  # an earlier export's, not this model's: transformers would
-        (out / GENERATION_CONFIG).unlink()      # read it (a damaged one, which loading warned about, stays)
+    elif _load_generation_config(out / GENERATION_CONFIG)[0] is not None:  # an earlier export's, not this
+        (out / GENERATION_CONFIG).unlink()  # model's: transformers would read it (a damaged one, warned of, stays)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
-
-
-def _readable_json(path: Path) -> bool:
-    """Whether ``path`` is a file holding a JSON object."""
-    try:
-        return isinstance(json.loads(path.read_text()), dict)
-    except (OSError, ValueError):
-        return False
 
 
 def _write_shard(out: Path, tensors: dict[str, np.ndarray], i: int, save_file: Any) -> str:
